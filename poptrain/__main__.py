@@ -1,0 +1,3 @@
+from poptrain.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,47 @@
+"""Built-in models, datasets, losses and objective terms, referenced by name from configs.
+
+Anything a config names can instead be an import path ``package.module:attr``; both are
+resolved by :func:`resolve`, which raises ``ValueError`` with the valid names on a miss.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any, Callable
+
+from poptrain.builtins import data, losses, models, terms
+
+MODELS: dict[str, Callable] = models.MODELS
+DATASETS: dict[str, Callable] = data.DATASETS
+LOSSES: dict[str, Callable] = losses.LOSSES
+TERMS: dict[str, Callable] = terms.TERMS
+OPTIMIZERS: dict[str, str] = {"sgd": "SGD", "adam": "Adam", "adamw": "AdamW", "rmsprop": "RMSprop", "adagrad": "Adagrad"}
+
+
+def import_path(path: str) -> Any:
+    """Import ``package.module:attr`` (``attr`` may be dotted)."""
+    module_name, _, attr = path.partition(":")
+    if not module_name or not attr:
+        raise ValueError(f"{path!r} is not an import path of the form `package.module:attr`")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ImportError(f"cannot import module {module_name!r} of {path!r}: {exc}") from None
+    obj: Any = module
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise AttributeError(f"module {module_name!r} has no attribute {attr!r} (from {path!r})")
+        obj = getattr(obj, part)
+    return obj
+
+
+def resolve(table: dict[str, Any], name: str, what: str) -> Any:
+    """A built-in by name, or an object by import path."""
+    if ":" in name:
+        obj = import_path(name)
+        if not callable(obj):
+            raise TypeError(f"{name!r} is not callable, so it cannot be used as a {what}")
+        return obj
+    if name not in table:
+        raise ValueError(f"unknown {what} {name!r}; built-ins are {sorted(table)}, or give an import path `package.module:attr`")
+    return table[name]

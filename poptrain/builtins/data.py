@@ -1,0 +1,79 @@
+"""Built-in datasets that need no download: scikit-learn's bundled digits, and seeded synthetic sets.
+
+Every function returns a ``torch.utils.data.TensorDataset`` of (inputs float32, targets).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.data import TensorDataset
+
+DIGIT_VIEWS = ("full", "downsampled", "crop", "left", "right", "rows")
+
+
+def digits(view: str = "full", normalize: bool = True, limit: int | None = None) -> TensorDataset:
+    """scikit-learn's 1,797 8x8 digit images (ships with the package), in one of several views.
+
+    Views of the same samples, in the same order, so members can see different inputs:
+    ``full`` [64], ``downsampled`` 2x2 mean-pooled [16], ``crop`` the central 6x6 [36],
+    ``left``/``right`` halves [32], ``rows`` as a sequence [8 steps, 8 features] (for LSTMs).
+    Targets are class indices 0-9 (int64).
+    """
+    from sklearn.datasets import load_digits
+
+    if view not in DIGIT_VIEWS:
+        raise ValueError(f"unknown digits view {view!r}; choose one of {list(DIGIT_VIEWS)}")
+    bunch = load_digits()
+    images = torch.tensor(bunch.images, dtype=torch.float32)  # [n, 8, 8], values 0..16
+    if normalize:
+        images = images / 16.0
+    targets = torch.tensor(bunch.target, dtype=torch.int64)
+    if view == "full":
+        inputs = images.reshape(len(images), 64)
+    elif view == "downsampled":
+        inputs = images.reshape(-1, 4, 2, 4, 2).mean(dim=(2, 4)).reshape(len(images), 16)
+    elif view == "crop":
+        inputs = images[:, 1:7, 1:7].reshape(len(images), 36)
+    elif view == "left":
+        inputs = images[:, :, :4].reshape(len(images), 32)
+    elif view == "right":
+        inputs = images[:, :, 4:].reshape(len(images), 32)
+    else:
+        inputs = images
+    if limit is not None:
+        inputs, targets = inputs[:limit], targets[:limit]
+    return TensorDataset(inputs.contiguous(), targets)
+
+
+def synthetic_regression(n: int = 1024, in_features: int = 20, out_features: int = 1, noise: float = 0.1, seed: int = 0) -> TensorDataset:
+    """y = tanh(x W1) W2 + noise, with x ~ N(0, 1); fixed by ``seed``. Inputs [n, in], targets [n, out]."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, in_features, generator=gen)
+    w1 = torch.randn(in_features, 16, generator=gen) / in_features**0.5
+    w2 = torch.randn(16, out_features, generator=gen) / 4.0
+    y = torch.tanh(x @ w1) @ w2 + noise * torch.randn(n, out_features, generator=gen)
+    return TensorDataset(x, y)
+
+
+def synthetic_classification(n: int = 1024, in_features: int = 20, num_classes: int = 4, seed: int = 0) -> TensorDataset:
+    """Gaussian blobs around random class centres; fixed by ``seed``. Inputs [n, in], targets int64 [n]."""
+    gen = torch.Generator().manual_seed(seed)
+    centres = 2.0 * torch.randn(num_classes, in_features, generator=gen)
+    y = torch.randint(0, num_classes, (n,), generator=gen)
+    x = centres[y] + torch.randn(n, in_features, generator=gen)
+    return TensorDataset(x, y)
+
+
+def constant(n: int = 3, in_features: int = 1, target: float = 5.0, seed: int = 0) -> TensorDataset:
+    """Seed 001's setup: ``features = torch.rand((n, in_features))`` and a scalar target per sample."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.rand(n, in_features, generator=gen)
+    return TensorDataset(x, torch.full((n, 1), float(target)))
+
+
+DATASETS = {
+    "digits": digits,
+    "synthetic_regression": synthetic_regression,
+    "synthetic_classification": synthetic_classification,
+    "constant": constant,
+}

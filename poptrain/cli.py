@@ -1,0 +1,171 @@
+"""The ``poptrain`` command: argument parsing and the terminal display; no training logic.
+
+Exit codes: 0 success, 1 a training failure, 2 invalid input (nothing was started).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from typing import Any
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse's own exit code is 2 as well; keep it, without a traceback
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_USAGE, f"poptrain: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="poptrain", description="Train a population of coupled PyTorch models on Ray, tracked in MLflow.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    for name, help_text in (
+        ("check", "validate a config and print it resolved; starts nothing"),
+        ("run", "train the population described by a config"),
+    ):
+        cmd = sub.add_parser(name, help=help_text)
+        cmd.add_argument("config", help="YAML config file")
+        cmd.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted-key overrides, e.g. members.0.optimizer.lr=0.01")
+    sub.add_parser("schema", help="print the config reference (every key, its type, default and meaning)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "schema":
+        from poptrain.reference import config_reference
+
+        print(config_reference())
+        return EXIT_OK
+    from poptrain.config import ConfigError
+
+    try:
+        if args.command == "check":
+            return _check(args)
+        return _run(args)
+    except ConfigError as exc:
+        print(exc.render(), file=sys.stderr)
+        return EXIT_USAGE
+
+
+def _check(args) -> int:
+    from poptrain.config import dump_config
+    from poptrain.population import prepare
+
+    cfg, population, uri = prepare(args.config, args.overrides)
+    print(dump_config(cfg), end="")
+    sizes = {m: sum(_numel(s) for s in shapes.values()) for m, shapes in population.param_shapes.items()}
+    print(f"# valid: {len(cfg.members)} members ({', '.join(f'{m}: {n:,} parameters' for m, n in sizes.items())}); tracking: {uri}")
+    return EXIT_OK
+
+
+def _numel(shape) -> int:
+    out = 1
+    for dim in shape:
+        out *= dim
+    return out
+
+
+def _run(args) -> int:
+    from poptrain.population import PopulationError, prepare, run
+
+    cfg, _, _ = prepare(args.config, args.overrides)  # fail fast, before the display starts
+    display = LiveDisplay(cfg.name) if sys.stdout.isatty() else PlainDisplay(cfg.name)
+    try:
+        with display:
+            result = run(cfg, progress=display.update)
+    except PopulationError as exc:
+        print(f"poptrain: run {cfg.name!r} failed: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    print_summary(result)
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------------------------
+# Display
+
+
+def _fmt(value: Any, spec: str = ".4g") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+class PlainDisplay:
+    """Periodic plain lines, for logs (CI, ``ray job submit``)."""
+
+    def __init__(self, name: str, every_s: float = 5.0):
+        self.name, self.every_s, self.last = name, every_s, 0.0
+
+    def __enter__(self):
+        print(f"poptrain: run {self.name!r} starting", flush=True)
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def update(self, snapshot: dict[str, Any]) -> None:
+        now = time.monotonic()
+        if now - self.last < self.every_s:
+            return
+        self.last = now
+        parts = [
+            f"{name} step {s['step']}/{snapshot['steps']} loss {_fmt(s['loss'])} ({_fmt(s['steps_per_s'], '.1f')} steps/s)"
+            for name, s in snapshot["members"].items()
+        ]
+        parts += [f"coupling/{k} {_fmt(v)}" for k, v in snapshot["couplings"].items()]
+        print(f"[{snapshot['elapsed_s']:7.1f}s] " + " | ".join(parts), flush=True)
+
+
+class LiveDisplay:
+    """A live table per member (step, loss, steps/s, ETA) and the coupling values, on a terminal."""
+
+    def __init__(self, name: str):
+        from rich.console import Console
+        from rich.live import Live
+
+        self.name = name
+        self.live = Live(console=Console(), refresh_per_second=4, transient=False)
+
+    def __enter__(self):
+        self.live.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.live.__exit__(*exc)
+
+    def update(self, snapshot: dict[str, Any]) -> None:
+        from rich.table import Table
+
+        table = Table(title=f"poptrain · {self.name} · {snapshot['elapsed_s']:.0f}s")
+        for column in ("member", "step", "loss", "steps/s", "ETA"):
+            table.add_column(column, justify="right" if column != "member" else "left")
+        for name, s in snapshot["members"].items():
+            eta = s["eta_s"]
+            table.add_row(name, f"{s['step']}/{snapshot['steps']}", _fmt(s["loss"]), _fmt(s["steps_per_s"], ".1f"), "-" if eta is None else f"{eta:.0f}s")
+        for key, value in snapshot["couplings"].items():
+            table.add_row(f"[dim]coupling/{key}", "", _fmt(value), "", "")
+        self.live.update(table)
+
+
+def print_summary(result) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    keys = sorted({k for m in result.metrics.values() for k in m if k in ("loss", "objective") or k.startswith(("term/", "coupling/"))})
+    table = Table(title=f"poptrain · finished in {result.seconds:.1f}s")
+    table.add_column("member")
+    for key in keys:
+        table.add_column(key, justify="right")
+    table.add_column("device")
+    for name, metrics in result.metrics.items():
+        table.add_row(name, *[_fmt(metrics.get(k)) for k in keys], str(result.placement.get(name, {}).get("device", "")))
+    console = Console(width=max(100, Console().width))
+    console.print(table)
+    console.print(f"MLflow run {result.run_id} at {result.tracking_uri}")
+    console.print(f"outputs in {result.output_dir}")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

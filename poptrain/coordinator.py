@@ -1,0 +1,175 @@
+"""The coordinator: the exchange barrier, couplings evaluated on the whole population, averaging.
+
+Every ``exchange.every`` steps each participating member calls
+``exchange(kind, step, member, values)`` once per kind it takes part in (``param`` before its
+forward pass, ``loss`` after it, ``grad`` after its backward pass). When the last participant
+of a round arrives the coordinator
+
+1. merges everyone's values into one population mapping,
+2. computes replacements (``exchange_transform``: averaged parameters, summed shared gradients),
+3. releases every waiting member with the same result object; results over
+   ``SHARE_BY_REFERENCE_BYTES`` are put in Ray's object store once and every member reads the
+   same object by reference (NumPy buffers are read zero-copy from shared memory),
+4. evaluates every coupling whose inputs are all known on the detached population and sends
+   the values to tracking (``coupling/<name>``).
+
+Members talk to the coordinator directly; the driver is not on the per-step path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from poptrain.config import RunConfig
+from poptrain.couplings import Coupling, PopulationInfo, Quantity, build_couplings
+from poptrain.couplings.base import PHASES
+
+SHARE_BY_REFERENCE_BYTES = 256 * 1024
+
+
+class ExchangeTimeout(RuntimeError):
+    """A barrier waited longer than ``exchange.timeout_s`` for some members."""
+
+
+class ExchangePlan:
+    """Who sends, receives and takes part in each kind of exchange, derived from the couplings.
+
+    Members and the coordinator build the same plan from the same config, so nothing about the
+    plan itself crosses the network.
+    """
+
+    def __init__(self, couplings: list[Coupling], population: PopulationInfo):
+        members = population.members
+        self.sends: dict[str, dict[str, list[Quantity]]] = {m: {k: [] for k in PHASES} for m in members}
+        self.receives: dict[str, set[Quantity]] = {m: set() for m in members}
+        self.reads_for_terms: dict[str, set[Quantity]] = {m: set() for m in members}
+        self.replaced: dict[str, set[Quantity]] = {m: set() for m in members}
+        takes_part: dict[str, set[str]] = {k: set() for k in PHASES}
+        for coupling in couplings:
+            reads = coupling.reads()
+            for q in reads:
+                if q not in self.sends[q.member][q.kind]:
+                    self.sends[q.member][q.kind].append(q)
+                takes_part[q.kind].add(q.member)
+            for member in coupling.trains:
+                self.reads_for_terms[member].update(reads)
+                for q in reads:
+                    if q.member != member:
+                        self.receives[member].add(q)
+                        takes_part[q.kind].add(member)
+            for q in coupling.writes():
+                self.replaced[q.member].add(q)
+                takes_part[q.kind].add(q.member)
+        for sends in self.sends.values():
+            for kind in PHASES:
+                sends[kind].sort()
+        # Fixed member order, so every round's participants are listed the same way everywhere.
+        self.participants: dict[str, list[str]] = {k: [m for m in members if m in takes_part[k]] for k in PHASES}
+
+
+@dataclass
+class Round:
+    expected: list[str]
+    values: dict[str, dict[Quantity, np.ndarray]] = field(default_factory=dict)
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+    result: Any = None
+    collected: int = 0
+    started: float = field(default_factory=time.monotonic)
+
+
+class Coordinator:
+    """The coordinator's logic, without Ray: completing one exchange round."""
+
+    def __init__(self, run: RunConfig, population: PopulationInfo):
+        self.run = run
+        self.couplings = build_couplings(run.couplings, population)
+        self.plan = ExchangePlan(self.couplings, population)
+        self.latest: dict[Quantity, torch.Tensor] = {}  # the most recent value of every exchanged quantity
+        self.exchange_count: dict[str, int] = {k: 0 for k in PHASES}
+        # Each coupling is evaluated for logging at the last phase whose values it reads.
+        self.evaluated_at = {c.name: max((PHASES.index(q.kind) for q in c.reads()), default=0) for c in self.couplings}
+
+    def complete(self, kind: str, step: int, values: dict[str, dict[Quantity, np.ndarray]]) -> tuple[dict, dict[str, float]]:
+        """Merge one round; returns (the result every member receives, coupling metrics to log)."""
+        merged: dict[Quantity, np.ndarray] = {}
+        for member_values in values.values():
+            merged.update(member_values)
+        for q, array in merged.items():
+            self.latest[q] = torch.from_numpy(np.array(array, copy=True))
+        index = self.exchange_count[kind]
+        self.exchange_count[kind] += 1
+
+        replace: dict[Quantity, np.ndarray] = {}
+        for coupling in self.couplings:
+            if kind in coupling.transforms():
+                for q, tensor in coupling.exchange_transform(kind, self.latest, index).items():
+                    replace[q] = tensor.detach().contiguous().numpy()
+
+        metrics: dict[str, float] = {}
+        if step % self.run.tracking.log_every == 0:
+            for coupling in self.couplings:
+                if PHASES[self.evaluated_at[coupling.name]] != kind or any(q not in self.latest for q in coupling.reads()):
+                    continue
+                with torch.no_grad():
+                    value = coupling.value(self.latest)
+                    if value is not None:
+                        metrics[f"coupling/{coupling.name}"] = float(value)
+                    for key, extra in coupling.metrics(self.latest).items():
+                        metrics[f"coupling/{coupling.name}/{key}"] = float(extra)
+        return {"values": merged, "replace": replace}, metrics
+
+
+class CoordinatorActor:
+    """Async Ray actor around :class:`Coordinator`: one barrier per (kind, step)."""
+
+    def __init__(self, run: RunConfig, population: PopulationInfo, tracker):
+        self.logic = Coordinator(run, population)
+        self.tracker = tracker
+        self.timeout_s = run.exchange.timeout_s
+        self.rounds: dict[tuple[str, int], Round] = {}
+
+    async def exchange(self, kind: str, step: int, member: str, values: dict[Quantity, np.ndarray]):
+        key = (kind, step)
+        rnd = self.rounds.get(key)
+        if rnd is None:
+            rnd = self.rounds[key] = Round(expected=self.logic.plan.participants[kind])
+        rnd.values[member] = values
+        if len(rnd.values) == len(rnd.expected):
+            result, metrics = self.logic.complete(kind, step, rnd.values)
+            rnd.result = self._share(result)
+            rnd.done.set()
+            if metrics:
+                self.tracker.log_population.remote([(k, v, step, int(time.time() * 1000)) for k, v in metrics.items()])
+        else:
+            try:
+                await asyncio.wait_for(rnd.done.wait(), self.timeout_s)
+            except asyncio.TimeoutError:
+                missing = [m for m in rnd.expected if m not in rnd.values]
+                raise ExchangeTimeout(
+                    f"exchange of {kind!r} at step {step}: member {member!r} waited {self.timeout_s:g} s for "
+                    f"{missing} (exchange.timeout_s). A peer is stalled or dead; see its log."
+                ) from None
+        rnd.collected += 1
+        if rnd.collected == len(rnd.expected):
+            del self.rounds[key]
+        return rnd.result
+
+    @staticmethod
+    def _share(result: dict) -> Any:
+        size = sum(a.nbytes for part in result.values() for a in part.values())
+        if size < SHARE_BY_REFERENCE_BYTES:
+            return result
+        import ray
+
+        # Put once; every member gets the same reference (wrapped in a list so Ray does not
+        # resolve it on return) and reads the NumPy buffers zero-copy from shared memory.
+        return [ray.put(result)]
+
+    def ping(self) -> bool:
+        return True

@@ -1,0 +1,94 @@
+"""Separation (seed 000): keep the same parameter of different members apart."""
+
+from __future__ import annotations
+
+import itertools
+from typing import Literal, Mapping, Optional
+
+import torch
+from pydantic import Field
+
+from poptrain.config import CouplingConfig
+from poptrain.couplings.base import Coupling, Quantity, register
+
+
+class SeparationConfig(CouplingConfig):
+    param: str = Field(description="Name of the parameter kept apart, e.g. `activation.weight` (the PReLU slope).")
+    margin: float = Field(2.0, ge=0, description="Hinge margin: the penalty is `relu(margin - distance)` per pair.")
+    norm: Literal["l1", "l2"] = Field("l1", description="Distance: `l1` = `|a - b|.sum()` (the seed's), `l2` = Euclidean.")
+    pairs: Optional[list[tuple[str, str]]] = Field(None, description="Pairs of members; default: all pairs of `members`.")
+    variant: Literal["hinge", "repulsion"] = Field(
+        "hinge",
+        description="`repulsion`: the seed's threshold-free variant `(|a|+|b|).sum() + (1/|a|+1/|b|).sum() - |a-b|.sum()` "
+        "(needs an L2 penalty on the parameter to stay stable).",
+    )
+
+
+@register("separation")
+class Separation(Coupling):
+    """``weight * sum over pairs of relu(margin - distance(p_a, p_b))`` for one named parameter.
+
+    Exactly seed 000's ``relu(2 - torch.abs(alpha1 - alpha2).sum())`` for two members, margin 2, L1.
+    """
+
+    Config = SeparationConfig
+    config: SeparationConfig
+
+    def _pairs(self) -> list[tuple[str, str]]:
+        return [tuple(p) for p in self.config.pairs] if self.config.pairs else list(itertools.combinations(self.members, 2))
+
+    def reads(self) -> list[Quantity]:
+        return [Quantity(m, "param", self.config.param) for m in self.members]
+
+    def _distance(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        diff = a - b
+        return diff.abs().sum() if self.config.norm == "l1" else diff.pow(2).sum().sqrt()
+
+    def value(self, q: Mapping[Quantity, torch.Tensor]) -> torch.Tensor:
+        total = None
+        for a_name, b_name in self._pairs():
+            a, b = q[Quantity(a_name, "param", self.config.param)], q[Quantity(b_name, "param", self.config.param)]
+            if self.config.variant == "hinge":
+                pair = torch.relu(self.config.margin - self._distance(a, b))
+            else:
+                pair = (a.abs() + b.abs()).sum() + (1 / a.abs() + 1 / b.abs()).sum() - (a - b).abs().sum()
+            total = pair if total is None else total + pair
+        return total
+
+    def metrics(self, q: Mapping[Quantity, torch.Tensor]) -> dict[str, float]:
+        out = {}
+        for a_name, b_name in self._pairs():
+            a, b = q[Quantity(a_name, "param", self.config.param)], q[Quantity(b_name, "param", self.config.param)]
+            out[f"distance/{a_name}-{b_name}"] = float(self._distance(a, b))
+        for member in self.members:
+            value = q[Quantity(member, "param", self.config.param)]
+            if value.numel() == 1:
+                out[f"{member}/{self.config.param}"] = float(value)
+        return out
+
+    @classmethod
+    def check_config(cls, config: SeparationConfig, run) -> list[tuple[str, str]]:
+        members = config.members or run.member_names
+        problems = []
+        if len(members) < 2:
+            problems.append(("members", "separation needs at least two members"))
+        for pair in config.pairs or []:
+            for name in pair:
+                if name not in members:
+                    problems.append(("pairs", f"member {name!r} of pair {list(pair)} is not among the coupling's members {members}"))
+            if pair[0] == pair[1]:
+                problems.append(("pairs", f"pair {list(pair)} pairs a member with itself"))
+        return problems
+
+    def check_population(self) -> list[tuple[str, str]]:
+        problems, shapes = [], {}
+        for member in self.members:
+            shape = self.population.param_shapes[member].get(self.config.param)
+            if shape is None:
+                names = list(self.population.param_shapes[member])
+                problems.append(("param", f"member {member!r} has no parameter {self.config.param!r}; its parameters are {names[:12]}{' ...' if len(names) > 12 else ''}"))
+            else:
+                shapes[member] = shape
+        if len(set(shapes.values())) > 1:
+            problems.append(("param", f"{self.config.param!r} has different shapes across members: {shapes}"))
+        return problems

@@ -1,0 +1,435 @@
+"""A member: one model, its optimizer and data, trained step by step, coupled to its peers.
+
+:class:`MemberTrainer` is a plain class (no Ray) so a test can drive it with any exchange
+function and one actor could host several; :class:`MemberActor` wraps it in a Ray actor that
+exchanges with the coordinator directly (no driver round trip) and ships metrics to tracking.
+
+The data path of one step, in :meth:`MemberTrainer.train_step`:
+  exchange parameters -> forward -> own terms -> exchange losses -> couplings -> backward
+  -> exchange gradients -> gradient transforms -> optimizer step.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import inspect
+import os
+import random
+import socket
+import time
+import warnings
+from typing import Any, Callable, Mapping
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import Dataset, TensorDataset, default_collate
+
+from poptrain import builtins
+from poptrain.config import Component, MemberConfig, RunConfig
+from poptrain.coordinator import ExchangePlan
+from poptrain.couplings import PopulationInfo, Quantity, build_couplings
+
+# exchange(kind, step, member, own_values) -> {"values": {Quantity: array}, "replace": {Quantity: array}}
+ExchangeFn = Callable[[str, int, str, dict], dict]
+
+
+class TrainingError(RuntimeError):
+    """A failure caused by what the user asked for, found once training runs (names member, step, term)."""
+
+
+def member_seed(run_seed: int, index: int) -> int:
+    return (run_seed * 1_000_003 + index * 7_919 + 17) % (2**31 - 1)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+# --------------------------------------------------------------------------------------------
+# Building a member's parts from its config (also used by the driver's checks on a meta device)
+
+
+def build_model(spec: Component) -> nn.Module:
+    factory = builtins.resolve(builtins.MODELS, spec.name, "model")
+    model = factory(**spec.kwargs)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model {spec.name!r} returned {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+def build_dataset(spec: Component) -> Dataset:
+    factory = builtins.resolve(builtins.DATASETS, spec.name, "dataset")
+    dataset = factory(**spec.kwargs)
+    if not (hasattr(dataset, "__getitem__") and hasattr(dataset, "__len__")):
+        raise TypeError(f"data {spec.name!r} returned {type(dataset).__name__}, not a map-style torch Dataset")
+    if len(dataset) == 0:
+        raise ValueError(f"data {spec.name!r} returned an empty dataset")
+    return dataset
+
+
+def matching(names: list[str], patterns: list[str]) -> list[str]:
+    return [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
+
+
+def build_optimizer(model: nn.Module, cfg: MemberConfig) -> torch.optim.Optimizer:
+    """One optimizer per member; parameter groups by name pattern (first match wins), frozen excluded."""
+    opt = cfg.optimizer
+    if ":" in opt.name:
+        cls = builtins.import_path(opt.name)
+    elif opt.name in builtins.OPTIMIZERS:
+        cls = getattr(torch.optim, builtins.OPTIMIZERS[opt.name])
+    else:
+        raise ValueError(f"unknown optimizer {opt.name!r}; built-ins are {sorted(builtins.OPTIMIZERS)}, or an import path")
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    taken: set[str] = set()
+    groups: list[dict[str, Any]] = []
+    for group in opt.groups:
+        names = [n for n in matching([n for n, _ in trainable], group.params) if n not in taken]
+        taken.update(names)
+        if names:
+            params = [p for n, p in trainable if n in names]
+            groups.append({"params": params, **({"lr": group.lr} if group.lr else {}), **group.kwargs})
+    rest = [p for n, p in trainable if n not in taken]
+    if rest:
+        groups.append({"params": rest})
+    if not groups:
+        raise ValueError("every parameter is frozen: there is nothing to optimize")
+    return cls(groups, lr=opt.lr, **opt.kwargs)
+
+
+def apply_frozen(model: nn.Module, patterns: list[str]) -> list[str]:
+    frozen = matching([n for n, _ in model.named_parameters()], patterns)
+    for name, param in model.named_parameters():
+        if name in frozen:
+            param.requires_grad_(False)
+    return frozen
+
+
+def accepts(fn: Callable, kwargs: dict, leading: int = 0) -> str | None:
+    """None when ``fn(*leading positional, **kwargs)`` binds, else the reason."""
+    try:
+        inspect.signature(fn).bind(*([None] * leading), **kwargs)
+    except TypeError as exc:
+        return str(exc)
+    except ValueError:  # no signature (builtins): let the call itself decide
+        return None
+    return None
+
+
+class BatchStream:
+    """Seeded, resumable batches: epoch e uses permutation(seed, e); the position is (epoch, offset).
+
+    An incomplete last batch of an epoch is dropped; a batch larger than the dataset is clamped.
+    """
+
+    def __init__(self, dataset: Dataset, batch_size: int, shuffle: bool, seed: int):
+        self.dataset, self.shuffle, self.seed = dataset, shuffle, seed
+        self.size = len(dataset)
+        self.batch_size = min(batch_size, self.size)
+        self.epoch, self.offset = 0, 0
+        self._order = self._permutation(0)
+
+    def _permutation(self, epoch: int) -> torch.Tensor:
+        if not self.shuffle:
+            return torch.arange(self.size)
+        return torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
+
+    def next(self) -> list[torch.Tensor]:
+        if self.offset + self.batch_size > self.size:
+            self.epoch, self.offset = self.epoch + 1, 0
+            self._order = self._permutation(self.epoch)
+        index = self._order[self.offset : self.offset + self.batch_size]
+        self.offset += self.batch_size
+        if isinstance(self.dataset, TensorDataset):
+            return [t[index] for t in self.dataset.tensors]
+        batch = default_collate([self.dataset[int(i)] for i in index])
+        return list(batch) if isinstance(batch, (list, tuple)) else [batch]
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "offset": self.offset}
+
+    def load_state_dict(self, state: Mapping[str, int]) -> None:
+        self.epoch, self.offset = int(state["epoch"]), int(state["offset"])
+        self._order = self._permutation(self.epoch)
+
+
+class TermBalancer:
+    """Opt-in balancing of a member's own objective terms (``balancing.method: magnitude``).
+
+    Each term's weight is divided by an exponential moving average of the term's absolute value
+    (detached), so every term contributes at a comparable scale whatever its units; the sign
+    of the weight (minimize / maximize) is kept. This is the "loss-magnitude normalisation"
+    heuristic (cf. Chen et al., GradNorm, ICML 2018, which balances gradient norms instead;
+    and Kendall et al., CVPR 2018, uncertainty weighting): cheap, no extra backward pass.
+    """
+
+    def __init__(self, method: str, momentum: float, eps: float):
+        self.method, self.momentum, self.eps = method, momentum, eps
+        self.scale: dict[str, float] = {}
+
+    def effective_weights(self, weights: dict[str, float], terms: dict[str, torch.Tensor]) -> dict[str, float]:
+        if self.method == "none":
+            return dict(weights)
+        out = {}
+        for name, weight in weights.items():
+            magnitude = abs(float(terms[name].detach()))
+            previous = self.scale.get(name)
+            self.scale[name] = magnitude if previous is None else self.momentum * previous + (1 - self.momentum) * magnitude
+            out[name] = weight / max(self.scale[name], self.eps)
+        return out
+
+    def state_dict(self) -> dict[str, float]:
+        return dict(self.scale)
+
+    def load_state_dict(self, state: Mapping[str, float]) -> None:
+        self.scale = {k: float(v) for k, v in state.items()}
+
+
+def to_numpy(tensor: torch.Tensor) -> np.ndarray:
+    """A contiguous CPU copy as a NumPy array: the flat buffer that crosses process boundaries."""
+    return tensor.detach().to("cpu", copy=True).contiguous().numpy()
+
+
+def to_tensor(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A tensor on ``device`` owning its memory (arrays read from Ray's object store are read-only)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "The given NumPy array is not writable"
+        tensor = torch.from_numpy(array)
+    return tensor.to(device, copy=True)
+
+
+# --------------------------------------------------------------------------------------------
+
+
+class MemberTrainer:
+    """One member's model, optimizer, data, objective and couplings; no Ray inside.
+
+    ``train_step(exchange)`` runs one step; ``exchange`` is how the member reaches its peers
+    (the coordinator actor in a run; any function in a test).
+    """
+
+    def __init__(self, run: RunConfig, name: str, population: PopulationInfo, device: str | torch.device = "cpu"):
+        self.run, self.name, self.population = run, name, population
+        self.config = run.member(name)
+        self.index = run.member_names.index(name)
+        self.device = torch.device(device)
+        self.every = run.exchange.every
+        self.seed = member_seed(run.seed, self.index)
+        seed_everything(self.seed)
+
+        self.model = build_model(self.config.model)
+        if self.config.init:
+            self.model.load_state_dict(torch.load(self.config.init, map_location="cpu", weights_only=True))
+        self.model.to(self.device)
+        self.frozen = apply_frozen(self.model, self.config.frozen)
+        self.params = dict(self.model.named_parameters())
+        self.optimizer = build_optimizer(self.model, self.config)
+        data_seed = self.config.data.seed if self.config.data.seed is not None else run.seed
+        self.batches = BatchStream(build_dataset(self.config.data), self.config.data.batch_size, self.config.data.shuffle, data_seed)
+        self.loss_fn = builtins.resolve(builtins.LOSSES, self.config.loss.name, "loss")
+        self.term_fns = {t.name: builtins.resolve(builtins.TERMS, t.fn.name, "term") for t in self.config.terms}
+        self.term_weights = {"loss": self.config.loss_weight, **{t.name: t.signed_weight for t in self.config.terms}}
+        self.balancer = TermBalancer(self.config.balancing.method, self.config.balancing.momentum, self.config.balancing.eps)
+
+        self.couplings = build_couplings(run.couplings, population)
+        self.training_couplings = [c for c in self.couplings if name in c.trains]
+        self.plan = ExchangePlan(self.couplings, population)
+        self.peers: dict[Quantity, torch.Tensor] = {}  # peers' values from the last exchange
+        self.step = 0
+        self.checked_gradient_paths = False
+
+    # -- the step ------------------------------------------------------------------------------
+
+    def train_step(self, exchange: ExchangeFn) -> dict[str, float]:
+        """One optimizer step; returns this step's metrics (raw terms, effective weights, couplings)."""
+        exchanging = self.step % self.every == 0
+        inputs = [t.to(self.device, non_blocking=True) for t in self.batches.next()]
+        *inputs, targets = inputs
+        self.model.train()
+
+        if exchanging:
+            self._exchange("param", exchange, {})
+        outputs = self.model(*inputs)
+        terms = {"loss": self.loss_fn(outputs, targets)}
+        for term in self.config.terms:
+            terms[term.name] = self.term_fns[term.name](self.model, *inputs, outputs, targets, **term.fn.kwargs)
+        if exchanging:
+            self._exchange("loss", exchange, terms)
+
+        weights = self.balancer.effective_weights(self.term_weights, terms)
+        quantities = self._quantities(terms)
+        coupling_terms = {c.name: c.term(quantities) for c in self.training_couplings}
+        coupling_terms = {k: v for k, v in coupling_terms.items() if v is not None}
+        if not self.checked_gradient_paths:
+            self._check_gradient_paths(terms, weights, coupling_terms)
+        objective = sum(weights[n] * terms[n] for n in terms if weights[n] != 0) + sum(coupling_terms.values())
+
+        self.optimizer.zero_grad(set_to_none=True)
+        if isinstance(objective, torch.Tensor) and objective.requires_grad:
+            objective.backward()
+        if exchanging:
+            self._exchange("grad", exchange, {})
+        self._transform_gradients()
+        self.optimizer.step()
+        self.step += 1
+
+        metrics = {"loss": float(terms["loss"].detach()), "objective": float(objective.detach() if isinstance(objective, torch.Tensor) else objective)}
+        for name, value in terms.items():
+            if name != "loss":
+                metrics[f"term/{name}"] = float(value.detach())
+            if self.config.balancing.method != "none" or name != "loss":
+                metrics[f"weight/{name}"] = weights[name]
+        for name, value in coupling_terms.items():
+            metrics[f"coupling/{name}"] = float(value.detach())
+        return metrics
+
+    # -- exchange ------------------------------------------------------------------------------
+
+    def _own(self, q: Quantity, terms: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        if q.kind == "param":
+            return self.params[q.key]
+        if q.kind == "loss":
+            return terms[q.key]
+        grad = self.params[q.key].grad
+        return grad if grad is not None else torch.zeros_like(self.params[q.key])
+
+    def _exchange(self, kind: str, exchange: ExchangeFn, terms: Mapping[str, torch.Tensor]) -> None:
+        if self.name not in self.plan.participants[kind]:
+            return
+        mine = {q: to_numpy(self._own(q, terms)) for q in self.plan.sends[self.name][kind]}
+        result = exchange(kind, self.step, self.name, mine)
+        for q, array in result["values"].items():
+            if q.member != self.name and q in self.plan.receives[self.name]:
+                self.peers[q] = to_tensor(array, self.device)
+        for q, array in result["replace"].items():
+            if q.member == self.name:
+                self._replace(q, to_tensor(array, self.device))
+
+    def _replace(self, q: Quantity, value: torch.Tensor) -> None:
+        param = self.params[q.key]
+        if q.kind == "param":
+            with torch.no_grad():
+                param.copy_(value.view_as(param))
+        elif q.kind == "grad":
+            param.grad = value.view_as(param).clone()
+
+    def _quantities(self, terms: Mapping[str, torch.Tensor]) -> dict[Quantity, torch.Tensor]:
+        """Own quantities live (in the autograd graph), peers' from the last exchange."""
+        out = dict(self.peers)
+        for q in self.plan.reads_for_terms[self.name]:
+            if q.member == self.name:
+                out[q] = self._own(q, terms)
+        return out
+
+    # -- gradients -----------------------------------------------------------------------------
+
+    def _check_gradient_paths(self, terms, weights, coupling_terms) -> None:
+        """Every weighted term and every coupling that trains this member must reach a trainable parameter."""
+        self.checked_gradient_paths = True
+        dead = [f"term {n!r}" for n, t in terms.items() if weights[n] != 0 and not t.requires_grad]
+        dead += [f"coupling {n!r}" for n, t in coupling_terms.items() if not t.requires_grad]
+        if dead:
+            message = (
+                f"member {self.name!r}, step {self.step}: {', '.join(dead)} has no gradient path to any trainable "
+                "parameter of this member, so it would be added to the objective and train nothing (e.g. a term "
+                "rebuilt with torch.tensor(...), a loss of frozen parameters only, or a coupling reading only peers). "
+                "Fix the term, or set `gradient_path_check: warn` to go on."
+            )
+            if self.run.gradient_path_check == "error":
+                raise TrainingError(message)
+            if self.run.gradient_path_check == "warn":
+                warnings.warn(message, RuntimeWarning, stacklevel=2)
+
+    def _transform_gradients(self) -> None:
+        for transform in self.config.grad_transforms:
+            fn = builtins.import_path(transform.fn.name) if transform.fn else None
+            for name in matching(list(self.params), transform.params):
+                param = self.params[name]
+                if param.grad is None:
+                    continue
+                if transform.scale is not None:
+                    param.grad.mul_(transform.scale)
+                if transform.clip_norm is not None:
+                    torch.nn.utils.clip_grad_norm_([param], transform.clip_norm)
+                if fn is not None:
+                    param.grad = fn(name, param, param.grad, **transform.fn.kwargs)
+
+    # -- state -----------------------------------------------------------------------------------
+
+    def model_state(self) -> dict[str, torch.Tensor]:
+        """The model's state_dict on the CPU (what ``model.pt`` holds)."""
+        return {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
+
+
+# --------------------------------------------------------------------------------------------
+# The Ray actor
+
+
+def placement_device() -> tuple[str, list[int]]:
+    """The device Ray assigned this process: ``cuda`` (Ray sets CUDA_VISIBLE_DEVICES, so index 0 is
+    the member's own GPU) when it was given GPUs, else ``cpu``."""
+    import ray
+
+    gpu_ids = ray.get_gpu_ids()
+    if gpu_ids and torch.cuda.is_available():
+        return "cuda", [int(g) for g in gpu_ids]
+    return "cpu", []
+
+
+class MemberActor:
+    """Ray actor around :class:`MemberTrainer`; talks to the coordinator and tracking directly."""
+
+    def __init__(self, run: RunConfig, name: str, population: PopulationInfo, coordinator, tracker, num_cpus: float, run_id: str):
+        device, gpu_ids = placement_device()
+        torch.set_num_threads(max(1, int(num_cpus)))
+        self.trainer = MemberTrainer(run, name, population, device)
+        self.coordinator, self.tracker, self.run_id = coordinator, tracker, run_id
+        self.log_every = run.tracking.log_every
+        self.placement = {
+            "node_id": _node_id(),
+            "hostname": socket.gethostname(),
+            "pid": os.getpid(),
+            "device": device,
+            "gpu_ids": ",".join(map(str, gpu_ids)),
+            "torch_threads": torch.get_num_threads(),
+        }
+
+    def info(self) -> dict[str, Any]:
+        return dict(self.placement)
+
+    def _exchange(self, kind: str, step: int, member: str, values: dict) -> dict:
+        import ray
+
+        result = ray.get(self.coordinator.exchange.remote(kind, step, member, values))
+        if isinstance(result, list):  # large payloads come as one shared object reference
+            result = ray.get(result[0])
+        return result
+
+    def train(self, until_step: int) -> dict[str, float]:
+        """Train up to ``until_step``; metrics go to tracking in batches. Returns the last metrics."""
+        buffer: list[tuple[str, float, int, int]] = []
+        last_flush, metrics = time.monotonic(), {}
+        while self.trainer.step < until_step:
+            step = self.trainer.step
+            metrics = self.trainer.train_step(self._exchange)
+            if step % self.log_every == 0 or self.trainer.step == until_step:
+                now_ms = int(time.time() * 1000)
+                buffer.extend((key, value, step, now_ms) for key, value in metrics.items())
+            if buffer and (time.monotonic() - last_flush > 1.0 or len(buffer) > 2000):
+                self.tracker.log_member.remote(self.trainer.name, buffer)
+                buffer, last_flush = [], time.monotonic()
+        if buffer:
+            self.tracker.log_member.remote(self.trainer.name, buffer)
+        return metrics
+
+    def model_state(self) -> dict[str, np.ndarray]:
+        return {k: v.numpy() for k, v in self.trainer.model_state().items()}
+
+
+def _node_id() -> str:
+    import ray
+
+    return ray.get_runtime_context().get_node_id()

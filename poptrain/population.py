@@ -1,0 +1,401 @@
+"""The driver: check everything, place and start the actors, watch them, end the run.
+
+The driver is not on the per-step path: members exchange with the coordinator directly and
+ship metrics to tracking; the driver only polls progress and notices failures.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from poptrain import builtins
+from poptrain.config import ConfigError, RunConfig, dump_config, load_config
+from poptrain.couplings import PopulationInfo, build_couplings
+from poptrain.member import accepts, apply_frozen, build_model, build_optimizer, matching
+from poptrain.tracking import RunIds, Tracking, TrackingUnavailable, check_tracking_reachable, resolve_tracking_uri
+
+ProgressFn = Callable[[dict[str, Any]], None]
+
+
+class PopulationError(RuntimeError):
+    """The run failed while training; the message names the member and its error."""
+
+
+class PlacementError(PopulationError):
+    """The cluster cannot fit the population."""
+
+
+@dataclass
+class RunResult:
+    """What :func:`run` returns."""
+
+    run_id: str  # the MLflow parent run
+    member_run_ids: dict[str, str]
+    output_dir: Path
+    tracking_uri: str
+    metrics: dict[str, dict[str, float]] = field(default_factory=dict)  # member -> its last step's metrics
+    placement: dict[str, dict[str, Any]] = field(default_factory=dict)  # member -> node, device, pid
+    seconds: float = 0.0
+
+
+# --------------------------------------------------------------------------------------------
+# Checks before anything starts
+
+
+def inspect_population(cfg: RunConfig) -> PopulationInfo:
+    """Build every model on the meta device (no memory) and check every name, pattern and path.
+
+    Raises :class:`ConfigError` listing every problem found.
+    """
+    problems: list[tuple[str, str]] = []
+    shapes: dict[str, dict[str, tuple[int, ...]]] = {}
+    trainable: dict[str, dict[str, bool]] = {}
+    for index, member in enumerate(cfg.members):
+        key = f"members.{index}"
+        model = _build_for_inspection(member.model, f"{key}.model", problems)
+        for field_name, table, what, leading in (
+            ("data", builtins.DATASETS, "dataset", 0),
+            ("loss", builtins.LOSSES, "loss", 2),
+        ):
+            spec = getattr(member, field_name)
+            try:
+                fn = builtins.resolve(table, spec.name, what)
+                reason = accepts(fn, spec.kwargs, leading)
+                if reason:
+                    problems.append((f"{key}.{field_name}", f"{spec.name!r} does not accept these arguments: {reason}"))
+            except (ImportError, AttributeError, ValueError, TypeError) as exc:
+                problems.append((f"{key}.{field_name}.name", str(exc)))
+        for t_index, term in enumerate(member.terms):
+            try:
+                fn = builtins.resolve(builtins.TERMS, term.fn.name, "term")
+                reason = accepts(fn, term.fn.kwargs, 4)
+                if reason:
+                    problems.append((f"{key}.terms.{t_index}.fn", f"{term.fn.name!r} does not accept these arguments: {reason}"))
+            except (ImportError, AttributeError, ValueError, TypeError) as exc:
+                problems.append((f"{key}.terms.{t_index}.fn.name", str(exc)))
+        for g_index, transform in enumerate(member.grad_transforms):
+            if transform.fn is not None:
+                try:
+                    builtins.import_path(transform.fn.name)
+                except (ImportError, AttributeError, ValueError) as exc:
+                    problems.append((f"{key}.grad_transforms.{g_index}.fn.name", str(exc)))
+        if member.init is not None and not os.path.isfile(member.init):
+            problems.append((f"{key}.init", f"no such file: {member.init}"))
+        if model is None:
+            continue
+        names = [n for n, _ in model.named_parameters()]
+        shown = f"{names[:12]}{' ...' if len(names) > 12 else ''}"
+        for p_key, patterns in [(f"{key}.frozen", member.frozen)] + [
+            (f"{key}.optimizer.groups.{i}.params", g.params) for i, g in enumerate(member.optimizer.groups)
+        ] + [(f"{key}.grad_transforms.{i}.params", t.params) for i, t in enumerate(member.grad_transforms)]:
+            for pattern in patterns:
+                if not matching(names, [pattern]):
+                    problems.append((p_key, f"pattern {pattern!r} matches no parameter of member {member.name!r}; its parameters are {shown}"))
+        frozen = apply_frozen(model, member.frozen)
+        try:
+            build_optimizer(model, member)
+        except (TypeError, ValueError, ImportError, AttributeError) as exc:
+            problems.append((f"{key}.optimizer", str(exc)))
+        shapes[member.name] = {n: tuple(p.shape) for n, p in model.named_parameters()}
+        trainable[member.name] = {n: n not in frozen for n in names}
+    if problems:
+        raise ConfigError(problems)
+
+    population = PopulationInfo(
+        members=cfg.member_names,
+        param_shapes=shapes,
+        trainable=trainable,
+        terms={m.name: ["loss", *[t.name for t in m.terms]] for m in cfg.members},
+    )
+    for index, coupling in enumerate(build_couplings(cfg.couplings, population)):
+        problems.extend((f"couplings.{index}.{k}" if k else f"couplings.{index}", msg) for k, msg in coupling.check_population())
+    if problems:
+        raise ConfigError(problems)
+    return population
+
+
+def _build_for_inspection(spec, key: str, problems: list) -> torch.nn.Module | None:
+    try:
+        builtins.resolve(builtins.MODELS, spec.name, "model")
+    except (ImportError, AttributeError, ValueError, TypeError) as exc:
+        problems.append((f"{key}.name", str(exc)))
+        return None
+    try:
+        with torch.device("meta"):
+            return build_model(spec)
+    except (TypeError, ValueError) as exc:
+        problems.append((key, f"cannot build {spec.name!r} with kwargs {spec.kwargs}: {exc}"))
+        return None
+    except Exception:
+        pass  # some models cannot be built on the meta device; build them for real
+    try:
+        return build_model(spec)
+    except Exception as exc:
+        problems.append((key, f"cannot build {spec.name!r} with kwargs {spec.kwargs}: {type(exc).__name__}: {exc}"))
+        return None
+
+
+def prepare(config, overrides=()) -> tuple[RunConfig, PopulationInfo, str]:
+    """Everything that can fail because of user input, before Ray starts: (config, population, tracking URI)."""
+    cfg = load_config(config, overrides)
+    population = inspect_population(cfg)
+    uri = resolve_tracking_uri(cfg)
+    try:
+        check_tracking_reachable(uri)
+    except TrackingUnavailable as exc:
+        raise ConfigError([("tracking.uri", str(exc))]) from None
+    return cfg, population, uri
+
+
+# --------------------------------------------------------------------------------------------
+# Files
+
+
+def save_atomic(obj: Any, path: Path) -> None:
+    """``torch.save`` to a temporary file in the same folder, fsync, then rename over ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as stream:
+            if isinstance(obj, (bytes, str)):
+                stream.write(obj.encode() if isinstance(obj, str) else obj)
+            else:
+                torch.save(obj, stream)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+# --------------------------------------------------------------------------------------------
+# Ray
+
+
+def ensure_ray() -> bool:
+    """Join ``$RAY_ADDRESS`` when set (e.g. inside ``ray job submit``), else start a local Ray on
+    127.0.0.1 sized to this machine. Returns whether this call started (and so must stop) Ray."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        ray.init(
+            num_cpus=os.cpu_count() or 1,
+            include_dashboard=False,
+            _node_ip_address="127.0.0.1",
+            configure_logging=False,
+            log_to_driver=True,
+            # Workers import user code (import paths in the config) from the driver's folder.
+            runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")]))}},
+        )
+    return True
+
+
+def member_resources(cfg: RunConfig, cluster: dict[str, float]) -> list[dict[str, float]]:
+    """One placement bundle per member: ``{CPU: c, GPU: g}`` resolved from `auto` against the cluster."""
+    total_cpus, total_gpus = cluster.get("CPU", 0.0), cluster.get("GPU", 0.0)
+    n = len(cfg.members)
+    bundles = []
+    for member in cfg.members:
+        gpus = member.resources.num_gpus
+        gpus = (1.0 if total_gpus >= 1 else 0.0) if gpus == "auto" else float(gpus)
+        cpus = member.resources.num_cpus
+        if cpus == "auto":
+            cpus = 1.0 if total_cpus >= n else max(0.01, int(100 * total_cpus / n) / 100)
+        bundle = {"CPU": float(cpus)}
+        if gpus:
+            bundle["GPU"] = gpus
+        bundles.append(bundle)
+    return bundles
+
+
+def place_population(cfg: RunConfig, bundles: list[dict[str, float]]):
+    """A placement group: the whole population starts, or nothing does (within ``placement.timeout_s``)."""
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    cluster = ray.cluster_resources()
+    need = {k: sum(b.get(k, 0.0) for b in bundles) for k in ("CPU", "GPU")}
+    if any(need[k] > cluster.get(k, 0.0) + 1e-9 for k in need):
+        raise PlacementError(
+            f"the population needs {need['CPU']:g} CPUs and {need['GPU']:g} GPUs ({len(bundles)} members: {bundles}), "
+            f"but the cluster has {cluster.get('CPU', 0):g} CPUs and {cluster.get('GPU', 0):g} GPUs. "
+            "Lower members' `resources`, or add nodes."
+        )
+    group = placement_group(bundles, strategy=cfg.placement.strategy, name=f"poptrain-{cfg.name}-{os.getpid()}")
+    try:
+        ray.get(group.ready(), timeout=cfg.placement.timeout_s)
+    except ray.exceptions.GetTimeoutError:
+        remove_placement_group(group)
+        raise PlacementError(
+            f"the cluster could not place the population within {cfg.placement.timeout_s:g} s: it asks for "
+            f"{bundles} with strategy {cfg.placement.strategy}, and the cluster has {ray.available_resources()} free."
+        ) from None
+    return group
+
+
+# --------------------------------------------------------------------------------------------
+# The run
+
+
+def run(config, overrides=(), progress: ProgressFn | None = None, poll_s: float = 0.5) -> RunResult:
+    """Train a population; returns its MLflow run ids, output folder and each member's final metrics.
+
+    ``config`` is a YAML path, a dict or a :class:`RunConfig`; ``overrides`` are ``KEY=VALUE``
+    strings. Raises :class:`ConfigError` (nothing started) or :class:`PopulationError`.
+    """
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
+
+    from poptrain.coordinator import CoordinatorActor
+    from poptrain.member import MemberActor
+
+    started = time.monotonic()
+    cfg, population, uri = prepare(config, overrides)
+    run_dir = cfg.run_dir.resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_atomic(dump_config(cfg), run_dir / "config.yaml")
+
+    started_ray = ensure_ray()
+    actors: list = []
+    group = None
+    tracker = None
+    driver_tracking = Tracking(uri)
+    ids: RunIds | None = None
+    status = "FAILED"
+    try:
+        bundles = member_resources(cfg, ray.cluster_resources())
+        group = place_population(cfg, bundles)
+        ids = driver_tracking.create_runs(cfg)
+
+        here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
+        tracker = ray.remote(Tracking).options(num_cpus=0, scheduling_strategy=here, name=None).remote(uri, ids)
+        coordinator = ray.remote(CoordinatorActor).options(num_cpus=0, scheduling_strategy=here).remote(cfg, population, tracker)
+        actors += [tracker, coordinator]
+        members = {}
+        for index, (name, bundle) in enumerate(zip(cfg.member_names, bundles)):
+            members[name] = (
+                ray.remote(MemberActor)
+                .options(
+                    num_cpus=bundle["CPU"],
+                    num_gpus=bundle.get("GPU", 0),
+                    scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=index),
+                    name=None,
+                )
+                .remote(cfg, name, population, coordinator, tracker, bundle["CPU"], ids.members[name])
+            )
+            actors.append(members[name])
+        placement = dict(zip(members, _get_all([m.info.remote() for m in members.values()], members)))
+        ray.get([tracker.log_params.remote(name, {f"placement.{k}": v for k, v in info.items()}) for name, info in placement.items()])
+
+        running = {members[name].train.remote(cfg.steps): name for name in members}
+        final: dict[str, dict[str, float]] = {}
+        rates = _Rates()
+        while running:
+            done, _ = ray.wait(list(running), timeout=poll_s)
+            for ref in done:
+                name = running.pop(ref)
+                final[name] = _get_all([ref], {name: None})[0]
+            if progress is not None:
+                snapshot = ray.get(tracker.progress.remote())
+                progress(rates.annotate(snapshot, cfg.steps, time.monotonic() - started))
+
+        for name, member in members.items():
+            state = {k: torch.from_numpy(v.copy()) for k, v in ray.get(member.model_state.remote()).items()}
+            save_atomic(state, run_dir / "members" / name / "model.pt")
+        ray.get(tracker.log_artifact.remote(None, str(run_dir / "config.yaml")))
+        status = "FINISHED"
+        return RunResult(
+            run_id=ids.parent,
+            member_run_ids=dict(ids.members),
+            output_dir=run_dir,
+            tracking_uri=uri,
+            metrics=final,
+            placement=placement,
+            seconds=time.monotonic() - started,
+        )
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        _end_runs(tracker, driver_tracking, ids, status)
+        for actor in actors:
+            ray.kill(actor, no_restart=True)
+        if group is not None:
+            from ray.util.placement_group import remove_placement_group
+
+            remove_placement_group(group)
+        if started_ray:
+            ray.shutdown()
+
+
+def _get_all(refs: list, names: dict) -> list:
+    """``ray.get`` that turns a member's failure into a :class:`PopulationError` naming it."""
+    import ray
+
+    try:
+        return ray.get(refs)
+    except ray.exceptions.RayTaskError as exc:
+        cause = exc.cause if getattr(exc, "cause", None) is not None else exc
+        who = ", ".join(names)
+        raise PopulationError(f"member {who} failed: {type(cause).__name__}: {cause}") from None
+    except ray.exceptions.RayActorError as exc:
+        who = ", ".join(names)
+        raise PopulationError(f"member {who}'s process died: {exc}") from None
+
+
+def _end_runs(tracker, driver_tracking: Tracking, ids: RunIds | None, status: str) -> None:
+    import ray
+
+    if ids is None:
+        return
+    try:
+        if tracker is not None:
+            ray.get(tracker.finish.remote(status), timeout=60)
+            return
+    except Exception:
+        pass  # the tracking actor is gone: end the runs from here (its unflushed metrics are lost)
+    driver_tracking.ids = ids
+    driver_tracking.finish(status)
+
+
+class _Rates:
+    """Steps per second per member, from successive progress snapshots."""
+
+    def __init__(self):
+        self.first: dict[str, tuple[float, int]] = {}
+
+    def annotate(self, snapshot: dict[str, dict[str, Any]], steps: int, elapsed: float) -> dict[str, Any]:
+        now = time.monotonic()
+        members = {}
+        for name, state in snapshot.items():
+            if name.startswith("__"):
+                continue
+            step = int(state.get("step", 0))
+            t0, s0 = self.first.setdefault(name, (now, step))
+            rate = (step - s0) / (now - t0) if now > t0 and step > s0 else None
+            members[name] = {
+                "step": step,
+                "loss": state.get("loss"),
+                "steps_per_s": rate,
+                "eta_s": (steps - step) / rate if rate else None,
+            }
+        return {"members": members, "couplings": snapshot.get("__couplings__", {}), "steps": steps, "elapsed_s": elapsed}

@@ -1,0 +1,82 @@
+"""The config reference, generated from the schema's own field descriptions (``poptrain schema``).
+
+The README's "Config reference" section is this output; a test keeps the two in sync.
+"""
+
+from __future__ import annotations
+
+import typing
+from typing import Any
+
+from pydantic import BaseModel
+from pydantic.fields import FieldInfo
+from pydantic_core import PydanticUndefined
+
+from poptrain import config as schema
+
+
+def _type_name(annotation: Any) -> str:
+    origin = typing.get_origin(annotation)
+    if origin is None:
+        return getattr(annotation, "__name__", str(annotation)).replace("NoneType", "null")
+    args = [a for a in typing.get_args(annotation)]
+    if origin is typing.Union or str(origin) == "types.UnionType":
+        return " or ".join(_type_name(a) for a in args)
+    if origin is typing.Literal:
+        return " or ".join(f"`{a}`" for a in args)
+    if getattr(origin, "__name__", "") == "SerializeAsAny" or origin is typing.Annotated:
+        return _type_name(args[0])
+    name = getattr(origin, "__name__", str(origin))
+    return f"{name}[{', '.join(_type_name(a) for a in args)}]"
+
+
+def _default(info: FieldInfo) -> str:
+    if info.default_factory is not None:
+        value = info.default_factory()
+        return f"`{value}`" if not isinstance(value, BaseModel) else "(see below)"
+    if info.default is PydanticUndefined:
+        return "**required**"
+    return f"`{info.default}`"
+
+
+def _table(model: type[BaseModel], prefix: str, skip: set[str] = frozenset()) -> list[str]:
+    rows = [f"| `{prefix}` key | type | default | meaning |", "| --- | --- | --- | --- |"]
+    for name, info in model.model_fields.items():
+        if name in skip:
+            continue
+        description = (info.description or "").replace("|", "\\|")
+        rows.append(f"| `{name}` | {_type_name(info.annotation)} | {_default(info)} | {description} |")
+    return rows
+
+
+def config_reference() -> str:
+    from poptrain.couplings import COUPLINGS
+
+    sections = [
+        ("top level", schema.RunConfig, set()),
+        ("exchange", schema.ExchangeConfig, set()),
+        ("tracking", schema.TrackingConfig, set()),
+        ("placement", schema.PlacementConfig, set()),
+        ("members[]", schema.MemberConfig, set()),
+        ("members[].model / loss / any component", schema.Component, set()),
+        ("members[].data", schema.DataConfig, set()),
+        ("members[].optimizer", schema.OptimizerConfig, set()),
+        ("members[].optimizer.groups[]", schema.ParamGroup, set()),
+        ("members[].terms[]", schema.TermConfig, set()),
+        ("members[].balancing", schema.BalancingConfig, set()),
+        ("members[].grad_transforms[]", schema.GradTransform, set()),
+        ("members[].resources", schema.Resources, set()),
+        ("couplings[] (every type)", schema.CouplingConfig, set()),
+    ]
+    common = set(schema.CouplingConfig.model_fields)
+    for name, cls in sorted(COUPLINGS.items()):
+        sections.append((f"couplings[] with `type: {name}`", cls.Config, common))
+    out = []
+    for title, model, skip in sections:
+        out.append(f"#### {title}\n")
+        doc = (model.__doc__ or "").strip().splitlines()
+        if doc and not doc[0].startswith("!!!") and model.__doc__ != BaseModel.__doc__:
+            out.append(doc[0] + "\n")
+        out.extend(_table(model, title.split(" ")[0], skip))
+        out.append("")
+    return "\n".join(out).rstrip() + "\n"

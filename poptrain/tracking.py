@@ -1,0 +1,230 @@
+"""Everything MLflow: one parent run per population, one nested run per member, batched writes.
+
+All MLflow writes of a run go through one place, :class:`Tracking` (wrapped as the tracking
+actor, pinned to the driver's node): members and the coordinator send it metrics as
+fire-and-forget batches, and it writes them with ``MlflowClient.log_batch``. One writer means
+no ``database is locked`` with sqlite and no run per worker with nothing tying them together.
+A failed write is retried with back-off and its metrics stay buffered until written.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import urllib.error
+import urllib.request
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from poptrain.config import RunConfig, flatten
+
+DEFAULT_TRACKING_DB = "mlflow.db"
+MAX_METRICS_PER_BATCH = 1000  # MLflow's limit for log_batch
+MAX_PARAMS_PER_BATCH = 100
+MAX_PARAM_LENGTH = 6000
+
+Item = tuple  # (key, value, step, timestamp_ms)
+
+
+class TrackingUnavailable(RuntimeError):
+    """The tracking store cannot be reached or written."""
+
+
+def resolve_tracking_uri(cfg: RunConfig, cwd: str | None = None) -> str:
+    """The config's URI, else ``$MLFLOW_TRACKING_URI``, else ``sqlite:///<cwd>/mlflow.db``.
+
+    Relative sqlite paths are made absolute against the driver's working directory, because the
+    tracking actor may run with another one.
+    """
+    uri = cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{DEFAULT_TRACKING_DB}"
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        path = uri[len("sqlite:///") :]
+        uri = "sqlite:///" + str(Path(cwd or os.getcwd(), path).resolve())
+    elif "://" not in uri:  # a plain folder: MLflow's file store
+        uri = str(Path(cwd or os.getcwd(), uri).resolve())
+    return uri
+
+
+def check_tracking_reachable(uri: str, timeout_s: float = 5.0) -> None:
+    """Fail fast, before anything starts, when an HTTP tracking server does not answer."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s) as response:
+            if response.status >= 400:
+                raise TrackingUnavailable(f"MLflow server {uri} answered HTTP {response.status} on /health")
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        raise TrackingUnavailable(
+            f"cannot reach the MLflow tracking server at {uri} ({getattr(exc, 'reason', exc)}). Start it, fix "
+            "`tracking.uri` / $MLFLOW_TRACKING_URI, or unset them to use the embedded sqlite store."
+        ) from None
+
+
+@dataclass
+class RunIds:
+    """The MLflow runs of one population: the parent and one child per member."""
+
+    experiment_id: str
+    parent: str
+    members: dict[str, str] = field(default_factory=dict)
+
+
+def member_params(cfg: RunConfig, name: str) -> dict[str, str]:
+    """A member's flattened config, plus the settings of the couplings it takes part in, as MLflow params."""
+    member = cfg.member(name)
+    params = {"member": name, **flatten(member.model_dump(mode="json", exclude={"name"}))}
+    for coupling in cfg.couplings:
+        members = coupling.members or cfg.member_names
+        if name in members:
+            trains = coupling.trains if coupling.trains is not None else members
+            data = coupling.model_dump(mode="json", exclude={"name", "members", "trains"})
+            params.update(flatten(data, f"coupling.{coupling.label}"))
+            params[f"coupling.{coupling.label}.trains_me"] = str(name in trains)
+    return params
+
+
+def run_params(cfg: RunConfig) -> dict[str, str]:
+    data = cfg.model_dump(mode="json", exclude={"members"})
+    params = flatten(data)
+    params["members"] = ",".join(cfg.member_names)
+    return params
+
+
+class Tracking:
+    """MLflow writes of one population run. Plain class; :func:`tracking_actor` wraps it for Ray."""
+
+    def __init__(self, uri: str, ids: RunIds | None = None):
+        from mlflow.tracking import MlflowClient
+
+        self.uri = uri
+        self.client = MlflowClient(tracking_uri=uri)
+        self.ids = ids
+        self.buffer: dict[str, list[Item]] = defaultdict(list)
+        self.last_flush = time.monotonic()
+        self.progress_state: dict[str, dict[str, Any]] = {}
+        self.logged_steps: dict[str, int] = {}
+
+    # -- creating the runs (driver, before any actor starts) ---------------------------------
+
+    def create_runs(self, cfg: RunConfig) -> RunIds:
+        experiment = self.client.get_experiment_by_name(cfg.tracking.experiment)
+        experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(cfg.tracking.experiment)
+        parent = self.client.create_run(
+            experiment_id,
+            run_name=cfg.name,
+            tags={"poptrain.role": "population", "poptrain.members": ",".join(cfg.member_names)},
+        )
+        ids = RunIds(experiment_id, parent.info.run_id)
+        self._log_params(ids.parent, run_params(cfg))
+        for name in cfg.member_names:
+            child = self.client.create_run(
+                experiment_id,
+                run_name=name,
+                tags={
+                    "mlflow.parentRunId": ids.parent,
+                    "poptrain.role": "member",
+                    "poptrain.member": name,
+                    "poptrain.population": cfg.name,
+                },
+            )
+            ids.members[name] = child.info.run_id
+            self._log_params(child.info.run_id, member_params(cfg, name))
+        self.ids = ids
+        return ids
+
+    def _log_params(self, run_id: str, params: dict[str, str]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k[:250], str(v)[:MAX_PARAM_LENGTH]) for k, v in sorted(params.items())]
+        for start in range(0, len(items), MAX_PARAMS_PER_BATCH):
+            self._retry(lambda chunk=items[start : start + MAX_PARAMS_PER_BATCH]: self.client.log_batch(run_id, params=chunk))
+
+    def log_params(self, member: str | None, params: dict[str, Any]) -> None:
+        self._log_params(self._run_id(member), {k: str(v) for k, v in params.items()})
+
+    def set_tags(self, member: str | None, tags: dict[str, str]) -> None:
+        for key, value in tags.items():
+            self._retry(lambda: self.client.set_tag(self._run_id(member), key, str(value)))
+
+    # -- metrics (from members and the coordinator) ---------------------------------------------
+
+    def _run_id(self, member: str | None) -> str:
+        assert self.ids is not None, "runs not created"
+        return self.ids.parent if member is None else self.ids.members[member]
+
+    def log_member(self, member: str, items: list[Item]) -> None:
+        self.buffer[self._run_id(member)].extend(items)
+        for key, value, step, _ in items:
+            state = self.progress_state.setdefault(member, {})
+            state["step"] = max(step + 1, state.get("step", 0))
+            if key == "loss":
+                state["loss"] = value
+        state = self.progress_state.get(member)
+        if state is not None:
+            state["time"] = time.time()
+        self._maybe_flush()
+
+    def log_population(self, items: list[Item]) -> None:
+        self.buffer[self._run_id(None)].extend(items)
+        couplings = self.progress_state.setdefault("__couplings__", {})
+        for key, value, _, _ in items:
+            if key.count("/") == 1:  # coupling/<name>, not its extras
+                couplings[key.split("/", 1)[1]] = value
+        self._maybe_flush()
+
+    def progress(self) -> dict[str, dict[str, Any]]:
+        return {k: dict(v) for k, v in self.progress_state.items()}
+
+    def _maybe_flush(self) -> None:
+        if sum(len(v) for v in self.buffer.values()) >= MAX_METRICS_PER_BATCH or time.monotonic() - self.last_flush > 2.0:
+            try:
+                self.flush(attempts=1)
+            except TrackingUnavailable:
+                pass  # kept in the buffer; the next flush retries
+
+    def flush(self, attempts: int = 5) -> int:
+        """Write every buffered metric; on failure what was not written stays buffered. Returns the count."""
+        from mlflow.entities import Metric
+
+        written = 0
+        self.last_flush = time.monotonic()
+        for run_id in list(self.buffer):
+            items = self.buffer[run_id]
+            while items:
+                chunk = items[:MAX_METRICS_PER_BATCH]
+                metrics = [Metric(key, float(value), int(ts), int(step)) for key, value, step, ts in chunk]
+                self._retry(lambda: self.client.log_batch(run_id, metrics=metrics), attempts)
+                del items[: len(chunk)]
+                written += len(chunk)
+            del self.buffer[run_id]
+        return written
+
+    def _retry(self, call, attempts: int = 5):
+        delay = 0.2
+        for attempt in range(attempts):
+            try:
+                return call()
+            except Exception as exc:  # MLflow raises several types for transport and store errors
+                if attempt == attempts - 1:
+                    raise TrackingUnavailable(f"MLflow write to {self.uri} failed after {attempts} attempts: {exc}") from exc
+                time.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    # -- artifacts and the end ------------------------------------------------------------------
+
+    def log_artifact(self, member: str | None, local_path: str, artifact_path: str | None = None) -> None:
+        self._retry(lambda: self.client.log_artifact(self._run_id(member), local_path, artifact_path))
+
+    def finish(self, status: str = "FINISHED") -> None:
+        """Flush, then end every run of the population with ``status`` (FINISHED, FAILED, KILLED)."""
+        try:
+            self.flush()
+        finally:
+            assert self.ids is not None
+            for run_id in [*self.ids.members.values(), self.ids.parent]:
+                self._retry(lambda run_id=run_id: self.client.set_terminated(run_id, status))
+
+    def ping(self) -> bool:
+        return True
