@@ -4,11 +4,32 @@ tracked in MLflow (one parent run per population, one nested run per member).
     import poptrain
     result = poptrain.run("configs/prelu_separation.yaml", overrides=["steps=100"])
     result.run_id, result.output_dir, result.metrics
+
+Names are imported lazily so that processes needing only part of poptrain (the tracking actor
+imports MLflow, not torch) start fast.
 """
 
-from poptrain.config import ConfigError, RunConfig, load_config
-from poptrain.couplings import Coupling, Quantity, register
-from poptrain.population import PopulationError, RunResult, run
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
-__all__ = ["ConfigError", "Coupling", "PopulationError", "Quantity", "RunConfig", "RunResult", "load_config", "register", "run"]
+
+_EXPORTS = {
+    "ConfigError": "poptrain.config",
+    "RunConfig": "poptrain.config",
+    "load_config": "poptrain.config",
+    "Coupling": "poptrain.couplings",
+    "Quantity": "poptrain.couplings",
+    "register": "poptrain.couplings",
+    "PopulationError": "poptrain.population",
+    "RunResult": "poptrain.population",
+    "run": "poptrain.population",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'poptrain' has no attribute {name!r}")

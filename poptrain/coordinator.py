@@ -171,5 +171,10 @@ class CoordinatorActor:
         # resolve it on return) and reads the NumPy buffers zero-copy from shared memory.
         return [ray.put(result)]
 
+    async def drain(self) -> None:
+        """Return once tracking has processed every metric this coordinator sent (calls from one
+        caller run in order)."""
+        await self.tracker.ping.remote()
+
     def ping(self) -> bool:
         return True

@@ -382,11 +382,11 @@ def placement_device() -> tuple[str, list[int]]:
 class MemberActor:
     """Ray actor around :class:`MemberTrainer`; talks to the coordinator and tracking directly."""
 
-    def __init__(self, run: RunConfig, name: str, population: PopulationInfo, coordinator, tracker, num_cpus: float, run_id: str):
+    def __init__(self, run: RunConfig, name: str, population: PopulationInfo, coordinator, tracker, num_cpus: float):
         device, gpu_ids = placement_device()
         torch.set_num_threads(max(1, int(num_cpus)))
         self.trainer = MemberTrainer(run, name, population, device)
-        self.coordinator, self.tracker, self.run_id = coordinator, tracker, run_id
+        self.coordinator, self.tracker = coordinator, tracker
         self.log_every = run.tracking.log_every
         self.placement = {
             "node_id": _node_id(),
@@ -410,6 +410,8 @@ class MemberActor:
 
     def train(self, until_step: int) -> dict[str, float]:
         """Train up to ``until_step``; metrics go to tracking in batches. Returns the last metrics."""
+        import ray
+
         buffer: list[tuple[str, float, int, int]] = []
         last_flush, metrics = time.monotonic(), {}
         while self.trainer.step < until_step:
@@ -421,8 +423,9 @@ class MemberActor:
             if buffer and (time.monotonic() - last_flush > 1.0 or len(buffer) > 2000):
                 self.tracker.log_member.remote(self.trainer.name, buffer)
                 buffer, last_flush = [], time.monotonic()
-        if buffer:
-            self.tracker.log_member.remote(self.trainer.name, buffer)
+        # Waiting on the last batch also waits on every earlier one (one caller's calls run in order),
+        # so when train() returns, all of this member's metrics are in tracking.
+        ray.get(self.tracker.log_member.remote(self.trainer.name, buffer))
         return metrics
 
     def model_state(self) -> dict[str, np.ndarray]:

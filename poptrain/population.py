@@ -278,16 +278,17 @@ def run(config, overrides=(), progress: ProgressFn | None = None, poll_s: float 
     actors: list = []
     group = None
     tracker = None
-    driver_tracking = Tracking(uri)
     ids: RunIds | None = None
     status = "FAILED"
     try:
         bundles = member_resources(cfg, ray.cluster_resources())
         group = place_population(cfg, bundles)
-        ids = driver_tracking.create_runs(cfg)
 
+        # Tracking runs on the driver's node (a local sqlite file is only valid there) and creates
+        # the MLflow runs while the members start.
         here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
-        tracker = ray.remote(Tracking).options(num_cpus=0, scheduling_strategy=here, name=None).remote(uri, ids)
+        tracker = ray.remote(Tracking).options(num_cpus=0, scheduling_strategy=here).remote(uri)
+        ids_ref = tracker.create_runs.remote(cfg)
         coordinator = ray.remote(CoordinatorActor).options(num_cpus=0, scheduling_strategy=here).remote(cfg, population, tracker)
         actors += [tracker, coordinator]
         members = {}
@@ -300,9 +301,10 @@ def run(config, overrides=(), progress: ProgressFn | None = None, poll_s: float 
                     scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=index),
                     name=None,
                 )
-                .remote(cfg, name, population, coordinator, tracker, bundle["CPU"], ids.members[name])
+                .remote(cfg, name, population, coordinator, tracker, bundle["CPU"])
             )
             actors.append(members[name])
+        ids = _tracking_call(ids_ref)
         placement = dict(zip(members, _get_all([m.info.remote() for m in members.values()], members)))
         ray.get([tracker.log_params.remote(name, {f"placement.{k}": v for k, v in info.items()}) for name, info in placement.items()])
 
@@ -313,7 +315,7 @@ def run(config, overrides=(), progress: ProgressFn | None = None, poll_s: float 
             done, _ = ray.wait(list(running), timeout=poll_s)
             for ref in done:
                 name = running.pop(ref)
-                final[name] = _get_all([ref], {name: None})[0]
+                final[name] = _get_all([ref], [name])[0]
             if progress is not None:
                 snapshot = ray.get(tracker.progress.remote())
                 progress(rates.annotate(snapshot, cfg.steps, time.monotonic() - started))
@@ -321,6 +323,7 @@ def run(config, overrides=(), progress: ProgressFn | None = None, poll_s: float 
         for name, member in members.items():
             state = {k: torch.from_numpy(v.copy()) for k, v in ray.get(member.model_state.remote()).items()}
             save_atomic(state, run_dir / "members" / name / "model.pt")
+        ray.get(coordinator.drain.remote())
         ray.get(tracker.log_artifact.remote(None, str(run_dir / "config.yaml")))
         status = "FINISHED"
         return RunResult(
@@ -336,7 +339,7 @@ def run(config, overrides=(), progress: ProgressFn | None = None, poll_s: float 
         status = "KILLED"
         raise
     finally:
-        _end_runs(tracker, driver_tracking, ids, status)
+        _end_runs(tracker, uri, ids, status)
         for actor in actors:
             ray.kill(actor, no_restart=True)
         if group is not None:
@@ -347,22 +350,48 @@ def run(config, overrides=(), progress: ProgressFn | None = None, poll_s: float 
             ray.shutdown()
 
 
-def _get_all(refs: list, names: dict) -> list:
-    """``ray.get`` that turns a member's failure into a :class:`PopulationError` naming it."""
+def _get_all(refs: list, names) -> list:
+    """``ray.get`` of one call per member (in ``names`` order) that turns a failure into a
+    :class:`PopulationError` naming the member and its own error."""
+    import ray
+
+    out = []
+    for ref, name in zip(refs, names):
+        try:
+            out.append(ray.get(ref))
+        except (ray.exceptions.RayTaskError, ray.exceptions.RayActorError) as exc:
+            raise PopulationError(f"member {name} {describe_failure(exc)}") from None
+    return out
+
+
+def describe_failure(exc: Exception) -> str:
+    """One line for a Ray failure: the user's exception where there is one, not Ray's wrapping."""
+    import re
+
+    import ray
+
+    if isinstance(exc, ray.exceptions.RayTaskError):
+        cause = exc.cause if getattr(exc, "cause", None) is not None else exc
+        return f"failed: {type(cause).__name__}: {cause}"
+    text = str(getattr(exc, "error_msg", "") or exc)
+    if getattr(exc, "actor_init_failed", False):
+        raised = [line.strip() for line in text.splitlines() if re.match(r"^\s*[\w.]+(Error|Exception|Exit|Interrupt)\b", line)]
+        return f"failed to start: {raised[-1] if raised else text.splitlines()[-1]}"
+    return f"died: its process exited or was killed ({text.splitlines()[0] if text else type(exc).__name__})"
+
+
+def _tracking_call(ref):
+    """``ray.get`` of a tracking call; a store that cannot be written is reported as such."""
     import ray
 
     try:
-        return ray.get(refs)
+        return ray.get(ref)
     except ray.exceptions.RayTaskError as exc:
-        cause = exc.cause if getattr(exc, "cause", None) is not None else exc
-        who = ", ".join(names)
-        raise PopulationError(f"member {who} failed: {type(cause).__name__}: {cause}") from None
-    except ray.exceptions.RayActorError as exc:
-        who = ", ".join(names)
-        raise PopulationError(f"member {who}'s process died: {exc}") from None
+        cause = getattr(exc, "cause", None) or exc
+        raise PopulationError(f"MLflow tracking failed: {type(cause).__name__}: {cause}") from None
 
 
-def _end_runs(tracker, driver_tracking: Tracking, ids: RunIds | None, status: str) -> None:
+def _end_runs(tracker, uri: str, ids: RunIds | None, status: str) -> None:
     import ray
 
     if ids is None:
@@ -373,8 +402,7 @@ def _end_runs(tracker, driver_tracking: Tracking, ids: RunIds | None, status: st
             return
     except Exception:
         pass  # the tracking actor is gone: end the runs from here (its unflushed metrics are lost)
-    driver_tracking.ids = ids
-    driver_tracking.finish(status)
+    Tracking(uri, ids).finish(status)
 
 
 class _Rates:

@@ -80,3 +80,23 @@ def config_reference() -> str:
         out.extend(_table(model, title.split(" ")[0], skip))
         out.append("")
     return "\n".join(out).rstrip() + "\n"
+
+
+START, END = "<!-- config-reference:start -->", "<!-- config-reference:end -->"
+
+
+def readme_with_reference(readme: str) -> str:
+    """``readme`` with the text between the reference markers replaced by :func:`config_reference`."""
+    head, rest = readme.split(START, 1)
+    _, tail = rest.split(END, 1)
+    return f"{head}{START}\n{config_reference()}{END}{tail}"
+
+
+if __name__ == "__main__":  # python -m poptrain.reference README.md  (rewrites the README's reference)
+    import sys
+
+    path = sys.argv[1] if len(sys.argv) > 1 else "README.md"
+    with open(path, encoding="utf-8") as stream:
+        text = stream.read()
+    with open(path, "w", encoding="utf-8") as stream:
+        stream.write(readme_with_reference(text))

@@ -1,0 +1,82 @@
+"""Shared fixtures: one real local Ray per pytest run (2 CPUs), a real MLflow store per test."""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """A real local Ray, started once for the whole run and sized like CI's machine."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(
+            num_cpus=2,
+            include_dashboard=False,
+            _node_ip_address="127.0.0.1",
+            configure_logging=False,
+            runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}},  # actors import tests.helpers
+        )
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tracking_uri(tmp_path_factory) -> str:
+    """One real sqlite MLflow store for the session (creating one costs seconds); tests keep apart
+    by experiment (see ``experiment``)."""
+    return f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+
+
+@pytest.fixture
+def experiment(request) -> str:
+    """An MLflow experiment of this test's own."""
+    return request.node.name[:200]
+
+
+@pytest.fixture
+def base_config(tmp_path: Path, tracking_uri: str, experiment: str):
+    """Factory of small valid configs (dicts) writing into this test's temporary folder."""
+
+    def make(**changes) -> dict:
+        cfg = {
+            "name": "pop",
+            "seed": 0,
+            "steps": 10,
+            "output_dir": str(tmp_path / "runs"),
+            "tracking": {"uri": tracking_uri, "experiment": experiment},
+            "members": [prelu_member("m1"), prelu_member("m2")],
+            "couplings": [{"type": "separation", "param": "activation.weight", "margin": 2.0}],
+        }
+        cfg.update(copy.deepcopy(changes))
+        return cfg
+
+    return make
+
+
+def prelu_member(name: str, **changes) -> dict:
+    """Seed 000's member: Linear(20, 40) -> PReLU -> Linear(40, 1) on a synthetic regression."""
+    member = {
+        "name": name,
+        "model": {"name": "mlp", "kwargs": {"in_features": 20, "out_features": 1, "hidden": 40, "activation": "prelu"}},
+        "data": {"name": "synthetic_regression", "kwargs": {"n": 256, "in_features": 20}, "batch_size": 32},
+        "loss": "mse",
+        "optimizer": {"name": "adam", "lr": 0.01},
+    }
+    member.update(copy.deepcopy(changes))
+    return member
+
+
+@pytest.fixture
+def in_tmp_cwd(tmp_path: Path, monkeypatch):
+    """Run in an empty working directory (to see what a command leaves behind)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    return tmp_path

@@ -1,0 +1,50 @@
+"""User code referenced by import path from test configs (importable by actors: see conftest)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+
+class TinyNet(nn.Module):
+    """A user model: ``body`` then ``head``."""
+
+    def __init__(self, in_features: int = 4, out_features: int = 1):
+        super().__init__()
+        self.body = nn.Linear(in_features, 8)
+        self.head = nn.Linear(8, out_features)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.body(x)))
+
+
+def tiny_data(n: int = 64, in_features: int = 4) -> TensorDataset:
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(n, in_features, generator=gen)
+    return TensorDataset(x, x.sum(dim=1, keepdim=True))
+
+
+def not_a_dataset(n: int = 3):
+    return 42
+
+
+class SlowDataset(torch.utils.data.Dataset):
+    """A straggler's data: every item takes ``delay_s`` to load."""
+
+    def __init__(self, n: int = 64, in_features: int = 20, delay_s: float = 0.5):
+        self.inner, self.delay_s = tiny_data(n, in_features), delay_s
+
+    def __len__(self):
+        return len(self.inner)
+
+    def __getitem__(self, index):
+        import time
+
+        time.sleep(self.delay_s)
+        x, _ = self.inner[index]
+        return x, x.sum().reshape(1)
+
+
+def slow_data(n: int = 64, in_features: int = 20, delay_s: float = 0.5):
+    return SlowDataset(n, in_features, delay_s)

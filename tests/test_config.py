@@ -1,0 +1,124 @@
+"""Config validation: every user mistake is one clear message naming the key, before anything starts."""
+
+from __future__ import annotations
+
+import pytest
+
+from poptrain.config import ConfigError, dump_config, load_config
+from poptrain.population import inspect_population, prepare
+from tests.conftest import prelu_member
+
+
+def problems(config, overrides=()):
+    with pytest.raises(ConfigError) as info:
+        prepare(config, overrides)
+    return info.value.problems
+
+
+def test_valid_config_resolves_every_default(base_config):
+    cfg = load_config(base_config())
+    assert cfg.exchange.every == 1 and cfg.exchange.mode == "sync"
+    assert cfg.members[0].optimizer.name == "adam"
+    text = dump_config(cfg)
+    assert "margin: 2.0" in text and "batch_size: 32" in text
+    assert load_config(base_config()).model_dump() == cfg.model_dump()
+
+
+def test_overrides_address_list_items_by_index_or_member_name(base_config):
+    cfg = load_config(base_config(), ["members.0.optimizer.lr=0.5", "members.m2.optimizer.name=sgd", "steps=7", "couplings.0.margin=3"])
+    assert cfg.members[0].optimizer.lr == 0.5
+    assert cfg.member("m2").optimizer.name == "sgd"
+    assert cfg.steps == 7 and cfg.couplings[0].margin == 3.0
+
+
+@pytest.mark.parametrize(
+    "change, key, words",
+    [
+        ({"steps": -3}, "steps", "greater than 0"),
+        ({"steps": "many"}, "steps", "integer"),
+        ({"stpes": 3}, "stpes", "unknown key"),
+        ({"members": []}, "members", "empty"),
+        ({"exchange": {"every": 0}}, "exchange.every", "greater than or equal to 1"),
+        ({"exchange": {"mode": "telepathy"}}, "exchange.mode", "sync"),
+        ({"couplings": [{"type": "separation", "param": "activation.weight", "members": ["m1", "m9"]}]}, "couplings.0.members", "unknown member 'm9'"),
+        ({"couplings": [{"type": "separation", "param": "activation.weight", "trains": ["ghost"]}]}, "couplings.0.trains", "unknown member 'ghost'"),
+        ({"couplings": [{"type": "telekinesis"}]}, "couplings.0.type", "unknown coupling type"),
+        ({"couplings": [{"type": "separation"}]}, "couplings.0.param", "required"),
+        ({"couplings": [{"type": "separation", "param": "activation.weight", "margin": "wide"}]}, "couplings.0.margin", "number"),
+        ({"couplings": [{"type": "nowhere.module:Coupling"}]}, "couplings.0.type", "cannot import"),
+    ],
+)
+def test_schema_errors_name_the_key(base_config, change, key, words):
+    found = problems(base_config(**change))
+    assert any(k == key and words in msg for k, msg in found), found
+
+
+def test_duplicate_member_names_are_refused(base_config):
+    found = problems(base_config(members=[prelu_member("m1"), prelu_member("m1")]))
+    assert ("members.1.name", "duplicate member name 'm1'") in found
+
+
+@pytest.mark.parametrize(
+    "member_change, key, words",
+    [
+        ({"frozen": ["lstm.*"]}, "members.0.frozen", "matches no parameter"),
+        ({"optimizer": {"name": "adam", "groups": [{"params": "nothing.*", "lr": 0.1}]}}, "members.0.optimizer.groups.0.params", "matches no parameter"),
+        ({"optimizer": {"name": "adam", "kwargs": {"momentum": 0.9}}}, "members.0.optimizer", "momentum"),
+        ({"optimizer": {"name": "lion"}}, "members.0.optimizer", "unknown optimizer"),
+        ({"model": {"name": "transformer9000"}}, "members.0.model.name", "unknown model"),
+        ({"model": {"name": "mlp", "kwargs": {"in_features": 20, "out_features": 1, "activation": "swish9"}}}, "members.0.model", "unknown activation"),
+        ({"model": {"name": "mlp", "kwargs": {"in_features": 20, "width": 3}}}, "members.0.model", "width"),
+        ({"model": {"name": "no_such_pkg.models:Net"}}, "members.0.model.name", "cannot import module"),
+        ({"model": {"name": "tests.helpers:Missing"}}, "members.0.model.name", "has no attribute"),
+        ({"data": {"name": "digits", "kwargs": {"colour": "red"}}}, "members.0.data", "colour"),
+        ({"loss": "hinge_of_doom"}, "members.0.loss.name", "unknown loss"),
+        ({"init": "/nonexistent/weights.pt"}, "members.0.init", "no such file"),
+        ({"frozen": ["*"]}, "members.0.optimizer", "nothing to optimize"),
+    ],
+)
+def test_model_dependent_errors_are_found_before_ray_starts(base_config, member_change, key, words):
+    found = problems(base_config(members=[prelu_member("m1", **member_change), prelu_member("m2")]))
+    assert any(k == key and words in msg for k, msg in found), found
+
+
+def test_coupling_on_a_parameter_a_member_lacks_is_refused(base_config):
+    config = base_config(couplings=[{"type": "separation", "param": "activation.slope"}])
+    found = problems(config)
+    assert any(k == "couplings.0.param" and "has no parameter 'activation.slope'" in msg for k, msg in found), found
+
+
+def test_separation_needs_equal_shapes(base_config):
+    other = prelu_member("m2", model={"name": "tests.helpers:TinyNet"})
+    found = problems(base_config(members=[prelu_member("m1"), other], couplings=[{"type": "separation", "param": "head.weight"}]))
+    assert any("has no parameter 'head.weight'" in msg for _, msg in found)
+
+
+def test_yaml_errors_name_the_file_and_line(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("name: x\nsteps: [1, 2\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(path) in str(info.value) and "line" in str(info.value)
+
+
+def test_missing_file_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="file not found"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_bad_override_syntax_is_a_config_error(base_config):
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
+        load_config(base_config(), ["steps"])
+    with pytest.raises(ConfigError, match="no list item"):
+        load_config(base_config(), ["members.7.optimizer.lr=1"])
+
+
+def test_user_classes_by_import_path_are_inspected(base_config):
+    member = prelu_member("m1", model={"name": "tests.helpers:TinyNet"}, data={"name": "tests.helpers:tiny_data"})
+    population = inspect_population(load_config(base_config(members=[member], couplings=[])))
+    assert population.param_shapes["m1"]["body.weight"] == (8, 4)
+
+
+def test_unreachable_tracking_server_stops_before_anything_starts(base_config):
+    found = problems(base_config(tracking={"uri": "http://127.0.0.1:9"}))
+    assert any(k == "tracking.uri" and "cannot reach" in msg for k, msg in found), found
