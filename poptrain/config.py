@@ -173,6 +173,11 @@ class MemberConfig(Strict):
     frozen: list[str] = Field(default_factory=list, description="Parameter name patterns that are never trained.")
     grad_transforms: list[GradTransform] = Field(default_factory=list, description="Per-parameter gradient transforms.")
     init: Optional[str] = Field(None, description="Path to a state_dict (.pt) to start from instead of a seeded initialization.")
+    trainable: bool = Field(
+        True,
+        description="false: never trained (e.g. the target of an `average` coupling); it still evaluates its "
+        "loss on its data every step, and is tracked and saved like any member.",
+    )
     resources: Resources = Field(default_factory=Resources)
 
     @field_validator("name")

@@ -69,6 +69,7 @@ class ExchangePlan:
         for sends in self.sends.values():
             for kind in PHASES:
                 sends[kind].sort()
+        self.replaces_params = any("param" in c.transforms() for c in couplings)
         # Fixed member order, so every round's participants are listed the same way everywhere.
         self.participants: dict[str, list[str]] = {k: [m for m in members if m in takes_part[k]] for k in PHASES}
 
@@ -108,7 +109,8 @@ class Coordinator:
         replace: dict[Quantity, np.ndarray] = {}
         for coupling in self.couplings:
             if kind in coupling.transforms():
-                for q, tensor in coupling.exchange_transform(kind, self.latest, index).items():
+                final = kind == "param" and step == self.run.steps
+                for q, tensor in coupling.exchange_transform(kind, self.latest, index, final).items():
                     replace[q] = tensor.detach().contiguous().numpy()
 
         metrics: dict[str, float] = {}

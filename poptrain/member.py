@@ -224,9 +224,9 @@ class MemberTrainer:
         if self.config.init:
             self.model.load_state_dict(torch.load(self.config.init, map_location="cpu", weights_only=True))
         self.model.to(self.device)
-        self.frozen = apply_frozen(self.model, self.config.frozen)
+        self.frozen = apply_frozen(self.model, self.config.frozen if self.config.trainable else ["*"])
         self.params = dict(self.model.named_parameters())
-        self.optimizer = build_optimizer(self.model, self.config)
+        self.optimizer = build_optimizer(self.model, self.config) if self.config.trainable else None
         data_seed = self.config.data.seed if self.config.data.seed is not None else run.seed
         self.batches = BatchStream(build_dataset(self.config.data), self.config.data.batch_size, self.config.data.shuffle, data_seed)
         self.loss_fn = builtins.resolve(builtins.LOSSES, self.config.loss.name, "loss")
@@ -248,7 +248,9 @@ class MemberTrainer:
         exchanging = self.step % self.every == 0
         inputs = [t.to(self.device, non_blocking=True) for t in self.batches.next()]
         *inputs, targets = inputs
-        self.model.train()
+        self.model.train(self.config.trainable)
+        if not self.config.trainable:
+            return self._evaluate_step(exchange, exchanging, inputs, targets)
 
         if exchanging:
             self._exchange("param", exchange, {})
@@ -285,6 +287,25 @@ class MemberTrainer:
         for name, value in coupling_terms.items():
             metrics[f"coupling/{name}"] = float(value.detach())
         return metrics
+
+    def _evaluate_step(self, exchange: ExchangeFn, exchanging: bool, inputs, targets) -> dict[str, float]:
+        """A member that is not trained: take part in exchanges (e.g. receive an average), log its loss."""
+        if exchanging:
+            self._exchange("param", exchange, {})
+        with torch.no_grad():
+            outputs = self.model(*inputs)
+            terms = {"loss": self.loss_fn(outputs, targets)}
+        if exchanging:
+            self._exchange("loss", exchange, terms)
+            self._exchange("grad", exchange, {})
+        self.step += 1
+        return {"loss": float(terms["loss"])}
+
+    def finish(self, exchange: ExchangeFn) -> None:
+        """After the last step: one more parameter exchange when a coupling replaces parameters, so
+        that averaged targets and shared modules reflect the final weights."""
+        if self.plan.replaces_params:
+            self._exchange("param", exchange, {})
 
     # -- exchange ------------------------------------------------------------------------------
 
@@ -423,6 +444,8 @@ class MemberActor:
             if buffer and (time.monotonic() - last_flush > 1.0 or len(buffer) > 2000):
                 self.tracker.log_member.remote(self.trainer.name, buffer)
                 buffer, last_flush = [], time.monotonic()
+        if self.trainer.step == self.trainer.run.steps:
+            self.trainer.finish(self._exchange)
         # Waiting on the last batch also waits on every earlier one (one caller's calls run in order),
         # so when train() returns, all of this member's metrics are in tracking.
         ray.get(self.tracker.log_member.remote(self.trainer.name, buffer))

@@ -98,11 +98,12 @@ def inspect_population(cfg: RunConfig) -> PopulationInfo:
             for pattern in patterns:
                 if not matching(names, [pattern]):
                     problems.append((p_key, f"pattern {pattern!r} matches no parameter of member {member.name!r}; its parameters are {shown}"))
-        frozen = apply_frozen(model, member.frozen)
-        try:
-            build_optimizer(model, member)
-        except (TypeError, ValueError, ImportError, AttributeError) as exc:
-            problems.append((f"{key}.optimizer", str(exc)))
+        frozen = apply_frozen(model, member.frozen if member.trainable else ["*"])
+        if member.trainable:
+            try:
+                build_optimizer(model, member)
+            except (TypeError, ValueError, ImportError, AttributeError) as exc:
+                problems.append((f"{key}.optimizer", str(exc)))
         shapes[member.name] = {n: tuple(p.shape) for n, p in model.named_parameters()}
         trainable[member.name] = {n: n not in frozen for n in names}
     if problems:
@@ -113,6 +114,7 @@ def inspect_population(cfg: RunConfig) -> PopulationInfo:
         param_shapes=shapes,
         trainable=trainable,
         terms={m.name: ["loss", *[t.name for t in m.terms]] for m in cfg.members},
+        exchange_every=cfg.exchange.every,
     )
     for index, coupling in enumerate(build_couplings(cfg.couplings, population)):
         problems.extend((f"couplings.{index}.{k}" if k else f"couplings.{index}", msg) for k, msg in coupling.check_population())

@@ -49,3 +49,67 @@ def seed000_joint_training(module1, module2, batches, steps, lr, margin=2.0):
         total_loss.backward()
         optimizer.step()
     return module1, module2
+
+
+def seed003_joint_training(models, batches, steps, lr, w=(1.0, 0.5, 0.5), routed=False):
+    """Seed 003: ``total = w1*L1 + w2*(L1 - L2) + w3*(L1 - L3)``, one Adam over all three models.
+
+    ``routed``: the author's intent instead: the relative terms train model 1 only (L2 and L3
+    enter them detached) and models 2 and 3 train on their own losses.
+    """
+    optimizer = torch.optim.Adam(itertools.chain(*(m.parameters() for m in models)), lr=lr)
+    w1, w2, w3 = w
+    for _ in range(steps):
+        (x1, y1), (x2, y2), (x3, y3) = next(batches)
+        optimizer.zero_grad()
+        loss_1 = torch.nn.functional.cross_entropy(models[0](x1), y1)
+        loss_2 = torch.nn.functional.cross_entropy(models[1](x2), y2)
+        loss_3 = torch.nn.functional.cross_entropy(models[2](x3), y3)
+        if routed:
+            total = w1 * loss_1 + w2 * (loss_1 - loss_2.detach()) + w3 * (loss_1 - loss_3.detach()) + loss_2 + loss_3
+        else:
+            total = w1 * loss_1 + w2 * (loss_1 - loss_2) + w3 * (loss_1 - loss_3)
+        total.backward()
+        optimizer.step()
+    return models
+
+
+def seed001_training(net, features, steps, lr, alpha):
+    """Seed 001: ``overall_loss = loss1 + alpha * (-loss2)`` with loss2 the sum of all weights
+    (kept in the autograd graph, unlike the seed's ``torch.tensor([...])``)."""
+    opt = torch.optim.Adam(net.parameters(), lr=lr)
+    for _ in range(steps):
+        opt.zero_grad()
+        out = net(features)
+        loss1 = torch.mean(torch.square(torch.tensor(5) - torch.sum(out)))
+        loss2 = torch.stack([torch.sum(w_arr) for w_arr in net.parameters()]).sum()
+        overall_loss = loss1 + alpha * (-loss2)
+        overall_loss.backward()
+        opt.step()
+    return net
+
+
+def seed002_average(model1, model2, model3):
+    """Seed 002: ``model3`` gets ``(model1.state_dict()[k] + model2.state_dict()[k]) / 2``."""
+    from collections import OrderedDict
+
+    param_dict = {}
+    for key in model1.state_dict().keys():
+        param_dict[key] = (model1.state_dict()[key] + model2.state_dict()[key]) / 2
+    model3.load_state_dict(OrderedDict(param_dict))
+    return model3
+
+
+def shared_lstm_training(model1, model2, batches, steps, lr):
+    """Seed 002's weight sharing across two models: one LSTM object used by both, ``L1 + L2``,
+    one Adam over the distinct parameters."""
+    model2.lstm = model1.lstm
+    params = list({id(p): p for p in itertools.chain(model1.parameters(), model2.parameters())}.values())
+    optimizer = torch.optim.Adam(params, lr=lr)
+    for _ in range(steps):
+        (x1, y1), (x2, y2) = next(batches)
+        optimizer.zero_grad()
+        total = torch.nn.functional.cross_entropy(model1(x1), y1) + torch.nn.functional.cross_entropy(model2(x2), y2)
+        total.backward()
+        optimizer.step()
+    return model1, model2

@@ -11,13 +11,14 @@ from torch.utils.data import TensorDataset
 DIGIT_VIEWS = ("full", "downsampled", "crop", "left", "right", "rows")
 
 
-def digits(view: str = "full", normalize: bool = True, limit: int | None = None) -> TensorDataset:
+def digits(view: str = "full", normalize: bool = True, limit: int | None = None, part: int = 0, parts: int = 1) -> TensorDataset:
     """scikit-learn's 1,797 8x8 digit images (ships with the package), in one of several views.
 
     Views of the same samples, in the same order, so members can see different inputs:
     ``full`` [64], ``downsampled`` 2x2 mean-pooled [16], ``crop`` the central 6x6 [36],
     ``left``/``right`` halves [32], ``rows`` as a sequence [8 steps, 8 features] (for LSTMs).
-    Targets are class indices 0-9 (int64).
+    Targets are class indices 0-9 (int64). ``parts``/``part`` split the samples into ``parts``
+    disjoint shards (every ``parts``-th sample) and keep shard ``part`` (federated-style data).
     """
     from sklearn.datasets import load_digits
 
@@ -40,6 +41,9 @@ def digits(view: str = "full", normalize: bool = True, limit: int | None = None)
         inputs = images[:, :, 4:].reshape(len(images), 32)
     else:
         inputs = images
+    if not 0 <= part < parts:
+        raise ValueError(f"part must be in [0, parts), got part={part}, parts={parts}")
+    inputs, targets = inputs[part::parts], targets[part::parts]
     if limit is not None:
         inputs, targets = inputs[:limit], targets[:limit]
     return TensorDataset(inputs.contiguous(), targets)

@@ -60,6 +60,7 @@ class PopulationInfo:
     param_shapes: dict[str, dict[str, tuple[int, ...]]]  # member -> parameter name -> shape
     trainable: dict[str, dict[str, bool]] = field(default_factory=dict)  # member -> parameter -> not frozen
     terms: dict[str, list[str]] = field(default_factory=dict)  # member -> its objective terms (always has "loss")
+    exchange_every: int = 1
 
     def params_matching(self, member: str, patterns: list[str]) -> list[str]:
         return [n for n in self.param_shapes[member] if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
@@ -95,9 +96,13 @@ class Coupling(ABC):
         """Extra values to log under ``coupling/<name>/...`` (e.g. pairwise distances)."""
         return {}
 
-    def exchange_transform(self, kind: Kind, q: Mapping[Quantity, torch.Tensor], exchange_index: int) -> dict[Quantity, torch.Tensor]:
-        """Replacement values for members' own quantities of ``kind`` at an exchange
-        (e.g. averaged parameters). Computed once, by the coordinator, on the whole population."""
+    def exchange_transform(
+        self, kind: Kind, q: Mapping[Quantity, torch.Tensor], exchange_index: int, final: bool
+    ) -> dict[Quantity, torch.Tensor]:
+        """Replacement values for members' own quantities of ``kind`` at an exchange (e.g. averaged
+        parameters), computed once by the coordinator on the whole population. ``exchange_index``
+        counts the exchanges of this kind from 0; ``final`` marks the parameter exchange after the
+        last step."""
         return {}
 
     def transforms(self) -> set[Kind]:

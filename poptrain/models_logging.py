@@ -1,0 +1,140 @@
+"""Log a member's final model into its MLflow run with ``mlflow.pytorch.log_model`` (MLflow 3).
+
+MLflow 3 facts this module relies on (mlflow 3.17, checked here):
+
+* ``log_model(model, name=...)``: ``artifact_path=`` is deprecated. Each call logs a
+  **LoggedModel** entity (id ``m-...``, URI ``models:/<id>``) with its own artifact folder
+  (``<experiment artifact root>/models/<id>/artifacts``), linked to the run as an output, and
+  copies the run's metrics at ``step`` onto it. ``mlflow.pytorch.load_model(info.model_uri)``
+  loads it back.
+* ``run_id=`` (passed through ``log_model``'s ``**kwargs`` to ``Model.log``) logs into an existing
+  run without making it active. But left to itself, MLflow creates the LoggedModel in the
+  *global* experiment (the Default experiment ``0`` here, not the run's) through the *global*
+  tracking URI. So this module creates the LoggedModel itself in the run's experiment, passes its
+  ``model_id``, and sets the global tracking URI only for the duration of the call.
+* The default serialization off Databricks is ``pt2`` (``torch.export``): safe to load, needs no
+  poptrain code at load time, and needs an input example. An example batch > 1 makes the batch
+  dimension dynamic (a batch of 1 would fix it to 1). A model ``torch.export`` cannot trace falls
+  back to ``pickle`` (loading it then needs the model's class importable).
+* Without ``pip_requirements`` MLflow infers them by loading the model in a subprocess: 5 to 20 s
+  here, per model. They are given explicitly instead; one model then logs in about 0.3 s (the
+  first ``pt2`` export in a process costs about 3 s more, importing ``torch.export``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from poptrain.config import Component
+
+log = logging.getLogger(__name__)
+
+
+@contextmanager
+def _tracking_uri(uri: str):
+    """Use ``uri`` as MLflow's global tracking URI for the duration, then restore the previous one.
+
+    ``mlflow.set_tracking_uri`` also sets (or, given None, unsets) ``$MLFLOW_TRACKING_URI``, which
+    poptrain itself reads: both are restored. Not thread-safe (MLflow's URI is process-global).
+    """
+    import mlflow
+    from mlflow.tracking._tracking_service import utils
+
+    previous = getattr(utils, "_tracking_uri", None)  # None: never set (not the resolved default)
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(previous)
+        if env is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = env
+
+
+def _requirements() -> list[str]:
+    return [f"torch=={torch.__version__.split('+')[0]}", f"numpy=={np.__version__}"]  # "2.13.0+cpu" is not on PyPI
+
+
+def log_member_model(
+    client_or_uri: Any,
+    run_id: str,
+    state_dict_path: str | Path,
+    model_spec: Component,
+    input_example: Any,
+    name: str = "model",
+    step: int = 0,
+    serialization_format: str = "pt2",
+):
+    """Rebuild a member's model from ``model_spec`` and its saved state dict, and log it into ``run_id``.
+
+    ``client_or_uri``: an ``MlflowClient`` or a tracking URI. ``input_example``: a few inputs (a
+    tensor or array, batch > 1) used as the example, for the signature and, for ``pt2``, to trace
+    the model. ``step``: the training step the model belongs to (MLflow links the run's metrics
+    at that step to the LoggedModel; the last step is a good choice). Returns MLflow's
+    ``ModelInfo`` (``model_uri``, ``model_id``).
+    """
+    import mlflow.pytorch
+    from mlflow import MlflowClient
+    from mlflow.models import infer_signature
+
+    from poptrain.member import build_model
+
+    uri = client_or_uri if isinstance(client_or_uri, str) else client_or_uri.tracking_uri
+    client = MlflowClient(uri)
+    started = time.monotonic()
+    model = build_model(model_spec)
+    model.load_state_dict(torch.load(state_dict_path, weights_only=True, map_location="cpu"))
+    model.eval()
+    example = input_example.detach().cpu() if isinstance(input_example, torch.Tensor) else torch.as_tensor(np.asarray(input_example))
+    with torch.no_grad():
+        output = model(example)
+    signature = infer_signature(example.numpy(), output.numpy() if isinstance(output, torch.Tensor) else None)
+    run = client.get_run(run_id)
+
+    def log_as(fmt: str):
+        logged = client.create_logged_model(
+            experiment_id=run.info.experiment_id,
+            name=name,
+            source_run_id=run_id,
+            params={k: v for k, v in run.data.params.items()},
+            tags={"poptrain.member": run.data.tags.get("poptrain.member", ""), "poptrain.serialization": fmt},
+        )
+        try:
+            with _tracking_uri(uri):
+                return mlflow.pytorch.log_model(
+                    model,
+                    name=name,
+                    model_id=logged.model_id,
+                    run_id=run_id,
+                    step=step,
+                    input_example=example.numpy(),
+                    signature=signature,
+                    pip_requirements=_requirements(),
+                    serialization_format=fmt,
+                )
+        except Exception:
+            try:
+                client.delete_logged_model(logged.model_id)  # a FAILED model would only clutter the UI
+            except Exception:
+                pass
+            raise
+
+    try:
+        info = log_as(serialization_format)
+    except Exception as exc:
+        if serialization_format != "pt2":
+            raise
+        log.warning("torch.export cannot trace %s (%s: %s); logging it with pickle instead", model_spec.name, type(exc).__name__, exc)
+        info = log_as("pickle")
+    log.info("logged %s into run %s as %s in %.2f s", model_spec.name, run_id, info.model_uri, time.monotonic() - started)
+    return info

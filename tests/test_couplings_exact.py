@@ -1,0 +1,137 @@
+"""Every coupling, run by poptrain with `exchange.every: 1`, ends at the weights of a
+single-process reference that computes the seed's joint objective in one backward pass."""
+
+from __future__ import annotations
+
+import torch
+
+import poptrain
+from poptrain.builtins.data import constant, digits
+from poptrain.builtins.models import MLP, EncoderClassifier, LSTMClassifier
+from tests.reference import seed001_training, seed002_average, seed003_joint_training, sequential_batches, shared_lstm_training
+
+STEPS = 20
+ATOL = 1e-5
+
+
+def save_init(model, path):
+    torch.save(model.state_dict(), path)
+    return str(path)
+
+
+def assert_weights_equal(result, name, reference_module, atol=ATOL):
+    trained = torch.load(result.output_dir / "members" / name / "model.pt", weights_only=True)
+    for key, expected in reference_module.state_dict().items():
+        torch.testing.assert_close(trained[key], expected, rtol=0, atol=atol, msg=f"{name}.{key}")
+
+
+def digits_member(name, view, in_features, init, **changes):
+    member = {
+        "name": name,
+        "model": {"name": "encoder_classifier", "kwargs": {"in_features": in_features, "num_classes": 10, "num_nodes": 16}},
+        "data": {"name": "digits", "kwargs": {"view": view, "limit": 256}, "batch_size": 32, "shuffle": False},
+        "loss": "cross_entropy",
+        "optimizer": {"name": "adam", "lr": 0.01},
+        "init": init,
+    }
+    member.update(changes)
+    return member
+
+
+def _seed003(ray_session, base_config, tmp_path, routed):
+    torch.manual_seed(3)
+    views = [("full", 64), ("downsampled", 16), ("crop", 36)]
+    models = [EncoderClassifier(f, 10, num_nodes=16) for _, f in views]
+    inits = [save_init(m, tmp_path / f"m{i}.pt") for i, m in enumerate(models)]
+    weight = 1.0 if routed else 0.0
+    members = [
+        digits_member("m1", "full", 64, inits[0]),
+        digits_member("m2", "downsampled", 16, inits[1], loss_weight=weight),
+        digits_member("m3", "crop", 36, inits[2], loss_weight=weight),
+    ]
+    trains = {"trains": ["m1"]} if routed else {}
+    couplings = [
+        {"type": "relative", "name": "r2", "terms": [{"member": "m1", "coef": 0.5}, {"member": "m2", "coef": -0.5}], **trains},
+        {"type": "relative", "name": "r3", "terms": [{"member": "m1", "coef": 0.5}, {"member": "m3", "coef": -0.5}], **trains},
+    ]
+    result = poptrain.run(base_config(members=members, couplings=couplings, steps=STEPS))
+    streams = [sequential_batches(digits(view=v, limit=256), 32) for v, _ in views]  # same samples, three views
+    reference = seed003_joint_training(models, zip(*streams), STEPS, lr=0.01, routed=routed)
+    for name, module in zip(("m1", "m2", "m3"), reference):
+        assert_weights_equal(result, name, module)
+
+
+def test_relative_losses_as_written_match_the_seed_003_objective(ray_session, base_config, tmp_path):
+    _seed003(ray_session, base_config, tmp_path, routed=False)
+
+
+def test_relative_losses_routed_into_m1_match_the_detached_reference(ray_session, base_config, tmp_path):
+    _seed003(ray_session, base_config, tmp_path, routed=True)
+
+
+def test_maximize_term_matches_seed_001_objective(ray_session, base_config, tmp_path):
+    torch.manual_seed(1)
+    net = MLP(1, 1, hidden=[5, 10], activation="relu")
+    init = save_init(net, tmp_path / "net.pt")
+    member = {
+        "name": "net",
+        "model": {"name": "mlp", "kwargs": {"in_features": 1, "out_features": 1, "hidden": [5, 10], "activation": "relu"}},
+        "data": {"name": "constant", "kwargs": {"n": 3}, "batch_size": 3, "shuffle": False},
+        "loss": "squared_sum_error",
+        "terms": [{"name": "weight_sum", "fn": "param_sum", "weight": 0.1, "maximize": True}],
+        "optimizer": {"name": "adam", "lr": 0.01},
+        "init": init,
+    }
+    result = poptrain.run(base_config(members=[member], couplings=[], steps=STEPS))
+    features = constant(n=3).tensors[0]
+    assert_weights_equal(result, "net", seed001_training(net, features, STEPS, lr=0.01, alpha=0.1))
+    assert result.metrics["net"]["weight/weight_sum"] == -0.1
+
+
+def test_average_into_a_target_is_exactly_the_seed_002_mean(ray_session, base_config, tmp_path):
+    torch.manual_seed(2)
+    models = [EncoderClassifier(64, 10, num_nodes=16) for _ in range(2)]
+    inits = [save_init(m, tmp_path / f"m{i}.pt") for i, m in enumerate(models)]
+    members = [
+        digits_member("m1", "full", 64, inits[0]),
+        digits_member("m2", "full", 64, inits[1], optimizer={"name": "adam", "lr": 0.003}),
+        digits_member("m3", "full", 64, None, trainable=False),
+    ]
+    couplings = [{"type": "average", "members": ["m1", "m2"], "into": "m3"}]
+    result = poptrain.run(base_config(members=members, couplings=couplings, steps=STEPS))
+    # m1 and m2 are not coupled to each other: each is plain training on its own.
+    for model, lr in zip(models, (0.01, 0.003)):
+        optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+        for _, (x, y) in zip(range(STEPS), sequential_batches(digits(view="full", limit=256), 32)):
+            optimizer.zero_grad()
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            optimizer.step()
+    for name, module in zip(("m1", "m2"), models):
+        assert_weights_equal(result, name, module)
+    assert_weights_equal(result, "m3", seed002_average(*models, EncoderClassifier(64, 10, num_nodes=16)))
+
+
+def test_shared_module_matches_one_module_used_by_both_models_and_stays_bitwise_identical(ray_session, base_config, tmp_path):
+    torch.manual_seed(4)
+    model1, model2 = LSTMClassifier(8, 12, 10), LSTMClassifier(8, 12, 10)
+    model2.lstm.load_state_dict(model1.lstm.state_dict())  # one shared module: one initial value
+    inits = [save_init(model1, tmp_path / "m1.pt"), save_init(model2, tmp_path / "m2.pt")]
+    members = [
+        {
+            "name": f"m{i + 1}",
+            "model": {"name": "lstm_classifier", "kwargs": {"input_size": 8, "hidden_size": 12, "num_classes": 10}},
+            "data": {"name": "digits", "kwargs": {"view": "rows", "limit": 256, "part": i, "parts": 2}, "batch_size": 32, "shuffle": False},
+            "loss": "cross_entropy",
+            "optimizer": {"name": "adam", "lr": 0.01},
+            "init": inits[i],
+        }
+        for i in range(2)
+    ]
+    result = poptrain.run(base_config(members=members, couplings=[{"type": "share", "params": ["lstm.*"]}], steps=STEPS))
+    streams = [sequential_batches(digits(view="rows", limit=256, part=i, parts=2), 32) for i in range(2)]
+    reference = shared_lstm_training(model1, model2, zip(*streams), STEPS, lr=0.01)
+    for name, module in zip(("m1", "m2"), reference):
+        assert_weights_equal(result, name, module)
+    a, b = (torch.load(result.output_dir / "members" / n / "model.pt", weights_only=True) for n in ("m1", "m2"))
+    assert all(torch.equal(a[k], b[k]) for k in a if k.startswith("lstm.")), "shared parameters bitwise identical"
+    assert not torch.equal(a["linear.weight"], b["linear.weight"]), "heads are each member's own"
