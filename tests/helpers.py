@@ -48,3 +48,8 @@ class SlowDataset(torch.utils.data.Dataset):
 
 def slow_data(n: int = 64, in_features: int = 20, delay_s: float = 0.5):
     return SlowDataset(n, in_features, delay_s)
+
+
+def halve_gradient(name, param, grad, factor: float = 0.5):
+    """A user gradient transform (seed 002: "give a layer a gradient of its own")."""
+    return grad * factor

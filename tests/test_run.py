@@ -81,3 +81,29 @@ def test_a_term_that_trains_nothing_is_stopped_at_the_first_step(ray_session, ba
     member = prelu_member("m1", terms=[{"name": "weights", "fn": "detached_param_sum", "weight": -1.0}])
     with pytest.raises(poptrain.PopulationError, match=r"member 'm1', step 0: term 'weights' has no gradient path"):
         poptrain.run(base_config(members=[member, prelu_member("m2")], couplings=[]))
+
+
+def test_gradient_transforms_change_only_the_selected_parameters(ray_session, base_config, tmp_path):
+    torch.manual_seed(0)
+    from poptrain.builtins.models import MLP
+
+    init = tmp_path / "init.pt"
+    torch.save(MLP(20, 1, 40, "prelu").state_dict(), init)
+    member = prelu_member(
+        "m1",
+        init=str(init),
+        optimizer={"name": "sgd", "lr": 0.1},
+        grad_transforms=[
+            {"params": ["output.*"], "scale": 0.0},
+            {"params": ["input.bias"], "fn": {"name": "tests.helpers:halve_gradient", "kwargs": {"factor": 0.0}}},
+            {"params": ["input.weight"], "clip_norm": 1e-3},
+        ],
+    )
+    result = poptrain.run(base_config(members=[member, prelu_member("m2")], couplings=[], steps=4))
+    before = torch.load(init, weights_only=True)
+    after = torch.load(result.output_dir / "members" / "m1" / "model.pt", weights_only=True)
+    assert torch.equal(before["output.weight"], after["output.weight"]), "scale 0: unchanged"
+    assert torch.equal(before["input.bias"], after["input.bias"]), "user fn returning a zero gradient: unchanged"
+    step = (after["input.weight"] - before["input.weight"]).norm()
+    assert 0 < step <= 4 * 0.1 * 1e-3 + 1e-7, "clipped to norm 1e-3 per step"
+    assert not torch.equal(before["activation.weight"], after["activation.weight"])

@@ -1,0 +1,150 @@
+"""Coupling maths on plain tensors: no Ray, milliseconds."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from poptrain.config import load_config
+from poptrain.coordinator import Coordinator, ExchangePlan
+from poptrain.couplings import Quantity, build_couplings
+from poptrain.population import inspect_population
+from tests.conftest import prelu_member
+
+
+def couplings_for(base_config, couplings, members=None):
+    cfg = load_config(base_config(couplings=couplings, **({"members": members} if members else {})))
+    population = inspect_population(cfg)
+    return cfg, population, build_couplings(cfg.couplings, population)
+
+
+def slopes(**values):
+    return {Quantity(m, "param", "activation.weight"): torch.tensor([v]) for m, v in values.items()}
+
+
+@pytest.mark.parametrize(
+    "settings, a, b, expected",
+    [
+        ({"margin": 2.0}, 0.5, 1.0, 1.5),  # seed 000: relu(2 - |a - b|)
+        ({"margin": 2.0}, -1.0, 1.5, 0.0),  # far enough apart: no penalty
+        ({"margin": 2.0, "weight": 3.0}, 0.0, 0.0, 2.0),  # value is before weight
+        ({"margin": 1.0, "norm": "l2"}, 0.0, 0.6, 0.4),
+    ],
+)
+def test_separation_is_a_hinge_on_the_distance(base_config, settings, a, b, expected):
+    _, _, (coupling,) = couplings_for(base_config, [{"type": "separation", "param": "activation.weight", **settings}])
+    value = coupling.value(slopes(m1=a, m2=b))
+    assert float(value) == pytest.approx(expected)
+    assert float(coupling.term(slopes(m1=a, m2=b))) == pytest.approx(expected * settings.get("weight", 1.0))
+
+
+def test_separation_repulsion_variant_is_the_seed_formula(base_config):
+    _, _, (coupling,) = couplings_for(base_config, [{"type": "separation", "param": "activation.weight", "variant": "repulsion"}])
+    a, b = torch.tensor([-1.0]), torch.tensor([1.0])
+    expected = (a.abs() + b.abs()).sum() + (1 / a.abs() + 1 / b.abs()).sum() - (a - b).abs().sum()
+    assert float(coupling.value(slopes(m1=-1.0, m2=1.0))) == pytest.approx(float(expected))
+
+
+def test_separation_pairs_restrict_which_members_are_kept_apart(base_config):
+    members = [prelu_member("a"), prelu_member("b"), prelu_member("c")]
+    _, _, (coupling,) = couplings_for(base_config, [{"type": "separation", "param": "activation.weight", "pairs": [["a", "b"]]}], members)
+    assert float(coupling.value(slopes(a=0.0, b=0.5, c=0.0))) == pytest.approx(1.5)  # only a-b counts
+    assert set(coupling.metrics(slopes(a=0.0, b=0.5, c=0.0))) >= {"distance/a-b", "a/activation.weight"}
+
+
+def test_a_member_sees_its_own_value_live_and_peers_detached(base_config):
+    """The gradient a member gets from a coupling is the joint gradient with respect to its own parameters."""
+    _, _, (coupling,) = couplings_for(base_config, [{"type": "separation", "param": "activation.weight"}])
+    own = torch.tensor([0.5], requires_grad=True)
+    q = {Quantity("m1", "param", "activation.weight"): own, Quantity("m2", "param", "activation.weight"): torch.tensor([1.0])}
+    coupling.term(q).backward()
+    assert float(own.grad) == pytest.approx(1.0)  # d/da relu(2 - |a - b|) at a < b
+
+
+def test_relative_linear_combination_and_routing(base_config):
+    members = [prelu_member("m1"), prelu_member("m2")]
+    terms = [{"member": "m1", "coef": 0.5}, {"member": "m2", "coef": -0.5}]
+    _, _, (literal, routed) = couplings_for(
+        base_config,
+        [{"type": "relative", "name": "lit", "terms": terms}, {"type": "relative", "name": "routed", "terms": terms, "trains": ["m1"]}],
+        members,
+    )
+    q = {Quantity("m1", "loss", "loss"): torch.tensor(2.0), Quantity("m2", "loss", "loss"): torch.tensor(1.0)}
+    assert float(literal.value(q)) == pytest.approx(0.5)
+    assert literal.trains == ["m1", "m2"] and routed.trains == ["m1"]
+
+
+def test_exchange_plan_sends_only_what_couplings_read(base_config):
+    _, population, couplings = couplings_for(
+        base_config,
+        [{"type": "relative", "terms": [{"member": "m1", "coef": 1.0}, {"member": "m2", "coef": -1.0}], "trains": ["m1"]}],
+    )
+    plan = ExchangePlan(couplings, population)
+    assert plan.sends["m2"]["loss"] == [Quantity("m2", "loss", "loss")]
+    assert plan.sends["m1"]["param"] == [] and plan.participants["param"] == []
+    assert plan.receives["m1"] == {Quantity("m2", "loss", "loss")} and plan.receives["m2"] == set()
+
+
+def test_average_back_into_members_leaves_frozen_parameters_alone(base_config):
+    members = [prelu_member("m1", frozen=["input.*"]), prelu_member("m2")]
+    cfg, population, (average,) = couplings_for(base_config, [{"type": "average", "params": ["input.*", "activation.*"]}], members)
+    written = {(q.member, q.key) for q in average.writes()}
+    assert ("m1", "input.weight") not in written and ("m2", "input.weight") in written
+    assert ("m1", "activation.weight") in written
+
+
+def test_average_weights_and_every(base_config):
+    members = [prelu_member("m1"), prelu_member("m2")]
+    _, _, (average,) = couplings_for(base_config, [{"type": "average", "params": ["activation.*"], "weights": [0.75, 0.25], "every": 3}], members)
+    q = slopes(m1=1.0, m2=3.0)
+    assert average.exchange_transform("param", q, 1, final=False) == {}
+    out = average.exchange_transform("param", q, 3, final=False)
+    assert float(out[Quantity("m1", "param", "activation.weight")]) == pytest.approx(1.5)
+    assert average.exchange_transform("param", q, 4, final=True), "always after the last step"
+
+
+def test_coordinator_logs_couplings_on_the_whole_population(base_config):
+    cfg = load_config(base_config())
+    coordinator = Coordinator(cfg, inspect_population(cfg))
+    values = {m: {Quantity(m, "param", "activation.weight"): torch.tensor([v]).numpy()} for m, v in (("m1", 0.25), ("m2", 0.75))}
+    result, metrics = coordinator.complete("param", 0, values)
+    assert metrics["coupling/separation"] == pytest.approx(1.5)
+    assert metrics["coupling/separation/distance/m1-m2"] == pytest.approx(0.5)
+    assert set(result["values"]) == {Quantity("m1", "param", "activation.weight"), Quantity("m2", "param", "activation.weight")}
+
+
+@pytest.mark.parametrize(
+    "coupling, key, words",
+    [
+        ({"type": "average", "into": "m2"}, "couplings.0.into", "set `trainable: false`"),
+        ({"type": "average", "weights": [0.5, 0.6]}, "couplings.0", "sum to 1"),
+        ({"type": "share", "params": ["nothing.*"]}, "couplings.0.params", "match no parameter"),
+        ({"type": "relative", "terms": [{"member": "m1"}], "fn": {"name": "math:hypot"}}, "couplings.0", "exactly one of"),
+        ({"type": "relative", "terms": [{"member": "m1", "term": "ghost"}]}, "couplings.0.terms.0.term", "no term 'ghost'"),
+    ],
+)
+def test_coupling_config_errors_name_the_key(base_config, coupling, key, words):
+    from poptrain.config import ConfigError
+    from poptrain.population import prepare
+
+    with pytest.raises(ConfigError) as info:
+        prepare(base_config(couplings=[coupling]))
+    assert any(k == key and words in msg for k, msg in info.value.problems), info.value.problems
+
+
+def test_share_refuses_members_with_different_optimizers(base_config):
+    from poptrain.config import ConfigError
+    from poptrain.population import prepare
+
+    members = [prelu_member("m1"), prelu_member("m2", optimizer={"name": "sgd", "lr": 0.1})]
+    with pytest.raises(ConfigError, match="identical `optimizer` settings"):
+        prepare(base_config(members=members, couplings=[{"type": "share", "params": ["input.*"]}]))
+
+
+def test_average_shape_mismatch_names_both_members_and_the_parameter(base_config):
+    from poptrain.config import ConfigError
+    from poptrain.population import prepare
+
+    wide = prelu_member("m2", model={"name": "mlp", "kwargs": {"in_features": 20, "out_features": 1, "hidden": 41, "activation": "prelu"}})
+    with pytest.raises(ConfigError, match=r"parameter 'input.weight' has shape \[40, 20\] in member 'm1' but \[41, 20\] in member 'm2'"):
+        prepare(base_config(members=[prelu_member("m1"), wide], couplings=[{"type": "average"}]))
