@@ -15,13 +15,25 @@ from __future__ import annotations
 import copy
 import os
 import re
+import types
+import typing
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, ValidationInfo, field_validator, model_validator
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+NAME_RULE = "must be 1-64 characters of letters, digits, `_`, `.` or `-`, starting with a letter or digit"
+# A built-in name (`mse`) or an import path `package.module:attr` of dotted Python identifiers.
+IMPORT_PATTERN = re.compile(r"^[^\W\d]\w*(\.[^\W\d]\w*)*(:[^\W\d]\w*(\.[^\W\d]\w*)*)?$")
+IMPORT_RULE = "must be a built-in name or an import path `package.module:attr` (dotted Python identifiers)"
+MAX_SEED = 2**32 - 1
+MAX_TIMEOUT_S = 1_000_000.0
+# Limits of a config file: far above any real config, far below what would hang or exhaust the driver.
+MAX_CONFIG_BYTES = 256 * 1024  # pure-Python PyYAML reads ~0.1-0.3 MB/s
+MAX_YAML_DEPTH = 64
+MAX_YAML_VALUES = 100_000
 
 
 class ConfigError(Exception):
@@ -36,14 +48,43 @@ class ConfigError(Exception):
         where = f" in {self.source}" if self.source else ""
         lines = [f"Invalid configuration{where}:"]
         for key, reason in self.problems:
+            reason = " ".join(str(reason).split())  # one line per problem, whatever an exception's text holds
             lines.append(f"  - {key}: {reason}" if key else f"  - {reason}")
         return "\n".join(lines)
 
 
-class Strict(BaseModel):
-    """Base of every config object: unknown keys are errors, not silently ignored."""
+def _wants_number(annotation: Any) -> bool:
+    """Whether a field's type is a number (``int``, ``float``, optionally ``None`` or a literal), not ``bool``."""
+    if annotation in (int, float):
+        return True
+    origin = typing.get_origin(annotation)
+    if origin is Union or origin is types.UnionType:
+        args = typing.get_args(annotation)
+        return bool not in args and any(_wants_number(a) for a in args)
+    if origin is typing.Annotated:
+        return _wants_number(typing.get_args(annotation)[0])
+    return False
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+def _check_import_name(value: str) -> str:
+    if not IMPORT_PATTERN.match(value):
+        raise ValueError(f"{value!r} {IMPORT_RULE}")
+    return value
+
+
+class Strict(BaseModel):
+    """Base of every config object: unknown keys are errors, not silently ignored; numbers are
+    finite (no `.nan`, `.inf`) and never booleans."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_boolean_for_a_number(cls, value: Any, info: ValidationInfo) -> Any:
+        # pydantic reads `true` as 1; in YAML, `yes`, `no`, `on` and `off` are booleans too.
+        if isinstance(value, bool) and info.field_name in cls.model_fields and _wants_number(cls.model_fields[info.field_name].annotation):
+            raise ValueError(f"must be a number, not the boolean {str(value).lower()} (YAML reads true/false/yes/no/on/off as booleans)")
+        return value
 
 
 class Component(Strict):
@@ -58,6 +99,11 @@ class Component(Strict):
         # `model: mlp` is shorthand for `model: {name: mlp}`.
         return {"name": value} if isinstance(value, str) else value
 
+    @field_validator("name")
+    @classmethod
+    def _import_name(cls, value: str) -> str:
+        return _check_import_name(value)
+
 
 class DataConfig(Component):
     """A member's training data: a function returning a `torch.utils.data.Dataset` of (inputs, targets)."""
@@ -66,6 +112,8 @@ class DataConfig(Component):
     shuffle: bool = Field(True, description="Reshuffle every epoch (seeded); false keeps dataset order.")
     seed: Optional[int] = Field(
         None,
+        ge=0,
+        le=MAX_SEED,
         description="Shuffling seed; default: the run seed, so members with equally long datasets "
         "see the same sample order (different views of the same samples).",
     )
@@ -74,7 +122,7 @@ class DataConfig(Component):
 class ParamGroup(Strict):
     """An optimizer parameter group selected by name patterns (fnmatch, e.g. `lstm.*`)."""
 
-    params: list[str] = Field(description="Parameter name patterns (fnmatch) selecting this group.")
+    params: list[str] = Field(min_length=1, description="Parameter name patterns (fnmatch) selecting this group.")
     lr: Optional[float] = Field(None, gt=0, description="Learning rate of this group; default: the optimizer's.")
     kwargs: dict[str, Any] = Field(default_factory=dict, description="Other per-group options (weight_decay, ...).")
 
@@ -99,6 +147,11 @@ class OptimizerConfig(Strict):
     def _from_string(cls, value: Any) -> Any:
         return {"name": value} if isinstance(value, str) else value
 
+    @field_validator("name")
+    @classmethod
+    def _import_name(cls, value: str) -> str:
+        return _check_import_name(value)
+
 
 class TermConfig(Strict):
     """An extra term of a member's own objective (seed 001: one term minimized, another maximized)."""
@@ -109,6 +162,13 @@ class TermConfig(Strict):
     )
     weight: float = Field(1.0, description="Coefficient; a negative weight maximizes the term.")
     maximize: bool = Field(False, description="Maximize the term (same as negating its weight).")
+
+    @field_validator("name")
+    @classmethod
+    def _valid_name(cls, value: str) -> str:
+        if not NAME_PATTERN.match(value):
+            raise ValueError(NAME_RULE)
+        return value
 
     @property
     def signed_weight(self) -> float:
@@ -130,7 +190,7 @@ class BalancingConfig(Strict):
 class GradTransform(Strict):
     """Scale, clip or replace the gradient of parameters selected by pattern, before the optimizer step."""
 
-    params: list[str] = Field(description="Parameter name patterns (fnmatch).")
+    params: list[str] = Field(min_length=1, description="Parameter name patterns (fnmatch).")
     scale: Optional[float] = Field(None, description="Multiply the gradient by this factor.")
     clip_norm: Optional[float] = Field(None, gt=0, description="Clip the gradient's L2 norm (per parameter) to this.")
     fn: Optional[Component] = Field(None, description="Import path to `f(name, param, grad, **kwargs) -> grad`.")
@@ -139,6 +199,12 @@ class GradTransform(Strict):
     @classmethod
     def _one_pattern(cls, value: Any) -> Any:
         return [value] if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _does_something(self) -> "GradTransform":
+        if self.scale is None and self.clip_norm is None and self.fn is None:
+            raise ValueError("this transform does nothing: give `scale`, `clip_norm` or `fn`")
+        return self
 
 
 class Resources(Strict):
@@ -149,6 +215,13 @@ class Resources(Strict):
     )
     num_gpus: Union[float, Literal["auto"]] = Field(
         "auto", description="GPUs for the member; `auto`: 1 when the cluster has GPUs, else 0."
+    )
+    max_model_gib: float = Field(
+        64.0,
+        gt=0,
+        description="Largest model accepted, in GiB of parameters and buffers, measured on the meta device "
+        "before anything starts: an absurd size (a few zeros too many in a width) is refused instead of "
+        "exhausting a node's memory.",
     )
 
     @field_validator("num_cpus", "num_gpus")
@@ -184,20 +257,25 @@ class MemberConfig(Strict):
     @classmethod
     def _valid_name(cls, value: str) -> str:
         if not NAME_PATTERN.match(value):
-            raise ValueError("must be 1-64 characters of letters, digits, `_`, `.` or `-`, starting with a letter or digit")
+            raise ValueError(NAME_RULE)
         return value
 
 
-class CouplingConfig(BaseModel):
+class CouplingConfig(Strict):
     """Fields shared by every coupling; each coupling type adds its own (see the couplings reference)."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     type: str = Field(description="Registered coupling name (`separation`, ...) or an import path to a Coupling class.")
     name: Optional[str] = Field(None, description="Name used in metrics (`coupling/<name>`); default: the type.")
     members: Optional[list[str]] = Field(None, description="Members it reads; default: every member.")
     trains: Optional[list[str]] = Field(None, description="Members whose gradient it enters; default: every member it reads.")
     weight: float = Field(1.0, description="Coefficient of the term in the objective of each member it trains.")
+
+    @field_validator("name")
+    @classmethod
+    def _valid_name(cls, value: Optional[str]) -> Optional[str]:
+        if value is not None and not NAME_PATTERN.match(value):
+            raise ValueError(NAME_RULE)
+        return value
 
     @property
     def label(self) -> str:
@@ -207,27 +285,31 @@ class CouplingConfig(BaseModel):
 class ExchangeConfig(Strict):
     every: int = Field(1, ge=1, le=1_000_000, description="Exchange with the coordinator every k steps; exact coupling gradients when 1.")
     mode: Literal["sync"] = Field("sync", description="`sync`: a barrier per exchange (exact).")
-    timeout_s: float = Field(300.0, gt=0, description="How long a member waits at the barrier for its peers before the run fails naming the missing ones.")
+    timeout_s: float = Field(300.0, gt=0, le=MAX_TIMEOUT_S, description="How long a member waits at the barrier for its peers before the run fails naming the missing ones.")
 
 
 class TrackingConfig(Strict):
     uri: Optional[str] = Field(None, description="MLflow tracking URI; default: $MLFLOW_TRACKING_URI, else `sqlite:///mlflow.db` in the working directory.")
-    experiment: str = Field("poptrain", description="MLflow experiment name.")
+    experiment: str = Field("poptrain", min_length=1, max_length=500, description="MLflow experiment name.")
     log_every: int = Field(1, ge=1, description="Log member metrics every k steps.")
+    layer_norms_every: int = Field(
+        10, ge=0, description="Log `grad_norm/<name>` and `weight_norm/<name>` every k steps (0: never); frozen parameters have no gradient norm."
+    )
+    layer_norms_by: Literal["param", "module"] = Field("param", description="Per parameter (`input.weight`), or per module (`input`).")
 
 
 class PlacementConfig(Strict):
     strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
         "PACK", description="Ray placement-group strategy for the members' bundles."
     )
-    timeout_s: float = Field(30.0, gt=0, description="How long to wait for the cluster to fit the whole population.")
+    timeout_s: float = Field(30.0, gt=0, le=MAX_TIMEOUT_S, description="How long to wait for the cluster to fit the whole population.")
 
 
 class RunConfig(Strict):
     """A population run."""
 
     name: str = Field(description="Run name: the MLflow parent run's name and the output folder's.")
-    seed: int = Field(0, ge=0, description="Seed of everything: member initializations, data order, dropout.")
+    seed: int = Field(0, ge=0, le=MAX_SEED, description="Seed of everything: member initializations, data order, dropout.")
     steps: int = Field(gt=0, le=100_000_000, description="Training steps per member.")
     output_dir: str = Field("runs", description="Outputs go to `<output_dir>/<name>/`.")
     exchange: ExchangeConfig = Field(default_factory=ExchangeConfig)
@@ -245,7 +327,16 @@ class RunConfig(Strict):
     @classmethod
     def _valid_name(cls, value: str) -> str:
         if not NAME_PATTERN.match(value):
-            raise ValueError("must be 1-64 characters of letters, digits, `_`, `.` or `-`, starting with a letter or digit")
+            raise ValueError(NAME_RULE)
+        return value
+
+    @field_validator("output_dir")
+    @classmethod
+    def _valid_output_dir(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must not be empty (use `.` for the working directory)")
+        if "\0" in value:
+            raise ValueError("must not contain a NUL character")
         return value
 
     @property
@@ -289,9 +380,11 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not key or any(not part for part in key.split(".")):
         raise ConfigError([(text, "an override needs a dotted key before `=`")])
     try:
-        value = yaml.safe_load(raw) if raw != "" else ""
+        value = load_yaml_text(raw) if raw != "" else ""
     except yaml.YAMLError:
         value = raw
+    except ConfigError as exc:
+        raise ConfigError([(key, f"override {text!r}: {reason}") for _, reason in exc.problems]) from None
     return key.split("."), value
 
 
@@ -331,6 +424,98 @@ def _list_index(items: list, part: str) -> int | None:
     return None
 
 
+class ConfigLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing nesting deeper than ``MAX_YAML_DEPTH`` (PyYAML itself
+    would overflow Python's stack, or take seconds to scan deep flow collections). Duplicate keys and alias bombs are refused by
+    :func:`load_yaml_text`, which looks at the composed document before it is constructed."""
+
+    def __init__(self, stream: str):
+        super().__init__(stream)
+        self._depth = 0
+
+    def fetch_flow_collection_start(self, token_class):
+        # The scanner looks ahead over every open `[`/`{` at each token: refuse deep flow nesting here, early.
+        if self.flow_level >= MAX_YAML_DEPTH:
+            raise yaml.scanner.ScannerError(None, None, f"nested more than {MAX_YAML_DEPTH} levels deep", self.get_mark())
+        super().fetch_flow_collection_start(token_class)
+
+    def compose_node(self, parent, index):
+        self._depth += 1
+        try:
+            if self._depth > MAX_YAML_DEPTH:
+                raise yaml.composer.ComposerError(None, None, f"nested more than {MAX_YAML_DEPTH} levels deep", self.peek_event().start_mark)
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+
+def load_yaml_text(text: str) -> Any:
+    """Parse one YAML document safely; raises ``yaml.YAMLError`` or :class:`ConfigError`.
+
+    Beyond ``yaml.safe_load`` it refuses a key given twice in one mapping (PyYAML silently
+    keeps the last), aliases that refer to themselves or expand to more than ``MAX_YAML_VALUES``
+    values (a "billion laughs" bomb), and nesting deeper than ``MAX_YAML_DEPTH``, all before
+    anything is expanded.
+    """
+    loader = ConfigLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        problems = _yaml_structure_problems(node)
+        if problems:
+            raise ConfigError(problems)
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+def _yaml_structure_problems(root: yaml.Node) -> list[tuple[str, str]]:
+    """Duplicate keys of the composed document; raises :class:`ConfigError` at a recursive or
+    too large expansion. Each node is visited once, so an alias bomb costs its text's size."""
+    problems: list[tuple[str, str]] = []
+    sizes: dict[int, int] = {}  # node -> its number of values once aliases are expanded
+    open_nodes: set[int] = set()
+
+    def dotted(path: list) -> str:
+        return ".".join(str(part) for part in path) or "top level"
+
+    def walk(node: yaml.Node, path: list, depth: int) -> int:
+        if id(node) in sizes:
+            return sizes[id(node)]
+        if id(node) in open_nodes:
+            raise ConfigError([(dotted(path), "refers to itself through a YAML alias: a recursive structure cannot be a config value")])
+        if depth > MAX_YAML_DEPTH:
+            raise ConfigError([(dotted(path), f"nested more than {MAX_YAML_DEPTH} levels deep through YAML aliases")])
+        open_nodes.add(id(node))
+        children: list[tuple[Any, yaml.Node]] = []
+        if isinstance(node, yaml.SequenceNode):
+            children = list(enumerate(node.value))
+        elif isinstance(node, yaml.MappingNode):
+            lines: dict[tuple[str, str], int] = {}  # (tag, key) -> line of its first occurrence
+            for key_node, value_node in node.value:
+                name = key_node.value if isinstance(key_node, yaml.ScalarNode) else "?"
+                if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
+                    ident, line = (key_node.tag, key_node.value), key_node.start_mark.line + 1
+                    if ident in lines:
+                        problems.append((dotted(path + [name]), f"is given twice (lines {lines[ident]} and {line}); YAML would silently keep only the last one"))
+                    lines.setdefault(ident, line)
+                children += [(name, key_node), (name, value_node)]
+        total = 1
+        for part, child in children:
+            total += walk(child, path + [part], depth + 1)
+            if total > MAX_YAML_VALUES:
+                while path and isinstance(path[-1], int):  # name the key, not a list position inside it
+                    path = path[:-1]
+                raise ConfigError([(dotted(path), f"holds more than {MAX_YAML_VALUES:,} values, counting each use of a YAML alias: far too many for a config (an alias bomb?)")])
+        open_nodes.discard(id(node))
+        sizes[id(node)] = total
+        return total
+
+    walk(root, [], 0)
+    return problems
+
+
 def read_yaml(path: str | os.PathLike) -> dict:
     source = str(path)
     if not os.path.exists(source):
@@ -338,18 +523,42 @@ def read_yaml(path: str | os.PathLike) -> dict:
     if os.path.isdir(source):
         raise ConfigError([("", f"{source} is a directory, not a YAML file")], source)
     try:
-        with open(source, encoding="utf-8") as stream:
-            raw = yaml.safe_load(stream)
+        with open(source, "rb") as stream:
+            data = stream.read(MAX_CONFIG_BYTES + 1)  # bounded: the path may be a device or a pipe
+    except OSError as exc:
+        raise ConfigError([("", f"cannot read the file: {exc.strerror or exc}")], source) from None
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError([("top level", f"the file is larger than {MAX_CONFIG_BYTES // 1024} KiB: this is not a config")], source)
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise ConfigError([(f"line {line}", f"not valid UTF-8 (byte 0x{data[exc.start]:02x}): save the file as UTF-8")], source) from None
+    try:
+        raw = load_yaml_text(text)
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise ConfigError([(where, f"not valid YAML: {problem}")], source) from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError([("", f"cannot read the file: {exc}")], source) from None
+        raise ConfigError([_yaml_problem(exc, text)], source) from None
+    except ConfigError as exc:
+        raise ConfigError(exc.problems, source) from None
+    if raw is None:
+        raise ConfigError([("top level", "the file is empty: a config is a mapping of keys (name, steps, members, ...)")], source)
     if not isinstance(raw, dict):
-        raise ConfigError([("", "the top level must be a mapping of keys (name, steps, members, ...)")], source)
+        found = {list: "a list", str: "a string"}.get(type(raw), f"a {type(raw).__name__}")
+        raise ConfigError([("top level", f"must be a mapping of keys (name, steps, members, ...), not {found}")], source)
     return raw
+
+
+def _yaml_problem(exc: yaml.YAMLError, text: str) -> tuple[str, str]:
+    """(where, reason) of a YAML syntax error: its line and column, and what the parser expected."""
+    if isinstance(exc, yaml.reader.ReaderError):  # a control character: it has a position, not a mark
+        line = text.count("\n", 0, exc.position) + 1
+        return f"line {line}", f"not valid YAML: character #x{exc.character:04x} is not allowed in a YAML file"
+    mark = getattr(exc, "problem_mark", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "top level"
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    if "'\\t'" in problem:
+        problem += " (YAML does not allow tabs for indentation: use spaces)"
+    return where, f"not valid YAML: {problem}"
 
 
 def load_config(
@@ -375,7 +584,8 @@ def load_config(
 def validate_config(raw: dict) -> RunConfig:
     """Validate the schema, each coupling's own fields, and every cross-reference between names."""
     raw = dict(raw)
-    raw_couplings = raw.pop("couplings", None) or []
+    raw_couplings = raw.pop("couplings", None)
+    raw_couplings = [] if raw_couplings is None else raw_couplings
     problems: list[tuple[str, str]] = []
     if not isinstance(raw_couplings, list) or not all(isinstance(c, dict) for c in raw_couplings):
         problems.append(("couplings", "must be a list of mappings, each with a `type`"))
@@ -386,11 +596,14 @@ def validate_config(raw: dict) -> RunConfig:
         raise ConfigError(_validation_problems(exc) + problems) from None
 
     names = cfg.member_names
-    seen: set[str] = set()
+    seen: dict[str, str] = {}
     for index, name in enumerate(names):
-        if name in seen:
+        if name in seen.values():
             problems.append((f"members.{index}.name", f"duplicate member name {name!r}"))
-        seen.add(name)
+        elif name.lower() in seen:
+            problems.append((f"members.{index}.name", f"member names {seen[name.lower()]!r} and {name!r} differ only in case: "
+                             "their outputs (`members/<name>/`) would share a folder on case-insensitive file systems"))
+        seen.setdefault(name.lower(), name)
     if not names:
         problems.append(("members", "the population is empty: list at least one member"))
 
@@ -403,6 +616,9 @@ def validate_config(raw: dict) -> RunConfig:
         if not isinstance(item.get("type"), str):
             problems.append((f"{key}.type", "required: the coupling's registered name or import path"))
             continue
+        if not IMPORT_PATTERN.match(item["type"]):
+            problems.append((f"{key}.type", f"{item['type']!r} {IMPORT_RULE}"))
+            continue
         try:
             cls = resolve_coupling(item["type"])
         except (ImportError, AttributeError, ValueError, TypeError) as exc:
@@ -413,10 +629,15 @@ def validate_config(raw: dict) -> RunConfig:
         except ValidationError as exc:
             problems.extend(_validation_problems(exc, key))
             continue
+        if specific.members == []:
+            problems.append((f"{key}.members", "is empty: list the members it reads, or leave `members` out for every member"))
         for field in ("members", "trains"):
-            for name in getattr(specific, field) or []:
+            listed = getattr(specific, field) or []
+            for position, name in enumerate(listed):
                 if name not in names:
                     problems.append((f"{key}.{field}", f"unknown member {name!r}; members are {names}"))
+                elif name in listed[:position]:
+                    problems.append((f"{key}.{field}", f"member {name!r} is listed twice"))
         if specific.trains and specific.members:
             for name in specific.trains:
                 if name not in specific.members and name in names:
@@ -439,6 +660,23 @@ def validate_config(raw: dict) -> RunConfig:
     # Keep the typed coupling objects (one-to-one with the YAML) without re-validating the whole run.
     object.__setattr__(cfg, "couplings", typed)
     return cfg
+
+
+def output_problems(cfg: RunConfig) -> list[tuple[str, str]]:
+    """Problems with the run's output folder ``<output_dir>/<name>/`` on this machine, before anything starts.
+
+    Every file a run writes is inside that folder: the run name and member names are single
+    path components (no `/`, no `..`), so no output can land outside it.
+    """
+    target = os.path.abspath(cfg.run_dir)
+    existing = target
+    while not os.path.exists(existing) and os.path.dirname(existing) != existing:
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        return [("output_dir", f"{existing} is not a directory, so the outputs cannot go to {target}")]
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return [("output_dir", f"{existing} is not writable, so the outputs cannot go to {target}")]
+    return []
 
 
 def dump_config(cfg: RunConfig) -> str:

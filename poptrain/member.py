@@ -286,7 +286,25 @@ class MemberTrainer:
                 metrics[f"weight/{name}"] = weights[name]
         for name, value in coupling_terms.items():
             metrics[f"coupling/{name}"] = float(value.detach())
+        every = self.run.tracking.layer_norms_every
+        if every and (self.step - 1) % every == 0:
+            metrics.update(self.layer_norms())
         return metrics
+
+    def layer_norms(self) -> dict[str, float]:
+        """``weight_norm/<name>`` and ``grad_norm/<name>`` (L2, after gradient transforms) per parameter
+        or per module; a parameter without a gradient (frozen) has no ``grad_norm``."""
+        by_module = self.run.tracking.layer_norms_by == "module"
+        weights: dict[str, float] = {}
+        grads: dict[str, float] = {}
+        for name, param in self.params.items():
+            key = name.rsplit(".", 1)[0] if by_module and "." in name else name
+            weights[key] = weights.get(key, 0.0) + float(param.detach().pow(2).sum())
+            if param.grad is not None:
+                grads[key] = grads.get(key, 0.0) + float(param.grad.detach().pow(2).sum())
+        out = {f"weight_norm/{k}": v**0.5 for k, v in weights.items()}
+        out.update({f"grad_norm/{k}": v**0.5 for k, v in grads.items()})
+        return out
 
     def _evaluate_step(self, exchange: ExchangeFn, exchanging: bool, inputs, targets) -> dict[str, float]:
         """A member that is not trained: take part in exchanges (e.g. receive an average), log its loss."""

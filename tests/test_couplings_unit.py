@@ -148,3 +148,22 @@ def test_average_shape_mismatch_names_both_members_and_the_parameter(base_config
     wide = prelu_member("m2", model={"name": "mlp", "kwargs": {"in_features": 20, "out_features": 1, "hidden": 41, "activation": "prelu"}})
     with pytest.raises(ConfigError, match=r"parameter 'input.weight' has shape \[40, 20\] in member 'm1' but \[41, 20\] in member 'm2'"):
         prepare(base_config(members=[prelu_member("m1"), wide], couplings=[{"type": "average"}]))
+
+
+def test_the_readme_example_coupling_works_as_written(base_config):
+    import re
+
+    from poptrain.couplings import COUPLINGS
+    from tests.conftest import REPO
+
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    code = re.search(r"### Writing a coupling.*?```python\n(.*?)```", readme, re.S).group(1)
+    namespace: dict = {}
+    try:
+        exec(compile(code, "README.md", "exec"), namespace)
+        _, _, (repel,) = couplings_for(base_config, [{"type": "repel", "param": "activation.weight"}])
+        own = torch.tensor([0.5], requires_grad=True)
+        repel.value({Quantity("m1", "param", "activation.weight"): own, Quantity("m2", "param", "activation.weight"): torch.tensor([0.5])}).backward()
+        assert own.grad is not None
+    finally:
+        COUPLINGS.pop("repel", None)

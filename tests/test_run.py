@@ -42,7 +42,7 @@ def test_population_is_one_parent_run_with_one_nested_run_per_member(ray_session
     assert state["activation.weight"].shape == (1,)
 
 
-def test_frozen_parameters_never_change_and_groups_get_their_own_learning_rate(ray_session, base_config, tmp_path):
+def test_frozen_parameters_never_change_and_groups_get_their_own_learning_rate(ray_session, base_config, tmp_path, tracking_uri):
     torch.manual_seed(0)
     from poptrain.builtins.models import MLP
 
@@ -61,6 +61,10 @@ def test_frozen_parameters_never_change_and_groups_get_their_own_learning_rate(r
     slow = (after["output.weight"] - before["output.weight"]).abs().max()
     fast = (after["activation.weight"] - before["activation.weight"]).abs().max()
     assert 0 < slow < fast
+    # Per-layer norms in MLflow: frozen parameters have a weight norm and no gradient norm.
+    logged = MlflowClient(tracking_uri).get_run(result.member_run_ids["m1"]).data.metrics
+    assert "weight_norm/input.weight" in logged and "grad_norm/input.weight" not in logged
+    assert logged["grad_norm/output.weight"] > 0 and "grad_norm/activation.weight" in logged
 
 
 def test_a_failing_member_fails_the_run_naming_it(ray_session, base_config):
