@@ -298,6 +298,24 @@ class TrackingConfig(Strict):
     layer_norms_by: Literal["param", "module"] = Field("param", description="Per parameter (`input.weight`), or per module (`input`).")
 
 
+class CheckpointConfig(Strict):
+    every: int = Field(
+        100, ge=0, le=100_000_000,
+        description="Save every member's full state (model, optimizer, RNG, data position, step) every k steps, "
+        "atomically and checksummed; 0: never (then a member that dies fails the run). A multiple of `exchange.every`.",
+    )
+    keep: int = Field(2, ge=2, le=1000, description="Checkpoints kept per member (at least 2, so a complete one always exists).")
+
+
+class FailureConfig(Strict):
+    max_restarts: int = Field(3, ge=0, le=1000, description="Times a member whose process dies is restarted from its latest checkpoint before the run fails.")
+    nonfinite: Literal["fail", "skip"] = Field(
+        "fail",
+        description="A NaN/inf loss, term, coupling or gradient: `fail` stops the run naming member, step and term; "
+        "`skip` skips that optimizer step. Either way no non-finite value reaches a peer.",
+    )
+
+
 class PlacementConfig(Strict):
     strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
         "PACK", description="Ray placement-group strategy for the members' bundles."
@@ -315,6 +333,8 @@ class RunConfig(Strict):
     exchange: ExchangeConfig = Field(default_factory=ExchangeConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     placement: PlacementConfig = Field(default_factory=PlacementConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    failure: FailureConfig = Field(default_factory=FailureConfig)
     members: list[MemberConfig] = Field(description="The population.")
     couplings: list[SerializeAsAny[CouplingConfig]] = Field(default_factory=list, description="Cross-member terms.")
     gradient_path_check: Literal["error", "warn", "off"] = Field(
@@ -425,9 +445,10 @@ def _list_index(items: list, part: str) -> int | None:
 
 
 class ConfigLoader(yaml.SafeLoader):
-    """PyYAML's safe loader, refusing nesting deeper than ``MAX_YAML_DEPTH`` (PyYAML itself
-    would overflow Python's stack, or take seconds to scan deep flow collections). Duplicate keys and alias bombs are refused by
-    :func:`load_yaml_text`, which looks at the composed document before it is constructed."""
+    """PyYAML's safe loader, refusing nesting deeper than ``MAX_YAML_DEPTH`` (PyYAML itself would
+    overflow Python's stack, or take seconds to scan deep flow collections). Duplicate keys and
+    alias bombs are refused by :func:`load_yaml_text`, which looks at the composed document
+    before it is constructed."""
 
     def __init__(self, stream: str):
         super().__init__(stream)
@@ -606,6 +627,8 @@ def validate_config(raw: dict) -> RunConfig:
         seen.setdefault(name.lower(), name)
     if not names:
         problems.append(("members", "the population is empty: list at least one member"))
+    if cfg.checkpoint.every and cfg.checkpoint.every % cfg.exchange.every:
+        problems.append(("checkpoint.every", f"must be a multiple of exchange.every ({cfg.exchange.every}), so checkpoints fall on exchanges; got {cfg.checkpoint.every}"))
 
     from poptrain.couplings import resolve_coupling  # the registry imports this module
 

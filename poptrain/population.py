@@ -16,7 +16,7 @@ from typing import Any, Callable
 import torch
 
 from poptrain import builtins
-from poptrain.config import ConfigError, RunConfig, dump_config, load_config
+from poptrain.config import ConfigError, RunConfig, dump_config, load_config, output_problems
 from poptrain.couplings import PopulationInfo, build_couplings
 from poptrain.member import accepts, apply_frozen, build_model, build_optimizer, matching
 from poptrain.tracking import RunIds, Tracking, TrackingUnavailable, check_tracking_reachable, resolve_tracking_uri
@@ -83,13 +83,22 @@ def inspect_population(cfg: RunConfig) -> PopulationInfo:
         for g_index, transform in enumerate(member.grad_transforms):
             if transform.fn is not None:
                 try:
-                    builtins.import_path(transform.fn.name)
+                    if not callable(builtins.import_path(transform.fn.name)):
+                        problems.append((f"{key}.grad_transforms.{g_index}.fn.name", f"{transform.fn.name!r} is not callable"))
                 except (ImportError, AttributeError, ValueError) as exc:
                     problems.append((f"{key}.grad_transforms.{g_index}.fn.name", str(exc)))
         if member.init is not None and not os.path.isfile(member.init):
             problems.append((f"{key}.init", f"no such file: {member.init}"))
         if model is None:
             continue
+        size = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+        if size > member.resources.max_model_gib * 2**30:
+            problems.append((f"{key}.model", f"{member.model.name!r} with kwargs {member.model.kwargs} would take {_gib(size)} "
+                             f"of parameters and buffers, more than `resources.max_model_gib` ({member.resources.max_model_gib:g} GiB)"))
+        if member.init is not None and os.path.isfile(member.init):
+            reason = _init_problem(member.init, model)
+            if reason:
+                problems.append((f"{key}.init", reason))
         names = [n for n, _ in model.named_parameters()]
         shown = f"{names[:12]}{' ...' if len(names) > 12 else ''}"
         for p_key, patterns in [(f"{key}.frozen", member.frozen)] + [
@@ -123,6 +132,33 @@ def inspect_population(cfg: RunConfig) -> PopulationInfo:
     return population
 
 
+def _gib(size: int) -> str:
+    return f"{size / 2**40:,.1f} TiB" if size >= 2**40 else f"{size / 2**30:,.1f} GiB"
+
+
+def _init_problem(path: str, model: torch.nn.Module) -> str | None:
+    """Why the state_dict at ``path`` cannot initialize ``model``, or None. Read onto the meta
+    device (memory-mapped where the format allows it): nothing is allocated."""
+    import zipfile
+
+    zipped = zipfile.is_zipfile(path)  # torch.save's format; only its legacy format is not a zip
+    try:
+        state = torch.load(path, map_location="meta", weights_only=True, mmap=zipped)
+    except Exception as exc:
+        if "weights only load failed" in str(exc).lower():
+            return f"{path} holds Python objects, not only tensors: save `model.state_dict()`, not the model"
+        detail = f" ({type(exc).__name__}: {str(exc).strip().splitlines()[0][:200]})" if zipped else ""
+        return f"{path} is not a state_dict saved by torch.save{detail}"
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        return f"{path} is not a state_dict: torch.load gives a {type(state).__name__}, not a mapping of names to tensors"
+    expected = {n: tuple(t.shape) for n, t in model.state_dict().items()}
+    found = {n: tuple(t.shape) for n, t in state.items()}
+    differences = [f"missing {sorted(set(expected) - set(found))[:5]}"] if set(expected) - set(found) else []
+    differences += [f"unexpected {sorted(set(found) - set(expected))[:5]}"] if set(found) - set(expected) else []
+    differences += [f"{n} has shape {list(found[n])}, the model's is {list(s)}" for n, s in expected.items() if n in found and found[n] != s][:5]
+    return f"{path} does not fit the model: {'; '.join(differences)}" if differences else None
+
+
 def _build_for_inspection(spec, key: str, problems: list) -> torch.nn.Module | None:
     try:
         builtins.resolve(builtins.MODELS, spec.name, "model")
@@ -147,12 +183,18 @@ def _build_for_inspection(spec, key: str, problems: list) -> torch.nn.Module | N
 def prepare(config, overrides=()) -> tuple[RunConfig, PopulationInfo, str]:
     """Everything that can fail because of user input, before Ray starts: (config, population, tracking URI)."""
     cfg = load_config(config, overrides)
-    population = inspect_population(cfg)
-    uri = resolve_tracking_uri(cfg)
     try:
-        check_tracking_reachable(uri)
-    except TrackingUnavailable as exc:
-        raise ConfigError([("tracking.uri", str(exc))]) from None
+        population = inspect_population(cfg)
+        problems = output_problems(cfg)
+        if problems:
+            raise ConfigError(problems)
+        uri = resolve_tracking_uri(cfg)
+        try:
+            check_tracking_reachable(uri)
+        except TrackingUnavailable as exc:
+            raise ConfigError([("tracking.uri", str(exc))]) from None
+    except ConfigError as exc:  # name the file, as load_config's own errors do
+        raise ConfigError(exc.problems, exc.source or (None if isinstance(config, (dict, RunConfig)) else str(config))) from None
     return cfg, population, uri
 
 

@@ -5,16 +5,15 @@ from __future__ import annotations
 from typing import Mapping, Optional
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
-from poptrain.config import Component, CouplingConfig
+from poptrain.config import Component, CouplingConfig, Strict
 from poptrain.couplings.base import Coupling, Quantity, register
 
 
-class LossRef(BaseModel):
+class LossRef(Strict):
     """One member's loss (or one of its named objective terms), with a coefficient."""
 
-    model_config = ConfigDict(extra="forbid")
     member: str = Field(description="The member whose loss is read.")
     coef: float = Field(1.0, description="Coefficient of this loss in the combination.")
     term: str = Field("loss", description="`loss` (the task loss) or the name of one of the member's `terms`.")
