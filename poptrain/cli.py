@@ -29,6 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
         cmd = sub.add_parser(name, help=help_text)
         cmd.add_argument("config", help="YAML config file")
         cmd.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted-key overrides, e.g. members.0.optimizer.lr=0.01")
+    cmd = sub.add_parser("resume", help="continue an interrupted run from its latest complete checkpoint, into the same MLflow runs")
+    cmd.add_argument("run_dir", help="the run's output folder, e.g. runs/prelu_separation")
     sub.add_parser("schema", help="print the config reference (every key, its type, default and meaning)")
     return parser
 
@@ -70,15 +72,27 @@ def _numel(shape) -> int:
 
 
 def _run(args) -> int:
-    from poptrain.population import PopulationError, prepare, run
+    from poptrain.population import prepare, resume, run
 
-    cfg, _, _ = prepare(args.config, args.overrides)  # fail fast, before the display starts
-    display = LiveDisplay(cfg.name) if sys.stdout.isatty() else PlainDisplay(cfg.name)
+    if args.command == "resume":
+        name = args.run_dir
+        start = lambda progress: resume(args.run_dir, progress=progress)  # noqa: E731
+    else:
+        cfg, _, _ = prepare(args.config, args.overrides)  # fail fast, before the display starts
+        name = cfg.name
+        start = lambda progress: run(cfg, progress=progress)  # noqa: E731
+    return _train_with_display(name, start)
+
+
+def _train_with_display(name: str, start) -> int:
+    from poptrain.population import PopulationError
+
+    display = LiveDisplay(name) if sys.stdout.isatty() else PlainDisplay(name)
     try:
         with display:
-            result = run(cfg, progress=display.update)
+            result = start(display.update)
     except PopulationError as exc:
-        print(f"poptrain: run {cfg.name!r} failed: {exc}", file=sys.stderr)
+        print(f"poptrain: run {name!r} failed: {exc}", file=sys.stderr)
         return EXIT_FAILED
     print_summary(result)
     return EXIT_OK

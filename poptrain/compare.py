@@ -143,8 +143,9 @@ def compare_main(argv: list[str] | None = None) -> int:
     from rich.console import Console
 
     columns, rows = _table(members, args.all)
-    title = f"{parent.info.run_name} · {len(members)} members · {parent.info.status} · run {args.run_id}"
-    render(columns, rows, title=title, console=Console(width=max(100, Console().width)))
+    console = Console(width=max(100, Console().width))
+    render(columns, rows, title=f"{parent.info.run_name} · {len(members)} members · {parent.info.status}", console=console)
+    console.print(f"population run {args.run_id} at {uri}")
     return EXIT_OK
 
 

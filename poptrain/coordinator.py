@@ -80,7 +80,6 @@ class Round:
     values: dict[str, dict[Quantity, np.ndarray]] = field(default_factory=dict)
     done: asyncio.Event = field(default_factory=asyncio.Event)
     result: Any = None
-    collected: int = 0
     started: float = field(default_factory=time.monotonic)
 
 
@@ -92,7 +91,6 @@ class Coordinator:
         self.couplings = build_couplings(run.couplings, population)
         self.plan = ExchangePlan(self.couplings, population)
         self.latest: dict[Quantity, torch.Tensor] = {}  # the most recent value of every exchanged quantity
-        self.exchange_count: dict[str, int] = {k: 0 for k in PHASES}
         # Each coupling is evaluated for logging at the last phase whose values it reads.
         self.evaluated_at = {c.name: max((PHASES.index(q.kind) for q in c.reads()), default=0) for c in self.couplings}
 
@@ -103,8 +101,8 @@ class Coordinator:
             merged.update(member_values)
         for q, array in merged.items():
             self.latest[q] = torch.from_numpy(np.array(array, copy=True))
-        index = self.exchange_count[kind]
-        self.exchange_count[kind] += 1
+        # Derived from the step, not counted, so a resumed or restarted run needs no coordinator state.
+        index = step // self.run.exchange.every
 
         replace: dict[Quantity, np.ndarray] = {}
         for coupling in self.couplings:
@@ -135,9 +133,15 @@ class CoordinatorActor:
         self.tracker = tracker
         self.timeout_s = run.exchange.timeout_s
         self.rounds: dict[tuple[str, int], Round] = {}
+        # Results of completed rounds, kept long enough for a member restarted from its latest
+        # checkpoint to replay up to its peers: it gets exactly what it got the first time.
+        self.completed: dict[tuple[str, int], Any] = {}
+        self.history_steps = 2 * run.checkpoint.every + run.exchange.every if run.checkpoint.every else 0
 
     async def exchange(self, kind: str, step: int, member: str, values: dict[Quantity, np.ndarray]):
         key = (kind, step)
+        if key in self.completed:  # a restarted member replaying a round its peers have finished
+            return self.completed[key]
         rnd = self.rounds.get(key)
         if rnd is None:
             rnd = self.rounds[key] = Round(expected=self.logic.plan.participants[kind])
@@ -146,6 +150,8 @@ class CoordinatorActor:
             result, metrics = self.logic.complete(kind, step, rnd.values)
             rnd.result = self._share(result)
             rnd.done.set()
+            del self.rounds[key]
+            self._remember(key, rnd.result)
             if metrics:
                 self.tracker.log_population.remote([(k, v, step, int(time.time() * 1000)) for k, v in metrics.items()])
         else:
@@ -157,10 +163,15 @@ class CoordinatorActor:
                     f"exchange of {kind!r} at step {step}: member {member!r} waited {self.timeout_s:g} s for "
                     f"{missing} (exchange.timeout_s). A peer is stalled or dead; see its log."
                 ) from None
-        rnd.collected += 1
-        if rnd.collected == len(rnd.expected):
-            del self.rounds[key]
         return rnd.result
+
+    def _remember(self, key: tuple[str, int], result: Any) -> None:
+        if not self.history_steps:
+            return
+        self.completed[key] = result
+        oldest = key[1] - self.history_steps
+        for old in [k for k in self.completed if k[1] < oldest]:
+            del self.completed[old]
 
     @staticmethod
     def _share(result: dict) -> Any:

@@ -26,6 +26,7 @@ from torch import nn
 from torch.utils.data import Dataset, TensorDataset, default_collate
 
 from poptrain import builtins
+from poptrain.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, steps_of, checkpoint_path
 from poptrain.config import Component, MemberConfig, RunConfig
 from poptrain.coordinator import ExchangePlan
 from poptrain.couplings import PopulationInfo, Quantity, build_couplings
@@ -238,6 +239,7 @@ class MemberTrainer:
         self.training_couplings = [c for c in self.couplings if name in c.trains]
         self.plan = ExchangePlan(self.couplings, population)
         self.peers: dict[Quantity, torch.Tensor] = {}  # peers' values from the last exchange
+        self.last_sent: dict[Quantity, np.ndarray] = {}
         self.step = 0
         self.checked_gradient_paths = False
 
@@ -258,6 +260,8 @@ class MemberTrainer:
         terms = {"loss": self.loss_fn(outputs, targets)}
         for term in self.config.terms:
             terms[term.name] = self.term_fns[term.name](self.model, *inputs, outputs, targets, **term.fn.kwargs)
+        bad = [f"term {n!r}" for n, t in terms.items() if not bool(torch.isfinite(t.detach()).all())]
+        self._guard(bad)
         if exchanging:
             self._exchange("loss", exchange, terms)
 
@@ -269,16 +273,26 @@ class MemberTrainer:
             self._check_gradient_paths(terms, weights, coupling_terms)
         objective = sum(weights[n] * terms[n] for n in terms if weights[n] != 0) + sum(coupling_terms.values())
 
+        bad += [f"coupling {n!r}" for n, t in coupling_terms.items() if not bool(torch.isfinite(t.detach()).all())]
         self.optimizer.zero_grad(set_to_none=True)
-        if isinstance(objective, torch.Tensor) and objective.requires_grad:
+        if isinstance(objective, torch.Tensor) and objective.requires_grad and not bad:
             objective.backward()
+            grads = [p.grad for p in self.params.values() if p.grad is not None]
+            if grads and not bool(torch.isfinite(torch.stack([g.detach().abs().max() for g in grads])).all()):
+                bad.append("gradient")
+        self._guard(bad)
+        if bad:  # nonfinite: skip — no update, and zero gradients so nothing non-finite is exchanged
+            self.optimizer.zero_grad(set_to_none=True)
         if exchanging:
             self._exchange("grad", exchange, {})
-        self._transform_gradients()
-        self.optimizer.step()
+        if not bad:
+            self._transform_gradients()
+            self.optimizer.step()
         self.step += 1
 
         metrics = {"loss": float(terms["loss"].detach()), "objective": float(objective.detach() if isinstance(objective, torch.Tensor) else objective)}
+        if bad:
+            metrics["skipped"] = 1.0
         for name, value in terms.items():
             if name != "loss":
                 metrics[f"term/{name}"] = float(value.detach())
@@ -327,6 +341,14 @@ class MemberTrainer:
 
     # -- exchange ------------------------------------------------------------------------------
 
+    def _guard(self, bad: list[str]) -> None:
+        """Non-finite values: stop (``failure.nonfinite: fail``) or let the caller skip the step."""
+        if bad and self.run.failure.nonfinite == "fail":
+            raise TrainingError(
+                f"member {self.name!r}, step {self.step}: non-finite {', '.join(bad)} (NaN or inf). Nothing non-finite "
+                "was applied or sent to a peer. Set `failure.nonfinite: skip` to skip such steps."
+            )
+
     def _own(self, q: Quantity, terms: Mapping[str, torch.Tensor]) -> torch.Tensor:
         if q.kind == "param":
             return self.params[q.key]
@@ -338,7 +360,12 @@ class MemberTrainer:
     def _exchange(self, kind: str, exchange: ExchangeFn, terms: Mapping[str, torch.Tensor]) -> None:
         if self.name not in self.plan.participants[kind]:
             return
-        mine = {q: to_numpy(self._own(q, terms)) for q in self.plan.sends[self.name][kind]}
+        mine = {}
+        for q in self.plan.sends[self.name][kind]:
+            array = to_numpy(self._own(q, terms))
+            if not np.isfinite(array).all():  # only reachable with `nonfinite: skip`: peers keep the last good value
+                array = self.last_sent.get(q, np.zeros_like(array))
+            mine[q] = self.last_sent[q] = array
         result = exchange(kind, self.step, self.name, mine)
         for q, array in result["values"].items():
             if q.member != self.name and q in self.plan.receives[self.name]:
@@ -402,6 +429,56 @@ class MemberTrainer:
         """The model's state_dict on the CPU (what ``model.pt`` holds)."""
         return {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
 
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue bitwise identically: model, optimizer, RNGs, data position,
+        balancing statistics, the peers' last exchanged values, and the step. Tensors and plain
+        containers only, so it loads with ``weights_only=True``."""
+        kind, keys, pos, has_gauss, gauss = np.random.get_state()
+        return {
+            "step": self.step,
+            "model": self.model_state(),
+            "optimizer": self.optimizer.state_dict() if self.optimizer is not None else {},
+            "batches": self.batches.state_dict(),
+            "balancer": self.balancer.state_dict(),
+            "peers": {quantity_key(q): t.detach().cpu() for q, t in self.peers.items()},
+            "last_sent": {quantity_key(q): torch.from_numpy(a.copy()) for q, a in self.last_sent.items()},
+            "checked_gradient_paths": self.checked_gradient_paths,
+            "rng": {
+                "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else [],
+                "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss), "gauss": float(gauss)},
+                "python": random.getstate(),
+            },
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        if self.optimizer is not None:
+            self.optimizer.load_state_dict(state["optimizer"])
+        self.batches.load_state_dict(state["batches"])
+        self.balancer.load_state_dict(state["balancer"])
+        self.peers = {parse_quantity(k): v.to(self.device) for k, v in state["peers"].items()}
+        self.last_sent = {parse_quantity(k): v.numpy() for k, v in state["last_sent"].items()}
+        self.checked_gradient_paths = bool(state["checked_gradient_paths"])
+        rng = state["rng"]
+        torch.set_rng_state(rng["torch"])
+        if rng["cuda"] and self.device.type == "cuda":
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        numpy_state = rng["numpy"]
+        np.random.set_state(("MT19937", numpy_state["keys"].numpy().astype(np.uint32), numpy_state["pos"], numpy_state["has_gauss"], numpy_state["gauss"]))
+        python_state = rng["python"]
+        random.setstate((python_state[0], tuple(python_state[1]), python_state[2]))
+        self.step = int(state["step"])
+
+
+def quantity_key(q: Quantity) -> str:
+    return f"{q.member}/{q.kind}/{q.key}"
+
+
+def parse_quantity(key: str) -> Quantity:
+    member, kind, name = key.split("/", 2)
+    return Quantity(member, kind, name)
+
 
 # --------------------------------------------------------------------------------------------
 # The Ray actor
@@ -421,11 +498,19 @@ def placement_device() -> tuple[str, list[int]]:
 class MemberActor:
     """Ray actor around :class:`MemberTrainer`; talks to the coordinator and tracking directly."""
 
-    def __init__(self, run: RunConfig, name: str, population: PopulationInfo, coordinator, tracker, num_cpus: float):
+    def __init__(self, run: RunConfig, name: str, population: PopulationInfo, coordinator, tracker, num_cpus: float, run_dir: str):
         device, gpu_ids = placement_device()
         torch.set_num_threads(max(1, int(num_cpus)))
         self.trainer = MemberTrainer(run, name, population, device)
-        self.coordinator, self.tracker = coordinator, tracker
+        self.coordinator, self.tracker, self.run_dir = coordinator, tracker, run_dir
+        # A fresh run starts with no checkpoint of its own; a resumed run, or this actor restarted by
+        # Ray after its process died, continues from its newest one.
+        self.restored_from = None
+        saved = steps_of(run_dir, name)
+        if saved:
+            path = checkpoint_path(run_dir, name, saved[-1])
+            self.trainer.load_state_dict(load_checkpoint(path))
+            self.restored_from = saved[-1]
         self.log_every = run.tracking.log_every
         self.placement = {
             "node_id": _node_id(),
@@ -435,6 +520,9 @@ class MemberActor:
             "gpu_ids": ",".join(map(str, gpu_ids)),
             "torch_threads": torch.get_num_threads(),
         }
+
+    def restored_step(self) -> int | None:
+        return self.restored_from
 
     def info(self) -> dict[str, Any]:
         return dict(self.placement)
@@ -453,8 +541,14 @@ class MemberActor:
 
         buffer: list[tuple[str, float, int, int]] = []
         last_flush, metrics = time.monotonic(), {}
+        every, keep = self.trainer.run.checkpoint.every, self.trainer.run.checkpoint.keep
         while self.trainer.step < until_step:
             step = self.trainer.step
+            if every and step % every == 0 and step != self.restored_from and step > 0:
+                # Metrics first, written to MLflow before the checkpoint exists, so a restart from it misses none.
+                ray.get(self.tracker.log_member.remote(self.trainer.name, buffer, flush=True))
+                buffer, last_flush = [], time.monotonic()
+                save_checkpoint(self.trainer.state_dict(), self.run_dir, self.trainer.name, step, keep)
             metrics = self.trainer.train_step(self._exchange)
             if step % self.log_every == 0 or self.trainer.step == until_step:
                 now_ms = int(time.time() * 1000)

@@ -4,21 +4,29 @@ MLflow 3 facts this module relies on (mlflow 3.17, checked here):
 
 * ``log_model(model, name=...)``: ``artifact_path=`` is deprecated. Each call logs a
   **LoggedModel** entity (id ``m-...``, URI ``models:/<id>``) with its own artifact folder
-  (``<experiment artifact root>/models/<id>/artifacts``), linked to the run as an output, and
-  copies the run's metrics at ``step`` onto it. ``mlflow.pytorch.load_model(info.model_uri)``
+  (``<experiment artifact root>/models/<id>/artifacts``). Given ``run_id=``, it links the model
+  to the run as an output and copies the run's metrics at ``step`` onto it, fetching the whole
+  history of every metric key of the run to do so. ``mlflow.pytorch.load_model(info.model_uri)``
   loads it back.
-* ``run_id=`` (passed through ``log_model``'s ``**kwargs`` to ``Model.log``) logs into an existing
-  run without making it active. But left to itself, MLflow creates the LoggedModel in the
-  *global* experiment (the Default experiment ``0`` here, not the run's) through the *global*
-  tracking URI. So this module creates the LoggedModel itself in the run's experiment, passes its
-  ``model_id``, and sets the global tracking URI only for the duration of the call.
-* The default serialization off Databricks is ``pt2`` (``torch.export``): safe to load, needs no
-  poptrain code at load time, and needs an input example. An example batch > 1 makes the batch
-  dimension dynamic (a batch of 1 would fix it to 1). A model ``torch.export`` cannot trace falls
-  back to ``pickle`` (loading it then needs the model's class importable).
+* Nothing needs an active run. Left to itself, MLflow creates the LoggedModel in the *global*
+  experiment (the Default experiment ``0`` here, not the run's) through the *global* tracking
+  URI. So this module creates the LoggedModel itself in the run's experiment with
+  ``source_run_id`` set, passes its ``model_id``, links it to the run as an output, and sets the
+  global tracking URI only for the duration of the call (:func:`using_tracking_uri`; loading
+  ``models:/...`` needs it too). ``run_id=`` (through ``log_model``'s ``**kwargs`` to
+  ``Model.log``) is passed only with ``link_metrics`` (see :func:`log_member_model`).
+* Serialization: MLflow's default off Databricks is ``pt2`` (``torch.export``): safe to load and
+  needs no model code, but it loads back as a traced ``GraphModule`` that may only accept the
+  example's shapes (an LSTM exported with sequences of length 5 refuses length 9: "Guard failed:
+  inputs.size()[1] == 5"), and the first export in a process imports ``torch._dynamo`` (3 to 4 s).
+  poptrain logs with ``pickle`` by default: ``load_model`` gives back the member's own
+  ``nn.Module`` (``model.activation.weight`` and all), for any input shape; loading needs the
+  model's class importable (poptrain's built-ins, or the user's module on the path), and MLflow
+  warns that unpickling runs code. ``serialization_format="pt2"`` is available; a model
+  ``torch.export`` cannot trace then falls back to ``pickle``.
 * Without ``pip_requirements`` MLflow infers them by loading the model in a subprocess: 5 to 20 s
-  here, per model. They are given explicitly instead; one model then logs in about 0.3 s (the
-  first ``pt2`` export in a process costs about 3 s more, importing ``torch.export``).
+  per model here. They are given explicitly instead; one small model then logs in 0.2 to 0.3 s
+  into a local HTTP server.
 """
 
 from __future__ import annotations
@@ -39,7 +47,7 @@ log = logging.getLogger(__name__)
 
 
 @contextmanager
-def _tracking_uri(uri: str):
+def using_tracking_uri(uri: str):
     """Use ``uri`` as MLflow's global tracking URI for the duration, then restore the previous one.
 
     ``mlflow.set_tracking_uri`` also sets (or, given None, unsets) ``$MLFLOW_TRACKING_URI``, which
@@ -69,30 +77,38 @@ def log_member_model(
     client_or_uri: Any,
     run_id: str,
     state_dict_path: str | Path,
-    model_spec: Component,
+    model_spec: Component | dict,
     input_example: Any,
     name: str = "model",
     step: int = 0,
-    serialization_format: str = "pt2",
+    serialization_format: str = "pickle",
+    link_metrics: bool = False,
 ):
     """Rebuild a member's model from ``model_spec`` and its saved state dict, and log it into ``run_id``.
 
-    ``client_or_uri``: an ``MlflowClient`` or a tracking URI. ``input_example``: a few inputs (a
-    tensor or array, batch > 1) used as the example, for the signature and, for ``pt2``, to trace
-    the model. ``step``: the training step the model belongs to (MLflow links the run's metrics
-    at that step to the LoggedModel; the last step is a good choice). Returns MLflow's
-    ``ModelInfo`` (``model_uri``, ``model_id``).
+    ``client_or_uri``: an ``MlflowClient`` or a tracking URI. ``input_example``: a few inputs of
+    the model's single input (a tensor or array, batch > 1), stored as the example and used for
+    the signature (and, for ``pt2``, to trace the model). ``step``: the training step the model
+    belongs to (the last one), recorded on the run's link to the model.
+
+    ``link_metrics``: let MLflow copy the run's metrics at ``step`` onto the LoggedModel. It does so
+    by fetching the whole history of every metric of the run, one request per key (13 for the
+    seed-000 MLP with per-layer norms, hundreds for a deep model), so by default the model is only
+    linked to the run as its output at ``step``, in one request. Returns MLflow's ``ModelInfo``
+    (``model_uri``, ``model_id``); ``runs:/<run_id>/<name>`` resolves to the model as well.
     """
     import mlflow.pytorch
     from mlflow import MlflowClient
+    from mlflow.entities import LoggedModelOutput
     from mlflow.models import infer_signature
 
     from poptrain.member import build_model
 
+    spec = model_spec if isinstance(model_spec, Component) else Component(**model_spec)
     uri = client_or_uri if isinstance(client_or_uri, str) else client_or_uri.tracking_uri
     client = MlflowClient(uri)
     started = time.monotonic()
-    model = build_model(model_spec)
+    model = build_model(spec)
     model.load_state_dict(torch.load(state_dict_path, weights_only=True, map_location="cpu"))
     model.eval()
     example = input_example.detach().cpu() if isinstance(input_example, torch.Tensor) else torch.as_tensor(np.asarray(input_example))
@@ -110,18 +126,21 @@ def log_member_model(
             tags={"poptrain.member": run.data.tags.get("poptrain.member", ""), "poptrain.serialization": fmt},
         )
         try:
-            with _tracking_uri(uri):
-                return mlflow.pytorch.log_model(
+            with using_tracking_uri(uri):
+                info = mlflow.pytorch.log_model(
                     model,
                     name=name,
                     model_id=logged.model_id,
-                    run_id=run_id,
+                    run_id=run_id if link_metrics else None,  # through **kwargs to Model.log(run_id=...)
                     step=step,
                     input_example=example.numpy(),
                     signature=signature,
                     pip_requirements=_requirements(),
                     serialization_format=fmt,
                 )
+            if not link_metrics:
+                client.log_outputs(run_id, models=[LoggedModelOutput(logged.model_id, step)])
+            return info
         except Exception:
             try:
                 client.delete_logged_model(logged.model_id)  # a FAILED model would only clutter the UI
@@ -134,7 +153,7 @@ def log_member_model(
     except Exception as exc:
         if serialization_format != "pt2":
             raise
-        log.warning("torch.export cannot trace %s (%s: %s); logging it with pickle instead", model_spec.name, type(exc).__name__, exc)
+        log.warning("torch.export cannot trace %s (%s: %s); logging it with pickle instead", spec.name, type(exc).__name__, exc)
         info = log_as("pickle")
-    log.info("logged %s into run %s as %s in %.2f s", model_spec.name, run_id, info.model_uri, time.monotonic() - started)
+    log.info("logged %s into run %s as %s in %.2f s", spec.name, run_id, info.model_uri, time.monotonic() - started)
     return info

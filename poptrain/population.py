@@ -17,6 +17,7 @@ import torch
 
 from poptrain import builtins
 from poptrain.config import ConfigError, RunConfig, dump_config, load_config, output_problems
+from poptrain.checkpoint import CheckpointError, discard_after, latest_complete_step, read_run_record, save_atomic, write_run_record
 from poptrain.couplings import PopulationInfo, build_couplings
 from poptrain.member import accepts, apply_frozen, build_model, build_optimizer, matching
 from poptrain.tracking import RunIds, Tracking, TrackingUnavailable, check_tracking_reachable, resolve_tracking_uri
@@ -43,6 +44,7 @@ class RunResult:
     metrics: dict[str, dict[str, float]] = field(default_factory=dict)  # member -> its last step's metrics
     placement: dict[str, dict[str, Any]] = field(default_factory=dict)  # member -> node, device, pid
     seconds: float = 0.0
+    restarts: dict[str, int] = field(default_factory=dict)  # member -> times its process was restarted
 
 
 # --------------------------------------------------------------------------------------------
@@ -199,34 +201,6 @@ def prepare(config, overrides=()) -> tuple[RunConfig, PopulationInfo, str]:
 
 
 # --------------------------------------------------------------------------------------------
-# Files
-
-
-def save_atomic(obj: Any, path: Path) -> None:
-    """``torch.save`` to a temporary file in the same folder, fsync, then rename over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as stream:
-            if isinstance(obj, (bytes, str)):
-                stream.write(obj.encode() if isinstance(obj, str) else obj)
-            else:
-                torch.save(obj, stream)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
-# --------------------------------------------------------------------------------------------
 # Ray
 
 
@@ -306,6 +280,34 @@ def run(config, overrides=(), progress: ProgressFn | None = None, poll_s: float 
     ``config`` is a YAML path, a dict or a :class:`RunConfig`; ``overrides`` are ``KEY=VALUE``
     strings. Raises :class:`ConfigError` (nothing started) or :class:`PopulationError`.
     """
+    cfg, population, uri = prepare(config, overrides)
+    run_dir = cfg.run_dir.resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    discard_after(run_dir, cfg.member_names, None)  # a new run: no checkpoint of an earlier one may be picked up
+    save_atomic(dump_config(cfg), run_dir / "config.yaml")
+    return _train(cfg, population, uri, run_dir, None, progress, poll_s)
+
+
+def resume(run_dir, progress: ProgressFn | None = None, poll_s: float = 0.5) -> RunResult:
+    """Continue an interrupted run from its latest complete checkpoint, into the same MLflow runs.
+
+    Steps already logged are not logged again; on CPU the final weights are bitwise those of an
+    uninterrupted run. Raises :class:`ConfigError` when ``run_dir`` is not a run that can resume.
+    """
+    run_dir = Path(run_dir).resolve()
+    try:
+        record = read_run_record(run_dir)
+    except CheckpointError as exc:
+        raise ConfigError([("", str(exc))]) from None
+    cfg, population, _ = prepare(run_dir / "config.yaml")
+    uri = record["tracking_uri"]
+    ids = RunIds(record["experiment_id"], record["parent"], dict(record["members"]))
+    step = latest_complete_step(run_dir, cfg.member_names)
+    discard_after(run_dir, cfg.member_names, step)  # newer, incomplete checkpoints would disagree with the peers
+    return _train(cfg, population, uri, run_dir, ids, progress, poll_s)
+
+
+def _train(cfg: RunConfig, population: PopulationInfo, uri: str, run_dir: Path, resume_ids: RunIds | None, progress, poll_s) -> RunResult:
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
 
@@ -313,28 +315,24 @@ def run(config, overrides=(), progress: ProgressFn | None = None, poll_s: float 
     from poptrain.member import MemberActor
 
     started = time.monotonic()
-    cfg, population, uri = prepare(config, overrides)
-    run_dir = cfg.run_dir.resolve()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_atomic(dump_config(cfg), run_dir / "config.yaml")
-
     started_ray = ensure_ray()
     actors: list = []
     group = None
     tracker = None
-    ids: RunIds | None = None
+    ids: RunIds | None = resume_ids
     status = "FAILED"
     try:
         bundles = member_resources(cfg, ray.cluster_resources())
         group = place_population(cfg, bundles)
 
         # Tracking runs on the driver's node (a local sqlite file is only valid there) and creates
-        # the MLflow runs while the members start.
+        # (or reopens) the MLflow runs while the members start.
         here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
-        tracker = ray.remote(Tracking).options(num_cpus=0, scheduling_strategy=here).remote(uri)
-        ids_ref = tracker.create_runs.remote(cfg)
+        tracker = ray.remote(Tracking).options(num_cpus=0, scheduling_strategy=here).remote(uri, resume_ids)
+        ids_ref = tracker.resume.remote() if resume_ids else tracker.create_runs.remote(cfg)
         coordinator = ray.remote(CoordinatorActor).options(num_cpus=0, scheduling_strategy=here).remote(cfg, population, tracker)
         actors += [tracker, coordinator]
+        restartable = cfg.failure.max_restarts if cfg.checkpoint.every else 0
         members = {}
         for index, (name, bundle) in enumerate(zip(cfg.member_names, bundles)):
             members[name] = (
@@ -343,26 +341,51 @@ def run(config, overrides=(), progress: ProgressFn | None = None, poll_s: float 
                     num_cpus=bundle["CPU"],
                     num_gpus=bundle.get("GPU", 0),
                     scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=index),
-                    name=None,
+                    max_restarts=restartable,  # Ray re-creates the process; it reloads its latest checkpoint
+                    max_task_retries=0,
                 )
-                .remote(cfg, name, population, coordinator, tracker, bundle["CPU"])
+                .remote(cfg, name, population, coordinator, tracker, bundle["CPU"], str(run_dir))
             )
             actors.append(members[name])
-        ids = _tracking_call(ids_ref)
+        logged = _tracking_call(ids_ref)
+        if resume_ids is None:
+            ids = logged
+            write_run_record(run_dir, {"tracking_uri": uri, "experiment_id": ids.experiment_id, "parent": ids.parent, "members": ids.members})
         placement = dict(zip(members, _get_all([m.info.remote() for m in members.values()], members)))
-        ray.get([tracker.log_params.remote(name, {f"placement.{k}": v for k, v in info.items()}) for name, info in placement.items()])
+        # Params are write-once in MLflow: the first placement is a param (for Compare), later ones
+        # (a resumed run, a restarted member) are tags.
+        if resume_ids is None:
+            ray.get([tracker.log_params.remote(n, {f"placement.{k}": v for k, v in info.items()}) for n, info in placement.items()])
+        else:
+            ray.get([tracker.set_tags.remote(n, {f"poptrain.placement.{k}": v for k, v in info.items()}) for n, info in placement.items()])
 
         running = {members[name].train.remote(cfg.steps): name for name in members}
         final: dict[str, dict[str, float]] = {}
+        restarts = {name: 0 for name in members}
         rates = _Rates()
         while running:
             done, _ = ray.wait(list(running), timeout=poll_s)
             for ref in done:
                 name = running.pop(ref)
-                final[name] = _get_all([ref], [name])[0]
+                try:
+                    final[name] = ray.get(ref)
+                except ray.exceptions.RayActorError as exc:
+                    # The member's process died (killed, out of memory, node lost). Ray restarts it
+                    # from its latest checkpoint; its peers wait at the barrier meanwhile.
+                    restarts[name] += 1
+                    if getattr(exc, "actor_init_failed", False) or restarts[name] > restartable:
+                        raise PopulationError(_gave_up(cfg, run_dir, name, restarts[name] - 1, exc)) from None
+                    placement[name] = _when_restarted(members[name], name, cfg.placement.timeout_s)
+                    tracker.set_tags.remote(
+                        name, {"poptrain.restarts": restarts[name], **{f"poptrain.placement.{k}": v for k, v in placement[name].items()}}
+                    )
+                    running[members[name].train.remote(cfg.steps)] = name
+                except ray.exceptions.RayTaskError as exc:
+                    raise PopulationError(f"member {name} {describe_failure(exc)}") from None
             if progress is not None:
-                snapshot = ray.get(tracker.progress.remote())
-                progress(rates.annotate(snapshot, cfg.steps, time.monotonic() - started))
+                snapshot = rates.annotate(ray.get(tracker.progress.remote()), cfg.steps, time.monotonic() - started)
+                snapshot["placement"] = placement
+                progress(snapshot)
 
         for name, member in members.items():
             state = {k: torch.from_numpy(v.copy()) for k, v in ray.get(member.model_state.remote()).items()}
@@ -378,6 +401,7 @@ def run(config, overrides=(), progress: ProgressFn | None = None, poll_s: float 
             metrics=final,
             placement=placement,
             seconds=time.monotonic() - started,
+            restarts={k: v for k, v in restarts.items() if v},
         )
     except KeyboardInterrupt:
         status = "KILLED"
@@ -392,6 +416,33 @@ def run(config, overrides=(), progress: ProgressFn | None = None, poll_s: float 
             remove_placement_group(group)
         if started_ray:
             ray.shutdown()
+
+
+def _when_restarted(actor, name: str, timeout_s: float) -> dict[str, Any]:
+    """Wait until Ray has re-created a member's process (it reloads its checkpoint); its placement."""
+    import ray
+
+    deadline = time.monotonic() + max(timeout_s, 60.0)
+    while True:
+        try:
+            return ray.get(actor.info.remote())
+        except ray.exceptions.ActorUnavailableError:
+            if time.monotonic() > deadline:
+                raise PopulationError(f"member {name} was not restarted within {max(timeout_s, 60.0):g} s") from None
+            time.sleep(0.2)
+        except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as exc:
+            raise PopulationError(f"member {name} could not be restarted: {describe_failure(exc)}") from None
+
+
+def _gave_up(cfg: RunConfig, run_dir: Path, name: str, restarted: int, exc: Exception) -> str:
+    step = latest_complete_step(run_dir, cfg.member_names)
+    how = (
+        "checkpoints are off (checkpoint.every: 0), so it cannot be restarted"
+        if not cfg.checkpoint.every
+        else f"after {restarted} restart(s) (failure.max_restarts: {cfg.failure.max_restarts})"
+    )
+    resume = f"the latest complete checkpoint is step {step}: continue with `poptrain resume {run_dir}`" if step is not None else "no complete checkpoint exists yet"
+    return f"member {name} {describe_failure(exc)}; {how}; {resume}"
 
 
 def _get_all(refs: list, names) -> list:

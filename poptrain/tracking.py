@@ -104,7 +104,10 @@ class Tracking:
         self.buffer: dict[str, list[Item]] = defaultdict(list)
         self.last_flush = time.monotonic()
         self.progress_state: dict[str, dict[str, Any]] = {}
-        self.logged_steps: dict[str, int] = {}
+        # Per run: the highest step logged and the keys logged at it. A member restarted from a
+        # checkpoint, or a resumed run, replays steps; their metrics are dropped here, so MLflow
+        # never holds a step twice.
+        self.high_water: dict[str, tuple[int, set[str]]] = {}
 
     # -- creating the runs (driver, before any actor starts) ---------------------------------
 
@@ -154,8 +157,41 @@ class Tracking:
         assert self.ids is not None, "runs not created"
         return self.ids.parent if member is None else self.ids.members[member]
 
-    def log_member(self, member: str, items: list[Item]) -> None:
+    def _fresh(self, run_id: str, items: list[Item]) -> list[Item]:
+        """The items not logged yet (by step, then key), updating the run's high-water mark."""
+        step_seen, keys_seen = self.high_water.get(run_id, (-1, set()))
+        fresh = [item for item in items if item[2] > step_seen or (item[2] == step_seen and item[0] not in keys_seen)]
+        for key, _, step, _ in fresh:
+            if step > step_seen:
+                step_seen, keys_seen = step, set()
+            keys_seen.add(key)
+        self.high_water[run_id] = (step_seen, keys_seen)
+        return fresh
+
+    def resume(self) -> dict[str, int]:
+        """Reopen the population's runs and read how far each was logged. Returns run id -> last step."""
+        assert self.ids is not None
+        for run_id in [self.ids.parent, *self.ids.members.values()]:
+            self._retry(lambda run_id=run_id: self.client.update_run(run_id, status="RUNNING"))
+            metrics = self._retry(lambda run_id=run_id: self.client.get_run(run_id)).data.metrics
+            last, keys = -1, set()
+            for key in metrics:
+                history = self._retry(lambda key=key, run_id=run_id: self.client.get_metric_history(run_id, key))
+                step = max((m.step for m in history), default=-1)
+                if step > last:
+                    last, keys = step, {key}
+                elif step == last:
+                    keys.add(key)
+            self.high_water[run_id] = (last, keys)
+        return {run_id: mark[0] for run_id, mark in self.high_water.items()}
+
+    def log_member(self, member: str, items: list[Item], flush: bool = False) -> None:
+        """Buffer a member's metrics; ``flush``: write everything buffered before returning (a member
+        asks for it before each checkpoint, so a restart from that checkpoint loses no metric)."""
+        items = self._fresh(self._run_id(member), items)
         self.buffer[self._run_id(member)].extend(items)
+        if flush:
+            self.flush()
         for key, value, step, _ in items:
             state = self.progress_state.setdefault(member, {})
             state["step"] = max(step + 1, state.get("step", 0))
@@ -167,6 +203,7 @@ class Tracking:
         self._maybe_flush()
 
     def log_population(self, items: list[Item]) -> None:
+        items = self._fresh(self._run_id(None), items)
         self.buffer[self._run_id(None)].extend(items)
         couplings = self.progress_state.setdefault("__couplings__", {})
         for key, value, _, _ in items:

@@ -53,3 +53,12 @@ def slow_data(n: int = 64, in_features: int = 20, delay_s: float = 0.5):
 def halve_gradient(name, param, grad, factor: float = 0.5):
     """A user gradient transform (seed 002: "give a layer a gradient of its own")."""
     return grad * factor
+
+
+def poisoned_data(n: int = 256, in_features: int = 20, bad_index: int = 40) -> TensorDataset:
+    """A regression set with one NaN sample (in the second batch of 32 when not shuffled)."""
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(n, in_features, generator=gen)
+    y = x.sum(dim=1, keepdim=True) / in_features
+    x[bad_index, 0] = float("nan")
+    return TensorDataset(x, y)

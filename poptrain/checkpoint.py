@@ -1,0 +1,151 @@
+"""Files that must survive faults: atomic writes, checksummed checkpoints, finding the latest complete one.
+
+Layout under the run folder::
+
+    config.yaml                         the resolved config
+    run.json                            the MLflow run ids (resume continues into the same runs)
+    checkpoints/<member>/step-000000100.pt       a member's full state at the start of step 100
+    checkpoints/<member>/step-000000100.sha256   its checksum, written after it (absent: incomplete)
+    members/<member>/model.pt           final weights (a plain state_dict)
+
+A checkpoint at step ``s`` is *complete* when every member has a valid file for ``s``. Files are
+loaded with ``torch.load(..., weights_only=True)`` after their checksum matches, so a checkpoint
+never unpickles arbitrary objects and a truncated or altered file is refused, never half-loaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+STEP_FILE = re.compile(r"^step-(\d{9})\.pt$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be trusted (missing, truncated, altered) or a run that cannot resume."""
+
+
+def save_atomic(data: bytes | str | Any, path: Path) -> None:
+    """Write to a temporary file in the same folder, fsync, then rename over ``path`` (and fsync the
+    folder): a reader sees the old file or the new one, never a partial one. Objects other than
+    bytes/str are written with ``torch.save``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as stream:
+            if isinstance(data, str):
+                stream.write(data.encode("utf-8"))
+            elif isinstance(data, bytes):
+                stream.write(data)
+            else:
+                torch.save(data, stream)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def member_dir(run_dir: Path, member: str) -> Path:
+    return Path(run_dir) / "checkpoints" / member
+
+
+def checkpoint_path(run_dir: Path, member: str, step: int) -> Path:
+    return member_dir(run_dir, member) / f"step-{step:09d}.pt"
+
+
+def save_checkpoint(state: dict, run_dir: Path, member: str, step: int, keep: int) -> Path:
+    """Write one member's state for ``step`` (checksum last), then drop all but its ``keep`` newest."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    payload = buffer.getvalue()
+    path = checkpoint_path(run_dir, member, step)
+    save_atomic(payload, path)
+    save_atomic(hashlib.sha256(payload).hexdigest(), path.with_suffix(".sha256"))
+    for old in steps_of(run_dir, member)[:-keep]:
+        remove_checkpoint(run_dir, member, old)
+    return path
+
+
+def remove_checkpoint(run_dir: Path, member: str, step: int) -> None:
+    path = checkpoint_path(run_dir, member, step)
+    for file in (path.with_suffix(".sha256"), path):  # checksum first: the step stops counting at once
+        file.unlink(missing_ok=True)
+
+
+def steps_of(run_dir: Path, member: str) -> list[int]:
+    """Steps for which ``member`` has a checkpoint with its checksum (ascending)."""
+    folder = member_dir(run_dir, member)
+    if not folder.is_dir():
+        return []
+    steps = []
+    for name in os.listdir(folder):
+        match = STEP_FILE.match(name)
+        if match and (folder / name).with_suffix(".sha256").exists():
+            steps.append(int(match.group(1)))
+    return sorted(steps)
+
+
+def load_checkpoint(path: Path) -> dict:
+    """Verify the checksum, then ``torch.load(weights_only=True)``; raises :class:`CheckpointError`."""
+    path = Path(path)
+    try:
+        payload = path.read_bytes()
+        expected = path.with_suffix(".sha256").read_text().strip()
+    except OSError as exc:
+        raise CheckpointError(f"checkpoint {path} cannot be read: {exc}") from None
+    if hashlib.sha256(payload).hexdigest() != expected:
+        raise CheckpointError(f"checkpoint {path} does not match its checksum: it is truncated or was altered; refusing to load it")
+    try:
+        return torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
+    except Exception as exc:  # weights_only refuses anything but tensors and plain containers
+        raise CheckpointError(f"checkpoint {path} holds something other than tensors and plain data: {exc}") from None
+
+
+def latest_complete_step(run_dir: Path, members: list[str]) -> int | None:
+    """The newest step that every member has a checkpoint for (checksum present), or None."""
+    common: set[int] | None = None
+    for member in members:
+        steps = set(steps_of(run_dir, member))
+        common = steps if common is None else common & steps
+    return max(common) if common else None
+
+
+def discard_after(run_dir: Path, members: list[str], step: int | None) -> None:
+    """Remove every checkpoint newer than ``step`` (all of them for None): a run (re)starts from ``step``."""
+    for member in members:
+        for found in steps_of(run_dir, member):
+            if step is None or found > step:
+                remove_checkpoint(run_dir, member, found)
+        folder = member_dir(run_dir, member)
+        if step is None and folder.is_dir():
+            for leftover in folder.iterdir():  # half-written files of an earlier run
+                leftover.unlink(missing_ok=True)
+
+
+def write_run_record(run_dir: Path, record: dict) -> None:
+    save_atomic(json.dumps(record, indent=2, sort_keys=True), Path(run_dir) / "run.json")
+
+
+def read_run_record(run_dir: Path) -> dict:
+    path = Path(run_dir) / "run.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{run_dir} is not a poptrain run folder that can resume ({path}: {exc})") from None

@@ -1,0 +1,166 @@
+"""PNG figures of a population run, drawn from what MLflow recorded (matplotlib, Agg backend).
+
+* ``losses.png``: every member's ``loss`` on one chart;
+* ``terms_<member>.png``: a member's loss terms, raw (``loss``, ``term/*``) and weighted (times
+  ``weight/*``, or ``loss_weight`` for the loss, plus its already weighted ``coupling/*`` and its
+  ``objective``);
+* ``couplings.png``: each coupling's value ``coupling/<name>`` over steps, with its extras (e.g.
+  pairwise distances) and, for separation couplings, the margin;
+* ``coupled_<coupling>.png``: the coupled parameters ``coupling/<name>/<member>/<param>``, one
+  line per member. For a separation coupling of two members, a band of width ``margin`` around
+  their midpoint: they are apart once both lines are outside it (seed 000's alphas). With more
+  members, each line carries a band of ``margin/2`` on each side: a pair is apart when their
+  bands do not overlap.
+
+A chart with nothing to draw is skipped. Figures are drawn on matplotlib's Agg canvas directly,
+without pyplot: no display, no global backend switched in the caller's process.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from pathlib import Path
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from poptrain.compare import population_runs
+
+Series = tuple[list[int], list[float]]
+
+
+def _history(client, run_id: str, key: str) -> Series:
+    points = sorted((m.step, m.timestamp, m.value) for m in client.get_metric_history(run_id, key))
+    by_step = {step: value for step, _, value in points}  # the last write of a step wins
+    return list(by_step), list(by_step.values())
+
+
+def _filename(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text)
+
+
+def _figure(rows: int, cols: int, size: tuple[float, float]):
+    fig = Figure(figsize=size)
+    FigureCanvasAgg(fig)
+    return fig, fig.subplots(rows, cols, squeeze=False)
+
+
+def _save(fig: Figure, path: Path, written: list[Path]) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    written.append(path)
+
+
+def _coupling_settings(params: dict[str, str]) -> dict[str, dict[str, str]]:
+    """Coupling label -> its settings, from the parent's params ``couplings.<i>.<key>``."""
+    by_index: dict[str, dict[str, str]] = defaultdict(dict)
+    for key, value in params.items():
+        parts = key.split(".", 2)
+        if len(parts) == 3 and parts[0] == "couplings":
+            by_index[parts[1]][parts[2]] = value
+    return {(s.get("name") if s.get("name") not in (None, "None", "") else s.get("type", i)): s for i, s in by_index.items()}
+
+
+def _margin(setting: dict[str, str]) -> float | None:
+    """A hinge separation coupling's margin (the minimum distance it asks for), else None."""
+    if setting.get("type") == "separation" and setting.get("variant", "hinge") == "hinge" and "margin" in setting:
+        return float(setting["margin"])
+    return None
+
+
+def write_plots(client, parent_run_id: str, out_dir: Path) -> list[Path]:
+    """Write the population's figures into ``out_dir``; returns the paths written."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    parent, members = population_runs(client, parent_run_id)
+    written: list[Path] = []
+
+    # (a) every member's loss on one chart
+    losses = {name: _history(client, run.info.run_id, "loss") for name, run in members.items() if "loss" in run.data.metrics}
+    if losses:
+        fig, axes = _figure(1, 1, (8, 4.5))
+        ax = axes[0, 0]
+        for name, (steps, values) in losses.items():
+            ax.plot(steps, values, label=name)
+        ax.set(title=f"{parent.info.run_name}: loss per member", xlabel="step", ylabel="loss")
+        ax.legend()
+        _save(fig, out_dir / "losses.png", written)
+
+    # (b) per member: its terms raw, and weighted as they enter its objective
+    for name, run in members.items():
+        keys = run.data.metrics
+        raw = {k: _history(client, run.info.run_id, k) for k in sorted(keys) if k == "loss" or k.startswith("term/")}
+        if not raw:
+            continue
+        fig, axes = _figure(1, 2, (12, 4.5))
+        left, right = axes[0]
+        for key, (steps, values) in raw.items():
+            left.plot(steps, values, label=key)
+            term = "loss" if key == "loss" else key.split("/", 1)[1]
+            if f"weight/{term}" in keys:
+                weights = dict(zip(*_history(client, run.info.run_id, f"weight/{term}")))
+                points = [(s, v * weights[s]) for s, v in zip(steps, values) if s in weights]
+            else:
+                constant = float(run.data.params.get("loss_weight", 1.0)) if term == "loss" else 1.0
+                points = [(s, v * constant) for s, v in zip(steps, values)]
+            if points:
+                right.plot(*zip(*points), label=f"weighted {key}")
+        for key in sorted(k for k in keys if k.startswith("coupling/")):
+            right.plot(*_history(client, run.info.run_id, key), label=f"{key} (weighted)")
+        if "objective" in keys:
+            right.plot(*_history(client, run.info.run_id, "objective"), "k--", label="objective")
+        left.set(title=f"{name}: terms, raw", xlabel="step")
+        right.set(title=f"{name}: terms as weighted in its objective", xlabel="step")
+        left.legend(fontsize="small")
+        right.legend(fontsize="small")
+        _save(fig, out_dir / f"terms_{_filename(name)}.png", written)
+
+    # (c) each coupling's value, with its extras other than per-member parameters
+    metrics = parent.data.metrics
+    settings = _coupling_settings(parent.data.params)
+    couplings = sorted(k.split("/", 1)[1] for k in metrics if k.count("/") == 1 and k.startswith("coupling/"))
+    if couplings:
+        fig, axes = _figure(len(couplings), 1, (8, 3.5 * len(couplings)))
+        for ax, coupling in zip(axes[:, 0], couplings):
+            ax.plot(*_history(client, parent.info.run_id, f"coupling/{coupling}"), linewidth=2, label=f"coupling/{coupling}")
+            for key in sorted(metrics):
+                extra = key[len(f"coupling/{coupling}/") :]
+                if key.startswith(f"coupling/{coupling}/") and extra.split("/", 1)[0] not in members:
+                    ax.plot(*_history(client, parent.info.run_id, key), linewidth=1, label=extra)
+            setting = settings.get(coupling, {})
+            if _margin(setting) is not None:
+                ax.axhline(_margin(setting), color="grey", linestyle=":", label="margin")
+            ax.set(title=f"coupling {coupling}", xlabel="step")
+            ax.legend(fontsize="small")
+        _save(fig, out_dir / "couplings.png", written)
+
+    # (d) coupled parameters' trajectories: coupling/<name>/<member>/<param>
+    for coupling in couplings:
+        series: dict[str, dict[str, Series]] = defaultdict(dict)  # param -> member -> series
+        for key in sorted(metrics):
+            rest = key[len(f"coupling/{coupling}/") :].split("/", 1)
+            if key.startswith(f"coupling/{coupling}/") and len(rest) == 2 and rest[0] in members:
+                series[rest[1]][rest[0]] = _history(client, parent.info.run_id, key)
+        if not series:
+            continue
+        setting = settings.get(coupling, {})
+        margin = _margin(setting)
+        fig, axes = _figure(len(series), 1, (8, 4 * len(series)))
+        for ax, (param, by_member) in zip(axes[:, 0], series.items()):
+            for member, (steps, values) in by_member.items():
+                (line,) = ax.plot(steps, values, label=member)
+                if margin is not None and len(by_member) > 2:  # a band per member: pairs apart when bands do not overlap
+                    ax.fill_between(steps, [v - margin / 2 for v in values], [v + margin / 2 for v in values], color=line.get_color(), alpha=0.12)
+            if margin is not None and len(by_member) == 2:  # one band around the midpoint: apart once both lines leave it
+                (s1, v1), (s2, v2) = by_member.values()
+                other = dict(zip(s2, v2))
+                steps = [s for s in s1 if s in other]
+                middle = [(a + other[s]) / 2 for s, a in zip(s1, v1) if s in other]
+                ax.fill_between(steps, [m - margin / 2 for m in middle], [m + margin / 2 for m in middle], color="grey", alpha=0.2, label=f"margin {margin:g} around the midpoint")
+            elif margin is not None:
+                ax.plot([], [], color="grey", linewidth=6, alpha=0.3, label=f"bands: each ± margin/2 ({margin / 2:g})")
+            ax.set(title=f"coupling {coupling}: {param} per member", xlabel="step", ylabel=param)
+            ax.legend(fontsize="small")
+        _save(fig, out_dir / f"coupled_{_filename(coupling)}.png", written)
+    return written

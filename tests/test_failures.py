@@ -1,0 +1,174 @@
+"""Faults with real processes: killed members, a killed driver, NaNs, damaged checkpoints."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import yaml
+from mlflow.tracking import MlflowClient
+
+import poptrain
+from poptrain.checkpoint import CheckpointError, latest_complete_step, load_checkpoint, save_checkpoint, steps_of
+from tests.conftest import REPO, prelu_member
+
+
+def weights(result_dir, member):
+    return torch.load(result_dir / "members" / member / "model.pt", weights_only=True)
+
+
+def assert_bitwise_equal(dir_a, dir_b, members=("m1", "m2")):
+    for member in members:
+        a, b = weights(dir_a, member), weights(dir_b, member)
+        for key in a:
+            assert torch.equal(a[key], b[key]), f"{member}.{key} differs from the uninterrupted run"
+
+
+def logged_steps(tracking_uri, run_id, key="loss"):
+    return sorted(m.step for m in MlflowClient(tracking_uri).get_metric_history(run_id, key))
+
+
+def test_a_killed_member_is_restarted_from_its_checkpoint_and_the_run_ends_as_if_nothing_happened(ray_session, base_config, tmp_path, tracking_uri):
+    steps = 400
+    config = base_config(steps=steps, checkpoint={"every": 20})
+    killed = {}
+
+    def kill_m2_once(snapshot):
+        step = snapshot["members"].get("m2", {}).get("step", 0)
+        if not killed and 60 <= step < steps - 100:
+            killed["pid"], killed["step"] = snapshot["placement"]["m2"]["pid"], step
+            os.kill(killed["pid"], signal.SIGKILL)
+
+    interrupted = poptrain.run(config, progress=kill_m2_once, poll_s=0.1)
+    assert killed, "the member was killed mid-run"
+    assert interrupted.restarts == {"m2": 1}
+    assert interrupted.placement["m2"]["pid"] != killed["pid"], "a new process took over"
+    assert logged_steps(tracking_uri, interrupted.member_run_ids["m2"]) == list(range(steps)), "no step missing, none twice"
+    assert MlflowClient(tracking_uri).get_run(interrupted.member_run_ids["m2"]).data.tags["poptrain.restarts"] == "1"
+
+    uninterrupted = poptrain.run(base_config(steps=steps, checkpoint={"every": 20}, name="clean"))
+    assert_bitwise_equal(interrupted.output_dir, uninterrupted.output_dir)
+
+
+def test_a_member_that_keeps_dying_fails_the_run_naming_it_and_the_checkpoint(ray_session, base_config):
+    config = base_config(steps=400, checkpoint={"every": 20}, failure={"max_restarts": 0})
+
+    def kill_m1(snapshot):
+        if snapshot["members"].get("m1", {}).get("step", 0) >= 40:
+            try:
+                os.kill(snapshot["placement"]["m1"]["pid"], signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    with pytest.raises(poptrain.PopulationError, match=r"member m1 died.*failure.max_restarts: 0.*poptrain resume"):
+        poptrain.run(config, progress=kill_m1, poll_s=0.1)
+
+
+def test_a_killed_driver_resumes_into_the_same_runs_bitwise_equal_to_an_uninterrupted_run(ray_session, base_config, tmp_path, tracking_uri):
+    steps = 600
+    config = base_config(steps=steps, checkpoint={"every": 25}, name="resumable")
+    path = tmp_path / "resumable.yaml"
+    path.write_text(yaml.safe_dump(config))
+    run_dir = tmp_path / "runs" / "resumable"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env.pop("RAY_ADDRESS", None)
+    # Its own session: killing the group takes the driver and the Ray it started, like losing the machine.
+    driver = subprocess.Popen([sys.executable, "-m", "poptrain", "run", str(path)], cwd=tmp_path, env=env, start_new_session=True,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 240
+        while (latest_complete_step(run_dir, ["m1", "m2"]) or 0) < 50:
+            assert driver.poll() is None, "the run ended before it could be interrupted"
+            assert time.monotonic() < deadline, "no checkpoint appeared"
+            time.sleep(0.2)
+    finally:
+        os.killpg(driver.pid, signal.SIGKILL)
+        driver.wait()
+    assert latest_complete_step(run_dir, ["m1", "m2"]) < steps
+
+    resumed = subprocess.run([sys.executable, "-m", "poptrain", "resume", str(run_dir)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+
+    record = yaml.safe_load((run_dir / "run.json").read_text())
+    for member, run_id in record["members"].items():
+        assert logged_steps(tracking_uri, run_id) == list(range(steps)), f"{member}: every step exactly once"
+    parent = MlflowClient(tracking_uri).get_run(record["parent"])
+    assert parent.info.status == "FINISHED"
+    uninterrupted = poptrain.run(base_config(steps=steps, checkpoint={"every": 25}, name="clean"))
+    assert_bitwise_equal(run_dir, uninterrupted.output_dir)
+
+
+def poisoned(**changes):
+    data = {"name": "tests.helpers:poisoned_data", "kwargs": {"bad_index": 40}, "batch_size": 32, "shuffle": False}
+    return prelu_member("m1", data=data, **changes)
+
+
+def test_a_nan_loss_fails_the_run_naming_member_step_and_term(ray_session, base_config):
+    with pytest.raises(poptrain.PopulationError, match=r"member 'm1', step 1: non-finite term 'loss'"):
+        poptrain.run(base_config(members=[poisoned(), prelu_member("m2")], steps=5))
+
+
+def test_with_nonfinite_skip_the_poisoned_step_is_skipped_and_no_peer_sees_a_nan(ray_session, base_config, tracking_uri):
+    result = poptrain.run(base_config(members=[poisoned(), prelu_member("m2")], steps=6, failure={"nonfinite": "skip"}))
+    assert logged_steps(tracking_uri, result.member_run_ids["m1"], "skipped") == [1]
+    assert all(torch.isfinite(t).all() for t in weights(result.output_dir, "m1").values())
+    couplings = MlflowClient(tracking_uri).get_metric_history(result.run_id, "coupling/separation")
+    assert len(couplings) == 6 and all(torch.isfinite(torch.tensor(m.value)) for m in couplings)
+
+
+def test_damaged_checkpoints_are_refused_never_half_loaded(tmp_path):
+    state = {"step": 3, "model": {"w": torch.arange(1000.0)}}
+    path = save_checkpoint(state, tmp_path, "m1", 3, keep=2)
+    assert load_checkpoint(path)["model"]["w"].equal(state["model"]["w"])
+    payload = path.read_bytes()
+    path.write_bytes(payload[: len(payload) // 2])
+    with pytest.raises(CheckpointError, match="truncated or was altered"):
+        load_checkpoint(path)
+    path.write_bytes(payload[:-10] + b"0123456789")
+    with pytest.raises(CheckpointError, match="truncated or was altered"):
+        load_checkpoint(path)
+
+
+def test_a_checkpoint_that_smuggles_objects_is_refused_even_with_a_matching_checksum(tmp_path):
+    import argparse
+    import hashlib
+    import io
+
+    buffer = io.BytesIO()
+    torch.save({"step": 1, "payload": argparse.Namespace(command="rm -rf /")}, buffer)  # an arbitrary Python object
+    path = tmp_path / "checkpoints" / "m1" / "step-000000001.pt"
+    path.parent.mkdir(parents=True)
+    path.write_bytes(buffer.getvalue())
+    path.with_suffix(".sha256").write_text(hashlib.sha256(buffer.getvalue()).hexdigest())
+    with pytest.raises(CheckpointError, match="other than tensors"):
+        load_checkpoint(path)
+
+
+WRITER = """
+import os, sys, torch
+from poptrain import checkpoint
+real_fsync = os.fsync
+def fsync_then_stall(fd):
+    real_fsync(fd)
+    if checkpoint.checkpoint_path(sys.argv[1], "m1", 20).exists() is False:
+        print("temporary file written", flush=True)
+        import time; time.sleep(60)
+os.fsync = fsync_then_stall
+checkpoint.save_checkpoint({"step": 20, "model": {"w": torch.ones(10)}}, sys.argv[1], "m1", 20, keep=2)
+"""
+
+
+def test_a_process_killed_in_the_middle_of_a_checkpoint_write_leaves_the_previous_one_loadable(tmp_path):
+    save_checkpoint({"step": 10, "model": {"w": torch.zeros(10)}}, tmp_path, "m1", 10, keep=2)
+    writer = subprocess.Popen([sys.executable, "-c", WRITER, str(tmp_path)], stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert writer.stdout.readline().strip() == "temporary file written"
+    writer.kill()
+    writer.wait()
+    assert steps_of(tmp_path, "m1") == [10]
+    assert latest_complete_step(tmp_path, ["m1"]) == 10
+    assert load_checkpoint(tmp_path / "checkpoints" / "m1" / "step-000000010.pt")["model"]["w"].equal(torch.zeros(10))
