@@ -31,11 +31,17 @@ def build_parser() -> argparse.ArgumentParser:
         cmd.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted-key overrides, e.g. members.0.optimizer.lr=0.01")
     cmd = sub.add_parser("resume", help="continue an interrupted run from its latest complete checkpoint, into the same MLflow runs")
     cmd.add_argument("run_dir", help="the run's output folder, e.g. runs/prelu_separation")
+    sub.add_parser("compare", help="print a population's members side by side: the params that differ, final metrics (RUN_ID [--all])", add_help=False)
     sub.add_parser("schema", help="print the config reference (every key, its type, default and meaning)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "compare":  # its own parser: poptrain compare RUN_ID [--all] [--tracking-uri URI]
+        from poptrain.compare import compare_main
+
+        return compare_main(argv[1:])
     args = build_parser().parse_args(argv)
     if args.command == "schema":
         from poptrain.reference import config_reference
@@ -111,19 +117,28 @@ class PlainDisplay:
 
     def __init__(self, name: str, every_s: float = 5.0):
         self.name, self.every_s, self.last = name, every_s, 0.0
+        self.latest: dict[str, Any] | None = None
+        self.printed: dict[str, Any] | None = None
 
     def __enter__(self):
         print(f"poptrain: run {self.name!r} starting", flush=True)
         return self
 
     def __exit__(self, *exc):
+        if self.latest is not None and self.printed is not self.latest:
+            self._print(self.latest)  # the last state, however short the run
         return False
 
     def update(self, snapshot: dict[str, Any]) -> None:
+        self.latest = snapshot
         now = time.monotonic()
-        if now - self.last < self.every_s:
+        if now - self.last < self.every_s or not snapshot["members"]:
             return
         self.last = now
+        self._print(snapshot)
+
+    def _print(self, snapshot: dict[str, Any]) -> None:
+        self.printed = snapshot
         parts = [
             f"{name} step {s['step']}/{snapshot['steps']} loss {_fmt(s['loss'])} ({_fmt(s['steps_per_s'], '.1f')} steps/s)"
             for name, s in snapshot["members"].items()

@@ -296,6 +296,11 @@ class TrackingConfig(Strict):
         10, ge=0, description="Log `grad_norm/<name>` and `weight_norm/<name>` every k steps (0: never); frozen parameters have no gradient norm."
     )
     layer_norms_by: Literal["param", "module"] = Field("param", description="Per parameter (`input.weight`), or per module (`input`).")
+    log_models: bool = Field(True, description="Log each member's final model with `mlflow.pytorch` into its run (loads back with `mlflow.pytorch.load_model`).")
+    plots: bool = Field(True, description="Write PNG figures (losses, terms, couplings, coupled parameters) to `<run dir>/plots/` and the parent run at the end.")
+    system_metrics: Union[bool, Literal["auto"]] = Field(
+        "auto", description="Record each member's CPU, memory and GPU memory as `system/...` metrics every 10 s; `auto`: on when running on a multi-node cluster."
+    )
 
 
 class CheckpointConfig(Strict):

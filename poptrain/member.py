@@ -26,7 +26,7 @@ from torch import nn
 from torch.utils.data import Dataset, TensorDataset, default_collate
 
 from poptrain import builtins
-from poptrain.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, steps_of, checkpoint_path
+from poptrain.checkpoint import checkpoint_path, load_checkpoint, save_checkpoint, steps_of
 from poptrain.config import Component, MemberConfig, RunConfig
 from poptrain.coordinator import ExchangePlan
 from poptrain.couplings import PopulationInfo, Quantity, build_couplings
@@ -498,7 +498,9 @@ def placement_device() -> tuple[str, list[int]]:
 class MemberActor:
     """Ray actor around :class:`MemberTrainer`; talks to the coordinator and tracking directly."""
 
-    def __init__(self, run: RunConfig, name: str, population: PopulationInfo, coordinator, tracker, num_cpus: float, run_dir: str):
+    def __init__(
+        self, run: RunConfig, name: str, population: PopulationInfo, coordinator, tracker, num_cpus: float, run_dir: str, system_metrics: bool = False
+    ):
         device, gpu_ids = placement_device()
         torch.set_num_threads(max(1, int(num_cpus)))
         self.trainer = MemberTrainer(run, name, population, device)
@@ -512,6 +514,8 @@ class MemberActor:
             self.trainer.load_state_dict(load_checkpoint(path))
             self.restored_from = saved[-1]
         self.log_every = run.tracking.log_every
+        self.system_metrics = system_metrics
+        self.system_metrics_every_s, self.last_system_sample = 10.0, float("-inf")
         self.placement = {
             "node_id": _node_id(),
             "hostname": socket.gethostname(),
@@ -523,6 +527,22 @@ class MemberActor:
 
     def restored_step(self) -> int | None:
         return self.restored_from
+
+    def _system_metrics(self) -> dict[str, float]:
+        """CPU, memory (and GPU memory) of this member's process, under MLflow's `system/` prefix."""
+        import psutil
+
+        self.last_system_sample = time.monotonic()
+        process = psutil.Process()
+        out = {
+            "system/cpu_utilization_percentage": process.cpu_percent(interval=None),
+            "system/process_memory_rss_megabytes": process.memory_info().rss / 2**20,
+            "system/system_memory_usage_percentage": psutil.virtual_memory().percent,
+        }
+        if self.trainer.device.type == "cuda":
+            out["system/gpu_memory_allocated_megabytes"] = torch.cuda.memory_allocated(self.trainer.device) / 2**20
+            out["system/gpu_memory_reserved_megabytes"] = torch.cuda.memory_reserved(self.trainer.device) / 2**20
+        return out
 
     def info(self) -> dict[str, Any]:
         return dict(self.placement)
@@ -550,6 +570,8 @@ class MemberActor:
                 buffer, last_flush = [], time.monotonic()
                 save_checkpoint(self.trainer.state_dict(), self.run_dir, self.trainer.name, step, keep)
             metrics = self.trainer.train_step(self._exchange)
+            if self.system_metrics and time.monotonic() - self.last_system_sample >= self.system_metrics_every_s:
+                metrics.update(self._system_metrics())
             if step % self.log_every == 0 or self.trainer.step == until_step:
                 now_ms = int(time.time() * 1000)
                 buffer.extend((key, value, step, now_ms) for key, value in metrics.items())
@@ -565,6 +587,12 @@ class MemberActor:
 
     def model_state(self) -> dict[str, np.ndarray]:
         return {k: v.numpy() for k, v in self.trainer.model_state().items()}
+
+    def example_inputs(self, n: int = 4) -> np.ndarray | None:
+        """A few inputs from the member's data (the logged model's input example); None for multi-input models."""
+        dataset = self.trainer.batches.dataset
+        batch = default_collate([dataset[i] for i in range(min(n, len(dataset)))])
+        return batch[0].numpy() if len(batch) == 2 else None
 
 
 def _node_id() -> str:

@@ -7,7 +7,7 @@ ship metrics to tracking; the driver only polls progress and notices failures.
 from __future__ import annotations
 
 import os
-import tempfile
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -333,6 +333,15 @@ def _train(cfg: RunConfig, population: PopulationInfo, uri: str, run_dir: Path, 
         coordinator = ray.remote(CoordinatorActor).options(num_cpus=0, scheduling_strategy=here).remote(cfg, population, tracker)
         actors += [tracker, coordinator]
         restartable = cfg.failure.max_restarts if cfg.checkpoint.every else 0
+        nodes = sum(1 for node in ray.nodes() if node.get("Alive"))
+        system_metrics = nodes > 1 if cfg.tracking.system_metrics == "auto" else cfg.tracking.system_metrics
+        if nodes > 1 and not uri.startswith(("http://", "https://")):
+            print(
+                f"poptrain: warning: tracking URI {uri} is a local store on the driver's node, but the cluster has {nodes} nodes; "
+                "point tracking.uri / MLFLOW_TRACKING_URI at an MLflow server every node can reach to open the runs from anywhere",
+                file=sys.stderr,
+                flush=True,
+            )
         members = {}
         for index, (name, bundle) in enumerate(zip(cfg.member_names, bundles)):
             members[name] = (
@@ -344,7 +353,7 @@ def _train(cfg: RunConfig, population: PopulationInfo, uri: str, run_dir: Path, 
                     max_restarts=restartable,  # Ray re-creates the process; it reloads its latest checkpoint
                     max_task_retries=0,
                 )
-                .remote(cfg, name, population, coordinator, tracker, bundle["CPU"], str(run_dir))
+                .remote(cfg, name, population, coordinator, tracker, bundle["CPU"], str(run_dir), system_metrics)
             )
             actors.append(members[name])
         logged = _tracking_call(ids_ref)
@@ -392,6 +401,14 @@ def _train(cfg: RunConfig, population: PopulationInfo, uri: str, run_dir: Path, 
             save_atomic(state, run_dir / "members" / name / "model.pt")
         ray.get(coordinator.drain.remote())
         ray.get(tracker.log_artifact.remote(None, str(run_dir / "config.yaml")))
+        if cfg.tracking.log_models:
+            examples = _get_all([m.example_inputs.remote() for m in members.values()], members)
+            ray.get([
+                tracker.log_model.remote(n, str(run_dir / "members" / n / "model.pt"), cfg.member(n).model.model_dump(mode="json"), example, cfg.steps - 1)
+                for n, example in zip(members, examples)
+            ])
+        if cfg.tracking.plots:
+            ray.get(tracker.log_plots.remote(str(run_dir / "plots")))
         status = "FINISHED"
         return RunResult(
             run_id=ids.parent,

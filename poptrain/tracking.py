@@ -254,6 +254,24 @@ class Tracking:
     def log_artifact(self, member: str | None, local_path: str, artifact_path: str | None = None) -> None:
         self._retry(lambda: self.client.log_artifact(self._run_id(member), local_path, artifact_path))
 
+    def log_plots(self, out_dir: str) -> list[str]:
+        """Write the population's PNG figures under ``out_dir`` and log them to the parent run (``plots/``)."""
+        from poptrain.plots import write_plots
+
+        self.flush()  # the figures read the metric histories back from MLflow
+        assert self.ids is not None
+        paths = write_plots(self.client, self.ids.parent, Path(out_dir))
+        for path in paths:
+            self.log_artifact(None, str(path), "plots")
+        return [str(p) for p in paths]
+
+    def log_model(self, member: str, state_dict_path: str, model_spec: dict, example, step: int) -> str:
+        """Log a member's final model (``mlflow.pytorch``) into its run; returns the model URI."""
+        from poptrain.models_logging import log_member_model
+
+        assert self.ids is not None
+        return log_member_model(self.client, self.ids.members[member], state_dict_path, model_spec, example, step=step).model_uri
+
     def finish(self, status: str = "FINISHED") -> None:
         """Flush, then end every run of the population with ``status`` (FINISHED, FAILED, KILLED)."""
         try:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import os
 from pathlib import Path
 
 import pytest
@@ -51,7 +50,8 @@ def base_config(tmp_path: Path, tracking_uri: str, experiment: str):
             "seed": 0,
             "steps": 10,
             "output_dir": str(tmp_path / "runs"),
-            "tracking": {"uri": tracking_uri, "experiment": experiment},
+            # Plots and logged models cost seconds per run; tests/test_observability.py covers them.
+            "tracking": {"uri": tracking_uri, "experiment": experiment, "plots": False, "log_models": False},
             "members": [prelu_member("m1"), prelu_member("m2")],
             "couplings": [{"type": "separation", "param": "activation.weight", "margin": 2.0}],
         }

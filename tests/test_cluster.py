@@ -1,0 +1,462 @@
+"""Clusters (issue 6): the definitions in cluster/ are well-formed and pinned to this project's Ray,
+and a population submitted with `ray job submit` to a real two-node Ray cluster with token
+authentication runs across both nodes.
+
+The integration tests start their own cluster with cluster/local_cluster.sh (free ports, a state
+folder of their own, token auth on), separate from the in-process Ray of tests/conftest.py, and
+stop it (its processes only, never `ray stop --force`) even when a test fails.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+import re
+import secrets
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import yaml
+from packaging.requirements import Requirement
+from packaging.specifiers import SpecifierSet
+from packaging.utils import canonicalize_name
+
+from tests.conftest import REPO
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    from pip._vendor import tomli as tomllib
+
+CLUSTER = REPO / "cluster"
+SCRIPT = CLUSTER / "local_cluster.sh"
+RAY_VERSION = importlib.metadata.version("ray")
+PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
+IMAGE = re.compile(r"^rayproject/ray:(?P<ray>\d+\.\d+\.\d+)-py(?P<major>\d)(?P<minor>\d+)(?:-(?P<variant>cpu|gpu|cu\d+))?$")
+SHIPPED_CONFIG = "configs/prelu_separation.yaml"
+
+
+# --------------------------------------------------------------------------------------------
+# The cluster definitions
+
+
+def load_docs(name: str) -> list[dict]:
+    return [doc for doc in yaml.safe_load_all((CLUSTER / name).read_text()) if doc]
+
+
+def images_in(node) -> list[str]:
+    """Every ``image:`` value anywhere in a parsed YAML document."""
+    if isinstance(node, dict):
+        return [v for k, v in node.items() if k == "image" and isinstance(v, str)] + [i for v in node.values() for i in images_in(v)]
+    if isinstance(node, list):
+        return [i for v in node for i in images_in(v)]
+    return []
+
+
+def requirement_set(specs) -> set[tuple[str, str]]:
+    out = set()
+    for spec in specs:
+        req = Requirement(spec)
+        out.add((canonicalize_name(req.name), str(req.specifier)))
+    return out
+
+
+def poptrain_dependencies_without_ray() -> set[tuple[str, str]]:
+    """pyproject's dependencies, less ray (the Ray images bring it, pinned)."""
+    return {r for r in requirement_set(PYPROJECT["project"]["dependencies"]) if r[0] != "ray"}
+
+
+def pip_install_args(command: str) -> list[str]:
+    """The requirement arguments of the first ``pip install`` in a shell command line."""
+    words = shlex.split(command)
+    start = next(i for i in range(len(words) - 1) if words[i] == "pip" and words[i + 1] == "install") + 2
+    out = []
+    for word in words[start:]:
+        if word in ("&&", ";", "||") or word.endswith(";"):
+            break
+        if not word.startswith("-"):
+            out.append(word)
+    return out
+
+
+def check_image(image: str) -> None:
+    match = IMAGE.match(image)
+    assert match, f"{image!r} is not an official rayproject/ray:<version>-py<XY>[-gpu] image"
+    assert match["ray"] == RAY_VERSION, f"{image} runs Ray {match['ray']}, but this project is tested with Ray {RAY_VERSION}"
+    python = f"{match['major']}.{match['minor']}"
+    assert SpecifierSet(PYPROJECT["project"]["requires-python"]).contains(python), f"{image}: Python {python} is outside requires-python"
+
+
+def test_installed_ray_satisfies_pyproject():
+    ray_req = next(Requirement(d) for d in PYPROJECT["project"]["dependencies"] if canonicalize_name(Requirement(d).name) == "ray")
+    assert "default" in ray_req.extras, "job submission and the dashboard need ray[default]"
+    assert ray_req.specifier.contains(RAY_VERSION), f"installed ray {RAY_VERSION} does not satisfy pyproject's {ray_req}"
+
+
+def test_every_cluster_definition_uses_one_ray_image_matching_the_installed_ray():
+    images = set()
+    for name in ("cluster-launcher.yaml", "kuberay-rayjob.yaml", "kuberay-raycluster.yaml"):
+        found = [i for doc in load_docs(name) for i in images_in(doc)]
+        assert found, f"{name} names no image"
+        for image in found:
+            check_image(image)
+        images.update(found)
+    assert len(images) == 1, f"the cluster definitions disagree on the image: {sorted(images)}"
+    assert images.pop() in (CLUSTER / "README.md").read_text(), "cluster/README.md names the image the definitions use"
+
+
+def test_cluster_launcher_yaml_passes_rays_own_validation():
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    raw = load_docs("cluster-launcher.yaml")
+    assert len(raw) == 1
+    config = prepare_config(raw[0])  # what `ray up` does: merge the provider's defaults...
+    validate_config(config)  # ...and check against ray/autoscaler/ray-schema.json
+    assert config["provider"]["type"] in ("aws", "gcp", "azure")
+    types = config["available_node_types"]
+    assert config["head_node_type"] in types
+    gpu_types = [
+        name
+        for name, t in types.items()
+        if name != config["head_node_type"]
+        and (t.get("resources", {}).get("GPU", 0) >= 1 or re.match(r"^(g|p)\d", str(t["node_config"].get("InstanceType", ""))))
+    ]
+    assert gpu_types, "a GPU worker node type"
+    members = len(yaml.safe_load((REPO / SHIPPED_CONFIG).read_text())["members"])
+    assert sum(types[t]["min_workers"] for t in gpu_types) >= members, "enough GPU workers up for a shipped config (one GPU per member)"
+    # poptrain on every node, from the repository synced to it
+    assert config["file_mounts"].get("~/poptrain") == "."
+    assert any(re.search(r"pip install .*(-e )?~/poptrain", c) for c in config["setup_commands"])
+    # token authentication on every node, with the submitting client's token
+    assert config["file_mounts"].get("~/.ray/auth_token") == "~/.ray/auth_token"
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        starts = [c for c in config[key] if "ray start" in c]
+        assert starts and all("RAY_AUTH_MODE=token" in c for c in starts), key
+
+
+def kuberay_cluster_checks(spec: dict, where: str) -> None:
+    assert spec["rayVersion"] == RAY_VERSION, f"{where}: rayVersion {spec['rayVersion']} != installed ray {RAY_VERSION}"
+    assert spec.get("authOptions", {}).get("mode") == "token", f"{where}: token authentication on"
+    head = spec["headGroupSpec"]["template"]["spec"]["containers"][0]
+    check_image(head["image"])
+    assert {p["containerPort"] for p in head.get("ports", [])} >= {6379, 8265}
+    gpu_groups = [
+        g for g in spec["workerGroupSpecs"]
+        if int(g["template"]["spec"]["containers"][0]["resources"]["limits"].get("nvidia.com/gpu", 0)) >= 1
+    ]
+    assert gpu_groups, f"{where}: a GPU worker group"
+    for group in spec["workerGroupSpecs"]:
+        assert {"groupName", "replicas", "minReplicas", "maxReplicas", "rayStartParams", "template"} <= set(group), group.get("groupName")
+        check_image(group["template"]["spec"]["containers"][0]["image"])
+
+
+def test_kuberay_raycluster_manifest():
+    docs = load_docs("kuberay-raycluster.yaml")
+    (cluster,) = [d for d in docs if d.get("kind") == "RayCluster"]
+    assert cluster["apiVersion"] == "ray.io/v1"
+    assert cluster["metadata"]["name"]
+    kuberay_cluster_checks(cluster["spec"], "RayCluster")
+    # The containers install poptrain's dependencies (pyproject's, ray aside) before KubeRay's ray start.
+    assert cluster["metadata"]["annotations"]["ray.io/overwrite-container-cmd"] == "true"
+    spec = cluster["spec"]
+    containers = [spec["headGroupSpec"]["template"]["spec"]["containers"][0]] + [
+        g["template"]["spec"]["containers"][0] for g in spec["workerGroupSpecs"]
+    ]
+    for container in containers:
+        command = " ".join(container["args"])
+        assert "$KUBERAY_GEN_RAY_START_CMD" in command
+        assert requirement_set(pip_install_args(command)) == poptrain_dependencies_without_ray(), container["name"]
+
+
+def test_kuberay_rayjob_manifest_runs_a_shipped_config():
+    from poptrain.config import load_config
+    from poptrain.population import inspect_population
+
+    docs = load_docs("kuberay-rayjob.yaml")
+    (job,) = [d for d in docs if d.get("kind") == "RayJob"]
+    assert job["apiVersion"] == "ray.io/v1"
+    spec = job["spec"]
+    kuberay_cluster_checks(spec["rayClusterSpec"], "RayJob.rayClusterSpec")
+    assert spec["shutdownAfterJobFinishes"] is True
+
+    words = shlex.split(spec["entrypoint"])
+    assert words[:4] == ["python", "-m", "poptrain", "run"] or words[:2] == ["poptrain", "run"], spec["entrypoint"]
+    config, overrides = (words[4], words[5:]) if words[0] == "python" else (words[2], words[3:])
+    assert (REPO / config).is_file() and config.startswith("configs/"), f"{config} is a shipped config"
+    cfg = load_config(REPO / config, overrides)  # the entrypoint's config and overrides are valid
+    inspect_population(cfg)
+
+    runtime_env = yaml.safe_load(spec["runtimeEnvYAML"])
+    assert re.match(r"^(s3|gs|https?)://.+\.zip$", runtime_env["working_dir"]), "the code comes as a zip Ray downloads"
+    assert requirement_set(runtime_env["pip"]) == poptrain_dependencies_without_ray()
+    assert runtime_env["env_vars"]["MLFLOW_TRACKING_URI"].startswith("http"), "an MLflow server, not a pod-local sqlite file"
+
+    gpus = sum(
+        g["replicas"] * int(g["template"]["spec"]["containers"][0]["resources"]["limits"].get("nvidia.com/gpu", 0))
+        for g in spec["rayClusterSpec"]["workerGroupSpecs"]
+    )
+    assert gpus >= len(cfg.members), f"{gpus} GPUs for {len(cfg.members)} members (`num_gpus: auto` gives each one GPU)"
+
+
+def test_local_cluster_script_is_valid_bash():
+    assert os.access(SCRIPT, os.X_OK), "cluster/local_cluster.sh is executable"
+    subprocess.run(["bash", "-n", str(SCRIPT)], check=True)
+    if shutil.which("shellcheck"):
+        subprocess.run(["shellcheck", "-S", "warning", str(SCRIPT)], check=True)
+    usage = subprocess.run(["bash", str(SCRIPT)], capture_output=True, text=True)
+    assert usage.returncode == 2 and "start|stop" in usage.stderr
+
+
+def test_cluster_readme_gives_the_whole_recipe():
+    text = (CLUSTER / "README.md").read_text()
+    for needed in (
+        "RAY_AUTH_MODE=token",
+        "RAY_AUTH_TOKEN",
+        "ray get-auth-token --generate",
+        "cluster/local_cluster.sh start",
+        "cluster/local_cluster.sh stop",
+        "ray job submit",
+        "--working-dir .",
+        "--runtime-env-json",
+        "poptrain run configs/",
+        "placement.strategy=SPREAD",
+        "resources.num_gpus",
+        "CUDA_VISIBLE_DEVICES",
+        "MLFLOW_TRACKING_URI",
+        "mlflow server",
+        "kuberay-rayjob.yaml",
+        "kuberay-raycluster.yaml",
+        "cluster-launcher.yaml",
+    ):
+        assert needed in text, f"cluster/README.md mentions {needed!r}"
+
+
+# --------------------------------------------------------------------------------------------
+# A real two-node cluster on loopback
+
+
+MARKER = "POPTRAIN_LOCAL_CLUSTER"
+
+
+@dataclass
+class LocalCluster:
+    state: Path
+    env: dict[str, str]  # a submitting client's environment: addresses and token
+    token: str
+    start_s: float
+
+
+def base_env() -> dict[str, str]:
+    """This interpreter's environment, without anything that would point Ray or MLflow elsewhere."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_"))}
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])  # `poptrain`, `ray`
+    env["PYTHON"] = sys.executable
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def ray_cli(*args: str, env: dict, timeout: float, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "ray.scripts.scripts", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def processes_of(state: Path) -> list[str]:
+    """Processes still carrying the cluster's marker, or naming its folder on their command line."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            environ = (entry / "environ").read_bytes().split(b"\0")
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if f"{MARKER}={state}".encode() in environ or str(state) in cmdline:
+            found.append(f"{entry.name}: {cmdline[:120]}")
+    return found
+
+
+@pytest.fixture(scope="module")
+def local_cluster():
+    """A head and a worker raylet on 127.0.0.1 (1 CPU, node_a / node_b each), token auth on,
+    started by cluster/local_cluster.sh and torn down, its processes only, whatever happens."""
+    if not sys.platform.startswith("linux") or not shutil.which("setsid"):
+        pytest.skip("the local cluster script needs Linux (setsid, /proc)")
+    # Short: Ray puts Unix sockets under it (107-byte path limit).
+    state = Path(tempfile.mkdtemp(prefix="ptc-", dir="/tmp"))
+    token = secrets.token_hex(32)
+    env = {**base_env(), "POPTRAIN_CLUSTER_DIR": str(state), "RAY_AUTH_TOKEN": token, "WORKERS": "1", "CPUS_PER_NODE": "1"}
+    started = time.monotonic()
+    try:
+        done = subprocess.run(["bash", str(SCRIPT), "start"], env=env, capture_output=True, text=True, timeout=180)
+        assert done.returncode == 0, f"local_cluster.sh start failed:\n{done.stdout}\n{done.stderr}"
+        client = base_env()
+        for line in (state / "env").read_text().splitlines():
+            key, _, value = line.removeprefix("export ").partition("=")
+            client[key] = value
+        assert client["RAY_AUTH_MODE"] == "token" and client["RAY_AUTH_TOKEN"] == token
+        assert client["RAY_API_SERVER_ADDRESS"].startswith("http://127.0.0.1:")
+        assert client["RAY_API_SERVER_ADDRESS"] in done.stdout, "start prints the address for `ray job submit`"
+        yield LocalCluster(state, client, token, time.monotonic() - started)
+    finally:
+        stop = subprocess.run(["bash", str(SCRIPT), "stop"], env=env, capture_output=True, text=True, timeout=60)
+        left = processes_of(state)
+        again = subprocess.run(["bash", str(SCRIPT), "stop"], env=env, capture_output=True, text=True, timeout=60)
+        shutil.rmtree(state, ignore_errors=True)
+        assert stop.returncode == 0, f"local_cluster.sh stop failed:\n{stop.stdout}\n{stop.stderr}"
+        assert not left, f"processes left after stop: {left}"
+        assert again.returncode == 0 and "no process" in again.stdout, "a second stop finds nothing to stop"
+
+
+def api(cluster: LocalCluster, path: str, token: str | None = None) -> tuple[int, dict]:
+    """GET on the cluster's dashboard HTTP API with a bearer token (the cluster's, by default)."""
+    request = urllib.request.Request(cluster.env["RAY_API_SERVER_ADDRESS"] + path)
+    request.add_header("Authorization", f"Bearer {cluster.token if token is None else token}")
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, json.loads(response.read() or b"null")
+    except urllib.error.HTTPError as exc:
+        return exc.code, {}
+
+
+def cluster_nodes(cluster: LocalCluster) -> dict[str, dict[str, float]]:
+    """node id -> total resources, of the cluster's alive nodes (Ray's state API)."""
+    code, body = api(cluster, "/api/v0/nodes")
+    assert code == 200, code
+    return {n["node_id"]: n["resources_total"] for n in body["data"]["result"]["result"] if n["state"] == "ALIVE"}
+
+
+@dataclass
+class Job:
+    done: subprocess.CompletedProcess
+    seconds: float
+    folder: Path
+    tracking_uri: str
+
+
+@pytest.fixture(scope="module")
+def spread_job(local_cluster, tmp_path_factory):
+    """A shipped config submitted the README's way: 2 members, a few steps, SPREAD, MLflow in an
+    sqlite file given by absolute path, outputs in a temporary folder. Both members read their
+    data through an import path of the uploaded working dir (tests.helpers), so it must reach
+    both nodes."""
+    folder = tmp_path_factory.mktemp("spread_job")
+    uri = f"sqlite:///{folder / 'mlflow.db'}"  # four slashes: an absolute path
+    started = time.monotonic()
+    done = ray_cli(
+        "job", "submit",
+        "--submission-id", f"poptrain-spread-{secrets.token_hex(4)}",
+        "--working-dir", ".",
+        "--runtime-env-json", json.dumps({"excludes": ["runs/", "mlruns/", "*.db", ".benchmarks/"]}),
+        "--",
+        "poptrain", "run", SHIPPED_CONFIG,
+        "steps=8",
+        "placement.strategy=SPREAD",
+        f"tracking.uri={uri}",
+        f"output_dir={folder / 'runs'}",
+        "members.m1.data.name=tests.helpers:tiny_data",
+        "members.m2.data.name=tests.helpers:tiny_data",
+        env=local_cluster.env,
+        timeout=300,
+    )
+    seconds = time.monotonic() - started
+    print(f"\ncluster start {local_cluster.start_s:.1f} s; job submit to finish {seconds:.1f} s")
+    return Job(done, seconds, folder, uri)
+
+
+@pytest.mark.slow
+def test_population_submitted_with_ray_job_submit_runs_on_both_nodes(local_cluster, spread_job):
+    from mlflow.tracking import MlflowClient
+
+    done = spread_job.done
+    log = done.stdout + done.stderr
+    assert done.returncode == 0, f"ray job submit exited {done.returncode}:\n{log[-6000:]}"
+    assert re.search(r"Job '[^']+' succeeded", log)
+    # poptrain's plain output in the job log: the start, progress lines (at least the first one;
+    # the next come every 5 s), the summary
+    assert "poptrain: run 'prelu_separation' starting" in log
+    assert re.search(r"(?m)^\[\s*\d+\.\d+s\] \S", log), log[-3000:]
+    assert "finished in" in log, log[-3000:]
+    summary = log[log.rindex("finished in") :]
+    assert re.search(r"\bm1\b", summary) and re.search(r"\bm2\b", summary), log[-3000:]
+
+    client = MlflowClient(spread_job.tracking_uri)
+    experiment = client.get_experiment_by_name("poptrain")
+    runs = client.search_runs([experiment.experiment_id])
+    parents = [r for r in runs if r.data.tags.get("poptrain.role") == "population"]
+    members = {r.data.tags["poptrain.member"]: r for r in runs if r.data.tags.get("poptrain.role") == "member"}
+    assert len(parents) == 1 and sorted(members) == ["m1", "m2"]
+    for run in [*parents, *members.values()]:
+        assert run.info.status == "FINISHED", (run.info.run_name, run.info.status)
+    for name, run in members.items():
+        assert run.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
+        assert run.data.params["placement.device"] == "cpu"
+        assert run.data.params["placement.hostname"]
+        assert run.data.params["data.name"] == "tests.helpers:tiny_data"
+        steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "loss"))
+        assert steps == list(range(8)), f"{name}: every step's loss logged once"
+        assert "objective" in run.data.metrics
+    assert "coupling/separation" in parents[0].data.metrics
+    assert parents[0].data.params["placement.strategy"] == "SPREAD"
+
+    # One member per node: each on one of the cluster's two nodes, node_a's and node_b's.
+    nodes = cluster_nodes(local_cluster)
+    assert len(nodes) == 2
+    placed = {name: run.data.params["placement.node_id"] for name, run in members.items()}
+    assert len(set(placed.values())) == 2, f"both members on one node: {placed}"
+    assert set(placed.values()) == set(nodes), f"members on {placed}, cluster nodes {sorted(nodes)}"
+    custom = sorted(k for node in placed.values() for k in nodes[node] if re.fullmatch(r"node_[a-z]", k))
+    assert custom == ["node_a", "node_b"], custom
+
+    # The driver wrote the outputs where the config said.
+    for name in ("m1", "m2"):
+        assert (spread_job.folder / "runs" / "prelu_separation" / "members" / name / "model.pt").is_file()
+
+
+@pytest.mark.slow
+def test_a_multi_node_run_with_a_local_sqlite_store_warns(spread_job):
+    """The embedded sqlite store only makes sense on one machine: a run on a multi-node cluster
+    with a local sqlite URI must say so in its log (and still run)."""
+    log = spread_job.done.stdout + spread_job.done.stderr
+    assert spread_job.done.returncode == 0
+    assert re.search(r"(?i)warn.*sqlite", log), "no warning about a local sqlite tracking store on a multi-node cluster"
+
+
+@pytest.mark.slow
+def test_a_failing_job_has_a_failed_status(local_cluster):
+    submission = f"poptrain-invalid-{secrets.token_hex(4)}"
+    done = ray_cli(
+        "job", "submit", "--submission-id", submission, "--working-dir", ".", "--",
+        "poptrain", "run", SHIPPED_CONFIG, "no_such_key=1",
+        env=local_cluster.env,
+        timeout=180,
+    )
+    log = done.stdout + done.stderr
+    assert done.returncode == 1, f"ray job submit exited {done.returncode}:\n{log[-4000:]}"
+    assert "no_such_key: unknown key" in log, "poptrain's own message is in the job log"
+    assert re.search(rf"Job '{submission}' failed", log)
+    code, job = api(local_cluster, f"/api/jobs/{submission}")
+    assert code == 200, code
+    assert job["status"] == "FAILED"
+    assert "exit code 2" in job["message"], "the job's status carries poptrain's exit code (2: invalid input)"
+
+
+@pytest.mark.slow
+def test_the_cluster_refuses_a_client_without_its_token(local_cluster):
+    assert api(local_cluster, "/api/jobs/")[0] == 200
+    assert api(local_cluster, "/api/jobs/", token=secrets.token_hex(32))[0] in (401, 403)
+    request = urllib.request.Request(local_cluster.env["RAY_API_SERVER_ADDRESS"] + "/api/jobs/")  # no token at all
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=30)
+    assert refused.value.code in (401, 403)

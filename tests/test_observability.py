@@ -1,0 +1,151 @@
+"""Seeing a population (issue 4) against a real `mlflow server` over HTTP: plots as artifacts,
+the member comparison, and logged models that load back and predict like the saved weights."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import mlflow.pytorch
+import pytest
+import torch
+from mlflow.entities import LoggedModelStatus
+from mlflow.tracking import MlflowClient
+from PIL import Image
+
+import poptrain
+from poptrain.compare import compare_main, compare_table
+from poptrain.config import Component
+from poptrain.member import build_model
+from poptrain.models_logging import using_tracking_uri
+from poptrain.plots import write_plots
+from tests.conftest import prelu_member
+
+PLOTS = {"losses.png", "terms_m1.png", "terms_m2.png", "couplings.png", "coupled_separation.png"}
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    """A real MLflow tracking server on 127.0.0.1 (its own sqlite store and artifact folder); its URL."""
+    root = tmp_path_factory.mktemp("mlflow_server")
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"  # else it starts a job runner and 7 huey consumers
+    with open(root / "server.log", "wb") as log:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+             "--default-artifact-root", str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+            cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,  # its own group: its workers end with it
+        )
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(url + "/health", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            if server.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"mlflow server did not come up on {url}:\n{(root / 'server.log').read_text()[-3000:]}")
+            time.sleep(0.5)
+        yield url
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
+
+
+def test_a_population_over_http_has_plots_a_comparison_and_loadable_models(ray_session, base_config, mlflow_server, tmp_path, capsys):
+    m1 = prelu_member("m1", terms=[{"name": "l2", "fn": {"name": "param_l2", "kwargs": {"params": "activation.weight"}}, "weight": 0.01}])
+    m2 = prelu_member("m2", optimizer={"name": "adam", "lr": 0.02})
+    # The defaults a user gets: plots and logged models on (the shared fixture turns them off for speed).
+    tracking = {"uri": mlflow_server, "experiment": "x", "plots": True, "log_models": True}
+    config = base_config(tracking=tracking, steps=12, members=[m1, m2])
+    result = poptrain.run(config)
+    client = MlflowClient(mlflow_server)
+
+    # Plots: artifacts of the parent run, valid PNG images; also under the run's output folder.
+    artifacts = {a.path.split("/")[-1]: a for a in client.list_artifacts(result.run_id, "plots")}
+    assert PLOTS <= set(artifacts), sorted(artifacts)
+    for name in PLOTS:
+        assert artifacts[name].file_size > 0
+        local = Path(client.download_artifacts(result.run_id, f"plots/{name}", str(tmp_path)))
+        with Image.open(local) as image:
+            image.verify()
+        with Image.open(local) as image:
+            assert image.format == "PNG" and image.width > 100 and image.height > 100
+        assert (result.output_dir / "plots" / name).is_file()
+
+    # Comparison: what differs between members, then their final key metrics.
+    columns, rows = compare_table(client, result.run_id)
+    assert columns == ["kind", "key", "m1", "m2"]
+    params = {key: values for kind, key, *values in rows if kind == "param"}
+    metrics = {key: values for kind, key, *values in rows if kind == "metric"}
+    assert params["optimizer.lr"] == ["0.01", "0.02"]
+    assert params["terms.0.name"] == ["l2", None]
+    assert "model.kwargs.activation" not in params and "placement.pid" not in params and "member" not in params
+    assert {"loss", "objective", "coupling/separation", "term/l2"} <= set(metrics)
+    assert all(isinstance(v, float) for v in metrics["loss"]) and metrics["term/l2"][1] is None
+    every = {key for kind, key, *_ in compare_table(client, result.run_id, all_params=True)[1] if kind == "param"}
+    assert {"model.kwargs.activation", "optimizer.lr", "placement.pid"} <= every
+    assert compare_main([result.run_id, "--tracking-uri", mlflow_server]) == 0
+    shown = capsys.readouterr().out
+    assert "optimizer.lr" in shown and "0.02" in shown and "coupling/separation" in shown
+
+    # Models: one LoggedModel per member run, linked to it, loading back as the member's own
+    # module and predicting like its saved weights.
+    experiment_id = client.get_run(result.run_id).info.experiment_id
+    inputs = torch.randn(7, 20)  # another batch size than the example's
+    for name, run_id in result.member_run_ids.items():
+        models = client.search_logged_models([experiment_id], filter_string=f"source_run_id = '{run_id}'")
+        assert len(models) == 1, f"{name}: {models}"
+        assert models[0].status == LoggedModelStatus.READY and models[0].name == "model"
+        assert [o.model_id for o in client.get_run(run_id).outputs.model_outputs] == [models[0].model_id]
+        saved = torch.load(result.output_dir / "members" / name / "model.pt", weights_only=True)
+        spec = next(m["model"] for m in config["members"] if m["name"] == name)
+        reference = build_model(Component(**spec))
+        reference.load_state_dict(saved)
+        with using_tracking_uri(mlflow_server):  # models:/ and runs:/ URIs resolve through MLflow's global URI
+            loaded = mlflow.pytorch.load_model(models[0].model_uri)
+            by_run = mlflow.pytorch.load_model(f"runs:/{run_id}/model")
+        assert torch.equal(loaded.activation.weight, saved["activation.weight"]), "the member's alpha, by name"
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(inputs), reference(inputs))
+            torch.testing.assert_close(by_run(inputs), reference(inputs))
+
+
+def test_compare_refuses_unknown_runs_and_runs_that_are_not_a_population(mlflow_server, tmp_path, capsys):
+    client = MlflowClient(mlflow_server)
+    experiment_id = client.create_experiment("not-populations")
+    plain = client.create_run(experiment_id, run_name="plain").info.run_id
+    parent = client.create_run(experiment_id, run_name="pop", tags={"poptrain.role": "population", "poptrain.members": "a"}).info.run_id
+    member = client.create_run(experiment_id, tags={"mlflow.parentRunId": parent, "poptrain.role": "member", "poptrain.member": "a"}).info.run_id
+
+    assert compare_main(["0123456789abcdef0123456789abcdef", "--tracking-uri", mlflow_server]) == 2
+    assert "no MLflow run" in capsys.readouterr().err
+    assert compare_main([plain, "--tracking-uri", mlflow_server]) == 2
+    assert "not a poptrain population" in capsys.readouterr().err
+    assert compare_main([member, "--tracking-uri", mlflow_server]) == 2
+    assert parent in capsys.readouterr().err, "points at the population's run id"
+
+    # A population that logged nothing yet: no chart to draw, a table with no metric.
+    assert write_plots(client, parent, tmp_path / "plots") == []
+    columns, rows = compare_table(client, parent)
+    assert columns == ["kind", "key", "a"] and not [r for r in rows if r[0] == "metric"]
