@@ -6,6 +6,7 @@ Exit codes: 0 success, 1 a training failure, 2 invalid input (nothing was starte
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from typing import Any
@@ -38,6 +39,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    # Import paths in configs (`mypkg.models:Net`) resolve from the working directory, as with
+    # `python -m poptrain`; a console script would not look there otherwise.
+    if "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
     if argv and argv[0] == "compare":  # its own parser: poptrain compare RUN_ID [--all] [--tracking-uri URI]
         from poptrain.compare import compare_main
 
