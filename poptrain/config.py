@@ -284,7 +284,12 @@ class CouplingConfig(Strict):
 
 class ExchangeConfig(Strict):
     every: int = Field(1, ge=1, le=1_000_000, description="Exchange with the coordinator every k steps; exact coupling gradients when 1.")
-    mode: Literal["sync"] = Field("sync", description="`sync`: a barrier per exchange (exact).")
+    mode: Literal["sync", "async"] = Field(
+        "sync",
+        description="`sync`: a barrier per exchange (exact with `every: 1`). `async`: a member publishes its values and "
+        "goes on with its peers' freshest ones, waiting only when a peer is more than `max_staleness` exchanges behind.",
+    )
+    max_staleness: int = Field(1, ge=0, le=1_000_000, description="`async` only: how many exchanges old a peer's values may be.")
     timeout_s: float = Field(300.0, gt=0, le=MAX_TIMEOUT_S, description="How long a member waits at the barrier for its peers before the run fails naming the missing ones.")
 
 
@@ -635,7 +640,7 @@ def validate_config(raw: dict) -> RunConfig:
     if cfg.checkpoint.every and cfg.checkpoint.every % cfg.exchange.every:
         problems.append(("checkpoint.every", f"must be a multiple of exchange.every ({cfg.exchange.every}), so checkpoints fall on exchanges; got {cfg.checkpoint.every}"))
 
-    from poptrain.couplings import resolve_coupling  # the registry imports this module
+    from poptrain.couplings import Coupling, resolve_coupling  # the registry imports this module
 
     typed: list[CouplingConfig] = []
     labels: set[str] = set()
@@ -673,6 +678,8 @@ def validate_config(raw: dict) -> RunConfig:
         if specific.label in labels:
             problems.append((f"{key}.name", f"duplicate coupling name {specific.label!r}: give each coupling a distinct `name`"))
         labels.add(specific.label)
+        if cfg.exchange.mode == "async" and cls.exchange_transform is not Coupling.exchange_transform:
+            problems.append((f"{key}.type", f"{item['type']!r} replaces members' values at exchanges, which needs every member at the same exchange: use `exchange.mode: sync`"))
         try:
             problems.extend((f"{key}.{k}" if k else key, msg) for k, msg in cls.check_config(specific, cfg))
         except Exception as exc:  # a user coupling's own check failing is still a config problem

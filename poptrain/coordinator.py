@@ -110,19 +110,23 @@ class Coordinator:
                 final = kind == "param" and step == self.run.steps
                 for q, tensor in coupling.exchange_transform(kind, self.latest, index, final).items():
                     replace[q] = tensor.detach().contiguous().numpy()
+        return {"values": merged, "replace": replace}, self.coupling_metrics(kind, step)
 
+    def coupling_metrics(self, kind: str, step: int) -> dict[str, float]:
+        """Every coupling evaluated at ``kind`` on the latest population values (on logged steps)."""
         metrics: dict[str, float] = {}
-        if step % self.run.tracking.log_every == 0:
-            for coupling in self.couplings:
-                if PHASES[self.evaluated_at[coupling.name]] != kind or any(q not in self.latest for q in coupling.reads()):
-                    continue
-                with torch.no_grad():
-                    value = coupling.value(self.latest)
-                    if value is not None:
-                        metrics[f"coupling/{coupling.name}"] = float(value)
-                    for key, extra in coupling.metrics(self.latest).items():
-                        metrics[f"coupling/{coupling.name}/{key}"] = float(extra)
-        return {"values": merged, "replace": replace}, metrics
+        if step % self.run.tracking.log_every:
+            return metrics
+        for coupling in self.couplings:
+            if PHASES[self.evaluated_at[coupling.name]] != kind or any(q not in self.latest for q in coupling.reads()):
+                continue
+            with torch.no_grad():
+                value = coupling.value(self.latest)
+                if value is not None:
+                    metrics[f"coupling/{coupling.name}"] = float(value)
+                for key, extra in coupling.metrics(self.latest).items():
+                    metrics[f"coupling/{coupling.name}/{key}"] = float(extra)
+        return metrics
 
 
 class CoordinatorActor:
@@ -137,6 +141,11 @@ class CoordinatorActor:
         # checkpoint to replay up to its peers: it gets exactly what it got the first time.
         self.completed: dict[tuple[str, int], Any] = {}
         self.history_steps = 2 * run.checkpoint.every + run.exchange.every if run.checkpoint.every else 0
+        # async mode: each member's newest values per kind, and who waits for them
+        self.max_staleness = run.exchange.max_staleness
+        self.published: dict[str, dict[str, tuple[int, dict]]] = {}
+        self.conditions: dict[str, asyncio.Condition] = {}
+        self.logged: dict[str, int] = {}
 
     async def exchange(self, kind: str, step: int, member: str, values: dict[Quantity, np.ndarray]):
         key = (kind, step)
@@ -164,6 +173,35 @@ class CoordinatorActor:
                     f"{missing} (exchange.timeout_s). A peer is stalled or dead; see its log."
                 ) from None
         return rnd.result
+
+    async def publish(self, kind: str, step: int, member: str, values: dict[Quantity, np.ndarray]):
+        """``async`` mode: record a member's values and return the freshest values of its peers,
+        waiting only while a peer's newest values are more than ``max_staleness`` exchanges old."""
+        newest = self.published.setdefault(kind, {})
+        newest[member] = (step, values)
+        for q, array in values.items():
+            self.logic.latest[q] = torch.from_numpy(np.array(array, copy=True))
+        condition = self.conditions.setdefault(kind, asyncio.Condition())
+        async with condition:
+            condition.notify_all()
+            peers = [m for m in self.logic.plan.participants[kind] if m != member]
+            oldest = step - self.max_staleness * self.logic.run.exchange.every
+            ready = lambda: all(p in newest and newest[p][0] >= oldest for p in peers)  # noqa: E731
+            try:
+                await asyncio.wait_for(condition.wait_for(ready), self.timeout_s)
+            except asyncio.TimeoutError:
+                behind = {p: newest[p][0] if p in newest else "none yet" for p in peers if not (p in newest and newest[p][0] >= oldest)}
+                raise ExchangeTimeout(
+                    f"async exchange of {kind!r} at step {step}: member {member!r} waited {self.timeout_s:g} s for peers "
+                    f"more than {self.max_staleness} exchange(s) behind, at steps {behind} (exchange.timeout_s)"
+                ) from None
+        if step > self.logged.get(kind, -1) and len(newest) == len(self.logic.plan.participants[kind]):
+            self.logged[kind] = step
+            metrics = self.logic.coupling_metrics(kind, step)
+            if metrics:
+                self.tracker.log_population.remote([(k, v, step, int(time.time() * 1000)) for k, v in metrics.items()])
+        merged = {q: a for p, (_, vals) in newest.items() if p != member for q, a in vals.items()}
+        return {"values": merged, "replace": {}, "steps": {p: newest[p][0] for p in peers}}
 
     def _remember(self, key: tuple[str, int], result: Any) -> None:
         if not self.history_steps:

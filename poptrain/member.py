@@ -240,6 +240,7 @@ class MemberTrainer:
         self.plan = ExchangePlan(self.couplings, population)
         self.peers: dict[Quantity, torch.Tensor] = {}  # peers' values from the last exchange
         self.last_sent: dict[Quantity, np.ndarray] = {}
+        self.staleness: float | None = None
         self.step = 0
         self.checked_gradient_paths = False
 
@@ -293,6 +294,8 @@ class MemberTrainer:
         metrics = {"loss": float(terms["loss"].detach()), "objective": float(objective.detach() if isinstance(objective, torch.Tensor) else objective)}
         if bad:
             metrics["skipped"] = 1.0
+        if self.staleness is not None and exchanging:
+            metrics["exchange/staleness"] = self.staleness
         for name, value in terms.items():
             if name != "loss":
                 metrics[f"term/{name}"] = float(value.detach())
@@ -367,6 +370,8 @@ class MemberTrainer:
                 array = self.last_sent.get(q, np.zeros_like(array))
             mine[q] = self.last_sent[q] = array
         result = exchange(kind, self.step, self.name, mine)
+        if "steps" in result and result["steps"]:  # async: how old the peers' values are, in exchanges
+            self.staleness = max(0.0, (self.step - min(result["steps"].values())) / self.every)
         for q, array in result["values"].items():
             if q.member != self.name and q in self.plan.receives[self.name]:
                 self.peers[q] = to_tensor(array, self.device)
@@ -550,7 +555,8 @@ class MemberActor:
     def _exchange(self, kind: str, step: int, member: str, values: dict) -> dict:
         import ray
 
-        result = ray.get(self.coordinator.exchange.remote(kind, step, member, values))
+        call = self.coordinator.publish if self.trainer.run.exchange.mode == "async" else self.coordinator.exchange
+        result = ray.get(call.remote(kind, step, member, values))
         if isinstance(result, list):  # large payloads come as one shared object reference
             result = ray.get(result[0])
         return result

@@ -39,3 +39,26 @@ def test_shared_module_copies_end_identical_when_averaged_every_3_steps(ray_sess
     )
     a, b = (torch.load(result.output_dir / "members" / n / "model.pt", weights_only=True) for n in ("m1", "m2"))
     assert all(torch.equal(a[k], b[k]) for k in a if k.startswith("lstm."))
+
+
+def test_async_exchange_converges_and_never_uses_values_older_than_max_staleness(ray_session, tmp_path, tracking_uri, experiment):
+    from mlflow.tracking import MlflowClient
+
+    result = poptrain.run(
+        REPO / "configs" / "prelu_separation.yaml",
+        overrides=["exchange.mode=async", "exchange.max_staleness=2", f"output_dir={tmp_path}", f"tracking.uri={tracking_uri}", f"tracking.experiment={experiment}"],
+    )
+    alphas = [torch.load(result.output_dir / "members" / m / "model.pt", weights_only=True)["activation.weight"] for m in ("m1", "m2")]
+    assert float((alphas[0] - alphas[1]).abs().sum()) >= 2.0
+    client = MlflowClient(tracking_uri)
+    for member in ("m1", "m2"):
+        staleness = [m.value for m in client.get_metric_history(result.member_run_ids[member], "exchange/staleness")]
+        assert staleness and max(staleness) <= 2
+    assert client.get_metric_history(result.run_id, "coupling/separation"), "couplings still logged on the parent"
+
+
+def test_async_exchange_refuses_couplings_that_replace_values():
+    from poptrain.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"couplings.0.type: 'share' replaces members' values .* `exchange.mode: sync`"):
+        poptrain.load_config(REPO / "configs" / "shared_module.yaml", ["exchange.mode=async"])
