@@ -87,22 +87,26 @@ class Strict(BaseModel):
         return value
 
 
-class Component(Strict):
-    """Something built by name: a built-in (``mlp``) or an import path (``package.module:attr``)."""
-
-    name: str = Field(description="Built-in name, or an import path `package.module:attr`.")
-    kwargs: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments passed to it.")
+class NamedByString(Strict):
+    """A config object chosen by ``name``, a built-in or an import path; ``key: adam`` is
+    shorthand for ``key: {name: adam}``."""
 
     @model_validator(mode="before")
     @classmethod
     def _from_string(cls, value: Any) -> Any:
-        # `model: mlp` is shorthand for `model: {name: mlp}`.
         return {"name": value} if isinstance(value, str) else value
 
-    @field_validator("name")
+    @field_validator("name", check_fields=False)
     @classmethod
     def _import_name(cls, value: str) -> str:
         return _check_import_name(value)
+
+
+class Component(NamedByString):
+    """Something built by name: a built-in (``mlp``) or an import path (``package.module:attr``)."""
+
+    name: str = Field(description="Built-in name, or an import path `package.module:attr`.")
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments passed to it.")
 
 
 class DataConfig(Component):
@@ -132,7 +136,7 @@ class ParamGroup(Strict):
         return [value] if isinstance(value, str) else value
 
 
-class OptimizerConfig(Strict):
+class OptimizerConfig(NamedByString):
     name: str = Field("adam", description="`sgd`, `adam`, `adamw`, `rmsprop`, or an import path to an optimizer class.")
     lr: float = Field(1e-3, gt=0, le=1e3, description="Default learning rate.")
     kwargs: dict[str, Any] = Field(default_factory=dict, description="Other constructor arguments (momentum, betas, ...).")
@@ -141,16 +145,6 @@ class OptimizerConfig(Strict):
         description="Per-layer groups; a parameter takes the first group whose pattern matches it, "
         "the rest form the default group.",
     )
-
-    @model_validator(mode="before")
-    @classmethod
-    def _from_string(cls, value: Any) -> Any:
-        return {"name": value} if isinstance(value, str) else value
-
-    @field_validator("name")
-    @classmethod
-    def _import_name(cls, value: str) -> str:
-        return _check_import_name(value)
 
 
 class TermConfig(Strict):
@@ -301,6 +295,11 @@ class TrackingConfig(Strict):
         10, ge=0, description="Log `grad_norm/<name>` and `weight_norm/<name>` every k steps (0: never); frozen parameters have no gradient norm."
     )
     layer_norms_by: Literal["param", "module"] = Field("param", description="Per parameter (`input.weight`), or per module (`input`).")
+    profile: bool = Field(
+        False,
+        description="Log where each member's step time goes: `profile/compute_ms`, `profile/exchange_wait_ms` (waiting on peers "
+        "and the coordinator), `profile/serialize_ms` (tensors to and from flat buffers), `profile/logging_ms`, `profile/checkpoint_ms`.",
+    )
     log_models: bool = Field(True, description="Log each member's final model with `mlflow.pytorch` into its run (loads back with `mlflow.pytorch.load_model`).")
     plots: bool = Field(True, description="Write PNG figures (losses, terms, couplings, coupled parameters) to `<run dir>/plots/` and the parent run at the end.")
     system_metrics: Union[bool, Literal["auto"]] = Field(

@@ -241,6 +241,7 @@ class MemberTrainer:
         self.peers: dict[Quantity, torch.Tensor] = {}  # peers' values from the last exchange
         self.last_sent: dict[Quantity, np.ndarray] = {}
         self.staleness: float | None = None
+        self.timings: dict[str, float] = {"serialize_ms": 0.0, "exchange_wait_ms": 0.0}  # this step's, for profiling
         self.step = 0
         self.checked_gradient_paths = False
 
@@ -363,13 +364,16 @@ class MemberTrainer:
     def _exchange(self, kind: str, exchange: ExchangeFn, terms: Mapping[str, torch.Tensor]) -> None:
         if self.name not in self.plan.participants[kind]:
             return
+        started = time.perf_counter()
         mine = {}
         for q in self.plan.sends[self.name][kind]:
             array = to_numpy(self._own(q, terms))
             if not np.isfinite(array).all():  # only reachable with `nonfinite: skip`: peers keep the last good value
                 array = self.last_sent.get(q, np.zeros_like(array))
             mine[q] = self.last_sent[q] = array
+        sent = time.perf_counter()
         result = exchange(kind, self.step, self.name, mine)
+        received = time.perf_counter()
         if "steps" in result and result["steps"]:  # async: how old the peers' values are, in exchanges
             self.staleness = max(0.0, (self.step - min(result["steps"].values())) / self.every)
         for q, array in result["values"].items():
@@ -378,6 +382,8 @@ class MemberTrainer:
         for q, array in result["replace"].items():
             if q.member == self.name:
                 self._replace(q, to_tensor(array, self.device))
+        self.timings["serialize_ms"] += 1000 * (sent - started + time.perf_counter() - received)
+        self.timings["exchange_wait_ms"] += 1000 * (received - sent)
 
     def _replace(self, q: Quantity, value: torch.Tensor) -> None:
         param = self.params[q.key]
@@ -568,14 +574,27 @@ class MemberActor:
         buffer: list[tuple[str, float, int, int]] = []
         last_flush, metrics = time.monotonic(), {}
         every, keep = self.trainer.run.checkpoint.every, self.trainer.run.checkpoint.keep
+        profile = self.trainer.run.tracking.profile
+        logging_ms = checkpoint_ms = 0.0
         while self.trainer.step < until_step:
             step = self.trainer.step
             if every and step % every == 0 and step != self.restored_from and step > 0:
+                started = time.perf_counter()
                 # Metrics first, written to MLflow before the checkpoint exists, so a restart from it misses none.
                 ray.get(self.tracker.log_member.remote(self.trainer.name, buffer, flush=True))
                 buffer, last_flush = [], time.monotonic()
                 save_checkpoint(self.trainer.state_dict(), self.run_dir, self.trainer.name, step, keep)
+                checkpoint_ms = 1000 * (time.perf_counter() - started)
+            self.trainer.timings = dict.fromkeys(self.trainer.timings, 0.0)
+            started = time.perf_counter()
             metrics = self.trainer.train_step(self._exchange)
+            if profile:
+                step_ms = 1000 * (time.perf_counter() - started)
+                metrics.update({f"profile/{k}": v for k, v in self.trainer.timings.items()})
+                metrics["profile/compute_ms"] = step_ms - sum(self.trainer.timings.values())
+                metrics["profile/logging_ms"], metrics["profile/checkpoint_ms"] = logging_ms, checkpoint_ms
+                checkpoint_ms = 0.0
+            started = time.perf_counter()
             if self.system_metrics and time.monotonic() - self.last_system_sample >= self.system_metrics_every_s:
                 metrics.update(self._system_metrics())
             if step % self.log_every == 0 or self.trainer.step == until_step:
@@ -584,6 +603,7 @@ class MemberActor:
             if buffer and (time.monotonic() - last_flush > 1.0 or len(buffer) > 2000):
                 self.tracker.log_member.remote(self.trainer.name, buffer)
                 buffer, last_flush = [], time.monotonic()
+            logging_ms = 1000 * (time.perf_counter() - started)
         if self.trainer.step == self.trainer.run.steps:
             self.trainer.finish(self._exchange)
         # Waiting on the last batch also waits on every earlier one (one caller's calls run in order),

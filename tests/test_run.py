@@ -17,7 +17,9 @@ def runs_of(tracking_uri: str, experiment: str):
 
 
 def test_population_is_one_parent_run_with_one_nested_run_per_member(ray_session, base_config, tracking_uri, experiment):
-    result = poptrain.run(base_config(steps=12))
+    config = base_config(steps=12)
+    config["tracking"]["profile"] = True
+    result = poptrain.run(config)
     client, runs = runs_of(tracking_uri, experiment)
     parents = [r for r in runs if r.data.tags.get("poptrain.role") == "population"]
     children = [r for r in runs if r.data.tags.get("poptrain.role") == "member"]
@@ -32,6 +34,9 @@ def test_population_is_one_parent_run_with_one_nested_run_per_member(ray_session
         assert child.data.params["placement.device"] == "cpu"
         steps = [m.step for m in client.get_metric_history(child.info.run_id, "loss")]
         assert sorted(steps) == list(range(12)), "every step logged exactly once"
+        # --profile: where the step time went
+        assert child.data.metrics["profile/compute_ms"] > 0 and child.data.metrics["profile/exchange_wait_ms"] >= 0
+        assert {"profile/serialize_ms", "profile/logging_ms", "profile/checkpoint_ms"} <= set(child.data.metrics)
     parent = parents[0]
     coupling_steps = [m.step for m in client.get_metric_history(parent.info.run_id, "coupling/separation")]
     assert sorted(coupling_steps) == list(range(12))
@@ -42,12 +47,18 @@ def test_population_is_one_parent_run_with_one_nested_run_per_member(ray_session
     assert state["activation.weight"].shape == (1,)
 
 
-def test_frozen_parameters_never_change_and_groups_get_their_own_learning_rate(ray_session, base_config, tmp_path, tracking_uri):
-    torch.manual_seed(0)
+def save_initial_mlp(tmp_path):
+    """Seed 000's module with fixed initial weights, saved for a member's `init`."""
     from poptrain.builtins.models import MLP
 
+    torch.manual_seed(0)
     init = tmp_path / "init.pt"
     torch.save(MLP(20, 1, 40, "prelu").state_dict(), init)
+    return init
+
+
+def test_frozen_parameters_never_change_and_groups_get_their_own_learning_rate(ray_session, base_config, tmp_path, tracking_uri):
+    init = save_initial_mlp(tmp_path)
     member = prelu_member(
         "m1",
         init=str(init),
@@ -88,11 +99,7 @@ def test_a_term_that_trains_nothing_is_stopped_at_the_first_step(ray_session, ba
 
 
 def test_gradient_transforms_change_only_the_selected_parameters(ray_session, base_config, tmp_path):
-    torch.manual_seed(0)
-    from poptrain.builtins.models import MLP
-
-    init = tmp_path / "init.pt"
-    torch.save(MLP(20, 1, 40, "prelu").state_dict(), init)
+    init = save_initial_mlp(tmp_path)
     member = prelu_member(
         "m1",
         init=str(init),

@@ -1,0 +1,55 @@
+"""The benchmark suite's smoke pass: every figure runs at tiny sizes and reports a numeric ratio.
+
+Benchmarks are not tests: no threshold is checked here (``--smoke`` judges nothing). This only
+proves that ``python -m benchmarks`` still works end to end against the current poptrain, and
+that its JSON has every figure. It runs in its own process (its own local Ray) so that the
+start-up figure can time a fresh ``ray.init``; about 45 s on 2 idle cores.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+from benchmarks import FIGURES
+from tests.conftest import REPO
+
+
+@pytest.mark.slow
+def test_smoke_pass_writes_every_figure_with_a_numeric_ratio(tmp_path):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "--smoke", "--out", str(tmp_path)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}"
+
+    written = sorted(p.name for p in tmp_path.glob("*.json"))
+    assert "latest-smoke.json" in written and len(written) == 2, written
+    report = json.loads((tmp_path / "latest-smoke.json").read_text())
+    assert report["mode"] == "smoke"
+    assert report["machine"]["cpu_count"] >= 1
+
+    rows = report["rows"]
+    assert not [r for r in rows if r.get("error")], [r["note"] for r in rows if r.get("error")]
+    for figure in FIGURES:
+        measured = [r for r in rows if r["figure"] == figure and r["available"]]
+        assert measured, f"figure {figure!r} has no measured row"
+        for r in measured:
+            assert isinstance(r["ratio"], (int, float)) and math.isfinite(r["ratio"]) and r["ratio"] > 0, r
+            assert isinstance(r["value"], (int, float)) and math.isfinite(r["value"]), r
+            assert r["pass"] is None, "the smoke pass must not judge thresholds"
+    for r in rows:
+        if not r["available"]:
+            assert r["note"].startswith("not available"), r
+
+    # The table is printed, one line per row.
+    assert "poptrain benchmarks (smoke" in proc.stdout
+    for figure in FIGURES:
+        assert figure in proc.stdout
