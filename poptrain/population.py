@@ -335,6 +335,14 @@ def _train(cfg: RunConfig, population: PopulationInfo, uri: str, run_dir: Path, 
         restartable = cfg.failure.max_restarts if cfg.checkpoint.every else 0
         nodes = sum(1 for node in ray.nodes() if node.get("Alive"))
         system_metrics = nodes > 1 if cfg.tracking.system_metrics == "auto" else cfg.tracking.system_metrics
+        if os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") and (not Path(cfg.output_dir).is_absolute() or not uri.startswith(("http://", "https://"))):
+            print(
+                f"poptrain: warning: inside a Ray job the working directory is a temporary copy, so outputs at {run_dir} "
+                f"and tracking at {uri} may be deleted with it; set output_dir to a lasting absolute path and tracking.uri "
+                "(or MLFLOW_TRACKING_URI) to an MLflow server",
+                file=sys.stderr,
+                flush=True,
+            )
         if nodes > 1 and not uri.startswith(("http://", "https://")):
             print(
                 f"poptrain: warning: tracking URI {uri} is a local store on the driver's node, but the cluster has {nodes} nodes; "
