@@ -308,10 +308,11 @@ class TrackingConfig(Strict):
 
 
 class CheckpointConfig(Strict):
-    every: int = Field(
-        100, ge=0, le=100_000_000,
+    every: Optional[int] = Field(
+        None, ge=0, le=100_000_000,
         description="Save every member's full state (model, optimizer, RNG, data position, step) every k steps, "
-        "atomically and checksummed; 0: never (then a member that dies fails the run). A multiple of `exchange.every`.",
+        "atomically and checksummed; 0: never (then a member that dies fails the run). A multiple of `exchange.every`; "
+        "default: 100 rounded up to one.",
     )
     keep: int = Field(2, ge=2, le=1000, description="Checkpoints kept per member (at least 2, so a complete one always exists).")
 
@@ -636,7 +637,9 @@ def validate_config(raw: dict) -> RunConfig:
         seen.setdefault(name.lower(), name)
     if not names:
         problems.append(("members", "the population is empty: list at least one member"))
-    if cfg.checkpoint.every and cfg.checkpoint.every % cfg.exchange.every:
+    if cfg.checkpoint.every is None:  # the default: about every 100 steps, on an exchange
+        cfg.checkpoint.every = -(-100 // cfg.exchange.every) * cfg.exchange.every
+    elif cfg.checkpoint.every and cfg.checkpoint.every % cfg.exchange.every:
         problems.append(("checkpoint.every", f"must be a multiple of exchange.every ({cfg.exchange.every}), so checkpoints fall on exchanges; got {cfg.checkpoint.every}"))
 
     from poptrain.couplings import Coupling, resolve_coupling  # the registry imports this module

@@ -34,13 +34,13 @@ def logged_steps(tracking_uri, run_id, key="loss"):
 
 
 def test_a_killed_member_is_restarted_from_its_checkpoint_and_the_run_ends_as_if_nothing_happened(ray_session, base_config, tmp_path, tracking_uri):
-    steps = 400
+    steps = 300
     config = base_config(steps=steps, checkpoint={"every": 20})
     killed = {}
 
     def kill_m2_once(snapshot):
         step = snapshot["members"].get("m2", {}).get("step", 0)
-        if not killed and 60 <= step < steps - 100:
+        if not killed and 40 <= step < steps - 100:
             killed["pid"], killed["step"] = snapshot["placement"]["m2"]["pid"], step
             os.kill(killed["pid"], signal.SIGKILL)
 
@@ -56,7 +56,7 @@ def test_a_killed_member_is_restarted_from_its_checkpoint_and_the_run_ends_as_if
 
 
 def test_a_member_that_keeps_dying_fails_the_run_naming_it_and_the_checkpoint(ray_session, base_config):
-    config = base_config(steps=400, checkpoint={"every": 20}, failure={"max_restarts": 0})
+    config = base_config(steps=300, checkpoint={"every": 20}, failure={"max_restarts": 0})
 
     def kill_m1(snapshot):
         if snapshot["members"].get("m1", {}).get("step", 0) >= 40:
@@ -70,7 +70,7 @@ def test_a_member_that_keeps_dying_fails_the_run_naming_it_and_the_checkpoint(ra
 
 
 def test_a_killed_driver_resumes_into_the_same_runs_bitwise_equal_to_an_uninterrupted_run(ray_session, base_config, tmp_path, tracking_uri):
-    steps = 600
+    steps = 400
     config = base_config(steps=steps, checkpoint={"every": 25}, name="resumable")
     path = tmp_path / "resumable.yaml"
     path.write_text(yaml.safe_dump(config))
