@@ -327,8 +327,8 @@ class FailureConfig(Strict):
 
 
 class PlacementConfig(Strict):
-    strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
-        "PACK", description="Ray placement-group strategy for the members' bundles."
+    strategy: Literal["auto", "PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "auto", description="Ray placement-group strategy for the members' bundles; `auto`: SPREAD on a multi-node cluster, else PACK."
     )
     timeout_s: float = Field(30.0, gt=0, le=MAX_TIMEOUT_S, description="How long to wait for the cluster to fit the whole population.")
 

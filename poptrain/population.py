@@ -258,14 +258,17 @@ def place_population(cfg: RunConfig, bundles: list[dict[str, float]]):
             f"but the cluster has {cluster.get('CPU', 0):g} CPUs and {cluster.get('GPU', 0):g} GPUs. "
             "Lower members' `resources`, or add nodes."
         )
-    group = placement_group(bundles, strategy=cfg.placement.strategy, name=f"poptrain-{cfg.name}-{os.getpid()}")
+    strategy = cfg.placement.strategy
+    if strategy == "auto":
+        strategy = "SPREAD" if sum(1 for node in ray.nodes() if node.get("Alive")) > 1 else "PACK"
+    group = placement_group(bundles, strategy=strategy, name=f"poptrain-{cfg.name}-{os.getpid()}")
     try:
         ray.get(group.ready(), timeout=cfg.placement.timeout_s)
     except ray.exceptions.GetTimeoutError:
         remove_placement_group(group)
         raise PlacementError(
             f"the cluster could not place the population within {cfg.placement.timeout_s:g} s: it asks for "
-            f"{bundles} with strategy {cfg.placement.strategy}, and the cluster has {ray.available_resources()} free."
+            f"{bundles} with strategy {strategy}, and the cluster has {ray.available_resources()} free."
         ) from None
     return group
 

@@ -118,3 +118,9 @@ def test_gradient_transforms_change_only_the_selected_parameters(ray_session, ba
     step = (after["input.weight"] - before["input.weight"]).norm()
     assert 0 < step <= 4 * 0.1 * 1e-3 + 1e-7, "clipped to norm 1e-3 per step"
     assert not torch.equal(before["activation.weight"], after["activation.weight"])
+
+
+def test_a_population_the_cluster_cannot_fit_is_refused_at_once_naming_what_it_needs(ray_session, base_config):
+    big = [prelu_member(f"m{i}", resources={"num_cpus": 2}) for i in range(2)]
+    with pytest.raises(poptrain.PopulationError, match=r"needs 4 CPUs and 0 GPUs .* the cluster has 2 CPUs"):
+        poptrain.run(base_config(members=big))
