@@ -18,13 +18,23 @@ import re
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, ValidationInfo, field_validator, model_validator
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 NAME_RULE = "must be 1-64 characters of letters, digits, `_`, `.` or `-`, starting with a letter or digit"
+
+
+def _check_name(value: str) -> str:
+    if not NAME_PATTERN.match(value):
+        raise ValueError(NAME_RULE)
+    return value
+
+
+# Names of runs, members, terms and couplings: they become folder names and MLflow metric keys.
+Name = Annotated[str, AfterValidator(_check_name)]
 # A built-in name (`mse`) or an import path `package.module:attr` of dotted Python identifiers.
 IMPORT_PATTERN = re.compile(r"^[^\W\d]\w*(\.[^\W\d]\w*)*(:[^\W\d]\w*(\.[^\W\d]\w*)*)?$")
 IMPORT_RULE = "must be a built-in name or an import path `package.module:attr` (dotted Python identifiers)"
@@ -150,19 +160,13 @@ class OptimizerConfig(NamedByString):
 class TermConfig(Strict):
     """An extra term of a member's own objective (seed 001: one term minimized, another maximized)."""
 
-    name: str = Field(description="Name of the term, logged as `term/<name>`.")
+    name: Name = Field(description="Name of the term, logged as `term/<name>`.")
     fn: Component = Field(
         description="Built-in term (`param_sum`, `param_l2`) or import path to `f(model, inputs, outputs, targets, **kwargs) -> scalar`."
     )
     weight: float = Field(1.0, description="Coefficient; a negative weight maximizes the term.")
     maximize: bool = Field(False, description="Maximize the term (same as negating its weight).")
 
-    @field_validator("name")
-    @classmethod
-    def _valid_name(cls, value: str) -> str:
-        if not NAME_PATTERN.match(value):
-            raise ValueError(NAME_RULE)
-        return value
 
     @property
     def signed_weight(self) -> float:
@@ -229,7 +233,7 @@ class Resources(Strict):
 class MemberConfig(Strict):
     """One model of the population, trained in its own Ray actor."""
 
-    name: str = Field(description="Unique member name (letters, digits, `_.-`).")
+    name: Name = Field(description="Unique member name (letters, digits, `_.-`).")
     model: Component = Field(description="Built-in model (`mlp`, `encoder_classifier`, `lstm_classifier`) or import path to an `nn.Module` class.")
     data: DataConfig = Field(description="Built-in dataset (`digits`, `synthetic_regression`, ...) or import path to a function returning a Dataset.")
     loss: Component = Field(description="Task loss: `mse`, `cross_entropy`, `l1`, `smooth_l1`, `bce_with_logits`, `nll`, or an import path to `f(outputs, targets) -> scalar`.")
@@ -247,29 +251,17 @@ class MemberConfig(Strict):
     )
     resources: Resources = Field(default_factory=Resources)
 
-    @field_validator("name")
-    @classmethod
-    def _valid_name(cls, value: str) -> str:
-        if not NAME_PATTERN.match(value):
-            raise ValueError(NAME_RULE)
-        return value
 
 
 class CouplingConfig(Strict):
     """Fields shared by every coupling; each coupling type adds its own (see the couplings reference)."""
 
     type: str = Field(description="Registered coupling name (`separation`, ...) or an import path to a Coupling class.")
-    name: Optional[str] = Field(None, description="Name used in metrics (`coupling/<name>`); default: the type.")
+    name: Optional[Name] = Field(None, description="Name used in metrics (`coupling/<name>`); default: the type.")
     members: Optional[list[str]] = Field(None, description="Members it reads; default: every member.")
     trains: Optional[list[str]] = Field(None, description="Members whose gradient it enters; default: every member it reads.")
     weight: float = Field(1.0, description="Coefficient of the term in the objective of each member it trains.")
 
-    @field_validator("name")
-    @classmethod
-    def _valid_name(cls, value: Optional[str]) -> Optional[str]:
-        if value is not None and not NAME_PATTERN.match(value):
-            raise ValueError(NAME_RULE)
-        return value
 
     @property
     def label(self) -> str:
@@ -336,7 +328,7 @@ class PlacementConfig(Strict):
 class RunConfig(Strict):
     """A population run."""
 
-    name: str = Field(description="Run name: the MLflow parent run's name and the output folder's.")
+    name: Name = Field(description="Run name: the MLflow parent run's name and the output folder's.")
     seed: int = Field(0, ge=0, le=MAX_SEED, description="Seed of everything: member initializations, data order, dropout.")
     steps: int = Field(gt=0, le=100_000_000, description="Training steps per member.")
     output_dir: str = Field("runs", description="Outputs go to `<output_dir>/<name>/`.")
@@ -353,12 +345,6 @@ class RunConfig(Strict):
         "parameter of a member it trains stops the run (`error`), warns (`warn`), or is ignored (`off`).",
     )
 
-    @field_validator("name")
-    @classmethod
-    def _valid_name(cls, value: str) -> str:
-        if not NAME_PATTERN.match(value):
-            raise ValueError(NAME_RULE)
-        return value
 
     @field_validator("output_dir")
     @classmethod
