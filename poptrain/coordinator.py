@@ -70,6 +70,7 @@ class ExchangePlan:
             for kind in PHASES:
                 sends[kind].sort()
         self.replaces_params = any("param" in c.transforms() for c in couplings)
+        self.received = set().union(*self.receives.values())  # what any member reads of its peers
         # Fixed member order, so every round's participants are listed the same way everywhere.
         self.participants: dict[str, list[str]] = {k: [m for m in members if m in takes_part[k]] for k in PHASES}
 
@@ -110,7 +111,9 @@ class Coordinator:
                 final = kind == "param" and step == self.run.steps
                 for q, tensor in coupling.exchange_transform(kind, self.latest, index, final).items():
                     replace[q] = tensor.detach().contiguous().numpy()
-        return {"values": merged, "replace": replace}, self.coupling_metrics(kind, step)
+        # Send back only what some member reads of its peers (averaged sources, say, go nowhere).
+        wanted = {q: a for q, a in merged.items() if q in self.plan.received}
+        return {"values": wanted, "replace": replace}, self.coupling_metrics(kind, step)
 
     def coupling_metrics(self, kind: str, step: int) -> dict[str, float]:
         """Every coupling evaluated at ``kind`` on the latest population values (on logged steps)."""

@@ -2,8 +2,9 @@
 
 Benchmarks are not tests: no threshold is checked here (``--smoke`` judges nothing). This only
 proves that ``python -m benchmarks`` still works end to end against the current poptrain, and
-that its JSON has every figure. It runs in its own process (its own local Ray) so that the
-start-up figure can time a fresh ``ray.init``; about 45 s on 2 idle cores.
+that its JSON has every figure. It runs in its own process with its own local Ray: three short
+``poptrain.run`` calls (no coupling, sync coupling, averaging), a single-process loop and a few
+exchange rounds, so one to two minutes on 2 cores depending on other load.
 """
 
 from __future__ import annotations

@@ -1,0 +1,22 @@
+"""poptrain's benchmark suite (issue 7): every figure is a ratio against a baseline measured in the same run.
+
+Run ``python -m benchmarks`` (default sizes, a few minutes on 2 CPU cores), ``--smoke`` (tiny
+sizes, seconds, no thresholds), ``--full`` (larger), ``--only NAME`` (one figure), ``--out DIR``
+(where the JSON goes; default ``benchmarks/results/``). ``benchmarks/README.md`` explains each
+figure, its baseline, its method and its target, and holds the latest numbers.
+
+Benchmarks are not tests: they report, they do not fail on a missed target (the exit code is 0
+unless a benchmark itself crashed). CI runs only the smoke pass (``tests/test_benchmarks_smoke.py``).
+"""
+
+from __future__ import annotations
+
+# Figure names, in the order they run and print (``--only`` takes one of these).
+FIGURES = (
+    "startup",
+    "coupling_overhead",
+    "vs_single_process",
+    "memory",
+    "exchange_latency",
+    "averaging_bandwidth",
+)

@@ -1,0 +1,398 @@
+"""The exchange path: latency of one round of scalars, and the bandwidth of averaging large models.
+
+**Exchange latency** drives poptrain's own :class:`poptrain.coordinator.CoordinatorActor` (built
+from a real config: N small PReLU members and seed 000's separation coupling, so every round
+carries one scalar per member and the coordinator evaluates and logs the coupling as in a run)
+with N tiny caller actors. Each caller does what a member's ``_exchange`` does, back to back:
+``ray.get(coordinator.exchange.remote("param", step, name, {slope: array}))``. A round's time is
+the time between two consecutive round completions seen by a caller (all callers are in lockstep
+behind the barrier); the figure uses the median over rounds and callers. The baseline, in the
+same run and from the same kind of caller actor, is one plain Ray actor method round trip
+(``ray.get(actor.ping.remote())`` on a plain, non-async actor), median over calls. Coupling
+metrics go to a do-nothing tracking actor, so MLflow writes do not compete for the cores.
+
+**Averaging bandwidth** runs ``poptrain.run`` on a population of ``avg_sources`` source members
+and one target, each an MLP of ``avg_params`` float32 parameters, with the ``average`` coupling
+``into`` the target every step (every member ``trainable: false``, so a step is the exchange plus
+a batch-of-one forward pass). Per round, the useful traffic is (sources + 1) x parameters x 4
+bytes (every source read once, the target written once); bandwidth = those bytes x rounds per
+second, the rounds timed like training steps (the target's ``loss`` timestamps in MLflow, after
+``avg_warmup`` rounds). The baseline, in the same process tree and run, is a single-process
+``torch`` copy (``dst.copy_(src)``) moving the same number of bytes (half read, half written),
+best of five. Checkpoints are off for this run: see ``details.note``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import statistics
+import time
+from typing import Any
+
+import numpy as np
+
+from benchmarks.common import Context, CpuSampler, cpu_seconds, metric_times, quiet_tracking, row, steady_rate
+
+
+# --------------------------------------------------------------------------------------------
+# Actors (plain classes, made remote where used, so importing this module needs no Ray)
+
+
+class Pong:
+    """A plain actor: the baseline's other end."""
+
+    def ping(self) -> bool:
+        return True
+
+    def pid(self) -> int:
+        return os.getpid()
+
+
+def _pid_of(actor) -> int | None:
+    """The process id of any actor (``__ray_call__`` runs a function on it)."""
+    import ray
+
+    try:
+        return ray.get(actor.__ray_call__.remote(lambda self: os.getpid()), timeout=30)
+    except Exception:
+        return None
+
+
+class NullTracker:
+    """Stands in for the tracking actor: takes the coordinator's metrics and drops them."""
+
+    def log_population(self, items) -> None:
+        return None
+
+    def log_member(self, member, items, flush=False) -> None:
+        return None
+
+    def ping(self) -> bool:
+        return True
+
+
+class Caller:
+    """A tiny stand-in for a member: only the exchange calls, nothing else."""
+
+    def ready(self) -> int:
+        return os.getpid()
+
+    def ping_loop(self, target, calls: int, warmup: int) -> dict[str, Any]:
+        """Times of ``calls`` plain round trips, and this process's CPU seconds over them."""
+        import ray
+
+        out = []
+        for index in range(warmup + calls):
+            if index == warmup:
+                cpu = time.process_time()
+            start = time.perf_counter()
+            ray.get(target.ping.remote())
+            if index >= warmup:
+                out.append(time.perf_counter() - start)
+        return {"times": out, "cpu_s": time.process_time() - cpu}
+
+    def exchange_loop(self, coordinator, name: str, key: str, rounds: int, warmup: int, value: float, method: str = "exchange") -> dict[str, Any]:
+        """``warmup + rounds`` parameter rounds back to back: the times between consecutive round ends,
+        and this process's CPU seconds over the timed rounds. ``method``: ``exchange`` (sync barrier)
+        or ``publish`` (async mode)."""
+        import ray
+
+        from poptrain.couplings import Quantity
+
+        call = getattr(coordinator, method)
+        quantity = Quantity(name, "param", key)
+        ends = []
+        cpu = time.process_time()
+        for step in range(warmup + rounds):
+            if step == warmup:
+                cpu = time.process_time()
+            values = {quantity: np.array([value + 1e-3 * step], dtype=np.float32)}
+            result = ray.get(call.remote("param", step, name, values))
+            if isinstance(result, list):  # a large result comes as one shared reference, as members read it
+                result = ray.get(result[0])
+            ends.append(time.perf_counter())
+        return {"times": [b - a for a, b in zip(ends[warmup:], ends[warmup + 1 :])], "cpu_s": time.process_time() - cpu}
+
+
+def _latency_config(ctx: Context, members: int, steps: int, mode: str = "sync") -> dict[str, Any]:
+    member = lambda i: {  # noqa: E731
+        "name": f"m{i}",
+        "model": {"name": "mlp", "kwargs": {"in_features": 4, "out_features": 1, "hidden": 4, "activation": "prelu"}},
+        "data": {"name": "synthetic_regression", "kwargs": {"n": 8, "in_features": 4}, "batch_size": 4},
+        "loss": "mse",
+    }
+    return {
+        "name": f"bench-latency-{members}",
+        "steps": steps,
+        **({"exchange": {"mode": mode}} if mode != "sync" else {}),
+        "output_dir": str(ctx.workdir / "runs"),
+        "tracking": quiet_tracking(ctx.uri, "benchmarks"),
+        "members": [member(i) for i in range(members)],
+        "couplings": [{"type": "separation", "param": "activation.weight", "margin": 2.0}],
+    }
+
+
+def exchange_latency(ctx: Context) -> list[dict[str, Any]]:
+    import ray
+
+    import poptrain
+    from poptrain.coordinator import CoordinatorActor
+    from poptrain.population import inspect_population
+
+    sizes = ctx.sizes
+    most = max(sizes.latency_members)
+    remote = lambda cls: ray.remote(cls).options(num_cpus=0)  # noqa: E731
+    callers = [remote(Caller).remote() for _ in range(most)]
+    pong = remote(Pong).remote()
+    tracker = remote(NullTracker).remote()
+    actors = [*callers, pong, tracker]
+    try:
+        started = time.perf_counter()
+        ray.get([c.ready.remote() for c in callers] + [pong.ping.remote(), tracker.ping.remote()])
+        actors_ready_s = time.perf_counter() - started
+        pong_pid = ray.get(pong.pid.remote())
+
+        ping_calls = max(sizes.latency_rounds, 50)
+        has_async = hasattr(CoordinatorActor, "publish")
+        rows = []
+        for mode in [m for m in sizes.latency_modes if m == "sync" or has_async]:
+            for n in sizes.latency_members:
+                steps = sizes.latency_warmup + sizes.latency_rounds + 10
+                cfg = poptrain.load_config(_latency_config(ctx, n, steps, mode))
+                population = inspect_population(cfg)
+                coordinator = remote(CoordinatorActor).remote(cfg, population, tracker)
+                actors.append(coordinator)
+                ray.get(coordinator.ping.remote())
+                coordinator_pid = _pid_of(coordinator)
+                # Baseline right before and after the rounds, from the same kind of caller.
+                pong_cpu0 = cpu_seconds(pong_pid) if pong_pid else None
+                first = ray.get(callers[0].ping_loop.remote(pong, ping_calls, 20))
+                pong_cpu = cpu_seconds(pong_pid) - pong_cpu0 if pong_cpu0 is not None else None
+                method = "exchange" if mode == "sync" else "publish"
+                coord_cpu0 = cpu_seconds(coordinator_pid) if coordinator_pid else None
+                per_caller = ray.get(
+                    [
+                        callers[i].exchange_loop.remote(
+                            coordinator, f"m{i}", "activation.weight", sizes.latency_rounds, sizes.latency_warmup, float(i), method
+                        )
+                        for i in range(n)
+                    ]
+                )
+                coord_cpu = cpu_seconds(coordinator_pid) - coord_cpu0 if coord_cpu0 is not None else None
+                second = ray.get(callers[0].ping_loop.remote(pong, ping_calls, 20))
+                ray.kill(coordinator)
+                actors.remove(coordinator)
+                pings = first["times"] + second["times"]
+                rounds = [t for out in per_caller for t in out["times"]]
+                timed_rounds = len(per_caller[0]["times"]) + 1
+                cpu = {
+                    # CPU milliseconds per round (per call for the baseline), by process; the coordinator's
+                    # includes its warm-up rounds, which are few.
+                    "coordinator_ms_per_round": 1000 * coord_cpu / (timed_rounds + sizes.latency_warmup) if coord_cpu is not None else None,
+                    "callers_ms_per_round": 1000 * sum(out["cpu_s"] for out in per_caller) / timed_rounds,
+                    "ping_caller_ms_per_call": 1000 * first["cpu_s"] / ping_calls,
+                    "ping_callee_ms_per_call": 1000 * pong_cpu / (ping_calls + 20) if pong_cpu is not None else None,
+                }
+                round_ms, ping_ms = 1000 * statistics.median(rounds), 1000 * statistics.median(pings)
+                mean_round_ms, mean_ping_ms = 1000 * statistics.fmean(rounds), 1000 * statistics.fmean(pings)
+                target = None if mode == "async" else 2.0 if n <= 2 else 4.0 if n <= 8 else None
+                complete_ms = complete_time_ms(cfg, population, n) if mode == "sync" else None
+                name = f"N = {n} members, one round of scalars" if mode == "sync" else f"N = {n}, async publish (max_staleness {cfg.exchange.max_staleness}), per call"
+                rows.append(
+                    row(
+                        "exchange_latency", name, value=round_ms, unit="ms", ratio=round_ms / ping_ms,
+                        target=("<=", target) if target else None,
+                        baseline={"name": "one plain Ray actor method round trip (median)", "value": ping_ms, "unit": "ms"},
+                        sizes=sizes,
+                        details={
+                            "mode": mode, "coordinator_method": method,
+                            "round_ms_median": round_ms, "round_ms_mean": mean_round_ms, "round_ms_p90": 1000 * _quantile(rounds, 0.9),
+                            "ping_ms_median": ping_ms, "ping_ms_mean": mean_ping_ms, "ratio_of_means": mean_round_ms / mean_ping_ms,
+                            "rounds_timed": len(rounds), "pings_timed": len(pings), "callers": n,
+                            "coordinator_complete_ms_in_process": complete_ms,
+                            "cpu": cpu,
+                            "caller_actors_ready_s": actors_ready_s,
+                        },
+                    )
+                )
+        return rows
+    finally:
+        for actor in actors:
+            ray.kill(actor)
+
+
+def complete_time_ms(cfg, population, members: int, repeats: int = 200) -> float:
+    """Median time of the coordinator's own work for one round of scalars (``Coordinator.complete``:
+    merge, coupling value and metrics), in this process: the part of a round that is not transport."""
+    from poptrain.coordinator import Coordinator
+    from poptrain.couplings import Quantity
+
+    logic = Coordinator(cfg, population)
+    times = []
+    for step in range(repeats):
+        values = {f"m{i}": {Quantity(f"m{i}", "param", "activation.weight"): np.array([i + 1e-3 * step], dtype=np.float32)} for i in range(members)}
+        start = time.perf_counter()
+        logic.complete("param", step, values)
+        times.append(time.perf_counter() - start)
+    return 1000 * statistics.median(times)
+
+
+def _quantile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[int(q * (len(ordered) - 1))]
+
+
+# --------------------------------------------------------------------------------------------
+# Averaging bandwidth
+
+
+def _avg_model(params: int) -> tuple[dict[str, Any], int]:
+    """An MLP ``in -> h -> PReLU -> 1`` of about ``params`` parameters, and its exact count."""
+    hidden = max(4, int(round(math.sqrt(params))))
+    in_features = max(1, params // hidden - 2)
+    exact = hidden * (in_features + 2) + 2
+    return {"in_features": in_features, "out_features": 1, "hidden": hidden, "activation": "prelu"}, exact
+
+
+def _avg_config(ctx: Context, kwargs: dict[str, Any], steps: int) -> dict[str, Any]:
+    sources = [f"s{i + 1}" for i in range(ctx.sizes.avg_sources)]
+    member = lambda name: {  # noqa: E731
+        "name": name,
+        "model": {"name": "mlp", "kwargs": kwargs},
+        "data": {"name": "synthetic_regression", "kwargs": {"n": 4, "in_features": kwargs["in_features"]}, "batch_size": 1},
+        "loss": "mse",
+        "trainable": False,
+    }
+    return {
+        "name": "bench-averaging",
+        "steps": steps,
+        "output_dir": str(ctx.workdir / "runs"),
+        "tracking": quiet_tracking(ctx.uri, "benchmarks"),
+        # Off: the coordinator keeps every round's result for 2 x checkpoint.every + 1 rounds (for
+        # replay after a restart), which for 100 MB members pins tens of GB in Ray's object store.
+        "checkpoint": {"every": 0},
+        "members": [member(name) for name in [*sources, "target"]],
+        "couplings": [{"type": "average", "name": "mean_into_target", "members": sources, "into": "target"}],
+    }
+
+
+def copy_bandwidth(nbytes: int, repeats: int = 5) -> dict[str, Any]:
+    """Single-process torch copy moving ``nbytes`` (half read, half written): best of ``repeats``."""
+    import torch
+
+    floats = max(1, nbytes // 2 // 4)
+    src = torch.rand(floats)
+    dst = torch.empty_like(src)
+    dst.copy_(src)  # page in
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        dst.copy_(src)
+        times.append(time.perf_counter() - start)
+    best = min(times)
+    return {"gb_per_s": 2 * floats * 4 / best / 1e9, "seconds": best, "bytes": 2 * floats * 4, "threads": torch.get_num_threads()}
+
+
+def torch_average(sources: int, params: int, repeats: int = 3) -> dict[str, Any]:
+    """Single-process reference: average ``sources`` tensors into a preallocated target."""
+    import torch
+
+    tensors = [torch.rand(params) for _ in range(sources)]
+    target = torch.empty(params)
+    times = []
+    for _ in range(repeats + 1):
+        start = time.perf_counter()
+        torch.add(tensors[0], tensors[1], out=target)
+        for t in tensors[2:]:
+            target.add_(t)
+        target.div_(sources)
+        times.append(time.perf_counter() - start)
+    best = min(times[1:])
+    return {"gb_per_s": (sources + 1) * params * 4 / best / 1e9, "seconds": best}
+
+
+def coordinator_breakdown(ctx: Context, cfg, population, params: int) -> dict[str, Any]:
+    """Where one averaging round's coordinator time goes, timed in this process (no Ray transport):
+    ``Coordinator.complete`` with and without coupling metrics, ``ray.put`` of the result, and the
+    member-side conversions (parameter -> NumPy, NumPy -> parameter)."""
+    import ray
+    import torch
+
+    from poptrain.coordinator import Coordinator
+    from poptrain.couplings import Quantity
+    from poptrain.member import to_numpy, to_tensor
+
+    sources = [m for m in cfg.member_names if m != "target"]
+    names = population.param_shapes[sources[0]]
+    values = {}
+    for m in sources:
+        values[m] = {Quantity(m, "param", n): np.random.rand(*shape).astype(np.float32) for n, shape in names.items()}
+    out: dict[str, Any] = {}
+    logic = Coordinator(cfg, population)
+    (result, _), out["complete_with_metrics_s"] = _time(logic.complete, "param", 0, values)
+    quiet = cfg.model_copy(update={"tracking": cfg.tracking.model_copy(update={"log_every": 10**9})})
+    logic = Coordinator(quiet, population)
+    _, out["complete_without_metrics_s"] = _time(logic.complete, "param", 1, values)
+    size = sum(a.nbytes for part in result.values() for a in part.values())
+    out["result_bytes"] = size
+    out["useful_bytes"] = (len(sources) + 1) * params * 4
+    ref, out["ray_put_result_s"] = _time(ray.put, result)
+    del ref
+    big = max(names, key=lambda n: math.prod(names[n]))
+    param = torch.nn.Parameter(torch.rand(*names[big]))
+    array, out["member_to_numpy_s"] = _time(to_numpy, param)
+    tensor, out["target_to_tensor_s"] = _time(to_tensor, array, torch.device("cpu"))
+    with torch.no_grad():
+        _, out["target_copy_into_param_s"] = _time(param.copy_, tensor)
+    out["note"] = "largest parameter only for the member-side conversions; in-process, no Ray transport"
+    return out
+
+
+def _time(fn, *args):
+    start = time.perf_counter()
+    value = fn(*args)
+    return value, time.perf_counter() - start
+
+
+def averaging_bandwidth(ctx: Context) -> list[dict[str, Any]]:
+    import poptrain
+    from poptrain.population import inspect_population
+
+    sizes = ctx.sizes
+    kwargs, params = _avg_model(sizes.avg_params)
+    steps = sizes.avg_warmup + sizes.avg_rounds
+    config = _avg_config(ctx, kwargs, steps)
+    useful = (sizes.avg_sources + 1) * params * 4
+
+    baseline = copy_bandwidth(useful)
+    reference = torch_average(sizes.avg_sources, params)
+
+    cpu = CpuSampler()
+    started = time.perf_counter()
+    result = poptrain.run(config, progress=cpu)
+    wall = time.perf_counter() - started
+    rate = steady_rate(metric_times(result.tracking_uri, result.member_run_ids["target"]), sizes.avg_warmup)
+    gbps = useful * rate["steps_per_s"] / 1e9
+
+    cfg = poptrain.load_config(config)
+    breakdown = coordinator_breakdown(ctx, cfg, inspect_population(cfg), params)
+    after = copy_bandwidth(useful)
+    base = max(baseline["gb_per_s"], after["gb_per_s"])
+    return [
+        row(
+            "averaging_bandwidth", f"{sizes.avg_sources} members x {params / 1e6:.1f}M float32 averaged into a target",
+            value=gbps, unit="GB/s", ratio=gbps / base, target=(">=", 0.3),
+            baseline={"name": "single-process torch copy of the same bytes (best of 5, before and after)", "value": base, "unit": "GB/s"},
+            sizes=sizes,
+            details={
+                "round_s": 1 / rate["steps_per_s"], "rate": rate, "useful_bytes_per_round": useful, "params_per_member": params,
+                "copy_before": baseline, "copy_after": after, "single_process_torch_average": reference,
+                "ratio_vs_torch_average": gbps / reference["gb_per_s"], "run_wall_s": wall,
+                "cores_busy": cpu.cores_busy(sizes.avg_warmup, steps),
+                "coordinator_breakdown": breakdown,
+                "note": "checkpoint.every: 0 for this run (see the README: the coordinator's replay history would pin "
+                "2 x checkpoint.every + 1 results of this size in the object store)",
+            },
+        )
+    ]
