@@ -216,6 +216,7 @@ def ensure_ray() -> bool:
         ray.init(address=address, log_to_driver=True)
     else:
         ray.init(
+            address="local",  # a cluster left by `ray start` on this machine is not joined unless RAY_ADDRESS says so
             num_cpus=os.cpu_count() or 1,
             include_dashboard=False,
             _node_ip_address="127.0.0.1",
