@@ -81,7 +81,6 @@ class Round:
     values: dict[str, dict[Quantity, np.ndarray]] = field(default_factory=dict)
     done: asyncio.Event = field(default_factory=asyncio.Event)
     result: Any = None
-    started: float = field(default_factory=time.monotonic)
 
 
 class Coordinator:
@@ -100,8 +99,7 @@ class Coordinator:
         merged: dict[Quantity, np.ndarray] = {}
         for member_values in values.values():
             merged.update(member_values)
-        for q, array in merged.items():
-            self.latest[q] = torch.from_numpy(np.array(array, copy=True))
+        self.observe(merged)
         # Derived from the step, not counted, so a resumed or restarted run needs no coordinator state.
         index = step // self.run.exchange.every
 
@@ -114,6 +112,11 @@ class Coordinator:
         # Send back only what some member reads of its peers (averaged sources, say, go nowhere).
         wanted = {q: a for q, a in merged.items() if q in self.plan.received}
         return {"values": wanted, "replace": replace}, self.coupling_metrics(kind, step)
+
+    def observe(self, values: dict[Quantity, np.ndarray]) -> None:
+        """Keep a private copy of each value as the latest (arrays from Ray are read-only views)."""
+        for q, array in values.items():
+            self.latest[q] = torch.from_numpy(np.array(array, copy=True))
 
     def coupling_metrics(self, kind: str, step: int) -> dict[str, float]:
         """Every coupling evaluated at ``kind`` on the latest population values (on logged steps)."""
@@ -182,8 +185,7 @@ class CoordinatorActor:
         waiting only while a peer's newest values are more than ``max_staleness`` exchanges old."""
         newest = self.published.setdefault(kind, {})
         newest[member] = (step, values)
-        for q, array in values.items():
-            self.logic.latest[q] = torch.from_numpy(np.array(array, copy=True))
+        self.logic.observe(values)
         condition = self.conditions.setdefault(kind, asyncio.Condition())
         async with condition:
             condition.notify_all()

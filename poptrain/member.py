@@ -233,6 +233,10 @@ class MemberTrainer:
         self.loss_fn = builtins.resolve(builtins.LOSSES, self.config.loss.name, "loss")
         self.term_fns = {t.name: builtins.resolve(builtins.TERMS, t.fn.name, "term") for t in self.config.terms}
         self.term_weights = {"loss": self.config.loss_weight, **{t.name: t.signed_weight for t in self.config.terms}}
+        # Resolved once: (transform, its function or None, the parameter names it selects).
+        self.grad_transforms = [
+            (t, builtins.import_path(t.fn.name) if t.fn else None, matching(list(self.params), t.params)) for t in self.config.grad_transforms
+        ]
         self.balancer = TermBalancer(self.config.balancing.method, self.config.balancing.momentum, self.config.balancing.eps)
 
         self.couplings = build_couplings(run.couplings, population)
@@ -421,9 +425,8 @@ class MemberTrainer:
                 warnings.warn(message, RuntimeWarning, stacklevel=2)
 
     def _transform_gradients(self) -> None:
-        for transform in self.config.grad_transforms:
-            fn = builtins.import_path(transform.fn.name) if transform.fn else None
-            for name in matching(list(self.params), transform.params):
+        for transform, fn, names in self.grad_transforms:
+            for name in names:
                 param = self.params[name]
                 if param.grad is None:
                     continue
