@@ -40,25 +40,26 @@ def experiment(request) -> str:
     return request.node.name[:200]
 
 
+def make_config(output_dir: Path, tracking_uri: str, experiment: str, **changes) -> dict:
+    """A small valid config (a dict): seed 000's two members kept apart by a separation coupling."""
+    cfg = {
+        "name": "pop",
+        "seed": 0,
+        "steps": 10,
+        "output_dir": str(output_dir),
+        # Plots and logged models cost seconds per run; tests/test_observability.py covers them.
+        "tracking": {"uri": tracking_uri, "experiment": experiment, "plots": False, "log_models": False},
+        "members": [prelu_member("m1"), prelu_member("m2")],
+        "couplings": [{"type": "separation", "param": "activation.weight", "margin": 2.0}],
+    }
+    cfg.update(copy.deepcopy(changes))
+    return cfg
+
+
 @pytest.fixture
 def base_config(tmp_path: Path, tracking_uri: str, experiment: str):
-    """Factory of small valid configs (dicts) writing into this test's temporary folder."""
-
-    def make(**changes) -> dict:
-        cfg = {
-            "name": "pop",
-            "seed": 0,
-            "steps": 10,
-            "output_dir": str(tmp_path / "runs"),
-            # Plots and logged models cost seconds per run; tests/test_observability.py covers them.
-            "tracking": {"uri": tracking_uri, "experiment": experiment, "plots": False, "log_models": False},
-            "members": [prelu_member("m1"), prelu_member("m2")],
-            "couplings": [{"type": "separation", "param": "activation.weight", "margin": 2.0}],
-        }
-        cfg.update(copy.deepcopy(changes))
-        return cfg
-
-    return make
+    """Factory of :func:`make_config` configs writing into this test's temporary folder."""
+    return lambda **changes: make_config(tmp_path / "runs", tracking_uri, experiment, **changes)
 
 
 def prelu_member(name: str, **changes) -> dict:

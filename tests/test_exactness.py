@@ -44,12 +44,5 @@ def test_sync_exchange_matches_single_process_joint_objective(ray_session, base_
     assert float((alphas[0] - alphas[1]).abs()) > 0.1
 
 
-def test_same_seed_gives_bitwise_identical_weights(ray_session, base_config, tmp_path):
-    first = poptrain.run(base_config(name="a", steps=8))
-    second = poptrain.run(base_config(name="b", steps=8))
-    for name in ("m1", "m2"):
-        a = torch.load(first.output_dir / "members" / name / "model.pt", weights_only=True)
-        b = torch.load(second.output_dir / "members" / name / "model.pt", weights_only=True)
-        assert a.keys() == b.keys()
-        for key in a:
-            assert torch.equal(a[key], b[key]), f"{name}.{key} differs between two runs with the same seed"
+# Bitwise determinism across runs with the same seed is shown by tests/test_failures.py: runs
+# interrupted (member killed, driver killed) end bitwise equal to an uninterrupted run.
