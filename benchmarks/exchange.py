@@ -9,7 +9,8 @@ the time between two consecutive round completions seen by a caller (all callers
 behind the barrier); the figure uses the median over rounds and callers. The baseline, in the
 same run and from the same kind of caller actor, is one plain Ray actor method round trip
 (``ray.get(actor.ping.remote())`` on a plain, non-async actor), median over calls. Coupling
-metrics go to a do-nothing tracking actor, so MLflow writes do not compete for the cores.
+metrics stay in the coordinator's outbox (no driver takes them here), so MLflow writes do not
+compete for the cores.
 
 **Averaging bandwidth** runs ``poptrain.run`` on a population of ``avg_sources`` source members
 and one target, each an MLP of ``avg_params`` float32 parameters, with the ``average`` coupling
@@ -57,19 +58,6 @@ def _pid_of(actor) -> int | None:
         return ray.get(actor.__ray_call__.remote(lambda self: os.getpid()), timeout=30)
     except Exception:
         return None
-
-
-class NullTracker:
-    """Stands in for the tracking actor: takes the coordinator's metrics and drops them."""
-
-    def log_population(self, items) -> None:
-        return None
-
-    def log_member(self, member, items, flush=False) -> None:
-        return None
-
-    def ping(self) -> bool:
-        return True
 
 
 class Caller:
@@ -145,11 +133,10 @@ def exchange_latency(ctx: Context) -> list[dict[str, Any]]:
     remote = lambda cls: ray.remote(cls).options(num_cpus=0)  # noqa: E731
     callers = [remote(Caller).remote() for _ in range(most)]
     pong = remote(Pong).remote()
-    tracker = remote(NullTracker).remote()
-    actors = [*callers, pong, tracker]
+    actors = [*callers, pong]
     try:
         started = time.perf_counter()
-        ray.get([c.ready.remote() for c in callers] + [pong.ping.remote(), tracker.ping.remote()])
+        ray.get([c.ready.remote() for c in callers] + [pong.ping.remote()])
         actors_ready_s = time.perf_counter() - started
         pong_pid = ray.get(pong.pid.remote())
 
@@ -161,7 +148,7 @@ def exchange_latency(ctx: Context) -> list[dict[str, Any]]:
                 steps = sizes.latency_warmup + sizes.latency_rounds + 10
                 cfg = poptrain.load_config(_latency_config(ctx, n, steps, mode))
                 population = inspect_population(cfg)
-                coordinator = remote(CoordinatorActor).remote(cfg, population, tracker)
+                coordinator = remote(CoordinatorActor).remote(cfg, population)
                 actors.append(coordinator)
                 ray.get(coordinator.ping.remote())
                 coordinator_pid = _pid_of(coordinator)

@@ -3,7 +3,7 @@
 Measured in a fresh Python process (``python -m benchmarks.startup CONFIG OUT``) in which
 nothing has started Ray yet, so the time includes what a user's first call pays: importing
 poptrain's modules (torch, pydantic, ...), ``ray.init`` of a local Ray, checks, the placement
-group, the tracking, coordinator and member actors, MLflow runs, and the first training step
+group, the coordinator and member actors, MLflow runs (written by the driver), and the first training step
 with its exchanges. ``import ray`` is done before the clock starts, so that ``ray.init`` can be
 wrapped to time it; that import is reported separately (``import_ray_s``).
 
@@ -13,7 +13,7 @@ later of the two members. The sqlite MLflow store already exists (the parent cre
 does for every run but a machine's very first. The child gets a Ray temp folder of its own
 (``RAY_TMPDIR``) and no ``RAY_ADDRESS``, so it always starts a local Ray as on a fresh machine.
 
-``--smoke`` starts no child (a fresh Ray and four more actor processes would double its time): it
+``--smoke`` starts no child (a fresh Ray and three more actor processes would double its time): it
 reports the API call to first step of its first timed ``sync1`` run, with Ray already up.
 """
 

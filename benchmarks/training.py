@@ -73,7 +73,7 @@ def run_population(ctx: Context, key: str, repeat: int) -> dict[str, Any]:
         "steps_per_s": rate,
         "samples_per_s": sum(m["steps_per_s"] * ctx.sizes.batch for m in members.values()),
         "members": members,
-        # Cores each process role kept busy during the timed steps (members, coordinator, tracking, driver).
+        # Cores each process role kept busy during the timed steps (members, coordinator, driver: the driver writes MLflow).
         "cores_busy": cpu.cores_busy(ctx.sizes.warmup, ctx.sizes.steps - 2),
         "memory_peak_mib": sampler.peak,
         "memory_samples": sampler.samples,

@@ -5,8 +5,8 @@ tracked in MLflow (one parent run per population, one nested run per member).
     result = poptrain.run("configs/prelu_separation.yaml", overrides=["steps=100"])
     result.run_id, result.output_dir, result.metrics
 
-Names are imported lazily so that processes needing only part of poptrain (the tracking actor
-imports MLflow, not torch) start fast.
+Names are imported lazily so that processes needing only part of poptrain (``poptrain check``
+imports neither Ray nor MLflow) start fast.
 """
 
 from __future__ import annotations

@@ -10,8 +10,8 @@ of a round arrives the coordinator
 3. releases every waiting member with the same result object; results over
    ``SHARE_BY_REFERENCE_BYTES`` are put in Ray's object store once and every member reads the
    same object by reference (NumPy buffers are read zero-copy from shared memory),
-4. evaluates every coupling whose inputs are all known on the detached population and sends
-   the values to tracking (``coupling/<name>``).
+4. evaluates every coupling whose inputs are all known on the detached population and keeps
+   the values (``coupling/<name>``) in its outbox, which the driver empties into MLflow.
 
 Members talk to the coordinator directly; the driver is not on the per-step path.
 """
@@ -29,6 +29,7 @@ import torch
 from poptrain.config import RunConfig
 from poptrain.couplings import Coupling, PopulationInfo, Quantity, build_couplings
 from poptrain.couplings.base import PHASES
+from poptrain.tracking import Item, MetricsOutbox
 
 SHARE_BY_REFERENCE_BYTES = 256 * 1024
 
@@ -138,9 +139,9 @@ class Coordinator:
 class CoordinatorActor:
     """Async Ray actor around :class:`Coordinator`: one barrier per (kind, step)."""
 
-    def __init__(self, run: RunConfig, population: PopulationInfo, tracker):
+    def __init__(self, run: RunConfig, population: PopulationInfo):
         self.logic = Coordinator(run, population)
-        self.tracker = tracker
+        self.outbox = MetricsOutbox()  # coupling metrics, taken by the driver
         self.timeout_s = run.exchange.timeout_s
         self.rounds: dict[tuple[str, int], Round] = {}
         # Results of completed rounds, kept long enough for a member restarted from its latest
@@ -168,7 +169,7 @@ class CoordinatorActor:
             del self.rounds[key]
             self._remember(key, rnd.result)
             if metrics:
-                self.tracker.log_population.remote([(k, v, step, int(time.time() * 1000)) for k, v in metrics.items()])
+                self.outbox.add([(k, v, step, int(time.time() * 1000)) for k, v in metrics.items()])
         else:
             try:
                 await asyncio.wait_for(rnd.done.wait(), self.timeout_s)
@@ -204,7 +205,7 @@ class CoordinatorActor:
             self.logged[kind] = step
             metrics = self.logic.coupling_metrics(kind, step)
             if metrics:
-                self.tracker.log_population.remote([(k, v, step, int(time.time() * 1000)) for k, v in metrics.items()])
+                self.outbox.add([(k, v, step, int(time.time() * 1000)) for k, v in metrics.items()])
         merged = {q: a for p, (_, vals) in newest.items() if p != member for q, a in vals.items()}
         return {"values": merged, "replace": {}, "steps": {p: newest[p][0] for p in peers}}
 
@@ -227,10 +228,9 @@ class CoordinatorActor:
         # resolve it on return) and reads the NumPy buffers zero-copy from shared memory.
         return [ray.put(result)]
 
-    async def drain(self) -> None:
-        """Return once tracking has processed every metric this coordinator sent (calls from one
-        caller run in order)."""
-        await self.tracker.ping.remote()
+    def take_metrics(self, written: bool) -> list[Item]:
+        """The coupling metrics since the last call (see :class:`MetricsOutbox`)."""
+        return self.outbox.take(written)
 
     def ping(self) -> bool:
         return True

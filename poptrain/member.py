@@ -30,6 +30,7 @@ from poptrain.checkpoint import checkpoint_path, load_checkpoint, save_checkpoin
 from poptrain.config import Component, MemberConfig, RunConfig
 from poptrain.coordinator import ExchangePlan
 from poptrain.couplings import PopulationInfo, Quantity, build_couplings
+from poptrain.tracking import Item, MetricsOutbox
 
 # exchange(kind, step, member, own_values) -> {"values": {Quantity: array}, "replace": {Quantity: array}}
 ExchangeFn = Callable[[str, int, str, dict], dict]
@@ -510,22 +511,24 @@ def placement_device() -> tuple[str, list[int]]:
 
 
 class MemberActor:
-    """Ray actor around :class:`MemberTrainer`; talks to the coordinator and tracking directly."""
+    """Ray actor around :class:`MemberTrainer`; exchanges with the coordinator directly and keeps
+    its metrics in an outbox the driver empties (``take_metrics``, called while ``train`` runs:
+    the actor has two threads)."""
 
-    def __init__(
-        self, run: RunConfig, name: str, population: PopulationInfo, coordinator, tracker, num_cpus: float, run_dir: str, system_metrics: bool = False
-    ):
+    def __init__(self, run: RunConfig, name: str, population: PopulationInfo, coordinator, num_cpus: float, run_dir: str, system_metrics: bool = False):
         device, gpu_ids = placement_device()
         torch.set_num_threads(max(1, int(num_cpus)))
         self.trainer = MemberTrainer(run, name, population, device)
-        self.coordinator, self.tracker, self.run_dir = coordinator, tracker, run_dir
+        self.coordinator, self.run_dir = coordinator, run_dir
         # A fresh run starts with no checkpoint of its own; a resumed run, or this actor restarted by
-        # Ray after its process died, continues from its newest one.
+        # Ray after its process died, continues from its newest one, metrics not yet written included.
         self.restored_from = None
+        self.outbox = MetricsOutbox()
         saved = steps_of(run_dir, name)
         if saved:
-            path = checkpoint_path(run_dir, name, saved[-1])
-            self.trainer.load_state_dict(load_checkpoint(path))
+            state = load_checkpoint(checkpoint_path(run_dir, name, saved[-1]))
+            self.trainer.load_state_dict(state)
+            self.outbox = MetricsOutbox(state.get("metrics", []))
             self.restored_from = saved[-1]
         self.log_every = run.tracking.log_every
         self.system_metrics = system_metrics
@@ -571,11 +574,8 @@ class MemberActor:
         return result
 
     def train(self, until_step: int) -> dict[str, float]:
-        """Train up to ``until_step``; metrics go to tracking in batches. Returns the last metrics."""
-        import ray
-
-        buffer: list[tuple[str, float, int, int]] = []
-        last_flush, metrics = time.monotonic(), {}
+        """Train up to ``until_step``; metrics go to the outbox. Returns the last step's metrics."""
+        metrics: dict[str, float] = {}
         every, keep = self.trainer.run.checkpoint.every, self.trainer.run.checkpoint.keep
         profile = self.trainer.run.tracking.profile
         logging_ms = checkpoint_ms = 0.0
@@ -583,10 +583,8 @@ class MemberActor:
             step = self.trainer.step
             if every and step % every == 0 and step != self.restored_from and step > 0:
                 started = time.perf_counter()
-                # Metrics first, written to MLflow before the checkpoint exists, so a restart from it misses none.
-                ray.get(self.tracker.log_member.remote(self.trainer.name, buffer, flush=True))
-                buffer, last_flush = [], time.monotonic()
-                save_checkpoint(self.trainer.state_dict(), self.run_dir, self.trainer.name, step, keep)
+                # The metrics not yet in MLflow go into the checkpoint: a restart from it sends them again.
+                save_checkpoint({**self.trainer.state_dict(), "metrics": self.outbox.unwritten()}, self.run_dir, self.trainer.name, step, keep)
                 checkpoint_ms = 1000 * (time.perf_counter() - started)
             self.trainer.timings = dict.fromkeys(self.trainer.timings, 0.0)
             started = time.perf_counter()
@@ -602,17 +600,15 @@ class MemberActor:
                 metrics.update(self._system_metrics())
             if step % self.log_every == 0 or self.trainer.step == until_step:
                 now_ms = int(time.time() * 1000)
-                buffer.extend((key, value, step, now_ms) for key, value in metrics.items())
-            if buffer and (time.monotonic() - last_flush > 1.0 or len(buffer) > 2000):
-                self.tracker.log_member.remote(self.trainer.name, buffer)
-                buffer, last_flush = [], time.monotonic()
+                self.outbox.add([(key, value, step, now_ms) for key, value in metrics.items()])
             logging_ms = 1000 * (time.perf_counter() - started)
         if self.trainer.step == self.trainer.run.steps:
             self.trainer.finish(self._exchange)
-        # Waiting on the last batch also waits on every earlier one (one caller's calls run in order),
-        # so when train() returns, all of this member's metrics are in tracking.
-        ray.get(self.tracker.log_member.remote(self.trainer.name, buffer))
         return metrics
+
+    def take_metrics(self, written: bool) -> list[Item]:
+        """The metrics since the last call; ``written``: everything taken before is in MLflow."""
+        return self.outbox.take(written)
 
     def model_state(self) -> dict[str, np.ndarray]:
         return {k: v.numpy() for k, v in self.trainer.model_state().items()}

@@ -111,7 +111,7 @@ def log_member_model(
     model = build_model(spec)
     model.load_state_dict(torch.load(state_dict_path, weights_only=True, map_location="cpu"))
     model.eval()
-    example = input_example.detach().cpu() if isinstance(input_example, torch.Tensor) else torch.as_tensor(np.asarray(input_example))
+    example = input_example.detach().cpu() if isinstance(input_example, torch.Tensor) else torch.as_tensor(np.array(input_example))  # a copy: arrays from Ray are read-only
     with torch.no_grad():
         output = model(example)
     signature = infer_signature(example.numpy(), output.numpy() if isinstance(output, torch.Tensor) else None)

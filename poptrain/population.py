@@ -322,38 +322,20 @@ def _train(cfg: RunConfig, population: PopulationInfo, uri: str, run_dir: Path, 
     started_ray = ensure_ray()
     actors: list = []
     group = None
-    tracker = None
-    ids: RunIds | None = resume_ids
+    tracking: Tracking | None = None
     status = "FAILED"
     try:
         bundles = member_resources(cfg, ray.cluster_resources())
         group = place_population(cfg, bundles)
 
-        # Tracking runs on the driver's node (a local sqlite file is only valid there) and creates
-        # (or reopens) the MLflow runs while the members start.
+        # The coordinator runs on the driver's node, next to the writer of its metrics.
         here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
-        tracker = ray.remote(Tracking).options(num_cpus=0, scheduling_strategy=here).remote(uri, resume_ids)
-        ids_ref = tracker.resume.remote() if resume_ids else tracker.create_runs.remote(cfg)
-        coordinator = ray.remote(CoordinatorActor).options(num_cpus=0, scheduling_strategy=here).remote(cfg, population, tracker)
-        actors += [tracker, coordinator]
+        coordinator = ray.remote(CoordinatorActor).options(num_cpus=0, scheduling_strategy=here).remote(cfg, population)
+        actors.append(coordinator)
         restartable = cfg.failure.max_restarts if cfg.checkpoint.every else 0
         nodes = sum(1 for node in ray.nodes() if node.get("Alive"))
         system_metrics = nodes > 1 if cfg.tracking.system_metrics == "auto" else cfg.tracking.system_metrics
-        if os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") and (not Path(cfg.output_dir).is_absolute() or not uri.startswith(("http://", "https://"))):
-            print(
-                f"poptrain: warning: inside a Ray job the working directory is a temporary copy, so outputs at {run_dir} "
-                f"and tracking at {uri} may be deleted with it; set output_dir to a lasting absolute path and tracking.uri "
-                "(or MLFLOW_TRACKING_URI) to an MLflow server",
-                file=sys.stderr,
-                flush=True,
-            )
-        if nodes > 1 and not uri.startswith(("http://", "https://")):
-            print(
-                f"poptrain: warning: tracking URI {uri} is a local store on the driver's node, but the cluster has {nodes} nodes; "
-                "point tracking.uri / MLFLOW_TRACKING_URI at an MLflow server every node can reach to open the runs from anywhere",
-                file=sys.stderr,
-                flush=True,
-            )
+        _warn_about_storage(cfg, run_dir, uri, nodes)
         members = {}
         for index, (name, bundle) in enumerate(zip(cfg.member_names, bundles)):
             members[name] = (
@@ -364,21 +346,31 @@ def _train(cfg: RunConfig, population: PopulationInfo, uri: str, run_dir: Path, 
                     scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=index),
                     max_restarts=restartable,  # Ray re-creates the process; it reloads its latest checkpoint
                     max_task_retries=0,
+                    max_concurrency=2,  # train, and take_metrics beside it
                 )
-                .remote(cfg, name, population, coordinator, tracker, bundle["CPU"], str(run_dir), system_metrics)
+                .remote(cfg, name, population, coordinator, bundle["CPU"], str(run_dir), system_metrics)
             )
             actors.append(members[name])
-        logged = _tracking_call(ids_ref)
-        if resume_ids is None:
-            ids = logged
-            write_run_record(run_dir, {"tracking_uri": uri, "experiment_id": ids.experiment_id, "parent": ids.parent, "members": ids.members})
+
+        # While the actors start: open the MLflow store and create (or reopen) the runs, here.
+        tracking = Tracking(uri, resume_ids)
+        try:
+            if resume_ids is None:
+                ids = tracking.create_runs(cfg)
+                write_run_record(run_dir, {"tracking_uri": uri, "experiment_id": ids.experiment_id, "parent": ids.parent, "members": ids.members})
+            else:
+                ids = resume_ids
+                tracking.resume()
+        except TrackingUnavailable as exc:
+            raise PopulationError(f"MLflow tracking failed: {exc}") from None
         placement = dict(zip(members, _get_all([m.info.remote() for m in members.values()], members)))
         # Params are write-once in MLflow: the first placement is a param (for Compare), later ones
         # (a resumed run, a restarted member) are tags.
-        if resume_ids is None:
-            ray.get([tracker.log_params.remote(n, {f"placement.{k}": v for k, v in info.items()}) for n, info in placement.items()])
-        else:
-            ray.get([tracker.set_tags.remote(n, {f"poptrain.placement.{k}": v for k, v in info.items()}) for n, info in placement.items()])
+        for name, info in placement.items():
+            if resume_ids is None:
+                tracking.log_params(name, {f"placement.{k}": v for k, v in info.items()})
+            else:
+                tracking.set_tags(name, {f"poptrain.placement.{k}": v for k, v in info.items()})
 
         running = {members[name].train.remote(cfg.steps): name for name in members}
         final: dict[str, dict[str, float]] = {}
@@ -397,30 +389,30 @@ def _train(cfg: RunConfig, population: PopulationInfo, uri: str, run_dir: Path, 
                     if getattr(exc, "actor_init_failed", False) or restarts[name] > restartable:
                         raise PopulationError(_gave_up(cfg, run_dir, name, restarts[name] - 1, exc)) from None
                     placement[name] = _when_restarted(members[name], name, cfg.placement.timeout_s)
-                    tracker.set_tags.remote(
+                    tracking.set_tags(
                         name, {"poptrain.restarts": restarts[name], **{f"poptrain.placement.{k}": v for k, v in placement[name].items()}}
                     )
                     running[members[name].train.remote(cfg.steps)] = name
                 except ray.exceptions.RayTaskError as exc:
                     raise PopulationError(f"member {name} {describe_failure(exc)}") from None
+            _collect_metrics(tracking, members, coordinator)
             if progress is not None:
-                snapshot = rates.annotate(ray.get(tracker.progress.remote()), cfg.steps, time.monotonic() - started)
+                snapshot = rates.annotate(tracking.progress(), cfg.steps, time.monotonic() - started)
                 snapshot["placement"] = placement
                 progress(snapshot)
+        _collect_metrics(tracking, members, coordinator)
 
         for name, member in members.items():
             state = {k: torch.from_numpy(v.copy()) for k, v in ray.get(member.model_state.remote()).items()}
             save_atomic(state, run_dir / "members" / name / "model.pt")
-        ray.get(coordinator.drain.remote())
-        ray.get(tracker.log_artifact.remote(None, str(run_dir / "config.yaml")))
+        tracking.log_artifact(None, str(run_dir / "config.yaml"))
         if cfg.tracking.log_models:
             examples = _get_all([m.example_inputs.remote() for m in members.values()], members)
-            ray.get([
-                tracker.log_model.remote(n, str(run_dir / "members" / n / "model.pt"), cfg.member(n).model.model_dump(mode="json"), example, cfg.steps - 1)
-                for n, example in zip(members, examples)
-            ])
+            for name, example in zip(members, examples):
+                spec = cfg.member(name).model.model_dump(mode="json")
+                tracking.log_model(name, str(run_dir / "members" / name / "model.pt"), spec, example, cfg.steps - 1)
         if cfg.tracking.plots:
-            ray.get(tracker.log_plots.remote(str(run_dir / "plots")))
+            tracking.log_plots(str(run_dir / "plots"))
         status = "FINISHED"
         return RunResult(
             run_id=ids.parent,
@@ -436,7 +428,11 @@ def _train(cfg: RunConfig, population: PopulationInfo, uri: str, run_dir: Path, 
         status = "KILLED"
         raise
     finally:
-        _end_runs(tracker, uri, ids, status)
+        if tracking is not None and tracking.ids is not None:
+            try:
+                tracking.finish(status)
+            except TrackingUnavailable as exc:
+                print(f"poptrain: warning: could not end the MLflow runs: {exc}", file=sys.stderr, flush=True)
         for actor in actors:
             ray.kill(actor, no_restart=True)
         if group is not None:
@@ -445,6 +441,43 @@ def _train(cfg: RunConfig, population: PopulationInfo, uri: str, run_dir: Path, 
             remove_placement_group(group)
         if started_ray:
             ray.shutdown()
+
+
+def _collect_metrics(tracking: Tracking, members: dict[str, Any], coordinator) -> None:
+    """Take every outbox's new metrics into tracking, then write them if due. Outboxes drop what
+    they handed out only once tracking says all of it is written."""
+    import ray
+
+    written = tracking.written()
+    names = [*members, None]
+    refs = [m.take_metrics.remote(written) for m in members.values()] + [coordinator.take_metrics.remote(written)]
+    for name, ref in zip(names, refs):
+        try:
+            items = ray.get(ref)
+        except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
+            continue  # a member being restarted: its checkpoint holds what it had not handed out
+        if name is None:
+            tracking.log_population(items)
+        else:
+            tracking.log_member(name, items)
+
+
+def _warn_about_storage(cfg: RunConfig, run_dir: Path, uri: str, nodes: int) -> None:
+    if os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") and (not Path(cfg.output_dir).is_absolute() or not uri.startswith(("http://", "https://"))):
+        print(
+            f"poptrain: warning: inside a Ray job the working directory is a temporary copy, so outputs at {run_dir} "
+            f"and tracking at {uri} may be deleted with it; set output_dir to a lasting absolute path and tracking.uri "
+            "(or MLFLOW_TRACKING_URI) to an MLflow server",
+            file=sys.stderr,
+            flush=True,
+        )
+    if nodes > 1 and not uri.startswith(("http://", "https://")):
+        print(
+            f"poptrain: warning: tracking URI {uri} is a local store on the driver's node, but the cluster has {nodes} nodes; "
+            "point tracking.uri / MLFLOW_TRACKING_URI at an MLflow server every node can reach to open the runs from anywhere",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 def _when_restarted(actor, name: str, timeout_s: float) -> dict[str, Any]:
@@ -502,31 +535,6 @@ def describe_failure(exc: Exception) -> str:
         raised = [line.strip() for line in text.splitlines() if re.match(r"^\s*[\w.]+(Error|Exception|Exit|Interrupt)\b", line)]
         return f"failed to start: {raised[-1] if raised else text.splitlines()[-1]}"
     return f"died: its process exited or was killed ({text.splitlines()[0] if text else type(exc).__name__})"
-
-
-def _tracking_call(ref):
-    """``ray.get`` of a tracking call; a store that cannot be written is reported as such."""
-    import ray
-
-    try:
-        return ray.get(ref)
-    except ray.exceptions.RayTaskError as exc:
-        cause = getattr(exc, "cause", None) or exc
-        raise PopulationError(f"MLflow tracking failed: {type(cause).__name__}: {cause}") from None
-
-
-def _end_runs(tracker, uri: str, ids: RunIds | None, status: str) -> None:
-    import ray
-
-    if ids is None:
-        return
-    try:
-        if tracker is not None:
-            ray.get(tracker.finish.remote(status), timeout=60)
-            return
-    except Exception:
-        pass  # the tracking actor is gone: end the runs from here (its unflushed metrics are lost)
-    Tracking(uri, ids).finish(status)
 
 
 class _Rates:

@@ -1,15 +1,22 @@
 """Everything MLflow: one parent run per population, one nested run per member, batched writes.
 
-All MLflow writes of a run go through one place, :class:`Tracking` (wrapped as the tracking
-actor, pinned to the driver's node): members and the coordinator send it metrics as
-fire-and-forget batches, and it writes them with ``MlflowClient.log_batch``. One writer means
-no ``database is locked`` with sqlite and no run per worker with nothing tying them together.
-A failed write is retried with back-off and its metrics stay buffered until written.
+All MLflow writes of a run go through one place, :class:`Tracking`, in the driver process (as
+NVIDIA FLARE's server writes for all clients). Members and the coordinator keep their metrics
+in a :class:`MetricsOutbox`; the driver takes them every poll and writes them with
+``MlflowClient.log_batch``. One writer means no ``database is locked`` with sqlite, no run per
+worker with nothing tying them together, and no extra process (or MLflow import) per run.
+
+Nothing is lost: an outbox drops metrics only once the driver has written everything it took,
+and a member's checkpoint holds what its outbox still has, so a restart (or a resume after the
+driver died) sends them again. Nothing is logged twice: :class:`Tracking` keeps a high-water
+mark per run and drops what it has seen. A failed write is retried with back-off on the next
+polls, its metrics buffered meanwhile.
 """
 
 from __future__ import annotations
 
 import os
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -32,11 +39,42 @@ class TrackingUnavailable(RuntimeError):
     """The tracking store cannot be reached or written."""
 
 
+class MetricsOutbox:
+    """Metrics a member (or the coordinator) produced, held until the driver has written them.
+
+    ``take(written)`` hands out what was added since the last take; what was handed out is kept
+    until a later take says ``written`` (everything the driver took so far is in MLflow). Safe
+    to call from another thread than the one adding (a member's ``train`` runs beside it).
+    """
+
+    def __init__(self, items: list[Item] | None = None):
+        self._pending: list[Item] = list(items or [])
+        self._taken: list[Item] = []
+        self._lock = threading.Lock()
+
+    def add(self, items: list[Item]) -> None:
+        with self._lock:
+            self._pending.extend(items)
+
+    def take(self, written: bool) -> list[Item]:
+        with self._lock:
+            if written:
+                self._taken = []
+            out, self._pending = self._pending, []
+            self._taken.extend(out)
+            return out
+
+    def unwritten(self) -> list[Item]:
+        """Everything not known to be in MLflow (what a checkpoint keeps), oldest first."""
+        with self._lock:
+            return [tuple(item) for item in self._taken + self._pending]
+
+
 def resolve_tracking_uri(cfg: RunConfig, cwd: str | None = None) -> str:
     """The config's URI, else ``$MLFLOW_TRACKING_URI``, else ``sqlite:///<cwd>/mlflow.db``.
 
-    Relative sqlite paths are made absolute against the driver's working directory, because the
-    tracking actor may run with another one.
+    Relative sqlite paths are made absolute against the driver's working directory, so that the
+    record of a run (``run.json``) names the same store from anywhere.
     """
     uri = cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{DEFAULT_TRACKING_DB}"
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
@@ -93,7 +131,7 @@ def run_params(cfg: RunConfig) -> dict[str, str]:
 
 
 class Tracking:
-    """MLflow writes of one population run. Plain class; :func:`tracking_actor` wraps it for Ray."""
+    """MLflow writes of one population run, from the driver process."""
 
     def __init__(self, uri: str, ids: RunIds | None = None):
         from mlflow.tracking import MlflowClient
@@ -103,13 +141,14 @@ class Tracking:
         self.ids = ids
         self.buffer: dict[str, list[Item]] = defaultdict(list)
         self.last_flush = time.monotonic()
+        self.next_retry, self.retry_delay = 0.0, 0.0  # back-off after a failed write
         self.progress_state: dict[str, dict[str, Any]] = {}
         # Per run: the highest step logged and the keys logged at it. A member restarted from a
         # checkpoint, or a resumed run, replays steps; their metrics are dropped here, so MLflow
         # never holds a step twice.
         self.high_water: dict[str, tuple[int, set[str]]] = {}
 
-    # -- creating the runs (driver, before any actor starts) ---------------------------------
+    # -- creating the runs ------------------------------------------------------------------
 
     def create_runs(self, cfg: RunConfig) -> RunIds:
         experiment = self.client.get_experiment_by_name(cfg.tracking.experiment)
@@ -185,13 +224,10 @@ class Tracking:
             self.high_water[run_id] = (last, keys)
         return {run_id: mark[0] for run_id, mark in self.high_water.items()}
 
-    def log_member(self, member: str, items: list[Item], flush: bool = False) -> None:
-        """Buffer a member's metrics; ``flush``: write everything buffered before returning (a member
-        asks for it before each checkpoint, so a restart from that checkpoint loses no metric)."""
+    def log_member(self, member: str, items: list[Item]) -> None:
+        """Buffer a member's metrics (written by a later flush); steps already seen are dropped."""
         items = self._fresh(self._run_id(member), items)
         self.buffer[self._run_id(member)].extend(items)
-        if flush:
-            self.flush()
         for key, value, step, _ in items:
             state = self.progress_state.setdefault(member, {})
             state["step"] = max(step + 1, state.get("step", 0))
@@ -214,12 +250,21 @@ class Tracking:
     def progress(self) -> dict[str, dict[str, Any]]:
         return {k: dict(v) for k, v in self.progress_state.items()}
 
+    def written(self) -> bool:
+        """Whether everything handed to this object is in MLflow."""
+        return not any(self.buffer.values())
+
     def _maybe_flush(self) -> None:
-        if sum(len(v) for v in self.buffer.values()) >= MAX_METRICS_PER_BATCH or time.monotonic() - self.last_flush > 2.0:
+        now = time.monotonic()
+        due = sum(len(v) for v in self.buffer.values()) >= MAX_METRICS_PER_BATCH or now - self.last_flush > 2.0
+        if due and now >= self.next_retry:
             try:
                 self.flush(attempts=1)
+                self.retry_delay = 0.0
             except TrackingUnavailable:
-                pass  # kept in the buffer; the next flush retries
+                # Kept in the buffer (and in the members' outboxes); retried on a later poll.
+                self.retry_delay = min(max(2 * self.retry_delay, 0.5), 30.0)
+                self.next_retry = now + self.retry_delay
 
     def flush(self, attempts: int = 5) -> int:
         """Write every buffered metric; on failure what was not written stays buffered. Returns the count."""
@@ -275,11 +320,9 @@ class Tracking:
     def finish(self, status: str = "FINISHED") -> None:
         """Flush, then end every run of the population with ``status`` (FINISHED, FAILED, KILLED)."""
         try:
-            self.flush()
+            self.flush(attempts=8)  # about 20 s of back-off: a server restarting is waited for
         finally:
             assert self.ids is not None
             for run_id in [*self.ids.members.values(), self.ids.parent]:
                 self._retry(lambda run_id=run_id: self.client.set_terminated(run_id, status))
 
-    def ping(self) -> bool:
-        return True
