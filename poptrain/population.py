@@ -319,6 +319,7 @@ def _train(cfg: RunConfig, population: PopulationInfo, uri: str, run_dir: Path, 
     from poptrain.member import MemberActor
 
     started = time.monotonic()
+    cwd = os.getcwd()
     started_ray = ensure_ray()
     actors: list = []
     group = None
@@ -353,6 +354,7 @@ def _train(cfg: RunConfig, population: PopulationInfo, uri: str, run_dir: Path, 
             actors.append(members[name])
 
         # While the actors start: open the MLflow store and create (or reopen) the runs, here.
+        _return_to(cwd)
         tracking = Tracking(uri, resume_ids)
         try:
             if resume_ids is None:
@@ -441,6 +443,17 @@ def _train(cfg: RunConfig, population: PopulationInfo, uri: str, run_dir: Path, 
             remove_placement_group(group)
         if started_ray:
             ray.shutdown()
+
+
+def _return_to(cwd: str) -> None:
+    """Make ``cwd`` the working directory again if the folder was replaced under us. Inside a Ray
+    job the driver's working directory is the job's unpacked ``working_dir``; a second Ray node on
+    the same machine unpacks it again at the same path for its workers, deleting the folder the
+    driver is in, and MLflow's sqlite store resolves its default artifact root against it."""
+    try:
+        os.getcwd()
+    except FileNotFoundError:
+        os.chdir(cwd)
 
 
 def _collect_metrics(tracking: Tracking, members: dict[str, Any], coordinator) -> None:
