@@ -311,10 +311,12 @@ class CheckpointConfig(Strict):
 
 class FailureConfig(Strict):
     max_restarts: int = Field(3, ge=0, le=1000, description="Times a member whose process dies is restarted from its latest checkpoint before the run fails.")
-    nonfinite: Literal["fail", "skip"] = Field(
+    nonfinite: Literal["fail", "skip", "rollback"] = Field(
         "fail",
         description="A NaN/inf loss, term, coupling or gradient: `fail` stops the run naming member, step and term; "
-        "`skip` skips that optimizer step. Either way no non-finite value reaches a peer.",
+        "`skip` skips that optimizer step (metric `skipped`); `rollback` skips it and restores the member's model, "
+        "optimizer and balancing state from its latest checkpoint (its initial state before the first one; metric "
+        "`rollback` = the step restored), then goes on with the next batch. No non-finite value ever reaches a peer.",
     )
 
 
@@ -668,6 +670,8 @@ def validate_config(raw: dict) -> RunConfig:
         labels.add(specific.label)
         if cfg.exchange.mode == "async" and cls.exchange_transform is not Coupling.exchange_transform:
             problems.append((f"{key}.type", f"{item['type']!r} replaces members' values at exchanges, which needs every member at the same exchange: use `exchange.mode: sync`"))
+        if cfg.failure.nonfinite == "rollback" and not cls.allows_rollback:
+            problems.append((f"{key}.type", f"{item['type']!r} keeps members' parameters identical, which restoring one member from its checkpoint would break: use `failure.nonfinite: skip` or `fail`"))
         try:
             problems.extend((f"{key}.{k}" if k else key, msg) for k, msg in cls.check_config(specific, cfg))
         except Exception as exc:  # a user coupling's own check failing is still a config problem

@@ -11,6 +11,7 @@ The data path of one step, in :meth:`MemberTrainer.train_step`:
 
 from __future__ import annotations
 
+import copy
 import fnmatch
 import inspect
 import os
@@ -249,6 +250,10 @@ class MemberTrainer:
         self.timings: dict[str, float] = {"serialize_ms": 0.0, "exchange_wait_ms": 0.0}  # this step's, for profiling
         self.step = 0
         self.checked_gradient_paths = False
+        # `failure.nonfinite: rollback`: (step, model/optimizer/balancer state) that a bad step restores.
+        self.rollback_point: tuple[int, dict[str, Any]] | None = None
+        if run.failure.nonfinite == "rollback" and self.optimizer is not None:
+            self.set_rollback_point(0, self.state_dict())
 
     # -- the step ------------------------------------------------------------------------------
 
@@ -288,7 +293,7 @@ class MemberTrainer:
             if grads and not bool(torch.isfinite(torch.stack([g.detach().abs().max() for g in grads])).all()):
                 bad.append("gradient")
         self._guard(bad)
-        if bad:  # nonfinite: skip — no update, and zero gradients so nothing non-finite is exchanged
+        if bad:  # skip or rollback: no update, and zero gradients so nothing non-finite is exchanged
             self.optimizer.zero_grad(set_to_none=True)
         if exchanging:
             self._exchange("grad", exchange, {})
@@ -300,6 +305,8 @@ class MemberTrainer:
         metrics = {"loss": float(terms["loss"].detach()), "objective": float(objective.detach() if isinstance(objective, torch.Tensor) else objective)}
         if bad:
             metrics["skipped"] = 1.0
+            if self.rollback_point is not None:
+                metrics["rollback"] = float(self._roll_back())
         if self.staleness is not None and exchanging:
             metrics["exchange/staleness"] = self.staleness
         for name, value in terms.items():
@@ -313,6 +320,21 @@ class MemberTrainer:
         if every and (self.step - 1) % every == 0:
             metrics.update(self.layer_norms())
         return metrics
+
+    def set_rollback_point(self, step: int, state: Mapping[str, Any]) -> None:
+        """Keep (a copy of) the model, optimizer and balancing state of ``state`` (a :meth:`state_dict`,
+        e.g. the checkpoint just written at ``step``) for ``failure.nonfinite: rollback``."""
+        self.rollback_point = (step, copy.deepcopy({k: state[k] for k in ("model", "optimizer", "balancer")}))
+
+    def _roll_back(self) -> int:
+        """Restore the rollback point's model, optimizer and balancing state; the step counter, data
+        position and RNGs go on (the bad batch is not met again). Returns the step restored."""
+        step, state = self.rollback_point
+        self.model.load_state_dict(state["model"])
+        # A copy: Optimizer.load_state_dict keeps the given CPU tensors, which its steps then update in place.
+        self.optimizer.load_state_dict(copy.deepcopy(state["optimizer"]))
+        self.balancer.load_state_dict(state["balancer"])
+        return step
 
     def layer_norms(self) -> dict[str, float]:
         """``weight_norm/<name>`` and ``grad_norm/<name>`` (L2, after gradient transforms) per parameter
@@ -530,6 +552,8 @@ class MemberActor:
             self.trainer.load_state_dict(state)
             self.outbox = MetricsOutbox(state.get("metrics", []))
             self.restored_from = saved[-1]
+            if self.trainer.rollback_point is not None:
+                self.trainer.set_rollback_point(saved[-1], state)
         self.log_every = run.tracking.log_every
         self.system_metrics = system_metrics
         self.system_metrics_every_s, self.last_system_sample = 10.0, float("-inf")
@@ -584,7 +608,10 @@ class MemberActor:
             if every and step % every == 0 and step != self.restored_from and step > 0:
                 started = time.perf_counter()
                 # The metrics not yet in MLflow go into the checkpoint: a restart from it sends them again.
-                save_checkpoint({**self.trainer.state_dict(), "metrics": self.outbox.unwritten()}, self.run_dir, self.trainer.name, step, keep)
+                state = self.trainer.state_dict()
+                save_checkpoint({**state, "metrics": self.outbox.unwritten()}, self.run_dir, self.trainer.name, step, keep)
+                if self.trainer.rollback_point is not None:
+                    self.trainer.set_rollback_point(step, state)
                 checkpoint_ms = 1000 * (time.perf_counter() - started)
             self.trainer.timings = dict.fromkeys(self.trainer.timings, 0.0)
             started = time.perf_counter()

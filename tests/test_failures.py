@@ -111,17 +111,16 @@ def test_a_killed_driver_resumes_into_the_same_runs_bitwise_equal_to_an_uninterr
     assert_bitwise_equal(run_dir, uninterrupted)
 
 
-def poisoned(**changes):
+def test_with_nonfinite_rollback_a_member_goes_back_to_its_checkpoint_and_no_peer_sees_a_nan(ray_session, base_config, tracking_uri):
+    # m1's data has one NaN sample: unshuffled, 8 batches an epoch, it spoils steps 1 and 9.
     data = {"name": "tests.helpers:poisoned_data", "kwargs": {"bad_index": 40}, "batch_size": 32, "shuffle": False}
-    return prelu_member("m1", data=data, **changes)
-
-
-def test_with_nonfinite_skip_the_poisoned_step_is_skipped_and_no_peer_sees_a_nan(ray_session, base_config, tracking_uri):
-    result = poptrain.run(base_config(members=[poisoned(), prelu_member("m2")], steps=6, failure={"nonfinite": "skip"}))
-    assert logged_steps(tracking_uri, result.member_run_ids["m1"], "skipped") == [1]
+    config = base_config(members=[prelu_member("m1", data=data), prelu_member("m2")], steps=12, checkpoint={"every": 4}, failure={"nonfinite": "rollback"})
+    result = poptrain.run(config)
+    rollbacks = MlflowClient(tracking_uri).get_metric_history(result.member_run_ids["m1"], "rollback")
+    assert sorted((m.step, m.value) for m in rollbacks) == [(1, 0.0), (9, 8.0)], "to the initial state, then to the step-8 checkpoint"
     assert all(torch.isfinite(t).all() for t in weights(result.output_dir, "m1").values())
     couplings = MlflowClient(tracking_uri).get_metric_history(result.run_id, "coupling/separation")
-    assert len(couplings) == 6 and all(torch.isfinite(torch.tensor(m.value)) for m in couplings)
+    assert len(couplings) == 12 and all(torch.isfinite(torch.tensor(m.value)) for m in couplings)
 
 
 def test_damaged_checkpoints_are_refused_never_half_loaded(tmp_path):

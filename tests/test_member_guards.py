@@ -46,3 +46,32 @@ def test_with_nonfinite_skip_the_poisoned_step_changes_nothing_and_no_peer_sees_
     assert [i for i, m in enumerate(population.metrics["m1"]) if m.get("skipped")] == [1]
     assert all(np.isfinite(a).all() for *_, values in population.sent for a in values.values())
     assert all(torch.isfinite(t).all() for t in population.trainers["m1"].model.state_dict().values())
+
+
+def test_with_nonfinite_rollback_a_poisoned_step_restores_the_last_good_state(base_config):
+    # 8 batches an epoch, unshuffled: the poisoned batch comes at steps 1, 9, 17, ...
+    population = InProcessPopulation(base_config(members=[poisoned(), prelu_member("m2")], failure={"nonfinite": "rollback"}))
+    m1 = population.trainers["m1"]
+    initial = {k: v.clone() for k, v in m1.model.state_dict().items()}
+    population.train(2)
+    assert population.metrics["m1"][1]["rollback"] == 0.0, "before any checkpoint: the initial state"
+    assert all(torch.equal(initial[k], v) for k, v in m1.model.state_dict().items())
+    assert m1.optimizer.state_dict()["state"] == {}, "the optimizer's state is the initial one too"
+
+    population.train(6)  # steps 2..7
+    m1.set_rollback_point(8, m1.state_dict())  # what the member actor does after a checkpoint at step 8
+    good = {k: v.clone() for k, v in m1.model.state_dict().items()}
+    population.train(2)  # step 8 trains, step 9 is poisoned
+    assert population.metrics["m1"][9]["rollback"] == 8.0
+    assert all(torch.equal(good[k], v) for k, v in m1.model.state_dict().items())
+    population.train(3)
+    assert not any(torch.equal(good[k], v) for k, v in m1.model.state_dict().items() if k != "activation.weight"), "training went on"
+    assert all(np.isfinite(a).all() for *_, values in population.sent for a in values.values())
+
+
+def test_rollback_is_refused_with_a_coupling_that_keeps_copies_identical(base_config):
+    from poptrain.config import ConfigError, load_config
+
+    config = base_config(failure={"nonfinite": "rollback"}, couplings=[{"type": "share", "params": ["input.*"]}])
+    with pytest.raises(ConfigError, match=r"couplings.0.type: 'share' keeps members' parameters identical.*nonfinite: skip"):
+        load_config(config)

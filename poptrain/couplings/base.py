@@ -71,6 +71,9 @@ class Coupling(ABC):
     :meth:`exchange_transform`) and may extend :attr:`Config` with their own fields."""
 
     Config: ClassVar[type[CouplingConfig]] = CouplingConfig
+    # False where the coupling keeps members' parameters identical step by step, which restoring
+    # one member alone from its checkpoint (`failure.nonfinite: rollback`) would break.
+    allows_rollback: ClassVar[bool] = True
 
     def __init__(self, config: CouplingConfig, population: PopulationInfo):
         self.config = config

@@ -29,6 +29,8 @@ class Share(Coupling):
     after the last step instead (local SGD on the shared part): identical at the end, not exact.
     """
 
+    allows_rollback = False
+
     Config = ShareConfig
     config: ShareConfig
 
