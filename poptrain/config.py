@@ -311,6 +311,13 @@ class CheckpointConfig(Strict):
 
 class FailureConfig(Strict):
     max_restarts: int = Field(3, ge=0, le=1000, description="Times a member whose process dies is restarted from its latest checkpoint before the run fails.")
+    while_restarting: Literal["wait", "continue"] = Field(
+        "wait",
+        description="What the peers of a member whose process died do (sync exchange): `wait` at their next exchange "
+        "until it is back and has replayed from its checkpoint (the run ends bitwise as if uninterrupted); `continue` "
+        "with its most recent exchanged values, never waiting for it again while it replays behind them (no stall; "
+        "the outcome then depends on timing). Its metrics have every step exactly once either way.",
+    )
     nonfinite: Literal["fail", "skip", "rollback"] = Field(
         "fail",
         description="A NaN/inf loss, term, coupling or gradient: `fail` stops the run naming member, step and term; "

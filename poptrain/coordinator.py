@@ -148,6 +148,15 @@ class CoordinatorActor:
         # checkpoint to replay up to its peers: it gets exactly what it got the first time.
         self.completed: dict[tuple[str, int], Any] = {}
         self.history_steps = 2 * run.checkpoint.every + run.exchange.every if run.checkpoint.every else 0
+        # `failure.while_restarting: continue`: members whose process died, or that replay behind
+        # their peers since; rounds complete without them, with their most recent values. Each
+        # pins the completed rounds it has yet to replay.
+        self.continue_without_dead = run.failure.while_restarting == "continue"
+        self.checkpoint_every = run.checkpoint.every
+        self.lagging: set[str] = set()
+        self.pinned: dict[str, int] = {}
+        self.last_values: dict[str, dict[str, dict]] = {}  # kind -> member -> its most recent values
+        self.last_step: dict[str, int] = {}
         # async mode: each member's newest values per kind, and who waits for them
         self.max_staleness = run.exchange.max_staleness
         self.published: dict[str, dict[str, tuple[int, dict]]] = {}
@@ -156,21 +165,20 @@ class CoordinatorActor:
 
     async def exchange(self, kind: str, step: int, member: str, values: dict[Quantity, np.ndarray]):
         key = (kind, step)
+        if self.continue_without_dead:
+            self.last_values.setdefault(kind, {})[member] = values
+            self.last_step[member] = step
         if key in self.completed:  # a restarted member replaying a round its peers have finished
+            if member in self.pinned:
+                self.pinned[member] = step
             return self.completed[key]
+        self.lagging.discard(member)  # at its peers' step again: they wait for it from now on
+        self.pinned.pop(member, None)
         rnd = self.rounds.get(key)
         if rnd is None:
             rnd = self.rounds[key] = Round(expected=self.logic.plan.participants[kind])
         rnd.values[member] = values
-        if len(rnd.values) == len(rnd.expected):
-            result, metrics = self.logic.complete(kind, step, rnd.values)
-            rnd.result = self._share(result)
-            rnd.done.set()
-            del self.rounds[key]
-            self._remember(key, rnd.result)
-            if metrics:
-                self.outbox.add([(k, v, step, int(time.time() * 1000)) for k, v in metrics.items()])
-        else:
+        if not self._complete_if_ready(key, rnd):
             try:
                 await asyncio.wait_for(rnd.done.wait(), self.timeout_s)
             except asyncio.TimeoutError:
@@ -209,13 +217,46 @@ class CoordinatorActor:
         merged = {q: a for p, (_, vals) in newest.items() if p != member for q, a in vals.items()}
         return {"values": merged, "replace": {}, "steps": {p: newest[p][0] for p in peers}}
 
+    def _complete_if_ready(self, key: tuple[str, int], rnd: Round) -> bool:
+        """Complete ``rnd`` once every participant has sent its values, a lagging member's most
+        recent values standing in for it; release the waiting members. Whether it completed."""
+        kind, step = key
+        values = dict(rnd.values)
+        for m in rnd.expected:
+            if m not in values and m in self.lagging and m in self.last_values.get(kind, {}):
+                values[m] = self.last_values[kind][m]
+        if len(values) < len(rnd.expected):
+            return False
+        result, metrics = self.logic.complete(kind, step, values)
+        rnd.result = self._share(result)
+        rnd.done.set()
+        del self.rounds[key]
+        self._remember(key, rnd.result)
+        if metrics:
+            self.outbox.add([(k, v, step, int(time.time() * 1000)) for k, v in metrics.items()])
+        return True
+
+    def member_down(self, member: str) -> None:
+        """The driver saw ``member``'s process die (``failure.while_restarting: continue``): complete
+        the rounds waiting for it with its most recent values, and keep every round it will replay
+        from its checkpoint (the one before its last step, in case it died writing the newest)."""
+        self.lagging.add(member)
+        last = self.last_step.get(member, 0)
+        every = self.checkpoint_every or 1
+        self.pinned[member] = max(0, (last // every - 1) * every)
+        for key, rnd in list(self.rounds.items()):
+            self._complete_if_ready(key, rnd)
+
     def _remember(self, key: tuple[str, int], result: Any) -> None:
         if not self.history_steps:
             return
         self.completed[key] = result
-        oldest = key[1] - self.history_steps
-        for old in [k for k in self.completed if k[1] < oldest]:
-            del self.completed[old]
+        oldest = min([key[1] - self.history_steps, *self.pinned.values()])
+        while self.completed:  # oldest first: rounds complete in step order
+            first = next(iter(self.completed))
+            if first[1] >= oldest:
+                break
+            del self.completed[first]
 
     @staticmethod
     def _share(result: dict) -> Any:

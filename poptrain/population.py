@@ -386,10 +386,12 @@ def _train(cfg: RunConfig, population: PopulationInfo, uri: str, run_dir: Path, 
                     final[name] = ray.get(ref)
                 except ray.exceptions.RayActorError as exc:
                     # The member's process died (killed, out of memory, node lost). Ray restarts it
-                    # from its latest checkpoint; its peers wait at the barrier meanwhile.
+                    # from its latest checkpoint; its peers wait at the barrier meanwhile, or go on.
                     restarts[name] += 1
                     if getattr(exc, "actor_init_failed", False) or restarts[name] > restartable:
                         raise PopulationError(_gave_up(cfg, run_dir, name, restarts[name] - 1, exc)) from None
+                    if cfg.failure.while_restarting == "continue":
+                        coordinator.member_down.remote(name)
                     placement[name] = _when_restarted(members[name], name, cfg.placement.timeout_s)
                     tracking.set_tags(
                         name, {"poptrain.restarts": restarts[name], **{f"poptrain.placement.{k}": v for k, v in placement[name].items()}}

@@ -44,24 +44,49 @@ def uninterrupted(ray_session, tmp_path_factory, tracking_uri):
     return poptrain.run(config).output_dir
 
 
-def test_a_killed_member_is_restarted_from_its_checkpoint_and_the_run_ends_as_if_nothing_happened(ray_session, base_config, tracking_uri, uninterrupted):
-    steps = STEPS
-    config = base_config(steps=steps, checkpoint={"every": CHECKPOINT_EVERY})
+def run_killing_m2_once(config, steps):
+    """Run ``config``, SIGKILLing m2's process once between step 40 and ``steps - 100``. Returns
+    (result, {pid, step, time} of the kill)."""
     killed = {}
 
     def kill_m2_once(snapshot):
         step = snapshot["members"].get("m2", {}).get("step", 0)
         if not killed and 40 <= step < steps - 100:
-            killed["pid"], killed["step"] = snapshot["placement"]["m2"]["pid"], step
+            killed["pid"], killed["step"], killed["time_ms"] = snapshot["placement"]["m2"]["pid"], step, time.time() * 1000
             os.kill(killed["pid"], signal.SIGKILL)
 
-    interrupted = poptrain.run(config, progress=kill_m2_once, poll_s=0.1)
+    result = poptrain.run(config, progress=kill_m2_once, poll_s=0.1)
     assert killed, "the member was killed mid-run"
-    assert interrupted.restarts == {"m2": 1}
-    assert interrupted.placement["m2"]["pid"] != killed["pid"], "a new process took over"
-    assert logged_steps(tracking_uri, interrupted.member_run_ids["m2"]) == list(range(steps)), "no step missing, none twice"
-    assert MlflowClient(tracking_uri).get_run(interrupted.member_run_ids["m2"]).data.tags["poptrain.restarts"] == "1"
-    assert_bitwise_equal(interrupted.output_dir, uninterrupted)
+    assert result.restarts == {"m2": 1}
+    assert result.placement["m2"]["pid"] != killed["pid"], "a new process took over"
+    return result, killed
+
+
+def steps_of_m1_while_m2_was_down(tracking_uri, result, killed):
+    """m1's steps logged between m2's kill and m2's first step after it (m2's replayed steps are
+    not logged again, so its first new step is after its restart and replay)."""
+    client = MlflowClient(tracking_uri)
+    back_ms = min(m.timestamp for m in client.get_metric_history(result.member_run_ids["m2"], "loss") if m.step > killed["step"])
+    return [m.step for m in client.get_metric_history(result.member_run_ids["m1"], "loss") if killed["time_ms"] < m.timestamp < back_ms]
+
+
+def test_a_killed_member_is_restarted_from_its_checkpoint_and_the_run_ends_as_if_nothing_happened(ray_session, base_config, tracking_uri, uninterrupted):
+    result, killed = run_killing_m2_once(base_config(steps=STEPS, checkpoint={"every": CHECKPOINT_EVERY}), STEPS)
+    assert logged_steps(tracking_uri, result.member_run_ids["m2"]) == list(range(STEPS)), "no step missing, none twice"
+    assert MlflowClient(tracking_uri).get_run(result.member_run_ids["m2"]).data.tags["poptrain.restarts"] == "1"
+    assert len(steps_of_m1_while_m2_was_down(tracking_uri, result, killed)) <= 3, "its peer waited for it"
+    assert_bitwise_equal(result.output_dir, uninterrupted)
+
+
+def test_with_while_restarting_continue_peers_go_on_with_a_dead_members_last_values(ray_session, base_config, tracking_uri):
+    config = base_config(steps=STEPS, checkpoint={"every": CHECKPOINT_EVERY}, failure={"while_restarting": "continue"})
+    result, killed = run_killing_m2_once(config, STEPS)
+    assert len(steps_of_m1_while_m2_was_down(tracking_uri, result, killed)) >= 20, "its peer did not wait"
+    for member in ("m1", "m2"):
+        assert logged_steps(tracking_uri, result.member_run_ids[member]) == list(range(STEPS)), f"{member}: every step exactly once"
+    assert all(torch.isfinite(t).all() for t in weights(result.output_dir, "m2").values())
+    couplings = MlflowClient(tracking_uri).get_metric_history(result.run_id, "coupling/separation")
+    assert sorted(m.step for m in couplings) == list(range(STEPS)), "every round completed once"
 
 
 def test_a_member_that_keeps_dying_fails_the_run_naming_it_and_the_checkpoint(ray_session, base_config):
