@@ -139,9 +139,17 @@ class Tracking:
         self.uri = uri
         self.client = MlflowClient(tracking_uri=uri)
         self.ids = ids
+        # Metrics are written by a thread of their own, so that a slow or unreachable server (MLflow's
+        # HTTP client retries for minutes) never stalls the driver's loop; the buffer, guarded by
+        # `_lock`, holds them meanwhile.
         self.buffer: dict[str, list[Item]] = defaultdict(list)
-        self.last_flush = time.monotonic()
-        self.next_retry, self.retry_delay = 0.0, 0.0  # back-off after a failed write
+        self._lock = threading.Condition()
+        self._writing = False
+        self._closed = False
+        self._flush_requested = False
+        self.last_error: str | None = None
+        self._writer = threading.Thread(target=self._write_loop, name="poptrain-mlflow-writer", daemon=True)
+        self._writer.start()
         self.progress_state: dict[str, dict[str, Any]] = {}
         # Per run: the highest step logged and the keys logged at it. A member restarted from a
         # checkpoint, or a resumed run, replays steps; their metrics are dropped here, so MLflow
@@ -227,7 +235,7 @@ class Tracking:
     def log_member(self, member: str, items: list[Item]) -> None:
         """Buffer a member's metrics (written by a later flush); steps already seen are dropped."""
         items = self._fresh(self._run_id(member), items)
-        self.buffer[self._run_id(member)].extend(items)
+        self._buffer(self._run_id(member), items)
         for key, value, step, _ in items:
             state = self.progress_state.setdefault(member, {})
             state["step"] = max(step + 1, state.get("step", 0))
@@ -236,52 +244,78 @@ class Tracking:
         state = self.progress_state.get(member)
         if state is not None:
             state["time"] = time.time()
-        self._maybe_flush()
 
     def log_population(self, items: list[Item]) -> None:
         items = self._fresh(self._run_id(None), items)
-        self.buffer[self._run_id(None)].extend(items)
+        self._buffer(self._run_id(None), items)
         couplings = self.progress_state.setdefault("__couplings__", {})
         for key, value, _, _ in items:
             if key.count("/") == 1:  # coupling/<name>, not its extras
                 couplings[key.split("/", 1)[1]] = value
-        self._maybe_flush()
 
     def progress(self) -> dict[str, dict[str, Any]]:
         return {k: dict(v) for k, v in self.progress_state.items()}
 
+    def _buffer(self, run_id: str, items: list[Item]) -> None:
+        if items:
+            with self._lock:
+                self.buffer[run_id].extend(items)
+                self._lock.notify_all()
+
     def written(self) -> bool:
-        """Whether everything handed to this object is in MLflow."""
-        return not any(self.buffer.values())
+        """Whether every metric handed to this object is in MLflow."""
+        with self._lock:
+            return not self._writing and not any(self.buffer.values())
 
-    def _maybe_flush(self) -> None:
-        now = time.monotonic()
-        due = sum(len(v) for v in self.buffer.values()) >= MAX_METRICS_PER_BATCH or now - self.last_flush > 2.0
-        if due and now >= self.next_retry:
-            try:
-                self.flush(attempts=1)
-                self.retry_delay = 0.0
-            except TrackingUnavailable:
-                # Kept in the buffer (and in the members' outboxes); retried on a later poll.
-                self.retry_delay = min(max(2 * self.retry_delay, 0.5), 30.0)
-                self.next_retry = now + self.retry_delay
-
-    def flush(self, attempts: int = 5) -> int:
-        """Write every buffered metric; on failure what was not written stays buffered. Returns the count."""
+    def _write_loop(self) -> None:
+        """The writer thread: batches of up to 1,000 metrics per ``log_batch``, about every second;
+        after a failed write, what was not written goes back to the buffer and the next try waits
+        longer (0.5 s doubling to 30 s)."""
         from mlflow.entities import Metric
 
-        written = 0
-        self.last_flush = time.monotonic()
-        for run_id in list(self.buffer):
-            items = self.buffer[run_id]
-            while items:
-                chunk = items[:MAX_METRICS_PER_BATCH]
-                metrics = [Metric(key, float(value), int(ts), int(step)) for key, value, step, ts in chunk]
-                self._retry(lambda: self.client.log_batch(run_id, metrics=metrics), attempts)
-                del items[: len(chunk)]
-                written += len(chunk)
-            del self.buffer[run_id]
-        return written
+        delay = 0.0
+        while True:
+            with self._lock:
+                self._lock.wait_for(lambda: self._closed or any(self.buffer.values()))
+                if not any(self.buffer.values()):
+                    return  # closed, and everything written
+                pending, self.buffer = self.buffer, defaultdict(list)
+                self._writing, self._flush_requested = True, False
+            failed = False
+            for run_id, items in pending.items():
+                while items and not failed:
+                    chunk = items[:MAX_METRICS_PER_BATCH]
+                    try:
+                        self.client.log_batch(run_id, metrics=[Metric(k, float(v), int(ts), int(step)) for k, v, step, ts in chunk])
+                        del items[: len(chunk)]
+                    except Exception as exc:  # MLflow raises several types for transport and store errors
+                        failed, self.last_error = True, f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
+            with self._lock:
+                for run_id, items in pending.items():  # back in front of anything buffered since
+                    if items:
+                        self.buffer[run_id][:0] = items
+                self._writing = False
+                self._lock.notify_all()
+            delay = min(max(2 * delay, 0.5), 30.0) if failed else 0.0
+            with self._lock:  # wait before the next write: the back-off, else up to a second to batch more
+                if failed:
+                    if self._lock.wait_for(lambda: self._closed, timeout=delay):
+                        return  # the run ended without the store coming back: finish() has said so
+                else:
+                    self._lock.wait_for(lambda: self._closed or self._flush_requested, timeout=1.0)
+
+    def flush(self, timeout_s: float = 60.0) -> None:
+        """Wait until every buffered metric is written; :class:`TrackingUnavailable` after ``timeout_s``."""
+        deadline = time.monotonic() + timeout_s
+        with self._lock:
+            self._flush_requested = True
+            self._lock.notify_all()
+            while self._writing or any(self.buffer.values()):
+                left = deadline - time.monotonic()
+                if left <= 0 or not self._writer.is_alive():
+                    count = sum(len(v) for v in self.buffer.values())
+                    raise TrackingUnavailable(f"{count} metrics could not be written to {self.uri} within {timeout_s:g} s (last error: {self.last_error})")
+                self._lock.wait(timeout=min(1.0, left))
 
     def _retry(self, call, attempts: int = 5):
         delay = 0.2
@@ -320,8 +354,11 @@ class Tracking:
     def finish(self, status: str = "FINISHED") -> None:
         """Flush, then end every run of the population with ``status`` (FINISHED, FAILED, KILLED)."""
         try:
-            self.flush(attempts=8)  # about 20 s of back-off: a server restarting is waited for
+            self.flush(timeout_s=120.0)  # a server restarting is waited for
         finally:
+            with self._lock:
+                self._closed = True
+                self._lock.notify_all()
             assert self.ids is not None
             for run_id in [*self.ids.members.values(), self.ids.parent]:
                 self._retry(lambda run_id=run_id: self.client.set_terminated(run_id, status))

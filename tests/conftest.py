@@ -34,6 +34,19 @@ def tracking_uri(tmp_path_factory) -> str:
     return f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
 
 
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real MLflow tracking server on 127.0.0.1 (its own sqlite store and artifact folder); its URL."""
+    from tests.mlflow_server import MlflowServer
+
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow_server"))
+    try:
+        server.start()
+        yield server.url
+    finally:
+        server.stop()
+
+
 @pytest.fixture
 def experiment(request) -> str:
     """An MLflow experiment of this test's own."""

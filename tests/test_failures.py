@@ -16,6 +16,7 @@ from mlflow.tracking import MlflowClient
 import poptrain
 from poptrain.checkpoint import CheckpointError, latest_complete_step, load_checkpoint, save_checkpoint, steps_of
 from tests.conftest import REPO, make_config, prelu_member
+from tests.mlflow_server import TcpRelay
 
 
 def weights(result_dir, member):
@@ -146,6 +147,34 @@ def test_with_nonfinite_rollback_a_member_goes_back_to_its_checkpoint_and_no_pee
     assert all(torch.isfinite(t).all() for t in weights(result.output_dir, "m1").values())
     couplings = MlflowClient(tracking_uri).get_metric_history(result.run_id, "coupling/separation")
     assert len(couplings) == 12 and all(torch.isfinite(torch.tensor(m.value)) for m in couplings)
+
+
+def test_an_mlflow_server_unreachable_mid_run_loses_no_metric_and_logs_none_twice(ray_session, base_config, mlflow_server, monkeypatch):
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")  # MLflow's own retries, shortened for the test
+    relay = TcpRelay(int(mlflow_server.rsplit(":", 1)[1]))  # the run reaches the server through it
+    outage = {}
+
+    def cut_then_restore(snapshot):
+        step = min((m.get("step", 0) for m in snapshot["members"].values()), default=0)
+        if not outage and step >= 20:
+            relay.cut()
+            outage["step"], outage["at"] = step, time.monotonic()
+        elif outage and "restored" not in outage and time.monotonic() - outage["at"] > 3.0:
+            relay.restore()
+            outage["restored"] = True
+
+    steps = 600
+    tracking = {"uri": relay.url, "experiment": "outage", "plots": False, "log_models": False}
+    try:
+        result = poptrain.run(base_config(steps=steps, tracking=tracking), progress=cut_then_restore, poll_s=0.1)
+    finally:
+        relay.cut()
+    assert outage.get("restored") and outage["step"] < steps - 100, "the server was unreachable mid-run"
+    client = MlflowClient(mlflow_server)
+    for member, run_id in result.member_run_ids.items():
+        history = client.get_metric_history(run_id, "loss")
+        assert sorted(m.step for m in history) == list(range(steps)), f"{member}: every step exactly once"
+    assert client.get_run(result.run_id).info.status == "FINISHED"
 
 
 def test_damaged_checkpoints_are_refused_never_half_loaded(tmp_path):
