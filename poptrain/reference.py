@@ -49,14 +49,17 @@ def _table(model: type[BaseModel], prefix: str, skip: set[str] = frozenset()) ->
     return rows
 
 
-def config_reference() -> str:
+def sections() -> list[tuple[str, type[BaseModel], set[str]]]:
+    """(title, model, fields documented elsewhere) for every part of the schema, in reading order."""
     from poptrain.couplings import COUPLINGS
 
-    sections = [
+    out = [
         ("top level", schema.RunConfig, set()),
         ("exchange", schema.ExchangeConfig, set()),
         ("tracking", schema.TrackingConfig, set()),
         ("placement", schema.PlacementConfig, set()),
+        ("checkpoint", schema.CheckpointConfig, set()),
+        ("failure", schema.FailureConfig, set()),
         ("members[]", schema.MemberConfig, set()),
         ("members[].model / loss / any component", schema.Component, set()),
         ("members[].data", schema.DataConfig, set()),
@@ -70,9 +73,13 @@ def config_reference() -> str:
     ]
     common = set(schema.CouplingConfig.model_fields)
     for name, cls in sorted(COUPLINGS.items()):
-        sections.append((f"couplings[] with `type: {name}`", cls.Config, common))
+        out.append((f"couplings[] with `type: {name}`", cls.Config, common))
+    return out
+
+
+def config_reference() -> str:
     out = []
-    for title, model, skip in sections:
+    for title, model, skip in sections():
         out.append(f"#### {title}\n")
         doc = (model.__doc__ or "").strip().splitlines()
         if doc and not doc[0].startswith("!!!") and model.__doc__ != BaseModel.__doc__:
