@@ -189,9 +189,10 @@ class CoordinatorActor:
                 ) from None
         return rnd.result
 
-    async def publish(self, kind: str, step: int, member: str, values: dict[Quantity, np.ndarray]):
+    async def publish(self, kind: str, step: int, member: str, values: dict[Quantity, np.ndarray], used_at: int | None = None):
         """``async`` mode: record a member's values and return the freshest values of its peers,
-        waiting only while a peer's newest values are more than ``max_staleness`` exchanges old."""
+        waiting only while a peer's newest values are more than ``max_staleness`` exchanges older
+        than ``used_at``, the step at which the member will use the reply (default ``step``)."""
         newest = self.published.setdefault(kind, {})
         newest[member] = (step, values)
         self.logic.observe(values)
@@ -199,7 +200,7 @@ class CoordinatorActor:
         async with condition:
             condition.notify_all()
             peers = [m for m in self.logic.plan.participants[kind] if m != member]
-            oldest = step - self.max_staleness * self.logic.run.exchange.every
+            oldest = (step if used_at is None else used_at) - self.max_staleness * self.logic.run.exchange.every
             ready = lambda: all(p in newest and newest[p][0] >= oldest for p in peers)  # noqa: E731
             try:
                 await asyncio.wait_for(condition.wait_for(ready), self.timeout_s)

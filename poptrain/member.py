@@ -542,6 +542,7 @@ class MemberActor:
         torch.set_num_threads(max(1, int(num_cpus)))
         self.trainer = MemberTrainer(run, name, population, device)
         self.coordinator, self.run_dir = coordinator, run_dir
+        self.in_flight: dict[str, Any] = {}  # async mode: per kind, the reference to the last publish
         # A fresh run starts with no checkpoint of its own; a resumed run, or this actor restarted by
         # Ray after its process died, continues from its newest one, metrics not yet written included.
         self.restored_from = None
@@ -591,8 +592,16 @@ class MemberActor:
     def _exchange(self, kind: str, step: int, member: str, values: dict) -> dict:
         import ray
 
-        call = self.coordinator.publish if self.trainer.run.exchange.mode == "async" else self.coordinator.exchange
-        result = ray.get(call.remote(kind, step, member, values))
+        if self.trainer.run.exchange.mode == "async":
+            # Pipelined: the reply to this publish is used at the member's next exchange, so it
+            # never waits out a round trip. The coordinator holds a reply until the peers are within
+            # `max_staleness` of the step it will be used at, so the bound holds where it matters.
+            used_at = step + self.trainer.every
+            ref = self.coordinator.publish.remote(kind, step, member, values, used_at if used_at < self.trainer.run.steps else step)
+            previous, self.in_flight[kind] = self.in_flight.get(kind), ref
+            result = ray.get(previous if previous is not None else ref)
+        else:
+            result = ray.get(self.coordinator.exchange.remote(kind, step, member, values))
         if isinstance(result, list):  # large payloads come as one shared object reference
             result = ray.get(result[0])
         return result
