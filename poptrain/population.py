@@ -374,6 +374,7 @@ def _train(cfg: RunConfig, population: PopulationInfo, uri: str, run_dir: Path, 
             else:
                 tracking.set_tags(name, {f"poptrain.placement.{k}": v for k, v in info.items()})
 
+        collector = _MetricsCollector(tracking, members, coordinator)
         running = {members[name].train.remote(cfg.steps): name for name in members}
         final: dict[str, dict[str, float]] = {}
         restarts = {name: 0 for name in members}
@@ -399,12 +400,12 @@ def _train(cfg: RunConfig, population: PopulationInfo, uri: str, run_dir: Path, 
                     running[members[name].train.remote(cfg.steps)] = name
                 except ray.exceptions.RayTaskError as exc:
                     raise PopulationError(f"member {name} {describe_failure(exc)}") from None
-            _collect_metrics(tracking, members, coordinator)
+            collector.poll()
             if progress is not None:
                 snapshot = rates.annotate(tracking.progress(), cfg.steps, time.monotonic() - started)
                 snapshot["placement"] = placement
                 progress(snapshot)
-        _collect_metrics(tracking, members, coordinator)
+        collector.drain()
 
         for name, member in members.items():
             state = {k: torch.from_numpy(v.copy()) for k, v in ray.get(member.model_state.remote()).items()}
@@ -458,23 +459,43 @@ def _return_to(cwd: str) -> None:
         os.chdir(cwd)
 
 
-def _collect_metrics(tracking: Tracking, members: dict[str, Any], coordinator) -> None:
-    """Take every outbox's new metrics into tracking, then write them if due. Outboxes drop what
-    they handed out only once tracking says all of it is written."""
-    import ray
+class _MetricsCollector:
+    """Empties the members' and the coordinator's outboxes into tracking. At most one
+    ``take_metrics`` call per actor is in flight, and its reply is always read (a later poll reads
+    it if this one cannot wait): an outbox drops what it handed out only once tracking says all of
+    it is written, so an unread reply would be a lost metric."""
 
-    written = tracking.written()
-    names = [*members, None]
-    refs = [m.take_metrics.remote(written) for m in members.values()] + [coordinator.take_metrics.remote(written)]
-    for name, ref in zip(names, refs):
-        try:
-            items = ray.get(ref)
-        except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
-            continue  # a member being restarted: its checkpoint holds what it had not handed out
-        if name is None:
-            tracking.log_population(items)
-        else:
-            tracking.log_member(name, items)
+    def __init__(self, tracking: Tracking, members: dict[str, Any], coordinator):
+        self.tracking = tracking
+        self.actors = {**members, None: coordinator}  # None: the coordinator's (the parent run's) metrics
+        self.in_flight: dict[Any, str | None] = {}  # reference -> whose
+
+    def poll(self, timeout_s: float = 0.2) -> None:
+        """Take what is new, waiting at most ``timeout_s`` (a member being restarted answers later)."""
+        import ray
+
+        written = self.tracking.written()
+        waiting = set(self.in_flight.values())
+        for name, actor in self.actors.items():
+            if name not in waiting:
+                self.in_flight[actor.take_metrics.remote(written)] = name
+        ready, _ = ray.wait(list(self.in_flight), num_returns=len(self.in_flight), timeout=timeout_s)
+        for ref in ready:
+            name = self.in_flight.pop(ref)
+            try:
+                items = ray.get(ref)
+            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
+                continue  # its process died before answering: its checkpoint holds what it had not handed out
+            if name is None:
+                self.tracking.log_population(items)
+            else:
+                self.tracking.log_member(name, items)
+
+    def drain(self) -> None:
+        """After training: one last take from everyone, and every reply read."""
+        self.poll(timeout_s=60.0)
+        while self.in_flight:
+            self.poll(timeout_s=5.0)
 
 
 def _warn_about_storage(cfg: RunConfig, run_dir: Path, uri: str, nodes: int) -> None:
