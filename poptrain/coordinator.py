@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -115,9 +116,16 @@ class Coordinator:
         return {"values": wanted, "replace": replace}, self.coupling_metrics(kind, step)
 
     def observe(self, values: dict[Quantity, np.ndarray]) -> None:
-        """Keep a private copy of each value as the latest (arrays from Ray are read-only views)."""
+        """Keep each value as the latest. Arrays from Ray are read-only views of its shared memory,
+        which nobody can change: they are kept as they are (zero-copy). A writable array (a caller
+        in the same process) may change under us, so it is copied."""
         for q, array in values.items():
-            self.latest[q] = torch.from_numpy(np.array(array, copy=True))
+            if array.flags.writeable:
+                self.latest[q] = torch.from_numpy(np.array(array, copy=True))
+            else:
+                with warnings.catch_warnings():  # torch warns that it cannot protect read-only memory; nothing here writes to it
+                    warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+                    self.latest[q] = torch.from_numpy(array)
 
     def coupling_metrics(self, kind: str, step: int) -> dict[str, float]:
         """Every coupling evaluated at ``kind`` on the latest population values (on logged steps)."""

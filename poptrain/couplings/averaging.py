@@ -74,19 +74,36 @@ class Average(Coupling):
         return out
 
     def _mean(self, q: Mapping[Quantity, torch.Tensor], name: str) -> torch.Tensor:
+        """Accumulated in place into one new tensor (no stacked copy of every source)."""
         values = [q[Quantity(m, "param", name)] for m in self.members]
         if self.config.weights is None:
-            return torch.stack(values).sum(dim=0) / len(values)  # seed 002: (p1 + p2) / 2
-        return sum(w * v for w, v in zip(self.config.weights, values))
+            total = values[0].clone()
+            for value in values[1:]:
+                total.add_(value)
+            return total.div_(len(values))  # seed 002: (p1 + p2) / 2, bitwise for two members
+        total = values[0] * self.config.weights[0]
+        for weight, value in zip(self.config.weights[1:], values[1:]):
+            total.add_(value, alpha=weight)
+        return total
+
+    def _means(self, q: Mapping[Quantity, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The means of ``q``, computed once per set of values: the coordinator asks at the
+        exchange and again for the metrics of the same round. The cache keeps the sources alive,
+        so an identity match cannot be a recycled id."""
+        sources = [q[Quantity(m, "param", n)] for n in self.names for m in self.members]
+        cached = getattr(self, "_cache", None)
+        if cached is None or len(cached[0]) != len(sources) or any(a is not b for a, b in zip(cached[0], sources)):
+            cached = self._cache = (sources, {name: self._mean(q, name) for name in self.names})
+        return cached[1]
 
     def exchange_transform(self, kind, q, exchange_index, final):
         if kind != "param" or not (final or exchange_index % self.config.every == 0):
             return {}
-        means = {name: self._mean(q, name) for name in self.names}
+        means = self._means(q)
         return {w: means[w.key] for w in self.writes()}
 
     def metrics(self, q: Mapping[Quantity, torch.Tensor]) -> dict[str, float]:
-        means = {name: self._mean(q, name) for name in self.names}
+        means = self._means(q)
         out = {}
         for member in self.members:
             squares = sum(float((q[Quantity(member, "param", n)] - means[n]).pow(2).sum()) for n in self.names)
