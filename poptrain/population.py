@@ -324,6 +324,7 @@ def _train(cfg: RunConfig, population: PopulationInfo, uri: str, run_dir: Path, 
     actors: list = []
     group = None
     tracking: Tracking | None = None
+    collector: _MetricsCollector | None = None
     status = "FAILED"
     try:
         bundles = member_resources(cfg, ray.cluster_resources())
@@ -433,6 +434,11 @@ def _train(cfg: RunConfig, population: PopulationInfo, uri: str, run_dir: Path, 
         status = "KILLED"
         raise
     finally:
+        if collector is not None and status != "FINISHED":
+            try:  # what the members logged before the failure, for its post-mortem
+                collector.poll(timeout_s=2.0)
+            except Exception:
+                pass
         if tracking is not None and tracking.ids is not None:
             try:
                 tracking.finish(status)

@@ -90,7 +90,7 @@ def test_with_while_restarting_continue_peers_go_on_with_a_dead_members_last_val
     assert sorted(m.step for m in couplings) == list(range(STEPS)), "every round completed once"
 
 
-def test_a_member_that_keeps_dying_fails_the_run_naming_it_and_the_checkpoint(ray_session, base_config):
+def test_a_member_that_keeps_dying_fails_the_run_naming_it_and_the_checkpoint(ray_session, base_config, tracking_uri, experiment):
     config = base_config(steps=300, checkpoint={"every": 20}, failure={"max_restarts": 0})
 
     def kill_m1(snapshot):
@@ -102,6 +102,13 @@ def test_a_member_that_keeps_dying_fails_the_run_naming_it_and_the_checkpoint(ra
 
     with pytest.raises(poptrain.PopulationError, match=r"member m1 died.*failure.max_restarts: 0.*poptrain resume"):
         poptrain.run(config, progress=kill_m1, poll_s=0.1)
+    # The failed runs keep what was logged before the failure, every step once.
+    client = MlflowClient(tracking_uri)
+    runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+    assert {r.info.status for r in runs} == {"FAILED"}
+    (m1,) = [r for r in runs if r.data.tags.get("poptrain.member") == "m1"]
+    steps = logged_steps(tracking_uri, m1.info.run_id)
+    assert steps == list(range(len(steps))) and len(steps) >= 40
 
 
 def test_a_killed_driver_resumes_into_the_same_runs_bitwise_equal_to_an_uninterrupted_run(ray_session, base_config, tmp_path, tracking_uri, uninterrupted):
