@@ -137,6 +137,26 @@ def discard_after(run_dir: Path, members: list[str], step: int | None) -> None:
         if step is None and folder.is_dir():
             for leftover in folder.iterdir():  # half-written files of an earlier run
                 leftover.unlink(missing_ok=True)
+    if step is None:
+        coordinator_metrics_path(run_dir).unlink(missing_ok=True)
+
+
+def coordinator_metrics_path(run_dir: Path) -> Path:
+    """The coupling metrics the coordinator had not seen written at its latest checkpoint step."""
+    return Path(run_dir) / "checkpoints" / "coordinator-metrics.pt"
+
+
+def load_coordinator_metrics(run_dir: Path) -> list:
+    """Those metrics (``[]`` when there are none or the file is unreadable: they are only metrics)."""
+    path = coordinator_metrics_path(run_dir)
+    try:
+        items = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        return []
+    except Exception as exc:
+        print(f"poptrain: warning: ignoring {path}: {type(exc).__name__}: {exc}", flush=True)
+        return []
+    return [tuple(item) for item in items] if isinstance(items, list) else []
 
 
 def write_run_record(run_dir: Path, record: dict) -> None:

@@ -147,9 +147,16 @@ class Coordinator:
 class CoordinatorActor:
     """Async Ray actor around :class:`Coordinator`: one barrier per (kind, step)."""
 
-    def __init__(self, run: RunConfig, population: PopulationInfo):
+    def __init__(self, run: RunConfig, population: PopulationInfo, run_dir: str | None = None):
+        from poptrain.checkpoint import load_coordinator_metrics
+
         self.logic = Coordinator(run, population)
-        self.outbox = MetricsOutbox()  # coupling metrics, taken by the driver
+        # Coupling metrics, taken by the driver. What it had not seen written at a checkpoint step
+        # is saved beside the members' checkpoints, so a resumed run writes it (members replay only
+        # from their checkpoint, so the coordinator would not compute those steps again).
+        self.run_dir = run_dir if run.checkpoint.every else None
+        self.outbox = MetricsOutbox(load_coordinator_metrics(run_dir) if self.run_dir else [])
+        self.saved_checkpoint = -1
         self.timeout_s = run.exchange.timeout_s
         self.rounds: dict[tuple[str, int], Round] = {}
         # Results of completed rounds, kept long enough for a member restarted from its latest
@@ -223,6 +230,7 @@ class CoordinatorActor:
             metrics = self.logic.coupling_metrics(kind, step)
             if metrics:
                 self.outbox.add([(k, v, step, int(time.time() * 1000)) for k, v in metrics.items()])
+            self._save_metrics_at_checkpoints(step)
         merged = {q: a for p, (_, vals) in newest.items() if p != member for q, a in vals.items()}
         return {"values": merged, "replace": {}, "steps": {p: newest[p][0] for p in peers}}
 
@@ -243,7 +251,16 @@ class CoordinatorActor:
         self._remember(key, rnd.result)
         if metrics:
             self.outbox.add([(k, v, step, int(time.time() * 1000)) for k, v in metrics.items()])
+        self._save_metrics_at_checkpoints(step)
         return True
+
+    def _save_metrics_at_checkpoints(self, step: int) -> None:
+        if self.run_dir is None or step // self.checkpoint_every <= self.saved_checkpoint:
+            return
+        from poptrain.checkpoint import coordinator_metrics_path, save_atomic
+
+        self.saved_checkpoint = step // self.checkpoint_every
+        save_atomic(self.outbox.unwritten(), coordinator_metrics_path(self.run_dir))
 
     def member_down(self, member: str) -> None:
         """The driver saw ``member``'s process die (``failure.while_restarting: continue``): complete
@@ -278,9 +295,9 @@ class CoordinatorActor:
         # resolve it on return) and reads the NumPy buffers zero-copy from shared memory.
         return [ray.put(result)]
 
-    def take_metrics(self, written: bool) -> list[Item]:
+    def take_metrics(self, written: bool, resend: bool = False) -> list[Item]:
         """The coupling metrics since the last call (see :class:`MetricsOutbox`)."""
-        return self.outbox.take(written)
+        return self.outbox.take(written, resend)
 
     def ping(self) -> bool:
         return True

@@ -592,14 +592,21 @@ class MemberActor:
     def _exchange(self, kind: str, step: int, member: str, values: dict) -> dict:
         import ray
 
-        if self.trainer.run.exchange.mode == "async":
+        exchange = self.trainer.run.exchange
+        if exchange.mode == "async" and exchange.max_staleness > 0 and kind in self.in_flight:
             # Pipelined: the reply to this publish is used at the member's next exchange, so it
             # never waits out a round trip. The coordinator holds a reply until the peers are within
             # `max_staleness` of the step it will be used at, so the bound holds where it matters.
             used_at = step + self.trainer.every
             ref = self.coordinator.publish.remote(kind, step, member, values, used_at if used_at < self.trainer.run.steps else step)
-            previous, self.in_flight[kind] = self.in_flight.get(kind), ref
-            result = ray.get(previous if previous is not None else ref)
+            previous, self.in_flight[kind] = self.in_flight[kind], ref
+            result = ray.get(previous)
+        elif exchange.mode == "async":
+            # The first exchange of a kind (or `max_staleness: 0`): wait for this publish's own reply.
+            result = ray.get(self.coordinator.publish.remote(kind, step, member, values))
+            if exchange.max_staleness > 0 and step + self.trainer.every < self.trainer.run.steps:
+                # Start the pipeline: the next exchange uses this second publish's reply.
+                self.in_flight[kind] = self.coordinator.publish.remote(kind, step, member, values, step + self.trainer.every)
         else:
             result = ray.get(self.coordinator.exchange.remote(kind, step, member, values))
         if isinstance(result, list):  # large payloads come as one shared object reference
@@ -608,6 +615,8 @@ class MemberActor:
 
     def train(self, until_step: int) -> dict[str, float]:
         """Train up to ``until_step``; metrics go to the outbox. Returns the last step's metrics."""
+        import ray
+
         metrics: dict[str, float] = {}
         every, keep = self.trainer.run.checkpoint.every, self.trainer.run.checkpoint.keep
         profile = self.trainer.run.tracking.profile
@@ -640,11 +649,16 @@ class MemberActor:
             logging_ms = 1000 * (time.perf_counter() - started)
         if self.trainer.step == self.trainer.run.steps:
             self.trainer.finish(self._exchange)
+        # The last pipelined publishes: done before train() returns, so their coupling metrics are
+        # in the coordinator's outbox when the driver takes it for the last time.
+        ray.get(list(self.in_flight.values()))
+        self.in_flight.clear()
         return metrics
 
-    def take_metrics(self, written: bool) -> list[Item]:
-        """The metrics since the last call; ``written``: everything taken before is in MLflow."""
-        return self.outbox.take(written)
+    def take_metrics(self, written: bool, resend: bool = False) -> list[Item]:
+        """The metrics since the last call; ``written``: everything taken before is in MLflow;
+        ``resend``: the last reply was lost, send its items again."""
+        return self.outbox.take(written, resend)
 
     def model_state(self) -> dict[str, np.ndarray]:
         return {k: v.numpy() for k, v in self.trainer.model_state().items()}

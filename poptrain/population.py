@@ -332,7 +332,7 @@ def _train(cfg: RunConfig, population: PopulationInfo, uri: str, run_dir: Path, 
 
         # The coordinator runs on the driver's node, next to the writer of its metrics.
         here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
-        coordinator = ray.remote(CoordinatorActor).options(num_cpus=0, scheduling_strategy=here).remote(cfg, population)
+        coordinator = ray.remote(CoordinatorActor).options(num_cpus=0, scheduling_strategy=here).remote(cfg, population, str(run_dir))
         actors.append(coordinator)
         restartable = cfg.failure.max_restarts if cfg.checkpoint.every else 0
         nodes = sum(1 for node in ray.nodes() if node.get("Alive"))
@@ -444,6 +444,8 @@ def _train(cfg: RunConfig, population: PopulationInfo, uri: str, run_dir: Path, 
                 tracking.finish(status)
             except TrackingUnavailable as exc:
                 print(f"poptrain: warning: could not end the MLflow runs: {exc}", file=sys.stderr, flush=True)
+        elif tracking is not None:
+            tracking.close()
         for actor in actors:
             ray.kill(actor, no_restart=True)
         if group is not None:
@@ -475,6 +477,7 @@ class _MetricsCollector:
         self.tracking = tracking
         self.actors = {**members, None: coordinator}  # None: the coordinator's (the parent run's) metrics
         self.in_flight: dict[Any, str | None] = {}  # reference -> whose
+        self.lost: set[str | None] = set()  # whose last reply never arrived: resend it
 
     def poll(self, timeout_s: float = 0.2) -> None:
         """Take what is new, waiting at most ``timeout_s`` (a member being restarted answers later)."""
@@ -484,14 +487,18 @@ class _MetricsCollector:
         waiting = set(self.in_flight.values())
         for name, actor in self.actors.items():
             if name not in waiting:
-                self.in_flight[actor.take_metrics.remote(written)] = name
+                self.in_flight[actor.take_metrics.remote(written, name in self.lost)] = name
+                self.lost.discard(name)
         ready, _ = ray.wait(list(self.in_flight), num_returns=len(self.in_flight), timeout=timeout_s)
         for ref in ready:
             name = self.in_flight.pop(ref)
             try:
                 items = ray.get(ref)
-            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
-                continue  # its process died before answering: its checkpoint holds what it had not handed out
+            except ray.exceptions.ActorUnavailableError:
+                self.lost.add(name)  # it may have answered, and may be reachable again: ask for it all again
+                continue
+            except ray.exceptions.RayActorError:
+                continue  # its process died: its checkpoint holds what it had not handed out
             if name is None:
                 self.tracking.log_population(items)
             else:

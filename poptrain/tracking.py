@@ -56,12 +56,15 @@ class MetricsOutbox:
         with self._lock:
             self._pending.extend(items)
 
-    def take(self, written: bool) -> list[Item]:
+    def take(self, written: bool, resend: bool = False) -> list[Item]:
+        """What was added since the last take (``resend``: and what was taken before, still
+        unacknowledged: the reply to the last take never arrived)."""
         with self._lock:
-            if written:
+            if written and not resend:
                 self._taken = []
-            out, self._pending = self._pending, []
-            self._taken.extend(out)
+            new, self._pending = self._pending, []
+            out = self._taken + new if resend else new
+            self._taken.extend(new)
             return out
 
     def unwritten(self) -> list[Item]:
@@ -151,10 +154,11 @@ class Tracking:
         self._writer = threading.Thread(target=self._write_loop, name="poptrain-mlflow-writer", daemon=True)
         self._writer.start()
         self.progress_state: dict[str, dict[str, Any]] = {}
-        # Per run: the highest step logged and the keys logged at it. A member restarted from a
-        # checkpoint, or a resumed run, replays steps; their metrics are dropped here, so MLflow
-        # never holds a step twice.
-        self.high_water: dict[str, tuple[int, set[str]]] = {}
+        # Per run and key: the highest step logged. A member restarted from a checkpoint, or a
+        # resumed run, replays steps; their metrics are dropped here, so MLflow never holds a step
+        # twice. Per key, not per run: the parent's coupling metrics come from rounds of different
+        # groups of members, which need not arrive in step order across keys.
+        self.high_water: dict[str, dict[str, int]] = {}
 
     # -- creating the runs ------------------------------------------------------------------
 
@@ -205,14 +209,14 @@ class Tracking:
         return self.ids.parent if member is None else self.ids.members[member]
 
     def _fresh(self, run_id: str, items: list[Item]) -> list[Item]:
-        """The items not logged yet (by step, then key), updating the run's high-water mark."""
-        step_seen, keys_seen = self.high_water.get(run_id, (-1, set()))
-        fresh = [item for item in items if item[2] > step_seen or (item[2] == step_seen and item[0] not in keys_seen)]
-        for key, _, step, _ in fresh:
-            if step > step_seen:
-                step_seen, keys_seen = step, set()
-            keys_seen.add(key)
-        self.high_water[run_id] = (step_seen, keys_seen)
+        """The items not logged yet (a step above its key's high-water mark), updating the marks."""
+        marks = self.high_water.setdefault(run_id, {})
+        fresh = []
+        for item in items:
+            key, step = item[0], item[2]
+            if step > marks.get(key, -1):
+                marks[key] = step
+                fresh.append(item)
         return fresh
 
     def resume(self) -> dict[str, int]:
@@ -221,16 +225,11 @@ class Tracking:
         for run_id in [self.ids.parent, *self.ids.members.values()]:
             self._retry(lambda run_id=run_id: self.client.update_run(run_id, status="RUNNING"))
             metrics = self._retry(lambda run_id=run_id: self.client.get_run(run_id)).data.metrics
-            last, keys = -1, set()
+            marks = self.high_water[run_id] = {}
             for key in metrics:
                 history = self._retry(lambda key=key, run_id=run_id: self.client.get_metric_history(run_id, key))
-                step = max((m.step for m in history), default=-1)
-                if step > last:
-                    last, keys = step, {key}
-                elif step == last:
-                    keys.add(key)
-            self.high_water[run_id] = (last, keys)
-        return {run_id: mark[0] for run_id, mark in self.high_water.items()}
+                marks[key] = max((m.step for m in history), default=-1)
+        return {run_id: max(marks.values(), default=-1) for run_id, marks in self.high_water.items()}
 
     def log_member(self, member: str, items: list[Item]) -> None:
         """Buffer a member's metrics (written by a later flush); steps already seen are dropped."""
@@ -351,14 +350,18 @@ class Tracking:
         assert self.ids is not None
         return log_member_model(self.client, self.ids.members[member], state_dict_path, model_spec, example, step=step).model_uri
 
+    def close(self) -> None:
+        """Stop the writer thread once the buffer is written (at once if a write fails)."""
+        with self._lock:
+            self._closed = True
+            self._lock.notify_all()
+
     def finish(self, status: str = "FINISHED") -> None:
         """Flush, then end every run of the population with ``status`` (FINISHED, FAILED, KILLED)."""
         try:
             self.flush(timeout_s=120.0)  # a server restarting is waited for
         finally:
-            with self._lock:
-                self._closed = True
-                self._lock.notify_all()
+            self.close()
             assert self.ids is not None
             for run_id in [*self.ids.members.values(), self.ids.parent]:
                 self._retry(lambda run_id=run_id: self.client.set_terminated(run_id, status))

@@ -139,6 +139,7 @@ def test_a_killed_driver_resumes_into_the_same_runs_bitwise_equal_to_an_uninterr
     record = yaml.safe_load((run_dir / "run.json").read_text())
     for member, run_id in record["members"].items():
         assert logged_steps(tracking_uri, run_id) == list(range(steps)), f"{member}: every step exactly once"
+    assert logged_steps(tracking_uri, record["parent"], "coupling/separation") == list(range(steps)), "the coordinator's too"
     parent = MlflowClient(tracking_uri).get_run(record["parent"])
     assert parent.info.status == "FINISHED"
     assert_bitwise_equal(run_dir, uninterrupted)

@@ -1,0 +1,31 @@
+"""The metrics outbox: a member drops a metric only once the driver says everything it took is
+written, so neither a lost reply nor a crash of the driver loses one."""
+
+from __future__ import annotations
+
+from poptrain.tracking import MetricsOutbox
+
+
+def items(*steps):
+    return [("loss", float(s), s, 0) for s in steps]
+
+
+def test_taken_metrics_are_kept_until_the_driver_says_they_are_written():
+    outbox = MetricsOutbox()
+    outbox.add(items(0, 1))
+    assert outbox.take(written=False) == items(0, 1)
+    outbox.add(items(2))
+    assert outbox.unwritten() == items(0, 1, 2), "what a checkpoint keeps"
+    assert outbox.take(written=False) == items(2), "not yet written: kept, not sent twice"
+    assert outbox.unwritten() == items(0, 1, 2)
+    outbox.add(items(3))
+    assert outbox.take(written=True) == items(3)
+    assert outbox.unwritten() == items(3)
+
+
+def test_a_lost_reply_is_sent_again():
+    outbox = MetricsOutbox(items(0))  # restored from a checkpoint
+    assert outbox.take(written=True) == items(0)  # this reply never reaches the driver
+    outbox.add(items(1))
+    assert outbox.take(written=True, resend=True) == items(0, 1)
+    assert outbox.unwritten() == items(0, 1)
