@@ -227,10 +227,7 @@ class CoordinatorActor:
                 ) from None
         if step > self.logged.get(kind, -1) and len(newest) == len(self.logic.plan.participants[kind]):
             self.logged[kind] = step
-            metrics = self.logic.coupling_metrics(kind, step)
-            if metrics:
-                self.outbox.add([(k, v, step, int(time.time() * 1000)) for k, v in metrics.items()])
-            self._save_metrics_at_checkpoints(step)
+            self._record(step, self.logic.coupling_metrics(kind, step))
         merged = {q: a for p, (_, vals) in newest.items() if p != member for q, a in vals.items()}
         return {"values": merged, "replace": {}, "steps": {p: newest[p][0] for p in peers}}
 
@@ -249,12 +246,14 @@ class CoordinatorActor:
         rnd.done.set()
         del self.rounds[key]
         self._remember(key, rnd.result)
-        if metrics:
-            self.outbox.add([(k, v, step, int(time.time() * 1000)) for k, v in metrics.items()])
-        self._save_metrics_at_checkpoints(step)
+        self._record(step, metrics)
         return True
 
-    def _save_metrics_at_checkpoints(self, step: int) -> None:
+    def _record(self, step: int, metrics: dict[str, float]) -> None:
+        """Put a round's coupling metrics in the outbox; at the first round of each checkpoint
+        interval, also save what the outbox has not seen written."""
+        if metrics:
+            self.outbox.add([(k, v, step, int(time.time() * 1000)) for k, v in metrics.items()])
         if self.run_dir is None or step // self.checkpoint_every <= self.saved_checkpoint:
             return
         from poptrain.checkpoint import coordinator_metrics_path, save_atomic

@@ -9,8 +9,8 @@ worker with nothing tying them together, and no extra process (or MLflow import)
 Nothing is lost: an outbox drops metrics only once the driver has written everything it took,
 and a member's checkpoint holds what its outbox still has, so a restart (or a resume after the
 driver died) sends them again. Nothing is logged twice: :class:`Tracking` keeps a high-water
-mark per run and drops what it has seen. A failed write is retried with back-off on the next
-polls, its metrics buffered meanwhile.
+mark per run and metric key and drops what it has seen. Writes happen on a thread of their own;
+a failed write is retried with back-off there, its metrics buffered meanwhile.
 """
 
 from __future__ import annotations
@@ -219,8 +219,8 @@ class Tracking:
                 fresh.append(item)
         return fresh
 
-    def resume(self) -> dict[str, int]:
-        """Reopen the population's runs and read how far each was logged. Returns run id -> last step."""
+    def resume(self) -> None:
+        """Reopen the population's runs and read how far each metric was logged."""
         assert self.ids is not None
         for run_id in [self.ids.parent, *self.ids.members.values()]:
             self._retry(lambda run_id=run_id: self.client.update_run(run_id, status="RUNNING"))
@@ -229,7 +229,6 @@ class Tracking:
             for key in metrics:
                 history = self._retry(lambda key=key, run_id=run_id: self.client.get_metric_history(run_id, key))
                 marks[key] = max((m.step for m in history), default=-1)
-        return {run_id: max(marks.values(), default=-1) for run_id, marks in self.high_water.items()}
 
     def log_member(self, member: str, items: list[Item]) -> None:
         """Buffer a member's metrics (written by a later flush); steps already seen are dropped."""
