@@ -151,12 +151,12 @@ class CoordinatorActor:
         from poptrain.checkpoint import load_coordinator_metrics
 
         self.logic = Coordinator(run, population)
-        # Coupling metrics, taken by the driver. What it had not seen written at a checkpoint step
-        # is saved beside the members' checkpoints, so a resumed run writes it (members replay only
-        # from their checkpoint, so the coordinator would not compute those steps again).
+        # Coupling metrics, taken by the driver. What it had not seen written by the last exchange
+        # before a checkpoint step is saved beside the members' checkpoints, so a resumed run
+        # writes it (members replay only from their checkpoint, so the coordinator would not
+        # compute those steps again).
         self.run_dir = run_dir if run.checkpoint.every else None
         self.outbox = MetricsOutbox(load_coordinator_metrics(run_dir) if self.run_dir else [])
-        self.saved_checkpoint = -1
         self.timeout_s = run.exchange.timeout_s
         self.rounds: dict[tuple[str, int], Round] = {}
         # Results of completed rounds, kept long enough for a member restarted from its latest
@@ -250,16 +250,16 @@ class CoordinatorActor:
         return True
 
     def _record(self, step: int, metrics: dict[str, float]) -> None:
-        """Put a round's coupling metrics in the outbox; at the first round of each checkpoint
-        interval, also save what the outbox has not seen written."""
+        """Put a round's coupling metrics in the outbox. At the last exchange step before a
+        checkpoint step, also save what the outbox has not seen written: every round of that step
+        completes before the last member can write its checkpoint (it exchanges there first), so
+        a complete checkpoint at step c always has the coupling metrics of the steps before c."""
         if metrics:
             self.outbox.add([(k, v, step, int(time.time() * 1000)) for k, v in metrics.items()])
-        if self.run_dir is None or step // self.checkpoint_every <= self.saved_checkpoint:
-            return
-        from poptrain.checkpoint import coordinator_metrics_path, save_atomic
+        if self.run_dir is not None and (step + self.logic.run.exchange.every) % self.checkpoint_every == 0:
+            from poptrain.checkpoint import coordinator_metrics_path, save_atomic
 
-        self.saved_checkpoint = step // self.checkpoint_every
-        save_atomic(self.outbox.unwritten(), coordinator_metrics_path(self.run_dir))
+            save_atomic(self.outbox.unwritten(), coordinator_metrics_path(self.run_dir))
 
     def member_down(self, member: str) -> None:
         """The driver saw ``member``'s process die (``failure.while_restarting: continue``): complete
