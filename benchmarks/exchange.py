@@ -80,15 +80,17 @@ class Caller:
                 out.append(time.perf_counter() - start)
         return {"times": out, "cpu_s": time.process_time() - cpu}
 
-    def exchange_loop(self, coordinator, name: str, key: str, rounds: int, warmup: int, value: float, method: str = "exchange") -> dict[str, Any]:
+    def exchange_loop(self, coordinator, wire, name: str, key: str, rounds: int, warmup: int, value: float, method: str = "exchange") -> dict[str, Any]:
         """``warmup + rounds`` parameter rounds back to back: the times between consecutive round ends,
         and this process's CPU seconds over the timed rounds. ``method``: ``exchange`` (sync barrier)
-        or ``publish`` (async mode)."""
+        or ``publish`` (async mode). Values are packed and results unpacked with ``wire`` (the
+        population's :class:`poptrain.coordinator.Wire`), as a member does."""
         import ray
 
+        from poptrain.channel import CoordinatorClient
         from poptrain.couplings import Quantity
 
-        call = getattr(coordinator, method)
+        client = CoordinatorClient(coordinator, ray.get(coordinator.channel.remote()))  # as a member reaches it
         quantity = Quantity(name, "param", key)
         ends = []
         cpu = time.process_time()
@@ -96,10 +98,12 @@ class Caller:
             if step == warmup:
                 cpu = time.process_time()
             values = {quantity: np.array([value + 1e-3 * step], dtype=np.float32)}
-            result = ray.get(call.remote("param", step, name, values))
+            result = client.call(method, "param", step, name, wire.pack(values))()
             if isinstance(result, list):  # a large result comes as one shared reference, as members read it
                 result = ray.get(result[0])
+            wire.unpack_result(result)
             ends.append(time.perf_counter())
+        client.close()
         return {"times": [b - a for a, b in zip(ends[warmup:], ends[warmup + 1 :])], "cpu_s": time.process_time() - cpu}
 
 
@@ -125,7 +129,8 @@ def exchange_latency(ctx: Context) -> list[dict[str, Any]]:
     import ray
 
     import poptrain
-    from poptrain.coordinator import CoordinatorActor
+    from poptrain.coordinator import CoordinatorActor, ExchangePlan, Wire, start_coordinator
+    from poptrain.couplings import build_couplings
     from poptrain.population import inspect_population
 
     sizes = ctx.sizes
@@ -148,7 +153,8 @@ def exchange_latency(ctx: Context) -> list[dict[str, Any]]:
                 steps = sizes.latency_warmup + sizes.latency_rounds + 10
                 cfg = poptrain.load_config(_latency_config(ctx, n, steps, mode))
                 population = inspect_population(cfg)
-                coordinator = remote(CoordinatorActor).remote(cfg, population)
+                coordinator = start_coordinator(cfg, population)
+                wire = Wire(ExchangePlan(build_couplings(cfg.couplings, population), population))
                 actors.append(coordinator)
                 ray.get(coordinator.ping.remote())
                 coordinator_pid = _pid_of(coordinator)
@@ -161,7 +167,7 @@ def exchange_latency(ctx: Context) -> list[dict[str, Any]]:
                 per_caller = ray.get(
                     [
                         callers[i].exchange_loop.remote(
-                            coordinator, f"m{i}", "activation.weight", sizes.latency_rounds, sizes.latency_warmup, float(i), method
+                            coordinator, wire, f"m{i}", "activation.weight", sizes.latency_rounds, sizes.latency_warmup, float(i), method
                         )
                         for i in range(n)
                     ]

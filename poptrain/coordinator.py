@@ -10,15 +10,19 @@ of a round arrives the coordinator
 3. releases every waiting member with the same result object; results over
    ``SHARE_BY_REFERENCE_BYTES`` are put in Ray's object store once and every member reads the
    same object by reference (NumPy buffers are read zero-copy from shared memory),
-4. evaluates every coupling whose inputs are all known on the detached population and keeps
-   the values (``coupling/<name>``) in its outbox, which the driver empties into MLflow.
+4. then, with the members already released, evaluates every coupling whose inputs are all
+   known on the detached population and keeps the values (``coupling/<name>``) in its outbox,
+   which the driver empties into MLflow.
 
-Members talk to the coordinator directly; the driver is not on the per-step path.
+Members talk to the coordinator directly; the driver is not on the per-step path. What crosses
+the process boundary is a :class:`Wire` tuple (quantity indices, dtypes and shapes, one flat
+buffer), not a dict of Quantity -> array: Ray pickles the former several times faster, and a
+round's cost is mostly that per-message overhead (``benchmarks/README.md``).
 """
 
 from __future__ import annotations
 
-import asyncio
+import threading
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -33,6 +37,9 @@ from poptrain.couplings.base import PHASES
 from poptrain.tracking import Item, MetricsOutbox
 
 SHARE_BY_REFERENCE_BYTES = 256 * 1024
+# Payloads at least this large travel as separate NumPy arrays (Ray passes them out of band and a
+# reader maps them zero-copy); smaller ones as one ``bytes`` object (the cheapest thing to pickle).
+FLAT_BYTES_LIMIT = 64 * 1024
 
 
 class ExchangeTimeout(RuntimeError):
@@ -77,11 +84,64 @@ class ExchangePlan:
         self.participants: dict[str, list[str]] = {k: [m for m in members if m in takes_part[k]] for k in PHASES}
 
 
+class Wire:
+    """The flat transport of exchanged values between members and the coordinator.
+
+    ``pack({Quantity: array})`` gives ``(indices, layout, payload)``: each quantity's index in a
+    table both ends build from the same :class:`ExchangePlan`, each array's dtype and shape, and
+    the bytes: one ``bytes`` object for small payloads, the arrays themselves (read zero-copy from
+    Ray's shared memory) from ``FLAT_BYTES_LIMIT`` on. ``unpack`` gives back read-only arrays
+    that view the payload (no copy). An empty mapping packs to ``()``.
+    """
+
+    def __init__(self, plan: ExchangePlan):
+        table: set[Quantity] = set()
+        for sends in plan.sends.values():
+            for quantities in sends.values():
+                table.update(quantities)
+        for replaced in plan.replaced.values():
+            table.update(replaced)
+        self.table = sorted(table)
+        self.index = {q: i for i, q in enumerate(self.table)}
+
+    def pack(self, values: dict[Quantity, np.ndarray]) -> tuple:
+        if not values:
+            return ()
+        arrays = [np.ascontiguousarray(a) for a in values.values()]
+        indices = tuple(self.index[q] for q in values)
+        layout = tuple((a.dtype.str, a.shape) for a in arrays)
+        if sum(a.nbytes for a in arrays) >= FLAT_BYTES_LIMIT:
+            return indices, layout, arrays
+        return indices, layout, b"".join(a.tobytes() for a in arrays)
+
+    def unpack(self, wire: tuple) -> dict[Quantity, np.ndarray]:
+        if not wire:
+            return {}
+        indices, layout, payload = wire
+        if not isinstance(payload, bytes):
+            return {self.table[i]: a for i, a in zip(indices, payload)}
+        out, offset = {}, 0
+        for i, (dtype, shape) in zip(indices, layout):
+            dtype = np.dtype(dtype)
+            count = int(np.prod(shape, dtype=np.int64))
+            out[self.table[i]] = np.frombuffer(payload, dtype, count, offset).reshape(shape)
+            offset += count * dtype.itemsize
+        return out
+
+    def pack_result(self, result: dict) -> tuple:
+        """A round's result (``values``, ``replace``, and in async mode the peers' ``steps``)."""
+        return self.pack(result["values"]), self.pack(result["replace"]), result.get("steps")
+
+    def unpack_result(self, wire: tuple) -> dict:
+        values, replace, steps = wire
+        return {"values": self.unpack(values), "replace": self.unpack(replace), **({"steps": steps} if steps else {})}
+
+
 @dataclass
 class Round:
     expected: list[str]
     values: dict[str, dict[Quantity, np.ndarray]] = field(default_factory=dict)
-    done: asyncio.Event = field(default_factory=asyncio.Event)
+    done: threading.Event = field(default_factory=threading.Event)
     result: Any = None
 
 
@@ -98,6 +158,11 @@ class Coordinator:
 
     def complete(self, kind: str, step: int, values: dict[str, dict[Quantity, np.ndarray]]) -> tuple[dict, dict[str, float]]:
         """Merge one round; returns (the result every member receives, coupling metrics to log)."""
+        return self.release(kind, step, values), self.coupling_metrics(kind, step)
+
+    def release(self, kind: str, step: int, values: dict[str, dict[Quantity, np.ndarray]]) -> dict:
+        """Merge one round; returns what every member receives (its coupling metrics are
+        :meth:`coupling_metrics`, computed after the members are released)."""
         merged: dict[Quantity, np.ndarray] = {}
         for member_values in values.values():
             merged.update(member_values)
@@ -113,7 +178,7 @@ class Coordinator:
                     replace[q] = tensor.detach().contiguous().numpy()
         # Send back only what some member reads of its peers (averaged sources, say, go nowhere).
         wanted = {q: a for q, a in merged.items() if q in self.plan.received}
-        return {"values": wanted, "replace": replace}, self.coupling_metrics(kind, step)
+        return {"values": wanted, "replace": replace}
 
     def observe(self, values: dict[Quantity, np.ndarray]) -> None:
         """Keep each value as the latest. Arrays from Ray are read-only views of its shared memory,
@@ -145,12 +210,19 @@ class Coordinator:
 
 
 class CoordinatorActor:
-    """Async Ray actor around :class:`Coordinator`: one barrier per (kind, step)."""
+    """Threaded Ray actor around :class:`Coordinator`: one barrier per (kind, step).
+
+    Every call runs on a thread of its own (``max_concurrency``, see :func:`actor_concurrency`)
+    and blocks at the barrier on an event, outside the lock that guards the coordinator's state.
+    A threaded actor turned out cheaper per call than an asyncio one (``benchmarks/README.md``).
+    """
 
     def __init__(self, run: RunConfig, population: PopulationInfo, run_dir: str | None = None):
         from poptrain.checkpoint import load_coordinator_metrics
 
         self.logic = Coordinator(run, population)
+        self.wire = Wire(self.logic.plan)
+        self.lock = threading.Condition()  # guards everything below; async publishes wait on it
         # Coupling metrics, taken by the driver. What it had not seen written by the last exchange
         # before a checkpoint step is saved beside the members' checkpoints, so a resumed run
         # writes it (members replay only from their checkpoint, so the coordinator would not
@@ -172,68 +244,99 @@ class CoordinatorActor:
         self.pinned: dict[str, int] = {}
         self.last_values: dict[str, dict[str, dict]] = {}  # kind -> member -> its most recent values
         self.last_step: dict[str, int] = {}
-        # async mode: each member's newest values per kind, and who waits for them
+        # async mode: each member's newest values per kind
         self.max_staleness = run.exchange.max_staleness
         self.published: dict[str, dict[str, tuple[int, dict]]] = {}
-        self.conditions: dict[str, asyncio.Condition] = {}
         self.logged: dict[str, int] = {}
+        # Members reach exchange/publish over a direct connection when every value is small
+        # (poptrain.channel); else with Ray calls, whose object store carries large arrays zero-copy.
+        self.server = None
+        if self._values_are_small(population):
+            import ray
 
-    async def exchange(self, kind: str, step: int, member: str, values: dict[Quantity, np.ndarray]):
+            from poptrain.channel import ChannelServer
+
+            self.server = ChannelServer(
+                {"exchange": self.exchange, "publish": self.publish},
+                host=ray.util.get_node_ip_address(),
+                inline=run.exchange.mode == "sync",
+                threads=2 * len(PHASES) * len(population.members),
+            )
+
+    def _values_are_small(self, population: PopulationInfo) -> bool:
+        plan = self.logic.plan
+        if any(plan.replaced.values()):  # averaging, sharing: whole parameters come back
+            return False
+        elements = sum(1 if q.kind == "loss" else int(np.prod(population.param_shapes[q.member][q.key])) for q in self.wire.table)
+        return 8 * elements < SHARE_BY_REFERENCE_BYTES
+
+    def channel(self) -> tuple[tuple[str, int], bytes] | None:
+        """The direct connection's address and key, or None: then members call :meth:`exchange`
+        and :meth:`publish` through Ray."""
+        return None if self.server is None else (self.server.address, self.server.authkey)
+
+    def exchange(self, kind: str, step: int, member: str, wire: tuple):
+        """``sync`` mode: ``member``'s values (a :class:`Wire` tuple) for round (kind, step); returns
+        the round's packed result once every participant has sent its values."""
+        values = self.wire.unpack(wire)
         key = (kind, step)
-        if self.continue_without_dead:
-            self.last_values.setdefault(kind, {})[member] = values
-            self.last_step[member] = step
-        if key in self.completed:  # a restarted member replaying a round its peers have finished
-            if member in self.pinned:
-                self.pinned[member] = step
-            return self.completed[key]
-        self.lagging.discard(member)  # at its peers' step again: they wait for it from now on
-        self.pinned.pop(member, None)
-        rnd = self.rounds.get(key)
-        if rnd is None:
-            rnd = self.rounds[key] = Round(expected=self.logic.plan.participants[kind])
-        rnd.values[member] = values
-        if not self._complete_if_ready(key, rnd):
-            try:
-                await asyncio.wait_for(rnd.done.wait(), self.timeout_s)
-            except asyncio.TimeoutError:
+        with self.lock:
+            if self.continue_without_dead:
+                self.last_values.setdefault(kind, {})[member] = values
+                self.last_step[member] = step
+            if key in self.completed:  # a restarted member replaying a round its peers have finished
+                if member in self.pinned:
+                    self.pinned[member] = step
+                return self.completed[key]
+            self.lagging.discard(member)  # at its peers' step again: they wait for it from now on
+            self.pinned.pop(member, None)
+            rnd = self.rounds.get(key)
+            if rnd is None:
+                rnd = self.rounds[key] = Round(expected=self.logic.plan.participants[kind])
+            rnd.values[member] = values
+            completed = self._complete_if_ready(key, rnd)
+        if completed:
+            with self.lock:  # the peers are on their way already; this member logs the round
+                self._record(step, self.logic.coupling_metrics(kind, step))
+        elif not rnd.done.wait(self.timeout_s):
+            with self.lock:
                 missing = [m for m in rnd.expected if m not in rnd.values]
-                raise ExchangeTimeout(
-                    f"exchange of {kind!r} at step {step}: member {member!r} waited {self.timeout_s:g} s for "
-                    f"{missing} (exchange.timeout_s). A peer is stalled or dead; see its log."
-                ) from None
+            raise ExchangeTimeout(
+                f"exchange of {kind!r} at step {step}: member {member!r} waited {self.timeout_s:g} s for "
+                f"{missing} (exchange.timeout_s). A peer is stalled or dead; see its log."
+            )
         return rnd.result
 
-    async def publish(self, kind: str, step: int, member: str, values: dict[Quantity, np.ndarray], used_at: int | None = None):
+    def publish(self, kind: str, step: int, member: str, wire: tuple, used_at: int | None = None):
         """``async`` mode: record a member's values and return the freshest values of its peers,
         waiting only while a peer's newest values are more than ``max_staleness`` exchanges older
         than ``used_at``, the step at which the member will use the reply (default ``step``)."""
-        newest = self.published.setdefault(kind, {})
-        newest[member] = (step, values)
-        self.logic.observe(values)
-        condition = self.conditions.setdefault(kind, asyncio.Condition())
-        async with condition:
-            condition.notify_all()
+        values = self.wire.unpack(wire)
+        with self.lock:
+            newest = self.published.setdefault(kind, {})
+            newest[member] = (step, values)
+            self.logic.observe(values)
+            self.lock.notify_all()
             peers = [m for m in self.logic.plan.participants[kind] if m != member]
             oldest = (step if used_at is None else used_at) - self.max_staleness * self.logic.run.exchange.every
             ready = lambda: all(p in newest and newest[p][0] >= oldest for p in peers)  # noqa: E731
-            try:
-                await asyncio.wait_for(condition.wait_for(ready), self.timeout_s)
-            except asyncio.TimeoutError:
+            if not self.lock.wait_for(ready, self.timeout_s):
                 behind = {p: newest[p][0] if p in newest else "none yet" for p in peers if not (p in newest and newest[p][0] >= oldest)}
                 raise ExchangeTimeout(
                     f"async exchange of {kind!r} at step {step}: member {member!r} waited {self.timeout_s:g} s for peers "
                     f"more than {self.max_staleness} exchange(s) behind, at steps {behind} (exchange.timeout_s)"
-                ) from None
-        if step > self.logged.get(kind, -1) and len(newest) == len(self.logic.plan.participants[kind]):
-            self.logged[kind] = step
-            self._record(step, self.logic.coupling_metrics(kind, step))
-        merged = {q: a for p, (_, vals) in newest.items() if p != member for q, a in vals.items()}
-        return {"values": merged, "replace": {}, "steps": {p: newest[p][0] for p in peers}}
+                )
+            if step > self.logged.get(kind, -1) and len(newest) == len(self.logic.plan.participants[kind]):
+                self.logged[kind] = step
+                self._record(step, self.logic.coupling_metrics(kind, step))
+            merged = {q: a for p, (_, vals) in newest.items() if p != member for q, a in vals.items()}
+            steps = {p: newest[p][0] for p in peers}
+        return self.wire.pack_result({"values": merged, "replace": {}, "steps": steps})
 
     def _complete_if_ready(self, key: tuple[str, int], rnd: Round) -> bool:
         """Complete ``rnd`` once every participant has sent its values, a lagging member's most
-        recent values standing in for it; release the waiting members. Whether it completed."""
+        recent values standing in for it; release the waiting members. Whether it completed.
+        The caller holds the lock, and records the round's coupling metrics."""
         kind, step = key
         values = dict(rnd.values)
         for m in rnd.expected:
@@ -241,12 +344,10 @@ class CoordinatorActor:
                 values[m] = self.last_values[kind][m]
         if len(values) < len(rnd.expected):
             return False
-        result, metrics = self.logic.complete(kind, step, values)
-        rnd.result = self._share(result)
+        rnd.result = self._share(self.wire.pack_result(self.logic.release(kind, step, values)))
         rnd.done.set()
         del self.rounds[key]
         self._remember(key, rnd.result)
-        self._record(step, metrics)
         return True
 
     def _record(self, step: int, metrics: dict[str, float]) -> None:
@@ -265,12 +366,14 @@ class CoordinatorActor:
         """The driver saw ``member``'s process die (``failure.while_restarting: continue``): complete
         the rounds waiting for it with its most recent values, and keep every round it will replay
         from its checkpoint (the one before its last step, in case it died writing the newest)."""
-        self.lagging.add(member)
-        last = self.last_step.get(member, 0)
-        every = self.checkpoint_every or 1
-        self.pinned[member] = max(0, (last // every - 1) * every)
-        for key, rnd in list(self.rounds.items()):
-            self._complete_if_ready(key, rnd)
+        with self.lock:
+            self.lagging.add(member)
+            last = self.last_step.get(member, 0)
+            every = self.checkpoint_every or 1
+            self.pinned[member] = max(0, (last // every - 1) * every)
+            for key, rnd in list(self.rounds.items()):
+                if self._complete_if_ready(key, rnd):
+                    self._record(key[1], self.logic.coupling_metrics(*key))
 
     def _remember(self, key: tuple[str, int], result: Any) -> None:
         if not self.history_steps:
@@ -284,8 +387,9 @@ class CoordinatorActor:
             del self.completed[first]
 
     @staticmethod
-    def _share(result: dict) -> Any:
-        size = sum(a.nbytes for part in result.values() for a in part.values())
+    def _share(result: tuple) -> Any:
+        # Flat `bytes` parts are under FLAT_BYTES_LIMIT each: only array parts are worth sharing.
+        size = sum(a.nbytes for part in result[:2] if part and not isinstance(part[2], bytes) for a in part[2])
         if size < SHARE_BY_REFERENCE_BYTES:
             return result
         import ray
@@ -296,7 +400,18 @@ class CoordinatorActor:
 
     def take_metrics(self, written: bool, resend: bool = False) -> list[Item]:
         """The coupling metrics since the last call (see :class:`MetricsOutbox`)."""
-        return self.outbox.take(written, resend)
+        with self.lock:
+            return self.outbox.take(written, resend)
 
     def ping(self) -> bool:
         return True
+
+
+def start_coordinator(run: RunConfig, population: PopulationInfo, run_dir: str | None = None, **options):
+    """The coordinator as a Ray actor (no CPU reserved), with enough threads that a call blocked at
+    a barrier never starves the one that would release it: per member, up to two calls per
+    exchange kind in flight (async pipelining), plus the driver's (take_metrics, member_down)."""
+    import ray
+
+    threads = 2 * len(PHASES) * len(population.members) + 4
+    return ray.remote(CoordinatorActor).options(num_cpus=0, max_concurrency=threads, **options).remote(run, population, run_dir)

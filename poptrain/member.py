@@ -29,12 +29,14 @@ from torch.utils.data import Dataset, TensorDataset, default_collate
 from poptrain import builtins
 from poptrain.checkpoint import checkpoint_path, load_checkpoint, save_checkpoint, steps_of
 from poptrain.config import Component, MemberConfig, RunConfig
-from poptrain.coordinator import ExchangePlan
+from poptrain.channel import CoordinatorClient
+from poptrain.coordinator import ExchangePlan, Wire
 from poptrain.couplings import PopulationInfo, Quantity, build_couplings
 from poptrain.tracking import Item, MetricsOutbox
 
-# exchange(kind, step, member, own_values) -> {"values": {Quantity: array}, "replace": {Quantity: array}}
-ExchangeFn = Callable[[str, int, str, dict], dict]
+# exchange(kind, step, member, own_values) -> {"values": {Quantity: array}, "replace": {Quantity: array}},
+# or a function without arguments that waits for that reply (the member computes until it needs it).
+ExchangeFn = Callable[[str, int, str, dict], "dict | Callable[[], dict]"]
 
 
 class TrainingError(RuntimeError):
@@ -244,6 +246,7 @@ class MemberTrainer:
         self.couplings = build_couplings(run.couplings, population)
         self.training_couplings = [c for c in self.couplings if name in c.trains]
         self.plan = ExchangePlan(self.couplings, population)
+        self.defer_param_replies = not any(q.kind == "param" for q in self.plan.replaced[name])
         self.peers: dict[Quantity, torch.Tensor] = {}  # peers' values from the last exchange
         self.last_sent: dict[Quantity, np.ndarray] = {}
         self.staleness: float | None = None
@@ -266,13 +269,16 @@ class MemberTrainer:
         if not self.config.trainable:
             return self._evaluate_step(exchange, exchanging, inputs, targets)
 
-        if exchanging:
-            self._exchange("param", exchange, {})
+        # Peers' parameters are first used by the couplings after the forward pass: the round
+        # completes while this member computes (still exact), unless it replaces our parameters.
+        receive_params = self._exchange("param", exchange, {}, defer=self.defer_param_replies) if exchanging else None
         outputs = self.model(*inputs)
         terms = {"loss": self.loss_fn(outputs, targets)}
         for term in self.config.terms:
             terms[term.name] = self.term_fns[term.name](self.model, *inputs, outputs, targets, **term.fn.kwargs)
         bad = [f"term {n!r}" for n, t in terms.items() if not bool(torch.isfinite(t.detach()).all())]
+        if receive_params is not None:
+            receive_params()
         self._guard(bad)
         if exchanging:
             self._exchange("loss", exchange, terms)
@@ -388,9 +394,12 @@ class MemberTrainer:
         grad = self.params[q.key].grad
         return grad if grad is not None else torch.zeros_like(self.params[q.key])
 
-    def _exchange(self, kind: str, exchange: ExchangeFn, terms: Mapping[str, torch.Tensor]) -> None:
+    def _exchange(self, kind: str, exchange: ExchangeFn, terms: Mapping[str, torch.Tensor], defer: bool = False) -> Callable[[], None] | None:
+        """Send this member's values of ``kind`` and take in the round's result. With ``defer``, the
+        result is taken in only when the returned function is called (the member computes
+        meanwhile); else at once, and None is returned."""
         if self.name not in self.plan.participants[kind]:
-            return
+            return None
         started = time.perf_counter()
         mine = {}
         for q in self.plan.sends[self.name][kind]:
@@ -399,18 +408,30 @@ class MemberTrainer:
                 array = self.last_sent.get(q, np.zeros_like(array))
             mine[q] = self.last_sent[q] = array
         sent = time.perf_counter()
-        result = exchange(kind, self.step, self.name, mine)
-        received = time.perf_counter()
-        if "steps" in result and result["steps"]:  # async: how old the peers' values are, in exchanges
-            self.staleness = max(0.0, (self.step - min(result["steps"].values())) / self.every)
-        for q, array in result["values"].items():
-            if q.member != self.name and q in self.plan.receives[self.name]:
-                self.peers[q] = to_tensor(array, self.device)
-        for q, array in result["replace"].items():
-            if q.member == self.name:
-                self._replace(q, to_tensor(array, self.device))
-        self.timings["serialize_ms"] += 1000 * (sent - started + time.perf_counter() - received)
-        self.timings["exchange_wait_ms"] += 1000 * (received - sent)
+        reply = exchange(kind, self.step, self.name, mine)
+        self.timings["serialize_ms"] += 1000 * (sent - started)
+        self.timings["exchange_wait_ms"] += 1000 * (time.perf_counter() - sent)
+        step = self.step
+
+        def receive() -> None:
+            waited = time.perf_counter()
+            result = reply() if callable(reply) else reply  # a callable: the reply is still on its way
+            received = time.perf_counter()
+            if "steps" in result and result["steps"]:  # async: how old the peers' values are, in exchanges
+                self.staleness = max(0.0, (step - min(result["steps"].values())) / self.every)
+            for q, array in result["values"].items():
+                if q.member != self.name and q in self.plan.receives[self.name]:
+                    self.peers[q] = to_tensor(array, self.device)
+            for q, array in result["replace"].items():
+                if q.member == self.name:
+                    self._replace(q, to_tensor(array, self.device))
+            self.timings["serialize_ms"] += 1000 * (time.perf_counter() - received)
+            self.timings["exchange_wait_ms"] += 1000 * (received - waited)
+
+        if defer:
+            return receive
+        receive()
+        return None
 
     def _replace(self, q: Quantity, value: torch.Tensor) -> None:
         param = self.params[q.key]
@@ -538,10 +559,14 @@ class MemberActor:
     the actor has two threads)."""
 
     def __init__(self, run: RunConfig, name: str, population: PopulationInfo, coordinator, num_cpus: float, run_dir: str, system_metrics: bool = False):
+        import ray
+
         device, gpu_ids = placement_device()
         torch.set_num_threads(max(1, int(num_cpus)))
         self.trainer = MemberTrainer(run, name, population, device)
-        self.coordinator, self.run_dir = coordinator, run_dir
+        self.run_dir = run_dir
+        self.wire = Wire(self.trainer.plan)
+        self.coordinator = CoordinatorClient(coordinator, ray.get(coordinator.channel.remote()))
         self.in_flight: dict[str, Any] = {}  # async mode: per kind, the reference to the last publish
         # A fresh run starts with no checkpoint of its own; a resumed run, or this actor restarted by
         # Ray after its process died, continues from its newest one, metrics not yet written included.
@@ -589,34 +614,39 @@ class MemberActor:
     def info(self) -> dict[str, Any]:
         return dict(self.placement)
 
-    def _exchange(self, kind: str, step: int, member: str, values: dict) -> dict:
-        import ray
-
+    def _exchange(self, kind: str, step: int, member: str, values: dict):
+        """The member's way to the coordinator: values and replies cross as :class:`Wire` tuples. In
+        ``sync`` mode it returns a function that waits for the round's reply (the trainer calls it
+        when it needs the peers' values); in ``async`` mode, the reply itself."""
         exchange = self.trainer.run.exchange
-        if exchange.mode == "async" and exchange.max_staleness > 0 and kind in self.in_flight:
+        wire = self.wire.pack(values)
+        if exchange.mode == "sync":
+            reply = self.coordinator.call("exchange", kind, step, member, wire)
+            return lambda: self._unpack(reply())
+        if exchange.max_staleness > 0 and kind in self.in_flight:
             # Pipelined: the reply to this publish is used at the member's next exchange, so it
             # never waits out a round trip. The coordinator holds a reply until the peers are within
             # `max_staleness` of the step it will be used at, so the bound holds where it matters.
             used_at = step + self.trainer.every
-            ref = self.coordinator.publish.remote(kind, step, member, values, used_at if used_at < self.trainer.run.steps else step)
-            previous, self.in_flight[kind] = self.in_flight[kind], ref
-            result = ray.get(previous)
-        elif exchange.mode == "async":
-            # The first exchange of a kind (or `max_staleness: 0`): wait for this publish's own reply.
-            result = ray.get(self.coordinator.publish.remote(kind, step, member, values))
-            if exchange.max_staleness > 0 and step + self.trainer.every < self.trainer.run.steps:
-                # Start the pipeline: the next exchange uses this second publish's reply.
-                self.in_flight[kind] = self.coordinator.publish.remote(kind, step, member, values, step + self.trainer.every)
-        else:
-            result = ray.get(self.coordinator.exchange.remote(kind, step, member, values))
+            reply = self.coordinator.call("publish", kind, step, member, wire, used_at if used_at < self.trainer.run.steps else step)
+            previous, self.in_flight[kind] = self.in_flight[kind], reply
+            return self._unpack(previous())
+        # The first exchange of a kind (or `max_staleness: 0`): wait for this publish's own reply.
+        result = self.coordinator.call("publish", kind, step, member, wire)()
+        if exchange.max_staleness > 0 and step + self.trainer.every < self.trainer.run.steps:
+            # Start the pipeline: the next exchange uses this second publish's reply.
+            self.in_flight[kind] = self.coordinator.call("publish", kind, step, member, wire, step + self.trainer.every)
+        return self._unpack(result)
+
+    def _unpack(self, result) -> dict:
+        import ray
+
         if isinstance(result, list):  # large payloads come as one shared object reference
             result = ray.get(result[0])
-        return result
+        return self.wire.unpack_result(result)
 
     def train(self, until_step: int) -> dict[str, float]:
         """Train up to ``until_step``; metrics go to the outbox. Returns the last step's metrics."""
-        import ray
-
         metrics: dict[str, float] = {}
         every, keep = self.trainer.run.checkpoint.every, self.trainer.run.checkpoint.keep
         profile = self.trainer.run.tracking.profile
@@ -651,7 +681,8 @@ class MemberActor:
             self.trainer.finish(self._exchange)
         # The last pipelined publishes: done before train() returns, so their coupling metrics are
         # in the coordinator's outbox when the driver takes it for the last time.
-        ray.get(list(self.in_flight.values()))
+        for reply in self.in_flight.values():
+            reply()
         self.in_flight.clear()
         return metrics
 

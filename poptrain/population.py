@@ -315,7 +315,7 @@ def _train(cfg: RunConfig, population: PopulationInfo, uri: str, run_dir: Path, 
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
 
-    from poptrain.coordinator import CoordinatorActor
+    from poptrain.coordinator import start_coordinator
     from poptrain.member import MemberActor
 
     started = time.monotonic()
@@ -332,7 +332,7 @@ def _train(cfg: RunConfig, population: PopulationInfo, uri: str, run_dir: Path, 
 
         # The coordinator runs on the driver's node, next to the writer of its metrics.
         here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
-        coordinator = ray.remote(CoordinatorActor).options(num_cpus=0, scheduling_strategy=here).remote(cfg, population, str(run_dir))
+        coordinator = start_coordinator(cfg, population, str(run_dir), scheduling_strategy=here)
         actors.append(coordinator)
         restartable = cfg.failure.max_restarts if cfg.checkpoint.every else 0
         nodes = sum(1 for node in ray.nodes() if node.get("Alive"))

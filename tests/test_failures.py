@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -162,19 +163,24 @@ def test_an_mlflow_server_unreachable_mid_run_loses_no_metric_and_logs_none_twic
     relay = TcpRelay(int(mlflow_server.rsplit(":", 1)[1]))  # the run reaches the server through it
     outage = {}
 
+    def restore():
+        relay.restore()
+        outage["restored"] = True
+
     def cut_then_restore(snapshot):
         step = min((m.get("step", 0) for m in snapshot["members"].values()), default=0)
         if not outage and step >= 20:
             relay.cut()
-            outage["step"], outage["at"] = step, time.monotonic()
-        elif outage and "restored" not in outage and time.monotonic() - outage["at"] > 3.0:
-            relay.restore()
-            outage["restored"] = True
+            outage["step"] = step
+            # On a timer, not on progress: the outage may outlast training, which must not wait for it.
+            threading.Timer(3.0, restore).start()
 
     steps = 600
     tracking = {"uri": relay.url, "experiment": "outage", "plots": False, "log_models": False}
+    # At least 8 ms a step (8 samples of 1 ms), so the run outlasts the first progress snapshots.
+    paced = [prelu_member(m, data={"name": "tests.helpers:slow_data", "kwargs": {"delay_s": 0.001}, "batch_size": 8}) for m in ("m1", "m2")]
     try:
-        result = poptrain.run(base_config(steps=steps, tracking=tracking), progress=cut_then_restore, poll_s=0.1)
+        result = poptrain.run(base_config(steps=steps, tracking=tracking, members=paced), progress=cut_then_restore, poll_s=0.1)
     finally:
         relay.cut()
     assert outage.get("restored") and outage["step"] < steps - 100, "the server was unreachable mid-run"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 from typing import Literal, Mapping, Optional
 
@@ -40,26 +41,31 @@ class Separation(Coupling):
     def reads(self) -> list[Quantity]:
         return [Quantity(m, "param", self.config.param) for m in self.members]
 
-    def _distance(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    @functools.cached_property
+    def _pair_index(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Row indices into the stacked members of each pair's first and second member."""
+        position = {m: i for i, m in enumerate(self.members)}
+        return tuple(torch.tensor([position[pair[k]] for pair in self._pairs()]) for k in (0, 1))
+
+    def _distances(self, q: Mapping[Quantity, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(first of each pair, second of each pair, distances): rows of shape (pairs, numel) and
+        (pairs,), all pairs at once, so a population of N costs a few tensor ops, not N² of them."""
+        first, second = self._pair_index
+        stacked = torch.stack([q[Quantity(m, "param", self.config.param)].reshape(-1) for m in self.members])
+        a, b = stacked[first], stacked[second]
         diff = a - b
-        return diff.abs().sum() if self.config.norm == "l1" else diff.pow(2).sum().sqrt()
+        distance = diff.abs().sum(1) if self.config.norm == "l1" else diff.pow(2).sum(1).sqrt()
+        return a, b, distance
 
     def value(self, q: Mapping[Quantity, torch.Tensor]) -> torch.Tensor:
-        total = None
-        for a_name, b_name in self._pairs():
-            a, b = q[Quantity(a_name, "param", self.config.param)], q[Quantity(b_name, "param", self.config.param)]
-            if self.config.variant == "hinge":
-                pair = torch.relu(self.config.margin - self._distance(a, b))
-            else:
-                pair = (a.abs() + b.abs()).sum() + (1 / a.abs() + 1 / b.abs()).sum() - (a - b).abs().sum()
-            total = pair if total is None else total + pair
-        return total
+        a, b, distance = self._distances(q)
+        if self.config.variant == "hinge":
+            return torch.relu(self.config.margin - distance).sum()
+        return ((a.abs() + b.abs()).sum(1) + (1 / a.abs() + 1 / b.abs()).sum(1) - (a - b).abs().sum(1)).sum()
 
     def metrics(self, q: Mapping[Quantity, torch.Tensor]) -> dict[str, float]:
-        out = {}
-        for a_name, b_name in self._pairs():
-            a, b = q[Quantity(a_name, "param", self.config.param)], q[Quantity(b_name, "param", self.config.param)]
-            out[f"distance/{a_name}-{b_name}"] = float(self._distance(a, b))
+        _, _, distance = self._distances(q)
+        out = {f"distance/{a}-{b}": d for (a, b), d in zip(self._pairs(), distance.tolist())}
         for member in self.members:
             value = q[Quantity(member, "param", self.config.param)]
             if value.numel() == 1:

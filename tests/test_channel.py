@@ -1,0 +1,100 @@
+"""The direct connection between members and the coordinator (poptrain.channel), without Ray:
+only a holder of the run's key is served, it listens where it is told, replies find their
+request, and a coordinator's error reaches the member as itself."""
+
+from __future__ import annotations
+
+import socket
+import threading
+from multiprocessing.connection import AuthenticationError, Client
+
+import pytest
+
+from poptrain.channel import ChannelServer, CoordinatorClient
+from poptrain.coordinator import ExchangeTimeout
+
+
+@pytest.fixture
+def served():
+    """A server on loopback whose ``hold`` handler blocks until released, and what it was called with."""
+    calls, release = [], threading.Event()
+
+    def echo(*args):
+        calls.append(args)
+        return args
+
+    def hold(value):
+        release.wait(10)
+        return value
+
+    def fail(message):
+        raise ExchangeTimeout(message)
+
+    server = ChannelServer({"echo": echo, "hold": hold, "fail": fail}, host="127.0.0.1", inline=False, threads=4)
+    yield server, calls, release
+    release.set()
+    server.close()
+
+
+def test_it_listens_only_on_the_address_it_is_given(served):
+    server, _, _ = served
+    assert server.address[0] == "127.0.0.1"
+    with pytest.raises(OSError):  # not on this machine's other addresses
+        socket.create_connection((_other_address(), server.address[1]), timeout=1).close()
+
+
+def test_a_client_without_the_runs_key_is_refused_before_any_message_is_read(served):
+    server, calls, _ = served
+    with pytest.raises(AuthenticationError):
+        Client(server.address, family="AF_INET", authkey=b"x" * 32)
+    raw = socket.create_connection(server.address)  # no handshake at all: it is never served
+    raw.sendall(b"\x00\x00\x00\x05hello")
+    raw.close()
+    client = CoordinatorClient(None, (server.address, server.authkey))
+    assert client.call("echo", 1, "m1")() == (1, "m1")
+    assert calls == [(1, "m1")], "only the authenticated client's request reached a handler"
+    client.close()
+
+
+def test_replies_find_their_request_when_they_complete_out_of_order(served):
+    server, _, release = served
+    client = CoordinatorClient(None, (server.address, server.authkey))
+    held = client.call("hold", "first")
+    quick = client.call("echo", "second")
+    assert quick() == ("second",), "the later request completes first"
+    release.set()
+    assert held() == "first"
+    client.close()
+
+
+def test_a_coordinator_error_reaches_the_member_as_itself(served):
+    server, _, _ = served
+    client = CoordinatorClient(None, (server.address, server.authkey))
+    with pytest.raises(ExchangeTimeout, match="waited 1 s for"):
+        client.call("fail", "member 'm1' waited 1 s for ['m2']")()
+    client.close()
+
+
+def test_a_lost_coordinator_is_an_error_not_a_hang(served):
+    server, _, _ = served
+    client = CoordinatorClient(None, (server.address, server.authkey))
+    reply = client.call("hold", "never")
+    with socket.fromfd(client.conn.fileno(), socket.AF_INET, socket.SOCK_STREAM) as same:
+        same.shutdown(socket.SHUT_RDWR)  # the connection is cut under the waiting member
+    with pytest.raises(ConnectionError, match="lost the connection to the coordinator"):
+        reply()
+
+
+def _other_address() -> str:
+    """An address of this machine that is not loopback (skip when there is none)."""
+    probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        probe.connect(("192.0.2.1", 9))  # no packet is sent: this only picks the outgoing interface
+        address = probe.getsockname()[0]
+    except OSError:
+        address = "127.0.0.1"
+    finally:
+        probe.close()
+    if address.startswith("127."):
+        pytest.skip("this machine has no address other than loopback")
+    return address
