@@ -6,7 +6,9 @@ values that per-message cost, not the coupling maths, is what a coupled step pay
 coordinator also listens on a plain connection (:mod:`multiprocessing.connection`, from the
 standard library) where a round of scalars costs tens of microseconds:
 
-* it binds to the coordinator's node address (127.0.0.1 on a local run), on a free port;
+* it binds to the coordinator's node address (127.0.0.1 on a local run), on a free port; a
+  member that cannot reach it (a firewall between nodes that lets only Ray's ports through)
+  warns and uses Ray calls instead;
 * every connection must pass ``multiprocessing.connection``'s HMAC challenge with a random
   32-byte key that exists only in the coordinator and reaches members through Ray (itself
   token-authenticated on a cluster), before a single message is read from it;
@@ -27,8 +29,11 @@ import secrets
 import socket
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from multiprocessing.connection import AuthenticationError, Client, Connection, Listener, answer_challenge, deliver_challenge
+import warnings
+from multiprocessing.connection import AuthenticationError, Connection, Listener, answer_challenge, deliver_challenge
 from typing import Any, Callable
+
+CONNECT_TIMEOUT_S = 10.0
 
 
 def _no_delay(conn: Connection) -> None:
@@ -110,8 +115,21 @@ class CoordinatorClient:
         self.conn: Connection | None = None
         if channel is not None:
             address, authkey = channel
-            self.conn = Client(address, family="AF_INET", authkey=authkey)
-            _no_delay(self.conn)
+            try:
+                sock = socket.create_connection(address, timeout=CONNECT_TIMEOUT_S)
+                sock.settimeout(None)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                self.conn = Connection(sock.detach())
+                answer_challenge(self.conn, authkey)  # the client's half of what Client(authkey=...) does
+                deliver_challenge(self.conn, authkey)
+            except OSError as exc:  # e.g. a firewall between nodes that lets only Ray's ports through
+                warnings.warn(
+                    f"poptrain: cannot reach the coordinator's exchange connection at {address[0]}:{address[1]} "
+                    f"({type(exc).__name__}: {exc}); exchanging through Ray calls instead, which costs more per step",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+                self.conn = None
         self.ids = itertools.count()
         self.replies: dict[int, tuple[bool, Any]] = {}
 

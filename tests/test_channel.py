@@ -85,6 +85,15 @@ def test_a_lost_coordinator_is_an_error_not_a_hang(served):
         reply()
 
 
+def test_a_member_that_cannot_reach_the_connection_warns_and_uses_ray_calls():
+    with socket.socket() as probe:  # a port with nothing listening on it
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with pytest.warns(RuntimeWarning, match="exchanging through Ray calls instead"):
+        client = CoordinatorClient(None, (("127.0.0.1", port), b"k" * 32))
+    assert client.conn is None
+
+
 def _other_address() -> str:
     """An address of this machine that is not loopback (skip when there is none)."""
     probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)

@@ -106,7 +106,7 @@ class Average(Coupling):
         means = self._means(q)
         out = {}
         for member in self.members:
-            squares = sum(float((q[Quantity(member, "param", n)] - means[n]).pow(2).sum()) for n in self.names)
+            squares = sum(_squared_distance(q[Quantity(member, "param", n)], means[n]) for n in self.names)
             out[f"divergence/{member}"] = squares**0.5
         return out
 
@@ -130,6 +130,22 @@ class Average(Coupling):
 
     def check_population(self) -> list[tuple[str, str]]:
         return check_same_parameters(self.population, self.members + ([self.config.into] if self.config.into else []), self.names, self.config.params)
+
+
+def _squared_distance(a: torch.Tensor, b: torch.Tensor, chunk: int = 1 << 18) -> float:
+    """``((a - b) ** 2).sum()`` through one small reused buffer: on large parameters the plain
+    expression allocates and fills two temporaries of the parameter's size, which costs more
+    than the arithmetic (a 25M-parameter average: about 0.4 s of a 0.75 s round)."""
+    a, b = a.reshape(-1), b.reshape(-1)
+    if a.numel() <= chunk:
+        return float((a - b).pow(2).sum())
+    buffer = torch.empty(chunk, dtype=torch.promote_types(a.dtype, b.dtype))
+    total = 0.0
+    for start in range(0, a.numel(), chunk):
+        part = buffer[: min(chunk, a.numel() - start)]
+        torch.sub(a[start : start + chunk], b[start : start + chunk], out=part)
+        total += float(part.pow_(2).sum())
+    return total
 
 
 def check_same_parameters(population, members: list[str], names: list[str], patterns: list[str]) -> list[tuple[str, str]]:
