@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import fnmatch
 import inspect
+import math
 import os
 import random
 import socket
@@ -182,7 +183,10 @@ class TermBalancer:
         for name, weight in weights.items():
             magnitude = abs(float(terms[name].detach()))
             previous = self.scale.get(name)
-            self.scale[name] = magnitude if previous is None else self.momentum * previous + (1 - self.momentum) * magnitude
+            if math.isfinite(magnitude):  # a NaN/inf term (skipped by `failure.nonfinite`) must not poison the estimate
+                self.scale[name] = magnitude if previous is None else self.momentum * previous + (1 - self.momentum) * magnitude
+            elif previous is None:
+                self.scale[name] = 1.0
             out[name] = weight / max(self.scale[name], self.eps)
         return out
 
@@ -247,6 +251,8 @@ class MemberTrainer:
         self.training_couplings = [c for c in self.couplings if name in c.trains]
         self.plan = ExchangePlan(self.couplings, population)
         self.defer_param_replies = not any(q.kind == "param" for q in self.plan.replaced[name])
+        # Then this member's own objective can be back-propagated before its peers' values arrive.
+        self.couplings_read_only_own_params = all(q.kind == "param" for q in self.plan.reads_for_terms[name] if q.member == name)
         self.peers: dict[Quantity, torch.Tensor] = {}  # peers' values from the last exchange
         self.last_sent: dict[Quantity, np.ndarray] = {}
         self.staleness: float | None = None
@@ -269,32 +275,42 @@ class MemberTrainer:
         if not self.config.trainable:
             return self._evaluate_step(exchange, exchanging, inputs, targets)
 
-        # Peers' parameters are first used by the couplings after the forward pass: the round
-        # completes while this member computes (still exact), unless it replaces our parameters.
+        # Peers' parameters are first used by the couplings, after this member's own forward and
+        # (where the couplings read none of its own quantities but parameters) backward pass: the
+        # round completes while it computes, and the gradient is still exact, since gradients add.
         receive_params = self._exchange("param", exchange, {}, defer=self.defer_param_replies) if exchanging else None
         outputs = self.model(*inputs)
         terms = {"loss": self.loss_fn(outputs, targets)}
         for term in self.config.terms:
             terms[term.name] = self.term_fns[term.name](self.model, *inputs, outputs, targets, **term.fn.kwargs)
         bad = [f"term {n!r}" for n, t in terms.items() if not bool(torch.isfinite(t.detach()).all())]
+        weights = self.balancer.effective_weights(self.term_weights, terms)
+        own_objective = sum(weights[n] * terms[n] for n in terms if weights[n] != 0)
+        self.optimizer.zero_grad(set_to_none=True)
+        own_backward_first = (
+            receive_params is not None and self.couplings_read_only_own_params and not bad
+            and isinstance(own_objective, torch.Tensor) and own_objective.requires_grad
+        )
+        if own_backward_first:
+            own_objective.backward()
         if receive_params is not None:
             receive_params()
         self._guard(bad)
         if exchanging:
             self._exchange("loss", exchange, terms)
 
-        weights = self.balancer.effective_weights(self.term_weights, terms)
         quantities = self._quantities(terms)
         coupling_terms = {c.name: c.term(quantities) for c in self.training_couplings}
         coupling_terms = {k: v for k, v in coupling_terms.items() if v is not None}
         if not self.checked_gradient_paths:
             self._check_gradient_paths(terms, weights, coupling_terms)
-        objective = sum(weights[n] * terms[n] for n in terms if weights[n] != 0) + sum(coupling_terms.values())
+        objective = own_objective + sum(coupling_terms.values())
 
         bad += [f"coupling {n!r}" for n, t in coupling_terms.items() if not bool(torch.isfinite(t.detach()).all())]
-        self.optimizer.zero_grad(set_to_none=True)
-        if isinstance(objective, torch.Tensor) and objective.requires_grad and not bad:
-            objective.backward()
+        remaining = sum(coupling_terms.values()) if own_backward_first else objective
+        if isinstance(remaining, torch.Tensor) and remaining.requires_grad and not bad:
+            remaining.backward()
+        if not bad:
             grads = [p.grad for p in self.params.values() if p.grad is not None]
             if grads and not bool(torch.isfinite(torch.stack([g.detach().abs().max() for g in grads])).all()):
                 bad.append("gradient")
