@@ -27,6 +27,7 @@ from __future__ import annotations
 import itertools
 import secrets
 import socket
+import struct
 import threading
 from concurrent.futures import ThreadPoolExecutor
 import warnings
@@ -34,13 +35,17 @@ from multiprocessing.connection import AuthenticationError, Connection, Listener
 from typing import Any, Callable
 
 CONNECT_TIMEOUT_S = 10.0
+HANDSHAKE_TIMEOUT_S = 10.0
 
 
-def _no_delay(conn: Connection) -> None:
-    """Send small messages at once (no Nagle delay)."""
+def _tune(conn: Connection, handshake_timeout_s: float | None) -> None:
+    """Send small messages at once (no Nagle delay), and bound how long one read may block
+    (``None``: unbounded, once the handshake is done). A bound read raises an OSError."""
     sock = socket.socket(fileno=conn.fileno())
     try:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        seconds = handshake_timeout_s or 0
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", int(seconds), int(seconds % 1 * 1e6)))
     finally:
         sock.detach()  # the connection keeps the descriptor
 
@@ -70,10 +75,11 @@ class ChannelServer:
             threading.Thread(target=self._serve, args=(conn,), name="poptrain-channel", daemon=True).start()
 
     def _serve(self, conn: Connection) -> None:
-        try:  # on this connection's own thread, so a client that never answers blocks nobody else
+        try:  # on this connection's own thread, and bounded: a client that never answers blocks nobody
+            _tune(conn, HANDSHAKE_TIMEOUT_S)
             deliver_challenge(conn, self.authkey)
             answer_challenge(conn, self.authkey)
-            _no_delay(conn)
+            _tune(conn, None)
         except (AuthenticationError, EOFError, OSError):
             conn.close()
             return
@@ -89,6 +95,8 @@ class ChannelServer:
                     conn.send(reply)
                 except OSError:
                     pass  # the member is gone; a restarted one connects anew
+                except Exception as exc:  # a reply that cannot be pickled: the member must still hear back
+                    conn.send((request_id, False, RuntimeError(f"the coordinator could not send its reply to {method}: {exc!r}")))
 
         while True:
             try:
@@ -117,18 +125,21 @@ class CoordinatorClient:
             address, authkey = channel
             try:
                 sock = socket.create_connection(address, timeout=CONNECT_TIMEOUT_S)
-                sock.settimeout(None)
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                sock.settimeout(None)  # blocking: Connection reads the descriptor itself
                 self.conn = Connection(sock.detach())
+                _tune(self.conn, CONNECT_TIMEOUT_S)
                 answer_challenge(self.conn, authkey)  # the client's half of what Client(authkey=...) does
                 deliver_challenge(self.conn, authkey)
-            except OSError as exc:  # e.g. a firewall between nodes that lets only Ray's ports through
+                _tune(self.conn, None)
+            except (OSError, EOFError) as exc:  # e.g. a firewall between nodes that lets only Ray's ports through
                 warnings.warn(
                     f"poptrain: cannot reach the coordinator's exchange connection at {address[0]}:{address[1]} "
                     f"({type(exc).__name__}: {exc}); exchanging through Ray calls instead, which costs more per step",
                     RuntimeWarning,
                     stacklevel=2,
                 )
+                if self.conn is not None:
+                    self.conn.close()
                 self.conn = None
         self.ids = itertools.count()
         self.replies: dict[int, tuple[bool, Any]] = {}

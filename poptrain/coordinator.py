@@ -90,7 +90,8 @@ class Wire:
     ``pack({Quantity: array})`` gives ``(indices, layout, payload)``: each quantity's index in a
     table both ends build from the same :class:`ExchangePlan`, each array's dtype and shape, and
     the bytes: one ``bytes`` object for small payloads, the arrays themselves (read zero-copy from
-    Ray's shared memory) from ``FLAT_BYTES_LIMIT`` on. ``unpack`` gives back read-only arrays
+    Ray's shared memory) from ``FLAT_BYTES_LIMIT`` on. Shapes and dtypes come back as they were,
+    0-d arrays (losses) included. ``unpack`` gives back read-only arrays
     that view the payload (no copy). An empty mapping packs to ``()``.
     """
 
@@ -107,7 +108,7 @@ class Wire:
     def pack(self, values: dict[Quantity, np.ndarray]) -> tuple:
         if not values:
             return ()
-        arrays = [np.ascontiguousarray(a) for a in values.values()]
+        arrays = [np.require(a, requirements="C") for a in values.values()]  # keeps 0-d arrays 0-d
         indices = tuple(self.index[q] for q in values)
         layout = tuple((a.dtype.str, a.shape) for a in arrays)
         if sum(a.nbytes for a in arrays) >= FLAT_BYTES_LIMIT:
@@ -256,12 +257,16 @@ class CoordinatorActor:
 
             from poptrain.channel import ChannelServer
 
-            self.server = ChannelServer(
-                {"exchange": self.exchange, "publish": self.publish},
-                host=ray.util.get_node_ip_address(),
-                inline=run.exchange.mode == "sync",
-                threads=2 * len(PHASES) * len(population.members),
-            )
+            host = ray.util.get_node_ip_address()
+            try:
+                self.server = ChannelServer(
+                    {"exchange": self.exchange, "publish": self.publish},
+                    host=host,
+                    inline=run.exchange.mode == "sync",
+                    threads=2 * len(PHASES) * len(population.members),
+                )
+            except OSError as exc:  # e.g. an IPv6 node address, which multiprocessing.connection cannot bind
+                warnings.warn(f"poptrain: the coordinator cannot listen on {host} ({exc}); members exchange through Ray calls", RuntimeWarning, stacklevel=2)
 
     def _values_are_small(self, population: PopulationInfo) -> bool:
         plan = self.logic.plan

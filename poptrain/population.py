@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -320,7 +321,15 @@ def _train(cfg: RunConfig, population: PopulationInfo, uri: str, run_dir: Path, 
 
     started = time.monotonic()
     cwd = os.getcwd()
-    started_ray = ensure_ray()
+    # MLflow's import and the opening of its store (seconds on a small machine) overlap Ray's start.
+    opener = ThreadPoolExecutor(1, thread_name_prefix="poptrain-tracking-open")
+    opening = opener.submit(Tracking, uri, resume_ids)
+    opener.shutdown(wait=False)
+    try:
+        started_ray = ensure_ray()
+    except BaseException:
+        _close_when_open(opening)
+        raise
     actors: list = []
     group = None
     tracking: Tracking | None = None
@@ -354,9 +363,9 @@ def _train(cfg: RunConfig, population: PopulationInfo, uri: str, run_dir: Path, 
             )
             actors.append(members[name])
 
-        # While the actors start: open the MLflow store and create (or reopen) the runs, here.
+        # While the actors start: create (or reopen) the runs, here.
         _return_to(cwd)
-        tracking = Tracking(uri, resume_ids)
+        tracking = opening.result()
         try:
             if resume_ids is None:
                 ids = tracking.create_runs(cfg)
@@ -446,6 +455,8 @@ def _train(cfg: RunConfig, population: PopulationInfo, uri: str, run_dir: Path, 
                 print(f"poptrain: warning: could not end the MLflow runs: {exc}", file=sys.stderr, flush=True)
         elif tracking is not None:
             tracking.close()
+        else:
+            _close_when_open(opening)
         for actor in actors:
             ray.kill(actor, no_restart=True)
         if group is not None:
@@ -454,6 +465,14 @@ def _train(cfg: RunConfig, population: PopulationInfo, uri: str, run_dir: Path, 
             remove_placement_group(group)
         if started_ray:
             ray.shutdown()
+
+
+def _close_when_open(opening) -> None:
+    """Close the tracking a failed start opened (its writer thread), once it is open."""
+    try:
+        opening.result().close()
+    except Exception:
+        pass
 
 
 def _return_to(cwd: str) -> None:

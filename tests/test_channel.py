@@ -11,7 +11,7 @@ from multiprocessing.connection import AuthenticationError, Client
 import pytest
 
 from poptrain.channel import ChannelServer, CoordinatorClient
-from poptrain.coordinator import ExchangeTimeout
+from poptrain.coordinator import ExchangeTimeout, Wire
 
 
 @pytest.fixture
@@ -34,6 +34,28 @@ def served():
     yield server, calls, release
     release.set()
     server.close()
+
+
+def test_values_cross_with_their_shapes_and_dtypes():
+    """A loss stays 0-d, a float64 parameter stays float64, large payloads travel as arrays."""
+    import numpy as np
+
+    from poptrain.couplings import Quantity
+
+    loss, weight, big = Quantity("m1", "loss", "loss"), Quantity("m1", "param", "w"), Quantity("m2", "param", "big")
+
+    class Plan:
+        sends = {"m1": {"loss": [loss], "param": [weight]}, "m2": {"param": [big]}}
+        replaced = {"m1": set(), "m2": set()}
+
+    wire = Wire(Plan())
+    small = {loss: np.array(0.5, np.float32), weight: np.arange(6, dtype=np.float64).reshape(2, 3)}
+    back = wire.unpack(wire.pack(small))
+    assert {q: (a.shape, a.dtype, a.tolist()) for q, a in back.items()} == {q: (a.shape, a.dtype, a.tolist()) for q, a in small.items()}
+    large = {big: np.ones((300, 300), np.float32)}
+    packed = wire.pack(large)
+    assert isinstance(packed[2], list), "as arrays, which Ray passes out of band"
+    assert wire.unpack(packed)[big].shape == (300, 300) and wire.pack({}) == () and wire.unpack(()) == {}
 
 
 def test_it_listens_only_on_the_address_it_is_given(served):
@@ -83,6 +105,18 @@ def test_a_lost_coordinator_is_an_error_not_a_hang(served):
         same.shutdown(socket.SHUT_RDWR)  # the connection is cut under the waiting member
     with pytest.raises(ConnectionError, match="lost the connection to the coordinator"):
         reply()
+
+
+def test_a_client_that_never_answers_the_challenge_is_dropped(served, monkeypatch):
+    import poptrain.channel as channel
+
+    server, _, _ = served
+    monkeypatch.setattr(channel, "HANDSHAKE_TIMEOUT_S", 0.3)
+    silent = socket.create_connection(server.address)  # connects, then says nothing
+    silent.settimeout(5)
+    silent.recv(1024)  # the challenge
+    assert silent.recv(1024) == b"", "the server hung up on it"
+    silent.close()
 
 
 def test_a_member_that_cannot_reach_the_connection_warns_and_uses_ray_calls():

@@ -52,6 +52,26 @@ def test_separation_pairs_restrict_which_members_are_kept_apart(base_config):
     assert set(coupling.metrics(slopes(a=0.0, b=0.5, c=0.0))) >= {"distance/a-b", "a/activation.weight"}
 
 
+@pytest.mark.parametrize("settings", [{}, {"norm": "l2"}, {"variant": "repulsion"}])
+def test_separation_of_many_members_is_the_sum_over_every_pair_computed_either_way(base_config, monkeypatch, settings):
+    """All pairs at once for small parameters, pair by pair (bounded memory) for large ones: the same sum."""
+    import poptrain.couplings.separation as separation
+
+    names = ["a", "b", "c", "d"]
+    _, _, (coupling,) = couplings_for(base_config, [{"type": "separation", "param": "activation.weight", "margin": 2.5, **settings}], [prelu_member(n) for n in names])
+    q = slopes(a=0.3, b=-0.9, c=1.4, d=0.35)
+    a = {n: q[Quantity(n, "param", "activation.weight")] for n in names}
+    if settings.get("variant") == "repulsion":
+        pair = lambda x, y: (x.abs() + y.abs()).sum() + (1 / x.abs() + 1 / y.abs()).sum() - (x - y).abs().sum()  # noqa: E731
+    else:
+        distance = (lambda d: d.abs().sum()) if settings.get("norm", "l1") == "l1" else (lambda d: d.pow(2).sum().sqrt())
+        pair = lambda x, y: torch.relu(2.5 - distance(x - y))  # noqa: E731
+    expected = sum(float(pair(a[x], a[y])) for i, x in enumerate(names) for y in names[i + 1 :])
+    vectorized = float(coupling.value(q))
+    monkeypatch.setattr(separation, "VECTORIZED_ELEMENTS", 0)
+    assert float(coupling.value(q)) == pytest.approx(expected) and vectorized == pytest.approx(expected)
+
+
 def test_a_member_sees_its_own_value_live_and_peers_detached(base_config):
     """The gradient a member gets from a coupling is the joint gradient with respect to its own parameters."""
     _, _, (coupling,) = couplings_for(base_config, [{"type": "separation", "param": "activation.weight"}])

@@ -25,6 +25,10 @@ class SeparationConfig(CouplingConfig):
     )
 
 
+# Pairs x parameter elements up to which all pairs are computed at once (a few MB of temporaries).
+VECTORIZED_ELEMENTS = 1 << 20
+
+
 @register("separation")
 class Separation(Coupling):
     """``weight * sum over pairs of relu(margin - distance(p_a, p_b))`` for one named parameter.
@@ -47,25 +51,32 @@ class Separation(Coupling):
         position = {m: i for i, m in enumerate(self.members)}
         return tuple(torch.tensor([position[pair[k]] for pair in self._pairs()]) for k in (0, 1))
 
-    def _distances(self, q: Mapping[Quantity, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(first of each pair, second of each pair, distances): rows of shape (pairs, numel) and
-        (pairs,), all pairs at once, so a population of N costs a few tensor ops, not N² of them."""
+    def _distance(self, diff: torch.Tensor) -> torch.Tensor:
+        """Along the last dimension of ``diff``: one pair (numel,) or several (pairs, numel)."""
+        return diff.abs().sum(-1) if self.config.norm == "l1" else diff.pow(2).sum(-1).sqrt()
+
+    def _pair_values(self, q: Mapping[Quantity, torch.Tensor]):
+        """Each pair's (first, second) parameter values, flattened: as two (pairs, numel) tensors
+        when they are small (a population of N then costs a few tensor ops, not N² of them),
+        else pair by pair, so memory stays at one parameter's size whatever the number of pairs."""
+        values = [q[Quantity(m, "param", self.config.param)].reshape(-1) for m in self.members]
         first, second = self._pair_index
-        stacked = torch.stack([q[Quantity(m, "param", self.config.param)].reshape(-1) for m in self.members])
-        a, b = stacked[first], stacked[second]
-        diff = a - b
-        distance = diff.abs().sum(1) if self.config.norm == "l1" else diff.pow(2).sum(1).sqrt()
-        return a, b, distance
+        if len(first) * values[0].numel() <= VECTORIZED_ELEMENTS:
+            stacked = torch.stack(values)
+            return [(stacked[first], stacked[second])]
+        return [(values[i], values[j]) for i, j in zip(first.tolist(), second.tolist())]
+
+    def _distances(self, q: Mapping[Quantity, torch.Tensor]) -> torch.Tensor:
+        """The distance of every pair, shape (pairs,)."""
+        return torch.cat([self._distance(a - b).reshape(-1) for a, b in self._pair_values(q)])
 
     def value(self, q: Mapping[Quantity, torch.Tensor]) -> torch.Tensor:
-        a, b, distance = self._distances(q)
         if self.config.variant == "hinge":
-            return torch.relu(self.config.margin - distance).sum()
-        return ((a.abs() + b.abs()).sum(1) + (1 / a.abs() + 1 / b.abs()).sum(1) - (a - b).abs().sum(1)).sum()
+            return torch.relu(self.config.margin - self._distances(q)).sum()
+        return sum(((a.abs() + b.abs()).sum(-1) + (1 / a.abs() + 1 / b.abs()).sum(-1) - (a - b).abs().sum(-1)).sum() for a, b in self._pair_values(q))
 
     def metrics(self, q: Mapping[Quantity, torch.Tensor]) -> dict[str, float]:
-        _, _, distance = self._distances(q)
-        out = {f"distance/{a}-{b}": d for (a, b), d in zip(self._pairs(), distance.tolist())}
+        out = {f"distance/{a}-{b}": d for (a, b), d in zip(self._pairs(), self._distances(q).tolist())}
         for member in self.members:
             value = q[Quantity(member, "param", self.config.param)]
             if value.numel() == 1:
