@@ -67,6 +67,7 @@ def test_separation_of_many_members_is_the_sum_over_every_pair_computed_either_w
         distance = (lambda d: d.abs().sum()) if settings.get("norm", "l1") == "l1" else (lambda d: d.pow(2).sum().sqrt())
         pair = lambda x, y: torch.relu(2.5 - distance(x - y))  # noqa: E731
     expected = sum(float(pair(a[x], a[y])) for i, x in enumerate(names) for y in names[i + 1 :])
+    monkeypatch.setattr(separation, "VECTORIZED_PAIRS", 2)
     vectorized = float(coupling.value(q))
     monkeypatch.setattr(separation, "VECTORIZED_ELEMENTS", 0)
     assert float(coupling.value(q)) == pytest.approx(expected) and vectorized == pytest.approx(expected)

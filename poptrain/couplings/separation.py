@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import operator
 from typing import Literal, Mapping, Optional
 
 import torch
@@ -25,7 +26,9 @@ class SeparationConfig(CouplingConfig):
     )
 
 
-# Pairs x parameter elements up to which all pairs are computed at once (a few MB of temporaries).
+# All pairs are computed at once from this many pairs (below, a few pairs cost fewer tensor ops one
+# by one) up to this many pairs x parameter elements (a few MB of temporaries).
+VECTORIZED_PAIRS = 4
 VECTORIZED_ELEMENTS = 1 << 20
 
 
@@ -61,7 +64,7 @@ class Separation(Coupling):
         else pair by pair, so memory stays at one parameter's size whatever the number of pairs."""
         values = [q[Quantity(m, "param", self.config.param)].reshape(-1) for m in self.members]
         first, second = self._pair_index
-        if len(first) * values[0].numel() <= VECTORIZED_ELEMENTS:
+        if VECTORIZED_PAIRS <= len(first) and len(first) * values[0].numel() <= VECTORIZED_ELEMENTS:
             stacked = torch.stack(values)
             return [(stacked[first], stacked[second])]
         return [(values[i], values[j]) for i, j in zip(first.tolist(), second.tolist())]
@@ -72,8 +75,12 @@ class Separation(Coupling):
 
     def value(self, q: Mapping[Quantity, torch.Tensor]) -> torch.Tensor:
         if self.config.variant == "hinge":
-            return torch.relu(self.config.margin - self._distances(q)).sum()
-        return sum(((a.abs() + b.abs()).sum(-1) + (1 / a.abs() + 1 / b.abs()).sum(-1) - (a - b).abs().sum(-1)).sum() for a, b in self._pair_values(q))
+            # Seed 000's relu(margin - |a - b|.sum()) for one pair; summed over pairs (or rows).
+            per_pair = [torch.relu(self.config.margin - self._distance(a - b)) for a, b in self._pair_values(q)]
+        else:
+            per_pair = [(a.abs() + b.abs()).sum(-1) + (1 / a.abs() + 1 / b.abs()).sum(-1) - (a - b).abs().sum(-1) for a, b in self._pair_values(q)]
+        per_pair = [p if p.dim() == 0 else p.sum() for p in per_pair]
+        return functools.reduce(operator.add, per_pair)
 
     def metrics(self, q: Mapping[Quantity, torch.Tensor]) -> dict[str, float]:
         out = {f"distance/{a}-{b}": d for (a, b), d in zip(self._pairs(), self._distances(q).tolist())}
