@@ -62,3 +62,8 @@ def poisoned_data(n: int = 256, in_features: int = 20, bad_index: int = 40) -> T
     y = x.sum(dim=1, keepdim=True) / in_features
     x[bad_index, 0] = float("nan")
     return TensorDataset(x, y)
+
+
+def finite_term_with_nan_gradient(model, inputs, outputs, targets):
+    """0 in value, NaN in gradient (d sqrt(x)/dx at 0 is inf, times the chain's 0): only the gradient check sees it."""
+    return torch.sqrt((outputs * 0).sum())

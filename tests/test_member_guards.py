@@ -34,6 +34,17 @@ def test_a_nan_loss_fails_naming_member_step_and_term_before_anything_is_sent(ba
     assert all(np.isfinite(a).all() for *_, values in population.sent for a in values.values())
 
 
+def test_a_finite_loss_with_a_non_finite_gradient_is_caught_before_the_optimizer_step(base_config):
+    term = {"name": "sqrt0", "fn": "tests.helpers:finite_term_with_nan_gradient"}
+    member = prelu_member("m1", terms=[term])
+    population = InProcessPopulation(base_config(members=[member, prelu_member("m2")], failure={"nonfinite": "skip"}))
+    before = {k: v.clone() for k, v in population.trainers["m1"].model.state_dict().items()}
+    population.train(2)
+    assert [m.get("skipped") for m in population.metrics["m1"]] == [1.0, 1.0]
+    assert all(torch.equal(before[k], v) for k, v in population.trainers["m1"].model.state_dict().items())
+    assert all(np.isfinite(a).all() for *_, values in population.sent for a in values.values())
+
+
 def test_with_nonfinite_skip_the_poisoned_step_changes_nothing_and_no_peer_sees_a_nan(base_config):
     population = InProcessPopulation(base_config(members=[poisoned(), prelu_member("m2")], failure={"nonfinite": "skip"}))
     population.train(1)
