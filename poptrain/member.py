@@ -576,7 +576,7 @@ class MemberActor:
     its metrics in an outbox the driver empties (``take_metrics``, called while ``train`` runs:
     the actor has two threads)."""
 
-    def __init__(self, run: RunConfig, name: str, population: PopulationInfo, coordinator, num_cpus: float, run_dir: str, system_metrics: bool = False):
+    def __init__(self, run: RunConfig, name: str, population: PopulationInfo, coordinator_name: str, num_cpus: float, run_dir: str, system_metrics: bool = False):
         import ray
 
         device, gpu_ids = placement_device()
@@ -584,6 +584,7 @@ class MemberActor:
         self.trainer = MemberTrainer(run, name, population, device)
         self.run_dir = run_dir
         self.wire = Wire(self.trainer.plan)
+        coordinator = ray.get_actor(coordinator_name)
         self.coordinator = CoordinatorClient(coordinator, ray.get(coordinator.channel.remote()))
         self.in_flight: dict[str, Any] = {}  # async mode: per kind, the reference to the last publish
         # A fresh run starts with no checkpoint of its own; a resumed run, or this actor restarted by

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -341,7 +342,10 @@ def _train(cfg: RunConfig, population: PopulationInfo, uri: str, run_dir: Path, 
 
         # The coordinator runs on the driver's node, next to the writer of its metrics.
         here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
-        coordinator = start_coordinator(cfg, population, str(run_dir), scheduling_strategy=here)
+        # Members look the coordinator up by name: a handle among an actor's constructor arguments
+        # makes Ray log an error about restarts at every run (ray-project/ray#53727).
+        coordinator_name = f"poptrain-coordinator-{uuid.uuid4().hex}"
+        coordinator = start_coordinator(cfg, population, str(run_dir), scheduling_strategy=here, name=coordinator_name)
         actors.append(coordinator)
         restartable = cfg.failure.max_restarts if cfg.checkpoint.every else 0
         nodes = sum(1 for node in ray.nodes() if node.get("Alive"))
@@ -359,7 +363,7 @@ def _train(cfg: RunConfig, population: PopulationInfo, uri: str, run_dir: Path, 
                     max_task_retries=0,
                     max_concurrency=2,  # train, and take_metrics beside it
                 )
-                .remote(cfg, name, population, coordinator, bundle["CPU"], str(run_dir), system_metrics)
+                .remote(cfg, name, population, coordinator_name, bundle["CPU"], str(run_dir), system_metrics)
             )
             actors.append(members[name])
 
