@@ -29,8 +29,8 @@ import secrets
 import socket
 import struct
 import threading
-from concurrent.futures import ThreadPoolExecutor
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from multiprocessing.connection import AuthenticationError, Connection, Listener, answer_challenge, deliver_challenge
 from typing import Any, Callable
 

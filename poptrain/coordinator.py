@@ -15,8 +15,8 @@ of a round arrives the coordinator
    which the driver empties into MLflow.
 
 Members talk to the coordinator directly; the driver is not on the per-step path. What crosses
-the process boundary is a :class:`Wire` tuple (quantity indices, dtypes and shapes, one flat
-buffer), not a dict of Quantity -> array: Ray pickles the former several times faster, and a
+the process boundary is a :class:`Wire` tuple (quantity indices, dtypes and shapes, then one
+``bytes`` buffer or the arrays themselves), not a dict of Quantity -> array: Ray pickles the former several times faster, and a
 round's cost is mostly that per-message overhead (``benchmarks/README.md``).
 """
 
@@ -213,7 +213,7 @@ class Coordinator:
 class CoordinatorActor:
     """Threaded Ray actor around :class:`Coordinator`: one barrier per (kind, step).
 
-    Every call runs on a thread of its own (``max_concurrency``, see :func:`actor_concurrency`)
+    Every call runs on a thread of its own (``max_concurrency``, see :func:`start_coordinator`)
     and blocks at the barrier on an event, outside the lock that guards the coordinator's state.
     A threaded actor turned out cheaper per call than an asyncio one (``benchmarks/README.md``).
     """
@@ -263,7 +263,7 @@ class CoordinatorActor:
                     {"exchange": self.exchange, "publish": self.publish},
                     host=host,
                     inline=run.exchange.mode == "sync",
-                    threads=2 * len(PHASES) * len(population.members),
+                    threads=calls_in_flight(len(population.members)),
                 )
             except OSError as exc:  # e.g. an IPv6 node address, which multiprocessing.connection cannot bind
                 warnings.warn(f"poptrain: the coordinator cannot listen on {host} ({exc}); members exchange through Ray calls", RuntimeWarning, stacklevel=2)
@@ -418,5 +418,11 @@ def start_coordinator(run: RunConfig, population: PopulationInfo, run_dir: str |
     exchange kind in flight (async pipelining), plus the driver's (take_metrics, member_down)."""
     import ray
 
-    threads = 2 * len(PHASES) * len(population.members) + 4
+    threads = calls_in_flight(len(population.members)) + 4
     return ray.remote(CoordinatorActor).options(num_cpus=0, max_concurrency=threads, **options).remote(run, population, run_dir)
+
+
+def calls_in_flight(members: int) -> int:
+    """The most exchange calls members can have waiting at the coordinator at once: two per
+    member and exchange kind (an async publish and the pipelined one after it)."""
+    return 2 * len(PHASES) * members
