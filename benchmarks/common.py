@@ -45,8 +45,9 @@ class Sizes:
     # Averaging bandwidth: sources x parameters averaged into a target.
     avg_sources: int = 4
     avg_params: int = 25_000_000
-    avg_rounds: int = 6
-    avg_warmup: int = 2
+    avg_rounds: int = 40
+    avg_warmup: int = 3
+    avg_log_every: int = 10  # the figure's run logs (and computes) coupling metrics every k rounds
     # Start-up.
     startup_steps: int = 3
     startup_child: bool = True  # time start-up in a fresh process; smoke: reuse a timed run instead (Ray already up)
@@ -65,14 +66,14 @@ SIZES = {
     "smoke": Sizes(
         mode="smoke", in_features=32, hidden=(64,), classes=4, samples=512, batch=32, steps=30, warmup=5, repeats=1,
         runs=("none", "sync1", "single"), single_steps=20, latency_members=(2,), latency_rounds=30, latency_warmup=5,
-        latency_modes=("sync",), avg_sources=2, avg_params=100_000, avg_rounds=4, avg_warmup=1, startup_steps=2,
+        latency_modes=("sync",), avg_sources=2, avg_params=100_000, avg_rounds=4, avg_warmup=1, avg_log_every=2, startup_steps=2,
         startup_child=False, thresholds=False,
     ),
     "default": Sizes(mode="default"),
     "full": Sizes(
         mode="full", steps=1500, warmup=100, repeats=3, repeated=("none", "sync1", "single", "sync10", "async1", "async10"),
         single_steps=800, latency_members=(2, 8, 16), latency_rounds=2000,
-        latency_warmup=100, avg_rounds=30, avg_warmup=3,
+        latency_warmup=100, avg_rounds=100, avg_warmup=3,
     ),
 }
 

@@ -241,19 +241,17 @@ def _quantile(values: list[float], q: float) -> float:
 
 
 def _avg_model(params: int) -> tuple[dict[str, Any], int]:
-    """An MLP ``in -> h -> PReLU -> 1`` of about ``params`` parameters, and its exact count."""
-    hidden = max(4, int(round(math.sqrt(params))))
-    in_features = max(1, params // hidden - 2)
-    exact = hidden * (in_features + 2) + 2
-    return {"in_features": in_features, "out_features": 1, "hidden": hidden, "activation": "prelu"}, exact
+    """A square lookup table (benchmarks.models.LookupTable) of about ``params`` parameters, and its exact count."""
+    side = max(2, int(round(math.sqrt(params))))
+    return {"name": "benchmarks.models:LookupTable", "kwargs": {"rows": side, "dim": side}}, side * side
 
 
-def _avg_config(ctx: Context, kwargs: dict[str, Any], steps: int) -> dict[str, Any]:
+def _avg_config(ctx: Context, model: dict[str, Any], steps: int) -> dict[str, Any]:
     sources = [f"s{i + 1}" for i in range(ctx.sizes.avg_sources)]
     member = lambda name: {  # noqa: E731
         "name": name,
-        "model": {"name": "mlp", "kwargs": kwargs},
-        "data": {"name": "synthetic_regression", "kwargs": {"n": 4, "in_features": kwargs["in_features"]}, "batch_size": 1},
+        "model": model,
+        "data": {"name": "benchmarks.models:row_indices", "kwargs": {"n": 4, "rows": model["kwargs"]["rows"]}, "batch_size": 1},
         "loss": "mse",
         "trainable": False,
     }
@@ -263,7 +261,7 @@ def _avg_config(ctx: Context, kwargs: dict[str, Any], steps: int) -> dict[str, A
         "output_dir": str(ctx.workdir / "runs"),
         "tracking": quiet_tracking(ctx.uri, "benchmarks"),
         # Off: the coordinator keeps every round's result for 2 x checkpoint.every + 1 rounds (for
-        # replay after a restart), which for 100 MB members pins tens of GB in Ray's object store.
+        # replay after a restart), which for 100 MB members pins tens of GB in memory.
         "checkpoint": {"every": 0},
         "members": [member(name) for name in [*sources, "target"]],
         "couplings": [{"type": "average", "name": "mean_into_target", "members": sources, "into": "target"}],
@@ -306,39 +304,29 @@ def torch_average(sources: int, params: int, repeats: int = 3) -> dict[str, Any]
 
 
 def coordinator_breakdown(ctx: Context, cfg, population, params: int) -> dict[str, Any]:
-    """Where one averaging round's coordinator time goes, timed in this process (no Ray transport):
-    ``Coordinator.complete`` with and without coupling metrics, ``ray.put`` of the result, and the
-    member-side conversions (parameter -> NumPy, NumPy -> parameter)."""
-    import ray
+    """Where one averaging round's coordinator time goes, timed in this process (no Ray, no
+    members): ``Coordinator.release`` on parameters in shared memory (poptrain's path on one
+    node), with and without the coupling metrics (the divergences), and on copies (the path of a
+    member on a GPU or another node, whose sends and replies also cross Ray's object store)."""
     import torch
 
     from poptrain.coordinator import Coordinator
     from poptrain.couplings import Quantity
-    from poptrain.member import to_numpy, to_tensor
 
     sources = [m for m in cfg.member_names if m != "target"]
-    names = population.param_shapes[sources[0]]
-    values = {}
-    for m in sources:
-        values[m] = {Quantity(m, "param", n): np.random.rand(*shape).astype(np.float32) for n, shape in names.items()}
-    out: dict[str, Any] = {}
-    logic = Coordinator(cfg, population)
-    (result, _), out["complete_with_metrics_s"] = _time(logic.complete, "param", 0, values)
+    shapes = population.param_shapes[sources[0]]
+    tensors = {m: {n: torch.rand(*shape) for n, shape in shapes.items()} for m in cfg.member_names}
+    out: dict[str, Any] = {"threads": torch.get_num_threads()}
     quiet = cfg.model_copy(update={"tracking": cfg.tracking.model_copy(update={"log_every": 10**9})})
-    logic = Coordinator(quiet, population)
-    _, out["complete_without_metrics_s"] = _time(logic.complete, "param", 1, values)
-    size = sum(a.nbytes for part in result.values() for a in part.values())
-    out["result_bytes"] = size
+    for label, run in (("with_metrics", cfg), ("without_metrics", quiet)):
+        logic = Coordinator(run, population)
+        for member, views in tensors.items():
+            logic.attach(member, views)
+        logic.release("param", 0, dict.fromkeys(cfg.member_names, {}))  # warm
+        _, out[f"shared_release_{label}_s"] = _time(logic.release, "param", 1, dict.fromkeys(cfg.member_names, {}))
+    arrays = {m: {Quantity(m, "param", n): t.numpy() for n, t in tensors[m].items()} for m in sources}
+    _, out["copies_complete_with_metrics_s"] = _time(Coordinator(cfg, population).complete, "param", 0, arrays)
     out["useful_bytes"] = (len(sources) + 1) * params * 4
-    ref, out["ray_put_result_s"] = _time(ray.put, result)
-    del ref
-    big = max(names, key=lambda n: math.prod(names[n]))
-    param = torch.nn.Parameter(torch.rand(*names[big]))
-    array, out["member_to_numpy_s"] = _time(to_numpy, param)
-    tensor, out["target_to_tensor_s"] = _time(to_tensor, array, torch.device("cpu"))
-    with torch.no_grad():
-        _, out["target_copy_into_param_s"] = _time(param.copy_, tensor)
-    out["note"] = "largest parameter only for the member-side conversions; in-process, no Ray transport"
     return out
 
 
@@ -353,39 +341,51 @@ def averaging_bandwidth(ctx: Context) -> list[dict[str, Any]]:
     from poptrain.population import inspect_population
 
     sizes = ctx.sizes
-    kwargs, params = _avg_model(sizes.avg_params)
+    model, params = _avg_model(sizes.avg_params)
     steps = sizes.avg_warmup + sizes.avg_rounds
-    config = _avg_config(ctx, kwargs, steps)
     useful = (sizes.avg_sources + 1) * params * 4
 
     baseline = copy_bandwidth(useful)
     reference = torch_average(sizes.avg_sources, params)
+    runs = {}
+    # The figure: coupling metrics (each source's distance to the mean: a second pass over every
+    # member) every 10 rounds, as one would log them for 100 MB members; then every round. Rates
+    # come from the logged steps, so from every 10th round in the first run.
+    for log_every in (sizes.avg_log_every, 1):
+        config = _avg_config(ctx, model, steps)
+        config["tracking"]["log_every"] = log_every
+        cpu = CpuSampler()
+        started = time.perf_counter()
+        result = poptrain.run(config, progress=cpu)
+        wall = time.perf_counter() - started
+        rate = steady_rate(metric_times(result.tracking_uri, result.member_run_ids["target"]), sizes.avg_warmup)
+        runs[log_every] = {
+            "gb_per_s": useful * rate["steps_per_s"] / 1e9, "round_s": 1 / rate["steps_per_s"], "rate": rate, "run_wall_s": wall,
+            "cores_busy": cpu.cores_busy(sizes.avg_warmup, steps), "shared_params": result.placement["target"].get("shared_params"),
+        }
 
-    cpu = CpuSampler()
-    started = time.perf_counter()
-    result = poptrain.run(config, progress=cpu)
-    wall = time.perf_counter() - started
-    rate = steady_rate(metric_times(result.tracking_uri, result.member_run_ids["target"]), sizes.avg_warmup)
-    gbps = useful * rate["steps_per_s"] / 1e9
-
-    cfg = poptrain.load_config(config)
+    cfg = poptrain.load_config(_avg_config(ctx, model, steps))
     breakdown = coordinator_breakdown(ctx, cfg, inspect_population(cfg), params)
     after = copy_bandwidth(useful)
     base = max(baseline["gb_per_s"], after["gb_per_s"])
+    common = {
+        "useful_bytes_per_round": useful, "params_per_member": params, "copy_before": baseline, "copy_after": after,
+        "single_process_torch_average": reference, "coordinator_breakdown": breakdown,
+        "note": "checkpoint.every: 0 for this run (see the README: the coordinator's replay history would keep "
+        "2 x checkpoint.every + 1 copies of the target)",
+    }
+    baseline_row = {"name": "single-process torch copy of the same bytes (best of 5, before and after)", "value": base, "unit": "GB/s"}
+    title = f"{sizes.avg_sources} members x {params / 1e6:.1f}M float32 averaged into a target"
+    sparse = runs[sizes.avg_log_every]
     return [
         row(
-            "averaging_bandwidth", f"{sizes.avg_sources} members x {params / 1e6:.1f}M float32 averaged into a target",
-            value=gbps, unit="GB/s", ratio=gbps / base, target=(">=", 0.3),
-            baseline={"name": "single-process torch copy of the same bytes (best of 5, before and after)", "value": base, "unit": "GB/s"},
-            sizes=sizes,
-            details={
-                "round_s": 1 / rate["steps_per_s"], "rate": rate, "useful_bytes_per_round": useful, "params_per_member": params,
-                "copy_before": baseline, "copy_after": after, "single_process_torch_average": reference,
-                "ratio_vs_torch_average": gbps / reference["gb_per_s"], "run_wall_s": wall,
-                "cores_busy": cpu.cores_busy(sizes.avg_warmup, steps),
-                "coordinator_breakdown": breakdown,
-                "note": "checkpoint.every: 0 for this run (see the README: the coordinator's replay history would pin "
-                "2 x checkpoint.every + 1 results of this size in the object store)",
-            },
-        )
+            "averaging_bandwidth", f"{title}, divergence logged every {sizes.avg_log_every} rounds",
+            value=sparse["gb_per_s"], unit="GB/s", ratio=sparse["gb_per_s"] / base, target=(">=", 0.3), baseline=baseline_row, sizes=sizes,
+            details={**sparse, **common, "ratio_vs_torch_average": sparse["gb_per_s"] / reference["gb_per_s"]},
+        ),
+        row(
+            "averaging_bandwidth", f"{title}, divergence logged every round",
+            value=runs[1]["gb_per_s"], unit="GB/s", ratio=runs[1]["gb_per_s"] / base, target=None, baseline=baseline_row, sizes=sizes,
+            details={**runs[1], "ratio_vs_torch_average": runs[1]["gb_per_s"] / reference["gb_per_s"]},
+        ),
     ]

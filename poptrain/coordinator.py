@@ -5,14 +5,17 @@ Every ``exchange.every`` steps each participating member calls
 forward pass, ``loss`` after it, ``grad`` after its backward pass). When the last participant
 of a round arrives the coordinator
 
-1. merges everyone's values into one population mapping,
-2. computes replacements (``exchange_transform``: averaged parameters, summed shared gradients),
+1. merges everyone's values into one population mapping, with the members' parameters that
+   live in memory shared with it (:mod:`poptrain.shared_memory`: never sent),
+2. computes replacements (``exchange_transform``: averaged parameters, summed shared gradients)
+   and writes those of shared parameters in place, after evaluating the couplings that read
+   shared parameters (the members change them once released),
 3. releases every waiting member with the same result object; results over
    ``SHARE_BY_REFERENCE_BYTES`` are put in Ray's object store once and every member reads the
    same object by reference (NumPy buffers are read zero-copy from shared memory),
-4. then, with the members already released, evaluates every coupling whose inputs are all
-   known on the detached population and keeps the values (``coupling/<name>``) in its outbox,
-   which the driver empties into MLflow.
+4. then, with the members already released, evaluates every other coupling whose inputs are
+   all known on the detached population and keeps the values (``coupling/<name>``) in its
+   outbox, which the driver empties into MLflow.
 
 Members talk to the coordinator directly; the driver is not on the per-step path. What crosses
 the process boundary is a :class:`Wire` tuple (quantity indices, dtypes and shapes, then one
@@ -22,6 +25,7 @@ round's cost is mostly that per-message overhead (``benchmarks/README.md``).
 
 from __future__ import annotations
 
+import inspect
 import threading
 import time
 import warnings
@@ -80,6 +84,13 @@ class ExchangePlan:
                 sends[kind].sort()
         self.replaces_params = any("param" in c.transforms() for c in couplings)
         self.received = set().union(*self.receives.values())  # what any member reads of its peers
+        # Parameters only the coordinator reads or writes (averaged, shared): what a member may keep
+        # in memory shared with the coordinator (poptrain.shared_memory) instead of sending copies.
+        self.coordinator_only: dict[str, list[str]] = {}
+        for m in members:
+            names = {q.key for q in self.sends[m]["param"] if q not in self.received}
+            names |= {q.key for q in self.replaced[m] if q.kind == "param" and q not in self.received}
+            self.coordinator_only[m] = sorted(names)
         # Fixed member order, so every round's participants are listed the same way everywhere.
         self.participants: dict[str, list[str]] = {k: [m for m in members if m in takes_part[k]] for k in PHASES}
 
@@ -156,30 +167,70 @@ class Coordinator:
         self.latest: dict[Quantity, torch.Tensor] = {}  # the most recent value of every exchanged quantity
         # Each coupling is evaluated for logging at the last phase whose values it reads.
         self.evaluated_at = {c.name: max((PHASES.index(q.kind) for q in c.reads()), default=0) for c in self.couplings}
+        # Members' parameters in memory shared with this process (poptrain.shared_memory): read and
+        # written in place, never sent. Couplings reading them are evaluated before the release.
+        self.shared: dict[Quantity, torch.Tensor] = {}
+        self.shared_by_member: dict[str, list[Quantity]] = {}
+        self.reads_shared: set[str] = set()
+        self.writes_into = {c.name: "out" in inspect.signature(c.exchange_transform).parameters for c in self.couplings}
+        self.early_metrics: dict[tuple[str, int], dict[str, float]] = {}  # (kind, step) -> metrics
+
+    def attach(self, member: str, views: dict[str, torch.Tensor]) -> None:
+        """``member``'s parameters ``views`` (name -> tensor) live in memory this process maps."""
+        for q in self.shared_by_member.pop(member, []):
+            del self.shared[q]
+        quantities = {Quantity(member, "param", name): view for name, view in views.items()}
+        self.shared.update(quantities)
+        self.shared_by_member[member] = list(quantities)
+        self.reads_shared = {c.name for c in self.couplings if any(q in self.shared for q in c.reads())}
 
     def complete(self, kind: str, step: int, values: dict[str, dict[Quantity, np.ndarray]]) -> tuple[dict, dict[str, float]]:
         """Merge one round; returns (the result every member receives, coupling metrics to log)."""
         return self.release(kind, step, values), self.coupling_metrics(kind, step)
 
     def release(self, kind: str, step: int, values: dict[str, dict[Quantity, np.ndarray]]) -> dict:
-        """Merge one round; returns what every member receives (its coupling metrics are
-        :meth:`coupling_metrics`, computed after the members are released)."""
+        """Merge one round; returns what every member receives: ``values`` (what peers read),
+        ``replace`` (replacements to send) and ``written`` (replacements already written into
+        members' shared parameters, which need no sending). The round's coupling metrics are
+        :meth:`coupling_metrics`, computed after the members are released, except for couplings
+        reading shared parameters: those are computed here, before the members change them."""
         merged: dict[Quantity, np.ndarray] = {}
         for member_values in values.values():
             merged.update(member_values)
         self.observe(merged)
+        if kind == "param":
+            for member in values:
+                for q in self.shared_by_member.get(member, ()):
+                    self.latest[q] = self.shared[q]
         # Derived from the step, not counted, so a resumed or restarted run needs no coordinator state.
         index = step // self.run.exchange.every
 
         replace: dict[Quantity, np.ndarray] = {}
+        into_shared: dict[Quantity, torch.Tensor] = {}
         for coupling in self.couplings:
-            if kind in coupling.transforms():
-                final = kind == "param" and step == self.run.steps
-                for q, tensor in coupling.exchange_transform(kind, self.latest, index, final).items():
+            if kind not in coupling.transforms():
+                continue
+            final = kind == "param" and step == self.run.steps
+            out = {q: self.shared[q] for q in coupling.writes() if q in self.shared} if self.writes_into[coupling.name] else {}
+            produced = coupling.exchange_transform(kind, self.latest, index, final, **({"out": out} if out else {}))
+            for q, tensor in produced.items():
+                if q in self.shared:
+                    into_shared[q] = tensor
+                else:
                     replace[q] = tensor.detach().contiguous().numpy()
+        # Metrics of couplings reading shared parameters: now, before these are overwritten below
+        # (averaging back into the members) or changed by the members once released.
+        early = self.coupling_metrics(kind, step, early=True) if self.reads_shared else {}
+        if early:
+            self.early_metrics[(kind, step)] = early
+        with torch.no_grad():
+            for q, tensor in into_shared.items():
+                if tensor is not self.shared[q]:  # else the coupling computed it in place
+                    self.shared[q].copy_(tensor)
+        written = {q: self.shared[q] for q in into_shared}
         # Send back only what some member reads of its peers (averaged sources, say, go nowhere).
         wanted = {q: a for q, a in merged.items() if q in self.plan.received}
-        return {"values": wanted, "replace": replace}
+        return {"values": wanted, "replace": replace, "written": written}
 
     def observe(self, values: dict[Quantity, np.ndarray]) -> None:
         """Keep each value as the latest. Arrays from Ray are read-only views of its shared memory,
@@ -193,12 +244,16 @@ class Coordinator:
                     warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
                     self.latest[q] = torch.from_numpy(array)
 
-    def coupling_metrics(self, kind: str, step: int) -> dict[str, float]:
-        """Every coupling evaluated at ``kind`` on the latest population values (on logged steps)."""
-        metrics: dict[str, float] = {}
+    def coupling_metrics(self, kind: str, step: int, early: bool = False) -> dict[str, float]:
+        """Every coupling evaluated at ``kind`` on the latest population values (on logged steps).
+        Couplings reading shared parameters are evaluated by :meth:`release` (``early``), before
+        the members change those; their values are taken from there."""
+        metrics = {} if early else self.early_metrics.pop((kind, step), {})
         if step % self.run.tracking.log_every:
             return metrics
         for coupling in self.couplings:
+            if (coupling.name in self.reads_shared) != early:
+                continue
             if PHASES[self.evaluated_at[coupling.name]] != kind or any(q not in self.latest for q in coupling.reads()):
                 continue
             with torch.no_grad():
@@ -220,6 +275,7 @@ class CoordinatorActor:
 
     def __init__(self, run: RunConfig, population: PopulationInfo, run_dir: str | None = None):
         from poptrain.checkpoint import load_coordinator_metrics
+
 
         self.logic = Coordinator(run, population)
         self.wire = Wire(self.logic.plan)
@@ -251,9 +307,11 @@ class CoordinatorActor:
         self.logged: dict[str, int] = {}
         # Members reach exchange/publish over a direct connection when every value is small
         # (poptrain.channel); else with Ray calls, whose object store carries large arrays zero-copy.
+        import ray
+
+        self.node_id = ray.get_runtime_context().get_node_id()
         self.server = None
         if self._values_are_small(population):
-            import ray
 
             from poptrain.channel import ChannelServer
 
@@ -274,6 +332,19 @@ class CoordinatorActor:
             return False
         elements = sum(1 if q.kind == "loss" else int(np.prod(population.param_shapes[q.member][q.key])) for q in self.wire.table)
         return 8 * elements < SHARE_BY_REFERENCE_BYTES
+
+    def attach(self, member: str, layout) -> bool:
+        """``member`` keeps its coordinator-only parameters in shared memory (a
+        :class:`poptrain.shared_memory.SharedLayout`): map it, when on this node. Whether it did;
+        if not, the member sends copies."""
+        from poptrain import shared_memory
+
+        views = shared_memory.attach(layout, self.node_id)
+        if views is None:
+            return False
+        with self.lock:
+            self.logic.attach(member, views)
+        return True
 
     def channel(self) -> tuple[tuple[str, int], bytes] | None:
         """The direct connection's address and key, or None: then members call :meth:`exchange`
@@ -349,10 +420,17 @@ class CoordinatorActor:
                 values[m] = self.last_values[kind][m]
         if len(values) < len(rnd.expected):
             return False
-        rnd.result = self._share(self.wire.pack_result(self.logic.release(kind, step, values)))
+        result = self.logic.release(kind, step, values)
+        rnd.result = self._share(self.wire.pack_result(result))
+        replay = rnd.result
+        if self.history_steps and result["written"]:
+            # A member replaying this round from its checkpoint needs the values written in place,
+            # as they are now: a copy goes into the history.
+            written = {q: t.detach().numpy().copy() for q, t in result["written"].items()}
+            replay = self._share(self.wire.pack_result({**result, "replace": {**result["replace"], **written}}))
         rnd.done.set()
         del self.rounds[key]
-        self._remember(key, rnd.result)
+        self._remember(key, replay)
         return True
 
     def _record(self, step: int, metrics: dict[str, float]) -> None:

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset, TensorDataset, default_collate
 
-from poptrain import builtins
+from poptrain import builtins, shared_memory
 from poptrain.checkpoint import checkpoint_path, load_checkpoint, save_checkpoint, steps_of
 from poptrain.config import Component, MemberConfig, RunConfig
 from poptrain.channel import CoordinatorClient
@@ -254,6 +254,9 @@ class MemberTrainer:
         # Then this member's own objective can be back-propagated before its peers' values arrive.
         self.couplings_read_only_own_params = all(q.kind == "param" for q in self.plan.reads_for_terms[name] if q.member == name)
         self.peers: dict[Quantity, torch.Tensor] = {}  # peers' values from the last exchange
+        # Own parameters in memory shared with the coordinator (poptrain.shared_memory): it reads
+        # and writes them in place, so they are neither sent nor received.
+        self.shared: set[Quantity] = set()
         self.last_sent: dict[Quantity, np.ndarray] = {}
         self.staleness: float | None = None
         self.timings: dict[str, float] = {"serialize_ms": 0.0, "exchange_wait_ms": 0.0}  # this step's, for profiling
@@ -377,11 +380,14 @@ class MemberTrainer:
 
     def _evaluate_step(self, exchange: ExchangeFn, exchanging: bool, inputs, targets) -> dict[str, float]:
         """A member that is not trained: take part in exchanges (e.g. receive an average), log its loss."""
-        if exchanging:
-            self._exchange("param", exchange, {})
+        # A member whose parameters no coupling replaces (an averaging source) computes while the
+        # round completes; a target waits for its new parameters first.
+        receive_params = self._exchange("param", exchange, {}, defer=self.defer_param_replies) if exchanging else None
         with torch.no_grad():
             outputs = self.model(*inputs)
             terms = {"loss": self.loss_fn(outputs, targets)}
+        if receive_params is not None:
+            receive_params()
         if exchanging:
             self._exchange("loss", exchange, terms)
             self._exchange("grad", exchange, {})
@@ -421,6 +427,8 @@ class MemberTrainer:
         started = time.perf_counter()
         mine = {}
         for q in self.plan.sends[self.name][kind]:
+            if q in self.shared:
+                continue
             array = to_numpy(self._own(q, terms))
             if not np.isfinite(array).all():  # only reachable with `nonfinite: skip`: peers keep the last good value
                 array = self.last_sent.get(q, np.zeros_like(array))
@@ -586,6 +594,9 @@ class MemberActor:
         self.wire = Wire(self.trainer.plan)
         coordinator = ray.get_actor(coordinator_name)
         self.coordinator = CoordinatorClient(coordinator, ray.get(coordinator.channel.remote()))
+        shareable = self.trainer.plan.coordinator_only[name]
+        if shareable and run.exchange.shared_memory and device == "cpu":
+            self._share_parameters(coordinator, shareable, coordinator_name.rsplit("-", 1)[-1])
         self.in_flight: dict[str, Any] = {}  # async mode: per kind, the reference to the last publish
         # A fresh run starts with no checkpoint of its own; a resumed run, or this actor restarted by
         # Ray after its process died, continues from its newest one, metrics not yet written included.
@@ -609,7 +620,22 @@ class MemberActor:
             "device": device,
             "gpu_ids": ",".join(map(str, gpu_ids)),
             "torch_threads": torch.get_num_threads(),
+            "shared_params": len(self.trainer.shared),  # parameters in memory shared with the coordinator
         }
+
+    def _share_parameters(self, coordinator, names: list[str], run_tag: str) -> None:
+        """Keep ``names`` in memory shared with the coordinator when it is on this node (see
+        :mod:`poptrain.shared_memory`); else, or without room in ``/dev/shm``, send copies."""
+        import ray
+
+        name = self.trainer.name
+        layout = shared_memory.share_parameters(self.trainer.params, names, f"{run_tag}-{name}", _node_id())
+        if layout is None:
+            return
+        if ray.get(coordinator.attach.remote(name, layout)):
+            self.trainer.shared = {Quantity(name, "param", n) for n in names}
+        else:
+            shared_memory.release(layout)
 
     def restored_step(self) -> int | None:
         return self.restored_from

@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 import torch
 
-from poptrain import builtins
+from poptrain import builtins, shared_memory
 from poptrain.config import ConfigError, RunConfig, dump_config, load_config, output_problems
 from poptrain.checkpoint import CheckpointError, discard_after, latest_complete_step, read_run_record, save_atomic, write_run_record
 from poptrain.couplings import PopulationInfo, build_couplings
@@ -336,6 +336,7 @@ def _train(cfg: RunConfig, population: PopulationInfo, uri: str, run_dir: Path, 
     tracking: Tracking | None = None
     collector: _MetricsCollector | None = None
     status = "FAILED"
+    run_tag = uuid.uuid4().hex  # names this run's coordinator actor and shared-memory files
     try:
         bundles = member_resources(cfg, ray.cluster_resources())
         group = place_population(cfg, bundles)
@@ -344,7 +345,7 @@ def _train(cfg: RunConfig, population: PopulationInfo, uri: str, run_dir: Path, 
         here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
         # Members look the coordinator up by name: a handle among an actor's constructor arguments
         # makes Ray log an error about restarts at every run (ray-project/ray#53727).
-        coordinator_name = f"poptrain-coordinator-{uuid.uuid4().hex}"
+        coordinator_name = f"poptrain-coordinator-{run_tag}"
         coordinator = start_coordinator(cfg, population, str(run_dir), scheduling_strategy=here, name=coordinator_name)
         actors.append(coordinator)
         restartable = cfg.failure.max_restarts if cfg.checkpoint.every else 0
@@ -463,6 +464,7 @@ def _train(cfg: RunConfig, population: PopulationInfo, uri: str, run_dir: Path, 
             _close_when_open(opening)
         for actor in actors:
             ray.kill(actor, no_restart=True)
+        shared_memory.remove_leftovers(run_tag)
         if group is not None:
             from ray.util.placement_group import remove_placement_group
 

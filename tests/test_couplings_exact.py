@@ -3,7 +3,9 @@ single-process reference that computes the seed's joint objective in one backwar
 
 from __future__ import annotations
 
+import pytest
 import torch
+from mlflow.tracking import MlflowClient
 
 import poptrain
 from poptrain.builtins.data import constant, digits
@@ -88,7 +90,8 @@ def test_maximize_term_matches_seed_001_objective(ray_session, base_config, tmp_
     assert result.metrics["net"]["weight/weight_sum"] == -0.1
 
 
-def test_average_into_a_target_is_exactly_the_seed_002_mean(ray_session, base_config, tmp_path):
+@pytest.mark.parametrize("shared_memory", [True, False], ids=["in-shared-memory", "copies"])
+def test_average_into_a_target_is_exactly_the_seed_002_mean(ray_session, base_config, tmp_path, shared_memory):
     torch.manual_seed(2)
     models = [EncoderClassifier(64, 10, num_nodes=16) for _ in range(2)]
     inits = [save_init(m, tmp_path / f"m{i}.pt") for i, m in enumerate(models)]
@@ -98,7 +101,10 @@ def test_average_into_a_target_is_exactly_the_seed_002_mean(ray_session, base_co
         digits_member("m3", "full", 64, None, trainable=False),
     ]
     couplings = [{"type": "average", "members": ["m1", "m2"], "into": "m3"}]
-    result = poptrain.run(base_config(members=members, couplings=couplings, steps=STEPS))
+    result = poptrain.run(base_config(members=members, couplings=couplings, steps=STEPS, exchange={"shared_memory": shared_memory}))
+    # Every parameter is averaged: all of them in memory the coordinator maps, or none.
+    count = len(list(models[0].parameters())) if shared_memory else 0
+    assert {n: p["shared_params"] for n, p in result.placement.items()} == dict.fromkeys(("m1", "m2", "m3"), count)
     # m1 and m2 are not coupled to each other: each is plain training on its own.
     for model, lr in zip(models, (0.01, 0.003)):
         optimizer = torch.optim.Adam(model.parameters(), lr=lr)
@@ -135,3 +141,33 @@ def test_shared_module_matches_one_module_used_by_both_models_and_stays_bitwise_
     a, b = (torch.load(result.output_dir / "members" / n / "model.pt", weights_only=True) for n in ("m1", "m2"))
     assert all(torch.equal(a[k], b[k]) for k in a if k.startswith("lstm.")), "shared parameters bitwise identical"
     assert not torch.equal(a["linear.weight"], b["linear.weight"]), "heads are each member's own"
+
+
+def test_averaging_back_into_members_in_shared_memory_matches_copies_bitwise_and_logs_the_same_divergence(ray_session, base_config, tmp_path):
+    """Local SGD: m1 and m2 train on halves of the data and are replaced by their mean every
+    3 steps; in shared memory the coordinator overwrites their parameters in place, after
+    measuring how far apart they were."""
+    torch.manual_seed(5)
+    init = save_init(EncoderClassifier(64, 10, num_nodes=16), tmp_path / "init.pt")
+    members = [
+        digits_member(f"m{i + 1}", "full", 64, init, data={"name": "digits", "kwargs": {"view": "full", "limit": 256, "part": i, "parts": 2}, "batch_size": 32})
+        for i in range(2)
+    ]
+    couplings = [{"type": "average", "name": "local_sgd", "every": 3}]
+    results = {
+        shared: poptrain.run(base_config(name=f"fedavg-{shared}", members=members, couplings=couplings, steps=STEPS, exchange={"shared_memory": shared}))
+        for shared in (True, False)
+    }
+    count = len(list(EncoderClassifier(64, 10, num_nodes=16).parameters()))
+    assert results[True].placement["m1"]["shared_params"] == count and results[False].placement["m1"]["shared_params"] == 0
+    for name in ("m1", "m2"):
+        a, b = (torch.load(r.output_dir / "members" / name / "model.pt", weights_only=True) for r in results.values())
+        assert all(torch.equal(a[k], b[k]) for k in a), f"{name}: the same weights either way"
+    histories = {}
+    for shared, result in results.items():
+        client = MlflowClient(result.tracking_uri)
+        histories[shared] = {m.step: m.value for m in client.get_metric_history(result.run_id, "coupling/local_sgd/divergence/m1")}
+    assert sorted(histories[True]) == sorted(histories[False]) == list(range(STEPS + 1)), "every step, and after the last"
+    assert histories[True][4] > 0, "measured before the members were replaced by their mean"
+    for step, value in histories[False].items():
+        assert histories[True][step] == pytest.approx(value, rel=1e-5)

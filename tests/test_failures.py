@@ -91,6 +91,19 @@ def test_with_while_restarting_continue_peers_go_on_with_a_dead_members_last_val
     assert sorted(m.step for m in couplings) == list(range(STEPS)), "every round completed once"
 
 
+def test_a_killed_member_averaged_in_shared_memory_replays_the_averages_it_missed(ray_session, base_config, tracking_uri):
+    """Local SGD in shared memory: the coordinator writes each average into the members' own
+    pages, and keeps a copy for the replay of a member restarted from its checkpoint."""
+    members = [prelu_member("m1"), prelu_member("m2", data={"name": "synthetic_regression", "kwargs": {"n": 256, "in_features": 20, "seed": 1}, "batch_size": 32})]
+    steps = 160
+    settings = dict(steps=steps, checkpoint={"every": CHECKPOINT_EVERY}, members=members, couplings=[{"type": "average", "every": 3}])
+    clean = poptrain.run(base_config(name="local-sgd-clean", **settings))
+    result, _ = run_killing_m2_once(base_config(name="local-sgd", **settings), steps)
+    assert result.placement["m2"]["shared_params"] > 0, "the restarted member shares its parameters again"
+    assert logged_steps(tracking_uri, result.member_run_ids["m2"]) == list(range(steps))
+    assert_bitwise_equal(result.output_dir, clean.output_dir)
+
+
 def test_a_member_that_keeps_dying_fails_the_run_naming_it_and_the_checkpoint(ray_session, base_config, tracking_uri, experiment):
     config = base_config(steps=300, checkpoint={"every": 20}, failure={"max_restarts": 0})
 

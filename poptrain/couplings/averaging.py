@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from typing import Mapping, Optional
 
 import torch
@@ -73,42 +75,30 @@ class Average(Coupling):
                     out.append(Quantity(member, "param", name))
         return out
 
-    def _mean(self, q: Mapping[Quantity, torch.Tensor], name: str) -> torch.Tensor:
-        """Accumulated in place into one new tensor (no stacked copy of every source)."""
-        values = [q[Quantity(m, "param", name)] for m in self.members]
-        if self.config.weights is None:
-            total = values[0].clone()
-            for value in values[1:]:
-                total.add_(value)
-            return total.div_(len(values))  # seed 002: (p1 + p2) / 2, bitwise for two members
-        total = values[0] * self.config.weights[0]
-        for weight, value in zip(self.config.weights[1:], values[1:]):
-            total.add_(value, alpha=weight)
-        return total
+    def _values(self, q: Mapping[Quantity, torch.Tensor], name: str) -> list[torch.Tensor]:
+        return [q[Quantity(m, "param", name)] for m in self.members]
 
-    def _means(self, q: Mapping[Quantity, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """The means of ``q``, computed once per set of values: the coordinator asks at the
-        exchange and again for the metrics of the same round. The cache keeps the sources alive,
-        so an identity match cannot be a recycled id."""
-        sources = [q[Quantity(m, "param", n)] for n in self.names for m in self.members]
-        cached = getattr(self, "_cache", None)
-        if cached is None or len(cached[0]) != len(sources) or any(a is not b for a, b in zip(cached[0], sources)):
-            cached = self._cache = (sources, {name: self._mean(q, name) for name in self.names})
-        return cached[1]
-
-    def exchange_transform(self, kind, q, exchange_index, final):
+    def exchange_transform(self, kind, q, exchange_index, final, out=None):
+        """``out``: the target's parameters, when the coordinator can write them in place (shared
+        memory); the mean is then computed straight into them."""
+        self._round_means = None  # this round's means, for metrics() of the same round
         if kind != "param" or not (final or exchange_index % self.config.every == 0):
             return {}
-        means = self._means(q)
+        into = self.config.into
+        targets = {w.key: t for w, t in (out or {}).items() if w.member == into} if into else {}
+        means = {n: average_pass(self._values(q, n), self.config.weights, targets.get(n), distances=False)[0] for n in self.names}
+        self._round_means = means
         return {w: means[w.key] for w in self.writes()}
 
     def metrics(self, q: Mapping[Quantity, torch.Tensor]) -> dict[str, float]:
-        means = self._means(q)
-        out = {}
-        for member in self.members:
-            squares = sum(_squared_distance(q[Quantity(member, "param", n)], means[n]) for n in self.names)
-            out[f"divergence/{member}"] = squares**0.5
-        return out
+        """``divergence/<m>``: each member's Euclidean distance to the mean, before averaging. One
+        more pass over the members' parameters (the mean of a round that averaged is reused)."""
+        means = getattr(self, "_round_means", None) or {}
+        squares = [0.0] * len(self.members)
+        for name in self.names:
+            _, distances = average_pass(self._values(q, name), self.config.weights, keep=False, mean=means.get(name))
+            squares = [a + b for a, b in zip(squares, distances)]
+        return {f"divergence/{m}": square**0.5 for m, square in zip(self.members, squares)}
 
     @classmethod
     def check_config(cls, config: AverageConfig, run) -> list[tuple[str, str]]:
@@ -132,20 +122,83 @@ class Average(Coupling):
         return check_same_parameters(self.population, self.members + ([self.config.into] if self.config.into else []), self.names, self.config.params)
 
 
-def _squared_distance(a: torch.Tensor, b: torch.Tensor, chunk: int = 1 << 18) -> float:
-    """``((a - b) ** 2).sum()`` through one small reused buffer: on large parameters the plain
-    expression allocates and fills two temporaries of the parameter's size, which costs more
-    than the arithmetic (a 25M-parameter average: about 0.4 s of a 0.75 s round)."""
-    a, b = a.reshape(-1), b.reshape(-1)
-    if a.numel() <= chunk:
-        return float((a - b).pow(2).sum())
-    buffer = torch.empty(chunk, dtype=torch.promote_types(a.dtype, b.dtype))
-    total = 0.0
-    for start in range(0, a.numel(), chunk):
-        part = buffer[: min(chunk, a.numel() - start)]
-        torch.sub(a[start : start + chunk], b[start : start + chunk], out=part)
-        total += float(part.pow_(2).sum())
-    return total
+PASS_THREADS = 8  # the most threads one averaging pass uses (the node's cores, when fewer)
+_pool: ThreadPoolExecutor | None = None
+
+
+def average_pass(
+    values: list[torch.Tensor],
+    weights: list[float] | None,
+    out: torch.Tensor | None = None,
+    keep: bool = True,
+    distances: bool = True,
+    mean: torch.Tensor | None = None,
+    chunk: int = 1 << 17,
+) -> tuple[torch.Tensor | None, list[float] | None]:
+    """``(v_1 + ... + v_n) / n`` (seed 002's ``(p1 + p2) / 2``), or ``w_1 v_1 + ... + w_n v_n``,
+    into ``out`` (same shape and dtype) or a new tensor (none without ``keep``), and, with
+    ``distances``, each ``v_i``'s squared Euclidean distance to it. Given ``mean`` (computed
+    before), only the distances to it are computed.
+
+    One pass, a cache-sized chunk at a time: each value is read from memory once and the mean
+    written once; the distances come from the chunk while it is in cache. Element by element the
+    mean takes the same operations in the same order as the plain expression, so it is bitwise
+    the same. Large tensors are split among threads that take the next chunk when done (torch
+    releases the GIL inside operations), so one thread's preemption does not stall the others:
+    with torch's own fixed split of each operation, a 100 MB average ran twice as slow in a Ray
+    actor as in a quiet process."""
+    flats = [v.reshape(-1) for v in values]
+    numel, dtype = flats[0].numel(), flats[0].dtype
+    if mean is not None:
+        out, keep = mean, True
+    elif keep and out is None:
+        out = torch.empty(values[0].shape, dtype=dtype)
+    target = out.view(-1) if keep else None
+    count = -(-numel // chunk)
+    dots = torch.empty(len(values), count, dtype=dtype) if distances else None
+    chunks = iter(range(count))  # shared by the threads; next() on it is atomic under the GIL
+
+    def work() -> None:
+        difference = torch.empty(min(chunk, numel), dtype=dtype) if distances else None
+        scratch = None if keep else torch.empty(min(chunk, numel), dtype=dtype)  # the mean's chunk, when not kept
+        for index in chunks:
+            start = index * chunk
+            parts = [f[start : start + chunk] for f in flats]
+            part = target[start : start + chunk] if keep else scratch[: parts[0].numel()]
+            if mean is None:
+                _mean_of(parts, weights, part)
+            if distances:
+                gap = difference[: part.numel()]
+                for i, p in enumerate(parts):
+                    torch.sub(p, part, out=gap)
+                    torch.dot(gap, gap, out=dots[i, index])
+
+    threads = min(count, PASS_THREADS, len(os.sched_getaffinity(0)))
+    if threads > 1:
+        global _pool
+        if _pool is None:
+            _pool = ThreadPoolExecutor(PASS_THREADS, thread_name_prefix="poptrain-average")
+        for future in [_pool.submit(work) for _ in range(threads)]:
+            future.result()
+    else:
+        work()
+    squares = dots.to(torch.float64).sum(dim=1).tolist() if distances else None
+    return out if keep else None, squares
+
+
+def _mean_of(parts: list[torch.Tensor], weights: list[float] | None, out: torch.Tensor) -> None:
+    if weights is None:
+        if len(parts) == 1:
+            out.copy_(parts[0])
+        else:
+            torch.add(parts[0], parts[1], out=out)
+        for p in parts[2:]:
+            out.add_(p)
+        out.div_(len(parts))
+    else:
+        torch.mul(parts[0], weights[0], out=out)
+        for weight, p in zip(weights[1:], parts[1:]):
+            out.add_(p, alpha=weight)
 
 
 def check_same_parameters(population, members: list[str], names: list[str], patterns: list[str]) -> list[tuple[str, str]]:

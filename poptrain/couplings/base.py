@@ -105,7 +105,12 @@ class Coupling(ABC):
         """Replacement values for members' own quantities of ``kind`` at an exchange (e.g. averaged
         parameters), computed once by the coordinator on the whole population. ``exchange_index``
         counts the exchanges of this kind from 0; ``final`` marks the parameter exchange after the
-        last step."""
+        last step.
+
+        An override that declares a keyword ``out`` receives, when some written quantities live
+        in memory shared with the coordinator, ``{Quantity: tensor}`` of those members' own
+        parameters: it may compute their replacements straight into them and return those same
+        tensors (anything else returned is copied in). Values in ``q`` must not be written."""
         return {}
 
     def transforms(self) -> set[Kind]:
