@@ -322,8 +322,8 @@ def coordinator_breakdown(ctx: Context, cfg, population, params: int) -> dict[st
         logic = Coordinator(run, population)
         for member, views in tensors.items():
             logic.attach(member, views)
-        logic.release("param", 0, dict.fromkeys(cfg.member_names, {}))  # warm
-        _, out[f"shared_release_{label}_s"] = _time(logic.release, "param", 1, dict.fromkeys(cfg.member_names, {}))
+        logic.release("param", 0, {m: {} for m in cfg.member_names})  # warm
+        _, out[f"shared_release_{label}_s"] = _time(logic.release, "param", 1, {m: {} for m in cfg.member_names})
     arrays = {m: {Quantity(m, "param", n): t.numpy() for n, t in tensors[m].items()} for m in sources}
     _, out["copies_complete_with_metrics_s"] = _time(Coordinator(cfg, population).complete, "param", 0, arrays)
     out["useful_bytes"] = (len(sources) + 1) * params * 4
