@@ -54,6 +54,7 @@ class Average(Coupling):
         if config.members is None:
             self.members = [m for m in population.members if m != config.into]
         self.trains = []  # acts by replacing values, not through a gradient
+        self._round_means: dict[str, torch.Tensor] | None = None  # this round's means, for metrics() of the same round
         first = self.members[0] if self.members else None
         self.names = population.params_matching(first, config.params) if first in population.param_shapes else []
 
@@ -81,7 +82,7 @@ class Average(Coupling):
     def exchange_transform(self, kind, q, exchange_index, final, out=None):
         """``out``: the target's parameters, when the coordinator can write them in place (shared
         memory); the mean is then computed straight into them."""
-        self._round_means = None  # this round's means, for metrics() of the same round
+        self._round_means = None
         if kind != "param" or not (final or exchange_index % self.config.every == 0):
             return {}
         into = self.config.into
@@ -93,7 +94,7 @@ class Average(Coupling):
     def metrics(self, q: Mapping[Quantity, torch.Tensor]) -> dict[str, float]:
         """``divergence/<m>``: each member's Euclidean distance to the mean, before averaging. One
         more pass over the members' parameters (the mean of a round that averaged is reused)."""
-        means = getattr(self, "_round_means", None) or {}
+        means = self._round_means or {}
         squares = [0.0] * len(self.members)
         for name in self.names:
             _, distances = average_pass(self._values(q, name), self.config.weights, keep=False, mean=means.get(name))
