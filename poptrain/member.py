@@ -80,19 +80,22 @@ def matching(names: list[str], patterns: list[str]) -> list[str]:
     return [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
 
 
-def build_optimizer(model: nn.Module, cfg: MemberConfig) -> torch.optim.Optimizer:
-    """One optimizer per member; parameter groups by name pattern (first match wins), frozen excluded."""
-    opt = cfg.optimizer
-    if ":" in opt.name:
-        cls = builtins.import_path(opt.name)
-    elif opt.name in builtins.OPTIMIZERS:
-        cls = getattr(torch.optim, builtins.OPTIMIZERS[opt.name])
-    else:
-        raise ValueError(f"unknown optimizer {opt.name!r}; built-ins are {sorted(builtins.OPTIMIZERS)}, or an import path")
+def optimizer_class(cfg: MemberConfig) -> type:
+    """The member's optimizer class: a built-in by name, or an import path."""
+    name = cfg.optimizer.name
+    if ":" in name:
+        return builtins.import_path(name)
+    if name in builtins.OPTIMIZERS:
+        return getattr(torch.optim, builtins.OPTIMIZERS[name])
+    raise ValueError(f"unknown optimizer {name!r}; built-ins are {sorted(builtins.OPTIMIZERS)}, or an import path")
+
+
+def parameter_groups(model: nn.Module, cfg: MemberConfig) -> list[dict[str, Any]]:
+    """The optimizer's parameter groups by name pattern (first match wins), frozen parameters excluded."""
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     taken: set[str] = set()
     groups: list[dict[str, Any]] = []
-    for group in opt.groups:
+    for group in cfg.optimizer.groups:
         names = [n for n in matching([n for n, _ in trainable], group.params) if n not in taken]
         taken.update(names)
         if names:
@@ -103,7 +106,40 @@ def build_optimizer(model: nn.Module, cfg: MemberConfig) -> torch.optim.Optimize
         groups.append({"params": rest})
     if not groups:
         raise ValueError("every parameter is frozen: there is nothing to optimize")
-    return cls(groups, lr=opt.lr, **opt.kwargs)
+    return groups
+
+
+def build_optimizer(model: nn.Module, cfg: MemberConfig) -> torch.optim.Optimizer:
+    """One optimizer per member over :func:`parameter_groups`."""
+    return optimizer_class(cfg)(parameter_groups(model, cfg), lr=cfg.optimizer.lr, **cfg.optimizer.kwargs)
+
+
+# Flags that torch's optimizers check only once they hold their parameters.
+_CHECKED_WITH_PARAMETERS = {"fused", "foreach", "differentiable", "capturable"}
+
+
+def check_optimizer(model: nn.Module, cfg: MemberConfig) -> None:
+    """Raise what :func:`build_optimizer` would raise for ``model``, without building it when possible.
+
+    Building a torch optimizer imports ``torch._dynamo`` (about 2 s of CPU and 70 MiB, since
+    ``Optimizer.add_param_group`` is wrapped to keep the compiler out), which the driver would
+    pay before Ray even starts. torch's own optimizers check every hyperparameter before they
+    look at their parameters and then refuse an empty parameter list: constructing one with
+    ``[]`` checks the same values and stops before that import. Other classes (import paths),
+    and flags torch checks only with parameters (``fused``, ``foreach``, ...), are built for real.
+    """
+    cls = optimizer_class(cfg)
+    groups = parameter_groups(model, cfg)
+    kwargs = cfg.optimizer.kwargs
+    probe = cls.__module__.startswith("torch.optim") and not (_CHECKED_WITH_PARAMETERS & {*kwargs, *(k for g in groups for k in g)})
+    if probe:
+        try:
+            cls([], lr=cfg.optimizer.lr, **kwargs)
+        except ValueError as exc:
+            if "empty parameter list" in str(exc):
+                return
+            raise
+    cls(groups, lr=cfg.optimizer.lr, **kwargs)
 
 
 def apply_frozen(model: nn.Module, patterns: list[str]) -> list[str]:

@@ -21,7 +21,7 @@ from poptrain import builtins, shared_memory
 from poptrain.config import ConfigError, RunConfig, dump_config, load_config, output_problems
 from poptrain.checkpoint import CheckpointError, discard_after, latest_complete_step, read_run_record, save_atomic, write_run_record
 from poptrain.couplings import PopulationInfo, build_couplings
-from poptrain.member import accepts, apply_frozen, build_model, build_optimizer, matching
+from poptrain.member import accepts, apply_frozen, build_model, check_optimizer, matching
 from poptrain.tracking import RunIds, Tracking, TrackingUnavailable, check_tracking_reachable, resolve_tracking_uri
 
 ProgressFn = Callable[[dict[str, Any]], None]
@@ -114,8 +114,8 @@ def inspect_population(cfg: RunConfig) -> PopulationInfo:
         frozen = apply_frozen(model, member.frozen if member.trainable else ["*"])
         if member.trainable:
             try:
-                build_optimizer(model, member)
-            except (TypeError, ValueError, ImportError, AttributeError) as exc:
+                check_optimizer(model, member)
+            except (TypeError, ValueError, RuntimeError, ImportError, AttributeError) as exc:
                 problems.append((f"{key}.optimizer", str(exc)))
         shapes[member.name] = {n: tuple(p.shape) for n, p in model.named_parameters()}
         trainable[member.name] = {n: n not in frozen for n in names}
