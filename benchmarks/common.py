@@ -34,7 +34,7 @@ class Sizes:
     steps: int = 220  # steps of each timed poptrain run
     warmup: int = 30  # first steps left out of the rate (start-up, first exchanges, allocator warm-up)
     repeats: int = 2  # the configurations in ``repeated`` run this many times, interleaved; the best run counts
-    repeated: tuple[str, ...] = ("none", "sync1", "single")  # the others run once
+    repeated: tuple[str, ...] = ("none", "sync1", "async1", "single")  # the others run once
     runs: tuple[str, ...] | None = None  # only these training configurations (None: every one the figures need)
     single_steps: int = 150  # timed steps of the single-process baseline (after ``warmup``)
     # Exchange latency.
