@@ -216,17 +216,19 @@ def ensure_ray() -> bool:
     address = os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, log_to_driver=True)
-    else:
-        ray.init(
-            address="local",  # a cluster left by `ray start` on this machine is not joined unless RAY_ADDRESS says so
-            num_cpus=os.cpu_count() or 1,
-            include_dashboard=False,
-            _node_ip_address="127.0.0.1",
-            configure_logging=False,
-            log_to_driver=True,
-            # Workers import user code (import paths in the config) from the driver's folder.
-            runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")]))}},
-        )
+        return True
+    # No runtime_env: workers find user code (import paths in the config) without one, since Ray
+    # puts the driver's working directory on their sys.path and the local Ray's processes inherit
+    # the driver's environment (PYTHONPATH included). With a job runtime_env, the workers Ray
+    # starts ahead of time matched no actor, and two idle processes were started for nothing.
+    ray.init(
+        address="local",  # a cluster left by `ray start` on this machine is not joined unless RAY_ADDRESS says so
+        num_cpus=os.cpu_count() or 1,
+        include_dashboard=False,
+        _node_ip_address="127.0.0.1",
+        configure_logging=False,
+        log_to_driver=True,
+    )
     return True
 
 

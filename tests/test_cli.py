@@ -44,7 +44,15 @@ def test_check_prints_the_resolved_config_and_never_loads_the_compiler(tmp_path)
 
 
 def test_run_trains_the_seed_000_config_from_the_command_line(tmp_path):
-    done = poptrain("run", str(REPO / "configs" / "prelu_separation.yaml"), "steps=300", cwd=tmp_path)
+    # Import paths in a config find modules in the folder `poptrain run` is started from and on the
+    # user's PYTHONPATH, in the members' processes too: m1 evaluates and logs two weight-0 terms.
+    zero = "def zero(model, inputs, outputs, targets):\n    return 0 * outputs.sum()\n"
+    (tmp_path / "here_terms.py").write_text(zero)
+    (tmp_path / "lib").mkdir()
+    (tmp_path / "lib" / "lib_terms.py").write_text(zero)
+    user_terms = "members.m1.terms=[{name: here, fn: {name: 'here_terms:zero'}, weight: 0}, {name: lib, fn: {name: 'lib_terms:zero'}, weight: 0}]"
+    pythonpath = os.pathsep.join([str(REPO), str(tmp_path / "lib")])
+    done = poptrain("run", str(REPO / "configs" / "prelu_separation.yaml"), "steps=300", user_terms, cwd=tmp_path, env={"PYTHONPATH": pythonpath})
     assert done.returncode == 0, done.stderr[-3000:]
     assert "starting" in done.stdout and "finished" in done.stdout
     assert (tmp_path / "mlflow.db").is_file()
@@ -60,6 +68,9 @@ def test_run_trains_the_seed_000_config_from_the_command_line(tmp_path):
         if run.data.tags.get("poptrain.role") == "member":
             losses = [m.value for m in sorted(client.get_metric_history(run.info.run_id, "loss"), key=lambda m: m.step)]
             assert sum(losses[-20:]) / 20 < sum(losses[:20]) / 20, "the task loss falls"
+            if run.data.tags["poptrain.member"] == "m1":
+                for term in ("here", "lib"):
+                    assert len(client.get_metric_history(run.info.run_id, f"term/{term}")) == 300, f"the {term} term ran in m1's process"
 
 
 def test_unknown_command_line_option_exits_2(tmp_path):
