@@ -126,12 +126,13 @@ def check_optimizer(model: nn.Module, cfg: MemberConfig) -> None:
     pay before Ray even starts. torch's own optimizers check every hyperparameter before they
     look at their parameters and then refuse an empty parameter list: constructing one with
     ``[]`` checks the same values and stops before that import. Other classes (import paths),
-    and flags torch checks only with parameters (``fused``, ``foreach``, ...), are built for real.
+    flags torch checks only with parameters (``fused``, ``foreach``, ...) and several parameter
+    groups (``LBFGS`` refuses them once it holds them) are built for real.
     """
     cls = optimizer_class(cfg)
     groups = parameter_groups(model, cfg)
     kwargs = cfg.optimizer.kwargs
-    probe = cls.__module__.startswith("torch.optim") and not (_CHECKED_WITH_PARAMETERS & {*kwargs, *(k for g in groups for k in g)})
+    probe = cls.__module__.startswith("torch.optim") and len(groups) == 1 and not (_CHECKED_WITH_PARAMETERS & {*kwargs, *groups[0]})
     if probe:
         try:
             cls([], lr=cfg.optimizer.lr, **kwargs)
