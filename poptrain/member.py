@@ -140,7 +140,7 @@ def check_optimizer(model: nn.Module, cfg: MemberConfig) -> None:
             if "empty parameter list" in str(exc):
                 return
             raise
-    cls(groups, lr=cfg.optimizer.lr, **kwargs)
+    build_optimizer(model, cfg)
 
 
 def apply_frozen(model: nn.Module, patterns: list[str]) -> list[str]:

@@ -43,8 +43,8 @@ def check_message(stderr: str, path: Path) -> None:
 
 @pytest.fixture(scope="module", autouse=True)
 def torch_optim_imported():
-    """The first optimizer built imports torch._dynamo (seconds). The check builds one only for
-    flags torch checks with parameters (case 78): pay that import once, not in a timed case."""
+    """The first optimizer built imports torch._dynamo (seconds). The check builds one only where
+    torch checks with parameters (cases 78 and 80): pay that import once, not in a timed case."""
     import torch
 
     torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
