@@ -25,6 +25,7 @@ _EXPORTS = {
     "PopulationError": "poptrain.population",
     "RunResult": "poptrain.population",
     "run": "poptrain.population",
+    "release_warm_members": "poptrain.pool",
 }
 __all__ = sorted(_EXPORTS)
 

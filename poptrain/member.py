@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import fnmatch
+import gc
 import inspect
 import math
 import os
@@ -622,6 +623,21 @@ class MemberActor:
     the actor has two threads)."""
 
     def __init__(self, run: RunConfig, name: str, population: PopulationInfo, coordinator_name: str, num_cpus: float, run_dir: str, system_metrics: bool = False):
+        self._start(run, name, population, coordinator_name, num_cpus, run_dir, system_metrics)
+
+    def rebind(self, run: RunConfig, name: str, population: PopulationInfo, coordinator_name: str, num_cpus: float, run_dir: str, system_metrics: bool = False) -> dict[str, Any]:
+        """Become member ``name`` of another run in this process (a warm process, see
+        :mod:`poptrain.pool`): everything the last run's member held is let go and built anew from
+        the arguments, exactly as a new process would build it. Returns :meth:`info`."""
+        self.coordinator.close()
+        self.trainer = self.outbox = None  # the model, optimizer, data and shared memory of the last run
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        self._start(run, name, population, coordinator_name, num_cpus, run_dir, system_metrics)
+        return self.info()
+
+    def _start(self, run: RunConfig, name: str, population: PopulationInfo, coordinator_name: str, num_cpus: float, run_dir: str, system_metrics: bool) -> None:
         import ray
 
         device, gpu_ids = placement_device()

@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 import torch
 
-from poptrain import builtins, shared_memory
+from poptrain import builtins, pool, shared_memory
 from poptrain.config import ConfigError, RunConfig, dump_config, load_config, output_problems
 from poptrain.checkpoint import CheckpointError, discard_after, latest_complete_step, read_run_record, save_atomic, write_run_record
 from poptrain.couplings import PopulationInfo, build_couplings
@@ -25,6 +25,7 @@ from poptrain.member import accepts, apply_frozen, build_model, check_optimizer,
 from poptrain.tracking import RunIds, Tracking, TrackingUnavailable, check_tracking_reachable, resolve_tracking_uri
 
 ProgressFn = Callable[[dict[str, Any]], None]
+KEEP_WARM_S = 60.0  # how long a finished run's member processes wait for the next run (poptrain.pool)
 
 
 class PopulationError(RuntimeError):
@@ -250,6 +251,15 @@ def member_resources(cfg: RunConfig, cluster: dict[str, float]) -> list[dict[str
     return bundles
 
 
+def placement_strategy(cfg: RunConfig) -> str:
+    """``placement.strategy``, with ``auto`` resolved: SPREAD on a cluster of several nodes, else PACK."""
+    import ray
+
+    if cfg.placement.strategy != "auto":
+        return cfg.placement.strategy
+    return "SPREAD" if sum(1 for node in ray.nodes() if node.get("Alive")) > 1 else "PACK"
+
+
 def place_population(cfg: RunConfig, bundles: list[dict[str, float]]):
     """A placement group: the whole population starts, or nothing does (within ``placement.timeout_s``)."""
     import ray
@@ -263,9 +273,7 @@ def place_population(cfg: RunConfig, bundles: list[dict[str, float]]):
             f"but the cluster has {cluster.get('CPU', 0):g} CPUs and {cluster.get('GPU', 0):g} GPUs. "
             "Lower members' `resources`, or add nodes."
         )
-    strategy = cfg.placement.strategy
-    if strategy == "auto":
-        strategy = "SPREAD" if sum(1 for node in ray.nodes() if node.get("Alive")) > 1 else "PACK"
+    strategy = placement_strategy(cfg)
     group = placement_group(bundles, strategy=strategy, name=f"poptrain-{cfg.name}-{os.getpid()}")
     try:
         ray.get(group.ready(), timeout=cfg.placement.timeout_s)
@@ -282,25 +290,31 @@ def place_population(cfg: RunConfig, bundles: list[dict[str, float]]):
 # The run
 
 
-def run(config, overrides=(), progress: ProgressFn | None = None, poll_s: float = 0.5) -> RunResult:
+def run(config, overrides=(), progress: ProgressFn | None = None, poll_s: float = 0.5, keep_warm_s: float = KEEP_WARM_S) -> RunResult:
     """Train a population; returns its MLflow run ids, output folder and each member's final metrics.
 
     ``config`` is a YAML path, a dict or a :class:`RunConfig`; ``overrides`` are ``KEY=VALUE``
     strings. Raises :class:`ConfigError` (nothing started) or :class:`PopulationError`.
+
+    When Ray was already running (this call did not start it), the members' processes outlive a
+    run that ends well by up to ``keep_warm_s`` seconds, with their resources, and the next run
+    of the same shape takes them over instead of starting new ones (:mod:`poptrain.pool`); 0
+    ends them with the run. :func:`poptrain.release_warm_members` ends them at once.
     """
     cfg, population, uri = prepare(config, overrides)
     run_dir = cfg.run_dir.resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     discard_after(run_dir, cfg.member_names, None)  # a new run: no checkpoint of an earlier one may be picked up
     save_atomic(dump_config(cfg), run_dir / "config.yaml")
-    return _train(cfg, population, uri, run_dir, None, progress, poll_s)
+    return _train(cfg, population, uri, run_dir, None, progress, poll_s, keep_warm_s)
 
 
-def resume(run_dir, progress: ProgressFn | None = None, poll_s: float = 0.5) -> RunResult:
+def resume(run_dir, progress: ProgressFn | None = None, poll_s: float = 0.5, keep_warm_s: float = KEEP_WARM_S) -> RunResult:
     """Continue an interrupted run from its latest complete checkpoint, into the same MLflow runs.
 
     Steps already logged are not logged again; on CPU the final weights are bitwise those of an
     uninterrupted run. Raises :class:`ConfigError` when ``run_dir`` is not a run that can resume.
+    ``keep_warm_s`` as for :func:`run`.
     """
     run_dir = Path(run_dir).resolve()
     try:
@@ -312,10 +326,10 @@ def resume(run_dir, progress: ProgressFn | None = None, poll_s: float = 0.5) -> 
     ids = RunIds(record["experiment_id"], record["parent"], dict(record["members"]))
     step = latest_complete_step(run_dir, cfg.member_names)
     discard_after(run_dir, cfg.member_names, step)  # newer, incomplete checkpoints would disagree with the peers
-    return _train(cfg, population, uri, run_dir, ids, progress, poll_s)
+    return _train(cfg, population, uri, run_dir, ids, progress, poll_s, keep_warm_s)
 
 
-def _train(cfg: RunConfig, population: PopulationInfo, uri: str, run_dir: Path, resume_ids: RunIds | None, progress, poll_s) -> RunResult:
+def _train(cfg: RunConfig, population: PopulationInfo, uri: str, run_dir: Path, resume_ids: RunIds | None, progress, poll_s, keep_warm_s) -> RunResult:
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
 
@@ -339,9 +353,13 @@ def _train(cfg: RunConfig, population: PopulationInfo, uri: str, run_dir: Path, 
     collector: _MetricsCollector | None = None
     status = "FAILED"
     run_tag = uuid.uuid4().hex  # names this run's coordinator actor and shared-memory files
+    keep_warm = keep_warm_s > 0 and not started_ray  # a Ray that ends with the run takes its processes with it
+    kept: list = []
     try:
         bundles = member_resources(cfg, ray.cluster_resources())
-        group = place_population(cfg, bundles)
+        shape = pool.shape_key(bundles, placement_strategy(cfg))
+        warm = _healthy(pool.take(shape)) if not started_ray else None
+        group = warm.group if warm is not None else place_population(cfg, bundles)
 
         # The coordinator runs on the driver's node, next to the writer of its metrics.
         here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
@@ -354,21 +372,40 @@ def _train(cfg: RunConfig, population: PopulationInfo, uri: str, run_dir: Path, 
         nodes = sum(1 for node in ray.nodes() if node.get("Alive"))
         system_metrics = nodes > 1 if cfg.tracking.system_metrics == "auto" else cfg.tracking.system_metrics
         _warn_about_storage(cfg, run_dir, uri, nodes)
-        members = {}
-        for index, (name, bundle) in enumerate(zip(cfg.member_names, bundles)):
-            members[name] = (
+        index_of = {name: index for index, name in enumerate(cfg.member_names)}
+
+        def member_args(name: str) -> tuple:
+            return (cfg, name, population, coordinator_name, bundles[index_of[name]]["CPU"], str(run_dir), system_metrics)
+
+        def start_member(name: str):
+            bundle = bundles[index_of[name]]
+            actor = (
                 ray.remote(MemberActor)
                 .options(
                     num_cpus=bundle["CPU"],
                     num_gpus=bundle.get("GPU", 0),
-                    scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=index),
-                    max_restarts=restartable,  # Ray re-creates the process; it reloads its latest checkpoint
+                    scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=index_of[name]),
+                    # Never restarted by Ray, which would re-create it with the arguments it was first
+                    # created with: a warm process (poptrain.pool) would come back as an earlier
+                    # run's member. The driver replaces a dead member itself (below).
+                    max_restarts=0,
                     max_task_retries=0,
                     max_concurrency=2,  # train, and take_metrics beside it
                 )
-                .remote(cfg, name, population, coordinator_name, bundle["CPU"], str(run_dir), system_metrics)
+                .remote(*member_args(name))
             )
-            actors.append(members[name])
+            actors.append(actor)
+            return actor
+
+        members, starting = {}, {}
+        for name in cfg.member_names:
+            if warm is not None:  # a finished run's process of the same bundle takes this member on
+                members[name] = warm.actors[index_of[name]]
+                actors.append(members[name])
+                starting[name] = members[name].rebind.remote(*member_args(name))
+            else:
+                members[name] = start_member(name)
+                starting[name] = members[name].info.remote()
 
         # While the actors start: create (or reopen) the runs, here.
         _return_to(cwd)
@@ -382,7 +419,7 @@ def _train(cfg: RunConfig, population: PopulationInfo, uri: str, run_dir: Path, 
                 tracking.resume()
         except TrackingUnavailable as exc:
             raise PopulationError(f"MLflow tracking failed: {exc}") from None
-        placement = dict(zip(members, _get_all([m.info.remote() for m in members.values()], members)))
+        placement = dict(zip(members, _get_all([starting[name] for name in members], members)))
         # Params are write-once in MLflow: the first placement is a param (for Compare), later ones
         # (a resumed run, a restarted member) are tags.
         for name, info in placement.items():
@@ -403,13 +440,15 @@ def _train(cfg: RunConfig, population: PopulationInfo, uri: str, run_dir: Path, 
                 try:
                     final[name] = ray.get(ref)
                 except ray.exceptions.RayActorError as exc:
-                    # The member's process died (killed, out of memory, node lost). Ray restarts it
-                    # from its latest checkpoint; its peers wait at the barrier meanwhile, or go on.
+                    # The member's process died (killed, out of memory, node lost). A new process
+                    # takes its place in its bundle and continues from its latest checkpoint; its
+                    # peers wait at the barrier meanwhile, or go on.
                     restarts[name] += 1
                     if getattr(exc, "actor_init_failed", False) or restarts[name] > restartable:
                         raise PopulationError(_gave_up(cfg, run_dir, name, restarts[name] - 1, exc)) from None
                     if cfg.failure.while_restarting == "continue":
                         coordinator.member_down.remote(name)
+                    members[name] = collector.actors[name] = start_member(name)
                     placement[name] = _when_restarted(members[name], name, cfg.placement.timeout_s)
                     tracking.set_tags(
                         name, {"poptrain.restarts": restarts[name], **{f"poptrain.placement.{k}": v for k, v in placement[name].items()}}
@@ -436,6 +475,9 @@ def _train(cfg: RunConfig, population: PopulationInfo, uri: str, run_dir: Path, 
         if cfg.tracking.plots:
             tracking.log_plots(str(run_dir / "plots"))
         status = "FINISHED"
+        if keep_warm:
+            kept = [members[name] for name in cfg.member_names]
+            pool.keep(pool.WarmMembers(shape, group, kept), keep_warm_s)
         return RunResult(
             run_id=ids.parent,
             member_run_ids=dict(ids.members),
@@ -465,14 +507,30 @@ def _train(cfg: RunConfig, population: PopulationInfo, uri: str, run_dir: Path, 
         else:
             _close_when_open(opening)
         for actor in actors:
-            ray.kill(actor, no_restart=True)
+            if not any(actor is member for member in kept):
+                ray.kill(actor, no_restart=True)
         shared_memory.remove_leftovers(run_tag)
-        if group is not None:
+        if group is not None and not kept:
             from ray.util.placement_group import remove_placement_group
 
             remove_placement_group(group)
         if started_ray:
             ray.shutdown()
+
+
+def _healthy(warm: pool.WarmMembers | None) -> pool.WarmMembers | None:
+    """``warm`` if every one of its processes still answers (one may have been killed while it
+    waited), else None, having ended the rest."""
+    import ray
+
+    if warm is None:
+        return None
+    try:
+        ray.get([actor.info.remote() for actor in warm.actors], timeout=30)
+        return warm
+    except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+        pool.end(warm)
+        return None
 
 
 def _close_when_open(opening) -> None:
@@ -557,16 +615,17 @@ def _warn_about_storage(cfg: RunConfig, run_dir: Path, uri: str, nodes: int) -> 
 
 
 def _when_restarted(actor, name: str, timeout_s: float) -> dict[str, Any]:
-    """Wait until Ray has re-created a member's process (it reloads its checkpoint); its placement."""
+    """Wait until a dead member's new process is up (it has reloaded its checkpoint); its placement."""
     import ray
 
-    deadline = time.monotonic() + max(timeout_s, 60.0)
+    limit = max(timeout_s, 60.0)
+    deadline = time.monotonic() + limit
     while True:
         try:
-            return ray.get(actor.info.remote())
-        except ray.exceptions.ActorUnavailableError:
+            return ray.get(actor.info.remote(), timeout=max(1.0, deadline - time.monotonic()))
+        except (ray.exceptions.ActorUnavailableError, ray.exceptions.GetTimeoutError):
             if time.monotonic() > deadline:
-                raise PopulationError(f"member {name} was not restarted within {max(timeout_s, 60.0):g} s") from None
+                raise PopulationError(f"member {name} was not restarted within {limit:g} s") from None
             time.sleep(0.2)
         except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as exc:
             raise PopulationError(f"member {name} could not be restarted: {describe_failure(exc)}") from None

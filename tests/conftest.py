@@ -13,16 +13,16 @@ REPO = Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="session")
 def ray_session():
     """A real local Ray, started once for the whole run and sized like CI's machine."""
+    import os
+
     import ray
 
     if not ray.is_initialized():
-        ray.init(
-            num_cpus=2,
-            include_dashboard=False,
-            _node_ip_address="127.0.0.1",
-            configure_logging=False,
-            runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}},  # actors import tests.helpers
-        )
+        # Actors import tests.helpers: a local Ray's processes inherit this environment. Not a job
+        # runtime_env, which would leave the workers Ray starts ahead of time unused, as poptrain's
+        # own ensure_ray explains.
+        os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+        ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", configure_logging=False)
     yield ray
     ray.shutdown()
 

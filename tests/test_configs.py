@@ -11,6 +11,8 @@ from tests.conftest import REPO
 # prelu_separation.yaml runs in full through the CLI (test_cli.py) and with every=10 below;
 # shared_module.yaml with every=3 below.
 RUN_BELOW = {"prelu_separation.yaml", "shared_module.yaml"}
+# Plots and logged models cost seconds a run; test_cli.py and test_observability.py cover them.
+QUIET = ["tracking.plots=false", "tracking.log_models=false"]
 CONFIGS = sorted(p.name for p in (REPO / "configs").glob("*.yaml") if p.name not in RUN_BELOW)
 
 
@@ -18,7 +20,7 @@ CONFIGS = sorted(p.name for p in (REPO / "configs").glob("*.yaml") if p.name not
 def test_shipped_config_runs(ray_session, config, tmp_path, tracking_uri, experiment):
     result = poptrain.run(
         REPO / "configs" / config,
-        overrides=["steps=6", "exchange.every=2", f"output_dir={tmp_path}", f"tracking.uri={tracking_uri}", f"tracking.experiment={experiment}"],
+        overrides=["steps=6", "exchange.every=2", f"output_dir={tmp_path}", f"tracking.uri={tracking_uri}", f"tracking.experiment={experiment}", *QUIET],
     )
     assert set(result.metrics) == set(poptrain.load_config(REPO / "configs" / config).member_names)
     assert all(torch.isfinite(torch.tensor(m["loss"])) for m in result.metrics.values())
@@ -27,7 +29,7 @@ def test_shipped_config_runs(ray_session, config, tmp_path, tracking_uri, experi
 def test_separation_still_converges_when_exchanging_every_10_steps(ray_session, tmp_path, tracking_uri, experiment):
     result = poptrain.run(
         REPO / "configs" / "prelu_separation.yaml",
-        overrides=["exchange.every=10", f"output_dir={tmp_path}", f"tracking.uri={tracking_uri}", f"tracking.experiment={experiment}"],
+        overrides=["exchange.every=10", f"output_dir={tmp_path}", f"tracking.uri={tracking_uri}", f"tracking.experiment={experiment}", *QUIET],
     )
     alphas = [torch.load(result.output_dir / "members" / m / "model.pt", weights_only=True)["activation.weight"] for m in ("m1", "m2")]
     assert float((alphas[0] - alphas[1]).abs().sum()) >= 2.0
@@ -37,7 +39,7 @@ def test_separation_still_converges_when_exchanging_every_10_steps(ray_session, 
 def test_shared_module_copies_end_identical_when_averaged_every_3_steps(ray_session, tmp_path, tracking_uri, experiment):
     result = poptrain.run(
         REPO / "configs" / "shared_module.yaml",
-        overrides=["steps=10", "exchange.every=3", f"output_dir={tmp_path}", f"tracking.uri={tracking_uri}", f"tracking.experiment={experiment}"],
+        overrides=["steps=10", "exchange.every=3", f"output_dir={tmp_path}", f"tracking.uri={tracking_uri}", f"tracking.experiment={experiment}", *QUIET],
     )
     a, b = (torch.load(result.output_dir / "members" / n / "model.pt", weights_only=True) for n in ("m1", "m2"))
     assert all(torch.equal(a[k], b[k]) for k in a if k.startswith("lstm."))
@@ -48,7 +50,7 @@ def test_async_exchange_converges_and_never_uses_values_older_than_max_staleness
 
     result = poptrain.run(
         REPO / "configs" / "prelu_separation.yaml",
-        overrides=["exchange.mode=async", "exchange.max_staleness=2", f"output_dir={tmp_path}", f"tracking.uri={tracking_uri}", f"tracking.experiment={experiment}"],
+        overrides=["exchange.mode=async", "exchange.max_staleness=2", f"output_dir={tmp_path}", f"tracking.uri={tracking_uri}", f"tracking.experiment={experiment}", *QUIET],
     )
     alphas = [torch.load(result.output_dir / "members" / m / "model.pt", weights_only=True)["activation.weight"] for m in ("m1", "m2")]
     assert float((alphas[0] - alphas[1]).abs().sum()) >= 2.0
