@@ -356,7 +356,7 @@ def averaging_bandwidth(ctx: Context) -> list[dict[str, Any]]:
         config["tracking"]["log_every"] = log_every
         cpu = CpuSampler()
         started = time.perf_counter()
-        result = poptrain.run(config, progress=cpu)
+        result = poptrain.run(config, progress=cpu, keep_warm_s=0)  # new processes each time, as a `poptrain run` has
         wall = time.perf_counter() - started
         rate = steady_rate(metric_times(result.tracking_uri, result.member_run_ids["target"]), sizes.avg_warmup)
         runs[log_every] = {

@@ -59,7 +59,8 @@ def run_population(ctx: Context, key: str, repeat: int) -> dict[str, Any]:
     sampler, cpu = MemorySampler(), CpuSampler()
     api_call = time.time()
     started = time.perf_counter()
-    result = poptrain.run(config, progress=Samplers(sampler, cpu))
+    # New processes for every run (no poptrain.pool reuse), as a `poptrain run` has: memory and start-up are a new process's.
+    result = poptrain.run(config, progress=Samplers(sampler, cpu), keep_warm_s=0)
     wall = time.perf_counter() - started
     members, first_steps = {}, []
     for name, run_id in result.member_run_ids.items():

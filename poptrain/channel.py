@@ -64,6 +64,7 @@ class ChannelServer:
         self.listener = Listener((host, 0), family="AF_INET", backlog=128)
         self.address: tuple[str, int] = self.listener.address
         self.pool = None if inline else ThreadPoolExecutor(threads, thread_name_prefix="poptrain-channel")
+        self.closed = False
         threading.Thread(target=self._accept, name="poptrain-channel-accept", daemon=True).start()
 
     def _accept(self) -> None:
@@ -72,6 +73,9 @@ class ChannelServer:
                 conn = self.listener.accept()
             except OSError:
                 return  # the listener was closed
+            if self.closed:
+                conn.close()
+                return
             threading.Thread(target=self._serve, args=(conn,), name="poptrain-channel", daemon=True).start()
 
     def _serve(self, conn: Connection) -> None:
@@ -106,11 +110,23 @@ class ChannelServer:
                 return
             if self.pool is None:
                 handle(request_id, method, args)
-            else:
+                continue
+            try:
                 self.pool.submit(handle, request_id, method, args)
+            except RuntimeError:  # closed: the coordinator has taken on another run (poptrain.pool)
+                conn.close()
+                return
 
     def close(self) -> None:
+        """Stop accepting connections (those open end when their members close them)."""
+        self.closed = True
+        try:  # wakes the accepting thread, which a listener closed under it would not
+            socket.create_connection(self.address, timeout=1.0).close()
+        except OSError:
+            pass
         self.listener.close()
+        if self.pool is not None:
+            self.pool.shutdown(wait=False)
 
 
 class CoordinatorClient:

@@ -274,8 +274,23 @@ class CoordinatorActor:
     """
 
     def __init__(self, run: RunConfig, population: PopulationInfo, run_dir: str | None = None):
-        from poptrain.checkpoint import load_coordinator_metrics
+        self._start(run, population, run_dir)
 
+    def rebind(self, run: RunConfig, population: PopulationInfo, run_dir: str | None = None) -> bool:
+        """Coordinate another run of the same shape in this process (a warm process, see
+        :mod:`poptrain.pool`): the last run's state and connection are dropped, everything is built
+        anew as a new process would build it. Called while no member is exchanging."""
+        import gc
+
+        if self.server is not None:
+            self.server.close()
+        self.logic = self.rounds = self.completed = self.published = None
+        gc.collect()  # unmaps the last run's shared-memory parameters (their files are gone already)
+        self._start(run, population, run_dir)
+        return True
+
+    def _start(self, run: RunConfig, population: PopulationInfo, run_dir: str | None) -> None:
+        from poptrain.checkpoint import load_coordinator_metrics
 
         self.logic = Coordinator(run, population)
         self.wire = Wire(self.logic.plan)

@@ -651,8 +651,9 @@ class MemberActor:
         if shareable and run.exchange.shared_memory and device == "cpu":
             self._share_parameters(coordinator, shareable, coordinator_name.rsplit("-", 1)[-1])
         self.in_flight: dict[str, Any] = {}  # async mode: per kind, the reference to the last publish
-        # A fresh run starts with no checkpoint of its own; a resumed run, or this actor restarted by
-        # Ray after its process died, continues from its newest one, metrics not yet written included.
+        # A fresh run starts with no checkpoint of its own; a resumed run, or the new process the driver
+        # starts for a member whose process died, continues from its newest one, metrics not yet
+        # written included.
         self.restored_from = None
         self.outbox = MetricsOutbox()
         saved = steps_of(run_dir, name)

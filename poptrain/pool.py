@@ -4,11 +4,11 @@ Every run's members used to start fresh processes, and on a small machine that i
 short run: each one is a Ray worker that imports torch and the optimizer's compiler stack (about
 6 s of CPU per member on 2 cores, ``benchmarks/README.md``). When the driver did not start Ray
 itself (a notebook, a sweep written in Python, a test session), a run that ends well hands its
-placement group and its member actors to this module instead of ending them. The next run of the
+placement group, its member actors and its coordinator to this module instead of ending them. The next run of the
 same shape (the same resource bundles and placement strategy, on the same Ray) takes them over:
 each member re-creates everything it holds for the new run in the same process
 (``MemberActor.rebind``: model, data, optimizer, seeds, the connection to the new coordinator),
-as Ray Tune's ``reuse_actors`` does for trials. The coordinator is always a new process.
+as Ray Tune's ``reuse_actors`` does for trials; the coordinator likewise (``CoordinatorActor.rebind``).
 
 Warm members keep their resources reserved. They are ended after ``keep_warm_s`` seconds unused,
 as soon as a run of another shape needs the cluster, or by :func:`release_warm_members`. A run
@@ -24,11 +24,14 @@ from typing import Any
 
 @dataclass
 class WarmMembers:
-    """A finished run's placement group and member actors (one per bundle, in bundle order)."""
+    """A finished run's placement group, member actors (one per bundle, in bundle order) and
+    coordinator, with the tag its name and the members' shared-memory files carry."""
 
     key: tuple
     group: Any
     actors: list[Any] = field(default_factory=list)
+    coordinator: Any = None
+    run_tag: str = ""
 
 
 _lock = threading.Lock()
@@ -93,7 +96,7 @@ def end(warm: WarmMembers) -> None:
     context = ray.get_runtime_context()
     if warm.key[:2] != (context.get_job_id(), context.get_node_id()):
         return  # from an earlier Ray session: its processes ended with it
-    for actor in warm.actors:
+    for actor in [*warm.actors, warm.coordinator]:
         ray.kill(actor, no_restart=True)
     remove_placement_group(warm.group)
 

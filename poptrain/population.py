@@ -360,14 +360,24 @@ def _train(cfg: RunConfig, population: PopulationInfo, uri: str, run_dir: Path, 
         shape = pool.shape_key(bundles, placement_strategy(cfg))
         warm = _healthy(pool.take(shape)) if not started_ray else None
         group = warm.group if warm is not None else place_population(cfg, bundles)
+        if warm is not None:
+            run_tag = warm.run_tag  # the warm coordinator's name; this run's shared-memory files are new ones under it
 
         # The coordinator runs on the driver's node, next to the writer of its metrics.
         here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
-        # Members look the coordinator up by name: a handle among an actor's constructor arguments
-        # makes Ray log an error about restarts at every run (ray-project/ray#53727).
+        # Members look the coordinator up by name, which stays the same for a warm one (poptrain.pool).
         coordinator_name = f"poptrain-coordinator-{run_tag}"
-        coordinator = start_coordinator(cfg, population, str(run_dir), scheduling_strategy=here, name=coordinator_name)
-        actors.append(coordinator)
+        if warm is not None:
+            coordinator = warm.coordinator
+            actors.append(coordinator)
+            # Before the members look it up: a threaded actor would serve their calls beside this one.
+            try:
+                ray.get(coordinator.rebind.remote(cfg, population, str(run_dir)))
+            except (ray.exceptions.RayTaskError, ray.exceptions.RayActorError) as exc:
+                raise PopulationError(f"the coordinator {describe_failure(exc)}") from None
+        else:
+            coordinator = start_coordinator(cfg, population, str(run_dir), scheduling_strategy=here, name=coordinator_name)
+            actors.append(coordinator)
         restartable = cfg.failure.max_restarts if cfg.checkpoint.every else 0
         nodes = sum(1 for node in ray.nodes() if node.get("Alive"))
         system_metrics = nodes > 1 if cfg.tracking.system_metrics == "auto" else cfg.tracking.system_metrics
@@ -476,8 +486,8 @@ def _train(cfg: RunConfig, population: PopulationInfo, uri: str, run_dir: Path, 
             tracking.log_plots(str(run_dir / "plots"))
         status = "FINISHED"
         if keep_warm:
-            kept = [members[name] for name in cfg.member_names]
-            pool.keep(pool.WarmMembers(shape, group, kept), keep_warm_s)
+            kept = [members[name] for name in cfg.member_names] + [coordinator]
+            pool.keep(pool.WarmMembers(shape, group, kept[:-1], coordinator, run_tag), keep_warm_s)
         return RunResult(
             run_id=ids.parent,
             member_run_ids=dict(ids.members),
@@ -526,7 +536,7 @@ def _healthy(warm: pool.WarmMembers | None) -> pool.WarmMembers | None:
     if warm is None:
         return None
     try:
-        ray.get([actor.info.remote() for actor in warm.actors], timeout=30)
+        ray.get([actor.info.remote() for actor in warm.actors] + [warm.coordinator.ping.remote()], timeout=30)
         return warm
     except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
         pool.end(warm)

@@ -1,0 +1,85 @@
+"""Warm processes (poptrain.pool): a finished run's processes take on the next run of the same
+shape, which must end exactly as it would in new processes, and they give their resources back."""
+
+from __future__ import annotations
+
+import time
+
+import psutil
+import torch
+from mlflow.tracking import MlflowClient
+
+import poptrain
+from tests.conftest import prelu_member
+
+
+def pids(result) -> set[int]:
+    return {info["pid"] for info in result.placement.values()}
+
+
+def final_weights(result) -> dict[str, dict[str, torch.Tensor]]:
+    return {m: torch.load(result.output_dir / "members" / m / "model.pt", weights_only=True) for m in result.member_run_ids}
+
+
+def losses(tracking_uri, result) -> dict[str, list[tuple[int, float]]]:
+    client = MlflowClient(tracking_uri)
+    return {m: sorted((x.step, x.value) for x in client.get_metric_history(run_id, "loss")) for m, run_id in result.member_run_ids.items()}
+
+
+def cpus_free_within(ray, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if ray.available_resources().get("CPU", 0) == ray.cluster_resources()["CPU"]:
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def ended_within(processes: set[int], seconds: float) -> bool:
+    """Whether every one of ``processes`` has exited within ``seconds`` (Ray kills asynchronously)."""
+    deadline = time.monotonic() + seconds
+    while any(psutil.pid_exists(p) for p in processes):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.2)
+    return True
+
+
+def test_a_run_of_the_same_shape_takes_over_the_warm_processes_and_ends_as_in_new_ones(ray_session, base_config, tracking_uri):
+    first = poptrain.run(base_config(name="first", steps=8))
+    # Another run entirely, of the same shape: its own seed, a frozen layer, a learning rate per
+    # member, and a term of its own. Nothing of the first run may leak into it.
+    other = dict(
+        steps=20,
+        seed=7,
+        members=[prelu_member("m1", frozen=["input.*"]), prelu_member("m2", optimizer={"name": "sgd", "lr": 0.05, "kwargs": {"momentum": 0.9}})],
+        couplings=[{"type": "separation", "param": "activation.weight", "margin": 3.0}],
+    )
+    warm = poptrain.run(base_config(name="warm", **other))
+    assert pids(warm) == pids(first), "the first run's member processes took the second run on"
+
+    poptrain.release_warm_members()
+    assert cpus_free_within(ray_session, 30), "released: every CPU is free again"
+    assert ended_within(pids(first), 30)
+    fresh = poptrain.run(base_config(name="fresh", **other))
+    assert not pids(fresh) & pids(first), "new processes"
+
+    assert losses(tracking_uri, warm) == losses(tracking_uri, fresh)
+    for member, weights in final_weights(fresh).items():
+        for key, tensor in weights.items():
+            assert torch.equal(final_weights(warm)[member][key], tensor), f"{member}.{key}: warm and new processes differ"
+
+
+def test_a_run_of_another_shape_ends_the_warm_processes_first(ray_session, base_config):
+    two = poptrain.run(base_config(steps=4))
+    alone = poptrain.run(base_config(steps=4, members=[prelu_member("m1")], couplings=[]), keep_warm_s=0)
+    assert not pids(alone) & pids(two)
+    assert ended_within(pids(two), 30), "ended to make room"
+    assert cpus_free_within(ray_session, 30), "keep_warm_s=0: the processes ended with the run"
+
+
+def test_warm_processes_end_after_keep_warm_s_unused(ray_session, base_config):
+    result = poptrain.run(base_config(steps=4), keep_warm_s=1.0)
+    assert all(psutil.pid_exists(p) for p in pids(result)), "kept for the next run"
+    assert cpus_free_within(ray_session, 30)
+    assert ended_within(pids(result), 30)
