@@ -280,13 +280,19 @@ class CoordinatorActor:
         """Coordinate another run of the same shape in this process (a warm process, see
         :mod:`poptrain.pool`): the last run's state and connection are dropped, everything is built
         anew as a new process would build it. Called while no member is exchanging."""
+        self.park()
+        self._start(run, population, run_dir)
+        return True
+
+    def park(self) -> bool:
+        """Let go of the finished run (its state, round history, members' shared memory, the
+        channel) while this warm process waits for the next."""
         import gc
 
         if self.server is not None:
             self.server.close()
-        self.logic = self.rounds = self.completed = self.published = None
+        self.server = self.logic = self.rounds = self.completed = self.published = self.outbox = None
         gc.collect()  # unmaps the last run's shared-memory parameters (their files are gone already)
-        self._start(run, population, run_dir)
         return True
 
     def _start(self, run: RunConfig, population: PopulationInfo, run_dir: str | None) -> None:

@@ -629,13 +629,20 @@ class MemberActor:
         """Become member ``name`` of another run in this process (a warm process, see
         :mod:`poptrain.pool`): everything the last run's member held is let go and built anew from
         the arguments, exactly as a new process would build it. Returns :meth:`info`."""
-        self.coordinator.close()
-        self.trainer = self.outbox = None  # the model, optimizer, data and shared memory of the last run
+        self.park()
+        self._start(run, name, population, coordinator_name, num_cpus, run_dir, system_metrics)
+        return self.info()
+
+    def park(self) -> None:
+        """Let go of the finished run (model, optimizer, data, shared memory, the GPU's cached
+        blocks, the connection to its coordinator) while this warm process waits for the next."""
+        if self.coordinator is not None:
+            self.coordinator.close()
+        self.coordinator = self.trainer = self.outbox = self.wire = None
+        self.in_flight = {}
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-        self._start(run, name, population, coordinator_name, num_cpus, run_dir, system_metrics)
-        return self.info()
 
     def _start(self, run: RunConfig, name: str, population: PopulationInfo, coordinator_name: str, num_cpus: float, run_dir: str, system_metrics: bool) -> None:
         import ray

@@ -2,17 +2,20 @@
 
 Every run's members used to start fresh processes, and on a small machine that is most of a
 short run: each one is a Ray worker that imports torch and the optimizer's compiler stack (about
-6 s of CPU per member on 2 cores, ``benchmarks/README.md``). When the driver did not start Ray
-itself (a notebook, a sweep written in Python, a test session), a run that ends well hands its
+6 s of CPU per member on 2 cores, ``benchmarks/README.md``). When Ray was already initialized
+in the driver before the run (``ray.init()`` in a notebook, a sweep written in Python, a test
+session), a run that ends well hands its
 placement group, its member actors and its coordinator to this module instead of ending them. The next run of the
 same shape (the same resource bundles and placement strategy, on the same Ray) takes them over:
 each member re-creates everything it holds for the new run in the same process
 (``MemberActor.rebind``: model, data, optimizer, seeds, the connection to the new coordinator),
 as Ray Tune's ``reuse_actors`` does for trials; the coordinator likewise (``CoordinatorActor.rebind``).
 
-Warm members keep their resources reserved. They are ended after ``keep_warm_s`` seconds unused,
-as soon as a run of another shape needs the cluster, or by :func:`release_warm_members`. A run
-that fails never leaves warm members behind. One set is kept at a time.
+Before they are kept, the processes let go of everything the run held (``park``), but they keep
+their Ray resources reserved: other Ray work waits for those CPUs and GPUs. They are ended after
+``keep_warm_s`` seconds unused, when a poptrain run of another shape (or one with
+``keep_warm_s=0``) starts, or by :func:`release_warm_members`. A run that fails never leaves
+warm processes behind. One set is kept at a time.
 """
 
 from __future__ import annotations
@@ -107,7 +110,10 @@ def _expire(warm: WarmMembers) -> None:
         if _warm is not warm:  # taken by a run meanwhile
             return
         _warm = None
-    end(warm)
+    try:
+        end(warm)
+    except Exception:  # Ray was shut down under the timer: the processes ended with it
+        pass
 
 
 def _cancel_timer() -> None:

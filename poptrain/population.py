@@ -25,7 +25,7 @@ from poptrain.member import accepts, apply_frozen, build_model, check_optimizer,
 from poptrain.tracking import RunIds, Tracking, TrackingUnavailable, check_tracking_reachable, resolve_tracking_uri
 
 ProgressFn = Callable[[dict[str, Any]], None]
-KEEP_WARM_S = 60.0  # how long a finished run's member processes wait for the next run (poptrain.pool)
+KEEP_WARM_S = 30.0  # how long a finished run's member processes wait for the next run (poptrain.pool)
 
 
 class PopulationError(RuntimeError):
@@ -296,10 +296,11 @@ def run(config, overrides=(), progress: ProgressFn | None = None, poll_s: float 
     ``config`` is a YAML path, a dict or a :class:`RunConfig`; ``overrides`` are ``KEY=VALUE``
     strings. Raises :class:`ConfigError` (nothing started) or :class:`PopulationError`.
 
-    When Ray was already running (this call did not start it), the members' processes outlive a
-    run that ends well by up to ``keep_warm_s`` seconds, with their resources, and the next run
-    of the same shape takes them over instead of starting new ones (:mod:`poptrain.pool`); 0
-    ends them with the run. :func:`poptrain.release_warm_members` ends them at once.
+    When Ray was already initialized (this call does not start it), the run's processes outlive a
+    run that ends well by up to ``keep_warm_s`` seconds, with their Ray resources, and the next
+    run of the same shape takes them over instead of starting new ones (:mod:`poptrain.pool`).
+    ``keep_warm_s=0``: new processes, ended with the run. :func:`poptrain.release_warm_members`
+    ends warm processes at once.
     """
     cfg, population, uri = prepare(config, overrides)
     run_dir = cfg.run_dir.resolve()
@@ -354,11 +355,13 @@ def _train(cfg: RunConfig, population: PopulationInfo, uri: str, run_dir: Path, 
     status = "FAILED"
     run_tag = uuid.uuid4().hex  # names this run's coordinator actor and shared-memory files
     keep_warm = keep_warm_s > 0 and not started_ray  # a Ray that ends with the run takes its processes with it
-    kept: list = []
+    to_keep: pool.WarmMembers | None = None
     try:
         bundles = member_resources(cfg, ray.cluster_resources())
         shape = pool.shape_key(bundles, placement_strategy(cfg))
-        warm = _healthy(pool.take(shape)) if not started_ray else None
+        if not keep_warm:
+            pool.release_warm_members()  # new processes for this run, and no warm ones holding its resources
+        warm = _healthy(pool.take(shape)) if keep_warm else None
         group = warm.group if warm is not None else place_population(cfg, bundles)
         if warm is not None:
             run_tag = warm.run_tag  # the warm coordinator's name; this run's shared-memory files are new ones under it
@@ -458,8 +461,18 @@ def _train(cfg: RunConfig, population: PopulationInfo, uri: str, run_dir: Path, 
                         raise PopulationError(_gave_up(cfg, run_dir, name, restarts[name] - 1, exc)) from None
                     if cfg.failure.while_restarting == "continue":
                         coordinator.member_down.remote(name)
-                    members[name] = collector.actors[name] = start_member(name)
-                    placement[name] = _when_restarted(members[name], name, cfg.placement.timeout_s)
+                    while True:
+                        # The old process may only be unreachable (ActorUnavailableError): end it, so
+                        # that it neither trains on as this member nor holds the bundle's resources.
+                        ray.kill(members[name], no_restart=True)
+                        members[name] = collector.actors[name] = start_member(name)
+                        try:
+                            placement[name] = _when_restarted(members[name], name, cfg.placement.timeout_s)
+                            break
+                        except ray.exceptions.RayActorError as again:  # the new process died too
+                            restarts[name] += 1
+                            if restarts[name] > restartable:
+                                raise PopulationError(_gave_up(cfg, run_dir, name, restarts[name] - 1, again)) from None
                     tracking.set_tags(
                         name, {"poptrain.restarts": restarts[name], **{f"poptrain.placement.{k}": v for k, v in placement[name].items()}}
                     )
@@ -484,10 +497,9 @@ def _train(cfg: RunConfig, population: PopulationInfo, uri: str, run_dir: Path, 
                 tracking.log_model(name, str(run_dir / "members" / name / "model.pt"), spec, example, cfg.steps - 1)
         if cfg.tracking.plots:
             tracking.log_plots(str(run_dir / "plots"))
+        if keep_warm:  # handed to the pool at the very end, below, once this run has let go of everything
+            to_keep = pool.WarmMembers(shape, group, [members[name] for name in cfg.member_names], coordinator, run_tag)
         status = "FINISHED"
-        if keep_warm:
-            kept = [members[name] for name in cfg.member_names] + [coordinator]
-            pool.keep(pool.WarmMembers(shape, group, kept[:-1], coordinator, run_tag), keep_warm_s)
         return RunResult(
             run_id=ids.parent,
             member_run_ids=dict(ids.members),
@@ -516,16 +528,35 @@ def _train(cfg: RunConfig, population: PopulationInfo, uri: str, run_dir: Path, 
             tracking.close()
         else:
             _close_when_open(opening)
+        kept = [*to_keep.actors, to_keep.coordinator] if to_keep is not None and status == "FINISHED" else []
         for actor in actors:
-            if not any(actor is member for member in kept):
+            if not any(actor is k for k in kept):
                 ray.kill(actor, no_restart=True)
         shared_memory.remove_leftovers(run_tag)
+        if kept and not _park(to_keep, keep_warm_s):
+            kept = []
         if group is not None and not kept:
             from ray.util.placement_group import remove_placement_group
 
             remove_placement_group(group)
         if started_ray:
             ray.shutdown()
+
+
+def _park(warm: pool.WarmMembers, keep_warm_s: float) -> bool:
+    """Have ``warm``'s processes let go of the finished run (model, optimizer, data, shared memory,
+    GPU cache: nothing of it stays in memory while they wait) and hand them to the pool. Whether
+    they were kept; if not, their actors are killed (the caller removes the placement group)."""
+    import ray
+
+    try:
+        ray.get([actor.park.remote() for actor in [*warm.actors, warm.coordinator]], timeout=60)
+        pool.keep(warm, keep_warm_s)
+        return True
+    except Exception:  # e.g. one died meanwhile: end them all, as a run that is not kept does
+        for actor in [*warm.actors, warm.coordinator]:
+            ray.kill(actor, no_restart=True)
+        return False
 
 
 def _healthy(warm: pool.WarmMembers | None) -> pool.WarmMembers | None:
@@ -637,8 +668,12 @@ def _when_restarted(actor, name: str, timeout_s: float) -> dict[str, Any]:
             if time.monotonic() > deadline:
                 raise PopulationError(f"member {name} was not restarted within {limit:g} s") from None
             time.sleep(0.2)
-        except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as exc:
+        except ray.exceptions.RayTaskError as exc:
             raise PopulationError(f"member {name} could not be restarted: {describe_failure(exc)}") from None
+        except ray.exceptions.RayActorError as exc:
+            if getattr(exc, "actor_init_failed", False):
+                raise PopulationError(f"member {name} could not be restarted: {describe_failure(exc)}") from None
+            raise  # it died: the caller starts another, within failure.max_restarts
 
 
 def _gave_up(cfg: RunConfig, run_dir: Path, name: str, restarted: int, exc: Exception) -> str:
