@@ -67,3 +67,20 @@ def poisoned_data(n: int = 256, in_features: int = 20, bad_index: int = 40) -> T
 def finite_term_with_nan_gradient(model, inputs, outputs, targets):
     """0 in value, NaN in gradient (d sqrt(x)/dx at 0 is inf, times the chain's 0): only the gradient check sees it."""
     return torch.sqrt((outputs * 0).sum())
+
+
+def dies_while_restarting(marker: str, deaths: int = 1, n: int = 256, in_features: int = 20):
+    """Seed 000's regression data (``synthetic_regression``), built by a process that dies right
+    there (as if killed while starting) once ``marker`` exists, ``deaths`` times: a test writes
+    the marker when it kills the member, so the member's replacement dies while starting and
+    the replacement's replacement trains."""
+    import os
+    from pathlib import Path
+
+    from poptrain.builtins.data import synthetic_regression
+
+    path = Path(marker)
+    if path.exists() and int(path.read_text() or 0) < deaths:
+        path.write_text(str(int(path.read_text() or 0) + 1))
+        os._exit(1)
+    return synthetic_regression(n=n, in_features=in_features)

@@ -107,6 +107,25 @@ def test_a_killed_member_averaged_in_shared_memory_replays_the_averages_it_misse
     assert_bitwise_equal(result.output_dir, clean.output_dir)
 
 
+def test_a_replacement_that_dies_while_starting_is_replaced_again_within_max_restarts(ray_session, base_config, tracking_uri, tmp_path):
+    marker = tmp_path / "deaths"
+    data = {"name": "tests.helpers:dies_while_restarting", "kwargs": {"marker": str(marker), "deaths": 1}, "batch_size": 32}
+    config = base_config(steps=120, checkpoint={"every": CHECKPOINT_EVERY}, failure={"max_restarts": 2}, members=[prelu_member("m1"), prelu_member("m2", data=data)])
+    killed = {}
+
+    def kill_m2_once(snapshot):
+        if not killed and snapshot["members"].get("m2", {}).get("step", 0) >= 40:
+            marker.write_text("0")  # from now on, m2's next process dies while it starts
+            killed["pid"] = snapshot["placement"]["m2"]["pid"]
+            os.kill(killed["pid"], signal.SIGKILL)
+
+    result = poptrain.run(config, progress=kill_m2_once, poll_s=0.1)
+    assert killed and marker.read_text() == "1", "m2 was killed, and its first replacement died while starting"
+    assert result.restarts == {"m2": 2}, "both deaths count against failure.max_restarts"
+    assert MlflowClient(tracking_uri).get_run(result.member_run_ids["m2"]).data.tags["poptrain.restarts"] == "2"
+    assert logged_steps(tracking_uri, result.member_run_ids["m2"]) == list(range(120)), "no step missing, none twice"
+
+
 def test_a_member_that_keeps_dying_fails_the_run_naming_it_and_the_checkpoint(ray_session, base_config, tracking_uri, experiment):
     config = base_config(steps=300, checkpoint={"every": 20}, failure={"max_restarts": 0})
 
