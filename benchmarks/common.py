@@ -186,6 +186,9 @@ def start_ray() -> bool:
 
     if ray.is_initialized():
         return False
+    # Actors import benchmarks.*: a local Ray's processes inherit this environment. Not a job
+    # runtime_env, which would leave the workers Ray starts ahead of time unused.
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
     ray.init(
         address="local",
         num_cpus=os.cpu_count() or 1,
@@ -193,7 +196,6 @@ def start_ray() -> bool:
         _node_ip_address="127.0.0.1",
         configure_logging=False,
         log_to_driver=False,
-        runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}},
     )
     return True
 
