@@ -36,6 +36,11 @@ class WarmMembers:
     coordinator: Any = None
     run_tag: str = ""
 
+    @property
+    def processes(self) -> list[Any]:
+        """Every actor of the set: the members, then the coordinator."""
+        return [*self.actors, self.coordinator]
+
 
 _lock = threading.Lock()
 _warm: WarmMembers | None = None
@@ -99,7 +104,7 @@ def end(warm: WarmMembers) -> None:
     context = ray.get_runtime_context()
     if warm.key[:2] != (context.get_job_id(), context.get_node_id()):
         return  # from an earlier Ray session: its processes ended with it
-    for actor in [*warm.actors, warm.coordinator]:
+    for actor in warm.processes:
         ray.kill(actor, no_restart=True)
     remove_placement_group(warm.group)
 

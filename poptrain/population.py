@@ -260,7 +260,7 @@ def placement_strategy(cfg: RunConfig) -> str:
     return "SPREAD" if sum(1 for node in ray.nodes() if node.get("Alive")) > 1 else "PACK"
 
 
-def place_population(cfg: RunConfig, bundles: list[dict[str, float]]):
+def place_population(cfg: RunConfig, bundles: list[dict[str, float]], strategy: str):
     """A placement group: the whole population starts, or nothing does (within ``placement.timeout_s``)."""
     import ray
     from ray.util.placement_group import placement_group, remove_placement_group
@@ -273,7 +273,6 @@ def place_population(cfg: RunConfig, bundles: list[dict[str, float]]):
             f"but the cluster has {cluster.get('CPU', 0):g} CPUs and {cluster.get('GPU', 0):g} GPUs. "
             "Lower members' `resources`, or add nodes."
         )
-    strategy = placement_strategy(cfg)
     group = placement_group(bundles, strategy=strategy, name=f"poptrain-{cfg.name}-{os.getpid()}")
     try:
         ray.get(group.ready(), timeout=cfg.placement.timeout_s)
@@ -358,11 +357,12 @@ def _train(cfg: RunConfig, population: PopulationInfo, uri: str, run_dir: Path, 
     to_keep: pool.WarmMembers | None = None
     try:
         bundles = member_resources(cfg, ray.cluster_resources())
-        shape = pool.shape_key(bundles, placement_strategy(cfg))
+        strategy = placement_strategy(cfg)
+        shape = pool.shape_key(bundles, strategy)
         if not keep_warm:
             pool.release_warm_members()  # new processes for this run, and no warm ones holding its resources
         warm = _healthy(pool.take(shape)) if keep_warm else None
-        group = warm.group if warm is not None else place_population(cfg, bundles)
+        group = warm.group if warm is not None else place_population(cfg, bundles, strategy)
         if warm is not None:
             run_tag = warm.run_tag  # the warm coordinator's name; this run's shared-memory files are new ones under it
 
@@ -372,7 +372,6 @@ def _train(cfg: RunConfig, population: PopulationInfo, uri: str, run_dir: Path, 
         coordinator_name = f"poptrain-coordinator-{run_tag}"
         if warm is not None:
             coordinator = warm.coordinator
-            actors.append(coordinator)
             # Before the members look it up: a threaded actor would serve their calls beside this one.
             try:
                 ray.get(coordinator.rebind.remote(cfg, population, str(run_dir)))
@@ -380,7 +379,7 @@ def _train(cfg: RunConfig, population: PopulationInfo, uri: str, run_dir: Path, 
                 raise PopulationError(f"the coordinator {describe_failure(exc)}") from None
         else:
             coordinator = start_coordinator(cfg, population, str(run_dir), scheduling_strategy=here, name=coordinator_name)
-            actors.append(coordinator)
+        actors.append(coordinator)
         restartable = cfg.failure.max_restarts if cfg.checkpoint.every else 0
         nodes = sum(1 for node in ray.nodes() if node.get("Alive"))
         system_metrics = nodes > 1 if cfg.tracking.system_metrics == "auto" else cfg.tracking.system_metrics
@@ -528,7 +527,7 @@ def _train(cfg: RunConfig, population: PopulationInfo, uri: str, run_dir: Path, 
             tracking.close()
         else:
             _close_when_open(opening)
-        kept = [*to_keep.actors, to_keep.coordinator] if to_keep is not None and status == "FINISHED" else []
+        kept = to_keep.processes if to_keep is not None and status == "FINISHED" else []
         for actor in actors:
             if not any(actor is k for k in kept):
                 ray.kill(actor, no_restart=True)
@@ -550,11 +549,11 @@ def _park(warm: pool.WarmMembers, keep_warm_s: float) -> bool:
     import ray
 
     try:
-        ray.get([actor.park.remote() for actor in [*warm.actors, warm.coordinator]], timeout=60)
+        ray.get([actor.park.remote() for actor in warm.processes], timeout=60)
         pool.keep(warm, keep_warm_s)
         return True
     except Exception:  # e.g. one died meanwhile: end them all, as a run that is not kept does
-        for actor in [*warm.actors, warm.coordinator]:
+        for actor in warm.processes:
             ray.kill(actor, no_restart=True)
         return False
 

@@ -10,6 +10,23 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 
 
+def weights(result_dir, member):
+    """A member's final state_dict, as a run saved it in its output folder."""
+    import torch
+
+    return torch.load(result_dir / "members" / member / "model.pt", weights_only=True)
+
+
+def assert_bitwise_equal(dir_a, dir_b, members=("m1", "m2")):
+    """Every member's final weights in two runs' output folders are bitwise equal."""
+    import torch
+
+    for member in members:
+        a, b = weights(dir_a, member), weights(dir_b, member)
+        for key in a:
+            assert torch.equal(a[key], b[key]), f"{member}.{key} differs between {dir_a} and {dir_b}"
+
+
 @pytest.fixture(scope="session")
 def ray_session():
     """A real local Ray, started once for the whole run and sized like CI's machine."""

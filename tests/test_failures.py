@@ -16,19 +16,8 @@ from mlflow.tracking import MlflowClient
 
 import poptrain
 from poptrain.checkpoint import CheckpointError, latest_complete_step, load_checkpoint, save_checkpoint, steps_of
-from tests.conftest import REPO, make_config, prelu_member
+from tests.conftest import REPO, assert_bitwise_equal, make_config, prelu_member, weights
 from tests.mlflow_server import TcpRelay
-
-
-def weights(result_dir, member):
-    return torch.load(result_dir / "members" / member / "model.pt", weights_only=True)
-
-
-def assert_bitwise_equal(dir_a, dir_b, members=("m1", "m2")):
-    for member in members:
-        a, b = weights(dir_a, member), weights(dir_b, member)
-        for key in a:
-            assert torch.equal(a[key], b[key]), f"{member}.{key} differs from the uninterrupted run"
 
 
 def logged_steps(tracking_uri, run_id, key="loss"):
