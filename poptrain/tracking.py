@@ -29,10 +29,25 @@ from poptrain.config import RunConfig, flatten
 
 DEFAULT_TRACKING_DB = "mlflow.db"
 MAX_METRICS_PER_BATCH = 1000  # MLflow's limit for log_batch
+# Metric writes: at least this long apart, to batch more per call; longer where a write pass cost
+# more CPU than WRITER_CPU_SHARE of it. A log_batch call costs about 13 ms of CPU in MLflow's
+# sqlite store on a small machine, whatever it holds: one call per run every second would take a
+# core from the members at about 75 of them.
+WRITE_EVERY_S = 1.0
+WRITER_CPU_SHARE = 0.05
+MAX_WRITE_EVERY_S = 10.0
 MAX_PARAMS_PER_BATCH = 100
 MAX_PARAM_LENGTH = 6000
 
 Item = tuple  # (key, value, step, timestamp_ms)
+
+
+def write_interval(pass_cpu_s: float) -> float:
+    """Seconds from one metric write pass to the next, given the CPU seconds the last one took:
+    ``WRITE_EVERY_S``, stretched so that writing takes at most ``WRITER_CPU_SHARE`` of one core
+    (it shares the driver's node with members), and at most ``MAX_WRITE_EVERY_S``. A flush or the
+    end of the run does not wait for it."""
+    return min(MAX_WRITE_EVERY_S, max(WRITE_EVERY_S, pass_cpu_s / WRITER_CPU_SHARE))
 
 
 class TrackingUnavailable(RuntimeError):
@@ -266,9 +281,10 @@ class Tracking:
             return not self._writing and not any(self.buffer.values())
 
     def _write_loop(self) -> None:
-        """The writer thread: batches of up to 1,000 metrics per ``log_batch``, about every second;
-        after a failed write, what was not written goes back to the buffer and the next try waits
-        longer (0.5 s doubling to 30 s)."""
+        """The writer thread: batches of up to 1,000 metrics per ``log_batch``, a pass over every
+        run each :func:`write_interval` (about every second, less often where writing costs much
+        CPU: a large population); after a failed write, what was not written goes back to the
+        buffer and the next try waits longer (0.5 s doubling to 30 s)."""
         from mlflow.entities import Metric
 
         delay = 0.0
@@ -279,7 +295,7 @@ class Tracking:
                     return  # closed, and everything written
                 pending, self.buffer = self.buffer, defaultdict(list)
                 self._writing, self._flush_requested = True, False
-            failed = False
+            failed, pass_started = False, time.thread_time()
             for run_id, items in pending.items():
                 while items and not failed:
                     chunk = items[:MAX_METRICS_PER_BATCH]
@@ -295,12 +311,13 @@ class Tracking:
                 self._writing = False
                 self._lock.notify_all()
             delay = min(max(2 * delay, 0.5), 30.0) if failed else 0.0
-            with self._lock:  # wait before the next write: the back-off, else up to a second to batch more
+            interval = write_interval(time.thread_time() - pass_started)
+            with self._lock:  # wait before the next write: the back-off, else the interval, to batch more
                 if failed:
                     if self._lock.wait_for(lambda: self._closed, timeout=delay):
                         return  # the run ended without the store coming back: finish() has said so
                 else:
-                    self._lock.wait_for(lambda: self._closed or self._flush_requested, timeout=1.0)
+                    self._lock.wait_for(lambda: self._closed or self._flush_requested, timeout=interval)
 
     def flush(self, timeout_s: float = 60.0) -> None:
         """Wait until every buffered metric is written; :class:`TrackingUnavailable` after ``timeout_s``."""

@@ -1,9 +1,10 @@
 """The metrics outbox: a member drops a metric only once the driver says everything it took is
-written, so neither a lost reply nor a crash of the driver loses one."""
+written, so neither a lost reply nor a crash of the driver loses one. And the driver's writer:
+how often it writes."""
 
 from __future__ import annotations
 
-from poptrain.tracking import MetricsOutbox
+from poptrain.tracking import MAX_WRITE_EVERY_S, WRITE_EVERY_S, WRITER_CPU_SHARE, MetricsOutbox, write_interval
 
 
 def items(*steps):
@@ -29,3 +30,11 @@ def test_a_lost_reply_is_sent_again():
     outbox.add(items(1))
     assert outbox.take(written=True, resend=True) == items(0, 1)
     assert outbox.unwritten() == items(0, 1)
+
+
+def test_the_writer_writes_every_second_unless_writing_would_take_more_than_its_share_of_a_core():
+    assert write_interval(0.0) == WRITE_EVERY_S == 1.0
+    assert write_interval(0.01) == 1.0, "a small population: every second"
+    # A large population's pass (one log_batch per run) that took 0.2 s of CPU waits 4 s: 5 % of a core.
+    assert write_interval(0.2) == 0.2 / WRITER_CPU_SHARE == 4.0
+    assert write_interval(60.0) == MAX_WRITE_EVERY_S == 10.0, "metrics still reach MLflow every 10 s at most"
