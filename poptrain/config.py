@@ -212,7 +212,10 @@ class Resources(Strict):
         "cluster has fewer CPUs than members. Torch intra-op threads follow it.",
     )
     num_gpus: Union[float, Literal["auto"]] = Field(
-        "auto", description="GPUs for the member; `auto`: 1 when the cluster has GPUs, else 0."
+        "auto",
+        description="GPUs for the member; `auto`: 1 each when the cluster has a GPU per member, else members "
+        "share GPUs (1/k each, k = members per GPU: 3 members on 1 GPU get 0.3333, on 2 GPUs 0.5), 0 without "
+        "GPUs. GPUs that other members ask for by number are not shared out.",
     )
     max_model_gib: float = Field(
         64.0,

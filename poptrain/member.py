@@ -607,14 +607,24 @@ def parse_quantity(key: str) -> Quantity:
 
 
 def placement_device() -> tuple[str, list[int]]:
-    """The device Ray assigned this process: ``cuda`` (Ray sets CUDA_VISIBLE_DEVICES, so index 0 is
-    the member's own GPU) when it was given GPUs, else ``cpu``."""
+    """The device Ray assigned this process and Ray's ids of its GPUs: ``cuda`` (Ray sets
+    CUDA_VISIBLE_DEVICES, so index 0 is the member's own GPU) when it was given GPUs, else
+    ``cpu``. Given GPUs that torch cannot use (a CPU-only torch build on a GPU node, a broken
+    driver), it warns and trains on the CPU; its placement still names the GPUs it holds."""
     import ray
 
-    gpu_ids = ray.get_gpu_ids()
+    gpu_ids = [int(g) for g in ray.get_gpu_ids()]
     if gpu_ids and torch.cuda.is_available():
-        return "cuda", [int(g) for g in gpu_ids]
-    return "cpu", []
+        return "cuda", gpu_ids
+    if gpu_ids:
+        warnings.warn(
+            f"poptrain: this member holds GPU(s) {gpu_ids} but torch {torch.__version__} sees no CUDA device "
+            f"(torch.version.cuda = {torch.version.cuda}); it trains on the CPU. Install a CUDA build of torch "
+            "on this node, or set `resources.num_gpus: 0`.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    return "cpu", gpu_ids
 
 
 class MemberActor:

@@ -6,6 +6,7 @@ ship metrics to tracking; the driver only polls progress and notices failures.
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import time
@@ -237,10 +238,12 @@ def member_resources(cfg: RunConfig, cluster: dict[str, float]) -> list[dict[str
     """One placement bundle per member: ``{CPU: c, GPU: g}`` resolved from `auto` against the cluster."""
     total_cpus, total_gpus = cluster.get("CPU", 0.0), cluster.get("GPU", 0.0)
     n = len(cfg.members)
+    asked = [float(m.resources.num_gpus) for m in cfg.members if m.resources.num_gpus != "auto"]
+    gpu_share = auto_gpus(n - len(asked), total_gpus - sum(asked))  # what `auto` members share
     bundles = []
     for member in cfg.members:
         gpus = member.resources.num_gpus
-        gpus = (1.0 if total_gpus >= 1 else 0.0) if gpus == "auto" else float(gpus)
+        gpus = gpu_share if gpus == "auto" else float(gpus)
         cpus = member.resources.num_cpus
         if cpus == "auto":
             cpus = 1.0 if total_cpus >= n else max(0.01, int(100 * total_cpus / n) / 100)
@@ -249,6 +252,21 @@ def member_resources(cfg: RunConfig, cluster: dict[str, float]) -> list[dict[str
             bundle["GPU"] = gpus
         bundles.append(bundle)
     return bundles
+
+
+def auto_gpus(members: int, gpus: float) -> float:
+    """Each of ``members`` members' GPUs under ``num_gpus: auto``, with ``gpus`` GPUs free for them.
+    A whole GPU each when there are enough. Else k = ceil(members / whole GPUs) members share each
+    GPU, 1/k each, so that the shares pack onto whole GPUs (equal shares of members / GPUs would
+    not: 3 members at 0.67 fit no 2 GPUs). With less than one GPU free (the rest asked for by
+    number), an equal share of what is left. Floored to Ray's 1e-4 resource precision; 0 without GPUs."""
+    if members == 0 or gpus < 1e-4:
+        return 0.0
+    whole = int(gpus + 1e-9)
+    if whole >= members:
+        return 1.0
+    share = gpus / members if whole == 0 else 1 / math.ceil(members / whole)
+    return math.floor(1e4 * share + 1e-6) / 1e4
 
 
 def placement_strategy(cfg: RunConfig) -> str:

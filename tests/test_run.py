@@ -7,6 +7,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 import poptrain
+from poptrain.population import member_resources
 from tests.conftest import make_config, prelu_member
 
 
@@ -120,6 +121,26 @@ def test_a_straggler_fails_the_barrier_with_its_name_instead_of_hanging(ray_sess
     config = base_config(members=[prelu_member("m1"), straggler], exchange={"every": 1, "timeout_s": 1.0}, steps=3)
     with pytest.raises(poptrain.PopulationError, match=r"waited 1 s for \['slow'\]"):
         poptrain.run(config)
+
+
+@pytest.mark.parametrize(
+    "cluster_gpus, asked, expected",
+    [
+        (0, {}, [0, 0, 0]),
+        (4, {}, [1, 1, 1]),
+        (1, {}, [0.3333, 0.3333, 0.3333]),  # three members on one GPU
+        (2, {}, [0.5, 0.5, 0.5]),  # two on one GPU, one on the other: 0.67 each would fit neither
+        (2, {"m0": 1}, [1, 0.5, 0.5]),  # a GPU asked for by number is not shared out
+        (1, {"m0": 0.5}, [0.5, 0.25, 0.25]),
+        (1, {"m0": 1}, [1, 0, 0]),
+    ],
+)
+def test_num_gpus_auto_gives_each_member_a_gpu_or_a_share_that_packs_onto_whole_gpus(tmp_path, cluster_gpus, asked, expected):
+    members = [prelu_member(f"m{i}", resources={"num_gpus": asked.get(f"m{i}", "auto")}) for i in range(3)]
+    cfg = poptrain.load_config(make_config(tmp_path, "sqlite:///unused.db", "unused", members=members))
+    bundles = member_resources(cfg, {"CPU": 16.0, "GPU": float(cluster_gpus)})
+    assert [b.get("GPU", 0) for b in bundles] == expected
+    assert all(b["CPU"] == 1.0 for b in bundles)
 
 
 def test_a_population_the_cluster_cannot_fit_is_refused_at_once_naming_what_it_needs(ray_session, base_config):
