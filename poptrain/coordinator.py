@@ -95,6 +95,14 @@ class ExchangePlan:
         self.participants: dict[str, list[str]] = {k: [m for m in members if m in takes_part[k]] for k in PHASES}
 
 
+def as_numpy(tensor: torch.Tensor) -> np.ndarray:
+    """A CPU tensor as a contiguous NumPy array, without a copy where it already is one. bfloat16,
+    which NumPy lacks, becomes a float32 copy (exact: every bfloat16 is a float32); whoever writes
+    it back into a bfloat16 tensor casts it there."""
+    tensor = tensor.detach()
+    return (tensor.float() if tensor.dtype == torch.bfloat16 else tensor).contiguous().numpy()
+
+
 class Wire:
     """The flat transport of exchanged values between members and the coordinator.
 
@@ -217,7 +225,7 @@ class Coordinator:
                 if q in self.shared:
                     into_shared[q] = tensor
                 else:
-                    replace[q] = tensor.detach().contiguous().numpy()
+                    replace[q] = as_numpy(tensor)
         # Metrics of couplings reading shared parameters: now, before these are overwritten below
         # (averaging back into the members) or changed by the members once released.
         early = self.coupling_metrics(kind, step, early=True) if self.reads_shared else {}
@@ -447,7 +455,7 @@ class CoordinatorActor:
         if self.history_steps and result["written"]:
             # A member replaying this round from its checkpoint needs the values written in place,
             # as they are now: a copy goes into the history.
-            written = {q: t.detach().numpy().copy() for q, t in result["written"].items()}
+            written = {q: np.array(as_numpy(t), copy=True) for q, t in result["written"].items()}
             replay = self._share(self.wire.pack_result({**result, "replace": {**result["replace"], **written}}))
         rnd.done.set()
         del self.rounds[key]

@@ -32,7 +32,7 @@ from poptrain import builtins, shared_memory
 from poptrain.checkpoint import checkpoint_path, load_checkpoint, save_checkpoint, steps_of
 from poptrain.config import Component, MemberConfig, RunConfig
 from poptrain.channel import CoordinatorClient
-from poptrain.coordinator import ExchangePlan, Wire
+from poptrain.coordinator import ExchangePlan, Wire, as_numpy
 from poptrain.couplings import PopulationInfo, Quantity, build_couplings
 from poptrain.tracking import Item, MetricsOutbox
 
@@ -236,8 +236,9 @@ class TermBalancer:
 
 
 def to_numpy(tensor: torch.Tensor) -> np.ndarray:
-    """A contiguous CPU copy as a NumPy array: the flat buffer that crosses process boundaries."""
-    return tensor.detach().to("cpu", copy=True).contiguous().numpy()
+    """A contiguous CPU copy as a NumPy array: the flat buffer that crosses process boundaries
+    (bfloat16 as float32, see :func:`poptrain.coordinator.as_numpy`)."""
+    return as_numpy(tensor.detach().to("cpu", copy=True))
 
 
 def to_tensor(array: np.ndarray, device: torch.device) -> torch.Tensor:
@@ -298,6 +299,9 @@ class MemberTrainer:
         self.last_sent: dict[Quantity, np.ndarray] = {}
         self.staleness: float | None = None
         self.timings: dict[str, float] = {"serialize_ms": 0.0, "exchange_wait_ms": 0.0}  # this step's, for profiling
+        # A GPU runs ahead of the Python that queues its work: when profiling, wait for it before an
+        # exchange's clock starts, so that its compute is not counted as serialization.
+        self.sync_before_timing = run.tracking.profile and self.device.type == "cuda"
         self.step = 0
         self.checked_gradient_paths = False
         # `failure.nonfinite: rollback`: (step, model/optimizer/balancer state) that a bad step restores.
@@ -389,7 +393,10 @@ class MemberTrainer:
     def set_rollback_point(self, step: int, state: Mapping[str, Any]) -> None:
         """Keep (a copy of) the model, optimizer and balancing state of ``state`` (a :meth:`state_dict`,
         e.g. the checkpoint just written at ``step``) for ``failure.nonfinite: rollback``."""
-        self.rollback_point = (step, copy.deepcopy({k: state[k] for k in ("model", "optimizer", "balancer")}))
+        # On the CPU: a copy of a GPU member's optimizer state on its GPU would hold twice its
+        # parameters' memory there for the whole run; load_state_dict moves it back.
+        on_cpu = lambda x: x.detach().to("cpu", copy=True) if isinstance(x, torch.Tensor) else copy.deepcopy(x)  # noqa: E731
+        self.rollback_point = (step, _map_tensors({k: state[k] for k in ("model", "optimizer", "balancer")}, on_cpu))
 
     def _roll_back(self) -> int:
         """Restore the rollback point's model, optimizer and balancing state; the step counter, data
@@ -462,6 +469,8 @@ class MemberTrainer:
         meanwhile); else at once, and None is returned."""
         if self.name not in self.plan.participants[kind]:
             return None
+        if self.sync_before_timing:
+            torch.cuda.synchronize(self.device)
         started = time.perf_counter()
         mine = {}
         for q in self.plan.sends[self.name][kind]:
@@ -503,7 +512,7 @@ class MemberTrainer:
             with torch.no_grad():
                 param.copy_(value.view_as(param))
         elif q.kind == "grad":
-            param.grad = value.view_as(param).clone()
+            param.grad = value.view_as(param).to(param.dtype, copy=True)
 
     def _quantities(self, terms: Mapping[str, torch.Tensor]) -> dict[Quantity, torch.Tensor]:
         """Own quantities live (in the autograd graph), peers' from the last exchange."""
@@ -543,7 +552,8 @@ class MemberTrainer:
                 if transform.clip_norm is not None:
                     torch.nn.utils.clip_grad_norm_([param], transform.clip_norm)
                 if fn is not None:
-                    param.grad = fn(name, param, param.grad, **transform.fn.kwargs)
+                    # A transform that builds a new tensor (torch.zeros(...)) makes it on the CPU, in float32.
+                    param.grad = fn(name, param, param.grad, **transform.fn.kwargs).to(param.device, param.dtype)
 
     # -- state -----------------------------------------------------------------------------------
 
@@ -567,7 +577,8 @@ class MemberTrainer:
             "checked_gradient_paths": self.checked_gradient_paths,
             "rng": {
                 "torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else [],
+                # The member's own device only: a restart or resume may see another number of GPUs.
+                "cuda": [torch.cuda.get_rng_state(self.device)] if self.device.type == "cuda" else [],
                 "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss), "gauss": float(gauss)},
                 "python": random.getstate(),
             },
@@ -585,12 +596,21 @@ class MemberTrainer:
         rng = state["rng"]
         torch.set_rng_state(rng["torch"])
         if rng["cuda"] and self.device.type == "cuda":
-            torch.cuda.set_rng_state_all(rng["cuda"])
+            torch.cuda.set_rng_state(rng["cuda"][0], self.device)
         numpy_state = rng["numpy"]
         np.random.set_state(("MT19937", numpy_state["keys"].numpy().astype(np.uint32), numpy_state["pos"], numpy_state["has_gauss"], numpy_state["gauss"]))
         python_state = rng["python"]
         random.setstate((python_state[0], tuple(python_state[1]), python_state[2]))
         self.step = int(state["step"])
+
+
+def _map_tensors(tree: Any, fn: Callable[[Any], Any]) -> Any:
+    """``fn`` applied to every leaf of nested dicts, lists and tuples (rebuilt, not shared)."""
+    if isinstance(tree, dict):
+        return {k: _map_tensors(v, fn) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(_map_tensors(v, fn) for v in tree)
+    return fn(tree)
 
 
 def quantity_key(q: Quantity) -> str:
@@ -606,19 +626,21 @@ def parse_quantity(key: str) -> Quantity:
 # The Ray actor
 
 
-def placement_device() -> tuple[str, list[int]]:
+def placement_device() -> tuple[str, list[str]]:
     """The device Ray assigned this process and Ray's ids of its GPUs: ``cuda`` (Ray sets
     CUDA_VISIBLE_DEVICES, so index 0 is the member's own GPU) when it was given GPUs, else
     ``cpu``. Given GPUs that torch cannot use (a CPU-only torch build on a GPU node, a broken
     driver), it warns and trains on the CPU; its placement still names the GPUs it holds."""
     import ray
 
-    gpu_ids = [int(g) for g in ray.get_gpu_ids()]
+    # Strings: with CUDA_VISIBLE_DEVICES set before Ray started, Ray hands back its entries, which
+    # may be GPU or MIG UUIDs.
+    gpu_ids = [str(g) for g in ray.get_gpu_ids()]
     if gpu_ids and torch.cuda.is_available():
         return "cuda", gpu_ids
     if gpu_ids:
         warnings.warn(
-            f"poptrain: this member holds GPU(s) {gpu_ids} but torch {torch.__version__} sees no CUDA device "
+            f"poptrain: this member holds GPU(s) {', '.join(gpu_ids)} but torch {torch.__version__} sees no CUDA device "
             f"(torch.version.cuda = {torch.version.cuda}); it trains on the CPU. Install a CUDA build of torch "
             "on this node, or set `resources.num_gpus: 0`.",
             RuntimeWarning,
@@ -808,13 +830,14 @@ class MemberActor:
         return self.outbox.take(written, resend)
 
     def model_state(self) -> dict[str, np.ndarray]:
-        return {k: v.numpy() for k, v in self.trainer.model_state().items()}
+        """The final state_dict as NumPy arrays (bfloat16 as float32, see :func:`to_numpy`)."""
+        return {k: to_numpy(v) for k, v in self.trainer.model.state_dict().items()}
 
     def example_inputs(self, n: int = 4) -> np.ndarray | None:
         """A few inputs from the member's data (the logged model's input example); None for multi-input models."""
         dataset = self.trainer.batches.dataset
         batch = default_collate([dataset[i] for i in range(min(n, len(dataset)))])
-        return batch[0].numpy() if len(batch) == 2 else None
+        return to_numpy(batch[0]) if len(batch) == 2 else None
 
 
 def _node_id() -> str:

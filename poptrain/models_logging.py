@@ -88,7 +88,8 @@ def log_member_model(
 
     ``client_or_uri``: an ``MlflowClient`` or a tracking URI. ``input_example``: a few inputs of
     the model's single input (a tensor or array, batch > 1), stored as the example and used for
-    the signature (and, for ``pt2``, to trace the model). ``step``: the training step the model
+    the signature (and, for ``pt2``, to trace the model); None for a model of several inputs,
+    which is logged without either. ``step``: the training step the model
     belongs to (the last one), recorded on the run's link to the model.
 
     ``link_metrics``: let MLflow copy the run's metrics at ``step`` onto the LoggedModel. It does so
@@ -111,10 +112,13 @@ def log_member_model(
     model = build_model(spec)
     model.load_state_dict(torch.load(state_dict_path, weights_only=True, map_location="cpu"))
     model.eval()
-    example = input_example.detach().cpu() if isinstance(input_example, torch.Tensor) else torch.as_tensor(np.array(input_example))  # a copy: arrays from Ray are read-only
-    with torch.no_grad():
-        output = model(example)
-    signature = infer_signature(example.numpy(), output.numpy() if isinstance(output, torch.Tensor) else None)
+    if input_example is None:  # a model of several inputs: logged without an example or a signature
+        example = signature = None
+    else:
+        example = input_example.detach().cpu() if isinstance(input_example, torch.Tensor) else torch.as_tensor(np.array(input_example))  # a copy: arrays from Ray are read-only
+        with torch.no_grad():
+            output = model(example)
+        signature = infer_signature(example.numpy(), output.numpy() if isinstance(output, torch.Tensor) else None)
     run = client.get_run(run_id)
 
     def log_as(fmt: str):
@@ -133,7 +137,7 @@ def log_member_model(
                     model_id=logged.model_id,
                     run_id=run_id if link_metrics else None,  # through **kwargs to Model.log(run_id=...)
                     step=step,
-                    input_example=example.numpy(),
+                    input_example=None if example is None else example.numpy(),
                     signature=signature,
                     pip_requirements=_requirements(),
                     serialization_format=fmt,

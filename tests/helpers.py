@@ -55,6 +55,11 @@ def halve_gradient(name, param, grad, factor: float = 0.5):
     return grad * factor
 
 
+def zero_gradient_made_anew(name, param, grad):
+    """A transform that builds its result with ``torch.zeros``: on the CPU, in float32, whatever the parameter's."""
+    return torch.zeros(tuple(param.shape))
+
+
 def poisoned_data(n: int = 256, in_features: int = 20, bad_index: int = 40) -> TensorDataset:
     """A regression set with one NaN sample (in the second batch of 32 when not shuffled)."""
     gen = torch.Generator().manual_seed(5)
@@ -84,3 +89,29 @@ def dies_while_restarting(marker: str, deaths: int = 1, n: int = 256, in_feature
         path.write_text(str(int(path.read_text() or 0) + 1))
         os._exit(1)
     return synthetic_regression(n=n, in_features=in_features)
+
+
+class BFloat16MLP(nn.Module):
+    """A member trained in bfloat16: the builtin MLP's parameters in bfloat16 (names as the MLP's),
+    float32 inputs and outputs."""
+
+    def __init__(self, **kwargs):
+        super().__init__()
+        from poptrain.builtins.models import MLP
+
+        self.mlp = MLP(**kwargs).to(torch.bfloat16)
+
+    def forward(self, x):
+        return self.mlp(x.to(torch.bfloat16)).float()
+
+
+class TwoInputNet(nn.Module):
+    """A user model of two inputs: ``forward(a, b)``."""
+
+    def __init__(self, in_features: int = 4):
+        super().__init__()
+        self.a = nn.Linear(in_features, 1)
+        self.b = nn.Linear(in_features, 1)
+
+    def forward(self, a, b):
+        return self.a(a) + self.b(b)

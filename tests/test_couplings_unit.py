@@ -188,3 +188,14 @@ def test_the_readme_example_coupling_works_as_written(base_config):
         assert own.grad is not None
     finally:
         COUPLINGS.pop("repel", None)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_the_averaging_divergence_does_not_overflow_in_low_precision(dtype):
+    from poptrain.couplings.averaging import average_pass
+
+    n = 300_000  # more than one chunk; in float16 a chunk's sum of 131072 squared gaps of 1 overflows
+    values = [torch.zeros(n, dtype=dtype), torch.full((n,), 2.0, dtype=dtype)]
+    mean, squares = average_pass(values, None)
+    assert mean.dtype == dtype and torch.equal(mean, torch.ones(n, dtype=dtype))
+    assert squares == [float(n), float(n)], "each is sqrt(n) from the mean"

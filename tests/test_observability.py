@@ -17,7 +17,7 @@ import poptrain
 from poptrain.compare import compare_main, compare_table
 from poptrain.config import Component
 from poptrain.member import build_model
-from poptrain.models_logging import using_tracking_uri
+from poptrain.models_logging import log_member_model, using_tracking_uri
 from poptrain.plots import write_plots
 from tests.conftest import prelu_member
 
@@ -101,3 +101,20 @@ def test_compare_refuses_unknown_runs_and_runs_that_are_not_a_population(mlflow_
     assert write_plots(client, parent, tmp_path / "plots") == []
     columns, rows = compare_table(client, parent)
     assert columns == ["kind", "key", "a"] and not [r for r in rows if r[0] == "metric"]
+
+
+def test_a_model_of_several_inputs_is_logged_without_an_example_and_loads_back(tracking_uri, tmp_path):
+    # A member's example_inputs is None when its data has several inputs: such a model used to
+    # fail the run after training, at logging.
+    from tests.helpers import TwoInputNet
+
+    client = MlflowClient(tracking_uri)
+    run_id = client.create_run(client.create_experiment(f"two-inputs-{tmp_path.name}")).info.run_id
+    model = TwoInputNet()
+    torch.save(model.state_dict(), tmp_path / "model.pt")
+    info = log_member_model(client, run_id, str(tmp_path / "model.pt"), {"name": "tests.helpers:TwoInputNet"}, None)
+    with using_tracking_uri(tracking_uri):
+        loaded = mlflow.pytorch.load_model(info.model_uri)
+    a, b = torch.randn(3, 4), torch.randn(3, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(a, b), model(a, b))

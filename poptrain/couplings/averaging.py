@@ -156,7 +156,9 @@ def average_pass(
         out = torch.empty(values[0].shape, dtype=dtype)
     target = out.view(-1) if keep else None
     count = -(-numel // chunk)
-    dots = torch.empty(len(values), count, dtype=dtype) if distances else None
+    # Sums of squares in at least float32: in float16 a chunk's overflows (131072 gaps of 1 make inf).
+    accumulate = torch.promote_types(dtype, torch.float32)
+    dots = torch.empty(len(values), count, dtype=accumulate) if distances else None
     chunks = iter(range(count))  # shared by the threads; next() on it is atomic under the GIL
 
     def work() -> None:
@@ -172,7 +174,8 @@ def average_pass(
                 gap = difference[: part.numel()]
                 for i, p in enumerate(parts):
                     torch.sub(p, part, out=gap)
-                    torch.dot(gap, gap, out=dots[i, index])
+                    wide = gap if gap.dtype == accumulate else gap.to(accumulate)
+                    torch.dot(wide, wide, out=dots[i, index])
 
     threads = min(count, PASS_THREADS, len(os.sched_getaffinity(0)))
     if threads > 1:
