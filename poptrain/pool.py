@@ -59,10 +59,7 @@ def shape_key(bundles: list[dict[str, float]], strategy: str) -> tuple:
 def take(key: tuple) -> WarmMembers | None:
     """The warm members for a run of shape ``key``, now that run's own (None if there are none).
     Warm members of another shape are ended first, so their resources are free for the run."""
-    global _warm
-    with _lock:
-        warm, _warm = _warm, None
-        _cancel_timer()
+    warm = _pop()
     if warm is None:
         return None
     if warm.key == key:
@@ -86,12 +83,18 @@ def keep(warm: WarmMembers, idle_s: float) -> None:
 
 def release_warm_members() -> None:
     """End the member processes kept warm by the last run now, and free their resources."""
+    warm = _pop()
+    if warm is not None:
+        end(warm)
+
+
+def _pop() -> WarmMembers | None:
+    """The warm set, no longer kept (its timer cancelled), or None."""
     global _warm
     with _lock:
         warm, _warm = _warm, None
         _cancel_timer()
-    if warm is not None:
-        end(warm)
+    return warm
 
 
 def end(warm: WarmMembers) -> None:

@@ -269,13 +269,12 @@ def auto_gpus(members: int, gpus: float) -> float:
     return math.floor(1e4 * share + 1e-6) / 1e4
 
 
-def placement_strategy(cfg: RunConfig) -> str:
-    """``placement.strategy``, with ``auto`` resolved: SPREAD on a cluster of several nodes, else PACK."""
-    import ray
-
+def placement_strategy(cfg: RunConfig, nodes: int) -> str:
+    """``placement.strategy``, with ``auto`` resolved: SPREAD on a cluster of several (``nodes``
+    alive) nodes, else PACK."""
     if cfg.placement.strategy != "auto":
         return cfg.placement.strategy
-    return "SPREAD" if sum(1 for node in ray.nodes() if node.get("Alive")) > 1 else "PACK"
+    return "SPREAD" if nodes > 1 else "PACK"
 
 
 def place_population(cfg: RunConfig, bundles: list[dict[str, float]], strategy: str):
@@ -375,7 +374,8 @@ def _train(cfg: RunConfig, population: PopulationInfo, uri: str, run_dir: Path, 
     to_keep: pool.WarmMembers | None = None
     try:
         bundles = member_resources(cfg, ray.cluster_resources())
-        strategy = placement_strategy(cfg)
+        nodes = sum(1 for node in ray.nodes() if node.get("Alive"))
+        strategy = placement_strategy(cfg, nodes)
         shape = pool.shape_key(bundles, strategy)
         if not keep_warm:
             pool.release_warm_members()  # new processes for this run, and no warm ones holding its resources
@@ -399,7 +399,6 @@ def _train(cfg: RunConfig, population: PopulationInfo, uri: str, run_dir: Path, 
             coordinator = start_coordinator(cfg, population, str(run_dir), scheduling_strategy=here, name=coordinator_name)
         actors.append(coordinator)
         restartable = cfg.failure.max_restarts if cfg.checkpoint.every else 0
-        nodes = sum(1 for node in ray.nodes() if node.get("Alive"))
         system_metrics = nodes > 1 if cfg.tracking.system_metrics == "auto" else cfg.tracking.system_metrics
         _warn_about_storage(cfg, run_dir, uri, nodes)
         index_of = {name: index for index, name in enumerate(cfg.member_names)}

@@ -163,6 +163,7 @@ def average_pass(
 
     def work() -> None:
         difference = torch.empty(min(chunk, numel), dtype=dtype) if distances else None
+        widened = torch.empty(min(chunk, numel), dtype=accumulate) if distances and accumulate != dtype else None
         scratch = None if keep else torch.empty(min(chunk, numel), dtype=dtype)  # the mean's chunk, when not kept
         for index in chunks:
             start = index * chunk
@@ -174,7 +175,7 @@ def average_pass(
                 gap = difference[: part.numel()]
                 for i, p in enumerate(parts):
                     torch.sub(p, part, out=gap)
-                    wide = gap if gap.dtype == accumulate else gap.to(accumulate)
+                    wide = gap if widened is None else widened[: gap.numel()].copy_(gap)
                     torch.dot(wide, wide, out=dots[i, index])
 
     threads = min(count, PASS_THREADS, len(os.sched_getaffinity(0)))
