@@ -50,6 +50,11 @@ def slow_data(n: int = 64, in_features: int = 20, delay_s: float = 0.5):
     return SlowDataset(n, in_features, delay_s)
 
 
+def squared_loss_gap(losses, first: str = "m1", second: str = "m2"):
+    """A non-linear `relative` combination (a user's `fn`): ``(L[first] - L[second])**2``."""
+    return (losses[first] - losses[second]) ** 2
+
+
 def halve_gradient(name, param, grad, factor: float = 0.5):
     """A user gradient transform (seed 002: "give a layer a gradient of its own")."""
     return grad * factor

@@ -33,8 +33,11 @@ def sequential_batches(dataset, batch_size):
         yield inputs[start : start + batch_size], targets[start : start + batch_size]
 
 
-def seed000_joint_training(module1, module2, batches, steps, lr, margin=2.0):
-    """Seed 000 verbatim: ``total = loss1 + loss2 + relu(2 - |w1 - w2|.sum())``, one Adam over both."""
+def seed000_joint_training(module1, module2, batches, steps, lr, margin=2.0, distances=None):
+    """Seed 000 verbatim: ``total = loss1 + loss2 + relu(2 - |w1 - w2|.sum())``, one Adam over both.
+
+    ``distances``: a list that gets each step's ``|w1 - w2|.sum()`` (before the step's update).
+    """
     optimizer = torch.optim.Adam(itertools.chain(module1.parameters(), module2.parameters()), lr=lr)
     criterion = torch.nn.functional.mse_loss
     for _ in range(steps):
@@ -45,7 +48,10 @@ def seed000_joint_training(module1, module2, batches, steps, lr, margin=2.0):
         loss1 = criterion(output1, targets)
         loss2 = criterion(output2, targets)
         total_loss = loss1 + loss2
-        total_loss += torch.nn.functional.relu(margin - torch.abs(module1.get_weight() - module2.get_weight()).sum())
+        distance = torch.abs(module1.get_weight() - module2.get_weight()).sum()
+        if distances is not None:
+            distances.append(float(distance.detach()))
+        total_loss += torch.nn.functional.relu(margin - distance)
         total_loss.backward()
         optimizer.step()
     return module1, module2
@@ -72,6 +78,22 @@ def seed003_joint_training(models, batches, steps, lr, w=(1.0, 0.5, 0.5), routed
         total.backward()
         optimizer.step()
     return models
+
+
+def squared_loss_gap_joint_training(model1, model2, batches, steps, lr, weight=1.0):
+    """Seed 003's two-model relative loss made non-linear: ``total = L1 + L2 + weight * (L1 - L2)**2``,
+    one Adam over both models. Unlike ``w2*(L1 - L2)``, each model's gradient depends on the
+    other's loss (``2 * weight * (L1 - L2) * dL1``)."""
+    optimizer = torch.optim.Adam(itertools.chain(model1.parameters(), model2.parameters()), lr=lr)
+    for _ in range(steps):
+        (x1, y1), (x2, y2) = next(batches)
+        optimizer.zero_grad()
+        loss_1 = torch.nn.functional.cross_entropy(model1(x1), y1)
+        loss_2 = torch.nn.functional.cross_entropy(model2(x2), y2)
+        total = loss_1 + loss_2 + weight * (loss_1 - loss_2) ** 2
+        total.backward()
+        optimizer.step()
+    return model1, model2
 
 
 def seed001_training(net, features, steps, lr, alpha):

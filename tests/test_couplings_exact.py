@@ -10,7 +10,14 @@ from mlflow.tracking import MlflowClient
 import poptrain
 from poptrain.builtins.data import constant, digits
 from poptrain.builtins.models import MLP, EncoderClassifier, LSTMClassifier
-from tests.reference import seed001_training, seed002_average, seed003_joint_training, sequential_batches, shared_lstm_training
+from tests.reference import (
+    seed001_training,
+    seed002_average,
+    seed003_joint_training,
+    sequential_batches,
+    shared_lstm_training,
+    squared_loss_gap_joint_training,
+)
 
 STEPS = 20
 ATOL = 1e-5
@@ -69,6 +76,23 @@ def test_relative_losses_as_written_match_the_seed_003_objective(ray_session, ba
 
 def test_relative_losses_routed_into_m1_match_the_detached_reference(ray_session, base_config, tmp_path):
     _seed003(ray_session, base_config, tmp_path, routed=True)
+
+
+def test_non_linear_relative_loss_uses_the_peers_current_loss_and_matches_the_joint_objective(ray_session, base_config, tmp_path):
+    """`fn: (L1 - L2)**2`: its gradient for m1 is 2 * (L1 - L2) * dL1, so it depends on m2's loss
+    of the same step (exchanged between forward and backward), unlike the linear terms above,
+    whose gradient for m1 is coef * dL1 whatever L2 is."""
+    torch.manual_seed(3)
+    views = [("full", 64), ("downsampled", 16)]
+    models = [EncoderClassifier(f, 10, num_nodes=16) for _, f in views]
+    inits = [save_init(m, tmp_path / f"m{i}.pt") for i, m in enumerate(models)]
+    members = [digits_member(f"m{i + 1}", view, features, inits[i]) for i, (view, features) in enumerate(views)]
+    couplings = [{"type": "relative", "name": "gap", "fn": {"name": "tests.helpers:squared_loss_gap"}}]
+    result = poptrain.run(base_config(members=members, couplings=couplings, steps=STEPS, exchange={"every": 1, "mode": "sync"}))
+    streams = [sequential_batches(digits(view=v, limit=256), 32) for v, _ in views]
+    reference = squared_loss_gap_joint_training(*models, zip(*streams), STEPS, lr=0.01)
+    for name, module in zip(("m1", "m2"), reference):
+        assert_weights_equal(result, name, module)
 
 
 def test_maximize_term_matches_seed_001_objective(ray_session, base_config, tmp_path):

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
+from mlflow.tracking import MlflowClient
 
 import poptrain
 from poptrain.builtins.data import synthetic_regression
-from tests.conftest import prelu_member
+from tests.conftest import prelu_member, weights
 from tests.reference import SeedModule, seed000_joint_training, sequential_batches
 
 STEPS, LR, BATCH = 25, 0.01, 32
@@ -42,6 +44,41 @@ def test_sync_exchange_matches_single_process_joint_objective(ray_session, base_
     # The coupling really acted: the slopes moved apart from 0.25 / 0.25.
     alphas = [torch.load(result.output_dir / "members" / n / "model.pt", weights_only=True)["activation.weight"] for n in ("m1", "m2")]
     assert float((alphas[0] - alphas[1]).abs()) > 0.1
+
+
+def test_separation_crossing_its_margin_matches_single_process_reference(ray_session, base_config, tmp_path):
+    """The hinge switches off during the run: with margin 2 (above) it is active every step and its
+    slope gradient is -sign(w1 - w2) whatever the peer's exact value, so stale peers would go
+    unnoticed. Here the slopes, equal at 0.25, move apart by about 0.02 a step and reach the margin
+    at step 6 (distance 0.109; a one-step-old peer slope would give about 0.0995, still inside it):
+    which steps the hinge acts on depends on the peer's current slope."""
+    steps, margin = 15, 0.105
+    modules, paths = _initial_modules(tmp_path)
+    data = {"name": "synthetic_regression", "kwargs": {"n": 256, "in_features": 20}, "batch_size": BATCH, "shuffle": False}
+    config = base_config(
+        steps=steps,
+        exchange={"every": 1, "mode": "sync"},
+        members=[prelu_member(f"m{i + 1}", init=paths[i], data=data, optimizer={"name": "adam", "lr": LR}) for i in range(2)],
+        couplings=[{"type": "separation", "param": "activation.weight", "margin": margin}],
+    )
+    result = poptrain.run(config)
+
+    distances = []
+    batches = sequential_batches(synthetic_regression(n=256, in_features=20), BATCH)
+    reference = seed000_joint_training(*modules, batches, steps, LR, margin=margin, distances=distances)
+    for name, module in zip(("m1", "m2"), reference):
+        trained = weights(result.output_dir, name)
+        for key, expected in module.state_dict().items():
+            torch.testing.assert_close(trained[key], expected, rtol=0, atol=1e-6, msg=f"{name}.{key}")
+    # The margin really is crossed: the hinge acts for the first steps, then is inactive.
+    active = [d < margin for d in distances]
+    assert active[:6] == [True] * 6 and not any(active[6:]), distances
+    # poptrain's own run crossed it at the same step: its logged distances are the reference's.
+    history = MlflowClient(result.tracking_uri).get_metric_history(result.run_id, "coupling/separation/distance/m1-m2")
+    logged = {m.step: m.value for m in history}
+    assert set(range(steps)) <= set(logged), sorted(logged)
+    for step, distance in enumerate(distances):
+        assert logged[step] == pytest.approx(distance, abs=1e-6), step
 
 
 # Bitwise determinism across runs with the same seed is shown by tests/test_failures.py: runs
