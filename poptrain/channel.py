@@ -14,7 +14,12 @@ standard library) where a round of scalars costs tens of microseconds:
   token-authenticated on a cluster), before a single message is read from it;
 * messages are ``(request id, method, args)`` and ``(request id, ok, value or exception)``; a
   member may have several requests in flight (async pipelining, a parameter reply read after the
-  forward pass), matched by id.
+  forward pass), matched by id;
+* a member waits for a reply at most ``exchange.timeout_s`` plus a margin (:func:`reply_bound`),
+  either way to the coordinator: the coordinator answers a barrier that waited ``timeout_s`` with
+  its own :class:`~poptrain.coordinator.ExchangeTimeout` naming the missing members, so a reply
+  that does not come even then means the coordinator's exchange thread died or is stuck, which
+  no dead process shows the driver. The member raises :class:`ReplyTimeout` and the run fails.
 
 It carries only what is small: a population whose exchanged values could be large (parameter
 averaging, shared modules) talks to the coordinator with Ray calls instead, so that arrays travel
@@ -29,22 +34,41 @@ import secrets
 import socket
 import struct
 import threading
+import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from multiprocessing.connection import AuthenticationError, Connection, Listener, answer_challenge, deliver_challenge
 from typing import Any, Callable
 
+from poptrain.coordinator import ExchangeTimeout
+
 CONNECT_TIMEOUT_S = 10.0
 HANDSHAKE_TIMEOUT_S = 10.0
+# How much longer than ``exchange.timeout_s`` a member waits for the coordinator's reply: the
+# coordinator's own barrier timer starts only once it holds its lock (behind another round's
+# coupling maths, say) and its answer must still cross over.
+REPLY_MARGIN_S = 5.0
+REPLY_MARGIN_FRACTION = 0.25
 
 
-def _tune(conn: Connection, handshake_timeout_s: float | None) -> None:
+def reply_bound(timeout_s: float | None) -> float | None:
+    """The longest a member waits for one reply, given the run's ``exchange.timeout_s``
+    (``None``: unbounded)."""
+    return None if timeout_s is None else timeout_s + REPLY_MARGIN_S + REPLY_MARGIN_FRACTION * timeout_s
+
+
+class ReplyTimeout(ExchangeTimeout):
+    """The coordinator did not answer a member's call within :func:`reply_bound`: not even with
+    its own :class:`ExchangeTimeout`, so its exchange thread died or is stuck."""
+
+
+def _tune(conn: Connection, read_timeout_s: float | None) -> None:
     """Send small messages at once (no Nagle delay), and bound how long one read may block
-    (``None``: unbounded, once the handshake is done). A bound read raises an OSError."""
+    (``None``: unbounded). A bound read raises an OSError."""
     sock = socket.socket(fileno=conn.fileno())
     try:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        seconds = handshake_timeout_s or 0
+        seconds = read_timeout_s or 0
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", int(seconds), int(seconds % 1 * 1e6)))
     finally:
         sock.detach()  # the connection keeps the descriptor
@@ -132,10 +156,16 @@ class ChannelServer:
 class CoordinatorClient:
     """A member's end of the way to the coordinator: :meth:`call` sends a request and returns a
     function that waits for its reply. Over the coordinator's channel when it has one, else as a
-    Ray actor call."""
+    Ray actor call.
 
-    def __init__(self, coordinator, channel: tuple[tuple[str, int], bytes] | None):
+    ``timeout_s``: the run's ``exchange.timeout_s``; each wait for a reply is bounded by
+    :func:`reply_bound` of it (counted from when the wait starts) and raises :class:`ReplyTimeout`
+    past it. ``None``: waits are unbounded."""
+
+    def __init__(self, coordinator, channel: tuple[tuple[str, int], bytes] | None, timeout_s: float | None = None):
         self.coordinator = coordinator
+        self.timeout_s = timeout_s
+        self.bound_s = reply_bound(timeout_s)
         self.conn: Connection | None = None
         if channel is not None:
             address, authkey = channel
@@ -146,7 +176,8 @@ class CoordinatorClient:
                 _tune(self.conn, CONNECT_TIMEOUT_S)
                 answer_challenge(self.conn, authkey)  # the client's half of what Client(authkey=...) does
                 deliver_challenge(self.conn, authkey)
-                _tune(self.conn, None)
+                # Waits are bounded by poll() in _reply; this bounds a read stuck mid-message too.
+                _tune(self.conn, self.bound_s)
             except (OSError, EOFError) as exc:  # e.g. a firewall between nodes that lets only Ray's ports through
                 warnings.warn(
                     f"poptrain: cannot reach the coordinator's exchange connection at {address[0]}:{address[1]} "
@@ -162,16 +193,27 @@ class CoordinatorClient:
 
     def call(self, method: str, *args: Any) -> Callable[[], Any]:
         if self.conn is None:
-            import ray
-
             ref = getattr(self.coordinator, method).remote(*args)
-            return lambda: ray.get(ref)
+            return lambda: self._ray_reply(ref, method, args)
         request_id = next(self.ids)
         self.conn.send((request_id, method, args))
-        return lambda: self._reply(request_id)
+        return lambda: self._reply(request_id, method, args)
 
-    def _reply(self, request_id: int) -> Any:
+    def _ray_reply(self, ref, method: str, args: tuple) -> Any:
+        import ray
+
+        try:
+            return ray.get(ref, timeout=self.bound_s)
+        except ray.exceptions.GetTimeoutError:
+            raise self._timeout(method, args, "through a Ray call") from None
+
+    def _reply(self, request_id: int, method: str, args: tuple) -> Any:
+        deadline = None if self.bound_s is None else time.monotonic() + self.bound_s
         while request_id not in self.replies:  # replies come in the order requests complete
+            # Replies to this member's other requests may arrive meanwhile: the bound is on this
+            # wait as a whole, not on each message.
+            if deadline is not None and not self.conn.poll(max(0.0, deadline - time.monotonic())):
+                raise self._timeout(method, args, "over the direct connection")
             try:
                 got, ok, value = self.conn.recv()
             except (EOFError, OSError) as exc:
@@ -181,6 +223,15 @@ class CoordinatorClient:
         if not ok:
             raise value
         return value
+
+    def _timeout(self, method: str, args: tuple, way: str) -> ReplyTimeout:
+        kind, step, member = (list(args) + [None] * 3)[:3]
+        return ReplyTimeout(
+            f"{method} of {kind!r} at step {step}: member {member!r} waited {self.bound_s:g} s for the coordinator's reply "
+            f"({way}) and the coordinator did not answer, not even with a timeout naming the missing members "
+            f"(it gives one after exchange.timeout_s, {self.timeout_s:g} s): its exchange thread may have died or be stuck, "
+            "e.g. in a coupling's exchange_transform or value; see the coordinator's log"
+        )
 
     def close(self) -> None:
         if self.conn is not None:

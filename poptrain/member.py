@@ -685,7 +685,7 @@ class MemberActor:
         self.run_dir = run_dir
         self.wire = Wire(self.trainer.plan)
         coordinator = ray.get_actor(coordinator_name)
-        self.coordinator = CoordinatorClient(coordinator, ray.get(coordinator.channel.remote()))
+        self.coordinator = CoordinatorClient(coordinator, ray.get(coordinator.channel.remote()), run.exchange.timeout_s)
         shareable = self.trainer.plan.coordinator_only[name]
         if shareable and run.exchange.shared_memory and device == "cpu":
             self._share_parameters(coordinator, shareable, coordinator_name.rsplit("-", 1)[-1])

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import torch
+from pydantic import Field
 from torch import nn
 from torch.utils.data import TensorDataset
+
+from poptrain.couplings.separation import Separation, SeparationConfig
 
 
 class TinyNet(nn.Module):
@@ -120,3 +123,28 @@ class TwoInputNet(nn.Module):
 
     def forward(self, a, b):
         return self.a(a) + self.b(b)
+
+
+
+class HangingSeparationConfig(SeparationConfig):
+    hang_at_exchange: int = Field(3, ge=0)
+    hang_s: float = Field(120.0, gt=0)
+
+
+class SeparationThatHangsTheCoordinator(Separation):
+    """Separation whose coordinator-side ``exchange_transform`` blocks for ``hang_s`` at parameter
+    exchange ``hang_at_exchange``: a stuck coordinator exchange thread. The coordinator runs it
+    while completing the round, under its lock, before any member's reply is sent. It replaces
+    nothing, so the values stay small and travel over the direct connection (poptrain.channel)."""
+
+    Config = HangingSeparationConfig
+
+    def transforms(self):
+        return {"param"}
+
+    def exchange_transform(self, kind, q, exchange_index, final):
+        import time
+
+        if kind == "param" and exchange_index == self.config.hang_at_exchange:
+            time.sleep(self.config.hang_s)
+        return {}

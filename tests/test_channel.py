@@ -1,16 +1,18 @@
 """The direct connection between members and the coordinator (poptrain.channel), without Ray:
 only a holder of the run's key is served, it listens where it is told, replies find their
-request, and a coordinator's error reaches the member as itself."""
+request, a coordinator's error reaches the member as itself, and a coordinator that never
+answers is a timeout, not a hang."""
 
 from __future__ import annotations
 
 import socket
 import threading
+import time
 from multiprocessing.connection import AuthenticationError, Client
 
 import pytest
 
-from poptrain.channel import ChannelServer, CoordinatorClient
+from poptrain.channel import ChannelServer, CoordinatorClient, ReplyTimeout, reply_bound
 from poptrain.coordinator import ExchangeTimeout, Wire
 
 
@@ -126,6 +128,78 @@ def test_a_member_that_cannot_reach_the_connection_warns_and_uses_ray_calls():
     with pytest.warns(RuntimeWarning, match="exchanging through Ray calls instead"):
         client = CoordinatorClient(None, (("127.0.0.1", port), b"k" * 32))
     assert client.conn is None
+
+
+@pytest.fixture
+def no_margin(monkeypatch):
+    """A client's reply bound is its ``timeout_s`` exactly (no margin), so these tests wait fractions of a second."""
+    import poptrain.channel as channel
+
+    monkeypatch.setattr(channel, "REPLY_MARGIN_S", 0.0)
+    monkeypatch.setattr(channel, "REPLY_MARGIN_FRACTION", 0.0)
+
+
+@pytest.fixture
+def stuck():
+    """A server whose ``exchange`` never returns within a test (a stuck coordinator thread), whose
+    ``publish`` thread dies without replying (a BaseException in a pooled handler), and whose
+    ``slow`` answers after its argument's seconds."""
+    release = threading.Event()
+
+    def exchange(kind, step, member, wire):
+        release.wait(30)
+
+    def publish(kind, step, member, wire):
+        raise SystemExit  # the pool's thread takes it and lives on; no reply is sent
+
+    def slow(delay):
+        time.sleep(delay)
+        return delay
+
+    server = ChannelServer({"exchange": exchange, "publish": publish, "slow": slow}, host="127.0.0.1", inline=False, threads=8)
+    yield server
+    release.set()
+    server.close()
+
+
+def test_the_reply_bound_is_the_runs_exchange_timeout_plus_a_margin():
+    assert reply_bound(None) is None
+    assert reply_bound(300.0) == 300.0 + 5.0 + 75.0
+    assert issubclass(ReplyTimeout, ExchangeTimeout)
+
+
+@pytest.mark.parametrize("method", ["exchange", "publish"])
+def test_a_coordinator_that_never_answers_is_a_timeout_naming_the_call_not_a_hang(no_margin, stuck, method):
+    client = CoordinatorClient(None, (stuck.address, stuck.authkey), timeout_s=0.5)
+    reply = client.call(method, "loss", 7, "m1", ())
+    started = time.monotonic()
+    with pytest.raises(
+        ReplyTimeout,
+        match=rf"{method} of 'loss' at step 7: member 'm1' waited 0.5 s for the coordinator's reply \(over the direct connection\) "
+        r"and the coordinator did not answer.*exchange.timeout_s, 0.5 s.*its exchange thread may have died",
+    ):
+        reply()
+    assert 0.45 < time.monotonic() - started < 3, "within about the bound"
+    client.close()
+
+
+def test_replies_to_other_requests_arriving_meanwhile_do_not_extend_the_bound(no_margin, stuck):
+    client = CoordinatorClient(None, (stuck.address, stuck.authkey), timeout_s=1.0)
+    held = client.call("exchange", "param", 3, "m2", ())
+    delays = (0.6, 1.2, 1.8, 2.4)  # a reply every 0.6 s: a bound counted per message would never expire before 3.4 s
+    others = [client.call("slow", d) for d in delays]
+    started = time.monotonic()
+    with pytest.raises(ReplyTimeout, match="exchange of 'param' at step 3: member 'm2' waited 1 s"):
+        held()
+    assert 0.95 < time.monotonic() - started < 2.0
+    assert [other() for other in others] == list(delays), "the replies read meanwhile still reach their requests"
+    client.close()
+
+
+def test_without_a_timeout_a_client_waits_as_long_as_it_takes(stuck):
+    client = CoordinatorClient(None, (stuck.address, stuck.authkey))
+    assert client.bound_s is None and client.call("slow", 0.3)() == 0.3
+    client.close()
 
 
 def _other_address() -> str:
