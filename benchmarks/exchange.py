@@ -101,7 +101,7 @@ class Caller:
             result = client.call(method, "param", step, name, wire.pack(values))()
             if isinstance(result, list):  # a large result comes as one shared reference, as members read it
                 result = ray.get(result[0])
-            wire.unpack_result(result)
+            wire.unpack_reply(result)
             ends.append(time.perf_counter())
         client.close()
         return {"times": [b - a for a, b in zip(ends[warmup:], ends[warmup + 1 :])], "cpu_s": time.process_time() - cpu}
@@ -129,9 +129,10 @@ def exchange_latency(ctx: Context) -> list[dict[str, Any]]:
     import ray
 
     import poptrain
-    from poptrain.coordinator import CoordinatorActor, ExchangePlan, Wire, start_coordinator
+    from poptrain.coordinator import CoordinatorActor, start_coordinator
+    from poptrain.exchange import ExchangePlan, Wire
     from poptrain.couplings import build_couplings
-    from poptrain.population import inspect_population
+    from poptrain.checks import inspect_population
 
     sizes = ctx.sizes
     most = max(sizes.latency_members)
@@ -216,17 +217,19 @@ def exchange_latency(ctx: Context) -> list[dict[str, Any]]:
 
 
 def complete_time_ms(cfg, population, members: int, repeats: int = 200) -> float:
-    """Median time of the coordinator's own work for one round of scalars (``Coordinator.complete``:
-    merge, coupling value and metrics), in this process: the part of a round that is not transport."""
-    from poptrain.coordinator import Coordinator
+    """Median time of the coordinator's own work for one round of scalars (``CouplingEvaluator``'s
+    ``complete_round`` and ``coupling_metrics``: merge, coupling value and metrics), in this process:
+    the part of a round that is not transport."""
+    from poptrain.coordinator import CouplingEvaluator
     from poptrain.couplings import Quantity
 
-    logic = Coordinator(cfg, population)
+    logic = CouplingEvaluator(cfg, population)
     times = []
     for step in range(repeats):
         values = {f"m{i}": {Quantity(f"m{i}", "param", "activation.weight"): np.array([i + 1e-3 * step], dtype=np.float32)} for i in range(members)}
         start = time.perf_counter()
-        logic.complete("param", step, values)
+        logic.complete_round("param", step, values)
+        logic.coupling_metrics("param", step)
         times.append(time.perf_counter() - start)
     return 1000 * statistics.median(times)
 
@@ -305,12 +308,12 @@ def torch_average(sources: int, params: int, repeats: int = 3) -> dict[str, Any]
 
 def coordinator_breakdown(ctx: Context, cfg, population, params: int) -> dict[str, Any]:
     """Where one averaging round's coordinator time goes, timed in this process (no Ray, no
-    members): ``Coordinator.release`` on parameters in shared memory (poptrain's path on one
+    members): ``CouplingEvaluator.complete_round`` on parameters in mapped memory (poptrain's path on one
     node), with and without the coupling metrics (the divergences), and on copies (the path of a
     member on a GPU or another node, whose sends and replies also cross Ray's object store)."""
     import torch
 
-    from poptrain.coordinator import Coordinator
+    from poptrain.coordinator import CouplingEvaluator
     from poptrain.couplings import Quantity
 
     sources = [m for m in cfg.member_names if m != "target"]
@@ -319,13 +322,14 @@ def coordinator_breakdown(ctx: Context, cfg, population, params: int) -> dict[st
     out: dict[str, Any] = {"threads": torch.get_num_threads()}
     quiet = cfg.model_copy(update={"tracking": cfg.tracking.model_copy(update={"log_every": 10**9})})
     for label, run in (("with_metrics", cfg), ("without_metrics", quiet)):
-        logic = Coordinator(run, population)
+        logic = CouplingEvaluator(run, population)
         for member, views in tensors.items():
             logic.attach(member, views)
-        logic.release("param", 0, {m: {} for m in cfg.member_names})  # warm
-        _, out[f"shared_release_{label}_s"] = _time(logic.release, "param", 1, {m: {} for m in cfg.member_names})
+        logic.complete_round("param", 0, {m: {} for m in cfg.member_names})  # warm
+        _, out[f"shared_release_{label}_s"] = _time(logic.complete_round, "param", 1, {m: {} for m in cfg.member_names})
     arrays = {m: {Quantity(m, "param", n): t.numpy() for n, t in tensors[m].items()} for m in sources}
-    _, out["copies_complete_with_metrics_s"] = _time(Coordinator(cfg, population).complete, "param", 0, arrays)
+    copies = CouplingEvaluator(cfg, population)
+    _, out["copies_complete_with_metrics_s"] = _time(lambda: (copies.complete_round("param", 0, arrays), copies.coupling_metrics("param", 0)))
     out["useful_bytes"] = (len(sources) + 1) * params * 4
     return out
 
@@ -338,7 +342,7 @@ def _time(fn, *args):
 
 def averaging_bandwidth(ctx: Context) -> list[dict[str, Any]]:
     import poptrain
-    from poptrain.population import inspect_population
+    from poptrain.checks import inspect_population
 
     sizes = ctx.sizes
     model, params = _avg_model(sizes.avg_params)

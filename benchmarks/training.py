@@ -94,7 +94,7 @@ def single_process(ctx: Context, repeat: int, threads: int) -> dict[str, Any]:
 
     from poptrain.builtins.data import synthetic_classification
     from poptrain.builtins.models import MLP
-    from poptrain.member import BatchStream
+    from poptrain.batches import BatchStream
 
     sizes = ctx.sizes
     previous = torch.get_num_threads()

@@ -17,7 +17,7 @@ standard library) where a round of scalars costs tens of microseconds:
   forward pass), matched by id;
 * a member waits for a reply at most ``exchange.timeout_s`` plus a margin (:func:`reply_bound`),
   either way to the coordinator: the coordinator answers a barrier that waited ``timeout_s`` with
-  its own :class:`~poptrain.coordinator.ExchangeTimeout` naming the missing members, so a reply
+  its own :class:`~poptrain.exchange.ExchangeTimeout` naming the missing members, so a reply
   that does not come even then means the coordinator's exchange thread died or is stuck, which
   no dead process shows the driver. The member raises :class:`ReplyTimeout` and the run fails.
 
@@ -40,7 +40,7 @@ from concurrent.futures import ThreadPoolExecutor
 from multiprocessing.connection import AuthenticationError, Connection, Listener, answer_challenge, deliver_challenge
 from typing import Any, Callable
 
-from poptrain.coordinator import ExchangeTimeout
+from poptrain.exchange import ExchangeTimeout
 
 CONNECT_TIMEOUT_S = 10.0
 HANDSHAKE_TIMEOUT_S = 10.0
@@ -230,7 +230,7 @@ class CoordinatorClient:
             f"{method} of {kind!r} at step {step}: member {member!r} waited {self.bound_s:g} s for the coordinator's reply "
             f"({way}) and the coordinator did not answer, not even with a timeout naming the missing members "
             f"(it gives one after exchange.timeout_s, {self.timeout_s:g} s): its exchange thread may have died or be stuck, "
-            "e.g. in a coupling's exchange_transform or value; see the coordinator's log"
+            "e.g. in a coupling's rewrite or value; see the coordinator's log"
         )
 
     def close(self) -> None:

@@ -9,6 +9,7 @@ import argparse
 import os
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -44,12 +45,10 @@ def main(argv: list[str] | None = None) -> int:
     if "" not in sys.path and os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
     if argv and argv[0] == "compare":  # its own parser: poptrain compare RUN_ID [--all] [--tracking-uri URI]
-        from poptrain.compare import compare_main
-
         return compare_main(argv[1:])
     args = build_parser().parse_args(argv)
     if args.command == "schema":
-        from poptrain.reference import config_reference
+        from poptrain.config_docs import config_reference
 
         print(config_reference())
         return EXIT_OK
@@ -203,3 +202,43 @@ def print_summary(result) -> None:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+def _default_uri() -> str:
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        uri = "sqlite:///" + str(Path(uri[len("sqlite:///") :]).resolve())
+    return uri
+
+
+def compare_main(argv: list[str] | None = None) -> int:
+    """``poptrain compare RUN_ID [--all] [--tracking-uri URI]``: 0, or 2 with a message on stderr."""
+    parser = argparse.ArgumentParser(prog="poptrain compare", description="Compare the member runs of a population.")
+    parser.add_argument("run_id", help="the population's (parent) MLflow run id")
+    parser.add_argument("--all", action="store_true", help="show every param, not only those that differ")
+    parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
+    args = parser.parse_args(argv)
+
+    from mlflow.tracking import MlflowClient
+
+    from poptrain.compare import NotAPopulation, members_table, population_runs, render
+    from poptrain.tracking import TrackingUnavailable, check_tracking_reachable
+
+    uri = args.tracking_uri or _default_uri()
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///") :]).is_file():
+        print(f"poptrain compare: no MLflow store at {uri}; pass --tracking-uri or set $MLFLOW_TRACKING_URI", file=sys.stderr)
+        return EXIT_USAGE  # MlflowClient would create an empty store there
+    try:
+        check_tracking_reachable(uri)
+        client = MlflowClient(uri)
+        parent, members = population_runs(client, args.run_id)
+    except (NotAPopulation, TrackingUnavailable) as exc:
+        print(f"poptrain compare: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    from rich.console import Console
+
+    columns, rows = members_table(members, args.all)
+    console = Console(width=max(100, Console().width))
+    render(columns, rows, title=f"{parent.info.run_name} · {len(members)} members · {parent.info.status}", console=console)
+    console.print(f"population run {args.run_id} at {uri}")
+    return EXIT_OK

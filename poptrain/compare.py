@@ -8,14 +8,9 @@ column per member, one row per param that differs between members (every param w
 
 from __future__ import annotations
 
-import argparse
 import math
-import os
-import sys
-from pathlib import Path
 from typing import Any
 
-EXIT_OK, EXIT_USAGE = 0, 2
 
 # Params that differ between members for reasons other than their config (where they ran), and
 # the member's own name (already the column header): shown only with ``all_params``.
@@ -64,10 +59,10 @@ def compare_table(client, parent_run_id: str, all_params: bool = False) -> tuple
     """``(columns, rows)``: columns ``["kind", "key", <member>...]``; one row per param (kind
     ``param``, string values, None where a member lacks it) that differs between members (every
     param with ``all_params``), then one per key metric (kind ``metric``, its last value or None)."""
-    return _table(population_runs(client, parent_run_id)[1], all_params)
+    return members_table(population_runs(client, parent_run_id)[1], all_params)
 
 
-def _table(members: dict, all_params: bool) -> tuple[list[str], list[list[Any]]]:
+def members_table(members: dict, all_params: bool) -> tuple[list[str], list[list[Any]]]:
     runs = list(members.values())
     rows: list[list[Any]] = []
     params = sorted({k for run in runs for k in run.data.params})
@@ -108,46 +103,3 @@ def render(columns: list[str], rows: list[list[Any]], title: str | None = None, 
     for _, key, *values in metrics:
         table.add_row(f"[bold]{key}[/bold]", *map(_cell, values))
     console.print(table)
-
-
-def _default_uri() -> str:
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
-    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        uri = "sqlite:///" + str(Path(uri[len("sqlite:///") :]).resolve())
-    return uri
-
-
-def compare_main(argv: list[str] | None = None) -> int:
-    """``poptrain compare RUN_ID [--all] [--tracking-uri URI]``: 0, or 2 with a message on stderr."""
-    parser = argparse.ArgumentParser(prog="poptrain compare", description="Compare the member runs of a population.")
-    parser.add_argument("run_id", help="the population's (parent) MLflow run id")
-    parser.add_argument("--all", action="store_true", help="show every param, not only those that differ")
-    parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
-    args = parser.parse_args(argv)
-
-    from mlflow.tracking import MlflowClient
-
-    from poptrain.tracking import TrackingUnavailable, check_tracking_reachable
-
-    uri = args.tracking_uri or _default_uri()
-    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///") :]).is_file():
-        print(f"poptrain compare: no MLflow store at {uri}; pass --tracking-uri or set $MLFLOW_TRACKING_URI", file=sys.stderr)
-        return EXIT_USAGE  # MlflowClient would create an empty store there
-    try:
-        check_tracking_reachable(uri)
-        client = MlflowClient(uri)
-        parent, members = population_runs(client, args.run_id)
-    except (NotAPopulation, TrackingUnavailable) as exc:
-        print(f"poptrain compare: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    from rich.console import Console
-
-    columns, rows = _table(members, args.all)
-    console = Console(width=max(100, Console().width))
-    render(columns, rows, title=f"{parent.info.run_name} · {len(members)} members · {parent.info.status}", console=console)
-    console.print(f"population run {args.run_id} at {uri}")
-    return EXIT_OK
-
-
-if __name__ == "__main__":
-    raise SystemExit(compare_main())

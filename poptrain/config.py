@@ -23,6 +23,8 @@ from typing import Annotated, Any, Literal, Optional, Union
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, ValidationInfo, field_validator, model_validator
 
+from poptrain.registry import resolve_coupling
+
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 NAME_RULE = "must be 1-64 characters of letters, digits, `_`, `.` or `-`, starting with a letter or digit"
 
@@ -646,8 +648,6 @@ def validate_config(raw: dict) -> RunConfig:
     elif cfg.checkpoint.every and cfg.checkpoint.every % cfg.exchange.every:
         problems.append(("checkpoint.every", f"must be a multiple of exchange.every ({cfg.exchange.every}), so checkpoints fall on exchanges; got {cfg.checkpoint.every}"))
 
-    from poptrain.couplings import Coupling, resolve_coupling  # the registry imports this module
-
     typed: list[CouplingConfig] = []
     labels: set[str] = set()
     for index, item in enumerate(raw_couplings):
@@ -684,7 +684,7 @@ def validate_config(raw: dict) -> RunConfig:
         if specific.label in labels:
             problems.append((f"{key}.name", f"duplicate coupling name {specific.label!r}: give each coupling a distinct `name`"))
         labels.add(specific.label)
-        if cfg.exchange.mode == "async" and cls.exchange_transform is not Coupling.exchange_transform:
+        if cfg.exchange.mode == "async" and cls.rewrites_values:
             problems.append((f"{key}.type", f"{item['type']!r} replaces members' values at exchanges, which needs every member at the same exchange: use `exchange.mode: sync`"))
         if cfg.failure.nonfinite == "rollback" and not cls.allows_rollback:
             problems.append((f"{key}.type", f"{item['type']!r} keeps members' parameters identical, which restoring one member from its checkpoint would break: use `failure.nonfinite: skip` or `fail`"))

@@ -1,246 +1,123 @@
 """The coordinator: the exchange barrier, couplings evaluated on the whole population, averaging.
 
-Every ``exchange.every`` steps each participating member calls
-``exchange(kind, step, member, values)`` once per kind it takes part in (``param`` before its
-forward pass, ``loss`` after it, ``grad`` after its backward pass). When the last participant
-of a round arrives the coordinator
+Every ``exchange.every`` steps each participating member sends its values of a kind (``param``,
+``loss``, ``grad``; see :mod:`poptrain.exchange`). In ``sync`` mode, when the last participant
+of a round arrives, :meth:`Coordinator.exchange`
 
 1. merges everyone's values into one population mapping, with the members' parameters that
-   live in memory shared with it (:mod:`poptrain.shared_memory`: never sent),
-2. computes replacements (``exchange_transform``: averaged parameters, summed shared gradients)
-   and writes those of shared parameters in place, after evaluating the couplings that read
-   shared parameters (the members change them once released),
-3. releases every waiting member with the same result object; results over
-   ``SHARE_BY_REFERENCE_BYTES`` are put in Ray's object store once and every member reads the
-   same object by reference (NumPy buffers are read zero-copy from shared memory),
-4. then, with the members already released, evaluates every other coupling whose inputs are
-   all known on the detached population and keeps the values (``coupling/<name>``) in its
-   outbox, which the driver empties into MLflow.
+   live in memory it maps (:mod:`poptrain.mapped_memory`: never sent),
+2. computes the rewrites that are due (:class:`poptrain.couplings.Rewrite`: averaged parameters,
+   summed shared gradients) and writes those of mapped parameters in place, after evaluating the
+   couplings that read mapped parameters (the members change them once released),
+3. releases every waiting member with the same reply,
+4. then, with the members already released, evaluates every other coupling whose inputs are all
+   known on the detached population, for logging (``coupling/<name>`` on the parent run).
 
-Members talk to the coordinator directly; the driver is not on the per-step path. What crosses
-the process boundary is a :class:`Wire` tuple (quantity indices, dtypes and shapes, then one
-``bytes`` buffer or the arrays themselves), not a dict of Quantity -> array: Ray pickles the former several times faster, and a
-round's cost is mostly that per-message overhead (``benchmarks/README.md``).
+In ``async`` mode :meth:`Coordinator.publish` keeps each member's newest values on a board and
+answers with the peers' newest, waiting only while one is more than ``max_staleness`` behind.
+
+Everything here is plain Python, and each concern is a small object a unit test drives without
+Ray: :class:`CouplingEvaluator` (the population's values, rewrites, coupling metrics),
+:class:`Barrier` (sync rounds), :class:`StandIns` (``failure.while_restarting: continue``),
+:class:`ReplayHistory` (rounds a restarted member replays), :class:`AsyncBoard` and
+:class:`MetricRecorder`. :class:`Coordinator` puts them together under one lock.
+:class:`CoordinatorActor` is the thin Ray actor around it: threads, the wire, the channel.
 """
 
 from __future__ import annotations
 
-import inspect
 import threading
 import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
 
 from poptrain.config import RunConfig
-from poptrain.couplings import Coupling, PopulationInfo, Quantity, build_couplings
+from poptrain.couplings import PopulationInfo, Quantity, build_couplings
 from poptrain.couplings.base import PHASES
-from poptrain.tracking import Item, MetricsOutbox
+from poptrain.exchange import BY_REFERENCE_BYTES, ExchangePlan, ExchangeTimeout, Reply, Wire, as_numpy, by_reference
+from poptrain.outbox import Item, MetricsOutbox
 
-SHARE_BY_REFERENCE_BYTES = 256 * 1024
-# Payloads at least this large travel as separate NumPy arrays (Ray passes them out of band and a
-# reader maps them zero-copy); smaller ones as one ``bytes`` object (the cheapest thing to pickle).
-FLAT_BYTES_LIMIT = 64 * 1024
+Values = dict[Quantity, np.ndarray]
 
 
-class ExchangeTimeout(RuntimeError):
-    """A barrier waited longer than ``exchange.timeout_s`` for some members."""
+def exchange_plan(run: RunConfig, couplings, population: PopulationInfo) -> ExchangePlan:
+    """The plan both ends build: parameters may be mapped only at a sync barrier (see ExchangePlan)."""
+    return ExchangePlan(couplings, population, mapped_params=run.exchange.shared_memory and run.exchange.mode == "sync")
 
 
-class ExchangePlan:
-    """Who sends, receives and takes part in each kind of exchange, derived from the couplings.
-
-    Members and the coordinator build the same plan from the same config, so nothing about the
-    plan itself crosses the network.
-    """
-
-    def __init__(self, couplings: list[Coupling], population: PopulationInfo):
-        members = population.members
-        self.sends: dict[str, dict[str, list[Quantity]]] = {m: {k: [] for k in PHASES} for m in members}
-        self.receives: dict[str, set[Quantity]] = {m: set() for m in members}
-        self.reads_for_terms: dict[str, set[Quantity]] = {m: set() for m in members}
-        self.replaced: dict[str, set[Quantity]] = {m: set() for m in members}
-        takes_part: dict[str, set[str]] = {k: set() for k in PHASES}
-        for coupling in couplings:
-            reads = coupling.reads()
-            for q in reads:
-                if q not in self.sends[q.member][q.kind]:
-                    self.sends[q.member][q.kind].append(q)
-                takes_part[q.kind].add(q.member)
-            for member in coupling.trains:
-                self.reads_for_terms[member].update(reads)
-                for q in reads:
-                    if q.member != member:
-                        self.receives[member].add(q)
-                        takes_part[q.kind].add(member)
-            for q in coupling.writes():
-                self.replaced[q.member].add(q)
-                takes_part[q.kind].add(q.member)
-        for sends in self.sends.values():
-            for kind in PHASES:
-                sends[kind].sort()
-        self.replaces_params = any("param" in c.transforms() for c in couplings)
-        self.received = set().union(*self.receives.values())  # what any member reads of its peers
-        # Parameters only the coordinator reads or writes (averaged, shared): what a member may keep
-        # in memory shared with the coordinator (poptrain.shared_memory) instead of sending copies.
-        self.coordinator_only: dict[str, list[str]] = {}
-        for m in members:
-            names = {q.key for q in self.sends[m]["param"] if q not in self.received}
-            names |= {q.key for q in self.replaced[m] if q.kind == "param" and q not in self.received}
-            self.coordinator_only[m] = sorted(names)
-        # Fixed member order, so every round's participants are listed the same way everywhere.
-        self.participants: dict[str, list[str]] = {k: [m for m in members if m in takes_part[k]] for k in PHASES}
-
-
-def as_numpy(tensor: torch.Tensor) -> np.ndarray:
-    """A CPU tensor as a contiguous NumPy array, without a copy where it already is one. bfloat16,
-    which NumPy lacks, becomes a float32 copy (exact: every bfloat16 is a float32); whoever writes
-    it back into a bfloat16 tensor casts it there."""
-    tensor = tensor.detach()
-    return (tensor.float() if tensor.dtype == torch.bfloat16 else tensor).contiguous().numpy()
-
-
-class Wire:
-    """The flat transport of exchanged values between members and the coordinator.
-
-    ``pack({Quantity: array})`` gives ``(indices, layout, payload)``: each quantity's index in a
-    table both ends build from the same :class:`ExchangePlan`, each array's dtype and shape, and
-    the bytes: one ``bytes`` object for small payloads, the arrays themselves (read zero-copy from
-    Ray's shared memory) from ``FLAT_BYTES_LIMIT`` on. Shapes and dtypes come back as they were,
-    0-d arrays (losses) included. ``unpack`` gives back read-only arrays
-    that view the payload (no copy). An empty mapping packs to ``()``.
-    """
-
-    def __init__(self, plan: ExchangePlan):
-        table: set[Quantity] = set()
-        for sends in plan.sends.values():
-            for quantities in sends.values():
-                table.update(quantities)
-        for replaced in plan.replaced.values():
-            table.update(replaced)
-        self.table = sorted(table)
-        self.index = {q: i for i, q in enumerate(self.table)}
-
-    def pack(self, values: dict[Quantity, np.ndarray]) -> tuple:
-        if not values:
-            return ()
-        arrays = [np.require(a, requirements="C") for a in values.values()]  # keeps 0-d arrays 0-d
-        indices = tuple(self.index[q] for q in values)
-        layout = tuple((a.dtype.str, a.shape) for a in arrays)
-        if sum(a.nbytes for a in arrays) >= FLAT_BYTES_LIMIT:
-            return indices, layout, arrays
-        return indices, layout, b"".join(a.tobytes() for a in arrays)
-
-    def unpack(self, wire: tuple) -> dict[Quantity, np.ndarray]:
-        if not wire:
-            return {}
-        indices, layout, payload = wire
-        if not isinstance(payload, bytes):
-            return {self.table[i]: a for i, a in zip(indices, payload)}
-        out, offset = {}, 0
-        for i, (dtype, shape) in zip(indices, layout):
-            dtype = np.dtype(dtype)
-            count = int(np.prod(shape, dtype=np.int64))
-            out[self.table[i]] = np.frombuffer(payload, dtype, count, offset).reshape(shape)
-            offset += count * dtype.itemsize
-        return out
-
-    def pack_result(self, result: dict) -> tuple:
-        """A round's result (``values``, ``replace``, and in async mode the peers' ``steps``)."""
-        return self.pack(result["values"]), self.pack(result["replace"]), result.get("steps")
-
-    def unpack_result(self, wire: tuple) -> dict:
-        values, replace, steps = wire
-        return {"values": self.unpack(values), "replace": self.unpack(replace), **({"steps": steps} if steps else {})}
-
-
-@dataclass
-class Round:
-    expected: list[str]
-    values: dict[str, dict[Quantity, np.ndarray]] = field(default_factory=dict)
-    done: threading.Event = field(default_factory=threading.Event)
-    result: Any = None
-
-
-class Coordinator:
-    """The coordinator's logic, without Ray: completing one exchange round."""
+class CouplingEvaluator:
+    """The population's latest values, the rewrites couplings make, and the couplings' values for logging."""
 
     def __init__(self, run: RunConfig, population: PopulationInfo):
         self.run = run
         self.couplings = build_couplings(run.couplings, population)
-        self.plan = ExchangePlan(self.couplings, population)
+        self.plan = exchange_plan(run, self.couplings, population)
+        self.rewrites = [(c, r) for c in self.couplings for r in c.rewrites()]
         self.latest: dict[Quantity, torch.Tensor] = {}  # the most recent value of every exchanged quantity
         # Each coupling is evaluated for logging at the last phase whose values it reads.
-        self.evaluated_at = {c.name: max((PHASES.index(q.kind) for q in c.reads()), default=0) for c in self.couplings}
-        # Members' parameters in memory shared with this process (poptrain.shared_memory): read and
-        # written in place, never sent. Couplings reading them are evaluated before the release.
-        self.shared: dict[Quantity, torch.Tensor] = {}
-        self.shared_by_member: dict[str, list[Quantity]] = {}
-        self.reads_shared: set[str] = set()
-        self.writes_into = {c.name: "out" in inspect.signature(c.exchange_transform).parameters for c in self.couplings}
+        self.evaluated_at = {c.name: PHASES[max((PHASES.index(q.kind) for q in c.reads()), default=0)] for c in self.couplings}
+        # Members' parameters in memory this process maps: read and written in place, never sent.
+        # Couplings reading them are evaluated before the release ("early"), as members change them then.
+        self.mapped: dict[Quantity, torch.Tensor] = {}
+        self.mapped_by_member: dict[str, list[Quantity]] = {}
+        self.reads_mapped: set[str] = set()
         self.early_metrics: dict[tuple[str, int], dict[str, float]] = {}  # (kind, step) -> metrics
 
     def attach(self, member: str, views: dict[str, torch.Tensor]) -> None:
         """``member``'s parameters ``views`` (name -> tensor) live in memory this process maps."""
-        for q in self.shared_by_member.pop(member, []):
-            del self.shared[q]
+        for q in self.mapped_by_member.pop(member, []):
+            del self.mapped[q]
         quantities = {Quantity(member, "param", name): view for name, view in views.items()}
-        self.shared.update(quantities)
-        self.shared_by_member[member] = list(quantities)
-        self.reads_shared = {c.name for c in self.couplings if any(q in self.shared for q in c.reads())}
+        self.mapped.update(quantities)
+        self.mapped_by_member[member] = list(quantities)
+        self.reads_mapped = {c.name for c in self.couplings if any(q in self.mapped for q in c.reads())}
 
-    def complete(self, kind: str, step: int, values: dict[str, dict[Quantity, np.ndarray]]) -> tuple[dict, dict[str, float]]:
-        """Merge one round; returns (the result every member receives, coupling metrics to log)."""
-        return self.release(kind, step, values), self.coupling_metrics(kind, step)
-
-    def release(self, kind: str, step: int, values: dict[str, dict[Quantity, np.ndarray]]) -> dict:
-        """Merge one round; returns what every member receives: ``values`` (what peers read),
-        ``replace`` (replacements to send) and ``written`` (replacements already written into
-        members' shared parameters, which need no sending). The round's coupling metrics are
+    def complete_round(self, kind: str, step: int, values: dict[str, Values]) -> tuple[Reply, dict[Quantity, torch.Tensor]]:
+        """Merge one sync round: (the reply every member receives, the rewrites already written into
+        members' mapped parameters, which need no sending). The round's coupling metrics are
         :meth:`coupling_metrics`, computed after the members are released, except for couplings
-        reading shared parameters: those are computed here, before the members change them."""
-        merged: dict[Quantity, np.ndarray] = {}
+        reading mapped parameters: those are computed here, before the members change them."""
+        merged: Values = {}
         for member_values in values.values():
             merged.update(member_values)
         self.observe(merged)
         if kind == "param":
             for member in values:
-                for q in self.shared_by_member.get(member, ()):
-                    self.latest[q] = self.shared[q]
+                for q in self.mapped_by_member.get(member, ()):
+                    self.latest[q] = self.mapped[q]
         # Derived from the step, not counted, so a resumed or restarted run needs no coordinator state.
         index = step // self.run.exchange.every
-
-        replace: dict[Quantity, np.ndarray] = {}
-        into_shared: dict[Quantity, torch.Tensor] = {}
-        for coupling in self.couplings:
-            if kind not in coupling.transforms():
+        final = kind == "param" and step == self.run.steps
+        replace: Values = {}
+        into_mapped: dict[Quantity, torch.Tensor] = {}
+        for coupling, rewrite in self.rewrites:
+            if rewrite.kind != kind or not rewrite.due(index, final):
                 continue
-            final = kind == "param" and step == self.run.steps
-            out = {q: self.shared[q] for q in coupling.writes() if q in self.shared} if self.writes_into[coupling.name] else {}
-            produced = coupling.exchange_transform(kind, self.latest, index, final, **({"out": out} if out else {}))
-            for q, tensor in produced.items():
-                if q in self.shared:
-                    into_shared[q] = tensor
+            out = {q: self.mapped[q] for q in rewrite.quantities if q in self.mapped} if rewrite.in_place else {}
+            for q, tensor in coupling.rewrite(kind, self.latest, out).items():
+                if q in self.mapped:
+                    into_mapped[q] = tensor
                 else:
                     replace[q] = as_numpy(tensor)
-        # Metrics of couplings reading shared parameters: now, before these are overwritten below
+        # Metrics of couplings reading mapped parameters: now, before these are overwritten below
         # (averaging back into the members) or changed by the members once released.
-        early = self.coupling_metrics(kind, step, early=True) if self.reads_shared else {}
+        early = self.coupling_metrics(kind, step, early=True) if self.reads_mapped else {}
         if early:
             self.early_metrics[(kind, step)] = early
         with torch.no_grad():
-            for q, tensor in into_shared.items():
-                if tensor is not self.shared[q]:  # else the coupling computed it in place
-                    self.shared[q].copy_(tensor)
-        written = {q: self.shared[q] for q in into_shared}
+            for q, tensor in into_mapped.items():
+                if tensor is not self.mapped[q]:  # else the coupling computed it in place
+                    self.mapped[q].copy_(tensor)
         # Send back only what some member reads of its peers (averaged sources, say, go nowhere).
         wanted = {q: a for q, a in merged.items() if q in self.plan.received}
-        return {"values": wanted, "replace": replace, "written": written}
+        return Reply(wanted, replace), {q: self.mapped[q] for q in into_mapped}
 
-    def observe(self, values: dict[Quantity, np.ndarray]) -> None:
+    def observe(self, values: Values) -> None:
         """Keep each value as the latest. Arrays from Ray are read-only views of its shared memory,
         which nobody can change: they are kept as they are (zero-copy). A writable array (a caller
         in the same process) may change under us, so it is copied."""
@@ -254,15 +131,15 @@ class Coordinator:
 
     def coupling_metrics(self, kind: str, step: int, early: bool = False) -> dict[str, float]:
         """Every coupling evaluated at ``kind`` on the latest population values (on logged steps).
-        Couplings reading shared parameters are evaluated by :meth:`release` (``early``), before
-        the members change those; their values are taken from there."""
+        Couplings reading mapped parameters are evaluated by :meth:`complete_round` (``early``),
+        before the members change those; their values are taken from there."""
         metrics = {} if early else self.early_metrics.pop((kind, step), {})
         if step % self.run.tracking.log_every:
             return metrics
         for coupling in self.couplings:
-            if (coupling.name in self.reads_shared) != early:
+            if (coupling.name in self.reads_mapped) != early:
                 continue
-            if PHASES[self.evaluated_at[coupling.name]] != kind or any(q not in self.latest for q in coupling.reads()):
+            if self.evaluated_at[coupling.name] != kind or any(q not in self.latest for q in coupling.reads()):
                 continue
             with torch.no_grad():
                 value = coupling.value(self.latest)
@@ -273,8 +150,309 @@ class Coordinator:
         return metrics
 
 
+@dataclass
+class Round:
+    """One sync round (kind, step): who is expected, what has arrived, and the reply once complete."""
+
+    expected: list[str]
+    values: dict[str, Values] = field(default_factory=dict)
+    done: threading.Event = field(default_factory=threading.Event)
+    result: Any = None
+
+    def missing(self) -> list[str]:
+        return [m for m in self.expected if m not in self.values]
+
+
+class Barrier:
+    """The open sync rounds, one per (kind, step)."""
+
+    def __init__(self, participants: dict[str, list[str]]):
+        self.participants = participants
+        self.rounds: dict[tuple[str, int], Round] = {}
+
+    def arrive(self, kind: str, step: int, member: str, values: Values) -> Round:
+        rnd = self.rounds.get((kind, step))
+        if rnd is None:
+            rnd = self.rounds[(kind, step)] = Round(expected=self.participants[kind])
+        rnd.values[member] = values
+        return rnd
+
+    def close(self, kind: str, step: int, result: Any) -> None:
+        """Release the members waiting at round (kind, step) with ``result``."""
+        rnd = self.rounds.pop((kind, step))
+        rnd.result = result
+        rnd.done.set()
+
+
+class StandIns:
+    """``failure.while_restarting: continue``: members whose process died, or that replay behind
+    their peers since, are *lagging*; rounds complete without them, their most recent values
+    standing in. Each lagging member *pins* the oldest round it has yet to replay."""
+
+    def __init__(self, enabled: bool, checkpoint_every: int):
+        self.enabled, self.checkpoint_every = enabled, checkpoint_every
+        self.lagging: set[str] = set()
+        self.pinned: dict[str, int] = {}
+        self.last_values: dict[str, dict[str, Values]] = {}  # kind -> member -> its most recent values
+        self.last_step: dict[str, int] = {}
+
+    def note(self, kind: str, step: int, member: str, values: Values) -> None:
+        if self.enabled:
+            self.last_values.setdefault(kind, {})[member] = values
+            self.last_step[member] = step
+
+    def replayed(self, member: str, step: int) -> None:
+        """``member`` replays a completed round at ``step``: what it pins moves on."""
+        if member in self.pinned:
+            self.pinned[member] = step
+
+    def caught_up(self, member: str) -> None:
+        """``member`` is at its peers' step again: they wait for it from now on."""
+        self.lagging.discard(member)
+        self.pinned.pop(member, None)
+
+    def down(self, member: str) -> None:
+        """``member``'s process died: it will replay from its checkpoint (the one before its last
+        step, in case it died writing the newest)."""
+        self.lagging.add(member)
+        every = self.checkpoint_every or 1
+        self.pinned[member] = max(0, (self.last_step.get(member, 0) // every - 1) * every)
+
+    def fill(self, kind: str, rnd: Round) -> dict[str, Values] | None:
+        """The round's values with lagging members' stand-ins, or None while someone is still missing."""
+        values = dict(rnd.values)
+        for m in rnd.expected:
+            if m not in values and m in self.lagging and m in self.last_values.get(kind, {}):
+                values[m] = self.last_values[kind][m]
+        return values if len(values) == len(rnd.expected) else None
+
+
+class ReplayHistory:
+    """Replies of completed rounds, kept long enough for a member restarted from its latest
+    checkpoint to replay up to its peers: it gets exactly what it got the first time."""
+
+    def __init__(self, steps: int):
+        self.steps = steps  # 0: no history (checkpoints off)
+        self.completed: dict[tuple[str, int], Any] = {}
+
+    def get(self, kind: str, step: int) -> Any | None:
+        return self.completed.get((kind, step))
+
+    def remember(self, kind: str, step: int, reply: Any, pinned: list[int]) -> None:
+        if not self.steps:
+            return
+        self.completed[(kind, step)] = reply
+        oldest = min([step - self.steps, *pinned])
+        while self.completed:  # oldest first: rounds complete in step order
+            first = next(iter(self.completed))
+            if first[1] >= oldest:
+                break
+            del self.completed[first]
+
+
+class AsyncBoard:
+    """``async`` mode: each member's newest values per kind, and the newest step logged per kind."""
+
+    def __init__(self, participants: dict[str, list[str]], max_staleness: int, every: int):
+        self.participants, self.max_staleness, self.every = participants, max_staleness, every
+        self.newest: dict[str, dict[str, tuple[int, Values]]] = {k: {} for k in PHASES}
+        self.logged: dict[str, int] = {}
+
+    def post(self, kind: str, step: int, member: str, values: Values) -> bool:
+        """Record ``member``'s values of ``step``; whether they are its newest. Two publishes of one
+        member may be handled on different threads in either order: an older one never replaces
+        a newer one."""
+        current = self.newest[kind].get(member)
+        if current is not None and current[0] > step:
+            return False
+        self.newest[kind][member] = (step, values)
+        return True
+
+    def behind(self, kind: str, member: str, used_at: int) -> dict[str, int | str]:
+        """The peers whose newest values are more than ``max_staleness`` exchanges older than ``used_at``."""
+        oldest = used_at - self.max_staleness * self.every
+        newest = self.newest[kind]
+        return {p: newest[p][0] if p in newest else "none yet" for p in self.participants[kind] if p != member and not (p in newest and newest[p][0] >= oldest)}
+
+    def peers(self, kind: str, member: str) -> Reply:
+        newest = self.newest[kind]
+        values = {q: a for p, (_, vals) in newest.items() if p != member for q, a in vals.items()}
+        return Reply(values, {}, {p: s for p, (s, _) in newest.items() if p != member})
+
+    def to_log(self, kind: str, step: int) -> bool:
+        """Whether ``step``'s coupling metrics should be recorded now: everyone has posted, and no
+        later step of ``kind`` was recorded yet."""
+        if step <= self.logged.get(kind, -1) or len(self.newest[kind]) < len(self.participants[kind]):
+            return False
+        self.logged[kind] = step
+        return True
+
+
+class MetricRecorder:
+    """Coupling metrics for the parent run, in an outbox the driver empties. At the last exchange
+    step before a checkpoint step, what the outbox has not seen written is saved beside the
+    members' checkpoints: every round of that step completes before the last member can write its
+    checkpoint (it exchanges there first), so a complete checkpoint at step c always has the
+    coupling metrics of the steps before c, and a resumed run writes them."""
+
+    def __init__(self, run: RunConfig, run_dir: str | None):
+        from poptrain.checkpoint import load_coordinator_metrics
+
+        self.every, self.checkpoint_every = run.exchange.every, run.checkpoint.every
+        self.run_dir = run_dir if run.checkpoint.every else None
+        self.outbox = MetricsOutbox(load_coordinator_metrics(run_dir) if self.run_dir else [])
+
+    def record(self, step: int, metrics: dict[str, float]) -> None:
+        if metrics:
+            self.outbox.add([(k, v, step, int(time.time() * 1000)) for k, v in metrics.items()])
+        if self.run_dir is not None and (step + self.every) % self.checkpoint_every == 0:
+            from poptrain.checkpoint import coordinator_metrics_path, save_atomic
+
+            save_atomic(self.outbox.unwritten(), coordinator_metrics_path(self.run_dir))
+
+
+class Coordinator:
+    """The coordinator's logic: thread-safe, without Ray. ``pack`` turns a :class:`Reply` into
+    what callers receive (the actor packs it for the wire; in one process it can stay as it is)."""
+
+    def __init__(self, run: RunConfig, population: PopulationInfo, run_dir: str | None = None, pack: Callable[[Reply], Any] = lambda r: r):
+        self.run, self.pack = run, pack
+        self.evaluator = CouplingEvaluator(run, population)
+        self.plan = self.evaluator.plan
+        self.barrier = Barrier(self.plan.participants)
+        self.stand_ins = StandIns(run.failure.while_restarting == "continue", run.checkpoint.every)
+        self.history = ReplayHistory(2 * run.checkpoint.every + run.exchange.every if run.checkpoint.every else 0)
+        self.board = AsyncBoard(self.plan.participants, run.exchange.max_staleness, run.exchange.every)
+        self.recorder = MetricRecorder(run, run_dir)
+        self.timeout_s = run.exchange.timeout_s
+        self.aborted: str | None = None  # why the run stopped (see abort)
+        self.lock = threading.Condition()  # guards everything above; async publishes wait on it
+
+    def attach(self, member: str, views: dict[str, torch.Tensor]) -> None:
+        with self.lock:
+            self.evaluator.attach(member, views)
+
+    def exchange(self, kind: str, step: int, member: str, values: Values) -> Any:
+        """``sync`` mode: ``member``'s values for round (kind, step); returns the round's reply once
+        every participant has sent its values (at most ``exchange.timeout_s`` later)."""
+        with self.lock:
+            self._raise_if_aborted()
+            self.stand_ins.note(kind, step, member, values)
+            replay = self.history.get(kind, step)
+            if replay is not None:  # a restarted member replaying a round its peers have finished
+                self.stand_ins.replayed(member, step)
+                return replay
+            self.stand_ins.caught_up(member)
+            rnd = self.barrier.arrive(kind, step, member, values)
+            completed = self._complete_if_ready(kind, step, rnd)
+        if completed:
+            with self.lock:  # the peers are on their way already; this member logs the round
+                self.recorder.record(step, self.evaluator.coupling_metrics(kind, step))
+        elif not rnd.done.wait(self.timeout_s):
+            with self.lock:
+                self._raise_if_aborted()
+                if not rnd.done.is_set():  # else it completed while this thread waited for the lock
+                    raise ExchangeTimeout(
+                        f"exchange of {kind!r} at step {step}: member {member!r} waited {self.timeout_s:g} s for "
+                        f"{rnd.missing()} (exchange.timeout_s). A peer is stalled or dead; see its log."
+                    )
+        with self.lock:
+            if rnd.result is None:
+                self._raise_if_aborted()
+        return rnd.result
+
+    def abort(self, reason: str) -> None:
+        """The run is stopping (a member failed): every member waiting here, or arriving later,
+        raises instead of waiting out ``exchange.timeout_s`` for a peer that will not come."""
+        with self.lock:
+            self.aborted = reason
+            for rnd in self.barrier.rounds.values():
+                rnd.done.set()
+            self.lock.notify_all()
+
+    def _raise_if_aborted(self) -> None:
+        if self.aborted is not None:
+            raise ExchangeTimeout(f"the exchange was stopped: {self.aborted}")
+
+    def _complete_if_ready(self, kind: str, step: int, rnd: Round) -> bool:
+        """Complete ``rnd`` once every participant (or its stand-in) has sent its values; release the
+        waiting members. Whether it completed. The caller holds the lock and records the metrics."""
+        values = self.stand_ins.fill(kind, rnd)
+        if values is None:
+            return False
+        reply, written = self.evaluator.complete_round(kind, step, values)
+        packed = self.pack(reply)
+        replay = packed
+        if self.history.steps and written:
+            # A member replaying this round from its checkpoint needs the values written in place,
+            # as they are now: a copy goes into the history.
+            copies = {q: np.array(as_numpy(t), copy=True) for q, t in written.items()}
+            replay = self.pack(Reply(reply.values, {**reply.replace, **copies}))
+        self.barrier.close(kind, step, packed)
+        self.history.remember(kind, step, replay, list(self.stand_ins.pinned.values()))
+        return True
+
+    def publish(self, kind: str, step: int, member: str, values: Values, used_at: int | None = None) -> Any:
+        """``async`` mode: record a member's values and return the freshest values of its peers,
+        waiting only while a peer's newest values are more than ``max_staleness`` exchanges older
+        than ``used_at``, the step at which the member will use the reply (default ``step``)."""
+        with self.lock:
+            if self.board.post(kind, step, member, values):
+                self.evaluator.observe(values)
+            self.lock.notify_all()
+            used_at = step if used_at is None else used_at
+            if not self.lock.wait_for(lambda: self.aborted or not self.board.behind(kind, member, used_at), self.timeout_s):
+                raise ExchangeTimeout(
+                    f"async exchange of {kind!r} at step {step}: member {member!r} waited {self.timeout_s:g} s for peers "
+                    f"more than {self.run.exchange.max_staleness} exchange(s) behind, at steps {self.board.behind(kind, member, used_at)} "
+                    "(exchange.timeout_s)"
+                )
+            self._raise_if_aborted()
+            if self.board.to_log(kind, step):
+                self.recorder.record(step, self.evaluator.coupling_metrics(kind, step))
+            reply = self.board.peers(kind, member)
+        return self.pack(reply)
+
+    def member_down(self, member: str) -> None:
+        """The driver saw ``member``'s process die (``failure.while_restarting: continue``): complete
+        the rounds waiting for it with its most recent values, and keep every round it will replay."""
+        with self.lock:
+            self.stand_ins.down(member)
+            for (kind, step), rnd in list(self.barrier.rounds.items()):
+                if self._complete_if_ready(kind, step, rnd):
+                    self.recorder.record(step, self.evaluator.coupling_metrics(kind, step))
+
+    def take_metrics(self, written: bool, resend: bool = False) -> list[Item]:
+        """The coupling metrics since the last call (see :class:`MetricsOutbox`)."""
+        with self.lock:
+            return self.recorder.outbox.take(written, resend)
+
+
+class InProcessClient:
+    """A member's client for a :class:`Coordinator` in the same process (tests, benchmarks): calls
+    go through the same wire and the same barrier as an actor's, each on a thread of its own."""
+
+    def __init__(self, coordinator: Coordinator, wire: Wire, threads: int):
+        self.coordinator, self.wire = coordinator, wire
+        self.pool = ThreadPoolExecutor(threads, thread_name_prefix="poptrain-in-process")
+
+    def call(self, method: str, kind: str, step: int, member: str, packed: tuple, *rest) -> Callable[[], Any]:
+        future = self.pool.submit(getattr(self.coordinator, method), kind, step, member, self.wire.unpack(packed), *rest)
+        return future.result
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False)
+
+
+def in_process_coordinator(run: RunConfig, population: PopulationInfo) -> tuple[Coordinator, Wire]:
+    """A coordinator whose replies are packed for the wire, as the actor's are (no Ray)."""
+    wire = Wire(exchange_plan(run, build_couplings(run.couplings, population), population))
+    return Coordinator(run, population, pack=wire.pack_reply), wire
+
+
 class CoordinatorActor:
-    """Threaded Ray actor around :class:`Coordinator`: one barrier per (kind, step).
+    """Threaded Ray actor around :class:`Coordinator`: unpacks members' values from the wire, packs
+    replies (large ones by reference), and listens on a direct connection (:mod:`poptrain.channel`).
 
     Every call runs on a thread of its own (``max_concurrency``, see :func:`start_coordinator`)
     and blocks at the barrier on an event, outside the lock that guards the coordinator's state.
@@ -293,55 +471,26 @@ class CoordinatorActor:
         return True
 
     def park(self) -> bool:
-        """Let go of the finished run (its state, round history, members' shared memory, the
+        """Let go of the finished run (its state, round history, members' mapped memory, the
         channel) while this warm process waits for the next."""
         import gc
 
         if self.server is not None:
             self.server.close()
-        self.server = self.logic = self.rounds = self.completed = self.published = self.outbox = None
-        gc.collect()  # unmaps the last run's shared-memory parameters (their files are gone already)
+        self.server = self.coordinator = None
+        gc.collect()  # unmaps the last run's mapped parameters (their files are gone already)
         return True
 
     def _start(self, run: RunConfig, population: PopulationInfo, run_dir: str | None) -> None:
-        from poptrain.checkpoint import load_coordinator_metrics
-
-        self.logic = Coordinator(run, population)
-        self.wire = Wire(self.logic.plan)
-        self.lock = threading.Condition()  # guards everything below; async publishes wait on it
-        # Coupling metrics, taken by the driver. What it had not seen written by the last exchange
-        # before a checkpoint step is saved beside the members' checkpoints, so a resumed run
-        # writes it (members replay only from their checkpoint, so the coordinator would not
-        # compute those steps again).
-        self.run_dir = run_dir if run.checkpoint.every else None
-        self.outbox = MetricsOutbox(load_coordinator_metrics(run_dir) if self.run_dir else [])
-        self.timeout_s = run.exchange.timeout_s
-        self.rounds: dict[tuple[str, int], Round] = {}
-        # Results of completed rounds, kept long enough for a member restarted from its latest
-        # checkpoint to replay up to its peers: it gets exactly what it got the first time.
-        self.completed: dict[tuple[str, int], Any] = {}
-        self.history_steps = 2 * run.checkpoint.every + run.exchange.every if run.checkpoint.every else 0
-        # `failure.while_restarting: continue`: members whose process died, or that replay behind
-        # their peers since; rounds complete without them, with their most recent values. Each
-        # pins the completed rounds it has yet to replay.
-        self.continue_without_dead = run.failure.while_restarting == "continue"
-        self.checkpoint_every = run.checkpoint.every
-        self.lagging: set[str] = set()
-        self.pinned: dict[str, int] = {}
-        self.last_values: dict[str, dict[str, dict]] = {}  # kind -> member -> its most recent values
-        self.last_step: dict[str, int] = {}
-        # async mode: each member's newest values per kind
-        self.max_staleness = run.exchange.max_staleness
-        self.published: dict[str, dict[str, tuple[int, dict]]] = {}
-        self.logged: dict[str, int] = {}
-        # Members reach exchange/publish over a direct connection when every value is small
-        # (poptrain.channel); else with Ray calls, whose object store carries large arrays zero-copy.
         import ray
 
+        self.wire = Wire(exchange_plan(run, build_couplings(run.couplings, population), population))
+        self.coordinator = Coordinator(run, population, run_dir, pack=lambda r: by_reference(self.wire.pack_reply(r)))
         self.node_id = ray.get_runtime_context().get_node_id()
+        # Members reach exchange/publish over a direct connection when every value is small
+        # (poptrain.channel); else with Ray calls, whose object store carries large arrays zero-copy.
         self.server = None
         if self._values_are_small(population):
-
             from poptrain.channel import ChannelServer
 
             host = ray.util.get_node_ip_address()
@@ -356,23 +505,22 @@ class CoordinatorActor:
                 warnings.warn(f"poptrain: the coordinator cannot listen on {host} ({exc}); members exchange through Ray calls", RuntimeWarning, stacklevel=2)
 
     def _values_are_small(self, population: PopulationInfo) -> bool:
-        plan = self.logic.plan
+        plan = self.coordinator.plan
         if any(plan.replaced.values()):  # averaging, sharing: whole parameters come back
             return False
         elements = sum(1 if q.kind == "loss" else int(np.prod(population.param_shapes[q.member][q.key])) for q in self.wire.table)
-        return 8 * elements < SHARE_BY_REFERENCE_BYTES
+        return 8 * elements < BY_REFERENCE_BYTES
 
     def attach(self, member: str, layout) -> bool:
-        """``member`` keeps its coordinator-only parameters in shared memory (a
-        :class:`poptrain.shared_memory.SharedLayout`): map it, when on this node. Whether it did;
+        """``member`` keeps its coordinator-only parameters in mapped memory (a
+        :class:`poptrain.mapped_memory.MappedLayout`): map it, when on this node. Whether it did;
         if not, the member sends copies."""
-        from poptrain import shared_memory
+        from poptrain import mapped_memory
 
-        views = shared_memory.attach(layout, self.node_id)
+        views = mapped_memory.attach(layout, self.node_id)
         if views is None:
             return False
-        with self.lock:
-            self.logic.attach(member, views)
+        self.coordinator.attach(member, views)
         return True
 
     def channel(self) -> tuple[tuple[str, int], bytes] | None:
@@ -380,140 +528,19 @@ class CoordinatorActor:
         and :meth:`publish` through Ray."""
         return None if self.server is None else (self.server.address, self.server.authkey)
 
-    def exchange(self, kind: str, step: int, member: str, wire: tuple):
-        """``sync`` mode: ``member``'s values (a :class:`Wire` tuple) for round (kind, step); returns
-        the round's packed result once every participant has sent its values."""
-        values = self.wire.unpack(wire)
-        key = (kind, step)
-        with self.lock:
-            if self.continue_without_dead:
-                self.last_values.setdefault(kind, {})[member] = values
-                self.last_step[member] = step
-            if key in self.completed:  # a restarted member replaying a round its peers have finished
-                if member in self.pinned:
-                    self.pinned[member] = step
-                return self.completed[key]
-            self.lagging.discard(member)  # at its peers' step again: they wait for it from now on
-            self.pinned.pop(member, None)
-            rnd = self.rounds.get(key)
-            if rnd is None:
-                rnd = self.rounds[key] = Round(expected=self.logic.plan.participants[kind])
-            rnd.values[member] = values
-            completed = self._complete_if_ready(key, rnd)
-        if completed:
-            with self.lock:  # the peers are on their way already; this member logs the round
-                self._record(step, self.logic.coupling_metrics(kind, step))
-        elif not rnd.done.wait(self.timeout_s):
-            with self.lock:
-                missing = [m for m in rnd.expected if m not in rnd.values]
-            raise ExchangeTimeout(
-                f"exchange of {kind!r} at step {step}: member {member!r} waited {self.timeout_s:g} s for "
-                f"{missing} (exchange.timeout_s). A peer is stalled or dead; see its log."
-            )
-        return rnd.result
+    def exchange(self, kind: str, step: int, member: str, packed: tuple):
+        """``sync`` mode: see :meth:`Coordinator.exchange`; values and reply as :class:`Wire` tuples."""
+        return self.coordinator.exchange(kind, step, member, self.wire.unpack(packed))
 
-    def publish(self, kind: str, step: int, member: str, wire: tuple, used_at: int | None = None):
-        """``async`` mode: record a member's values and return the freshest values of its peers,
-        waiting only while a peer's newest values are more than ``max_staleness`` exchanges older
-        than ``used_at``, the step at which the member will use the reply (default ``step``)."""
-        values = self.wire.unpack(wire)
-        with self.lock:
-            newest = self.published.setdefault(kind, {})
-            newest[member] = (step, values)
-            self.logic.observe(values)
-            self.lock.notify_all()
-            peers = [m for m in self.logic.plan.participants[kind] if m != member]
-            oldest = (step if used_at is None else used_at) - self.max_staleness * self.logic.run.exchange.every
-            ready = lambda: all(p in newest and newest[p][0] >= oldest for p in peers)  # noqa: E731
-            if not self.lock.wait_for(ready, self.timeout_s):
-                behind = {p: newest[p][0] if p in newest else "none yet" for p in peers if not (p in newest and newest[p][0] >= oldest)}
-                raise ExchangeTimeout(
-                    f"async exchange of {kind!r} at step {step}: member {member!r} waited {self.timeout_s:g} s for peers "
-                    f"more than {self.max_staleness} exchange(s) behind, at steps {behind} (exchange.timeout_s)"
-                )
-            if step > self.logged.get(kind, -1) and len(newest) == len(self.logic.plan.participants[kind]):
-                self.logged[kind] = step
-                self._record(step, self.logic.coupling_metrics(kind, step))
-            merged = {q: a for p, (_, vals) in newest.items() if p != member for q, a in vals.items()}
-            steps = {p: newest[p][0] for p in peers}
-        return self.wire.pack_result({"values": merged, "replace": {}, "steps": steps})
-
-    def _complete_if_ready(self, key: tuple[str, int], rnd: Round) -> bool:
-        """Complete ``rnd`` once every participant has sent its values, a lagging member's most
-        recent values standing in for it; release the waiting members. Whether it completed.
-        The caller holds the lock, and records the round's coupling metrics."""
-        kind, step = key
-        values = dict(rnd.values)
-        for m in rnd.expected:
-            if m not in values and m in self.lagging and m in self.last_values.get(kind, {}):
-                values[m] = self.last_values[kind][m]
-        if len(values) < len(rnd.expected):
-            return False
-        result = self.logic.release(kind, step, values)
-        rnd.result = self._share(self.wire.pack_result(result))
-        replay = rnd.result
-        if self.history_steps and result["written"]:
-            # A member replaying this round from its checkpoint needs the values written in place,
-            # as they are now: a copy goes into the history.
-            written = {q: np.array(as_numpy(t), copy=True) for q, t in result["written"].items()}
-            replay = self._share(self.wire.pack_result({**result, "replace": {**result["replace"], **written}}))
-        rnd.done.set()
-        del self.rounds[key]
-        self._remember(key, replay)
-        return True
-
-    def _record(self, step: int, metrics: dict[str, float]) -> None:
-        """Put a round's coupling metrics in the outbox. At the last exchange step before a
-        checkpoint step, also save what the outbox has not seen written: every round of that step
-        completes before the last member can write its checkpoint (it exchanges there first), so
-        a complete checkpoint at step c always has the coupling metrics of the steps before c."""
-        if metrics:
-            self.outbox.add([(k, v, step, int(time.time() * 1000)) for k, v in metrics.items()])
-        if self.run_dir is not None and (step + self.logic.run.exchange.every) % self.checkpoint_every == 0:
-            from poptrain.checkpoint import coordinator_metrics_path, save_atomic
-
-            save_atomic(self.outbox.unwritten(), coordinator_metrics_path(self.run_dir))
+    def publish(self, kind: str, step: int, member: str, packed: tuple, used_at: int | None = None):
+        """``async`` mode: see :meth:`Coordinator.publish`; values and reply as :class:`Wire` tuples."""
+        return self.coordinator.publish(kind, step, member, self.wire.unpack(packed), used_at)
 
     def member_down(self, member: str) -> None:
-        """The driver saw ``member``'s process die (``failure.while_restarting: continue``): complete
-        the rounds waiting for it with its most recent values, and keep every round it will replay
-        from its checkpoint (the one before its last step, in case it died writing the newest)."""
-        with self.lock:
-            self.lagging.add(member)
-            last = self.last_step.get(member, 0)
-            every = self.checkpoint_every or 1
-            self.pinned[member] = max(0, (last // every - 1) * every)
-            for key, rnd in list(self.rounds.items()):
-                if self._complete_if_ready(key, rnd):
-                    self._record(key[1], self.logic.coupling_metrics(*key))
-
-    def _remember(self, key: tuple[str, int], result: Any) -> None:
-        if not self.history_steps:
-            return
-        self.completed[key] = result
-        oldest = min([key[1] - self.history_steps, *self.pinned.values()])
-        while self.completed:  # oldest first: rounds complete in step order
-            first = next(iter(self.completed))
-            if first[1] >= oldest:
-                break
-            del self.completed[first]
-
-    @staticmethod
-    def _share(result: tuple) -> Any:
-        # Flat `bytes` parts are under FLAT_BYTES_LIMIT each: only array parts are worth sharing.
-        size = sum(a.nbytes for part in result[:2] if part and not isinstance(part[2], bytes) for a in part[2])
-        if size < SHARE_BY_REFERENCE_BYTES:
-            return result
-        import ray
-
-        # Put once; every member gets the same reference (wrapped in a list so Ray does not
-        # resolve it on return) and reads the NumPy buffers zero-copy from shared memory.
-        return [ray.put(result)]
+        self.coordinator.member_down(member)
 
     def take_metrics(self, written: bool, resend: bool = False) -> list[Item]:
-        """The coupling metrics since the last call (see :class:`MetricsOutbox`)."""
-        with self.lock:
-            return self.outbox.take(written, resend)
+        return self.coordinator.take_metrics(written, resend)
 
     def ping(self) -> bool:
         return True

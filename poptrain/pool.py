@@ -8,7 +8,7 @@ session), a run that ends well hands its
 placement group, its member actors and its coordinator to this module instead of ending them. The next run of the
 same shape (the same resource bundles and placement strategy, on the same Ray) takes them over:
 each member re-creates everything it holds for the new run in the same process
-(``MemberActor.rebind``: model, data, optimizer, seeds, the connection to the new coordinator),
+(``MemberHost.rebind``: model, data, optimizer, seeds, the connection to the new coordinator),
 as Ray Tune's ``reuse_actors`` does for trials; the coordinator likewise (``CoordinatorActor.rebind``).
 
 Before they are kept, the processes let go of everything the run held (``park``), but they keep

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from poptrain.config import RunConfig, flatten
+from poptrain.outbox import Item
 
 DEFAULT_TRACKING_DB = "mlflow.db"
 MAX_METRICS_PER_BATCH = 1000  # MLflow's limit for log_batch
@@ -39,7 +40,6 @@ MAX_WRITE_EVERY_S = 10.0
 MAX_PARAMS_PER_BATCH = 100
 MAX_PARAM_LENGTH = 6000
 
-Item = tuple  # (key, value, step, timestamp_ms)
 
 
 def write_interval(pass_cpu_s: float) -> float:
@@ -52,40 +52,6 @@ def write_interval(pass_cpu_s: float) -> float:
 
 class TrackingUnavailable(RuntimeError):
     """The tracking store cannot be reached or written."""
-
-
-class MetricsOutbox:
-    """Metrics a member (or the coordinator) produced, held until the driver has written them.
-
-    ``take(written)`` hands out what was added since the last take; what was handed out is kept
-    until a later take says ``written`` (everything the driver took so far is in MLflow). Safe
-    to call from another thread than the one adding (a member's ``train`` runs beside it).
-    """
-
-    def __init__(self, items: list[Item] | None = None):
-        self._pending: list[Item] = list(items or [])
-        self._taken: list[Item] = []
-        self._lock = threading.Lock()
-
-    def add(self, items: list[Item]) -> None:
-        with self._lock:
-            self._pending.extend(items)
-
-    def take(self, written: bool, resend: bool = False) -> list[Item]:
-        """What was added since the last take (``resend``: and what was taken before, still
-        unacknowledged: the reply to the last take never arrived)."""
-        with self._lock:
-            if written and not resend:
-                self._taken = []
-            new, self._pending = self._pending, []
-            out = self._taken + new if resend else new
-            self._taken.extend(new)
-            return out
-
-    def unwritten(self) -> list[Item]:
-        """Everything not known to be in MLflow (what a checkpoint keeps), oldest first."""
-        with self._lock:
-            return [tuple(item) for item in self._taken + self._pending]
 
 
 def resolve_tracking_uri(cfg: RunConfig, cwd: str | None = None) -> str:

@@ -8,6 +8,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from poptrain.couplings.separation import Separation, SeparationConfig
+from poptrain.couplings import Rewrite
 
 
 class TinyNet(nn.Module):
@@ -132,19 +133,21 @@ class HangingSeparationConfig(SeparationConfig):
 
 
 class SeparationThatHangsTheCoordinator(Separation):
-    """Separation whose coordinator-side ``exchange_transform`` blocks for ``hang_s`` at parameter
-    exchange ``hang_at_exchange``: a stuck coordinator exchange thread. The coordinator runs it
-    while completing the round, under its lock, before any member's reply is sent. It replaces
-    nothing, so the values stay small and travel over the direct connection (poptrain.channel)."""
+    """Separation whose coordinator-side ``rewrite`` blocks for ``hang_s`` at parameter exchange
+    ``hang_at_exchange``: a stuck coordinator exchange thread. The coordinator runs it while
+    completing the round, under its lock, before any member's reply is sent. It rewrites nothing,
+    so the values stay small and travel over the direct connection (poptrain.channel)."""
 
     Config = HangingSeparationConfig
+    rewrites_values = True
 
-    def transforms(self):
-        return {"param"}
+    def rewrites(self):
+        return [Rewrite("param", ())]  # due at every parameter exchange
 
-    def exchange_transform(self, kind, q, exchange_index, final):
+    def rewrite(self, kind, q, out):
         import time
 
-        if kind == "param" and exchange_index == self.config.hang_at_exchange:
+        self.rewrites_done = getattr(self, "rewrites_done", 0) + 1
+        if self.rewrites_done - 1 == self.config.hang_at_exchange:
             time.sleep(self.config.hang_s)
         return {}

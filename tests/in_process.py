@@ -1,7 +1,8 @@
-"""A population stepped in this process, one thread per member, through the coordinator's own
-logic (:class:`poptrain.coordinator.Coordinator`): the real member code and the real exchange
-rounds without Ray's start-up, for behaviour that does not depend on processes (guards, policies).
-Everything exchanged is recorded, so a test can check what a peer could ever have seen."""
+"""A population stepped in this process, one thread per member, through the real coordinator
+(:class:`poptrain.coordinator.Coordinator`: its barrier, its rewrites) and the real links and
+wire (:mod:`poptrain.exchange`), without Ray's start-up: for behaviour that does not depend on
+processes (guards, policies). Everything exchanged is recorded, so a test can check what a peer
+could ever have seen."""
 
 from __future__ import annotations
 
@@ -10,55 +11,56 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from poptrain.checks import inspect_population
 from poptrain.config import load_config
-from poptrain.coordinator import Coordinator
+from poptrain.coordinator import InProcessClient, calls_in_flight, in_process_coordinator
+from poptrain.exchange import open_link
 from poptrain.member import MemberTrainer
-from poptrain.population import inspect_population
+
+
+class RecordingClient(InProcessClient):
+    """An in-process client that keeps a copy of every value a member sends."""
+
+    def __init__(self, population: "InProcessPopulation", *args):
+        super().__init__(*args)
+        self.population = population
+
+    def call(self, method, kind, step, member, packed, *rest):
+        values = self.wire.unpack(packed)
+        with self.population.lock:
+            self.population.sent.append((member, kind, step, {q: np.array(a, copy=True) for q, a in values.items()}))
+        return super().call(method, kind, step, member, packed, *rest)
 
 
 class InProcessPopulation:
-    def __init__(self, config: dict):
+    def __init__(self, config: dict, timeout_s: float = 30.0):
+        config = {**config, "exchange": {"timeout_s": timeout_s, **config.get("exchange", {})}}
         self.cfg = load_config(config)
         population = inspect_population(self.cfg)
-        self.coordinator = Coordinator(self.cfg, population)
+        self.coordinator, wire = in_process_coordinator(self.cfg, population)
+        self.client = RecordingClient(self, self.coordinator, wire, calls_in_flight(len(self.cfg.members)))
         self.trainers = {name: MemberTrainer(self.cfg, name, population) for name in self.cfg.member_names}
+        for name, trainer in self.trainers.items():
+            trainer.connect(open_link(self.cfg, trainer.plan, name, self.client))
         self.metrics: dict[str, list[dict[str, float]]] = {name: [] for name in self.trainers}
         self.sent: list[tuple[str, str, int, dict]] = []  # (member, kind, step, values) of every exchange call
-        self._rounds: dict[tuple[str, int], dict] = {}
-        self._results: dict[tuple[str, int], dict] = {}
-        self._lock = threading.Condition()
-        self._failed = False
-
-    def exchange(self, kind: str, step: int, member: str, values: dict) -> dict:
-        with self._lock:
-            self.sent.append((member, kind, step, {q: np.array(a, copy=True) for q, a in values.items()}))
-            arrived = self._rounds.setdefault((kind, step), {})
-            arrived[member] = values
-            if len(arrived) == len(self.coordinator.plan.participants[kind]):
-                self._results[(kind, step)], _ = self.coordinator.complete(kind, step, arrived)
-                self._lock.notify_all()
-            elif not self._lock.wait_for(lambda: (kind, step) in self._results or self._failed, timeout=30):
-                raise TimeoutError(f"{member} waited for its peers at {kind} step {step}")
-            if self._failed:
-                raise RuntimeError("a peer failed")
-            return self._results[(kind, step)]
+        self.lock = threading.Lock()
 
     def train(self, steps: int) -> None:
-        """Step every member ``steps`` times; the first member error is raised here."""
+        """Step every member ``steps`` times; the first member error is raised here (its peers then
+        are released from the barrier at once, as in a run)."""
 
         def loop(trainer: MemberTrainer) -> None:
             try:
                 for _ in range(steps):
-                    self.metrics[trainer.name].append(trainer.train_step(self.exchange))
-            except BaseException:
-                with self._lock:
-                    self._failed = True
-                    self._lock.notify_all()
+                    self.metrics[trainer.name].append(trainer.train_step())
+            except Exception as exc:  # as the driver stops a run whose member failed
+                self.coordinator.abort(f"member {trainer.name!r} failed: {exc}")
                 raise
 
         with ThreadPoolExecutor(len(self.trainers)) as pool:
             futures = [pool.submit(loop, t) for t in self.trainers.values()]
         errors = [f.exception() for f in futures if f.exception() is not None]
-        first = next((e for e in errors if not str(e) == "a peer failed"), errors[0] if errors else None)
+        first = next((e for e in errors if type(e).__name__ != "ExchangeTimeout"), errors[0] if errors else None)
         if first is not None:
             raise first

@@ -13,7 +13,7 @@ from multiprocessing.connection import AuthenticationError, Client
 import pytest
 
 from poptrain.channel import ChannelServer, CoordinatorClient, ReplyTimeout, reply_bound
-from poptrain.coordinator import ExchangeTimeout, Wire
+from poptrain.exchange import ExchangeTimeout, Wire
 
 
 @pytest.fixture

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from poptrain.config import ConfigError, dump_config, load_config
-from poptrain.population import inspect_population, prepare
+from poptrain.checks import inspect_population, prepare
 from tests.conftest import prelu_member
 
 

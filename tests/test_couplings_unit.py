@@ -6,9 +6,10 @@ import pytest
 import torch
 
 from poptrain.config import load_config
-from poptrain.coordinator import Coordinator, ExchangePlan
+from poptrain.coordinator import CouplingEvaluator
+from poptrain.exchange import ExchangePlan
 from poptrain.couplings import Quantity, build_couplings
-from poptrain.population import inspect_population
+from poptrain.checks import inspect_population
 from tests.conftest import prelu_member
 
 
@@ -109,7 +110,7 @@ def test_exchange_plan_sends_only_what_couplings_read(base_config):
 def test_average_back_into_members_leaves_frozen_parameters_alone(base_config):
     members = [prelu_member("m1", frozen=["input.*"]), prelu_member("m2")]
     cfg, population, (average,) = couplings_for(base_config, [{"type": "average", "params": ["input.*", "activation.*"]}], members)
-    written = {(q.member, q.key) for q in average.writes()}
+    written = {(q.member, q.key) for rewrite in average.rewrites() for q in rewrite.quantities}
     assert ("m1", "input.weight") not in written and ("m2", "input.weight") in written
     assert ("m1", "activation.weight") in written
 
@@ -117,21 +118,22 @@ def test_average_back_into_members_leaves_frozen_parameters_alone(base_config):
 def test_average_weights_and_every(base_config):
     members = [prelu_member("m1"), prelu_member("m2")]
     _, _, (average,) = couplings_for(base_config, [{"type": "average", "params": ["activation.*"], "weights": [0.75, 0.25], "every": 3}], members)
-    q = slopes(m1=1.0, m2=3.0)
-    assert average.exchange_transform("param", q, 1, final=False) == {}
-    out = average.exchange_transform("param", q, 3, final=False)
+    (rewrite,) = average.rewrites()
+    assert rewrite.kind == "param" and not rewrite.due(1, final=False) and rewrite.due(3, final=False)
+    assert rewrite.due(4, final=True), "always after the last step"
+    out = average.rewrite("param", slopes(m1=1.0, m2=3.0), {})
     assert float(out[Quantity("m1", "param", "activation.weight")]) == pytest.approx(1.5)
-    assert average.exchange_transform("param", q, 4, final=True), "always after the last step"
 
 
 def test_coordinator_logs_couplings_on_the_whole_population(base_config):
     cfg = load_config(base_config())
-    coordinator = Coordinator(cfg, inspect_population(cfg))
+    evaluator = CouplingEvaluator(cfg, inspect_population(cfg))
     values = {m: {Quantity(m, "param", "activation.weight"): torch.tensor([v]).numpy()} for m, v in (("m1", 0.25), ("m2", 0.75))}
-    result, metrics = coordinator.complete("param", 0, values)
+    reply, _ = evaluator.complete_round("param", 0, values)
+    metrics = evaluator.coupling_metrics("param", 0)
     assert metrics["coupling/separation"] == pytest.approx(1.5)
     assert metrics["coupling/separation/distance/m1-m2"] == pytest.approx(0.5)
-    assert set(result["values"]) == {Quantity("m1", "param", "activation.weight"), Quantity("m2", "param", "activation.weight")}
+    assert set(reply.values) == {Quantity("m1", "param", "activation.weight"), Quantity("m2", "param", "activation.weight")}
 
 
 @pytest.mark.parametrize(
@@ -146,7 +148,7 @@ def test_coordinator_logs_couplings_on_the_whole_population(base_config):
 )
 def test_coupling_config_errors_name_the_key(base_config, coupling, key, words):
     from poptrain.config import ConfigError
-    from poptrain.population import prepare
+    from poptrain.checks import prepare
 
     with pytest.raises(ConfigError) as info:
         prepare(base_config(couplings=[coupling]))
@@ -155,7 +157,7 @@ def test_coupling_config_errors_name_the_key(base_config, coupling, key, words):
 
 def test_share_refuses_members_with_different_optimizers(base_config):
     from poptrain.config import ConfigError
-    from poptrain.population import prepare
+    from poptrain.checks import prepare
 
     members = [prelu_member("m1"), prelu_member("m2", optimizer={"name": "sgd", "lr": 0.1})]
     with pytest.raises(ConfigError, match="identical `optimizer` settings"):
@@ -164,7 +166,7 @@ def test_share_refuses_members_with_different_optimizers(base_config):
 
 def test_average_shape_mismatch_names_both_members_and_the_parameter(base_config):
     from poptrain.config import ConfigError
-    from poptrain.population import prepare
+    from poptrain.checks import prepare
 
     wide = prelu_member("m2", model={"name": "mlp", "kwargs": {"in_features": 20, "out_features": 1, "hidden": 41, "activation": "prelu"}})
     with pytest.raises(ConfigError, match=r"parameter 'input.weight' has shape \[40, 20\] in member 'm1' but \[41, 20\] in member 'm2'"):

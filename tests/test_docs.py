@@ -5,13 +5,13 @@ import typing
 from pydantic import BaseModel
 
 from poptrain.config import RunConfig
-from poptrain.reference import readme_with_reference, sections
+from poptrain.config_docs import readme_with_reference, sections
 from tests.conftest import REPO
 
 
 def test_readme_config_reference_is_generated_from_the_schema():
     readme = (REPO / "README.md").read_text(encoding="utf-8")
-    assert readme == readme_with_reference(readme), "run `python -m poptrain.reference README.md` to refresh it"
+    assert readme == readme_with_reference(readme), "run `python -m poptrain.config_docs README.md` to refresh it"
 
 
 def test_the_reference_documents_every_part_of_the_schema():
@@ -29,7 +29,7 @@ def test_the_reference_documents_every_part_of_the_schema():
             continue
         seen.add(model)
         todo += [m for info in model.model_fields.values() for m in models(info.annotation)]
-    assert not {m.__name__ for m in seen - documented}, "add these to poptrain.reference.sections()"
+    assert not {m.__name__ for m in seen - documented}, "add these to poptrain.config_docs.sections()"
 
 
 def test_ci_runs_exactly_the_readme_test_command():

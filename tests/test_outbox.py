@@ -4,7 +4,8 @@ how often it writes."""
 
 from __future__ import annotations
 
-from poptrain.tracking import MAX_WRITE_EVERY_S, WRITE_EVERY_S, WRITER_CPU_SHARE, MetricsOutbox, write_interval
+from poptrain.outbox import MetricsOutbox
+from poptrain.tracking import MAX_WRITE_EVERY_S, WRITE_EVERY_S, WRITER_CPU_SHARE, write_interval
 
 
 def items(*steps):

@@ -10,7 +10,7 @@ import torch
 from pydantic import Field, model_validator
 
 from poptrain.config import CouplingConfig
-from poptrain.couplings.base import Coupling, Quantity, register
+from poptrain.couplings.base import Coupling, Quantity, Rewrite, register
 
 
 class AverageConfig(CouplingConfig):
@@ -49,27 +49,29 @@ class Average(Coupling):
     Config = AverageConfig
     config: AverageConfig
 
+    adds_term = False  # acts by replacing values, not through a gradient
+    rewrites_values = True
+
     def __init__(self, config: AverageConfig, population):
         super().__init__(config, population)
-        if config.members is None:
-            self.members = [m for m in population.members if m != config.into]
-        self.trains = []  # acts by replacing values, not through a gradient
-        self._round_means: dict[str, torch.Tensor] | None = None  # this round's means, for metrics() of the same round
         first = self.members[0] if self.members else None
         self.names = population.params_matching(first, config.params) if first in population.param_shapes else []
+
+    @classmethod
+    def default_members(cls, config: AverageConfig, population) -> list[str]:
+        return [m for m in population.members if m != config.into]
 
     def reads(self) -> list[Quantity]:
         return [Quantity(m, "param", n) for m in self.members for n in self.names]
 
-    def transforms(self) -> set[str]:
-        return {"param"}
+    def rewrites(self) -> list[Rewrite]:
+        # Into a target: computed straight into its parameters when the coordinator maps them.
+        return [Rewrite("param", tuple(self._written()), every=self.config.every, last=True, in_place=self.config.into is not None)]
 
-    def _receivers(self) -> list[str]:
-        return [self.config.into] if self.config.into else self.members
-
-    def writes(self) -> list[Quantity]:
+    def _written(self) -> list[Quantity]:
+        receivers = [self.config.into] if self.config.into else self.members
         out = []
-        for member in self._receivers():
+        for member in receivers:
             trainable = self.population.trainable.get(member, {})
             for name in self.names:
                 if self.config.into or self.config.include_frozen or trainable.get(name, True):
@@ -79,25 +81,19 @@ class Average(Coupling):
     def _values(self, q: Mapping[Quantity, torch.Tensor], name: str) -> list[torch.Tensor]:
         return [q[Quantity(m, "param", name)] for m in self.members]
 
-    def exchange_transform(self, kind, q, exchange_index, final, out=None):
-        """``out``: the target's parameters, when the coordinator can write them in place (shared
-        memory); the mean is then computed straight into them."""
-        self._round_means = None
-        if kind != "param" or not (final or exchange_index % self.config.every == 0):
-            return {}
+    def rewrite(self, kind, q, out):
         into = self.config.into
-        targets = {w.key: t for w, t in (out or {}).items() if w.member == into} if into else {}
+        targets = {w.key: t for w, t in out.items() if w.member == into} if into else {}
         means = {n: average_pass(self._values(q, n), self.config.weights, targets.get(n), distances=False)[0] for n in self.names}
-        self._round_means = means
-        return {w: means[w.key] for w in self.writes()}
+        return {w: means[w.key] for w in self._written()}
 
     def metrics(self, q: Mapping[Quantity, torch.Tensor]) -> dict[str, float]:
-        """``divergence/<m>``: each member's Euclidean distance to the mean, before averaging. One
-        more pass over the members' parameters (the mean of a round that averaged is reused)."""
-        means = self._round_means or {}
+        """``divergence/<m>``: each member's Euclidean distance to the mean, before averaging, in one
+        more pass over the members' parameters (the mean is recomputed chunk by chunk in cache,
+        bitwise as :meth:`rewrite` computes it, so the pass reads each value once)."""
         squares = [0.0] * len(self.members)
         for name in self.names:
-            _, distances = average_pass(self._values(q, name), self.config.weights, keep=False, mean=means.get(name))
+            _, distances = average_pass(self._values(q, name), self.config.weights, keep=False)
             squares = [a + b for a, b in zip(squares, distances)]
         return {f"divergence/{m}": square**0.5 for m, square in zip(self.members, squares)}
 

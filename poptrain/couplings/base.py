@@ -5,8 +5,10 @@
 * :meth:`Coupling.value` — a scalar computed from those quantities.
 * ``trains`` — whose objective the (weighted) value enters. A member not trained by the
   coupling does not evaluate it at all, which is the same as seeing its own quantity detached.
-* optionally :meth:`Coupling.exchange_transform` — values that replace members' own
-  quantities at an exchange (averaging parameters, summing shared gradients).
+* or, for a coupling that changes values at exchanges (averaging parameters, summing shared
+  gradients), :meth:`Coupling.rewrites` — which of members' own quantities it replaces and when
+  (:class:`Rewrite`) — and :meth:`Coupling.rewrite` — the new values, computed by the
+  coordinator when the schedule says so.
 
 Where the value is computed, and why the gradient is exact: every member evaluates the
 couplings that train it with its *own* quantities live (attached to its autograd graph) and
@@ -25,11 +27,12 @@ from __future__ import annotations
 import fnmatch
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, ClassVar, Literal, Mapping
+from typing import TYPE_CHECKING, ClassVar, Literal, Mapping
 
 import torch
 
 from poptrain.config import CouplingConfig
+from poptrain.registry import COUPLINGS, CouplingClass, register, resolve_coupling  # noqa: F401  (re-exported)
 
 if TYPE_CHECKING:
     from poptrain.config import RunConfig
@@ -66,11 +69,41 @@ class PopulationInfo:
         return [n for n in self.param_shapes[member] if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
 
 
-class Coupling(ABC):
-    """Base of every coupling. Subclasses implement :meth:`reads` and :meth:`value` (or
-    :meth:`exchange_transform`) and may extend :attr:`Config` with their own fields."""
+@dataclass(frozen=True)
+class Rewrite:
+    """What a coupling changes at exchanges, and when: members' own ``quantities`` of ``kind`` get
+    the values :meth:`Coupling.rewrite` computes, at every ``every``-th exchange of that kind
+    (``0``: none but the ones below), at the first one (``first``) and at the parameter exchange
+    after the last step (``last``). The coordinator keeps this schedule; the coupling is called
+    only when it is due. ``in_place``: :meth:`Coupling.rewrite` accepts ``out`` (see there)."""
+
+    kind: Kind
+    quantities: tuple[Quantity, ...]
+    every: int = 1
+    first: bool = False
+    last: bool = False
+    in_place: bool = False
+
+    def due(self, exchange_index: int, final: bool) -> bool:
+        """Whether the rewrite happens at exchange ``exchange_index`` (0-based, of its kind); ``final``:
+        the parameter exchange after the last step."""
+        if final:
+            return self.last
+        return bool(self.every and exchange_index % self.every == 0) or (self.first and exchange_index == 0)
+
+
+class Coupling(CouplingClass, ABC):
+    """Base of every coupling. A *term* coupling implements :meth:`reads` and :meth:`value` and is
+    done; a coupling that changes members' values at exchanges sets ``adds_term = False`` and
+    ``rewrites_values = True``, and implements :meth:`rewrites` (what and when) and
+    :meth:`rewrite` (the new values). Either may extend :attr:`Config` with its own fields."""
 
     Config: ClassVar[type[CouplingConfig]] = CouplingConfig
+    # Declared, not inferred: whether it adds a term to the objectives of the members it trains
+    # (else `trains` is empty whatever the config says), and whether it rewrites values at
+    # exchanges (which needs every member at the same exchange: `exchange.mode: sync`).
+    adds_term: ClassVar[bool] = True
+    rewrites_values: ClassVar[bool] = False
     # False where the coupling keeps members' parameters identical step by step, which restoring
     # one member alone from its checkpoint (`failure.nonfinite: rollback`) would break.
     allows_rollback: ClassVar[bool] = True
@@ -80,8 +113,13 @@ class Coupling(ABC):
         self.population = population
         self.name = config.label
         self.weight = config.weight
-        self.members: list[str] = list(config.members or population.members)
-        self.trains: list[str] = list(config.trains if config.trains is not None else self.members)
+        self.members: list[str] = list(config.members or self.default_members(config, population))
+        self.trains: list[str] = list(config.trains if config.trains is not None else self.members) if self.adds_term else []
+
+    @classmethod
+    def default_members(cls, config: CouplingConfig, population: PopulationInfo) -> list[str]:
+        """The members it reads when the config lists none: every member."""
+        return list(population.members)
 
     # -- the questions a coupling answers ------------------------------------------------------
 
@@ -92,34 +130,25 @@ class Coupling(ABC):
 
     def value(self, q: Mapping[Quantity, torch.Tensor]) -> torch.Tensor | None:
         """The coupling term (a 0-dim tensor, before ``weight``), differentiable in the quantities.
-        ``None`` means this coupling adds no term (it acts through :meth:`exchange_transform`)."""
+        ``None`` means this coupling adds no term (it acts through :meth:`rewrite`)."""
         return None
 
     def metrics(self, q: Mapping[Quantity, torch.Tensor]) -> dict[str, float]:
         """Extra values to log under ``coupling/<name>/...`` (e.g. pairwise distances)."""
         return {}
 
-    def exchange_transform(
-        self, kind: Kind, q: Mapping[Quantity, torch.Tensor], exchange_index: int, final: bool
-    ) -> dict[Quantity, torch.Tensor]:
-        """Replacement values for members' own quantities of ``kind`` at an exchange (e.g. averaged
-        parameters), computed once by the coordinator on the whole population. ``exchange_index``
-        counts the exchanges of this kind from 0; ``final`` marks the parameter exchange after the
-        last step.
-
-        An override that declares a keyword ``out`` receives, when some written quantities live
-        in memory shared with the coordinator, ``{Quantity: tensor}`` of those members' own
-        parameters: it may compute their replacements straight into them and return those same
-        tensors (anything else returned is copied in). Values in ``q`` must not be written."""
-        return {}
-
-    def transforms(self) -> set[Kind]:
-        """The kinds :meth:`exchange_transform` may replace (empty for pure terms)."""
-        return set()
-
-    def writes(self) -> list[Quantity]:
-        """The members' own quantities :meth:`exchange_transform` may replace."""
+    def rewrites(self) -> list[Rewrite]:
+        """What this coupling changes at exchanges and when (empty for term couplings)."""
         return []
+
+    def rewrite(self, kind: Kind, q: Mapping[Quantity, torch.Tensor], out: Mapping[Quantity, torch.Tensor]) -> dict[Quantity, torch.Tensor]:
+        """New values for the quantities of the :class:`Rewrite` of ``kind`` that is due, computed
+        once by the coordinator on the whole population ``q`` (values in ``q`` must not be written).
+        ``out``, for a rewrite declared ``in_place``: ``{Quantity: tensor}`` of the members' own
+        parameters that live in memory mapped by the coordinator; the coupling may compute their
+        new values straight into them and return those same tensors (anything else returned is
+        copied in). Empty otherwise."""
+        return {}
 
     # -- checks, before anything starts ------------------------------------------------------
 
@@ -137,35 +166,6 @@ class Coupling(ABC):
     def term(self, q: Mapping[Quantity, torch.Tensor]) -> torch.Tensor | None:
         value = self.value(q)
         return None if value is None else self.weight * value
-
-
-COUPLINGS: dict[str, type[Coupling]] = {}
-
-
-def register(name: str) -> Callable[[type[Coupling]], type[Coupling]]:
-    """Class decorator: make a coupling available to configs as ``type: <name>``."""
-
-    def decorate(cls: type[Coupling]) -> type[Coupling]:
-        if name in COUPLINGS and COUPLINGS[name] is not cls:
-            raise ValueError(f"a coupling named {name!r} is already registered ({COUPLINGS[name].__qualname__})")
-        COUPLINGS[name] = cls
-        return cls
-
-    return decorate
-
-
-def resolve_coupling(type_name: str) -> type[Coupling]:
-    """The coupling class for a config's ``type``: a registered name or an import path."""
-    if ":" in type_name:
-        from poptrain.builtins import import_path
-
-        cls = import_path(type_name)
-        if not (isinstance(cls, type) and issubclass(cls, Coupling)):
-            raise TypeError(f"{type_name!r} is not a subclass of poptrain.couplings.Coupling")
-        return cls
-    if type_name not in COUPLINGS:
-        raise ValueError(f"unknown coupling type {type_name!r}; registered: {sorted(COUPLINGS)}, or give an import path `package.module:Class`")
-    return COUPLINGS[type_name]
 
 
 def build_couplings(configs: list[CouplingConfig], population: PopulationInfo) -> list[Coupling]:

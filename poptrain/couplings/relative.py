@@ -54,14 +54,16 @@ class Relative(Coupling):
 
     def __init__(self, config: RelativeConfig, population):
         super().__init__(config, population)
-        if config.terms and config.members is None:
-            self.members = list(dict.fromkeys(ref.member for ref in config.terms))
-            self.trains = list(config.trains if config.trains is not None else self.members)
         self._fn = None
         if config.fn is not None:
             from poptrain.builtins import import_path
 
             self._fn = import_path(config.fn.name)
+
+    @classmethod
+    def default_members(cls, config: RelativeConfig, population) -> list[str]:
+        """The members its terms name, else every member."""
+        return list(dict.fromkeys(ref.member for ref in config.terms)) if config.terms else list(population.members)
 
     def reads(self) -> list[Quantity]:
         if self._fn is not None:

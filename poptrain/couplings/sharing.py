@@ -9,7 +9,7 @@ from pydantic import Field
 
 from poptrain.config import CouplingConfig
 from poptrain.couplings.averaging import check_same_parameters
-from poptrain.couplings.base import Coupling, Quantity, register
+from poptrain.couplings.base import Coupling, Quantity, Rewrite, register
 
 
 class ShareConfig(CouplingConfig):
@@ -29,6 +29,8 @@ class Share(Coupling):
     after the last step instead (local SGD on the shared part): identical at the end, not exact.
     """
 
+    adds_term = False  # acts on gradients and parameters, adds no term
+    rewrites_values = True
     allows_rollback = False
 
     Config = ShareConfig
@@ -36,33 +38,31 @@ class Share(Coupling):
 
     def __init__(self, config: ShareConfig, population):
         super().__init__(config, population)
-        self.trains = []  # acts on gradients and parameters, adds no term
         first = self.members[0]
         self.names = population.params_matching(first, config.params) if first in population.param_shapes else []
         self.every_step = population.exchange_every == 1
 
+    def _quantities(self, kind: str) -> tuple[Quantity, ...]:
+        return tuple(Quantity(m, kind, n) for m in self.members for n in self.names)
+
     def reads(self) -> list[Quantity]:
-        kinds = ("param", "grad") if self.every_step else ("param",)
-        return [Quantity(m, kind, n) for kind in kinds for m in self.members for n in self.names]
+        return [*self._quantities("param"), *(self._quantities("grad") if self.every_step else ())]
 
-    def transforms(self) -> set[str]:
-        return {"param", "grad"} if self.every_step else {"param"}
+    def rewrites(self) -> list[Rewrite]:
+        if self.every_step:  # identical from the first exchange on, then kept so by summed gradients
+            return [Rewrite("param", self._quantities("param"), every=0, first=True, last=True), Rewrite("grad", self._quantities("grad"))]
+        return [Rewrite("param", self._quantities("param"), last=True)]
 
-    def writes(self) -> list[Quantity]:
-        return self.reads()
-
-    def exchange_transform(self, kind, q, exchange_index, final):
-        if kind == "param" and (exchange_index == 0 or final or not self.every_step):
+    def rewrite(self, kind, q, out):
+        if kind == "param":
             combine = lambda values: torch.stack(values).sum(dim=0) / len(values)  # noqa: E731
-        elif kind == "grad" and self.every_step:
-            combine = lambda values: torch.stack(values).sum(dim=0)  # noqa: E731
         else:
-            return {}
-        out = {}
+            combine = lambda values: torch.stack(values).sum(dim=0)  # noqa: E731
+        new = {}
         for name in self.names:
             combined = combine([q[Quantity(m, kind, name)] for m in self.members])
-            out.update({Quantity(m, kind, name): combined for m in self.members})
-        return out
+            new.update({Quantity(m, kind, name): combined for m in self.members})
+        return new
 
     def metrics(self, q: Mapping[Quantity, torch.Tensor]) -> dict[str, float]:
         """``max_difference``: the largest difference between copies (0 while they are identical)."""

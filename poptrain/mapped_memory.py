@@ -1,4 +1,4 @@
-"""Parameters in shared memory: the coordinator reads and writes a member's parameters in place.
+"""Parameters in memory mapped by member and coordinator (/dev/shm): the coordinator reads and writes a member's parameters in place.
 
 Averaging or sharing whole parameters moves more bytes than any other exchange. When a member
 trains on the CPU of the coordinator's node, it keeps the parameters that only the coordinator
@@ -28,7 +28,7 @@ ALIGN = 64  # bytes: every parameter starts on a cache line
 
 
 @dataclass(frozen=True)
-class SharedLayout:
+class MappedLayout:
     """Where a member's shared parameters live: the file, its node, its size in bytes, and each
     parameter's (name, dtype name, shape, byte offset) in it."""
 
@@ -43,7 +43,7 @@ def file_prefix(run_tag: str) -> str:
     return os.path.join(SHM_DIR, f"poptrain-{run_tag}-")
 
 
-def share_parameters(params: dict[str, torch.nn.Parameter], names: list[str], run_tag: str, node_id: str) -> SharedLayout | None:
+def map_parameters(params: dict[str, torch.nn.Parameter], names: list[str], run_tag: str, node_id: str) -> MappedLayout | None:
     """Move ``params[names]`` (CPU parameters) into one new shared-memory file: afterwards each
     parameter's ``.data`` is a view of the file, with the same values, so the model, the
     optimizer and the state dict work as before. Returns the layout to hand to the coordinator,
@@ -69,7 +69,7 @@ def share_parameters(params: dict[str, torch.nn.Parameter], names: list[str], ru
         os.unlink(path)
         return None
     os.close(fd)
-    layout = SharedLayout(path, node_id, nbytes, tuple(entries))
+    layout = MappedLayout(path, node_id, nbytes, tuple(entries))
     views = map_layout(layout)
     with torch.no_grad():
         for name, view in views.items():
@@ -78,7 +78,7 @@ def share_parameters(params: dict[str, torch.nn.Parameter], names: list[str], ru
     return layout
 
 
-def map_layout(layout: SharedLayout) -> dict[str, torch.Tensor]:
+def map_layout(layout: MappedLayout) -> dict[str, torch.Tensor]:
     """Each parameter of ``layout`` as a tensor viewing the shared file (read and write)."""
     buffer = torch.from_file(layout.path, shared=True, size=layout.nbytes, dtype=torch.uint8)
     views = {}
@@ -92,7 +92,7 @@ def map_layout(layout: SharedLayout) -> dict[str, torch.Tensor]:
     return views
 
 
-def attach(layout: SharedLayout, node_id: str) -> dict[str, torch.Tensor] | None:
+def attach(layout: MappedLayout, node_id: str) -> dict[str, torch.Tensor] | None:
     """The coordinator's side: map a member's file when it is on this node, then remove its name
     (both processes keep their mappings; nothing is left behind when either dies). None when
     the file is not reachable from here."""
@@ -106,7 +106,7 @@ def attach(layout: SharedLayout, node_id: str) -> dict[str, torch.Tensor] | None
     return views
 
 
-def release(layout: SharedLayout) -> None:
+def release(layout: MappedLayout) -> None:
     """The member's side when the coordinator did not attach: drop the file's name (the member
     keeps its mapping, so its parameters stay as they are)."""
     try:

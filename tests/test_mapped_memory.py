@@ -1,4 +1,4 @@
-"""Parameters in shared memory (poptrain.shared_memory): the member and the coordinator see one
+"""Parameters in shared memory (poptrain.mapped_memory): the member and the coordinator see one
 copy; the model, its optimizer and its state dict work as before; nothing is left in /dev/shm."""
 
 from __future__ import annotations
@@ -8,26 +8,26 @@ import os
 import pytest
 import torch
 
-from poptrain import shared_memory
+from poptrain import mapped_memory
 from poptrain.couplings.averaging import average_pass
 
-pytestmark = pytest.mark.skipif(not os.path.isdir(shared_memory.SHM_DIR), reason="no /dev/shm")
+pytestmark = pytest.mark.skipif(not os.path.isdir(mapped_memory.SHM_DIR), reason="no /dev/shm")
 
 
 @pytest.fixture
-def model_in_shared_memory(request):
+def model_in_mapped_memory(request):
     """A small model whose two parameters were moved into shared memory, with its layout."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.PReLU())
     before = {k: v.detach().clone() for k, v in model.state_dict().items()}
     tag = f"test-{request.node.name[:40]}"
-    layout = shared_memory.share_parameters(dict(model.named_parameters()), ["0.weight", "1.weight"], tag, "node-a")
+    layout = mapped_memory.map_parameters(dict(model.named_parameters()), ["0.weight", "1.weight"], tag, "node-a")
     yield model, before, layout, tag
-    shared_memory.remove_leftovers(tag)
+    mapped_memory.remove_leftovers(tag)
 
 
-def test_moving_parameters_into_shared_memory_keeps_their_values_and_the_model_trainable(model_in_shared_memory):
-    model, before, layout, _ = model_in_shared_memory
+def test_moving_parameters_into_shared_memory_keeps_their_values_and_the_model_trainable(model_in_mapped_memory):
+    model, before, layout, _ = model_in_mapped_memory
     assert layout is not None and os.path.exists(layout.path)
     for key, value in model.state_dict().items():
         assert torch.equal(value, before[key])
@@ -36,12 +36,12 @@ def test_moving_parameters_into_shared_memory_keeps_their_values_and_the_model_t
     optimizer.step()
     assert not torch.equal(model[0].weight, before["0.weight"]), "the optimizer updates the shared parameter"
     model.load_state_dict(before)
-    assert torch.equal(shared_memory.map_layout(layout)["0.weight"], before["0.weight"]), "load_state_dict writes into the shared file"
+    assert torch.equal(mapped_memory.map_layout(layout)["0.weight"], before["0.weight"]), "load_state_dict writes into the shared file"
 
 
-def test_the_coordinator_sees_the_members_updates_and_the_member_sees_the_coordinators_writes(model_in_shared_memory):
-    model, _, layout, _ = model_in_shared_memory
-    views = shared_memory.attach(layout, "node-a")
+def test_the_coordinator_sees_the_members_updates_and_the_member_sees_the_coordinators_writes(model_in_mapped_memory):
+    model, _, layout, _ = model_in_mapped_memory
+    views = mapped_memory.attach(layout, "node-a")
     assert views is not None
     assert not os.path.exists(layout.path), "attached: the name is gone, the mappings stay"
     with torch.no_grad():
@@ -52,17 +52,17 @@ def test_the_coordinator_sees_the_members_updates_and_the_member_sees_the_coordi
     assert model[0].bias.data_ptr() not in {v.data_ptr() for v in views.values()}, "only the named parameters are shared"
 
 
-def test_a_coordinator_on_another_node_does_not_attach_and_the_member_keeps_its_values(model_in_shared_memory):
-    model, before, layout, tag = model_in_shared_memory
-    assert shared_memory.attach(layout, "node-b") is None
-    shared_memory.release(layout)
+def test_a_coordinator_on_another_node_does_not_attach_and_the_member_keeps_its_values(model_in_mapped_memory):
+    model, before, layout, tag = model_in_mapped_memory
+    assert mapped_memory.attach(layout, "node-b") is None
+    mapped_memory.release(layout)
     assert not os.path.exists(layout.path)
     assert torch.equal(model[0].weight.detach(), before["0.weight"])
 
 
-def test_files_no_coordinator_attached_are_removed_at_the_end_of_the_run(model_in_shared_memory):
-    _, _, layout, tag = model_in_shared_memory
-    shared_memory.remove_leftovers(tag)
+def test_files_no_coordinator_attached_are_removed_at_the_end_of_the_run(model_in_mapped_memory):
+    _, _, layout, tag = model_in_mapped_memory
+    mapped_memory.remove_leftovers(tag)
     assert not os.path.exists(layout.path)
 
 

@@ -51,7 +51,7 @@ def _table(model: type[BaseModel], prefix: str, skip: set[str] = frozenset()) ->
 
 def sections() -> list[tuple[str, type[BaseModel], set[str]]]:
     """(title, model, fields documented elsewhere) for every part of the schema, in reading order."""
-    from poptrain.couplings import COUPLINGS
+    from poptrain.couplings import registered
 
     out = [
         ("top level", schema.RunConfig, set()),
@@ -72,7 +72,7 @@ def sections() -> list[tuple[str, type[BaseModel], set[str]]]:
         ("couplings[] (every type)", schema.CouplingConfig, set()),
     ]
     common = set(schema.CouplingConfig.model_fields)
-    for name, cls in sorted(COUPLINGS.items()):
+    for name, cls in sorted(registered().items()):
         out.append((f"couplings[] with `type: {name}`", cls.Config, common))
     return out
 
@@ -99,7 +99,7 @@ def readme_with_reference(readme: str) -> str:
     return f"{head}{START}\n{config_reference()}{END}{tail}"
 
 
-if __name__ == "__main__":  # python -m poptrain.reference README.md  (rewrites the README's reference)
+if __name__ == "__main__":  # python -m poptrain.config_docs README.md  (rewrites the README's reference)
     import sys
 
     path = sys.argv[1] if len(sys.argv) > 1 else "README.md"

@@ -1,0 +1,45 @@
+"""A member's stream of training batches: seeded, resumable, independent of anything else in the process."""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+from torch.utils.data import Dataset, TensorDataset, default_collate
+
+
+class BatchStream:
+    """Seeded, resumable batches: epoch e uses permutation(seed, e); the position is (epoch, offset).
+
+    An incomplete last batch of an epoch is dropped; a batch larger than the dataset is clamped.
+    """
+
+    def __init__(self, dataset: Dataset, batch_size: int, shuffle: bool, seed: int):
+        self.dataset, self.shuffle, self.seed = dataset, shuffle, seed
+        self.size = len(dataset)
+        self.batch_size = min(batch_size, self.size)
+        self.epoch, self.offset = 0, 0
+        self._order = self._permutation(0)
+
+    def _permutation(self, epoch: int) -> torch.Tensor:
+        if not self.shuffle:
+            return torch.arange(self.size)
+        return torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
+
+    def next(self) -> list[torch.Tensor]:
+        if self.offset + self.batch_size > self.size:
+            self.epoch, self.offset = self.epoch + 1, 0
+            self._order = self._permutation(self.epoch)
+        index = self._order[self.offset : self.offset + self.batch_size]
+        self.offset += self.batch_size
+        if isinstance(self.dataset, TensorDataset):
+            return [t[index] for t in self.dataset.tensors]
+        batch = default_collate([self.dataset[int(i)] for i in index])
+        return list(batch) if isinstance(batch, (list, tuple)) else [batch]
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "offset": self.offset}
+
+    def load_state_dict(self, state: Mapping[str, int]) -> None:
+        self.epoch, self.offset = int(state["epoch"]), int(state["offset"])
+        self._order = self._permutation(self.epoch)

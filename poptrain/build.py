@@ -1,0 +1,137 @@
+"""Building a member's parts from its config: model, data, loss, terms, optimizer, frozen patterns.
+
+One place, used alike by the member (for real) and by the driver's checks
+(:mod:`poptrain.checks`, on the meta device, before anything starts), so what the check accepts
+is exactly what the member builds.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import inspect
+from typing import Any, Callable
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from poptrain import builtins
+from poptrain.config import Component, MemberConfig
+
+
+def build_model(spec: Component) -> nn.Module:
+    factory = builtins.resolve(builtins.MODELS, spec.name, "model")
+    model = factory(**spec.kwargs)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model {spec.name!r} returned {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+def build_dataset(spec: Component) -> Dataset:
+    factory = builtins.resolve(builtins.DATASETS, spec.name, "dataset")
+    dataset = factory(**spec.kwargs)
+    if not (hasattr(dataset, "__getitem__") and hasattr(dataset, "__len__")):
+        raise TypeError(f"data {spec.name!r} returned {type(dataset).__name__}, not a map-style torch Dataset")
+    if len(dataset) == 0:
+        raise ValueError(f"data {spec.name!r} returned an empty dataset")
+    return dataset
+
+
+def matching(names: list[str], patterns: list[str]) -> list[str]:
+    return [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
+
+
+def optimizer_class(cfg: MemberConfig) -> type:
+    """The member's optimizer class: a built-in by name, or an import path."""
+    name = cfg.optimizer.name
+    if ":" in name:
+        return builtins.import_path(name)
+    if name in builtins.OPTIMIZERS:
+        return getattr(torch.optim, builtins.OPTIMIZERS[name])
+    raise ValueError(f"unknown optimizer {name!r}; built-ins are {sorted(builtins.OPTIMIZERS)}, or an import path")
+
+
+def parameter_groups(model: nn.Module, cfg: MemberConfig) -> list[dict[str, Any]]:
+    """The optimizer's parameter groups by name pattern (first match wins), frozen parameters excluded."""
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    taken: set[str] = set()
+    groups: list[dict[str, Any]] = []
+    for group in cfg.optimizer.groups:
+        names = [n for n in matching([n for n, _ in trainable], group.params) if n not in taken]
+        taken.update(names)
+        if names:
+            params = [p for n, p in trainable if n in names]
+            groups.append({"params": params, **({"lr": group.lr} if group.lr else {}), **group.kwargs})
+    rest = [p for n, p in trainable if n not in taken]
+    if rest:
+        groups.append({"params": rest})
+    if not groups:
+        raise ValueError("every parameter is frozen: there is nothing to optimize")
+    return groups
+
+
+def build_optimizer(model: nn.Module, cfg: MemberConfig) -> torch.optim.Optimizer:
+    """One optimizer per member over :func:`parameter_groups`."""
+    return optimizer_class(cfg)(parameter_groups(model, cfg), lr=cfg.optimizer.lr, **cfg.optimizer.kwargs)
+
+
+# Flags that torch's optimizers check only once they hold their parameters.
+_CHECKED_WITH_PARAMETERS = {"fused", "foreach", "differentiable", "capturable"}
+
+
+def check_optimizer(model: nn.Module, cfg: MemberConfig) -> None:
+    """Raise what :func:`build_optimizer` would raise for ``model``, without building it when possible.
+
+    Building a torch optimizer imports ``torch._dynamo`` (about 2 s of CPU and 70 MiB, since
+    ``Optimizer.add_param_group`` is wrapped to keep the compiler out), which the driver would
+    pay before Ray even starts. torch's own optimizers check every hyperparameter before they
+    look at their parameters and then refuse an empty parameter list: constructing one with
+    ``[]`` checks the same values and stops before that import. Other classes (import paths),
+    flags torch checks only with parameters (``fused``, ``foreach``, ...) and several parameter
+    groups (``LBFGS`` refuses them once it holds them) are built for real.
+    """
+    cls = optimizer_class(cfg)
+    groups = parameter_groups(model, cfg)
+    kwargs = cfg.optimizer.kwargs
+    probe = cls.__module__.startswith("torch.optim") and len(groups) == 1 and not (_CHECKED_WITH_PARAMETERS & {*kwargs, *groups[0]})
+    if probe:
+        try:
+            cls([], lr=cfg.optimizer.lr, **kwargs)
+        except ValueError as exc:
+            if "empty parameter list" in str(exc):
+                return
+            raise
+    build_optimizer(model, cfg)
+
+
+def apply_frozen(model: nn.Module, patterns: list[str]) -> list[str]:
+    frozen = matching([n for n, _ in model.named_parameters()], patterns)
+    for name, param in model.named_parameters():
+        if name in frozen:
+            param.requires_grad_(False)
+    return frozen
+
+
+def accepts(fn: Callable, kwargs: dict, leading: int = 0) -> str | None:
+    """None when ``fn(*leading positional, **kwargs)`` binds, else the reason."""
+    try:
+        inspect.signature(fn).bind(*([None] * leading), **kwargs)
+    except TypeError as exc:
+        return str(exc)
+    except ValueError:  # no signature (builtins): let the call itself decide
+        return None
+    return None
+
+def resolve_loss(cfg: MemberConfig) -> Callable:
+    """The member's task loss ``f(outputs, targets) -> scalar``."""
+    return builtins.resolve(builtins.LOSSES, cfg.loss.name, "loss")
+
+
+def resolve_terms(cfg: MemberConfig) -> dict[str, Callable]:
+    """The member's own objective terms by name, each ``f(model, *inputs, outputs, targets, **kwargs)``."""
+    return {t.name: builtins.resolve(builtins.TERMS, t.fn.name, "term") for t in cfg.terms}
+
+
+def resolve_grad_transforms(cfg: MemberConfig, param_names: list[str]) -> list[tuple[Any, Callable | None, list[str]]]:
+    """(transform config, its function or None, the parameter names it selects) per gradient transform."""
+    return [(t, builtins.import_path(t.fn.name) if t.fn else None, matching(param_names, t.params)) for t in cfg.grad_transforms]

@@ -1,0 +1,168 @@
+"""Checks before anything starts: every name, pattern, path and shape a run's config refers to.
+
+:func:`inspect_population` builds every model on the meta device (no memory) with the same
+builders the members use (:mod:`poptrain.build`), so a config it accepts builds; :func:`prepare`
+adds the output folder and the tracking store. Every problem is a :class:`ConfigError` naming
+the file and the dotted key, before Ray starts.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from poptrain import builtins
+from poptrain.build import accepts, apply_frozen, build_model, check_optimizer, matching
+from poptrain.config import ConfigError, RunConfig, load_config, output_problems
+from poptrain.couplings import PopulationInfo, build_couplings
+from poptrain.tracking import TrackingUnavailable, check_tracking_reachable, resolve_tracking_uri
+
+
+def inspect_population(cfg: RunConfig) -> PopulationInfo:
+    """Build every model on the meta device (no memory) and check every name, pattern and path.
+
+    Raises :class:`ConfigError` listing every problem found.
+    """
+    problems: list[tuple[str, str]] = []
+    shapes: dict[str, dict[str, tuple[int, ...]]] = {}
+    trainable: dict[str, dict[str, bool]] = {}
+    for index, member in enumerate(cfg.members):
+        key = f"members.{index}"
+        model = _build_for_inspection(member.model, f"{key}.model", problems)
+        for field_name, table, what, leading in (
+            ("data", builtins.DATASETS, "dataset", 0),
+            ("loss", builtins.LOSSES, "loss", 2),
+        ):
+            spec = getattr(member, field_name)
+            try:
+                fn = builtins.resolve(table, spec.name, what)
+                reason = accepts(fn, spec.kwargs, leading)
+                if reason:
+                    problems.append((f"{key}.{field_name}", f"{spec.name!r} does not accept these arguments: {reason}"))
+            except (ImportError, AttributeError, ValueError, TypeError) as exc:
+                problems.append((f"{key}.{field_name}.name", str(exc)))
+        for t_index, term in enumerate(member.terms):
+            try:
+                fn = builtins.resolve(builtins.TERMS, term.fn.name, "term")
+                reason = accepts(fn, term.fn.kwargs, 4)
+                if reason:
+                    problems.append((f"{key}.terms.{t_index}.fn", f"{term.fn.name!r} does not accept these arguments: {reason}"))
+            except (ImportError, AttributeError, ValueError, TypeError) as exc:
+                problems.append((f"{key}.terms.{t_index}.fn.name", str(exc)))
+        for g_index, transform in enumerate(member.grad_transforms):
+            if transform.fn is not None:
+                try:
+                    if not callable(builtins.import_path(transform.fn.name)):
+                        problems.append((f"{key}.grad_transforms.{g_index}.fn.name", f"{transform.fn.name!r} is not callable"))
+                except (ImportError, AttributeError, ValueError) as exc:
+                    problems.append((f"{key}.grad_transforms.{g_index}.fn.name", str(exc)))
+        if member.init is not None and not os.path.isfile(member.init):
+            problems.append((f"{key}.init", f"no such file: {member.init}"))
+        if model is None:
+            continue
+        size = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+        if size > member.resources.max_model_gib * 2**30:
+            problems.append((f"{key}.model", f"{member.model.name!r} with kwargs {member.model.kwargs} would take {_gib(size)} "
+                             f"of parameters and buffers, more than `resources.max_model_gib` ({member.resources.max_model_gib:g} GiB)"))
+        if member.init is not None and os.path.isfile(member.init):
+            reason = _init_problem(member.init, model)
+            if reason:
+                problems.append((f"{key}.init", reason))
+        names = [n for n, _ in model.named_parameters()]
+        shown = f"{names[:12]}{' ...' if len(names) > 12 else ''}"
+        for p_key, patterns in [(f"{key}.frozen", member.frozen)] + [
+            (f"{key}.optimizer.groups.{i}.params", g.params) for i, g in enumerate(member.optimizer.groups)
+        ] + [(f"{key}.grad_transforms.{i}.params", t.params) for i, t in enumerate(member.grad_transforms)]:
+            for pattern in patterns:
+                if not matching(names, [pattern]):
+                    problems.append((p_key, f"pattern {pattern!r} matches no parameter of member {member.name!r}; its parameters are {shown}"))
+        frozen = apply_frozen(model, member.frozen if member.trainable else ["*"])
+        if member.trainable:
+            try:
+                check_optimizer(model, member)
+            except (TypeError, ValueError, RuntimeError, ImportError, AttributeError) as exc:
+                problems.append((f"{key}.optimizer", str(exc)))
+        shapes[member.name] = {n: tuple(p.shape) for n, p in model.named_parameters()}
+        trainable[member.name] = {n: n not in frozen for n in names}
+    if problems:
+        raise ConfigError(problems)
+
+    population = PopulationInfo(
+        members=cfg.member_names,
+        param_shapes=shapes,
+        trainable=trainable,
+        terms={m.name: ["loss", *[t.name for t in m.terms]] for m in cfg.members},
+        exchange_every=cfg.exchange.every,
+    )
+    for index, coupling in enumerate(build_couplings(cfg.couplings, population)):
+        problems.extend((f"couplings.{index}.{k}" if k else f"couplings.{index}", msg) for k, msg in coupling.check_population())
+    if problems:
+        raise ConfigError(problems)
+    return population
+
+
+def _gib(size: int) -> str:
+    return f"{size / 2**40:,.1f} TiB" if size >= 2**40 else f"{size / 2**30:,.1f} GiB"
+
+
+def _init_problem(path: str, model: torch.nn.Module) -> str | None:
+    """Why the state_dict at ``path`` cannot initialize ``model``, or None. Read onto the meta
+    device (memory-mapped where the format allows it): nothing is allocated."""
+    import zipfile
+
+    zipped = zipfile.is_zipfile(path)  # torch.save's format; only its legacy format is not a zip
+    try:
+        state = torch.load(path, map_location="meta", weights_only=True, mmap=zipped)
+    except Exception as exc:
+        if "weights only load failed" in str(exc).lower():
+            return f"{path} holds Python objects, not only tensors: save `model.state_dict()`, not the model"
+        detail = f" ({type(exc).__name__}: {str(exc).strip().splitlines()[0][:200]})" if zipped else ""
+        return f"{path} is not a state_dict saved by torch.save{detail}"
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        return f"{path} is not a state_dict: torch.load gives a {type(state).__name__}, not a mapping of names to tensors"
+    expected = {n: tuple(t.shape) for n, t in model.state_dict().items()}
+    found = {n: tuple(t.shape) for n, t in state.items()}
+    differences = [f"missing {sorted(set(expected) - set(found))[:5]}"] if set(expected) - set(found) else []
+    differences += [f"unexpected {sorted(set(found) - set(expected))[:5]}"] if set(found) - set(expected) else []
+    differences += [f"{n} has shape {list(found[n])}, the model's is {list(s)}" for n, s in expected.items() if n in found and found[n] != s][:5]
+    return f"{path} does not fit the model: {'; '.join(differences)}" if differences else None
+
+
+def _build_for_inspection(spec, key: str, problems: list) -> torch.nn.Module | None:
+    try:
+        builtins.resolve(builtins.MODELS, spec.name, "model")
+    except (ImportError, AttributeError, ValueError, TypeError) as exc:
+        problems.append((f"{key}.name", str(exc)))
+        return None
+    try:
+        with torch.device("meta"):
+            return build_model(spec)
+    except (TypeError, ValueError) as exc:
+        problems.append((key, f"cannot build {spec.name!r} with kwargs {spec.kwargs}: {exc}"))
+        return None
+    except Exception:
+        pass  # some models cannot be built on the meta device; build them for real
+    try:
+        return build_model(spec)
+    except Exception as exc:
+        problems.append((key, f"cannot build {spec.name!r} with kwargs {spec.kwargs}: {type(exc).__name__}: {exc}"))
+        return None
+
+
+def prepare(config, overrides=()) -> tuple[RunConfig, PopulationInfo, str]:
+    """Everything that can fail because of user input, before Ray starts: (config, population, tracking URI)."""
+    cfg = load_config(config, overrides)
+    try:
+        population = inspect_population(cfg)
+        problems = output_problems(cfg)
+        if problems:
+            raise ConfigError(problems)
+        uri = resolve_tracking_uri(cfg)
+        try:
+            check_tracking_reachable(uri)
+        except TrackingUnavailable as exc:
+            raise ConfigError([("tracking.uri", str(exc))]) from None
+    except ConfigError as exc:  # name the file, as load_config's own errors do
+        raise ConfigError(exc.problems, exc.source or (None if isinstance(config, (dict, RunConfig)) else str(config))) from None
+    return cfg, population, uri

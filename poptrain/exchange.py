@@ -1,0 +1,273 @@
+"""The exchange: who sends and receives what and when (:class:`ExchangePlan`), how values cross a
+process boundary (:class:`Wire`), and the member's way to the coordinator (:class:`Link`).
+
+A member exchanges every ``exchange.every`` steps, once per kind it takes part in: ``param``
+before its forward pass, ``loss`` after it, ``grad`` after its backward pass. It hands its values
+to its link and gets back a :data:`Pending` reply, a function that waits for the :class:`Reply`
+(the peers' values, new values for its own quantities); it calls it only once it needs them,
+computing meanwhile.
+
+* :class:`SyncLink` (``exchange.mode: sync``): the reply is the round's result, once every
+  participant has sent its values (the coordinator's barrier). Exact with ``every: 1``.
+* :class:`AsyncLink` (``async``): the reply holds the peers' newest values, at most
+  ``max_staleness`` exchanges old. Pipelined: the reply to this exchange's publish is used at the
+  member's next one, so a member never waits out a round trip.
+
+Both reach the coordinator through a :class:`poptrain.channel.CoordinatorClient` (a direct
+connection for small values, else Ray calls) or, in one process, straight through
+:class:`poptrain.coordinator.Coordinator` (``InProcessClient``): the same barrier either way.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol
+
+import numpy as np
+import torch
+
+from poptrain.couplings.base import PHASES, Coupling, PopulationInfo, Quantity
+
+# Results at least this large are put in Ray's object store once and read by every member by
+# reference (NumPy buffers zero-copy from shared memory) instead of being sent to each.
+BY_REFERENCE_BYTES = 256 * 1024
+# Payloads at least this large travel as separate NumPy arrays (Ray passes them out of band and a
+# reader maps them zero-copy); smaller ones as one ``bytes`` object (the cheapest thing to pickle).
+FLAT_BYTES_LIMIT = 64 * 1024
+
+
+class ExchangeTimeout(RuntimeError):
+    """A wait at the exchange took longer than ``exchange.timeout_s``; the message names who is missing."""
+
+
+class ExchangePlan:
+    """Who sends, receives and takes part in each kind of exchange, derived from the couplings.
+
+    Members and the coordinator build the same plan from the same config, so nothing about the
+    plan itself crosses the network.
+    """
+
+    def __init__(self, couplings: list[Coupling], population: PopulationInfo, mapped_params: bool = True):
+        members = population.members
+        self.sends: dict[str, dict[str, list[Quantity]]] = {m: {k: [] for k in PHASES} for m in members}
+        self.receives: dict[str, set[Quantity]] = {m: set() for m in members}
+        self.reads_for_terms: dict[str, set[Quantity]] = {m: set() for m in members}
+        self.replaced: dict[str, set[Quantity]] = {m: set() for m in members}
+        takes_part: dict[str, set[str]] = {k: set() for k in PHASES}
+        for coupling in couplings:
+            reads = coupling.reads()
+            for q in reads:
+                if q not in self.sends[q.member][q.kind]:
+                    self.sends[q.member][q.kind].append(q)
+                takes_part[q.kind].add(q.member)
+            for member in coupling.trains:
+                self.reads_for_terms[member].update(reads)
+                for q in reads:
+                    if q.member != member:
+                        self.receives[member].add(q)
+                        takes_part[q.kind].add(member)
+            for rewrite in coupling.rewrites():
+                for q in rewrite.quantities:
+                    self.replaced[q.member].add(q)
+                    takes_part[q.kind].add(q.member)
+        for sends in self.sends.values():
+            for kind in PHASES:
+                sends[kind].sort()
+        self.replaces_params = any(r.kind == "param" for c in couplings for r in c.rewrites())
+        self.received = set().union(*self.receives.values())  # what any member reads of its peers
+        # Parameters only the coordinator reads or writes (averaged, shared): what a member may keep
+        # in memory mapped by the coordinator (poptrain.mapped_memory) instead of sending copies.
+        # Only at a sync barrier is there a moment when the coordinator may read them (`mapped_params`).
+        self.coordinator_only: dict[str, list[str]] = {m: [] for m in members}
+        if mapped_params:
+            for m in members:
+                names = {q.key for q in self.sends[m]["param"] if q not in self.received}
+                names |= {q.key for q in self.replaced[m] if q.kind == "param" and q not in self.received}
+                self.coordinator_only[m] = sorted(names)
+        # Fixed member order, so every round's participants are listed the same way everywhere.
+        self.participants: dict[str, list[str]] = {k: [m for m in members if m in takes_part[k]] for k in PHASES}
+
+
+def as_numpy(tensor: torch.Tensor) -> np.ndarray:
+    """A CPU tensor as a contiguous NumPy array, without a copy where it already is one. bfloat16,
+    which NumPy lacks, becomes a float32 copy (exact: every bfloat16 is a float32); whoever writes
+    it back into a bfloat16 tensor casts it there."""
+    tensor = tensor.detach()
+    return (tensor.float() if tensor.dtype == torch.bfloat16 else tensor).contiguous().numpy()
+
+
+def numpy_copy(tensor: torch.Tensor) -> np.ndarray:
+    """A contiguous CPU copy as a NumPy array, which the tensor's later changes do not reach: what a
+    member sends (bfloat16 as float32, see :func:`as_numpy`)."""
+    return as_numpy(tensor.detach().to("cpu", copy=True))
+
+
+def tensor_copy(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A tensor on ``device`` owning its memory (arrays read from Ray's object store are read-only)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "The given NumPy array is not writable"
+        tensor = torch.from_numpy(array)
+    return tensor.to(device, copy=True)
+
+
+class Wire:
+    """The flat transport of exchanged values between members and the coordinator.
+
+    ``pack({Quantity: array})`` gives ``(indices, layout, payload)``: each quantity's index in a
+    table both ends build from the same :class:`ExchangePlan`, each array's dtype and shape, and
+    the bytes: one ``bytes`` object for small payloads, the arrays themselves (read zero-copy from
+    Ray's shared memory) from ``FLAT_BYTES_LIMIT`` on. Shapes and dtypes come back as they were,
+    0-d arrays (losses) included. ``unpack`` gives back read-only arrays that view the payload
+    (no copy). An empty mapping packs to ``()``. Ray pickles such a tuple several times faster
+    than a dict of Quantity -> array, and a round's cost is mostly that per-message overhead.
+    """
+
+    def __init__(self, plan: ExchangePlan):
+        table: set[Quantity] = set()
+        for sends in plan.sends.values():
+            for quantities in sends.values():
+                table.update(quantities)
+        for replaced in plan.replaced.values():
+            table.update(replaced)
+        self.table = sorted(table)
+        self.index = {q: i for i, q in enumerate(self.table)}
+
+    def pack(self, values: dict[Quantity, np.ndarray]) -> tuple:
+        if not values:
+            return ()
+        arrays = [np.require(a, requirements="C") for a in values.values()]  # keeps 0-d arrays 0-d
+        indices = tuple(self.index[q] for q in values)
+        layout = tuple((a.dtype.str, a.shape) for a in arrays)
+        if sum(a.nbytes for a in arrays) >= FLAT_BYTES_LIMIT:
+            return indices, layout, arrays
+        return indices, layout, b"".join(a.tobytes() for a in arrays)
+
+    def unpack(self, wire: tuple) -> dict[Quantity, np.ndarray]:
+        if not wire:
+            return {}
+        indices, layout, payload = wire
+        if not isinstance(payload, bytes):
+            return {self.table[i]: a for i, a in zip(indices, payload)}
+        out, offset = {}, 0
+        for i, (dtype, shape) in zip(indices, layout):
+            dtype = np.dtype(dtype)
+            count = int(np.prod(shape, dtype=np.int64))
+            out[self.table[i]] = np.frombuffer(payload, dtype, count, offset).reshape(shape)
+            offset += count * dtype.itemsize
+        return out
+
+    def pack_reply(self, reply: "Reply") -> tuple:
+        return self.pack(reply.values), self.pack(reply.replace), reply.steps
+
+    def unpack_reply(self, wire: tuple) -> "Reply":
+        values, replace, steps = wire
+        return Reply(self.unpack(values), self.unpack(replace), steps)
+
+
+@dataclass
+class Reply:
+    """What a member gets back from one exchange."""
+
+    values: dict[Quantity, np.ndarray]  # peers' values that this member reads
+    replace: dict[Quantity, np.ndarray] = field(default_factory=dict)  # new values of members' own quantities
+    steps: dict[str, int] | None = None  # async: the step each peer's values are from
+
+
+Pending = Callable[[], Reply]  # waits for (and returns) an exchange's reply
+
+
+class Client(Protocol):
+    """A way to call the coordinator: ``call(method, *args)`` returns a function waiting for the reply."""
+
+    def call(self, method: str, *args: Any) -> Callable[[], Any]: ...
+
+    def close(self) -> None: ...
+
+
+class Link:
+    """A member's way to the coordinator: :meth:`send` its values of ``kind`` at ``step`` and get
+    a :data:`Pending` reply. :meth:`drain` waits for what is still in flight (before the member's
+    ``train`` returns, so the coordinator has logged every round)."""
+
+    def __init__(self, client: Client, wire: Wire, member: str):
+        self.client, self.wire, self.member = client, wire, member
+
+    def send(self, kind: str, step: int, values: dict[Quantity, np.ndarray]) -> Pending:
+        raise NotImplementedError
+
+    def drain(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self.client.close()
+
+    def _reply(self, answer: Callable[[], Any]) -> Pending:
+        return lambda: self._unpack(answer())
+
+    def _unpack(self, packed: Any) -> Reply:
+        if isinstance(packed, list):  # a large result comes as one object reference, shared by every member
+            import ray
+
+            packed = ray.get(packed[0])
+        return self.wire.unpack_reply(packed)
+
+
+class SyncLink(Link):
+    """``exchange.mode: sync``: the reply is the round's result, once every participant has sent."""
+
+    def send(self, kind: str, step: int, values: dict[Quantity, np.ndarray]) -> Pending:
+        return self._reply(self.client.call("exchange", kind, step, self.member, self.wire.pack(values)))
+
+
+class AsyncLink(Link):
+    """``exchange.mode: async``: publish the member's values, get its peers' newest ones.
+
+    With ``max_staleness > 0`` publishes are pipelined: each exchange submits its publish and uses
+    the reply of the previous one, which the coordinator held until the peers were within
+    ``max_staleness`` of the step it is used at (``used_at``), so the bound holds where it matters.
+    The first exchange of a kind waits for its own reply and starts the pipeline.
+    """
+
+    def __init__(self, client: Client, wire: Wire, member: str, every: int, steps: int, max_staleness: int):
+        super().__init__(client, wire, member)
+        self.every, self.steps, self.max_staleness = every, steps, max_staleness
+        self.in_flight: dict[str, Callable[[], Any]] = {}  # per kind, the reply to the last publish
+
+    def send(self, kind: str, step: int, values: dict[Quantity, np.ndarray]) -> Pending:
+        packed = self.wire.pack(values)
+        next_step = step + self.every
+        if self.max_staleness > 0 and kind in self.in_flight:
+            used_at = next_step if next_step < self.steps else step
+            previous, self.in_flight[kind] = self.in_flight[kind], self.client.call("publish", kind, step, self.member, packed, used_at)
+            return self._reply(previous)
+        reply = self._unpack(self.client.call("publish", kind, step, self.member, packed)())
+        if self.max_staleness > 0 and next_step < self.steps:
+            self.in_flight[kind] = self.client.call("publish", kind, step, self.member, packed, next_step)
+        return lambda: reply
+
+    def drain(self) -> None:
+        for answer in self.in_flight.values():
+            answer()
+        self.in_flight.clear()
+
+
+def open_link(run, plan: ExchangePlan, member: str, client: Client) -> Link:
+    """The link ``run.exchange.mode`` asks for, over ``client``."""
+    wire = Wire(plan)
+    if run.exchange.mode == "sync":
+        return SyncLink(client, wire, member)
+    return AsyncLink(client, wire, member, run.exchange.every, run.steps, run.exchange.max_staleness)
+
+
+def by_reference(packed: tuple) -> Any:
+    """``packed`` (a :meth:`Wire.pack_reply` tuple) as it is, or, when its arrays are large, put in
+    Ray's object store once: every member then gets the same reference (wrapped in a list so Ray
+    does not resolve it on return) and reads the NumPy buffers zero-copy from shared memory."""
+    # Flat `bytes` parts are under FLAT_BYTES_LIMIT each: only array parts are worth sharing.
+    size = sum(a.nbytes for part in packed[:2] if part and not isinstance(part[2], bytes) for a in part[2])
+    if size < BY_REFERENCE_BYTES:
+        return packed
+    import ray
+
+    return [ray.put(packed)]

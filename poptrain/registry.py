@@ -1,0 +1,67 @@
+"""Couplings by name: the table a config's ``couplings[].type`` is looked up in.
+
+The config schema (:mod:`poptrain.config`) and the couplings (:mod:`poptrain.couplings`) both see
+this module and neither imports the other: couplings register their classes here, the schema
+resolves names here. The built-in couplings are listed by import path and imported on first use,
+as a user's coupling named by import path is.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, TypeVar
+
+BUILTIN_COUPLINGS = {
+    "separation": "poptrain.couplings.separation:Separation",
+    "relative": "poptrain.couplings.relative:Relative",
+    "average": "poptrain.couplings.averaging:Average",
+    "share": "poptrain.couplings.sharing:Share",
+}
+
+
+class CouplingClass:
+    """The root of every coupling class (:class:`poptrain.couplings.Coupling` derives from it), so
+    that a name can be checked to be a coupling without importing the couplings."""
+
+
+C = TypeVar("C", bound=type)
+COUPLINGS: dict[str, type] = {}
+
+
+def register(name: str) -> Callable[[C], C]:
+    """Class decorator: make a coupling available to configs as ``type: <name>``."""
+
+    def decorate(cls: C) -> C:
+        if name in COUPLINGS and COUPLINGS[name] is not cls:
+            raise ValueError(f"a coupling named {name!r} is already registered ({COUPLINGS[name].__qualname__})")
+        COUPLINGS[name] = cls
+        return cls
+
+    return decorate
+
+
+def registered() -> dict[str, type]:
+    """Every coupling available by name: the built-ins and those registered so far."""
+    for name in BUILTIN_COUPLINGS:
+        resolve_coupling(name)
+    return dict(COUPLINGS)
+
+
+def resolve_coupling(type_name: str) -> type:
+    """The coupling class for a config's ``type``: a registered name or an import path
+    ``package.module:Class``. Raises ``ValueError`` listing the valid names on a miss."""
+    from poptrain.builtins import import_path
+
+    if ":" in type_name:
+        cls = import_path(type_name)
+    elif type_name in COUPLINGS:
+        return COUPLINGS[type_name]
+    elif type_name in BUILTIN_COUPLINGS:
+        cls = import_path(BUILTIN_COUPLINGS[type_name])  # registers itself on import
+    else:
+        raise ValueError(
+            f"unknown coupling type {type_name!r}; registered: {sorted({*BUILTIN_COUPLINGS, *COUPLINGS})}, "
+            "or give an import path `package.module:Class`"
+        )
+    if not (isinstance(cls, type) and issubclass(cls, CouplingClass)):
+        raise TypeError(f"{type_name!r} is not a subclass of poptrain.couplings.Coupling")
+    return cls
