@@ -115,3 +115,18 @@ class TwoInputNet(nn.Module):
 
     def forward(self, a, b):
         return self.a(a) + self.b(b)
+
+
+from poptrain.couplings.separation import Separation  # noqa: E402
+
+
+class BuggyCheckSeparation(Separation):
+    """A user coupling whose own ``check_config`` has a bug (it raises instead of listing problems)."""
+
+    @classmethod
+    def check_config(cls, config, run):
+        return _buggy_lookup(config.param)
+
+
+def _buggy_lookup(param: str):
+    return {"weight": []}[param]  # KeyError for any other parameter name
