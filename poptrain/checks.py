@@ -14,7 +14,7 @@ import torch
 
 from poptrain import builtins
 from poptrain.build import accepts, apply_frozen, build_model, check_optimizer, matching
-from poptrain.config import ConfigError, RunConfig, load_config, output_problems
+from poptrain.config import ConfigError, RunConfig, anchor_outputs, job_storage_problems, load_config, output_problems
 from poptrain.couplings import PopulationInfo, build_couplings
 from poptrain.tracking import TrackingUnavailable, check_tracking_reachable, resolve_tracking_uri
 
@@ -154,11 +154,15 @@ def prepare(config, overrides=()) -> tuple[RunConfig, PopulationInfo, str]:
     """Everything that can fail because of user input, before Ray starts: (config, population, tracking URI)."""
     cfg = load_config(config, overrides)
     try:
+        home = anchor_outputs(cfg)  # inside a Ray job: relative outputs go outside its temporary working dir
         population = inspect_population(cfg)
         problems = output_problems(cfg)
         if problems:
             raise ConfigError(problems)
-        uri = resolve_tracking_uri(cfg)
+        uri = resolve_tracking_uri(cfg, None if home is None else str(home))
+        problems = job_storage_problems(cfg, uri)
+        if problems:
+            raise ConfigError(problems)
         try:
             check_tracking_reachable(uri)
         except TrackingUnavailable as exc:

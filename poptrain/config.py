@@ -13,8 +13,10 @@ The field descriptions below are the config reference (``poptrain schema`` print
 from __future__ import annotations
 
 import copy
+import json
 import os
 import re
+import traceback
 import types
 import typing
 from pathlib import Path
@@ -48,6 +50,23 @@ MAX_YAML_DEPTH = 64
 MAX_YAML_VALUES = 100_000
 
 
+class Reason(str):
+    """A problem's reason that carries the traceback of the user code that raised it (a user
+    coupling's own check failing): :meth:`ConfigError.render` shows it below the problem."""
+
+    traceback: str = ""
+
+    @classmethod
+    def of(cls, text: str, exc: BaseException, skip: int = 1) -> "Reason":
+        """``text``, with ``exc``'s traceback less its first ``skip`` frames (poptrain's own call)."""
+        tb = exc.__traceback__
+        for _ in range(skip):
+            tb = tb.tb_next if tb is not None and tb.tb_next is not None else tb
+        reason = cls(text)
+        reason.traceback = "".join(traceback.format_exception(type(exc), exc, tb))
+        return reason
+
+
 class ConfigError(Exception):
     """A user-caused configuration problem: what is wrong, where, and what to do."""
 
@@ -60,8 +79,11 @@ class ConfigError(Exception):
         where = f" in {self.source}" if self.source else ""
         lines = [f"Invalid configuration{where}:"]
         for key, reason in self.problems:
-            reason = " ".join(str(reason).split())  # one line per problem, whatever an exception's text holds
-            lines.append(f"  - {key}: {reason}" if key else f"  - {reason}")
+            text = " ".join(str(reason).split())  # one line per problem, whatever an exception's text holds
+            lines.append(f"  - {key}: {text}" if key else f"  - {text}")
+            trace = getattr(reason, "traceback", "")
+            if trace:  # a bug in user code: where it happened, as Python tells it
+                lines.extend(f"      {line}" for line in trace.rstrip().splitlines())
         return "\n".join(lines)
 
 
@@ -291,7 +313,7 @@ class ExchangeConfig(Strict):
 
 
 class TrackingConfig(Strict):
-    uri: Optional[str] = Field(None, description="MLflow tracking URI; default: $MLFLOW_TRACKING_URI, else `sqlite:///mlflow.db` in the working directory.")
+    uri: Optional[str] = Field(None, description="MLflow tracking URI; default: $MLFLOW_TRACKING_URI, else `sqlite:///mlflow.db` in the working directory (inside a Ray job, in `$POPTRAIN_HOME`, as for `output_dir`).")
     experiment: str = Field("poptrain", min_length=1, max_length=500, description="MLflow experiment name.")
     log_every: int = Field(1, ge=1, description="Log member metrics every k steps.")
     layer_norms_every: int = Field(
@@ -351,7 +373,11 @@ class RunConfig(Strict):
     name: Name = Field(description="Run name: the MLflow parent run's name and the output folder's.")
     seed: int = Field(0, ge=0, le=MAX_SEED, description="Seed of everything: member initializations, data order, dropout.")
     steps: int = Field(gt=0, le=100_000_000, description="Training steps per member.")
-    output_dir: str = Field("runs", description="Outputs go to `<output_dir>/<name>/`.")
+    output_dir: str = Field(
+        "runs",
+        description="Outputs go to `<output_dir>/<name>/`. A relative path is taken from the working directory; "
+        "inside a Ray job (`ray job submit`), from `$POPTRAIN_HOME` (default `~/poptrain-jobs`), since the job's working directory is a temporary copy.",
+    )
     exchange: ExchangeConfig = Field(default_factory=ExchangeConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     placement: PlacementConfig = Field(default_factory=PlacementConfig)
@@ -690,8 +716,8 @@ def validate_config(raw: dict) -> RunConfig:
             problems.append((f"{key}.type", f"{item['type']!r} keeps members' parameters identical, which restoring one member from its checkpoint would break: use `failure.nonfinite: skip` or `fail`"))
         try:
             problems.extend((f"{key}.{k}" if k else key, msg) for k, msg in cls.check_config(specific, cfg))
-        except Exception as exc:  # a user coupling's own check failing is still a config problem
-            problems.append((key, f"{cls.__name__}.check_config failed: {exc}"))
+        except Exception as exc:  # a user coupling's own check failing: nothing starts, and its traceback is shown
+            problems.append((key, Reason.of(f"{cls.__name__}.check_config raised {type(exc).__name__}: {exc} (a bug in the coupling's code; its traceback follows)", exc)))
         typed.append(specific)
     for index, member in enumerate(cfg.members):
         term_names = [t.name for t in member.terms]
@@ -720,6 +746,82 @@ def output_problems(cfg: RunConfig) -> list[tuple[str, str]]:
     if not os.access(existing, os.W_OK | os.X_OK):
         return [("output_dir", f"{existing} is not writable, so the outputs cannot go to {target}")]
     return []
+
+
+# Inside a submitted Ray job the working directory is Ray's unpacked copy of `--working-dir`, a
+# temporary folder that Ray deletes (and that a second node on the same machine unpacks again at
+# the same path, deleting what the driver wrote there). Relative output paths resolve against a
+# lasting folder instead.
+HOME_ENV = "POPTRAIN_HOME"
+DEFAULT_JOB_HOME = "~/poptrain-jobs"
+
+
+def ray_job() -> dict[str, Any] | None:
+    """The submitted Ray job this process is the entrypoint of (``submission_id``, ``working_dir``),
+    from the environment Ray's job supervisor gives it; None outside a job."""
+    text = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    if not text:
+        return None
+    try:
+        data = json.loads(text)
+    except ValueError:
+        data = {}
+    data = data if isinstance(data, dict) else {}
+    runtime_env = data.get("runtime_env") if isinstance(data.get("runtime_env"), dict) else {}
+    metadata = data.get("metadata") if isinstance(data.get("metadata"), dict) else {}
+    return {"submission_id": metadata.get("job_submission_id"), "working_dir": runtime_env.get("working_dir")}
+
+
+def job_home() -> Path | None:
+    """Inside a submitted Ray job: the folder relative outputs and the default MLflow store resolve
+    against (``$POPTRAIN_HOME``, else ``~/poptrain-jobs``), created if missing; None outside a job."""
+    if ray_job() is None:
+        return None
+    home = Path(os.path.expanduser(os.environ.get(HOME_ENV) or DEFAULT_JOB_HOME)).resolve()
+    try:
+        home.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError([("output_dir", f"inside a Ray job, relative outputs go to ${HOME_ENV} ({home}), which cannot be created: {exc}")]) from None
+    return home
+
+
+def anchor_outputs(cfg: RunConfig) -> Path | None:
+    """Inside a submitted Ray job, make a relative ``output_dir`` absolute under :func:`job_home`
+    (so that it outlives the job's temporary working directory) and return that folder, against
+    which relative tracking paths resolve too; None (nothing changed) outside a job."""
+    home = job_home()
+    if home is not None and not Path(cfg.output_dir).is_absolute():
+        cfg.output_dir = str(home / cfg.output_dir)
+    return home
+
+
+def job_artifact_root(tracking_uri: str) -> str | None:
+    """Inside a submitted Ray job with a local MLflow store: where the artifacts of experiments it
+    creates go (``<job home>/mlruns``). MLflow's default, ``./mlruns``, would be in the job's
+    temporary working directory. None elsewhere (a server keeps its own artifact root)."""
+    home = job_home()
+    local = tracking_uri.startswith("sqlite:") or "://" not in tracking_uri
+    return str(home / "mlruns") if home is not None and local else None
+
+
+def job_storage_problems(cfg: RunConfig, tracking_uri: str) -> list[tuple[str, str]]:
+    """Inside a Ray job with a ``working_dir``: outputs or a local MLflow store given by an absolute
+    path inside the job's working directory, which would be deleted with it."""
+    job = ray_job()
+    if job is None or not job["working_dir"]:
+        return []
+    try:
+        scratch = Path(os.getcwd()).resolve()
+    except FileNotFoundError:  # already deleted under us
+        return []
+    local = tracking_uri[len("sqlite:///") :] if tracking_uri.startswith("sqlite:///") else None if "://" in tracking_uri else tracking_uri
+    problems = []
+    for key, path in (("output_dir", cfg.run_dir), ("tracking.uri", local)):
+        if path is not None and Path(path).resolve().is_relative_to(scratch):
+            problems.append((key, f"{path} is inside the Ray job's working directory {scratch}, a temporary copy that Ray deletes: "
+                             f"give a relative path (inside a job it resolves against ${HOME_ENV}, default {DEFAULT_JOB_HOME}) "
+                             "or an absolute path outside it"))
+    return problems
 
 
 def dump_config(cfg: RunConfig) -> str:

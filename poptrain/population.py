@@ -21,7 +21,7 @@ import torch
 from poptrain import mapped_memory, pool
 from poptrain.checks import prepare
 from poptrain.checkpoint import CheckpointError, discard_after, latest_complete_step, read_run_record, save_atomic, write_run_record
-from poptrain.config import ConfigError, RunConfig, dump_config
+from poptrain.config import HOME_ENV, ConfigError, RunConfig, dump_config, job_artifact_root, job_home, ray_job
 from poptrain.couplings import PopulationInfo
 from poptrain.tracking import RunIds, Tracking, TrackingUnavailable
 
@@ -204,7 +204,7 @@ def _train(cfg: RunConfig, population: PopulationInfo, uri: str, run_dir: Path, 
     cwd = os.getcwd()
     # MLflow's import and the opening of its store (seconds on a small machine) overlap Ray's start.
     opener = ThreadPoolExecutor(1, thread_name_prefix="poptrain-tracking-open")
-    opening = opener.submit(Tracking, uri, resume_ids)
+    opening = opener.submit(Tracking, uri, resume_ids, job_artifact_root(uri))
     opener.shutdown(wait=False)
     try:
         started_ray = ensure_ray()
@@ -349,17 +349,8 @@ def _train(cfg: RunConfig, population: PopulationInfo, uri: str, run_dir: Path, 
                 progress(snapshot)
         collector.drain()
 
-        for name, member in members.items():
-            state = {k: torch.from_numpy(v.copy()) for k, v in ray.get(member.final_weights.remote()).items()}
-            save_atomic(state, run_dir / "members" / name / "model.pt")
-        tracking.log_artifact(None, str(run_dir / "config.yaml"))
-        if cfg.tracking.log_models:
-            examples = _get_all([m.example_inputs.remote() for m in members.values()], members)
-            for name, example in zip(members, examples):
-                spec = cfg.member(name).model.model_dump(mode="json")
-                tracking.log_model(name, str(run_dir / "members" / name / "model.pt"), spec, example, cfg.steps - 1)
-        if cfg.tracking.plots:
-            tracking.log_plots(str(run_dir / "plots"))
+        weights = _save_final_weights(members, run_dir)  # before anything that can fail
+        _log_artifacts(cfg, tracking, members, run_dir, weights)
         if keep_warm:  # handed to the pool at the very end, below, once this run has let go of everything
             to_keep = pool.WarmMembers(shape, group, [members[name] for name in cfg.member_names], coordinator, run_tag)
         status = "FINISHED"
@@ -416,7 +407,8 @@ def _park(warm: pool.WarmMembers, keep_warm_s: float) -> bool:
         ray.get([actor.park.remote() for actor in warm.processes], timeout=60)
         pool.keep(warm, keep_warm_s)
         return True
-    except Exception:  # e.g. one died meanwhile: end them all, as a run that is not kept does
+    except Exception as exc:  # e.g. one died meanwhile: end them all, as a run that is not kept does
+        _warn_not_warm("this run's processes are not kept warm for the next run", exc)
         for actor in warm.processes:
             ray.kill(actor, no_restart=True)
         return False
@@ -432,9 +424,23 @@ def _healthy(warm: pool.WarmMembers | None) -> pool.WarmMembers | None:
     try:
         ray.get([actor.info.remote() for actor in warm.actors] + [warm.coordinator.ping.remote()], timeout=30)
         return warm
-    except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+    except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as exc:
+        _warn_not_warm("the warm processes of an earlier run are not reused; new ones start", exc)
         pool.end(warm)
         return None
+
+
+def _warn_not_warm(what: str, exc: Exception) -> None:
+    """One warning line: why warm processes (poptrain.pool) were dropped."""
+    import ray
+
+    if isinstance(exc, ray.exceptions.GetTimeoutError):
+        why = "one of them did not answer within the timeout"
+    elif isinstance(exc, (ray.exceptions.RayTaskError, ray.exceptions.RayActorError)):
+        why = f"one of them {describe_failure(exc)}"
+    else:
+        why = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''}"
+    print(f"poptrain: warning: {what} ({why})", file=sys.stderr, flush=True)
 
 
 def _close_when_open(opening) -> None:
@@ -500,12 +506,67 @@ class _MetricsCollector:
             self.poll(timeout_s=5.0)
 
 
+def _save_final_weights(members: dict[str, Any], run_dir: Path) -> dict[str, Path]:
+    """Each member's final ``state_dict`` as ``<run_dir>/members/<name>/model.pt``; where that
+    cannot be written, in a temporary folder of its own, with a warning naming it. Member -> path."""
+    import tempfile
+
+    import ray
+
+    saved = {}
+    for name, member in members.items():
+        state = {k: torch.from_numpy(v.copy()) for k, v in ray.get(member.final_weights.remote()).items()}
+        path = run_dir / "members" / name / "model.pt"
+        try:
+            save_atomic(state, path)
+        except OSError as exc:
+            try:
+                rescue = Path(tempfile.mkdtemp(prefix=f"poptrain-{name}-")) / "model.pt"
+                save_atomic(state, rescue)
+            except OSError:
+                raise PopulationError(f"member {name}'s final weights could not be saved to {path} ({type(exc).__name__}: {exc})") from None
+            print(f"poptrain: warning: member {name}'s final weights could not be saved to {path} ({type(exc).__name__}: {exc}); "
+                  f"they are in {rescue}", file=sys.stderr, flush=True)
+            path = rescue
+        saved[name] = path
+    return saved
+
+
+def _log_artifacts(cfg: RunConfig, tracking: Tracking, members: dict[str, Any], run_dir: Path, weights: dict[str, Path]) -> None:
+    """The run's artifacts in MLflow: its config, the models (``tracking.log_models``), the plots
+    (``tracking.plots``). The weights are saved already: what fails to log is named in a warning,
+    with where the weights are, and the run still finishes (an unexpected error shows its traceback)."""
+    import traceback
+
+    from mlflow.exceptions import MlflowException
+
+    def attempt(what: str, log) -> None:
+        try:
+            log()
+        except Exception as exc:
+            where = ", ".join(f"{name}: {path}" for name, path in weights.items())
+            print(f"poptrain: warning: could not log {what} to MLflow ({type(exc).__name__}: {str(exc).strip()[:500]}); "
+                  f"the final weights are saved ({where})", file=sys.stderr, flush=True)
+            if not isinstance(exc, (TrackingUnavailable, MlflowException, OSError, PopulationError)):
+                traceback.print_exception(exc, file=sys.stderr)
+
+    attempt(f"the config ({run_dir / 'config.yaml'})", lambda: tracking.log_artifact(None, str(run_dir / "config.yaml")))
+    if cfg.tracking.log_models:
+        examples: list = []
+        attempt("the models (their example inputs could not be read)", lambda: examples.extend(_get_all([m.example_inputs.remote() for m in members.values()], members)))
+        for name, example in zip(members, examples):
+            spec = cfg.member(name).model.model_dump(mode="json")
+            attempt(f"member {name}'s model", lambda: tracking.log_model(name, str(weights[name]), spec, example, cfg.steps - 1))
+    if cfg.tracking.plots:
+        attempt(f"the plots (under {run_dir / 'plots'})", lambda: tracking.log_plots(str(run_dir / "plots")))
+
+
 def _warn_about_storage(cfg: RunConfig, run_dir: Path, uri: str, nodes: int) -> None:
-    if os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") and (not Path(cfg.output_dir).is_absolute() or not uri.startswith(("http://", "https://"))):
+    job = ray_job()
+    if job is not None:  # say where everything goes: not the job's working dir (poptrain.config.anchor_outputs)
         print(
-            f"poptrain: warning: inside a Ray job the working directory is a temporary copy, so outputs at {run_dir} "
-            f"and tracking at {uri} may be deleted with it; set output_dir to a lasting absolute path and tracking.uri "
-            "(or MLFLOW_TRACKING_URI) to an MLflow server",
+            f"poptrain: inside Ray job {job['submission_id'] or '(no submission id)'}: outputs go to {run_dir}, MLflow tracking to {uri} "
+            f"(relative paths resolve against ${HOME_ENV}, here {job_home()}, not the job's temporary working directory)",
             file=sys.stderr,
             flush=True,
         )

@@ -16,6 +16,7 @@ a failed write is retried with back-off there, its metrics buffered meanwhile.
 from __future__ import annotations
 
 import os
+import re
 import threading
 import time
 import urllib.error
@@ -117,10 +118,11 @@ def run_params(cfg: RunConfig) -> dict[str, str]:
 class Tracking:
     """MLflow writes of one population run, from the driver process."""
 
-    def __init__(self, uri: str, ids: RunIds | None = None):
+    def __init__(self, uri: str, ids: RunIds | None = None, artifact_root: str | None = None):
         from mlflow.tracking import MlflowClient
 
         self.uri = uri
+        self.artifact_root = artifact_root  # where a new experiment's artifacts go; None: the store's default
         self.client = MlflowClient(tracking_uri=uri)
         self.ids = ids
         # Metrics are written by a thread of their own, so that a slow or unreachable server (MLflow's
@@ -145,7 +147,11 @@ class Tracking:
 
     def create_runs(self, cfg: RunConfig) -> RunIds:
         experiment = self.client.get_experiment_by_name(cfg.tracking.experiment)
-        experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(cfg.tracking.experiment)
+        if experiment:
+            experiment_id = experiment.experiment_id
+        else:
+            location = None if self.artifact_root is None else str(Path(self.artifact_root) / re.sub(r"[^\w.-]", "_", cfg.tracking.experiment))
+            experiment_id = self.client.create_experiment(cfg.tracking.experiment, artifact_location=location)
         parent = self.client.create_run(
             experiment_id,
             run_name=cfg.name,

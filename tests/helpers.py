@@ -151,3 +151,16 @@ class SeparationThatHangsTheCoordinator(Separation):
         if self.rewrites_done - 1 == self.config.hang_at_exchange:
             time.sleep(self.config.hang_s)
         return {}
+
+
+
+class BuggyCheckSeparation(Separation):
+    """A user coupling whose own ``check_config`` has a bug (it raises instead of listing problems)."""
+
+    @classmethod
+    def check_config(cls, config, run):
+        return _buggy_lookup(config.param)
+
+
+def _buggy_lookup(param: str):
+    return {"weight": []}[param]  # KeyError for any other parameter name

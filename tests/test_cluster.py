@@ -44,6 +44,8 @@ RAY_VERSION = importlib.metadata.version("ray")
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
 IMAGE = re.compile(r"^rayproject/ray:(?P<ray>\d+\.\d+\.\d+)-py(?P<major>\d)(?P<minor>\d+)(?:-(?P<variant>cpu|gpu|cu\d+))?$")
 SHIPPED_CONFIG = "configs/prelu_separation.yaml"
+# The headline command of README.md's Clusters section and of cluster/README.md, run as written.
+README_COMMAND = f"ray job submit --working-dir . -- poptrain run {SHIPPED_CONFIG}"
 
 
 # --------------------------------------------------------------------------------------------
@@ -254,6 +256,7 @@ class LocalCluster:
     env: dict[str, str]  # a submitting client's environment: addresses and token
     token: str
     start_s: float
+    home: Path  # $POPTRAIN_HOME of the cluster's processes: where a job's relative outputs go
 
 
 def base_env() -> dict[str, str]:
@@ -296,7 +299,8 @@ def local_cluster():
     # Short: Ray puts Unix sockets under it (107-byte path limit).
     state = Path(tempfile.mkdtemp(prefix="ptc-", dir="/tmp"))
     token = secrets.token_hex(32)
-    env = {**base_env(), "POPTRAIN_CLUSTER_DIR": str(state), "RAY_AUTH_TOKEN": token, "WORKERS": "1", "CPUS_PER_NODE": "1"}
+    home = state / "home"  # not the default ~/poptrain-jobs: the tests keep to their own folders
+    env = {**base_env(), "POPTRAIN_CLUSTER_DIR": str(state), "RAY_AUTH_TOKEN": token, "WORKERS": "1", "CPUS_PER_NODE": "1", "POPTRAIN_HOME": str(home)}
     started = time.monotonic()
     try:
         done = subprocess.run(["bash", str(SCRIPT), "start"], env=env, capture_output=True, text=True, timeout=180)
@@ -308,7 +312,7 @@ def local_cluster():
         assert client["RAY_AUTH_MODE"] == "token" and client["RAY_AUTH_TOKEN"] == token
         assert client["RAY_API_SERVER_ADDRESS"].startswith("http://127.0.0.1:")
         assert client["RAY_API_SERVER_ADDRESS"] in done.stdout, "start prints the address for `ray job submit`"
-        yield LocalCluster(state, client, token, time.monotonic() - started)
+        yield LocalCluster(state, client, token, time.monotonic() - started, home)
     finally:
         stop = subprocess.run(["bash", str(SCRIPT), "stop"], env=env, capture_output=True, text=True, timeout=60)
         left = processes_of(state)
@@ -422,6 +426,52 @@ def test_population_submitted_with_ray_job_submit_runs_on_both_nodes(local_clust
     # The driver wrote the outputs where the config said.
     for name in ("m1", "m2"):
         assert (spread_job.folder / "runs" / "prelu_separation" / "members" / name / "model.pt").is_file()
+
+
+@pytest.fixture(scope="module")
+def readme_job(local_cluster):
+    """The READMEs' headline command exactly as written: the shipped config, its default relative
+    `output_dir` and the default MLflow store (issue 14: a second node unpacking the job's working
+    dir again deleted the driver's outputs there, and the finished run failed with a traceback)."""
+    for doc in (REPO / "README.md", CLUSTER / "README.md"):
+        assert README_COMMAND in doc.read_text(), f"{doc.name} gives the command this test runs"
+    words = shlex.split(README_COMMAND)
+    assert words[:2] == ["ray", "job"]
+    started = time.monotonic()
+    done = ray_cli(*words[1:], env=local_cluster.env, timeout=400)
+    print(f"\nREADME job submit to finish {time.monotonic() - started:.1f} s")
+    return done
+
+
+@pytest.mark.slow
+def test_the_readme_command_keeps_its_outputs_where_the_log_says(local_cluster, readme_job):
+    import torch
+    from mlflow.tracking import MlflowClient
+
+    log = readme_job.stdout + readme_job.stderr
+    assert readme_job.returncode == 0, f"ray job submit exited {readme_job.returncode}:\n{log[-6000:]}"
+    assert re.search(r"Job '[^']+' succeeded", log)
+    assert "Traceback" not in log and "could not log" not in log, log[-6000:]
+    said = re.search(r"poptrain: inside Ray job \S+: outputs go to (\S+), MLflow tracking to (\S+) \(", log)
+    assert said, log[-6000:]
+    run_dir, uri = Path(said[1]), said[2]
+    home = local_cluster.home.resolve()
+    assert run_dir == home / "runs" / "prelu_separation", "a relative output_dir resolves against $POPTRAIN_HOME"
+    assert uri == f"sqlite:///{home / 'mlflow.db'}", "so does the default MLflow store"
+    assert f"outputs in {run_dir}" in log
+
+    assert (run_dir / "config.yaml").is_file()
+    for name in ("m1", "m2"):
+        state = torch.load(run_dir / "members" / name / "model.pt", weights_only=True)
+        assert state["activation.weight"].numel() == 1
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("poptrain").experiment_id], "tags.`poptrain.role` = 'population'")
+    (parent,) = [r for r in runs if r.data.params.get("output_dir") == str(run_dir.parent)]
+    assert parent.info.status == "FINISHED"
+    assert "config.yaml" in [a.path for a in client.list_artifacts(parent.info.run_id)]
+    artifacts = Path(parent.info.artifact_uri.removeprefix("file://"))
+    assert artifacts.is_relative_to(home / "mlruns"), f"artifacts at {artifacts}, outside the job's working dir"
+    assert (artifacts / "config.yaml").is_file()
 
 
 @pytest.mark.slow

@@ -122,3 +122,51 @@ def test_user_classes_by_import_path_are_inspected(base_config):
 def test_unreachable_tracking_server_stops_before_anything_starts(base_config):
     found = problems(base_config(tracking={"uri": "http://127.0.0.1:9"}))
     assert any(k == "tracking.uri" and "cannot reach" in msg for k, msg in found), found
+
+
+def test_a_bug_in_a_user_couplings_check_config_is_a_config_problem_with_its_traceback(base_config):
+    """Nothing starts (a ConfigError, exit 2), and the message carries where the user's code failed."""
+    coupling = {"type": "tests.helpers:BuggyCheckSeparation", "param": "activation.weight", "margin": 2.0}
+    with pytest.raises(ConfigError) as info:
+        prepare(base_config(couplings=[coupling]))
+    text = info.value.render()
+    assert "couplings.0: BuggyCheckSeparation.check_config raised KeyError: 'activation.weight'" in text, text
+    assert "Traceback (most recent call last)" in text, text
+    assert "_buggy_lookup" in text and "tests/helpers.py" in text, "the user's own frames are shown"
+    assert "validate_config" not in text, "poptrain's own frame is left out"
+    assert text.index("_buggy_lookup") > text.index("check_config raised"), "the traceback follows its problem"
+
+
+def test_inside_a_ray_job_relative_outputs_and_the_default_store_resolve_against_poptrain_home(base_config, tmp_path, monkeypatch):
+    """What Ray's job supervisor gives a job's entrypoint: its working dir is a temporary copy, so
+    relative paths resolve against $POPTRAIN_HOME instead (issue 14)."""
+    import json
+    import os
+
+    job_dir, home = tmp_path / "_ray_pkg_0123", tmp_path / "home"
+    job_dir.mkdir()
+    monkeypatch.chdir(job_dir)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("POPTRAIN_HOME", str(home))
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps(
+        {"runtime_env": {"working_dir": "gcs://_ray_pkg_0123.zip"}, "metadata": {"job_submission_id": "raysubmit_1"}}))
+    def config(output_dir, **tracking):
+        return {**base_config(tracking={"experiment": "e", **tracking}), "output_dir": str(output_dir)}
+
+    cfg, _, uri = prepare(config("runs"))
+    assert cfg.run_dir == home / "runs" / "pop"
+    assert uri == f"sqlite:///{home / 'mlflow.db'}"
+    assert "/_ray_pkg_0123" not in dump_config(cfg)
+    from poptrain.config import job_artifact_root
+
+    assert job_artifact_root(uri) == str(home / "mlruns")
+
+    # An absolute path into the job's working dir would be deleted with it: refused before anything starts.
+    found = problems(config(os.path.join(job_dir, "out")))
+    assert any(k == "output_dir" and "inside the Ray job's working directory" in m for k, m in found), found
+    found = problems(config("runs", uri=f"sqlite:///{job_dir / 'x.db'}"))
+    assert any(k == "tracking.uri" and "inside the Ray job's working directory" in m for k, m in found), found
+
+    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR")  # outside a job: the working directory, as before
+    cfg, _, uri = prepare(config("runs"))
+    assert cfg.output_dir == "runs" and uri == f"sqlite:///{job_dir / 'mlflow.db'}"

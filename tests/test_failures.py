@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -266,3 +267,28 @@ def test_a_process_killed_in_the_middle_of_a_checkpoint_write_leaves_the_previou
     assert steps_of(tmp_path, "m1") == [10]
     assert latest_complete_step(tmp_path, ["m1"]) == 10
     assert load_checkpoint(tmp_path / "checkpoints" / "m1" / "step-000000010.pt")["model"]["w"].equal(torch.zeros(10))
+
+
+def test_an_artifact_that_cannot_be_logged_at_the_end_warns_and_keeps_the_weights(ray_session, base_config, tracking_uri, capsys):
+    """Issue 14: the run's config.yaml deleted under the driver (as a second Ray node unpacking a
+    job's working dir did) failed the finished run with a traceback. Now: a warning naming what was
+    not logged and where the weights are, the weights saved, the runs FINISHED."""
+    config = base_config(steps=6)
+    deleted = []
+
+    def delete_config(snapshot):
+        path = Path(config["output_dir"]) / "pop" / "config.yaml"
+        if path.exists():
+            path.unlink()
+            deleted.append(path)
+
+    result = poptrain.run(config, progress=delete_config, keep_warm_s=0)
+    assert deleted
+    err = capsys.readouterr().err
+    assert "poptrain: warning: could not log the config" in err and "config.yaml" in err, err
+    assert f"the final weights are saved (m1: {result.output_dir / 'members' / 'm1' / 'model.pt'}" in err, err
+    assert "Traceback" not in err, err
+    for member in ("m1", "m2"):
+        assert "activation.weight" in weights(result.output_dir, member)
+    client = MlflowClient(tracking_uri)
+    assert client.get_run(result.run_id).info.status == "FINISHED"

@@ -76,3 +76,29 @@ def test_warm_processes_end_after_keep_warm_s_unused(ray_session, base_config):
     assert all(psutil.pid_exists(p) for p in pids(result)), "kept for the next run"
     assert cpus_free_within(ray_session, 30)
     assert ended_within(pids(result), 30)
+
+
+def test_warm_processes_dropped_say_why(ray_session, base_config, capsys, monkeypatch):
+    """Issue 14: warm processes that are not kept, or not reused, were dropped silently."""
+    import signal
+
+    from poptrain import pool
+
+    first = poptrain.run(base_config(name="first", steps=4))
+    killed = next(iter(pids(first)))
+    psutil.Process(killed).send_signal(signal.SIGKILL)
+    assert ended_within({killed}, 30)
+    second = poptrain.run(base_config(name="second", steps=4))
+    err = capsys.readouterr().err
+    assert "poptrain: warning: the warm processes of an earlier run are not reused; new ones start (one of them died" in err, err
+    assert not pids(second) & pids(first)
+
+    def refuse(warm, idle_s):
+        raise RuntimeError("the pool is closed")
+
+    monkeypatch.setattr(pool, "keep", refuse)
+    third = poptrain.run(base_config(name="third", steps=4))
+    err = capsys.readouterr().err
+    assert "poptrain: warning: this run's processes are not kept warm for the next run (RuntimeError: the pool is closed)" in err, err
+    assert ended_within(pids(second) | pids(third), 30)
+    assert cpus_free_within(ray_session, 30)
