@@ -45,18 +45,13 @@ from poptrain.outbox import Item, MetricsOutbox
 Values = dict[Quantity, np.ndarray]
 
 
-def exchange_plan(run: RunConfig, couplings, population: PopulationInfo) -> ExchangePlan:
-    """The plan both ends build: parameters may be mapped only at a sync barrier (see ExchangePlan)."""
-    return ExchangePlan(couplings, population, mapped_params=run.exchange.shared_memory and run.exchange.mode == "sync")
-
-
 class CouplingEvaluator:
     """The population's latest values, the rewrites couplings make, and the couplings' values for logging."""
 
     def __init__(self, run: RunConfig, population: PopulationInfo):
         self.run = run
         self.couplings = build_couplings(run.couplings, population)
-        self.plan = exchange_plan(run, self.couplings, population)
+        self.plan = ExchangePlan.for_run(run, population, self.couplings)
         self.rewrites = [(c, r) for c in self.couplings for r in c.rewrites()]
         self.latest: dict[Quantity, torch.Tensor] = {}  # the most recent value of every exchanged quantity
         # Each coupling is evaluated for logging at the last phase whose values it reads.
@@ -446,7 +441,7 @@ class InProcessClient:
 
 def in_process_coordinator(run: RunConfig, population: PopulationInfo) -> tuple[Coordinator, Wire]:
     """A coordinator whose replies are packed for the wire, as the actor's are (no Ray)."""
-    wire = Wire(exchange_plan(run, build_couplings(run.couplings, population), population))
+    wire = Wire(ExchangePlan.for_run(run, population))
     return Coordinator(run, population, pack=wire.pack_reply), wire
 
 
@@ -484,7 +479,7 @@ class CoordinatorActor:
     def _start(self, run: RunConfig, population: PopulationInfo, run_dir: str | None) -> None:
         import ray
 
-        self.wire = Wire(exchange_plan(run, build_couplings(run.couplings, population), population))
+        self.wire = Wire(ExchangePlan.for_run(run, population))
         self.coordinator = Coordinator(run, population, run_dir, pack=lambda r: by_reference(self.wire.pack_reply(r)))
         self.node_id = ray.get_runtime_context().get_node_id()
         # Members reach exchange/publish over a direct connection when every value is small

@@ -27,7 +27,7 @@ from typing import Any, Callable, Protocol
 import numpy as np
 import torch
 
-from poptrain.couplings.base import PHASES, Coupling, PopulationInfo, Quantity
+from poptrain.couplings.base import PHASES, Coupling, PopulationInfo, Quantity, build_couplings
 
 # Results at least this large are put in Ray's object store once and read by every member by
 # reference (NumPy buffers zero-copy from shared memory) instead of being sent to each.
@@ -87,6 +87,14 @@ class ExchangePlan:
                 self.coordinator_only[m] = sorted(names)
         # Fixed member order, so every round's participants are listed the same way everywhere.
         self.participants: dict[str, list[str]] = {k: [m for m in members if m in takes_part[k]] for k in PHASES}
+
+    @classmethod
+    def for_run(cls, run, population: PopulationInfo, couplings: list[Coupling] | None = None) -> "ExchangePlan":
+        """The plan of a run (``couplings``: its built couplings, else built here). Parameters may be
+        mapped only at a sync barrier, the one moment the coordinator may read them."""
+        if couplings is None:
+            couplings = build_couplings(run.couplings, population)
+        return cls(couplings, population, mapped_params=run.exchange.shared_memory and run.exchange.mode == "sync")
 
 
 def as_numpy(tensor: torch.Tensor) -> np.ndarray:

@@ -24,9 +24,8 @@ from poptrain.balancing import TermBalancer
 from poptrain.batches import BatchStream
 from poptrain.build import apply_frozen, build_dataset, build_model, build_optimizer, resolve_grad_transforms, resolve_loss, resolve_terms
 from poptrain.config import RunConfig
-from poptrain.coordinator import exchange_plan
 from poptrain.couplings import PopulationInfo, Quantity, build_couplings
-from poptrain.exchange import Link, Pending, numpy_copy, tensor_copy
+from poptrain.exchange import ExchangePlan, Link, Pending, numpy_copy, tensor_copy
 from poptrain.randomness import MemberRandomness, member_seed
 
 
@@ -69,7 +68,7 @@ class MemberTrainer:
 
         self.couplings = build_couplings(run.couplings, population)
         self.training_couplings = [c for c in self.couplings if name in c.trains]
-        self.plan = exchange_plan(run, self.couplings, population)
+        self.plan = ExchangePlan.for_run(run, population, self.couplings)
         self.link: Link | None = None
         # A member whose parameters no coupling replaces computes while the parameter round completes.
         self.defer_param_replies = not any(q.kind == "param" for q in self.plan.replaced[name])

@@ -15,8 +15,7 @@ from poptrain.checks import inspect_population
 from poptrain.config import load_config
 from poptrain.coordinator import AsyncBoard, Coordinator
 from poptrain.couplings import Quantity
-from poptrain.exchange import ExchangeTimeout, exchange_plan_for
-from tests.conftest import prelu_member
+from poptrain.exchange import ExchangePlan, ExchangeTimeout
 from tests.in_process import InProcessPopulation
 
 SLOPE = "activation.weight"
@@ -122,7 +121,7 @@ def test_in_async_mode_parameters_only_the_coordinator_reads_still_travel(base_c
     routed = [{"type": "separation", "param": SLOPE, "margin": 2.0, "trains": ["m1"]}]
     for mode, mapped in (("sync", ["activation.weight"]), ("async", [])):
         cfg = load_config(base_config(couplings=routed, exchange={"mode": mode}))
-        assert exchange_plan_for(cfg, inspect_population(cfg)).coordinator_only["m1"] == mapped
+        assert ExchangePlan.for_run(cfg, inspect_population(cfg)).coordinator_only["m1"] == mapped
 
 
 def test_a_member_keeps_what_it_sent_only_where_a_non_finite_step_can_go_on(base_config):

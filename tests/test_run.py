@@ -48,6 +48,16 @@ def test_population_is_one_parent_run_with_one_nested_run_per_member(ray_session
     assert state["activation.weight"].shape == (1,)
 
 
+def test_an_async_coupling_read_only_by_the_coordinator_on_one_side_is_logged_on_the_parent(ray_session, base_config, tracking_uri, experiment):
+    # Separation routed to m1 only: m1's slope is read by the coordinator alone. In async mode it must
+    # still travel (no mapped memory there), or the parent never gets coupling/separation.
+    couplings = [{"type": "separation", "param": "activation.weight", "margin": 2.0, "trains": ["m1"]}]
+    result = poptrain.run(base_config(steps=8, couplings=couplings, exchange={"mode": "async"}))
+    client, _ = runs_of(tracking_uri, experiment)
+    assert client.get_metric_history(result.run_id, "coupling/separation"), "the coupling's value is on the parent run"
+    assert result.placement["m1"]["shared_params"] == 0
+
+
 def save_initial_mlp(path):
     """Seed 000's module with fixed initial weights, saved for a member's `init`."""
     from poptrain.builtins.models import MLP
