@@ -1,4 +1,4 @@
-"""The driver: check everything, place and start the actors, watch them, end the run.
+"""The driver: :class:`PopulationRun` places and starts the actors, watches them, restarts dead ones, ends the run.
 
 The driver is not on the per-step path: members exchange with the coordinator directly and
 ship metrics to tracking; the driver only polls progress and notices failures.
@@ -170,7 +170,7 @@ def run(config, overrides=(), progress: ProgressFn | None = None, poll_s: float 
     run_dir.mkdir(parents=True, exist_ok=True)
     discard_after(run_dir, cfg.member_names, None)  # a new run: no checkpoint of an earlier one may be picked up
     save_atomic(dump_config(cfg), run_dir / "config.yaml")
-    return _train(cfg, population, uri, run_dir, None, progress, poll_s, keep_warm_s)
+    return PopulationRun(cfg, population, uri, run_dir, None, keep_warm_s).execute(progress, poll_s)
 
 
 def resume(run_dir, progress: ProgressFn | None = None, poll_s: float = 0.5, keep_warm_s: float = KEEP_WARM_S) -> RunResult:
@@ -190,210 +190,273 @@ def resume(run_dir, progress: ProgressFn | None = None, poll_s: float = 0.5, kee
     ids = RunIds(record["experiment_id"], record["parent"], dict(record["members"]))
     step = latest_complete_step(run_dir, cfg.member_names)
     discard_after(run_dir, cfg.member_names, step)  # newer, incomplete checkpoints would disagree with the peers
-    return _train(cfg, population, uri, run_dir, ids, progress, poll_s, keep_warm_s)
+    return PopulationRun(cfg, population, uri, run_dir, ids, keep_warm_s).execute(progress, poll_s)
 
 
-def _train(cfg: RunConfig, population: PopulationInfo, uri: str, run_dir: Path, resume_ids: RunIds | None, progress, poll_s, keep_warm_s) -> RunResult:
-    import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
+class PopulationRun:
+    """One run of a population on Ray: :meth:`start` (placement, coordinator, members, MLflow runs),
+    :meth:`watch` (until every member has trained, replacing dead ones), :meth:`restart`,
+    :meth:`finish` (final weights, artifacts) and :meth:`teardown` (always). :meth:`execute`
+    does them in that order."""
 
-    from poptrain.coordinator import start_coordinator
-    from poptrain.host import MemberHost
+    def __init__(self, cfg: RunConfig, population: PopulationInfo, uri: str, run_dir: Path, resume_ids: RunIds | None, keep_warm_s: float):
+        self.cfg, self.population, self.uri, self.run_dir, self.resume_ids = cfg, population, uri, run_dir, resume_ids
+        self.keep_warm_s = keep_warm_s
+        self.started = time.monotonic()
+        self.cwd = os.getcwd()
+        # MLflow's import and the opening of its store (seconds on a small machine) overlap Ray's start.
+        opener = ThreadPoolExecutor(1, thread_name_prefix="poptrain-tracking-open")
+        self.opening = opener.submit(Tracking, uri, resume_ids, job_artifact_root(uri))
+        opener.shutdown(wait=False)
+        self.started_ray = False
+        self.actors: list = []  # every actor this run started or took over, the coordinator first
+        self.group = None
+        self.tracking: Tracking | None = None
+        self.collector: _MetricsCollector | None = None
+        self.status = "FAILED"
+        self.run_tag = uuid.uuid4().hex  # names this run's coordinator actor and mapped-memory files
+        self.to_keep: pool.WarmMembers | None = None
+        self.members: dict[str, Any] = {}
+        self.placement: dict[str, dict[str, Any]] = {}
+        self.restarts = {name: 0 for name in cfg.member_names}
+        self.final: dict[str, dict[str, float]] = {}
 
-    started = time.monotonic()
-    cwd = os.getcwd()
-    # MLflow's import and the opening of its store (seconds on a small machine) overlap Ray's start.
-    opener = ThreadPoolExecutor(1, thread_name_prefix="poptrain-tracking-open")
-    opening = opener.submit(Tracking, uri, resume_ids, job_artifact_root(uri))
-    opener.shutdown(wait=False)
-    try:
-        started_ray = ensure_ray()
-    except BaseException:
-        _close_when_open(opening)
-        raise
-    actors: list = []
-    group = None
-    tracking: Tracking | None = None
-    collector: _MetricsCollector | None = None
-    status = "FAILED"
-    run_tag = uuid.uuid4().hex  # names this run's coordinator actor and shared-memory files
-    keep_warm = keep_warm_s > 0 and not started_ray  # a Ray that ends with the run takes its processes with it
-    to_keep: pool.WarmMembers | None = None
-    try:
-        bundles = member_resources(cfg, ray.cluster_resources())
+    def execute(self, progress: ProgressFn | None, poll_s: float) -> RunResult:
+        try:
+            self.start()
+            self.watch(progress, poll_s)
+            result = self.finish()
+            self.status = "FINISHED"
+            return result
+        except KeyboardInterrupt:
+            self.status = "KILLED"
+            raise
+        finally:
+            self.teardown()
+
+    # -- start ---------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Place the population (or take over warm processes), start the coordinator and the members,
+        and create (or reopen) the MLflow runs while the actors start."""
+        import ray
+
+        self.started_ray = ensure_ray()
+        # A Ray that ends with the run takes its processes with it: nothing to keep warm then.
+        self.keep_warm = self.keep_warm_s > 0 and not self.started_ray
         nodes = sum(1 for node in ray.nodes() if node.get("Alive"))
-        strategy = placement_strategy(cfg, nodes)
-        shape = pool.shape_key(bundles, strategy)
-        if not keep_warm:
-            pool.release_warm_members()  # new processes for this run, and no warm ones holding its resources
-        warm = _healthy(pool.take(shape)) if keep_warm else None
-        group = warm.group if warm is not None else place_population(cfg, bundles, strategy)
-        if warm is not None:
-            run_tag = warm.run_tag  # the warm coordinator's name; this run's shared-memory files are new ones under it
+        warm = self._place(nodes)
+        self._start_coordinator(warm)
+        self.system_metrics = nodes > 1 if self.cfg.tracking.system_metrics == "auto" else self.cfg.tracking.system_metrics
+        _warn_about_storage(self.cfg, self.run_dir, self.uri, nodes)
+        starting = {}
+        for name in self.cfg.member_names:
+            if warm is not None:  # a finished run's process of the same bundle takes this member on
+                self.members[name] = warm.actors[self.index_of[name]]
+                self.actors.append(self.members[name])
+                starting[name] = self.members[name].rebind.remote(*self._member_args(name))
+            else:
+                self.members[name] = self._start_member(name)
+                starting[name] = self.members[name].info.remote()
+        self._open_runs()
+        self.placement = dict(zip(self.members, _get_all([starting[name] for name in self.members], self.members)))
+        # Params are write-once in MLflow: the first placement is a param (for Compare), later ones
+        # (a resumed run, a restarted member) are tags.
+        for name, info in self.placement.items():
+            if self.resume_ids is None:
+                self.tracking.log_params(name, {f"placement.{k}": v for k, v in info.items()})
+            else:
+                self.tracking.set_tags(name, {f"poptrain.placement.{k}": v for k, v in info.items()})
+        self.collector = _MetricsCollector(self.tracking, self.members, self.coordinator)
 
-        # The coordinator runs on the driver's node, next to the writer of its metrics.
-        here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
-        # Members look the coordinator up by name, which stays the same for a warm one (poptrain.pool).
-        coordinator_name = f"poptrain-coordinator-{run_tag}"
+    def _place(self, nodes: int) -> pool.WarmMembers | None:
+        """One placement bundle per member, in a placement group of its own or a warm run's of the
+        same shape; the warm processes taken over, if any."""
+        import ray
+
+        self.bundles = member_resources(self.cfg, ray.cluster_resources())
+        self.index_of = {name: index for index, name in enumerate(self.cfg.member_names)}
+        strategy = placement_strategy(self.cfg, nodes)
+        self.shape = pool.shape_key(self.bundles, strategy)
+        if not self.keep_warm:
+            pool.release_warm_members()  # new processes for this run, and no warm ones holding its resources
+        warm = _healthy(pool.take(self.shape)) if self.keep_warm else None
+        self.group = warm.group if warm is not None else place_population(self.cfg, self.bundles, strategy)
         if warm is not None:
-            coordinator = warm.coordinator
+            self.run_tag = warm.run_tag  # the warm coordinator's name; this run's mapped-memory files are new ones under it
+        return warm
+
+    def _start_coordinator(self, warm: pool.WarmMembers | None) -> None:
+        import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        from poptrain.coordinator import start_coordinator
+
+        # Members look the coordinator up by name, which stays the same for a warm one (poptrain.pool).
+        self.coordinator_name = f"poptrain-coordinator-{self.run_tag}"
+        if warm is not None:
+            self.coordinator = warm.coordinator
             # Before the members look it up: a threaded actor would serve their calls beside this one.
             try:
-                ray.get(coordinator.rebind.remote(cfg, population, str(run_dir)))
+                ray.get(self.coordinator.rebind.remote(self.cfg, self.population, str(self.run_dir)))
             except (ray.exceptions.RayTaskError, ray.exceptions.RayActorError) as exc:
                 raise PopulationError(f"the coordinator {describe_failure(exc)}") from None
         else:
-            coordinator = start_coordinator(cfg, population, str(run_dir), scheduling_strategy=here, name=coordinator_name)
-        actors.append(coordinator)
-        restartable = cfg.failure.max_restarts if cfg.checkpoint.every else 0
-        system_metrics = nodes > 1 if cfg.tracking.system_metrics == "auto" else cfg.tracking.system_metrics
-        _warn_about_storage(cfg, run_dir, uri, nodes)
-        index_of = {name: index for index, name in enumerate(cfg.member_names)}
+            # On the driver's node, next to the writer of its metrics.
+            here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
+            self.coordinator = start_coordinator(self.cfg, self.population, str(self.run_dir), scheduling_strategy=here, name=self.coordinator_name)
+        self.actors.append(self.coordinator)
 
-        def member_args(name: str) -> tuple:
-            return (cfg, name, population, coordinator_name, bundles[index_of[name]]["CPU"], str(run_dir), system_metrics)
-
-        def start_member(name: str):
-            bundle = bundles[index_of[name]]
-            actor = (
-                ray.remote(MemberHost)
-                .options(
-                    num_cpus=bundle["CPU"],
-                    num_gpus=bundle.get("GPU", 0),
-                    scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=index_of[name]),
-                    # Never restarted by Ray, which would re-create it with the arguments it was first
-                    # created with: a warm process (poptrain.pool) would come back as an earlier
-                    # run's member. The driver replaces a dead member itself (below).
-                    max_restarts=0,
-                    max_task_retries=0,
-                    max_concurrency=2,  # train, and take_metrics beside it
-                )
-                .remote(*member_args(name))
-            )
-            actors.append(actor)
-            return actor
-
-        members, starting = {}, {}
-        for name in cfg.member_names:
-            if warm is not None:  # a finished run's process of the same bundle takes this member on
-                members[name] = warm.actors[index_of[name]]
-                actors.append(members[name])
-                starting[name] = members[name].rebind.remote(*member_args(name))
-            else:
-                members[name] = start_member(name)
-                starting[name] = members[name].info.remote()
-
-        # While the actors start: create (or reopen) the runs, here.
-        _return_to(cwd)
-        tracking = opening.result()
+    def _open_runs(self) -> None:
+        _return_to(self.cwd)
+        self.tracking = self.opening.result()
         try:
-            if resume_ids is None:
-                ids = tracking.create_runs(cfg)
-                write_run_record(run_dir, {"tracking_uri": uri, "experiment_id": ids.experiment_id, "parent": ids.parent, "members": ids.members})
+            if self.resume_ids is None:
+                self.ids = self.tracking.create_runs(self.cfg)
+                record = {"tracking_uri": self.uri, "experiment_id": self.ids.experiment_id, "parent": self.ids.parent, "members": self.ids.members}
+                write_run_record(self.run_dir, record)
             else:
-                ids = resume_ids
-                tracking.resume()
+                self.ids = self.resume_ids
+                self.tracking.resume()
         except TrackingUnavailable as exc:
             raise PopulationError(f"MLflow tracking failed: {exc}") from None
-        placement = dict(zip(members, _get_all([starting[name] for name in members], members)))
-        # Params are write-once in MLflow: the first placement is a param (for Compare), later ones
-        # (a resumed run, a restarted member) are tags.
-        for name, info in placement.items():
-            if resume_ids is None:
-                tracking.log_params(name, {f"placement.{k}": v for k, v in info.items()})
-            else:
-                tracking.set_tags(name, {f"poptrain.placement.{k}": v for k, v in info.items()})
 
-        collector = _MetricsCollector(tracking, members, coordinator)
-        running = {members[name].train.remote(cfg.steps): name for name in members}
-        final: dict[str, dict[str, float]] = {}
-        restarts = {name: 0 for name in members}
+    def _member_args(self, name: str) -> tuple:
+        cpus = self.bundles[self.index_of[name]]["CPU"]
+        return (self.cfg, name, self.population, self.coordinator_name, cpus, str(self.run_dir), self.system_metrics)
+
+    def _start_member(self, name: str):
+        import ray
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        from poptrain.host import MemberHost
+
+        bundle = self.bundles[self.index_of[name]]
+        actor = (
+            ray.remote(MemberHost)
+            .options(
+                num_cpus=bundle["CPU"],
+                num_gpus=bundle.get("GPU", 0),
+                scheduling_strategy=PlacementGroupSchedulingStrategy(self.group, placement_group_bundle_index=self.index_of[name]),
+                # Never restarted by Ray, which would re-create it with the arguments it was first
+                # created with: a warm process (poptrain.pool) would come back as an earlier
+                # run's member. The driver replaces a dead member itself (restart).
+                max_restarts=0,
+                max_task_retries=0,
+                max_concurrency=2,  # train, and take_metrics beside it
+            )
+            .remote(*self._member_args(name))
+        )
+        self.actors.append(actor)
+        return actor
+
+    # -- watch ---------------------------------------------------------------------------------
+
+    def watch(self, progress: ProgressFn | None, poll_s: float) -> None:
+        """Until every member has trained to the end: poll metrics, show progress, replace members
+        whose process died (:meth:`restart`); a member's own error fails the run."""
+        import ray
+
+        running = {member.train.remote(self.cfg.steps): name for name, member in self.members.items()}
         rates = _Rates()
         while running:
             done, _ = ray.wait(list(running), timeout=poll_s)
             for ref in done:
                 name = running.pop(ref)
                 try:
-                    final[name] = ray.get(ref)
+                    self.final[name] = ray.get(ref)
                 except ray.exceptions.RayActorError as exc:
-                    # The member's process died (killed, out of memory, node lost). A new process
-                    # takes its place in its bundle and continues from its latest checkpoint; its
-                    # peers wait at the barrier meanwhile, or go on.
-                    restarts[name] += 1
-                    if getattr(exc, "actor_init_failed", False) or restarts[name] > restartable:
-                        raise PopulationError(_gave_up(cfg, run_dir, name, restarts[name] - 1, exc)) from None
-                    if cfg.failure.while_restarting == "continue":
-                        coordinator.member_down.remote(name)
-                    while True:
-                        # The old process may only be unreachable (ActorUnavailableError): end it, so
-                        # that it neither trains on as this member nor holds the bundle's resources.
-                        ray.kill(members[name], no_restart=True)
-                        members[name] = collector.actors[name] = start_member(name)
-                        try:
-                            placement[name] = _when_restarted(members[name], name, cfg.placement.timeout_s)
-                            break
-                        except ray.exceptions.RayActorError as again:  # the new process died too
-                            restarts[name] += 1
-                            if restarts[name] > restartable:
-                                raise PopulationError(_gave_up(cfg, run_dir, name, restarts[name] - 1, again)) from None
-                    tracking.set_tags(
-                        name, {"poptrain.restarts": restarts[name], **{f"poptrain.placement.{k}": v for k, v in placement[name].items()}}
-                    )
-                    running[members[name].train.remote(cfg.steps)] = name
+                    running[self.restart(name, exc).train.remote(self.cfg.steps)] = name
                 except ray.exceptions.RayTaskError as exc:
                     raise PopulationError(f"member {name} {describe_failure(exc)}") from None
-            collector.poll()
+            self.collector.poll()
             if progress is not None:
-                snapshot = rates.annotate(tracking.progress(), cfg.steps, time.monotonic() - started)
-                snapshot["placement"] = placement
+                snapshot = rates.annotate(self.tracking.progress(), self.cfg.steps, time.monotonic() - self.started)
+                snapshot["placement"] = self.placement
                 progress(snapshot)
-        collector.drain()
+        self.collector.drain()
 
-        weights = _save_final_weights(members, run_dir)  # before anything that can fail
-        _log_artifacts(cfg, tracking, members, run_dir, weights)
-        if keep_warm:  # handed to the pool at the very end, below, once this run has let go of everything
-            to_keep = pool.WarmMembers(shape, group, [members[name] for name in cfg.member_names], coordinator, run_tag)
-        status = "FINISHED"
+    def restart(self, name: str, exc: Exception):
+        """``name``'s process died (killed, out of memory, node lost): a new process takes its place
+        in its bundle and continues from its latest checkpoint, within ``failure.max_restarts``; its
+        peers wait at the barrier meanwhile, or go on. Returns the new actor."""
+        import ray
+
+        restartable = self.cfg.failure.max_restarts if self.cfg.checkpoint.every else 0
+        self.restarts[name] += 1
+        if getattr(exc, "actor_init_failed", False) or self.restarts[name] > restartable:
+            raise PopulationError(_gave_up(self.cfg, self.run_dir, name, self.restarts[name] - 1, exc)) from None
+        if self.cfg.failure.while_restarting == "continue":
+            self.coordinator.member_down.remote(name)
+        while True:
+            # The old process may only be unreachable (ActorUnavailableError): end it, so that it
+            # neither trains on as this member nor holds the bundle's resources.
+            ray.kill(self.members[name], no_restart=True)
+            self.members[name] = self.collector.actors[name] = self._start_member(name)
+            try:
+                self.placement[name] = _when_restarted(self.members[name], name, self.cfg.placement.timeout_s)
+                break
+            except ray.exceptions.RayActorError as again:  # the new process died too
+                self.restarts[name] += 1
+                if self.restarts[name] > restartable:
+                    raise PopulationError(_gave_up(self.cfg, self.run_dir, name, self.restarts[name] - 1, again)) from None
+        self.tracking.set_tags(name, {"poptrain.restarts": self.restarts[name], **{f"poptrain.placement.{k}": v for k, v in self.placement[name].items()}})
+        return self.members[name]
+
+    # -- finish and teardown -------------------------------------------------------------------
+
+    def finish(self) -> RunResult:
+        """Save every member's final weights (``members/<name>/model.pt``), log the config, models
+        and plots, and hand the processes to the pool when they are kept warm."""
+        cfg, run_dir = self.cfg, self.run_dir
+        weights = _save_final_weights(self.members, run_dir)  # before anything that can fail
+        _log_artifacts(cfg, self.tracking, self.members, run_dir, weights)
+        if self.keep_warm:  # handed to the pool at the very end of teardown, once this run has let go of everything
+            self.to_keep = pool.WarmMembers(self.shape, self.group, [self.members[name] for name in cfg.member_names], self.coordinator, self.run_tag)
         return RunResult(
-            run_id=ids.parent,
-            member_run_ids=dict(ids.members),
+            run_id=self.ids.parent,
+            member_run_ids=dict(self.ids.members),
             output_dir=run_dir,
-            tracking_uri=uri,
-            metrics=final,
-            placement=placement,
-            seconds=time.monotonic() - started,
-            restarts={k: v for k, v in restarts.items() if v},
+            tracking_uri=self.uri,
+            metrics=self.final,
+            placement=self.placement,
+            seconds=time.monotonic() - self.started,
+            restarts={k: v for k, v in self.restarts.items() if v},
         )
-    except KeyboardInterrupt:
-        status = "KILLED"
-        raise
-    finally:
-        if collector is not None and status != "FINISHED":
-            try:  # what the members logged before the failure, for its post-mortem
+
+    def teardown(self) -> None:
+        """End the MLflow runs with the run's status (after one last take of what members logged,
+        for a failure's post-mortem), end or park the processes, remove mapped-memory files and
+        the placement group, and stop Ray if this run started it."""
+        import ray
+
+        tracking, collector = self.tracking, self.collector
+        if collector is not None and self.status != "FINISHED":
+            try:
                 collector.poll(timeout_s=2.0)
             except Exception:
                 pass
         if tracking is not None and tracking.ids is not None:
             try:
-                tracking.finish(status)
+                tracking.finish(self.status)
             except TrackingUnavailable as exc:
                 print(f"poptrain: warning: could not end the MLflow runs: {exc}", file=sys.stderr, flush=True)
         elif tracking is not None:
             tracking.close()
         else:
-            _close_when_open(opening)
-        kept = to_keep.processes if to_keep is not None and status == "FINISHED" else []
-        for actor in actors:
+            _close_when_open(self.opening)
+        kept = self.to_keep.processes if self.to_keep is not None and self.status == "FINISHED" else []
+        for actor in self.actors:
             if not any(actor is k for k in kept):
                 ray.kill(actor, no_restart=True)
-        mapped_memory.remove_leftovers(run_tag)
-        if kept and not _park(to_keep, keep_warm_s):
+        mapped_memory.remove_leftovers(self.run_tag)
+        if kept and not _park(self.to_keep, self.keep_warm_s):
             kept = []
-        if group is not None and not kept:
+        if self.group is not None and not kept:
             from ray.util.placement_group import remove_placement_group
 
-            remove_placement_group(group)
-        if started_ray:
+            remove_placement_group(self.group)
+        if self.started_ray:
             ray.shutdown()
 
 

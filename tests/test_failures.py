@@ -88,7 +88,7 @@ def test_a_killed_member_averaged_in_shared_memory_replays_the_averages_it_misse
     """Local SGD in shared memory: the coordinator writes each average into the members' own
     pages, and keeps a copy for the replay of a member restarted from its checkpoint."""
     members = [prelu_member("m1"), prelu_member("m2", data={"name": "synthetic_regression", "kwargs": {"n": 256, "in_features": 20, "seed": 1}, "batch_size": 32})]
-    steps = 160
+    steps = 240  # the kill window (steps 40 to steps - 100) spans several progress polls even when the host is fast
     settings = dict(steps=steps, checkpoint={"every": CHECKPOINT_EVERY}, members=members, couplings=[{"type": "average", "every": 3}])
     clean = poptrain.run(base_config(name="local-sgd-clean", **settings))
     result, _ = run_killing_m2_once(base_config(name="local-sgd", **settings), steps)
