@@ -1,8 +1,9 @@
-"""A member's stream of training batches: seeded, resumable, independent of anything else in the process."""
+"""A member's batches: its training stream (seeded, resumable, independent of anything else in the
+process) and its held-out data in order."""
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Iterator, Mapping
 
 import torch
 from torch.utils.data import Dataset, TensorDataset, default_collate
@@ -32,10 +33,7 @@ class BatchStream:
             self._order = self._permutation(self.epoch)
         index = self._order[self.offset : self.offset + self.batch_size]
         self.offset += self.batch_size
-        if isinstance(self.dataset, TensorDataset):
-            return [t[index] for t in self.dataset.tensors]
-        batch = default_collate([self.dataset[int(i)] for i in index])
-        return list(batch) if isinstance(batch, (list, tuple)) else [batch]
+        return collate(self.dataset, index)
 
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self.epoch, "offset": self.offset}
@@ -43,3 +41,17 @@ class BatchStream:
     def load_state_dict(self, state: Mapping[str, int]) -> None:
         self.epoch, self.offset = int(state["epoch"]), int(state["offset"])
         self._order = self._permutation(self.epoch)
+
+
+def in_order(dataset: Dataset, batch_size: int) -> Iterator[list[torch.Tensor]]:
+    """Every sample of ``dataset`` once, in order, ``batch_size`` at a time (the last batch may be smaller)."""
+    for start in range(0, len(dataset), batch_size):
+        yield collate(dataset, torch.arange(start, min(start + batch_size, len(dataset))))
+
+
+def collate(dataset: Dataset, index: torch.Tensor) -> list[torch.Tensor]:
+    """The samples ``index`` of ``dataset`` as one batch: [inputs..., targets]."""
+    if isinstance(dataset, TensorDataset):
+        return [t[index] for t in dataset.tensors]
+    batch = default_collate([dataset[int(i)] for i in index])
+    return list(batch) if isinstance(batch, (list, tuple)) else [batch]

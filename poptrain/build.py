@@ -8,12 +8,15 @@ is exactly what the member builds.
 from __future__ import annotations
 
 import fnmatch
+import functools
+import hashlib
 import inspect
+import json
 from typing import Any, Callable
 
 import torch
 from torch import nn
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, TensorDataset
 
 from poptrain import builtins
 from poptrain.config import Component, MemberConfig
@@ -135,3 +138,33 @@ def resolve_terms(cfg: MemberConfig) -> dict[str, Callable]:
 def resolve_grad_transforms(cfg: MemberConfig, param_names: list[str]) -> list[tuple[Any, Callable | None, list[str]]]:
     """(transform config, its function or None, the parameter names it selects) per gradient transform."""
     return [(t, builtins.import_path(t.fn.name) if t.fn else None, matching(param_names, t.params)) for t in cfg.grad_transforms]
+
+
+def resolve_metrics(evaluation, loss_fn: Callable | None) -> dict[str, Callable]:
+    """Each evaluation metric by label, as ``f(outputs, targets) -> float`` with its kwargs bound;
+    ``loss`` is ``loss_fn`` (the member's task loss; left out when None)."""
+    out: dict[str, Callable] = {}
+    for metric in evaluation.metrics:
+        if metric.name == "loss":
+            if loss_fn is not None:
+                out[metric.key] = loss_fn
+            continue
+        fn = builtins.resolve(builtins.METRICS, metric.name, "metric")
+        out[metric.key] = functools.partial(fn, **metric.kwargs) if metric.kwargs else fn
+    return out
+
+
+def describe_dataset(spec: Component, dataset: Dataset, context: str) -> dict[str, Any]:
+    """What MLflow shows of a member's dataset: name, digest (of its tensors when it is a
+    TensorDataset, else of its config), ``context`` (``train`` or ``eval``), source and profile
+    (rows, and the split, view, part and limit it was asked for)."""
+    digest = hashlib.sha256()
+    if isinstance(dataset, TensorDataset):
+        for tensor in dataset.tensors:
+            digest.update(f"{tensor.dtype}{tuple(tensor.shape)}".encode())
+            digest.update(tensor.contiguous().numpy().tobytes())
+    else:
+        digest.update(json.dumps({"name": spec.name, "kwargs": spec.kwargs}, sort_keys=True, default=str).encode())
+    profile = {"rows": len(dataset), **{k: spec.kwargs[k] for k in ("split", "view", "part", "parts", "limit") if k in spec.kwargs}}
+    source = spec.name if ":" in spec.name else f"poptrain.builtins.data:{spec.name}"
+    return {"name": spec.name.rsplit(":", 1)[-1], "digest": digest.hexdigest()[:16], "context": context, "source": source, "profile": profile}

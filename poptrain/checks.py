@@ -24,17 +24,21 @@ def inspect_population(cfg: RunConfig) -> PopulationInfo:
 
     Raises :class:`ConfigError` listing every problem found.
     """
-    problems: list[tuple[str, str]] = []
+    problems: list[tuple[str, str]] = _metric_problems(cfg)
     shapes: dict[str, dict[str, tuple[int, ...]]] = {}
     trainable: dict[str, dict[str, bool]] = {}
     for index, member in enumerate(cfg.members):
         key = f"members.{index}"
         model = _build_for_inspection(member.model, f"{key}.model", problems)
-        for field_name, table, what, leading in (
-            ("data", builtins.DATASETS, "dataset", 0),
-            ("loss", builtins.LOSSES, "loss", 2),
+        held_out = member.held_out_data()
+        for field_name, table, what, leading, spec in (
+            ("data", builtins.DATASETS, "dataset", 0, member.data),
+            ("loss", builtins.LOSSES, "loss", 2, member.loss),
+            # Derived from `data` (its `split: test`) unless given: named where the user wrote it.
+            ("eval_data" if member.eval_data is not None else "data", builtins.DATASETS, "dataset", 0, held_out),
         ):
-            spec = getattr(member, field_name)
+            if spec is None or (field_name == "data" and any(k.startswith(f"{key}.data") for k, _ in problems) and spec is held_out):
+                continue  # no held-out data, or held-out data derived from `data`, whose problem is named already
             try:
                 fn = builtins.resolve(table, spec.name, what)
                 reason = accepts(fn, spec.kwargs, leading)
@@ -100,6 +104,20 @@ def inspect_population(cfg: RunConfig) -> PopulationInfo:
     if problems:
         raise ConfigError(problems)
     return population
+
+
+def _metric_problems(cfg: RunConfig) -> list[tuple[str, str]]:
+    problems = []
+    for index, metric in enumerate(cfg.evaluation.metrics):
+        if metric.name == "loss":
+            continue
+        try:
+            reason = accepts(builtins.resolve(builtins.METRICS, metric.name, "metric"), metric.kwargs, 2)
+            if reason:
+                problems.append((f"evaluation.metrics.{index}", f"{metric.name!r} does not accept these arguments: {reason}"))
+        except (ImportError, AttributeError, ValueError, TypeError) as exc:
+            problems.append((f"evaluation.metrics.{index}.name", str(exc)))
+    return problems
 
 
 def _gib(size: int) -> str:

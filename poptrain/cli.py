@@ -182,22 +182,55 @@ class LiveDisplay:
         self.live.update(table)
 
 
+def _recorded(result):
+    """``(parent run, {member: run})`` as MLflow holds them at the end, for the held-out and
+    population values; None when the store cannot be read (the summary then shows less)."""
+    from mlflow.tracking import MlflowClient
+
+    from poptrain.compare import population_runs
+    from poptrain.tracking import check_tracking_reachable
+
+    try:
+        check_tracking_reachable(result.tracking_uri)  # MLflow's HTTP client would retry for minutes
+        return population_runs(MlflowClient(result.tracking_uri), result.run_id)
+    except Exception:  # a summary never fails a finished run
+        return None
+
+
 def print_summary(result) -> None:
+    """The final table: per member its held-out ``eval/*`` values (the best one marked), loss,
+    objective, terms and couplings, and device; then the population's ensemble and best values."""
     from rich.console import Console
+
+    from poptrain.compare import BEST_MEMBER_TAG, is_key_metric, metric_order, render_population
+
+    recorded = _recorded(result)
+    metrics = {name: dict(values) for name, values in result.metrics.items()}
+    if recorded is not None:
+        for name, run in recorded[1].items():  # eval/* as logged; the result holds the last training step's
+            metrics.setdefault(name, {}).update({k: v for k, v in run.data.metrics.items() if k.startswith("eval/")})
+    keys = sorted({k for m in metrics.values() for k in m if is_key_metric(k)}, key=metric_order)
+    best = getattr(result, "best_member", None) if recorded is None else recorded[0].data.tags.get(BEST_MEMBER_TAG)
+    console = Console(width=max(100, Console().width))
+    console.print(_summary_table(result, metrics, keys, best))
+    if recorded is not None:
+        render_population(recorded[0], console=console)
+    console.print(f"MLflow run {result.run_id} at {result.tracking_uri}")
+    console.print(f"outputs in {result.output_dir}")
+
+
+def _summary_table(result, metrics: dict[str, dict[str, float]], keys: list[str], best: str | None):
     from rich.table import Table
 
-    keys = sorted({k for m in result.metrics.values() for k in m if k in ("loss", "objective") or k.startswith(("term/", "coupling/"))})
     table = Table(title=f"poptrain · finished in {result.seconds:.1f}s")
     table.add_column("member")
     for key in keys:
         table.add_column(key, justify="right")
     table.add_column("device")
-    for name, metrics in result.metrics.items():
-        table.add_row(name, *[_fmt(metrics.get(k)) for k in keys], str(result.placement.get(name, {}).get("device", "")))
-    console = Console(width=max(100, Console().width))
-    console.print(table)
-    console.print(f"MLflow run {result.run_id} at {result.tracking_uri}")
-    console.print(f"outputs in {result.output_dir}")
+    for name, values in metrics.items():
+        label = f"{name} (best)" if name == best else name
+        table.add_row(label, *[_fmt(values.get(k)) for k in keys], str(result.placement.get(name, {}).get("device", "")))
+    return table
 
 
 if __name__ == "__main__":
@@ -221,7 +254,7 @@ def compare_main(argv: list[str] | None = None) -> int:
 
     from mlflow.tracking import MlflowClient
 
-    from poptrain.compare import NotAPopulation, members_table, population_runs, render
+    from poptrain.compare import BEST_MEMBER_TAG, NotAPopulation, members_table, population_runs, render, render_population
     from poptrain.tracking import TrackingUnavailable, check_tracking_reachable
 
     uri = args.tracking_uri or _default_uri()
@@ -239,6 +272,8 @@ def compare_main(argv: list[str] | None = None) -> int:
 
     columns, rows = members_table(members, args.all)
     console = Console(width=max(100, Console().width))
-    render(columns, rows, title=f"{parent.info.run_name} · {len(members)} members · {parent.info.status}", console=console)
+    title = f"{parent.info.run_name} · {len(members)} members · {parent.info.status}"
+    render(columns, rows, title=title, console=console, best=parent.data.tags.get(BEST_MEMBER_TAG))
+    render_population(parent, console=console)
     console.print(f"population run {args.run_id} at {uri}")
     return EXIT_OK

@@ -2,8 +2,11 @@
 
 The same comparison as ticking the member runs in the MLflow UI and pressing *Compare*: one
 column per member, one row per param that differs between members (every param with
-``--all``), then the final values of the key metrics (``loss``, ``objective``, ``term/*``,
-``coupling/*``).
+``--all``), then the final values of the key metrics (held-out ``eval/*`` first, then ``loss``,
+``objective``, ``term/*``, ``coupling/*``). With ``--all``, where each member ran too (its
+``poptrain.placement.*`` tags, as rows ``placement.<key>``). Under it, the population's own
+values from the parent run: the ensemble's ``ensemble/*``, the best member's ``best/*`` and the
+spread ``eval/<label>/min|median|max``; the best member (tag ``poptrain.best_member``) is marked.
 """
 
 from __future__ import annotations
@@ -12,11 +15,16 @@ import math
 from typing import Any
 
 
-# Params that differ between members for reasons other than their config (where they ran), and
-# the member's own name (already the column header): shown only with ``all_params``.
+# Params that differ between members for reasons other than their config (where they ran: runs
+# logged before placement became tags), and the member's own name (already the column header):
+# shown only with ``all_params``.
 INCIDENTAL = ("member", "placement.")
+PLACEMENT_TAG = "poptrain.placement."
 KEY_METRICS = ("loss", "objective")
-KEY_METRIC_PREFIXES = ("term/", "coupling/")
+KEY_METRIC_PREFIXES = ("eval/", "term/", "coupling/")
+POPULATION_PREFIXES = ("ensemble/", "best/")  # the parent's own values, with eval/<label>/<statistic>
+BEST_MEMBER_TAG = "poptrain.best_member"
+BEST_BY_TAG = "poptrain.best_by"  # the metric it is best by, e.g. eval/accuracy
 
 
 class NotAPopulation(ValueError):
@@ -51,8 +59,21 @@ def population_runs(client, parent_run_id: str):
     return parent, {name: members[name] for name in order + sorted(set(members) - set(order))}
 
 
-def _is_key_metric(key: str) -> bool:
+def is_key_metric(key: str) -> bool:
     return key in KEY_METRICS or key.startswith(KEY_METRIC_PREFIXES)
+
+
+def metric_order(key: str) -> tuple[int, str]:
+    """Held-out metrics first (which member is best), then loss and objective, then the rest."""
+    return (0 if key.startswith("eval/") else 1 if key in KEY_METRICS else 2, key)
+
+
+def population_rows(parent) -> list[tuple[str, float]]:
+    """``(key, value)`` of the parent run's population metrics: ``ensemble/*``, ``best/*`` and
+    ``eval/<label>/<statistic>`` (min, median, max over members), their last values."""
+    metrics = parent.data.metrics
+    keys = [k for k in metrics if k.startswith(POPULATION_PREFIXES) or (k.startswith("eval/") and k.count("/") == 2)]
+    return [(key, metrics[key]) for key in sorted(keys, key=lambda k: (not k.startswith("best/"), not k.startswith("ensemble/"), k))]
 
 
 def compare_table(client, parent_run_id: str, all_params: bool = False) -> tuple[list[str], list[list[Any]]]:
@@ -70,7 +91,11 @@ def members_table(members: dict, all_params: bool) -> tuple[list[str], list[list
         values = [run.data.params.get(key) for run in runs]
         if all_params or (len(set(values)) > 1 and not key.startswith(INCIDENTAL)):
             rows.append(["param", key, *values])
-    metrics = sorted({k for run in runs for k in run.data.metrics if _is_key_metric(k)}, key=lambda k: (k not in KEY_METRICS, k))
+    if all_params:  # where each member ran: tags (params in runs logged before, above)
+        placement = sorted({k for run in runs for k in run.data.tags if k.startswith(PLACEMENT_TAG)})
+        for key in placement:
+            rows.append(["placement", key[len("poptrain.") :], *[run.data.tags.get(key) for run in runs]])
+    metrics = sorted({k for run in runs for k in run.data.metrics if is_key_metric(k)}, key=metric_order)
     for key in metrics:
         rows.append(["metric", key, *[run.data.metrics.get(key) for run in runs]])
     return ["kind", "key", *members], rows
@@ -84,8 +109,9 @@ def _cell(value: Any) -> str:
     return str(value)
 
 
-def render(columns: list[str], rows: list[list[Any]], title: str | None = None, console=None) -> None:
-    """Print the table of :func:`compare_table` with rich: params first, then metrics."""
+def render(columns: list[str], rows: list[list[Any]], title: str | None = None, console=None, best: str | None = None) -> None:
+    """Print the table of :func:`compare_table` with rich: params (and placement) first, then
+    metrics; the column of member ``best`` is marked."""
     from rich.console import Console
     from rich.table import Table
 
@@ -93,8 +119,8 @@ def render(columns: list[str], rows: list[list[Any]], title: str | None = None, 
     table = Table(title=title)
     table.add_column("param / metric", overflow="fold")
     for member in columns[2:]:
-        table.add_column(member, justify="right", overflow="fold")
-    params = [row for row in rows if row[0] == "param"]
+        table.add_column(f"{member} (best)" if member == best else member, justify="right", overflow="fold")
+    params = [row for row in rows if row[0] in ("param", "placement")]
     metrics = [row for row in rows if row[0] == "metric"]
     if not params:
         table.add_row("[dim](no param differs between members)[/dim]", *[""] * (len(columns) - 2), end_section=True)
@@ -102,4 +128,25 @@ def render(columns: list[str], rows: list[list[Any]], title: str | None = None, 
         table.add_row(key, *map(_cell, values), end_section=index == len(params) - 1)
     for _, key, *values in metrics:
         table.add_row(f"[bold]{key}[/bold]", *map(_cell, values))
+    console.print(table)
+
+
+def render_population(parent, console=None) -> None:
+    """Print the parent run's population metrics (:func:`population_rows`) and its best member, if any."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console()
+    rows = population_rows(parent)
+    best = parent.data.tags.get(BEST_MEMBER_TAG)
+    if not rows and not best:
+        return
+    table = Table(title="population")
+    table.add_column("metric", overflow="fold")
+    table.add_column("value", justify="right")
+    if best:
+        by = parent.data.tags.get(BEST_BY_TAG)
+        table.add_row("[bold]best member[/bold]" + (f" (by {by})" if by else ""), best, end_section=bool(rows))
+    for key, value in rows:
+        table.add_row(key, _cell(value))
     console.print(table)

@@ -157,6 +157,73 @@ class DataConfig(Component):
     )
 
 
+class EvalDataConfig(Component):
+    """A member's held-out data: a function returning a Dataset of (inputs, targets), evaluated whole, in order."""
+
+    batch_size: int = Field(1024, gt=0, le=1_000_000, description="Samples per forward pass while evaluating (memory, not results).")
+
+
+class MetricConfig(Component):
+    """An evaluation metric: a built-in or an import path to ``f(outputs, targets, **kwargs) -> float``
+    computed on a member's whole held-out set."""
+
+    name: str = Field(
+        description="`accuracy`, `top_k_accuracy` (kwargs `k`), `mse`, `mae`, `loss` (the member's own task loss), "
+        "or an import path to `f(outputs, targets, **kwargs) -> float`."
+    )
+    label: Optional[Name] = Field(None, description="Name in MLflow (`eval/<label>`); default: the built-in's name (`top_<k>_accuracy` for top-k) or the function's.")
+    higher_is_better: Optional[bool] = Field(None, description="For ranking by it; default: true for accuracies, false for `loss`, `mse`, `mae`; required for an import path.")
+
+    @property
+    def higher(self) -> bool | None:
+        """Whether a higher value is better (None: unknown, an import path without ``higher_is_better``)."""
+        if self.higher_is_better is not None:
+            return self.higher_is_better
+        return {"accuracy": True, "top_k_accuracy": True, "loss": False, "mse": False, "mae": False}.get(self.name)
+
+    @property
+    def key(self) -> str:
+        if self.label:
+            return self.label
+        if self.name == "top_k_accuracy":
+            return f"top_{self.kwargs.get('k', 5)}_accuracy"
+        return self.name.rsplit(":", 1)[-1].rsplit(".", 1)[-1]
+
+
+class EvaluationConfig(Strict):
+    """Held-out evaluation of every member that has held-out data (``members[].eval_data``)."""
+
+    every: int = Field(0, ge=0, le=100_000_000, description="Evaluate every k steps (0: only at the end); always after the last step too.")
+    metrics: list[MetricConfig] = Field(
+        default_factory=lambda: [MetricConfig(name="loss")],
+        description="What to compute on the held-out data, each logged as `eval/<label>` on the member's run.",
+    )
+    rank_by: Optional[str] = Field(None, description="The metric (its label) by which members are ranked: the population's best member; default: the first metric.")
+    ensemble: bool = Field(
+        True,
+        description="Also evaluate the ensemble of members whose held-out samples are the same (same targets in the same order): "
+        "the mean of their predicted probabilities (classification) or outputs, logged as `ensemble/<label>` on the parent run.",
+    )
+
+    @model_validator(mode="after")
+    def _known_ranking(self):
+        labels = [m.key for m in self.metrics]
+        if len(set(labels)) != len(labels):
+            raise ValueError(f"metric labels must be distinct, got {labels}: give one a `label`")
+        if self.rank_by is not None and self.rank_by not in labels:
+            raise ValueError(f"rank_by {self.rank_by!r} is not one of the metrics {labels}")
+        if self.metrics and self.ranking.higher is None:
+            raise ValueError(f"members are ranked by {self.ranking.name!r}: say whether higher is better with its `higher_is_better`")
+        return self
+
+    @property
+    def ranking(self) -> MetricConfig | None:
+        """The metric members are ranked by."""
+        if not self.metrics:
+            return None
+        return next(m for m in self.metrics if m.key == (self.rank_by or self.metrics[0].key))
+
+
 class ParamGroup(Strict):
     """An optimizer parameter group selected by name patterns (fnmatch, e.g. `lstm.*`)."""
 
@@ -263,6 +330,11 @@ class MemberConfig(Strict):
     name: Name = Field(description="Unique member name (letters, digits, `_.-`).")
     model: Component = Field(description="Built-in model (`mlp`, `encoder_classifier`, `lstm_classifier`) or import path to an `nn.Module` class.")
     data: DataConfig = Field(description="Built-in dataset (`digits`, `synthetic_regression`, ...) or import path to a function returning a Dataset.")
+    eval_data: Optional[EvalDataConfig] = Field(
+        None,
+        description="Held-out data the member is evaluated on (see `evaluation`); default: when `data` says `split: train`, "
+        "the same dataset with `split: test` (all of it: without `part`/`parts`); else the member is not evaluated.",
+    )
     loss: Component = Field(description="Task loss: `mse`, `cross_entropy`, `l1`, `smooth_l1`, `bce_with_logits`, `nll`, or an import path to `f(outputs, targets) -> scalar`.")
     loss_weight: float = Field(1.0, description="Coefficient of the task loss in the member's own objective (0: the loss only enters through couplings).")
     terms: list[TermConfig] = Field(default_factory=list, description="Extra objective terms (seed 001).")
@@ -277,6 +349,15 @@ class MemberConfig(Strict):
         "loss on its data every step, and is tracked and saved like any member.",
     )
     resources: Resources = Field(default_factory=Resources)
+
+    def held_out_data(self) -> EvalDataConfig | None:
+        """The data this member is evaluated on: ``eval_data``, else its training data's held-out split."""
+        if self.eval_data is not None:
+            return self.eval_data
+        if self.data.kwargs.get("split") == "train":  # the whole held-out split, not one shard of it
+            kwargs = {k: v for k, v in self.data.kwargs.items() if k not in ("part", "parts")}
+            return EvalDataConfig(name=self.data.name, kwargs={**kwargs, "split": "test"})
+        return None
 
 
 
@@ -383,6 +464,7 @@ class RunConfig(Strict):
     placement: PlacementConfig = Field(default_factory=PlacementConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     failure: FailureConfig = Field(default_factory=FailureConfig)
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
     members: list[MemberConfig] = Field(description="The population.")
     couplings: list[SerializeAsAny[CouplingConfig]] = Field(default_factory=list, description="Cross-member terms.")
     gradient_path_check: Literal["error", "warn", "off"] = Field(

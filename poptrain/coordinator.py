@@ -283,6 +283,76 @@ class AsyncBoard:
         return True
 
 
+class EvalBoard:
+    """Members' held-out evaluations, step by step: once every evaluated member has reported a step,
+    the population's summaries of each metric (``eval/<label>/min|median|max``), the best member's
+    value by the ranking metric (``best/eval/<label>``), and the ensemble of members evaluated on
+    the same samples (``ensemble/<label>``): the mean of their predicted probabilities for
+    classification (logged as log-probabilities, so ``loss`` is the ensemble's cross-entropy), of
+    their outputs otherwise."""
+
+    def __init__(self, run: RunConfig):
+        from poptrain.build import resolve_metrics
+
+        self.evaluation = run.evaluation
+        self.expected = [m.name for m in run.members if m.held_out_data() is not None]
+        self.metric_fns = resolve_metrics(run.evaluation, None)
+        self.reports: dict[int, dict[str, tuple[dict[str, float], np.ndarray, np.ndarray]]] = {}
+        self.completed: set[int] = set()
+        self.best: tuple[int, str, float] | None = None  # (step, member, value) at the newest complete step
+
+    def report(self, step: int, member: str, metrics: dict[str, float], outputs: np.ndarray, targets: np.ndarray) -> dict[str, float]:
+        """Record ``member``'s evaluation at ``step``; the population's metrics once the step is complete
+        (a restarted member reporting a step again changes nothing)."""
+        if step in self.completed:
+            return {}
+        reports = self.reports.setdefault(step, {})
+        reports[member] = (metrics, outputs, targets)
+        if len(reports) < len(self.expected):
+            return {}
+        self.completed.add(step)
+        del self.reports[step]
+        return self._summaries(step, reports)
+
+    def _summaries(self, step: int, reports) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for key in {k for metrics, _, _ in reports.values() for k in metrics}:
+            values = sorted(metrics[key] for metrics, _, _ in reports.values() if key in metrics)
+            out.update({f"{key}/min": values[0], f"{key}/median": float(np.median(values)), f"{key}/max": values[-1]})
+        ranking = self.evaluation.ranking
+        ranked = {m: metrics[f"eval/{ranking.key}"] for m, (metrics, _, _) in reports.items() if f"eval/{ranking.key}" in metrics}
+        if ranked:
+            # In member order, so that of equal values the first member's wins whatever the arrival order.
+            member = (max if ranking.higher else min)([m for m in self.expected if m in ranked], key=ranked.__getitem__)
+            out[f"best/eval/{ranking.key}"] = ranked[member]
+            if self.best is None or step >= self.best[0]:
+                self.best = (step, member, ranked[member])
+        if self.evaluation.ensemble:
+            out.update(self._ensemble(reports))
+        return out
+
+    def _ensemble(self, reports) -> dict[str, float]:
+        """The ensemble of the largest group (two or more) of members whose targets are the same."""
+        groups: dict[tuple, list] = {}
+        for _, outputs, targets in reports.values():
+            groups.setdefault((targets.dtype.str, targets.shape, targets.tobytes(), outputs.shape), []).append((outputs, targets))
+        group = max(groups.values(), key=len)
+        if len(group) < 2:
+            return {}
+        outputs = torch.stack([torch.from_numpy(np.array(o)) for o, _ in group])
+        targets = torch.from_numpy(np.array(group[0][1]))
+        classification = not targets.is_floating_point() and outputs.dim() == 3 and outputs.shape[-1] > 1
+        if classification:  # the mean of predicted probabilities, as log-probabilities
+            mean = outputs.float().softmax(dim=-1).mean(dim=0).clamp_min(1e-12).log()
+        else:
+            mean = outputs.float().mean(dim=0)
+        out = {f"ensemble/{key}": float(fn(mean, targets)) for key, fn in self.metric_fns.items()}
+        if classification and any(m.name == "loss" for m in self.evaluation.metrics):
+            out["ensemble/loss"] = float(torch.nn.functional.nll_loss(mean, targets.long()))
+        out["ensemble/members"] = float(len(group))
+        return out
+
+
 class MetricRecorder:
     """Coupling metrics for the parent run, in an outbox the driver empties. At the last exchange
     step before a checkpoint step, what the outbox has not seen written is saved beside the
@@ -297,10 +367,11 @@ class MetricRecorder:
         self.run_dir = run_dir if run.checkpoint.every else None
         self.outbox = MetricsOutbox(load_coordinator_metrics(run_dir) if self.run_dir else [])
 
-    def record(self, step: int, metrics: dict[str, float]) -> None:
+    def record(self, step: int, metrics: dict[str, float], checkpoint: bool = True) -> None:
+        """``checkpoint``: ``step`` is an exchange step, at which the outbox may be due for saving."""
         if metrics:
             self.outbox.add([(k, v, step, int(time.time() * 1000)) for k, v in metrics.items()])
-        if self.run_dir is not None and (step + self.every) % self.checkpoint_every == 0:
+        if checkpoint and self.run_dir is not None and (step + self.every) % self.checkpoint_every == 0:
             from poptrain.checkpoint import coordinator_metrics_path, save_atomic
 
             save_atomic(self.outbox.unwritten(), coordinator_metrics_path(self.run_dir))
@@ -319,6 +390,7 @@ class Coordinator:
         self.history = ReplayHistory(2 * run.checkpoint.every + run.exchange.every if run.checkpoint.every else 0)
         self.board = AsyncBoard(self.plan.participants, run.exchange.max_staleness, run.exchange.every)
         self.recorder = MetricRecorder(run, run_dir)
+        self.evaluations = EvalBoard(run)
         self.timeout_s = run.exchange.timeout_s
         self.aborted: str | None = None  # why the run stopped (see abort)
         self.lock = threading.Condition()  # guards everything above; async publishes wait on it
@@ -351,9 +423,8 @@ class Coordinator:
                         f"exchange of {kind!r} at step {step}: member {member!r} waited {self.timeout_s:g} s for "
                         f"{rnd.missing()} (exchange.timeout_s). A peer is stalled or dead; see its log."
                     )
-        with self.lock:
-            if rnd.result is None:
-                self._raise_if_aborted()
+        if rnd.result is None:  # released by abort(), not by the round's completion
+            self._raise_if_aborted()
         return rnd.result
 
     def abort(self, reason: str) -> None:
@@ -417,8 +488,19 @@ class Coordinator:
                 if self._complete_if_ready(kind, step, rnd):
                     self.recorder.record(step, self.evaluator.coupling_metrics(kind, step))
 
+    def report_eval(self, step: int, member: str, metrics: dict[str, float], outputs: np.ndarray, targets: np.ndarray) -> None:
+        """``member``'s held-out evaluation after ``step`` steps (see :class:`EvalBoard`)."""
+        with self.lock:
+            self.recorder.record(step, self.evaluations.report(step, member, metrics, outputs, targets), checkpoint=False)
+
+    def best_member(self) -> tuple[str, float] | None:
+        """The best member by the ranking metric at the newest evaluated step, and its value."""
+        with self.lock:
+            best = self.evaluations.best
+        return None if best is None else (best[1], best[2])
+
     def take_metrics(self, written: bool, resend: bool = False) -> list[Item]:
-        """The coupling metrics since the last call (see :class:`MetricsOutbox`)."""
+        """The coupling and population metrics since the last call (see :class:`MetricsOutbox`)."""
         with self.lock:
             return self.recorder.outbox.take(written, resend)
 
@@ -536,6 +618,12 @@ class CoordinatorActor:
 
     def take_metrics(self, written: bool, resend: bool = False) -> list[Item]:
         return self.coordinator.take_metrics(written, resend)
+
+    def report_eval(self, step: int, member: str, metrics: dict[str, float], outputs: np.ndarray, targets: np.ndarray) -> None:
+        self.coordinator.report_eval(step, member, metrics, outputs, targets)
+
+    def best_member(self) -> tuple[str, float] | None:
+        return self.coordinator.best_member()
 
     def ping(self) -> bool:
         return True

@@ -18,10 +18,12 @@ import warnings
 from typing import Any
 
 import numpy as np
+import ray
 import torch
 from torch.utils.data import default_collate
 
 from poptrain import mapped_memory
+from poptrain.build import describe_dataset
 from poptrain.channel import CoordinatorClient
 from poptrain.checkpoint import checkpoint_path, load_checkpoint, save_checkpoint, steps_of
 from poptrain.config import RunConfig
@@ -38,8 +40,6 @@ def placement_device() -> tuple[str, list[str]]:
     CUDA_VISIBLE_DEVICES, so index 0 is the member's own GPU) when it was given GPUs, else
     ``cpu``. Given GPUs that torch cannot use (a CPU-only torch build on a GPU node, a broken
     driver), it warns and trains on the CPU; its placement still names the GPUs it holds."""
-    import ray
-
     # Strings: with CUDA_VISIBLE_DEVICES set before Ray started, Ray hands back its entries, which
     # may be GPU or MIG UUIDs.
     gpu_ids = [str(g) for g in ray.get_gpu_ids()]
@@ -81,13 +81,12 @@ class MemberHost:
             torch.cuda.empty_cache()
 
     def _start(self, run: RunConfig, name: str, population: PopulationInfo, coordinator_name: str, num_cpus: float, run_dir: str, system_metrics: bool) -> None:
-        import ray
-
         device, gpu_ids = placement_device()
         torch.set_num_threads(max(1, int(num_cpus)))
         self.trainer = MemberTrainer(run, name, population, device)
         self.run_dir = run_dir
-        coordinator = ray.get_actor(coordinator_name)
+        self.coordinator = coordinator = ray.get_actor(coordinator_name)
+        self.reporting = None  # the evaluation report on its way to the coordinator
         client = CoordinatorClient(coordinator, ray.get(coordinator.channel.remote()), run.exchange.timeout_s)
         self.trainer.connect(open_link(run, self.trainer.plan, name, client))
         mappable = self.trainer.plan.coordinator_only[name]
@@ -122,8 +121,6 @@ class MemberHost:
     def _map_parameters(self, coordinator, names: list[str], run_tag: str) -> None:
         """Keep ``names`` in memory the coordinator maps when it is on this node (see
         :mod:`poptrain.mapped_memory`); else, or without room in ``/dev/shm``, send copies."""
-        import ray
-
         name = self.trainer.name
         layout = mapped_memory.map_parameters(self.trainer.params, names, f"{run_tag}-{name}", _node_id())
         if layout is None:
@@ -147,6 +144,8 @@ class MemberHost:
         while trainer.step < until_step:
             step = trainer.step
             checkpoint_ms = self._checkpoint_if_due(step) or checkpoint_ms
+            if step and run.evaluation.every and step % run.evaluation.every == 0:
+                self._evaluate(step)
             trainer.timings = dict.fromkeys(trainer.timings, 0.0)
             started = time.perf_counter()
             metrics = trainer.train_step()
@@ -159,9 +158,25 @@ class MemberHost:
             self._log(step, metrics, last=trainer.step == until_step)
         if trainer.step == run.steps:
             trainer.finish()
+            metrics.update(self._evaluate(run.steps))  # after the last exchange: an average's target has its final weights
         # The last pipelined publishes: done before train() returns, so their coupling metrics are
         # in the coordinator's outbox when the driver takes it for the last time.
         trainer.link.drain()
+        if self.reporting is not None:
+            ray.get(self.reporting)
+            self.reporting = None
+        return metrics
+
+    def _evaluate(self, step: int) -> dict[str, float]:
+        """Evaluate the member on its held-out data after ``step`` steps: its metrics into the outbox,
+        its outputs to the coordinator (population summaries, the ensemble). The metrics, or {}."""
+        if self.trainer.eval_dataset is None:
+            return {}
+        metrics, outputs, targets = self.trainer.evaluate()
+        self.outbox.add([(key, value, step, int(time.time() * 1000)) for key, value in metrics.items()])
+        if self.reporting is not None:  # at most one report in flight
+            ray.get(self.reporting)
+        self.reporting = self.coordinator.report_eval.remote(step, self.trainer.name, metrics, outputs.numpy(), targets.numpy())
         return metrics
 
     def _checkpoint_if_due(self, step: int) -> float | None:
@@ -208,6 +223,14 @@ class MemberHost:
         ``resend``: the last reply was lost, send its items again."""
         return self.outbox.take(written, resend)
 
+    def datasets(self) -> list[dict[str, Any]]:
+        """The member's training and held-out data, as :func:`poptrain.build.describe_dataset` describes them."""
+        trainer = self.trainer
+        out = [describe_dataset(trainer.config.data, trainer.batches.dataset, "train")]
+        if trainer.eval_dataset is not None:
+            out.append(describe_dataset(trainer.held_out, trainer.eval_dataset, "eval"))
+        return out
+
     def final_weights(self) -> dict[str, np.ndarray]:
         """The model's state_dict as NumPy arrays, to save as ``model.pt`` (bfloat16 as float32)."""
         return {k: numpy_copy(v) for k, v in self.trainer.model.state_dict().items()}
@@ -220,6 +243,4 @@ class MemberHost:
 
 
 def _node_id() -> str:
-    import ray
-
     return ray.get_runtime_context().get_node_id()

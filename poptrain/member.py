@@ -21,8 +21,8 @@ import numpy as np
 import torch
 
 from poptrain.balancing import TermBalancer
-from poptrain.batches import BatchStream
-from poptrain.build import apply_frozen, build_dataset, build_model, build_optimizer, resolve_grad_transforms, resolve_loss, resolve_terms
+from poptrain.batches import BatchStream, in_order
+from poptrain.build import apply_frozen, build_dataset, build_model, build_optimizer, resolve_grad_transforms, resolve_loss, resolve_metrics, resolve_terms
 from poptrain.config import RunConfig
 from poptrain.couplings import PopulationInfo, Quantity, build_couplings
 from poptrain.exchange import ExchangePlan, Link, Pending, numpy_copy, tensor_copy
@@ -60,11 +60,14 @@ class MemberTrainer:
             self.optimizer = build_optimizer(self.model, self.config) if self.config.trainable else None
             data_seed = self.config.data.seed if self.config.data.seed is not None else run.seed
             self.batches = BatchStream(build_dataset(self.config.data), self.config.data.batch_size, self.config.data.shuffle, data_seed)
+            self.held_out = self.config.held_out_data()
+            self.eval_dataset = build_dataset(self.held_out) if self.held_out is not None else None
         self.loss_fn = resolve_loss(self.config)
         self.term_fns = resolve_terms(self.config)
         self.term_weights = {"loss": self.config.loss_weight, **{t.name: t.signed_weight for t in self.config.terms}}
         self.grad_transforms = resolve_grad_transforms(self.config, list(self.params))
         self.balancer = TermBalancer(self.config.balancing.method, self.config.balancing.momentum, self.config.balancing.eps)
+        self.metric_fns = resolve_metrics(run.evaluation, self.loss_fn)
 
         self.couplings = build_couplings(run.couplings, population)
         self.training_couplings = [c for c in self.couplings if name in c.trains]
@@ -218,6 +221,22 @@ class MemberTrainer:
         that averaged targets and shared modules reflect the final weights."""
         if self.plan.replaces_params:
             self._send("param")
+
+    def evaluate(self) -> tuple[dict[str, float], torch.Tensor, torch.Tensor]:
+        """The evaluation metrics on the member's whole held-out set (``{eval/<label>: value}``), and
+        its outputs and targets there ([n, ...], on the CPU). In eval mode, without gradients; what
+        it draws at random does not change the member's training streams."""
+        was_training = self.model.training
+        self.model.eval()
+        outputs, targets = [], []
+        with torch.no_grad(), self.randomness.borrowed():
+            for batch in in_order(self.eval_dataset, self.held_out.batch_size):
+                *inputs, target = [t.to(self.device, non_blocking=True) for t in batch]
+                outputs.append(self.model(*inputs).detach().float().cpu())
+                targets.append(target.cpu())
+        self.model.train(was_training)
+        outputs, targets = torch.cat(outputs), torch.cat(targets)
+        return {f"eval/{key}": float(fn(outputs, targets)) for key, fn in self.metric_fns.items()}, outputs, targets
 
     def set_rollback_point(self, step: int, state: Mapping[str, Any]) -> None:
         """Keep (a copy of) the model, optimizer and balancing state of ``state`` (a :meth:`state_dict`,

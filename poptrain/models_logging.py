@@ -7,7 +7,9 @@ MLflow 3 facts this module relies on (mlflow 3.17, checked here):
   (``<experiment artifact root>/models/<id>/artifacts``). Given ``run_id=``, it links the model
   to the run as an output and copies the run's metrics at ``step`` onto it, fetching the whole
   history of every metric key of the run to do so. ``mlflow.pytorch.load_model(info.model_uri)``
-  loads it back.
+  loads it back. poptrain tags it ``poptrain.member`` and ``poptrain.population_run`` (the
+  parent run id): ``search_logged_models(filter_string="tags.`poptrain.population_run` = '<id>'")``
+  lists one population's models.
 * Nothing needs an active run. Left to itself, MLflow creates the LoggedModel in the *global*
   experiment (the Default experiment ``0`` here, not the run's) through the *global* tracking
   URI. So this module creates the LoggedModel itself in the run's experiment with
@@ -127,7 +129,11 @@ def log_member_model(
             name=name,
             source_run_id=run_id,
             params={k: v for k, v in run.data.params.items()},
-            tags={"poptrain.member": run.data.tags.get("poptrain.member", ""), "poptrain.serialization": fmt},
+            tags={
+                "poptrain.member": run.data.tags.get("poptrain.member", ""),
+                "poptrain.population_run": run.data.tags.get("mlflow.parentRunId", ""),  # to rank one population's models
+                "poptrain.serialization": fmt,
+            },
         )
         try:
             with using_tracking_uri(uri):

@@ -11,6 +11,8 @@
   their midpoint: they are apart once both lines are outside it (seed 000's alphas). With more
   members, each line carries a band of ``margin/2`` on each side: a pair is apart when their
   bands do not overlap.
+* ``eval.png``: held-out evaluation, one chart per metric: each member's ``eval/<label>``, and from
+  the parent run the ensemble's ``ensemble/<label>`` and the best member's ``best/eval/<label>``.
 
 A chart with nothing to draw is skipped. Figures are drawn on matplotlib's Agg canvas directly,
 without pyplot: no display, no global backend switched in the caller's process.
@@ -163,4 +165,33 @@ def write_plots(client, parent_run_id: str, out_dir: Path) -> list[Path]:
             ax.set(title=f"coupling {coupling}: {param} per member", xlabel="step", ylabel=param)
             ax.legend(fontsize="small")
         _save(fig, out_dir / f"coupled_{_filename(coupling)}.png", written)
+
+    _plot_evaluation(client, parent, members, out_dir, written)
     return written
+
+
+def _eval_labels(parent, members: dict) -> list[str]:
+    """The evaluation metrics' labels: members' ``eval/<label>``, the parent's ``ensemble/<label>``."""
+    labels = {k.split("/", 1)[1] for run in members.values() for k in run.data.metrics if k.startswith("eval/") and k.count("/") == 1}
+    labels |= {k.split("/", 1)[1] for k in parent.data.metrics if k.startswith("ensemble/") and k.count("/") == 1}
+    return sorted(labels)
+
+
+def _plot_evaluation(client, parent, members: dict, out_dir: Path, written: list[Path]) -> None:
+    """``eval.png``: per metric, each member's held-out curve, the ensemble's and the best member's."""
+    labels = _eval_labels(parent, members)
+    if not labels:
+        return
+    fig, axes = _figure(len(labels), 1, (8, 3.5 * len(labels)))
+    best_member = parent.data.tags.get("poptrain.best_member")
+    for ax, label in zip(axes[:, 0], labels):
+        for name, run in members.items():
+            if f"eval/{label}" in run.data.metrics:
+                ax.plot(*_history(client, run.info.run_id, f"eval/{label}"), marker="o", markersize=3, label=name + (" (best)" if name == best_member else ""))
+        if f"ensemble/{label}" in parent.data.metrics:
+            ax.plot(*_history(client, parent.info.run_id, f"ensemble/{label}"), "k--", marker="s", markersize=4, linewidth=2, label="ensemble")
+        if f"best/eval/{label}" in parent.data.metrics:
+            ax.plot(*_history(client, parent.info.run_id, f"best/eval/{label}"), color="grey", linestyle=":", marker="^", markersize=4, linewidth=2, label="best member")
+        ax.set(title=f"held-out {label}", xlabel="step", ylabel=label)
+        ax.legend(fontsize="small")
+    _save(fig, out_dir / "eval.png", written)

@@ -49,6 +49,7 @@ class RunResult:
     placement: dict[str, dict[str, Any]] = field(default_factory=dict)  # member -> node, device, pid
     seconds: float = 0.0
     restarts: dict[str, int] = field(default_factory=dict)  # member -> times its process was restarted
+    best_member: str | None = None  # by `evaluation.rank_by` at the last evaluation; None without held-out data
 
 
 # --------------------------------------------------------------------------------------------
@@ -260,13 +261,12 @@ class PopulationRun:
                 starting[name] = self.members[name].info.remote()
         self._open_runs()
         self.placement = dict(zip(self.members, _get_all([starting[name] for name in self.members], self.members)))
-        # Params are write-once in MLflow: the first placement is a param (for Compare), later ones
-        # (a resumed run, a restarted member) are tags.
+        # Tags, not params: process facts would crowd the hyperparameters out of MLflow's comparisons.
         for name, info in self.placement.items():
-            if self.resume_ids is None:
-                self.tracking.log_params(name, {f"placement.{k}": v for k, v in info.items()})
-            else:
-                self.tracking.set_tags(name, {f"poptrain.placement.{k}": v for k, v in info.items()})
+            self.tracking.log_placement(name, info)
+        # Again on a resume (MLflow keeps one input per name and digest): the logged models' metrics name the eval data.
+        for name, datasets in zip(self.members, _get_all([m.datasets.remote() for m in self.members.values()], self.members)):
+            self.tracking.log_datasets(name, datasets)
         self.collector = _MetricsCollector(self.tracking, self.members, self.coordinator)
 
     def _place(self, nodes: int) -> pool.WarmMembers | None:
@@ -400,7 +400,8 @@ class PopulationRun:
                 self.restarts[name] += 1
                 if self.restarts[name] > restartable:
                     raise PopulationError(_gave_up(self.cfg, self.run_dir, name, self.restarts[name] - 1, again)) from None
-        self.tracking.set_tags(name, {"poptrain.restarts": self.restarts[name], **{f"poptrain.placement.{k}": v for k, v in self.placement[name].items()}})
+        self.tracking.set_tags(name, {"poptrain.restarts": self.restarts[name]})
+        self.tracking.log_placement(name, self.placement[name])
         return self.members[name]
 
     # -- finish and teardown -------------------------------------------------------------------
@@ -408,9 +409,14 @@ class PopulationRun:
     def finish(self) -> RunResult:
         """Save every member's final weights (``members/<name>/model.pt``), log the config, models
         and plots, and hand the processes to the pool when they are kept warm."""
+        import ray
+
         cfg, run_dir = self.cfg, self.run_dir
         weights = _save_final_weights(self.members, run_dir)  # before anything that can fail
-        _log_artifacts(cfg, self.tracking, self.members, run_dir, weights)
+        best = ray.get(self.coordinator.best_member.remote())
+        if best is not None:
+            self.tracking.set_tags(None, {"poptrain.best_member": best[0], "poptrain.best_by": f"eval/{cfg.evaluation.ranking.key}"})
+        _log_artifacts(cfg, self.tracking, self.members, run_dir, weights, self.final)
         if self.keep_warm:  # handed to the pool at the very end of teardown, once this run has let go of everything
             self.to_keep = pool.WarmMembers(self.shape, self.group, [self.members[name] for name in cfg.member_names], self.coordinator, self.run_tag)
         return RunResult(
@@ -422,6 +428,7 @@ class PopulationRun:
             placement=self.placement,
             seconds=time.monotonic() - self.started,
             restarts={k: v for k, v in self.restarts.items() if v},
+            best_member=None if best is None else best[0],
         )
 
     def teardown(self) -> None:
@@ -595,7 +602,7 @@ def _save_final_weights(members: dict[str, Any], run_dir: Path) -> dict[str, Pat
     return saved
 
 
-def _log_artifacts(cfg: RunConfig, tracking: Tracking, members: dict[str, Any], run_dir: Path, weights: dict[str, Path]) -> None:
+def _log_artifacts(cfg: RunConfig, tracking: Tracking, members: dict[str, Any], run_dir: Path, weights: dict[str, Path], final: dict[str, dict[str, float]]) -> None:
     """The run's artifacts in MLflow: its config, the models (``tracking.log_models``), the plots
     (``tracking.plots``). The weights are saved already: what fails to log is named in a warning,
     with where the weights are, and the run still finishes (an unexpected error shows its traceback)."""
@@ -619,7 +626,8 @@ def _log_artifacts(cfg: RunConfig, tracking: Tracking, members: dict[str, Any], 
         attempt("the models (their example inputs could not be read)", lambda: examples.extend(_get_all([m.example_inputs.remote() for m in members.values()], members)))
         for name, example in zip(members, examples):
             spec = cfg.member(name).model.model_dump(mode="json")
-            attempt(f"member {name}'s model", lambda: tracking.log_model(name, str(weights[name]), spec, example, cfg.steps - 1))
+            evaluated = {k: v for k, v in final.get(name, {}).items() if k.startswith("eval/")}  # linked to the logged model
+            attempt(f"member {name}'s model", lambda: tracking.log_model(name, str(weights[name]), spec, example, cfg.steps - 1, metrics=evaluated))
     if cfg.tracking.plots:
         attempt(f"the plots (under {run_dir / 'plots'})", lambda: tracking.log_plots(str(run_dir / "plots")))
 

@@ -63,6 +63,17 @@ class MemberRandomness:
             self.state = _process_state(self.device)
             _set_process_state(outside, self.device)
 
+    @contextmanager
+    def borrowed(self) -> Iterator[None]:
+        """As :meth:`active`, but what is drawn inside is not kept: the member's streams go on
+        afterwards as if the block had not run (evaluation must not change training)."""
+        with self.active():
+            saved = _process_state(self.device)
+            try:
+                yield
+            finally:
+                _set_process_state(saved, self.device)
+
     def state_dict(self) -> dict[str, Any]:
         """Tensors and plain values only (a checkpoint loads with ``weights_only=True``)."""
         cpu, cuda, (_, keys, pos, has_gauss, gauss), python_state = self.state

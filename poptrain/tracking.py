@@ -15,6 +15,7 @@ a failed write is retried with back-off there, its metrics buffered meanwhile.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import threading
@@ -40,6 +41,15 @@ WRITER_CPU_SHARE = 0.05
 MAX_WRITE_EVERY_S = 10.0
 MAX_PARAMS_PER_BATCH = 100
 MAX_PARAM_LENGTH = 6000
+MAX_TAG_LENGTH = 5000
+# The MLflow UI (3.x) opens an experiment on its GenAI overview unless this experiment tag names
+# another kind; `custom_model_development` is the training view (runs, charts, models).
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+TRAINING_KIND = "custom_model_development"
+PLACEMENT_TAG = "poptrain.placement."  # + pid, node_id, hostname, device, gpu_ids, torch_threads, ...
+DATASET_CONTEXT_TAG = "mlflow.data.context"  # the Dataset column's "train" / "eval" label
+MAX_DIGEST_LENGTH = 36  # MLflow's datasets table
+EVAL_PREFIX = "eval/"
 
 
 
@@ -115,6 +125,29 @@ def run_params(cfg: RunConfig) -> dict[str, str]:
     return params
 
 
+def dataset_input(dataset: dict[str, Any]):
+    """One of a member's datasets as an MLflow ``DatasetInput``: what the runs table's Dataset column
+    shows (``name (digest)`` and its context, ``train`` or ``eval``).
+
+    ``dataset``: ``name``, ``digest`` (at most 36 characters are kept: MLflow's limit), ``context``,
+    ``source`` (where it comes from, e.g. ``poptrain.builtins:digits``), ``profile`` (a dict: rows,
+    split, view, ...) and optionally ``schema`` (a dict or a JSON string). The source is recorded
+    as MLflow's ``code`` source type, ``{"tags": {"poptrain.source": ...}}``, so that
+    ``mlflow.data.get_source`` reads it back."""
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    schema = dataset.get("schema")
+    entity = Dataset(
+        name=str(dataset["name"]),
+        digest=str(dataset["digest"])[:MAX_DIGEST_LENGTH],
+        source_type="code",
+        source=json.dumps({"tags": {"poptrain.source": str(dataset.get("source", ""))}}),
+        schema=schema if schema is None or isinstance(schema, str) else json.dumps(schema, default=str),
+        profile=json.dumps(dataset.get("profile") or {}, default=str),
+    )
+    return DatasetInput(entity, tags=[InputTag(DATASET_CONTEXT_TAG, str(dataset.get("context", "train")))])
+
+
 class Tracking:
     """MLflow writes of one population run, from the driver process."""
 
@@ -142,16 +175,12 @@ class Tracking:
         # twice. Per key, not per run: the parent's coupling metrics come from rounds of different
         # groups of members, which need not arrive in step order across keys.
         self.high_water: dict[str, dict[str, int]] = {}
+        self.datasets: dict[str, list[dict[str, Any]]] = {}  # member -> what log_datasets logged
 
     # -- creating the runs ------------------------------------------------------------------
 
     def create_runs(self, cfg: RunConfig) -> RunIds:
-        experiment = self.client.get_experiment_by_name(cfg.tracking.experiment)
-        if experiment:
-            experiment_id = experiment.experiment_id
-        else:
-            location = None if self.artifact_root is None else str(Path(self.artifact_root) / re.sub(r"[^\w.-]", "_", cfg.tracking.experiment))
-            experiment_id = self.client.create_experiment(cfg.tracking.experiment, artifact_location=location)
+        experiment_id = self._experiment(cfg.tracking.experiment)
         parent = self.client.create_run(
             experiment_id,
             run_name=cfg.name,
@@ -175,6 +204,19 @@ class Tracking:
         self.ids = ids
         return ids
 
+    def _experiment(self, name: str) -> str:
+        """The id of experiment ``name``, created when missing, and marked as a training experiment
+        (tag ``mlflow.experimentKind=custom_model_development``) so that the MLflow UI opens it on
+        its runs rather than on the GenAI overview. A kind already set (by a user, or the UI) is
+        left as it is: setting it only when absent never overrides a deliberate choice."""
+        experiment = self.client.get_experiment_by_name(name)
+        if experiment is None:
+            location = None if self.artifact_root is None else str(Path(self.artifact_root) / re.sub(r"[^\w.-]", "_", name))
+            return self.client.create_experiment(name, artifact_location=location, tags={EXPERIMENT_KIND_TAG: TRAINING_KIND})
+        if EXPERIMENT_KIND_TAG not in experiment.tags:
+            self._retry(lambda: self.client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, TRAINING_KIND))
+        return experiment.experiment_id
+
     def _log_params(self, run_id: str, params: dict[str, str]) -> None:
         from mlflow.entities import Param
 
@@ -185,9 +227,33 @@ class Tracking:
     def log_params(self, member: str | None, params: dict[str, Any]) -> None:
         self._log_params(self._run_id(member), {k: str(v) for k, v in params.items()})
 
-    def set_tags(self, member: str | None, tags: dict[str, str]) -> None:
-        for key, value in tags.items():
-            self._retry(lambda: self.client.set_tag(self._run_id(member), key, str(value)))
+    def set_tags(self, member: str | None, tags: dict[str, Any]) -> None:
+        """Set (or overwrite) tags on a member's run (the parent's for None), in one request."""
+        from mlflow.entities import RunTag
+
+        items = [RunTag(k, str(v)[:MAX_TAG_LENGTH]) for k, v in sorted(tags.items())]
+        if items:
+            self._retry(lambda: self.client.log_batch(self._run_id(member), tags=items))
+
+    def log_placement(self, member: str, info: dict[str, Any]) -> None:
+        """Where a member's process runs (pid, node_id, hostname, device, gpu_ids, torch_threads,
+        shared_params, ...) as tags ``poptrain.placement.<key>``, at every start, restart and resume.
+
+        Tags, not params: these are facts about a process, not settings. Params are write-once
+        (a restarted member's new pid could not be recorded), and the Compare page's parallel
+        coordinates plot picks params that differ between runs, where pids would crowd out the
+        hyperparameters."""
+        self.set_tags(member, {f"{PLACEMENT_TAG}{k}": v for k, v in info.items()})
+
+    def log_datasets(self, member: str, datasets: list[dict[str, Any]]) -> None:
+        """Record a member's training and held-out datasets as its run's inputs (see
+        :func:`dataset_input`): the runs table's Dataset column, and the dataset that the metrics
+        :meth:`log_model` puts on the member's model were measured on (its ``eval`` one). MLflow
+        keeps one input per name and digest: logging them again (a resume) adds nothing."""
+        if datasets:
+            inputs = [dataset_input(d) for d in datasets]
+            self._retry(lambda: self.client.log_inputs(self._run_id(member), datasets=inputs))
+        self.datasets[member] = [dict(d) for d in datasets]
 
     # -- metrics (from members and the coordinator) ---------------------------------------------
 
@@ -223,6 +289,9 @@ class Tracking:
         self._buffer(self._run_id(member), items)
         for key, value, step, _ in items:
             state = self.progress_state.setdefault(member, {})
+            if key.startswith(EVAL_PREFIX):  # evaluated after step `step - 1` trained: not progress
+                state[key] = value
+                continue
             state["step"] = max(step + 1, state.get("step", 0))
             if key == "loss":
                 state["loss"] = value
@@ -235,7 +304,7 @@ class Tracking:
         self._buffer(self._run_id(None), items)
         couplings = self.progress_state.setdefault("__couplings__", {})
         for key, value, _, _ in items:
-            if key.count("/") == 1:  # coupling/<name>, not its extras
+            if key.startswith("coupling/") and key.count("/") == 1:  # coupling/<name>, not its extras nor ensemble/<label>
                 couplings[key.split("/", 1)[1]] = value
 
     def progress(self) -> dict[str, dict[str, Any]]:
@@ -331,12 +400,53 @@ class Tracking:
             self.log_artifact(None, str(path), "plots")
         return [str(p) for p in paths]
 
-    def log_model(self, member: str, state_dict_path: str, model_spec: dict, example, step: int) -> str:
-        """Log a member's final model (``mlflow.pytorch``) into its run; returns the model URI."""
+    def log_model(
+        self, member: str, state_dict_path: str, model_spec: dict, example, step: int, metrics: dict[str, float] | None = None
+    ) -> str:
+        """Log a member's final model (``mlflow.pytorch``) into its run, with its held-out metrics
+        on the LoggedModel, so that the experiment's models rank by them (the UI's Models tab,
+        ``mlflow.search_logged_models(order_by=[{"field_name": "metrics.eval/accuracy", ...}])``).
+
+        ``metrics``: ``{key: value}`` to put on the model; None: the run's latest ``eval/*``
+        values; ``{}``: none. Returns the model URI (``models:/<id>``)."""
         from poptrain.models_logging import log_member_model
 
         assert self.ids is not None
-        return log_member_model(self.client, self.ids.members[member], state_dict_path, model_spec, example, step=step).model_uri
+        info = log_member_model(self.client, self.ids.members[member], state_dict_path, model_spec, example, step=step)
+        self.link_model_metrics(member, info.model_id, metrics, step)
+        return info.model_uri
+
+    def link_model_metrics(self, member: str, model_id: str, metrics: dict[str, float] | None, step: int) -> None:
+        """Put ``metrics`` (None: the run's latest ``eval/*``) on LoggedModel ``model_id``, measured on
+        the member's ``eval`` dataset when :meth:`log_datasets` named one.
+
+        A value the run already holds as its latest point is logged again with that point's own
+        step and timestamp: MLflow then keeps the run's history as it was (one point per step) and
+        only adds the model's link, as its own ``log_model(run_id=...)`` does."""
+        from mlflow.entities import Metric
+
+        assert self.ids is not None
+        if metrics == {}:
+            return
+        run_id = self.ids.members[member]
+        self.flush()  # the run's eval points, so that they are found below and not logged twice
+        if metrics is None:
+            metrics = {k: v for k, v in self._retry(lambda: self.client.get_run(run_id)).data.metrics.items() if k.startswith(EVAL_PREFIX)}
+        if not metrics:
+            return
+        dataset = next((d for d in self.datasets.get(member, []) if d.get("context") == "eval"), None)
+        on = {} if dataset is None else {"dataset_name": str(dataset["name"]), "dataset_digest": str(dataset["digest"])[:MAX_DIGEST_LENGTH]}
+        batch = []
+        for key, value in sorted(metrics.items()):
+            last = self._last_point(run_id, key)
+            timestamp, at = (last.timestamp, last.step) if last is not None and last.value == float(value) else (int(time.time() * 1000), step)
+            batch.append(Metric(key, float(value), timestamp, at, model_id=model_id, **on))
+        self._retry(lambda: self.client.log_batch(run_id, metrics=batch))
+
+    def _last_point(self, run_id: str, key: str):
+        """The run's latest point of metric ``key`` (highest step, last written), or None."""
+        history = self._retry(lambda: self.client.get_metric_history(run_id, key))
+        return max(history, key=lambda m: (m.step, m.timestamp), default=None)
 
     def close(self) -> None:
         """Stop the writer thread once the buffer is written (at once if a write fails)."""

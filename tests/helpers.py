@@ -23,9 +23,12 @@ class TinyNet(nn.Module):
         return self.head(torch.relu(self.body(x)))
 
 
-def tiny_data(n: int = 64, in_features: int = 4) -> TensorDataset:
+def tiny_data(n: int = 64, in_features: int = 4, split: str = "all") -> TensorDataset:
+    """A user's dataset by import path, with a held-out split as the built-ins have."""
+    from poptrain.builtins.data import split_indices
+
     gen = torch.Generator().manual_seed(3)
-    x = torch.randn(n, in_features, generator=gen)
+    x = torch.randn(n, in_features, generator=gen)[split_indices(n, split, 0.2)]
     return TensorDataset(x, x.sum(dim=1, keepdim=True))
 
 

@@ -405,8 +405,8 @@ def test_population_submitted_with_ray_job_submit_runs_on_both_nodes(local_clust
         assert run.info.status == "FINISHED", (run.info.run_name, run.info.status)
     for name, run in members.items():
         assert run.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
-        assert run.data.params["placement.device"] == "cpu"
-        assert run.data.params["placement.hostname"]
+        assert run.data.tags["poptrain.placement.device"] == "cpu"
+        assert run.data.tags["poptrain.placement.hostname"]
         assert run.data.params["data.name"] == "tests.helpers:tiny_data"
         steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "loss"))
         assert steps == list(range(8)), f"{name}: every step's loss logged once"
@@ -417,7 +417,7 @@ def test_population_submitted_with_ray_job_submit_runs_on_both_nodes(local_clust
     # One member per node: each on one of the cluster's two nodes, node_a's and node_b's.
     nodes = cluster_nodes(local_cluster)
     assert len(nodes) == 2
-    placed = {name: run.data.params["placement.node_id"] for name, run in members.items()}
+    placed = {name: run.data.tags["poptrain.placement.node_id"] for name, run in members.items()}
     assert len(set(placed.values())) == 2, f"both members on one node: {placed}"
     assert set(placed.values()) == set(nodes), f"members on {placed}, cluster nodes {sorted(nodes)}"
     custom = sorted(k for node in placed.values() for k in nodes[node] if re.fullmatch(r"node_[a-z]", k))

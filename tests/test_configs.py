@@ -22,8 +22,25 @@ def test_shipped_config_runs(ray_session, config, tmp_path, tracking_uri, experi
         REPO / "configs" / config,
         overrides=["steps=6", "exchange.every=2", f"output_dir={tmp_path}", f"tracking.uri={tracking_uri}", f"tracking.experiment={experiment}", *QUIET],
     )
-    assert set(result.metrics) == set(poptrain.load_config(REPO / "configs" / config).member_names)
+    cfg = poptrain.load_config(REPO / "configs" / config)
+    assert set(result.metrics) == set(cfg.member_names)
     assert all(torch.isfinite(torch.tensor(m["loss"])) for m in result.metrics.values())
+    ranking = f"eval/{cfg.evaluation.ranking.key}"
+    assert all(ranking in m for m in result.metrics.values()), "every member is evaluated on held-out data at the end"
+    from mlflow.tracking import MlflowClient
+
+    parent = MlflowClient(tracking_uri).get_run(result.run_id)
+    assert {f"{ranking}/median", f"best/{ranking}"} <= set(parent.data.metrics) and parent.data.tags["poptrain.best_member"] == result.best_member
+
+
+@pytest.mark.parametrize("config", sorted(p.name for p in (REPO / "configs").glob("*.yaml")))
+def test_every_shipped_config_evaluates_every_member_on_held_out_data(config):
+    cfg = poptrain.load_config(REPO / "configs" / config)
+    assert cfg.evaluation.every > 0
+    for member in cfg.members:
+        held_out = member.held_out_data()
+        assert held_out is not None, member.name
+        assert held_out.kwargs != member.data.kwargs, f"{member.name} is evaluated on data it trains on"
 
 
 def test_separation_still_converges_when_exchanging_every_10_steps(ray_session, tmp_path, tracking_uri, experiment):

@@ -56,8 +56,8 @@ def test_a_population_over_http_has_plots_a_comparison_and_loadable_models(ray_s
     assert "model.kwargs.activation" not in params and "placement.pid" not in params and "member" not in params
     assert {"loss", "objective", "coupling/separation", "term/l2"} <= set(metrics)
     assert all(isinstance(v, float) for v in metrics["loss"]) and metrics["term/l2"][1] is None
-    every = {key for kind, key, *_ in compare_table(client, result.run_id, all_params=True)[1] if kind == "param"}
-    assert {"model.kwargs.activation", "optimizer.lr", "placement.pid"} <= every
+    every = {(kind, key) for kind, key, *_ in compare_table(client, result.run_id, all_params=True)[1]}
+    assert {("param", "model.kwargs.activation"), ("param", "optimizer.lr"), ("placement", "placement.pid")} <= every
     assert compare_main([result.run_id, "--tracking-uri", mlflow_server]) == 0
     shown = capsys.readouterr().out
     assert "optimizer.lr" in shown and "0.02" in shown and "coupling/separation" in shown

@@ -32,7 +32,7 @@ def test_population_is_one_parent_run_with_one_nested_run_per_member(ray_session
         assert child.data.params["model.kwargs.activation"] == "prelu"
         assert child.data.params["optimizer.lr"] == "0.01"
         assert child.data.params["coupling.separation.margin"] == "2.0"
-        assert child.data.params["placement.device"] == "cpu"
+        assert child.data.tags["poptrain.placement.device"] == "cpu" and "placement.device" not in child.data.params
         steps = [m.step for m in client.get_metric_history(child.info.run_id, "loss")]
         assert sorted(steps) == list(range(12)), "every step logged exactly once"
         # --profile: where the step time went

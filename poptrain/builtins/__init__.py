@@ -1,4 +1,4 @@
-"""Built-in models, datasets, losses and objective terms, referenced by name from configs.
+"""Built-in models, datasets, losses, objective terms and evaluation metrics, referenced by name from configs.
 
 Anything a config names can instead be an import path ``package.module:attr``; both are
 resolved by :func:`resolve`, which raises ``ValueError`` with the valid names on a miss.
@@ -9,12 +9,13 @@ from __future__ import annotations
 import importlib
 from typing import Any, Callable
 
-from poptrain.builtins import data, losses, models, terms
+from poptrain.builtins import data, losses, metrics, models, terms
 
 MODELS: dict[str, Callable] = models.MODELS
 DATASETS: dict[str, Callable] = data.DATASETS
 LOSSES: dict[str, Callable] = losses.LOSSES
 TERMS: dict[str, Callable] = terms.TERMS
+METRICS: dict[str, Callable] = metrics.METRICS  # evaluation metrics; `loss` (the member's own) is not in it
 OPTIMIZERS: dict[str, str] = {"sgd": "SGD", "adam": "Adam", "adamw": "AdamW", "rmsprop": "RMSprop", "adagrad": "Adagrad"}
 
 
