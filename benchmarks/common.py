@@ -398,7 +398,7 @@ def cpu_seconds(pid: int) -> float | None:
 
 def ray_processes_cpu() -> dict[tuple[str, int], float]:
     """CPU seconds of every Ray worker process on this machine, keyed by (role, pid); the role is the
-    process title Ray sets (``ray::MemberActor``, ``ray::CoordinatorActor``, ...)
+    process title Ray sets (``ray::MemberHost``, ``ray::CoordinatorActor``, ...)
     without the method. Empty where /proc is missing."""
     out: dict[tuple[str, int], float] = {}
     try:

@@ -8,13 +8,15 @@ the file and the dotted key, before Ray starts.
 
 from __future__ import annotations
 
+import hashlib
 import os
 
 import torch
 
 from poptrain import builtins
-from poptrain.build import accepts, apply_frozen, build_model, check_optimizer, matching
-from poptrain.config import ConfigError, RunConfig, anchor_outputs, job_storage_problems, load_config, output_problems
+from poptrain.batches import collate
+from poptrain.build import accepts, apply_frozen, build_dataset, build_model, check_optimizer, matching
+from poptrain.config import ConfigError, MemberConfig, RunConfig, anchor_outputs, job_storage_problems, load_config, output_problems
 from poptrain.couplings import PopulationInfo, build_couplings
 from poptrain.tracking import TrackingUnavailable, check_tracking_reachable, resolve_tracking_uri
 
@@ -99,11 +101,38 @@ def inspect_population(cfg: RunConfig) -> PopulationInfo:
         terms={m.name: ["loss", *[t.name for t in m.terms]] for m in cfg.members},
         exchange_every=cfg.exchange.every,
     )
-    for index, coupling in enumerate(build_couplings(cfg.couplings, population)):
+    couplings = build_couplings(cfg.couplings, population)
+    for name in sorted({q.member for c in couplings for q in c.reads() if q.kind == "pred"}):
+        index = cfg.member_names.index(name)
+        try:
+            population.outputs[name], population.samples[name] = _predictions_of(cfg, cfg.members[index])
+        except Exception as exc:  # a model or dataset that fails here would fail in the member too
+            problems.append((f"members.{index}", f"cannot compute member {name!r}'s predictions on its data, which a coupling reads: {type(exc).__name__}: {exc}"))
+    if problems:
+        raise ConfigError(problems)
+    for index, coupling in enumerate(couplings):
         problems.extend((f"couplings.{index}.{k}" if k else f"couplings.{index}", msg) for k, msg in coupling.check_population())
     if problems:
         raise ConfigError(problems)
     return population
+
+
+def _predictions_of(cfg: RunConfig, member: MemberConfig) -> tuple[tuple[int, ...], dict]:
+    """A member's output shape per sample, from a forward pass on two of its samples, and what
+    decides which samples its batches hold in which order (see :class:`PopulationInfo`)."""
+    dataset = build_dataset(member.data)
+    *inputs, _ = collate(dataset, torch.arange(min(2, len(dataset))))
+    with torch.no_grad():
+        outputs = build_model(member.model)(*inputs)
+    targets = collate(dataset, torch.arange(len(dataset)))[-1]
+    samples = {
+        "size": len(dataset),
+        "batch_size": min(member.data.batch_size, len(dataset)),  # as BatchStream clamps it
+        "shuffle": member.data.shuffle,
+        "seed": member.data.seed if member.data.seed is not None else cfg.seed,
+        "targets": hashlib.sha256(targets.contiguous().numpy().tobytes()).hexdigest(),
+    }
+    return tuple(outputs.shape[1:]), samples
 
 
 def _metric_problems(cfg: RunConfig) -> list[tuple[str, str]]:

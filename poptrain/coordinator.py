@@ -55,7 +55,7 @@ class CouplingEvaluator:
         self.rewrites = [(c, r) for c in self.couplings for r in c.rewrites()]
         self.latest: dict[Quantity, torch.Tensor] = {}  # the most recent value of every exchanged quantity
         # Each coupling is evaluated for logging at the last phase whose values it reads.
-        self.evaluated_at = {c.name: PHASES[max((PHASES.index(q.kind) for q in c.reads()), default=0)] for c in self.couplings}
+        self.evaluated_at = {c.name: PHASES[max((PHASES.index(q.phase) for q in c.reads()), default=0)] for c in self.couplings}
         # Members' parameters in memory this process maps: read and written in place, never sent.
         # Couplings reading them are evaluated before the release ("early"), as members change them then.
         self.mapped: dict[Quantity, torch.Tensor] = {}
@@ -585,8 +585,7 @@ class CoordinatorActor:
         plan = self.coordinator.plan
         if any(plan.replaced.values()):  # averaging, sharing: whole parameters come back
             return False
-        elements = sum(1 if q.kind == "loss" else int(np.prod(population.param_shapes[q.member][q.key])) for q in self.wire.table)
-        return 8 * elements < BY_REFERENCE_BYTES
+        return 8 * sum(_elements(q, population) for q in self.wire.table) < BY_REFERENCE_BYTES
 
     def attach(self, member: str, layout) -> bool:
         """``member`` keeps its coordinator-only parameters in mapped memory (a
@@ -627,6 +626,15 @@ class CoordinatorActor:
 
     def ping(self) -> bool:
         return True
+
+
+def _elements(q: Quantity, population: PopulationInfo) -> int:
+    """How many numbers quantity ``q`` is on the wire."""
+    if q.kind == "loss":
+        return 1
+    if q.kind == "pred":  # a batch of outputs
+        return population.samples[q.member]["batch_size"] * int(np.prod(population.outputs[q.member]))
+    return int(np.prod(population.param_shapes[q.member][q.key]))
 
 
 def start_coordinator(run: RunConfig, population: PopulationInfo, run_dir: str | None = None, **options):

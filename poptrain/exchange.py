@@ -42,7 +42,8 @@ class ExchangeTimeout(RuntimeError):
 
 
 class ExchangePlan:
-    """Who sends, receives and takes part in each kind of exchange, derived from the couplings.
+    """Who sends, receives and takes part in each exchange (``param``, ``loss``, ``grad``: the phases
+    of a step, see :data:`poptrain.couplings.base.PHASES`), derived from the couplings.
 
     Members and the coordinator build the same plan from the same config, so nothing about the
     plan itself crosses the network.
@@ -58,19 +59,19 @@ class ExchangePlan:
         for coupling in couplings:
             reads = coupling.reads()
             for q in reads:
-                if q not in self.sends[q.member][q.kind]:
-                    self.sends[q.member][q.kind].append(q)
-                takes_part[q.kind].add(q.member)
+                if q not in self.sends[q.member][q.phase]:
+                    self.sends[q.member][q.phase].append(q)
+                takes_part[q.phase].add(q.member)
             for member in coupling.trains:
                 self.reads_for_terms[member].update(reads)
                 for q in reads:
                     if q.member != member:
                         self.receives[member].add(q)
-                        takes_part[q.kind].add(member)
+                        takes_part[q.phase].add(member)
             for rewrite in coupling.rewrites():
                 for q in rewrite.quantities:
                     self.replaced[q.member].add(q)
-                    takes_part[q.kind].add(q.member)
+                    takes_part[q.phase].add(q.member)
         for sends in self.sends.values():
             for kind in PHASES:
                 sends[kind].sort()

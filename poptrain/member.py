@@ -121,8 +121,8 @@ class MemberTrainer:
                 peers_params()
             self._guard(nonfinite)
             if exchanging:
-                self._send("loss", terms)
-            coupling_terms = self._coupling_terms(terms, weights)
+                self._send("loss", terms, outputs)
+            coupling_terms = self._coupling_terms(terms, weights, outputs)
             objective = own_objective + sum(coupling_terms.values())
             nonfinite += [f"coupling {n!r}" for n, t in coupling_terms.items() if not _finite(t)]
             self._backward(sum(coupling_terms.values()) if own_done else objective, nonfinite)
@@ -154,14 +154,14 @@ class MemberTrainer:
         own_objective.backward()
         return True
 
-    def _coupling_terms(self, terms, weights) -> dict[str, torch.Tensor]:
+    def _coupling_terms(self, terms, weights, outputs) -> dict[str, torch.Tensor]:
         """The weighted terms of the couplings that train this member, on its own quantities live
         (in its autograd graph) and its peers' from the last exchange."""
         quantities = dict(self.peers)
         for q in self.plan.reads_for_terms[self.name]:
             if q.member == self.name:
-                quantities[q] = self._own(q, terms)
-        coupling_terms = {c.name: c.term(quantities) for c in self.training_couplings}
+                quantities[q] = self._own(q, terms, outputs)
+        coupling_terms = {c.name: c.term(self.name, quantities) for c in self.training_couplings}
         coupling_terms = {k: v for k, v in coupling_terms.items() if v is not None}
         if not self.checked_gradient_paths:
             self._check_gradient_paths(terms, weights, coupling_terms)
@@ -211,7 +211,7 @@ class MemberTrainer:
         if peers_params is not None:
             peers_params()
         if exchanging:
-            self._send("loss", terms)
+            self._send("loss", terms, outputs)
             self._send("grad")
         self.step += 1
         return {"loss": float(terms["loss"])}
@@ -281,18 +281,21 @@ class MemberTrainer:
                 "was applied or sent to a peer. Set `failure.nonfinite: skip` to skip such steps."
             )
 
-    def _own(self, q: Quantity, terms: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    def _own(self, q: Quantity, terms: Mapping[str, torch.Tensor], outputs: torch.Tensor | None = None) -> torch.Tensor:
         if q.kind == "param":
             return self.params[q.key]
         if q.kind == "loss":
             return terms[q.key]
+        if q.kind == "pred":
+            return outputs
         grad = self.params[q.key].grad
         return grad if grad is not None else torch.zeros_like(self.params[q.key])
 
-    def _send(self, kind: str, terms: Mapping[str, torch.Tensor] = {}, defer: bool = False) -> Pending | None:
-        """Send this member's values of ``kind`` and take in the reply: peers' values it reads, new
-        values of its own quantities. With ``defer``, the reply is taken in only when the returned
-        function is called (the member computes meanwhile); else at once, and None is returned."""
+    def _send(self, kind: str, terms: Mapping[str, torch.Tensor] = {}, outputs: torch.Tensor | None = None, defer: bool = False) -> Pending | None:
+        """Send this member's values of exchange ``kind`` (a phase: ``param``, ``loss`` with its
+        predictions, ``grad``) and take in the reply: peers' values it reads, new values of its own
+        quantities. With ``defer``, the reply is taken in only when the returned function is called
+        (the member computes meanwhile); else at once, and None is returned."""
         if self.name not in self.plan.participants[kind]:
             return None
         if self.sync_before_timing:
@@ -302,7 +305,7 @@ class MemberTrainer:
         for q in self.plan.sends[self.name][kind]:
             if q in self.mapped:
                 continue
-            array = numpy_copy(self._own(q, terms))
+            array = numpy_copy(self._own(q, terms, outputs))
             if self.keeps_last_sent:
                 if not np.isfinite(array).all():  # a step that goes on past a non-finite value: peers keep the last good one
                     array = self.last_sent.get(q, np.zeros_like(array))

@@ -135,3 +135,23 @@ def shared_lstm_training(model1, model2, batches, steps, lr):
         total.backward()
         optimizer.step()
     return model1, model2
+
+
+def mutual_learning_training(models, batches, steps, lr, weight=1.0, temperature=1.0):
+    """Deep mutual learning (Zhang et al., 2017) in one process: every model trains on its own
+    cross-entropy plus ``weight * T^2 * mean over peers of KL(p_peer^T || p_self^T)``, the peers'
+    predictions detached (fixed targets); one Adam over all models, one backward of the sum."""
+    optimizer = torch.optim.Adam(itertools.chain(*(m.parameters() for m in models)), lr=lr)
+    t = temperature
+    for _ in range(steps):
+        batch = next(batches)
+        optimizer.zero_grad()
+        outputs = [model(x) for model, (x, _) in zip(models, batch)]
+        total = sum(torch.nn.functional.cross_entropy(o, y) for o, (_, y) in zip(outputs, batch))
+        for i, own in enumerate(outputs):
+            peers = [torch.softmax(o.detach() / t, dim=-1) for j, o in enumerate(outputs) if j != i]
+            kls = [torch.nn.functional.kl_div(torch.log_softmax(own / t, dim=-1), p, reduction="batchmean") for p in peers]
+            total = total + weight * t * t * sum(kls) / len(kls)
+        total.backward()
+        optimizer.step()
+    return models

@@ -195,3 +195,25 @@ def test_averaging_back_into_members_in_shared_memory_matches_copies_bitwise_and
     assert histories[True][4] > 0, "measured before the members were replaced by their mean"
     for step, value in histories[False].items():
         assert histories[True][step] == pytest.approx(value, rel=1e-5)
+
+
+def test_mutual_learning_matches_the_single_process_dml_objective(ray_session, base_config, tmp_path):
+    """Seed 003's three views learning from each other's predictions: each member's gradient is
+    that of its cross-entropy plus T^2 * the mean KL towards its peers' (detached) predictions on the
+    same images. The peers' predictions of the same step are exchanged between forward and backward;
+    predictions one step old would change every step's gradient."""
+    from tests.reference import mutual_learning_training
+
+    torch.manual_seed(5)
+    views = [("full", 64), ("downsampled", 16), ("crop", 36)]
+    models = [EncoderClassifier(f, 10, num_nodes=16) for _, f in views]
+    inits = [save_init(m, tmp_path / f"m{i}.pt") for i, m in enumerate(models)]
+    members = [digits_member(f"m{i + 1}", view, features, inits[i]) for i, (view, features) in enumerate(views)]
+    couplings = [{"type": "mutual", "weight": 0.7, "temperature": 2.0}]
+    result = poptrain.run(base_config(members=members, couplings=couplings, steps=STEPS, exchange={"every": 1, "mode": "sync"}))
+    streams = [sequential_batches(digits(view=v, limit=256), 32) for v, _ in views]
+    reference = mutual_learning_training(models, zip(*streams), STEPS, lr=0.01, weight=0.7, temperature=2.0)
+    for name, module in zip(("m1", "m2", "m3"), reference):
+        assert_weights_equal(result, name, module)
+    parent = MlflowClient(result.tracking_uri).get_run(result.run_id).data.metrics
+    assert 0.0 <= parent["coupling/mutual/agreement"] <= 1.0 and "coupling/mutual/divergence/m2" in parent

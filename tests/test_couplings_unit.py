@@ -36,7 +36,7 @@ def test_separation_is_a_hinge_on_the_distance(base_config, settings, a, b, expe
     _, _, (coupling,) = couplings_for(base_config, [{"type": "separation", "param": "activation.weight", **settings}])
     value = coupling.value(slopes(m1=a, m2=b))
     assert float(value) == pytest.approx(expected)
-    assert float(coupling.term(slopes(m1=a, m2=b))) == pytest.approx(expected * settings.get("weight", 1.0))
+    assert float(coupling.term("m1", slopes(m1=a, m2=b))) == pytest.approx(expected * settings.get("weight", 1.0))
 
 
 def test_separation_repulsion_variant_is_the_seed_formula(base_config):
@@ -79,7 +79,7 @@ def test_a_member_sees_its_own_value_live_and_peers_detached(base_config):
     _, _, (coupling,) = couplings_for(base_config, [{"type": "separation", "param": "activation.weight"}])
     own = torch.tensor([0.5], requires_grad=True)
     q = {Quantity("m1", "param", "activation.weight"): own, Quantity("m2", "param", "activation.weight"): torch.tensor([1.0])}
-    coupling.term(q).backward()
+    coupling.term("m1", q).backward()
     assert float(own.grad) == pytest.approx(1.0)  # d/da relu(2 - |a - b|) at a < b
 
 
@@ -201,3 +201,43 @@ def test_the_averaging_divergence_does_not_overflow_in_low_precision(dtype):
     mean, squares = average_pass(values, None)
     assert mean.dtype == dtype and torch.equal(mean, torch.ones(n, dtype=dtype))
     assert squares == [float(n), float(n)], "each is sqrt(n) from the mean"
+
+
+def digits_members(second_batch=32, second_classes=10):
+    def member(name, batch, classes):
+        return {
+            "name": name,
+            "model": {"name": "encoder_classifier", "kwargs": {"in_features": 64, "num_classes": classes, "num_nodes": 8}},
+            "data": {"name": "digits", "kwargs": {"limit": 64}, "batch_size": batch},
+            "loss": "cross_entropy",
+        }
+
+    return [member("m1", 32, 10), member("m2", second_batch, second_classes)]
+
+
+def test_mutual_learning_pulls_each_member_towards_its_peers_fixed_predictions(base_config):
+    _, _, (mutual,) = couplings_for(base_config, [{"type": "mutual", "temperature": 2.0}], digits_members())
+    own = torch.tensor([[2.0, 0.0, -1.0]], requires_grad=True)
+    peer = torch.tensor([[0.0, 1.0, 0.0]])
+    q = {Quantity("m1", "pred", "outputs"): own, Quantity("m2", "pred", "outputs"): peer}
+    expected = 4.0 * torch.nn.functional.kl_div(torch.log_softmax(own / 2, -1), torch.softmax(peer / 2, -1), reduction="batchmean")
+    term = mutual.term("m1", q)
+    assert torch.allclose(term, expected)
+    term.backward()
+    assert own.grad is not None and float(own.grad.abs().sum()) > 0
+    assert torch.allclose(mutual.value(q), mutual.value_for("m1", q) + mutual.value_for("m2", q)), "the parent logs the sum"
+    assert mutual.metrics(q)["agreement"] == 0.0
+
+
+@pytest.mark.parametrize(
+    "members, words",
+    [(digits_members(second_batch=16), "do not see the same samples in the same order (batch_size 32 vs 16)"), (digits_members(second_classes=5), "shapes [10] and [5]")],
+    ids=["misaligned-batches", "different-outputs"],
+)
+def test_mutual_learning_refuses_members_whose_predictions_cannot_be_compared(base_config, members, words):
+    from poptrain.checks import prepare
+    from poptrain.config import ConfigError
+
+    with pytest.raises(ConfigError) as info:
+        prepare(base_config(members=members, couplings=[{"type": "mutual"}]))
+    assert any(k == "couplings.0.members" and words in msg for k, msg in info.value.problems), info.value.problems

@@ -37,10 +37,12 @@ from poptrain.registry import COUPLINGS, CouplingClass, register, resolve_coupli
 if TYPE_CHECKING:
     from poptrain.config import RunConfig
 
-Kind = Literal["param", "loss", "grad"]
-# When a kind is known within a step, which is when it can be exchanged:
-# parameters before the forward pass, losses/terms after it, gradients after the backward pass.
-PHASES: tuple[Kind, ...] = ("param", "loss", "grad")
+Kind = Literal["param", "loss", "pred", "grad"]
+# When a quantity is known within a step, which is when it can be exchanged (the exchange's phase):
+# parameters before the forward pass, losses/terms and predictions (the model's outputs on the
+# step's batch) after it, gradients after the backward pass.
+PHASES: tuple[str, ...] = ("param", "loss", "grad")
+PHASE_OF: dict[str, str] = {"param": "param", "loss": "loss", "pred": "loss", "grad": "grad"}
 
 
 @dataclass(frozen=True, order=True)
@@ -54,6 +56,11 @@ class Quantity:
     def __str__(self) -> str:
         return f"{self.member}/{self.kind}/{self.key}"
 
+    @property
+    def phase(self) -> str:
+        """The exchange it travels in: ``param``, ``loss`` (losses, terms, predictions) or ``grad``."""
+        return PHASE_OF[self.kind]
+
 
 @dataclass
 class PopulationInfo:
@@ -64,6 +71,11 @@ class PopulationInfo:
     trainable: dict[str, dict[str, bool]] = field(default_factory=dict)  # member -> parameter -> not frozen
     terms: dict[str, list[str]] = field(default_factory=dict)  # member -> its objective terms (always has "loss")
     exchange_every: int = 1
+    # Members whose predictions a coupling reads: each one's output shape per sample, and what
+    # decides which samples it sees in which order (batch size, shuffle, data seed, dataset size,
+    # a digest of its targets), so a coupling can check that members' batches align.
+    outputs: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    samples: dict[str, dict] = field(default_factory=dict)
 
     def params_matching(self, member: str, patterns: list[str]) -> list[str]:
         return [n for n in self.param_shapes[member] if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
@@ -133,6 +145,13 @@ class Coupling(CouplingClass, ABC):
         ``None`` means this coupling adds no term (it acts through :meth:`rewrite`)."""
         return None
 
+    def value_for(self, member: str, q: Mapping[Quantity, torch.Tensor]) -> torch.Tensor | None:
+        """The term ``member`` adds to its objective (before ``weight``): by default :meth:`value`,
+        the joint term, whose gradient with respect to the member's own quantities is the joint
+        objective's. A coupling whose members each have a term of their own (mutual learning:
+        each learns towards its peers) returns that member's here, and their sum from :meth:`value`."""
+        return self.value(q)
+
     def metrics(self, q: Mapping[Quantity, torch.Tensor]) -> dict[str, float]:
         """Extra values to log under ``coupling/<name>/...`` (e.g. pairwise distances)."""
         return {}
@@ -163,8 +182,9 @@ class Coupling(CouplingClass, ABC):
 
     # -- helpers for subclasses --------------------------------------------------------------
 
-    def term(self, q: Mapping[Quantity, torch.Tensor]) -> torch.Tensor | None:
-        value = self.value(q)
+    def term(self, member: str, q: Mapping[Quantity, torch.Tensor]) -> torch.Tensor | None:
+        """``weight *`` :meth:`value_for` ``member``: what the member adds to its objective."""
+        value = self.value_for(member, q)
         return None if value is None else self.weight * value
 
 

@@ -1,0 +1,107 @@
+"""Mutual learning (Zhang et al., DML, arXiv 1706.00384): members learn from each other's predictions.
+
+Every member it trains adds ``weight * T^2 * mean over peers of KL(p_peer^T || p_self^T)`` to its
+objective, where ``p^T = softmax(outputs / T)`` on the step's batch and the peers' predictions are
+fixed targets (they arrive as plain tensors). With ``target: ensemble`` the peers' mean
+probability is one target instead. For regression outputs, ``divergence: mse`` uses the mean
+squared difference to each peer's outputs (or to their mean).
+
+The samples are the members' own batches, which must be the same samples in the same order (the
+check says so before anything starts): views of the same images, as seed 003's three models see
+them, qualify. Predictions travel in the loss exchange, after the forward pass, so with
+``exchange.every: 1`` in ``sync`` mode each member's gradient is exactly the single-process DML
+objective's; with ``every: k`` or ``async`` they may be up to the exchange's staleness old, as
+codistillation (Anil et al., arXiv 1804.03235) allows.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Mapping
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+
+from poptrain.config import CouplingConfig
+from poptrain.couplings.base import Coupling, Quantity, register
+
+OUTPUTS = "outputs"  # the key of a member's prediction quantity
+
+
+class MutualConfig(CouplingConfig):
+    temperature: float = Field(1.0, gt=0, description="Softmax temperature T; the term is scaled by T^2 so its gradients keep their size.")
+    target: Literal["each", "ensemble"] = Field("each", description="`each`: the mean over peers of the divergence to each; `ensemble`: the divergence to the peers' mean prediction.")
+    divergence: Literal["kl", "mse"] = Field("kl", description="`kl` between predicted class distributions (classification), `mse` between outputs (regression).")
+
+
+@register("mutual")
+class Mutual(Coupling):
+    """Each trained member towards its peers' predictions on the same samples (see the module)."""
+
+    Config = MutualConfig
+    config: MutualConfig
+
+    def reads(self) -> list[Quantity]:
+        return [Quantity(m, "pred", OUTPUTS) for m in self.members]
+
+    def _peers(self, member: str) -> list[str]:
+        return [m for m in self.members if m != member]
+
+    def _divergence(self, own: torch.Tensor, peers: list[torch.Tensor]) -> torch.Tensor:
+        """From ``own`` outputs [batch, ...] to the peers' (fixed) outputs."""
+        if self.config.divergence == "mse":
+            targets = [torch.stack(peers).mean(dim=0)] if self.config.target == "ensemble" else peers
+            return sum(F.mse_loss(own, t.detach()) for t in targets) / len(targets)
+        t = self.config.temperature
+        log_own = F.log_softmax(own / t, dim=-1)
+        probabilities = [F.softmax(p.detach() / t, dim=-1) for p in peers]
+        if self.config.target == "ensemble":
+            probabilities = [torch.stack(probabilities).mean(dim=0)]
+        kls = [F.kl_div(log_own, p, reduction="batchmean") for p in probabilities]
+        return t * t * sum(kls) / len(kls)
+
+    def value_for(self, member: str, q: Mapping[Quantity, torch.Tensor]) -> torch.Tensor:
+        peers = [q[Quantity(p, "pred", OUTPUTS)] for p in self._peers(member)]
+        return self._divergence(q[Quantity(member, "pred", OUTPUTS)], peers)
+
+    def value(self, q: Mapping[Quantity, torch.Tensor]) -> torch.Tensor:
+        """The sum of the trained members' terms (what the parent run logs)."""
+        return sum(self.value_for(m, q) for m in self.trains)
+
+    def metrics(self, q: Mapping[Quantity, torch.Tensor]) -> dict[str, float]:
+        """Each trained member's divergence (``divergence/<m>``) and, for classification, the fraction
+        of samples on which members' predicted classes agree: every pair's mean (``agreement``) and
+        each member with the peers' ensemble (``agreement/<m>``)."""
+        out = {f"divergence/{m}": float(self.value_for(m, q)) for m in self.trains}
+        if self.config.divergence == "kl":
+            outputs = {m: q[Quantity(m, "pred", OUTPUTS)] for m in self.members}
+            predicted = {m: o.argmax(dim=-1) for m, o in outputs.items()}
+            pairs = [(a, b) for i, a in enumerate(self.members) for b in self.members[i + 1 :]]
+            out["agreement"] = sum(float((predicted[a] == predicted[b]).float().mean()) for a, b in pairs) / len(pairs)
+            for m in self.members:
+                ensemble = torch.stack([outputs[p].softmax(dim=-1) for p in self._peers(m)]).mean(dim=0).argmax(dim=-1)
+                out[f"agreement/{m}"] = float((predicted[m] == ensemble).float().mean())
+        return out
+
+    @classmethod
+    def check_config(cls, config: MutualConfig, run) -> list[tuple[str, str]]:
+        members = config.members or run.member_names
+        return [("members", "mutual learning needs at least two members")] if len(members) < 2 else []
+
+    def check_population(self) -> list[tuple[str, str]]:
+        """The members' batches must be the same samples in the same order, and their outputs of one shape."""
+        problems = []
+        first = self.members[0]
+        for member in self.members[1:]:
+            if self.population.outputs[member] != self.population.outputs[first]:
+                problems.append(("members", f"members {first!r} and {member!r} predict outputs of shapes {list(self.population.outputs[first])} and "
+                                 f"{list(self.population.outputs[member])} per sample: mutual learning compares predictions, which must have one shape"))
+            mine, theirs = self.population.samples[first], self.population.samples[member]
+            differ = [k for k in ("size", "batch_size", "shuffle", "seed", "targets") if mine[k] != theirs[k]]
+            if differ:
+                shown = ", ".join(f"{k} {mine[k]!r} vs {theirs[k]!r}" for k in differ if k != "targets") + (", different targets" if "targets" in differ else "")
+                problems.append(("members", f"members {first!r} and {member!r} do not see the same samples in the same order ({shown}): "
+                                 "give them the same data (views of the same samples qualify), batch size, shuffle and data seed"))
+        if self.config.divergence == "kl" and self.population.outputs[first] and self.population.outputs[first][-1] < 2:
+            problems.append(("divergence", f"`kl` compares class distributions, but members predict {list(self.population.outputs[first])} per sample: use `divergence: mse`"))
+        return problems
