@@ -102,7 +102,8 @@ def inspect_population(cfg: RunConfig) -> PopulationInfo:
         exchange_every=cfg.exchange.every,
     )
     couplings = build_couplings(cfg.couplings, population)
-    for name in sorted({q.member for c in couplings for q in c.reads() if q.kind == "pred"}):
+    population.models = {m.name: m.model.model_dump(mode="json") for m in cfg.members}
+    for name in sorted({q.member for c in couplings for q in c.reads() if q.kind in ("pred", "local")}):
         index = cfg.member_names.index(name)
         try:
             population.outputs[name], population.samples[name] = _predictions_of(cfg, cfg.members[index])
@@ -131,6 +132,7 @@ def _predictions_of(cfg: RunConfig, member: MemberConfig) -> tuple[tuple[int, ..
         "shuffle": member.data.shuffle,
         "seed": member.data.seed if member.data.seed is not None else cfg.seed,
         "targets": hashlib.sha256(targets.contiguous().numpy().tobytes()).hexdigest(),
+        "inputs": [tuple(t.shape[1:]) for t in inputs],  # per sample
     }
     return tuple(outputs.shape[1:]), samples
 

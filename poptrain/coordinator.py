@@ -55,7 +55,7 @@ class CouplingEvaluator:
         self.rewrites = [(c, r) for c in self.couplings for r in c.rewrites()]
         self.latest: dict[Quantity, torch.Tensor] = {}  # the most recent value of every exchanged quantity
         # Each coupling is evaluated for logging at the last phase whose values it reads.
-        self.evaluated_at = {c.name: PHASES[max((PHASES.index(q.phase) for q in c.reads()), default=0)] for c in self.couplings}
+        self.evaluated_at = {c.name: PHASES[max((PHASES.index(q.phase) for q in c.reads() if q.phase is not None), default=0)] for c in self.couplings}
         # Members' parameters in memory this process maps: read and written in place, never sent.
         # Couplings reading them are evaluated before the release ("early"), as members change them then.
         self.mapped: dict[Quantity, torch.Tensor] = {}

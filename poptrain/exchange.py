@@ -20,6 +20,7 @@ connection for small values, else Ray calls) or, in one process, straight throug
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
@@ -56,14 +57,18 @@ class ExchangePlan:
         self.reads_for_terms: dict[str, set[Quantity]] = {m: set() for m in members}
         self.replaced: dict[str, set[Quantity]] = {m: set() for m in members}
         takes_part: dict[str, set[str]] = {k: set() for k in PHASES}
+        self.period: dict[Quantity, int] = {}  # a quantity sent only every k-th exchange: k
         for coupling in couplings:
             reads = coupling.reads()
+            for member in coupling.trains:
+                self.reads_for_terms[member].update(q for q in reads if q.phase is not None or q.member == member)
+            reads = [q for q in reads if q.phase is not None]  # local quantities stay with their member
             for q in reads:
                 if q not in self.sends[q.member][q.phase]:
                     self.sends[q.member][q.phase].append(q)
                 takes_part[q.phase].add(q.member)
+                self.period[q] = math.gcd(self.period.get(q, 0), coupling.read_every())
             for member in coupling.trains:
-                self.reads_for_terms[member].update(reads)
                 for q in reads:
                     if q.member != member:
                         self.receives[member].add(q)

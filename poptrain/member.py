@@ -78,6 +78,7 @@ class MemberTrainer:
         # Then this member's own objective can be back-propagated before its peers' values arrive.
         self.couplings_read_only_own_params = all(q.kind == "param" for q in self.plan.reads_for_terms[name] if q.member == name)
         self.peers: dict[Quantity, torch.Tensor] = {}  # peers' values from the last exchange
+        self.coupling_extras: dict[str, float] = {}  # this step's couplings' own metrics (Coupling.metrics_for)
         # Own parameters in memory mapped by the coordinator (poptrain.mapped_memory): it reads and
         # writes them in place, so they are neither sent nor received.
         self.mapped: set[Quantity] = set()
@@ -122,7 +123,7 @@ class MemberTrainer:
             self._guard(nonfinite)
             if exchanging:
                 self._send("loss", terms, outputs)
-            coupling_terms = self._coupling_terms(terms, weights, outputs)
+            coupling_terms = self._coupling_terms(terms, weights, outputs, inputs)
             objective = own_objective + sum(coupling_terms.values())
             nonfinite += [f"coupling {n!r}" for n, t in coupling_terms.items() if not _finite(t)]
             self._backward(sum(coupling_terms.values()) if own_done else objective, nonfinite)
@@ -154,15 +155,18 @@ class MemberTrainer:
         own_objective.backward()
         return True
 
-    def _coupling_terms(self, terms, weights, outputs) -> dict[str, torch.Tensor]:
+    def _coupling_terms(self, terms, weights, outputs, inputs) -> dict[str, torch.Tensor]:
         """The weighted terms of the couplings that train this member, on its own quantities live
         (in its autograd graph) and its peers' from the last exchange."""
         quantities = dict(self.peers)
         for q in self.plan.reads_for_terms[self.name]:
             if q.member == self.name:
-                quantities[q] = self._own(q, terms, outputs)
+                quantities[q] = self._own(q, terms, outputs, inputs)
         coupling_terms = {c.name: c.term(self.name, quantities) for c in self.training_couplings}
         coupling_terms = {k: v for k, v in coupling_terms.items() if v is not None}
+        if self.step % self.run.tracking.log_every == 0:
+            with torch.no_grad():
+                self.coupling_extras = {f"coupling/{c.name}/{k}": float(v) for c in self.training_couplings for k, v in c.metrics_for(self.name, quantities).items()}
         if not self.checked_gradient_paths:
             self._check_gradient_paths(terms, weights, coupling_terms)
         return coupling_terms
@@ -194,6 +198,8 @@ class MemberTrainer:
                 metrics[f"weight/{name}"] = weights[name]
         for name, value in coupling_terms.items():
             metrics[f"coupling/{name}"] = float(value.detach())
+        metrics.update(self.coupling_extras)
+        self.coupling_extras = {}
         every = self.run.tracking.layer_norms_every
         if every and (self.step - 1) % every == 0:
             metrics.update(self.layer_norms())
@@ -281,13 +287,15 @@ class MemberTrainer:
                 "was applied or sent to a peer. Set `failure.nonfinite: skip` to skip such steps."
             )
 
-    def _own(self, q: Quantity, terms: Mapping[str, torch.Tensor], outputs: torch.Tensor | None = None) -> torch.Tensor:
+    def _own(self, q: Quantity, terms: Mapping[str, torch.Tensor], outputs: torch.Tensor | None = None, inputs: list | None = None):
         if q.kind == "param":
             return self.params[q.key]
         if q.kind == "loss":
             return terms[q.key]
-        if q.kind == "pred":
+        if q.kind == "pred" or (q.kind == "local" and q.key == "outputs"):
             return outputs
+        if q.kind == "local":  # the step's batch inputs, as the model takes them
+            return tuple(inputs)
         grad = self.params[q.key].grad
         return grad if grad is not None else torch.zeros_like(self.params[q.key])
 
@@ -302,8 +310,9 @@ class MemberTrainer:
             torch.cuda.synchronize(self.device)
         started = time.perf_counter()
         mine = {}
+        index = self.step // self.every
         for q in self.plan.sends[self.name][kind]:
-            if q in self.mapped:
+            if q in self.mapped or index % self.plan.period[q]:  # mapped, or not due at this exchange
                 continue
             array = numpy_copy(self._own(q, terms, outputs))
             if self.keeps_last_sent:

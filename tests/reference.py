@@ -3,6 +3,7 @@ one optimizer over ``itertools.chain(...)``, one joint objective, one backward p
 
 from __future__ import annotations
 
+import copy
 import itertools
 
 import torch
@@ -150,6 +151,30 @@ def mutual_learning_training(models, batches, steps, lr, weight=1.0, temperature
         total = sum(torch.nn.functional.cross_entropy(o, y) for o, (_, y) in zip(outputs, batch))
         for i, own in enumerate(outputs):
             peers = [torch.softmax(o.detach() / t, dim=-1) for j, o in enumerate(outputs) if j != i]
+            kls = [torch.nn.functional.kl_div(torch.log_softmax(own / t, dim=-1), p, reduction="batchmean") for p in peers]
+            total = total + weight * t * t * sum(kls) / len(kls)
+        total.backward()
+        optimizer.step()
+    return models
+
+
+def codistillation_training(models, batches, steps, lr, weight=1.0, temperature=1.0, refresh=1):
+    """Codistillation (Anil et al., 2018) in one process: every model trains on its own batch's
+    cross-entropy plus ``weight * T^2 * mean over peers of KL(p_peer^T || p_self^T)``, where the
+    peers' predictions are computed on that same batch by copies of the peers taken every
+    ``refresh`` steps (before that step's update), in eval mode; one Adam over all models."""
+    optimizer = torch.optim.Adam(itertools.chain(*(m.parameters() for m in models)), lr=lr)
+    t, copies = temperature, None
+    for step in range(steps):
+        if step % refresh == 0:
+            copies = [copy.deepcopy(m).eval() for m in models]
+        batch = next(batches)
+        optimizer.zero_grad()
+        outputs = [model(x) for model, (x, _) in zip(models, batch)]
+        total = sum(torch.nn.functional.cross_entropy(o, y) for o, (_, y) in zip(outputs, batch))
+        for i, (own, (x, _)) in enumerate(zip(outputs, batch)):
+            with torch.no_grad():
+                peers = [torch.softmax(c(x) / t, dim=-1) for j, c in enumerate(copies) if j != i]
             kls = [torch.nn.functional.kl_div(torch.log_softmax(own / t, dim=-1), p, reduction="batchmean") for p in peers]
             total = total + weight * t * t * sum(kls) / len(kls)
         total.backward()

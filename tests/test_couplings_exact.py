@@ -215,5 +215,27 @@ def test_mutual_learning_matches_the_single_process_dml_objective(ray_session, b
     reference = mutual_learning_training(models, zip(*streams), STEPS, lr=0.01, weight=0.7, temperature=2.0)
     for name, module in zip(("m1", "m2", "m3"), reference):
         assert_weights_equal(result, name, module)
-    parent = MlflowClient(result.tracking_uri).get_run(result.run_id).data.metrics
+    client = MlflowClient(result.tracking_uri)
+    parent = client.get_run(result.run_id).data.metrics
     assert 0.0 <= parent["coupling/mutual/agreement"] <= 1.0 and "coupling/mutual/divergence/m2" in parent
+    member = client.get_run(result.member_run_ids["m2"]).data.metrics
+    assert 0.0 <= member["coupling/mutual/agreement"] <= 1.0 and member["coupling/mutual"] > 0, "each member logs its own term and agreement"
+
+
+def test_codistillation_uses_peers_weights_refreshed_every_k_exchanges_on_each_members_own_data(ray_session, base_config, tmp_path):
+    """Two members on different halves of the digits: each runs its peer's model, with the weights
+    the peer sent at the last refresh (every 3 exchanges), on its own batch, and learns towards its
+    predictions; exactly the single-process codistillation with copies taken every 3 steps."""
+    from tests.reference import codistillation_training
+
+    torch.manual_seed(7)
+    models = [EncoderClassifier(64, 10, num_nodes=16) for _ in range(2)]
+    inits = [save_init(m, tmp_path / f"m{i}.pt") for i, m in enumerate(models)]
+    shards = [{"view": "full", "part": i, "parts": 2, "limit": 128} for i in range(2)]
+    members = [digits_member(f"m{i + 1}", "full", 64, inits[i], data={"name": "digits", "kwargs": shards[i], "batch_size": 32, "shuffle": False}) for i in range(2)]
+    couplings = [{"type": "mutual", "mode": "codistillation", "refresh_every": 3, "weight": 0.5, "temperature": 2.0}]
+    result = poptrain.run(base_config(members=members, couplings=couplings, steps=STEPS, exchange={"every": 1, "mode": "sync"}))
+    streams = [sequential_batches(digits(**shard), 32) for shard in shards]
+    reference = codistillation_training(models, zip(*streams), STEPS, lr=0.01, weight=0.5, temperature=2.0, refresh=3)
+    for name, module in zip(("m1", "m2"), reference):
+        assert_weights_equal(result, name, module)

@@ -37,12 +37,14 @@ from poptrain.registry import COUPLINGS, CouplingClass, register, resolve_coupli
 if TYPE_CHECKING:
     from poptrain.config import RunConfig
 
-Kind = Literal["param", "loss", "pred", "grad"]
+Kind = Literal["param", "loss", "pred", "grad", "local"]
 # When a quantity is known within a step, which is when it can be exchanged (the exchange's phase):
 # parameters before the forward pass, losses/terms and predictions (the model's outputs on the
 # step's batch) after it, gradients after the backward pass.
+# `local` quantities (a member's own batch `inputs` and its `outputs`) are never exchanged: a
+# coupling reads them only in the member that owns them.
 PHASES: tuple[str, ...] = ("param", "loss", "grad")
-PHASE_OF: dict[str, str] = {"param": "param", "loss": "loss", "pred": "loss", "grad": "grad"}
+PHASE_OF: dict[str, str | None] = {"param": "param", "loss": "loss", "pred": "loss", "grad": "grad", "local": None}
 
 
 @dataclass(frozen=True, order=True)
@@ -57,8 +59,9 @@ class Quantity:
         return f"{self.member}/{self.kind}/{self.key}"
 
     @property
-    def phase(self) -> str:
-        """The exchange it travels in: ``param``, ``loss`` (losses, terms, predictions) or ``grad``."""
+    def phase(self) -> str | None:
+        """The exchange it travels in: ``param``, ``loss`` (losses, terms, predictions), ``grad``, or
+        None for a member's ``local`` quantities, which never leave it."""
         return PHASE_OF[self.kind]
 
 
@@ -76,6 +79,7 @@ class PopulationInfo:
     # a digest of its targets), so a coupling can check that members' batches align.
     outputs: dict[str, tuple[int, ...]] = field(default_factory=dict)
     samples: dict[str, dict] = field(default_factory=dict)
+    models: dict[str, dict] = field(default_factory=dict)  # member -> its model's config (name, kwargs)
 
     def params_matching(self, member: str, patterns: list[str]) -> list[str]:
         return [n for n in self.param_shapes[member] if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
@@ -153,8 +157,19 @@ class Coupling(CouplingClass, ABC):
         return self.value(q)
 
     def metrics(self, q: Mapping[Quantity, torch.Tensor]) -> dict[str, float]:
-        """Extra values to log under ``coupling/<name>/...`` (e.g. pairwise distances)."""
+        """Extra values to log under ``coupling/<name>/...`` on the parent run (e.g. pairwise distances),
+        computed by the coordinator on the whole population."""
         return {}
+
+    def metrics_for(self, member: str, q: Mapping[Quantity, torch.Tensor]) -> dict[str, float]:
+        """Extra values ``member`` logs on its own run under ``coupling/<name>/...``, from what it
+        sees (its own quantities and its peers' from the last exchange), on logged steps."""
+        return {}
+
+    def read_every(self) -> int:
+        """Its exchanged quantities are sent every this many exchanges (1: every exchange); in
+        between, members keep the values of the last one it was sent at."""
+        return 1
 
     def rewrites(self) -> list[Rewrite]:
         """What this coupling changes at exchanges and when (empty for term couplings)."""

@@ -6,12 +6,18 @@ fixed targets (they arrive as plain tensors). With ``target: ensemble`` the peer
 probability is one target instead. For regression outputs, ``divergence: mse`` uses the mean
 squared difference to each peer's outputs (or to their mean).
 
-The samples are the members' own batches, which must be the same samples in the same order (the
-check says so before anything starts): views of the same images, as seed 003's three models see
-them, qualify. Predictions travel in the loss exchange, after the forward pass, so with
-``exchange.every: 1`` in ``sync`` mode each member's gradient is exactly the single-process DML
-objective's; with ``every: k`` or ``async`` they may be up to the exchange's staleness old, as
-codistillation (Anil et al., arXiv 1804.03235) allows.
+Two modes:
+
+* ``predictions``: the samples are the members' own batches, which must be the same samples in
+  the same order (the check says so before anything starts): views of the same images, as seed
+  003's three models see them, qualify. Predictions (batch x classes numbers) travel in the loss
+  exchange, after the forward pass, so with ``exchange.every: 1`` in ``sync`` mode each member's
+  gradient is exactly the single-process DML objective's; with ``every: k`` or ``async`` they may
+  be as old as the exchange allows.
+* ``codistillation`` (Anil et al., arXiv 1804.03235): members exchange their weights every
+  ``refresh_every`` exchanges, and each computes its peers' predictions on its own batch with the
+  peers' last weights (``torch.func.functional_call`` on the peers' architectures). Members may
+  train on different data (shards); their inputs must fit each other's models.
 """
 
 from __future__ import annotations
@@ -29,6 +35,13 @@ OUTPUTS = "outputs"  # the key of a member's prediction quantity
 
 
 class MutualConfig(CouplingConfig):
+    mode: Literal["predictions", "codistillation"] = Field(
+        "predictions",
+        description="`predictions`: members exchange their predictions on their own (aligned) batches every exchange; `codistillation`: "
+        "members exchange their weights every `refresh_every` exchanges, and each computes its peers' predictions on its own batch "
+        "with the peers' last weights (members may then train on different data).",
+    )
+    refresh_every: int = Field(1, ge=1, description="`codistillation`: peers' weights are sent every this many exchanges (and used, stale, in between).")
     temperature: float = Field(1.0, gt=0, description="Softmax temperature T; the term is scaled by T^2 so its gradients keep their size.")
     target: Literal["each", "ensemble"] = Field("each", description="`each`: the mean over peers of the divergence to each; `ensemble`: the divergence to the peers' mean prediction.")
     divergence: Literal["kl", "mse"] = Field("kl", description="`kl` between predicted class distributions (classification), `mse` between outputs (regression).")
@@ -41,8 +54,41 @@ class Mutual(Coupling):
     Config = MutualConfig
     config: MutualConfig
 
+    def __init__(self, config: MutualConfig, population):
+        super().__init__(config, population)
+        self._peer_models: dict[str, torch.nn.Module] = {}  # codistillation: the peers' architectures
+
     def reads(self) -> list[Quantity]:
-        return [Quantity(m, "pred", OUTPUTS) for m in self.members]
+        if self.config.mode == "predictions":
+            return [Quantity(m, "pred", OUTPUTS) for m in self.members]
+        # Codistillation: every member's weights, and its own batch and outputs, which stay with it.
+        weights = [Quantity(m, "param", n) for m in self.members for n in self.population.param_shapes[m]]
+        return weights + [Quantity(m, "local", key) for m in self.members for key in ("inputs", OUTPUTS)]
+
+    def read_every(self) -> int:
+        return self.config.refresh_every if self.config.mode == "codistillation" else 1
+
+    def _predictions(self, member: str, q: Mapping[Quantity, torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """``member``'s own outputs (live) and its peers' on the same samples (fixed)."""
+        if self.config.mode == "predictions":
+            return q[Quantity(member, "pred", OUTPUTS)], [q[Quantity(p, "pred", OUTPUTS)] for p in self._peers(member)]
+        own, inputs = q[Quantity(member, "local", OUTPUTS)], q[Quantity(member, "local", "inputs")]
+        return own, [self._peer_outputs(p, q, inputs) for p in self._peers(member)]
+
+    def _peer_outputs(self, peer: str, q: Mapping[Quantity, torch.Tensor], inputs: tuple) -> torch.Tensor:
+        """``peer``'s predictions on ``inputs`` with its last exchanged weights (its own buffers: a
+        BatchNorm's running statistics are its initial ones), in eval mode, without gradients."""
+        from torch.func import functional_call
+
+        if peer not in self._peer_models:
+            from poptrain.build import build_model
+            from poptrain.config import Component
+
+            self._peer_models[peer] = build_model(Component(**self.population.models[peer])).eval()
+        model = self._peer_models[peer].to(inputs[0].device)
+        weights = {n: q[Quantity(peer, "param", n)] for n in self.population.param_shapes[peer]}
+        with torch.no_grad():
+            return functional_call(model, weights, inputs)
 
     def _peers(self, member: str) -> list[str]:
         return [m for m in self.members if m != member]
@@ -61,17 +107,19 @@ class Mutual(Coupling):
         return t * t * sum(kls) / len(kls)
 
     def value_for(self, member: str, q: Mapping[Quantity, torch.Tensor]) -> torch.Tensor:
-        peers = [q[Quantity(p, "pred", OUTPUTS)] for p in self._peers(member)]
-        return self._divergence(q[Quantity(member, "pred", OUTPUTS)], peers)
+        return self._divergence(*self._predictions(member, q))
 
     def value(self, q: Mapping[Quantity, torch.Tensor]) -> torch.Tensor:
-        """The sum of the trained members' terms (what the parent run logs)."""
+        """The sum of the trained members' terms (what the parent run logs; in codistillation,
+        which needs each member's own batch, the members alone log theirs)."""
         return sum(self.value_for(m, q) for m in self.trains)
 
     def metrics(self, q: Mapping[Quantity, torch.Tensor]) -> dict[str, float]:
         """Each trained member's divergence (``divergence/<m>``) and, for classification, the fraction
         of samples on which members' predicted classes agree: every pair's mean (``agreement``) and
         each member with the peers' ensemble (``agreement/<m>``)."""
+        if self.config.mode != "predictions":  # needs each member's own batch: the members log their terms
+            return {}
         out = {f"divergence/{m}": float(self.value_for(m, q)) for m in self.trains}
         if self.config.divergence == "kl":
             outputs = {m: q[Quantity(m, "pred", OUTPUTS)] for m in self.members}
@@ -82,6 +130,15 @@ class Mutual(Coupling):
                 ensemble = torch.stack([outputs[p].softmax(dim=-1) for p in self._peers(m)]).mean(dim=0).argmax(dim=-1)
                 out[f"agreement/{m}"] = float((predicted[m] == ensemble).float().mean())
         return out
+
+    def metrics_for(self, member: str, q: Mapping[Quantity, torch.Tensor]) -> dict[str, float]:
+        """On the member's run: ``agreement``, the fraction of its batch on which its predicted class
+        is its peers' ensemble's (classification)."""
+        if self.config.divergence != "kl":
+            return {}
+        own, peers = self._predictions(member, q)
+        ensemble = torch.stack([p.softmax(dim=-1) for p in peers]).mean(dim=0)
+        return {"agreement": float((own.argmax(dim=-1) == ensemble.argmax(dim=-1)).float().mean())}
 
     @classmethod
     def check_config(cls, config: MutualConfig, run) -> list[tuple[str, str]]:
@@ -97,6 +154,11 @@ class Mutual(Coupling):
                 problems.append(("members", f"members {first!r} and {member!r} predict outputs of shapes {list(self.population.outputs[first])} and "
                                  f"{list(self.population.outputs[member])} per sample: mutual learning compares predictions, which must have one shape"))
             mine, theirs = self.population.samples[first], self.population.samples[member]
+            if self.config.mode == "codistillation":  # each member's own batch goes through its peers' models
+                if mine["inputs"] != theirs["inputs"]:
+                    problems.append(("members", f"members {first!r} and {member!r} take inputs of shapes {mine['inputs']} and {theirs['inputs']} per sample: "
+                                     "in codistillation each member runs its peers' models on its own batch"))
+                continue
             differ = [k for k in ("size", "batch_size", "shuffle", "seed", "targets") if mine[k] != theirs[k]]
             if differ:
                 shown = ", ".join(f"{k} {mine[k]!r} vs {theirs[k]!r}" for k in differ if k != "targets") + (", different targets" if "targets" in differ else "")
