@@ -12,6 +12,7 @@ import hashlib
 import os
 
 import torch
+from torch.utils.data import TensorDataset
 
 from poptrain import builtins
 from poptrain.batches import collate
@@ -113,6 +114,8 @@ def inspect_population(cfg: RunConfig) -> PopulationInfo:
         raise ConfigError(problems)
     for index, coupling in enumerate(couplings):
         problems.extend((f"couplings.{index}.{k}" if k else f"couplings.{index}", msg) for k, msg in coupling.check_population())
+        if coupling.rewrites() and not coupling.rewrites_values:  # else the async check would let it through
+            problems.append((f"couplings.{index}.type", f"{type(coupling).__name__} rewrites values at exchanges but does not declare `rewrites_values = True`"))
     if problems:
         raise ConfigError(problems)
     return population
@@ -125,7 +128,10 @@ def _predictions_of(cfg: RunConfig, member: MemberConfig) -> tuple[tuple[int, ..
     *inputs, _ = collate(dataset, torch.arange(min(2, len(dataset))))
     with torch.no_grad():
         outputs = build_model(member.model)(*inputs)
-    targets = collate(dataset, torch.arange(len(dataset)))[-1]
+    if isinstance(dataset, TensorDataset):
+        targets = dataset.tensors[-1]
+    else:  # one sample at a time, the first few thousand: enough to tell different data apart
+        targets = torch.stack([torch.as_tensor(dataset[i][-1]) for i in range(min(len(dataset), 4096))])
     samples = {
         "size": len(dataset),
         "batch_size": min(member.data.batch_size, len(dataset)),  # as BatchStream clamps it

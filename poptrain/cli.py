@@ -233,9 +233,6 @@ def _summary_table(result, metrics: dict[str, dict[str, float]], keys: list[str]
     return table
 
 
-if __name__ == "__main__":
-    raise SystemExit(main())
-
 
 def _default_uri() -> str:
     uri = os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
@@ -277,3 +274,7 @@ def compare_main(argv: list[str] | None = None) -> int:
     render_population(parent, console=console)
     console.print(f"population run {args.run_id} at {uri}")
     return EXIT_OK
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -301,42 +301,48 @@ class EvalBoard:
         self.completed: set[int] = set()
         self.best: tuple[int, str, float] | None = None  # (step, member, value) at the newest complete step
 
-    def report(self, step: int, member: str, metrics: dict[str, float], outputs: np.ndarray, targets: np.ndarray) -> dict[str, float]:
-        """Record ``member``'s evaluation at ``step``; the population's metrics once the step is complete
-        (a restarted member reporting a step again changes nothing)."""
+    def arrive(self, step: int, member: str, metrics: dict[str, float], outputs: np.ndarray | None, targets: np.ndarray | None):
+        """Record ``member``'s evaluation at ``step``; every member's reports of that step once it is
+        complete, else None (a restarted member reporting a step again changes nothing)."""
         if step in self.completed:
-            return {}
+            return None
         reports = self.reports.setdefault(step, {})
         reports[member] = (metrics, outputs, targets)
         if len(reports) < len(self.expected):
-            return {}
+            return None
         self.completed.add(step)
-        del self.reports[step]
-        return self._summaries(step, reports)
+        return self.reports.pop(step)
 
-    def _summaries(self, step: int, reports) -> dict[str, float]:
+    def summarize(self, reports) -> tuple[dict[str, float], tuple[str, float] | None]:
+        """The population's metrics of one complete step, and its best member with its value (no
+        state changes: computed outside the coordinator's lock)."""
         out: dict[str, float] = {}
         for key in {k for metrics, _, _ in reports.values() for k in metrics}:
             values = sorted(metrics[key] for metrics, _, _ in reports.values() if key in metrics)
             out.update({f"{key}/min": values[0], f"{key}/median": float(np.median(values)), f"{key}/max": values[-1]})
-        ranking = self.evaluation.ranking
+        ranking, best = self.evaluation.ranking, None
         ranked = {m: metrics[f"eval/{ranking.key}"] for m, (metrics, _, _) in reports.items() if f"eval/{ranking.key}" in metrics}
         if ranked:
             # In member order, so that of equal values the first member's wins whatever the arrival order.
             member = (max if ranking.higher else min)([m for m in self.expected if m in ranked], key=ranked.__getitem__)
             out[f"best/eval/{ranking.key}"] = ranked[member]
-            if self.best is None or step >= self.best[0]:
-                self.best = (step, member, ranked[member])
+            best = (member, ranked[member])
         if self.evaluation.ensemble:
             out.update(self._ensemble(reports))
-        return out
+        return out, best
+
+    def note_best(self, step: int, best: tuple[str, float] | None) -> None:
+        if best is not None and (self.best is None or step >= self.best[0]):
+            self.best = (step, *best)
 
     def _ensemble(self, reports) -> dict[str, float]:
         """The ensemble of the largest group (two or more) of members whose targets are the same."""
         groups: dict[tuple, list] = {}
         for _, outputs, targets in reports.values():
+            if outputs is None:
+                continue
             groups.setdefault((targets.dtype.str, targets.shape, targets.tobytes(), outputs.shape), []).append((outputs, targets))
-        group = max(groups.values(), key=len)
+        group = max(groups.values(), key=len, default=[])
         if len(group) < 2:
             return {}
         outputs = torch.stack([torch.from_numpy(np.array(o)) for o, _ in group])
@@ -488,10 +494,18 @@ class Coordinator:
                 if self._complete_if_ready(kind, step, rnd):
                     self.recorder.record(step, self.evaluator.coupling_metrics(kind, step))
 
-    def report_eval(self, step: int, member: str, metrics: dict[str, float], outputs: np.ndarray, targets: np.ndarray) -> None:
-        """``member``'s held-out evaluation after ``step`` steps (see :class:`EvalBoard`)."""
+    def report_eval(self, step: int, member: str, metrics: dict[str, float], outputs: np.ndarray | None, targets: np.ndarray | None) -> None:
+        """``member``'s held-out evaluation after ``step`` steps (see :class:`EvalBoard`); ``outputs``
+        and ``targets`` only for the ensemble. The population's maths runs outside the lock that
+        every exchange needs."""
         with self.lock:
-            self.recorder.record(step, self.evaluations.report(step, member, metrics, outputs, targets), checkpoint=False)
+            reports = self.evaluations.arrive(step, member, metrics, outputs, targets)
+        if reports is None:
+            return
+        summary, best = self.evaluations.summarize(reports)
+        with self.lock:
+            self.evaluations.note_best(step, best)
+            self.recorder.record(step, summary, checkpoint=False)
 
     def best_member(self) -> tuple[str, float] | None:
         """The best member by the ranking metric at the newest evaluated step, and its value."""
@@ -618,8 +632,11 @@ class CoordinatorActor:
     def take_metrics(self, written: bool, resend: bool = False) -> list[Item]:
         return self.coordinator.take_metrics(written, resend)
 
-    def report_eval(self, step: int, member: str, metrics: dict[str, float], outputs: np.ndarray, targets: np.ndarray) -> None:
+    def report_eval(self, step: int, member: str, metrics: dict[str, float], outputs: np.ndarray | None, targets: np.ndarray | None) -> None:
         self.coordinator.report_eval(step, member, metrics, outputs, targets)
+
+    def abort(self, reason: str) -> None:
+        self.coordinator.abort(reason)
 
     def best_member(self) -> tuple[str, float] | None:
         return self.coordinator.best_member()

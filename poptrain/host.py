@@ -168,15 +168,20 @@ class MemberHost:
         return metrics
 
     def _evaluate(self, step: int) -> dict[str, float]:
-        """Evaluate the member on its held-out data after ``step`` steps: its metrics into the outbox,
-        its outputs to the coordinator (population summaries, the ensemble). The metrics, or {}."""
+        """Evaluate the member on its held-out data after ``step`` steps (before step ``step``'s own
+        exchanges: an averaging target holds the previous exchange's average; at the end, after the
+        last one): its metrics into the outbox, its outputs to the coordinator (population
+        summaries, the ensemble). The metrics, or {}."""
         if self.trainer.eval_dataset is None:
             return {}
         metrics, outputs, targets = self.trainer.evaluate()
         self.outbox.add([(key, value, step, int(time.time() * 1000)) for key, value in metrics.items()])
         if self.reporting is not None:  # at most one report in flight
             ray.get(self.reporting)
-        self.reporting = self.coordinator.report_eval.remote(step, self.trainer.name, metrics, outputs.numpy(), targets.numpy())
+        ensemble = self.trainer.run.evaluation.ensemble  # outputs cross only for the ensemble
+        self.reporting = self.coordinator.report_eval.remote(
+            step, self.trainer.name, metrics, outputs.numpy() if ensemble else None, targets.numpy() if ensemble else None
+        )
         return metrics
 
     def _checkpoint_if_due(self, step: int) -> float | None:

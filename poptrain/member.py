@@ -135,6 +135,7 @@ class MemberTrainer:
             if not nonfinite:
                 self._transform_gradients()
                 self.optimizer.step()
+            self._forget_predictions()
             self.step += 1
         return self._metrics(terms, weights, coupling_terms, objective, nonfinite, exchanging)
 
@@ -205,6 +206,11 @@ class MemberTrainer:
             metrics.update(self.layer_norms())
         return metrics
 
+    def _forget_predictions(self) -> None:
+        """Peers' predictions are of this step's batch: the next step's batch is another."""
+        for q in [q for q in self.peers if q.kind == "pred"]:
+            del self.peers[q]
+
     def _untrained_step(self, exchanging: bool, inputs, targets) -> dict[str, float]:
         """A member that is not trained: take part in exchanges (e.g. receive an average), log its loss."""
         self.model.eval()
@@ -219,6 +225,7 @@ class MemberTrainer:
         if exchanging:
             self._send("loss", terms, outputs)
             self._send("grad")
+        self._forget_predictions()
         self.step += 1
         return {"loss": float(terms["loss"])}
 
@@ -315,9 +322,14 @@ class MemberTrainer:
             if q in self.mapped or index % self.plan.period[q]:  # mapped, or not due at this exchange
                 continue
             array = numpy_copy(self._own(q, terms, outputs))
+            if not np.isfinite(array).all():
+                if not self.keeps_last_sent:
+                    raise TrainingError(
+                        f"member {self.name!r}, step {self.step}: its {q.kind} {q.key!r} is non-finite (NaN or inf) and would be sent to its peers; "
+                        "nothing was sent. Set `failure.nonfinite: skip` to send the last finite value instead and skip such steps."
+                    )
+                array = self.last_sent.get(q, np.zeros_like(array))  # a step that goes on past a non-finite value: peers keep the last good one
             if self.keeps_last_sent:
-                if not np.isfinite(array).all():  # a step that goes on past a non-finite value: peers keep the last good one
-                    array = self.last_sent.get(q, np.zeros_like(array))
                 self.last_sent[q] = array
             mine[q] = array
         sent = time.perf_counter()

@@ -368,6 +368,8 @@ class PopulationRun:
                 except ray.exceptions.RayActorError as exc:
                     running[self.restart(name, exc).train.remote(self.cfg.steps)] = name
                 except ray.exceptions.RayTaskError as exc:
+                    # Its peers stop waiting for it at once (their errors say why), as the run ends.
+                    self.coordinator.abort.remote(f"member {name!r} failed")
                     raise PopulationError(f"member {name} {describe_failure(exc)}") from None
             self.collector.poll()
             if progress is not None:
@@ -424,7 +426,7 @@ class PopulationRun:
             member_run_ids=dict(self.ids.members),
             output_dir=run_dir,
             tracking_uri=self.uri,
-            metrics=self.final,
+            metrics={name: self.final[name] for name in cfg.member_names if name in self.final},  # in config order
             placement=self.placement,
             seconds=time.monotonic() - self.started,
             restarts={k: v for k, v in self.restarts.items() if v},

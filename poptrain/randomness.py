@@ -5,7 +5,10 @@ and CUDA), NumPy and Python's :mod:`random`. :class:`MemberRandomness` keeps a m
 state of each: :meth:`MemberRandomness.active` swaps it in while the member computes and takes it
 back out afterwards, leaving the process's state as it found it. A member alone in its process
 draws exactly the numbers it drew from the seeded process-wide generators; several members in one
-process (one after another) each draw their own. Its state is saved in the member's checkpoint.
+process each draw their own when they compute one after another. Not for members computing at the
+same time on several threads: the process-wide generators are one, so their swaps would interleave
+(``tests/in_process.py`` steps members on threads, for behaviour that draws nothing at random).
+Its state is saved in the member's checkpoint.
 """
 
 from __future__ import annotations

@@ -1,8 +1,10 @@
 """A population stepped in this process, one thread per member, through the real coordinator
 (:class:`poptrain.coordinator.Coordinator`: its barrier, its rewrites) and the real links and
 wire (:mod:`poptrain.exchange`), without Ray's start-up: for behaviour that does not depend on
-processes (guards, policies). Everything exchanged is recorded, so a test can check what a peer
-could ever have seen."""
+processes (guards, policies). Members step at the same time on threads, so what a member draws at
+random during a step is not its own here (poptrain.randomness): keep such tests to members that
+draw nothing in their steps, or step a single member. Everything exchanged is recorded, so a test
+can check what a peer could ever have seen."""
 
 from __future__ import annotations
 

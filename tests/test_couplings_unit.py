@@ -241,3 +241,37 @@ def test_mutual_learning_refuses_members_whose_predictions_cannot_be_compared(ba
     with pytest.raises(ConfigError) as info:
         prepare(base_config(members=members, couplings=[{"type": "mutual"}]))
     assert any(k == "couplings.0.members" and words in msg for k, msg in info.value.problems), info.value.problems
+
+
+def test_predictions_are_compared_on_the_same_batch_so_async_is_refused(base_config):
+    from poptrain.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"couplings.0.mode: predictions compare members on the same batch"):
+        load_config(base_config(members=digits_members(), couplings=[{"type": "mutual"}], exchange={"mode": "async"}))
+
+
+def test_codistillation_runs_peers_models_without_drawing_from_the_members_random_stream(base_config):
+    cfg, population, (mutual,) = couplings_for(base_config, [{"type": "mutual", "mode": "codistillation"}], digits_members())
+    population.models = {m.name: m.model.model_dump(mode="json") for m in cfg.members}
+    torch.manual_seed(0)
+    own = torch.zeros(4, 10, requires_grad=True)
+    q = {Quantity("m1", "local", "outputs"): own, Quantity("m1", "local", "inputs"): (torch.rand(4, 64),)}
+    q.update({Quantity("m2", "param", n): torch.zeros(shape) for n, shape in population.param_shapes["m2"].items()})
+    before = torch.get_rng_state()
+    assert float(mutual.term("m1", q)) == pytest.approx(0.0, abs=1e-6), "a zero-weight peer predicts uniformly, as the zero outputs do"
+    assert torch.equal(torch.get_rng_state(), before), "building the peer's model draws nothing (resume stays bitwise)"
+
+
+def test_a_coupling_written_for_the_old_interface_is_refused_naming_what_changed(base_config):
+    from poptrain.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"defines exchange_transform, which couplings no longer have"):
+        load_config(base_config(couplings=[{"type": "tests.helpers:OldStyleAverage", "param": "activation.weight"}]))
+
+
+def test_a_coupling_that_rewrites_values_must_say_so(base_config):
+    from poptrain.checks import prepare
+    from poptrain.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"does not declare `rewrites_values = True`"):
+        prepare(base_config(couplings=[{"type": "tests.helpers:UndeclaredRewrite", "param": "activation.weight"}]))

@@ -67,21 +67,22 @@ def test_the_population_summary_names_the_best_member_and_scores_the_ensemble_of
     right = np.eye(3)[targets] * 4.0  # confident and right on every sample
     half = right.copy()
     half[2:] = np.eye(3)[[0, 0]] * 4.0  # right on half
-    assert board.report(5, "m1", {"eval/accuracy": 1.0}, right.astype(np.float32), targets) == {}
-    assert board.report(5, "m2", {"eval/accuracy": 0.5}, half.astype(np.float32), targets) == {}
-    summary = board.report(5, "m3", {"eval/accuracy": 0.5}, half.astype(np.float32), targets)
+    assert board.arrive(5, "m1", {"eval/accuracy": 1.0}, right.astype(np.float32), targets) is None
+    assert board.arrive(5, "m2", {"eval/accuracy": 0.5}, half.astype(np.float32), targets) is None
+    summary, best = board.summarize(board.arrive(5, "m3", {"eval/accuracy": 0.5}, half.astype(np.float32), targets))
     assert summary["eval/accuracy/min"] == 0.5 and summary["eval/accuracy/median"] == 0.5 and summary["eval/accuracy/max"] == 1.0
-    assert summary["best/eval/accuracy"] == 1.0 and board.best == (5, "m1", 1.0)
+    assert summary["best/eval/accuracy"] == 1.0 and best == ("m1", 1.0)
     assert summary["ensemble/members"] == 3 and summary["ensemble/accuracy"] == 0.5, "the mean of probabilities, two against one"
-    assert board.report(5, "m2", {"eval/accuracy": 0.9}, half, targets) == {}, "a restarted member reporting again changes nothing"
+    assert board.arrive(5, "m2", {"eval/accuracy": 0.9}, half, targets) is None, "a restarted member reporting again changes nothing"
 
 
 def test_members_on_different_samples_have_no_ensemble(base_config):
     board = EvalBoard(load_config(evaluated(base_config)))
     outputs = np.zeros((4, 3), dtype=np.float32)
-    board.report(5, "m1", {"eval/accuracy": 1.0}, outputs, np.array([0, 1, 2, 1]))
-    board.report(5, "m2", {"eval/accuracy": 1.0}, outputs, np.array([1, 1, 2, 1]))
-    assert not any(k.startswith("ensemble/") for k in board.report(5, "m3", {"eval/accuracy": 1.0}, outputs, np.array([2, 1, 2, 1])))
+    board.arrive(5, "m1", {"eval/accuracy": 1.0}, outputs, np.array([0, 1, 2, 1]))
+    board.arrive(5, "m2", {"eval/accuracy": 1.0}, outputs, np.array([1, 1, 2, 1]))
+    summary, _ = board.summarize(board.arrive(5, "m3", {"eval/accuracy": 1.0}, outputs, np.array([2, 1, 2, 1])))
+    assert not any(k.startswith("ensemble/") for k in summary)
 
 
 def test_evaluating_never_changes_what_a_member_trains(base_config):

@@ -86,3 +86,17 @@ def test_rollback_is_refused_with_a_coupling_that_keeps_copies_identical(base_co
     config = base_config(failure={"nonfinite": "rollback"}, couplings=[{"type": "share", "params": ["input.*"]}])
     with pytest.raises(ConfigError, match=r"couplings.0.type: 'share' keeps members' parameters identical.*nonfinite: skip"):
         load_config(config)
+
+
+def test_with_nonfinite_fail_a_non_finite_value_is_never_sent_to_a_peer(base_config, tmp_path):
+    """A finite loss but a NaN slope (from a corrupt `init`): the parameter exchange refuses to send it."""
+    from poptrain.builtins.models import MLP
+
+    model = MLP(20, 1, 40, "prelu")
+    with torch.no_grad():
+        model.activation.weight.fill_(float("nan"))
+    torch.save(model.state_dict(), tmp_path / "nan.pt")
+    population = InProcessPopulation(base_config(members=[prelu_member("m1", init=str(tmp_path / "nan.pt")), prelu_member("m2")]))
+    with pytest.raises(TrainingError, match=r"member 'm1', step 0: its param 'activation.weight' is non-finite"):
+        population.train(1)
+    assert all(np.isfinite(a).all() for *_, values in population.sent for a in values.values())

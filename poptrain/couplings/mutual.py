@@ -12,8 +12,8 @@ Two modes:
   the same order (the check says so before anything starts): views of the same images, as seed
   003's three models see them, qualify. Predictions (batch x classes numbers) travel in the loss
   exchange, after the forward pass, so with ``exchange.every: 1`` in ``sync`` mode each member's
-  gradient is exactly the single-process DML objective's; with ``every: k`` or ``async`` they may
-  be as old as the exchange allows.
+  gradient is exactly the single-process DML objective's. With ``every: k`` the term is added at
+  exchange steps only (predictions are valid for the batch they were made on); ``async`` is refused.
 * ``codistillation`` (Anil et al., arXiv 1804.03235): members exchange their weights every
   ``refresh_every`` exchanges, and each computes its peers' predictions on its own batch with the
   peers' last weights (``torch.func.functional_call`` on the peers' architectures). Members may
@@ -84,7 +84,8 @@ class Mutual(Coupling):
             from poptrain.build import build_model
             from poptrain.config import Component
 
-            self._peer_models[peer] = build_model(Component(**self.population.models[peer])).eval()
+            with torch.random.fork_rng(devices=[]):  # its initial weights are never used: draw nothing from the member's stream
+                self._peer_models[peer] = build_model(Component(**self.population.models[peer])).eval()
         model = self._peer_models[peer].to(inputs[0].device)
         weights = {n: q[Quantity(peer, "param", n)] for n in self.population.param_shapes[peer]}
         with torch.no_grad():
@@ -106,7 +107,11 @@ class Mutual(Coupling):
         kls = [F.kl_div(log_own, p, reduction="batchmean") for p in probabilities]
         return t * t * sum(kls) / len(kls)
 
-    def value_for(self, member: str, q: Mapping[Quantity, torch.Tensor]) -> torch.Tensor:
+    def value_for(self, member: str, q: Mapping[Quantity, torch.Tensor]) -> torch.Tensor | None:
+        """``member``'s term; None on a step whose peers' predictions it does not have (between
+        exchanges with ``exchange.every > 1``: predictions are only valid for the batch they were made on)."""
+        if self.config.mode == "predictions" and any(Quantity(p, "pred", OUTPUTS) not in q for p in self._peers(member)):
+            return None
         return self._divergence(*self._predictions(member, q))
 
     def value(self, q: Mapping[Quantity, torch.Tensor]) -> torch.Tensor:
@@ -134,7 +139,7 @@ class Mutual(Coupling):
     def metrics_for(self, member: str, q: Mapping[Quantity, torch.Tensor]) -> dict[str, float]:
         """On the member's run: ``agreement``, the fraction of its batch on which its predicted class
         is its peers' ensemble's (classification)."""
-        if self.config.divergence != "kl":
+        if self.config.divergence != "kl" or self.value_for(member, q) is None:
             return {}
         own, peers = self._predictions(member, q)
         ensemble = torch.stack([p.softmax(dim=-1) for p in peers]).mean(dim=0)
@@ -143,7 +148,12 @@ class Mutual(Coupling):
     @classmethod
     def check_config(cls, config: MutualConfig, run) -> list[tuple[str, str]]:
         members = config.members or run.member_names
-        return [("members", "mutual learning needs at least two members")] if len(members) < 2 else []
+        problems = [("members", "mutual learning needs at least two members")] if len(members) < 2 else []
+        if config.mode == "predictions" and run.exchange.mode == "async":
+            # Peers' newest predictions would be for other batches than the member's own.
+            problems.append(("mode", "predictions compare members on the same batch, which needs `exchange.mode: sync`; "
+                             "`mode: codistillation` learns from peers' (stale) weights in async mode"))
+        return problems
 
     def check_population(self) -> list[tuple[str, str]]:
         """The members' batches must be the same samples in the same order, and their outputs of one shape."""
