@@ -104,12 +104,7 @@ def inspect_population(cfg: RunConfig) -> PopulationInfo:
     )
     couplings = build_couplings(cfg.couplings, population)
     population.models = {m.name: m.model.model_dump(mode="json") for m in cfg.members}
-    for name in sorted({q.member for c in couplings for q in c.reads() if q.kind in ("pred", "local")}):
-        index = cfg.member_names.index(name)
-        try:
-            population.outputs[name], population.samples[name] = _predictions_of(cfg, cfg.members[index])
-        except Exception as exc:  # a model or dataset that fails here would fail in the member too
-            problems.append((f"members.{index}", f"cannot compute member {name!r}'s predictions on its data, which a coupling reads: {type(exc).__name__}: {exc}"))
+    problems = _describe_predictions(cfg, population, couplings)
     if problems:
         raise ConfigError(problems)
     for index, coupling in enumerate(couplings):
@@ -119,6 +114,19 @@ def inspect_population(cfg: RunConfig) -> PopulationInfo:
     if problems:
         raise ConfigError(problems)
     return population
+
+
+def _describe_predictions(cfg: RunConfig, population: PopulationInfo, couplings) -> list[tuple[str, str]]:
+    """Fill ``population.outputs`` and ``.samples`` for the members whose predictions (or own
+    batches) a coupling reads; the problems of those that cannot predict."""
+    problems = []
+    for name in sorted({q.member for c in couplings for q in c.reads() if q.kind in ("pred", "local")}):
+        index = cfg.member_names.index(name)
+        try:
+            population.outputs[name], population.samples[name] = _predictions_of(cfg, cfg.members[index])
+        except Exception as exc:  # a model or dataset that fails here would fail in the member too
+            problems.append((f"members.{index}", f"cannot compute member {name!r}'s predictions on its data, which a coupling reads: {type(exc).__name__}: {exc}"))
+    return problems
 
 
 def _predictions_of(cfg: RunConfig, member: MemberConfig) -> tuple[tuple[int, ...], dict]:
