@@ -116,6 +116,35 @@ def _fmt(value: Any, spec: str = ".4g") -> str:
     return "-" if value is None else format(value, spec)
 
 
+LISTED_MEMBERS = 8  # a larger population is summarised in the terminal, not listed member by member
+
+
+def display_rows(snapshot: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """(label, state) rows for the displays: every member of a small population; for a larger one,
+    its median (step, loss, steps/s, the longest ETA), its best and worst member by loss and its
+    slowest, so that a thousand members fit on one screen."""
+    members = snapshot["members"]
+    if len(members) <= LISTED_MEMBERS:
+        return list(members.items())
+
+    def median(values):
+        values = sorted(v for v in values if v is not None)
+        return values[len(values) // 2] if values else None
+
+    states = list(members.values())
+    etas = [s["eta_s"] for s in states if s["eta_s"] is not None]
+    middle = {"step": median(s["step"] for s in states), "loss": median(s["loss"] for s in states),
+              "steps_per_s": median(s["steps_per_s"] for s in states), "eta_s": max(etas) if etas else None}
+    rows = [(f"median of {len(members)}", middle)]
+    with_loss = [n for n, s in members.items() if s["loss"] is not None]
+    if with_loss:
+        best, worst = min(with_loss, key=lambda n: members[n]["loss"]), max(with_loss, key=lambda n: members[n]["loss"])
+        rows += [(f"best {best}", members[best]), (f"worst {worst}", members[worst])]
+    slowest = min(members, key=lambda n: (members[n]["step"], -(members[n]["eta_s"] or 0)))
+    rows.append((f"slowest {slowest}", members[slowest]))
+    return rows
+
+
 class PlainDisplay:
     """Periodic plain lines, for logs (CI, ``ray job submit``)."""
 
@@ -145,7 +174,7 @@ class PlainDisplay:
         self.printed = snapshot
         parts = [
             f"{name} step {s['step']}/{snapshot['steps']} loss {_fmt(s['loss'])} ({_fmt(s['steps_per_s'], '.1f')} steps/s)"
-            for name, s in snapshot["members"].items()
+            for name, s in display_rows(snapshot)
         ]
         parts += [f"coupling/{k} {_fmt(v)}" for k, v in snapshot["couplings"].items()]
         print(f"[{snapshot['elapsed_s']:7.1f}s] " + " | ".join(parts), flush=True)
@@ -174,7 +203,7 @@ class LiveDisplay:
         table = Table(title=f"poptrain · {self.name} · {snapshot['elapsed_s']:.0f}s")
         for column in ("member", "step", "loss", "steps/s", "ETA"):
             table.add_column(column, justify="right" if column != "member" else "left")
-        for name, s in snapshot["members"].items():
+        for name, s in display_rows(snapshot):
             eta = s["eta_s"]
             table.add_row(name, f"{s['step']}/{snapshot['steps']}", _fmt(s["loss"]), _fmt(s["steps_per_s"], ".1f"), "-" if eta is None else f"{eta:.0f}s")
         for key, value in snapshot["couplings"].items():

@@ -176,6 +176,10 @@ class Tracking:
         # groups of members, which need not arrive in step order across keys.
         self.high_water: dict[str, dict[str, int]] = {}
         self.datasets: dict[str, list[dict[str, Any]]] = {}  # member -> what log_datasets logged
+        # Population summaries (population/<key>/min|median|max on the parent): members' values of
+        # each step's metrics, until every member has logged that step.
+        self.step_values: dict[int, dict[str, dict[str, float]]] = defaultdict(lambda: defaultdict(dict))  # step -> key -> member -> value
+        self.newest_step: dict[str, int] = {}  # member -> the newest training step it logged
 
     # -- creating the runs ------------------------------------------------------------------
 
@@ -284,20 +288,44 @@ class Tracking:
                 marks[key] = max((m.step for m in history), default=-1)
 
     def log_member(self, member: str, items: list[Item]) -> None:
-        """Buffer a member's metrics (written by a later flush); steps already seen are dropped."""
+        """Buffer a member's metrics (written by a later flush); steps already seen are dropped. Each
+        step every member has logged is summarised on the parent run (:meth:`_summarise`)."""
         items = self._fresh(self._run_id(member), items)
         self._buffer(self._run_id(member), items)
         for key, value, step, _ in items:
             state = self.progress_state.setdefault(member, {})
-            if key.startswith(EVAL_PREFIX):  # evaluated after step `step - 1` trained: not progress
+            if key.startswith(EVAL_PREFIX):  # evaluated after step `step - 1` trained: not progress; summarised by the coordinator
                 state[key] = value
                 continue
             state["step"] = max(step + 1, state.get("step", 0))
             if key == "loss":
                 state["loss"] = value
+            self.step_values[step][key][member] = value
+            self.newest_step[member] = max(step, self.newest_step.get(member, -1))
         state = self.progress_state.get(member)
         if state is not None:
             state["time"] = time.time()
+        self._summarise()
+
+    def _summarise(self) -> None:
+        """``population/<key>/min``, ``/median`` and ``/max`` on the parent run for every step that every
+        member has logged past: the population at a glance, without opening a member run. A step some
+        member's ``loss`` is missing from (its items were written before a resume) is not summarised."""
+        members = self.ids.members if self.ids is not None else {}
+        if not members or len(self.newest_step) < len(members):
+            return
+        done = min(self.newest_step.values())
+        now = int(time.time() * 1000)
+        for step in sorted(s for s in self.step_values if s <= done):  # a member logs all of a step at once, in step order
+            values = self.step_values.pop(step)
+            if len(values.get("loss", {})) < len(members):
+                continue
+            summary = []
+            for key, by_member in sorted(values.items()):
+                ordered = sorted(by_member.values())
+                median = ordered[len(ordered) // 2] if len(ordered) % 2 else (ordered[len(ordered) // 2 - 1] + ordered[len(ordered) // 2]) / 2
+                summary += [(f"population/{key}/min", ordered[0], step, now), (f"population/{key}/median", median, step, now), (f"population/{key}/max", ordered[-1], step, now)]
+            self.log_population(summary)
 
     def log_population(self, items: list[Item]) -> None:
         items = self._fresh(self._run_id(None), items)

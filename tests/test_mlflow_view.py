@@ -173,3 +173,52 @@ def test_progress_counts_training_steps_not_evaluations_nor_ensemble_values(popu
     assert progress["m1"]["step"] == cfg.steps, "the evaluation after the last step is not one more step"
     assert progress["m1"]["eval/accuracy"] == 0.7
     assert "accuracy" not in progress.get("__couplings__", {}), "ensemble/accuracy is not a coupling"
+
+
+def client_metrics(uri, run_id):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(uri).get_run(run_id).data.metrics
+
+
+def test_the_parent_run_summarises_every_member_metric_once_every_member_has_logged_the_step(tracking_uri, experiment, tmp_path):
+    """population/<key>/min|median|max at every logged step: a large population at a glance."""
+    from mlflow.tracking import MlflowClient
+
+    from poptrain.config import load_config
+    from poptrain.tracking import Tracking
+    from tests.conftest import make_config, prelu_member
+
+    cfg = load_config(make_config(tmp_path, tracking_uri, experiment, members=[prelu_member(f"m{i}") for i in range(3)]))
+    tracking = Tracking(tracking_uri)
+    ids = tracking.create_runs(cfg)
+    tracking.log_member("m0", [("loss", 1.0, 0, 1), ("loss", 0.5, 1, 2)])
+    tracking.log_member("m1", [("loss", 3.0, 0, 1), ("loss", 1.5, 1, 2), ("term/w", 7.0, 1, 2)])
+    assert 0 in tracking.step_values and not client_metrics(tracking_uri, ids.parent), "step 0 waits for m2"
+    tracking.log_member("m2", [("loss", 2.0, 0, 1), ("eval/accuracy", 0.9, 1, 2)])  # m2 has logged step 0 only
+    tracking.log_member("m2", [("loss", 2.5, 1, 2)])
+    tracking.finish("FINISHED")
+    client = MlflowClient(tracking_uri)
+    history = lambda key: [(m.step, m.value) for m in client.get_metric_history(ids.parent, key)]  # noqa: E731
+    assert history("population/loss/min") == [(0, 1.0), (1, 0.5)]
+    assert history("population/loss/median") == [(0, 2.0), (1, 1.5)]
+    assert history("population/loss/max") == [(0, 3.0), (1, 2.5)]
+    assert history("population/term/w/max") == [(1, 7.0)], "a metric some members log is summarised over those"
+    assert not history("population/eval/accuracy/min"), "held-out metrics are the coordinator's (eval/<m>/min ...)"
+
+
+def test_the_terminal_summarises_a_large_population_instead_of_printing_a_line_per_member(capsys):
+    from poptrain.cli import LISTED_MEMBERS, PlainDisplay, display_rows
+
+    def snapshot(n):
+        members = {f"m{i}": {"step": 10 + i, "loss": 1.0 / (i + 1), "steps_per_s": 2.0, "eta_s": 100.0 - i} for i in range(n)}
+        return {"members": members, "couplings": {"separation": 0.5}, "steps": 100, "elapsed_s": 3.0}
+
+    assert [label for label, _ in display_rows(snapshot(LISTED_MEMBERS))] == [f"m{i}" for i in range(LISTED_MEMBERS)]
+    rows = dict(display_rows(snapshot(1000)))
+    assert list(rows) == ["median of 1000", "best m999", "worst m0", "slowest m0"]
+    assert rows["median of 1000"]["step"] == 510 and rows["median of 1000"]["eta_s"] == 100.0
+    with PlainDisplay("big", every_s=0) as display:
+        display.update(snapshot(1000))
+    line = capsys.readouterr().out.splitlines()[-1]
+    assert "median of 1000 step 510/100" in line and line.count("|") == 4, line
