@@ -54,28 +54,30 @@ def optimizer_class(cfg: MemberConfig) -> type:
     raise ValueError(f"unknown optimizer {name!r}; built-ins are {sorted(builtins.OPTIMIZERS)}, or an import path")
 
 
-def parameter_groups(model: nn.Module, cfg: MemberConfig) -> list[dict[str, Any]]:
-    """The optimizer's parameter groups by name pattern (first match wins), frozen parameters excluded."""
+def parameter_groups(model: nn.Module, cfg: MemberConfig, tagged: bool = False) -> list[dict[str, Any]]:
+    """The optimizer's parameter groups by name pattern (first match wins), frozen parameters excluded.
+    ``tagged``: each group also says which config group it is (``poptrain_group``: its index, -1 for
+    the rest), so that population-based training can change a group's hyperparameters."""
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     taken: set[str] = set()
     groups: list[dict[str, Any]] = []
-    for group in cfg.optimizer.groups:
+    for index, group in enumerate(cfg.optimizer.groups):
         names = [n for n in matching([n for n, _ in trainable], group.params) if n not in taken]
         taken.update(names)
         if names:
             params = [p for n, p in trainable if n in names]
-            groups.append({"params": params, **({"lr": group.lr} if group.lr else {}), **group.kwargs})
+            groups.append({"params": params, **({"lr": group.lr} if group.lr else {}), **group.kwargs, **({"poptrain_group": index} if tagged else {})})
     rest = [p for n, p in trainable if n not in taken]
     if rest:
-        groups.append({"params": rest})
+        groups.append({"params": rest, **({"poptrain_group": -1} if tagged else {})})
     if not groups:
         raise ValueError("every parameter is frozen: there is nothing to optimize")
     return groups
 
 
-def build_optimizer(model: nn.Module, cfg: MemberConfig) -> torch.optim.Optimizer:
-    """One optimizer per member over :func:`parameter_groups`."""
-    return optimizer_class(cfg)(parameter_groups(model, cfg), lr=cfg.optimizer.lr, **cfg.optimizer.kwargs)
+def build_optimizer(model: nn.Module, cfg: MemberConfig, tagged: bool = False) -> torch.optim.Optimizer:
+    """One optimizer per member over :func:`parameter_groups` (``tagged`` as there)."""
+    return optimizer_class(cfg)(parameter_groups(model, cfg, tagged), lr=cfg.optimizer.lr, **cfg.optimizer.kwargs)
 
 
 # Flags that torch's optimizers check only once they hold their parameters.

@@ -14,7 +14,7 @@ import os
 import torch
 from torch.utils.data import TensorDataset
 
-from poptrain import builtins
+from poptrain import builtins, pbt
 from poptrain.batches import collate
 from poptrain.build import accepts, apply_frozen, build_dataset, build_model, check_optimizer, matching
 from poptrain.config import ConfigError, MemberConfig, RunConfig, anchor_outputs, job_storage_problems, load_config, output_problems
@@ -92,6 +92,8 @@ def inspect_population(cfg: RunConfig) -> PopulationInfo:
                 problems.append((f"{key}.optimizer", str(exc)))
         shapes[member.name] = {n: tuple(p.shape) for n, p in model.named_parameters()}
         trainable[member.name] = {n: n not in frozen for n in names}
+    if not problems and cfg.pbt is not None:
+        problems.extend(pbt.check(cfg, shapes))
     if problems:
         raise ConfigError(problems)
 

@@ -224,6 +224,57 @@ class EvaluationConfig(Strict):
         return next(m for m in self.metrics if m.key == (self.rank_by or self.metrics[0].key))
 
 
+class Perturbation(Strict):
+    """How population-based training explores one hyperparameter of a member that copied another."""
+
+    factors: Optional[list[float]] = Field(None, min_length=1, description="Multiply the donor's value by one of these, at random (e.g. `[0.8, 1.2]`).")
+    values: Optional[list[float]] = Field(None, min_length=1, description="Or pick one of these values.")
+    range: Optional[tuple[float, float]] = Field(None, description="Or draw from [low, high] (log-uniformly with `log: true`).")
+    log: bool = Field(False, description="`range` drawn log-uniformly (both ends must be positive).")
+    resample_probability: float = Field(0.0, ge=0, le=1, description="With `factors`: the probability of drawing from `values` or `range` instead.")
+
+    @model_validator(mode="after")
+    def _one_way(self):
+        if self.factors is None and self.values is None and self.range is None:
+            raise ValueError("give `factors`, `values` or `range`")
+        if self.values is not None and self.range is not None:
+            raise ValueError("give `values` or `range`, not both")
+        if self.resample_probability and (self.factors is None or (self.values is None and self.range is None)):
+            raise ValueError("`resample_probability` needs `factors` and `values` or `range` to resample from")
+        if self.range is not None and (self.range[0] > self.range[1] or (self.log and self.range[0] <= 0)):
+            raise ValueError(f"`range` must be [low, high] with low <= high (and low > 0 with `log`), got {list(self.range)}")
+        return self
+
+
+HYPERPARAMETER_PATTERN = re.compile(r"^(optimizer\.lr|optimizer\.kwargs\.\w+|optimizer\.groups\.\d+\.lr|loss_weight|terms\.[\w.-]+\.weight|couplings\.[\w.-]+\.weight)$")
+
+
+class PBTConfig(Strict):
+    """Population-based training (Jaderberg et al., 2017), in memory: every ``every`` steps members are
+    ranked by ``metric``; each of the bottom ``quantile`` copies the weights, optimizer state, balancing
+    state and data position of a member of the top ``quantile`` chosen at random (exploit), then
+    perturbs the donor's hyperparameters (explore)."""
+
+    every: int = Field(gt=0, le=100_000_000, description="Rank and exploit every k steps (not at step 0).")
+    metric: Optional[str] = Field(None, description="What members are ranked by: `eval/<label>` or a training metric (`loss`, ...); default: `eval/<evaluation.rank_by>`.")
+    mode: Optional[Literal["max", "min"]] = Field(None, description="Higher (`max`) or lower is better; default: from the metric.")
+    quantile: float = Field(0.25, gt=0, le=0.5, description="Fraction of members that copy (bottom) and that are copied (top); at least one each.")
+    members: Optional[list[str]] = Field(None, description="Members in the schedule; default: all.")
+    hyperparameters: dict[str, Perturbation] = Field(
+        default_factory=dict,
+        description="What explore perturbs, by key: `optimizer.lr`, `optimizer.kwargs.<name>` (weight_decay, ...), `optimizer.groups.<i>.lr`, "
+        "`loss_weight`, `terms.<name>.weight`, `couplings.<name>.weight`.",
+    )
+
+    @field_validator("hyperparameters")
+    @classmethod
+    def _known_keys(cls, value: dict) -> dict:
+        unknown = [k for k in value if not HYPERPARAMETER_PATTERN.match(k)]
+        if unknown:
+            raise ValueError(f"cannot perturb {unknown}: keys are optimizer.lr, optimizer.kwargs.<name>, optimizer.groups.<i>.lr, loss_weight, terms.<name>.weight, couplings.<name>.weight")
+        return value
+
+
 class ParamGroup(Strict):
     """An optimizer parameter group selected by name patterns (fnmatch, e.g. `lstm.*`)."""
 
@@ -465,6 +516,7 @@ class RunConfig(Strict):
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     failure: FailureConfig = Field(default_factory=FailureConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+    pbt: Optional[PBTConfig] = Field(None, description="Population-based training in memory (see `pbt`); default: none.")
     members: list[MemberConfig] = Field(description="The population.")
     couplings: list[SerializeAsAny[CouplingConfig]] = Field(default_factory=list, description="Cross-member terms.")
     gradient_path_check: Literal["error", "warn", "off"] = Field(

@@ -62,6 +62,8 @@ def sections() -> list[tuple[str, type[BaseModel], set[str]]]:
         ("failure", schema.FailureConfig, set()),
         ("evaluation", schema.EvaluationConfig, set()),
         ("evaluation.metrics[]", schema.MetricConfig, set()),
+        ("pbt", schema.PBTConfig, set()),
+        ("pbt.hyperparameters.<key>", schema.Perturbation, set()),
         ("members[]", schema.MemberConfig, set()),
         ("members[].model / loss / any component", schema.Component, set()),
         ("members[].data", schema.DataConfig, set()),

@@ -359,6 +359,62 @@ class EvalBoard:
         return out
 
 
+class PBTRounds:
+    """Population-based training's rounds: at each ``pbt.every``-th step the members in the schedule
+    arrive with their score, hyperparameters and a reference to their state; once all have, the
+    round is decided (:func:`poptrain.pbt.exploit_plan`, :func:`poptrain.pbt.explore`) with the
+    step's own generator. Decisions are kept: a restarted member replaying a round gets the same one,
+    and the donors' states of the rounds it may replay stay referenced here."""
+
+    def __init__(self, run: RunConfig):
+        from poptrain.pbt import pbt_members, ranking
+
+        self.run, self.members = run, pbt_members(run)
+        self.metric, self.higher = ranking(run) if run.pbt is not None else ("", True)
+        self.arrived: dict[int, dict[str, tuple[float | None, dict[str, float], Any]]] = {}
+        self.decided: dict[int, dict[str, dict]] = {}  # step -> receiver -> its exploit
+        self.states: dict[int, dict[str, Any]] = {}  # step -> member -> reference to its state (kept for replays)
+        rounds_replayed = -(-2 * (run.checkpoint.every or 1) // run.pbt.every) + 1 if run.pbt is not None else 0
+        self.keep = max(2, rounds_replayed)
+        self.events: list[dict] = []
+
+    def arrive(self, step: int, member: str, score: float | None, hyperparameters: dict[str, float], state: Any) -> bool:
+        """Record ``member`` at round ``step``; whether the round is decided (now or before)."""
+        if step in self.decided:
+            return True
+        self.arrived.setdefault(step, {})[member] = (score, hyperparameters, state)
+        if len(self.arrived[step]) < len(self.members):
+            return False
+        self._decide(step, self.arrived.pop(step))
+        return True
+
+    def _decide(self, step: int, arrived) -> None:
+        from poptrain.pbt import explore, exploit_plan, round_rng
+
+        rng = round_rng(self.run, step)
+        scores = {m: arrived[m][0] for m in self.members}
+        plan = exploit_plan(scores, self.members, self.run.pbt.quantile, self.higher, rng)
+        self.decided[step] = {}
+        self.states[step] = {m: arrived[m][2] for m in set(plan.values())}
+        for receiver, donor in sorted(plan.items(), key=lambda kv: self.members.index(kv[0])):
+            new = explore(arrived[donor][1], self.run.pbt.hyperparameters, rng)
+            event = {"step": step, "receiver": receiver, "donor": donor, "metric": self.metric, "receiver_score": scores[receiver],
+                     "donor_score": scores[donor], "old_hyperparameters": arrived[receiver][1], "new_hyperparameters": new}
+            self.decided[step][receiver] = {**event, "state": self.states[step][donor]}
+            self.events.append(event)
+        for old in sorted(self.states)[: -self.keep]:
+            del self.states[old]
+
+    def decision(self, step: int, member: str) -> dict | None:
+        """``member``'s exploit at round ``step`` (with the donor's state reference), or None."""
+        decided = self.decided[step].get(member)
+        if decided is None:
+            return None
+        if step not in self.states:
+            raise RuntimeError(f"member {member!r} replays the population-based-training round at step {step}, whose donor state is no longer kept")
+        return decided
+
+
 class MetricRecorder:
     """Coupling metrics for the parent run, in an outbox the driver empties. At the last exchange
     step before a checkpoint step, what the outbox has not seen written is saved beside the
@@ -397,6 +453,7 @@ class Coordinator:
         self.board = AsyncBoard(self.plan.participants, run.exchange.max_staleness, run.exchange.every)
         self.recorder = MetricRecorder(run, run_dir)
         self.evaluations = EvalBoard(run)
+        self.pbt = PBTRounds(run)
         self.timeout_s = run.exchange.timeout_s
         self.aborted: str | None = None  # why the run stopped (see abort)
         self.lock = threading.Condition()  # guards everything above; async publishes wait on it
@@ -506,6 +563,26 @@ class Coordinator:
         with self.lock:
             self.evaluations.note_best(step, best)
             self.recorder.record(step, summary, checkpoint=False)
+
+    def pbt_round(self, step: int, member: str, score: float | None, hyperparameters: dict[str, float], state: Any) -> dict | None:
+        """Population-based training's round at ``step`` (see :class:`PBTRounds`): waits until every
+        member in the schedule has arrived (at most ``exchange.timeout_s``); ``member``'s exploit
+        (donor, its state reference, new hyperparameters, what decided it), or None."""
+        with self.lock:
+            self._raise_if_aborted()
+            if not self.pbt.arrive(step, member, score, hyperparameters, state):
+                self.lock.notify_all()
+                if not self.lock.wait_for(lambda: step in self.pbt.decided or self.aborted, self.timeout_s):
+                    missing = [m for m in self.pbt.members if m not in self.pbt.arrived.get(step, {})]
+                    raise ExchangeTimeout(f"population-based training at step {step}: member {member!r} waited {self.timeout_s:g} s for {missing} (exchange.timeout_s)")
+                self._raise_if_aborted()
+            else:
+                self.lock.notify_all()
+            return self.pbt.decision(step, member)
+
+    def pbt_events(self) -> list[dict]:
+        with self.lock:
+            return list(self.pbt.events)
 
     def best_member(self) -> tuple[str, float] | None:
         """The best member by the ranking metric at the newest evaluated step, and its value."""
@@ -638,6 +715,12 @@ class CoordinatorActor:
     def abort(self, reason: str) -> None:
         self.coordinator.abort(reason)
 
+    def pbt_round(self, step: int, member: str, score: float | None, hyperparameters: dict[str, float], state: Any) -> dict | None:
+        return self.coordinator.pbt_round(step, member, score, hyperparameters, state)
+
+    def pbt_events(self) -> list[dict]:
+        return self.coordinator.pbt_events()
+
     def best_member(self) -> tuple[str, float] | None:
         return self.coordinator.best_member()
 
@@ -660,7 +743,8 @@ def start_coordinator(run: RunConfig, population: PopulationInfo, run_dir: str |
     exchange kind in flight (async pipelining), plus the driver's (take_metrics, member_down)."""
     import ray
 
-    threads = calls_in_flight(len(population.members)) + 4
+    # + per member an evaluation report and a population-based-training round.
+    threads = calls_in_flight(len(population.members)) + 2 * len(population.members) + 4
     return ray.remote(CoordinatorActor).options(num_cpus=0, max_concurrency=threads, **options).remote(run, population, run_dir)
 
 

@@ -97,11 +97,14 @@ class MemberHost:
         # written included.
         self.restored_from = None
         self.outbox = MetricsOutbox()
+        self.evaluated: dict[str, float] = {}  # the newest held-out metrics (what population-based training ranks by)
+        self.last_step_metrics: dict[str, float] = {}
         saved = steps_of(run_dir, name)
         if saved:
             state = load_checkpoint(checkpoint_path(run_dir, name, saved[-1]))
             self.trainer.load_state_dict(state)
             self.outbox = MetricsOutbox(state.get("metrics", []))
+            self.evaluated, self.last_step_metrics = dict(state.get("evaluated", {})), dict(state.get("last_step_metrics", {}))
             self.restored_from = saved[-1]
             if self.trainer.rollback_point is not None:
                 self.trainer.set_rollback_point(saved[-1], state)
@@ -139,13 +142,15 @@ class MemberHost:
     def train(self, until_step: int) -> dict[str, float]:
         """Train up to ``until_step``; metrics go to the outbox. Returns the last step's metrics."""
         trainer, run = self.trainer, self.trainer.run
-        metrics: dict[str, float] = {}
+        metrics: dict[str, float] = self.last_step_metrics  # the last step's (what a training metric ranks by)
         checkpoint_ms = 0.0
         while trainer.step < until_step:
             step = trainer.step
-            checkpoint_ms = self._checkpoint_if_due(step) or checkpoint_ms
+            checkpoint_ms = self._checkpoint_if_due(step, metrics) or checkpoint_ms
             if step and run.evaluation.every and step % run.evaluation.every == 0:
-                self._evaluate(step)
+                self.evaluated = self._evaluate(step)
+            if step and trainer.hyperparameters is not None and step % run.pbt.every == 0:
+                self._pbt_round(step, metrics)
             trainer.timings = dict.fromkeys(trainer.timings, 0.0)
             started = time.perf_counter()
             metrics = trainer.train_step()
@@ -167,6 +172,25 @@ class MemberHost:
             self.reporting = None
         return metrics
 
+    def _pbt_round(self, step: int, last: dict[str, float]) -> None:
+        """Population-based training at ``step``: hand the coordinator this member's score (its newest
+        held-out metric, or its last step's training metric) and a reference to its state; copy the
+        donor the round decides, if any, in memory, and log the exploit."""
+        from poptrain.pbt import ranking, transferable
+
+        trainer = self.trainer
+        metric, _ = ranking(trainer.run)
+        score = (self.evaluated if metric.startswith("eval/") else last).get(metric)
+        state = [ray.put(transferable(trainer.state_dict()))]  # in a list: Ray hands the reference on, unresolved
+        decision = ray.get(self.coordinator.pbt_round.remote(step, trainer.name, score, trainer.hyperparameters.get(), state))
+        if decision is None:
+            return
+        trainer.exploit(decision["donor"], ray.get(decision["state"][0]), decision["new_hyperparameters"])
+        names = trainer.run.member_names
+        now = int(time.time() * 1000)
+        self.outbox.add([("pbt/exploited", 1.0, step, now), ("pbt/donor_index", float(names.index(decision["donor"])), step, now),
+                         ("pbt/score", float(decision["receiver_score"]), step, now), ("pbt/donor_score", float(decision["donor_score"]), step, now)])
+
     def _evaluate(self, step: int) -> dict[str, float]:
         """Evaluate the member on its held-out data after ``step`` steps (before step ``step``'s own
         exchanges: an averaging target holds the previous exchange's average; at the end, after the
@@ -184,7 +208,7 @@ class MemberHost:
         )
         return metrics
 
-    def _checkpoint_if_due(self, step: int) -> float | None:
+    def _checkpoint_if_due(self, step: int, last: dict[str, float]) -> float | None:
         """Write a checkpoint at ``step`` when one is due (not at 0, not the one just restored);
         the milliseconds it took, or None."""
         every, keep = self.trainer.run.checkpoint.every, self.trainer.run.checkpoint.keep
@@ -193,7 +217,9 @@ class MemberHost:
         started = time.perf_counter()
         # The metrics not yet in MLflow go into the checkpoint: a restart from it sends them again.
         state = self.trainer.state_dict()
-        save_checkpoint({**state, "metrics": self.outbox.unwritten()}, self.run_dir, self.trainer.name, step, keep)
+        # With the last step's and the newest held-out metrics, which a restarted member ranks by.
+        extra = {"metrics": self.outbox.unwritten(), "last_step_metrics": dict(last), "evaluated": dict(self.evaluated)}
+        save_checkpoint({**state, **extra}, self.run_dir, self.trainer.name, step, keep)
         if self.trainer.rollback_point is not None:
             self.trainer.set_rollback_point(step, state)
         return 1000 * (time.perf_counter() - started)

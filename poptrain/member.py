@@ -26,6 +26,7 @@ from poptrain.build import apply_frozen, build_dataset, build_model, build_optim
 from poptrain.config import RunConfig
 from poptrain.couplings import PopulationInfo, Quantity, build_couplings
 from poptrain.exchange import ExchangePlan, Link, Pending, numpy_copy, tensor_copy
+from poptrain.pbt import Hyperparameters, pbt_members
 from poptrain.randomness import MemberRandomness, member_seed
 
 
@@ -57,7 +58,7 @@ class MemberTrainer:
             self.model.to(self.device)
             self.frozen = apply_frozen(self.model, self.config.frozen if self.config.trainable else ["*"])
             self.params = dict(self.model.named_parameters())
-            self.optimizer = build_optimizer(self.model, self.config) if self.config.trainable else None
+            self.optimizer = build_optimizer(self.model, self.config, tagged=run.pbt is not None) if self.config.trainable else None
             data_seed = self.config.data.seed if self.config.data.seed is not None else run.seed
             self.batches = BatchStream(build_dataset(self.config.data), self.config.data.batch_size, self.config.data.shuffle, data_seed)
             self.held_out = self.config.held_out_data()
@@ -68,8 +69,12 @@ class MemberTrainer:
         self.grad_transforms = resolve_grad_transforms(self.config, list(self.params))
         self.balancer = TermBalancer(self.config.balancing.method, self.config.balancing.momentum, self.config.balancing.eps)
         self.metric_fns = resolve_metrics(run.evaluation, self.loss_fn)
-
         self.couplings = build_couplings(run.couplings, population)
+        # Population-based training: what explore may change, and whose weights this member carries.
+        in_pbt = name in pbt_members(run) and self.optimizer is not None
+        self.hyperparameters = Hyperparameters(self, list(run.pbt.hyperparameters)) if in_pbt else None
+        self.lineage: list[list] = []  # [step, donor] of every exploit, oldest first
+
         self.training_couplings = [c for c in self.couplings if name in c.trains]
         self.plan = ExchangePlan.for_run(run, population, self.couplings)
         self.link: Link | None = None
@@ -199,6 +204,8 @@ class MemberTrainer:
                 metrics[f"weight/{name}"] = weights[name]
         for name, value in coupling_terms.items():
             metrics[f"coupling/{name}"] = float(value.detach())
+        if self.hyperparameters is not None:  # the schedule, as a chart
+            metrics.update({f"hp/{k}": v for k, v in self.hyperparameters.get().items()})
         metrics.update(self.coupling_extras)
         self.coupling_extras = {}
         every = self.run.tracking.layer_norms_every
@@ -419,6 +426,8 @@ class MemberTrainer:
             "last_sent": {quantity_key(q): torch.from_numpy(a.copy()) for q, a in self.last_sent.items()},
             "checked_gradient_paths": self.checked_gradient_paths,
             "rng": self.randomness.state_dict(),
+            "hyperparameters": self.hyperparameters.get() if self.hyperparameters is not None else {},
+            "lineage": [list(event) for event in self.lineage],
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -431,7 +440,21 @@ class MemberTrainer:
         self.last_sent = {parse_quantity(k): v.numpy() for k, v in state["last_sent"].items()}
         self.checked_gradient_paths = bool(state["checked_gradient_paths"])
         self.randomness.load_state_dict(state["rng"])
+        if self.hyperparameters is not None:
+            self.hyperparameters.set({k: float(v) for k, v in state.get("hyperparameters", {}).items()})
+        self.lineage = [list(event) for event in state.get("lineage", [])]
         self.step = int(state["step"])
+
+    def exploit(self, donor: str, state: Mapping[str, Any], hyperparameters: dict[str, float]) -> None:
+        """Become a copy of member ``donor`` (its weights, optimizer state, balancing state and data
+        position, from ``state``: :func:`poptrain.pbt.transferable` of its state) with
+        ``hyperparameters``, which the optimizer uses from the next step on."""
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.balancer.load_state_dict(state["balancer"])
+        self.batches.load_state_dict(state["batches"])
+        self.hyperparameters.set(hyperparameters)
+        self.lineage.append([self.step, donor])
 
 
 def _map_tensors(tree: Any, fn: Callable[[Any], Any]) -> Any:

@@ -444,6 +444,29 @@ class Tracking:
         self.link_model_metrics(member, info.model_id, metrics, step)
         return info.model_uri
 
+    def log_pbt(self, events: list[dict], out_dir: Path) -> None:
+        """Population-based training's exploits: each on its receiver's run (tag
+        ``poptrain.pbt.exploit.<step>``: donor, the scores that decided it, old and new
+        hyperparameters; the ``pbt/*`` metrics come from the member itself), every member's lineage
+        (tag ``poptrain.lineage``: its exploits, newest last; ``poptrain.weights_from``: the member its
+        weights descend from), and all of them on the parent (``pbt_events.json``, tag
+        ``poptrain.pbt.exploits``)."""
+        assert self.ids is not None
+        origin = {m: m for m in self.ids.members}
+        for event in sorted(events, key=lambda e: e["step"]):
+            origin[event["receiver"]] = origin[event["donor"]]
+        for member in self.ids.members:
+            own = [e for e in events if e["receiver"] == member]
+            tags = {f"poptrain.pbt.exploit.{e['step']}": json.dumps({k: v for k, v in e.items() if k not in ("step", "receiver")}, default=str) for e in own}
+            tags["poptrain.lineage"] = " ".join(f"{e['step']}:{e['donor']}" for e in own) or "-"
+            tags["poptrain.weights_from"] = origin[member]
+            self.set_tags(member, tags)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        path = out_dir / "pbt_events.json"
+        path.write_text(json.dumps(events, indent=1, default=str))
+        self.set_tags(None, {"poptrain.pbt.exploits": len(events)})
+        self.log_artifact(None, str(path))
+
     def link_model_metrics(self, member: str, model_id: str, metrics: dict[str, float] | None, step: int) -> None:
         """Put ``metrics`` (None: the run's latest ``eval/*``) on LoggedModel ``model_id``, measured on
         the member's ``eval`` dataset when :meth:`log_datasets` named one.

@@ -1,0 +1,163 @@
+"""Population-based training in memory (``pbt:``): a member's mutable hyperparameters, how explore
+perturbs them, and whom exploit copies.
+
+The coordinator ranks the members every ``pbt.every`` steps (:class:`poptrain.coordinator.PBTRounds`)
+and decides, with a generator seeded by the run's seed and the step (so a resumed run decides the
+same), which of the bottom ``quantile`` copies which of the top ``quantile`` and with which new
+hyperparameters. The receiver then loads its donor's weights, optimizer state, balancing state and
+data position straight from the donor's process through Ray's object store (no checkpoint), and
+applies its new hyperparameters, which its optimizer uses from its next step on.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from typing import TYPE_CHECKING, Any
+
+from poptrain.config import Perturbation, PBTConfig, RunConfig
+
+if TYPE_CHECKING:
+    from poptrain.member import MemberTrainer
+
+GROUP_KEY = "poptrain_group"  # in each optimizer param group: the config group it came from (-1: the default)
+
+
+def ranking(run: RunConfig) -> tuple[str, bool]:
+    """The metric members are ranked by and whether higher is better."""
+    pbt = run.pbt
+    metric = pbt.metric or f"eval/{run.evaluation.ranking.key}"
+    if pbt.mode is not None:
+        return metric, pbt.mode == "max"
+    if metric.startswith("eval/"):
+        labelled = {m.key: m for m in run.evaluation.metrics}
+        return metric, bool(labelled[metric[len("eval/"):]].higher)
+    return metric, False  # a training metric: a loss, lower is better
+
+
+class Hyperparameters:
+    """A member's mutable hyperparameters by key (see :class:`poptrain.config.PBTConfig`), read from
+    and written into its live optimizer, objective weights and couplings."""
+
+    def __init__(self, trainer: "MemberTrainer", keys: list[str]):
+        self.trainer, self.keys = trainer, list(keys)
+
+    def _groups(self, key: str) -> list[dict]:
+        """The optimizer param groups a key sets: ``optimizer.lr`` and ``optimizer.kwargs.<k>`` those
+        that do not set their own, ``optimizer.groups.<i>.lr`` group i's."""
+        config, groups = self.trainer.config.optimizer, self.trainer.optimizer.param_groups
+        parts = key.split(".")
+        if parts[1] == "groups":
+            return [g for g in groups if g.get(GROUP_KEY) == int(parts[2])]
+        own = (lambda i: config.groups[i].lr is not None) if parts[1] == "lr" else (lambda i: parts[2] in config.groups[i].kwargs)
+        return [g for g in groups if g.get(GROUP_KEY, -1) < 0 or not own(g[GROUP_KEY])]
+
+    def get(self) -> dict[str, float]:
+        out = {}
+        for key in self.keys:
+            head, _, rest = key.partition(".")
+            if head == "optimizer":
+                groups = self._groups(key)
+                out[key] = float(groups[0]["lr" if key.endswith(".lr") else key.rsplit(".", 1)[1]]) if groups else math.nan
+            elif head == "loss_weight":
+                out[key] = self.trainer.term_weights["loss"]
+            elif head == "terms":
+                out[key] = abs(self.trainer.term_weights[rest.rsplit(".", 1)[0]])
+            else:
+                out[key] = next(c.weight for c in self.trainer.couplings if c.name == rest.rsplit(".", 1)[0])
+        return out
+
+    def set(self, values: dict[str, float]) -> None:
+        for key, value in values.items():
+            head, _, rest = key.partition(".")
+            if head == "optimizer":
+                for group in self._groups(key):
+                    group["lr" if key.endswith(".lr") else key.rsplit(".", 1)[1]] = value
+            elif head == "loss_weight":
+                self.trainer.term_weights["loss"] = value
+            elif head == "terms":
+                name = rest.rsplit(".", 1)[0]  # its sign (maximize: negative) is kept
+                self.trainer.term_weights[name] = math.copysign(abs(value), self.trainer.term_weights[name])
+            else:
+                for coupling in self.trainer.couplings:
+                    if coupling.name == rest.rsplit(".", 1)[0]:
+                        coupling.weight = value
+
+
+def explore(values: dict[str, float], space: dict[str, Perturbation], rng: random.Random) -> dict[str, float]:
+    """The donor's ``values`` perturbed as ``space`` says (keys not in it are kept)."""
+    out = dict(values)
+    for key, how in space.items():
+        if key not in out:
+            continue
+        if how.factors is not None and rng.random() >= how.resample_probability:
+            out[key] = out[key] * rng.choice(how.factors)
+        elif how.values is not None:
+            out[key] = rng.choice(how.values)
+        elif how.range is not None:
+            low, high = how.range
+            out[key] = math.exp(rng.uniform(math.log(low), math.log(high))) if how.log else rng.uniform(low, high)
+    return out
+
+
+def exploit_plan(scores: dict[str, float | None], order: list[str], quantile: float, higher: bool, rng: random.Random) -> dict[str, str]:
+    """``{receiver: donor}``: each of the bottom ``quantile`` (at least one) copies a member of the top
+    ``quantile`` chosen at random. Nobody is exploited while a score is missing (the ranking metric
+    does not exist yet) or not finite; ties are broken by member order."""
+    if len(scores) < 2 or any(v is None or not math.isfinite(v) for v in scores.values()):
+        return {}
+    ranked = sorted(order, key=lambda m: (-scores[m] if higher else scores[m], order.index(m)))
+    n = max(1, int(len(ranked) * quantile))
+    top, bottom = ranked[:n], ranked[-n:]
+    return {receiver: rng.choice(top) for receiver in bottom if receiver not in top}
+
+
+def pbt_members(run: RunConfig) -> list[str]:
+    return list(run.pbt.members or run.member_names) if run.pbt is not None else []
+
+
+def round_rng(run: RunConfig, step: int) -> random.Random:
+    """The generator of the round at ``step``: the same in a resumed run."""
+    return random.Random(f"poptrain-pbt-{run.seed}-{step}")
+
+
+def check(run: RunConfig, shapes: dict[str, dict[str, tuple]]) -> list[tuple[str, str]]:
+    """Members in the schedule must be alike where copying requires it: the same parameter names and
+    shapes and the same optimizer (class and groups); each perturbed key must exist."""
+    pbt: PBTConfig = run.pbt
+    members = pbt_members(run)
+    problems: list[tuple[str, str]] = []
+    unknown = [m for m in members if m not in run.member_names]
+    if unknown:
+        return [("pbt.members", f"unknown members {unknown}; members are {run.member_names}")]
+    if len(members) < 2:
+        problems.append(("pbt.members", "population-based training needs at least two members"))
+    first = members[0]
+    for name in members[1:]:
+        if shapes.get(name) != shapes.get(first):
+            differ = sorted(set(shapes.get(name, {}).items()) ^ set(shapes.get(first, {}).items()))[:4]
+            problems.append(("pbt.members", f"members {first!r} and {name!r} have different parameters ({differ}): a member can only copy one of the same architecture"))
+        a, b = run.member(first).optimizer, run.member(name).optimizer
+        if a.name != b.name or len(a.groups) != len(b.groups):
+            problems.append(("pbt.members", f"members {first!r} and {name!r} have different optimizers ({a.name}, {len(a.groups)} groups vs {b.name}, {len(b.groups)}): their states cannot be copied"))
+    for key in pbt.hyperparameters:
+        head, _, rest = key.partition(".")
+        for name in members:
+            member = run.member(name)
+            if head == "optimizer" and rest.startswith("groups.") and int(rest.split(".")[1]) >= len(member.optimizer.groups):
+                problems.append((f"pbt.hyperparameters.{key}", f"member {name!r} has {len(member.optimizer.groups)} optimizer groups"))
+            elif head == "terms" and rest.rsplit(".", 1)[0] not in [t.name for t in member.terms]:
+                problems.append((f"pbt.hyperparameters.{key}", f"member {name!r} has no term {rest.rsplit('.', 1)[0]!r}"))
+            elif head == "couplings" and rest.rsplit(".", 1)[0] not in [c.label for c in run.couplings]:
+                problems.append((f"pbt.hyperparameters.{key}", f"there is no coupling named {rest.rsplit('.', 1)[0]!r}"))
+    metric = pbt.metric or ""
+    if metric.startswith("eval/") and metric[len("eval/"):] not in [m.key for m in run.evaluation.metrics]:
+        problems.append(("pbt.metric", f"{metric!r} is not one of the evaluation metrics {[f'eval/{m.key}' for m in run.evaluation.metrics]}"))
+    if (not pbt.metric or metric.startswith("eval/")) and any(run.member(m).held_out_data() is None for m in members):
+        problems.append(("pbt.metric", "members are ranked by a held-out metric, but some have no held-out data: give them `eval_data` or `data.kwargs.split: train`"))
+    return problems
+
+
+def transferable(state: dict[str, Any]) -> dict[str, Any]:
+    """What a receiver copies of its donor's :meth:`MemberTrainer.state_dict`."""
+    return {k: state[k] for k in ("model", "optimizer", "balancer", "batches")}

@@ -1,0 +1,149 @@
+"""Population-based training in memory: exploit copies the donor exactly, explore perturbs as asked,
+nothing is exploited before the ranking metric exists, the schedule and every decision are in
+MLflow, perturbed hyperparameters survive a restart, and couplings keep their guarantee."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+import poptrain
+from poptrain.config import Perturbation
+from poptrain.pbt import explore, exploit_plan, transferable
+from tests.conftest import assert_bitwise_equal, make_config, prelu_member
+from tests.in_process import InProcessPopulation
+
+LR = {"optimizer.lr": {"factors": [0.5, 2.0]}}
+
+
+def digits_member(name: str, lr: float) -> dict:
+    return {
+        "name": name,
+        "model": {"name": "encoder_classifier", "kwargs": {"in_features": 64, "num_classes": 10, "num_nodes": 16, "depth": 1}},
+        "data": {"name": "digits", "kwargs": {"split": "train", "limit": 256}, "batch_size": 32},
+        "loss": "cross_entropy",
+        "optimizer": {"name": "adam", "lr": lr, "kwargs": {"weight_decay": 0.0001}},
+    }
+
+
+def population(steps: int, every: int, **changes) -> dict:
+    settings = {
+        "steps": steps,
+        "members": [digits_member(f"m{i + 1}", lr) for i, lr in enumerate((0.0001, 0.003, 0.01, 0.03))],
+        "couplings": [],
+        "evaluation": {"every": every, "metrics": ["accuracy"]},
+        "pbt": {"every": every, "quantile": 0.25, "hyperparameters": {**LR, "optimizer.kwargs.weight_decay": {"values": [0.0, 0.001]}}},
+    }
+    settings.update(changes)
+    return settings
+
+
+def test_an_exploit_copies_the_donor_bitwise_and_gives_the_receiver_its_new_hyperparameters(base_config):
+    pop = InProcessPopulation(base_config(**population(steps=4, every=2)))
+    pop.train(3)
+    donor, receiver = pop.trainers["m3"], pop.trainers["m1"]
+    receiver.exploit("m3", transferable(donor.state_dict()), {"optimizer.lr": 0.02, "optimizer.kwargs.weight_decay": 0.0})
+    assert all(torch.equal(a, b) for a, b in zip(receiver.weights().values(), donor.weights().values()))
+    theirs, mine = donor.optimizer.state_dict()["state"], receiver.optimizer.state_dict()["state"]
+    assert all(torch.equal(theirs[i][k], mine[i][k]) for i in theirs for k in theirs[i]), "moments and step counts copied"
+    assert receiver.batches.state_dict() == donor.batches.state_dict(), "and its data position"
+    assert [g["lr"] for g in receiver.optimizer.param_groups] == [0.02] and receiver.optimizer.param_groups[0]["weight_decay"] == 0.0
+    assert donor.optimizer.param_groups[0]["lr"] == 0.01, "the donor keeps its own"
+    assert receiver.lineage == [[3, "m3"]] and receiver.hyperparameters.get() == {"optimizer.lr": 0.02, "optimizer.kwargs.weight_decay": 0.0}
+
+
+def test_nobody_is_exploited_before_every_member_has_a_score_and_the_bottom_copies_the_top():
+    order = ["a", "b", "c", "d"]
+    assert exploit_plan({"a": 0.9, "b": None, "c": 0.1, "d": 0.5}, order, 0.25, True, random.Random(0)) == {}
+    assert exploit_plan({"a": 0.9, "b": 0.2, "c": 0.1, "d": 0.5}, order, 0.25, True, random.Random(0)) == {"c": "a"}
+    assert exploit_plan({"a": 0.9, "b": 0.2, "c": 0.1, "d": 0.5}, order, 0.5, False, random.Random(0)) in ({"a": "b", "d": "c"}, {"a": "c", "d": "b"}, {"a": "b", "d": "b"}, {"a": "c", "d": "c"})
+    new = explore({"optimizer.lr": 0.01, "loss_weight": 1.0}, {"optimizer.lr": Perturbation(factors=[0.8, 1.2])}, random.Random(1))
+    assert new["optimizer.lr"] in (pytest.approx(0.008), pytest.approx(0.012)) and new["loss_weight"] == 1.0
+    ranged = explore({"optimizer.lr": 0.01}, {"optimizer.lr": Perturbation(range=(1e-4, 1e-2), log=True)}, random.Random(2))
+    assert 1e-4 <= ranged["optimizer.lr"] <= 1e-2
+
+
+def test_members_that_cannot_copy_each_other_are_refused_before_anything_starts(base_config):
+    from poptrain.checks import prepare
+    from poptrain.config import ConfigError
+
+    settings = population(steps=4, every=2)
+    settings["members"][1]["model"]["kwargs"]["num_nodes"] = 8
+    with pytest.raises(ConfigError, match=r"pbt.members: members 'm1' and 'm2' have different parameters"):
+        prepare(base_config(**settings))
+
+
+@pytest.fixture(scope="module")
+def pbt_run(ray_session, tmp_path_factory, tracking_uri):
+    config = make_config(tmp_path_factory.mktemp("pbt"), tracking_uri, "pbt", name="pbt", **population(steps=16, every=5))
+    return poptrain.run(config)
+
+
+def test_every_exploit_and_the_whole_schedule_are_in_mlflow(pbt_run, tracking_uri):
+    client = MlflowClient(tracking_uri)
+    parent = client.get_run(pbt_run.run_id)
+    events = json.loads((pbt_run.output_dir / "pbt_events.json").read_text())
+    assert events and int(parent.data.tags["poptrain.pbt.exploits"]) == len(events)
+    assert {e["step"] for e in events} <= {5, 10, 15}, "ranked every 5 steps, never at step 0"
+    schedules = {}
+    for name, run_id in pbt_run.member_run_ids.items():
+        history = sorted((m.step, m.value) for m in client.get_metric_history(run_id, "hp/optimizer.lr"))
+        assert [s for s, _ in history] == list(range(16)), f"{name}: its learning rate at every logged step"
+        schedules[name] = dict(history)
+    for event in events:
+        receiver, donor, step = event["receiver"], event["donor"], event["step"]
+        assert schedules[receiver][step] in (pytest.approx(0.5 * schedules[donor][step - 1]), pytest.approx(2.0 * schedules[donor][step - 1])), event
+        tags = client.get_run(pbt_run.member_run_ids[receiver]).data.tags
+        logged = json.loads(tags[f"poptrain.pbt.exploit.{step}"])
+        assert logged["donor"] == donor and logged["donor_score"] >= logged["receiver_score"]
+        assert f"{step}:{donor}" in tags["poptrain.lineage"]
+        exploited = {m.step for m in client.get_metric_history(pbt_run.member_run_ids[receiver], "pbt/exploited")}
+        assert step in exploited
+
+
+def test_perturbed_hyperparameters_survive_a_member_restart_bitwise(ray_session, tmp_path, tracking_uri):
+    """A member killed after the first exploits is restarted from its checkpoint and replays the
+    rounds it missed: the run ends bitwise as the uninterrupted one, schedule included (#62173)."""
+    import os
+    import signal
+
+    def config(name):
+        return make_config(tmp_path / name, tracking_uri, f"pbt-{name}", name=name, checkpoint={"every": 10}, **population(steps=120, every=20))
+
+    clean = poptrain.run(config("clean"))
+    killed = {}
+
+    def kill_m2_once(snapshot):
+        if not killed and 45 <= snapshot["members"].get("m2", {}).get("step", 0) < 80:
+            killed["pid"] = snapshot["placement"]["m2"]["pid"]
+            os.kill(killed["pid"], signal.SIGKILL)
+
+    restarted = poptrain.run(config("killed"), progress=kill_m2_once, poll_s=0.1)
+    assert killed and restarted.restarts == {"m2": 1}
+    assert_bitwise_equal(restarted.output_dir, clean.output_dir, members=("m1", "m2", "m3", "m4"))
+    client = MlflowClient(tracking_uri)
+    for name in ("m1", "m2", "m3", "m4"):
+        a = [(m.step, m.value) for m in client.get_metric_history(clean.member_run_ids[name], "hp/optimizer.lr")]
+        b = [(m.step, m.value) for m in client.get_metric_history(restarted.member_run_ids[name], "hp/optimizer.lr")]
+        assert sorted(a) == sorted(b), name
+    assert json.loads((clean.output_dir / "pbt_events.json").read_text()) == json.loads((restarted.output_dir / "pbt_events.json").read_text())
+
+
+def test_couplings_see_a_receivers_new_weights_from_the_next_exchange_on(ray_session, tmp_path, tracking_uri):
+    """Separation over three members: at the exploit step the coordinator measures the receiver's
+    slope as its donor's (distance 0), one step earlier as its own; exactness between exploits is
+    the coupling's own (tests/test_exactness.py)."""
+    config = make_config(
+        tmp_path, tracking_uri, "pbt-separation", name="pbt-separation", steps=30,
+        members=[prelu_member(f"m{i + 1}", optimizer={"name": "adam", "lr": 0.01 * (i + 1)}) for i in range(3)],
+        pbt={"every": 20, "metric": "loss", "quantile": 0.34, "hyperparameters": LR},
+    )
+    result = poptrain.run(config)
+    (event,) = json.loads((result.output_dir / "pbt_events.json").read_text())
+    pair = "-".join(sorted((event["receiver"], event["donor"])))
+    distance = {m.step: m.value for m in MlflowClient(tracking_uri).get_metric_history(result.run_id, f"coupling/separation/distance/{pair}")}
+    assert event["step"] == 20 and distance[20] == 0.0 and distance[19] > 0.0, (event, distance.get(19), distance.get(20))
