@@ -195,3 +195,27 @@ def _plot_evaluation(client, parent, members: dict, out_dir: Path, written: list
         ax.set(title=f"held-out {label}", xlabel="step", ylabel=label)
         ax.legend(fontsize="small")
     _save(fig, out_dir / "eval.png", written)
+
+
+def write_lineage_plot(events: list[dict], members: list[str], steps: int, out_dir: Path) -> Path:
+    """``lineage.png``: one row per member over the steps, an arrow from donor to receiver at each
+    exploit of population-based training, and each member's final origin at the right."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fig, axes = _figure(1, 1, (10, max(2.5, 0.45 * len(members) + 1)))
+    ax = axes[0][0]
+    row = {m: i for i, m in enumerate(members)}
+    for member in members:
+        ax.hlines(row[member], 0, steps, color="0.8", linewidth=1)
+    origin = {m: m for m in members}
+    for event in sorted(events, key=lambda e: e["step"]):
+        origin[event["receiver"]] = origin[event["donor"]]
+        ax.annotate("", xy=(event["step"], row[event["receiver"]]), xytext=(event["step"], row[event["donor"]]),
+                    arrowprops={"arrowstyle": "->", "color": "tab:blue", "alpha": 0.7})
+    ax.set_yticks(range(len(members)), [f"{m}  (weights of {origin[m]})" if origin[m] != m else m for m in members])
+    ax.set_xlim(0, steps)
+    ax.set_xlabel("step")
+    ax.set_title("population-based training: who copied whom")
+    path = out_dir / "lineage.png"
+    written: list[Path] = []
+    _save(fig, path, written)
+    return path

@@ -416,7 +416,7 @@ class PopulationRun:
         cfg, run_dir = self.cfg, self.run_dir
         weights = _save_final_weights(self.members, run_dir)  # before anything that can fail
         if cfg.pbt is not None:
-            self.tracking.log_pbt(ray.get(self.coordinator.pbt_events.remote()), run_dir)
+            self.tracking.log_pbt(ray.get(self.coordinator.pbt_events.remote()), run_dir, cfg.steps, plot=cfg.tracking.plots)
         best = ray.get(self.coordinator.best_member.remote())
         if best is not None:
             self.tracking.set_tags(None, {"poptrain.best_member": best[0], "poptrain.best_by": f"eval/{cfg.evaluation.ranking.key}"})

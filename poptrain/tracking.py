@@ -444,13 +444,13 @@ class Tracking:
         self.link_model_metrics(member, info.model_id, metrics, step)
         return info.model_uri
 
-    def log_pbt(self, events: list[dict], out_dir: Path) -> None:
+    def log_pbt(self, events: list[dict], out_dir: Path, steps: int, plot: bool = True) -> None:
         """Population-based training's exploits: each on its receiver's run (tag
         ``poptrain.pbt.exploit.<step>``: donor, the scores that decided it, old and new
         hyperparameters; the ``pbt/*`` metrics come from the member itself), every member's lineage
         (tag ``poptrain.lineage``: its exploits, newest last; ``poptrain.weights_from``: the member its
         weights descend from), and all of them on the parent (``pbt_events.json``, tag
-        ``poptrain.pbt.exploits``)."""
+        ``poptrain.pbt.exploits``) with ``plots/lineage.png`` (``plot``)."""
         assert self.ids is not None
         origin = {m: m for m in self.ids.members}
         for event in sorted(events, key=lambda e: e["step"]):
@@ -466,6 +466,10 @@ class Tracking:
         path.write_text(json.dumps(events, indent=1, default=str))
         self.set_tags(None, {"poptrain.pbt.exploits": len(events)})
         self.log_artifact(None, str(path))
+        if plot:
+            from poptrain.plots import write_lineage_plot
+
+            self.log_artifact(None, str(write_lineage_plot(events, list(self.ids.members), steps, out_dir / "plots")), "plots")
 
     def link_model_metrics(self, member: str, model_id: str, metrics: dict[str, float] | None, step: int) -> None:
         """Put ``metrics`` (None: the run's latest ``eval/*``) on LoggedModel ``model_id``, measured on

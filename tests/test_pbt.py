@@ -80,12 +80,14 @@ def test_members_that_cannot_copy_each_other_are_refused_before_anything_starts(
 @pytest.fixture(scope="module")
 def pbt_run(ray_session, tmp_path_factory, tracking_uri):
     config = make_config(tmp_path_factory.mktemp("pbt"), tracking_uri, "pbt", name="pbt", **population(steps=16, every=5))
+    config["tracking"]["plots"] = True  # the lineage plot
     return poptrain.run(config)
 
 
 def test_every_exploit_and_the_whole_schedule_are_in_mlflow(pbt_run, tracking_uri):
     client = MlflowClient(tracking_uri)
     parent = client.get_run(pbt_run.run_id)
+    assert "plots/lineage.png" in [a.path for a in client.list_artifacts(pbt_run.run_id, "plots")]
     events = json.loads((pbt_run.output_dir / "pbt_events.json").read_text())
     assert events and int(parent.data.tags["poptrain.pbt.exploits"]) == len(events)
     assert {e["step"] for e in events} <= {5, 10, 15}, "ranked every 5 steps, never at step 0"
