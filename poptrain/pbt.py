@@ -13,12 +13,9 @@ from __future__ import annotations
 
 import math
 import random
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from poptrain.config import Perturbation, PBTConfig, RunConfig
-
-if TYPE_CHECKING:
-    from poptrain.member import MemberTrainer
 
 GROUP_KEY = "poptrain_group"  # in each optimizer param group: the config group it came from (-1: the default)
 
@@ -39,7 +36,8 @@ class Hyperparameters:
     """A member's mutable hyperparameters by key (see :class:`poptrain.config.PBTConfig`), read from
     and written into its live optimizer, objective weights and couplings."""
 
-    def __init__(self, trainer: "MemberTrainer", keys: list[str]):
+    def __init__(self, trainer, keys: list[str]):
+        """``trainer``: the member's :class:`poptrain.member.MemberTrainer`."""
         self.trainer, self.keys = trainer, list(keys)
 
     def _groups(self, key: str) -> list[dict]:
