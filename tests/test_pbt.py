@@ -110,22 +110,15 @@ def test_every_exploit_and_the_whole_schedule_are_in_mlflow(pbt_run, tracking_ur
 def test_perturbed_hyperparameters_survive_a_member_restart_bitwise(ray_session, tmp_path, tracking_uri):
     """A member killed after the first exploits is restarted from its checkpoint and replays the
     rounds it missed: the run ends bitwise as the uninterrupted one, schedule included (#62173)."""
-    import os
-    import signal
+    from tests.test_failures import run_killing_m2_once
+
+    steps = 400  # the kill window (steps 40 to steps - 100) spans several progress polls even when the host is fast
 
     def config(name):
-        return make_config(tmp_path / name, tracking_uri, f"pbt-{name}", name=name, checkpoint={"every": 10}, **population(steps=120, every=20))
+        return make_config(tmp_path / name, tracking_uri, f"pbt-{name}", name=name, checkpoint={"every": 10}, **population(steps=steps, every=20))
 
     clean = poptrain.run(config("clean"))
-    killed = {}
-
-    def kill_m2_once(snapshot):
-        if not killed and 45 <= snapshot["members"].get("m2", {}).get("step", 0) < 80:
-            killed["pid"] = snapshot["placement"]["m2"]["pid"]
-            os.kill(killed["pid"], signal.SIGKILL)
-
-    restarted = poptrain.run(config("killed"), progress=kill_m2_once, poll_s=0.1)
-    assert killed and restarted.restarts == {"m2": 1}
+    restarted, _ = run_killing_m2_once(config("killed"), steps)
     assert_bitwise_equal(restarted.output_dir, clean.output_dir, members=("m1", "m2", "m3", "m4"))
     client = MlflowClient(tracking_uri)
     for name in ("m1", "m2", "m3", "m4"):
