@@ -129,13 +129,11 @@ def average_pass(
     out: torch.Tensor | None = None,
     keep: bool = True,
     distances: bool = True,
-    mean: torch.Tensor | None = None,
     chunk: int = 1 << 17,
 ) -> tuple[torch.Tensor | None, list[float] | None]:
     """``(v_1 + ... + v_n) / n`` (seed 002's ``(p1 + p2) / 2``), or ``w_1 v_1 + ... + w_n v_n``,
     into ``out`` (same shape and dtype) or a new tensor (none without ``keep``), and, with
-    ``distances``, each ``v_i``'s squared Euclidean distance to it. Given ``mean`` (computed
-    before), only the distances to it are computed.
+    ``distances``, each ``v_i``'s squared Euclidean distance to it.
 
     One pass, a cache-sized chunk at a time: each value is read from memory once and the mean
     written once; the distances come from the chunk while it is in cache. Element by element the
@@ -146,9 +144,7 @@ def average_pass(
     actor as in a quiet process."""
     flats = [v.reshape(-1) for v in values]
     numel, dtype = flats[0].numel(), flats[0].dtype
-    if mean is not None:
-        out, keep = mean, True
-    elif keep and out is None:
+    if keep and out is None:
         out = torch.empty(values[0].shape, dtype=dtype)
     target = out.view(-1) if keep else None
     count = -(-numel // chunk)
@@ -165,8 +161,7 @@ def average_pass(
             start = index * chunk
             parts = [f[start : start + chunk] for f in flats]
             part = target[start : start + chunk] if keep else scratch[: parts[0].numel()]
-            if mean is None:
-                _mean_of(parts, weights, part)
+            _mean_of(parts, weights, part)
             if distances:
                 gap = difference[: part.numel()]
                 for i, p in enumerate(parts):
