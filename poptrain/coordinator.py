@@ -614,8 +614,9 @@ class InProcessClient:
 
 def in_process_coordinator(run: RunConfig, population: PopulationInfo) -> tuple[Coordinator, Wire]:
     """A coordinator whose replies are packed for the wire, as the actor's are (no Ray)."""
-    wire = Wire(ExchangePlan.for_run(run, population))
-    return Coordinator(run, population, pack=wire.pack_reply), wire
+    coordinator = Coordinator(run, population, pack=lambda reply: wire.pack_reply(reply))
+    wire = Wire(coordinator.plan)  # the coordinator's own plan: its couplings are not built twice
+    return coordinator, wire
 
 
 class CoordinatorActor:
@@ -652,8 +653,8 @@ class CoordinatorActor:
     def _start(self, run: RunConfig, population: PopulationInfo, run_dir: str | None) -> None:
         import ray
 
-        self.wire = Wire(ExchangePlan.for_run(run, population))
         self.coordinator = Coordinator(run, population, run_dir, pack=lambda r: by_reference(self.wire.pack_reply(r)))
+        self.wire = Wire(self.coordinator.plan)  # the coordinator's own plan: its couplings are not built twice
         self.node_id = ray.get_runtime_context().get_node_id()
         # Members reach exchange/publish over a direct connection when every value is small
         # (poptrain.channel); else with Ray calls, whose object store carries large arrays zero-copy.
