@@ -98,7 +98,7 @@ class Caller:
             if step == warmup:
                 cpu = time.process_time()
             values = {quantity: np.array([value + 1e-3 * step], dtype=np.float32)}
-            result = client.call(method, "param", step, name, wire.pack(values))()
+            result = client.call(method, "param", step, (name,), wire.pack(values))()
             if isinstance(result, list):  # a large result comes as one shared reference, as members read it
                 result = ray.get(result[0])
             wire.unpack_reply(result)

@@ -497,6 +497,20 @@ class PlacementConfig(Strict):
         "auto", description="Ray placement-group strategy for the members' bundles; `auto`: SPREAD on a multi-node cluster, else PACK."
     )
     timeout_s: float = Field(30.0, gt=0, le=MAX_TIMEOUT_S, description="How long to wait for the cluster to fit the whole population.")
+    members_per_host: Union[int, Literal["auto"]] = Field(
+        "auto",
+        description="How many members one host (a Ray actor process) carries, in config order. `auto`: one each when "
+        "every member gets a GPU of its own or there are no more members than CPUs; else as many hosts as GPUs (members "
+        "share a GPU inside one process) or, without GPUs, as CPUs, the members split evenly among them. A host's "
+        "resources are its members' summed; its members train one after another and exchange as one message.",
+    )
+
+    @field_validator("members_per_host")
+    @classmethod
+    def _at_least_one(cls, value: Any) -> Any:
+        if value != "auto" and value < 1:
+            raise ValueError("must be `auto` or a whole number of at least 1")
+        return value
 
 
 class RunConfig(Strict):

@@ -31,7 +31,7 @@ import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -269,10 +269,13 @@ class AsyncBoard:
         newest = self.newest[kind]
         return {p: newest[p][0] if p in newest else "none yet" for p in self.participants[kind] if p != member and not (p in newest and newest[p][0] >= oldest)}
 
-    def peers(self, kind: str, member: str) -> Reply:
+    def peers(self, kind: str, members: Sequence[str]) -> Reply:
+        """For ``members`` (one host's): the newest values of every member but a lone caller's own
+        (host-mates read each other's too, as any peer's), and the step each is from."""
         newest = self.newest[kind]
-        values = {q: a for p, (_, vals) in newest.items() if p != member for q, a in vals.items()}
-        return Reply(values, {}, {p: s for p, (s, _) in newest.items() if p != member})
+        mine = set(members) if len(members) == 1 else set()
+        values = {q: a for p, (_, vals) in newest.items() if p not in mine for q, a in vals.items()}
+        return Reply(values, {}, {p: s for p, (s, _) in newest.items() if p not in mine})
 
     def to_log(self, kind: str, step: int) -> bool:
         """Whether ``step``'s coupling metrics should be recorded now: everyone has posted, and no
@@ -462,28 +465,33 @@ class Coordinator:
         with self.lock:
             self.evaluator.attach(member, views)
 
-    def exchange(self, kind: str, step: int, member: str, values: Values) -> Any:
-        """``sync`` mode: ``member``'s values for round (kind, step); returns the round's reply once
-        every participant has sent its values (at most ``exchange.timeout_s`` later)."""
+    def exchange(self, kind: str, step: int, members: Sequence[str], values: Values) -> Any:
+        """``sync`` mode: the values of round (kind, step) of ``members`` (one host's: one message
+        for them all); returns the round's reply once every participant has sent its values (at
+        most ``exchange.timeout_s`` later)."""
+        mine = _by_member(members, values)
         with self.lock:
             self._raise_if_aborted()
-            self.stand_ins.note(kind, step, member, values)
+            for member in members:
+                self.stand_ins.note(kind, step, member, mine[member])
             replay = self.history.get(kind, step)
-            if replay is not None:  # a restarted member replaying a round its peers have finished
-                self.stand_ins.replayed(member, step)
+            if replay is not None:  # a restarted host replaying a round its peers have finished
+                for member in members:
+                    self.stand_ins.replayed(member, step)
                 return replay
-            self.stand_ins.caught_up(member)
-            rnd = self.barrier.arrive(kind, step, member, values)
+            for member in members:
+                self.stand_ins.caught_up(member)
+                rnd = self.barrier.arrive(kind, step, member, mine[member])
             completed = self._complete_if_ready(kind, step, rnd)
         if completed:
-            with self.lock:  # the peers are on their way already; this member logs the round
+            with self.lock:  # the peers are on their way already; this host logs the round
                 self.recorder.record(step, self.evaluator.coupling_metrics(kind, step))
         elif not rnd.done.wait(self.timeout_s):
             with self.lock:
                 self._raise_if_aborted()
                 if not rnd.done.is_set():  # else it completed while this thread waited for the lock
                     raise ExchangeTimeout(
-                        f"exchange of {kind!r} at step {step}: member {member!r} waited {self.timeout_s:g} s for "
+                        f"exchange of {kind!r} at step {step}: {_naming(members)} waited {self.timeout_s:g} s for "
                         f"{rnd.missing()} (exchange.timeout_s). A peer is stalled or dead; see its log."
                     )
         if rnd.result is None:  # released by abort(), not by the round's completion
@@ -521,25 +529,29 @@ class Coordinator:
         self.history.remember(kind, step, replay, list(self.stand_ins.pinned.values()))
         return True
 
-    def publish(self, kind: str, step: int, member: str, values: Values, used_at: int | None = None) -> Any:
-        """``async`` mode: record a member's values and return the freshest values of its peers,
-        waiting only while a peer's newest values are more than ``max_staleness`` exchanges older
-        than ``used_at``, the step at which the member will use the reply (default ``step``)."""
+    def publish(self, kind: str, step: int, members: Sequence[str], values: Values, used_at: int | None = None) -> Any:
+        """``async`` mode: record the values of ``members`` (one host's) and return the freshest
+        values of their peers, waiting only while a peer's newest values are more than
+        ``max_staleness`` exchanges older than ``used_at``, the step at which the members will use
+        the reply (default ``step``)."""
+        mine = _by_member(members, values)
         with self.lock:
-            if self.board.post(kind, step, member, values):
-                self.evaluator.observe(values)
+            for member in members:
+                if self.board.post(kind, step, member, mine[member]):
+                    self.evaluator.observe(mine[member])
             self.lock.notify_all()
             used_at = step if used_at is None else used_at
-            if not self.lock.wait_for(lambda: self.aborted or not self.board.behind(kind, member, used_at), self.timeout_s):
+            behind = lambda: {p: s for m in members for p, s in self.board.behind(kind, m, used_at).items() if p not in members}  # noqa: E731
+            if not self.lock.wait_for(lambda: self.aborted or not behind(), self.timeout_s):
                 raise ExchangeTimeout(
-                    f"async exchange of {kind!r} at step {step}: member {member!r} waited {self.timeout_s:g} s for peers "
-                    f"more than {self.run.exchange.max_staleness} exchange(s) behind, at steps {self.board.behind(kind, member, used_at)} "
+                    f"async exchange of {kind!r} at step {step}: {_naming(members)} waited {self.timeout_s:g} s for peers "
+                    f"more than {self.run.exchange.max_staleness} exchange(s) behind, at steps {behind()} "
                     "(exchange.timeout_s)"
                 )
             self._raise_if_aborted()
             if self.board.to_log(kind, step):
                 self.recorder.record(step, self.evaluator.coupling_metrics(kind, step))
-            reply = self.board.peers(kind, member)
+            reply = self.board.peers(kind, members)
         return self.pack(reply)
 
     def member_down(self, member: str) -> None:
@@ -564,21 +576,21 @@ class Coordinator:
             self.evaluations.note_best(step, best)
             self.recorder.record(step, summary, checkpoint=False)
 
-    def pbt_round(self, step: int, member: str, score: float | None, hyperparameters: dict[str, float], state: Any) -> dict | None:
-        """Population-based training's round at ``step`` (see :class:`PBTRounds`): waits until every
-        member in the schedule has arrived (at most ``exchange.timeout_s``); ``member``'s exploit
-        (donor, its state reference, new hyperparameters, what decided it), or None."""
+    def pbt_round(self, step: int, arrivals: list[tuple[str, float | None, dict[str, float], Any]]) -> list[dict | None]:
+        """Population-based training's round at ``step`` (see :class:`PBTRounds`) for one host's
+        members, ``arrivals`` of (member, score, hyperparameters, state reference): waits until
+        every member in the schedule has arrived (at most ``exchange.timeout_s``); each member's
+        exploit (donor, its state reference, new hyperparameters, what decided it), or None."""
         with self.lock:
             self._raise_if_aborted()
-            if not self.pbt.arrive(step, member, score, hyperparameters, state):
-                self.lock.notify_all()
+            decided = [self.pbt.arrive(step, *arrival) for arrival in arrivals][-1]
+            self.lock.notify_all()
+            if not decided:
                 if not self.lock.wait_for(lambda: step in self.pbt.decided or self.aborted, self.timeout_s):
                     missing = [m for m in self.pbt.members if m not in self.pbt.arrived.get(step, {})]
-                    raise ExchangeTimeout(f"population-based training at step {step}: member {member!r} waited {self.timeout_s:g} s for {missing} (exchange.timeout_s)")
+                    raise ExchangeTimeout(f"population-based training at step {step}: {_naming([a[0] for a in arrivals])} waited {self.timeout_s:g} s for {missing} (exchange.timeout_s)")
                 self._raise_if_aborted()
-            else:
-                self.lock.notify_all()
-            return self.pbt.decision(step, member)
+            return [self.pbt.decision(step, arrival[0]) for arrival in arrivals]
 
     def pbt_events(self) -> list[dict]:
         with self.lock:
@@ -604,8 +616,8 @@ class InProcessClient:
         self.coordinator, self.wire = coordinator, wire
         self.pool = ThreadPoolExecutor(threads, thread_name_prefix="poptrain-in-process")
 
-    def call(self, method: str, kind: str, step: int, member: str, packed: tuple, *rest) -> Callable[[], Any]:
-        future = self.pool.submit(getattr(self.coordinator, method), kind, step, member, self.wire.unpack(packed), *rest)
+    def call(self, method: str, kind: str, step: int, members: Sequence[str], packed: tuple, *rest) -> Callable[[], Any]:
+        future = self.pool.submit(getattr(self.coordinator, method), kind, step, members, self.wire.unpack(packed), *rest)
         return future.result
 
     def close(self) -> None:
@@ -628,7 +640,8 @@ class CoordinatorActor:
     A threaded actor turned out cheaper per call than an asyncio one (``benchmarks/README.md``).
     """
 
-    def __init__(self, run: RunConfig, population: PopulationInfo, run_dir: str | None = None):
+    def __init__(self, run: RunConfig, population: PopulationInfo, run_dir: str | None = None, hosts: int | None = None):
+        self.hosts = len(population.members) if hosts is None else hosts  # the processes that call it
         self._start(run, population, run_dir)
 
     def rebind(self, run: RunConfig, population: PopulationInfo, run_dir: str | None = None) -> bool:
@@ -668,7 +681,7 @@ class CoordinatorActor:
                     {"exchange": self.exchange, "publish": self.publish},
                     host=host,
                     inline=run.exchange.mode == "sync",
-                    threads=calls_in_flight(len(population.members)),
+                    threads=calls_in_flight(self.hosts),
                 )
             except OSError as exc:  # e.g. an IPv6 node address, which multiprocessing.connection cannot bind
                 warnings.warn(f"poptrain: the coordinator cannot listen on {host} ({exc}); members exchange through Ray calls", RuntimeWarning, stacklevel=2)
@@ -696,13 +709,13 @@ class CoordinatorActor:
         and :meth:`publish` through Ray."""
         return None if self.server is None else (self.server.address, self.server.authkey)
 
-    def exchange(self, kind: str, step: int, member: str, packed: tuple):
+    def exchange(self, kind: str, step: int, members: Sequence[str], packed: tuple):
         """``sync`` mode: see :meth:`Coordinator.exchange`; values and reply as :class:`Wire` tuples."""
-        return self.coordinator.exchange(kind, step, member, self.wire.unpack(packed))
+        return self.coordinator.exchange(kind, step, members, self.wire.unpack(packed))
 
-    def publish(self, kind: str, step: int, member: str, packed: tuple, used_at: int | None = None):
+    def publish(self, kind: str, step: int, members: Sequence[str], packed: tuple, used_at: int | None = None):
         """``async`` mode: see :meth:`Coordinator.publish`; values and reply as :class:`Wire` tuples."""
-        return self.coordinator.publish(kind, step, member, self.wire.unpack(packed), used_at)
+        return self.coordinator.publish(kind, step, members, self.wire.unpack(packed), used_at)
 
     def member_down(self, member: str) -> None:
         self.coordinator.member_down(member)
@@ -716,8 +729,8 @@ class CoordinatorActor:
     def abort(self, reason: str) -> None:
         self.coordinator.abort(reason)
 
-    def pbt_round(self, step: int, member: str, score: float | None, hyperparameters: dict[str, float], state: Any) -> dict | None:
-        return self.coordinator.pbt_round(step, member, score, hyperparameters, state)
+    def pbt_round(self, step: int, arrivals: list[tuple[str, float | None, dict[str, float], Any]]) -> list[dict | None]:
+        return self.coordinator.pbt_round(step, arrivals)
 
     def pbt_events(self) -> list[dict]:
         return self.coordinator.pbt_events()
@@ -729,6 +742,18 @@ class CoordinatorActor:
         return True
 
 
+def _by_member(members: Sequence[str], values: Values) -> dict[str, Values]:
+    """One host's values split by the member each belongs to (every one of ``members`` listed)."""
+    out: dict[str, Values] = {m: {} for m in members}
+    for q, array in values.items():
+        out[q.member][q] = array
+    return out
+
+
+def _naming(members: Sequence[str]) -> str:
+    return f"member {members[0]!r}" if len(members) == 1 else f"members {list(members)}"
+
+
 def _elements(q: Quantity, population: PopulationInfo) -> int:
     """How many numbers quantity ``q`` is on the wire."""
     if q.kind == "loss":
@@ -738,18 +763,20 @@ def _elements(q: Quantity, population: PopulationInfo) -> int:
     return int(np.prod(population.param_shapes[q.member][q.key]))
 
 
-def start_coordinator(run: RunConfig, population: PopulationInfo, run_dir: str | None = None, **options):
+def start_coordinator(run: RunConfig, population: PopulationInfo, run_dir: str | None = None, hosts: int | None = None, **options):
     """The coordinator as a Ray actor (no CPU reserved), with enough threads that a call blocked at
-    a barrier never starves the one that would release it: per member, up to two calls per
-    exchange kind in flight (async pipelining), plus the driver's (take_metrics, member_down)."""
+    a barrier never starves the one that would release it: per host (``hosts``, default one per
+    member), up to two calls per exchange kind in flight (async pipelining) and a
+    population-based-training round, plus evaluation reports (quick: they wait for nobody) and the
+    driver's calls (take_metrics, member_down)."""
     import ray
 
-    # + per member an evaluation report and a population-based-training round.
-    threads = calls_in_flight(len(population.members)) + 2 * len(population.members) + 4
-    return ray.remote(CoordinatorActor).options(num_cpus=0, max_concurrency=threads, **options).remote(run, population, run_dir)
+    hosts = len(population.members) if hosts is None else hosts
+    threads = calls_in_flight(hosts) + hosts + min(len(population.members), 64) + 4
+    return ray.remote(CoordinatorActor).options(num_cpus=0, max_concurrency=threads, **options).remote(run, population, run_dir, hosts)
 
 
-def calls_in_flight(members: int) -> int:
-    """The most exchange calls members can have waiting at the coordinator at once: two per
-    member and exchange kind (an async publish and the pipelined one after it)."""
-    return 2 * len(PHASES) * members
+def calls_in_flight(hosts: int) -> int:
+    """The most exchange calls hosts can have waiting at the coordinator at once: two per host
+    and exchange kind (an async publish and the pipelined one after it)."""
+    return 2 * len(PHASES) * hosts

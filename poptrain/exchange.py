@@ -200,14 +200,15 @@ class Client(Protocol):
 
 
 class Link:
-    """A member's way to the coordinator: :meth:`send` its values of ``kind`` at ``step`` and get
-    a :data:`Pending` reply. :meth:`drain` waits for what is still in flight (before the member's
-    ``train`` returns, so the coordinator has logged every round)."""
+    """A host's way to the coordinator: :meth:`send` the values of ``kind`` at ``step`` of some of
+    its members (one message for all of them) and get a :data:`Pending` reply, one for them all.
+    :meth:`drain` waits for what is still in flight (before the host's ``train`` returns, so the
+    coordinator has logged every round). A host always sends the same members for a kind."""
 
-    def __init__(self, client: Client, wire: Wire, member: str):
-        self.client, self.wire, self.member = client, wire, member
+    def __init__(self, client: Client, wire: Wire):
+        self.client, self.wire = client, wire
 
-    def send(self, kind: str, step: int, values: dict[Quantity, np.ndarray]) -> Pending:
+    def send(self, kind: str, step: int, members: tuple[str, ...], values: dict[Quantity, np.ndarray]) -> Pending:
         raise NotImplementedError
 
     def drain(self) -> None:
@@ -230,8 +231,8 @@ class Link:
 class SyncLink(Link):
     """``exchange.mode: sync``: the reply is the round's result, once every participant has sent."""
 
-    def send(self, kind: str, step: int, values: dict[Quantity, np.ndarray]) -> Pending:
-        return self._reply(self.client.call("exchange", kind, step, self.member, self.wire.pack(values)))
+    def send(self, kind: str, step: int, members: tuple[str, ...], values: dict[Quantity, np.ndarray]) -> Pending:
+        return self._reply(self.client.call("exchange", kind, step, members, self.wire.pack(values)))
 
 
 class AsyncLink(Link):
@@ -243,21 +244,21 @@ class AsyncLink(Link):
     The first exchange of a kind waits for its own reply and starts the pipeline.
     """
 
-    def __init__(self, client: Client, wire: Wire, member: str, every: int, steps: int, max_staleness: int):
-        super().__init__(client, wire, member)
+    def __init__(self, client: Client, wire: Wire, every: int, steps: int, max_staleness: int):
+        super().__init__(client, wire)
         self.every, self.steps, self.max_staleness = every, steps, max_staleness
         self.in_flight: dict[str, Callable[[], Any]] = {}  # per kind, the reply to the last publish
 
-    def send(self, kind: str, step: int, values: dict[Quantity, np.ndarray]) -> Pending:
+    def send(self, kind: str, step: int, members: tuple[str, ...], values: dict[Quantity, np.ndarray]) -> Pending:
         packed = self.wire.pack(values)
         next_step = step + self.every
         if self.max_staleness > 0 and kind in self.in_flight:
             used_at = next_step if next_step < self.steps else step
-            previous, self.in_flight[kind] = self.in_flight[kind], self.client.call("publish", kind, step, self.member, packed, used_at)
+            previous, self.in_flight[kind] = self.in_flight[kind], self.client.call("publish", kind, step, members, packed, used_at)
             return self._reply(previous)
-        reply = self._unpack(self.client.call("publish", kind, step, self.member, packed)())
+        reply = self._unpack(self.client.call("publish", kind, step, members, packed)())
         if self.max_staleness > 0 and next_step < self.steps:
-            self.in_flight[kind] = self.client.call("publish", kind, step, self.member, packed, next_step)
+            self.in_flight[kind] = self.client.call("publish", kind, step, members, packed, next_step)
         return lambda: reply
 
     def drain(self) -> None:
@@ -266,12 +267,12 @@ class AsyncLink(Link):
         self.in_flight.clear()
 
 
-def open_link(run, plan: ExchangePlan, member: str, client: Client) -> Link:
+def open_link(run, plan: ExchangePlan, client: Client) -> Link:
     """The link ``run.exchange.mode`` asks for, over ``client``."""
     wire = Wire(plan)
     if run.exchange.mode == "sync":
-        return SyncLink(client, wire, member)
-    return AsyncLink(client, wire, member, run.exchange.every, run.steps, run.exchange.max_staleness)
+        return SyncLink(client, wire)
+    return AsyncLink(client, wire, run.exchange.every, run.steps, run.exchange.max_staleness)
 
 
 def by_reference(packed: tuple) -> Any:

@@ -1,11 +1,15 @@
-"""The Ray actor that carries a member in a run: :class:`MemberHost`.
+"""The Ray actor that carries members in a run: :class:`MemberHost`, a *host*.
 
-It builds the member's :class:`poptrain.member.MemberTrainer` on the device Ray assigned, links it
-to the coordinator (:func:`poptrain.exchange.open_link` over a direct connection or Ray calls),
-maps its coordinator-only parameters into memory the coordinator maps when both are on one CPU
-node, restores its newest checkpoint when there is one, and then trains: checkpoints at their
-steps, metrics into an outbox the driver empties (``take_metrics``, called while ``train`` runs:
-the actor has two threads).
+A host carries one member or several (``placement.members_per_host``; see
+:func:`poptrain.population.plan_hosts`). It builds each member's
+:class:`poptrain.member.MemberTrainer` on the device Ray assigned the host, links the host to
+the coordinator once (:func:`poptrain.exchange.open_link` over a direct connection or Ray calls),
+maps members' coordinator-only parameters into memory the coordinator maps when both are on one
+CPU node, restores the newest checkpoint all its members have when there is one, and then trains
+its members in lockstep (:mod:`poptrain.lockstep`: one message per exchange for all of them):
+checkpoints at their steps, each member's metrics into its own outbox, which the driver empties
+(``take_metrics``, called while ``train`` runs: the actor has two threads). A member stays a
+member in all a user sees: its own checkpoint files, random streams, MLflow run and ``model.pt``.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import os
 import socket
 import time
 import warnings
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -29,6 +34,7 @@ from poptrain.checkpoint import checkpoint_path, load_checkpoint, save_checkpoin
 from poptrain.config import RunConfig
 from poptrain.couplings import PopulationInfo, Quantity
 from poptrain.exchange import numpy_copy, open_link
+from poptrain.lockstep import run_alone, step_together
 from poptrain.member import MemberTrainer
 from poptrain.outbox import Item, MetricsOutbox
 
@@ -56,58 +62,77 @@ def placement_device() -> tuple[str, list[str]]:
     return "cpu", gpu_ids
 
 
+@dataclass
+class Hosted:
+    """One member a host carries, and what the host keeps for it."""
+
+    trainer: MemberTrainer
+    outbox: MetricsOutbox
+    restored_from: int | None = None  # the checkpoint's step it was restored from
+    evaluated: dict[str, float] = field(default_factory=dict)  # the newest held-out metrics (what population-based training ranks by)
+    last_step_metrics: dict[str, float] = field(default_factory=dict)  # the last step's (what a training metric ranks by)
+    reporting: Any = None  # its evaluation report on its way to the coordinator
+    checkpoint_ms: float = 0.0  # the last checkpoint's time, reported with the next step's profile
+
+    @property
+    def name(self) -> str:
+        return self.trainer.name
+
+
 class MemberHost:
-    """Ray actor carrying one member: see the module's docstring."""
+    """Ray actor carrying one or more members: see the module's docstring."""
 
-    def __init__(self, run: RunConfig, name: str, population: PopulationInfo, coordinator_name: str, num_cpus: float, run_dir: str, system_metrics: bool = False):
-        self._start(run, name, population, coordinator_name, num_cpus, run_dir, system_metrics)
+    def __init__(self, run: RunConfig, names: list[str], population: PopulationInfo, coordinator_name: str, num_cpus: float, run_dir: str, system_metrics: bool = False):
+        self._start(run, names, population, coordinator_name, num_cpus, run_dir, system_metrics)
 
-    def rebind(self, run: RunConfig, name: str, population: PopulationInfo, coordinator_name: str, num_cpus: float, run_dir: str, system_metrics: bool = False) -> dict[str, Any]:
-        """Become member ``name`` of another run in this process (a warm process, see
-        :mod:`poptrain.pool`): everything the last run's member held is let go and built anew from
-        the arguments, exactly as a new process would build it. Returns :meth:`info`."""
+    def rebind(self, run: RunConfig, names: list[str], population: PopulationInfo, coordinator_name: str, num_cpus: float, run_dir: str, system_metrics: bool = False) -> dict[str, Any]:
+        """Carry members ``names`` of another run in this process (a warm process, see
+        :mod:`poptrain.pool`): everything the last run's members held is let go and built anew
+        from the arguments, exactly as a new process would build it. Returns :meth:`info`."""
         self.park()
-        self._start(run, name, population, coordinator_name, num_cpus, run_dir, system_metrics)
+        self._start(run, names, population, coordinator_name, num_cpus, run_dir, system_metrics)
         return self.info()
 
     def park(self) -> None:
-        """Let go of the finished run (model, optimizer, data, mapped memory, the GPU's cached
+        """Let go of the finished run (models, optimizers, data, mapped memory, the GPU's cached
         blocks, the connection to its coordinator) while this warm process waits for the next."""
-        if self.trainer is not None and self.trainer.link is not None:
-            self.trainer.link.close()
-        self.trainer = self.outbox = None
+        if self.link is not None:
+            self.link.close()
+        self.link, self.members, self.by_name = None, [], {}
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
-    def _start(self, run: RunConfig, name: str, population: PopulationInfo, coordinator_name: str, num_cpus: float, run_dir: str, system_metrics: bool) -> None:
+    def _start(self, run: RunConfig, names: list[str], population: PopulationInfo, coordinator_name: str, num_cpus: float, run_dir: str, system_metrics: bool) -> None:
         device, gpu_ids = placement_device()
         torch.set_num_threads(max(1, int(num_cpus)))
-        self.trainer = MemberTrainer(run, name, population, device)
-        self.run_dir = run_dir
+        self.run, self.run_dir = run, run_dir
+        trainers = [MemberTrainer(run, name, population, device) for name in names]
         self.coordinator = coordinator = ray.get_actor(coordinator_name)
-        self.reporting = None  # the evaluation report on its way to the coordinator
         client = CoordinatorClient(coordinator, ray.get(coordinator.channel.remote()), run.exchange.timeout_s)
-        self.trainer.connect(open_link(run, self.trainer.plan, name, client))
-        mappable = self.trainer.plan.coordinator_only[name]
-        if mappable and device == "cpu":
-            self._map_parameters(coordinator, mappable, coordinator_name.rsplit("-", 1)[-1])
-        # A fresh run starts with no checkpoint of its own; a resumed run, or the new process the driver
-        # starts for a member whose process died, continues from its newest one, metrics not yet
-        # written included.
-        self.restored_from = None
-        self.outbox = MetricsOutbox()
-        self.evaluated: dict[str, float] = {}  # the newest held-out metrics (what population-based training ranks by)
-        self.last_step_metrics: dict[str, float] = {}
-        saved = steps_of(run_dir, name)
-        if saved:
-            state = load_checkpoint(checkpoint_path(run_dir, name, saved[-1]))
-            self.trainer.load_state_dict(state)
-            self.outbox = MetricsOutbox(state.get("metrics", []))
-            self.evaluated, self.last_step_metrics = dict(state.get("evaluated", {})), dict(state.get("last_step_metrics", {}))
-            self.restored_from = saved[-1]
-            if self.trainer.rollback_point is not None:
-                self.trainer.set_rollback_point(saved[-1], state)
+        self.link = open_link(run, trainers[0].plan, client)  # one for every member it carries
+        for trainer in trainers:
+            trainer.connect(self.link)
+            mappable = trainer.plan.coordinator_only[trainer.name]
+            if mappable and device == "cpu":
+                self._map_parameters(trainer, coordinator, mappable, coordinator_name.rsplit("-", 1)[-1])
+        # A fresh run starts with no checkpoint; a resumed run, or the new process the driver starts
+        # for a host whose process died, continues from the newest checkpoint all its members have,
+        # metrics not yet written included.
+        restored = common_checkpoint(run_dir, names)
+        self.members = []
+        for trainer in trainers:
+            hosted = Hosted(trainer, MetricsOutbox())
+            if restored is not None:
+                state = load_checkpoint(checkpoint_path(run_dir, trainer.name, restored))
+                trainer.load_state_dict(state)
+                hosted.outbox = MetricsOutbox(state.get("metrics", []))
+                hosted.evaluated, hosted.last_step_metrics = dict(state.get("evaluated", {})), dict(state.get("last_step_metrics", {}))
+                hosted.restored_from = restored
+                if trainer.rollback_point is not None:
+                    trainer.set_rollback_point(restored, state)
+            self.members.append(hosted)
+        self.by_name = {m.name: m for m in self.members}
         self.system_metrics = system_metrics
         self.last_system_sample = float("-inf")
         self.logging_ms = 0.0  # the last step's logging time, reported with the next step's profile
@@ -118,123 +143,147 @@ class MemberHost:
             "device": device,
             "gpu_ids": ",".join(map(str, gpu_ids)),
             "torch_threads": torch.get_num_threads(),
-            "shared_params": len(self.trainer.mapped),  # parameters in memory mapped by the coordinator
+            "members_on_host": len(self.members),
         }
 
-    def _map_parameters(self, coordinator, names: list[str], run_tag: str) -> None:
+    def _map_parameters(self, trainer: MemberTrainer, coordinator, names: list[str], run_tag: str) -> None:
         """Keep ``names`` in memory the coordinator maps when it is on this node (see
         :mod:`poptrain.mapped_memory`); else, or without room in ``/dev/shm``, send copies."""
-        name = self.trainer.name
-        layout = mapped_memory.map_parameters(self.trainer.params, names, f"{run_tag}-{name}", _node_id())
+        name = trainer.name
+        layout = mapped_memory.map_parameters(trainer.params, names, f"{run_tag}-{name}", _node_id())
         if layout is None:
             return
         if ray.get(coordinator.attach.remote(name, layout)):
-            self.trainer.mapped = {Quantity(name, "param", n) for n in names}
+            trainer.mapped = {Quantity(name, "param", n) for n in names}
         else:
             mapped_memory.release(layout)
 
-    def restored_step(self) -> int | None:
-        return self.restored_from
-
     def info(self) -> dict[str, Any]:
+        """Where this host runs (node, pid, device, threads), the same for every member it carries."""
         return dict(self.placement)
 
-    def train(self, until_step: int) -> dict[str, float]:
-        """Train up to ``until_step``; metrics go to the outbox. Returns the last step's metrics."""
-        trainer, run = self.trainer, self.trainer.run
-        metrics: dict[str, float] = self.last_step_metrics  # the last step's (what a training metric ranks by)
-        checkpoint_ms = 0.0
-        while trainer.step < until_step:
-            step = trainer.step
-            checkpoint_ms = self._checkpoint_if_due(step, metrics) or checkpoint_ms
+    def member_placement(self, name: str) -> dict[str, Any]:
+        """:meth:`info`, with how many of the member's parameters are in memory the coordinator maps."""
+        return {**self.placement, "shared_params": len(self.by_name[name].trainer.mapped)}
+
+    def train(self, until_step: int) -> dict[str, dict[str, float]]:
+        """Train every member up to ``until_step``, in lockstep; metrics go to the outboxes. Returns
+        each member's last step's metrics."""
+        run, members = self.run, self.members
+        while members[0].trainer.step < until_step:
+            step = members[0].trainer.step
+            for m in members:
+                m.checkpoint_ms = self._checkpoint_if_due(m, step) or m.checkpoint_ms
             if step and run.evaluation.every and step % run.evaluation.every == 0:
-                self.evaluated = self._evaluate(step)
-            if step and trainer.hyperparameters is not None and step % run.pbt.every == 0:
-                self._pbt_round(step, metrics)
-            trainer.timings = dict.fromkeys(trainer.timings, 0.0)
+                for m in members:
+                    m.evaluated = self._evaluate(m, step)
+            if step and run.pbt is not None and step % run.pbt.every == 0:
+                self._pbt_round(step)
+            for m in members:
+                m.trainer.timings = dict.fromkeys(m.trainer.timings, 0.0)
             started = time.perf_counter()
-            metrics = trainer.train_step()
-            if run.tracking.profile:
-                step_ms = 1000 * (time.perf_counter() - started)
-                metrics.update({f"profile/{k}": v for k, v in trainer.timings.items()})
-                metrics["profile/compute_ms"] = step_ms - sum(trainer.timings.values())
-                metrics["profile/logging_ms"], metrics["profile/checkpoint_ms"] = self.logging_ms, checkpoint_ms
-                checkpoint_ms = 0.0
-            self._log(step, metrics, last=trainer.step == until_step)
-        if trainer.step == run.steps:
-            trainer.finish()
-            metrics.update(self._evaluate(run.steps))  # after the last exchange: an average's target has its final weights
+            if len(members) == 1:
+                stepped = [run_alone(members[0].trainer.step_program(), members[0].trainer)]
+            else:
+                stepped = step_together([m.trainer for m in members], [m.trainer.step_program() for m in members], self.link)
+            step_ms = 1000 * (time.perf_counter() - started) / len(members)  # a member's share of the host's step
+            for m, metrics in zip(members, stepped):
+                if run.tracking.profile:
+                    metrics.update({f"profile/{k}": v for k, v in m.trainer.timings.items()})
+                    metrics["profile/compute_ms"] = step_ms - sum(m.trainer.timings.values())
+                    metrics["profile/logging_ms"], metrics["profile/checkpoint_ms"] = self.logging_ms, m.checkpoint_ms
+                    m.checkpoint_ms = 0.0
+                m.last_step_metrics = metrics
+            self._log(step, members, last=step + 1 == until_step)
+        if members[0].trainer.step == run.steps:
+            if len(members) == 1:
+                run_alone(members[0].trainer.finish_program(), members[0].trainer)
+            else:
+                step_together([m.trainer for m in members], [m.trainer.finish_program() for m in members], self.link)
+            for m in members:  # after the last exchange: an average's target has its final weights
+                m.last_step_metrics = {**m.last_step_metrics, **self._evaluate(m, run.steps)}
         # The last pipelined publishes: done before train() returns, so their coupling metrics are
         # in the coordinator's outbox when the driver takes it for the last time.
-        trainer.link.drain()
-        if self.reporting is not None:
-            ray.get(self.reporting)
-            self.reporting = None
-        return metrics
+        self.link.drain()
+        for m in members:
+            if m.reporting is not None:
+                ray.get(m.reporting)
+                m.reporting = None
+        return {m.name: dict(m.last_step_metrics) for m in members}
 
-    def _pbt_round(self, step: int, last: dict[str, float]) -> None:
-        """Population-based training at ``step``: hand the coordinator this member's score (its newest
-        held-out metric, or its last step's training metric) and a reference to its state; copy the
-        donor the round decides, if any, in memory, and log the exploit."""
+    def _pbt_round(self, step: int) -> None:
+        """Population-based training at ``step``: hand the coordinator each scheduled member's score
+        (its newest held-out metric, or its last step's training metric) and a reference to its
+        state, in one call for all of them (the round needs everyone); copy the donors the round
+        decides in memory, and log the exploits."""
         from poptrain.pbt import ranking, transferable
 
-        trainer = self.trainer
-        metric, _ = ranking(trainer.run)
-        score = (self.evaluated if metric.startswith("eval/") else last).get(metric)
-        state = [ray.put(transferable(trainer.state_dict()))]  # in a list: Ray hands the reference on, unresolved
-        decision = ray.get(self.coordinator.pbt_round.remote(step, trainer.name, score, trainer.hyperparameters.get(), state))
-        if decision is None:
+        metric, _ = ranking(self.run)
+        scheduled = [m for m in self.members if m.trainer.hyperparameters is not None]
+        if not scheduled:
             return
-        trainer.exploit(decision["donor"], ray.get(decision["state"][0]), decision["new_hyperparameters"])
-        names = trainer.run.member_names
-        now = int(time.time() * 1000)
-        self.outbox.add([("pbt/exploited", 1.0, step, now), ("pbt/donor_index", float(names.index(decision["donor"])), step, now),
-                         ("pbt/score", float(decision["receiver_score"]), step, now), ("pbt/donor_score", float(decision["donor_score"]), step, now)])
+        arrivals = []
+        for m in scheduled:
+            score = (m.evaluated if metric.startswith("eval/") else m.last_step_metrics).get(metric)
+            state = [ray.put(transferable(m.trainer.state_dict()))]  # in a list: Ray hands the reference on, unresolved
+            arrivals.append((m.name, score, m.trainer.hyperparameters.get(), state))
+        names = self.run.member_names
+        for m, decision in zip(scheduled, ray.get(self.coordinator.pbt_round.remote(step, arrivals))):
+            if decision is None:
+                continue
+            m.trainer.exploit(decision["donor"], ray.get(decision["state"][0]), decision["new_hyperparameters"])
+            now = int(time.time() * 1000)
+            m.outbox.add([("pbt/exploited", 1.0, step, now), ("pbt/donor_index", float(names.index(decision["donor"])), step, now),
+                          ("pbt/score", float(decision["receiver_score"]), step, now), ("pbt/donor_score", float(decision["donor_score"]), step, now)])
 
-    def _evaluate(self, step: int) -> dict[str, float]:
-        """Evaluate the member on its held-out data after ``step`` steps (before step ``step``'s own
+    def _evaluate(self, m: Hosted, step: int) -> dict[str, float]:
+        """Evaluate member ``m`` on its held-out data after ``step`` steps (before step ``step``'s own
         exchanges: an averaging target holds the previous exchange's average; at the end, after the
-        last one): its metrics into the outbox, its outputs to the coordinator (population
+        last one): its metrics into its outbox, its outputs to the coordinator (population
         summaries, the ensemble). The metrics, or {}."""
-        if self.trainer.eval_dataset is None:
+        if m.trainer.eval_dataset is None:
             return {}
-        metrics, outputs, targets = self.trainer.evaluate()
-        self.outbox.add([(key, value, step, int(time.time() * 1000)) for key, value in metrics.items()])
-        if self.reporting is not None:  # at most one report in flight
-            ray.get(self.reporting)
-        ensemble = self.trainer.run.evaluation.ensemble  # outputs cross only for the ensemble
-        self.reporting = self.coordinator.report_eval.remote(
-            step, self.trainer.name, metrics, outputs.numpy() if ensemble else None, targets.numpy() if ensemble else None
+        metrics, outputs, targets = m.trainer.evaluate()
+        m.outbox.add([(key, value, step, int(time.time() * 1000)) for key, value in metrics.items()])
+        if m.reporting is not None:  # at most one report in flight per member
+            ray.get(m.reporting)
+        ensemble = self.run.evaluation.ensemble  # outputs cross only for the ensemble
+        m.reporting = self.coordinator.report_eval.remote(
+            step, m.name, metrics, outputs.numpy() if ensemble else None, targets.numpy() if ensemble else None
         )
         return metrics
 
-    def _checkpoint_if_due(self, step: int, last: dict[str, float]) -> float | None:
-        """Write a checkpoint at ``step`` when one is due (not at 0, not the one just restored);
-        the milliseconds it took, or None."""
-        every, keep = self.trainer.run.checkpoint.every, self.trainer.run.checkpoint.keep
-        if not every or step % every or step == self.restored_from or step == 0:
+    def _checkpoint_if_due(self, m: Hosted, step: int) -> float | None:
+        """Write member ``m``'s checkpoint at ``step`` when one is due (not at 0, not the one just
+        restored); the milliseconds it took, or None."""
+        every, keep = self.run.checkpoint.every, self.run.checkpoint.keep
+        if not every or step % every or step == m.restored_from or step == 0:
             return None
         started = time.perf_counter()
         # The metrics not yet in MLflow go into the checkpoint: a restart from it sends them again.
-        state = self.trainer.state_dict()
+        state = m.trainer.state_dict()
         # With the last step's and the newest held-out metrics, which a restarted member ranks by.
-        extra = {"metrics": self.outbox.unwritten(), "last_step_metrics": dict(last), "evaluated": dict(self.evaluated)}
-        save_checkpoint({**state, **extra}, self.run_dir, self.trainer.name, step, keep)
-        if self.trainer.rollback_point is not None:
-            self.trainer.set_rollback_point(step, state)
+        extra = {"metrics": m.outbox.unwritten(), "last_step_metrics": dict(m.last_step_metrics), "evaluated": dict(m.evaluated)}
+        save_checkpoint({**state, **extra}, self.run_dir, m.name, step, keep)
+        if m.trainer.rollback_point is not None:
+            m.trainer.set_rollback_point(step, state)
         return 1000 * (time.perf_counter() - started)
 
-    def _log(self, step: int, metrics: dict[str, float], last: bool) -> None:
+    def _log(self, step: int, members: list[Hosted], last: bool) -> None:
         started = time.perf_counter()
+        system = {}
         if self.system_metrics and time.monotonic() - self.last_system_sample >= SYSTEM_METRICS_EVERY_S:
-            metrics.update(self._system_metrics())
-        if step % self.trainer.run.tracking.log_every == 0 or last:
+            system = self._system_metrics()
+        if step % self.run.tracking.log_every == 0 or last or system:
             now_ms = int(time.time() * 1000)
-            self.outbox.add([(key, value, step, now_ms) for key, value in metrics.items()])
+            logged = step % self.run.tracking.log_every == 0 or last
+            for m in members:
+                items = {**m.last_step_metrics, **system} if logged else system
+                m.outbox.add([(key, value, step, now_ms) for key, value in items.items()])
         self.logging_ms = 1000 * (time.perf_counter() - started)
 
     def _system_metrics(self) -> dict[str, float]:
-        """CPU, memory (and GPU memory) of this member's process, under MLflow's `system/` prefix."""
+        """CPU, memory (and GPU memory) of this host's process, under MLflow's `system/` prefix."""
         import psutil
 
         self.last_system_sample = time.monotonic()
@@ -244,33 +293,44 @@ class MemberHost:
             "system/process_memory_rss_megabytes": process.memory_info().rss / 2**20,
             "system/system_memory_usage_percentage": psutil.virtual_memory().percent,
         }
-        if self.trainer.device.type == "cuda":
-            out["system/gpu_memory_allocated_megabytes"] = torch.cuda.memory_allocated(self.trainer.device) / 2**20
-            out["system/gpu_memory_reserved_megabytes"] = torch.cuda.memory_reserved(self.trainer.device) / 2**20
+        device = self.members[0].trainer.device
+        if device.type == "cuda":
+            out["system/gpu_memory_allocated_megabytes"] = torch.cuda.memory_allocated(device) / 2**20
+            out["system/gpu_memory_reserved_megabytes"] = torch.cuda.memory_reserved(device) / 2**20
         return out
 
-    def take_metrics(self, written: bool, resend: bool = False) -> list[Item]:
-        """The metrics since the last call; ``written``: everything taken before is in MLflow;
-        ``resend``: the last reply was lost, send its items again."""
-        return self.outbox.take(written, resend)
+    def take_metrics(self, written: bool, resend: bool = False) -> dict[str, list[Item]]:
+        """Each member's metrics since the last call; ``written``: everything taken before is in
+        MLflow; ``resend``: the last reply was lost, send its items again."""
+        return {m.name: m.outbox.take(written, resend) for m in self.members}
 
-    def datasets(self) -> list[dict[str, Any]]:
-        """The member's training and held-out data, as :func:`poptrain.build.describe_dataset` describes them."""
-        trainer = self.trainer
+    def datasets(self, name: str) -> list[dict[str, Any]]:
+        """Member ``name``'s training and held-out data, as :func:`poptrain.build.describe_dataset` describes them."""
+        trainer = self.by_name[name].trainer
         out = [describe_dataset(trainer.config.data, trainer.batches.dataset, "train")]
         if trainer.eval_dataset is not None:
             out.append(describe_dataset(trainer.held_out, trainer.eval_dataset, "eval"))
         return out
 
-    def final_weights(self) -> dict[str, np.ndarray]:
-        """The model's state_dict as NumPy arrays, to save as ``model.pt`` (bfloat16 as float32)."""
-        return {k: numpy_copy(v) for k, v in self.trainer.model.state_dict().items()}
+    def final_weights(self, name: str) -> dict[str, np.ndarray]:
+        """Member ``name``'s state_dict as NumPy arrays, to save as ``model.pt`` (bfloat16 as float32)."""
+        return {k: numpy_copy(v) for k, v in self.by_name[name].trainer.model.state_dict().items()}
 
-    def example_inputs(self, n: int = 4) -> np.ndarray | None:
-        """A few inputs from the member's data (the logged model's input example); None for multi-input models."""
-        dataset = self.trainer.batches.dataset
+    def example_inputs(self, name: str, n: int = 4) -> np.ndarray | None:
+        """A few inputs from member ``name``'s data (the logged model's input example); None for multi-input models."""
+        dataset = self.by_name[name].trainer.batches.dataset
         batch = default_collate([dataset[i] for i in range(min(n, len(dataset)))])
         return numpy_copy(batch[0]) if len(batch) == 2 else None
+
+
+def common_checkpoint(run_dir: str, names: list[str]) -> int | None:
+    """The newest checkpoint step every one of ``names`` has (a host restarts all its members from
+    the same step), or None."""
+    common = None
+    for name in names:
+        saved = set(steps_of(run_dir, name))
+        common = saved if common is None else common & saved
+    return max(common) if common else None
 
 
 def _node_id() -> str:

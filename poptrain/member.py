@@ -25,7 +25,8 @@ from poptrain.batches import BatchStream, in_order
 from poptrain.build import apply_frozen, build_dataset, build_model, build_optimizer, resolve_grad_transforms, resolve_loss, resolve_metrics, resolve_terms
 from poptrain.config import RunConfig
 from poptrain.couplings import PopulationInfo, Quantity, build_couplings
-from poptrain.exchange import ExchangePlan, Link, Pending, numpy_copy, tensor_copy
+from poptrain.exchange import ExchangePlan, Link, numpy_copy, tensor_copy
+from poptrain.lockstep import Send, StepProgram, Wait, run_alone
 from poptrain.pbt import Hyperparameters, pbt_members
 from poptrain.randomness import MemberRandomness, member_seed
 
@@ -108,40 +109,48 @@ class MemberTrainer:
     # -- the step ------------------------------------------------------------------------------
 
     def train_step(self) -> dict[str, float]:
-        """One optimizer step; returns this step's metrics (raw terms, effective weights, couplings)."""
+        """One optimizer step through this member's own link; returns this step's metrics (raw
+        terms, effective weights, couplings). A host carrying several members drives
+        :meth:`step_program` instead (:func:`poptrain.lockstep.step_together`)."""
+        return run_alone(self.step_program(), self)
+
+    def step_program(self) -> StepProgram:
+        """One optimizer step as a program that yields its exchanges (:class:`poptrain.lockstep.Send`,
+        then :class:`~poptrain.lockstep.Wait` for the reply) to whoever drives it, and returns the
+        step's metrics. The driver resumes it inside :meth:`MemberRandomness.active`, so several
+        members' programs can be interleaved at their exchanges in one process."""
         exchanging = self.step % self.every == 0
-        with self.randomness.active():
-            *inputs, targets = [t.to(self.device, non_blocking=True) for t in self.batches.next()]
-            if not self.config.trainable:
-                return self._untrained_step(exchanging, inputs, targets)
-            self.model.train()
-            peers_params = self._send("param", defer=self.defer_param_replies) if exchanging else None
-            outputs = self.model(*inputs)
-            terms = self._own_terms(inputs, outputs, targets)
-            nonfinite = [f"term {n!r}" for n, t in terms.items() if not _finite(t)]
-            weights = self.balancer.effective_weights(self.term_weights, terms)
-            own_objective = sum(weights[n] * terms[n] for n in terms if weights[n] != 0)
+        *inputs, targets = [t.to(self.device, non_blocking=True) for t in self.batches.next()]
+        if not self.config.trainable:
+            return (yield from self._untrained_step(exchanging, inputs, targets))
+        self.model.train()
+        peers_params = (yield from self._send("param", defer=self.defer_param_replies)) if exchanging else None
+        outputs = self.model(*inputs)
+        terms = self._own_terms(inputs, outputs, targets)
+        nonfinite = [f"term {n!r}" for n, t in terms.items() if not _finite(t)]
+        weights = self.balancer.effective_weights(self.term_weights, terms)
+        own_objective = sum(weights[n] * terms[n] for n in terms if weights[n] != 0)
+        self.optimizer.zero_grad(set_to_none=True)
+        own_done = self._backward_own_first(own_objective, peers_params, nonfinite)
+        if peers_params is not None:
+            yield from peers_params()
+        self._guard(nonfinite)
+        if exchanging:
+            yield from self._send("loss", terms, outputs)
+        coupling_terms = self._coupling_terms(terms, weights, outputs, inputs)
+        objective = own_objective + sum(coupling_terms.values())
+        nonfinite += [f"coupling {n!r}" for n, t in coupling_terms.items() if not _finite(t)]
+        self._backward(sum(coupling_terms.values()) if own_done else objective, nonfinite)
+        self._guard(nonfinite)
+        if nonfinite:  # skip or rollback: no update, and zero gradients so nothing non-finite is exchanged
             self.optimizer.zero_grad(set_to_none=True)
-            own_done = self._backward_own_first(own_objective, peers_params, nonfinite)
-            if peers_params is not None:
-                peers_params()
-            self._guard(nonfinite)
-            if exchanging:
-                self._send("loss", terms, outputs)
-            coupling_terms = self._coupling_terms(terms, weights, outputs, inputs)
-            objective = own_objective + sum(coupling_terms.values())
-            nonfinite += [f"coupling {n!r}" for n, t in coupling_terms.items() if not _finite(t)]
-            self._backward(sum(coupling_terms.values()) if own_done else objective, nonfinite)
-            self._guard(nonfinite)
-            if nonfinite:  # skip or rollback: no update, and zero gradients so nothing non-finite is exchanged
-                self.optimizer.zero_grad(set_to_none=True)
-            if exchanging:
-                self._send("grad")
-            if not nonfinite:
-                self._transform_gradients()
-                self.optimizer.step()
-            self._forget_predictions()
-            self.step += 1
+        if exchanging:
+            yield from self._send("grad")
+        if not nonfinite:
+            self._transform_gradients()
+            self.optimizer.step()
+        self._forget_predictions()
+        self.step += 1
         return self._metrics(terms, weights, coupling_terms, objective, nonfinite, exchanging)
 
     def _own_terms(self, inputs, outputs, targets) -> dict[str, torch.Tensor]:
@@ -150,7 +159,7 @@ class MemberTrainer:
             terms[term.name] = self.term_fns[term.name](self.model, *inputs, outputs, targets, **term.fn.kwargs)
         return terms
 
-    def _backward_own_first(self, own_objective, peers_params: Pending | None, nonfinite: list[str]) -> bool:
+    def _backward_own_first(self, own_objective, peers_params: Callable | None, nonfinite: list[str]) -> bool:
         """Back-propagate the member's own objective while the parameter round completes, where the
         couplings read none of its quantities but parameters: gradients add, so the gradient is
         still exact. Whether it did."""
@@ -218,29 +227,34 @@ class MemberTrainer:
         for q in [q for q in self.peers if q.kind == "pred"]:
             del self.peers[q]
 
-    def _untrained_step(self, exchanging: bool, inputs, targets) -> dict[str, float]:
+    def _untrained_step(self, exchanging: bool, inputs, targets) -> StepProgram:
         """A member that is not trained: take part in exchanges (e.g. receive an average), log its loss."""
         self.model.eval()
         # A member whose parameters no coupling replaces (an averaging source) computes while the
         # round completes; a target waits for its new parameters first.
-        peers_params = self._send("param", defer=self.defer_param_replies) if exchanging else None
+        peers_params = (yield from self._send("param", defer=self.defer_param_replies)) if exchanging else None
         with torch.no_grad():
             outputs = self.model(*inputs)
             terms = {"loss": self.loss_fn(outputs, targets)}
         if peers_params is not None:
-            peers_params()
+            yield from peers_params()
         if exchanging:
-            self._send("loss", terms, outputs)
-            self._send("grad")
+            yield from self._send("loss", terms, outputs)
+            yield from self._send("grad")
         self._forget_predictions()
         self.step += 1
         return {"loss": float(terms["loss"])}
 
     def finish(self) -> None:
+        """After the last step, through this member's own link: see :meth:`finish_program`."""
+        run_alone(self.finish_program(), self)
+
+    def finish_program(self) -> StepProgram:
         """After the last step: one more parameter exchange when a coupling replaces parameters, so
-        that averaged targets and shared modules reflect the final weights."""
+        that averaged targets and shared modules reflect the final weights (a program, as
+        :meth:`step_program`)."""
         if self.plan.replaces_params:
-            self._send("param")
+            yield from self._send("param")
 
     def evaluate(self) -> tuple[dict[str, float], torch.Tensor, torch.Tensor]:
         """The evaluation metrics on the member's whole held-out set (``{eval/<label>: value}``), and
@@ -313,10 +327,10 @@ class MemberTrainer:
         grad = self.params[q.key].grad
         return grad if grad is not None else torch.zeros_like(self.params[q.key])
 
-    def _send(self, kind: str, terms: Mapping[str, torch.Tensor] = {}, outputs: torch.Tensor | None = None, defer: bool = False) -> Pending | None:
+    def _send(self, kind: str, terms: Mapping[str, torch.Tensor] = {}, outputs: torch.Tensor | None = None, defer: bool = False) -> StepProgram:
         """Send this member's values of exchange ``kind`` (a phase: ``param``, ``loss`` with its
         predictions, ``grad``) and take in the reply: peers' values it reads, new values of its own
-        quantities. With ``defer``, the reply is taken in only when the returned function is called
+        quantities. With ``defer``, the reply is taken in only when the returned program is run
         (the member computes meanwhile); else at once, and None is returned."""
         if self.name not in self.plan.participants[kind]:
             return None
@@ -340,17 +354,18 @@ class MemberTrainer:
                 self.last_sent[q] = array
             mine[q] = array
         sent = time.perf_counter()
-        pending = self.link.send(kind, self.step, mine)
+        pending = yield Send(kind, self.step, mine)
         self.timings["serialize_ms"] += 1000 * (sent - started)
         self.timings["exchange_wait_ms"] += 1000 * (time.perf_counter() - sent)
         step = self.step
 
-        def receive() -> None:
+        def receive() -> StepProgram:
             waited = time.perf_counter()
-            reply = pending()
+            reply = yield Wait(pending)
             received = time.perf_counter()
-            if reply.steps:  # async: how old the peers' values are, in exchanges
-                self.staleness = max(0.0, (step - min(reply.steps.values())) / self.every)
+            peer_steps = [s for member, s in (reply.steps or {}).items() if member != self.name]
+            if peer_steps:  # async: how old the peers' values are, in exchanges
+                self.staleness = max(0.0, (step - min(peer_steps)) / self.every)
             for q, array in reply.values.items():
                 if q.member != self.name and q in self.plan.receives[self.name]:
                     self.peers[q] = tensor_copy(array, self.device)
@@ -362,7 +377,7 @@ class MemberTrainer:
 
         if defer:
             return receive
-        receive()
+        yield from receive()
         return None
 
     def _replace(self, q: Quantity, value: torch.Tensor) -> None:

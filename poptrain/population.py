@@ -117,6 +117,51 @@ def auto_gpus(members: int, gpus: float) -> float:
     return math.floor(1e4 * share + 1e-6) / 1e4
 
 
+def plan_hosts(cfg: RunConfig, cluster: dict[str, float]) -> list[list[str]]:
+    """The members each host carries, in config order (``placement.members_per_host``). ``auto``:
+    one member per host when every member gets a GPU of its own or there are no more members
+    than CPUs (each in a process of its own, as before hosts carried several); else one host per
+    GPU when members have GPUs (they share it inside one process instead of one process each),
+    else one per CPU, the members split evenly among them."""
+    names = cfg.member_names
+    per = cfg.placement.members_per_host
+    if per == "auto":
+        bundles = member_resources(cfg, cluster)
+        own_gpus = all(b.get("GPU", 0.0) >= 1.0 for b in bundles)
+        if own_gpus or len(names) <= cluster.get("CPU", 0.0):
+            per = 1
+        else:
+            gpus = int(cluster.get("GPU", 0.0) + 1e-9) if any(b.get("GPU") for b in bundles) else 0
+            hosts = max(1, gpus or int(cluster.get("CPU", 0.0) + 1e-9))
+            per = math.ceil(len(names) / hosts)
+    return [names[i : i + per] for i in range(0, len(names), per)]
+
+
+def host_resources(cfg: RunConfig, hosts: list[list[str]], cluster: dict[str, float]) -> list[dict[str, float]]:
+    """One placement bundle per host: its members' resources (:func:`member_resources`) summed.
+    Members under ``num_cpus: auto`` that share hosts share the cluster's CPUs evenly: each host
+    gets its members' share of them, not the 0.01 CPU floor each of a thousand would get alone;
+    a host of members under ``num_gpus: auto`` gets the GPU share a member would if each host
+    were one member (a whole GPU per host when hosts match the GPUs)."""
+    members = member_resources(cfg, cluster)
+    if all(len(h) == 1 for h in hosts):
+        return members
+    index = {name: i for i, name in enumerate(cfg.member_names)}
+    auto_share = cluster.get("CPU", 0.0) / len(cfg.members)
+    bundles = []
+    for names in hosts:
+        cpus = sum(auto_share if cfg.member(n).resources.num_cpus == "auto" else members[index[n]]["CPU"] for n in names)
+        bundle = {"CPU": max(0.01, math.floor(100 * cpus + 1e-6) / 100)}
+        if all(cfg.member(n).resources.num_gpus == "auto" for n in names):
+            gpus = auto_gpus(len(hosts), cluster.get("GPU", 0.0)) if any(members[index[n]].get("GPU") for n in names) else 0.0  # as if hosts were members
+        else:
+            gpus = math.floor(1e4 * sum(members[index[n]].get("GPU", 0.0) for n in names) + 1e-6) / 1e4
+        if gpus:
+            bundle["GPU"] = gpus
+        bundles.append(bundle)
+    return bundles
+
+
 def placement_strategy(cfg: RunConfig, nodes: int) -> str:
     """``placement.strategy``, with ``auto`` resolved: SPREAD on a cluster of several (``nodes``
     alive) nodes, else PACK."""
@@ -126,7 +171,8 @@ def placement_strategy(cfg: RunConfig, nodes: int) -> str:
 
 
 def place_population(cfg: RunConfig, bundles: list[dict[str, float]], strategy: str):
-    """A placement group: the whole population starts, or nothing does (within ``placement.timeout_s``)."""
+    """A placement group, a bundle per host: the whole population starts, or nothing does (within
+    ``placement.timeout_s``)."""
     import ray
     from ray.util.placement_group import placement_group, remove_placement_group
 
@@ -134,7 +180,7 @@ def place_population(cfg: RunConfig, bundles: list[dict[str, float]], strategy: 
     need = {k: sum(b.get(k, 0.0) for b in bundles) for k in ("CPU", "GPU")}
     if any(need[k] > cluster.get(k, 0.0) + 1e-9 for k in need):
         raise PlacementError(
-            f"the population needs {need['CPU']:g} CPUs and {need['GPU']:g} GPUs ({len(bundles)} members: {bundles}), "
+            f"the population needs {need['CPU']:g} CPUs and {need['GPU']:g} GPUs ({len(cfg.members)} members on {len(bundles)} hosts: {bundles}), "
             f"but the cluster has {cluster.get('CPU', 0):g} CPUs and {cluster.get('GPU', 0):g} GPUs. "
             "Lower members' `resources`, or add nodes."
         )
@@ -217,7 +263,9 @@ class PopulationRun:
         self.status = "FAILED"
         self.run_tag = uuid.uuid4().hex  # names this run's coordinator actor and mapped-memory files
         self.to_keep: pool.WarmMembers | None = None
-        self.members: dict[str, Any] = {}
+        self.hosts: list[list[str]] = []  # the members each host carries (plan_hosts)
+        self.host_actors: list = []
+        self.members: dict[str, Any] = {}  # member -> the host actor carrying it
         self.placement: dict[str, dict[str, Any]] = {}
         self.restarts = {name: 0 for name in cfg.member_names}
         self.final: dict[str, dict[str, float]] = {}
@@ -250,32 +298,36 @@ class PopulationRun:
         self._start_coordinator(warm)
         self.system_metrics = nodes > 1 if self.cfg.tracking.system_metrics == "auto" else self.cfg.tracking.system_metrics
         _warn_about_storage(self.cfg, self.run_dir, self.uri, nodes)
-        starting = {}
-        for name in self.cfg.member_names:
-            if warm is not None:  # a finished run's process of the same bundle takes this member on
-                self.members[name] = warm.actors[self.index_of[name]]
-                self.actors.append(self.members[name])
-                starting[name] = self.members[name].rebind.remote(*self._member_args(name))
+        starting = []
+        for index in range(len(self.hosts)):
+            if warm is not None:  # a finished run's process of the same bundle carries these members
+                self.host_actors.append(warm.actors[index])
+                self.actors.append(warm.actors[index])
+                starting.append(warm.actors[index].rebind.remote(*self._host_args(index)))
             else:
-                self.members[name] = self._start_member(name)
-                starting[name] = self.members[name].info.remote()
+                self.host_actors.append(self._start_host(index))
+                starting.append(self.host_actors[index].info.remote())
+        self.members = {name: self.host_actors[self.host_of[name]] for name in self.cfg.member_names}
         self._open_runs()
-        self.placement = dict(zip(self.members, _get_all([starting[name] for name in self.members], self.members)))
+        _get_all(starting, self._host_names(), who="")
+        self.placement = dict(zip(self.members, _get_all([host.member_placement.remote(name) for name, host in self.members.items()], self.members)))
         # Tags, not params: process facts would crowd the hyperparameters out of MLflow's comparisons.
         for name, info in self.placement.items():
             self.tracking.log_placement(name, info)
         # Again on a resume (MLflow keeps one input per name and digest): the logged models' metrics name the eval data.
-        for name, datasets in zip(self.members, _get_all([m.datasets.remote() for m in self.members.values()], self.members)):
+        for name, datasets in zip(self.members, _get_all([host.datasets.remote(name) for name, host in self.members.items()], self.members)):
             self.tracking.log_datasets(name, datasets)
-        self.collector = _MetricsCollector(self.tracking, self.members, self.coordinator)
+        self.collector = _MetricsCollector(self.tracking, self.host_actors, self.coordinator)
 
     def _place(self, nodes: int) -> pool.WarmMembers | None:
-        """One placement bundle per member, in a placement group of its own or a warm run's of the
-        same shape; the warm processes taken over, if any."""
+        """The hosts (:func:`plan_hosts`), one placement bundle each, in a placement group of its own
+        or a warm run's of the same shape; the warm processes taken over, if any."""
         import ray
 
-        self.bundles = member_resources(self.cfg, ray.cluster_resources())
-        self.index_of = {name: index for index, name in enumerate(self.cfg.member_names)}
+        cluster = ray.cluster_resources()
+        self.hosts = plan_hosts(self.cfg, cluster)
+        self.host_of = {name: index for index, names in enumerate(self.hosts) for name in names}
+        self.bundles = host_resources(self.cfg, self.hosts, cluster)
         strategy = placement_strategy(self.cfg, nodes)
         self.shape = pool.shape_key(self.bundles, strategy)
         if not self.keep_warm:
@@ -304,7 +356,7 @@ class PopulationRun:
         else:
             # On the driver's node, next to the writer of its metrics.
             here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
-            self.coordinator = start_coordinator(self.cfg, self.population, str(self.run_dir), scheduling_strategy=here, name=self.coordinator_name)
+            self.coordinator = start_coordinator(self.cfg, self.population, str(self.run_dir), hosts=len(self.hosts), scheduling_strategy=here, name=self.coordinator_name)
         self.actors.append(self.coordinator)
 
     def _open_runs(self) -> None:
@@ -321,31 +373,35 @@ class PopulationRun:
         except TrackingUnavailable as exc:
             raise PopulationError(f"MLflow tracking failed: {exc}") from None
 
-    def _member_args(self, name: str) -> tuple:
-        cpus = self.bundles[self.index_of[name]]["CPU"]
-        return (self.cfg, name, self.population, self.coordinator_name, cpus, str(self.run_dir), self.system_metrics)
+    def _host_args(self, index: int) -> tuple:
+        cpus = self.bundles[index]["CPU"]
+        return (self.cfg, self.hosts[index], self.population, self.coordinator_name, cpus, str(self.run_dir), self.system_metrics)
 
-    def _start_member(self, name: str):
+    def _host_names(self) -> list[str]:
+        """How each host is named in errors: by its member, or its members."""
+        return [f"member {names[0]}" if len(names) == 1 else f"members {', '.join(names)} (one host)" for names in self.hosts]
+
+    def _start_host(self, index: int):
         import ray
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         from poptrain.host import MemberHost
 
-        bundle = self.bundles[self.index_of[name]]
+        bundle = self.bundles[index]
         actor = (
             ray.remote(MemberHost)
             .options(
                 num_cpus=bundle["CPU"],
                 num_gpus=bundle.get("GPU", 0),
-                scheduling_strategy=PlacementGroupSchedulingStrategy(self.group, placement_group_bundle_index=self.index_of[name]),
+                scheduling_strategy=PlacementGroupSchedulingStrategy(self.group, placement_group_bundle_index=index),
                 # Never restarted by Ray, which would re-create it with the arguments it was first
                 # created with: a warm process (poptrain.pool) would come back as an earlier
-                # run's member. The driver replaces a dead member itself (restart).
+                # run's member. The driver replaces a dead host itself (restart).
                 max_restarts=0,
                 max_task_retries=0,
                 max_concurrency=2,  # train, and take_metrics beside it
             )
-            .remote(*self._member_args(name))
+            .remote(*self._host_args(index))
         )
         self.actors.append(actor)
         return actor
@@ -357,20 +413,20 @@ class PopulationRun:
         whose process died (:meth:`restart`); a member's own error fails the run."""
         import ray
 
-        running = {member.train.remote(self.cfg.steps): name for name, member in self.members.items()}
+        running = {host.train.remote(self.cfg.steps): index for index, host in enumerate(self.host_actors)}
         rates = _Rates()
         while running:
             done, _ = ray.wait(list(running), timeout=poll_s)
             for ref in done:
-                name = running.pop(ref)
+                index = running.pop(ref)
                 try:
-                    self.final[name] = ray.get(ref)
+                    self.final.update(ray.get(ref))
                 except ray.exceptions.RayActorError as exc:
-                    running[self.restart(name, exc).train.remote(self.cfg.steps)] = name
+                    running[self.restart(index, exc).train.remote(self.cfg.steps)] = index
                 except ray.exceptions.RayTaskError as exc:
                     # Its peers stop waiting for it at once (their errors say why), as the run ends.
-                    self.coordinator.abort.remote(f"member {name!r} failed")
-                    raise PopulationError(f"member {name} {describe_failure(exc)}") from None
+                    self.coordinator.abort.remote(f"{self._host_names()[index]} failed")
+                    raise PopulationError(f"{self._host_names()[index]} {describe_failure(exc)}") from None
             self.collector.poll()
             if progress is not None:
                 snapshot = rates.annotate(self.tracking.progress(), self.cfg.steps, time.monotonic() - self.started)
@@ -378,33 +434,42 @@ class PopulationRun:
                 progress(snapshot)
         self.collector.drain()
 
-    def restart(self, name: str, exc: Exception):
-        """``name``'s process died (killed, out of memory, node lost): a new process takes its place
-        in its bundle and continues from its latest checkpoint, within ``failure.max_restarts``; its
-        peers wait at the barrier meanwhile, or go on. Returns the new actor."""
+    def restart(self, index: int, exc: Exception):
+        """Host ``index``'s process died (killed, out of memory, node lost): a new process takes its
+        place in its bundle and continues all its members from their latest common checkpoint,
+        within ``failure.max_restarts``; their peers wait at the barrier meanwhile, or go on.
+        Returns the new actor."""
         import ray
 
+        names = self.hosts[index]
+        label = self._host_names()[index]
         restartable = self.cfg.failure.max_restarts if self.cfg.checkpoint.every else 0
-        self.restarts[name] += 1
-        if getattr(exc, "actor_init_failed", False) or self.restarts[name] > restartable:
-            raise PopulationError(_gave_up(self.cfg, self.run_dir, name, self.restarts[name] - 1, exc)) from None
+        restarts = self.restarts[names[0]] + 1  # every member of a host restarts with it
+        if getattr(exc, "actor_init_failed", False) or restarts > restartable:
+            raise PopulationError(_gave_up(self.cfg, self.run_dir, label, restarts - 1, exc)) from None
         if self.cfg.failure.while_restarting == "continue":
-            self.coordinator.member_down.remote(name)
+            for name in names:
+                self.coordinator.member_down.remote(name)
         while True:
             # The old process may only be unreachable (ActorUnavailableError): end it, so that it
-            # neither trains on as this member nor holds the bundle's resources.
-            ray.kill(self.members[name], no_restart=True)
-            self.members[name] = self.collector.actors[name] = self._start_member(name)
+            # neither trains on as these members nor holds the bundle's resources.
+            ray.kill(self.host_actors[index], no_restart=True)
+            self.host_actors[index] = self.collector.actors[index] = self._start_host(index)
             try:
-                self.placement[name] = _when_restarted(self.members[name], name, self.cfg.placement.timeout_s)
+                info = _when_restarted(self.host_actors[index], label, self.cfg.placement.timeout_s)
                 break
             except ray.exceptions.RayActorError as again:  # the new process died too
-                self.restarts[name] += 1
-                if self.restarts[name] > restartable:
-                    raise PopulationError(_gave_up(self.cfg, self.run_dir, name, self.restarts[name] - 1, again)) from None
-        self.tracking.set_tags(name, {"poptrain.restarts": self.restarts[name]})
-        self.tracking.log_placement(name, self.placement[name])
-        return self.members[name]
+                restarts += 1
+                if restarts > restartable:
+                    raise PopulationError(_gave_up(self.cfg, self.run_dir, label, restarts - 1, again)) from None
+        del info
+        for name in names:
+            self.members[name] = self.host_actors[index]
+            self.restarts[name] = restarts
+            self.placement[name] = ray.get(self.host_actors[index].member_placement.remote(name))
+            self.tracking.set_tags(name, {"poptrain.restarts": restarts})
+            self.tracking.log_placement(name, self.placement[name])
+        return self.host_actors[index]
 
     # -- finish and teardown -------------------------------------------------------------------
 
@@ -422,7 +487,7 @@ class PopulationRun:
             self.tracking.set_tags(None, {"poptrain.best_member": best[0], "poptrain.best_by": f"eval/{cfg.evaluation.ranking.key}"})
         _log_artifacts(cfg, self.tracking, self.members, run_dir, weights, self.final)
         if self.keep_warm:  # handed to the pool at the very end of teardown, once this run has let go of everything
-            self.to_keep = pool.WarmMembers(self.shape, self.group, [self.members[name] for name in cfg.member_names], self.coordinator, self.run_tag)
+            self.to_keep = pool.WarmMembers(self.shape, self.group, list(self.host_actors), self.coordinator, self.run_tag)
         return RunResult(
             run_id=self.ids.parent,
             member_run_ids=dict(self.ids.members),
@@ -542,11 +607,11 @@ class _MetricsCollector:
     it if this one cannot wait): an outbox drops what it handed out only once tracking says all of
     it is written, so an unread reply would be a lost metric."""
 
-    def __init__(self, tracking: Tracking, members: dict[str, Any], coordinator):
+    def __init__(self, tracking: Tracking, hosts: list, coordinator):
         self.tracking = tracking
-        self.actors = {**members, None: coordinator}  # None: the coordinator's (the parent run's) metrics
-        self.in_flight: dict[Any, str | None] = {}  # reference -> whose
-        self.lost: set[str | None] = set()  # whose last reply never arrived: resend it
+        self.actors: dict[int | None, Any] = {**dict(enumerate(hosts)), None: coordinator}  # None: the coordinator's (the parent run's) metrics
+        self.in_flight: dict[Any, int | None] = {}  # reference -> whose: a host's index, or None
+        self.lost: set[int | None] = set()  # whose last reply never arrived: resend it
 
     def poll(self, timeout_s: float = 0.2) -> None:
         """Take what is new, waiting at most ``timeout_s`` (a member being restarted answers later)."""
@@ -571,7 +636,8 @@ class _MetricsCollector:
             if name is None:
                 self.tracking.log_population(items)
             else:
-                self.tracking.log_member(name, items)
+                for member, member_items in items.items():
+                    self.tracking.log_member(member, member_items)
 
     def drain(self) -> None:
         """After training: one last take from everyone, and every reply read."""
@@ -588,8 +654,8 @@ def _save_final_weights(members: dict[str, Any], run_dir: Path) -> dict[str, Pat
     import ray
 
     saved = {}
-    for name, member in members.items():
-        state = {k: torch.from_numpy(v.copy()) for k, v in ray.get(member.final_weights.remote()).items()}
+    for name, host in members.items():
+        state = {k: torch.from_numpy(v.copy()) for k, v in ray.get(host.final_weights.remote(name)).items()}
         path = run_dir / "members" / name / "model.pt"
         try:
             save_atomic(state, path)
@@ -627,7 +693,7 @@ def _log_artifacts(cfg: RunConfig, tracking: Tracking, members: dict[str, Any], 
     attempt(f"the config ({run_dir / 'config.yaml'})", lambda: tracking.log_artifact(None, str(run_dir / "config.yaml")))
     if cfg.tracking.log_models:
         examples: list = []
-        attempt("the models (their example inputs could not be read)", lambda: examples.extend(_get_all([m.example_inputs.remote() for m in members.values()], members)))
+        attempt("the models (their example inputs could not be read)", lambda: examples.extend(_get_all([host.example_inputs.remote(name) for name, host in members.items()], members)))
         for name, example in zip(members, examples):
             spec = cfg.member(name).model.model_dump(mode="json")
             evaluated = {k: v for k, v in final.get(name, {}).items() if k.startswith("eval/")}  # linked to the logged model
@@ -654,7 +720,7 @@ def _warn_about_storage(cfg: RunConfig, run_dir: Path, uri: str, nodes: int) -> 
         )
 
 
-def _when_restarted(actor, name: str, timeout_s: float) -> dict[str, Any]:
+def _when_restarted(actor, who: str, timeout_s: float) -> dict[str, Any]:
     """Wait until a dead member's new process is up (it has reloaded its checkpoint); its placement."""
     import ray
 
@@ -665,17 +731,17 @@ def _when_restarted(actor, name: str, timeout_s: float) -> dict[str, Any]:
             return ray.get(actor.info.remote(), timeout=max(1.0, deadline - time.monotonic()))
         except (ray.exceptions.ActorUnavailableError, ray.exceptions.GetTimeoutError):
             if time.monotonic() > deadline:
-                raise PopulationError(f"member {name} was not restarted within {limit:g} s") from None
+                raise PopulationError(f"{who} was not restarted within {limit:g} s") from None
             time.sleep(0.2)
         except ray.exceptions.RayTaskError as exc:
-            raise PopulationError(f"member {name} could not be restarted: {describe_failure(exc)}") from None
+            raise PopulationError(f"{who} could not be restarted: {describe_failure(exc)}") from None
         except ray.exceptions.RayActorError as exc:
             if getattr(exc, "actor_init_failed", False):
-                raise PopulationError(f"member {name} could not be restarted: {describe_failure(exc)}") from None
+                raise PopulationError(f"{who} could not be restarted: {describe_failure(exc)}") from None
             raise  # it died: the caller starts another, within failure.max_restarts
 
 
-def _gave_up(cfg: RunConfig, run_dir: Path, name: str, restarted: int, exc: Exception) -> str:
+def _gave_up(cfg: RunConfig, run_dir: Path, who: str, restarted: int, exc: Exception) -> str:
     step = latest_complete_step(run_dir, cfg.member_names)
     how = (
         "checkpoints are off (checkpoint.every: 0), so it cannot be restarted"
@@ -683,12 +749,13 @@ def _gave_up(cfg: RunConfig, run_dir: Path, name: str, restarted: int, exc: Exce
         else f"after {restarted} restart(s) (failure.max_restarts: {cfg.failure.max_restarts})"
     )
     resume = f"the latest complete checkpoint is step {step}: continue with `poptrain resume {run_dir}`" if step is not None else "no complete checkpoint exists yet"
-    return f"member {name} {describe_failure(exc)}; {how}; {resume}"
+    return f"{who} {describe_failure(exc)}; {how}; {resume}"
 
 
-def _get_all(refs: list, names) -> list:
+def _get_all(refs: list, names, who: str = "member") -> list:
     """``ray.get`` of one call per member (in ``names`` order) that turns a failure into a
-    :class:`PopulationError` naming the member and its own error."""
+    :class:`PopulationError` naming the member and its own error (``who=""``: ``names`` name
+    themselves)."""
     import ray
 
     out = []
@@ -696,7 +763,7 @@ def _get_all(refs: list, names) -> list:
         try:
             out.append(ray.get(ref))
         except (ray.exceptions.RayTaskError, ray.exceptions.RayActorError) as exc:
-            raise PopulationError(f"member {name} {describe_failure(exc)}") from None
+            raise PopulationError(f"{who} {name} {describe_failure(exc)}".strip()) from None
     return out
 
 

@@ -27,11 +27,12 @@ class RecordingClient(InProcessClient):
         super().__init__(*args)
         self.population = population
 
-    def call(self, method, kind, step, member, packed, *rest):
+    def call(self, method, kind, step, members, packed, *rest):
         values = self.wire.unpack(packed)
         with self.population.lock:
-            self.population.sent.append((member, kind, step, {q: np.array(a, copy=True) for q, a in values.items()}))
-        return super().call(method, kind, step, member, packed, *rest)
+            for member in members:
+                self.population.sent.append((member, kind, step, {q: np.array(a, copy=True) for q, a in values.items() if q.member == member}))
+        return super().call(method, kind, step, members, packed, *rest)
 
 
 class InProcessPopulation:
@@ -43,7 +44,7 @@ class InProcessPopulation:
         self.client = RecordingClient(self, self.coordinator, wire, calls_in_flight(len(self.cfg.members)))
         self.trainers = {name: MemberTrainer(self.cfg, name, population) for name in self.cfg.member_names}
         for name, trainer in self.trainers.items():
-            trainer.connect(open_link(self.cfg, trainer.plan, name, self.client))
+            trainer.connect(open_link(self.cfg, trainer.plan, self.client))
         self.metrics: dict[str, list[dict[str, float]]] = {name: [] for name in self.trainers}
         self.sent: list[tuple[str, str, int, dict]] = []  # (member, kind, step, values) of every exchange call
         self.lock = threading.Lock()

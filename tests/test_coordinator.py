@@ -60,8 +60,8 @@ def in_thread(fn, *args):
 
 def test_a_round_is_released_to_everyone_once_the_last_participant_arrives(coordinator):
     logic = coordinator()
-    first = in_thread(logic.exchange, "param", 0, "m1", slope("m1", 0.25))
-    second = logic.exchange("param", 0, "m2", slope("m2", 0.75))
+    first = in_thread(logic.exchange, "param", 0, ("m1",), slope("m1", 0.25))
+    second = logic.exchange("param", 0, ("m2",), slope("m2", 0.75))
     assert first() is second, "every member gets the same reply"
     assert set(second.values) == {Quantity("m1", "param", SLOPE), Quantity("m2", "param", SLOPE)}
     metrics = {key: value for key, value, *_ in logic.take_metrics(written=True)}
@@ -71,12 +71,12 @@ def test_a_round_is_released_to_everyone_once_the_last_participant_arrives(coord
 def test_a_member_waiting_for_a_peer_that_never_comes_times_out_naming_it(coordinator):
     logic = coordinator()
     with pytest.raises(ExchangeTimeout, match=r"member 'm1' waited 0.5 s for \['m2'\]"):
-        logic.exchange("param", 0, "m1", slope("m1", 0.25))
+        logic.exchange("param", 0, ("m1",), slope("m1", 0.25))
 
 
 def test_a_stopped_exchange_releases_waiting_members_at_once(coordinator):
     logic = coordinator(exchange={"timeout_s": 60})
-    waiting = in_thread(logic.exchange, "param", 0, "m1", slope("m1", 0.25))
+    waiting = in_thread(logic.exchange, "param", 0, ("m1",), slope("m1", 0.25))
     logic.abort("member 'm2' failed")
     with pytest.raises(ExchangeTimeout, match="member 'm2' failed"):
         waiting()
@@ -84,24 +84,24 @@ def test_a_stopped_exchange_releases_waiting_members_at_once(coordinator):
 
 def test_a_restarted_member_replays_a_finished_round_and_gets_what_it_got_the_first_time(coordinator):
     logic = coordinator()
-    first = in_thread(logic.exchange, "param", 0, "m1", slope("m1", 0.25))
-    reply = logic.exchange("param", 0, "m2", slope("m2", 0.75))
+    first = in_thread(logic.exchange, "param", 0, ("m1",), slope("m1", 0.25))
+    reply = logic.exchange("param", 0, ("m2",), slope("m2", 0.75))
     first()
     # m2 restarted from its checkpoint sends step 0 again, with whatever values: its peer is gone.
-    assert logic.exchange("param", 0, "m2", slope("m2", 123.0)) is reply
+    assert logic.exchange("param", 0, ("m2",), slope("m2", 123.0)) is reply
 
 
 def test_with_continue_a_dead_member_s_last_values_stand_in_for_it(coordinator):
     logic = coordinator(failure={"while_restarting": "continue"})
-    first = in_thread(logic.exchange, "param", 0, "m1", slope("m1", 0.25))
-    logic.exchange("param", 0, "m2", slope("m2", 0.75))
+    first = in_thread(logic.exchange, "param", 0, ("m1",), slope("m1", 0.25))
+    logic.exchange("param", 0, ("m2",), slope("m2", 0.75))
     first()
-    waiting = in_thread(logic.exchange, "param", 1, "m1", slope("m1", 0.5))
+    waiting = in_thread(logic.exchange, "param", 1, ("m1",), slope("m1", 0.5))
     logic.member_down("m2")  # the driver saw m2's process die
     reply = waiting()
     assert float(reply.values[Quantity("m2", "param", SLOPE)][0]) == 0.75, "m2's most recent values stand in"
     # m2 comes back from its checkpoint and replays behind m1 without making it wait.
-    assert logic.exchange("param", 0, "m2", slope("m2", 0.75)).values
+    assert logic.exchange("param", 0, ("m2",), slope("m2", 0.75)).values
 
 
 def test_an_older_async_publish_never_replaces_a_newer_one():
@@ -110,7 +110,7 @@ def test_an_older_async_publish_never_replaces_a_newer_one():
     # Two publishes of one member handled on different threads, the older one last.
     assert not board.post("param", 2, "m1", slope("m1", 2.0))
     board.post("param", 3, "m2", slope("m2", 1.0))
-    reply = board.peers("param", "m2")
+    reply = board.peers("param", ("m2",))
     assert reply.steps == {"m1": 3} and float(reply.values[Quantity("m1", "param", SLOPE)][0]) == 3.0
     assert board.behind("param", "m2", used_at=5) == {"m1": 3}, "more than max_staleness exchanges old"
 

@@ -30,6 +30,10 @@ class SeparationConfig(CouplingConfig):
 # by one) up to this many pairs x parameter elements (a few MB of temporaries).
 VECTORIZED_PAIRS = 4
 VECTORIZED_ELEMENTS = 1 << 20
+# Above this many pairs the parent run gets the distances' summary, not one metric per pair (a
+# thousand members have half a million pairs); above this many members, no per-member values.
+PAIRS_LOGGED_ONE_BY_ONE = 28
+MEMBERS_LOGGED_ONE_BY_ONE = 16
 
 
 @register("separation")
@@ -37,6 +41,9 @@ class Separation(Coupling):
     """``weight * sum over pairs of relu(margin - distance(p_a, p_b))`` for one named parameter.
 
     Exactly seed 000's ``relu(2 - torch.abs(alpha1 - alpha2).sum())`` for two members, margin 2, L1.
+    Each member adds the pairs it is in (:meth:`value_for`): the same gradient for its own
+    parameter as the joint term's, at O(N) instead of O(N²) per member, so a thousand members
+    stay coupled over all their pairs.
     """
 
     Config = SeparationConfig
@@ -58,12 +65,24 @@ class Separation(Coupling):
         """Along the last dimension of ``diff``: one pair (numel,) or several (pairs, numel)."""
         return diff.abs().sum(-1) if self.config.norm == "l1" else diff.pow(2).sum(-1).sqrt()
 
-    def _pair_values(self, q: Mapping[Quantity, torch.Tensor]):
-        """Each pair's (first, second) parameter values, flattened: as two (pairs, numel) tensors
-        when they are small (a population of N then costs a few tensor ops, not N² of them),
-        else pair by pair, so memory stays at one parameter's size whatever the number of pairs."""
+    @functools.cached_property
+    def _pair_index_by_member(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """:attr:`_pair_index` of the pairs each member is in (one pass over the pairs)."""
+        position = {m: i for i, m in enumerate(self.members)}
+        mine: dict[str, tuple[list[int], list[int]]] = {m: ([], []) for m in self.members}
+        for a, b in self._pairs():
+            for m in (a, b):
+                mine[m][0].append(position[a])
+                mine[m][1].append(position[b])
+        return {m: (torch.tensor(f, dtype=torch.long), torch.tensor(s, dtype=torch.long)) for m, (f, s) in mine.items()}
+
+    def _pair_values(self, q: Mapping[Quantity, torch.Tensor], member: str | None = None):
+        """Each pair's (first, second) parameter values, flattened (only the pairs ``member`` is in,
+        when given): as two (pairs, numel) tensors when they are small (a population of N then
+        costs a few tensor ops, not N² of them), else pair by pair, so memory stays at one
+        parameter's size whatever the number of pairs."""
         values = [q[Quantity(m, "param", self.config.param)].reshape(-1) for m in self.members]
-        first, second = self._pair_index
+        first, second = self._pair_index if member is None else self._pair_index_by_member[member]
         if VECTORIZED_PAIRS <= len(first) and len(first) * values[0].numel() <= VECTORIZED_ELEMENTS:
             stacked = torch.stack(values)
             return [(stacked[first], stacked[second])]
@@ -74,17 +93,30 @@ class Separation(Coupling):
         return torch.cat([self._distance(a - b).reshape(-1) for a, b in self._pair_values(q)])
 
     def value(self, q: Mapping[Quantity, torch.Tensor]) -> torch.Tensor:
+        return self._penalty(self._pair_values(q))
+
+    def value_for(self, member: str, q: Mapping[Quantity, torch.Tensor]) -> torch.Tensor | None:
+        """The penalty of the pairs ``member`` is in: the other pairs do not depend on its parameter."""
+        if member not in self.members:
+            return None
+        return self._penalty(self._pair_values(q, member)) if len(self.members) > 2 else self.value(q)
+
+    def _penalty(self, pair_values) -> torch.Tensor:
         if self.config.variant == "hinge":
             # Seed 000's relu(margin - |a - b|.sum()) for one pair; summed over pairs (or rows).
-            per_pair = [torch.relu(self.config.margin - self._distance(a - b)) for a, b in self._pair_values(q)]
+            per_pair = [torch.relu(self.config.margin - self._distance(a - b)) for a, b in pair_values]
         else:
-            per_pair = [(a.abs() + b.abs()).sum(-1) + (1 / a.abs() + 1 / b.abs()).sum(-1) - (a - b).abs().sum(-1) for a, b in self._pair_values(q)]
+            per_pair = [(a.abs() + b.abs()).sum(-1) + (1 / a.abs() + 1 / b.abs()).sum(-1) - (a - b).abs().sum(-1) for a, b in pair_values]
         per_pair = [p if p.dim() == 0 else p.sum() for p in per_pair]
-        return functools.reduce(operator.add, per_pair)
+        return functools.reduce(operator.add, per_pair) if per_pair else torch.zeros(())
 
     def metrics(self, q: Mapping[Quantity, torch.Tensor]) -> dict[str, float]:
-        out = {f"distance/{a}-{b}": d for (a, b), d in zip(self._pairs(), self._distances(q).tolist())}
-        for member in self.members:
+        distances = self._distances(q)
+        if len(distances) > PAIRS_LOGGED_ONE_BY_ONE:
+            return {"distance/min": float(distances.min()), "distance/median": float(distances.median()), "distance/max": float(distances.max()),
+                    "pairs_within_margin": float((distances < self.config.margin).sum())}
+        out = {f"distance/{a}-{b}": d for (a, b), d in zip(self._pairs(), distances.tolist())}
+        for member in self.members if len(self.members) <= MEMBERS_LOGGED_ONE_BY_ONE else ():
             value = q[Quantity(member, "param", self.config.param)]
             if value.numel() == 1:
                 out[f"{member}/{self.config.param}"] = float(value)

@@ -1,0 +1,183 @@
+"""Issue 15's figures: many small members packed into a few host processes.
+
+The population is seed 000's member (Linear 20 -> 40, PReLU, Linear 40 -> 1, batch 64, Adam) with
+the separation coupling over all pairs every 10 steps. Rates are member-steps per second, read
+from the step times members log to MLflow (:func:`benchmarks.common.steady_rate`) and summed over
+members; memory is the resident memory of the host processes, sampled while they train.
+
+* ``packed_vs_processes``: ``packing_small`` members packed (``members_per_host: auto``: one host
+  per core) against the same members one per host (one process each).
+* ``packed_throughput``: ``packing_large`` members packed against the torch.func yardstick in this
+  process: the same modules stacked (``stack_module_state``), ``vmap(grad)`` of their loss, one
+  Adam over the stacked tensors, no coupling, 2 torch threads.
+* ``packing_memory``: (RSS of the hosts with ``packing_large`` members - with 2) / (the difference
+  in members), minus each member's parameters, gradients and Adam state.
+* ``startup_at_scale``: from the API call to every member's first step, ``packing_large`` members
+  against 2 (Ray already up in both).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from benchmarks.common import Context, metric_times, process_memory, quiet_tracking, row, steady_rate
+
+SEED_MODEL = {"name": "mlp", "kwargs": {"in_features": 20, "out_features": 1, "hidden": 40, "activation": "prelu"}}
+BATCH = 64
+
+
+def population(ctx: Context, name: str, members: int, per_host: int | str = "auto") -> dict[str, Any]:
+    """``members`` seed-000 members kept apart over all pairs, exchanging every 10 steps."""
+    member = {
+        "model": SEED_MODEL,
+        "data": {"name": "synthetic_regression", "kwargs": {"n": 1024, "in_features": 20}, "batch_size": BATCH},
+        "loss": "mse",
+        "optimizer": {"name": "adam", "lr": 0.01},
+    }
+    return {
+        "name": name,
+        "seed": 0,
+        "steps": ctx.sizes.packing_steps,
+        "output_dir": str(ctx.workdir / "runs"),
+        "exchange": {"every": 10},
+        # Checkpoints and layer norms as a user would leave them; metrics every 5 steps: a rate needs step times.
+        "tracking": {**quiet_tracking(ctx.uri, "benchmarks-packing"), "log_every": 5},
+        "placement": {"members_per_host": per_host},
+        "members": [{"name": f"m{i:04d}", **member} for i in range(members)],
+        "couplings": [{"type": "separation", "param": "activation.weight", "margin": 2.0}],
+    }
+
+
+class HostMemory:
+    """A ``progress=`` callback: the peak RSS of each distinct host process (MiB)."""
+
+    def __init__(self):
+        self.peak: dict[int, float] = {}
+
+    def __call__(self, snapshot: dict[str, Any]) -> None:
+        for pid in {info["pid"] for info in (snapshot.get("placement") or {}).values() if info.get("pid")}:
+            mem = process_memory(int(pid), full=False)
+            if mem:
+                self.peak[pid] = max(self.peak.get(pid, 0.0), mem["rss_mib"])
+
+
+def timed_population(ctx: Context, name: str, members: int, per_host: int | str = "auto") -> dict[str, Any]:
+    """One ``poptrain.run``: member-steps/s after the warm-up, time to every member's first step, host memory."""
+    import poptrain
+
+    config = population(ctx, name, members, per_host)
+    memory = HostMemory()
+    called = time.time()
+    result = poptrain.run(config, progress=memory, keep_warm_s=0)
+    rates, first_steps = [], []
+    for run_id in result.member_run_ids.values():
+        points = metric_times(result.tracking_uri, run_id)
+        rates.append(steady_rate(points, ctx.sizes.warmup)["steps_per_s"])
+        first_steps.append(points[0][1])
+    return {
+        "members": members,
+        "hosts": len({p["pid"] for p in result.placement.values()}),
+        "member_steps_per_s": sum(rates),
+        "first_step_s": max(first_steps) - called,
+        "hosts_rss_mib": sum(memory.peak.values()),
+        "host_rss_mib": memory.peak,
+        "run_seconds": result.seconds,
+    }
+
+
+def torch_func_yardstick(members: int, steps: int, warmup: int, threads: int = 2) -> dict[str, Any]:
+    """The same modules stacked with torch.func, one ``vmap(grad)`` and one Adam per step: member-steps/s."""
+    import copy
+
+    import torch
+    from torch.func import functional_call, grad, stack_module_state, vmap
+
+    from poptrain.build import build_model
+    from poptrain.builtins.data import synthetic_regression
+    from poptrain.config import Component
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        spec = Component.model_validate(SEED_MODEL)
+        torch.manual_seed(0)
+        modules = [build_model(spec) for _ in range(members)]
+        params, buffers = stack_module_state(modules)
+        skeleton = copy.deepcopy(modules[0]).to("meta")
+        x, y = synthetic_regression(n=1024, in_features=20).tensors
+
+        def loss(p, b, inputs, targets):
+            return torch.nn.functional.mse_loss(functional_call(skeleton, (p, b), (inputs,)), targets)
+
+        gradients = vmap(grad(loss), in_dims=(0, 0, None, None))
+        optimizer = torch.optim.Adam(list(params.values()), lr=0.01)
+        started = None
+        for step in range(warmup + steps):
+            if step == warmup:
+                started = time.perf_counter()
+            i = (step * BATCH) % (len(x) - BATCH)
+            grads = gradients(params, buffers, x[i : i + BATCH], y[i : i + BATCH])
+            for key, value in params.items():
+                value.grad = grads[key]
+            optimizer.step()
+        seconds = time.perf_counter() - started
+    finally:
+        torch.set_num_threads(before)
+    return {"member_steps_per_s": members * steps / seconds, "step_ms": 1000 * seconds / steps, "threads": threads}
+
+
+def _member_state_mib() -> float:
+    """One seed-000 member's parameters, gradients and Adam's two moments (float32), in MiB."""
+    params = 20 * 40 + 40 + 40 + 40 * 1 + 1
+    return 4 * params * 4 / 2**20
+
+
+def _runs(ctx: Context) -> dict[str, Any]:
+    """Every run these figures need, interleaved with the yardstick, made once for all four."""
+    if "packing" in ctx.shared:
+        return ctx.shared["packing"]
+    small, large = ctx.sizes.packing_small, ctx.sizes.packing_large
+    runs = {
+        "small_packed": timed_population(ctx, "pack-small", small),
+        "small_processes": timed_population(ctx, "pack-small-alone", small, per_host=1),
+        "two": timed_population(ctx, "pack-two", 2),
+        "large_packed": timed_population(ctx, "pack-large", large),
+    }
+    runs["yardstick"] = torch_func_yardstick(large, ctx.sizes.packing_steps, ctx.sizes.warmup)
+    ctx.shared["packing"] = runs
+    return runs
+
+
+def packed_vs_processes(ctx: Context) -> list[dict[str, Any]]:
+    runs = _runs(ctx)
+    packed, alone = runs["small_packed"], runs["small_processes"]
+    return [row("packed_vs_processes", f"{packed['members']} members on {packed['hosts']} hosts vs one process each",
+                value=packed["member_steps_per_s"], unit="member-steps/s", ratio=packed["member_steps_per_s"] / alone["member_steps_per_s"],
+                target=(">=", 5.0), baseline={"value": alone["member_steps_per_s"], "unit": "member-steps/s"}, sizes=ctx.sizes,
+                details={"packed": packed, "one_per_process": alone})]
+
+
+def packed_throughput(ctx: Context) -> list[dict[str, Any]]:
+    runs = _runs(ctx)
+    packed, yardstick = runs["large_packed"], runs["yardstick"]
+    return [row("packed_throughput", f"{packed['members']} members packed, separation every 10 vs torch.func stacked",
+                value=packed["member_steps_per_s"], unit="member-steps/s", ratio=packed["member_steps_per_s"] / yardstick["member_steps_per_s"],
+                target=(">=", 0.8), baseline={"value": yardstick["member_steps_per_s"], "unit": "member-steps/s"}, sizes=ctx.sizes,
+                details={"packed": packed, "torch_func": yardstick})]
+
+
+def packing_memory(ctx: Context) -> list[dict[str, Any]]:
+    runs = _runs(ctx)
+    large, two = runs["large_packed"], runs["two"]
+    extra = (large["hosts_rss_mib"] - two["hosts_rss_mib"]) / (large["members"] - two["members"]) - _member_state_mib()
+    return [row("packing_memory", f"memory per extra member ({large['members']} vs 2)", value=extra, unit="MiB", ratio=extra / 2.0,
+                target=("<=", 1.0), sizes=ctx.sizes, details={"large": large, "two": two, "member_state_mib": _member_state_mib(), "limit_mib": 2.0})]
+
+
+def startup_at_scale(ctx: Context) -> list[dict[str, Any]]:
+    runs = _runs(ctx)
+    large, two = runs["large_packed"], runs["two"]
+    return [row("startup_at_scale", f"to the first step, {large['members']} members vs 2", value=large["first_step_s"], unit="s",
+                ratio=large["first_step_s"] / two["first_step_s"], target=("<=", 2.0), baseline={"value": two["first_step_s"], "unit": "s"},
+                sizes=ctx.sizes, details={"large": large, "two": two})]

@@ -1,0 +1,400 @@
+"""Members of one architecture on a host, trained as one stacked model with torch.func.
+
+:class:`StackedGroup` holds its members' parameters stacked along a new first dimension (member
+``i`` is row ``i``); each member's own ``nn.Parameter``\\ s become views of its row, so everything
+that reads a member (exchange, evaluation, checkpoints, ``model.pt``, layer norms) sees its
+current weights, and what writes into a member in place (a restored checkpoint, an average, an
+exploit) writes into the stack. One step of the group is one ``vmap(grad_and_value(...))`` of
+the members' own objectives (``loss_weight * loss``) over the stack, then the coupling terms of
+members that have one at this exchange (each on its own parameters, with autograd), then one
+vectorised optimizer update with every member's own hyperparameters, read from its own torch
+optimizer's ``param_groups`` at every step (population-based training changes them there).
+
+A member's optimizer state lives in the stack while it trains and in its own torch optimizer
+(torch's own state format) whenever anything outside the step needs it: :meth:`StackedGroup.to_members`
+before a checkpoint, an exploit's donor state or the end, :meth:`StackedGroup.from_members` after a
+member's state was loaded. Stacked training matches members trained one by one to float rounding
+(the same operations, vectorised), not bitwise.
+
+What stacks (:func:`stackable`, checked per member, nothing else is inferred): torch's
+deterministic, buffer-free layers (``Linear``, activations, ``Sequential``, ``Identity``,
+``Flatten``, ``Dropout`` with ``p=0``) inside poptrain's built-in ``mlp`` and
+``encoder_classifier``; a built-in loss; Adam, AdamW or SGD with ``betas``/``eps``/``weight_decay``
+(``momentum``/``dampening`` for SGD); no frozen parameters, extra terms, balancing, gradient
+transforms or mapped parameters; ``failure.nonfinite: fail``; couplings that train the member
+read only its parameters. Members that do not stack train one after another (:mod:`poptrain.lockstep`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from poptrain.couplings.base import Quantity
+from poptrain.lockstep import Send, StepProgram
+
+STACKABLE_LAYERS = (nn.Linear, nn.PReLU, nn.ReLU, nn.Tanh, nn.Sigmoid, nn.GELU, nn.SiLU, nn.LeakyReLU, nn.ELU, nn.Softplus,
+                    nn.Identity, nn.Flatten, nn.Sequential, nn.ModuleList)
+STACKABLE_OPTIONS = {"adam": {"betas", "eps", "weight_decay"}, "adamw": {"betas", "eps", "weight_decay"}, "sgd": {"momentum", "dampening", "weight_decay"}}
+MIN_MEMBERS = 2  # a group of one trains as the member alone does
+
+
+def stackable(trainer) -> str | None:
+    """Why ``trainer`` (a :class:`poptrain.member.MemberTrainer`) cannot train stacked, or None."""
+    from poptrain.builtins import LOSSES
+    from poptrain.builtins.models import MODELS
+
+    cfg = trainer.config
+    if cfg.model.name not in ("mlp", "encoder_classifier") or not isinstance(trainer.model, MODELS[cfg.model.name]):
+        return f"model {cfg.model.name!r} is not a built-in stackable one (mlp, encoder_classifier)"
+    for module in trainer.model.modules():
+        if module is trainer.model:
+            continue
+        if isinstance(module, nn.Dropout):
+            if module.p:
+                return "it has dropout (its random masks are drawn member by member)"
+        elif not isinstance(module, STACKABLE_LAYERS):
+            return f"it has a {type(module).__name__} layer"
+    if list(trainer.model.buffers()):
+        return "its model has buffers"
+    if cfg.loss.name not in LOSSES or cfg.loss.kwargs:
+        return "its loss is not a built-in one without options"
+    if cfg.optimizer.name not in STACKABLE_OPTIONS or set(cfg.optimizer.kwargs) - STACKABLE_OPTIONS[cfg.optimizer.name]:
+        return f"optimizer {cfg.optimizer.name!r} with {sorted(cfg.optimizer.kwargs)} is not stackable"
+    if cfg.optimizer.name == "sgd" and cfg.optimizer.kwargs.get("dampening", 0):
+        return "SGD with dampening is not stackable"
+    if not cfg.trainable or trainer.frozen or cfg.terms or cfg.balancing.method != "none" or trainer.grad_transforms:
+        return "it has frozen parameters, extra terms, balancing or gradient transforms"
+    if trainer.mapped or trainer.run.failure.nonfinite != "fail":
+        return "its parameters are mapped by the coordinator, or `failure.nonfinite` is not `fail`"
+    if not trainer.couplings_read_only_own_params:
+        return "a coupling training it reads its losses or predictions"
+    if trainer.device.type != "cpu" and not torch.cuda.is_available():
+        return "its device is unavailable"
+    return None
+
+
+def group_key(trainer) -> tuple:
+    """Members with equal keys can share a stack: the same architecture, loss, optimizer kind,
+    device and the same part in every exchange."""
+    cfg, plan, name = trainer.config, trainer.plan, trainer.name
+    roles = tuple(name in plan.participants[k] for k in sorted(plan.participants))
+    return (repr(cfg.model.model_dump(mode="json")), cfg.loss.name, cfg.optimizer.name, str(trainer.device), roles,
+            tuple(sorted(c.name for c in trainer.training_couplings)), trainer.defer_param_replies, trainer.every)
+
+
+def form_groups(trainers: list) -> list:
+    """``trainers`` (one host's, in order) as units to step: a :class:`StackedGroup` per set of at
+    least :data:`MIN_MEMBERS` stackable members with the same :func:`group_key`, the others alone."""
+    by_key: dict[tuple, list] = {}
+    for t in trainers:
+        if stackable(t) is None:
+            by_key.setdefault(group_key(t), []).append(t)
+    grouped = {id(t): members for members in by_key.values() if len(members) >= MIN_MEMBERS for t in members}
+    units, placed = [], set()
+    for t in trainers:
+        if id(t) not in grouped:
+            units.append(t)
+        elif id(t) not in placed:
+            members = grouped[id(t)]
+            placed.update(id(m) for m in members)
+            units.append(StackedGroup(members))
+    return units
+
+
+class StackedGroup:
+    """Members of one architecture trained as one stacked model: see the module's docstring."""
+
+    def __init__(self, members: list):
+        from torch.func import functional_call, grad_and_value, vmap
+
+        self.members = members
+        self.names = tuple(m.name for m in members)
+        self.randomness = _NoRandomness()  # nothing a stacked step computes draws at random
+        first = members[0]
+        self.device, self.every = first.device, first.every
+        self.keys = [k for k, _ in first.model.named_parameters()]
+        self.skeleton = copy.deepcopy(first.model).to("meta")  # the architecture, holding no memory
+        # The stack: member i's parameters are row i; its own Parameters become views of it.
+        self.params = {k: torch.stack([m.params[k].detach() for m in members]).contiguous() for k in self.keys}
+        for i, m in enumerate(members):
+            self._point_at_stack(i, m)
+        loss_fn = first.loss_fn
+
+        def objective(params, inputs, targets, weight):
+            outputs = functional_call(self.skeleton, params, tuple(inputs))
+            loss = loss_fn(outputs, targets)
+            return weight * loss, (loss, outputs)
+
+        self._grad = grad_and_value(objective, has_aux=True)
+        self._vmap = vmap
+        self.optimizer = first.config.optimizer.name
+        self.state: dict[str, dict[str, torch.Tensor]] = {}
+        self.steps = torch.zeros(len(members), dtype=torch.float64)
+        self.from_members()
+
+    def _point_at_stack(self, i: int, member) -> None:
+        """Make ``member``'s Parameters views of row ``i`` of the stack, in its model and in its
+        optimizer's param_groups (its optimizer state, keyed by the old ones, is let go)."""
+        old = {id(p): k for k, p in member.model.named_parameters()}
+        for k in self.keys:
+            view = nn.Parameter(self.params[k][i], requires_grad=True)
+            _set_parameter(member.model, k, view)
+            member.params[k] = view
+        for group in member.optimizer.param_groups:
+            group["params"] = [member.params[old[id(p)]] for p in group["params"]]
+        member.optimizer.state.clear()
+
+    # -- optimizer state: the stack's, or the members' own -------------------------------------
+
+    def from_members(self) -> None:
+        """Take every member's optimizer state (torch's format, in its own optimizer) into the stack,
+        after a checkpoint was restored or a donor copied (a restored model is copied into the
+        members' Parameters in place, so it is in the stack already)."""
+        for i, m in enumerate(self.members):
+            if any(m.params[k].data_ptr() != self.params[k][i].data_ptr() for k in self.keys):  # replaced, not copied into
+                for k in self.keys:
+                    self.params[k][i].copy_(m.params[k].detach())
+                self._point_at_stack(i, m)
+        # Which of its optimizer's param_groups holds each parameter (a loaded optimizer has new group dicts).
+        self.group_index = [{k: next(g for g, group in enumerate(m.optimizer.param_groups) if any(p is m.params[k] for p in group["params"]))
+                             for k in self.keys} for m in self.members]
+        names = ("exp_avg", "exp_avg_sq") if self.optimizer in ("adam", "adamw") else ("momentum_buffer",)
+        self.state = {k: {n: torch.zeros_like(self.params[k]) for n in names} for k in self.keys}
+        self.has_momentum = torch.zeros(len(self.members), dtype=torch.bool)
+        for i, m in enumerate(self.members):
+            steps = set()
+            for k in self.keys:
+                own = m.optimizer.state.get(m.params[k], {})
+                for n in names:
+                    if own.get(n) is not None:
+                        self.state[k][n][i].copy_(own[n])
+                        self.has_momentum[i] = True
+                if "step" in own:
+                    steps.add(float(own["step"]))
+            self.steps[i] = max(steps) if steps else 0.0
+        self.shared_batches = _same_stream(self.members)
+
+    def to_members(self) -> None:
+        """Write the stack's optimizer state into every member's own optimizer (copies, in torch's
+        format), so that its ``state_dict`` is what training it alone would have made."""
+        for i, m in enumerate(self.members):
+            m.optimizer.state.clear()
+            if self.steps[i] == 0:
+                continue
+            for k in self.keys:
+                own = {n: self.state[k][n][i].clone() for n in self.state[k]}
+                if self.optimizer in ("adam", "adamw"):
+                    own["step"] = torch.tensor(float(self.steps[i]))
+                elif not bool(self.has_momentum[i]):
+                    own = {"momentum_buffer": None}
+                m.optimizer.state[m.params[k]] = own
+
+    # -- the step ---------------------------------------------------------------------------
+
+    def step_program(self) -> StepProgram:
+        """One step of every member of the group (a program, as
+        :meth:`poptrain.member.MemberTrainer.step_program`); returns their metrics, in order."""
+        members = self.members
+        step = members[0].step
+        exchanging = step % self.every == 0
+        inputs, targets = self._batches()
+        receivers = (yield from self._send_all("param")) if exchanging else None
+        weights = torch.tensor([m.term_weights["loss"] for m in members], dtype=self.params[self.keys[0]].dtype, device=self.device)
+        batch_dim = None if self.shared_batches else 0
+        grads, (objectives, (losses, outputs)) = self._vmap(self._grad, in_dims=(0, batch_dim, batch_dim, 0))(self.params, inputs, targets, weights)
+        if receivers is not None:
+            yield from self._receive_all(receivers)
+        bad = [m for m, loss in zip(members, losses.detach()) if not torch.isfinite(loss)]
+        if bad:
+            bad[0]._guard(["term 'loss'"])
+        if exchanging:
+            receivers = yield from self._send_all("loss", lambda i: {"loss": losses[i]}, lambda i: outputs[i])
+            yield from self._receive_all(receivers)
+        couplings = self._coupling_terms(grads, losses)
+        if not all(torch.isfinite(g).all() for g in grads.values()):
+            for i, m in enumerate(members):
+                if not all(torch.isfinite(grads[k][i]).all() for k in self.keys):
+                    m._guard(["gradient"])
+        for i, m in enumerate(members):
+            for k in self.keys:
+                m.params[k].grad = grads[k][i]
+        if exchanging:
+            receivers = yield from self._send_all("grad")
+            yield from self._receive_all(receivers)
+        self._optimizer_step(grads)
+        out = []
+        loss_values = losses.detach().tolist()
+        for i, m in enumerate(members):
+            m._forget_predictions()
+            m.step += 1
+            terms = {"loss": losses[i]}
+            coupling_terms = couplings.get(i, {})
+            objective = objectives[i] + sum(coupling_terms.values())
+            metrics = m._metrics(terms, {"loss": m.term_weights["loss"]}, coupling_terms, objective, [], exchanging)
+            metrics["loss"] = loss_values[i]
+            out.append(metrics)
+        return out
+
+    def _batches(self) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """This step's batch of every member: ([inputs (N, batch, ...)], targets (N, batch, ...)),
+        or one batch for all when every member's stream draws the same samples."""
+        if self.shared_batches:
+            first = self.members[0].batches
+            *inputs, targets = [t.to(self.device, non_blocking=True) for t in first.next()]
+            for m in self.members[1:]:  # the same stream: the same position, without drawing again
+                m.batches.epoch, m.batches.offset, m.batches._order = first.epoch, first.offset, first._order
+            return inputs, targets
+        drawn = [[t.to(self.device, non_blocking=True) for t in m.batches.next()] for m in self.members]
+        stacked = [torch.stack(parts) for parts in zip(*drawn)]
+        return stacked[:-1], stacked[-1]
+
+    def _send_all(self, kind: str, terms=None, outputs=None):
+        """Every member's values of ``kind`` in one message; their receive programs, or None."""
+        programs, sends = [], []
+        for i, m in enumerate(self.members):
+            program = m._send(kind, terms(i) if terms else {}, outputs(i) if outputs else None, defer=True)
+            try:
+                op = next(program)
+            except StopIteration:
+                continue
+            programs.append(program)
+            sends.append(op)
+        if not sends:
+            return None
+        values: dict[Quantity, np.ndarray] = {}
+        for op in sends:
+            values.update(op.values)
+        pending = yield Send(kind, sends[0].step, values)
+        receivers = []
+        for program in programs:
+            try:
+                program.send(pending)
+            except StopIteration as done:
+                receivers.append(done.value)
+        return receivers
+
+    def _receive_all(self, receivers) -> StepProgram:
+        """Take in one reply for every member: the first asks for it, the others have it."""
+        if not receivers:
+            return
+        reply = None
+        for receive in receivers:
+            program = receive()
+            op = next(program)
+            if reply is None:
+                reply = yield op
+            with contextlib.suppress(StopIteration):
+                program.send(reply)
+
+    def _coupling_terms(self, grads: dict[str, torch.Tensor], losses: torch.Tensor) -> dict[int, dict[str, torch.Tensor]]:
+        """The coupling terms of members trained by one at this step, each on its own parameters;
+        their gradients are added to the stacked ones. Member index -> {coupling: term}."""
+        out = {}
+        for i, m in enumerate(self.members):
+            if not m.training_couplings:
+                continue
+            quantities = dict(m.peers)
+            for q in m.plan.reads_for_terms[m.name]:
+                if q.member == m.name:
+                    quantities[q] = m.params[q.key]
+            terms = {c.name: c.term(m.name, quantities) for c in m.training_couplings}
+            terms = {k: v for k, v in terms.items() if v is not None}
+            if m.step % m.run.tracking.log_every == 0:
+                with torch.no_grad():
+                    m.coupling_extras = {f"coupling/{c.name}/{k}": float(v) for c in m.training_couplings for k, v in c.metrics_for(m.name, quantities).items()}
+            live = [t for t in terms.values() if t.requires_grad]
+            if live:
+                for p in m.params.values():
+                    p.grad = None
+                sum(live).backward()
+                for k in self.keys:
+                    if m.params[k].grad is not None:
+                        grads[k][i] += m.params[k].grad
+            out[i] = {k: v.detach() for k, v in terms.items()}
+            if any(not torch.isfinite(t).all() for t in out[i].values()):
+                m._guard([f"coupling {k!r}" for k, t in out[i].items() if not torch.isfinite(t).all()])
+        return out
+
+    def _hyperparameters(self, key: str, option: str, default: Any) -> list:
+        """Every member's value of ``option`` for parameter ``key``, from its own optimizer's param_groups."""
+        return [m.optimizer.param_groups[index[key]].get(option, default) for m, index in zip(self.members, self.group_index)]
+
+    def _per_member(self, values: list, like: torch.Tensor) -> torch.Tensor:
+        """``values`` (one per member) shaped to broadcast over a stacked tensor like ``like``."""
+        return torch.tensor(values, dtype=like.dtype, device=like.device).view(-1, *([1] * (like.dim() - 1)))
+
+    @torch.no_grad()
+    def _optimizer_step(self, grads: dict[str, torch.Tensor]) -> None:
+        """torch's single-tensor Adam, AdamW or SGD (``torch.optim``'s formulas), with every
+        member's own hyperparameters."""
+        self.steps += 1
+        for k in self.keys:
+            param, grad = self.params[k], grads[k]
+            lr = self._per_member(self._hyperparameters(k, "lr", 0.0), param)
+            wd = self._per_member(self._hyperparameters(k, "weight_decay", 0.0), param)
+            if self.optimizer == "sgd":
+                if wd.any():
+                    grad = grad.add(param * wd)
+                momentum = self._per_member(self._hyperparameters(k, "momentum", 0.0), param)
+                if momentum.any():
+                    buf = self.state[k]["momentum_buffer"]
+                    first = ~self._per_member(self.has_momentum.tolist(), buf).bool()
+                    buf.copy_(torch.where(first, grad, buf * momentum + grad))
+                    grad = torch.where(momentum != 0, buf, grad)
+                param.add_(grad * -lr)
+                continue
+            betas = self._hyperparameters(k, "betas", (0.9, 0.999))
+            beta1, beta2 = self._per_member([b[0] for b in betas], param), self._per_member([b[1] for b in betas], param)
+            eps = self._per_member(self._hyperparameters(k, "eps", 1e-8), param)
+            if self.optimizer == "adamw":
+                param.mul_(1 - lr * wd)
+            elif wd.any():
+                grad = grad.add(param * wd)
+            exp_avg, exp_avg_sq = self.state[k]["exp_avg"], self.state[k]["exp_avg_sq"]
+            exp_avg.lerp_(grad, 1 - beta1)
+            exp_avg_sq.mul_(beta2).addcmul_(grad, grad * (1 - beta2))
+            step = self.steps.view(-1, *([1] * (param.dim() - 1))).to(param.device)
+            bias_correction1 = (1 - beta1.double() ** step).to(param.dtype)
+            bias_correction2_sqrt = ((1 - beta2.double() ** step) ** 0.5).to(param.dtype)
+            denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
+            param.add_(exp_avg / denom * (-lr / bias_correction1))
+        self.has_momentum[:] = True
+
+
+class _NoRandomness:
+    """A stacked group's randomness: nothing to swap (its steps draw nothing at random)."""
+
+    @contextlib.contextmanager
+    def active(self):
+        yield
+
+
+def _same_stream(members: list) -> bool:
+    """Whether every member's batches are the same samples in the same order: the same stream
+    settings and position over equal tensors."""
+    from torch.utils.data import TensorDataset
+
+    first = members[0].batches
+    for m in members[1:]:
+        b = m.batches
+        if (b.batch_size, b.shuffle, b.seed, b.epoch, b.offset, b.size) != (first.batch_size, first.shuffle, first.seed, first.epoch, first.offset, first.size):
+            return False
+        if not (isinstance(b.dataset, TensorDataset) and isinstance(first.dataset, TensorDataset)):
+            return False
+        if b.dataset is not first.dataset and not all(torch.equal(x, y) for x, y in zip(b.dataset.tensors, first.dataset.tensors)):
+            return False
+    return True
+
+
+def _set_parameter(model: nn.Module, name: str, param: nn.Parameter) -> None:
+    *path, leaf = name.split(".")
+    module = model
+    for part in path:
+        module = getattr(module, part)
+    setattr(module, leaf, param)

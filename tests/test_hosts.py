@@ -1,0 +1,117 @@
+"""Hosts carrying several members: a member stays a member (its own results, checkpoints, MLflow
+run) whichever host carries it and next to whom, and a host that dies restarts with all of them."""
+
+from __future__ import annotations
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+import poptrain
+from poptrain.config import load_config
+from poptrain.population import host_resources, plan_hosts
+from tests.conftest import assert_bitwise_equal, make_config, prelu_member
+from tests.test_failures import logged_steps, run_killing_m2_once
+
+STEPS, CHECKPOINT_EVERY = 240, 40
+MEMBERS = ("m1", "m2", "m3")
+
+
+def digits_member(name: str) -> dict:
+    """A classifier with dropout: what it draws at random in its steps is its own."""
+    return {
+        "name": name,
+        "model": {"name": "encoder_classifier", "kwargs": {"in_features": 64, "num_classes": 10, "num_nodes": 32, "depth": 1, "dropout": 0.3}},
+        "data": {"name": "digits", "kwargs": {"view": "full", "split": "train"}, "batch_size": 32},
+        "loss": "cross_entropy",
+        "optimizer": {"name": "adam", "lr": 0.003},
+    }
+
+
+def population(output_dir, tracking_uri, experiment, per_host, **changes) -> dict:
+    """Seed 000's two members kept apart by a separation coupling, and a third of another
+    architecture, held-out evaluation on, ``per_host`` members per host. Half a CPU each, so one
+    torch thread wherever they are (how many threads compute a matrix product changes its float
+    rounding)."""
+    other_data = {"name": "synthetic_regression", "kwargs": {"n": 256, "in_features": 20}, "batch_size": 32, "seed": 7}
+    members = [prelu_member("m1"), prelu_member("m2", data=other_data), digits_member("m3")]
+    return make_config(
+        output_dir, tracking_uri, experiment, name=f"hosts-{per_host}", steps=STEPS,
+        members=[{**m, "resources": {"num_cpus": 0.5}} for m in members],
+        couplings=[{"type": "separation", "param": "activation.weight", "margin": 2.0, "members": ["m1", "m2"]}],
+        checkpoint={"every": CHECKPOINT_EVERY}, evaluation={"every": 80}, placement={"members_per_host": per_host}, **changes,
+    )
+
+
+@pytest.fixture(scope="module")
+def runs(ray_session, tmp_path_factory, tracking_uri):
+    """The same population one member per host, three on one host, and two plus one."""
+    out = tmp_path_factory.mktemp("hosts")
+    return {per: poptrain.run(population(out, tracking_uri, "hosts", per)) for per in (1, 3, 2)}
+
+
+def test_a_member_ends_bitwise_the_same_whichever_host_carries_it_and_next_to_whom(runs):
+    assert runs[1].placement["m1"]["pid"] != runs[1].placement["m2"]["pid"]
+    assert len({runs[3].placement[m]["pid"] for m in MEMBERS}) == 1, "one process carried all three"
+    assert runs[2].placement["m1"]["pid"] == runs[2].placement["m2"]["pid"] != runs[2].placement["m3"]["pid"]
+    assert runs[3].placement["m1"]["members_on_host"] == 3
+    assert_bitwise_equal(runs[1].output_dir, runs[3].output_dir, MEMBERS)
+    assert_bitwise_equal(runs[1].output_dir, runs[2].output_dir, MEMBERS)
+
+
+def test_packed_members_keep_their_own_mlflow_runs_checkpoints_and_metrics(runs, tracking_uri):
+    client = MlflowClient(tracking_uri)
+    packed, alone = runs[3], runs[1]
+    for member in MEMBERS:
+        assert logged_steps(tracking_uri, packed.member_run_ids[member]) == list(range(STEPS)), f"{member}: every step exactly once"
+        assert (packed.output_dir / "members" / member / "model.pt").exists()
+        assert sorted(p.name for p in (packed.output_dir / "checkpoints" / member).glob("*.pt")) == sorted(
+            p.name for p in (alone.output_dir / "checkpoints" / member).glob("*.pt")
+        ), f"{member}: its own checkpoint files"
+        assert packed.metrics[member] == alone.metrics[member], f"{member}: the same last step's metrics"
+    separation = [m.value for m in client.get_metric_history(packed.run_id, "coupling/separation")]
+    assert separation == [m.value for m in client.get_metric_history(alone.run_id, "coupling/separation")], "the same rounds, the same values"
+
+
+def test_a_host_that_dies_restarts_with_all_its_members_and_the_run_ends_as_if_nothing_happened(ray_session, tmp_path, tracking_uri, runs):
+    config = population(tmp_path / "runs", tracking_uri, "hosts-killed", 2)
+    result, killed = run_killing_m2_once(config, STEPS, restarted=("m1", "m2"))
+    assert result.placement["m1"]["pid"] == result.placement["m2"]["pid"] != killed["pid"]
+    for member in MEMBERS:
+        assert logged_steps(tracking_uri, result.member_run_ids[member]) == list(range(STEPS)), f"{member}: no step missing, none twice"
+    assert MlflowClient(tracking_uri).get_run(result.member_run_ids["m1"]).data.tags["poptrain.restarts"] == "1"
+    assert_bitwise_equal(result.output_dir, runs[2].output_dir, MEMBERS)
+
+
+def test_async_exchange_with_packed_members_sends_one_message_per_host_and_logs_every_round(ray_session, tmp_path, tracking_uri):
+    config = population(tmp_path / "runs", tracking_uri, "hosts-async", 3, exchange={"mode": "async", "max_staleness": 1})
+    result = poptrain.run(config)
+    for member in MEMBERS:
+        assert logged_steps(tracking_uri, result.member_run_ids[member]) == list(range(STEPS))
+    staleness = [m.value for m in MlflowClient(tracking_uri).get_metric_history(result.member_run_ids["m1"], "exchange/staleness")]
+    assert staleness and max(staleness) <= 1.0
+
+
+def config_with(members: int, per_host="auto", **resources) -> "poptrain.config.RunConfig":
+    member = prelu_member("x", resources=resources) if resources else prelu_member("x")
+    return load_config({"name": "p", "steps": 1, "placement": {"members_per_host": per_host},
+                        "members": [{**member, "name": f"m{i}"} for i in range(members)]})
+
+
+def test_auto_packing_keeps_one_member_per_host_while_there_are_cores_and_packs_beyond():
+    two_cpus = {"CPU": 2.0}
+    assert plan_hosts(config_with(2), two_cpus) == [["m0"], ["m1"]], "no more members than CPUs: as before"
+    assert plan_hosts(config_with(5), two_cpus) == [["m0", "m1", "m2"], ["m3", "m4"]], "one host per CPU"
+    assert plan_hosts(config_with(5, per_host=5), two_cpus) == [[f"m{i}" for i in range(5)]]
+    assert plan_hosts(config_with(3, num_gpus=1), {"CPU": 2.0, "GPU": 4.0}) == [["m0"], ["m1"], ["m2"]], "a GPU each"
+    assert plan_hosts(config_with(6), {"CPU": 2.0, "GPU": 1.0}) == [[f"m{i}" for i in range(6)]], "members share the GPU in one process"
+
+
+def test_a_packed_host_holds_its_members_resources_summed_and_auto_members_share_the_cores():
+    cfg = config_with(1000)
+    hosts = plan_hosts(cfg, {"CPU": 2.0})
+    assert [len(h) for h in hosts] == [500, 500]
+    assert host_resources(cfg, hosts, {"CPU": 2.0}) == [{"CPU": 1.0}, {"CPU": 1.0}]
+    gpus = config_with(6)
+    assert host_resources(gpus, plan_hosts(gpus, {"CPU": 2.0, "GPU": 1.0}), {"CPU": 2.0, "GPU": 1.0}) == [{"CPU": 2.0, "GPU": 1.0}]
+    quarter = config_with(8, num_cpus=0.25)
+    assert host_resources(quarter, plan_hosts(quarter, {"CPU": 2.0}), {"CPU": 2.0}) == [{"CPU": 1.0}, {"CPU": 1.0}]
