@@ -505,6 +505,13 @@ class PlacementConfig(Strict):
         "resources are its members' summed; its members train one after another and exchange as one message.",
     )
 
+    stacked: bool = Field(
+        True,
+        description="Members of one architecture on a host train as one stacked model (torch.func `vmap`), each with its "
+        "own optimizer state and hyperparameters, where they can (see *Hosts*): the same results to float rounding, "
+        "not bitwise. `false`: they train one after another, bitwise as each would alone.",
+    )
+
     @field_validator("members_per_host")
     @classmethod
     def _at_least_one(cls, value: Any) -> Any:

@@ -37,6 +37,7 @@ from poptrain.exchange import numpy_copy, open_link
 from poptrain.lockstep import run_alone, step_together
 from poptrain.member import MemberTrainer
 from poptrain.outbox import Item, MetricsOutbox
+from poptrain.stacked import StackedGroup, form_groups
 
 SYSTEM_METRICS_EVERY_S = 10.0
 
@@ -133,6 +134,9 @@ class MemberHost:
                     trainer.set_rollback_point(restored, state)
             self.members.append(hosted)
         self.by_name = {m.name: m for m in self.members}
+        # What a step drives: members alone, or stacked in groups of one architecture (poptrain.stacked).
+        self.units = form_groups(trainers) if run.placement.stacked and len(trainers) > 1 else list(trainers)
+        self.groups = [u for u in self.units if isinstance(u, StackedGroup)]
         self.system_metrics = system_metrics
         self.last_system_sample = float("-inf")
         self.logging_ms = 0.0  # the last step's logging time, reported with the next step's profile
@@ -163,8 +167,10 @@ class MemberHost:
         return dict(self.placement)
 
     def member_placement(self, name: str) -> dict[str, Any]:
-        """:meth:`info`, with how many of the member's parameters are in memory the coordinator maps."""
-        return {**self.placement, "shared_params": len(self.by_name[name].trainer.mapped)}
+        """:meth:`info`, with how many of the member's parameters are in memory the coordinator maps
+        and how many members (itself included) it trains stacked with (1: alone)."""
+        stacked = next((len(g.names) for g in self.groups if name in g.names), 1)
+        return {**self.placement, "shared_params": len(self.by_name[name].trainer.mapped), "stacked_with": stacked}
 
     def train(self, until_step: int) -> dict[str, dict[str, float]]:
         """Train every member up to ``until_step``, in lockstep; metrics go to the outboxes. Returns
@@ -172,6 +178,8 @@ class MemberHost:
         run, members = self.run, self.members
         while members[0].trainer.step < until_step:
             step = members[0].trainer.step
+            if run.checkpoint.every and step % run.checkpoint.every == 0:
+                self._sync_stacks(into_members=True)
             for m in members:
                 m.checkpoint_ms = self._checkpoint_if_due(m, step) or m.checkpoint_ms
             if step and run.evaluation.every and step % run.evaluation.every == 0:
@@ -182,10 +190,10 @@ class MemberHost:
             for m in members:
                 m.trainer.timings = dict.fromkeys(m.trainer.timings, 0.0)
             started = time.perf_counter()
-            if len(members) == 1:
+            if len(self.units) == 1 and not self.groups:
                 stepped = [run_alone(members[0].trainer.step_program(), members[0].trainer)]
             else:
-                stepped = step_together([m.trainer for m in members], [m.trainer.step_program() for m in members], self.link)
+                stepped = self._step_units()
             step_ms = 1000 * (time.perf_counter() - started) / len(members)  # a member's share of the host's step
             for m, metrics in zip(members, stepped):
                 if run.tracking.profile:
@@ -195,6 +203,7 @@ class MemberHost:
                     m.checkpoint_ms = 0.0
                 m.last_step_metrics = metrics
             self._log(step, members, last=step + 1 == until_step)
+        self._sync_stacks(into_members=True)  # the members' own optimizers hold their state between calls
         if members[0].trainer.step == run.steps:
             if len(members) == 1:
                 run_alone(members[0].trainer.finish_program(), members[0].trainer)
@@ -211,6 +220,20 @@ class MemberHost:
                 m.reporting = None
         return {m.name: dict(m.last_step_metrics) for m in members}
 
+    def _step_units(self) -> list[dict[str, float]]:
+        """One step of every unit (member or stacked group) in lockstep; each member's metrics, in order."""
+        results = step_together(self.units, [u.step_program() for u in self.units], self.link)
+        by_name = {}
+        for unit, result in zip(self.units, results):
+            by_name.update(zip(unit.names, result if isinstance(unit, StackedGroup) else [result]))
+        return [by_name[m.name] for m in self.members]
+
+    def _sync_stacks(self, into_members: bool) -> None:
+        """Stacked groups' optimizer state into their members' own optimizers (before anything reads
+        a member's state), or back into the stacks (after a member's state was loaded)."""
+        for group in self.groups:
+            group.to_members() if into_members else group.from_members()
+
     def _pbt_round(self, step: int) -> None:
         """Population-based training at ``step``: hand the coordinator each scheduled member's score
         (its newest held-out metric, or its last step's training metric) and a reference to its
@@ -222,6 +245,7 @@ class MemberHost:
         scheduled = [m for m in self.members if m.trainer.hyperparameters is not None]
         if not scheduled:
             return
+        self._sync_stacks(into_members=True)
         arrivals = []
         for m in scheduled:
             score = (m.evaluated if metric.startswith("eval/") else m.last_step_metrics).get(metric)
@@ -235,6 +259,7 @@ class MemberHost:
             now = int(time.time() * 1000)
             m.outbox.add([("pbt/exploited", 1.0, step, now), ("pbt/donor_index", float(names.index(decision["donor"])), step, now),
                           ("pbt/score", float(decision["receiver_score"]), step, now), ("pbt/donor_score", float(decision["donor_score"]), step, now)])
+        self._sync_stacks(into_members=False)
 
     def _evaluate(self, m: Hosted, step: int) -> dict[str, float]:
         """Evaluate member ``m`` on its held-out data after ``step`` steps (before step ``step``'s own

@@ -46,9 +46,10 @@ StepProgram = Generator[Any, Any, Any]
 
 
 class Programmed(Protocol):
-    """What a driver needs of a member: its name, random streams and link."""
+    """What a driver needs of what it steps (a member, or a :class:`poptrain.stacked.StackedGroup`
+    of members): the names of the members it stands for, its random streams and link."""
 
-    name: str
+    names: tuple[str, ...]
     randomness: "MemberRandomness"
     link: Link | None
 
@@ -60,7 +61,7 @@ def run_alone(program: StepProgram, member: Programmed) -> Any:
             op = next(program)
             while True:
                 if isinstance(op, Send):
-                    op = program.send(member.link.send(op.kind, op.step, (member.name,), op.values))
+                    op = program.send(member.link.send(op.kind, op.step, member.names, op.values))
                 else:
                     op = program.send(op.pending())
         except StopIteration as done:
@@ -125,7 +126,7 @@ def step_together(members: list[Programmed], programs: list[StepProgram], link: 
             values: dict[Quantity, np.ndarray] = {}
             for i in chosen:
                 values.update(sending.pop(i).values)
-            batch = _Batch(link.send(kind, step, tuple(members[i].name for i in chosen), values))
+            batch = _Batch(link.send(kind, step, tuple(name for i in chosen for name in members[i].names), values))
             for i in chosen:
                 batch_of[i] = (batch, kind)
                 resume[i] = batch_of[i]  # what the member's Wait will hand back

@@ -106,6 +106,11 @@ class MemberTrainer:
     def connect(self, link: Link) -> None:
         self.link = link
 
+    @property
+    def names(self) -> tuple[str, ...]:
+        """The members this trainer stands for when a driver steps it (:mod:`poptrain.lockstep`): itself."""
+        return (self.name,)
+
     # -- the step ------------------------------------------------------------------------------
 
     def train_step(self) -> dict[str, float]:

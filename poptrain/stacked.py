@@ -140,8 +140,9 @@ class StackedGroup:
 
     def _point_at_stack(self, i: int, member) -> None:
         """Make ``member``'s Parameters views of row ``i`` of the stack, in its model and in its
-        optimizer's param_groups (its optimizer state, keyed by the old ones, is let go)."""
+        optimizer (param_groups, and its state re-keyed to them)."""
         old = {id(p): k for k, p in member.model.named_parameters()}
+        state = {old[id(p)]: s for p, s in member.optimizer.state.items() if id(p) in old}
         for k in self.keys:
             view = nn.Parameter(self.params[k][i], requires_grad=True)
             _set_parameter(member.model, k, view)
@@ -149,6 +150,8 @@ class StackedGroup:
         for group in member.optimizer.param_groups:
             group["params"] = [member.params[old[id(p)]] for p in group["params"]]
         member.optimizer.state.clear()
+        for k, s in state.items():
+            member.optimizer.state[member.params[k]] = s
 
     # -- optimizer state: the stack's, or the members' own -------------------------------------
 
@@ -227,6 +230,10 @@ class StackedGroup:
         if exchanging:
             receivers = yield from self._send_all("grad")
             yield from self._receive_all(receivers)
+            for i, m in enumerate(members):  # a coupling that replaced a gradient (as a member's own, out of the stack)
+                for k in self.keys:
+                    if m.params[k].grad is not None and m.params[k].grad.data_ptr() != grads[k][i].data_ptr():
+                        grads[k][i].copy_(m.params[k].grad)
         self._optimizer_step(grads)
         out = []
         loss_values = losses.detach().tolist()

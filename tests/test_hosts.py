@@ -4,12 +4,13 @@ run) whichever host carries it and next to whom, and a host that dies restarts w
 from __future__ import annotations
 
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
 
 import poptrain
 from poptrain.config import load_config
 from poptrain.population import host_resources, plan_hosts
-from tests.conftest import assert_bitwise_equal, make_config, prelu_member
+from tests.conftest import assert_bitwise_equal, make_config, prelu_member, weights
 from tests.test_failures import logged_steps, run_killing_m2_once
 
 STEPS, CHECKPOINT_EVERY = 240, 40
@@ -27,7 +28,7 @@ def digits_member(name: str) -> dict:
     }
 
 
-def population(output_dir, tracking_uri, experiment, per_host, **changes) -> dict:
+def population(output_dir, tracking_uri, experiment, per_host, placement=None, **changes) -> dict:
     """Seed 000's two members kept apart by a separation coupling, and a third of another
     architecture, held-out evaluation on, ``per_host`` members per host. Half a CPU each, so one
     torch thread wherever they are (how many threads compute a matrix product changes its float
@@ -38,24 +39,37 @@ def population(output_dir, tracking_uri, experiment, per_host, **changes) -> dic
         output_dir, tracking_uri, experiment, name=f"hosts-{per_host}", steps=STEPS,
         members=[{**m, "resources": {"num_cpus": 0.5}} for m in members],
         couplings=[{"type": "separation", "param": "activation.weight", "margin": 2.0, "members": ["m1", "m2"]}],
-        checkpoint={"every": CHECKPOINT_EVERY}, evaluation={"every": 80}, placement={"members_per_host": per_host}, **changes,
+        checkpoint={"every": CHECKPOINT_EVERY}, evaluation={"every": 80}, placement=placement or {"members_per_host": per_host}, **changes,
     )
 
 
 @pytest.fixture(scope="module")
 def runs(ray_session, tmp_path_factory, tracking_uri):
-    """The same population one member per host, three on one host, and two plus one."""
+    """The same population one member per host; three on one host, one after another; two (m1
+    and m2, alike: stacked) plus one."""
     out = tmp_path_factory.mktemp("hosts")
-    return {per: poptrain.run(population(out, tracking_uri, "hosts", per)) for per in (1, 3, 2)}
+    return {
+        1: poptrain.run(population(out, tracking_uri, "hosts", 1)),
+        3: poptrain.run(population(out, tracking_uri, "hosts", 3, placement={"members_per_host": 3, "stacked": False})),
+        2: poptrain.run(population(out, tracking_uri, "hosts", 2)),
+    }
 
 
 def test_a_member_ends_bitwise_the_same_whichever_host_carries_it_and_next_to_whom(runs):
     assert runs[1].placement["m1"]["pid"] != runs[1].placement["m2"]["pid"]
     assert len({runs[3].placement[m]["pid"] for m in MEMBERS}) == 1, "one process carried all three"
-    assert runs[2].placement["m1"]["pid"] == runs[2].placement["m2"]["pid"] != runs[2].placement["m3"]["pid"]
     assert runs[3].placement["m1"]["members_on_host"] == 3
     assert_bitwise_equal(runs[1].output_dir, runs[3].output_dir, MEMBERS)
-    assert_bitwise_equal(runs[1].output_dir, runs[2].output_dir, MEMBERS)
+
+
+def test_members_of_one_architecture_on_a_host_train_stacked_and_end_as_alone_to_float_rounding(runs):
+    assert runs[2].placement["m1"]["pid"] == runs[2].placement["m2"]["pid"] != runs[2].placement["m3"]["pid"]
+    assert runs[2].placement["m1"]["stacked_with"] == 2 and runs[2].placement["m3"]["stacked_with"] == 1
+    for member in ("m1", "m2"):
+        stacked, alone = weights(runs[2].output_dir, member), weights(runs[1].output_dir, member)
+        for key in alone:
+            torch.testing.assert_close(stacked[key], alone[key], rtol=1e-4, atol=1e-5, msg=f"{member}.{key}")
+    assert_bitwise_equal(runs[1].output_dir, runs[2].output_dir, ("m3",))
 
 
 def test_packed_members_keep_their_own_mlflow_runs_checkpoints_and_metrics(runs, tracking_uri):
@@ -79,7 +93,7 @@ def test_a_host_that_dies_restarts_with_all_its_members_and_the_run_ends_as_if_n
     for member in MEMBERS:
         assert logged_steps(tracking_uri, result.member_run_ids[member]) == list(range(STEPS)), f"{member}: no step missing, none twice"
     assert MlflowClient(tracking_uri).get_run(result.member_run_ids["m1"]).data.tags["poptrain.restarts"] == "1"
-    assert_bitwise_equal(result.output_dir, runs[2].output_dir, MEMBERS)
+    assert_bitwise_equal(result.output_dir, runs[2].output_dir, MEMBERS)  # stacked, interrupted or not
 
 
 def test_async_exchange_with_packed_members_sends_one_message_per_host_and_logs_every_round(ray_session, tmp_path, tracking_uri):

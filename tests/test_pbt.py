@@ -118,7 +118,7 @@ def test_perturbed_hyperparameters_survive_a_member_restart_bitwise(ray_session,
         return make_config(tmp_path / name, tracking_uri, f"pbt-{name}", name=name, checkpoint={"every": 10}, **population(steps=steps, every=20))
 
     clean = poptrain.run(config("clean"))
-    restarted, _ = run_killing_m2_once(config("killed"), steps)
+    restarted, _ = run_killing_m2_once(config("killed"), steps, restarted=("m1", "m2"))  # four members on two cores: two hosts
     assert_bitwise_equal(restarted.output_dir, clean.output_dir, members=("m1", "m2", "m3", "m4"))
     client = MlflowClient(tracking_uri)
     for name in ("m1", "m2", "m3", "m4"):

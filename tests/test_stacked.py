@@ -1,0 +1,112 @@
+"""Members of one architecture on a host train as one stacked model (torch.func), each with its own
+optimizer state and hyperparameters, and end as they would trained one by one, to float rounding."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from poptrain.checks import inspect_population
+from poptrain.config import load_config
+from poptrain.coordinator import InProcessClient, in_process_coordinator
+from poptrain.exchange import open_link
+from poptrain.lockstep import step_together
+from poptrain.member import MemberTrainer
+from poptrain.stacked import StackedGroup, form_groups, stackable
+from tests.conftest import make_config, prelu_member
+
+CLOSE = dict(rtol=1e-5, atol=1e-6)  # float rounding: the same operations, vectorised
+
+
+def host(members: list[dict], **changes) -> tuple[list[MemberTrainer], object]:
+    """One host's trainers on one link to an in-process coordinator (no Ray)."""
+    cfg = load_config(make_config("/tmp/poptrain-stacked", "sqlite:////tmp/poptrain-stacked.db", "stacked", members=members, **changes))
+    population = inspect_population(cfg)
+    coordinator, wire = in_process_coordinator(cfg, population)
+    link = open_link(cfg, coordinator.plan, InProcessClient(coordinator, wire, 4))
+    trainers = [MemberTrainer(cfg, name, population) for name in cfg.member_names]
+    for trainer in trainers:
+        trainer.connect(link)
+    return trainers, link
+
+
+def train(units, link, steps: int) -> list:
+    out = []
+    for _ in range(steps):
+        out.append(step_together(units, [u.step_program() for u in units], link))
+    for unit in units:
+        if isinstance(unit, StackedGroup):
+            unit.to_members()
+    return out
+
+
+def population(optimizers: list[dict]) -> list[dict]:
+    return [prelu_member(f"m{i}", optimizer=opt) for i, opt in enumerate(optimizers)]
+
+
+OPTIMIZERS = {
+    "adam, own lr and weight decay": [{"name": "adam", "lr": 0.01 * (i + 1), "kwargs": {"weight_decay": 0.001 * i}} for i in range(4)],
+    "adamw": [{"name": "adamw", "lr": 0.005 * (i + 1), "kwargs": {"weight_decay": 0.01, "betas": [0.8, 0.99]}} for i in range(3)],
+    "sgd with momentum": [{"name": "sgd", "lr": 0.02, "kwargs": {"momentum": m}} for m in (0.0, 0.5, 0.9)],
+}
+
+
+@pytest.mark.parametrize("optimizers", list(OPTIMIZERS.values()), ids=list(OPTIMIZERS))
+def test_a_stacked_group_ends_as_its_members_trained_one_by_one(optimizers):
+    coupled = dict(steps=30, exchange={"every": 1}, couplings=[{"type": "separation", "param": "activation.weight", "margin": 2.0}])
+    alone, link_a = host(population(optimizers), **coupled)
+    metrics_a = train(alone, link_a, 30)
+    stacked, link_b = host(population(optimizers), **coupled)
+    units = form_groups(stacked)
+    assert len(units) == 1 and isinstance(units[0], StackedGroup), "one stack for members of one architecture"
+    metrics_b = train(units, link_b, 30)
+    for a, b in zip(alone, stacked):
+        for key in a.params:
+            torch.testing.assert_close(b.params[key], a.params[key], **CLOSE, msg=f"{a.name}.{key}")
+        state_a, state_b = a.optimizer.state_dict(), b.optimizer.state_dict()
+        assert state_a["param_groups"] == state_b["param_groups"]
+        for index, own in state_a["state"].items():
+            for name, value in own.items():
+                if value is not None:
+                    torch.testing.assert_close(state_b["state"][index][name], value, **CLOSE, msg=f"{a.name} state {index}.{name}")
+    assert [m["loss"] for m in metrics_b[-1][0]] == pytest.approx([m["loss"] for m in metrics_a[-1]], rel=1e-5)
+    assert metrics_b[-1][0][0]["coupling/separation"] == pytest.approx(metrics_a[-1][0]["coupling/separation"], rel=1e-5)
+
+
+def test_each_stacked_member_uses_its_own_changed_learning_rate_from_the_next_step_on():
+    members = population([{"name": "adam", "lr": 0.01}] * 3)
+    alone, link_a = host(members, steps=20)
+    stacked, link_b = host(members, steps=20)
+    units = form_groups(stacked)
+    for trainers, drive in ((alone, alone), (stacked, units)):
+        train(drive, link_a if trainers is alone else link_b, 10)
+        trainers[1].optimizer.param_groups[0]["lr"] = 0.05  # as population-based training's explore does
+        train(drive, link_a if trainers is alone else link_b, 10)
+    for a, b in zip(alone, stacked):
+        for key in a.params:
+            torch.testing.assert_close(b.params[key], a.params[key], **CLOSE)
+    assert not torch.equal(stacked[1].params["input.weight"], stacked[0].params["input.weight"])
+
+
+def test_a_stacked_member_restored_from_its_state_continues_exactly():
+    members = population([{"name": "adam", "lr": 0.01 * (i + 1)} for i in range(3)])
+    stacked, link = host(members, steps=20)
+    units = form_groups(stacked)
+    train(units, link, 10)
+    saved = stacked[2].state_dict()
+    train(units, link, 5)
+    stacked[2].load_state_dict(saved)  # as a restart or an exploit loads a state into a member
+    units[0].from_members()
+    assert torch.equal(stacked[2].params["input.weight"], saved["model"]["input.weight"]), "loaded into the stack"
+    assert units[0].steps.tolist() == [15.0, 15.0, 10.0]
+
+
+def test_what_cannot_stack_says_why_and_trains_one_after_another():
+    dropout = {"name": "d", "model": {"name": "encoder_classifier", "kwargs": {"in_features": 64, "num_classes": 10, "dropout": 0.2}},
+               "data": {"name": "digits"}, "loss": "cross_entropy"}
+    trainers, _ = host([prelu_member("m1"), prelu_member("m2", terms=[{"name": "l1", "fn": "param_l2", "weight": 0.01}]), dropout, {**dropout, "name": "e"}],
+                       couplings=[])
+    assert stackable(trainers[0]) is None
+    assert "extra terms" in stackable(trainers[1])
+    assert "dropout" in stackable(trainers[2])
+    assert all(not isinstance(u, StackedGroup) for u in form_groups(trainers)), "no two alike members that stack"
