@@ -19,4 +19,8 @@ FIGURES = (
     "memory",
     "exchange_latency",
     "averaging_bandwidth",
+    "packed_vs_processes",
+    "packed_throughput",
+    "packing_memory",
+    "startup_at_scale",
 )

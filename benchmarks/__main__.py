@@ -27,6 +27,10 @@ def _runner(name: str):
         from benchmarks import training
 
         return getattr(training, name)
+    if name in ("packed_vs_processes", "packed_throughput", "packing_memory", "startup_at_scale"):
+        from benchmarks import packing
+
+        return getattr(packing, name)
     from benchmarks import exchange
 
     return getattr(exchange, name)

@@ -73,7 +73,7 @@ def timed_population(ctx: Context, name: str, members: int, per_host: int | str 
     rates, first_steps = [], []
     for run_id in result.member_run_ids.values():
         points = metric_times(result.tracking_uri, run_id)
-        rates.append(steady_rate(points, ctx.sizes.warmup)["steps_per_s"])
+        rates.append(steady_rate(points, ctx.sizes.packing_warmup)["steps_per_s"])
         first_steps.append(points[0][1])
     return {
         "members": members,
@@ -144,7 +144,7 @@ def _runs(ctx: Context) -> dict[str, Any]:
         "two": timed_population(ctx, "pack-two", 2),
         "large_packed": timed_population(ctx, "pack-large", large),
     }
-    runs["yardstick"] = torch_func_yardstick(large, ctx.sizes.packing_steps, ctx.sizes.warmup)
+    runs["yardstick"] = torch_func_yardstick(large, ctx.sizes.packing_steps - ctx.sizes.packing_warmup, ctx.sizes.packing_warmup)
     ctx.shared["packing"] = runs
     return runs
 

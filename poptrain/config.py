@@ -44,6 +44,7 @@ IMPORT_PATTERN = re.compile(r"^[^\W\d]\w*(\.[^\W\d]\w*)*(:[^\W\d]\w*(\.[^\W\d]\w
 IMPORT_RULE = "must be a built-in name or an import path `package.module:attr` (dotted Python identifiers)"
 MAX_SEED = 2**32 - 1
 MAX_TIMEOUT_S = 1_000_000.0
+MAX_COPIES = 100_000
 # Limits of a config file: far above any real config, far below what would hang or exhaust the driver.
 MAX_CONFIG_BYTES = 256 * 1024  # pure-Python PyYAML reads ~0.1-0.3 MB/s
 MAX_YAML_DEPTH = 64
@@ -379,6 +380,14 @@ class MemberConfig(Strict):
     """One model of the population, trained in its own Ray actor."""
 
     name: Name = Field(description="Unique member name (letters, digits, `_.-`).")
+    copies: int = Field(
+        1,
+        ge=1,
+        le=MAX_COPIES,
+        description="This entry stands for `copies` members, alike but for their seeded initialisation, named `<name>` plus "
+        "a zero-padded index (`copies: 1000` with `name: m`: `m000` ... `m999`). Each is a member of its own in every way; "
+        "the resolved `config.yaml` lists them one by one.",
+    )
     model: Component = Field(description="Built-in model (`mlp`, `encoder_classifier`, `lstm_classifier`) or import path to an `nn.Module` class.")
     data: DataConfig = Field(description="Built-in dataset (`digits`, `synthetic_regression`, ...) or import path to a function returning a Dataset.")
     eval_data: Optional[EvalDataConfig] = Field(
@@ -799,9 +808,26 @@ def load_config(
         raise ConfigError(exc.problems, exc.source) from None
 
 
+def _expand_copies(raw: dict) -> dict:
+    """Members listed with ``copies: k`` as the k members they stand for (see ``MemberConfig.copies``).
+    An entry whose ``copies`` is not a whole number in range is left for the schema to refuse."""
+    members = raw.get("members")
+    if not isinstance(members, list):
+        return raw
+    expanded = []
+    for entry in members:
+        copies = entry.get("copies") if isinstance(entry, dict) else None
+        if isinstance(copies, bool) or not isinstance(copies, int) or not 1 <= copies <= MAX_COPIES or not isinstance(entry.get("name"), str):
+            expanded.append(entry)
+            continue
+        width = len(str(copies - 1))
+        expanded += [{**copy.deepcopy(entry), "name": f"{entry['name']}{i:0{width}d}", "copies": 1} for i in range(copies)] if copies > 1 else [entry]
+    return {**raw, "members": expanded}
+
+
 def validate_config(raw: dict) -> RunConfig:
     """Validate the schema, each coupling's own fields, and every cross-reference between names."""
-    raw = dict(raw)
+    raw = _expand_copies(dict(raw))
     raw_couplings = raw.pop("couplings", None)
     raw_couplings = [] if raw_couplings is None else raw_couplings
     problems: list[tuple[str, str]] = []

@@ -186,6 +186,17 @@ class Reply:
     values: dict[Quantity, np.ndarray]  # peers' values that this member reads
     replace: dict[Quantity, np.ndarray] = field(default_factory=dict)  # new values of members' own quantities
     steps: dict[str, int] | None = None  # async: the step each peer's values are from
+    tensors: dict[tuple[Quantity, str], torch.Tensor] = field(default_factory=dict, repr=False, compare=False)
+
+    def tensor(self, q: Quantity, device: torch.device) -> torch.Tensor:
+        """Quantity ``q``'s value (from :attr:`values` or :attr:`replace`) as a tensor on ``device``,
+        made once per reply and device: the members of a host that all read a peer's value share
+        one tensor (nobody writes into a peer's value), instead of a copy each (N² copies in a
+        population of N)."""
+        key = (q, str(device))
+        if key not in self.tensors:
+            self.tensors[key] = tensor_copy(self.values[q] if q in self.values else self.replace[q], device)
+        return self.tensors[key]
 
 
 Pending = Callable[[], Reply]  # waits for (and returns) an exchange's reply

@@ -32,8 +32,8 @@ from poptrain.build import describe_dataset
 from poptrain.channel import CoordinatorClient
 from poptrain.checkpoint import checkpoint_path, load_checkpoint, save_checkpoint, steps_of
 from poptrain.config import RunConfig
-from poptrain.couplings import PopulationInfo, Quantity
-from poptrain.exchange import numpy_copy, open_link
+from poptrain.couplings import PopulationInfo, Quantity, build_couplings
+from poptrain.exchange import ExchangePlan, numpy_copy, open_link
 from poptrain.lockstep import run_alone, step_together
 from poptrain.member import MemberTrainer
 from poptrain.outbox import Item, MetricsOutbox
@@ -108,7 +108,12 @@ class MemberHost:
         device, gpu_ids = placement_device()
         torch.set_num_threads(max(1, int(num_cpus)))
         self.run, self.run_dir = run, run_dir
-        trainers = [MemberTrainer(run, name, population, device) for name in names]
+        # One plan and (unless population-based training changes coupling weights member by member)
+        # one set of couplings for all the members a host carries: both grow with the population.
+        couplings = build_couplings(run.couplings, population)
+        plan = ExchangePlan.for_run(run, population, couplings)
+        own_couplings = run.pbt is not None and any(key.startswith("couplings.") for key in run.pbt.hyperparameters)
+        trainers = [MemberTrainer(run, name, population, device, couplings=None if own_couplings else couplings, plan=plan) for name in names]
         self.coordinator = coordinator = ray.get_actor(coordinator_name)
         client = CoordinatorClient(coordinator, ray.get(coordinator.channel.remote()), run.exchange.timeout_s)
         self.link = open_link(run, trainers[0].plan, client)  # one for every member it carries

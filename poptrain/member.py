@@ -25,7 +25,7 @@ from poptrain.batches import BatchStream, in_order
 from poptrain.build import apply_frozen, build_dataset, build_model, build_optimizer, resolve_grad_transforms, resolve_loss, resolve_metrics, resolve_terms
 from poptrain.config import RunConfig
 from poptrain.couplings import PopulationInfo, Quantity, build_couplings
-from poptrain.exchange import ExchangePlan, Link, numpy_copy, tensor_copy
+from poptrain.exchange import ExchangePlan, Link, numpy_copy
 from poptrain.lockstep import Send, StepProgram, Wait, run_alone
 from poptrain.pbt import Hyperparameters, pbt_members
 from poptrain.randomness import MemberRandomness, member_seed
@@ -46,7 +46,10 @@ class MemberTrainer:
     :meth:`train_step` runs one step and returns its metrics.
     """
 
-    def __init__(self, run: RunConfig, name: str, population: PopulationInfo, device: str | torch.device = "cpu"):
+    def __init__(self, run: RunConfig, name: str, population: PopulationInfo, device: str | torch.device = "cpu",
+                 couplings: list | None = None, plan: ExchangePlan | None = None):
+        """``couplings`` and ``plan``: built once for every member a host carries (a plan is O(N²)
+        in a population of N), else built here."""
         self.run, self.name, self.population = run, name, population
         self.config = run.member(name)
         self.device = torch.device(device)
@@ -70,14 +73,14 @@ class MemberTrainer:
         self.grad_transforms = resolve_grad_transforms(self.config, list(self.params))
         self.balancer = TermBalancer(self.config.balancing.method, self.config.balancing.momentum, self.config.balancing.eps)
         self.metric_fns = resolve_metrics(run.evaluation, self.loss_fn)
-        self.couplings = build_couplings(run.couplings, population)
+        self.couplings = build_couplings(run.couplings, population) if couplings is None else couplings
         # Population-based training: what explore may change, and whose weights this member carries.
         in_pbt = name in pbt_members(run) and self.optimizer is not None
         self.hyperparameters = Hyperparameters(self, list(run.pbt.hyperparameters)) if in_pbt else None
         self.lineage: list[list] = []  # [step, donor] of every exploit, oldest first
 
         self.training_couplings = [c for c in self.couplings if name in c.trains]
-        self.plan = ExchangePlan.for_run(run, population, self.couplings)
+        self.plan = ExchangePlan.for_run(run, population, self.couplings) if plan is None else plan
         self.link: Link | None = None
         # A member whose parameters no coupling replaces computes while the parameter round completes.
         self.defer_param_replies = not any(q.kind == "param" for q in self.plan.replaced[name])
@@ -371,12 +374,13 @@ class MemberTrainer:
             peer_steps = [s for member, s in (reply.steps or {}).items() if member != self.name]
             if peer_steps:  # async: how old the peers' values are, in exchanges
                 self.staleness = max(0.0, (step - min(peer_steps)) / self.every)
-            for q, array in reply.values.items():
-                if q.member != self.name and q in self.plan.receives[self.name]:
-                    self.peers[q] = tensor_copy(array, self.device)
-            for q, array in reply.replace.items():
+            receives = self.plan.receives[self.name]
+            for q in reply.values:
+                if q.member != self.name and q in receives:
+                    self.peers[q] = reply.tensor(q, self.device)
+            for q in reply.replace:
                 if q.member == self.name:
-                    self._replace(q, tensor_copy(array, self.device))
+                    self._replace(q, reply.tensor(q, self.device))
             self.timings["serialize_ms"] += 1000 * (time.perf_counter() - received)
             self.timings["exchange_wait_ms"] += 1000 * (received - waited)
 

@@ -236,17 +236,29 @@ class StackedGroup:
                         grads[k][i].copy_(m.params[k].grad)
         self._optimizer_step(grads)
         out = []
-        loss_values = losses.detach().tolist()
+        loss_values, objective_values = losses.detach().tolist(), objectives.detach().tolist()
+        full = self._logged(step)
         for i, m in enumerate(members):
             m._forget_predictions()
             m.step += 1
-            terms = {"loss": losses[i]}
             coupling_terms = couplings.get(i, {})
-            objective = objectives[i] + sum(coupling_terms.values())
-            metrics = m._metrics(terms, {"loss": m.term_weights["loss"]}, coupling_terms, objective, [], exchanging)
-            metrics["loss"] = loss_values[i]
+            if full:
+                objective = objectives[i] + sum(coupling_terms.values())
+                metrics = m._metrics({"loss": losses[i]}, {"loss": m.term_weights["loss"]}, coupling_terms, objective, [], exchanging)
+                metrics["loss"] = loss_values[i]
+            else:  # a step nobody logs or ranks by: what a member's last metrics must hold
+                metrics = {"loss": loss_values[i], "objective": objective_values[i] + sum(float(t) for t in coupling_terms.values())}
             out.append(metrics)
         return out
+
+    def _logged(self, step: int) -> bool:
+        """Whether step ``step``'s metrics are logged or ranked by (the host logs every
+        ``tracking.log_every``-th step and the last; population-based training ranks by the step
+        before its round): only then are every member's full metrics worth computing."""
+        run = self.members[0].run
+        pbt_next = run.pbt is not None and (step + 1) % run.pbt.every == 0
+        norms = run.tracking.layer_norms_every
+        return step % run.tracking.log_every == 0 or step + 1 == run.steps or pbt_next or bool(norms and step % norms == 0)
 
     def _batches(self) -> tuple[list[torch.Tensor], torch.Tensor]:
         """This step's batch of every member: ([inputs (N, batch, ...)], targets (N, batch, ...)),
@@ -300,32 +312,52 @@ class StackedGroup:
                 program.send(reply)
 
     def _coupling_terms(self, grads: dict[str, torch.Tensor], losses: torch.Tensor) -> dict[int, dict[str, torch.Tensor]]:
-        """The coupling terms of members trained by one at this step, each on its own parameters;
-        their gradients are added to the stacked ones. Member index -> {coupling: term}."""
-        out = {}
+        """The coupling terms of the members (trained by the same couplings: :func:`group_key`) at
+        this step, each on its own parameters; their gradients are added to the stacked ones. A
+        coupling whose term is joint (``Coupling.term_is_joint``) gives every member's gradient
+        from one backward of its value with all their parameters live; the others, member by
+        member. Member index -> {coupling: term} (the values, as each member logs them)."""
+        first = self.members[0]
+        if not first.training_couplings:
+            return {}
+        live = {i: {q: m.params[q.key] for q in m.plan.reads_for_terms[m.name] if q.member == m.name} for i, m in enumerate(self.members)}
+        for m in self.members:
+            for p in m.params.values():
+                p.grad = None
+        joint = [c for c in first.training_couplings if c.term_is_joint]
+        together = dict(first.peers)
+        for own in live.values():
+            together.update(own)
+        if joint:
+            total = [c.weight * c.value(together) for c in joint]
+            total = [t for t in total if t is not None and t.requires_grad]
+            if total:
+                sum(total).backward()
+        logged = self._logged(first.step)
+        joint_values: dict[str, dict] = {}
+        if logged:  # what each member logs as its own term
+            with torch.no_grad():
+                joint_values = {c.name: c.values_for(list(self.names), together) for c in joint}
+        out: dict[int, dict[str, torch.Tensor]] = {}
         for i, m in enumerate(self.members):
-            if not m.training_couplings:
-                continue
-            quantities = dict(m.peers)
-            for q in m.plan.reads_for_terms[m.name]:
-                if q.member == m.name:
-                    quantities[q] = m.params[q.key]
-            terms = {c.name: c.term(m.name, quantities) for c in m.training_couplings}
-            terms = {k: v for k, v in terms.items() if v is not None}
-            if m.step % m.run.tracking.log_every == 0:
+            quantities = {**m.peers, **live[i]}
+            if logged:
                 with torch.no_grad():
                     m.coupling_extras = {f"coupling/{c.name}/{k}": float(v) for c in m.training_couplings for k, v in c.metrics_for(m.name, quantities).items()}
-            live = [t for t in terms.values() if t.requires_grad]
-            if live:
-                for p in m.params.values():
-                    p.grad = None
-                sum(live).backward()
-                for k in self.keys:
-                    if m.params[k].grad is not None:
-                        grads[k][i] += m.params[k].grad
-            out[i] = {k: v.detach() for k, v in terms.items()}
-            if any(not torch.isfinite(t).all() for t in out[i].values()):
-                m._guard([f"coupling {k!r}" for k, t in out[i].items() if not torch.isfinite(t).all()])
+            own_terms = {c.name: c.term(m.name, quantities) for c in m.training_couplings if not c.term_is_joint}
+            own_terms = {k: v for k, v in own_terms.items() if v is not None}
+            backward = [t for t in own_terms.values() if t.requires_grad]
+            if backward:
+                sum(backward).backward()
+            for k in self.keys:
+                if m.params[k].grad is not None:
+                    grads[k][i] += m.params[k].grad
+            values = {c.name: c.weight * joint_values[c.name][m.name] for c in joint if logged and joint_values[c.name].get(m.name) is not None}
+            out[i] = {k: v.detach() for k, v in {**own_terms, **values}.items()}
+        for i, m in enumerate(self.members):
+            bad = [f"coupling {k!r}" for k, t in out[i].items() if not torch.isfinite(t).all()]
+            if bad:
+                m._guard(bad)
         return out
 
     def _hyperparameters(self, key: str, option: str, default: Any) -> list:

@@ -275,3 +275,19 @@ def test_a_coupling_that_rewrites_values_must_say_so(base_config):
 
     with pytest.raises(ConfigError, match=r"does not declare `rewrites_values = True`"):
         prepare(base_config(couplings=[{"type": "tests.helpers:UndeclaredRewrite", "param": "activation.weight"}]))
+
+
+def test_separation_gives_every_members_own_term_in_one_pass_as_it_gives_each_alone():
+    """A host stepping hundreds of members asks for all their terms at once (Coupling.values_for)."""
+    import torch
+
+    from poptrain.couplings import PopulationInfo, Quantity
+    from poptrain.couplings.separation import Separation, SeparationConfig
+
+    names = [f"m{i}" for i in range(7)]
+    separation = Separation(SeparationConfig(type="separation", param="activation.weight", margin=0.5), PopulationInfo(names, {n: {"activation.weight": (1,)} for n in names}))
+    values = {Quantity(n, "param", "activation.weight"): torch.tensor([0.1 * i * i]) for i, n in enumerate(names)}
+    together = separation.values_for(names, values)
+    for name in names:
+        torch.testing.assert_close(together[name], separation.value_for(name, values))
+    assert float(sum(together.values())) == pytest.approx(2 * float(separation.value(values)))

@@ -123,6 +123,11 @@ class Coupling(CouplingClass, ABC):
     # False where the coupling keeps members' parameters identical step by step, which restoring
     # one member alone from its checkpoint (`failure.nonfinite: rollback`) would break.
     allows_rollback: ClassVar[bool] = True
+    # True where value_for(m, q) has the same gradient with respect to m's own quantities as
+    # value(q) (so where value_for is value, its default): a host training several members stacked
+    # then takes all their coupling gradients from one backward of value (poptrain.stacked).
+    # False where each member's term is an objective of its own (mutual learning).
+    term_is_joint: ClassVar[bool] = True
 
     def __init__(self, config: CouplingConfig, population: PopulationInfo):
         self.config = config
@@ -155,6 +160,11 @@ class Coupling(CouplingClass, ABC):
         objective's. A coupling whose members each have a term of their own (mutual learning:
         each learns towards its peers) returns that member's here, and their sum from :meth:`value`."""
         return self.value(q)
+
+    def values_for(self, members: list[str], q: Mapping[Quantity, torch.Tensor]) -> dict[str, torch.Tensor | None]:
+        """:meth:`value_for` of each of ``members`` (a host's, on the same quantities) at once; by
+        default one by one. A coupling whose cost grows with the population may do it in one pass."""
+        return {m: self.value_for(m, q) for m in members}
 
     def metrics(self, q: Mapping[Quantity, torch.Tensor]) -> dict[str, float]:
         """Extra values to log under ``coupling/<name>/...`` on the parent run (e.g. pairwise distances),

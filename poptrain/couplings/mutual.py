@@ -53,6 +53,7 @@ class Mutual(Coupling):
 
     Config = MutualConfig
     config: MutualConfig
+    term_is_joint = False  # each member learns towards its peers: a term of its own
 
     def __init__(self, config: MutualConfig, population):
         super().__init__(config, population)
