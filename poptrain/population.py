@@ -311,13 +311,17 @@ class PopulationRun:
         self._open_runs()
         _get_all(starting, self._host_names(), who="")
         self.placement = dict(zip(self.members, _get_all([host.member_placement.remote(name) for name, host in self.members.items()], self.members)))
+        self.collector = _MetricsCollector(self.tracking, self.host_actors, self.coordinator)
+
+    def _describe_members(self) -> None:
+        """Each member's placement and datasets on its MLflow run, written while the members train
+        (a thousand members' worth of requests need not hold their first step back)."""
         # Tags, not params: process facts would crowd the hyperparameters out of MLflow's comparisons.
         for name, info in self.placement.items():
             self.tracking.log_placement(name, info)
         # Again on a resume (MLflow keeps one input per name and digest): the logged models' metrics name the eval data.
         for name, datasets in zip(self.members, _get_all([host.datasets.remote(name) for name, host in self.members.items()], self.members)):
             self.tracking.log_datasets(name, datasets)
-        self.collector = _MetricsCollector(self.tracking, self.host_actors, self.coordinator)
 
     def _place(self, nodes: int) -> pool.WarmMembers | None:
         """The hosts (:func:`plan_hosts`), one placement bundle each, in a placement group of its own
@@ -414,6 +418,7 @@ class PopulationRun:
         import ray
 
         running = {host.train.remote(self.cfg.steps): index for index, host in enumerate(self.host_actors)}
+        self._describe_members()
         rates = _Rates()
         while running:
             done, _ = ray.wait(list(running), timeout=poll_s)
