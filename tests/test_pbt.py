@@ -4,6 +4,7 @@ MLflow, perturbed hyperparameters survive a restart, and couplings keep their gu
 
 from __future__ import annotations
 
+import copy
 import json
 import random
 
@@ -54,6 +55,25 @@ def test_an_exploit_copies_the_donor_bitwise_and_gives_the_receiver_its_new_hype
     assert [g["lr"] for g in receiver.optimizer.param_groups] == [0.02] and receiver.optimizer.param_groups[0]["weight_decay"] == 0.0
     assert donor.optimizer.param_groups[0]["lr"] == 0.01, "the donor keeps its own"
     assert receiver.lineage == [[3, "m3"]] and receiver.hyperparameters.get() == {"optimizer.lr": 0.02, "optimizer.kwargs.weight_decay": 0.0}
+
+
+def test_a_rollback_after_an_exploit_restores_the_donors_copy_not_the_receivers_old_state(base_config):
+    """`failure.nonfinite: rollback`: a bad step after an exploit goes back to what the receiver
+    became there (its donor's weights, optimizer state and its new hyperparameters), not to its
+    own state from before it (the initial one here: no checkpoint yet)."""
+    pop = InProcessPopulation(base_config(**population(steps=8, every=2), failure={"nonfinite": "rollback"}))
+    pop.train(3)
+    donor, receiver = pop.trainers["m3"], pop.trainers["m1"]
+    copied = copy.deepcopy(transferable(donor.state_dict()))  # as it travels in a run (the donor trains on)
+    receiver.exploit("m3", copied, {"optimizer.lr": 0.02, "optimizer.kwargs.weight_decay": 0.0})
+    with torch.no_grad():
+        next(receiver.model.parameters()).fill_(float("nan"))  # its next step diverges
+    pop.train(1)
+    assert pop.metrics["m1"][-1]["skipped"] == 1.0 and pop.metrics["m1"][-1]["rollback"] == 3.0, "back to the exploit at step 3"
+    assert all(torch.equal(copied["model"][k], v) for k, v in receiver.model.state_dict().items()), "the donor's weights"
+    theirs, mine = copied["optimizer"]["state"], receiver.optimizer.state_dict()["state"]
+    assert all(torch.equal(theirs[i][k], mine[i][k]) for i in theirs for k in theirs[i]), "and its optimizer state"
+    assert receiver.hyperparameters.get() == {"optimizer.lr": 0.02, "optimizer.kwargs.weight_decay": 0.0}, "with the new hyperparameters"
 
 
 def test_nobody_is_exploited_before_every_member_has_a_score_and_the_bottom_copies_the_top():
