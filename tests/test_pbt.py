@@ -87,6 +87,15 @@ def test_nobody_is_exploited_before_every_member_has_a_score_and_the_bottom_copi
     assert 1e-4 <= ranged["optimizer.lr"] <= 1e-2
 
 
+def test_explore_draws_the_same_whatever_the_order_the_config_lists_the_hyperparameters_in():
+    """A YAML mapping has no order: `pbt.hyperparameters` written in another order (as
+    `yaml.safe_dump` sorts keys) is the same config, and must decide the same."""
+    space = {"optimizer.lr": Perturbation(factors=[0.5, 2.0]), "optimizer.kwargs.weight_decay": Perturbation(values=[0.0, 0.001])}
+    values = {"optimizer.lr": 0.03, "optimizer.kwargs.weight_decay": 0.0001}
+    reordered = dict(reversed(space.items()))
+    assert all(explore(values, space, random.Random(seed)) == explore(values, reordered, random.Random(seed)) for seed in range(20))
+
+
 def test_members_that_cannot_copy_each_other_are_refused_before_anything_starts(base_config):
     from poptrain.checks import prepare
     from poptrain.config import ConfigError
