@@ -139,11 +139,27 @@ def discard_after(run_dir: Path, members: list[str], step: int | None) -> None:
                 leftover.unlink(missing_ok=True)
     if step is None:
         coordinator_metrics_path(run_dir).unlink(missing_ok=True)
+        pbt_events_path(run_dir).unlink(missing_ok=True)
 
 
 def coordinator_metrics_path(run_dir: Path) -> Path:
     """The coupling metrics the coordinator had not seen written at its latest checkpoint step."""
     return Path(run_dir) / "checkpoints" / "coordinator-metrics.pt"
+
+
+def pbt_events_path(run_dir: Path) -> Path:
+    """Every population-based-training exploit decided so far (JSON), rewritten at each round: a
+    complete checkpoint at step c implies every round before c is in it (each member passed them)."""
+    return Path(run_dir) / "checkpoints" / "pbt-events.json"
+
+
+def load_pbt_events(run_dir: Path, before: int | None) -> list[dict]:
+    """The exploits decided before step ``before`` (the step a resumed run continues from; None: none)."""
+    try:
+        events = json.loads(pbt_events_path(run_dir).read_text()) if before is not None else []
+    except (OSError, ValueError):
+        return []
+    return [e for e in events if e["step"] < before]
 
 
 def load_coordinator_metrics(run_dir: Path) -> list:

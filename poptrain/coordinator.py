@@ -26,6 +26,7 @@ Ray: :class:`CouplingEvaluator` (the population's values, rewrites, coupling met
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 import warnings
@@ -369,7 +370,8 @@ class PBTRounds:
     step's own generator. Decisions are kept: a restarted member replaying a round gets the same one,
     and the donors' states of the rounds it may replay stay referenced here."""
 
-    def __init__(self, run: RunConfig):
+    def __init__(self, run: RunConfig, run_dir: str | None = None):
+        from poptrain.checkpoint import latest_complete_step, load_pbt_events
         from poptrain.pbt import pbt_members, ranking
 
         self.run, self.members = run, pbt_members(run)
@@ -379,7 +381,10 @@ class PBTRounds:
         self.states: dict[int, dict[str, Any]] = {}  # step -> member -> reference to its state (kept for replays)
         rounds_replayed = -(-2 * (run.checkpoint.every or 1) // run.pbt.every) + 1 if run.pbt is not None else 0
         self.keep = max(2, rounds_replayed)
-        self.events: list[dict] = []
+        # The exploits before the checkpoint a resumed run continues from (its rounds are not decided
+        # again), and every round's decisions written beside the checkpoints as they are made.
+        self.run_dir = run_dir if run.pbt is not None and run.checkpoint.every else None
+        self.events: list[dict] = load_pbt_events(run_dir, latest_complete_step(run_dir, run.member_names)) if self.run_dir else []
 
     def arrive(self, step: int, member: str, score: float | None, hyperparameters: dict[str, float], state: Any) -> bool:
         """Record ``member`` at round ``step``; whether the round is decided (now or before)."""
@@ -407,6 +412,10 @@ class PBTRounds:
             self.events.append(event)
         for old in sorted(self.states)[: -self.keep]:
             del self.states[old]
+        if self.run_dir is not None:
+            from poptrain.checkpoint import pbt_events_path, save_atomic
+
+            save_atomic(json.dumps(self.events, default=str), pbt_events_path(self.run_dir))
 
     def decision(self, step: int, member: str) -> dict | None:
         """``member``'s exploit at round ``step`` (with the donor's state reference), or None."""
@@ -456,7 +465,7 @@ class Coordinator:
         self.board = AsyncBoard(self.plan.participants, run.exchange.max_staleness, run.exchange.every)
         self.recorder = MetricRecorder(run, run_dir)
         self.evaluations = EvalBoard(run)
-        self.pbt = PBTRounds(run)
+        self.pbt = PBTRounds(run, run_dir)
         self.timeout_s = run.exchange.timeout_s
         self.aborted: str | None = None  # why the run stopped (see abort)
         self.lock = threading.Condition()  # guards everything above; async publishes wait on it

@@ -479,6 +479,8 @@ class MemberTrainer:
         self.batches.load_state_dict(state["batches"])
         self.hyperparameters.set(hyperparameters)
         self.lineage.append([self.step, donor])
+        if self.rollback_point is not None:  # a bad step from here on returns to the copy, not to what this member was before it
+            self.set_rollback_point(self.step, {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "balancer": self.balancer.state_dict()})
 
 
 def _map_tensors(tree: Any, fn: Callable[[Any], Any]) -> Any:

@@ -83,9 +83,10 @@ class Hyperparameters:
 
 
 def explore(values: dict[str, float], space: dict[str, Perturbation], rng: random.Random) -> dict[str, float]:
-    """The donor's ``values`` perturbed as ``space`` says (keys not in it are kept)."""
+    """The donor's ``values`` perturbed as ``space`` says (keys not in it are kept). Drawn key by
+    key in sorted order: the order a config lists them in (a YAML mapping has none) changes nothing."""
     out = dict(values)
-    for key, how in space.items():
+    for key, how in sorted(space.items()):
         if key not in out:
             continue
         if how.factors is not None and rng.random() >= how.resample_probability:

@@ -10,6 +10,7 @@ import threading
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 import yaml
@@ -36,14 +37,14 @@ def uninterrupted(ray_session, tmp_path_factory, tracking_uri):
     return poptrain.run(config)
 
 
-def run_killing_m2_once(config, steps, restarted=("m2",)):
-    """Run ``config``, SIGKILLing m2's process once between step 40 and ``steps - 100``. Returns
-    (result, {pid, step, time} of the kill). ``restarted``: the members that process carries."""
+def run_killing_m2_once(config, steps, restarted=("m2",), from_step=40):
+    """Run ``config``, SIGKILLing m2's process once between step ``from_step`` and ``steps - 100``.
+    Returns (result, {pid, step, time} of the kill). ``restarted``: the members that process carries."""
     killed = {}
 
     def kill_m2_once(snapshot):
         step = snapshot["members"].get("m2", {}).get("step", 0)
-        if not killed and 40 <= step < steps - 100:
+        if not killed and from_step <= step < steps - 100:
             killed["pid"], killed["step"], killed["time_ms"] = snapshot["placement"]["m2"]["pid"], step, time.time() * 1000
             os.kill(killed["pid"], signal.SIGKILL)
 
@@ -137,30 +138,59 @@ def test_a_member_that_keeps_dying_fails_the_run_naming_it_and_the_checkpoint(ra
     assert steps == list(range(len(steps))) and len(steps) >= 40
 
 
-def test_a_killed_driver_resumes_into_the_same_runs_bitwise_equal_to_an_uninterrupted_run(ray_session, base_config, tmp_path, tracking_uri, uninterrupted):
-    steps = STEPS
-    config = base_config(steps=steps, checkpoint={"every": CHECKPOINT_EVERY}, name="resumable")
-    path = tmp_path / "resumable.yaml"
-    path.write_text(yaml.safe_dump(config))
-    run_dir = tmp_path / "runs" / "resumable"
+def driver_env() -> dict:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     env.pop("RAY_ADDRESS", None)
-    # Its own session: killing the group takes the driver and the Ray it started, like losing the machine.
-    driver = subprocess.Popen([sys.executable, "-m", "poptrain", "run", str(path)], cwd=tmp_path, env=env, start_new_session=True,
+    return env
+
+
+def run_killing_the_driver(config, folder, after_step):
+    """Start ``config`` (a dict) as a real ``poptrain run`` process in ``folder`` and SIGKILL it with
+    the Ray it started once the latest complete checkpoint is at ``after_step`` or later. Returns
+    (its run folder, that checkpoint's step, from which it resumes)."""
+    path = folder / f"{config['name']}.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))  # as written: the order of pbt.hyperparameters is the order explore draws in
+    run_dir = Path(config["output_dir"]) / config["name"]
+    members = [m["name"] for m in config["members"]]
+    # Its own session and process group: the driver and the Ray it started, which the kill takes at
+    # once, like losing the machine.
+    driver = subprocess.Popen([sys.executable, "-m", "poptrain", "run", str(path)], cwd=folder, env=driver_env(), start_new_session=True,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    processes = []
     try:
         deadline = time.monotonic() + 240
-        while (latest_complete_step(run_dir, ["m1", "m2"]) or 0) < 50:
+        while (latest_complete_step(run_dir, members) or 0) < after_step:
             assert driver.poll() is None, "the run ended before it could be interrupted"
             assert time.monotonic() < deadline, "no checkpoint appeared"
             time.sleep(0.2)
     finally:
+        # Ray's workers (the members, the coordinator) have process groups of their own: killed by
+        # the group alone, they would train on, and write checkpoints, for seconds after the driver.
+        processes = psutil.Process(driver.pid).children(recursive=True)
         os.killpg(driver.pid, signal.SIGKILL)
+        for process in processes:
+            try:
+                process.kill()
+            except psutil.NoSuchProcess:
+                pass
         driver.wait()
-    assert latest_complete_step(run_dir, ["m1", "m2"]) < steps
+    _, alive = psutil.wait_procs(processes, timeout=30)
+    assert not alive, f"processes of the killed run still alive: {alive}"
+    step = latest_complete_step(run_dir, members)
+    assert step < config["steps"], "the driver was killed mid-run"
+    return run_dir, step
 
-    resumed = subprocess.run([sys.executable, "-m", "poptrain", "resume", str(run_dir)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+
+def resume_in_a_process(run_dir, folder):
+    """``poptrain resume run_dir`` as a real process in ``folder``; it must succeed."""
+    resumed = subprocess.run([sys.executable, "-m", "poptrain", "resume", str(run_dir)], cwd=folder, env=driver_env(), capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+
+
+def test_a_killed_driver_resumes_into_the_same_runs_bitwise_equal_to_an_uninterrupted_run(ray_session, base_config, tmp_path, tracking_uri, uninterrupted):
+    steps = STEPS
+    run_dir, _ = run_killing_the_driver(base_config(steps=steps, checkpoint={"every": CHECKPOINT_EVERY}, name="resumable"), tmp_path, 50)
+    resume_in_a_process(run_dir, tmp_path)
 
     record = yaml.safe_load((run_dir / "run.json").read_text())
     for member, run_id in record["members"].items():

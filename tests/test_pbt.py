@@ -4,8 +4,10 @@ MLflow, perturbed hyperparameters survive a restart, and couplings keep their gu
 
 from __future__ import annotations
 
+import copy
 import json
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -56,6 +58,25 @@ def test_an_exploit_copies_the_donor_bitwise_and_gives_the_receiver_its_new_hype
     assert receiver.lineage == [[3, "m3"]] and receiver.hyperparameters.get() == {"optimizer.lr": 0.02, "optimizer.kwargs.weight_decay": 0.0}
 
 
+def test_a_rollback_after_an_exploit_restores_the_donors_copy_not_the_receivers_old_state(base_config):
+    """`failure.nonfinite: rollback`: a bad step after an exploit goes back to what the receiver
+    became there (its donor's weights, optimizer state and its new hyperparameters), not to its
+    own state from before it (the initial one here: no checkpoint yet)."""
+    pop = InProcessPopulation(base_config(**population(steps=8, every=2), failure={"nonfinite": "rollback"}))
+    pop.train(3)
+    donor, receiver = pop.trainers["m3"], pop.trainers["m1"]
+    copied = copy.deepcopy(transferable(donor.state_dict()))  # as it travels in a run (the donor trains on)
+    receiver.exploit("m3", copied, {"optimizer.lr": 0.02, "optimizer.kwargs.weight_decay": 0.0})
+    with torch.no_grad():
+        next(receiver.model.parameters()).fill_(float("nan"))  # its next step diverges
+    pop.train(1)
+    assert pop.metrics["m1"][-1]["skipped"] == 1.0 and pop.metrics["m1"][-1]["rollback"] == 3.0, "back to the exploit at step 3"
+    assert all(torch.equal(copied["model"][k], v) for k, v in receiver.model.state_dict().items()), "the donor's weights"
+    theirs, mine = copied["optimizer"]["state"], receiver.optimizer.state_dict()["state"]
+    assert all(torch.equal(theirs[i][k], mine[i][k]) for i in theirs for k in theirs[i]), "and its optimizer state"
+    assert receiver.hyperparameters.get() == {"optimizer.lr": 0.02, "optimizer.kwargs.weight_decay": 0.0}, "with the new hyperparameters"
+
+
 def test_nobody_is_exploited_before_every_member_has_a_score_and_the_bottom_copies_the_top():
     order = ["a", "b", "c", "d"]
     assert exploit_plan({"a": 0.9, "b": None, "c": 0.1, "d": 0.5}, order, 0.25, True, random.Random(0)) == {}
@@ -65,6 +86,15 @@ def test_nobody_is_exploited_before_every_member_has_a_score_and_the_bottom_copi
     assert new["optimizer.lr"] in (pytest.approx(0.008), pytest.approx(0.012)) and new["loss_weight"] == 1.0
     ranged = explore({"optimizer.lr": 0.01}, {"optimizer.lr": Perturbation(range=(1e-4, 1e-2), log=True)}, random.Random(2))
     assert 1e-4 <= ranged["optimizer.lr"] <= 1e-2
+
+
+def test_explore_draws_the_same_whatever_the_order_the_config_lists_the_hyperparameters_in():
+    """A YAML mapping has no order: `pbt.hyperparameters` written in another order (as
+    `yaml.safe_dump` sorts keys) is the same config, and must decide the same."""
+    space = {"optimizer.lr": Perturbation(factors=[0.5, 2.0]), "optimizer.kwargs.weight_decay": Perturbation(values=[0.0, 0.001])}
+    values = {"optimizer.lr": 0.03, "optimizer.kwargs.weight_decay": 0.0001}
+    reordered = dict(reversed(space.items()))
+    assert all(explore(values, space, random.Random(seed)) == explore(values, reordered, random.Random(seed)) for seed in range(20))
 
 
 def test_members_that_cannot_copy_each_other_are_refused_before_anything_starts(base_config):
@@ -107,25 +137,97 @@ def test_every_exploit_and_the_whole_schedule_are_in_mlflow(pbt_run, tracking_ur
         assert step in exploited
 
 
-def test_perturbed_hyperparameters_survive_a_member_restart_bitwise(ray_session, tmp_path, tracking_uri):
+# The interrupted PBT runs below and their uninterrupted twin: rounds (and evaluations) every 20
+# steps, a checkpoint every 10, so that a checkpoint follows each round's exploit.
+RESTARTABLE_STEPS = 400  # a kill window (step 60 to steps - 100) that spans several progress polls even when the host is fast
+MEMBERS = ("m1", "m2", "m3", "m4")
+
+
+def restartable(output_dir, tracking_uri, name):
+    return make_config(output_dir, tracking_uri, f"pbt-{name}", name=name, checkpoint={"every": 10}, **population(steps=RESTARTABLE_STEPS, every=20))
+
+
+@pytest.fixture(scope="module")
+def pbt_uninterrupted(ray_session, tmp_path_factory, tracking_uri):
+    """The PBT run never interrupted (its RunResult), with the settings of the interrupted ones."""
+    return poptrain.run(restartable(tmp_path_factory.mktemp("pbt-clean"), tracking_uri, "clean"))
+
+
+def test_perturbed_hyperparameters_survive_a_member_restart_bitwise(ray_session, tmp_path, tracking_uri, pbt_uninterrupted):
     """A member killed after the first exploits is restarted from its checkpoint and replays the
     rounds it missed: the run ends bitwise as the uninterrupted one, schedule included (#62173)."""
     from tests.test_failures import run_killing_m2_once
 
-    steps = 400  # the kill window (steps 40 to steps - 100) spans several progress polls even when the host is fast
-
-    def config(name):
-        return make_config(tmp_path / name, tracking_uri, f"pbt-{name}", name=name, checkpoint={"every": 10}, **population(steps=steps, every=20))
-
-    clean = poptrain.run(config("clean"))
-    restarted, _ = run_killing_m2_once(config("killed"), steps, restarted=("m1", "m2"))  # four members on two cores: two hosts
-    assert_bitwise_equal(restarted.output_dir, clean.output_dir, members=("m1", "m2", "m3", "m4"))
+    clean = pbt_uninterrupted
+    events = json.loads((clean.output_dir / "pbt_events.json").read_text())
+    # Killed at step 60 or later, m2 restarts from a checkpoint (its newest, 50 or later) written
+    # after an exploit of its own: it holds perturbed hyperparameters, which must come back.
+    assert any(e["receiver"] == "m2" and e["step"] <= 40 for e in events), events
+    restarted, _ = run_killing_m2_once(restartable(tmp_path, tracking_uri, "killed"), RESTARTABLE_STEPS, restarted=("m1", "m2"), from_step=60)  # four members on two cores: two hosts
+    assert_bitwise_equal(restarted.output_dir, clean.output_dir, members=MEMBERS)
     client = MlflowClient(tracking_uri)
-    for name in ("m1", "m2", "m3", "m4"):
+    for name in MEMBERS:
         a = [(m.step, m.value) for m in client.get_metric_history(clean.member_run_ids[name], "hp/optimizer.lr")]
         b = [(m.step, m.value) for m in client.get_metric_history(restarted.member_run_ids[name], "hp/optimizer.lr")]
         assert sorted(a) == sorted(b), name
-    assert json.loads((clean.output_dir / "pbt_events.json").read_text()) == json.loads((restarted.output_dir / "pbt_events.json").read_text())
+    assert json.loads((restarted.output_dir / "pbt_events.json").read_text()) == events
+
+
+def test_perturbed_hyperparameters_and_the_lineage_survive_a_driver_resume_bitwise(ray_session, tmp_path, tracking_uri, pbt_uninterrupted):
+    """Issue 17, item 5, the driver's half (#62173): a real `poptrain run` SIGKILLed with its Ray
+    after an exploit and a checkpoint that follows it (its folder then taken back to checkpoint
+    40, as if it had died right after round 40), then `poptrain resume`, ends as the uninterrupted
+    run: the same weights bitwise, every member's schedule (hp/*) and metrics at every step
+    exactly once, and every exploit of the run on the parent and the members' runs, those decided
+    before the resumed checkpoint included, none twice."""
+    from poptrain.checkpoint import checkpoint_path, discard_after, latest_complete_step, load_checkpoint
+    from tests.test_failures import resume_in_a_process, run_killing_the_driver
+
+    clean = pbt_uninterrupted
+    clean_events = json.loads((clean.output_dir / "pbt_events.json").read_text())
+    assert [e["step"] for e in clean_events[:2]] == [20, 40], "rounds 20 and 40 exploit"
+    config = restartable(tmp_path, tracking_uri, "resumed")
+    config["checkpoint"]["keep"] = 10  # checkpoint 40 is still there below (it changes nothing else)
+    run_dir, _ = run_killing_the_driver(config, tmp_path, 50)
+    # As if the driver died right after round 40 was decided, before any later checkpoint was
+    # complete: the run resumes from checkpoint 40 (written before round 40, after round 20), so it
+    # must bring back round 20's exploit and decide round 40 again, exactly once.
+    discard_after(run_dir, list(MEMBERS), 40)
+    assert latest_complete_step(run_dir, list(MEMBERS)) == 40
+    lineage = {m: load_checkpoint(checkpoint_path(run_dir, m, 40))["lineage"] for m in MEMBERS}
+    assert lineage[clean_events[0]["receiver"]] == [[20, clean_events[0]["donor"]]], f"a post-exploit state: {lineage}"
+    resume_in_a_process(run_dir, tmp_path)
+
+    record = json.loads((run_dir / "run.json").read_text())
+    client = MlflowClient(tracking_uri)
+    assert client.get_run(record["parent"]).info.status == "FINISHED"
+    assert_bitwise_equal(run_dir, clean.output_dir, members=MEMBERS)
+    tags = lambda run_id: {k: v for k, v in client.get_run(run_id).data.tags.items() if k.startswith(("poptrain.pbt.", "poptrain.lineage", "poptrain.weights_from"))}  # noqa: E731
+    for name in MEMBERS:
+        ours, theirs = record["members"][name], clean.member_run_ids[name]
+        keys = set(client.get_run(theirs).data.metrics)
+        assert {"loss", "eval/accuracy", "hp/optimizer.lr", "hp/optimizer.kwargs.weight_decay"} <= keys
+        assert set(client.get_run(ours).data.metrics) == keys, name
+        for key in sorted(keys):
+            history = sorted((m.step, m.value) for m in client.get_metric_history(ours, key))
+            assert len({s for s, _ in history}) == len(history), f"{name}: {key} has a step twice"
+            assert history == sorted((m.step, m.value) for m in client.get_metric_history(theirs, key)), f"{name}: {key} differs from the uninterrupted run's"
+            if key.startswith("hp/"):
+                assert [s for s, _ in history] == list(range(RESTARTABLE_STEPS)), f"{name}: its schedule at every step exactly once"
+        newest = RESTARTABLE_STEPS - 10  # the newest checkpoint, after the last round (380)
+        assert load_checkpoint(checkpoint_path(run_dir, name, newest))["hyperparameters"] == load_checkpoint(checkpoint_path(clean.output_dir, name, newest))["hyperparameters"], name
+    events = json.loads((run_dir / "pbt_events.json").read_text())
+    assert [(e["step"], e["receiver"]) for e in events] == sorted({(e["step"], e["receiver"]) for e in events}), "no exploit twice"
+    assert events == clean_events, "every exploit, those before the resumed checkpoint included"
+    parent = client.get_run(record["parent"]).data
+    assert parent.tags["poptrain.pbt.exploits"] == str(len(clean_events))
+    logged = json.loads(Path(client.download_artifacts(record["parent"], "pbt_events.json", str(tmp_path))).read_text())
+    assert logged == clean_events, "the parent run's artifact too"
+    for name in MEMBERS:
+        assert tags(record["members"][name]) == tags(clean.member_run_ids[name]), f"{name}: its exploits and lineage"
+    for key in parent.metrics:
+        steps = [m.step for m in client.get_metric_history(record["parent"], key)]
+        assert len(steps) == len(set(steps)), f"parent: {key} has a step twice"
 
 
 def test_couplings_see_a_receivers_new_weights_from_the_next_exchange_on(ray_session, tmp_path, tracking_uri):
