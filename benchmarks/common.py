@@ -72,7 +72,7 @@ SIZES = {
         mode="smoke", in_features=32, hidden=(64,), classes=4, samples=512, batch=32, steps=30, warmup=5, repeats=1,
         runs=("none", "sync1", "single"), single_steps=20, latency_members=(2,), latency_rounds=30, latency_warmup=5,
         latency_modes=("sync",), avg_sources=2, avg_params=100_000, avg_rounds=4, avg_warmup=1, avg_log_every=2, startup_steps=2,
-        startup_child=False, thresholds=False, packing_small=4, packing_large=8, packing_steps=30, packing_warmup=10,
+        startup_child=False, thresholds=False, packing_small=4, packing_large=4, packing_steps=25, packing_warmup=10,
     ),
     "default": Sizes(mode="default"),
     "full": Sizes(

@@ -71,6 +71,9 @@ def _margin(setting: dict[str, str]) -> float | None:
     return None
 
 
+MEMBERS_PLOTTED_ONE_BY_ONE = 8  # beyond, the population's spread instead of a line and a figure per member
+
+
 def write_plots(client, parent_run_id: str, out_dir: Path) -> list[Path]:
     """Write the population's figures into ``out_dir``; returns the paths written."""
     out_dir = Path(out_dir)
@@ -78,8 +81,12 @@ def write_plots(client, parent_run_id: str, out_dir: Path) -> list[Path]:
     parent, members = population_runs(client, parent_run_id)
     written: list[Path] = []
 
+    large = len(members) > MEMBERS_PLOTTED_ONE_BY_ONE
+    if large:  # the population's spread from the parent run's summaries, not a line (or a figure) per member
+        _plot_population(client, parent, out_dir, written, len(members))
+
     # (a) every member's loss on one chart
-    losses = {name: _history(client, run.info.run_id, "loss") for name, run in members.items() if "loss" in run.data.metrics}
+    losses = {} if large else {name: _history(client, run.info.run_id, "loss") for name, run in members.items() if "loss" in run.data.metrics}
     if losses:
         fig, axes = _figure(1, 1, (8, 4.5))
         ax = axes[0, 0]
@@ -90,7 +97,7 @@ def write_plots(client, parent_run_id: str, out_dir: Path) -> list[Path]:
         _save(fig, out_dir / "losses.png", written)
 
     # (b) per member: its terms raw, and weighted as they enter its objective
-    for name, run in members.items():
+    for name, run in ({} if large else members).items():
         keys = run.data.metrics
         raw = {k: _history(client, run.info.run_id, k) for k in sorted(keys) if k == "loss" or k.startswith("term/")}
         if not raw:
@@ -166,8 +173,31 @@ def write_plots(client, parent_run_id: str, out_dir: Path) -> list[Path]:
             ax.legend(fontsize="small")
         _save(fig, out_dir / f"coupled_{_filename(coupling)}.png", written)
 
-    _plot_evaluation(client, parent, members, out_dir, written)
+    if not large:  # a large population's held-out spread is in population.png
+        _plot_evaluation(client, parent, members, out_dir, written)
     return written
+
+
+def _plot_population(client, parent, out_dir: Path, written: list[Path], size: int) -> None:
+    """``population.png``: per member metric the parent run summarises (``population/<key>/...``
+    and ``eval/<key>/...``), the median and the band between the population's min and max."""
+    metrics = parent.data.metrics
+    summarised = sorted({k.rsplit("/", 1)[0] for k in metrics if k.endswith("/median") and k.startswith(("population/", "eval/"))})
+    summarised = [k for k in summarised if k.count("/") == 1][:8]
+    if not summarised:
+        return
+    fig, axes = _figure(len(summarised), 1, (8, 3.2 * len(summarised)))
+    for ax, key in zip(axes[:, 0], summarised):
+        low, mid, high = (dict(zip(*_history(client, parent.info.run_id, f"{key}/{s}"))) for s in ("min", "median", "max"))
+        steps = sorted(set(low) & set(mid) & set(high))
+        ax.fill_between(steps, [low[s] for s in steps], [high[s] for s in steps], alpha=0.25, label="min to max")
+        ax.plot(steps, [mid[s] for s in steps], linewidth=2, label="median")
+        best = f"best/{key}"
+        if best in metrics:
+            ax.plot(*_history(client, parent.info.run_id, best), color="grey", linestyle=":", label="best member")
+        ax.set(title=f"{parent.info.run_name}: {key.split('/', 1)[1]} over {size} members ({key.split('/', 1)[0]})", xlabel="step")
+        ax.legend(fontsize="small")
+    _save(fig, out_dir / "population.png", written)
 
 
 def _eval_labels(parent, members: dict) -> list[str]:

@@ -188,7 +188,9 @@ class Tracking:
         parent = self.client.create_run(
             experiment_id,
             run_name=cfg.name,
-            tags={"poptrain.role": "population", "poptrain.members": ",".join(cfg.member_names)},
+            # In the population's order; cut at MLflow's tag length (a very large population's order
+            # then falls back to the members' names, see poptrain.compare.population_runs).
+            tags={"poptrain.role": "population", "poptrain.members": ",".join(cfg.member_names)[:MAX_TAG_LENGTH]},
         )
         ids = RunIds(experiment_id, parent.info.run_id)
         self._log_params(ids.parent, run_params(cfg))
