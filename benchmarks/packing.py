@@ -150,22 +150,25 @@ def _runs(ctx: Context) -> dict[str, Any]:
     return runs
 
 
+def _rate_row(ctx: Context, figure: str, name: str, measured: dict, baseline: dict, target: float, details: dict) -> dict[str, Any]:
+    """A figure whose value and baseline are member-steps/s."""
+    value, base = measured["member_steps_per_s"], baseline["member_steps_per_s"]
+    return row(figure, name, value=value, unit="member-steps/s", ratio=value / base, target=(">=", target),
+               baseline={"value": base, "unit": "member-steps/s"}, sizes=ctx.sizes, details=details)
+
+
 def packed_vs_processes(ctx: Context) -> list[dict[str, Any]]:
     runs = _runs(ctx)
     packed, alone = runs["small_packed"], runs["small_processes"]
-    return [row("packed_vs_processes", f"{packed['members']} members on {packed['hosts']} hosts vs one process each",
-                value=packed["member_steps_per_s"], unit="member-steps/s", ratio=packed["member_steps_per_s"] / alone["member_steps_per_s"],
-                target=(">=", 5.0), baseline={"value": alone["member_steps_per_s"], "unit": "member-steps/s"}, sizes=ctx.sizes,
-                details={"packed": packed, "one_per_process": alone})]
+    return [_rate_row(ctx, "packed_vs_processes", f"{packed['members']} members on {packed['hosts']} hosts vs one process each", packed, alone, 5.0,
+                      {"packed": packed, "one_per_process": alone})]
 
 
 def packed_throughput(ctx: Context) -> list[dict[str, Any]]:
     runs = _runs(ctx)
     packed, yardstick = runs["large_packed"], runs["yardstick"]
-    return [row("packed_throughput", f"{packed['members']} members packed, separation every 10 vs torch.func stacked",
-                value=packed["member_steps_per_s"], unit="member-steps/s", ratio=packed["member_steps_per_s"] / yardstick["member_steps_per_s"],
-                target=(">=", 0.8), baseline={"value": yardstick["member_steps_per_s"], "unit": "member-steps/s"}, sizes=ctx.sizes,
-                details={"packed": packed, "torch_func": yardstick})]
+    return [_rate_row(ctx, "packed_throughput", f"{packed['members']} members packed, separation every 10 vs torch.func stacked", packed, yardstick, 0.8,
+                      {"packed": packed, "torch_func": yardstick})]
 
 
 def packing_memory(ctx: Context) -> list[dict[str, Any]]:
