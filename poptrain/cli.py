@@ -248,6 +248,21 @@ def print_summary(result) -> None:
     console.print(f"outputs in {result.output_dir}")
 
 
+SUMMARY_ROWS = 8  # members in the final table; a larger population shows its best and worst (`poptrain compare` lists all)
+
+
+def _ranking(result) -> tuple[str, bool]:
+    """What the final table ranks a large population by: the run's `evaluation.rank_by` (from its
+    resolved config) and whether higher is better; the training loss, lower first, without one."""
+    from poptrain.config import load_config
+
+    try:
+        ranking = load_config(result.output_dir / "config.yaml").evaluation.ranking
+        return f"eval/{ranking.key}", bool(ranking.higher())
+    except Exception:  # a summary never fails a finished run
+        return "loss", False
+
+
 def _summary_table(result, metrics: dict[str, dict[str, float]], keys: list[str], best: str | None):
     from rich.table import Table
 
@@ -256,7 +271,19 @@ def _summary_table(result, metrics: dict[str, dict[str, float]], keys: list[str]
     for key in keys:
         table.add_column(key, justify="right")
     table.add_column("device")
-    for name, values in metrics.items():
+    shown = list(metrics)
+    if len(shown) > SUMMARY_ROWS:  # the best and the worst, not a thousand rows
+        key, higher = _ranking(result)
+        if not any(metrics[n].get(key) is not None for n in shown):
+            key, higher = "loss", False
+        known = [n for n in shown if metrics[n].get(key) is not None]
+        ranked = sorted(known, key=lambda n: metrics[n][key], reverse=higher) + [n for n in shown if n not in known]
+        shown = [*ranked[: SUMMARY_ROWS // 2], None, *ranked[-(SUMMARY_ROWS // 2 - 1):]]
+    for name in shown:
+        if name is None:
+            table.add_row(f"… {len(metrics) - SUMMARY_ROWS + 1} more", *["" for _ in keys], "")
+            continue
+        values = metrics[name]
         label = f"{name} (best)" if name == best else name
         table.add_row(label, *[_fmt(values.get(k)) for k in keys], str(result.placement.get(name, {}).get("device", "")))
     return table

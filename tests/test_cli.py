@@ -76,3 +76,16 @@ def test_run_trains_the_seed_000_config_from_the_command_line(tmp_path):
 def test_unknown_command_line_option_exits_2(tmp_path):
     done = poptrain("run", cwd=tmp_path)
     assert done.returncode == 2 and "Traceback" not in done.stderr
+
+
+def test_the_final_table_of_a_large_population_shows_its_best_and_worst_members_not_every_one(tmp_path):
+    from poptrain.cli import SUMMARY_ROWS, _summary_table
+    from poptrain.population import RunResult
+
+    metrics = {f"m{i:02d}": {"loss": float((i * 7) % 20)} for i in range(20)}  # m00's loss 0, m17's 19
+    result = RunResult("run", {}, tmp_path, "sqlite://", metrics=metrics, seconds=1.0)  # no config.yaml there: ranked by loss
+    table = _summary_table(result, metrics, ["loss"], best="m00")
+    names = list(table.columns[0].cells)
+    assert len(names) == SUMMARY_ROWS
+    assert names[0] == "m00 (best)" and names[-1] == "m17", names
+    assert names[SUMMARY_ROWS // 2] == f"… {20 - SUMMARY_ROWS + 1} more"

@@ -89,7 +89,7 @@ class Separation(Coupling):
         first, second = self._pair_index if member is None else self._pair_index_by_member[member]
         if VECTORIZED_PAIRS <= len(first) and len(first) * values[0].numel() <= VECTORIZED_ELEMENTS:
             stacked = torch.stack(values)
-            return [(stacked[first], stacked[second])]
+            return [(stacked[first.to(stacked.device)], stacked[second.to(stacked.device)])]
         return [(values[i], values[j]) for i, j in zip(first.tolist(), second.tolist())]
 
     def _distances(self, q: Mapping[Quantity, torch.Tensor]) -> torch.Tensor:
@@ -112,7 +112,7 @@ class Separation(Coupling):
         if len(self.members) <= 2 or len(pair_values) != 1:  # two members, or pairs too large to hold at once
             return super().values_for(members, q)
         per_pair = self._penalties(*pair_values[0])
-        first, second = self._pair_index
+        first, second = (index.to(per_pair.device) for index in self._pair_index)
         totals = torch.zeros(len(self.members), dtype=per_pair.dtype, device=per_pair.device).index_add(0, first, per_pair).index_add(0, second, per_pair)
         position = {m: i for i, m in enumerate(self.members)}
         return {m: totals[position[m]] if m in position else None for m in members}
