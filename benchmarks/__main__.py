@@ -27,6 +27,10 @@ def _runner(name: str):
         from benchmarks import training
 
         return getattr(training, name)
+    if name == "pbt_vs_tune":
+        from benchmarks.pbt_tune import pbt_vs_tune
+
+        return pbt_vs_tune
     from benchmarks import exchange
 
     return getattr(exchange, name)
