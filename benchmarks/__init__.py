@@ -23,4 +23,10 @@ FIGURES = (
     "packed_throughput",
     "packing_memory",
     "startup_at_scale",
+    "pbt_vs_tune",
 )
+
+# Figures that need a package of the benchmark-only extra (`pip install -e .[bench]`), by the
+# module they import. Where it does not import, such a figure reports its rows as not available
+# and says how to install it.
+NEEDS_BENCH_EXTRA = {"pbt_vs_tune": "ray.tune.schedulers"}

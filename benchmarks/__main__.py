@@ -31,6 +31,10 @@ def _runner(name: str):
         from benchmarks import packing
 
         return getattr(packing, name)
+    if name == "pbt_vs_tune":
+        from benchmarks.pbt_tune import pbt_vs_tune
+
+        return pbt_vs_tune
     from benchmarks import exchange
 
     return getattr(exchange, name)

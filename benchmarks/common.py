@@ -56,6 +56,14 @@ class Sizes:
     # Start-up.
     startup_steps: int = 3
     startup_child: bool = True  # time start-up in a fresh process; smoke: reuse a timed run instead (Ray already up)
+    # PBT against Ray Tune (configs/pbt.yaml both ways): its first `pbt_members` members, `pbt_steps`
+    # steps, ranked every `pbt_every` steps, once per seed on each side.
+    pbt_members: int = 8
+    pbt_steps: int = 600
+    pbt_every: int = 50
+    pbt_seeds: tuple[int, ...] = (0, 1, 2)
+    pbt_without_checkpoints: bool = True  # also one poptrain run with checkpoint.every: 0 (exploits need no checkpoint)
+    pbt_tune_without_actor_reuse: bool = False  # also one Tune run with TuneConfig's default reuse_actors=False (~15 min here)
     thresholds: bool = True  # smoke: report, never judge
 
     @property
@@ -72,13 +80,14 @@ SIZES = {
         mode="smoke", in_features=32, hidden=(64,), classes=4, samples=512, batch=32, steps=30, warmup=5, repeats=1,
         runs=("none", "sync1", "single"), single_steps=20, latency_members=(2,), latency_rounds=30, latency_warmup=5,
         latency_modes=("sync",), avg_sources=2, avg_params=100_000, avg_rounds=4, avg_warmup=1, avg_log_every=2, startup_steps=2,
-        startup_child=False, thresholds=False, packing_small=4, packing_large=4, packing_steps=25, packing_warmup=10,
+        startup_child=False, pbt_members=2, pbt_steps=40, pbt_every=10, pbt_seeds=(0,), pbt_without_checkpoints=False, thresholds=False,
+        packing_small=4, packing_large=4, packing_steps=25, packing_warmup=10,
     ),
     "default": Sizes(mode="default"),
     "full": Sizes(
         mode="full", steps=1500, warmup=100, repeats=3, repeated=("none", "sync1", "single", "sync10", "async1", "async10"),
         single_steps=800, latency_members=(2, 8, 16), latency_rounds=2000,
-        latency_warmup=100, avg_rounds=100, avg_warmup=3,
+        latency_warmup=100, avg_rounds=100, avg_warmup=3, pbt_tune_without_actor_reuse=True,
     ),
 }
 

@@ -24,6 +24,7 @@ of rate x batch).
 
 from __future__ import annotations
 
+import importlib
 import itertools
 import time
 from typing import Any
@@ -283,8 +284,7 @@ def memory(ctx: Context) -> list[dict[str, Any]]:
 
 def _has_psutil() -> bool:
     try:
-        import psutil  # noqa: F401
-
+        importlib.import_module("psutil")
         return True
     except ImportError:
         return False
