@@ -225,9 +225,11 @@ class CoordinatorClient:
         return value
 
     def _timeout(self, method: str, args: tuple, way: str) -> ReplyTimeout:
-        kind, step, member = (list(args) + [None] * 3)[:3]
+        kind, step, members = (list(args) + [None] * 3)[:3]
+        one = not isinstance(members, (list, tuple)) or len(members) == 1  # one host's members
+        who = f"member {(members[0] if isinstance(members, (list, tuple)) else members)!r}" if one else f"members {list(members)}"
         return ReplyTimeout(
-            f"{method} of {kind!r} at step {step}: member {member!r} waited {self.bound_s:g} s for the coordinator's reply "
+            f"{method} of {kind!r} at step {step}: {who} waited {self.bound_s:g} s for the coordinator's reply "
             f"({way}) and the coordinator did not answer, not even with a timeout naming the missing members "
             f"(it gives one after exchange.timeout_s, {self.timeout_s:g} s): its exchange thread may have died or be stuck, "
             "e.g. in a coupling's rewrite or value; see the coordinator's log"

@@ -186,16 +186,16 @@ class Reply:
     values: dict[Quantity, np.ndarray]  # peers' values that this member reads
     replace: dict[Quantity, np.ndarray] = field(default_factory=dict)  # new values of members' own quantities
     steps: dict[str, int] | None = None  # async: the step each peer's values are from
-    tensors: dict[tuple[Quantity, str], torch.Tensor] = field(default_factory=dict, repr=False, compare=False)
+    tensors: dict[tuple[Quantity, str, bool], torch.Tensor] = field(default_factory=dict, repr=False, compare=False)
 
-    def tensor(self, q: Quantity, device: torch.device) -> torch.Tensor:
-        """Quantity ``q``'s value (from :attr:`values` or :attr:`replace`) as a tensor on ``device``,
-        made once per reply and device: the members of a host that all read a peer's value share
-        one tensor (nobody writes into a peer's value), instead of a copy each (N² copies in a
-        population of N)."""
-        key = (q, str(device))
+    def tensor(self, q: Quantity, device: torch.device, replaced: bool = False) -> torch.Tensor:
+        """Quantity ``q``'s value in :attr:`values` (``replaced``: its new value in :attr:`replace`;
+        a quantity can be in both, as sent and as rewritten) as a tensor on ``device``, made once
+        per reply and device: the members of a host that all read a peer's value share one tensor
+        (nobody writes into a peer's value), instead of a copy each (N² copies in a population of N)."""
+        key = (q, str(device), replaced)
         if key not in self.tensors:
-            self.tensors[key] = tensor_copy(self.values[q] if q in self.values else self.replace[q], device)
+            self.tensors[key] = tensor_copy((self.replace if replaced else self.values)[q], device)
         return self.tensors[key]
 
 

@@ -380,7 +380,7 @@ class MemberTrainer:
                     self.peers[q] = reply.tensor(q, self.device)
             for q in reply.replace:
                 if q.member == self.name:
-                    self._replace(q, reply.tensor(q, self.device))
+                    self._replace(q, reply.tensor(q, self.device, replaced=True))
             self.timings["serialize_ms"] += 1000 * (time.perf_counter() - received)
             self.timings["exchange_wait_ms"] += 1000 * (received - waited)
 
