@@ -25,7 +25,7 @@ from poptrain.batches import BatchStream, in_order
 from poptrain.build import apply_frozen, build_dataset, build_model, build_optimizer, resolve_grad_transforms, resolve_loss, resolve_metrics, resolve_terms
 from poptrain.config import RunConfig
 from poptrain.couplings import PopulationInfo, Quantity, build_couplings
-from poptrain.exchange import ExchangePlan, Link, numpy_copy
+from poptrain.exchange import ExchangePlan, Link, Reply, numpy_copy
 from poptrain.lockstep import Send, StepProgram, Wait, run_alone
 from poptrain.pbt import Hyperparameters, pbt_members
 from poptrain.randomness import MemberRandomness, member_seed
@@ -87,6 +87,7 @@ class MemberTrainer:
         # Then this member's own objective can be back-propagated before its peers' values arrive.
         self.couplings_read_only_own_params = all(q.kind == "param" for q in self.plan.reads_for_terms[name] if q.member == name)
         self.peers: dict[Quantity, torch.Tensor] = {}  # peers' values from the last exchange
+        self.reads_predictions = any(q.kind == "pred" for q in self.plan.received)
         self.coupling_extras: dict[str, float] = {}  # this step's couplings' own metrics (Coupling.metrics_for)
         # Own parameters in memory mapped by the coordinator (poptrain.mapped_memory): it reads and
         # writes them in place, so they are neither sent nor received.
@@ -232,6 +233,8 @@ class MemberTrainer:
 
     def _forget_predictions(self) -> None:
         """Peers' predictions are of this step's batch: the next step's batch is another."""
+        if not self.reads_predictions:
+            return
         for q in [q for q in self.peers if q.kind == "pred"]:
             del self.peers[q]
 
@@ -371,16 +374,7 @@ class MemberTrainer:
             waited = time.perf_counter()
             reply = yield Wait(pending)
             received = time.perf_counter()
-            peer_steps = [s for member, s in (reply.steps or {}).items() if member != self.name]
-            if peer_steps:  # async: how old the peers' values are, in exchanges
-                self.staleness = max(0.0, (step - min(peer_steps)) / self.every)
-            receives = self.plan.receives[self.name]
-            for q in reply.values:
-                if q.member != self.name and q in receives:
-                    self.peers[q] = reply.tensor(q, self.device)
-            for q in reply.replace:
-                if q.member == self.name:
-                    self._replace(q, reply.tensor(q, self.device, replaced=True))
+            self.take_reply(reply, step)
             self.timings["serialize_ms"] += 1000 * (time.perf_counter() - received)
             self.timings["exchange_wait_ms"] += 1000 * (received - waited)
 
@@ -388,6 +382,25 @@ class MemberTrainer:
             return receive
         yield from receive()
         return None
+
+    def take_reply(self, reply: Reply, step: int, peers: Mapping[Quantity, torch.Tensor] | None = None) -> None:
+        """Take in an exchange's reply for ``step``: how old the peers' values are (async), the
+        peers' values this member reads, new values of its own quantities. ``peers``: the reply's
+        values as tensors, made once for every member of a stacked group (it may hold values this
+        member does not read, its own included: its own live ones always take their place)."""
+        peer_steps = [s for member, s in (reply.steps or {}).items() if member != self.name]
+        if peer_steps:  # async: how old the peers' values are, in exchanges
+            self.staleness = max(0.0, (step - min(peer_steps)) / self.every)
+        if peers is not None:
+            self.peers.update(peers)
+        else:
+            receives = self.plan.receives[self.name]
+            for q in reply.values:
+                if q.member != self.name and q in receives:
+                    self.peers[q] = reply.tensor(q, self.device)
+        for q in reply.replace:
+            if q.member == self.name:
+                self._replace(q, reply.tensor(q, self.device, replaced=True))
 
     def _replace(self, q: Quantity, value: torch.Tensor) -> None:
         param = self.params[q.key]

@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from poptrain.couplings.base import Quantity
-from poptrain.lockstep import Send, StepProgram
+from poptrain.lockstep import Send, StepProgram, Wait
 
 STACKABLE_LAYERS = (nn.Linear, nn.PReLU, nn.ReLU, nn.Tanh, nn.Sigmoid, nn.GELU, nn.SiLU, nn.LeakyReLU, nn.ELU, nn.Softplus,
                     nn.Identity, nn.Flatten, nn.Sequential, nn.ModuleList)
@@ -132,6 +132,8 @@ class StackedGroup:
             return weight * loss, (loss, outputs)
 
         self._grad = grad_and_value(objective, has_aux=True)
+        # The quantities of its own each member's couplings read (its parameters), computed once.
+        self.own_reads = [[q for q in m.plan.reads_for_terms[m.name] if q.member == m.name] for m in members]
         self._vmap = vmap
         self.optimizer = first.config.optimizer.name
         self.state: dict[str, dict[str, torch.Tensor]] = {}
@@ -207,18 +209,15 @@ class StackedGroup:
         step = members[0].step
         exchanging = step % self.every == 0
         inputs, targets = self._batches()
-        receivers = (yield from self._send_all("param")) if exchanging else None
+        pending = (yield from self._send_all("param")) if exchanging else None
         weights = torch.tensor([m.term_weights["loss"] for m in members], dtype=self.params[self.keys[0]].dtype, device=self.device)
         batch_dim = None if self.shared_batches else 0
         grads, (objectives, (losses, outputs)) = self._vmap(self._grad, in_dims=(0, batch_dim, batch_dim, 0))(self.params, inputs, targets, weights)
-        if receivers is not None:
-            yield from self._receive_all(receivers)
-        bad = [m for m, loss in zip(members, losses.detach()) if not torch.isfinite(loss)]
-        if bad:
-            bad[0]._guard(["term 'loss'"])
+        yield from self._receive_all(pending)
+        if not bool(torch.isfinite(losses).all()):
+            members[int((~torch.isfinite(losses.detach())).nonzero()[0])]._guard(["term 'loss'"])
         if exchanging:
-            receivers = yield from self._send_all("loss", lambda i: {"loss": losses[i]}, lambda i: outputs[i])
-            yield from self._receive_all(receivers)
+            yield from self._receive_all((yield from self._send_all("loss", lambda i: {"loss": losses[i]}, lambda i: outputs[i])))
         couplings = self._coupling_terms(grads, losses)
         if not all(torch.isfinite(g).all() for g in grads.values()):
             for i, m in enumerate(members):
@@ -228,8 +227,7 @@ class StackedGroup:
             for k in self.keys:
                 m.params[k].grad = grads[k][i]
         if exchanging:
-            receivers = yield from self._send_all("grad")
-            yield from self._receive_all(receivers)
+            yield from self._receive_all((yield from self._send_all("grad")))
             for i, m in enumerate(members):  # a coupling that replaced a gradient (as a member's own, out of the stack)
                 for k in self.keys:
                     if m.params[k].grad is not None and m.params[k].grad.data_ptr() != grads[k][i].data_ptr():
@@ -274,7 +272,8 @@ class StackedGroup:
         return stacked[:-1], stacked[-1]
 
     def _send_all(self, kind: str, terms=None, outputs=None):
-        """Every member's values of ``kind`` in one message; their receive programs, or None."""
+        """Every member's values of ``kind`` in one message; the pending reply, or None when no
+        member takes part."""
         programs, sends = [], []
         for i, m in enumerate(self.members):
             program = m._send(kind, terms(i) if terms else {}, outputs(i) if outputs else None, defer=True)
@@ -290,26 +289,20 @@ class StackedGroup:
         for op in sends:
             values.update(op.values)
         pending = yield Send(kind, sends[0].step, values)
-        receivers = []
-        for program in programs:
-            try:
-                program.send(pending)
-            except StopIteration as done:
-                receivers.append(done.value)
-        return receivers
-
-    def _receive_all(self, receivers) -> StepProgram:
-        """Take in one reply for every member: the first asks for it, the others have it."""
-        if not receivers:
-            return
-        reply = None
-        for receive in receivers:
-            program = receive()
-            op = next(program)
-            if reply is None:
-                reply = yield op
+        for program in programs:  # each member's bookkeeping of what it sent; the reply is taken in below, once
             with contextlib.suppress(StopIteration):
-                program.send(reply)
+                program.send(pending)
+        return pending
+
+    def _receive_all(self, pending) -> StepProgram:
+        """Take in one reply for every member: the peers' values made tensors once for all of them."""
+        if pending is None:
+            return
+        reply = yield Wait(pending)
+        first = self.members[0]
+        shared = {q: reply.tensor(q, self.device) for q in reply.values if q in first.plan.received}
+        for m in self.members:
+            m.take_reply(reply, m.step, shared)
 
     def _coupling_terms(self, grads: dict[str, torch.Tensor], losses: torch.Tensor) -> dict[int, dict[str, torch.Tensor]]:
         """The coupling terms of the members (trained by the same couplings: :func:`group_key`) at
@@ -320,10 +313,11 @@ class StackedGroup:
         first = self.members[0]
         if not first.training_couplings:
             return {}
-        live = {i: {q: m.params[q.key] for q in m.plan.reads_for_terms[m.name] if q.member == m.name} for i, m in enumerate(self.members)}
+        live = {i: {q: m.params[q.key] for q in own} for i, (m, own) in enumerate(zip(self.members, self.own_reads))}
         for m in self.members:
             for p in m.params.values():
-                p.grad = None
+                if p.grad is not None:
+                    p.grad = None
         joint = [c for c in first.training_couplings if c.term_is_joint]
         together = dict(first.peers)
         for own in live.values():
@@ -349,11 +343,12 @@ class StackedGroup:
             backward = [t for t in own_terms.values() if t.requires_grad]
             if backward:
                 sum(backward).backward()
-            for k in self.keys:
-                if m.params[k].grad is not None:
-                    grads[k][i] += m.params[k].grad
             values = {c.name: c.weight * joint_values[c.name][m.name] for c in joint if logged and joint_values[c.name].get(m.name) is not None}
             out[i] = {k: v.detach() for k, v in {**own_terms, **values}.items()}
+        for k in self.keys:  # the couplings' gradients into the stack, a parameter at a time
+            own = [m.params[k].grad for m in self.members]
+            if any(g is not None for g in own):
+                grads[k] += torch.stack([g if g is not None else torch.zeros_like(m.params[k]) for g, m in zip(own, self.members)])
         for i, m in enumerate(self.members):
             bad = [f"coupling {k!r}" for k, t in out[i].items() if not torch.isfinite(t).all()]
             if bad:
@@ -361,7 +356,8 @@ class StackedGroup:
         return out
 
     def _hyperparameters(self, key: str, option: str, default: Any) -> list:
-        """Every member's value of ``option`` for parameter ``key``, from its own optimizer's param_groups."""
+        """Every member's value of ``option`` for parameter ``key``, from its own optimizer's
+        param_groups, read at every step: population-based training changes them there."""
         return [m.optimizer.param_groups[index[key]].get(option, default) for m, index in zip(self.members, self.group_index)]
 
     def _per_member(self, values: list, like: torch.Tensor) -> torch.Tensor:
