@@ -377,7 +377,7 @@ class Resources(Strict):
 
 
 class MemberConfig(Strict):
-    """One model of the population, trained in its own Ray actor."""
+    """One model of the population, carried by a host (a Ray actor of its own, or shared: `placement.members_per_host`)."""
 
     name: Name = Field(description="Unique member name (letters, digits, `_.-`).")
     copies: int = Field(
