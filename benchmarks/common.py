@@ -81,7 +81,7 @@ SIZES = {
         runs=("none", "sync1", "single"), single_steps=20, latency_members=(2,), latency_rounds=30, latency_warmup=5,
         latency_modes=("sync",), avg_sources=2, avg_params=100_000, avg_rounds=4, avg_warmup=1, avg_log_every=2, startup_steps=2,
         startup_child=False, pbt_members=2, pbt_steps=40, pbt_every=10, pbt_seeds=(0,), pbt_without_checkpoints=False, thresholds=False,
-        packing_small=4, packing_large=4, packing_steps=25, packing_warmup=10,
+        packing_small=2, packing_large=3, packing_steps=25, packing_warmup=10,
     ),
     "default": Sizes(mode="default"),
     "full": Sizes(

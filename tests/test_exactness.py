@@ -39,7 +39,8 @@ def tolerance(placement: dict) -> float:
     return 2e-4 if placement.get("stacked", True) and placement.get("members_per_host") == 2 else 1e-6
 
 
-@pytest.mark.parametrize("placement", list(PLACEMENTS.values()), ids=list(PLACEMENTS))
+# Packed and stacked run in the test below, which also fails when the exchange is one step stale.
+@pytest.mark.parametrize("placement", [PLACEMENTS["one per host"]], ids=["one per host"])
 def test_sync_exchange_matches_single_process_joint_objective(ray_session, base_config, tmp_path, placement):
     modules, paths = _initial_modules(tmp_path)
     data = {"name": "synthetic_regression", "kwargs": {"n": 256, "in_features": 20}, "batch_size": BATCH, "shuffle": False}
@@ -62,7 +63,7 @@ def test_sync_exchange_matches_single_process_joint_objective(ray_session, base_
     assert float((alphas[0] - alphas[1]).abs()) > 0.1
 
 
-@pytest.mark.parametrize("placement", [PLACEMENTS["one per host"], PLACEMENTS["stacked"]], ids=["one per host", "stacked"])
+@pytest.mark.parametrize("placement", [PLACEMENTS["one per host"], PLACEMENTS["stacked"], PLACEMENTS["packed"]], ids=["one per host", "stacked", "packed"])
 def test_separation_crossing_its_margin_matches_single_process_reference(ray_session, base_config, tmp_path, placement):
     """The hinge switches off during the run: with margin 2 (above) it is active every step and its
     slope gradient is -sign(w1 - w2) whatever the peer's exact value, so stale peers would go
