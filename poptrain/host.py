@@ -34,7 +34,7 @@ from poptrain.checkpoint import checkpoint_path, load_checkpoint, save_checkpoin
 from poptrain.config import RunConfig
 from poptrain.couplings import PopulationInfo, Quantity, build_couplings
 from poptrain.exchange import ExchangePlan, numpy_copy, open_link
-from poptrain.lockstep import run_alone, step_together
+from poptrain.lockstep import drive
 from poptrain.member import MemberTrainer
 from poptrain.outbox import Item, MetricsOutbox
 from poptrain.stacked import StackedGroup, form_groups
@@ -195,10 +195,7 @@ class MemberHost:
             for m in members:
                 m.trainer.timings = dict.fromkeys(m.trainer.timings, 0.0)
             started = time.perf_counter()
-            if len(self.units) == 1 and not self.groups:
-                stepped = [run_alone(members[0].trainer.step_program(), members[0].trainer)]
-            else:
-                stepped = self._step_units()
+            stepped = self._step_units()
             step_ms = 1000 * (time.perf_counter() - started) / len(members)  # a member's share of the host's step
             for m, metrics in zip(members, stepped):
                 if run.tracking.profile:
@@ -210,10 +207,7 @@ class MemberHost:
             self._log(step, members, last=step + 1 == until_step)
         self._sync_stacks(into_members=True)  # the members' own optimizers hold their state between calls
         if members[0].trainer.step == run.steps:
-            if len(members) == 1:
-                run_alone(members[0].trainer.finish_program(), members[0].trainer)
-            else:
-                step_together([m.trainer for m in members], [m.trainer.finish_program() for m in members], self.link)
+            drive([m.trainer for m in members], [m.trainer.finish_program() for m in members], self.link)
             for m in members:  # after the last exchange: an average's target has its final weights
                 m.last_step_metrics = {**m.last_step_metrics, **self._evaluate(m, run.steps)}
         # The last pipelined publishes: done before train() returns, so their coupling metrics are
@@ -226,8 +220,9 @@ class MemberHost:
         return {m.name: dict(m.last_step_metrics) for m in members}
 
     def _step_units(self) -> list[dict[str, float]]:
-        """One step of every unit (member or stacked group) in lockstep; each member's metrics, in order."""
-        results = step_together(self.units, [u.step_program() for u in self.units], self.link)
+        """One step of every unit (member or stacked group), in lockstep when there are several;
+        each member's metrics, in order."""
+        results = drive(self.units, [u.step_program() for u in self.units], self.link)
         by_name = {}
         for unit, result in zip(self.units, results):
             by_name.update(zip(unit.names, result if isinstance(unit, StackedGroup) else [result]))

@@ -68,6 +68,14 @@ def run_alone(program: StepProgram, member: Programmed) -> Any:
             return done.value
 
 
+def drive(units: list[Programmed], programs: list[StepProgram], link: Link) -> list[Any]:
+    """Run ``programs`` (one per unit, in order) to their ends: a lone unit through its own link
+    (:func:`run_alone`), several in lockstep through ``link`` (:func:`step_together`). What each returns."""
+    if len(units) == 1:
+        return [run_alone(programs[0], units[0])]
+    return step_together(units, programs, link)
+
+
 class _Batch:
     """One message for the members of a host that sent the same phase: its reply, read once."""
 
@@ -94,7 +102,6 @@ def step_together(members: list[Programmed], programs: list[StepProgram], link: 
     resume: dict[int, Any] = {i: None for i in range(len(members))}  # runnable -> what it is resumed with
     sending: dict[int, Send] = {}
     waiting: dict[int, tuple[_Batch, str]] = {}
-    batch_of: dict[int, tuple[_Batch, str]] = {}  # member -> the batch its last Send went out in
     started: set[int] = set()
     while resume or sending or waiting:
         for i in sorted(resume):
@@ -128,8 +135,7 @@ def step_together(members: list[Programmed], programs: list[StepProgram], link: 
                 values.update(sending.pop(i).values)
             batch = _Batch(link.send(kind, step, tuple(name for i in chosen for name in members[i].names), values))
             for i in chosen:
-                batch_of[i] = (batch, kind)
-                resume[i] = batch_of[i]  # what the member's Wait will hand back
+                resume[i] = (batch, kind)  # what the member's Wait will hand back
             continue
         i = min(waiting, key=lambda k: order[waiting[k][1]])
         batch, _ = waiting.pop(i)

@@ -461,13 +461,12 @@ class PopulationRun:
             ray.kill(self.host_actors[index], no_restart=True)
             self.host_actors[index] = self.collector.actors[index] = self._start_host(index)
             try:
-                info = _when_restarted(self.host_actors[index], label, self.cfg.placement.timeout_s)
+                _when_restarted(self.host_actors[index], label, self.cfg.placement.timeout_s)
                 break
             except ray.exceptions.RayActorError as again:  # the new process died too
                 restarts += 1
                 if restarts > restartable:
                     raise PopulationError(_gave_up(self.cfg, self.run_dir, label, restarts - 1, again)) from None
-        del info
         for name in names:
             self.members[name] = self.host_actors[index]
             self.restarts[name] = restarts

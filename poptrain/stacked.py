@@ -118,6 +118,7 @@ class StackedGroup:
         self.randomness = _NoRandomness()  # nothing a stacked step computes draws at random
         first = members[0]
         self.device, self.every = first.device, first.every
+        self.link = first.link  # the host's: a group alone on its host sends through it as one member would
         self.keys = [k for k, _ in first.model.named_parameters()]
         self.skeleton = copy.deepcopy(first.model).to("meta")  # the architecture, holding no memory
         # The stack: member i's parameters are row i; its own Parameters become views of it.
@@ -218,7 +219,7 @@ class StackedGroup:
             members[int((~torch.isfinite(losses.detach())).nonzero()[0])]._guard(["term 'loss'"])
         if exchanging:
             yield from self._receive_all((yield from self._send_all("loss", lambda i: {"loss": losses[i]}, lambda i: outputs[i])))
-        couplings = self._coupling_terms(grads, losses)
+        couplings = self._coupling_terms(grads)
         if not all(torch.isfinite(g).all() for g in grads.values()):
             for i, m in enumerate(members):
                 if not all(torch.isfinite(grads[k][i]).all() for k in self.keys):
@@ -304,7 +305,7 @@ class StackedGroup:
         for m in self.members:
             m.take_reply(reply, m.step, shared)
 
-    def _coupling_terms(self, grads: dict[str, torch.Tensor], losses: torch.Tensor) -> dict[int, dict[str, torch.Tensor]]:
+    def _coupling_terms(self, grads: dict[str, torch.Tensor]) -> dict[int, dict[str, torch.Tensor]]:
         """The coupling terms of the members (trained by the same couplings: :func:`group_key`) at
         this step, each on its own parameters; their gradients are added to the stacked ones. A
         coupling whose term is joint (``Coupling.term_is_joint``) gives every member's gradient
