@@ -75,7 +75,9 @@ def task_config(ctx: Context, seed: int, name: str, checkpoint_every: int | None
     config["name"] = name
     config["seed"] = seed
     config["steps"] = sizes.pbt_steps
-    config["members"] = config["members"][: sizes.pbt_members]
+    for entry in config["members"]:  # the first `pbt_members` of the members its entries make (m0, m1, ...)
+        entry["copies"] = min(entry.get("copies", 1), sizes.pbt_members)
+        entry["vary"] = {key: values[: entry["copies"]] for key, values in entry.get("vary", {}).items()}
     config["evaluation"]["every"] = sizes.pbt_every
     config["pbt"]["every"] = sizes.pbt_every
     config["output_dir"] = str(ctx.workdir / "runs")

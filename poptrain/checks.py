@@ -215,9 +215,10 @@ def _build_for_inspection(spec, key: str, problems: list) -> torch.nn.Module | N
         return None
 
 
-def prepare(config, overrides=()) -> tuple[RunConfig, PopulationInfo, str]:
-    """Everything that can fail because of user input, before Ray starts: (config, population, tracking URI)."""
-    cfg = load_config(config, overrides)
+def prepare(config, overrides=(), record: bool = False) -> tuple[RunConfig, PopulationInfo, str]:
+    """Everything that can fail because of user input, before Ray starts: (config, population, tracking URI).
+    ``record``: ``config`` is a run's own saved record (see :func:`poptrain.config.load_config`)."""
+    cfg = load_config(config, overrides, record)
     try:
         home = anchor_outputs(cfg)  # inside a Ray job: relative outputs go outside its temporary working dir
         population = inspect_population(cfg)

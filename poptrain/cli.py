@@ -69,6 +69,8 @@ def _check(args) -> int:
 
     cfg, population, uri = prepare(args.config, args.overrides)
     print(dump_config(cfg), end="")
+    for member, values in cfg.varied_values().items():
+        print(f"# {member}: {', '.join(f'{key}={value!r}' for key, value in values.items())}")
     sizes = {m: sum(_numel(s) for s in shapes.values()) for m, shapes in population.param_shapes.items()}
     print(f"# valid: {len(cfg.members)} members ({', '.join(f'{m}: {n:,} parameters' for m, n in sizes.items())}); tracking: {uri}")
     return EXIT_OK
@@ -257,7 +259,7 @@ def _ranking(result) -> tuple[str, bool]:
     from poptrain.config import load_config
 
     try:
-        ranking = load_config(result.output_dir / "config.yaml").evaluation.ranking
+        ranking = load_config(result.output_dir / "config.yaml", record=True).evaluation.ranking
         return f"eval/{ranking.key}", bool(ranking.higher())
     except Exception:  # a summary never fails a finished run
         return "loss", False

@@ -23,9 +23,11 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, SerializeAsAny, ValidationError, ValidationInfo, field_validator, model_validator
 
+from poptrain import variation
 from poptrain.registry import resolve_coupling
+from poptrain.variation import Draw
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 NAME_RULE = "must be 1-64 characters of letters, digits, `_`, `.` or `-`, starting with a letter or digit"
@@ -44,9 +46,12 @@ IMPORT_PATTERN = re.compile(r"^[^\W\d]\w*(\.[^\W\d]\w*)*(:[^\W\d]\w*(\.[^\W\d]\w
 IMPORT_RULE = "must be a built-in name or an import path `package.module:attr` (dotted Python identifiers)"
 MAX_SEED = 2**32 - 1
 MAX_TIMEOUT_S = 1_000_000.0
-MAX_COPIES = 100_000
+MAX_COPIES = variation.MAX_MEMBERS_PER_ENTRY
 # Limits of a config file: far above any real config, far below what would hang or exhaust the driver.
 MAX_CONFIG_BYTES = 256 * 1024  # pure-Python PyYAML reads ~0.1-0.3 MB/s
+# poptrain's own record of a run: compact, but members an override changed one by one are listed
+# one by one.
+MAX_RECORD_BYTES = 64 * 2**20
 MAX_YAML_DEPTH = 64
 MAX_YAML_VALUES = 100_000
 
@@ -233,6 +238,8 @@ class Perturbation(Strict):
     range: Optional[tuple[float, float]] = Field(None, description="Or draw from [low, high] (log-uniformly with `log: true`).")
     log: bool = Field(False, description="`range` drawn log-uniformly (both ends must be positive).")
     resample_probability: float = Field(0.0, ge=0, le=1, description="With `factors`: the probability of drawing from `values` or `range` instead.")
+    min: Optional[float] = Field(None, description="Explore never goes below this: a perturbed value under it becomes it (logged on the receiver's run).")
+    max: Optional[float] = Field(None, description="Explore never goes above this: a perturbed value over it becomes it (logged on the receiver's run).")
 
     @model_validator(mode="after")
     def _one_way(self):
@@ -244,7 +251,15 @@ class Perturbation(Strict):
             raise ValueError("`resample_probability` needs `factors` and `values` or `range` to resample from")
         if self.range is not None and (self.range[0] > self.range[1] or (self.log and self.range[0] <= 0)):
             raise ValueError(f"`range` must be [low, high] with low <= high (and low > 0 with `log`), got {list(self.range)}")
+        if self.factors is not None and any(f <= 0 for f in self.factors):
+            raise ValueError(f"every factor must be positive, got {self.factors}: a factor of 0 or less would change the value's sign or zero it")
+        if self.min is not None and self.max is not None and self.min > self.max:
+            raise ValueError(f"`min` ({self.min:g}) is above `max` ({self.max:g})")
         return self
+
+    def bounded(self, value: float) -> float:
+        """``value`` kept within [min, max]."""
+        return min(max(value, self.min if self.min is not None else value), self.max if self.max is not None else value)
 
 
 HYPERPARAMETER_PATTERN = re.compile(r"^(optimizer\.lr|optimizer\.kwargs\.\w+|optimizer\.groups\.\d+\.lr|loss_weight|terms\.[\w.-]+\.weight|couplings\.[\w.-]+\.weight)$")
@@ -384,9 +399,17 @@ class MemberConfig(Strict):
         1,
         ge=1,
         le=MAX_COPIES,
-        description="This entry stands for `copies` members, alike but for their seeded initialisation, named `<name>` plus "
-        "a zero-padded index (`copies: 1000` with `name: m`: `m000` ... `m999`). Each is a member of its own in every way; "
-        "the resolved `config.yaml` lists them one by one.",
+        description="This entry stands for `copies` members, alike but for their seeded initialisation and what `vary` gives each, "
+        "named `<name>` plus a zero-padded index (`copies: 1000` with `name: m`: `m000` ... `m999`). Each is a member of its own in every way "
+        "(its own MLflow run, checkpoints, outputs; overrides address it by name); the saved `config.yaml` keeps the entry compact.",
+    )
+    vary: dict[str, Union[list[Any], Draw]] = Field(
+        default_factory=dict,
+        description="What differs between the entry's members, by dotted member key (`optimizer.lr`, `model.kwargs.hidden`, ...): "
+        "a list gives member j its j-th value (lists are zipped; their length is `copies`, or sets it); `{grid: [...]}` keys multiply "
+        "(`copies` times the product of their lengths members); `{uniform: [lo, hi]}`, `{loguniform: [lo, hi]}`, `{randint: [lo, hi]}` "
+        "(hi excluded) and `{choice: [...]}` draw per member from the run's seed, so `poptrain check`, the run and its resume see the same "
+        "values. Each member's values are in its MLflow params; `poptrain check` lists them.",
     )
     model: Component = Field(description="Built-in model (`mlp`, `encoder_classifier`, `lstm_classifier`) or import path to an `nn.Module` class.")
     data: DataConfig = Field(description="Built-in dataset (`digits`, `synthetic_regression`, ...) or import path to a function returning a Dataset.")
@@ -532,6 +555,10 @@ class PlacementConfig(Strict):
 class RunConfig(Strict):
     """A population run."""
 
+    # The member entries as written (``copies``, ``vary``) and the members each resolved to, so
+    # the saved record stays as compact as what the user wrote (:func:`dump_config`).
+    _entries: list[variation.Entry] = PrivateAttr(default_factory=list)
+
     name: Name = Field(description="Run name: the MLflow parent run's name and the output folder's.")
     seed: int = Field(0, ge=0, le=MAX_SEED, description="Seed of everything: member initializations, data order, dropout.")
     steps: int = Field(gt=0, le=100_000_000, description="Training steps per member.")
@@ -568,6 +595,15 @@ class RunConfig(Strict):
     @property
     def member_names(self) -> list[str]:
         return [m.name for m in self.members]
+
+    def varied_values(self) -> dict[str, dict[str, Any]]:
+        """``{member: {varied key: its value}}`` for the members an entry's ``vary`` made."""
+        out: dict[str, dict[str, Any]] = {}
+        for entry in self._entries:
+            for name in entry.names if entry.keys else ():
+                dumped = self.member(name).model_dump(mode="json")
+                out[name] = {key: variation.get_dotted(dumped, key.split(".")) for key in entry.keys}
+        return out
 
     def member(self, name: str) -> MemberConfig:
         return next(m for m in self.members if m.name == name)
@@ -615,8 +651,11 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 
 def apply_override(raw: dict, text: str) -> None:
-    """Set one dotted key in the raw config; list items are addressed by index or by `name`."""
+    """Set one dotted key in the raw config; list items are addressed by index or by `name`. Under
+    a member's ``vary`` the rest of the key is one varied key (``members.m.vary.optimizer.lr=[...]``)."""
     path, value = parse_override(text)
+    if len(path) > 4 and path[0] == "members" and path[2] == "vary":
+        path = [*path[:3], ".".join(path[3:])]
     node: Any = raw
     for depth, part in enumerate(path):
         last = depth == len(path) - 1
@@ -676,7 +715,7 @@ class ConfigLoader(yaml.SafeLoader):
             self._depth -= 1
 
 
-def load_yaml_text(text: str) -> Any:
+def load_yaml_text(text: str, max_values: int = MAX_YAML_VALUES) -> Any:
     """Parse one YAML document safely; raises ``yaml.YAMLError`` or :class:`ConfigError`.
 
     Beyond ``yaml.safe_load`` it refuses a key given twice in one mapping (PyYAML silently
@@ -689,7 +728,7 @@ def load_yaml_text(text: str) -> Any:
         node = loader.get_single_node()
         if node is None:
             return None
-        problems = _yaml_structure_problems(node)
+        problems = _yaml_structure_problems(node, max_values)
         if problems:
             raise ConfigError(problems)
         return loader.construct_document(node)
@@ -697,7 +736,7 @@ def load_yaml_text(text: str) -> Any:
         loader.dispose()
 
 
-def _yaml_structure_problems(root: yaml.Node) -> list[tuple[str, str]]:
+def _yaml_structure_problems(root: yaml.Node, max_values: int = MAX_YAML_VALUES) -> list[tuple[str, str]]:
     """Duplicate keys of the composed document; raises :class:`ConfigError` at a recursive or
     too large expansion. Each node is visited once, so an alias bomb costs its text's size."""
     problems: list[tuple[str, str]] = []
@@ -731,10 +770,10 @@ def _yaml_structure_problems(root: yaml.Node) -> list[tuple[str, str]]:
         total = 1
         for part, child in children:
             total += walk(child, path + [part], depth + 1)
-            if total > MAX_YAML_VALUES:
+            if total > max_values:
                 while path and isinstance(path[-1], int):  # name the key, not a list position inside it
                     path = path[:-1]
-                raise ConfigError([(dotted(path), f"holds more than {MAX_YAML_VALUES:,} values, counting each use of a YAML alias: far too many for a config (an alias bomb?)")])
+                raise ConfigError([(dotted(path), f"holds more than {max_values:,} values, counting each use of a YAML alias: far too many for a config (an alias bomb?)")])
         open_nodes.discard(id(node))
         sizes[id(node)] = total
         return total
@@ -743,7 +782,9 @@ def _yaml_structure_problems(root: yaml.Node) -> list[tuple[str, str]]:
     return problems
 
 
-def read_yaml(path: str | os.PathLike) -> dict:
+def read_yaml(path: str | os.PathLike, max_bytes: int = MAX_CONFIG_BYTES) -> dict:
+    """The YAML mapping at ``path``; ``max_bytes`` bounds what is read (a config a user hands in
+    is small; poptrain's own record of a run may be larger)."""
     source = str(path)
     if not os.path.exists(source):
         raise ConfigError([("", f"file not found: {source}")], source)
@@ -751,18 +792,18 @@ def read_yaml(path: str | os.PathLike) -> dict:
         raise ConfigError([("", f"{source} is a directory, not a YAML file")], source)
     try:
         with open(source, "rb") as stream:
-            data = stream.read(MAX_CONFIG_BYTES + 1)  # bounded: the path may be a device or a pipe
+            data = stream.read(max_bytes + 1)  # bounded: the path may be a device or a pipe
     except OSError as exc:
         raise ConfigError([("", f"cannot read the file: {exc.strerror or exc}")], source) from None
-    if len(data) > MAX_CONFIG_BYTES:
-        raise ConfigError([("top level", f"the file is larger than {MAX_CONFIG_BYTES // 1024} KiB: this is not a config")], source)
+    if len(data) > max_bytes:
+        raise ConfigError([("top level", f"the file is larger than {max_bytes // 1024} KiB: this is not a config")], source)
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         line = data.count(b"\n", 0, exc.start) + 1
         raise ConfigError([(f"line {line}", f"not valid UTF-8 (byte 0x{data[exc.start]:02x}): save the file as UTF-8")], source) from None
     try:
-        raw = load_yaml_text(text)
+        raw = load_yaml_text(text, max(MAX_YAML_VALUES, MAX_YAML_VALUES * max_bytes // MAX_CONFIG_BYTES))
     except yaml.YAMLError as exc:
         raise ConfigError([_yaml_problem(exc, text)], source) from None
     except ConfigError as exc:
@@ -789,45 +830,54 @@ def _yaml_problem(exc: yaml.YAMLError, text: str) -> tuple[str, str]:
 
 
 def load_config(
-    config: str | os.PathLike | dict | RunConfig, overrides: list[str] | tuple[str, ...] = ()
+    config: str | os.PathLike | dict | RunConfig, overrides: list[str] | tuple[str, ...] = (), record: bool = False
 ) -> RunConfig:
-    """Read, override and validate a run config; raises :class:`ConfigError` on any problem."""
+    """Read, override and validate a run config; raises :class:`ConfigError` on any problem.
+
+    An override may address a member an entry's ``copies``/``vary`` makes (``members.m007.optimizer.lr=0.1``):
+    it applies to that member alone, after the entry is expanded. ``record``: ``config`` is
+    poptrain's own saved record of a run (``<run dir>/config.yaml``), read without the size bound
+    of a config a user hands in.
+    """
     if isinstance(config, RunConfig):
         raw, source = config.model_dump(mode="json", exclude_unset=False), None
     elif isinstance(config, dict):
         raw, source = copy.deepcopy(config), None
     else:
         source = str(config)
-        raw = read_yaml(source)
+        raw = read_yaml(source, MAX_RECORD_BYTES if record else MAX_CONFIG_BYTES)
     try:
+        per_member = []
         for text in overrides:
-            apply_override(raw, text)
-        return validate_config(raw)
+            if _names_a_made_member(raw, text):
+                per_member.append(text)
+            else:
+                apply_override(raw, text)
+        return validate_config(raw, per_member)
     except ConfigError as exc:
         exc.source = exc.source or source
         raise ConfigError(exc.problems, exc.source) from None
 
 
-def _expand_copies(raw: dict) -> dict:
-    """Members listed with ``copies: k`` as the k members they stand for (see ``MemberConfig.copies``).
-    An entry whose ``copies`` is not a whole number in range is left for the schema to refuse."""
+def _names_a_made_member(raw: dict, text: str) -> bool:
+    """Whether override ``text`` addresses by name a member that is not written out but made by an
+    entry's ``copies`` or ``vary`` (it applies once the entries are expanded)."""
+    path = text.split("=", 1)[0].split(".")
     members = raw.get("members")
-    if not isinstance(members, list):
-        return raw
-    expanded = []
-    for entry in members:
-        copies = entry.get("copies") if isinstance(entry, dict) else None
-        if isinstance(copies, bool) or not isinstance(copies, int) or not 1 <= copies <= MAX_COPIES or not isinstance(entry.get("name"), str):
-            expanded.append(entry)
-            continue
-        width = len(str(copies - 1))
-        expanded += [{**copy.deepcopy(entry), "name": f"{entry['name']}{i:0{width}d}", "copies": 1} for i in range(copies)] if copies > 1 else [entry]
-    return {**raw, "members": expanded}
+    if len(path) < 3 or path[0] != "members" or not isinstance(members, list) or _list_index(members, path[1]) is not None:
+        return False
+    return any(isinstance(m, dict) and isinstance(m.get("name"), str) and path[1].startswith(m["name"]) and (m.get("copies") or m.get("vary")) for m in members)
 
 
-def validate_config(raw: dict) -> RunConfig:
-    """Validate the schema, each coupling's own fields, and every cross-reference between names."""
-    raw = _expand_copies(dict(raw))
+def validate_config(raw: dict, member_overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Validate the schema, each coupling's own fields, and every cross-reference between names.
+    ``member_overrides`` apply to members made by ``copies``/``vary``, once they are made."""
+    raw = dict(raw)
+    raw["members"], entries, problems = variation.expand(raw.get("members"), raw.get("seed", 0), MemberConfig)
+    if problems:
+        raise ConfigError(problems)
+    for text in member_overrides:
+        apply_override(raw, text)
     raw_couplings = raw.pop("couplings", None)
     raw_couplings = [] if raw_couplings is None else raw_couplings
     problems: list[tuple[str, str]] = []
@@ -837,7 +887,11 @@ def validate_config(raw: dict) -> RunConfig:
     try:
         cfg = RunConfig.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError(_validation_problems(exc) + problems) from None
+        found = _validation_problems(exc)
+        if any(e.compactable for e in entries):  # positions in the expanded list mean nothing to the user: name the member
+            made = {str(i): m["name"] for i, m in enumerate(raw["members"]) if isinstance(m, dict) and isinstance(m.get("name"), str)}
+            found = [(_named_member(key, made), reason) for key, reason in found]
+        raise ConfigError(found + problems) from None
 
     names = cfg.member_names
     seen: dict[str, str] = {}
@@ -913,7 +967,15 @@ def validate_config(raw: dict) -> RunConfig:
         raise ConfigError(problems)
     # Keep the typed coupling objects (one-to-one with the YAML) without re-validating the whole run.
     object.__setattr__(cfg, "couplings", typed)
+    cfg._entries = entries
     return cfg
+
+
+def _named_member(key: str, names: dict[str, str]) -> str:
+    parts = key.split(".")
+    if len(parts) > 1 and parts[0] == "members" and parts[1] in names:
+        parts[1] = names[parts[1]]
+    return ".".join(parts)
 
 
 def output_problems(cfg: RunConfig) -> list[tuple[str, str]]:
@@ -1010,8 +1072,24 @@ def job_storage_problems(cfg: RunConfig, tracking_uri: str) -> list[tuple[str, s
 
 
 def dump_config(cfg: RunConfig) -> str:
-    """The resolved config as YAML (every default filled in)."""
-    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+    """The resolved config as YAML (every default filled in), with entries that make several
+    members kept compact (``copies``, ``vary`` with each member's values): it loads back to the
+    same members, and its size follows what the user wrote, not the number of members."""
+    data = cfg.model_dump(mode="json")
+    if cfg._entries and sum(len(e.names) for e in cfg._entries) == len(cfg.members):
+        data["members"] = variation.compact(data["members"], cfg._entries)
+    return yaml.dump(data, Dumper=_RecordDumper, sort_keys=False)
+
+
+class _RecordDumper(yaml.SafeDumper):
+    """Lists of plain values on one line (a thousand members' drawn values stay a readable block)."""
+
+    def represent_list(self, data):
+        flow = all(isinstance(v, (str, int, float, bool)) or v is None for v in data)
+        return self.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=flow)
+
+
+_RecordDumper.add_representer(list, _RecordDumper.represent_list)
 
 
 def flatten(data: Any, prefix: str = "") -> dict[str, str]:

@@ -65,6 +65,7 @@ def sections() -> list[tuple[str, type[BaseModel], set[str]]]:
         ("pbt", schema.PBTConfig, set()),
         ("pbt.hyperparameters.<key>", schema.Perturbation, set()),
         ("members[]", schema.MemberConfig, set()),
+        ("members[].vary.<key> (a draw)", schema.Draw, set()),
         ("members[].model / loss / any component", schema.Component, set()),
         ("members[].data", schema.DataConfig, set()),
         ("members[].eval_data", schema.EvalDataConfig, set()),

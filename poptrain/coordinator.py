@@ -397,7 +397,7 @@ class PBTRounds:
         return True
 
     def _decide(self, step: int, arrived) -> None:
-        from poptrain.pbt import explore, exploit_plan, round_rng
+        from poptrain.pbt import explore, exploit_plan, round_rng, value_problem
 
         rng = round_rng(self.run, step)
         scores = {m: arrived[m][0] for m in self.members}
@@ -405,9 +405,12 @@ class PBTRounds:
         self.decided[step] = {}
         self.states[step] = {m: arrived[m][2] for m in set(plan.values())}
         for receiver, donor in sorted(plan.items(), key=lambda kv: self.members.index(kv[0])):
-            new = explore(arrived[donor][1], self.run.pbt.hyperparameters, rng)
+            member = self.run.member(receiver)
+            new, adjusted = explore(arrived[donor][1], self.run.pbt.hyperparameters, rng, lambda key, value: value_problem(member, key, value))
             event = {"step": step, "receiver": receiver, "donor": donor, "metric": self.metric, "receiver_score": scores[receiver],
                      "donor_score": scores[donor], "old_hyperparameters": arrived[receiver][1], "new_hyperparameters": new}
+            if adjusted:  # on the receiver's run with the exploit (a tag) and as pbt/adjusted
+                event["adjusted"] = adjusted
             self.decided[step][receiver] = {**event, "state": self.states[step][donor]}
             self.events.append(event)
         for old in sorted(self.states)[: -self.keep]:

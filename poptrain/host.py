@@ -259,6 +259,8 @@ class MemberHost:
             now = int(time.time() * 1000)
             m.outbox.add([("pbt/exploited", 1.0, step, now), ("pbt/donor_index", float(names.index(decision["donor"])), step, now),
                           ("pbt/score", float(decision["receiver_score"]), step, now), ("pbt/donor_score", float(decision["donor_score"]), step, now)])
+            if decision.get("adjusted"):  # explore's draw was bounded or refused (what and why: the exploit's tag)
+                m.outbox.add([("pbt/adjusted", float(len(decision["adjusted"])), step, now)])
         self._sync_stacks(into_members=False)
 
     def _evaluate(self, m: Hosted, step: int) -> dict[str, float]:

@@ -11,11 +11,13 @@ applies its new hyperparameters, which its optimizer uses from its next step on.
 
 from __future__ import annotations
 
+import inspect
 import math
 import random
-from typing import Any
+from typing import Any, Callable
 
-from poptrain.config import Perturbation, PBTConfig, RunConfig
+from poptrain.build import optimizer_class
+from poptrain.config import MemberConfig, Perturbation, PBTConfig, RunConfig
 
 GROUP_KEY = "poptrain_group"  # in each optimizer param group: the config group it came from (-1: the default)
 
@@ -82,21 +84,70 @@ class Hyperparameters:
                         coupling.weight = value
 
 
-def explore(values: dict[str, float], space: dict[str, Perturbation], rng: random.Random) -> dict[str, float]:
-    """The donor's ``values`` perturbed as ``space`` says (keys not in it are kept). Drawn key by
-    key in sorted order: the order a config lists them in (a YAML mapping has none) changes nothing."""
-    out = dict(values)
+def explore(
+    values: dict[str, float], space: dict[str, Perturbation], rng: random.Random, problem: Callable[[str, float], str | None] = lambda key, value: None
+) -> tuple[dict[str, float], dict[str, dict]]:
+    """The donor's ``values`` perturbed as ``space`` says (keys not in it are kept), and what was
+    adjusted: ``{key: {"drawn": v, "set": w, "reason": ...}}``. A draw outside the key's
+    ``min``/``max`` is set to the nearer bound; one its consumer refuses (``problem(key, value)``,
+    :func:`value_problem`) keeps the donor's value. Drawn key by key in sorted order: the order a
+    config lists them in (a YAML mapping has none) changes nothing."""
+    out, adjusted = dict(values), {}
     for key, how in sorted(space.items()):
         if key not in out:
             continue
         if how.factors is not None and rng.random() >= how.resample_probability:
-            out[key] = out[key] * rng.choice(how.factors)
+            drawn = out[key] * rng.choice(how.factors)
         elif how.values is not None:
-            out[key] = rng.choice(how.values)
+            drawn = rng.choice(how.values)
         elif how.range is not None:
             low, high = how.range
-            out[key] = math.exp(rng.uniform(math.log(low), math.log(high))) if how.log else rng.uniform(low, high)
-    return out
+            drawn = math.exp(rng.uniform(math.log(low), math.log(high))) if how.log else rng.uniform(low, high)
+        else:
+            continue
+        value = how.bounded(drawn)
+        reason = f"outside [{how.min}, {how.max}]" if value != drawn else None
+        refused = problem(key, value)
+        if refused:
+            value, reason = out[key], f"refused: {refused}; the donor's value is kept"
+        if reason:
+            adjusted[key] = {"drawn": drawn, "set": value, "reason": reason}
+        out[key] = value
+    return out, adjusted
+
+
+# Weights explore may set: below 0 a term that was minimized would be maximized.
+def value_problem(member: MemberConfig, key: str, value: float) -> str | None:
+    """Why ``value`` is outside what the consumer of hyperparameter ``key`` of ``member`` accepts, or
+    None: a learning rate must be positive, an optimizer option what the optimizer's own constructor
+    accepts (torch's optimizers check their values before they look at their parameters), a weight
+    not negative."""
+    if not math.isfinite(value):
+        return f"{value} is not a finite number"
+    head, _, rest = key.partition(".")
+    if head != "optimizer":
+        return f"{value:g} is negative: a weight below 0 would maximize what it weighs" if value < 0 else None
+    option = "lr" if rest == "lr" or rest.startswith("groups.") else rest.split(".", 1)[1]
+    if option == "lr" and value <= 0:
+        return f"{value:g} is not a positive learning rate"
+    cls = optimizer_class(member)
+    if not cls.__module__.startswith("torch.optim"):
+        return None  # a user's optimizer: its own checks run when it is built
+    kwargs = {**member.optimizer.kwargs, **({} if option == "lr" else {option: value})}
+    try:
+        cls([], lr=value if option == "lr" else member.optimizer.lr, **kwargs)
+    except (ValueError, TypeError) as exc:
+        return None if "empty parameter list" in str(exc) else f"{cls.__name__} refuses {option}={value:g}: {exc}"
+    return None
+
+
+def optimizer_options(member: MemberConfig) -> dict[str, Any]:
+    """The options of ``member``'s optimizer class (its constructor's keyword arguments but ``lr``,
+    which is ``optimizer.lr``), with the values the member's optimizer takes: its config's, else
+    the constructor's defaults."""
+    parameters = inspect.signature(optimizer_class(member).__init__).parameters
+    options = {n: p.default for n, p in parameters.items() if n not in ("self", "params", "lr") and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    return {**options, **member.optimizer.kwargs}
 
 
 def exploit_plan(scores: dict[str, float | None], order: list[str], quantile: float, higher: bool, rng: random.Random) -> dict[str, str]:
@@ -139,22 +190,54 @@ def check(run: RunConfig, shapes: dict[str, dict[str, tuple]]) -> list[tuple[str
         a, b = run.member(first).optimizer, run.member(name).optimizer
         if a.name != b.name or len(a.groups) != len(b.groups):
             problems.append(("pbt.members", f"members {first!r} and {name!r} have different optimizers ({a.name}, {len(a.groups)} groups vs {b.name}, {len(b.groups)}): their states cannot be copied"))
-    for key in pbt.hyperparameters:
+    for key, how in pbt.hyperparameters.items():
         head, _, rest = key.partition(".")
-        for name in members:
-            member = run.member(name)
+        where = f"pbt.hyperparameters.{key}"
+        found = []
+        for member in _distinct(run.member(name) for name in members):  # a thousand alike members are checked once
+            name = member.name
             if head == "optimizer" and rest.startswith("groups.") and int(rest.split(".")[1]) >= len(member.optimizer.groups):
-                problems.append((f"pbt.hyperparameters.{key}", f"member {name!r} has {len(member.optimizer.groups)} optimizer groups"))
+                found.append((where, f"member {name!r} has {len(member.optimizer.groups)} optimizer groups"))
+            elif head == "optimizer" and rest.startswith("kwargs."):
+                option, options = rest.split(".", 1)[1], optimizer_options(member)
+                numeric = sorted(k for k, v in options.items() if isinstance(v, (int, float)) and not isinstance(v, bool))
+                if option not in options:
+                    found.append((where, f"{member.optimizer.name!r} has no option {option!r}; its options are {sorted(options)} (of which numbers, which explore can perturb: {numeric})"))
+                elif option not in numeric:
+                    found.append((where, f"the option {option!r} of {member.optimizer.name!r} is {options[option]!r}, not a number: explore perturbs numbers ({numeric})"))
             elif head == "terms" and rest.rsplit(".", 1)[0] not in [t.name for t in member.terms]:
-                problems.append((f"pbt.hyperparameters.{key}", f"member {name!r} has no term {rest.rsplit('.', 1)[0]!r}"))
+                found.append((where, f"member {name!r} has no term {rest.rsplit('.', 1)[0]!r}"))
             elif head == "couplings" and rest.rsplit(".", 1)[0] not in [c.label for c in run.couplings]:
-                problems.append((f"pbt.hyperparameters.{key}", f"there is no coupling named {rest.rsplit('.', 1)[0]!r}"))
+                found.append((where, f"there is no coupling named {rest.rsplit('.', 1)[0]!r}"))
+            if found:
+                break
+            # Every value explore can set from a list or a range is one the member's consumer takes (the
+            # domains are intervals: a range's ends stand for it); factors are positive (the schema), so
+            # a value keeps its sign, and `min`/`max` bound them where the config asks.
+            for field, candidates in (("values", how.values or []), ("range", list(how.range or [])), ("min", [how.min] if how.min is not None else []), ("max", [how.max] if how.max is not None else [])):
+                for value in candidates:
+                    reason = value_problem(member, key, value)
+                    if reason:
+                        found.append((f"{where}.{field}", f"for member {name!r}: {reason}"))
+                        break
+        problems += found
     metric = pbt.metric or ""
     if metric.startswith("eval/") and metric[len("eval/"):] not in [m.key for m in run.evaluation.metrics]:
         problems.append(("pbt.metric", f"{metric!r} is not one of the evaluation metrics {[f'eval/{m.key}' for m in run.evaluation.metrics]}"))
     if (not pbt.metric or metric.startswith("eval/")) and any(run.member(m).held_out_data() is None for m in members):
         problems.append(("pbt.metric", "members are ranked by a held-out metric, but some have no held-out data: give them `eval_data` or `data.kwargs.split: train`"))
     return problems
+
+
+def _distinct(members) -> list[MemberConfig]:
+    """One member of each optimizer, terms and couplings setup (what the checks above depend on)."""
+    seen, out = set(), []
+    for member in members:
+        key = repr((member.optimizer.model_dump(), [t.name for t in member.terms]))
+        if key not in seen:
+            seen.add(key)
+            out.append(member)
+    return out
 
 
 def transferable(state: dict[str, Any]) -> dict[str, Any]:

@@ -232,7 +232,7 @@ def resume(run_dir, progress: ProgressFn | None = None, poll_s: float = 0.5, kee
         record = read_run_record(run_dir)
     except CheckpointError as exc:
         raise ConfigError([("", str(exc))]) from None
-    cfg, population, _ = prepare(run_dir / "config.yaml")
+    cfg, population, _ = prepare(run_dir / "config.yaml", record=True)
     uri = record["tracking_uri"]
     ids = RunIds(record["experiment_id"], record["parent"], dict(record["members"]))
     step = latest_complete_step(run_dir, cfg.member_names)

@@ -151,7 +151,7 @@ def run_killing_the_driver(config, folder, after_step):
     path = folder / f"{config['name']}.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))  # as written: the order of pbt.hyperparameters is the order explore draws in
     run_dir = Path(config["output_dir"]) / config["name"]
-    members = [m["name"] for m in config["members"]]
+    members = poptrain.load_config(config).member_names  # entries with `copies` make several
     # Its own session and process group: the driver and the Ray it started, which the kill takes at
     # once, like losing the machine.
     driver = subprocess.Popen([sys.executable, "-m", "poptrain", "run", str(path)], cwd=folder, env=driver_env(), start_new_session=True,

@@ -82,9 +82,9 @@ def test_nobody_is_exploited_before_every_member_has_a_score_and_the_bottom_copi
     assert exploit_plan({"a": 0.9, "b": None, "c": 0.1, "d": 0.5}, order, 0.25, True, random.Random(0)) == {}
     assert exploit_plan({"a": 0.9, "b": 0.2, "c": 0.1, "d": 0.5}, order, 0.25, True, random.Random(0)) == {"c": "a"}
     assert exploit_plan({"a": 0.9, "b": 0.2, "c": 0.1, "d": 0.5}, order, 0.5, False, random.Random(0)) in ({"a": "b", "d": "c"}, {"a": "c", "d": "b"}, {"a": "b", "d": "b"}, {"a": "c", "d": "c"})
-    new = explore({"optimizer.lr": 0.01, "loss_weight": 1.0}, {"optimizer.lr": Perturbation(factors=[0.8, 1.2])}, random.Random(1))
+    new, _ = explore({"optimizer.lr": 0.01, "loss_weight": 1.0}, {"optimizer.lr": Perturbation(factors=[0.8, 1.2])}, random.Random(1))
     assert new["optimizer.lr"] in (pytest.approx(0.008), pytest.approx(0.012)) and new["loss_weight"] == 1.0
-    ranged = explore({"optimizer.lr": 0.01}, {"optimizer.lr": Perturbation(range=(1e-4, 1e-2), log=True)}, random.Random(2))
+    ranged, _ = explore({"optimizer.lr": 0.01}, {"optimizer.lr": Perturbation(range=(1e-4, 1e-2), log=True)}, random.Random(2))
     assert 1e-4 <= ranged["optimizer.lr"] <= 1e-2
 
 
@@ -105,6 +105,57 @@ def test_members_that_cannot_copy_each_other_are_refused_before_anything_starts(
     settings["members"][1]["model"]["kwargs"]["num_nodes"] = 8
     with pytest.raises(ConfigError, match=r"pbt.members: members 'm1' and 'm2' have different parameters"):
         prepare(base_config(**settings))
+
+
+# The hostile inputs of issue 25, each as one override of configs/pbt.yaml: refused by `poptrain
+# check` (exit 2, one message naming the key), before anything starts.
+@pytest.mark.parametrize(
+    "override, key, reason",
+    [
+        ("{optimizer.lr: {factors: [-1.0]}}", "pbt.hyperparameters.optimizer.lr", "every factor must be positive"),
+        ("{optimizer.lr: {factors: [0.0, 1.2]}}", "pbt.hyperparameters.optimizer.lr", "every factor must be positive"),
+        ("{optimizer.lr: {values: [-0.01, 0.01]}}", "pbt.hyperparameters.optimizer.lr.values", "not a positive learning rate"),
+        ("{optimizer.kwargs.weight_decay: {values: [-0.1]}}", "pbt.hyperparameters.optimizer.kwargs.weight_decay.values", "Invalid weight_decay value"),
+        ("{optimizer.kwargs.eps: {range: [-1.0, 1.0]}}", "pbt.hyperparameters.optimizer.kwargs.eps.range", "Invalid epsilon value"),
+        ("{optimizer.kwargs.nosuch: {factors: [0.8, 1.2]}}", "pbt.hyperparameters.optimizer.kwargs.nosuch", "'adam' has no option 'nosuch'; its options are ["),
+        ("{optimizer.kwargs.betas: {factors: [0.8, 1.2]}}", "pbt.hyperparameters.optimizer.kwargs.betas", "not a number"),
+        ("{loss_weight: {values: [1.0, -1.0]}}", "pbt.hyperparameters.loss_weight.values", "would maximize"),
+        ("{optimizer.lr: {factors: [0.8], min: 0.1, max: 0.01}}", "pbt.hyperparameters.optimizer.lr", "`min` (0.1) is above `max` (0.01)"),
+        ("{optimizer.lr: {factors: [0.8], min: -1.0}}", "pbt.hyperparameters.optimizer.lr.min", "not a positive learning rate"),
+    ],
+)
+def test_explore_cannot_leave_a_hyperparameters_valid_domain_refused_before_anything_starts(capsys, override, key, reason):
+    from poptrain.cli import main
+
+    assert main(["check", str(Path(__file__).parent.parent / "configs" / "pbt.yaml"), f"pbt.hyperparameters={override}"]) == 2
+    err = capsys.readouterr().err
+    problems = [line for line in err.splitlines() if line.startswith("  - ")]
+    assert len(problems) == 1 and problems[0].startswith(f"  - {key}: ") and reason in problems[0], err
+    assert "Traceback" not in err
+
+
+def test_a_draw_outside_min_max_is_bounded_and_one_the_optimizer_refuses_keeps_the_donors_value():
+    space = {"optimizer.lr": Perturbation(factors=[2.0], max=0.05), "optimizer.kwargs.weight_decay": Perturbation(factors=[2.0])}
+    new, adjusted = explore({"optimizer.lr": 0.04, "optimizer.kwargs.weight_decay": 0.01}, space, random.Random(0), lambda key, value: "too big" if value > 0.015 and "decay" in key else None)
+    assert new == {"optimizer.lr": 0.05, "optimizer.kwargs.weight_decay": 0.01}
+    assert adjusted == {"optimizer.lr": {"drawn": 0.08, "set": 0.05, "reason": "outside [None, 0.05]"},
+                        "optimizer.kwargs.weight_decay": {"drawn": 0.02, "set": 0.01, "reason": "refused: too big; the donor's value is kept"}}
+
+
+def test_a_round_records_what_explore_adjusted_in_the_exploit(base_config):
+    """The coordinator's round (plain Python): the receiver gets the donor's lr doubled and bounded,
+    and the exploit event (the tag on the receiver's run) says so."""
+    from poptrain.config import load_config
+    from poptrain.coordinator import PBTRounds
+
+    settings = population(steps=8, every=4, pbt={"every": 4, "quantile": 0.25, "metric": "loss", "hyperparameters": {"optimizer.lr": {"factors": [2.0], "max": 0.04}}})
+    rounds = PBTRounds(load_config(base_config(**settings)))
+    for name, loss, lr in (("m1", 3.0, 0.0001), ("m2", 2.0, 0.003), ("m3", 1.0, 0.03), ("m4", 1.5, 0.01)):
+        rounds.arrive(4, name, loss, {"optimizer.lr": lr}, state=[name])
+    decision = rounds.decision(4, "m1")
+    assert decision["donor"] == "m3" and decision["new_hyperparameters"] == {"optimizer.lr": 0.04}
+    assert decision["adjusted"] == {"optimizer.lr": {"drawn": 0.06, "set": 0.04, "reason": "outside [None, 0.04]"}}
+    assert rounds.decision(4, "m3") is None and rounds.events[0]["adjusted"] == decision["adjusted"]
 
 
 @pytest.fixture(scope="module")
