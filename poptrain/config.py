@@ -596,6 +596,10 @@ class RunConfig(Strict):
     def member_names(self) -> list[str]:
         return [m.name for m in self.members]
 
+    def _entries_compact(self) -> bool:
+        """Whether an entry makes several members or varies them (else the record lists members as they are)."""
+        return any(e.compactable for e in self._entries)
+
     def varied_values(self) -> dict[str, dict[str, Any]]:
         """``{member: {varied key: its value}}`` for the members an entry's ``vary`` made."""
         out: dict[str, dict[str, Any]] = {}
@@ -853,7 +857,10 @@ def load_config(
                 per_member.append(text)
             else:
                 apply_override(raw, text)
-        return validate_config(raw, per_member)
+        cfg = validate_config(raw, per_member)
+        if isinstance(config, RunConfig) and not cfg._entries_compact() and config._entries:
+            cfg._entries = config._entries  # the entries it was written as (dump_config checks they still hold)
+        return cfg
     except ConfigError as exc:
         exc.source = exc.source or source
         raise ConfigError(exc.problems, exc.source) from None

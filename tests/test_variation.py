@@ -117,6 +117,7 @@ def test_a_thousand_members_are_saved_as_the_entry_that_makes_them(tmp_path):
     again, path = reloaded(cfg, tmp_path)
     assert path.stat().st_size < 8 * 1024, "the record grows with what the user wrote"
     assert again.model_dump() == cfg.model_dump()
+    assert len(dump_config(load_config(cfg))) == path.stat().st_size, "as `poptrain run` saves it, handed the checked config"
 
 
 def test_drawn_values_are_part_of_the_record(tmp_path):
