@@ -81,7 +81,8 @@ def stackable(trainer) -> str | None:
 
 def group_key(trainer) -> tuple:
     """Members with equal keys can share a stack: the same architecture, loss, optimizer kind,
-    device and the same part in every exchange."""
+    device and the same part in every exchange (the same couplings, whose weights may differ:
+    each member's own applies to it)."""
     cfg, plan, name = trainer.config, trainer.plan, trainer.name
     roles = tuple(name in plan.participants[k] for k in sorted(plan.participants))
     return (repr(cfg.model.model_dump(mode="json")), cfg.loss.name, cfg.optimizer.name, str(trainer.device), roles,
@@ -135,6 +136,9 @@ class StackedGroup:
         self._grad = grad_and_value(objective, has_aux=True)
         # The quantities of its own each member's couplings read (its parameters), computed once.
         self.own_reads = [[q for q in m.plan.reads_for_terms[m.name] if q.member == m.name] for m in members]
+        # Each member's couplings by name: its own objects when population-based training changes
+        # their weights member by member (poptrain.host), else the ones all share.
+        self.couplings = [{c.name: c for c in m.training_couplings} for m in members]
         self._vmap = vmap
         self.optimizer = first.config.optimizer.name
         self.state: dict[str, dict[str, torch.Tensor]] = {}
@@ -307,10 +311,11 @@ class StackedGroup:
 
     def _coupling_terms(self, grads: dict[str, torch.Tensor]) -> dict[int, dict[str, torch.Tensor]]:
         """The coupling terms of the members (trained by the same couplings: :func:`group_key`) at
-        this step, each on its own parameters; their gradients are added to the stacked ones. A
-        coupling whose term is joint (``Coupling.term_is_joint``) gives every member's gradient
-        from one backward of its value with all their parameters live; the others, member by
-        member. Member index -> {coupling: term} (the values, as each member logs them)."""
+        this step, each on its own parameters and with its own weight; their gradients are added
+        to the stacked ones. A coupling whose term is joint (``Coupling.term_is_joint``) gives every
+        member's gradient from one backward of its value with all their parameters live, scaled by
+        each member's weight; the others, member by member. Member index -> {coupling: term} (the
+        values, as each member logs them)."""
         first = self.members[0]
         if not first.training_couplings:
             return {}
@@ -323,11 +328,14 @@ class StackedGroup:
         together = dict(first.peers)
         for own in live.values():
             together.update(own)
-        if joint:
-            total = [c.weight * c.value(together) for c in joint]
-            total = [t for t in total if t is not None and t.requires_grad]
-            if total:
-                sum(total).backward()
+        # Each member's own weight of each joint coupling: population-based training sets them member
+        # by member, in coupling objects of each member's own (read at every step, as it changes them).
+        weights = {c.name: [self.couplings[i][c.name].weight for i in range(len(self.members))] for c in joint}
+        for c in joint:  # one backward each: every member's gradient of the value, then times its own weight
+            value = c.value(together)
+            if value is not None and value.requires_grad:
+                value.backward()
+                self._take_coupling_gradients(grads, weights[c.name])
         logged = self._logged(first.step)
         joint_values: dict[str, dict] = {}
         if logged:  # what each member logs as its own term
@@ -344,17 +352,26 @@ class StackedGroup:
             backward = [t for t in own_terms.values() if t.requires_grad]
             if backward:
                 sum(backward).backward()
-            values = {c.name: c.weight * joint_values[c.name][m.name] for c in joint if logged and joint_values[c.name].get(m.name) is not None}
+            values = {c.name: weights[c.name][i] * joint_values[c.name][m.name] for c in joint if logged and joint_values[c.name].get(m.name) is not None}
             out[i] = {k: v.detach() for k, v in {**own_terms, **values}.items()}
-        for k in self.keys:  # the couplings' gradients into the stack, a parameter at a time
-            own = [m.params[k].grad for m in self.members]
-            if any(g is not None for g in own):
-                grads[k] += torch.stack([g if g is not None else torch.zeros_like(m.params[k]) for g, m in zip(own, self.members)])
+        self._take_coupling_gradients(grads)
         for i, m in enumerate(self.members):
             bad = [f"coupling {k!r}" for k, t in out[i].items() if not torch.isfinite(t).all()]
             if bad:
                 m._guard(bad)
         return out
+
+    def _take_coupling_gradients(self, grads: dict[str, torch.Tensor], weights: list[float] | None = None) -> None:
+        """Move the gradients the couplings left in the members' own Parameters into the stacked
+        ones, a parameter at a time; times ``weights`` (one per member) when given."""
+        for k in self.keys:
+            own = [m.params[k].grad for m in self.members]
+            if all(g is None for g in own):
+                continue
+            stacked = torch.stack([g if g is not None else torch.zeros_like(m.params[k]) for g, m in zip(own, self.members)])
+            grads[k] += stacked if weights is None else stacked * self._per_member(weights, stacked)
+            for m in self.members:
+                m.params[k].grad = None
 
     def _hyperparameters(self, key: str, option: str, default: Any) -> list:
         """Every member's value of ``option`` for parameter ``key``, from its own optimizer's

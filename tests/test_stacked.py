@@ -110,3 +110,30 @@ def test_what_cannot_stack_says_why_and_trains_one_after_another():
     assert "extra terms" in stackable(trainers[1])
     assert "dropout" in stackable(trainers[2])
     assert all(not isinstance(u, StackedGroup) for u in form_groups(trainers)), "no two alike members that stack"
+
+
+def test_each_stacked_member_trains_with_its_own_coupling_weight_as_population_based_training_sets_it():
+    """Population-based training perturbs `couplings.<name>.weight` member by member (each member
+    then has coupling objects of its own): a stacked member's coupling term and its gradient take
+    its own weight, not the first member's."""
+    coupled = dict(steps=20, exchange={"every": 1}, couplings=[{"type": "separation", "param": "activation.weight", "margin": 2.0}],
+                   pbt={"every": 1000, "metric": "loss", "hyperparameters": {"couplings.separation.weight": {"factors": [0.8, 1.2]}}})
+    members = population([{"name": "adam", "lr": 0.01}] * 3)
+    alone, link_a = host(members, **coupled)
+    stacked, link_b = host(members, **coupled)
+    units = form_groups(stacked)
+    assert len(units) == 1 and isinstance(units[0], StackedGroup)
+
+    def weights_changed_after_5_steps(trainers, drive, link) -> list:
+        train(drive, link, 5)
+        for trainer, weight in zip(trainers, (0.5, 1.0, 4.0)):  # as an explore step sets them
+            trainer.hyperparameters.set({"couplings.separation.weight": weight})
+        return train(drive, link, 10)[-1]
+
+    metrics_a = weights_changed_after_5_steps(alone, alone, link_a)
+    metrics_b = weights_changed_after_5_steps(stacked, units, link_b)[0]
+    for a, b in zip(alone, stacked):
+        for key in a.params:
+            torch.testing.assert_close(b.params[key], a.params[key], **CLOSE, msg=f"{a.name}.{key}")
+    assert [m["coupling/separation"] for m in metrics_b] == pytest.approx([m["coupling/separation"] for m in metrics_a], rel=1e-5)
+    assert [m["objective"] for m in metrics_b] == pytest.approx([m["objective"] for m in metrics_a], rel=1e-5)
