@@ -37,6 +37,7 @@ from torch import nn
 
 from poptrain.couplings.base import Quantity
 from poptrain.lockstep import Send, StepProgram, Wait
+from poptrain.member import logs_step
 
 STACKABLE_LAYERS = (nn.Linear, nn.PReLU, nn.ReLU, nn.Tanh, nn.Sigmoid, nn.GELU, nn.SiLU, nn.LeakyReLU, nn.ELU, nn.Softplus,
                     nn.Identity, nn.Flatten, nn.Sequential, nn.ModuleList)
@@ -255,13 +256,13 @@ class StackedGroup:
         return out
 
     def _logged(self, step: int) -> bool:
-        """Whether step ``step``'s metrics are logged or ranked by (the host logs every
-        ``tracking.log_every``-th step and the last; population-based training ranks by the step
-        before its round): only then are every member's full metrics worth computing."""
+        """Whether step ``step``'s metrics are logged (:func:`poptrain.member.logs_step`, the rule a
+        member alone follows) or ranked by (population-based training ranks by the step before its
+        round), or hold layer norms: only then are every member's full metrics worth computing."""
         run = self.members[0].run
         pbt_next = run.pbt is not None and (step + 1) % run.pbt.every == 0
         norms = run.tracking.layer_norms_every
-        return step % run.tracking.log_every == 0 or step + 1 == run.steps or pbt_next or bool(norms and step % norms == 0)
+        return logs_step(run, step) or pbt_next or bool(norms and step % norms == 0)
 
     def _batches(self) -> tuple[list[torch.Tensor], torch.Tensor]:
         """This step's batch of every member: ([inputs (N, batch, ...)], targets (N, batch, ...)),
@@ -336,7 +337,7 @@ class StackedGroup:
             if value is not None and value.requires_grad:
                 value.backward()
                 self._take_coupling_gradients(grads, weights[c.name])
-        logged = self._logged(first.step)
+        logged, extras = self._logged(first.step), logs_step(first.run, first.step)  # extras: as a member alone has them
         joint_values: dict[str, dict] = {}
         if logged:  # what each member logs as its own term
             with torch.no_grad():
@@ -344,7 +345,7 @@ class StackedGroup:
         out: dict[int, dict[str, torch.Tensor]] = {}
         for i, m in enumerate(self.members):
             quantities = {**m.peers, **live[i]}
-            if logged:
+            if extras:
                 with torch.no_grad():
                     m.coupling_extras = {f"coupling/{c.name}/{k}": float(v) for c in m.training_couplings for k, v in c.metrics_for(m.name, quantities).items()}
             own_terms = {c.name: c.term(m.name, quantities) for c in m.training_couplings if not c.term_is_joint}

@@ -137,3 +137,25 @@ def test_each_stacked_member_trains_with_its_own_coupling_weight_as_population_b
             torch.testing.assert_close(b.params[key], a.params[key], **CLOSE, msg=f"{a.name}.{key}")
     assert [m["coupling/separation"] for m in metrics_b] == pytest.approx([m["coupling/separation"] for m in metrics_a], rel=1e-5)
     assert [m["objective"] for m in metrics_b] == pytest.approx([m["objective"] for m in metrics_a], rel=1e-5)
+
+
+def test_a_stacked_member_logs_the_same_metrics_on_the_same_steps_as_the_member_alone():
+    """The host logs a member's metrics every `tracking.log_every`-th step and at the last step: on
+    each of those a stacked member's metrics are the member's alone (its couplings' own metrics,
+    layer norms and terms included)."""
+    steps, log_every = 8, 3
+    run = dict(steps=steps, exchange={"every": 1}, tracking={"log_every": log_every, "layer_norms_every": 2, "plots": False, "log_models": False},
+               couplings=[{"type": "tests.helpers:SeparationWithOwnMetrics", "name": "separation", "param": "activation.weight", "margin": 2.0}])
+    members = population([{"name": "adam", "lr": 0.01 * (i + 1)} for i in range(3)])
+    alone, link_a = host(members, **run)
+    stacked, link_b = host(members, **run)
+    units = form_groups(stacked)
+    assert len(units) == 1 and isinstance(units[0], StackedGroup)
+    metrics_a = train(alone, link_a, steps)
+    metrics_b = [by_unit[0] for by_unit in train(units, link_b, steps)]
+    logged = [s for s in range(steps) if s % log_every == 0 or s + 1 == steps]
+    assert logged == [0, 3, 6, 7]
+    for s in logged:
+        for a, b in zip(metrics_a[s], metrics_b[s]):
+            assert "coupling/separation/own_sum" in a
+            assert b == pytest.approx(a, rel=1e-5, abs=1e-6), f"step {s}"
