@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import time
 from typing import Any
 
 import numpy as np
@@ -294,21 +295,36 @@ class StackedGroup:
         values: dict[Quantity, np.ndarray] = {}
         for op in sends:
             values.update(op.values)
+        waits = [m.timings["exchange_wait_ms"] for m in self.members]
+        started = time.perf_counter()
         pending = yield Send(kind, sends[0].step, values)
+        waited_ms = 1000 * (time.perf_counter() - started)
         for program in programs:  # each member's bookkeeping of what it sent; the reply is taken in below, once
             with contextlib.suppress(StopIteration):
                 program.send(pending)
+        # A member's own clock also ran while the members after it serialized (which they book
+        # themselves): the group's wait is booked instead, each member its share.
+        for m, wait in zip(self.members, waits):
+            m.timings["exchange_wait_ms"] = wait + waited_ms / len(self.members)
         return pending
 
     def _receive_all(self, pending) -> StepProgram:
         """Take in one reply for every member: the peers' values made tensors once for all of them."""
         if pending is None:
             return
+        waited = time.perf_counter()
         reply = yield Wait(pending)
+        received = time.perf_counter()
         first = self.members[0]
         shared = {q: reply.tensor(q, self.device) for q in reply.values if q in first.plan.received}
         for m in self.members:
             m.take_reply(reply, m.step, shared)
+        # Profiled as a member alone books it (tracking.profile), each member its share: the host
+        # books the rest of a member's share of the step as compute.
+        wait_ms, serialize_ms = 1000 * (received - waited) / len(self.members), 1000 * (time.perf_counter() - received) / len(self.members)
+        for m in self.members:
+            m.timings["exchange_wait_ms"] += wait_ms
+            m.timings["serialize_ms"] += serialize_ms
 
     def _coupling_terms(self, grads: dict[str, torch.Tensor]) -> dict[int, dict[str, torch.Tensor]]:
         """The coupling terms of the members (trained by the same couplings: :func:`group_key`) at

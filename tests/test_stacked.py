@@ -3,6 +3,8 @@ optimizer state and hyperparameters, and end as they would trained one by one, t
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
@@ -18,16 +20,34 @@ from tests.conftest import make_config, prelu_member
 CLOSE = dict(rtol=1e-5, atol=1e-6)  # float rounding: the same operations, vectorised
 
 
-def host(members: list[dict], **changes) -> tuple[list[MemberTrainer], object]:
+def host(members: list[dict], client=InProcessClient, **changes) -> tuple[list[MemberTrainer], object]:
     """One host's trainers on one link to an in-process coordinator (no Ray)."""
     cfg = load_config(make_config("/tmp/poptrain-stacked", "sqlite:////tmp/poptrain-stacked.db", "stacked", members=members, **changes))
     population = inspect_population(cfg)
     coordinator, wire = in_process_coordinator(cfg, population)
-    link = open_link(cfg, coordinator.plan, InProcessClient(coordinator, wire, 4))
+    link = open_link(cfg, coordinator.plan, client(coordinator, wire, 4))
     trainers = [MemberTrainer(cfg, name, population) for name in cfg.member_names]
     for trainer in trainers:
         trainer.connect(link)
     return trainers, link
+
+
+class ReplyTimingClient(InProcessClient):
+    """An in-process client that adds up how long its host blocked waiting for replies."""
+
+    waited_ms = 0.0
+
+    def call(self, *args):
+        answer = super().call(*args)
+
+        def wait():
+            started = time.perf_counter()
+            try:
+                return answer()
+            finally:
+                self.waited_ms += 1000 * (time.perf_counter() - started)
+
+        return wait
 
 
 def train(units, link, steps: int) -> list:
@@ -159,3 +179,21 @@ def test_a_stacked_member_logs_the_same_metrics_on_the_same_steps_as_the_member_
         for a, b in zip(metrics_a[s], metrics_b[s]):
             assert "coupling/separation/own_sum" in a
             assert b == pytest.approx(a, rel=1e-5, abs=1e-6), f"step {s}"
+
+
+def test_a_stacked_members_wait_for_the_coordinator_is_profiled_as_exchange_wait_not_compute():
+    """`tracking.profile`: while a stacked group blocks on the coordinator's reply (here a coordinator
+    slow to complete one round), its members' `profile/exchange_wait_ms` hold that wait, each its
+    share (the host books the rest of a member's share of the step as compute)."""
+    slow = [{"type": "tests.helpers:SeparationThatHangsTheCoordinator", "name": "separation", "param": "activation.weight", "margin": 2.0,
+             "hang_at_exchange": 1, "hang_s": 0.2}]
+    stacked, link = host(population([{"name": "adam", "lr": 0.01}] * 3), client=ReplyTimingClient, steps=3, couplings=slow)
+    units = form_groups(stacked)
+    assert len(units) == 1 and isinstance(units[0], StackedGroup)
+    train(units, link, 1)
+    for m in stacked:  # as the host does before every step
+        m.timings = dict.fromkeys(m.timings, 0.0)
+    link.client.waited_ms = 0.0
+    train(units, link, 1)  # the round the coordinator is slow to complete
+    assert link.client.waited_ms > 0
+    assert sum(m.timings["exchange_wait_ms"] for m in stacked) >= link.client.waited_ms, "the whole wait, shared among the members"
