@@ -66,10 +66,13 @@ def stackable(trainer) -> str | None:
         return "its model has buffers"
     if cfg.loss.name not in LOSSES or cfg.loss.kwargs:
         return "its loss is not a built-in one without options"
-    if cfg.optimizer.name not in STACKABLE_OPTIONS or set(cfg.optimizer.kwargs) - STACKABLE_OPTIONS[cfg.optimizer.name]:
-        return f"optimizer {cfg.optimizer.name!r} with {sorted(cfg.optimizer.kwargs)} is not stackable"
-    if cfg.optimizer.name == "sgd" and cfg.optimizer.kwargs.get("dampening", 0):
-        return "SGD with dampening is not stackable"
+    # Every parameter group's options as well as the optimizer's: the stacked update reads each
+    # member's own groups, and implements these options only.
+    for options in [cfg.optimizer.kwargs, *(g.kwargs for g in cfg.optimizer.groups)]:
+        if cfg.optimizer.name not in STACKABLE_OPTIONS or set(options) - STACKABLE_OPTIONS[cfg.optimizer.name]:
+            return f"optimizer {cfg.optimizer.name!r} with {sorted(options)} is not stackable"
+        if cfg.optimizer.name == "sgd" and options.get("dampening", 0):
+            return "SGD with dampening is not stackable"
     if not cfg.trainable or trainer.frozen or cfg.terms or cfg.balancing.method != "none" or trainer.grad_transforms:
         return "it has frozen parameters, extra terms, balancing or gradient transforms"
     if trainer.mapped or trainer.run.failure.nonfinite != "fail":
@@ -83,11 +86,11 @@ def stackable(trainer) -> str | None:
 
 def group_key(trainer) -> tuple:
     """Members with equal keys can share a stack: the same architecture, loss, optimizer kind,
-    device and the same part in every exchange (the same couplings, whose weights may differ:
-    each member's own applies to it)."""
+    device, batch size (their batches are one tensor) and the same part in every exchange (the
+    same couplings, whose weights may differ: each member's own applies to it)."""
     cfg, plan, name = trainer.config, trainer.plan, trainer.name
     roles = tuple(name in plan.participants[k] for k in sorted(plan.participants))
-    return (repr(cfg.model.model_dump(mode="json")), cfg.loss.name, cfg.optimizer.name, str(trainer.device), roles,
+    return (repr(cfg.model.model_dump(mode="json")), cfg.loss.name, cfg.optimizer.name, str(trainer.device), trainer.batches.batch_size, roles,
             tuple(sorted(c.name for c in trainer.training_couplings)), trainer.defer_param_replies, trainer.every)
 
 

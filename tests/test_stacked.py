@@ -197,3 +197,31 @@ def test_a_stacked_members_wait_for_the_coordinator_is_profiled_as_exchange_wait
     train(units, link, 1)  # the round the coordinator is slow to complete
     assert link.client.waited_ms > 0
     assert sum(m.timings["exchange_wait_ms"] for m in stacked) >= link.client.waited_ms, "the whole wait, shared among the members"
+
+
+def test_members_with_different_batch_sizes_stack_apart_and_end_as_trained_one_by_one():
+    """A stacked step draws one batch of every member as one tensor: members whose batches differ
+    in size train in stacks of their own."""
+    def members():
+        return [prelu_member(f"m{i}", data={"name": "synthetic_regression", "kwargs": {"n": 256, "in_features": 20}, "batch_size": size})
+                for i, size in enumerate((32, 16, 32, 16))]
+
+    alone, link_a = host(members(), steps=6, couplings=[])
+    stacked, link_b = host(members(), steps=6, couplings=[])
+    units = form_groups(stacked)
+    assert [u.names for u in units] == [("m0", "m2"), ("m1", "m3")]
+    train(alone, link_a, 6)
+    train(units, link_b, 6)
+    for a, b in zip(alone, stacked):
+        for key in a.params:
+            torch.testing.assert_close(b.params[key], a.params[key], **CLOSE, msg=f"{a.name}.{key}")
+
+
+def test_an_optimizer_group_option_the_stacked_update_lacks_keeps_its_member_out_of_stacks():
+    """The stacked update implements Adam's, AdamW's and SGD's plain options only: a parameter group
+    asking for another (amsgrad, nesterov) would silently train without it in a stack."""
+    amsgrad = {"name": "adam", "lr": 0.01, "groups": [{"params": ["input.*"], "kwargs": {"amsgrad": True}}]}
+    nesterov = {"name": "sgd", "lr": 0.01, "kwargs": {"momentum": 0.9}, "groups": [{"params": ["output.*"], "kwargs": {"nesterov": True}}]}
+    trainers, _ = host(population([amsgrad, amsgrad, nesterov, nesterov]), couplings=[])
+    assert all("not stackable" in stackable(t) for t in trainers)
+    assert all(not isinstance(u, StackedGroup) for u in form_groups(trainers))
