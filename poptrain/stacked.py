@@ -181,7 +181,8 @@ class StackedGroup:
                              for k in self.keys} for m in self.members]
         names = ("exp_avg", "exp_avg_sq") if self.optimizer in ("adam", "adamw") else ("momentum_buffer",)
         self.state = {k: {n: torch.zeros_like(self.params[k]) for n in names} for k in self.keys}
-        self.has_momentum = torch.zeros(len(self.members), dtype=torch.bool)
+        # Whether each member holds SGD's momentum buffer of each parameter: torch keeps none while its momentum is 0.
+        self.has_momentum = {k: torch.zeros(len(self.members), dtype=torch.bool) for k in self.keys}
         for i, m in enumerate(self.members):
             steps = set()
             for k in self.keys:
@@ -189,7 +190,7 @@ class StackedGroup:
                 for n in names:
                     if own.get(n) is not None:
                         self.state[k][n][i].copy_(own[n])
-                        self.has_momentum[i] = True
+                        self.has_momentum[k][i] = True
                 if "step" in own:
                     steps.add(float(own["step"]))
             self.steps[i] = max(steps) if steps else 0.0
@@ -206,7 +207,7 @@ class StackedGroup:
                 own = {n: self.state[k][n][i].clone() for n in self.state[k]}
                 if self.optimizer in ("adam", "adamw"):
                     own["step"] = torch.tensor(float(self.steps[i]))
-                elif not bool(self.has_momentum[i]):
+                elif not bool(self.has_momentum[k][i]):
                     own = {"momentum_buffer": None}
                 m.optimizer.state[m.params[k]] = own
 
@@ -417,9 +418,11 @@ class StackedGroup:
                 momentum = self._per_member(self._hyperparameters(k, "momentum", 0.0), param)
                 if momentum.any():
                     buf = self.state[k]["momentum_buffer"]
-                    first = ~self._per_member(self.has_momentum.tolist(), buf).bool()
-                    buf.copy_(torch.where(first, grad, buf * momentum + grad))
-                    grad = torch.where(momentum != 0, buf, grad)
+                    started, on = self._per_member(self.has_momentum[k].tolist(), buf).bool(), momentum != 0
+                    # torch.optim.SGD: a buffer starts as the gradient, and is left alone while momentum is 0.
+                    buf.copy_(torch.where(on, torch.where(started, buf * momentum + grad, grad), buf))
+                    grad = torch.where(on, buf, grad)
+                    self.has_momentum[k] |= on.view(-1).cpu()
                 param.add_(grad * -lr)
                 continue
             betas = self._hyperparameters(k, "betas", (0.9, 0.999))
@@ -437,7 +440,6 @@ class StackedGroup:
             bias_correction2_sqrt = ((1 - beta2.double() ** step) ** 0.5).to(param.dtype)
             denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
             param.add_(exp_avg / denom * (-lr / bias_correction1))
-        self.has_momentum[:] = True
 
 
 class _NoRandomness:

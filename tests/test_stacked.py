@@ -225,3 +225,19 @@ def test_an_optimizer_group_option_the_stacked_update_lacks_keeps_its_member_out
     trainers, _ = host(population([amsgrad, amsgrad, nesterov, nesterov]), couplings=[])
     assert all("not stackable" in stackable(t) for t in trainers)
     assert all(not isinstance(u, StackedGroup) for u in form_groups(trainers))
+
+
+def test_a_stacked_sgd_member_given_momentum_later_starts_its_momentum_as_alone():
+    """SGD keeps no momentum for a member trained without it: when population-based training gives
+    it momentum, its first momentum step starts from its gradient, in a stack as alone."""
+    members = population([{"name": "sgd", "lr": 0.02, "kwargs": {"momentum": m}} for m in (0.0, 0.5, 0.9)])
+    alone, link_a = host(members, steps=10, couplings=[])
+    stacked, link_b = host(members, steps=10, couplings=[])
+    units = form_groups(stacked)
+    for trainers, drive, link in ((alone, alone, link_a), (stacked, units, link_b)):
+        train(drive, link, 5)
+        trainers[0].optimizer.param_groups[0]["momentum"] = 0.9  # as an explore step of optimizer.kwargs.momentum does
+        train(drive, link, 5)
+    for a, b in zip(alone, stacked):
+        for key in a.params:
+            torch.testing.assert_close(b.params[key], a.params[key], **CLOSE, msg=f"{a.name}.{key}")
