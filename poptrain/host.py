@@ -35,7 +35,7 @@ from poptrain.config import RunConfig
 from poptrain.couplings import PopulationInfo, Quantity, build_couplings
 from poptrain.exchange import ExchangePlan, numpy_copy, open_link
 from poptrain.lockstep import drive
-from poptrain.member import MemberTrainer
+from poptrain.member import MemberTrainer, logs_step
 from poptrain.outbox import Item, MetricsOutbox
 from poptrain.stacked import StackedGroup, form_groups
 
@@ -204,7 +204,7 @@ class MemberHost:
                     metrics["profile/logging_ms"], metrics["profile/checkpoint_ms"] = self.logging_ms, m.checkpoint_ms
                     m.checkpoint_ms = 0.0
                 m.last_step_metrics = metrics
-            self._log(step, members, last=step + 1 == until_step)
+            self._log(step, members)
         self._sync_stacks(into_members=True)  # the members' own optimizers hold their state between calls
         if members[0].trainer.step == run.steps:
             drive([m.trainer for m in members], [m.trainer.finish_program() for m in members], self.link)
@@ -296,14 +296,14 @@ class MemberHost:
             m.trainer.set_rollback_point(step, state)
         return 1000 * (time.perf_counter() - started)
 
-    def _log(self, step: int, members: list[Hosted], last: bool) -> None:
+    def _log(self, step: int, members: list[Hosted]) -> None:
         started = time.perf_counter()
         system = {}
         if self.system_metrics and time.monotonic() - self.last_system_sample >= SYSTEM_METRICS_EVERY_S:
             system = self._system_metrics()
-        if step % self.run.tracking.log_every == 0 or last or system:
+        logged = logs_step(self.run, step)  # the rule by which members computed what only logged steps have
+        if logged or system:
             now_ms = int(time.time() * 1000)
-            logged = step % self.run.tracking.log_every == 0 or last
             for m in members:
                 items = {**m.last_step_metrics, **system} if logged else system
                 m.outbox.add([(key, value, step, now_ms) for key, value in items.items()])

@@ -35,6 +35,13 @@ class TrainingError(RuntimeError):
     """A failure caused by what the user asked for, found once training runs (names member, step, term)."""
 
 
+def logs_step(run: RunConfig, step: int) -> bool:
+    """Whether step ``step``'s metrics are logged: every ``tracking.log_every``-th step and the
+    last. The one rule the host logs by, and by which a member (alone or stacked) computes what
+    only logged steps need (its couplings' own metrics)."""
+    return step % run.tracking.log_every == 0 or step + 1 == run.steps
+
+
 def _finite(tensor: torch.Tensor) -> bool:
     return bool(torch.isfinite(tensor.detach()).all())
 
@@ -188,7 +195,7 @@ class MemberTrainer:
                 quantities[q] = self._own(q, terms, outputs, inputs)
         coupling_terms = {c.name: c.term(self.name, quantities) for c in self.training_couplings}
         coupling_terms = {k: v for k, v in coupling_terms.items() if v is not None}
-        if self.step % self.run.tracking.log_every == 0:
+        if logs_step(self.run, self.step):
             with torch.no_grad():
                 self.coupling_extras = {f"coupling/{c.name}/{k}": float(v) for c in self.training_couplings for k, v in c.metrics_for(self.name, quantities).items()}
         if not self.checked_gradient_paths:

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import time
 from typing import Any
 
 import numpy as np
@@ -37,6 +38,7 @@ from torch import nn
 
 from poptrain.couplings.base import Quantity
 from poptrain.lockstep import Send, StepProgram, Wait
+from poptrain.member import logs_step
 
 STACKABLE_LAYERS = (nn.Linear, nn.PReLU, nn.ReLU, nn.Tanh, nn.Sigmoid, nn.GELU, nn.SiLU, nn.LeakyReLU, nn.ELU, nn.Softplus,
                     nn.Identity, nn.Flatten, nn.Sequential, nn.ModuleList)
@@ -64,10 +66,13 @@ def stackable(trainer) -> str | None:
         return "its model has buffers"
     if cfg.loss.name not in LOSSES or cfg.loss.kwargs:
         return "its loss is not a built-in one without options"
-    if cfg.optimizer.name not in STACKABLE_OPTIONS or set(cfg.optimizer.kwargs) - STACKABLE_OPTIONS[cfg.optimizer.name]:
-        return f"optimizer {cfg.optimizer.name!r} with {sorted(cfg.optimizer.kwargs)} is not stackable"
-    if cfg.optimizer.name == "sgd" and cfg.optimizer.kwargs.get("dampening", 0):
-        return "SGD with dampening is not stackable"
+    # Every parameter group's options as well as the optimizer's: the stacked update reads each
+    # member's own groups, and implements these options only.
+    for options in [cfg.optimizer.kwargs, *(g.kwargs for g in cfg.optimizer.groups)]:
+        if cfg.optimizer.name not in STACKABLE_OPTIONS or set(options) - STACKABLE_OPTIONS[cfg.optimizer.name]:
+            return f"optimizer {cfg.optimizer.name!r} with {sorted(options)} is not stackable"
+        if cfg.optimizer.name == "sgd" and options.get("dampening", 0):
+            return "SGD with dampening is not stackable"
     if not cfg.trainable or trainer.frozen or cfg.terms or cfg.balancing.method != "none" or trainer.grad_transforms:
         return "it has frozen parameters, extra terms, balancing or gradient transforms"
     if trainer.mapped or trainer.run.failure.nonfinite != "fail":
@@ -81,10 +86,11 @@ def stackable(trainer) -> str | None:
 
 def group_key(trainer) -> tuple:
     """Members with equal keys can share a stack: the same architecture, loss, optimizer kind,
-    device and the same part in every exchange."""
+    device, batch size (their batches are one tensor) and the same part in every exchange (the
+    same couplings, whose weights may differ: each member's own applies to it)."""
     cfg, plan, name = trainer.config, trainer.plan, trainer.name
     roles = tuple(name in plan.participants[k] for k in sorted(plan.participants))
-    return (repr(cfg.model.model_dump(mode="json")), cfg.loss.name, cfg.optimizer.name, str(trainer.device), roles,
+    return (repr(cfg.model.model_dump(mode="json")), cfg.loss.name, cfg.optimizer.name, str(trainer.device), trainer.batches.batch_size, roles,
             tuple(sorted(c.name for c in trainer.training_couplings)), trainer.defer_param_replies, trainer.every)
 
 
@@ -135,6 +141,9 @@ class StackedGroup:
         self._grad = grad_and_value(objective, has_aux=True)
         # The quantities of its own each member's couplings read (its parameters), computed once.
         self.own_reads = [[q for q in m.plan.reads_for_terms[m.name] if q.member == m.name] for m in members]
+        # Each member's couplings by name: its own objects when population-based training changes
+        # their weights member by member (poptrain.host), else the ones all share.
+        self.couplings = [{c.name: c for c in m.training_couplings} for m in members]
         self._vmap = vmap
         self.optimizer = first.config.optimizer.name
         self.state: dict[str, dict[str, torch.Tensor]] = {}
@@ -172,7 +181,8 @@ class StackedGroup:
                              for k in self.keys} for m in self.members]
         names = ("exp_avg", "exp_avg_sq") if self.optimizer in ("adam", "adamw") else ("momentum_buffer",)
         self.state = {k: {n: torch.zeros_like(self.params[k]) for n in names} for k in self.keys}
-        self.has_momentum = torch.zeros(len(self.members), dtype=torch.bool)
+        # Whether each member holds SGD's momentum buffer of each parameter: torch keeps none while its momentum is 0.
+        self.has_momentum = {k: torch.zeros(len(self.members), dtype=torch.bool) for k in self.keys}
         for i, m in enumerate(self.members):
             steps = set()
             for k in self.keys:
@@ -180,7 +190,7 @@ class StackedGroup:
                 for n in names:
                     if own.get(n) is not None:
                         self.state[k][n][i].copy_(own[n])
-                        self.has_momentum[i] = True
+                        self.has_momentum[k][i] = True
                 if "step" in own:
                     steps.add(float(own["step"]))
             self.steps[i] = max(steps) if steps else 0.0
@@ -197,7 +207,7 @@ class StackedGroup:
                 own = {n: self.state[k][n][i].clone() for n in self.state[k]}
                 if self.optimizer in ("adam", "adamw"):
                     own["step"] = torch.tensor(float(self.steps[i]))
-                elif not bool(self.has_momentum[i]):
+                elif not bool(self.has_momentum[k][i]):
                     own = {"momentum_buffer": None}
                 m.optimizer.state[m.params[k]] = own
 
@@ -251,13 +261,13 @@ class StackedGroup:
         return out
 
     def _logged(self, step: int) -> bool:
-        """Whether step ``step``'s metrics are logged or ranked by (the host logs every
-        ``tracking.log_every``-th step and the last; population-based training ranks by the step
-        before its round): only then are every member's full metrics worth computing."""
+        """Whether step ``step``'s metrics are logged (:func:`poptrain.member.logs_step`, the rule a
+        member alone follows) or ranked by (population-based training ranks by the step before its
+        round), or hold layer norms: only then are every member's full metrics worth computing."""
         run = self.members[0].run
         pbt_next = run.pbt is not None and (step + 1) % run.pbt.every == 0
         norms = run.tracking.layer_norms_every
-        return step % run.tracking.log_every == 0 or step + 1 == run.steps or pbt_next or bool(norms and step % norms == 0)
+        return logs_step(run, step) or pbt_next or bool(norms and step % norms == 0)
 
     def _batches(self) -> tuple[list[torch.Tensor], torch.Tensor]:
         """This step's batch of every member: ([inputs (N, batch, ...)], targets (N, batch, ...)),
@@ -289,28 +299,44 @@ class StackedGroup:
         values: dict[Quantity, np.ndarray] = {}
         for op in sends:
             values.update(op.values)
+        waits = [m.timings["exchange_wait_ms"] for m in self.members]
+        started = time.perf_counter()
         pending = yield Send(kind, sends[0].step, values)
+        waited_ms = 1000 * (time.perf_counter() - started)
         for program in programs:  # each member's bookkeeping of what it sent; the reply is taken in below, once
             with contextlib.suppress(StopIteration):
                 program.send(pending)
+        # A member's own clock also ran while the members after it serialized (which they book
+        # themselves): the group's wait is booked instead, each member its share.
+        for m, wait in zip(self.members, waits):
+            m.timings["exchange_wait_ms"] = wait + waited_ms / len(self.members)
         return pending
 
     def _receive_all(self, pending) -> StepProgram:
         """Take in one reply for every member: the peers' values made tensors once for all of them."""
         if pending is None:
             return
+        waited = time.perf_counter()
         reply = yield Wait(pending)
+        received = time.perf_counter()
         first = self.members[0]
         shared = {q: reply.tensor(q, self.device) for q in reply.values if q in first.plan.received}
         for m in self.members:
             m.take_reply(reply, m.step, shared)
+        # Profiled as a member alone books it (tracking.profile), each member its share: the host
+        # books the rest of a member's share of the step as compute.
+        wait_ms, serialize_ms = 1000 * (received - waited) / len(self.members), 1000 * (time.perf_counter() - received) / len(self.members)
+        for m in self.members:
+            m.timings["exchange_wait_ms"] += wait_ms
+            m.timings["serialize_ms"] += serialize_ms
 
     def _coupling_terms(self, grads: dict[str, torch.Tensor]) -> dict[int, dict[str, torch.Tensor]]:
         """The coupling terms of the members (trained by the same couplings: :func:`group_key`) at
-        this step, each on its own parameters; their gradients are added to the stacked ones. A
-        coupling whose term is joint (``Coupling.term_is_joint``) gives every member's gradient
-        from one backward of its value with all their parameters live; the others, member by
-        member. Member index -> {coupling: term} (the values, as each member logs them)."""
+        this step, each on its own parameters and with its own weight; their gradients are added
+        to the stacked ones. A coupling whose term is joint (``Coupling.term_is_joint``) gives every
+        member's gradient from one backward of its value with all their parameters live, scaled by
+        each member's weight; the others, member by member. Member index -> {coupling: term} (the
+        values, as each member logs them)."""
         first = self.members[0]
         if not first.training_couplings:
             return {}
@@ -323,12 +349,15 @@ class StackedGroup:
         together = dict(first.peers)
         for own in live.values():
             together.update(own)
-        if joint:
-            total = [c.weight * c.value(together) for c in joint]
-            total = [t for t in total if t is not None and t.requires_grad]
-            if total:
-                sum(total).backward()
-        logged = self._logged(first.step)
+        # Each member's own weight of each joint coupling: population-based training sets them member
+        # by member, in coupling objects of each member's own (read at every step, as it changes them).
+        weights = {c.name: [self.couplings[i][c.name].weight for i in range(len(self.members))] for c in joint}
+        for c in joint:  # one backward each: every member's gradient of the value, then times its own weight
+            value = c.value(together)
+            if value is not None and value.requires_grad:
+                value.backward()
+                self._take_coupling_gradients(grads, weights[c.name])
+        logged, extras = self._logged(first.step), logs_step(first.run, first.step)  # extras: as a member alone has them
         joint_values: dict[str, dict] = {}
         if logged:  # what each member logs as its own term
             with torch.no_grad():
@@ -336,7 +365,7 @@ class StackedGroup:
         out: dict[int, dict[str, torch.Tensor]] = {}
         for i, m in enumerate(self.members):
             quantities = {**m.peers, **live[i]}
-            if logged:
+            if extras:
                 with torch.no_grad():
                     m.coupling_extras = {f"coupling/{c.name}/{k}": float(v) for c in m.training_couplings for k, v in c.metrics_for(m.name, quantities).items()}
             own_terms = {c.name: c.term(m.name, quantities) for c in m.training_couplings if not c.term_is_joint}
@@ -344,17 +373,26 @@ class StackedGroup:
             backward = [t for t in own_terms.values() if t.requires_grad]
             if backward:
                 sum(backward).backward()
-            values = {c.name: c.weight * joint_values[c.name][m.name] for c in joint if logged and joint_values[c.name].get(m.name) is not None}
+            values = {c.name: weights[c.name][i] * joint_values[c.name][m.name] for c in joint if logged and joint_values[c.name].get(m.name) is not None}
             out[i] = {k: v.detach() for k, v in {**own_terms, **values}.items()}
-        for k in self.keys:  # the couplings' gradients into the stack, a parameter at a time
-            own = [m.params[k].grad for m in self.members]
-            if any(g is not None for g in own):
-                grads[k] += torch.stack([g if g is not None else torch.zeros_like(m.params[k]) for g, m in zip(own, self.members)])
+        self._take_coupling_gradients(grads)
         for i, m in enumerate(self.members):
             bad = [f"coupling {k!r}" for k, t in out[i].items() if not torch.isfinite(t).all()]
             if bad:
                 m._guard(bad)
         return out
+
+    def _take_coupling_gradients(self, grads: dict[str, torch.Tensor], weights: list[float] | None = None) -> None:
+        """Move the gradients the couplings left in the members' own Parameters into the stacked
+        ones, a parameter at a time; times ``weights`` (one per member) when given."""
+        for k in self.keys:
+            own = [m.params[k].grad for m in self.members]
+            if all(g is None for g in own):
+                continue
+            stacked = torch.stack([g if g is not None else torch.zeros_like(m.params[k]) for g, m in zip(own, self.members)])
+            grads[k] += stacked if weights is None else stacked * self._per_member(weights, stacked)
+            for m in self.members:
+                m.params[k].grad = None
 
     def _hyperparameters(self, key: str, option: str, default: Any) -> list:
         """Every member's value of ``option`` for parameter ``key``, from its own optimizer's
@@ -380,9 +418,11 @@ class StackedGroup:
                 momentum = self._per_member(self._hyperparameters(k, "momentum", 0.0), param)
                 if momentum.any():
                     buf = self.state[k]["momentum_buffer"]
-                    first = ~self._per_member(self.has_momentum.tolist(), buf).bool()
-                    buf.copy_(torch.where(first, grad, buf * momentum + grad))
-                    grad = torch.where(momentum != 0, buf, grad)
+                    started, on = self._per_member(self.has_momentum[k].tolist(), buf).bool(), momentum != 0
+                    # torch.optim.SGD: a buffer starts as the gradient, and is left alone while momentum is 0.
+                    buf.copy_(torch.where(on, torch.where(started, buf * momentum + grad, grad), buf))
+                    grad = torch.where(on, buf, grad)
+                    self.has_momentum[k] |= on.view(-1).cpu()
                 param.add_(grad * -lr)
                 continue
             betas = self._hyperparameters(k, "betas", (0.9, 0.999))
@@ -400,7 +440,6 @@ class StackedGroup:
             bias_correction2_sqrt = ((1 - beta2.double() ** step) ** 0.5).to(param.dtype)
             denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
             param.add_(exp_avg / denom * (-lr / bias_correction1))
-        self.has_momentum[:] = True
 
 
 class _NoRandomness:

@@ -8,7 +8,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from poptrain.couplings.separation import Separation, SeparationConfig
-from poptrain.couplings import Rewrite
+from poptrain.couplings import Quantity, Rewrite
 
 
 class TinyNet(nn.Module):
@@ -155,6 +155,14 @@ class SeparationThatHangsTheCoordinator(Separation):
             time.sleep(self.config.hang_s)
         return {}
 
+
+
+class SeparationWithOwnMetrics(Separation):
+    """Separation whose members each log a value of their own (``Coupling.metrics_for``): their
+    coupled parameter's sum, under ``coupling/<name>/own_sum`` on logged steps."""
+
+    def metrics_for(self, member, q):
+        return {"own_sum": float(q[Quantity(member, "param", self.config.param)].sum())}
 
 
 class BuggyCheckSeparation(Separation):

@@ -3,6 +3,8 @@ optimizer state and hyperparameters, and end as they would trained one by one, t
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
@@ -18,16 +20,34 @@ from tests.conftest import make_config, prelu_member
 CLOSE = dict(rtol=1e-5, atol=1e-6)  # float rounding: the same operations, vectorised
 
 
-def host(members: list[dict], **changes) -> tuple[list[MemberTrainer], object]:
+def host(members: list[dict], client=InProcessClient, **changes) -> tuple[list[MemberTrainer], object]:
     """One host's trainers on one link to an in-process coordinator (no Ray)."""
     cfg = load_config(make_config("/tmp/poptrain-stacked", "sqlite:////tmp/poptrain-stacked.db", "stacked", members=members, **changes))
     population = inspect_population(cfg)
     coordinator, wire = in_process_coordinator(cfg, population)
-    link = open_link(cfg, coordinator.plan, InProcessClient(coordinator, wire, 4))
+    link = open_link(cfg, coordinator.plan, client(coordinator, wire, 4))
     trainers = [MemberTrainer(cfg, name, population) for name in cfg.member_names]
     for trainer in trainers:
         trainer.connect(link)
     return trainers, link
+
+
+class ReplyTimingClient(InProcessClient):
+    """An in-process client that adds up how long its host blocked waiting for replies."""
+
+    waited_ms = 0.0
+
+    def call(self, *args):
+        answer = super().call(*args)
+
+        def wait():
+            started = time.perf_counter()
+            try:
+                return answer()
+            finally:
+                self.waited_ms += 1000 * (time.perf_counter() - started)
+
+        return wait
 
 
 def train(units, link, steps: int) -> list:
@@ -110,3 +130,114 @@ def test_what_cannot_stack_says_why_and_trains_one_after_another():
     assert "extra terms" in stackable(trainers[1])
     assert "dropout" in stackable(trainers[2])
     assert all(not isinstance(u, StackedGroup) for u in form_groups(trainers)), "no two alike members that stack"
+
+
+def test_each_stacked_member_trains_with_its_own_coupling_weight_as_population_based_training_sets_it():
+    """Population-based training perturbs `couplings.<name>.weight` member by member (each member
+    then has coupling objects of its own): a stacked member's coupling term and its gradient take
+    its own weight, not the first member's."""
+    coupled = dict(steps=20, exchange={"every": 1}, couplings=[{"type": "separation", "param": "activation.weight", "margin": 2.0}],
+                   pbt={"every": 1000, "metric": "loss", "hyperparameters": {"couplings.separation.weight": {"factors": [0.8, 1.2]}}})
+    members = population([{"name": "adam", "lr": 0.01}] * 3)
+    alone, link_a = host(members, **coupled)
+    stacked, link_b = host(members, **coupled)
+    units = form_groups(stacked)
+    assert len(units) == 1 and isinstance(units[0], StackedGroup)
+
+    def weights_changed_after_5_steps(trainers, drive, link) -> list:
+        train(drive, link, 5)
+        for trainer, weight in zip(trainers, (0.5, 1.0, 4.0)):  # as an explore step sets them
+            trainer.hyperparameters.set({"couplings.separation.weight": weight})
+        return train(drive, link, 10)[-1]
+
+    metrics_a = weights_changed_after_5_steps(alone, alone, link_a)
+    metrics_b = weights_changed_after_5_steps(stacked, units, link_b)[0]
+    for a, b in zip(alone, stacked):
+        for key in a.params:
+            torch.testing.assert_close(b.params[key], a.params[key], **CLOSE, msg=f"{a.name}.{key}")
+    assert [m["coupling/separation"] for m in metrics_b] == pytest.approx([m["coupling/separation"] for m in metrics_a], rel=1e-5)
+    assert [m["objective"] for m in metrics_b] == pytest.approx([m["objective"] for m in metrics_a], rel=1e-5)
+
+
+def test_a_stacked_member_logs_the_same_metrics_on_the_same_steps_as_the_member_alone():
+    """The host logs a member's metrics every `tracking.log_every`-th step and at the last step: on
+    each of those a stacked member's metrics are the member's alone (its couplings' own metrics,
+    layer norms and terms included)."""
+    steps, log_every = 8, 3
+    run = dict(steps=steps, exchange={"every": 1}, tracking={"log_every": log_every, "layer_norms_every": 2, "plots": False, "log_models": False},
+               couplings=[{"type": "tests.helpers:SeparationWithOwnMetrics", "name": "separation", "param": "activation.weight", "margin": 2.0}])
+    members = population([{"name": "adam", "lr": 0.01 * (i + 1)} for i in range(3)])
+    alone, link_a = host(members, **run)
+    stacked, link_b = host(members, **run)
+    units = form_groups(stacked)
+    assert len(units) == 1 and isinstance(units[0], StackedGroup)
+    metrics_a = train(alone, link_a, steps)
+    metrics_b = [by_unit[0] for by_unit in train(units, link_b, steps)]
+    logged = [s for s in range(steps) if s % log_every == 0 or s + 1 == steps]
+    assert logged == [0, 3, 6, 7]
+    for s in logged:
+        for a, b in zip(metrics_a[s], metrics_b[s]):
+            assert "coupling/separation/own_sum" in a
+            assert b == pytest.approx(a, rel=1e-5, abs=1e-6), f"step {s}"
+
+
+def test_a_stacked_members_wait_for_the_coordinator_is_profiled_as_exchange_wait_not_compute():
+    """`tracking.profile`: while a stacked group blocks on the coordinator's reply (here a coordinator
+    slow to complete one round), its members' `profile/exchange_wait_ms` hold that wait, each its
+    share (the host books the rest of a member's share of the step as compute)."""
+    slow = [{"type": "tests.helpers:SeparationThatHangsTheCoordinator", "name": "separation", "param": "activation.weight", "margin": 2.0,
+             "hang_at_exchange": 1, "hang_s": 0.2}]
+    stacked, link = host(population([{"name": "adam", "lr": 0.01}] * 3), client=ReplyTimingClient, steps=3, couplings=slow)
+    units = form_groups(stacked)
+    assert len(units) == 1 and isinstance(units[0], StackedGroup)
+    train(units, link, 1)
+    for m in stacked:  # as the host does before every step
+        m.timings = dict.fromkeys(m.timings, 0.0)
+    link.client.waited_ms = 0.0
+    train(units, link, 1)  # the round the coordinator is slow to complete
+    assert link.client.waited_ms > 0
+    assert sum(m.timings["exchange_wait_ms"] for m in stacked) >= link.client.waited_ms, "the whole wait, shared among the members"
+
+
+def test_members_with_different_batch_sizes_stack_apart_and_end_as_trained_one_by_one():
+    """A stacked step draws one batch of every member as one tensor: members whose batches differ
+    in size train in stacks of their own."""
+    def members():
+        return [prelu_member(f"m{i}", data={"name": "synthetic_regression", "kwargs": {"n": 256, "in_features": 20}, "batch_size": size})
+                for i, size in enumerate((32, 16, 32, 16))]
+
+    alone, link_a = host(members(), steps=6, couplings=[])
+    stacked, link_b = host(members(), steps=6, couplings=[])
+    units = form_groups(stacked)
+    assert [u.names for u in units] == [("m0", "m2"), ("m1", "m3")]
+    train(alone, link_a, 6)
+    train(units, link_b, 6)
+    for a, b in zip(alone, stacked):
+        for key in a.params:
+            torch.testing.assert_close(b.params[key], a.params[key], **CLOSE, msg=f"{a.name}.{key}")
+
+
+def test_an_optimizer_group_option_the_stacked_update_lacks_keeps_its_member_out_of_stacks():
+    """The stacked update implements Adam's, AdamW's and SGD's plain options only: a parameter group
+    asking for another (amsgrad, nesterov) would silently train without it in a stack."""
+    amsgrad = {"name": "adam", "lr": 0.01, "groups": [{"params": ["input.*"], "kwargs": {"amsgrad": True}}]}
+    nesterov = {"name": "sgd", "lr": 0.01, "kwargs": {"momentum": 0.9}, "groups": [{"params": ["output.*"], "kwargs": {"nesterov": True}}]}
+    trainers, _ = host(population([amsgrad, amsgrad, nesterov, nesterov]), couplings=[])
+    assert all("not stackable" in stackable(t) for t in trainers)
+    assert all(not isinstance(u, StackedGroup) for u in form_groups(trainers))
+
+
+def test_a_stacked_sgd_member_given_momentum_later_starts_its_momentum_as_alone():
+    """SGD keeps no momentum for a member trained without it: when population-based training gives
+    it momentum, its first momentum step starts from its gradient, in a stack as alone."""
+    members = population([{"name": "sgd", "lr": 0.02, "kwargs": {"momentum": m}} for m in (0.0, 0.5, 0.9)])
+    alone, link_a = host(members, steps=10, couplings=[])
+    stacked, link_b = host(members, steps=10, couplings=[])
+    units = form_groups(stacked)
+    for trainers, drive, link in ((alone, alone, link_a), (stacked, units, link_b)):
+        train(drive, link, 5)
+        trainers[0].optimizer.param_groups[0]["momentum"] = 0.9  # as an explore step of optimizer.kwargs.momentum does
+        train(drive, link, 5)
+    for a, b in zip(alone, stacked):
+        for key in a.params:
+            torch.testing.assert_close(b.params[key], a.params[key], **CLOSE, msg=f"{a.name}.{key}")
