@@ -99,7 +99,11 @@ class MemberHost:
         blocks, the connection to its coordinator) while this warm process waits for the next."""
         if self.link is not None:
             self.link.close()
-        self.link, self.members, self.by_name = None, [], {}
+        # Every attribute that holds a trainer, a stack or its optimizer state, not only the member
+        # list: a stacked group holds its members' trainers and the stacked parameters and moments,
+        # and one reference left keeps the whole run (on a GPU, its memory) alive beside the next.
+        self.link, self.members, self.by_name, self.units, self.groups = None, [], {}, [], []
+        self.coordinator, self.run = None, None
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
