@@ -3,9 +3,10 @@ stacked members on one GPU ending as one-by-one training does (to float rounding
 population-based training copying a donor between GPU members.
 
 Skipped where torch sees no CUDA device (``gpu`` marker, see conftest). The rest of the suite
-hides the GPUs from everything it starts; each test here runs ``python -m poptrain run`` in a
-subprocess that starts its own Ray with the GPUs visible (GPU_ENV), and reads what the run left:
-its MLflow runs and ``model.pt`` files.
+hides the GPUs from everything it starts; each run here is ``python -m poptrain run`` in a
+subprocess that starts its own Ray with the GPUs visible (GPU_ENV), read back from what the run
+left: its MLflow runs and ``model.pt`` files. The last test needs no Ray and runs in this process
+(torch counted the GPUs in pytest_configure, before the suite hid them from what it starts).
 """
 
 from __future__ import annotations
@@ -77,3 +78,22 @@ def test_population_based_training_copies_a_donor_between_gpu_members(tmp_path):
     _, members = run_on_gpu(tmp_path, config)
     assert all(m["tags"]["poptrain.placement.device"].startswith("cuda") for m in members.values())
     assert any("pbt/exploited" in m["metrics"] for m in members.values()), "at least one exploit happened"
+
+
+def test_a_donors_state_leaves_its_gpu_before_it_travels_to_the_receiver():
+    """What population-based training puts in Ray's object store holds only CPU tensors (a CUDA
+    tensor there would need the donor's GPU to be unpickled); the receiver loads it onto its own."""
+    from poptrain.pbt import transferable
+
+    param = torch.nn.Parameter(torch.ones(3, device="cuda"))
+    optimizer = torch.optim.Adam([param], lr=0.1)
+    param.grad = torch.ones_like(param)
+    optimizer.step()
+    state = {"model": {"w": param.detach()}, "optimizer": optimizer.state_dict(), "balancer": {}, "batches": {"epoch": 0, "offset": 0}}
+    moved = transferable(state)
+    tensors = [moved["model"]["w"], *moved["optimizer"]["state"][0].values()]
+    assert all(t.device.type == "cpu" for t in tensors), [t.device for t in tensors]
+    receiver = torch.nn.Parameter(torch.zeros(3, device="cuda"))
+    again = torch.optim.Adam([receiver], lr=0.1)
+    again.load_state_dict(moved["optimizer"])
+    assert again.state[receiver]["exp_avg"].device.type == "cuda", "loaded onto the receiver's device"
