@@ -1,5 +1,7 @@
 """``python -m benchmarks [--smoke | --full] [--only NAME] [--out DIR] [--keep]``: run the figures, print
-the table, write the JSON (``<out>/<UTC time>-<mode>.json`` and ``<out>/latest-<mode>.json``)."""
+the table, write the JSON (``<out>/<UTC time>-<mode>.json`` and ``<out>/latest-<mode>.json``).
+``python -m benchmarks --gpu [--dry-run] [--out DIR]``: the prepared check on a CUDA machine
+(``benchmarks/gpu.py``) instead of the figures."""
 
 from __future__ import annotations
 
@@ -48,7 +50,15 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--only", choices=FIGURES, action="append", metavar="NAME", help=f"run only this figure (repeatable): {', '.join(FIGURES)}")
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for the JSON results (default: benchmarks/results)")
     parser.add_argument("--keep", action="store_true", help="keep the scratch folder (runs, MLflow store) and print its path")
-    return parser.parse_args(argv)
+    parser.add_argument("--gpu", action="store_true", help="instead of the figures, the GPU check (benchmarks/gpu.py): gpu tests, the quick start "
+                        "on the GPU, warm handover memory, 100 and 1,000 stacked members vs a torch.func loop")
+    parser.add_argument("--dry-run", action="store_true", help="with --gpu: the same check on the CPU at tiny sizes (no GPU needed)")
+    args = parser.parse_args(argv)
+    if args.dry_run and not args.gpu:
+        parser.error("--dry-run goes with --gpu")
+    if args.gpu and (args.smoke or args.full or args.only):
+        parser.error("--gpu runs its own check: leave out --smoke, --full and --only")
+    return args
 
 
 def _fmt(value: Any, unit: str = "") -> str:
@@ -87,6 +97,10 @@ def table(rows: list[dict[str, Any]]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
+    if args.gpu:
+        from benchmarks.gpu import check
+
+        return check(args.out, args.dry_run)
     from benchmarks.common import SIZES, Context, as_dict, machine, now_utc, start_ray
 
     mode = "smoke" if args.smoke else "full" if args.full else "default"

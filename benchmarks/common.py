@@ -189,8 +189,13 @@ def now_utc() -> str:
 # Ray
 
 
-def start_ray() -> bool:
+def start_ray(gpus: bool = False) -> bool:
     """A local Ray for the benchmarks (unless one is already up, e.g. pytest's session Ray).
+
+    Without ``gpus``, no GPU even on a GPU machine: the figures compare against CPU baselines
+    measured in this process (a single-process loop, the torch.func yardstick on CPU threads), and
+    `num_gpus: auto` would otherwise move the members, not the baselines, to the GPU. ``--gpu``
+    (benchmarks/gpu.py) starts Ray with the GPUs.
 
     ``address="local"`` always starts a fresh local instance: a bare ``ray.init()`` would join a
     cluster that ``ray start`` left recorded in /tmp/ray/ray_current_cluster.
@@ -206,6 +211,7 @@ def start_ray() -> bool:
     ray.init(
         address="local",
         num_cpus=os.cpu_count() or 1,
+        **({} if gpus else {"num_gpus": 0}),  # with gpus: Ray counts them itself
         include_dashboard=False,
         _node_ip_address="127.0.0.1",
         configure_logging=False,

@@ -86,8 +86,9 @@ def timed_population(ctx: Context, name: str, members: int, per_host: int | str 
     }
 
 
-def torch_func_yardstick(members: int, steps: int, warmup: int, threads: int = 2) -> dict[str, Any]:
-    """The same modules stacked with torch.func, one ``vmap(grad)`` and one Adam per step: member-steps/s."""
+def torch_func_yardstick(members: int, steps: int, warmup: int, threads: int = 2, device: str = "cpu") -> dict[str, Any]:
+    """The same modules stacked with torch.func, one ``vmap(grad)`` and one Adam per step, on
+    ``device`` (the data there too): member-steps/s."""
     import copy
 
     import torch
@@ -103,9 +104,10 @@ def torch_func_yardstick(members: int, steps: int, warmup: int, threads: int = 2
         spec = Component.model_validate(SEED_MODEL)
         torch.manual_seed(0)
         modules = [build_model(spec) for _ in range(members)]
-        params, buffers = stack_module_state(modules)
+        params, buffers = stack_module_state([m.to(device) for m in modules])
         skeleton = copy.deepcopy(modules[0]).to("meta")
-        x, y = synthetic_regression(n=1024, in_features=20).tensors
+        x, y = (t.to(device) for t in synthetic_regression(n=1024, in_features=20).tensors)
+        sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)  # CUDA steps are asynchronous
 
         def loss(p, b, inputs, targets):
             return torch.nn.functional.mse_loss(functional_call(skeleton, (p, b), (inputs,)), targets)
@@ -115,16 +117,18 @@ def torch_func_yardstick(members: int, steps: int, warmup: int, threads: int = 2
         started = None
         for step in range(warmup + steps):
             if step == warmup:
+                sync()
                 started = time.perf_counter()
             i = (step * BATCH) % (len(x) - BATCH)
             grads = gradients(params, buffers, x[i : i + BATCH], y[i : i + BATCH])
             for key, value in params.items():
                 value.grad = grads[key]
             optimizer.step()
+        sync()
         seconds = time.perf_counter() - started
     finally:
         torch.set_num_threads(before)
-    return {"member_steps_per_s": members * steps / seconds, "step_ms": 1000 * seconds / steps, "threads": threads}
+    return {"member_steps_per_s": members * steps / seconds, "step_ms": 1000 * seconds / steps, "threads": threads, "device": device}
 
 
 def _member_state_mib() -> float:

@@ -93,7 +93,8 @@ def launch(ctx) -> dict[str, Any]:
     # A Ray temp root of its own: a bare ray.init() (what poptrain calls) would otherwise join a
     # cluster that `ray start` recorded in /tmp/ray/ray_current_cluster, e.g. another test's.
     ray_tmp = tempfile.mkdtemp(prefix="prb-", dir="/tmp" if os.path.isdir("/tmp") else None)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])), RAY_TMPDIR=ray_tmp)
+    # No GPU for the child (poptrain's own ray.init counts them): the figure is CPU start-up, as the others are CPU figures.
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])), RAY_TMPDIR=ray_tmp, CUDA_VISIBLE_DEVICES="")
     env.pop("RAY_ADDRESS", None)
     log = open(ctx.workdir / "startup-child.log", "w+")
     proc = subprocess.Popen(
@@ -186,7 +187,7 @@ def bare_child(out_path: str, in_features: int, hidden: list[int], classes: int,
     import ray
 
     started = time.time()
-    ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", configure_logging=False)
+    ray.init(address="local", num_cpus=2, num_gpus=0, include_dashboard=False, _node_ip_address="127.0.0.1", configure_logging=False)
 
     @ray.remote(num_cpus=1)
     class Bare:
@@ -220,7 +221,8 @@ def bare_baseline(ctx) -> dict[str, Any]:
     sizes = ctx.sizes
     out_path = ctx.workdir / "bare-out.json"
     ray_tmp = tempfile.mkdtemp(prefix="prb-", dir="/tmp" if os.path.isdir("/tmp") else None)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])), RAY_TMPDIR=ray_tmp)
+    # No GPU for the child (poptrain's own ray.init counts them): the figure is CPU start-up, as the others are CPU figures.
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])), RAY_TMPDIR=ray_tmp, CUDA_VISIBLE_DEVICES="")
     env.pop("RAY_ADDRESS", None)
     args = [str(out_path), str(sizes.in_features), json.dumps(list(sizes.hidden)), str(sizes.classes), str(sizes.batch)]
     try:

@@ -371,9 +371,10 @@ class Resources(Strict):
     )
     num_gpus: Union[float, Literal["auto"]] = Field(
         "auto",
-        description="GPUs for the member; `auto`: 1 each when the cluster has a GPU per member, else members "
-        "share GPUs (1/k each, k = members per GPU: 3 members on 1 GPU get 0.3333, on 2 GPUs 0.5), 0 without "
-        "GPUs. GPUs that other members ask for by number are not shared out.",
+        description="GPUs for the member: a fraction of one GPU (at most 1) or a whole number. `auto`: 1 each when "
+        "the cluster has a GPU per member, else members share GPUs (1/k each, k = members per GPU: 3 members on 1 GPU "
+        "get 0.3333, on 2 GPUs 0.5) and are carried by one host per GPU (see `placement.members_per_host`), 0 "
+        "without GPUs. GPUs that other members ask for by number are not shared out. A member trains on one device.",
     )
     max_model_gib: float = Field(
         64.0,
@@ -385,11 +386,36 @@ class Resources(Strict):
 
     @field_validator("num_cpus", "num_gpus")
     @classmethod
-    def _non_negative(cls, value: Any) -> Any:
+    def _non_negative(cls, value: Any, info: ValidationInfo) -> Any:
         if value != "auto" and (value < 0 or value > 1024):
             raise ValueError("must be `auto` or a number between 0 and 1024")
+        if info.field_name == "num_gpus" and value != "auto" and value > 1 and value != int(value):
+            # Ray places a fraction of a GPU only within one GPU: 1.5 is no placement Ray can make.
+            raise ValueError(f"a GPU share must be a fraction of one GPU (at most 1) or a whole number of GPUs, got {value:g}")
         return value
 
+
+def host_gpu_problem(shares: list[float]) -> str | None:
+    """Why one host cannot carry members with these GPU shares (``resources.num_gpus``, in the
+    order it carries them), or None. The host asks Ray for their sum, which above 1 must be a whole
+    number (Ray places a fraction of a GPU only within one GPU); a host holding several GPUs trains
+    its members on cuda:0, cuda:1, ... in turn (:func:`poptrain.host.member_devices`), so the
+    members each GPU gets must fit in it."""
+    total = sum(shares)
+    if len(shares) < 2 or total <= 1 + 1e-4:
+        return None
+    shown = f"its {len(shares)} members' GPU shares sum to {total:g}"
+    if abs(total - round(total)) > 1e-4:
+        return (f"{shown}: Ray places a fraction of a GPU only within one GPU, so a host asks for at most 1 GPU or a whole "
+                "number; give its members shares that sum to one of those, or fewer members per host")
+    gpus = round(total)
+    loads = [sum(shares[i::gpus]) for i in range(gpus)]
+    worst = max(range(gpus), key=loads.__getitem__)
+    if loads[worst] > 1 + 1e-4 or any(s > 1 for s in shares):
+        return (f"{shown} on {gpus} GPUs, and its members train on cuda:0, cuda:1, ... in turn (a member on one GPU): "
+                f"cuda:{worst} would carry {loads[worst]:g} GPUs' worth; give every member of the host the same share of at most 1, "
+                "with as many members per host as fill its GPUs evenly")
+    return None
 
 class MemberConfig(Strict):
     """One model of the population, carried by a host (a Ray actor of its own, or shared: `placement.members_per_host`)."""
@@ -532,9 +558,11 @@ class PlacementConfig(Strict):
     members_per_host: Union[int, Literal["auto"]] = Field(
         "auto",
         description="How many members one host (a Ray actor process) carries, in config order. `auto`: one each when "
-        "every member gets a GPU of its own or there are no more members than CPUs; else as many hosts as GPUs (members "
-        "share a GPU inside one process) or, without GPUs, as CPUs, the members split evenly among them. A host's "
-        "resources are its members' summed; its members train one after another and exchange as one message.",
+        "every member gets a GPU of its own; members that share GPUs under `num_gpus: auto` go to one host per GPU (one "
+        "process and CUDA context per GPU, its members stacked where they can; members asking for GPUs by number keep a "
+        "host each); without GPUs, one each while there are no more members than CPUs, else one host per CPU, the members "
+        "split evenly among them. A host's resources are its members' summed (above 1 GPU, a whole number, its members on "
+        "cuda:0, cuda:1, ... in turn); its members train one after another and exchange as one message.",
     )
 
     stacked: bool = Field(
@@ -965,6 +993,15 @@ def validate_config(raw: dict, member_overrides: list[str] | tuple[str, ...] = (
         except Exception as exc:  # a user coupling's own check failing: nothing starts, and its traceback is shown
             problems.append((key, Reason.of(f"{cls.__name__}.check_config raised {type(exc).__name__}: {exc} (a bug in the coupling's code; its traceback follows)", exc)))
         typed.append(specific)
+    per = cfg.placement.members_per_host
+    if per != "auto":  # hosts known from the config alone; with `auto` shares, the driver checks them (host_resources)
+        for start in range(0, len(cfg.members), per):
+            host = cfg.members[start : start + per]
+            if all(m.resources.num_gpus != "auto" for m in host):
+                reason = host_gpu_problem([float(m.resources.num_gpus) for m in host])
+                if reason:
+                    problems.append(("placement.members_per_host", f"the host of members {', '.join(m.name for m in host[:4])}{' ...' if len(host) > 4 else ''} cannot be placed: {reason}"))
+                    break  # one host says it; the others are cut alike
     for index, member in enumerate(cfg.members):
         term_names = [t.name for t in member.terms]
         for t_index, term in enumerate(member.terms):

@@ -63,6 +63,18 @@ def placement_device() -> tuple[str, list[str]]:
     return "cpu", gpu_ids
 
 
+def member_devices(members: int, device: str, gpus: int) -> list[str]:
+    """The device each of a host's ``members`` trains on, given :func:`placement_device`'s
+    ``device`` and the number of GPUs the host holds: on a host of several GPUs, cuda:0, cuda:1,
+    ... in turn (Ray's CUDA_VISIBLE_DEVICES numbers the host's own GPUs from 0), so each GPU it
+    holds trains its share of the members instead of all of them crowding onto cuda:0 (the
+    config check, :func:`poptrain.config.host_gpu_problem`, keeps each GPU's share within it);
+    else ``device`` for all of them."""
+    if device != "cuda":
+        return [device] * members
+    return [f"cuda:{i % max(1, gpus)}" for i in range(members)]
+
+
 @dataclass
 class Hosted:
     """One member a host carries, and what the host keeps for it."""
@@ -99,7 +111,11 @@ class MemberHost:
         blocks, the connection to its coordinator) while this warm process waits for the next."""
         if self.link is not None:
             self.link.close()
-        self.link, self.members, self.by_name = None, [], {}
+        # Every attribute that holds a trainer, a stack or its optimizer state, not only the member
+        # list: a stacked group holds its members' trainers and the stacked parameters and moments,
+        # and one reference left keeps the whole run (on a GPU, its memory) alive beside the next.
+        self.link, self.members, self.by_name, self.units, self.groups = None, [], {}, [], []
+        self.coordinator, self.run = None, None
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -113,7 +129,8 @@ class MemberHost:
         couplings = build_couplings(run.couplings, population)
         plan = ExchangePlan.for_run(run, population, couplings)
         own_couplings = run.pbt is not None and any(key.startswith("couplings.") for key in run.pbt.hyperparameters)
-        trainers = [MemberTrainer(run, name, population, device, couplings=None if own_couplings else couplings, plan=plan) for name in names]
+        devices = member_devices(len(names), device, min(len(gpu_ids), torch.cuda.device_count()) if device == "cuda" else 0)
+        trainers = [MemberTrainer(run, name, population, on, couplings=None if own_couplings else couplings, plan=plan) for name, on in zip(names, devices)]
         self.coordinator = coordinator = ray.get_actor(coordinator_name)
         client = CoordinatorClient(coordinator, ray.get(coordinator.channel.remote()), run.exchange.timeout_s)
         self.link = open_link(run, trainers[0].plan, client)  # one for every member it carries
@@ -149,7 +166,7 @@ class MemberHost:
             "node_id": _node_id(),
             "hostname": socket.gethostname(),
             "pid": os.getpid(),
-            "device": device,
+            "device": ",".join(dict.fromkeys(devices)),  # the host's; member_placement gives each member's own
             "gpu_ids": ",".join(map(str, gpu_ids)),
             "torch_threads": torch.get_num_threads(),
             "members_on_host": len(self.members),
@@ -175,7 +192,8 @@ class MemberHost:
         """:meth:`info`, with how many of the member's parameters are in memory the coordinator maps
         and how many members (itself included) it trains stacked with (1: alone)."""
         stacked = next((len(g.names) for g in self.groups if name in g.names), 1)
-        return {**self.placement, "shared_params": len(self.by_name[name].trainer.mapped), "stacked_with": stacked}
+        trainer = self.by_name[name].trainer
+        return {**self.placement, "device": str(trainer.device), "shared_params": len(trainer.mapped), "stacked_with": stacked}
 
     def train(self, until_step: int) -> dict[str, dict[str, float]]:
         """Train every member up to ``until_step``, in lockstep; metrics go to the outboxes. Returns

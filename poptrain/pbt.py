@@ -241,5 +241,21 @@ def _distinct(members) -> list[MemberConfig]:
 
 
 def transferable(state: dict[str, Any]) -> dict[str, Any]:
-    """What a receiver copies of its donor's :meth:`MemberTrainer.state_dict`."""
-    return {k: state[k] for k in ("model", "optimizer", "balancer", "batches")}
+    """What a receiver copies of its donor's :meth:`MemberTrainer.state_dict`, every tensor on the
+    CPU. It travels through Ray's object store (``ray.put`` in the donor's process): a CUDA tensor
+    there would be pickled with its device, and unpickling it in the receiver's process would need
+    the donor's GPU (another process's device index, or none on a CPU node). On the CPU it loads
+    onto any receiver: ``load_state_dict`` copies weights into its parameters where they are and
+    moves optimizer state to each parameter's device. A CPU tensor is passed as it is (no copy)."""
+    import torch
+
+    def on_cpu(tree: Any) -> Any:
+        if isinstance(tree, torch.Tensor):
+            return tree.detach().cpu()
+        if isinstance(tree, dict):
+            return {k: on_cpu(v) for k, v in tree.items()}
+        if isinstance(tree, (list, tuple)):
+            return type(tree)(on_cpu(v) for v in tree)
+        return tree
+
+    return on_cpu({k: state[k] for k in ("model", "optimizer", "balancer", "batches")})

@@ -118,15 +118,27 @@ def auto_gpus(members: int, gpus: float) -> float:
 
 
 def plan_hosts(cfg: RunConfig, cluster: dict[str, float]) -> list[list[str]]:
-    """The members each host carries, in config order (``placement.members_per_host``). ``auto``:
-    one member per host when every member gets a GPU of its own or there are no more members
-    than CPUs (each in a process of its own, as before hosts carried several); else one host per
-    GPU when members have GPUs (they share it inside one process instead of one process each),
-    else one per CPU, the members split evenly among them."""
+    """The members each host carries (``placement.members_per_host``). ``auto``: one member per
+    host when every member gets a GPU of its own. Members that share GPUs under ``num_gpus: auto``
+    go to one host per GPU free for them, carrying its members (they stack), and members that ask
+    for GPUs by number keep a host each. Without GPUs: one member per host while there are no more
+    members than CPUs, else one host per CPU, the members split evenly among them. Hosts are in
+    the order of their first member."""
     names = cfg.member_names
     per = cfg.placement.members_per_host
     if per == "auto":
         bundles = member_resources(cfg, cluster)
+        auto = [m.name for m, b in zip(cfg.members, bundles) if m.resources.num_gpus == "auto" and 0 < b.get("GPU", 0.0) < 1]
+        if auto:
+            # A process per member at 1/k of a GPU each is k CUDA contexts (hundreds of MiB each) on
+            # one GPU and k small computations taking turns on it; one process per GPU stacks them.
+            asked = sum(float(m.resources.num_gpus) for m in cfg.members if m.resources.num_gpus != "auto")
+            hosts = max(1, int(cluster.get("GPU", 0.0) - asked + 1e-9))
+            per = math.ceil(len(auto) / hosts)
+            shared = set(auto)
+            position = {name: i for i, name in enumerate(names)}
+            planned = [auto[i : i + per] for i in range(0, len(auto), per)] + [[n] for n in names if n not in shared]
+            return sorted(planned, key=lambda host: position[host[0]])
         own_gpus = all(b.get("GPU", 0.0) >= 1.0 for b in bundles)
         if own_gpus or len(names) <= cluster.get("CPU", 0.0):
             per = 1
@@ -141,21 +153,32 @@ def host_resources(cfg: RunConfig, hosts: list[list[str]], cluster: dict[str, fl
     """One placement bundle per host: its members' resources (:func:`member_resources`) summed.
     Members under ``num_cpus: auto`` that share hosts share the cluster's CPUs evenly: each host
     gets its members' share of them, not the 0.01 CPU floor each of a thousand would get alone;
-    a host of members under ``num_gpus: auto`` gets the GPU share a member would if each host
-    were one member (a whole GPU per host when hosts match the GPUs)."""
+    a host of members under ``num_gpus: auto`` gets the GPU share a member would if each such host
+    were one member (a whole GPU per host when hosts match the GPUs free for them). Raises
+    :class:`PlacementError`, before anything is placed, for a host whose GPU shares Ray cannot
+    place or whose GPUs its members cannot use evenly (:func:`poptrain.config.host_gpu_problem`)."""
+    from poptrain.config import host_gpu_problem
+
     members = member_resources(cfg, cluster)
     if all(len(h) == 1 for h in hosts):
         return members
     index = {name: i for i, name in enumerate(cfg.member_names)}
     auto_share = cluster.get("CPU", 0.0) / len(cfg.members)
+    all_auto = [all(cfg.member(n).resources.num_gpus == "auto" for n in names) for names in hosts]
+    asked = sum(float(m.resources.num_gpus) for m in cfg.members if m.resources.num_gpus != "auto")
+    auto_host_gpus = auto_gpus(sum(all_auto), cluster.get("GPU", 0.0) - asked)  # as if those hosts were members
     bundles = []
-    for names in hosts:
+    for names, automatic in zip(hosts, all_auto):
         cpus = sum(auto_share if cfg.member(n).resources.num_cpus == "auto" else members[index[n]]["CPU"] for n in names)
         bundle = {"CPU": max(0.01, math.floor(100 * cpus + 1e-6) / 100)}
-        if all(cfg.member(n).resources.num_gpus == "auto" for n in names):
-            gpus = auto_gpus(len(hosts), cluster.get("GPU", 0.0)) if any(members[index[n]].get("GPU") for n in names) else 0.0  # as if hosts were members
+        if automatic:
+            gpus = auto_host_gpus if any(members[index[n]].get("GPU") for n in names) else 0.0
         else:
-            gpus = math.floor(1e4 * sum(members[index[n]].get("GPU", 0.0) for n in names) + 1e-6) / 1e4
+            shares = [members[index[n]].get("GPU", 0.0) for n in names]
+            reason = host_gpu_problem(shares)
+            if reason:
+                raise PlacementError(f"the host of members {', '.join(names[:4])}{' ...' if len(names) > 4 else ''} cannot be placed: {reason}.")
+            gpus = math.floor(1e4 * sum(shares) + 1e-6) / 1e4
         if gpus:
             bundle["GPU"] = gpus
         bundles.append(bundle)

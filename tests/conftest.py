@@ -1,13 +1,39 @@
-"""Shared fixtures: one real local Ray per pytest run (2 CPUs), a real MLflow store per test."""
+"""Shared fixtures: one real local Ray per pytest run (2 CPUs, no GPU), a real MLflow store per test."""
 
 from __future__ import annotations
 
 import copy
+import os
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
+
+# The suite's end-to-end tests check what holds on the CPU: device `cpu`, mapped memory (CPU only),
+# bitwise and 1e-6 agreement with CPU references. On a GPU machine `num_gpus: auto` would put
+# every member on CUDA and those checks would fail for the wrong reason, so everything the suite
+# starts sees no GPU: the session Ray is started with `num_gpus=0`, and drivers and `ray start`
+# nodes started in subprocesses inherit an empty CUDA_VISIBLE_DEVICES (set in pytest_configure).
+# Only the `gpu`-marked tests (tests/test_gpu.py) use the GPU, in subprocesses given GPU_ENV.
+GPU_ENV: dict[str, str] = {}  # the environment as it was, GPUs visible (filled in pytest_configure)
+CUDA = False  # whether torch saw a CUDA device before the suite hid them
+
+
+def pytest_configure(config):
+    global CUDA
+    import torch
+
+    GPU_ENV.update(os.environ)
+    CUDA = torch.cuda.is_available()
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
+
+
+def pytest_collection_modifyitems(config, items):
+    skip = pytest.mark.skip(reason="needs a CUDA device: torch.cuda.is_available() is false on this machine")
+    for item in items:
+        if "gpu" in item.keywords and not CUDA:
+            item.add_marker(skip)
 
 
 def weights(result_dir, member):
@@ -29,7 +55,8 @@ def assert_bitwise_equal(dir_a, dir_b, members=("m1", "m2")):
 
 @pytest.fixture(scope="session")
 def ray_session():
-    """A real local Ray, started once for the whole run and sized like CI's machine."""
+    """A real local Ray, started once for the whole run and sized like CI's machine: 2 CPUs and
+    no GPU on any machine (see GPU_ENV above)."""
     import os
 
     import ray
@@ -39,7 +66,7 @@ def ray_session():
         # runtime_env, which would leave the workers Ray starts ahead of time unused, as poptrain's
         # own ensure_ray explains.
         os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
-        ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", configure_logging=False)
+        ray.init(num_cpus=2, num_gpus=0, include_dashboard=False, _node_ip_address="127.0.0.1", configure_logging=False)
     yield ray
     ray.shutdown()
 

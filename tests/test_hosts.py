@@ -8,8 +8,9 @@ import torch
 from mlflow.tracking import MlflowClient
 
 import poptrain
-from poptrain.config import load_config
-from poptrain.population import host_resources, plan_hosts
+from poptrain.config import ConfigError, load_config
+from poptrain.host import member_devices
+from poptrain.population import PlacementError, host_resources, plan_hosts
 from tests.conftest import assert_bitwise_equal, make_config, prelu_member, weights
 from tests.test_failures import logged_steps, run_killing_m2_once
 
@@ -129,3 +130,48 @@ def test_a_packed_host_holds_its_members_resources_summed_and_auto_members_share
     assert host_resources(gpus, plan_hosts(gpus, {"CPU": 2.0, "GPU": 1.0}), {"CPU": 2.0, "GPU": 1.0}) == [{"CPU": 2.0, "GPU": 1.0}]
     quarter = config_with(8, num_cpus=0.25)
     assert host_resources(quarter, plan_hosts(quarter, {"CPU": 2.0}), {"CPU": 2.0}) == [{"CPU": 1.0}, {"CPU": 1.0}]
+
+
+def test_a_gpu_share_above_one_gpu_must_be_a_whole_number_of_gpus():
+    with pytest.raises(ConfigError, match=r"members\.0\.resources\.num_gpus: a GPU share must be a fraction of one GPU \(at most 1\) or a whole number of GPUs, got 1\.5"):
+        config_with(1, num_gpus=1.5)
+    assert config_with(1, num_gpus=2).members[0].resources.num_gpus == 2
+
+
+def test_members_of_a_host_holding_several_gpus_train_on_distinct_gpus():
+    cfg = config_with(2, per_host=2, num_gpus=1)
+    assert host_resources(cfg, plan_hosts(cfg, {"CPU": 2.0, "GPU": 2.0}), {"CPU": 2.0, "GPU": 2.0}) == [{"CPU": 2.0, "GPU": 2.0}]
+    assert member_devices(2, "cuda", 2) == ["cuda:0", "cuda:1"], "one GPU each, not both on cuda:0"
+    assert member_devices(4, "cuda", 2) == ["cuda:0", "cuda:1", "cuda:0", "cuda:1"], "in turn"
+    assert member_devices(3, "cuda", 1) == ["cuda:0"] * 3, "a host of one GPU (or a share of one): all on it"
+    assert member_devices(2, "cpu", 0) == ["cpu", "cpu"]
+
+
+def test_gpu_shares_a_host_cannot_place_or_use_are_refused_before_anything_starts():
+    # Four members at 0.3 on one host ask Ray for 1.2 GPUs, which it cannot place.
+    with pytest.raises(ConfigError, match=r"placement\.members_per_host: the host of members m0, m1, m2, m3 cannot be placed: its 4 members' GPU shares sum to 1\.2"):
+        config_with(4, per_host=4, num_gpus=0.3)
+    # 2 GPUs for five members at 0.4: cuda:0 would carry three of them.
+    with pytest.raises(ConfigError, match=r"cuda:0 would carry 1\.2 GPUs' worth"):
+        config_with(5, per_host=5, num_gpus=0.4)
+    assert config_with(4, per_host=4, num_gpus=0.5).placement.members_per_host == 4, "two members per GPU fill both evenly"
+    # Packed by `auto` (more members than CPUs): found when the cluster is known, before placing.
+    cfg = config_with(4, num_gpus=0.3)
+    with pytest.raises(PlacementError, match=r"sum to 1\.2"):
+        host_resources(cfg, plan_hosts(cfg, {"CPU": 2.0, "GPU": 1.0}), {"CPU": 2.0, "GPU": 1.0})
+
+
+def test_members_sharing_gpus_under_auto_get_one_process_per_gpu_not_one_each():
+    sixteen_cores = {"CPU": 16.0, "GPU": 1.0}
+    cfg = config_with(16)
+    assert plan_hosts(cfg, sixteen_cores) == [[f"m{i}" for i in range(16)]], "one host (one CUDA context) for the GPU"
+    assert host_resources(cfg, plan_hosts(cfg, sixteen_cores), sixteen_cores) == [{"CPU": 16.0, "GPU": 1.0}]
+    two_gpus = {"CPU": 16.0, "GPU": 2.0}
+    assert [len(h) for h in plan_hosts(cfg, two_gpus)] == [8, 8]
+    assert host_resources(cfg, plan_hosts(cfg, two_gpus), two_gpus) == [{"CPU": 8.0, "GPU": 1.0}] * 2
+    asked = config_with(16, num_gpus=0.0625)
+    assert len(plan_hosts(asked, sixteen_cores)) == 16, "a share per process only when asked for"
+    mixed = load_config({"name": "p", "steps": 1, "members": [{**prelu_member(f"m{i}"), "resources": {"num_gpus": 1 if i == 0 else "auto"}} for i in range(5)]})
+    hosts = plan_hosts(mixed, {"CPU": 16.0, "GPU": 3.0})
+    assert hosts == [["m0"], ["m1", "m2"], ["m3", "m4"]], "a GPU asked for by number keeps its host; the others share the 2 left"
+    assert host_resources(mixed, hosts, {"CPU": 16.0, "GPU": 3.0}) == [{"CPU": 3.2, "GPU": 1.0}, {"CPU": 6.4, "GPU": 1.0}, {"CPU": 6.4, "GPU": 1.0}]

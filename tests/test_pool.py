@@ -102,3 +102,35 @@ def test_warm_processes_dropped_say_why(ray_session, base_config, capsys, monkey
     assert "poptrain: warning: this run's processes are not kept warm for the next run (RuntimeError: the pool is closed)" in err, err
     assert ended_within(pids(second) | pids(third), 30)
     assert cpus_free_within(ray_session, 30)
+
+
+def test_a_parked_process_keeps_nothing_of_its_last_run_stacked_members_included():
+    """What ``MemberHost._start`` leaves a host holding (its trainers on one link, two of them in a
+    stacked group), built in this process without Ray: once parked, no trainer, model, optimizer
+    or stack of that run is still alive, so the next run is not built beside it."""
+    import gc
+    import weakref
+
+    from poptrain.host import Hosted, MemberHost
+    from poptrain.outbox import MetricsOutbox
+    from poptrain.stacked import StackedGroup, form_groups
+    from tests.test_stacked import host, train
+
+    trainers, link = host([prelu_member("m1"), prelu_member("m2"), prelu_member("m3", model={"name": "mlp", "kwargs": {"in_features": 20, "out_features": 1, "hidden": 8, "activation": "prelu"}})])
+    warm = MemberHost.__new__(MemberHost)  # the actor's state, not the actor: no Ray here
+    warm.link, warm.coordinator, warm.run = link, None, trainers[0].run
+    warm.members = [Hosted(t, MetricsOutbox()) for t in trainers]
+    warm.by_name = {m.name: m for m in warm.members}
+    warm.units = form_groups(trainers)
+    warm.groups = [u for u in warm.units if isinstance(u, StackedGroup)]
+    train(warm.units, link, 2)  # optimizer state in the stack and in the members' optimizers
+    assert len(warm.groups) == 1, "m1 and m2 stack, m3 trains alone"
+    held = [weakref.ref(x) for t in trainers for x in (t, t.model, t.optimizer)] + [weakref.ref(g) for g in warm.groups]
+    held += [weakref.ref(warm.groups[0].state[k]["exp_avg"]) for k in warm.groups[0].keys]
+    del trainers, link
+    gc.collect()
+    assert all(r() is not None for r in held), "the host still carries the run"
+
+    warm.park()
+    alive = [r() for r in held if r() is not None]
+    assert not alive, f"still alive after park: {[type(x).__name__ for x in alive]}"

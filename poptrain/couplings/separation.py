@@ -89,8 +89,20 @@ class Separation(Coupling):
         first, second = self._pair_index if member is None else self._pair_index_by_member[member]
         if VECTORIZED_PAIRS <= len(first) and len(first) * values[0].numel() <= VECTORIZED_ELEMENTS:
             stacked = torch.stack(values)
-            return [(stacked[first.to(stacked.device)], stacked[second.to(stacked.device)])]
+            first, second = self._on_device(member, stacked.device)
+            return [(stacked[first], stacked[second])]
         return [(values[i], values[j]) for i, j in zip(first.tolist(), second.tolist())]
+
+    def _on_device(self, member: str | None, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """:attr:`_pair_index` (``member``'s pairs, when given) on ``device``, copied there once: on a
+        GPU a copy at every call is a host-to-device transfer and a sync per step (half a million
+        pairs for a thousand members)."""
+        cache = self.__dict__.setdefault("_index_on_device", {})
+        key = (member, str(device))
+        if key not in cache:
+            index = self._pair_index if member is None else self._pair_index_by_member[member]
+            cache[key] = tuple(i.to(device) for i in index)
+        return cache[key]
 
     def _distances(self, q: Mapping[Quantity, torch.Tensor]) -> torch.Tensor:
         """The distance of every pair, shape (pairs,)."""
@@ -112,7 +124,7 @@ class Separation(Coupling):
         if len(self.members) <= 2 or len(pair_values) != 1:  # two members, or pairs too large to hold at once
             return super().values_for(members, q)
         per_pair = self._penalties(*pair_values[0])
-        first, second = (index.to(per_pair.device) for index in self._pair_index)
+        first, second = self._on_device(None, per_pair.device)
         totals = torch.zeros(len(self.members), dtype=per_pair.dtype, device=per_pair.device).index_add(0, first, per_pair).index_add(0, second, per_pair)
         position = {m: i for i, m in enumerate(self.members)}
         return {m: totals[position[m]] if m in position else None for m in members}

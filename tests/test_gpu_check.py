@@ -1,0 +1,36 @@
+"""The prepared GPU check (``python -m benchmarks --gpu``) stays runnable between GPU loans: its dry
+run goes through every step on the CPU at tiny sizes, says it found no GPU and writes its JSON;
+without a GPU and without ``--dry-run`` it measures nothing and says why."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from tests.conftest import REPO
+
+
+def benchmarks(*args, tmp_path) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    env.pop("RAY_ADDRESS", None)
+    return subprocess.run([sys.executable, "-m", "benchmarks", *args, "--out", str(tmp_path)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_the_gpu_check_dry_run_exercises_every_step_on_the_cpu_and_says_it_found_no_gpu(tmp_path):
+    # The suite hides GPUs from what it starts (conftest), so this is the dry run on any machine.
+    done = benchmarks("--gpu", "--dry-run", tmp_path=tmp_path)
+    assert done.returncode == 0, f"stdout:\n{done.stdout[-3000:]}\nstderr:\n{done.stderr[-3000:]}"
+    assert "found no GPU" in done.stdout and "no GPU found, plumbing only" in done.stdout
+    report = json.loads((tmp_path / "latest-gpu-dry-run.json").read_text())
+    assert report["gpu_found"] is False and not [r for r in report["rows"] if r.get("error")]
+    rows = {r["figure"]: r for r in report["rows"]}
+    assert set(rows) == {"gpu_tests", "quick_start", "warm_handover", "stacked_vs_torch_func"}
+    assert set(rows["quick_start"]["details"]["devices"].values()) == {"cpu"} and rows["quick_start"]["value"] == 2, "each member's device read back"
+    assert rows["stacked_vs_torch_func"]["ratio"] > 0 and rows["stacked_vs_torch_func"]["baseline"]["value"] > 0
+    for figure in ("stacked_vs_torch_func", "quick_start"):
+        assert figure in done.stdout, "the table"
+
+    without = benchmarks("--gpu", tmp_path=tmp_path / "real")
+    assert without.returncode == 2 and "sees no CUDA device" in without.stderr and not (tmp_path / "real").exists()
