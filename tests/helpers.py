@@ -230,3 +230,9 @@ def gap_that_raises(a, b):
     """Subtracts parameters of shapes (40, 20) and (1, 40): broadcasting fails."""
     return torch.relu(2 - torch.abs(a - b).sum())
 
+
+
+@coupling_function("prediction_gap", reads={"p1": {"member": "m1", "pred": "outputs"}, "p2": {"member": "m2", "pred": "outputs"}})
+def prediction_gap(p1, p2):
+    """Two regressors pulled towards each other's predictions on the same batch."""
+    return ((p1 - p2) ** 2).mean()

@@ -84,6 +84,29 @@ def test_a_function_reading_losses_gets_them_after_the_forward_pass(base_config)
     assert float(gap.value({Quantity("m1", "loss", "loss"): torch.tensor(3.0), Quantity("m2", "loss", "loss"): torch.tensor(1.0)})) == 4.0
 
 
+def test_a_function_reading_predictions_gets_those_of_the_same_batch_only(base_config):
+    from poptrain.couplings import build_couplings
+
+    cfg, population, _ = prepare(base_config(couplings=[{"type": "prediction_gap"}]))
+    (gap,) = build_couplings(cfg.couplings, population)
+    assert {(q.kind, q.phase) for q in gap.reads()} == {("pred", "loss")}
+    own, peer = torch.ones(32, 1, requires_grad=True), torch.zeros(32, 1)
+    assert float(gap.term("m1", {Quantity("m1", "pred", "outputs"): own, Quantity("m2", "pred", "outputs"): peer}).detach()) == 1.0
+    assert gap.term("m1", {Quantity("m1", "pred", "outputs"): own}) is None, "no term between exchanges, when the peer's are of another batch"
+
+
+def test_predictions_of_members_with_different_batches_are_refused(base_config):
+    members = [prelu_member("m1"), prelu_member("m2", data={"name": "synthetic_regression", "kwargs": {"n": 256, "in_features": 20}, "batch_size": 16})]
+    message = refusal(base_config, {"type": "prediction_gap"}, members)
+    assert "couplings.0.reads: coupling 'prediction_gap' reads their predictions, but members 'm1' and 'm2' do not see the same samples in the same order " \
+           "(batch_size 32 vs 16)" in message
+
+
+def test_predictions_in_async_mode_are_refused(base_config):
+    with pytest.raises(ConfigError, match="couplings.0.reads: coupling 'prediction_gap' reads predictions, .*use `exchange.mode: sync`"):
+        prepare(base_config(couplings=[{"type": "prediction_gap"}], exchange={"mode": "async"}))
+
+
 def test_the_readme_example_function_works_as_written():
     import re
 

@@ -16,8 +16,9 @@ the joint one (``term_is_joint``), so with ``exchange.every: 1`` in ``sync`` mod
 are the single-process joint objective's.
 
 Before anything starts, the check refuses reads of unknown members, parameters or terms, and
-calls the function once on zeros of its reads' shapes: it must return a 0-dim floating-point
-tensor and not raise.
+reads of the predictions of members whose batches are not the same samples; then it calls the
+function once on zeros of its reads' shapes: it must return a 0-dim floating-point tensor and
+not raise.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from __future__ import annotations
 import inspect
 import math
 import re
-from typing import Any, Callable, ClassVar, Mapping, Optional
+from typing import Any, Callable, ClassVar, Literal, Mapping, Optional
 
 import torch
 from pydantic import Field, ValidationError, model_validator
@@ -46,19 +47,27 @@ class Read(Strict):
     member: str = Field(description="Member whose quantity it is.")
     param: Optional[str] = Field(None, description="A parameter's name, e.g. `activation.weight` (read before the forward pass).")
     loss: Optional[str] = Field(None, description="`loss` (the member's task loss) or the name of one of its `terms` (read after the forward pass).")
+    pred: Optional[Literal["outputs"]] = Field(
+        None, description="`outputs`: the member's predictions on the step's batch, (batch, *outputs), read after the forward pass; members "
+        "whose predictions one coupling reads must see the same samples in the same order (checked), and `exchange.mode` must be `sync`.",
+    )
 
     @model_validator(mode="after")
     def _one_quantity(self) -> "Read":
-        if (self.param is None) == (self.loss is None):
-            raise ValueError(f"give exactly one of `param` (a parameter's name) or `loss` (`loss` or a term's name) for member {self.member!r}")
+        if sum(x is not None for x in (self.param, self.loss, self.pred)) != 1:
+            raise ValueError(f"give exactly one of `param` (a parameter's name), `loss` (`loss` or a term's name) or `pred: outputs` for member {self.member!r}")
         return self
 
     @property
     def quantity(self) -> Quantity:
-        return Quantity(self.member, "param", self.param) if self.param is not None else Quantity(self.member, "loss", self.loss)
+        if self.param is not None:
+            return Quantity(self.member, "param", self.param)
+        return Quantity(self.member, "loss", self.loss) if self.loss is not None else Quantity(self.member, "pred", self.pred)
 
     def __str__(self) -> str:
-        return f"parameter {self.param!r} of member {self.member!r}" if self.param is not None else f"{self.loss!r} of member {self.member!r}"
+        if self.param is not None:
+            return f"parameter {self.param!r} of member {self.member!r}"
+        return f"{self.loss!r} of member {self.member!r}" if self.loss is not None else f"the predictions of member {self.member!r}"
 
 
 class FunctionCouplingConfig(CouplingConfig):
@@ -104,6 +113,13 @@ class FunctionCoupling(Coupling):
             raise TypeError(f"coupling {self.name!r}: {wrong}")
         return result
 
+    def value_for(self, member: str, q: Mapping[Quantity, torch.Tensor]) -> torch.Tensor | None:
+        """:meth:`value`; None on a step without the predictions it reads (between exchanges with
+        ``exchange.every > 1``: predictions are valid only for the batch they were made on)."""
+        if any(quantity not in q for quantity in self.arguments.values()):
+            return None
+        return self.value(q)
+
     # -- checks ----------------------------------------------------------------------------------
 
     @classmethod
@@ -126,6 +142,8 @@ class FunctionCoupling(Coupling):
             problems.append(("reads", f"coupling {label!r}: {_described(cls.fn)} cannot be called with its reads {sorted(reads)} as arguments: {exc}"))
         except ValueError:  # no signature to read (a builtin): the trial call checks it
             pass
+        if run.exchange.mode == "async" and any(read.pred is not None for read in reads.values()):
+            problems.append(("reads", f"coupling {label!r} reads predictions, which compare members on the same batch: use `exchange.mode: sync`"))
         read_members = cls.default_members(config, None)
         if config.members is not None:
             missing = [m for m in read_members if m not in config.members]
@@ -152,13 +170,20 @@ class FunctionCoupling(Coupling):
                                      f"such parameter; its parameters are {names[:12]}{' ...' if len(names) > 12 else ''}"))
                     continue
                 trial[argument] = shapes[read.param]
-            else:
+            elif read.loss is not None:
                 terms = self.population.terms.get(read.member, ["loss"])
                 if read.loss not in terms:
                     problems.append((f"reads.{argument}", f"coupling {self.name!r} reads {read.loss!r} of member {read.member!r}, which has no such "
                                      f"loss or term; its losses and terms are {terms}"))
                     continue
                 trial[argument] = ()
+            else:
+                trial[argument] = (self.population.samples[read.member]["batch_size"], *self.population.outputs[read.member])
+        predicted = list(dict.fromkeys(read.member for read in self.reads_of(self.config).values() if read.pred is not None))
+        for member in predicted[1:]:
+            unaligned = self.population.unaligned_batches(predicted[0], member)
+            if unaligned:
+                problems.append(("reads", f"coupling {self.name!r} reads their predictions, but {unaligned}"))
         return problems or self._trial_call(trial)
 
     def _trial_call(self, shapes: dict[str, tuple[int, ...]]) -> list[tuple[str, str]]:
@@ -198,8 +223,8 @@ def coupling_function(name: str, reads: Mapping[str, Mapping | Quantity] | None 
     """Decorator: make ``fn(**quantities) -> 0-dim tensor`` the coupling ``type: <name>``.
 
     ``reads``: argument name -> what it gets, ``{"member": ..., "param": <parameter name>}`` or
-    ``{"member": ..., "loss": "loss" | <term name>}`` (or a :class:`Quantity` of kind ``param``
-    or ``loss``); a config's ``reads`` replaces those of the same name. Returns the coupling class
+    ``{"member": ..., "loss": "loss" | <term name>}`` or ``{"member": ..., "pred": "outputs"}`` (or a
+    :class:`Quantity` of one of those kinds); a config's ``reads`` replaces those of the same name. Returns the coupling class
     (a :class:`FunctionCoupling`, the function as its ``fn``), which the module keeps under the
     function's name, so ``type: package.module:<function name>`` names it too.
     """
@@ -208,8 +233,8 @@ def coupling_function(name: str, reads: Mapping[str, Mapping | Quantity] | None 
     declared: dict[str, Read] = {}
     for argument, spec in (reads or {}).items():
         if isinstance(spec, Quantity):
-            if spec.kind not in ("param", "loss"):
-                raise ValueError(f"coupling {name!r}: read {argument!r} is a {spec.kind!r} quantity; function couplings read `param` or `loss`")
+            if spec.kind not in ("param", "loss", "pred"):
+                raise ValueError(f"coupling {name!r}: read {argument!r} is a {spec.kind!r} quantity; function couplings read `param`, `loss` or `pred`")
             spec = {"member": spec.member, spec.kind: spec.key}
         try:
             declared[argument] = Read.model_validate(spec)
