@@ -22,6 +22,7 @@ _EXPORTS = {
     "Coupling": "poptrain.couplings",
     "Quantity": "poptrain.couplings",
     "register": "poptrain.couplings",
+    "coupling_function": "poptrain.couplings",
     "PopulationError": "poptrain.population",
     "RunResult": "poptrain.population",
     "run": "poptrain.population",

@@ -51,7 +51,8 @@ def _table(model: type[BaseModel], prefix: str, skip: set[str] = frozenset()) ->
 
 def sections() -> list[tuple[str, type[BaseModel], set[str]]]:
     """(title, model, fields documented elsewhere) for every part of the schema, in reading order."""
-    from poptrain.couplings import registered
+    from poptrain.couplings.function import FunctionCouplingConfig, Read
+    from poptrain.registry import BUILTIN_COUPLINGS, resolve_coupling
 
     out = [
         ("top level", schema.RunConfig, set()),
@@ -78,8 +79,11 @@ def sections() -> list[tuple[str, type[BaseModel], set[str]]]:
         ("couplings[] (every type)", schema.CouplingConfig, set()),
     ]
     common = set(schema.CouplingConfig.model_fields)
-    for name, cls in sorted(registered().items()):
-        out.append((f"couplings[] with `type: {name}`", cls.Config, common))
+    # poptrain's own couplings only: not whatever user modules this process happened to import.
+    for name in sorted(BUILTIN_COUPLINGS):
+        out.append((f"couplings[] with `type: {name}`", resolve_coupling(name).Config, common))
+    out.append(("couplings[] made by `coupling_function`", FunctionCouplingConfig, common))
+    out.append(("couplings[].reads.<argument>", Read, set()))
     return out
 
 

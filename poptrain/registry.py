@@ -32,6 +32,8 @@ def register(name: str) -> Callable[[C], C]:
     """Class decorator: make a coupling available to configs as ``type: <name>``."""
 
     def decorate(cls: C) -> C:
+        if name in BUILTIN_COUPLINGS and BUILTIN_COUPLINGS[name] != f"{cls.__module__}:{cls.__qualname__}":
+            raise ValueError(f"{name!r} is a built-in coupling ({BUILTIN_COUPLINGS[name]}): register {cls.__qualname__} under another name")
         if name in COUPLINGS and COUPLINGS[name] is not cls:
             raise ValueError(f"a coupling named {name!r} is already registered ({COUPLINGS[name].__qualname__})")
         COUPLINGS[name] = cls

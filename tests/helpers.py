@@ -8,7 +8,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from poptrain.couplings.separation import Separation, SeparationConfig
-from poptrain.couplings import Quantity, Rewrite
+from poptrain.couplings import Quantity, Rewrite, coupling_function
 
 
 class TinyNet(nn.Module):
@@ -189,3 +189,50 @@ class UndeclaredRewrite(Separation):
 
     def rewrites(self):
         return [Rewrite("param", ())]
+
+
+# Couplings written as functions (poptrain.couplings.coupling_function), registered when this
+# module is imported: Ray's workers import it when they unpickle the run's config.
+SLOPES = {"a": {"member": "m1", "param": "activation.weight"}, "b": {"member": "m2", "param": "activation.weight"}}
+
+
+@coupling_function("slope_gap", reads=SLOPES)
+def slope_gap(a, b):
+    """Seed 000's penalty, one line: the PReLU slopes of m1 and m2 kept 2 apart."""
+    return torch.relu(2 - torch.abs(a - b).sum())
+
+
+@coupling_function("pair_gap")
+def pair_gap(a, b):
+    """The same penalty, its reads given by each config (one function for several pairs)."""
+    return torch.relu(2 - torch.abs(a - b).sum())
+
+
+@coupling_function("loss_gap", reads={"l1": {"member": "m1", "loss": "loss"}, "l2": {"member": "m2", "loss": "loss"}})
+def loss_gap(l1, l2):
+    return (l1 - l2) ** 2
+
+
+@coupling_function("gap_as_float", reads=SLOPES)
+def gap_as_float(a, b):
+    """Returns a Python number: cut from the graph, it could train nothing."""
+    return float(torch.relu(2 - torch.abs(a - b).sum()))
+
+
+@coupling_function("gap_per_element", reads={"a": {"member": "m1", "param": "input.weight"}, "b": {"member": "m2", "param": "input.weight"}})
+def gap_per_element(a, b):
+    """Forgets to reduce: a (40, 20) tensor."""
+    return torch.relu(2 - torch.abs(a - b))
+
+
+@coupling_function("gap_that_raises", reads={"a": {"member": "m1", "param": "input.weight"}, "b": {"member": "m2", "param": "output.weight"}})
+def gap_that_raises(a, b):
+    """Subtracts parameters of shapes (40, 20) and (1, 40): broadcasting fails."""
+    return torch.relu(2 - torch.abs(a - b).sum())
+
+
+
+@coupling_function("prediction_gap", reads={"p1": {"member": "m1", "pred": "outputs"}, "p2": {"member": "m2", "pred": "outputs"}})
+def prediction_gap(p1, p2):
+    """Two regressors pulled towards each other's predictions on the same batch."""
+    return ((p1 - p2) ** 2).mean()

@@ -84,6 +84,17 @@ class PopulationInfo:
     def params_matching(self, member: str, patterns: list[str]) -> list[str]:
         return [n for n in self.param_shapes[member] if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
 
+    def unaligned_batches(self, first: str, second: str) -> str | None:
+        """Why two members' batches are not the same samples in the same order (a coupling that
+        compares their predictions needs them to be), or None. Needs both in :attr:`samples`."""
+        mine, theirs = self.samples[first], self.samples[second]
+        differ = [k for k in ("size", "batch_size", "shuffle", "seed", "targets") if mine[k] != theirs[k]]
+        if not differ:
+            return None
+        shown = ", ".join(f"{k} {mine[k]!r} vs {theirs[k]!r}" for k in differ if k != "targets") + (", different targets" if "targets" in differ else "")
+        return (f"members {first!r} and {second!r} do not see the same samples in the same order ({shown}): "
+                "give them the same data (views of the same samples qualify), batch size, shuffle and data seed")
+
 
 @dataclass(frozen=True)
 class Rewrite:

@@ -170,11 +170,9 @@ class Mutual(Coupling):
                     problems.append(("members", f"members {first!r} and {member!r} take inputs of shapes {mine['inputs']} and {theirs['inputs']} per sample: "
                                      "in codistillation each member runs its peers' models on its own batch"))
                 continue
-            differ = [k for k in ("size", "batch_size", "shuffle", "seed", "targets") if mine[k] != theirs[k]]
-            if differ:
-                shown = ", ".join(f"{k} {mine[k]!r} vs {theirs[k]!r}" for k in differ if k != "targets") + (", different targets" if "targets" in differ else "")
-                problems.append(("members", f"members {first!r} and {member!r} do not see the same samples in the same order ({shown}): "
-                                 "give them the same data (views of the same samples qualify), batch size, shuffle and data seed"))
+            unaligned = self.population.unaligned_batches(first, member)
+            if unaligned:
+                problems.append(("members", unaligned))
         if self.config.divergence == "kl" and self.population.outputs[first] and self.population.outputs[first][-1] < 2:
             problems.append(("divergence", f"`kl` compares class distributions, but members predict {list(self.population.outputs[first])} per sample: use `divergence: mse`"))
         return problems
