@@ -93,6 +93,7 @@ class ExchangePlan:
                 self.coordinator_only[m] = sorted(names)
         # Fixed member order, so every round's participants are listed the same way everywhere.
         self.participants: dict[str, list[str]] = {k: [m for m in members if m in takes_part[k]] for k in PHASES}
+        self.takes_part: dict[str, frozenset[str]] = {k: frozenset(v) for k, v in self.participants.items()}  # looked up per member and step
 
     @classmethod
     def for_run(cls, run, population: PopulationInfo, couplings: list[Coupling] | None = None) -> "ExchangePlan":

@@ -350,7 +350,7 @@ class MemberTrainer:
         predictions, ``grad``) and take in the reply: peers' values it reads, new values of its own
         quantities. With ``defer``, the reply is taken in only when the returned program is run
         (the member computes meanwhile); else at once, and None is returned."""
-        if self.name not in self.plan.participants[kind]:
+        if self.name not in self.plan.takes_part[kind]:
             return None
         if self.sync_before_timing:
             torch.cuda.synchronize(self.device)

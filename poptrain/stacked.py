@@ -89,7 +89,7 @@ def group_key(trainer) -> tuple:
     device, batch size (their batches are one tensor) and the same part in every exchange (the
     same couplings, whose weights may differ: each member's own applies to it)."""
     cfg, plan, name = trainer.config, trainer.plan, trainer.name
-    roles = tuple(name in plan.participants[k] for k in sorted(plan.participants))
+    roles = tuple(name in plan.takes_part[k] for k in sorted(plan.takes_part))
     return (repr(cfg.model.model_dump(mode="json")), cfg.loss.name, cfg.optimizer.name, str(trainer.device), trainer.batches.batch_size, roles,
             tuple(sorted(c.name for c in trainer.training_couplings)), trainer.defer_param_replies, trainer.every)
 
@@ -144,6 +144,12 @@ class StackedGroup:
         # Each member's couplings by name: its own objects when population-based training changes
         # their weights member by member (poptrain.host), else the ones all share.
         self.couplings = [{c.name: c for c in m.training_couplings} for m in members]
+        # The exchange rounds the group takes part in (all its members alike: group_key).
+        self.rounds = {kind: first.name in first.plan.takes_part[kind] for kind in first.plan.takes_part}
+        self.coupled_keys = sorted({q.key for own in self.own_reads for q in own})
+        self.own_couplings = any(not c.term_is_joint for c in first.training_couplings)
+        self._hyperparameters_read: list | None = None
+        self._columns: dict[str, dict[str, Any]] = {}
         self._vmap = vmap
         self.optimizer = first.config.optimizer.name
         self.state: dict[str, dict[str, torch.Tensor]] = {}
@@ -177,6 +183,7 @@ class StackedGroup:
                     self.params[k][i].copy_(m.params[k].detach())
                 self._point_at_stack(i, m)
         # Which of its optimizer's param_groups holds each parameter (a loaded optimizer has new group dicts).
+        self._hyperparameters_read = None  # a loaded optimizer has new groups: read them anew
         self.group_index = [{k: next(g for g, group in enumerate(m.optimizer.param_groups) if any(p is m.params[k] for p in group["params"]))
                              for k in self.keys} for m in self.members]
         names = ("exp_avg", "exp_avg_sq") if self.optimizer in ("adam", "adamw") else ("momentum_buffer",)
@@ -220,24 +227,27 @@ class StackedGroup:
         step = members[0].step
         exchanging = step % self.every == 0
         inputs, targets = self._batches()
-        pending = (yield from self._send_all("param")) if exchanging else None
+        pending = (yield from self._send_all("param")) if exchanging and self.rounds["param"] else None
         weights = torch.tensor([m.term_weights["loss"] for m in members], dtype=self.params[self.keys[0]].dtype, device=self.device)
         batch_dim = None if self.shared_batches else 0
         grads, (objectives, (losses, outputs)) = self._vmap(self._grad, in_dims=(0, batch_dim, batch_dim, 0))(self.params, inputs, targets, weights)
         yield from self._receive_all(pending)
         if not bool(torch.isfinite(losses).all()):
             members[int((~torch.isfinite(losses.detach())).nonzero()[0])]._guard(["term 'loss'"])
-        if exchanging:
+        if exchanging and self.rounds["loss"]:
             yield from self._receive_all((yield from self._send_all("loss", lambda i: {"loss": losses[i]}, lambda i: outputs[i])))
         couplings = self._coupling_terms(grads)
         if not all(torch.isfinite(g).all() for g in grads.values()):
             for i, m in enumerate(members):
                 if not all(torch.isfinite(grads[k][i]).all() for k in self.keys):
                     m._guard(["gradient"])
-        for i, m in enumerate(members):
-            for k in self.keys:
-                m.params[k].grad = grads[k][i]
-        if exchanging:
+        full = self._logged(step)
+        grad_round = exchanging and self.rounds["grad"]
+        if grad_round or full:  # what reads a member's gradients: its part of the gradient round, its layer norms
+            for i, m in enumerate(members):
+                for k in self.keys:
+                    m.params[k].grad = grads[k][i]
+        if grad_round:
             yield from self._receive_all((yield from self._send_all("grad")))
             for i, m in enumerate(members):  # a coupling that replaced a gradient (as a member's own, out of the stack)
                 for k in self.keys:
@@ -246,7 +256,6 @@ class StackedGroup:
         self._optimizer_step(grads)
         out = []
         loss_values, objective_values = losses.detach().tolist(), objectives.detach().tolist()
-        full = self._logged(step)
         for i, m in enumerate(members):
             m._forget_predictions()
             m.step += 1
@@ -333,104 +342,117 @@ class StackedGroup:
     def _coupling_terms(self, grads: dict[str, torch.Tensor]) -> dict[int, dict[str, torch.Tensor]]:
         """The coupling terms of the members (trained by the same couplings: :func:`group_key`) at
         this step, each on its own parameters and with its own weight; their gradients are added
-        to the stacked ones. A coupling whose term is joint (``Coupling.term_is_joint``) gives every
-        member's gradient from one backward of its value with all their parameters live, scaled by
-        each member's weight; the others, member by member. Member index -> {coupling: term} (the
-        values, as each member logs them)."""
+        to the stacked ones. The parameters the couplings read are stacked leaves of their own
+        (member i's quantity is row i), so one backward gives every member's gradient as one
+        stacked tensor. A coupling whose term is joint (``Coupling.term_is_joint``) gives every
+        member's gradient from one backward of its value, times each member's own weight; the
+        others, each member's term on its own quantities. Member index -> {coupling: term} (the
+        values, as each member logs them: every step for terms of members' own, on logged steps
+        for joint ones)."""
         first = self.members[0]
         if not first.training_couplings:
             return {}
-        live = {i: {q: m.params[q.key] for q in own} for i, (m, own) in enumerate(zip(self.members, self.own_reads))}
-        for m in self.members:
-            for p in m.params.values():
-                if p.grad is not None:
-                    p.grad = None
+        leaves = {k: self.params[k].detach().requires_grad_() for k in self.coupled_keys}
+        rows = {k: leaf.unbind(0) for k, leaf in leaves.items()}  # one autograd node for all the rows, not one per member
+        live = [{q: rows[q.key][i] for q in own} for i, own in enumerate(self.own_reads)]
         joint = [c for c in first.training_couplings if c.term_is_joint]
         together = dict(first.peers)
-        for own in live.values():
+        for own in live:
             together.update(own)
-        # Each member's own weight of each joint coupling: population-based training sets them member
-        # by member, in coupling objects of each member's own (read at every step, as it changes them).
-        weights = {c.name: [self.couplings[i][c.name].weight for i in range(len(self.members))] for c in joint}
         for c in joint:  # one backward each: every member's gradient of the value, then times its own weight
             value = c.value(together)
             if value is not None and value.requires_grad:
-                value.backward()
-                self._take_coupling_gradients(grads, weights[c.name])
+                self._add_gradients(grads, leaves, value, self._weights(c.name, grads))
         logged, extras = self._logged(first.step), logs_step(first.run, first.step)  # extras: as a member alone has them
         joint_values: dict[str, dict] = {}
         if logged:  # what each member logs as its own term
             with torch.no_grad():
                 joint_values = {c.name: c.values_for(list(self.names), together) for c in joint}
         out: dict[int, dict[str, torch.Tensor]] = {}
+        own_total = []
         for i, m in enumerate(self.members):
+            if not (extras or logged or self.own_couplings):
+                break
             quantities = {**m.peers, **live[i]}
             if extras:
                 with torch.no_grad():
                     m.coupling_extras = {f"coupling/{c.name}/{k}": float(v) for c in m.training_couplings for k, v in c.metrics_for(m.name, quantities).items()}
             own_terms = {c.name: c.term(m.name, quantities) for c in m.training_couplings if not c.term_is_joint}
             own_terms = {k: v for k, v in own_terms.items() if v is not None}
-            backward = [t for t in own_terms.values() if t.requires_grad]
-            if backward:
-                sum(backward).backward()
-            values = {c.name: weights[c.name][i] * joint_values[c.name][m.name] for c in joint if logged and joint_values[c.name].get(m.name) is not None}
+            own_total += [t for t in own_terms.values() if t.requires_grad]
+            values = {c.name: self.couplings[i][c.name].weight * joint_values[c.name][m.name] for c in joint if logged and joint_values[c.name].get(m.name) is not None}
             out[i] = {k: v.detach() for k, v in {**own_terms, **values}.items()}
-        self._take_coupling_gradients(grads)
-        for i, m in enumerate(self.members):
+        if own_total:  # each member's own terms, weighted by its own coupling objects
+            self._add_gradients(grads, leaves, sum(own_total))
+        for i, m in enumerate(self.members) if any(not bool(torch.isfinite(t).all()) for terms in out.values() for t in terms.values()) else ():
             bad = [f"coupling {k!r}" for k, t in out[i].items() if not torch.isfinite(t).all()]
             if bad:
                 m._guard(bad)
         return out
 
-    def _take_coupling_gradients(self, grads: dict[str, torch.Tensor], weights: list[float] | None = None) -> None:
-        """Move the gradients the couplings left in the members' own Parameters into the stacked
-        ones, a parameter at a time; times ``weights`` (one per member) when given."""
-        for k in self.keys:
-            own = [m.params[k].grad for m in self.members]
-            if all(g is None for g in own):
-                continue
-            stacked = torch.stack([g if g is not None else torch.zeros_like(m.params[k]) for g, m in zip(own, self.members)])
-            grads[k] += stacked if weights is None else stacked * self._per_member(weights, stacked)
-            for m in self.members:
-                m.params[k].grad = None
+    def _weights(self, coupling: str, grads: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Every member's own weight of ``coupling``, a column over the member dimension: population-based
+        training sets them member by member, in coupling objects of each member's own (read at every step)."""
+        like = grads[self.keys[0]]
+        return torch.tensor([own[coupling].weight for own in self.couplings], dtype=like.dtype, device=like.device)
 
-    def _hyperparameters(self, key: str, option: str, default: Any) -> list:
-        """Every member's value of ``option`` for parameter ``key``, from its own optimizer's
-        param_groups, read at every step: population-based training changes them there."""
-        return [m.optimizer.param_groups[index[key]].get(option, default) for m, index in zip(self.members, self.group_index)]
+    def _add_gradients(self, grads: dict[str, torch.Tensor], leaves: dict[str, torch.Tensor], value: torch.Tensor, weights: torch.Tensor | None = None) -> None:
+        """The gradient of ``value`` with respect to the stacked ``leaves``, added to ``grads``, each
+        member's row times its own weight when ``weights`` are given."""
+        keys = list(leaves)
+        for k, grad in zip(keys, torch.autograd.grad(value, [leaves[k] for k in keys], allow_unused=True)):
+            if grad is not None:
+                grads[k] += grad if weights is None else grad * weights.view(-1, *([1] * (grad.dim() - 1)))
 
-    def _per_member(self, values: list, like: torch.Tensor) -> torch.Tensor:
-        """``values`` (one per member) shaped to broadcast over a stacked tensor like ``like``."""
-        return torch.tensor(values, dtype=like.dtype, device=like.device).view(-1, *([1] * (like.dim() - 1)))
+    def _hyperparameter_columns(self) -> dict[str, dict[str, torch.Tensor]]:
+        """Every member's own hyperparameters of each parameter, as columns over the member dimension
+        (shaped to broadcast over the stack): read from each member's own optimizer's param_groups at
+        every step (population-based training changes them there), once per member and group, and
+        made tensors again only when one changed."""
+        read = [[(g.get("lr", 0.0), g.get("weight_decay", 0.0), g.get("betas", (0.9, 0.999)), g.get("eps", 1e-8), g.get("momentum", 0.0))
+                 for g in m.optimizer.param_groups] for m in self.members]
+        if read != self._hyperparameters_read:
+            self._hyperparameters_read = read
+            like = self.params[self.keys[0]]
+            columns = {}
+            for k in self.keys:
+                rows = [values[index[k]] for values, index in zip(read, self.group_index)]
+                shape = (-1, *([1] * (self.params[k].dim() - 1)))
+                column = lambda values: torch.tensor(values, dtype=like.dtype, device=like.device).view(shape)  # noqa: E731
+                lr, wd, betas, eps, momentum = zip(*rows)  # as read above
+                columns[k] = {"lr": column(lr), "weight_decay": column(wd), "eps": column(eps), "momentum": column(momentum),
+                              "beta1": column([b[0] for b in betas]), "beta2": column([b[1] for b in betas])}
+                columns[k]["any_weight_decay"] = bool(columns[k]["weight_decay"].any())
+                columns[k]["any_momentum"] = bool(columns[k]["momentum"].any())
+            self._columns = columns
+        return self._columns
 
     @torch.no_grad()
     def _optimizer_step(self, grads: dict[str, torch.Tensor]) -> None:
         """torch's single-tensor Adam, AdamW or SGD (``torch.optim``'s formulas), with every
         member's own hyperparameters."""
         self.steps += 1
+        columns = self._hyperparameter_columns()
         for k in self.keys:
-            param, grad = self.params[k], grads[k]
-            lr = self._per_member(self._hyperparameters(k, "lr", 0.0), param)
-            wd = self._per_member(self._hyperparameters(k, "weight_decay", 0.0), param)
+            param, grad, hp = self.params[k], grads[k], columns[k]
+            lr, wd = hp["lr"], hp["weight_decay"]
             if self.optimizer == "sgd":
-                if wd.any():
+                if hp["any_weight_decay"]:
                     grad = grad.add(param * wd)
-                momentum = self._per_member(self._hyperparameters(k, "momentum", 0.0), param)
-                if momentum.any():
+                momentum = hp["momentum"]
+                if hp["any_momentum"]:
                     buf = self.state[k]["momentum_buffer"]
-                    started, on = self._per_member(self.has_momentum[k].tolist(), buf).bool(), momentum != 0
+                    started, on = self.has_momentum[k].to(buf.device).view(-1, *([1] * (buf.dim() - 1))), momentum != 0
                     # torch.optim.SGD: a buffer starts as the gradient, and is left alone while momentum is 0.
                     buf.copy_(torch.where(on, torch.where(started, buf * momentum + grad, grad), buf))
                     grad = torch.where(on, buf, grad)
                     self.has_momentum[k] |= on.view(-1).cpu()
                 param.add_(grad * -lr)
                 continue
-            betas = self._hyperparameters(k, "betas", (0.9, 0.999))
-            beta1, beta2 = self._per_member([b[0] for b in betas], param), self._per_member([b[1] for b in betas], param)
-            eps = self._per_member(self._hyperparameters(k, "eps", 1e-8), param)
+            beta1, beta2, eps = hp["beta1"], hp["beta2"], hp["eps"]
             if self.optimizer == "adamw":
                 param.mul_(1 - lr * wd)
-            elif wd.any():
+            elif hp["any_weight_decay"]:
                 grad = grad.add(param * wd)
             exp_avg, exp_avg_sq = self.state[k]["exp_avg"], self.state[k]["exp_avg_sq"]
             exp_avg.lerp_(grad, 1 - beta1)
