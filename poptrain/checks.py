@@ -215,6 +215,51 @@ def _build_for_inspection(spec, key: str, problems: list) -> torch.nn.Module | N
         return None
 
 
+def stacking_problems(cfg: RunConfig, population: PopulationInfo) -> dict[str, str | None]:
+    """Why each member would train alone rather than stacked with alike members of its host, or None
+    (it stacks wherever its host carries an alike member): from its config, and from its model,
+    built for real twice per architecture and tried with torch.func on a few of its samples
+    (:func:`poptrain.stacked.vmap_problem`), and from what the couplings read of it."""
+    import json
+
+    from poptrain.exchange import ExchangePlan
+    from poptrain.stacked import config_problem
+
+    plan = ExchangePlan.for_run(cfg, population, build_couplings(cfg.couplings, population))
+    tried: dict[str, str | None] = {}
+    out: dict[str, str | None] = {}
+    for member in cfg.members:
+        reason = "`placement.stacked` is false" if not cfg.placement.stacked else config_problem(member, cfg)
+        if reason is None and any(q.kind != "param" for q in plan.reads_for_terms[member.name] if q.member == member.name):
+            reason = "a coupling training it reads its losses or predictions"
+        if reason is None and plan.coordinator_only[member.name] and cfg.exchange.shared_memory:
+            reason = "the coordinator keeps its averaged or shared parameters in memory it maps (on a CPU node; `exchange.shared_memory: false` lets it stack)"
+        if reason is None:
+            key = json.dumps([member.model.model_dump(mode="json"), member.loss.model_dump(mode="json"), member.data.model_dump(mode="json")], sort_keys=True, default=str)
+            if key not in tried:
+                tried[key] = _model_stacking_problem(member)
+            reason = tried[key]
+        out[member.name] = reason
+    return out
+
+
+def _model_stacking_problem(member: MemberConfig) -> str | None:
+    from poptrain.build import resolve_loss
+    from poptrain.stacked import model_problem, vmap_problem
+
+    with torch.random.fork_rng():  # the driver's own streams stay as they were
+        torch.manual_seed(0)
+        try:
+            models = [build_model(member.model) for _ in range(2)]
+        except Exception as exc:  # noqa: BLE001 - inspect_population has accepted it; say why it cannot be tried
+            return f"its model could not be built to try it: {type(exc).__name__}: {exc}"
+    reason = model_problem(models[0])
+    if reason:
+        return reason
+    dataset = build_dataset(member.data)
+    return vmap_problem(models, resolve_loss(member), collate(dataset, torch.arange(min(len(dataset), 4))))
+
+
 def prepare(config, overrides=(), record: bool = False) -> tuple[RunConfig, PopulationInfo, str]:
     """Everything that can fail because of user input, before Ray starts: (config, population, tracking URI).
     ``record``: ``config`` is a run's own saved record (see :func:`poptrain.config.load_config`)."""

@@ -71,9 +71,32 @@ def _check(args) -> int:
     print(dump_config(cfg), end="")
     for member, values in cfg.varied_values().items():
         print(f"# {member}: {', '.join(f'{key}={value!r}' for key, value in values.items())}")
-    sizes = {m: sum(_numel(s) for s in shapes.values()) for m, shapes in population.param_shapes.items()}
-    print(f"# valid: {len(cfg.members)} members ({', '.join(f'{m}: {n:,} parameters' for m, n in sizes.items())}); tracking: {uri}")
+    _print_stacking(cfg, population)
+    by_size: dict[int, list[str]] = {}  # members of one size in one entry: a thousand alike members are one
+    for m, shapes in population.param_shapes.items():
+        by_size.setdefault(sum(_numel(s) for s in shapes.values()), []).append(m)
+    sizes = [f"{_names(members)}: {n:,} parameters{' each' if len(members) > 1 else ''}" for n, members in by_size.items()]
+    print(f"# valid: {len(cfg.members)} members ({'; '.join(sizes)}); tracking: {uri}")
     return EXIT_OK
+
+
+def _names(members: list[str], shown: int = 8) -> str:
+    return ", ".join(members[:shown]) + (f" and {len(members) - shown} more" if len(members) > shown else "")
+
+
+def _print_stacking(cfg, population) -> None:
+    """Which members can train as one stacked computation with alike members of their host, and why the others train alone."""
+    from poptrain.checks import stacking_problems
+
+    problems = stacking_problems(cfg, population)
+    alone: dict[str, list[str]] = {}
+    for member, reason in problems.items():
+        if reason is not None:
+            alone.setdefault(reason, []).append(member)
+    stacking = len(problems) - sum(len(v) for v in alone.values())
+    print(f"# stacking: {stacking} of {len(problems)} members train stacked where their host carries alike members")
+    for reason, members in alone.items():
+        print(f"# trains alone: {_names(members)}: {reason}")
 
 
 def _numel(shape) -> int:

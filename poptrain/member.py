@@ -93,6 +93,7 @@ class MemberTrainer:
         self.defer_param_replies = not any(q.kind == "param" for q in self.plan.replaced[name])
         # Then this member's own objective can be back-propagated before its peers' values arrive.
         self.couplings_read_only_own_params = all(q.kind == "param" for q in self.plan.reads_for_terms[name] if q.member == name)
+        self.stacking_problem: str | None = None  # why it trains alone though alike members on its host stack (poptrain.stacked.form_groups)
         self.peers: dict[Quantity, torch.Tensor] = {}  # peers' values from the last exchange
         self.reads_predictions = any(q.kind == "pred" for q in self.plan.received)
         self.coupling_extras: dict[str, float] = {}  # this step's couplings' own metrics (Coupling.metrics_for)

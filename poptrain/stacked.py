@@ -16,13 +16,14 @@ before a checkpoint, an exploit's donor state or the end, :meth:`StackedGroup.fr
 member's state was loaded. Stacked training matches members trained one by one to float rounding
 (the same operations, vectorised), not bitwise.
 
-What stacks (:func:`stackable`, checked per member, nothing else is inferred): torch's
-deterministic, buffer-free layers (``Linear``, activations, ``Sequential``, ``Identity``,
-``Flatten``, ``Dropout`` with ``p=0``) inside poptrain's built-in ``mlp`` and
-``encoder_classifier``; a built-in loss; Adam, AdamW or SGD with ``betas``/``eps``/``weight_decay``
+What stacks (:func:`stackable`, checked per member, and :func:`vmap_problem`, tried once per
+group): any model, the user's own included, without buffers or dropout, that torch.func computes
+as the model does (``vmap(grad)`` of its loss runs on a few of its samples and gives each member's
+own gradient); a built-in loss; Adam, AdamW or SGD with ``betas``/``eps``/``weight_decay``
 (``momentum``/``dampening`` for SGD); no frozen parameters, extra terms, balancing, gradient
 transforms or mapped parameters; ``failure.nonfinite: fail``; couplings that train the member
-read only its parameters. Members that do not stack train one after another (:mod:`poptrain.lockstep`).
+read only its parameters. Members that do not stack train one after another
+(:mod:`poptrain.lockstep`); each says why in ``trainer.stacking_problem`` and in ``poptrain check``.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import time
+import warnings
 from typing import Any
 
 import numpy as np
@@ -40,30 +42,58 @@ from poptrain.couplings.base import Quantity
 from poptrain.lockstep import Send, StepProgram, Wait
 from poptrain.member import logs_step
 
-STACKABLE_LAYERS = (nn.Linear, nn.PReLU, nn.ReLU, nn.Tanh, nn.Sigmoid, nn.GELU, nn.SiLU, nn.LeakyReLU, nn.ELU, nn.Softplus,
-                    nn.Identity, nn.Flatten, nn.Sequential, nn.ModuleList)
 STACKABLE_OPTIONS = {"adam": {"betas", "eps", "weight_decay"}, "adamw": {"betas", "eps", "weight_decay"}, "sgd": {"momentum", "dampening", "weight_decay"}}
 MIN_MEMBERS = 2  # a group of one trains as the member alone does
+PROBE_TOLERANCE = dict(rtol=1e-4, atol=1e-6)  # the same operations, vectorised: float rounding
 
 
-def stackable(trainer) -> str | None:
-    """Why ``trainer`` (a :class:`poptrain.member.MemberTrainer`) cannot train stacked, or None."""
+def model_problem(model: nn.Module) -> str | None:
+    """Why ``model`` (any ``nn.Module``, the user's own included) cannot train stacked, as far as its
+    structure tells: buffers a step would update in place (BatchNorm's running statistics) and
+    dropout (its masks would be drawn from one stream for every member, not each member's own).
+    Whether torch.func computes it as the model does is tried on data: :func:`vmap_problem`."""
+    for name, module in model.named_modules():
+        if isinstance(module, nn.modules.dropout._DropoutNd) and module.p:
+            return f"it has dropout ({name or type(model).__name__}: p={module.p:g}), whose masks a stacked step would draw from one stream for all members instead of each member's own"
+    buffers = [n for n, _ in model.named_buffers()]
+    if buffers:
+        return f"its model has buffers ({', '.join(buffers[:3])}{' ...' if len(buffers) > 3 else ''}: BatchNorm's running statistics or the like), which a stacked step would update in place"
+    return None
+
+
+def vmap_problem(models: list[nn.Module], loss_fn, batch: list[torch.Tensor]) -> str | None:
+    """Why torch.func cannot stand for ``models`` (two or more of one architecture) on ``batch``
+    ([inputs..., targets]), or None: ``vmap(grad)`` of the loss over their stacked parameters must
+    run (no data-dependent control flow, no random op) and give each model's own gradient, to
+    float rounding. Nothing of the models changes."""
+    from torch.func import functional_call, grad, vmap
+
+    *inputs, targets = batch
+    skeleton = copy.deepcopy(models[0]).to("meta")
+    params = {k: torch.stack([dict(m.named_parameters())[k].detach() for m in models]) for k, _ in models[0].named_parameters()}
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            stacked = vmap(grad(lambda p: loss_fn(functional_call(skeleton, p, tuple(inputs)), targets)))(params)
+    except Exception as exc:  # whatever torch.func cannot do is a reason, not a failure
+        return f"torch.func cannot stack its model: {type(exc).__name__}: {str(exc).strip().splitlines()[0][:200]}"
+    slow = [str(w.message) for w in caught if "performance drop" in str(w.message)]
+    if slow:  # vmap would run the op member by member: slower than each member alone
+        op = slow[0].split("batching rule for ", 1)[-1].split(".", 1)[0]
+        return f"torch.func has no batching rule for {op} (it would loop over the members inside each stacked step)"
+    for i, model in enumerate(models):
+        named = dict(model.named_parameters())
+        own = torch.autograd.grad(loss_fn(model(*inputs), targets), list(named.values()), allow_unused=True)
+        for (k, p), g in zip(named.items(), own):
+            if not torch.allclose(stacked[k][i], torch.zeros_like(p) if g is None else g, **PROBE_TOLERANCE):
+                return f"its gradient stacked differs from its own ({k}): its forward may keep state between calls"
+    return None
+
+
+def config_problem(cfg, run) -> str | None:
+    """Why a member of config ``cfg`` in run ``run`` cannot train stacked, from its config alone."""
     from poptrain.builtins import LOSSES
-    from poptrain.builtins.models import MODELS
 
-    cfg = trainer.config
-    if cfg.model.name not in ("mlp", "encoder_classifier") or not isinstance(trainer.model, MODELS[cfg.model.name]):
-        return f"model {cfg.model.name!r} is not a built-in stackable one (mlp, encoder_classifier)"
-    for module in trainer.model.modules():
-        if module is trainer.model:
-            continue
-        if isinstance(module, nn.Dropout):
-            if module.p:
-                return "it has dropout (its random masks are drawn member by member)"
-        elif not isinstance(module, STACKABLE_LAYERS):
-            return f"it has a {type(module).__name__} layer"
-    if list(trainer.model.buffers()):
-        return "its model has buffers"
     if cfg.loss.name not in LOSSES or cfg.loss.kwargs:
         return "its loss is not a built-in one without options"
     # Every parameter group's options as well as the optimizer's: the stacked update reads each
@@ -73,15 +103,34 @@ def stackable(trainer) -> str | None:
             return f"optimizer {cfg.optimizer.name!r} with {sorted(options)} is not stackable"
         if cfg.optimizer.name == "sgd" and options.get("dampening", 0):
             return "SGD with dampening is not stackable"
-    if not cfg.trainable or trainer.frozen or cfg.terms or cfg.balancing.method != "none" or trainer.grad_transforms:
+    if not cfg.trainable or cfg.frozen or cfg.terms or cfg.balancing.method != "none" or cfg.grad_transforms:
         return "it has frozen parameters, extra terms, balancing or gradient transforms"
-    if trainer.mapped or trainer.run.failure.nonfinite != "fail":
-        return "its parameters are mapped by the coordinator, or `failure.nonfinite` is not `fail`"
+    if run.failure.nonfinite != "fail":
+        return "`failure.nonfinite` is not `fail`"
+    return None
+
+
+def stackable(trainer) -> str | None:
+    """Why ``trainer`` (a :class:`poptrain.member.MemberTrainer`) cannot train stacked, or None
+    (whether torch.func computes its model as the model does is tried once per group: :func:`form_groups`)."""
+    reason = model_problem(trainer.model) or config_problem(trainer.config, trainer.run)
+    if reason:
+        return reason
+    if trainer.mapped:
+        return "its parameters are mapped by the coordinator"
     if not trainer.couplings_read_only_own_params:
         return "a coupling training it reads its losses or predictions"
     if trainer.device.type != "cpu" and not torch.cuda.is_available():
         return "its device is unavailable"
     return None
+
+
+def probe_batch(trainer) -> list[torch.Tensor]:
+    """A few of ``trainer``'s training samples, read without moving its batch stream."""
+    from poptrain.batches import collate
+
+    dataset = trainer.batches.dataset
+    return [t.to(trainer.device) for t in collate(dataset, torch.arange(min(len(dataset), 4)))]
 
 
 def group_key(trainer) -> tuple:
@@ -99,9 +148,14 @@ def form_groups(trainers: list) -> list:
     least :data:`MIN_MEMBERS` stackable members with the same :func:`group_key`, the others alone."""
     by_key: dict[tuple, list] = {}
     for t in trainers:
-        if stackable(t) is None:
+        t.stacking_problem = stackable(t)
+        if t.stacking_problem is None:
             by_key.setdefault(group_key(t), []).append(t)
-    grouped = {id(t): members for members in by_key.values() if len(members) >= MIN_MEMBERS for t in members}
+    for members in by_key.values():  # tried once per group: the models are alike
+        problem = vmap_problem([m.model for m in members[:2]], members[0].loss_fn, probe_batch(members[0])) if len(members) >= MIN_MEMBERS else None
+        for m in members:
+            m.stacking_problem = problem
+    grouped = {id(t): members for members in by_key.values() if len(members) >= MIN_MEMBERS and members[0].stacking_problem is None for t in members}
     units, placed = [], set()
     for t in trainers:
         if id(t) not in grouped:

@@ -236,3 +236,26 @@ def gap_that_raises(a, b):
 def prediction_gap(p1, p2):
     """Two regressors pulled towards each other's predictions on the same batch."""
     return ((p1 - p2) ** 2).mean()
+
+
+class NormalizedNet(nn.Module):
+    """A user model with BatchNorm: running statistics a stacked step would update in place."""
+
+    def __init__(self, in_features: int = 20, out_features: int = 1):
+        super().__init__()
+        self.input, self.norm, self.output = nn.Linear(in_features, 8), nn.BatchNorm1d(8), nn.Linear(8, out_features)
+
+    def forward(self, x):
+        return self.output(torch.relu(self.norm(self.input(x))))
+
+
+class BranchingNet(nn.Module):
+    """A user model whose forward branches on its data: vmap cannot trace it."""
+
+    def __init__(self, in_features: int = 20, out_features: int = 1):
+        super().__init__()
+        self.input = nn.Linear(in_features, out_features)
+
+    def forward(self, x):
+        hidden = self.input(x)
+        return hidden if hidden.sum() > 0 else -hidden

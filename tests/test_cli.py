@@ -31,16 +31,22 @@ def test_invalid_config_exits_2_with_one_message_and_starts_nothing(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.yaml"], "nothing written: no runs/, no mlflow.db"
 
 
-def test_check_prints_the_resolved_config_and_never_loads_the_compiler(tmp_path):
-    # PYTHONPROFILEIMPORTTIME lists every module the command imports on stderr.
-    done = poptrain("check", str(REPO / "configs" / "prelu_separation.yaml"), "steps=5", cwd=tmp_path, env={"PYTHONPROFILEIMPORTTIME": "1"})
+def test_check_prints_the_resolved_config_and_the_driver_never_loads_the_compiler(tmp_path):
+    done = poptrain("check", str(REPO / "configs" / "prelu_separation.yaml"), "steps=5", cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     resolved = yaml.safe_load(done.stdout)
     assert resolved["steps"] == 5 and resolved["couplings"][0]["margin"] == 2.0
     assert not (tmp_path / "runs").exists()
-    # Checking the optimizers must not build them: that imports torch._dynamo (seconds of CPU and
-    # 70 MiB in the driver, before Ray even starts), which the check does not need.
-    assert "| torch._dynamo" not in done.stderr and "torch.optim" in done.stderr
+    # What `poptrain run` checks before Ray starts (prepare) must not build the optimizers: that
+    # imports torch._dynamo (seconds of CPU and 70 MiB in the driver), which the checks do not need.
+    # (`poptrain check` itself also tries torch.func on each architecture, which imports it.)
+    # PYTHONPROFILEIMPORTTIME lists every module the process imports on stderr.
+    script = f"from poptrain.checks import prepare; prepare({str(REPO / 'configs' / 'prelu_separation.yaml')!r}, ['steps=5'])"
+    environment = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONPROFILEIMPORTTIME": "1"}
+    environment.pop("MLFLOW_TRACKING_URI", None)
+    prepared = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=environment, capture_output=True, text=True, timeout=300)
+    assert prepared.returncode == 0, prepared.stderr[-3000:]
+    assert "| torch._dynamo" not in prepared.stderr and "torch.optim" in prepared.stderr
 
 
 def test_run_trains_the_seed_000_config_from_the_command_line(tmp_path):

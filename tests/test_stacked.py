@@ -7,6 +7,7 @@ import time
 
 import pytest
 import torch
+import yaml
 
 from poptrain.checks import inspect_population
 from poptrain.config import load_config
@@ -91,6 +92,55 @@ def test_a_stacked_group_ends_as_its_members_trained_one_by_one(optimizers):
                     torch.testing.assert_close(state_b["state"][index][name], value, **CLOSE, msg=f"{a.name} state {index}.{name}")
     assert [m["loss"] for m in metrics_b[-1][0]] == pytest.approx([m["loss"] for m in metrics_a[-1]], rel=1e-5)
     assert metrics_b[-1][0][0]["coupling/separation"] == pytest.approx(metrics_a[-1][0]["coupling/separation"], rel=1e-5)
+
+
+SEED_MODULE = {"name": "tests.reference:SeedModule", "kwargs": {"in_features": 20, "out_features": 1}}  # seed 000's Module as the user wrote it
+
+
+def test_a_users_own_model_by_import_path_stacks_and_ends_as_trained_one_by_one():
+    members = [prelu_member(f"m{i}", model=SEED_MODULE, optimizer={"name": "adam", "lr": 0.01 * (i + 1)}) for i in range(3)]
+    coupled = dict(steps=20, exchange={"every": 1}, couplings=[{"type": "separation", "param": "activation.weight", "margin": 2.0}])
+    alone, link_a = host(members, **coupled)
+    train(alone, link_a, 20)
+    stacked, link_b = host(members, **coupled)
+    units = form_groups(stacked)
+    assert len(units) == 1 and isinstance(units[0], StackedGroup), [t.stacking_problem for t in stacked]
+    train(units, link_b, 20)
+    for a, b in zip(alone, stacked):
+        for key in a.params:
+            torch.testing.assert_close(b.params[key], a.params[key], **CLOSE, msg=f"{a.name}.{key}")
+
+
+LSTM = {"model": {"name": "lstm_classifier", "kwargs": {"input_size": 8, "hidden_size": 4, "num_classes": 10}},
+        "data": {"name": "digits", "kwargs": {"view": "rows"}}, "loss": "cross_entropy"}
+
+
+@pytest.mark.parametrize(
+    "member, reason",
+    [
+        ({"model": {"name": "tests.helpers:NormalizedNet"}}, "buffers (norm.running_mean"),
+        ({"model": {"name": "tests.helpers:BranchingNet"}}, "torch.func cannot stack its model"),
+        (LSTM, "no batching rule for"),
+    ],
+    ids=["batchnorm", "data-dependent branch", "lstm"],
+)
+def test_a_model_torch_func_cannot_stack_as_it_computes_alone_trains_alone_and_says_why(member, reason):
+    trainers, _ = host([prelu_member(f"m{i}", **member) for i in range(2)], couplings=[])
+    units = form_groups(trainers)
+    assert units == trainers, "each trains alone"
+    assert all(reason in t.stacking_problem for t in trainers), [t.stacking_problem for t in trainers]
+
+
+def test_check_says_which_members_stack_and_why_the_others_train_alone(capsys, tmp_path):
+    from poptrain.cli import main
+
+    config = make_config(tmp_path, f"sqlite:///{tmp_path}/m.db", "check", members=[prelu_member(f"s{i}", model=SEED_MODULE) for i in range(3)] + [
+        prelu_member(f"n{i}", model={"name": "tests.helpers:NormalizedNet"}) for i in range(2)], couplings=[])
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert main(["check", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "# stacking: 3 of 5 members train stacked" in out and "# trains alone: n0, n1: its model has buffers" in out
 
 
 def test_each_stacked_member_uses_its_own_changed_learning_rate_from_the_next_step_on():
