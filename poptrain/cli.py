@@ -283,7 +283,7 @@ def _ranking(result) -> tuple[str, bool]:
 
     try:
         ranking = load_config(result.output_dir / "config.yaml", record=True).evaluation.ranking
-        return f"eval/{ranking.key}", bool(ranking.higher())
+        return f"eval/{ranking.key}", bool(ranking.higher)
     except Exception:  # a summary never fails a finished run
         return "loss", False
 

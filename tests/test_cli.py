@@ -95,3 +95,18 @@ def test_the_final_table_of_a_large_population_shows_its_best_and_worst_members_
     assert len(names) == SUMMARY_ROWS
     assert names[0] == "m00 (best)" and names[-1] == "m17", names
     assert names[SUMMARY_ROWS // 2] == f"… {20 - SUMMARY_ROWS + 1} more"
+
+
+def test_the_final_table_of_a_large_population_ranks_by_the_runs_held_out_metric(tmp_path):
+    """thousand.yaml ranks by held-out MSE: its table shows the best by eval/mse first (not by
+    training loss, which the table fell back to while the ranking could not be read)."""
+    from poptrain.cli import SUMMARY_ROWS, _summary_table
+    from poptrain.config import dump_config, load_config
+    from poptrain.population import RunResult
+
+    (tmp_path / "config.yaml").write_text(dump_config(load_config(REPO / "configs" / "thousand.yaml")))
+    metrics = {f"m{i:03d}": {"loss": float(i), "eval/mse": float(1000 - i)} for i in range(1000)}  # lowest loss, highest MSE: m000
+    result = RunResult("run", {}, tmp_path, "sqlite://", metrics=metrics, seconds=1.0)
+    names = list(_summary_table(result, metrics, ["eval/mse", "loss"], best="m999").columns[0].cells)
+    assert names[0] == "m999 (best)" and names[-1] == "m000", names
+    assert len(names) == SUMMARY_ROWS
