@@ -207,7 +207,7 @@ class StackedGroup:
         self._vmap = vmap
         self.optimizer = first.config.optimizer.name
         self.state: dict[str, dict[str, torch.Tensor]] = {}
-        self.steps = torch.zeros(len(members), dtype=torch.float64)
+        self.steps = torch.zeros(len(members), dtype=torch.float64, device=self.device)  # each member's optimizer steps, where the update reads them
         self.from_members()
 
     def _point_at_stack(self, i: int, member) -> None:
@@ -243,7 +243,7 @@ class StackedGroup:
         names = ("exp_avg", "exp_avg_sq") if self.optimizer in ("adam", "adamw") else ("momentum_buffer",)
         self.state = {k: {n: torch.zeros_like(self.params[k]) for n in names} for k in self.keys}
         # Whether each member holds SGD's momentum buffer of each parameter: torch keeps none while its momentum is 0.
-        self.has_momentum = {k: torch.zeros(len(self.members), dtype=torch.bool) for k in self.keys}
+        self.has_momentum = {k: torch.zeros(len(self.members), dtype=torch.bool, device=self.device) for k in self.keys}
         for i, m in enumerate(self.members):
             steps = set()
             for k in self.keys:
@@ -260,15 +260,17 @@ class StackedGroup:
     def to_members(self) -> None:
         """Write the stack's optimizer state into every member's own optimizer (copies, in torch's
         format), so that its ``state_dict`` is what training it alone would have made."""
+        steps = self.steps.tolist()  # one read, not one per member
+        has_momentum = {k: v.tolist() for k, v in self.has_momentum.items()}
         for i, m in enumerate(self.members):
             m.optimizer.state.clear()
-            if self.steps[i] == 0:
+            if steps[i] == 0:
                 continue
             for k in self.keys:
                 own = {n: self.state[k][n][i].clone() for n in self.state[k]}
                 if self.optimizer in ("adam", "adamw"):
-                    own["step"] = torch.tensor(float(self.steps[i]))
-                elif not bool(self.has_momentum[k][i]):
+                    own["step"] = torch.tensor(steps[i])
+                elif not has_momentum[k][i]:
                     own = {"momentum_buffer": None}
                 m.optimizer.state[m.params[k]] = own
 
@@ -286,12 +288,19 @@ class StackedGroup:
         batch_dim = None if self.shared_batches else 0
         grads, (objectives, (losses, outputs)) = self._vmap(self._grad, in_dims=(0, batch_dim, batch_dim, 0))(self.params, inputs, targets, weights)
         yield from self._receive_all(pending)
-        if not bool(torch.isfinite(losses).all()):
-            members[int((~torch.isfinite(losses.detach())).nonzero()[0])]._guard(["term 'loss'"])
-        if exchanging and self.rounds["loss"]:
+        if exchanging and self.rounds["loss"]:  # no non-finite loss goes to the peers
+            self._guard_losses(losses)
             yield from self._receive_all((yield from self._send_all("loss", lambda i: {"loss": losses[i]}, lambda i: outputs[i])))
         couplings = self._coupling_terms(grads)
-        if not all(torch.isfinite(g).all() for g in grads.values()):
+        # What the host needs of the step (every member's loss and objective, whether everything is
+        # finite) in one read from the device: on a GPU each read waits for the step to finish.
+        finite = torch.stack([torch.isfinite(losses).all(), *(torch.isfinite(g).all() for g in grads.values())])
+        read = torch.cat([losses.detach().reshape(-1), objectives.detach().reshape(-1), finite.to(losses.dtype)]).tolist()
+        count = len(members)
+        loss_values, objective_values, all_finite = read[:count], read[count: 2 * count], read[2 * count:]
+        if not all_finite[0]:
+            self._guard_losses(losses)
+        if not all(all_finite[1:]):
             for i, m in enumerate(members):
                 if not all(torch.isfinite(grads[k][i]).all() for k in self.keys):
                     m._guard(["gradient"])
@@ -309,7 +318,6 @@ class StackedGroup:
                         grads[k][i].copy_(m.params[k].grad)
         self._optimizer_step(grads)
         out = []
-        loss_values, objective_values = losses.detach().tolist(), objectives.detach().tolist()
         for i, m in enumerate(members):
             m._forget_predictions()
             m.step += 1
@@ -322,6 +330,13 @@ class StackedGroup:
                 metrics = {"loss": loss_values[i], "objective": objective_values[i] + sum(float(t) for t in coupling_terms.values())}
             out.append(metrics)
         return out
+
+    def _guard_losses(self, losses: torch.Tensor) -> None:
+        """Stop at the first member whose loss is not finite (``failure.nonfinite: fail``, as a
+        member alone does); nothing when all are."""
+        bad = (~torch.isfinite(losses.detach())).nonzero()
+        if len(bad):
+            self.members[int(bad[0])]._guard(["term 'loss'"])
 
     def _logged(self, step: int) -> bool:
         """Whether step ``step``'s metrics are logged (:func:`poptrain.member.logs_step`, the rule a
@@ -438,7 +453,8 @@ class StackedGroup:
             out[i] = {k: v.detach() for k, v in {**own_terms, **values}.items()}
         if own_total:  # each member's own terms, weighted by its own coupling objects
             self._add_gradients(grads, leaves, sum(own_total))
-        for i, m in enumerate(self.members) if any(not bool(torch.isfinite(t).all()) for terms in out.values() for t in terms.values()) else ():
+        logged_terms = [t.reshape(-1) for terms in out.values() for t in terms.values()]
+        for i, m in enumerate(self.members) if logged_terms and not bool(torch.isfinite(torch.cat(logged_terms)).all()) else ():
             bad = [f"coupling {k!r}" for k, t in out[i].items() if not torch.isfinite(t).all()]
             if bad:
                 m._guard(bad)
@@ -496,11 +512,11 @@ class StackedGroup:
                 momentum = hp["momentum"]
                 if hp["any_momentum"]:
                     buf = self.state[k]["momentum_buffer"]
-                    started, on = self.has_momentum[k].to(buf.device).view(-1, *([1] * (buf.dim() - 1))), momentum != 0
+                    started, on = self.has_momentum[k].view(-1, *([1] * (buf.dim() - 1))), momentum != 0
                     # torch.optim.SGD: a buffer starts as the gradient, and is left alone while momentum is 0.
                     buf.copy_(torch.where(on, torch.where(started, buf * momentum + grad, grad), buf))
                     grad = torch.where(on, buf, grad)
-                    self.has_momentum[k] |= on.view(-1).cpu()
+                    self.has_momentum[k] |= on.view(-1)
                 param.add_(grad * -lr)
                 continue
             beta1, beta2, eps = hp["beta1"], hp["beta2"], hp["eps"]
@@ -511,7 +527,7 @@ class StackedGroup:
             exp_avg, exp_avg_sq = self.state[k]["exp_avg"], self.state[k]["exp_avg_sq"]
             exp_avg.lerp_(grad, 1 - beta1)
             exp_avg_sq.mul_(beta2).addcmul_(grad, grad * (1 - beta2))
-            step = self.steps.view(-1, *([1] * (param.dim() - 1))).to(param.device)
+            step = self.steps.view(-1, *([1] * (param.dim() - 1)))
             bias_correction1 = (1 - beta1.double() ** step).to(param.dtype)
             bias_correction2_sqrt = ((1 - beta2.double() ** step) ** 0.5).to(param.dtype)
             denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)

@@ -91,7 +91,16 @@ class Separation(Coupling):
             stacked = torch.stack(values)
             first, second = self._on_device(member, stacked.device)
             return [(stacked[first], stacked[second])]
-        return [(values[i], values[j]) for i, j in zip(first.tolist(), second.tolist())]
+        return [(values[i], values[j]) for i, j in self._pair_rows(member)]
+
+    def _pair_rows(self, member: str | None) -> list[tuple[int, int]]:
+        """:attr:`_pair_index` (``member``'s pairs, when given) as Python pairs, made once (not read
+        out of its tensors at every step)."""
+        cache = self.__dict__.setdefault("_rows", {})
+        if member not in cache:
+            first, second = self._pair_index if member is None else self._pair_index_by_member[member]
+            cache[member] = list(zip(first.tolist(), second.tolist()))
+        return cache[member]
 
     def _on_device(self, member: str | None, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """:attr:`_pair_index` (``member``'s pairs, when given) on ``device``, copied there once: on a
