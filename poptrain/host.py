@@ -201,10 +201,14 @@ class MemberHost:
         run, members = self.run, self.members
         while members[0].trainer.step < until_step:
             step = members[0].trainer.step
-            if run.checkpoint.every and step % run.checkpoint.every == 0:
+            synced = bool(run.checkpoint.every and step % run.checkpoint.every == 0)
+            if synced:
                 self._sync_stacks(into_members=True)
             for m in members:
                 m.checkpoint_ms = self._checkpoint_if_due(m, step) or m.checkpoint_ms
+            if synced:  # written: the stacks hold the state; copies in the members' optimizers would double its memory
+                for group in self.groups:
+                    group.release_member_copies()
             if step and run.evaluation.every and step % run.evaluation.every == 0:
                 for m in members:
                     m.evaluated = self._evaluate(m, step)

@@ -274,6 +274,13 @@ class StackedGroup:
                     own = {"momentum_buffer": None}
                 m.optimizer.state[m.params[k]] = own
 
+    def release_member_copies(self) -> None:
+        """Drop the copies :meth:`to_members` wrote into the members' own optimizers once what read
+        them (a checkpoint) is done: the stack holds the state, and on a GPU the copies would hold as
+        much memory again until the next copy."""
+        for m in self.members:
+            m.optimizer.state.clear()
+
     # -- the step ---------------------------------------------------------------------------
 
     def step_program(self) -> StepProgram:

@@ -178,6 +178,22 @@ def test_each_stacked_member_uses_its_own_changed_learning_rate_from_the_next_st
     assert not torch.equal(stacked[1].params["input.weight"], stacked[0].params["input.weight"])
 
 
+def test_a_stack_holds_its_optimizer_state_alone_once_a_checkpoint_has_read_the_members_copies():
+    coupled = dict(steps=20, exchange={"every": 1}, couplings=[{"type": "separation", "param": "activation.weight", "margin": 2.0}])
+    optimizers = OPTIMIZERS["adam, own lr and weight decay"]
+    alone, link_a = host(population(optimizers), **coupled)
+    train(alone, link_a, 10)
+    stacked, link_b = host(population(optimizers), **coupled)
+    units = form_groups(stacked)
+    train(units, link_b, 5)  # ends with to_members, as a host before a checkpoint
+    units[0].release_member_copies()
+    assert all(not m.optimizer.state for m in stacked), "no second copy of the moments"
+    train(units, link_b, 5)
+    for a, b in zip(alone, stacked):
+        for key in a.params:
+            torch.testing.assert_close(b.params[key], a.params[key], **CLOSE, msg=f"{a.name}.{key}")
+
+
 def test_a_stacked_member_restored_from_its_state_continues_exactly():
     members = population([{"name": "adam", "lr": 0.01 * (i + 1)} for i in range(3)])
     stacked, link = host(members, steps=20)
