@@ -256,7 +256,7 @@ def print_summary(result) -> None:
     objective, terms and couplings, and device; then the population's ensemble and best values."""
     from rich.console import Console
 
-    from poptrain.compare import BEST_MEMBER_TAG, is_key_metric, metric_order, render_population
+    from poptrain.compare import BEST_MEMBER_TAG, is_key_metric, metric_order, render_population, ui_link
 
     recorded = _recorded(result)
     metrics = {name: dict(values) for name, values in result.metrics.items()}
@@ -270,6 +270,8 @@ def print_summary(result) -> None:
     if recorded is not None:
         render_population(recorded[0], console=console)
     console.print(f"MLflow run {result.run_id} at {result.tracking_uri}")
+    if recorded is not None:
+        console.print(f"in the MLflow UI: {ui_link(result.tracking_uri, recorded[0].info.experiment_id, result.run_id)}", soft_wrap=True)
     console.print(f"outputs in {result.output_dir}")
 
 
@@ -332,7 +334,7 @@ def compare_main(argv: list[str] | None = None) -> int:
 
     from mlflow.tracking import MlflowClient
 
-    from poptrain.compare import BEST_MEMBER_TAG, NotAPopulation, members_table, population_runs, render, render_population
+    from poptrain.compare import BEST_MEMBER_TAG, NotAPopulation, members_table, population_runs, render, render_population, ui_link
     from poptrain.tracking import TrackingUnavailable, check_tracking_reachable
 
     uri = args.tracking_uri or _default_uri()
@@ -353,6 +355,7 @@ def compare_main(argv: list[str] | None = None) -> int:
     title = f"{parent.info.run_name} · {len(members)} members · {parent.info.status}"
     render(columns, rows, title=title, console=console, best=parent.data.tags.get(BEST_MEMBER_TAG))
     render_population(parent, console=console)
+    console.print(f"in the MLflow UI: {ui_link(uri, parent.info.experiment_id, parent.info.run_id)}", soft_wrap=True)
     console.print(f"population run {args.run_id} at {uri}")
     return EXIT_OK
 

@@ -109,6 +109,17 @@ def _cell(value: Any) -> str:
     return str(value)
 
 
+def ui_link(tracking_uri: str, experiment_id: str, run_id: str) -> str:
+    """How to open population run ``run_id`` in the MLflow UI's training view. MLflow 3's UI opens
+    on its GenAI view in a fresh browser whatever the experiment's tags say (the switch is kept in
+    the browser); ``?workflowType=machine_learning`` opens the training view. A local store needs
+    ``mlflow ui`` first."""
+    page = f"#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning"
+    if tracking_uri.startswith(("http://", "https://")):
+        return f"{tracking_uri.rstrip('/')}/{page}"
+    return f"mlflow ui --backend-store-uri {tracking_uri}   then open http://127.0.0.1:5000/{page}"
+
+
 def render(columns: list[str], rows: list[list[Any]], title: str | None = None, console=None, best: str | None = None) -> None:
     """Print the table of :func:`compare_table` with rich: params (and placement) first, then
     metrics; the column of member ``best`` is marked."""

@@ -264,10 +264,6 @@ class MemberTrainer:
         self.step += 1
         return {"loss": float(terms["loss"])}
 
-    def finish(self) -> None:
-        """After the last step, through this member's own link: see :meth:`finish_program`."""
-        run_alone(self.finish_program(), self)
-
     def finish_program(self) -> StepProgram:
         """After the last step: one more parameter exchange when a coupling replaces parameters, so
         that averaged targets and shared modules reflect the final weights (a program, as

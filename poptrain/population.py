@@ -1,7 +1,8 @@
 """The driver: :class:`PopulationRun` places and starts the actors, watches them, restarts dead ones, ends the run.
 
-The driver is not on the per-step path: members exchange with the coordinator directly and
-ship metrics to tracking; the driver only polls progress and notices failures.
+The driver is not on the per-step path: members exchange with the coordinator directly. The
+driver polls progress, notices failures, and is the one writer to MLflow: it takes the metrics
+the hosts and the coordinator hold in their outboxes and writes them in batches.
 """
 
 from __future__ import annotations

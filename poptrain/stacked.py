@@ -6,7 +6,7 @@ that reads a member (exchange, evaluation, checkpoints, ``model.pt``, layer norm
 current weights, and what writes into a member in place (a restored checkpoint, an average, an
 exploit) writes into the stack. One step of the group is one ``vmap(grad_and_value(...))`` of
 the members' own objectives (``loss_weight * loss``) over the stack, then the coupling terms of
-members that have one at this exchange (each on its own parameters, with autograd), then one
+members that have one (each on its own parameters, with autograd, every step), then one
 vectorised optimizer update with every member's own hyperparameters, read from its own torch
 optimizer's ``param_groups`` at every step (population-based training changes them there).
 

@@ -230,9 +230,6 @@ class Tracking:
         for start in range(0, len(items), MAX_PARAMS_PER_BATCH):
             self._retry(lambda chunk=items[start : start + MAX_PARAMS_PER_BATCH]: self.client.log_batch(run_id, params=chunk))
 
-    def log_params(self, member: str | None, params: dict[str, Any]) -> None:
-        self._log_params(self._run_id(member), {k: str(v) for k, v in params.items()})
-
     def set_tags(self, member: str | None, tags: dict[str, Any]) -> None:
         """Set (or overwrite) tags on a member's run (the parent's for None), in one request."""
         from mlflow.entities import RunTag

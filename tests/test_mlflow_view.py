@@ -156,6 +156,9 @@ def test_compare_and_the_final_summary_show_held_out_metrics_the_best_member_and
     shown = capsys.readouterr().out
     assert "m2 (best)" in shown and "ensemble/accuracy" in shown and "0.95" in shown and "best/eval/accuracy" in shown
     assert "eval/accuracy/median" in shown and "best member (by eval/accuracy)" in shown
+    experiment = tracking.client.get_run(tracking.ids.parent).info.experiment_id
+    view = f"#/experiments/{experiment}/runs/{tracking.ids.parent}?workflowType=machine_learning"  # the training view, not MLflow 3's GenAI default
+    assert f"mlflow ui --backend-store-uri {tracking_uri}   then open http://127.0.0.1:5000/{view}" in shown
 
     ids = tracking.ids
     result = SimpleNamespace(  # what poptrain.run returns, as far as the summary reads it
@@ -165,6 +168,7 @@ def test_compare_and_the_final_summary_show_held_out_metrics_the_best_member_and
     print_summary(result)
     summary = capsys.readouterr().out
     assert "eval/accuracy" in summary and "m2 (best)" in summary and "ensemble/accuracy" in summary and "0.9" in summary
+    assert view in summary
 
 
 def test_progress_counts_training_steps_not_evaluations_nor_ensemble_values(population):

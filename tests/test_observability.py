@@ -61,6 +61,8 @@ def test_a_population_over_http_has_plots_a_comparison_and_loadable_models(ray_s
     assert compare_main([result.run_id, "--tracking-uri", mlflow_server]) == 0
     shown = capsys.readouterr().out
     assert "optimizer.lr" in shown and "0.02" in shown and "coupling/separation" in shown
+    experiment = client.get_run(result.run_id).info.experiment_id
+    assert f"{mlflow_server}/#/experiments/{experiment}/runs/{result.run_id}?workflowType=machine_learning" in shown, "a server's link opens as it is"
 
     # Models: one LoggedModel per member run, linked to it, loading back as the member's own
     # module and predicting like its saved weights.
