@@ -71,6 +71,22 @@ def test_stacked_members_on_a_gpu_end_as_members_trained_one_by_one_to_float_rou
             torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5, msg=f"{name}.{key}")
 
 
+def test_packed_members_on_one_gpu_end_bitwise_as_each_alone_on_it(tmp_path):
+    """Two members carried by one process on one GPU, one after another (not stacked), against each
+    in its own process on the same GPU: the same kernels on the same shapes. Bitwise is the claim
+    to check here (cuBLAS picks its algorithms by shape; separation's index_add, which is not
+    deterministic on CUDA, only computes logged values)."""
+    base = {"steps": 30, "members": [prelu_member("m1"), prelu_member("m2")], "couplings": [{"type": "separation", "param": "activation.weight", "margin": 2.0}]}
+    packed_dir, packed = run_on_gpu(tmp_path / "packed", {**base, "name": "gpu-packed", "placement": {"members_per_host": 2, "stacked": False}})
+    alone_dir, alone = run_on_gpu(tmp_path / "alone", {**base, "name": "gpu-alone", "placement": {"members_per_host": 1}, "members": [
+        prelu_member("m1", resources={"num_gpus": 0.5}), prelu_member("m2", resources={"num_gpus": 0.5})]})
+    assert packed["m1"]["tags"]["poptrain.placement.pid"] == packed["m2"]["tags"]["poptrain.placement.pid"], "one process"
+    assert alone["m1"]["tags"]["poptrain.placement.pid"] != alone["m2"]["tags"]["poptrain.placement.pid"], "a process each"
+    for name in ("m1", "m2"):
+        a, b = weights(packed_dir, name), weights(alone_dir, name)
+        assert all(torch.equal(a[k], b[k]) for k in a), f"{name}: packed and alone differ on the GPU"
+
+
 def test_population_based_training_copies_a_donor_between_gpu_members(tmp_path):
     from tests.test_pbt import population
 
