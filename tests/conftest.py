@@ -91,6 +91,23 @@ def mlflow_server(tmp_path_factory):
         server.stop()
 
 
+@pytest.fixture(scope="session")
+def pbt_yaml_run(ray_session, tmp_path_factory, tracking_uri):
+    """configs/pbt.yaml as shipped (its eight members made by `vary`), run once for the session with
+    :data:`PBT_YAML_OVERRIDES`: 12 steps, evaluated and ranked every 4, so exploits happen. Its
+    RunResult serves every test that needs this run (tests/test_configs.py: every shipped config
+    runs; tests/test_variation.py: it ends as the written-out file)."""
+    import poptrain
+
+    out = tmp_path_factory.mktemp("pbt_yaml")
+    overrides = [*PBT_YAML_OVERRIDES, f"tracking.uri={tracking_uri}", "tracking.experiment=pbt-yaml", f"output_dir={out}"]
+    return poptrain.run(REPO / "configs" / "pbt.yaml", overrides)
+
+
+# Shortened so that exploits happen within the run; plots and logged models off (they cost seconds a run).
+PBT_YAML_OVERRIDES = ["steps=12", "evaluation.every=4", "pbt.every=4", "tracking.plots=false", "tracking.log_models=false"]
+
+
 @pytest.fixture
 def experiment(request) -> str:
     """An MLflow experiment of this test's own."""

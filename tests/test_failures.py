@@ -37,14 +37,16 @@ def uninterrupted(ray_session, tmp_path_factory, tracking_uri):
     return poptrain.run(config)
 
 
-def run_killing_m2_once(config, steps, restarted=("m2",), from_step=40):
-    """Run ``config``, SIGKILLing m2's process once between step ``from_step`` and ``steps - 100``.
-    Returns (result, {pid, step, time} of the kill). ``restarted``: the members that process carries."""
+def run_killing_m2_once(config, steps, restarted=("m2",), from_step=40, until_step=None):
+    """Run ``config``, SIGKILLing m2's process once between step ``from_step`` and ``until_step``
+    (``steps - 100`` unless given). Returns (result, {pid, step, time} of the kill).
+    ``restarted``: the members that process carries."""
     killed = {}
+    until_step = steps - 100 if until_step is None else until_step
 
     def kill_m2_once(snapshot):
         step = snapshot["members"].get("m2", {}).get("step", 0)
-        if not killed and from_step <= step < steps - 100:
+        if not killed and from_step <= step < until_step:
             killed["pid"], killed["step"], killed["time_ms"] = snapshot["placement"]["m2"]["pid"], step, time.time() * 1000
             os.kill(killed["pid"], signal.SIGKILL)
 

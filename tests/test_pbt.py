@@ -190,7 +190,10 @@ def test_every_exploit_and_the_whole_schedule_are_in_mlflow(pbt_run, tracking_ur
 
 # The interrupted PBT runs below and their uninterrupted twin: rounds (and evaluations) every 20
 # steps, a checkpoint every 10, so that a checkpoint follows each round's exploit.
-RESTARTABLE_STEPS = 400  # a kill window (step 60 to steps - 100) that spans several progress polls even when the host is fast
+RESTARTABLE_STEPS = 200
+# The member restart's kill window, steps 60 to 160: several progress polls (0.1 s) even when the
+# host is fast, and 40 steps before the end, so that m2 is still training when it is killed.
+KILL_UNTIL = RESTARTABLE_STEPS - 40
 MEMBERS = ("m1", "m2", "m3", "m4")
 
 
@@ -214,7 +217,7 @@ def test_perturbed_hyperparameters_survive_a_member_restart_bitwise(ray_session,
     # Killed at step 60 or later, m2 restarts from a checkpoint (its newest, 50 or later) written
     # after an exploit of its own: it holds perturbed hyperparameters, which must come back.
     assert any(e["receiver"] == "m2" and e["step"] <= 40 for e in events), events
-    restarted, _ = run_killing_m2_once(restartable(tmp_path, tracking_uri, "killed"), RESTARTABLE_STEPS, restarted=("m1", "m2"), from_step=60)  # four members on two cores: two hosts
+    restarted, _ = run_killing_m2_once(restartable(tmp_path, tracking_uri, "killed"), RESTARTABLE_STEPS, restarted=("m1", "m2"), from_step=60, until_step=KILL_UNTIL)  # four members on two cores: two hosts
     assert_bitwise_equal(restarted.output_dir, clean.output_dir, members=MEMBERS)
     client = MlflowClient(tracking_uri)
     for name in MEMBERS:
@@ -265,7 +268,7 @@ def test_perturbed_hyperparameters_and_the_lineage_survive_a_driver_resume_bitwi
             assert history == sorted((m.step, m.value) for m in client.get_metric_history(theirs, key)), f"{name}: {key} differs from the uninterrupted run's"
             if key.startswith("hp/"):
                 assert [s for s, _ in history] == list(range(RESTARTABLE_STEPS)), f"{name}: its schedule at every step exactly once"
-        newest = RESTARTABLE_STEPS - 10  # the newest checkpoint, after the last round (380)
+        newest = RESTARTABLE_STEPS - 10  # the newest checkpoint, after the last round (190)
         assert load_checkpoint(checkpoint_path(run_dir, name, newest))["hyperparameters"] == load_checkpoint(checkpoint_path(clean.output_dir, name, newest))["hyperparameters"], name
     events = json.loads((run_dir / "pbt_events.json").read_text())
     assert [(e["step"], e["receiver"]) for e in events] == sorted({(e["step"], e["receiver"]) for e in events}), "no exploit twice"

@@ -15,7 +15,7 @@ from mlflow.tracking import MlflowClient
 import poptrain
 from poptrain.cli import main
 from poptrain.config import MAX_CONFIG_BYTES, ConfigError, dump_config, load_config
-from tests.conftest import REPO, make_config, prelu_member, weights
+from tests.conftest import PBT_YAML_OVERRIDES, REPO, make_config, prelu_member, weights
 
 THOUSAND = REPO / "configs" / "thousand.yaml"
 
@@ -150,13 +150,12 @@ def test_pbt_yaml_makes_the_eight_members_it_wrote_out_before():
     assert [m.model_dump(exclude={"name"}) for m in varied_members] == [m.model_dump(exclude={"name"}) for m in written]
 
 
-def test_pbt_yaml_with_vary_ends_bitwise_as_the_written_out_file(ray_session, tmp_path, tracking_uri, experiment):
+def test_pbt_yaml_with_vary_ends_bitwise_as_the_written_out_file(ray_session, tmp_path, tracking_uri, experiment, pbt_yaml_run):
     """Explore, exploit and training: member j of the varied file ends as member j of the file that
-    wrote the eight out (a member's streams follow its position, not its name)."""
-    overrides = ["steps=12", "evaluation.every=4", "pbt.every=4", f"tracking.uri={tracking_uri}", f"tracking.experiment={experiment}",
-                 "tracking.plots=false", "tracking.log_models=false"]
-    runs = {source.stem: poptrain.run(source, [*overrides, f"output_dir={tmp_path / source.stem}"]) for source in (REPO / "configs" / "pbt.yaml", WRITTEN_OUT)}
-    new, old = runs["pbt"], runs["pbt_written_out"]
+    wrote the eight out (a member's streams follow its position, not its name). The varied file's
+    run is the session's (tests/conftest.py); the written-out file runs with the same overrides."""
+    overrides = [*PBT_YAML_OVERRIDES, f"tracking.uri={tracking_uri}", f"tracking.experiment={experiment}", f"output_dir={tmp_path}"]
+    new, old = pbt_yaml_run, poptrain.run(WRITTEN_OUT, overrides)
     assert (new.output_dir / "pbt_events.json").read_text().count("receiver") > 0, "exploits happened"
     for j in range(8):
         a, b = weights(new.output_dir, f"m{j}"), weights(old.output_dir, f"m{j + 1}")
@@ -170,20 +169,42 @@ def test_pbt_yaml_with_vary_ends_bitwise_as_the_written_out_file(ray_session, tm
 
 
 def test_a_thousand_members_resume_after_their_driver_is_killed_with_every_history_whole(ray_session, tmp_path, tracking_uri):
+    """configs/thousand.yaml, all 1,000 members, as a real `poptrain run` SIGKILLed with its Ray
+    after its first checkpoint, then `poptrain resume`: every member's logged steps exactly once
+    across the kill, and the run ends as every shipped config must (tests/test_configs.py, which
+    leaves thousand.yaml to this test): each member trained to a finite loss and was evaluated on
+    held-out data at the end, and the parent run has the population's ranking and best member."""
+    import math
+
     from tests.test_failures import resume_in_a_process, run_killing_the_driver
 
     config = yaml.safe_load(THOUSAND.read_text())
-    steps = 60
-    config.update(steps=steps, output_dir=str(tmp_path / "runs"), checkpoint={"every": 20})
+    # Killed after the checkpoint at step 20, resumed from it for 20 more: logged steps (every 10)
+    # on both sides of the kill. A thousand members' start-up, metrics and checkpoints cost tens
+    # of seconds, each; their steps are cheap.
+    steps, every = 40, 20
+    config.update(steps=steps, output_dir=str(tmp_path / "runs"), checkpoint={"every": every}, evaluation={"every": every, "metrics": ["mse"]})
     config["tracking"] = {**config["tracking"], "uri": tracking_uri, "experiment": "thousand-resumed", "plots": False}
-    run_dir, _ = run_killing_the_driver(copy.deepcopy(config), tmp_path, 20)
+    run_dir, killed_at = run_killing_the_driver(copy.deepcopy(config), tmp_path, every)
+    assert killed_at == every, "resumed from the first checkpoint, before the run's end"
     assert (run_dir / "config.yaml").stat().st_size < 8 * 1024
     resume_in_a_process(run_dir, tmp_path)
 
     record = yaml.safe_load((run_dir / "run.json").read_text())
     assert len(record["members"]) == 1000
     client = MlflowClient(tracking_uri)
-    assert client.get_run(record["parent"]).info.status == "FINISHED"
+    parent = client.get_run(record["parent"])
+    assert parent.info.status == "FINISHED"
     for member, run_id in record["members"].items():
         history = [m.step for m in client.get_metric_history(run_id, "loss")]
         assert len(history) == len(set(history)) and set(range(0, steps, 10)) <= set(history), f"{member}: every logged step exactly once, across the kill"
+
+    ranking = f"eval/{load_config(THOUSAND).evaluation.ranking.key}"
+    members = {r.data.tags["poptrain.member"]: r for r in client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{record['parent']}'", max_results=1000)}
+    assert {m: r.info.run_id for m, r in members.items()} == record["members"]
+    for member, run in members.items():
+        assert math.isfinite(run.data.metrics["loss"]), member
+        assert ranking in run.data.metrics, f"{member}: evaluated on held-out data at the end"
+    assert {f"{ranking}/median", f"best/{ranking}"} <= set(parent.data.metrics)
+    best = parent.data.tags["poptrain.best_member"]
+    assert members[best].data.metrics[ranking] == parent.data.metrics[f"best/{ranking}"] == min(r.data.metrics[ranking] for r in members.values())
