@@ -103,6 +103,7 @@ def inspect_population(cfg: RunConfig) -> PopulationInfo:
         trainable=trainable,
         terms={m.name: ["loss", *[t.name for t in m.terms]] for m in cfg.members},
         exchange_every=cfg.exchange.every,
+        seed=cfg.seed,
     )
     couplings = build_couplings(cfg.couplings, population)
     population.models = {m.name: m.model.model_dump(mode="json") for m in cfg.members}

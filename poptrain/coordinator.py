@@ -95,7 +95,7 @@ class CouplingEvaluator:
             if rewrite.kind != kind or not rewrite.due(index, final):
                 continue
             out = {q: self.mapped[q] for q in rewrite.quantities if q in self.mapped} if rewrite.in_place else {}
-            for q, tensor in coupling.rewrite(kind, self.latest, out).items():
+            for q, tensor in coupling.rewrite_at(kind, step, self.latest, out).items():
                 if q in self.mapped:
                     into_mapped[q] = tensor
                 else:

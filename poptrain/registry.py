@@ -14,6 +14,7 @@ BUILTIN_COUPLINGS = {
     "separation": "poptrain.couplings.separation:Separation",
     "relative": "poptrain.couplings.relative:Relative",
     "average": "poptrain.couplings.averaging:Average",
+    "gossip": "poptrain.couplings.averaging:Gossip",
     "share": "poptrain.couplings.sharing:Share",
     "mutual": "poptrain.couplings.mutual:Mutual",
 }

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import random
 
 import torch
 
@@ -177,6 +178,79 @@ def codistillation_training(models, batches, steps, lr, weight=1.0, temperature=
                 peers = [torch.softmax(c(x) / t, dim=-1) for j, c in enumerate(copies) if j != i]
             kls = [torch.nn.functional.kl_div(torch.log_softmax(own / t, dim=-1), p, reduction="batchmean") for p in peers]
             total = total + weight * t * t * sum(kls) / len(kls)
+        total.backward()
+        optimizer.step()
+    return models
+
+
+def _mean(values):
+    """``(v_1 + ... + v_n) / n``, written as seed 002 writes ``(p1 + p2) / 2``."""
+    total = values[0] + values[1]
+    for value in values[2:]:
+        total = total + value
+    return total / len(values)
+
+
+def _snapshot(models):
+    return [[p.detach().clone() for p in m.parameters()] for m in models]
+
+
+def papa_training(models, batches, steps, lr, rate, every=1, stale=False):
+    """PAPA (Jolicoeur-Martineau et al., 2023, arXiv 2304.03094) in one process: the models train
+    side by side, each on its own batch's cross-entropy (one Adam over all of them, one backward of
+    the sum); before every ``every``-th step and after the last one, every parameter moves a
+    fraction ``rate`` of the way to the models' mean: ``p_i <- (1 - rate) * p_i + rate * mean(p)``.
+
+    ``stale``: the mean of the values of the previous averaging instead (what a coordinator one
+    round late would give), for the test that must tell the two apart."""
+    optimizer = torch.optim.Adam(itertools.chain(*(m.parameters() for m in models)), lr=lr)
+    previous = None
+    for step in range(steps + 1):
+        if step % every == 0 or step == steps:
+            current = _snapshot(models)
+            source = previous if stale and previous is not None else current
+            with torch.no_grad():
+                for i, params in enumerate(zip(*(m.parameters() for m in models))):
+                    mean = _mean([values[i] for values in source])
+                    for p in params:
+                        p.copy_((1 - rate) * p + rate * mean)
+            previous = current
+        if step == steps:
+            break
+        batch = next(batches)
+        optimizer.zero_grad()
+        total = sum(torch.nn.functional.cross_entropy(m(x), y) for m, (x, y) in zip(models, batch))
+        total.backward()
+        optimizer.step()
+    return models
+
+
+def gossip_training(models, batches, steps, lr, seed, every=1, stale=False):
+    """Gossip averaging (NoLoCo, arXiv 2506.10911) in one process: the models train side by side as
+    in :func:`papa_training`; before every ``every``-th step they are shuffled by
+    ``random.Random(f"poptrain-gossip-{seed}-{step}")`` and paired two by two, and each pair's
+    parameters become the pair's mean ``(p_a + p_b) / 2`` (an odd one out keeps its own).
+    Nothing happens after the last step.
+
+    ``stale``: each pair's mean of the values of the previous round instead."""
+    optimizer = torch.optim.Adam(itertools.chain(*(m.parameters() for m in models)), lr=lr)
+    previous = None
+    for step in range(steps):
+        if step % every == 0:
+            order = list(range(len(models)))
+            random.Random(f"poptrain-gossip-{seed}-{step}").shuffle(order)
+            current = _snapshot(models)
+            source = previous if stale and previous is not None else current
+            with torch.no_grad():
+                for a, b in zip(order[0::2], order[1::2]):
+                    for i, (pa, pb) in enumerate(zip(models[a].parameters(), models[b].parameters())):
+                        mean = (source[a][i] + source[b][i]) / 2
+                        pa.copy_(mean)
+                        pb.copy_(mean)
+            previous = current
+        batch = next(batches)
+        optimizer.zero_grad()
+        total = sum(torch.nn.functional.cross_entropy(m(x), y) for m, (x, y) in zip(models, batch))
         total.backward()
         optimizer.step()
     return models

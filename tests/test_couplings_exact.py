@@ -3,6 +3,8 @@ single-process reference that computes the seed's joint objective in one backwar
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
@@ -11,6 +13,8 @@ import poptrain
 from poptrain.builtins.data import constant, digits
 from poptrain.builtins.models import MLP, EncoderClassifier, LSTMClassifier
 from tests.reference import (
+    gossip_training,
+    papa_training,
     seed001_training,
     seed002_average,
     seed003_joint_training,
@@ -239,3 +243,63 @@ def test_codistillation_uses_peers_weights_refreshed_every_k_exchanges_on_each_m
     reference = codistillation_training(models, zip(*streams), STEPS, lr=0.01, weight=0.5, temperature=2.0, refresh=3)
     for name, module in zip(("m1", "m2"), reference):
         assert_weights_equal(result, name, module)
+
+
+# -- averaging beyond the mean (issue 26): PAPA and gossip ----------------------------------------
+
+
+def _three_members_on_thirds_of_the_digits(tmp_path, seed):
+    """Three classifiers with different initial weights, each training on its own third of the
+    digits in order, one member per process (bitwise: no stacking)."""
+    torch.manual_seed(seed)
+    models = [EncoderClassifier(64, 10, num_nodes=16) for _ in range(3)]
+    inits = [save_init(m, tmp_path / f"m{i}.pt") for i, m in enumerate(models)]
+    data = lambda i: {"name": "digits", "kwargs": {"view": "full", "limit": 256, "part": i, "parts": 3}, "batch_size": 32, "shuffle": False}  # noqa: E731
+    members = [digits_member(f"m{i + 1}", "full", 64, inits[i], data=data(i)) for i in range(3)]
+    streams = lambda: zip(*(sequential_batches(digits(view="full", limit=256, part=i, parts=3), 32) for i in range(3)))  # noqa: E731
+    return models, members, streams
+
+
+def _matches_fresh_not_stale(result, fresh, stale):
+    for name, module in zip(("m1", "m2", "m3"), fresh):
+        assert_weights_equal(result, name, module, atol=0)
+    for name, module in zip(("m1", "m2", "m3"), stale):  # what a coordinator one round late would have given
+        with pytest.raises(AssertionError):
+            assert_weights_equal(result, name, module, atol=1e-3)
+
+
+def test_papa_pulls_members_towards_the_mean_of_the_same_round_bitwise_as_the_single_process_reference(ray_session, base_config, tmp_path):
+    """`average` with `rate: 0.25` (PAPA) at every exchange: each member moves a quarter of the way
+    to the mean of the values all three sent at that very exchange, then steps on its own batch;
+    the final weights are the single-process reference's bit for bit, and not those of the
+    reference fed the previous round's mean. The parent run logs each member's distance to the
+    mean before the pull."""
+    models, members, streams = _three_members_on_thirds_of_the_digits(tmp_path, 6)
+    starts = [copy.deepcopy(m) for m in models]
+    couplings = [{"type": "average", "name": "papa", "rate": 0.25}]
+    result = poptrain.run(base_config(members=members, couplings=couplings, steps=STEPS, exchange={"every": 1, "mode": "sync"}, placement={"members_per_host": 1}))
+    fresh = papa_training(models, streams(), STEPS, lr=0.01, rate=0.25)
+    stale = papa_training([copy.deepcopy(m) for m in starts], streams(), STEPS, lr=0.01, rate=0.25, stale=True)
+    _matches_fresh_not_stale(result, fresh, stale)
+    history = {m.step: m.value for m in MlflowClient(result.tracking_uri).get_metric_history(result.run_id, "coupling/papa/divergence/m1")}
+    assert sorted(history) == list(range(STEPS + 1)), "every step, and after the last"
+    initial = [torch.cat([p.detach().reshape(-1) for p in m.parameters()]) for m in starts]
+    expected = float((initial[0] - sum(initial) / 3).norm())
+    assert history[0] == pytest.approx(expected, rel=1e-4), "measured before the first pull"
+
+
+def test_gossip_averages_the_seeds_random_pairs_of_the_same_round_bitwise_as_the_single_process_reference(ray_session, base_config, tmp_path):
+    """`gossip` at every exchange with three members: each round the pair drawn from the run's seed
+    and the step is replaced by its mean and the odd one out keeps its weights; the final weights
+    are the single-process reference's bit for bit, and not those of the reference whose pairs
+    average the previous round's values."""
+    models, members, streams = _three_members_on_thirds_of_the_digits(tmp_path, 7)
+    starts = [copy.deepcopy(m) for m in models]
+    result = poptrain.run(base_config(
+        seed=11, members=members, couplings=[{"type": "gossip"}], steps=STEPS, exchange={"every": 1, "mode": "sync"}, placement={"members_per_host": 1}
+    ))
+    fresh = gossip_training(models, streams(), STEPS, lr=0.01, seed=11)
+    stale = gossip_training([copy.deepcopy(m) for m in starts], streams(), STEPS, lr=0.01, seed=11, stale=True)
+    _matches_fresh_not_stale(result, fresh, stale)
+    history = MlflowClient(result.tracking_uri).get_metric_history(result.run_id, "coupling/gossip/divergence/m2")
+    assert len(history) == STEPS + 1 and all(m.value > 0 for m in history)

@@ -291,3 +291,91 @@ def test_separation_gives_every_members_own_term_in_one_pass_as_it_gives_each_al
     for name in names:
         torch.testing.assert_close(together[name], separation.value_for(name, values))
     assert float(sum(together.values())) == pytest.approx(2 * float(separation.value(values)))
+
+
+# -- averaging beyond the mean: PAPA's pull and gossip's pairs (issue 26) ---------------------------
+
+
+def test_papa_pulls_each_member_a_fraction_rate_of_the_way_to_the_mean(base_config):
+    members = [prelu_member("m1"), prelu_member("m2"), prelu_member("m3")]
+    _, _, (papa, plain) = couplings_for(
+        base_config, [{"type": "average", "name": "papa", "params": ["activation.*"], "rate": 0.25}, {"type": "average", "name": "plain", "params": ["activation.*"]}], members
+    )
+    q = slopes(m1=1.0, m2=3.0, m3=8.0)  # mean 4
+    out = papa.rewrite_at("param", 0, q, {})
+    assert {m: float(out[Quantity(m, "param", "activation.weight")]) for m in ("m1", "m2", "m3")} == {"m1": 1.75, "m2": 3.25, "m3": 7.0}
+    assert float(sum(out.values())) / 3 == pytest.approx(4.0), "the pull leaves the mean where it is"
+    assert all(float(v) == 4.0 for v in plain.rewrite_at("param", 0, q, {}).values()), "rate 1 (the default) is the mean itself"
+    assert papa.metrics(q)["divergence/m3"] == pytest.approx(4.0), "distance to the mean before the pull"
+    (rewrite,) = papa.rewrites()
+    assert rewrite.due(0, final=False) and rewrite.due(5, final=True), "scheduled as plain averaging: every `every` exchanges and after the last step"
+
+
+@pytest.mark.parametrize(
+    "coupling, key, words",
+    [
+        ({"type": "average", "rate": 0.0}, "couplings.0.rate", "must be in (0, 1], got 0.0"),
+        ({"type": "average", "rate": 1.5}, "couplings.0.rate", "must be in (0, 1], got 1.5"),
+        ({"type": "average", "rate": -0.1}, "couplings.0.rate", "fraction of the way to the mean"),
+        ({"type": "average", "members": ["m1"], "into": "m2", "rate": 0.5}, "couplings.0", "`rate` pulls members towards their mean, and `into` leaves them"),
+        ({"type": "gossip", "members": ["m1"]}, "couplings.0.members", "needs at least two members"),
+        ({"type": "gossip", "every": 0}, "couplings.0.every", "greater than or equal to 1"),
+    ],
+)
+def test_papa_and_gossip_config_errors_name_the_key(base_config, coupling, key, words):
+    from poptrain.config import ConfigError
+
+    with pytest.raises(ConfigError) as info:
+        load_config(base_config(couplings=[coupling]))
+    assert any(k == key and words in msg for k, msg in info.value.problems), info.value.problems
+
+
+@pytest.mark.parametrize("coupling", [{"type": "gossip"}, {"type": "average", "rate": 0.5}])
+def test_papa_and_gossip_refuse_async_exchange_with_the_reason(base_config, coupling):
+    from poptrain.config import ConfigError
+
+    with pytest.raises(ConfigError) as info:
+        load_config(base_config(couplings=[coupling], exchange={"mode": "async"}))
+    assert any(
+        k == "couplings.0.type" and "replaces members' values at exchanges, which needs every member at the same exchange: use `exchange.mode: sync`" in msg
+        for k, msg in info.value.problems
+    ), info.value.problems
+
+
+def test_gossip_pairs_come_from_the_seed_and_the_step_alone():
+    import random
+
+    from poptrain.couplings.averaging import gossip_pairs
+
+    names = ["a", "b", "c", "d", "e"]
+    pairs = gossip_pairs(names, 7, 12)
+    assert len(pairs) == 2 and len({m for pair in pairs for m in pair}) == 4, "two disjoint pairs; the odd one out keeps its value"
+    assert pairs == gossip_pairs(list(names), 7, 12), "a resumed run decides the same"
+    order = list(names)
+    random.Random("poptrain-gossip-7-12").shuffle(order)
+    assert pairs == [(order[0], order[1]), (order[2], order[3])], "the documented recipe"
+    assert len({tuple(gossip_pairs(names, 7, step)) for step in range(20)}) > 5, "a new draw each round"
+    assert gossip_pairs(names, 8, 12) != pairs or gossip_pairs(names, 8, 13) != gossip_pairs(names, 7, 13), "and from the seed"
+
+
+def test_the_coordinator_gives_gossip_the_round_and_each_pair_gets_its_mean(base_config):
+    """The coordinator's round (CouplingEvaluator.complete_round, no Ray) replaces each drawn pair
+    by its mean and leaves the odd member out alone; another step draws other pairs."""
+    from poptrain.couplings.averaging import gossip_pairs
+
+    members = [prelu_member("m1"), prelu_member("m2"), prelu_member("m3")]
+    cfg = load_config(base_config(members=members, couplings=[{"type": "gossip", "params": ["activation.*"]}], seed=3))
+    evaluator = CouplingEvaluator(cfg, inspect_population(cfg))
+    start = {"m1": 1.0, "m2": 2.0, "m3": 4.0}
+    seen = set()
+    for step in range(6):
+        values = {m: {Quantity(m, "param", "activation.weight"): torch.tensor([v]).numpy()} for m, v in start.items()}
+        reply, _ = evaluator.complete_round("param", step, values)
+        ((a, b),) = gossip_pairs(["m1", "m2", "m3"], 3, step)
+        (odd,) = {"m1", "m2", "m3"} - {a, b}
+        assert {q.member: float(v[0]) for q, v in reply.replace.items()} == {a: (start[a] + start[b]) / 2, b: (start[a] + start[b]) / 2}, step
+        assert odd not in {q.member for q in reply.replace}
+        seen.add((a, b))
+    assert len(seen) > 1
+    metrics = evaluator.coupling_metrics("param", 5)
+    assert metrics["coupling/gossip/divergence/m3"] == pytest.approx(4.0 - 7.0 / 3), "distance to the population's mean, before the round"

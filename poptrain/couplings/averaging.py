@@ -1,13 +1,15 @@
-"""Parameter averaging (seed 002): a target model gets the mean of others, or members are averaged."""
+"""Parameter averaging (seed 002): a target model gets the mean of others, or members are averaged;
+members pulled part of the way to their mean (PAPA); members averaged in random pairs (gossip)."""
 
 from __future__ import annotations
 
 import os
+import random
 from concurrent.futures import ThreadPoolExecutor
 from typing import Mapping, Optional
 
 import torch
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from poptrain.config import CouplingConfig
 from poptrain.couplings.base import Coupling, Quantity, Rewrite, register
@@ -24,12 +26,28 @@ class AverageConfig(CouplingConfig):
     weights: Optional[list[float]] = Field(None, description="One weight per member of `members`, summing to 1; default: the plain mean.")
     every: int = Field(1, ge=1, description="Average every k exchanges (and always after the last step).")
     include_frozen: bool = Field(False, description="Also overwrite members' frozen parameters when averaging back into them.")
+    rate: float = Field(
+        1.0,
+        description="PAPA (arXiv 2304.03094): each member moves this fraction of the way to the mean, "
+        "`p_i <- (1 - rate) * p_i + rate * mean(p)`, at every `every`-th exchange and after the last step; "
+        "0 < rate <= 1, and 1 (the default) replaces the members by the mean. Not with `into`.",
+    )
+
+    @field_validator("rate")
+    @classmethod
+    def _rate(cls, rate: float) -> float:
+        if not 0 < rate <= 1:
+            raise ValueError(f"`rate` is the fraction of the way to the mean each member moves: it must be in (0, 1], got {rate}")
+        return rate
 
     @model_validator(mode="after")
     def _weights(self):
         if self.weights is not None:
             if any(w < 0 for w in self.weights) or abs(sum(self.weights) - 1.0) > 1e-6:
                 raise ValueError(f"`weights` must be non-negative and sum to 1, got {self.weights}")
+        if self.into is not None and self.rate != 1.0:
+            raise ValueError(f"`rate` pulls members towards their mean, and `into` leaves them as they are: "
+                             f"give one or the other (into {self.into!r}, rate {self.rate})")
         return self
 
 
@@ -42,6 +60,9 @@ class Average(Coupling):
       ``(p_1 + ... + p_n) / n`` of the members' final weights.
     * no ``into``: every member's parameters are replaced by the mean (local SGD / FedAvg). Each
       member keeps its own optimizer state (moments are not averaged), as local SGD does.
+    * no ``into``, ``rate: a < 1``: PAPA's pull, ``p_i <- (1 - a) * p_i + a * mean(p)``, each member
+      a fraction ``a`` of the way to the mean (which the pull leaves where it is). Exact with
+      ``exchange.every: 1``: the mean of the values the members send at that very exchange.
 
     Adds no term to any objective; logs each member's distance to the mean (``divergence/<m>``).
     """
@@ -82,20 +103,18 @@ class Average(Coupling):
         return [q[Quantity(m, "param", name)] for m in self.members]
 
     def rewrite(self, kind, q, out):
-        into = self.config.into
+        into, rate = self.config.into, self.config.rate
         targets = {w.key: t for w, t in out.items() if w.member == into} if into else {}
         means = {n: average_pass(self._values(q, n), self.config.weights, targets.get(n), distances=False)[0] for n in self.names}
-        return {w: means[w.key] for w in self._written()}
+        if rate == 1.0:
+            return {w: means[w.key] for w in self._written()}
+        return {w: pulled(q[w], means[w.key], rate) for w in self._written()}
 
     def metrics(self, q: Mapping[Quantity, torch.Tensor]) -> dict[str, float]:
         """``divergence/<m>``: each member's Euclidean distance to the mean, before averaging, in one
         more pass over the members' parameters (the mean is recomputed chunk by chunk in cache,
         bitwise as :meth:`rewrite` computes it, so the pass reads each value once)."""
-        squares = [0.0] * len(self.members)
-        for name in self.names:
-            _, distances = average_pass(self._values(q, name), self.config.weights, keep=False)
-            squares = [a + b for a, b in zip(squares, distances)]
-        return {f"divergence/{m}": square**0.5 for m, square in zip(self.members, squares)}
+        return divergences(q, self.members, self.names, self.config.weights)
 
     @classmethod
     def check_config(cls, config: AverageConfig, run) -> list[tuple[str, str]]:
@@ -117,6 +136,89 @@ class Average(Coupling):
 
     def check_population(self) -> list[tuple[str, str]]:
         return check_same_parameters(self.population, self.members + ([self.config.into] if self.config.into else []), self.names, self.config.params)
+
+
+class GossipConfig(CouplingConfig):
+    """Gossip averaging, NoLoCo's random pairs (arXiv 2506.10911) on the parameters: each round, members averaged in pairs, no all-reduce."""
+
+    params: list[str] = Field(default_factory=lambda: ["*"], description="Parameter name patterns averaged (fnmatch); default: all.")
+    every: int = Field(1, ge=1, description="A gossip round every k exchanges.")
+    include_frozen: bool = Field(False, description="Also overwrite members' frozen parameters.")
+
+
+@register("gossip")
+class Gossip(Coupling):
+    """At every ``every``-th parameter exchange, ``members`` are paired at random and each pair's
+    parameters are replaced by the pair's mean ``(p_a + p_b) / 2``; with an odd number of members
+    the one left over keeps its own. The round's pairs are :func:`gossip_pairs` of the run's seed
+    and the exchange's step, so a run and its resume (and a restarted member replaying a round)
+    pair the same. Nothing happens after the last step: members end as their last round left them.
+
+    Exact with ``exchange.every: 1``: each pair averages the values its members send at that very
+    exchange. Each member keeps its own optimizer state. Logs ``divergence/<m>``, each member's
+    distance to the population's mean before the round, as ``average`` does."""
+
+    Config = GossipConfig
+    config: GossipConfig
+
+    adds_term = False
+    rewrites_values = True
+
+    def __init__(self, config: GossipConfig, population):
+        super().__init__(config, population)
+        first = self.members[0] if self.members else None
+        self.names = population.params_matching(first, config.params) if first in population.param_shapes else []
+        self.written = {m: [n for n in self.names if config.include_frozen or population.trainable.get(m, {}).get(n, True)] for m in self.members}
+
+    def reads(self) -> list[Quantity]:
+        return [Quantity(m, "param", n) for m in self.members for n in self.names]
+
+    def rewrites(self) -> list[Rewrite]:
+        return [Rewrite("param", tuple(Quantity(m, "param", n) for m in self.members for n in self.written[m]), every=self.config.every)]
+
+    def rewrite_at(self, kind, step, q, out):
+        new = {}
+        for a, b in gossip_pairs(self.members, self.population.seed, step):
+            for name in self.names:
+                mean = average_pass([q[Quantity(a, "param", name)], q[Quantity(b, "param", name)]], None, distances=False)[0]
+                new.update({Quantity(m, "param", name): mean for m in (a, b) if name in self.written[m]})
+        return new
+
+    def metrics(self, q: Mapping[Quantity, torch.Tensor]) -> dict[str, float]:
+        """``divergence/<m>``: each member's Euclidean distance to the population's mean, before the round."""
+        return divergences(q, self.members, self.names, None)
+
+    @classmethod
+    def check_config(cls, config: GossipConfig, run) -> list[tuple[str, str]]:
+        if len(config.members or run.member_names) < 2:
+            return [("members", "gossip averages members in pairs: it needs at least two members")]
+        return []
+
+    def check_population(self) -> list[tuple[str, str]]:
+        return check_same_parameters(self.population, self.members, self.names, self.config.params)
+
+
+def gossip_pairs(members: list[str], seed: int, step: int) -> list[tuple[str, str]]:
+    """The pairs of gossip's round at ``step``: ``members`` shuffled by
+    ``random.Random(f"poptrain-gossip-{seed}-{step}")`` and taken two by two (the last one left
+    out when their number is odd). Depends on nothing else, so any process decides the same."""
+    order = list(members)
+    random.Random(f"poptrain-gossip-{seed}-{step}").shuffle(order)
+    return list(zip(order[0::2], order[1::2]))
+
+
+def pulled(value: torch.Tensor, mean: torch.Tensor, rate: float) -> torch.Tensor:
+    """PAPA's pull of one member's value: ``(1 - rate) * value + rate * mean``, as written."""
+    return (1 - rate) * value + rate * mean
+
+
+def divergences(q: Mapping[Quantity, torch.Tensor], members: list[str], names: list[str], weights: list[float] | None) -> dict[str, float]:
+    """``divergence/<m>``: each member's Euclidean distance to the (weighted) mean over ``names``."""
+    squares = [0.0] * len(members)
+    for name in names:
+        _, distances = average_pass([q[Quantity(m, "param", name)] for m in members], weights, keep=False)
+        squares = [a + b for a, b in zip(squares, distances)]
+    return {f"divergence/{m}": square**0.5 for m, square in zip(members, squares)}
 
 
 PASS_THREADS = 8  # the most threads one averaging pass uses (the node's cores, when fewer)

@@ -8,7 +8,8 @@
 * or, for a coupling that changes values at exchanges (averaging parameters, summing shared
   gradients), :meth:`Coupling.rewrites` — which of members' own quantities it replaces and when
   (:class:`Rewrite`) — and :meth:`Coupling.rewrite` — the new values, computed by the
-  coordinator when the schedule says so.
+  coordinator when the schedule says so (:meth:`Coupling.rewrite_at` where they depend on the
+  round: gossip's pairs).
 
 Where the value is computed, and why the gradient is exact: every member evaluates the
 couplings that train it with its *own* quantities live (attached to its autograd graph) and
@@ -80,6 +81,7 @@ class PopulationInfo:
     outputs: dict[str, tuple[int, ...]] = field(default_factory=dict)
     samples: dict[str, dict] = field(default_factory=dict)
     models: dict[str, dict] = field(default_factory=dict)  # member -> its model's config (name, kwargs)
+    seed: int = 0  # the run's seed: what a coupling draws at random is drawn from it (and the round)
 
     def params_matching(self, member: str, patterns: list[str]) -> list[str]:
         return [n for n in self.param_shapes[member] if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
@@ -202,8 +204,16 @@ class Coupling(CouplingClass, ABC):
         ``out``, for a rewrite declared ``in_place``: ``{Quantity: tensor}`` of the members' own
         parameters that live in memory mapped by the coordinator; the coupling may compute their
         new values straight into them and return those same tensors (anything else returned is
-        copied in). Empty otherwise."""
+        copied in). Empty otherwise. A quantity left out of the result keeps its value."""
         return {}
+
+    def rewrite_at(self, kind: Kind, step: int, q: Mapping[Quantity, torch.Tensor], out: Mapping[Quantity, torch.Tensor]) -> dict[Quantity, torch.Tensor]:
+        """What the coordinator calls: :meth:`rewrite` at the exchange of ``kind`` at ``step`` (the
+        step about to be taken; ``steps`` for the exchange after the last one). By default the
+        values do not depend on the round; a coupling whose values do (gossip draws each round's pairs
+        from the run's seed and ``step``, so a run and its resume decide the same) overrides this
+        instead of :meth:`rewrite`."""
+        return self.rewrite(kind, q, out)
 
     # -- checks, before anything starts ------------------------------------------------------
 
