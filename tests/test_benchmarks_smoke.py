@@ -4,8 +4,10 @@ Benchmarks are not tests: no threshold is checked here (``--smoke`` judges nothi
 proves that ``python -m benchmarks`` still works end to end against the current poptrain, and
 that its JSON has every figure. It runs in its own process with its own local Ray: four short
 ``poptrain.run`` calls (no coupling, sync coupling, averaging, population-based training), a
-single-process loop, a few exchange rounds and a small Ray Tune PBT experiment, so one to two
-minutes on 2 cores depending on other load.
+single-process loop, a few exchange rounds, a small Ray Tune PBT experiment, and one
+``poptrain run configs/thousand.yaml`` of 20 members x 20 steps in a process of its own (its own
+Ray) against a torch.func process, so a few minutes on 2 cores depending on other load (on
+2026-12-04, with the machine loaded 10-20 deep: 3.3 min before that last figure, 4.3 min with it).
 
 A figure in ``benchmarks.NEEDS_BENCH_EXTRA`` may have no measured row only where the module it
 needs does not import in this interpreter (the ``bench`` extra is not installed): then every row
