@@ -23,6 +23,7 @@ FIGURES = (
     "packed_throughput",
     "packing_memory",
     "startup_at_scale",
+    "thousand_end_to_end",
     "pbt_vs_tune",
 )
 

@@ -33,6 +33,10 @@ def _runner(name: str):
         from benchmarks import packing
 
         return getattr(packing, name)
+    if name == "thousand_end_to_end":
+        from benchmarks.end_to_end import thousand_end_to_end
+
+        return thousand_end_to_end
     if name == "pbt_vs_tune":
         from benchmarks.pbt_tune import pbt_vs_tune
 

@@ -64,6 +64,13 @@ class Sizes:
     pbt_seeds: tuple[int, ...] = (0, 1, 2)
     pbt_without_checkpoints: bool = True  # also one poptrain run with checkpoint.every: 0 (exploits need no checkpoint)
     pbt_tune_without_actor_reuse: bool = False  # also one Tune run with TuneConfig's default reuse_actors=False (~15 min here)
+    pbt_whole_processes: bool = True  # also each seed as whole processes, each starting its own Ray (`poptrain run` vs a Tune script)
+    # `poptrain run configs/thousand.yaml` as a process against a torch.func loop's process: members and
+    # steps (None: the config's 1,000 and 300), and how many poptrain runs (the loop runs before and after each).
+    e2e_members: int | None = None
+    e2e_steps: int | None = None
+    e2e_repeats: int = 1
+    e2e_loop_before: bool = True  # a torch.func process before the first poptrain run too (--smoke: only after, to stay short)
     thresholds: bool = True  # smoke: report, never judge
 
     @property
@@ -81,13 +88,14 @@ SIZES = {
         runs=("none", "sync1", "single"), single_steps=20, latency_members=(2,), latency_rounds=30, latency_warmup=5,
         latency_modes=("sync",), avg_sources=2, avg_params=100_000, avg_rounds=4, avg_warmup=1, avg_log_every=2, startup_steps=2,
         startup_child=False, pbt_members=2, pbt_steps=40, pbt_every=10, pbt_seeds=(0,), pbt_without_checkpoints=False, thresholds=False,
-        packing_small=2, packing_large=3, packing_steps=25, packing_warmup=10,
+        packing_small=2, packing_large=3, packing_steps=25, packing_warmup=10, pbt_whole_processes=False, e2e_members=20, e2e_steps=20,
+        e2e_loop_before=False,
     ),
     "default": Sizes(mode="default"),
     "full": Sizes(
         mode="full", steps=1500, warmup=100, repeats=3, repeated=("none", "sync1", "single", "sync10", "async1", "async10"),
         single_steps=800, latency_members=(2, 8, 16), latency_rounds=2000,
-        latency_warmup=100, avg_rounds=100, avg_warmup=3, pbt_tune_without_actor_reuse=True,
+        latency_warmup=100, avg_rounds=100, avg_warmup=3, pbt_tune_without_actor_reuse=True, e2e_repeats=3,
     ),
 }
 
@@ -289,6 +297,63 @@ def async_mode_available(sizes: Sizes, workdir: Path, uri: str) -> tuple[bool, s
     except poptrain.ConfigError as exc:
         return False, f"poptrain.load_config refuses exchange.mode=async ({str(exc).splitlines()[0][:200]})"
     return True, f"exchange = {cfg.exchange.model_dump(mode='json')}"
+
+
+# --------------------------------------------------------------------------------------------
+# Whole processes, each starting its own Ray
+
+
+def fresh_process_env(ray_tmp: str) -> dict[str, str]:
+    """The environment of a child process that starts its own local Ray as on a fresh machine: this
+    checkout first on ``PYTHONPATH``, no ``RAY_ADDRESS``, a Ray temp folder of its own (a bare
+    ``ray.init()`` would otherwise join a cluster ``ray start`` recorded in /tmp/ray), no GPU (the
+    figures are CPU figures)."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])), RAY_TMPDIR=ray_tmp,
+               CUDA_VISIBLE_DEVICES="")
+    env.pop("RAY_ADDRESS", None)
+    return env
+
+
+def timed_process(argv: list[str], log_path: Path, marker: str | None = None, timeout_s: float = 3600) -> dict[str, Any]:
+    """Run ``argv`` (from the repository root, in :func:`fresh_process_env`) and time it from just
+    before the process is started: ``exit_s`` when it has exited, and with ``marker``, ``marker_s``
+    when the first output line starting with it arrived (``None`` if none did). Its output (stdout
+    and stderr) goes to ``log_path``; the last lines come back as ``output_tail``. Raises
+    ``RuntimeError`` when it fails."""
+    import shutil
+    import subprocess
+    import tempfile
+    import threading
+
+    ray_tmp = tempfile.mkdtemp(prefix="prb-", dir="/tmp" if os.path.isdir("/tmp") else None)
+    marker_at: list[float] = []
+    lines: list[str] = []
+    try:
+        with open(log_path, "w") as log:
+            started = time.perf_counter()
+            proc = subprocess.Popen(argv, cwd=REPO, env=fresh_process_env(ray_tmp), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+            def read() -> None:
+                for line in proc.stdout:
+                    if marker and not marker_at and line.startswith(marker):
+                        marker_at.append(time.perf_counter())
+                    lines.append(line)
+                    log.write(line)
+
+            reader = threading.Thread(target=read, daemon=True)
+            reader.start()
+            try:
+                returncode = proc.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                returncode = proc.wait()
+            exited = time.perf_counter()
+            reader.join(timeout=10)
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    if returncode != 0:
+        raise RuntimeError(f"{' '.join(argv[1:4])} ... exited with {returncode}:\n{''.join(lines)[-3000:]}")
+    return {"exit_s": exited - started, "marker_s": marker_at[0] - started if marker_at else None, "output_tail": "".join(lines[-12:]), "log": str(log_path)}
 
 
 # --------------------------------------------------------------------------------------------

@@ -4,8 +4,11 @@ Benchmarks are not tests: no threshold is checked here (``--smoke`` judges nothi
 proves that ``python -m benchmarks`` still works end to end against the current poptrain, and
 that its JSON has every figure. It runs in its own process with its own local Ray: four short
 ``poptrain.run`` calls (no coupling, sync coupling, averaging, population-based training), a
-single-process loop, a few exchange rounds and a small Ray Tune PBT experiment, so one to two
-minutes on 2 cores depending on other load.
+single-process loop, a few exchange rounds, a small Ray Tune PBT experiment, and one
+``poptrain run configs/thousand.yaml`` of 20 members x 20 steps in a process of its own (its own
+Ray) against a torch.func process, so one to a few minutes on 2 cores depending on other load
+(2026-12-04, load average about 2: 42 s before that last figure, 60 s with it, of which it took
+18 s; with the machine loaded 10-20 deep, 3-4.5 min).
 
 A figure in ``benchmarks.NEEDS_BENCH_EXTRA`` may have no measured row only where the module it
 needs does not import in this interpreter (the ``bench`` extra is not installed): then every row
