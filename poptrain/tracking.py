@@ -176,6 +176,7 @@ class Tracking:
         # groups of members, which need not arrive in step order across keys.
         self.high_water: dict[str, dict[str, int]] = {}
         self.datasets: dict[str, list[dict[str, Any]]] = {}  # member -> what log_datasets logged
+        self.logged_inputs: dict[str, set[tuple[str, str]]] = {}  # run -> (name, digest) of the datasets MLflow holds for it (a resume)
         # Population summaries (population/<key>/min|median|max on the parent): members' values of
         # each step's metrics, until every member has logged that step.
         self.step_values: dict[int, dict[str, dict[str, float]]] = defaultdict(lambda: defaultdict(dict))  # step -> key -> member -> value
@@ -253,8 +254,9 @@ class Tracking:
         :func:`dataset_input`): the runs table's Dataset column, and the dataset that the metrics
         :meth:`log_model` puts on the member's model were measured on (its ``eval`` one). MLflow
         keeps one input per name and digest: logging them again (a resume) adds nothing."""
-        if datasets:
-            inputs = [dataset_input(d) for d in datasets]
+        inputs = [dataset_input(d) for d in datasets]
+        held = self.logged_inputs.get(self._run_id(member), set())
+        if inputs and not {(i.dataset.name, i.dataset.digest) for i in inputs} <= held:  # a resumed run's are there already
             self._retry(lambda: self.client.log_inputs(self._run_id(member), datasets=inputs))
         self.datasets[member] = [dict(d) for d in datasets]
 
@@ -276,15 +278,28 @@ class Tracking:
         return fresh
 
     def resume(self) -> None:
-        """Reopen the population's runs and read how far each metric was logged."""
+        """Reopen the population's runs and read how far each metric was logged.
+
+        A run's latest value of a metric is MLflow's value at its highest step (its store keeps the
+        one with the highest (step, timestamp)), so one search of the members' runs, in pages, gives
+        every high-water mark: a thousand members' resume reads a few pages instead of a metric
+        history per member and key, and reopens (writes) only the runs that are not running."""
         assert self.ids is not None
+        runs = {self.ids.parent: self._retry(lambda: self.client.get_run(self.ids.parent))}
+        token = None
+        while True:
+            page = self._retry(lambda token=token: self.client.search_runs(
+                [self.ids.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{self.ids.parent}'", max_results=1000, page_token=token))
+            runs.update((run.info.run_id, run) for run in page)
+            token = page.token
+            if not token:
+                break
         for run_id in [self.ids.parent, *self.ids.members.values()]:
-            self._retry(lambda run_id=run_id: self.client.update_run(run_id, status="RUNNING"))
-            metrics = self._retry(lambda run_id=run_id: self.client.get_run(run_id)).data.metrics
-            marks = self.high_water[run_id] = {}
-            for key in metrics:
-                history = self._retry(lambda key=key, run_id=run_id: self.client.get_metric_history(run_id, key))
-                marks[key] = max((m.step for m in history), default=-1)
+            run = runs.get(run_id) or self._retry(lambda run_id=run_id: self.client.get_run(run_id))
+            if run.info.status != "RUNNING":
+                self._retry(lambda run_id=run_id: self.client.update_run(run_id, status="RUNNING"))
+            self.high_water[run_id] = {m.key: m.step for m in run.data.to_proto().metrics}
+            self.logged_inputs[run_id] = {(d.dataset.name, d.dataset.digest) for d in run.inputs.dataset_inputs}
 
     def log_member(self, member: str, items: list[Item]) -> None:
         """Buffer a member's metrics (written by a later flush); steps already seen are dropped. Each
