@@ -217,12 +217,16 @@ def papa_training(models, batches, steps, lr, rate, every=1, stale=False):
             previous = current
         if step == steps:
             break
-        batch = next(batches)
-        optimizer.zero_grad()
-        total = sum(torch.nn.functional.cross_entropy(m(x), y) for m, (x, y) in zip(models, batch))
-        total.backward()
-        optimizer.step()
+        _joint_step(models, optimizer, next(batches))
     return models
+
+
+def _joint_step(models, optimizer, batch):
+    """One step of the models side by side: the sum of their own cross-entropies, one backward, one Adam step."""
+    optimizer.zero_grad()
+    total = sum(torch.nn.functional.cross_entropy(m(x), y) for m, (x, y) in zip(models, batch))
+    total.backward()
+    optimizer.step()
 
 
 def gossip_training(models, batches, steps, lr, seed, every=1, stale=False):
@@ -248,9 +252,5 @@ def gossip_training(models, batches, steps, lr, seed, every=1, stale=False):
                         pa.copy_(mean)
                         pb.copy_(mean)
             previous = current
-        batch = next(batches)
-        optimizer.zero_grad()
-        total = sum(torch.nn.functional.cross_entropy(m(x), y) for m, (x, y) in zip(models, batch))
-        total.backward()
-        optimizer.step()
+        _joint_step(models, optimizer, next(batches))
     return models
