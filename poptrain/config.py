@@ -908,7 +908,9 @@ def validate_config(raw: dict, member_overrides: list[str] | tuple[str, ...] = (
     """Validate the schema, each coupling's own fields, and every cross-reference between names.
     ``member_overrides`` apply to members made by ``copies``/``vary``, once they are made."""
     raw = dict(raw)
-    raw["members"], entries, problems = variation.expand(raw.get("members"), raw.get("seed", 0), MemberConfig)
+    members, entries, problems = variation.expand(raw.get("members"), raw.get("seed", 0), MemberConfig)
+    if "members" in raw:  # a missing key stays missing, for the schema to name
+        raw["members"] = members
     if problems:
         raise ConfigError(problems)
     for text in member_overrides:

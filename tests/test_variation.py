@@ -208,3 +208,9 @@ def test_a_thousand_members_resume_after_their_driver_is_killed_with_every_histo
     assert {f"{ranking}/median", f"best/{ranking}"} <= set(parent.data.metrics)
     best = parent.data.tags["poptrain.best_member"]
     assert members[best].data.metrics[ranking] == parent.data.metrics[f"best/{ranking}"] == min(r.data.metrics[ranking] for r in members.values())
+
+
+def test_a_config_without_members_still_says_the_key_is_missing():
+    with pytest.raises(ConfigError) as caught:
+        load_config({"name": "v", "steps": 2})
+    assert caught.value.problems == [("members", "required key is missing")]
