@@ -446,9 +446,8 @@ class StackedGroup:
                 joint_values = {c.name: c.values_for(list(self.names), together) for c in joint}
         out: dict[int, dict[str, torch.Tensor]] = {}
         own_total = []
-        for i, m in enumerate(self.members):
-            if not (extras or logged or self.own_couplings):
-                break
+        # Member by member only where something is per member: extras and terms to log, terms of its own.
+        for i, m in enumerate(self.members) if extras or logged or self.own_couplings else ():
             quantities = {**m.peers, **live[i]}
             if extras:
                 with torch.no_grad():
