@@ -112,13 +112,19 @@ def check_optimizer(model: nn.Module, cfg: MemberConfig) -> None:
     kwargs = cfg.optimizer.kwargs
     probe = cls.__module__.startswith("torch.optim") and len(groups) == 1 and not (_CHECKED_WITH_PARAMETERS & {*kwargs, *groups[0]})
     if probe:
-        try:
-            cls([], lr=cfg.optimizer.lr, **kwargs)
-        except ValueError as exc:
-            if "empty parameter list" in str(exc):
-                return
-            raise
+        probe_torch_optimizer(cls, cfg.optimizer.lr, kwargs)
+        return
     build_optimizer(model, cfg)
+
+
+def probe_torch_optimizer(cls: type, lr: float, kwargs: dict[str, Any]) -> None:
+    """Raise what torch optimizer ``cls`` raises for ``lr`` and ``kwargs``, without parameters:
+    torch's optimizers check every hyperparameter before they refuse the empty parameter list."""
+    try:
+        cls([], lr=lr, **kwargs)
+    except ValueError as exc:
+        if "empty parameter list" not in str(exc):
+            raise
 
 
 def apply_frozen(model: nn.Module, patterns: list[str]) -> list[str]:

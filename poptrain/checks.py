@@ -246,7 +246,7 @@ def stacking_problems(cfg: RunConfig, population: PopulationInfo) -> dict[str, s
 
 def _model_stacking_problem(member: MemberConfig) -> str | None:
     from poptrain.build import resolve_loss
-    from poptrain.stacked import model_problem, vmap_problem
+    from poptrain.stacked import model_problem, probe_batch, vmap_problem
 
     with torch.random.fork_rng():  # the driver's own streams stay as they were
         torch.manual_seed(0)
@@ -257,8 +257,7 @@ def _model_stacking_problem(member: MemberConfig) -> str | None:
     reason = model_problem(models[0])
     if reason:
         return reason
-    dataset = build_dataset(member.data)
-    return vmap_problem(models, resolve_loss(member), collate(dataset, torch.arange(min(len(dataset), 4))))
+    return vmap_problem(models, resolve_loss(member), probe_batch(build_dataset(member.data)))
 
 
 def prepare(config, overrides=(), record: bool = False) -> tuple[RunConfig, PopulationInfo, str]:

@@ -631,9 +631,10 @@ class RunConfig(Strict):
     def varied_values(self) -> dict[str, dict[str, Any]]:
         """``{member: {varied key: its value}}`` for the members an entry's ``vary`` made."""
         out: dict[str, dict[str, Any]] = {}
+        by_name = {m.name: m for m in self.members}  # not member(): a scan per member, for a thousand of them
         for entry in self._entries:
             for name in entry.names if entry.keys else ():
-                dumped = self.member(name).model_dump(mode="json")
+                dumped = by_name[name].model_dump(mode="json")
                 out[name] = {key: variation.get_dotted(dumped, key.split(".")) for key in entry.keys}
         return out
 

@@ -16,7 +16,7 @@ import math
 import random
 from typing import Any, Callable
 
-from poptrain.build import optimizer_class
+from poptrain.build import optimizer_class, probe_torch_optimizer
 from poptrain.config import MemberConfig, Perturbation, PBTConfig, RunConfig
 
 GROUP_KEY = "poptrain_group"  # in each optimizer param group: the config group it came from (-1: the default)
@@ -116,7 +116,6 @@ def explore(
     return out, adjusted
 
 
-# Weights explore may set: below 0 a term that was minimized would be maximized.
 def value_problem(member: MemberConfig, key: str, value: float) -> str | None:
     """Why ``value`` is outside what the consumer of hyperparameter ``key`` of ``member`` accepts, or
     None: a learning rate must be positive, an optimizer option what the optimizer's own constructor
@@ -135,9 +134,9 @@ def value_problem(member: MemberConfig, key: str, value: float) -> str | None:
         return None  # a user's optimizer: its own checks run when it is built
     kwargs = {**member.optimizer.kwargs, **({} if option == "lr" else {option: value})}
     try:
-        cls([], lr=value if option == "lr" else member.optimizer.lr, **kwargs)
+        probe_torch_optimizer(cls, value if option == "lr" else member.optimizer.lr, kwargs)
     except (ValueError, TypeError) as exc:
-        return None if "empty parameter list" in str(exc) else f"{cls.__name__} refuses {option}={value:g}: {exc}"
+        return f"{cls.__name__} refuses {option}={value:g}: {exc}"
     return None
 
 

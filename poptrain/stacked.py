@@ -125,12 +125,12 @@ def stackable(trainer) -> str | None:
     return None
 
 
-def probe_batch(trainer) -> list[torch.Tensor]:
-    """A few of ``trainer``'s training samples, read without moving its batch stream."""
+def probe_batch(dataset, device: torch.device | str = "cpu") -> list[torch.Tensor]:
+    """The first few samples of ``dataset`` (what :func:`vmap_problem` tries a model on), on
+    ``device``; a member's batch stream does not move."""
     from poptrain.batches import collate
 
-    dataset = trainer.batches.dataset
-    return [t.to(trainer.device) for t in collate(dataset, torch.arange(min(len(dataset), 4)))]
+    return [t.to(device) for t in collate(dataset, torch.arange(min(len(dataset), 4)))]
 
 
 def group_key(trainer) -> tuple:
@@ -152,7 +152,7 @@ def form_groups(trainers: list) -> list:
         if t.stacking_problem is None:
             by_key.setdefault(group_key(t), []).append(t)
     for members in by_key.values():  # tried once per group: the models are alike
-        problem = vmap_problem([m.model for m in members[:2]], members[0].loss_fn, probe_batch(members[0])) if len(members) >= MIN_MEMBERS else None
+        problem = vmap_problem([m.model for m in members[:2]], members[0].loss_fn, probe_batch(members[0].batches.dataset, members[0].device)) if len(members) >= MIN_MEMBERS else None
         for m in members:
             m.stacking_problem = problem
     grouped = {id(t): members for members in by_key.values() if len(members) >= MIN_MEMBERS and members[0].stacking_problem is None for t in members}
@@ -438,7 +438,7 @@ class StackedGroup:
         for c in joint:  # one backward each: every member's gradient of the value, then times its own weight
             value = c.value(together)
             if value is not None and value.requires_grad:
-                self._add_gradients(grads, leaves, value, self._weights(c.name, grads))
+                self._add_gradients(grads, leaves, value, self._weights(c.name))
         logged, extras = self._logged(first.step), logs_step(first.run, first.step)  # extras: as a member alone has them
         joint_values: dict[str, dict] = {}
         if logged:  # what each member logs as its own term
@@ -466,10 +466,10 @@ class StackedGroup:
                 m._guard(bad)
         return out
 
-    def _weights(self, coupling: str, grads: dict[str, torch.Tensor]) -> torch.Tensor:
+    def _weights(self, coupling: str) -> torch.Tensor:
         """Every member's own weight of ``coupling``, a column over the member dimension: population-based
         training sets them member by member, in coupling objects of each member's own (read at every step)."""
-        like = grads[self.keys[0]]
+        like = self.params[self.keys[0]]
         return torch.tensor([own[coupling].weight for own in self.couplings], dtype=like.dtype, device=like.device)
 
     def _add_gradients(self, grads: dict[str, torch.Tensor], leaves: dict[str, torch.Tensor], value: torch.Tensor, weights: torch.Tensor | None = None) -> None:
@@ -498,8 +498,7 @@ class StackedGroup:
                 lr, wd, betas, eps, momentum = zip(*rows)  # as read above
                 columns[k] = {"lr": column(lr), "weight_decay": column(wd), "eps": column(eps), "momentum": column(momentum),
                               "beta1": column([b[0] for b in betas]), "beta2": column([b[1] for b in betas])}
-                columns[k]["any_weight_decay"] = bool(columns[k]["weight_decay"].any())
-                columns[k]["any_momentum"] = bool(columns[k]["momentum"].any())
+                columns[k]["any_weight_decay"], columns[k]["any_momentum"] = any(wd), any(momentum)  # from the values read, not the device
             self._columns = columns
         return self._columns
 
