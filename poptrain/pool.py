@@ -6,7 +6,9 @@ short run: each one is a Ray worker that imports torch and the optimizer's compi
 in the driver before the run (``ray.init()`` in a notebook, a sweep written in Python, a test
 session), a run that ends well hands its
 placement group, its member actors and its coordinator to this module instead of ending them. The next run of the
-same shape (the same resource bundles and placement strategy, on the same Ray) takes them over:
+same shape (the same resource bundles and placement strategy, on the same Ray; on one node, the
+same number of hosts holding the same resources in all, however the CPUs are split among them:
+:func:`fits`) takes them over:
 each member re-creates everything it holds for the new run in the same process
 (``MemberHost.rebind``: model, data, optimizer, seeds, the connection to the new coordinator),
 as Ray Tune's ``reuse_actors`` does for trials; the coordinator likewise (``CoordinatorActor.rebind``).
@@ -35,6 +37,7 @@ class WarmMembers:
     actors: list[Any] = field(default_factory=list)
     coordinator: Any = None
     run_tag: str = ""
+    one_node: bool = False  # whether all its bundles sit on one node (:func:`fits`); set by :func:`keep`
 
     @property
     def processes(self) -> list[Any]:
@@ -56,13 +59,31 @@ def shape_key(bundles: list[dict[str, float]], strategy: str) -> tuple:
     return (context.get_job_id(), context.get_node_id(), strategy, tuple(tuple(sorted(b.items())) for b in bundles))
 
 
+def fits(kept: tuple, wanted: tuple, one_node: bool) -> bool:
+    """Whether warm members of shape ``kept`` (:func:`shape_key`) can carry a run of shape ``wanted``:
+    the same shape; or, when all their bundles sit on one node (``one_node``), the same session,
+    strategy and number of hosts, each host with the same resources but CPUs, and the same CPUs
+    in all (to the rounding of shares). Ray's CPU shares are accounting, not isolation: on one node
+    the run reserves what it needs either way, and each host takes its torch threads from the
+    run's own share (``MemberHost.rebind``). Runs of 2, 3 or 5 members on a 2-core machine then
+    share their processes (bundles of 1 + 1, 1.33 + 0.66, 1.2 + 0.8 CPUs)."""
+    if kept == wanted:
+        return True
+    if not one_node or kept[:3] != wanted[:3] or len(kept[3]) != len(wanted[3]):
+        return False
+    others = lambda bundles: [tuple((k, v) for k, v in b if k != "CPU") for b in bundles]  # noqa: E731
+    cpus = lambda bundles: sum(v for b in bundles for k, v in b if k == "CPU")  # noqa: E731
+    return others(kept[3]) == others(wanted[3]) and abs(cpus(kept[3]) - cpus(wanted[3])) <= 0.01 * max(1.0, cpus(kept[3]))
+
+
 def take(key: tuple) -> WarmMembers | None:
-    """The warm members for a run of shape ``key``, now that run's own (None if there are none).
-    Warm members of another shape are ended first, so their resources are free for the run."""
+    """The warm members for a run of shape ``key`` (:func:`fits`), now that run's own (None if there
+    are none); their ``key`` stays their placement group's. Warm members that do not fit are ended
+    first, so their resources are free for the run."""
     warm = _pop()
     if warm is None:
         return None
-    if warm.key == key:
+    if fits(warm.key, key, warm.one_node):
         return warm
     end(warm)
     return None
@@ -71,6 +92,7 @@ def take(key: tuple) -> WarmMembers | None:
 def keep(warm: WarmMembers, idle_s: float) -> None:
     """Keep ``warm`` for the next run of its shape, for at most ``idle_s`` seconds unused."""
     global _warm, _timer
+    warm.one_node = _one_node(warm.group)
     with _lock:
         previous, _warm = _warm, warm
         _cancel_timer()
@@ -86,6 +108,13 @@ def release_warm_members() -> None:
     warm = _pop()
     if warm is not None:
         end(warm)
+
+
+def _one_node(group: Any) -> bool:
+    """Whether every bundle of placement group ``group`` sits on one node."""
+    from ray.util import placement_group_table
+
+    return len(set(placement_group_table(group).get("bundles_to_node_id", {}).values())) == 1
 
 
 def _pop() -> WarmMembers | None:

@@ -363,6 +363,7 @@ class PopulationRun:
         warm = _healthy(pool.take(self.shape)) if self.keep_warm else None
         self.group = warm.group if warm is not None else place_population(self.cfg, self.bundles, strategy)
         if warm is not None:
+            self.shape = warm.key  # its placement group's, which it keeps (pool.fits)
             self.run_tag = warm.run_tag  # the warm coordinator's name; this run's mapped-memory files are new ones under it
         return warm
 

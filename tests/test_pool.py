@@ -63,6 +63,20 @@ def test_a_run_of_the_same_shape_takes_over_the_warm_processes_and_ends_as_in_ne
     assert_bitwise_equal(warm.output_dir, fresh.output_dir)
 
 
+def test_on_one_node_a_run_splitting_the_same_cpus_otherwise_takes_over_the_warm_processes(ray_session, base_config, tracking_uri):
+    """Two members on 2 cores hold 1 + 1 CPUs; three hold 1.33 + 0.67 on the same two hosts. On one
+    node only the total is reserved, so the three take the two's processes and end as in new ones."""
+    three = dict(steps=6, members=[prelu_member("m1"), prelu_member("m2"), prelu_member("m3")])
+    first = poptrain.run(base_config(name="first", steps=4))
+    warm = poptrain.run(base_config(name="warm", **three))
+    assert pids(warm) == pids(first), "the two members' processes took the three on"
+    assert sorted(info["members_on_host"] for info in {i["pid"]: i for i in warm.placement.values()}.values()) == [1, 2]
+    fresh = poptrain.run(base_config(name="fresh", **three), keep_warm_s=0)
+    assert not pids(fresh) & pids(first), "new processes"
+    assert losses(tracking_uri, warm) == losses(tracking_uri, fresh)
+    assert_bitwise_equal(warm.output_dir, fresh.output_dir, members=("m1", "m2", "m3"))
+
+
 def test_a_run_of_another_shape_ends_the_warm_processes_first(ray_session, base_config):
     two = poptrain.run(base_config(steps=4))
     alone = poptrain.run(base_config(steps=4, members=[prelu_member("m1")], couplings=[]), keep_warm_s=0)
