@@ -398,7 +398,7 @@ class PopulationRun:
                 write_run_record(self.run_dir, record)
             else:
                 self.ids = self.resume_ids
-                self.tracking.resume()
+                self.tracking.resume(self.cfg)
         except TrackingUnavailable as exc:
             raise PopulationError(f"MLflow tracking failed: {exc}") from None
 

@@ -61,6 +61,27 @@ def write_interval(pass_cpu_s: float) -> float:
     return min(MAX_WRITE_EVERY_S, max(WRITE_EVERY_S, pass_cpu_s / WRITER_CPU_SHARE))
 
 
+def use_write_ahead_log(uri: str) -> None:
+    """Put an sqlite store (``sqlite:////path``) in SQLite's write-ahead-log mode, once (the mode is
+    kept in the file): a commit then syncs one file instead of a journal and the database (MLflow's
+    ``log_batch`` commits up to three times, and a thousand members' runs take thousands), and
+    readers (``mlflow ui``, ``poptrain compare``) no longer block the writer or wait for it. Left as
+    it is when another process holds the file, or it cannot be opened: the store works either way."""
+    if not uri.startswith("sqlite:////"):
+        return
+    import sqlite3
+
+    path = uri[len("sqlite:///") :]
+    try:
+        connection = sqlite3.connect(path, timeout=1.0)
+        try:
+            connection.execute("PRAGMA journal_mode=WAL")
+        finally:
+            connection.close()
+    except sqlite3.Error:
+        pass
+
+
 class TrackingUnavailable(RuntimeError):
     """The tracking store cannot be reached or written."""
 
@@ -156,6 +177,7 @@ class Tracking:
 
         self.uri = uri
         self.artifact_root = artifact_root  # where a new experiment's artifacts go; None: the store's default
+        use_write_ahead_log(uri)
         self.client = MlflowClient(tracking_uri=uri)
         self.ids = ids
         # Metrics are written by a thread of their own, so that a slow or unreachable server (MLflow's
@@ -181,6 +203,9 @@ class Tracking:
         # each step's metrics, until every member has logged that step.
         self.step_values: dict[int, dict[str, dict[str, float]]] = defaultdict(lambda: defaultdict(dict))  # step -> key -> member -> value
         self.newest_step: dict[str, int] = {}  # member -> the newest training step it logged
+        # member -> its params, logged with its first placement tags in one request (a thousand
+        # members' runs: one write each fewer, while they train)
+        self.unlogged_params: dict[str, dict[str, str]] = {}
 
     # -- creating the runs ------------------------------------------------------------------
 
@@ -207,7 +232,7 @@ class Tracking:
                 },
             )
             ids.members[name] = child.info.run_id
-            self._log_params(child.info.run_id, member_params(cfg, name))
+            self.unlogged_params[name] = member_params(cfg, name)
         self.ids = ids
         return ids
 
@@ -224,20 +249,24 @@ class Tracking:
             self._retry(lambda: self.client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, TRAINING_KIND))
         return experiment.experiment_id
 
-    def _log_params(self, run_id: str, params: dict[str, str]) -> None:
+    def _log_params(self, run_id: str, params: dict[str, str], tags: list | None = None) -> None:
+        """``params`` on run ``run_id`` (write-once), in requests of MLflow's limit; ``tags`` (RunTags)
+        with the first."""
         from mlflow.entities import Param
 
         items = [Param(k[:250], str(v)[:MAX_PARAM_LENGTH]) for k, v in sorted(params.items())]
-        for start in range(0, len(items), MAX_PARAMS_PER_BATCH):
-            self._retry(lambda chunk=items[start : start + MAX_PARAMS_PER_BATCH]: self.client.log_batch(run_id, params=chunk))
+        for start in range(0, max(1, len(items)), MAX_PARAMS_PER_BATCH):
+            chunk, with_tags = items[start : start + MAX_PARAMS_PER_BATCH], (tags or []) if start == 0 else []
+            if chunk or with_tags:
+                self._retry(lambda chunk=chunk, with_tags=with_tags: self.client.log_batch(run_id, params=chunk, tags=with_tags))
 
     def set_tags(self, member: str | None, tags: dict[str, Any]) -> None:
-        """Set (or overwrite) tags on a member's run (the parent's for None), in one request."""
+        """Set (or overwrite) tags on a member's run (the parent's for None), in one request; a
+        member's params not logged yet (:meth:`create_runs`) go with them."""
         from mlflow.entities import RunTag
 
         items = [RunTag(k, str(v)[:MAX_TAG_LENGTH]) for k, v in sorted(tags.items())]
-        if items:
-            self._retry(lambda: self.client.log_batch(self._run_id(member), tags=items))
+        self._log_params(self._run_id(member), self.unlogged_params.pop(member, {}) if member is not None else {}, items)
 
     def log_placement(self, member: str, info: dict[str, Any]) -> None:
         """Where a member's process runs (pid, node_id, hostname, device, gpu_ids, torch_threads,
@@ -277,8 +306,9 @@ class Tracking:
                 fresh.append(item)
         return fresh
 
-    def resume(self) -> None:
-        """Reopen the population's runs and read how far each metric was logged.
+    def resume(self, cfg: RunConfig) -> None:
+        """Reopen the population's runs and read how far each metric was logged; a member's params
+        that its first driver did not log before it ended go with its placement tags.
 
         A run's latest value of a metric is MLflow's value at its highest step (its store keeps the
         one with the highest (step, timestamp)), so one search of the members' runs, in pages, gives
@@ -300,6 +330,9 @@ class Tracking:
                 self._retry(lambda run_id=run_id: self.client.update_run(run_id, status="RUNNING"))
             self.high_water[run_id] = {m.key: m.step for m in run.data.to_proto().metrics}
             self.logged_inputs[run_id] = {(d.dataset.name, d.dataset.digest) for d in run.inputs.dataset_inputs}
+        for name, run_id in self.ids.members.items():
+            if not (runs.get(run_id) and runs[run_id].data.params):
+                self.unlogged_params[name] = member_params(cfg, name)
 
     def log_member(self, member: str, items: list[Item]) -> None:
         """Buffer a member's metrics (written by a later flush); steps already seen are dropped. Each
@@ -530,6 +563,8 @@ class Tracking:
         finally:
             self.close()
             assert self.ids is not None
+            for member in list(self.unlogged_params):  # members that never started (a failed run): their params all the same
+                self._log_params(self._run_id(member), self.unlogged_params.pop(member))
             for run_id in [*self.ids.members.values(), self.ids.parent]:
                 self._retry(lambda run_id=run_id: self.client.set_terminated(run_id, status))
 
