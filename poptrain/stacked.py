@@ -202,6 +202,11 @@ class StackedGroup:
         self.rounds = {kind: first.name in first.plan.takes_part[kind] for kind in first.plan.takes_part}
         self.coupled_keys = sorted({q.key for own in self.own_reads for q in own})
         self.own_couplings = any(not c.term_is_joint for c in first.training_couplings)
+        # When one backward of a joint term over the live stack gives each member its own gradient:
+        # at a sync exchange that sent every quantity the couplings read, when the peers' exchanged
+        # values are the live ones. Else (between exchanges, async) each member's term is its own
+        # live values against everyone else's exchanged ones, as alone (Coupling.values_against).
+        self.joint_at_exchanges = first.run.exchange.mode == "sync" and all(first.plan.period.get(q, 1) == 1 for own in self.own_reads for q in own)
         self._hyperparameters_read: list | None = None
         self._columns: dict[str, dict[str, Any]] = {}
         self._vmap = vmap
@@ -298,7 +303,7 @@ class StackedGroup:
         if exchanging and self.rounds["loss"]:  # no non-finite loss goes to the peers
             self._guard_losses(losses)
             yield from self._receive_all((yield from self._send_all("loss", lambda i: {"loss": losses[i]}, lambda i: outputs[i])))
-        couplings = self._coupling_terms(grads)
+        couplings = self._coupling_terms(grads, exchanging)
         # What the host needs of the step (every member's loss and objective, whether everything is
         # finite) in one read from the device: on a GPU each read waits for the step to finish.
         finite = torch.stack([torch.isfinite(losses).all(), *(torch.isfinite(g).all() for g in grads.values())])
@@ -415,16 +420,19 @@ class StackedGroup:
             m.timings["exchange_wait_ms"] += wait_ms
             m.timings["serialize_ms"] += serialize_ms
 
-    def _coupling_terms(self, grads: dict[str, torch.Tensor]) -> dict[int, dict[str, torch.Tensor]]:
+    def _coupling_terms(self, grads: dict[str, torch.Tensor], exchanged_now: bool) -> dict[int, dict[str, torch.Tensor]]:
         """The coupling terms of the members (trained by the same couplings: :func:`group_key`) at
         this step, each on its own parameters and with its own weight; their gradients are added
         to the stacked ones. The parameters the couplings read are stacked leaves of their own
         (member i's quantity is row i), so one backward gives every member's gradient as one
         stacked tensor. A coupling whose term is joint (``Coupling.term_is_joint``) gives every
         member's gradient from one backward of its value, times each member's own weight; the
-        others, each member's term on its own quantities. Member index -> {coupling: term} (the
-        values, as each member logs them: every step for terms of members' own, on logged steps
-        for joint ones)."""
+        others, each member's term on its own quantities. Between exchanges (``exchanged_now``
+        false) a joint term is each member's own live values against everyone else's exchanged
+        ones (:meth:`Coupling.values_against`): a group's members see each other's values as of
+        the last exchange, as they would apart. Member index -> {coupling: term} (the values, as
+        each member logs them: every step for terms of members' own, on logged steps for joint
+        ones)."""
         first = self.members[0]
         if not first.training_couplings:
             return {}
@@ -435,15 +443,26 @@ class StackedGroup:
         together = dict(first.peers)
         for own in live:
             together.update(own)
-        for c in joint:  # one backward each: every member's gradient of the value, then times its own weight
-            value = c.value(together)
-            if value is not None and value.requires_grad:
-                self._add_gradients(grads, leaves, value, self._weights(c.name))
         logged, extras = self._logged(first.step), logs_step(first.run, first.step)  # extras: as a member alone has them
         joint_values: dict[str, dict] = {}
-        if logged:  # what each member logs as its own term
-            with torch.no_grad():
-                joint_values = {c.name: c.values_for(list(self.names), together) for c in joint}
+        if exchanged_now and self.joint_at_exchanges:
+            for c in joint:  # one backward each: every member's gradient of the value, then times its own weight
+                value = c.value(together)
+                if value is not None and value.requires_grad:
+                    self._add_gradients(grads, leaves, value, self._weights(c.name))
+            if logged:  # what each member logs as its own term
+                with torch.no_grad():
+                    joint_values = {c.name: c.values_for(list(self.names), together) for c in joint}
+        elif joint:
+            own_live = {q: v for values in live for q, v in values.items()}
+            for c in joint:  # one backward each of the members' own terms, each row times its member's weight
+                values = c.values_against(list(self.names), own_live, first.peers)
+                if values is None:
+                    joint_values[c.name] = {}
+                    continue
+                if values.requires_grad:
+                    self._add_gradients(grads, leaves, values.sum(), self._weights(c.name))
+                joint_values[c.name] = dict(zip(self.names, values.detach())) if logged else {}
         out: dict[int, dict[str, torch.Tensor]] = {}
         own_total = []
         # Member by member only where something is per member: extras and terms to log, terms of its own.

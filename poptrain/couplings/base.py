@@ -179,6 +179,24 @@ class Coupling(CouplingClass, ABC):
         default one by one. A coupling whose cost grows with the population may do it in one pass."""
         return {m: self.value_for(m, q) for m in members}
 
+    def values_against(self, members: list[str], own: Mapping[Quantity, torch.Tensor], exchanged: Mapping[Quantity, torch.Tensor]) -> torch.Tensor | None:
+        """Each of ``members``' :meth:`value_for` as it computes it alone: on its own quantities in
+        ``own`` (live, in its autograd graph) and everyone else's in ``exchanged`` (their values at
+        the last exchange, the members' own among them), shape (len(members),); None when none has
+        a term. Row i's gradient with respect to member i's quantities is exactly member i's, so a
+        host training them stacked takes all their gradients from one backward of the sum even
+        between exchanges, when ``own`` and ``exchanged`` differ (:mod:`poptrain.stacked`). By
+        default member by member; a coupling over many members does it in a few tensor ops
+        (separation)."""
+        values = []
+        for m in members:
+            mine = {q: v for q, v in own.items() if q.member == m}
+            values.append(self.value_for(m, {**exchanged, **mine}))
+        if all(v is None for v in values):
+            return None
+        like = next(v for v in values if v is not None)
+        return torch.stack([torch.zeros((), dtype=like.dtype, device=like.device) if v is None else v.reshape(()) for v in values])
+
     def metrics(self, q: Mapping[Quantity, torch.Tensor]) -> dict[str, float]:
         """Extra values to log under ``coupling/<name>/...`` on the parent run (e.g. pairwise distances),
         computed by the coordinator on the whole population."""

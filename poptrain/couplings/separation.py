@@ -138,6 +138,36 @@ class Separation(Coupling):
         position = {m: i for i, m in enumerate(self.members)}
         return {m: totals[position[m]] if m in position else None for m in members}
 
+    def values_against(self, members: list[str], own: Mapping[Quantity, torch.Tensor], exchanged: Mapping[Quantity, torch.Tensor]) -> torch.Tensor | None:
+        """Each member's pairs, its own parameter live against its partners' exchanged ones: (pairs
+        of all ``members``) penalties in a few tensor ops, summed per member (a thousand members,
+        half a million (member, partner) rows, as cheap as :meth:`value` on all pairs)."""
+        mine = [m for m in members if m in self._pair_index_by_member]
+        if len(self.members) <= 2 or len(mine) != len(members):
+            return super().values_against(members, own, exchanged)
+        live = torch.stack([own[Quantity(m, "param", self.config.param)].reshape(-1) for m in members])
+        rows, partners = self._rows_and_partners(tuple(members), live.device)
+        if len(rows) * live.shape[1] > VECTORIZED_ELEMENTS:  # too large to hold at once: member by member
+            return super().values_against(members, own, exchanged)
+        others = torch.stack([exchanged[q].reshape(-1) for q in self._quantities]).to(live.dtype)
+        per_row = self._penalties(live[rows], others[partners])
+        return torch.zeros(len(members), dtype=per_row.dtype, device=per_row.device).index_add(0, rows, per_row)
+
+    def _rows_and_partners(self, members: tuple[str, ...], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """For every pair each of ``members`` is in: that member's index in ``members`` and its
+        partner's position in :attr:`members` (made once per group and device)."""
+        cache = self.__dict__.setdefault("_rows_and_partners_cache", {})
+        key = (members, str(device))
+        if key not in cache:
+            position = {m: i for i, m in enumerate(self.members)}
+            rows, partners = [], []
+            for r, m in enumerate(members):
+                first, second = self._pair_index_by_member[m]
+                rows.append(torch.full((len(first),), r, dtype=torch.long))
+                partners.append(torch.where(first == position[m], second, first))
+            cache[key] = (torch.cat(rows).to(device), torch.cat(partners).to(device))
+        return cache[key]
+
     def _penalties(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """The penalty of each pair (a, b): seed 000's relu(margin - |a - b|.sum()), or the repulsion."""
         if self.config.variant == "hinge":
