@@ -30,7 +30,7 @@ from torch.utils.data import default_collate
 from poptrain import mapped_memory
 from poptrain.build import describe_dataset
 from poptrain.channel import CoordinatorClient
-from poptrain.checkpoint import checkpoint_path, load_checkpoint, save_checkpoint, steps_of
+from poptrain.checkpoint import checkpoint_path, load_checkpoint, save_checkpoints, steps_of
 from poptrain.config import RunConfig
 from poptrain.couplings import PopulationInfo, Quantity, build_couplings
 from poptrain.exchange import ExchangePlan, numpy_copy, open_link
@@ -204,8 +204,7 @@ class MemberHost:
             synced = bool(run.checkpoint.every and step % run.checkpoint.every == 0)
             if synced:
                 self._sync_stacks(into_members=True)
-            for m in members:
-                m.checkpoint_ms = self._checkpoint_if_due(m, step) or m.checkpoint_ms
+            self._checkpoint_if_due(step)
             if synced:  # written: the stacks hold the state; copies in the members' optimizers would double its memory
                 for group in self.groups:
                     group.release_member_copies()
@@ -302,21 +301,29 @@ class MemberHost:
         )
         return metrics
 
-    def _checkpoint_if_due(self, m: Hosted, step: int) -> float | None:
-        """Write member ``m``'s checkpoint at ``step`` when one is due (not at 0, not the one just
-        restored); the milliseconds it took, or None."""
+    def _checkpoint_if_due(self, step: int) -> None:
+        """Write the checkpoint at ``step`` of every member due one (not at 0, not the one it was
+        just restored from), in one write of all their files (:func:`save_checkpoints`); each books
+        its share of the time, reported with its next step's profile."""
         every, keep = self.run.checkpoint.every, self.run.checkpoint.keep
-        if not every or step % every or step == m.restored_from or step == 0:
-            return None
+        due = [m for m in self.members if every and step and not step % every and step != m.restored_from]
+        if not due:
+            return
         started = time.perf_counter()
-        # The metrics not yet in MLflow go into the checkpoint: a restart from it sends them again.
-        state = m.trainer.state_dict()
-        # With the last step's and the newest held-out metrics, which a restarted member ranks by.
-        extra = {"metrics": m.outbox.unwritten(), "last_step_metrics": dict(m.last_step_metrics), "evaluated": dict(m.evaluated)}
-        save_checkpoint({**state, **extra}, self.run_dir, m.name, step, keep)
-        if m.trainer.rollback_point is not None:
-            m.trainer.set_rollback_point(step, state)
-        return 1000 * (time.perf_counter() - started)
+
+        def states():  # made one by one as they are written: a few members' copies in memory at a time
+            for m in due:
+                state = m.trainer.state_dict()
+                if m.trainer.rollback_point is not None:
+                    m.trainer.set_rollback_point(step, state)
+                # The metrics not yet in MLflow go into the checkpoint (a restart from it sends them
+                # again), with the last step's and the newest held-out metrics, which a restarted member ranks by.
+                yield m.name, {**state, "metrics": m.outbox.unwritten(), "last_step_metrics": dict(m.last_step_metrics), "evaluated": dict(m.evaluated)}
+
+        save_checkpoints(states(), self.run_dir, step, keep)
+        share_ms = 1000 * (time.perf_counter() - started) / len(due)
+        for m in due:
+            m.checkpoint_ms = share_ms
 
     def _log(self, step: int, members: list[Hosted]) -> None:
         started = time.perf_counter()

@@ -94,7 +94,7 @@ class MemberTrainer:
         # Then this member's own objective can be back-propagated before its peers' values arrive.
         self.couplings_read_only_own_params = all(q.kind == "param" for q in self.plan.reads_for_terms[name] if q.member == name)
         self.stacking_problem: str | None = None  # why it trains alone though alike members on its host stack (poptrain.stacked.form_groups)
-        self.peers: dict[Quantity, torch.Tensor] = {}  # peers' values from the last exchange
+        self.peers = PeerValues()  # peers' values from the last exchange (one for a stacked group's members)
         self.reads_predictions = any(q.kind == "pred" for q in self.plan.received)
         self.coupling_extras: dict[str, float] = {}  # this step's couplings' own metrics (Coupling.metrics_for)
         # Own parameters in memory mapped by the coordinator (poptrain.mapped_memory): it reads and
@@ -391,7 +391,8 @@ class MemberTrainer:
         """Take in an exchange's reply for ``step``: how old the peers' values are (async), the
         peers' values this member reads, new values of its own quantities. ``peers``: the reply's
         values as tensors, made once for every member of a stacked group (it may hold values this
-        member does not read, its own included: its own live ones always take their place)."""
+        member does not read, its own included: its own live ones always take their place); empty
+        where the group took them into the :class:`PeerValues` its members share already."""
         peer_steps = [s for member, s in (reply.steps or {}).items() if member != self.name]
         if peer_steps:  # async: how old the peers' values are, in exchanges
             self.staleness = max(0.0, (step - min(peer_steps)) / self.every)
@@ -463,7 +464,7 @@ class MemberTrainer:
             "optimizer": self.optimizer.state_dict() if self.optimizer is not None else {},
             "batches": self.batches.state_dict(),
             "balancer": self.balancer.state_dict(),
-            "peers": pack_tensors({quantity_key(q): t for q, t in self.peers.items()}),
+            "peers": self.peers.packed(),
             "last_sent": {quantity_key(q): torch.from_numpy(a.copy()) for q, a in self.last_sent.items()},
             "checked_gradient_paths": self.checked_gradient_paths,
             "rng": self.randomness.state_dict(),
@@ -477,7 +478,7 @@ class MemberTrainer:
             self.optimizer.load_state_dict(state["optimizer"])
         self.batches.load_state_dict(state["batches"])
         self.balancer.load_state_dict(state["balancer"])
-        self.peers = {parse_quantity(k): v.to(self.device) for k, v in unpack_tensors(state["peers"]).items()}
+        self.peers = PeerValues({parse_quantity(k): v.to(self.device) for k, v in unpack_tensors(state["peers"]).items()})
         self.last_sent = {parse_quantity(k): v.numpy() for k, v in state["last_sent"].items()}
         self.checked_gradient_paths = bool(state["checked_gradient_paths"])
         self.randomness.load_state_dict(state["rng"])
@@ -507,6 +508,38 @@ def _map_tensors(tree: Any, fn: Callable[[Any], Any]) -> Any:
     if isinstance(tree, (list, tuple)):
         return type(tree)(_map_tensors(v, fn) for v in tree)
     return fn(tree)
+
+
+class PeerValues(dict):
+    """Quantity -> tensor: the peers' values a member holds from the last exchange, packed for its
+    checkpoint once per change (:meth:`packed`). The members of a stacked group hold one of these
+    together (they read the same peers), so a checkpoint of a thousand of them packs the
+    population's values once, not once per member."""
+
+    _packed: dict[str, Any] | None = None
+
+    def packed(self) -> dict[str, Any]:
+        """:func:`pack_tensors` of the values, keyed by :func:`quantity_key` (made again only after a change)."""
+        if self._packed is None:
+            self._packed = pack_tensors({quantity_key(q): t for q, t in self.items()})
+        return self._packed
+
+    def _changed(method):  # noqa: N805 - a decorator of this class's mutators
+        def mutate(self, *args, **kwargs):
+            self._packed = None
+            return method(self, *args, **kwargs)
+
+        return mutate
+
+    __setitem__ = _changed(dict.__setitem__)
+    __delitem__ = _changed(dict.__delitem__)
+    __ior__ = _changed(dict.__ior__)
+    update = _changed(dict.update)
+    pop = _changed(dict.pop)
+    popitem = _changed(dict.popitem)
+    clear = _changed(dict.clear)
+    setdefault = _changed(dict.setdefault)
+    del _changed
 
 
 def pack_tensors(tensors: Mapping[str, torch.Tensor]) -> dict[str, Any]:

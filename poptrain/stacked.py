@@ -261,6 +261,22 @@ class StackedGroup:
                     steps.add(float(own["step"]))
             self.steps[i] = max(steps) if steps else 0.0
         self.shared_batches = _same_stream(self.members)
+        self._share_peers()
+
+    def _share_peers(self) -> None:
+        """Give every member one :class:`~poptrain.member.PeerValues`, the union of theirs (they read
+        the same peers: :func:`group_key`): a reply is taken in once for all of them, and packed
+        once for all their checkpoints. Each member's own live values take the place of its own
+        entry there whenever it computes (:meth:`_coupling_terms`)."""
+        from poptrain.member import PeerValues
+
+        if all(m.peers is self.members[0].peers for m in self.members):
+            return
+        shared = PeerValues()
+        for m in self.members:  # after a restore, each holds what its checkpoint held
+            shared.update(m.peers)
+        for m in self.members:
+            m.peers = shared
 
     def to_members(self) -> None:
         """Write the stack's optimizer state into every member's own optimizer (copies, in torch's
@@ -410,9 +426,9 @@ class StackedGroup:
         reply = yield Wait(pending)
         received = time.perf_counter()
         first = self.members[0]
-        shared = {q: reply.tensor(q, self.device) for q in reply.values if q in first.plan.received}
+        first.peers.update({q: reply.tensor(q, self.device) for q in reply.values if q in first.plan.received})  # every member's (_share_peers)
         for m in self.members:
-            m.take_reply(reply, m.step, shared)
+            m.take_reply(reply, m.step, {})
         # Profiled as a member alone books it (tracking.profile), each member its share: the host
         # books the rest of a member's share of the step as compute.
         wait_ms, serialize_ms = 1000 * (received - waited) / len(self.members), 1000 * (time.perf_counter() - received) / len(self.members)
