@@ -4,7 +4,9 @@ No GPU has been lent to this project yet: this is the one script to run when one
 and it writes one JSON (``<out>/<UTC time>-gpu.json`` and ``<out>/latest-gpu.json``) and a table:
 
 * ``gpu_tests``: the ``gpu``-marked tests (``tests/test_gpu.py``: each member's device, stacked
-  members on CUDA against one by one, PBT between GPU members), passed / run.
+  members on CUDA against one by one, packed against alone and a killed member against an
+  uninterrupted run bitwise, PBT between GPU members, a warm process's GPU memory once parked,
+  a batch's copy not waiting for the GPU), passed / run.
 * ``quick_start``: ``configs/prelu_separation.yaml`` on the GPU, each member's device read back
   from its placement.
 * ``warm_handover``: GPU memory in use (``nvidia-smi``) before the quick start, after it (its

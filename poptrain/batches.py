@@ -49,6 +49,17 @@ def in_order(dataset: Dataset, batch_size: int) -> Iterator[list[torch.Tensor]]:
         yield collate(dataset, torch.arange(start, min(start + batch_size, len(dataset))))
 
 
+def to_device(batch: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    """``batch`` (CPU tensors) on ``device``; on the CPU the same tensors, not copied. To a GPU
+    through pinned (page-locked) memory, asynchronously: a copy from ordinary (pageable) memory
+    may first wait for all the work queued on the GPU (a host-device synchronisation every step),
+    and ``non_blocking`` from it overlaps nothing; from pinned memory the copy is queued and the
+    host goes on. Torch's pinned-memory cache keeps a block until the copy that reads it is done."""
+    if device.type != "cuda":
+        return [t.to(device) for t in batch]
+    return [(t.pin_memory() if t.device.type == "cpu" else t).to(device, non_blocking=True) for t in batch]
+
+
 def collate(dataset: Dataset, index: torch.Tensor) -> list[torch.Tensor]:
     """The samples ``index`` of ``dataset`` as one batch: [inputs..., targets]."""
     if isinstance(dataset, TensorDataset):

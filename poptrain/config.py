@@ -537,7 +537,7 @@ class FailureConfig(Strict):
     while_restarting: Literal["wait", "continue"] = Field(
         "wait",
         description="What the peers of a member whose process died do (sync exchange): `wait` at their next exchange "
-        "until it is back and has replayed from its checkpoint (the run ends bitwise as if uninterrupted); `continue` "
+        "until it is back and has replayed from its checkpoint (the run ends bitwise as if uninterrupted, on CPU); `continue` "
         "with its most recent exchanged values, never waiting for it again while it replays behind them (no stall; "
         "the outcome then depends on timing). Its metrics have every step exactly once either way.",
     )
@@ -569,7 +569,7 @@ class PlacementConfig(Strict):
         True,
         description="Members of one architecture on a host train as one stacked model (torch.func `vmap`), each with its "
         "own optimizer state and hyperparameters, where they can (see *Hosts*): the same results to float rounding, "
-        "not bitwise. `false`: they train one after another, bitwise as each would alone.",
+        "not bitwise. `false`: they train one after another, bitwise (on CPU) as each would alone.",
     )
 
     @field_validator("members_per_host")

@@ -159,6 +159,10 @@ class MemberHost:
         # What a step drives: members alone, or stacked in groups of one architecture (poptrain.stacked).
         self.units = form_groups(trainers) if run.placement.stacked and len(trainers) > 1 else list(trainers)
         self.groups = [u for u in self.units if isinstance(u, StackedGroup)]
+        # When profiling on GPUs, the step's clock waits for the work queued there when it starts and
+        # stops: a GPU runs ahead of the Python that queues its work, and the update queued after a
+        # step's last read would be counted in the next step.
+        self.timed_gpus = [torch.device(d) for d in dict.fromkeys(devices) if d.startswith("cuda")] if run.tracking.profile else []
         self.system_metrics = system_metrics
         self.last_system_sample = float("-inf")
         self.logging_ms = 0.0  # the last step's logging time, reported with the next step's profile
@@ -215,8 +219,10 @@ class MemberHost:
                 self._pbt_round(step)
             for m in members:
                 m.trainer.timings = dict.fromkeys(m.trainer.timings, 0.0)
+            self._wait_for_gpus()
             started = time.perf_counter()
             stepped = self._step_units()
+            self._wait_for_gpus()
             step_ms = 1000 * (time.perf_counter() - started) / len(members)  # a member's share of the host's step
             for m, metrics in zip(members, stepped):
                 if run.tracking.profile:
@@ -248,6 +254,11 @@ class MemberHost:
         for unit, result in zip(self.units, results):
             by_name.update(zip(unit.names, result if isinstance(unit, StackedGroup) else [result]))
         return [by_name[m.name] for m in self.members]
+
+    def _wait_for_gpus(self) -> None:
+        """When profiling on GPUs: wait for the work queued on them (see ``timed_gpus``)."""
+        for device in self.timed_gpus:
+            torch.cuda.synchronize(device)
 
     def _sync_stacks(self, into_members: bool) -> None:
         """Stacked groups' optimizer state into their members' own optimizers (before anything reads

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from poptrain.balancing import TermBalancer
-from poptrain.batches import BatchStream, in_order
+from poptrain.batches import BatchStream, in_order, to_device
 from poptrain.build import apply_frozen, build_dataset, build_model, build_optimizer, resolve_grad_transforms, resolve_loss, resolve_metrics, resolve_terms
 from poptrain.config import RunConfig
 from poptrain.couplings import PopulationInfo, Quantity, build_couplings
@@ -42,8 +42,15 @@ def logs_step(run: RunConfig, step: int) -> bool:
     return step % run.tracking.log_every == 0 or step + 1 == run.steps
 
 
-def _finite(tensor: torch.Tensor) -> bool:
-    return bool(torch.isfinite(tensor.detach()).all())
+def read_scalars(values: Mapping[Any, torch.Tensor]) -> dict[Any, float]:
+    """One-element tensors (on one device) as Python floats, read from the device at once: on a GPU
+    every read waits for all the work queued there. Exact: each passes through float64, which
+    holds every float32, float16 and bfloat16 value."""
+    if not values:
+        return {}
+    device = next(iter(values.values())).device
+    read = torch.stack([v.detach().reshape(()).to(device, torch.float64) for v in values.values()]).tolist()
+    return dict(zip(values, read))
 
 
 class MemberTrainer:
@@ -108,6 +115,9 @@ class MemberTrainer:
         # A GPU runs ahead of the Python that queues its work: when profiling, wait for it before an
         # exchange's clock starts, so that its compute is not counted as serialization.
         self.sync_before_timing = run.tracking.profile and self.device.type == "cuda"
+        # `failure.nonfinite: fail` stops before a loss exchange could carry a non-finite term; else
+        # whether the step's values are finite is read once, with its metrics (_read_step).
+        self.checks_terms_before_sending = run.failure.nonfinite == "fail" and name in self.plan.takes_part["loss"]
         self.step = 0
         self.checked_gradient_paths = False
         # `failure.nonfinite: rollback`: (step, model/optimizer/balancer state) that a bad step restores.
@@ -137,28 +147,27 @@ class MemberTrainer:
         step's metrics. The driver resumes it inside :meth:`MemberRandomness.active`, so several
         members' programs can be interleaved at their exchanges in one process."""
         exchanging = self.step % self.every == 0
-        *inputs, targets = [t.to(self.device, non_blocking=True) for t in self.batches.next()]
+        *inputs, targets = to_device(self.batches.next(), self.device)
         if not self.config.trainable:
             return (yield from self._untrained_step(exchanging, inputs, targets))
         self.model.train()
         peers_params = (yield from self._send("param", defer=self.defer_param_replies)) if exchanging else None
         outputs = self.model(*inputs)
         terms = self._own_terms(inputs, outputs, targets)
-        nonfinite = [f"term {n!r}" for n, t in terms.items() if not _finite(t)]
         weights = self.balancer.effective_weights(self.term_weights, terms)
         own_objective = sum(weights[n] * terms[n] for n in terms if weights[n] != 0)
         self.optimizer.zero_grad(set_to_none=True)
-        own_done = self._backward_own_first(own_objective, peers_params, nonfinite)
+        own_done = self._backward_own_first(own_objective, peers_params)
         if peers_params is not None:
             yield from peers_params()
-        self._guard(nonfinite)
+        if exchanging and self.checks_terms_before_sending:  # a read more: no non-finite term may go out
+            self._guard(self._nonfinite_terms(read_scalars(self._finite_flags(terms)), terms))
         if exchanging:
             yield from self._send("loss", terms, outputs)
         coupling_terms = self._coupling_terms(terms, weights, outputs, inputs)
         objective = own_objective + sum(coupling_terms.values())
-        nonfinite += [f"coupling {n!r}" for n, t in coupling_terms.items() if not _finite(t)]
-        self._backward(sum(coupling_terms.values()) if own_done else objective, nonfinite)
-        self._guard(nonfinite)
+        grads_finite = self._backward(sum(coupling_terms.values()) if own_done else objective)
+        nonfinite, read = self._read_step(terms, coupling_terms, objective, grads_finite)
         if nonfinite:  # skip or rollback: no update, and zero gradients so nothing non-finite is exchanged
             self.optimizer.zero_grad(set_to_none=True)
         if exchanging:
@@ -168,7 +177,7 @@ class MemberTrainer:
             self.optimizer.step()
         self._forget_predictions()
         self.step += 1
-        return self._metrics(terms, weights, coupling_terms, objective, nonfinite, exchanging)
+        return self._metrics(terms, weights, coupling_terms, objective, nonfinite, exchanging, read)
 
     def _own_terms(self, inputs, outputs, targets) -> dict[str, torch.Tensor]:
         terms = {"loss": self.loss_fn(outputs, targets)}
@@ -176,11 +185,12 @@ class MemberTrainer:
             terms[term.name] = self.term_fns[term.name](self.model, *inputs, outputs, targets, **term.fn.kwargs)
         return terms
 
-    def _backward_own_first(self, own_objective, peers_params: Callable | None, nonfinite: list[str]) -> bool:
+    def _backward_own_first(self, own_objective, peers_params: Callable | None) -> bool:
         """Back-propagate the member's own objective while the parameter round completes, where the
         couplings read none of its quantities but parameters: gradients add, so the gradient is
-        still exact. Whether it did."""
-        if peers_params is None or not self.couplings_read_only_own_params or nonfinite:
+        still exact. Whether it did. (A non-finite objective is back-propagated too, unread: the
+        step then drops its gradients, :meth:`_read_step`.)"""
+        if peers_params is None or not self.couplings_read_only_own_params:
             return False
         if not (isinstance(own_objective, torch.Tensor) and own_objective.requires_grad):
             return False
@@ -203,33 +213,74 @@ class MemberTrainer:
             self._check_gradient_paths(terms, weights, coupling_terms)
         return coupling_terms
 
-    def _backward(self, remaining, nonfinite: list[str]) -> None:
-        """Back-propagate what is left of the objective, then check every gradient is finite."""
-        if isinstance(remaining, torch.Tensor) and remaining.requires_grad and not nonfinite:
+    def _backward(self, remaining) -> torch.Tensor | None:
+        """Back-propagate what is left of the objective (non-finite or not: a step with a non-finite
+        value drops its gradients). Whether every gradient is finite, as a 0-dim tensor not read
+        yet (:meth:`_read_step`), or None when there is no gradient."""
+        if isinstance(remaining, torch.Tensor) and remaining.requires_grad:
             remaining.backward()
-        if nonfinite:
-            return
         # Every element is finite iff each gradient's min and max are (NaN propagates through
-        # them); one read per gradient and no temporary, 4x cheaper than abs().max().
+        # them); no temporary, 4x cheaper than abs().max().
         extremes = [x for p in self.params.values() if p.grad is not None and p.grad.numel() for x in torch.aminmax(p.grad.detach())]
-        if extremes and not _finite(torch.stack(extremes)):
-            nonfinite.append("gradient")
+        return torch.isfinite(torch.stack(extremes)).all() if extremes else None
 
-    def _metrics(self, terms, weights, coupling_terms, objective, nonfinite, exchanging) -> dict[str, float]:
-        metrics = {"loss": float(terms["loss"].detach()), "objective": float(objective.detach() if isinstance(objective, torch.Tensor) else objective)}
+    @staticmethod
+    def _finite_flags(terms, coupling_terms=None, grads_finite=None) -> dict[tuple, torch.Tensor]:
+        """Whether each term, coupling and (``grads_finite``) the gradients are finite, unread."""
+        flags = {("finite", "term", n): torch.isfinite(t.detach()).all() for n, t in terms.items()}
+        flags.update({("finite", "coupling", n): torch.isfinite(t.detach()).all() for n, t in (coupling_terms or {}).items()})
+        if grads_finite is not None:
+            flags[("finite", "gradient")] = grads_finite
+        return flags
+
+    @staticmethod
+    def _nonfinite_terms(read: Mapping[tuple, float], terms) -> list[str]:
+        return [f"term {n!r}" for n in terms if not read[("finite", "term", n)]]
+
+    @staticmethod
+    def _metric_values(terms, coupling_terms, objective) -> dict[tuple, torch.Tensor]:
+        """The tensors whose values the step's metrics hold."""
+        values = {("term", n): t for n, t in terms.items()}
+        values.update({("coupling", n): t for n, t in coupling_terms.items()})
+        if isinstance(objective, torch.Tensor):
+            values[("objective",)] = objective
+        return values
+
+    def _read_step(self, terms, coupling_terms, objective, grads_finite) -> tuple[list[str], dict[tuple, float]]:
+        """What the rest of the step needs from the device, in one read (on a GPU each read waits for
+        the work queued there): whether its terms, couplings and gradients are finite, and its
+        metrics' values. Under ``failure.nonfinite: fail`` it stops the run here: on non-finite
+        terms naming only them (as it does before a loss exchange), else on non-finite couplings
+        or gradients. Returns the non-finite values' names (``gradient`` only when every term and
+        coupling is finite) and the values read."""
+        read = read_scalars({**self._finite_flags(terms, coupling_terms, grads_finite), **self._metric_values(terms, coupling_terms, objective)})
+        nonfinite = self._nonfinite_terms(read, terms)
+        self._guard(nonfinite)
+        nonfinite += [f"coupling {n!r}" for n in coupling_terms if not read[("finite", "coupling", n)]]
+        if not nonfinite and grads_finite is not None and not read[("finite", "gradient")]:
+            nonfinite.append("gradient")
+        self._guard(nonfinite)
+        return nonfinite, read
+
+    def _metrics(self, terms, weights, coupling_terms, objective, nonfinite, exchanging, read: Mapping[tuple, float] | None = None) -> dict[str, float]:
+        """The step's metrics. ``read``: the values of ``terms``, ``coupling_terms`` and ``objective``
+        as :meth:`_read_step` read them; else they are read here, at once."""
+        if read is None:
+            read = read_scalars(self._metric_values(terms, coupling_terms, objective))
+        metrics = {"loss": read[("term", "loss")], "objective": read[("objective",)] if isinstance(objective, torch.Tensor) else float(objective)}
         if nonfinite:
             metrics["skipped"] = 1.0
             if self.rollback_point is not None:
                 metrics["rollback"] = float(self._roll_back())
         if self.staleness is not None and exchanging:
             metrics["exchange/staleness"] = self.staleness
-        for name, value in terms.items():
+        for name in terms:
             if name != "loss":
-                metrics[f"term/{name}"] = float(value.detach())
+                metrics[f"term/{name}"] = read[("term", name)]
             if self.config.balancing.method != "none" or name != "loss":
                 metrics[f"weight/{name}"] = weights[name]
-        for name, value in coupling_terms.items():
-            metrics[f"coupling/{name}"] = float(value.detach())
+        for name in coupling_terms:
+            metrics[f"coupling/{name}"] = read[("coupling", name)]
         if self.hyperparameters is not None:  # the schedule, as a chart
             metrics.update({f"hp/{k}": v for k, v in self.hyperparameters.get().items()})
         metrics.update(self.coupling_extras)
@@ -280,7 +331,7 @@ class MemberTrainer:
         outputs, targets = [], []
         with torch.no_grad(), self.randomness.borrowed():
             for batch in in_order(self.eval_dataset, self.held_out.batch_size):
-                *inputs, target = [t.to(self.device, non_blocking=True) for t in batch]
+                *inputs, target = to_device(batch, self.device)
                 outputs.append(self.model(*inputs).detach().float().cpu())
                 targets.append(target.cpu())
         self.model.train(was_training)

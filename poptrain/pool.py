@@ -103,6 +103,12 @@ def keep(warm: WarmMembers, idle_s: float) -> None:
         end(previous)
 
 
+def kept() -> WarmMembers | None:
+    """The set kept now (it stays kept), or None: to look at its processes."""
+    with _lock:
+        return _warm
+
+
 def release_warm_members() -> None:
     """End the member processes kept warm by the last run now, and free their resources."""
     warm = _pop()

@@ -38,6 +38,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from poptrain.batches import to_device
 from poptrain.couplings.base import Quantity
 from poptrain.lockstep import Send, StepProgram, Wait
 from poptrain.member import logs_step
@@ -380,12 +381,12 @@ class StackedGroup:
         or one batch for all when every member's stream draws the same samples."""
         if self.shared_batches:
             first = self.members[0].batches
-            *inputs, targets = [t.to(self.device, non_blocking=True) for t in first.next()]
+            *inputs, targets = to_device(first.next(), self.device)
             for m in self.members[1:]:  # the same stream: the same position, without drawing again
                 m.batches.epoch, m.batches.offset, m.batches._order = first.epoch, first.offset, first._order
             return inputs, targets
-        drawn = [[t.to(self.device, non_blocking=True) for t in m.batches.next()] for m in self.members]
-        stacked = [torch.stack(parts) for parts in zip(*drawn)]
+        drawn = [m.batches.next() for m in self.members]
+        stacked = to_device([torch.stack(parts) for parts in zip(*drawn)], self.device)  # stacked first: one copy each to a GPU, not one per member
         return stacked[:-1], stacked[-1]
 
     def _send_all(self, kind: str, terms=None, outputs=None):

@@ -50,7 +50,29 @@ def assert_bitwise_equal(dir_a, dir_b, members=("m1", "m2")):
     for member in members:
         a, b = weights(dir_a, member), weights(dir_b, member)
         for key in a:
-            assert torch.equal(a[key], b[key]), f"{member}.{key} differs between {dir_a} and {dir_b}"
+            assert torch.equal(a[key], b[key]), f"{member}.{key} differs between {dir_a} and {dir_b} (max |a - b| {(a[key].double() - b[key].double()).abs().max():.3g})"
+
+
+@pytest.fixture
+def device_reads(monkeypatch):
+    """Counts the reads of tensor values into Python (``tolist``, ``item``, ``bool``, ``float``,
+    ``int``), which on a GPU each wait for all the work queued there: call it to start counting;
+    it returns the list each read's name goes into. The same code runs on the CPU, so the
+    count is checked here."""
+
+    def start() -> list[str]:
+        import torch
+
+        reads: list[str] = []
+        for name in ("tolist", "item", "__bool__", "__float__", "__int__"):
+            def counted(self, *args, _original=getattr(torch.Tensor, name), _name=name, **kwargs):
+                reads.append(_name)
+                return _original(self, *args, **kwargs)
+
+            monkeypatch.setattr(torch.Tensor, name, counted)
+        return reads
+
+    return start
 
 
 @pytest.fixture(scope="session")

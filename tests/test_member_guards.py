@@ -19,6 +19,23 @@ def poisoned(**changes):
     return prelu_member("m1", data=data, **changes)
 
 
+def test_a_member_alone_reads_its_device_once_a_step(base_config, device_reads):
+    """On a GPU every read of a tensor's value waits for the work queued there: a step that neither
+    exchanges nor logs reads whether its terms, couplings and gradients are finite, and its
+    metrics' values, at once (one by one, these two members read 14 values), counted on the CPU,
+    where the same code runs. (With SGD: torch's Adam reads its step counter, which it keeps on
+    the CPU for a GPU member too.)"""
+    sgd = {"name": "sgd", "lr": 0.01}
+    m1 = prelu_member("m1", optimizer=sgd, terms=[{"name": "l2", "fn": "param_l2", "weight": 0.01}])
+    tracking = {"log_every": 10, "plots": False, "log_models": False}
+    population = InProcessPopulation(base_config(members=[m1, prelu_member("m2", optimizer=sgd)], exchange={"every": 10}, tracking=tracking))
+    population.train(1)  # step 0 exchanges and is logged
+    reads = device_reads()
+    population.train(1)
+    assert reads == ["tolist", "tolist"], "one read a member"
+    assert {"loss", "objective", "term/l2", "coupling/separation"} <= set(population.metrics["m1"][1])
+
+
 def test_a_term_that_trains_nothing_is_stopped_at_the_first_step(base_config):
     # Seed 001's loss2, rebuilt with torch.tensor(...): added to the loss, it trains nothing.
     member = prelu_member("m1", terms=[{"name": "weights", "fn": "detached_param_sum", "weight": -1.0}])

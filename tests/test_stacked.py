@@ -162,7 +162,7 @@ def test_check_says_which_members_stack_and_why_the_others_train_alone(capsys, t
     assert "# stacking: 3 of 5 members train stacked" in out and "# trains alone: n0, n1: its model has buffers" in out
 
 
-def test_a_stacked_step_reads_its_device_once(monkeypatch):
+def test_a_stacked_step_reads_its_device_once(device_reads):
     """On a GPU every read of a tensor's value waits for the step to finish: a stacked step that
     neither exchanges nor logs reads back once (every member's loss and objective, and whether all
     is finite), counted here on the CPU, where the same code runs."""
@@ -171,13 +171,7 @@ def test_a_stacked_step_reads_its_device_once(monkeypatch):
     trainers, link = host(population(OPTIMIZERS["sgd with momentum"]), **coupled)
     units = form_groups(trainers)
     train(units, link, 2)  # an exchanging, logged step, then one that is neither
-    reads = []
-    for name in ("tolist", "item", "__bool__", "__float__", "__int__"):
-        def counted(self, *args, _original=getattr(torch.Tensor, name), _name=name, **kwargs):
-            reads.append(_name)
-            return _original(self, *args, **kwargs)
-
-        monkeypatch.setattr(torch.Tensor, name, counted)
+    reads = device_reads()
     step_together(units, [u.step_program() for u in units], link)
     assert reads == ["tolist"]
 

@@ -134,6 +134,10 @@ class Separation(Coupling):
             return super().values_for(members, q)
         per_pair = self._penalties(*pair_values[0])
         first, second = self._on_device(None, per_pair.device)
+        # On CUDA index_add accumulates with atomics, in no fixed order: a total's last bits may
+        # change from run to run (torch.use_deterministic_algorithms would fix the order). A
+        # stacked group calls this only for the values it logs (under no_grad); no gradient
+        # comes from it, so trained weights do not depend on it.
         totals = torch.zeros(len(self.members), dtype=per_pair.dtype, device=per_pair.device).index_add(0, first, per_pair).index_add(0, second, per_pair)
         position = {m: i for i, m in enumerate(self.members)}
         return {m: totals[position[m]] if m in position else None for m in members}
