@@ -139,7 +139,6 @@ class CodeRef(Strict):
 
     NAME_FIELD: ClassVar[str] = "name"  # the field that names the code
     SHORTHAND: ClassVar[bool] = False  # ``key: adam`` (or ``key: <object>``) for ``key: {name: adam}``
-    _given: Any = PrivateAttr(None)
 
     digest: Optional[str] = Field(
         None,
@@ -168,7 +167,7 @@ class CodeRef(Strict):
                 value["name"] = label if NAME_PATTERN.match(label) else None
         instance = handler(value)
         if given is not None:
-            instance._given = given
+            instance.hold(given)
         return instance
 
     @model_serializer(mode="wrap")
@@ -183,19 +182,26 @@ class CodeRef(Strict):
     def dump_given(self) -> dict[str, Any]:
         """``model_dump(mode="json")`` with the object given in place of the name, if any."""
         data = self.model_dump(mode="json")
-        if self._given is not None:
-            data[self.NAME_FIELD] = self._given
+        if self.given is not None:
+            data[self.NAME_FIELD] = self.given
         return data
 
     @property
     def given(self) -> Any:
         """The Python object given in place of a name, or None."""
-        return self._given
+        return (self.__pydantic_private__ or {}).get("given")
+
+    def hold(self, obj: Any) -> None:
+        """Keep ``obj``, the Python object this names. In pydantic's private storage, but not declared
+        a ``PrivateAttr``: pydantic would then initialise one on every instance (some 15 us each,
+        4,000 times for a thousand members), where only objects given from Python need it."""
+        object.__setattr__(self, "__pydantic_private__", {**(self.__pydantic_private__ or {}), "given": obj})
 
     @property
     def given_or_name(self) -> Any:
         """What to resolve: the object given, else the name (a built-in or an import path)."""
-        return self._given if self._given is not None else getattr(self, self.NAME_FIELD)
+        given = self.given
+        return given if given is not None else getattr(self, self.NAME_FIELD)
 
 
 class NamedByString(CodeRef):
@@ -1022,7 +1028,7 @@ def code_refs(node: Any, path: tuple = ()) -> Iterator[tuple[tuple, CodeRef]]:
     if isinstance(node, CodeRef):
         yield path, node
     if isinstance(node, BaseModel):
-        for name in type(node).model_fields:
+        for name in _code_fields(type(node)):  # not every field: a thousand members' numbers are many
             yield from code_refs(getattr(node, name), (*path, name))
     elif isinstance(node, (list, tuple)):
         for index, value in enumerate(node):
@@ -1031,6 +1037,23 @@ def code_refs(node: Any, path: tuple = ()) -> Iterator[tuple[tuple, CodeRef]]:
         for name, value in node.items():
             if isinstance(value, (BaseModel, list, dict)):
                 yield from code_refs(value, (*path, name))
+
+
+_CODE_FIELDS: dict[type, tuple[str, ...]] = {}
+
+
+def _code_fields(model: type[BaseModel]) -> tuple[str, ...]:
+    """The fields of ``model`` whose type can hold a :class:`CodeRef`."""
+    if model not in _CODE_FIELDS:
+        _CODE_FIELDS[model] = ()  # while it is being worked out (a model that holds itself)
+        _CODE_FIELDS[model] = tuple(name for name, info in model.model_fields.items() if _holds_code(info.annotation))
+    return _CODE_FIELDS[model]
+
+
+def _holds_code(annotation: Any) -> bool:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return issubclass(annotation, CodeRef) or bool(_code_fields(annotation))
+    return any(_holds_code(arg) for arg in typing.get_args(annotation))
 
 
 def dump_given(cfg: RunConfig) -> dict[str, Any]:
@@ -1118,7 +1141,7 @@ def validate_config(raw: dict, member_overrides: list[str] | tuple[str, ...] = (
         else:
             for _, same in code_refs(cfg):  # it travels to the workers as the object: their `__main__` is not this one
                 if getattr(same, same.NAME_FIELD) == name and same.digest == ref.digest:
-                    same._given = found
+                    same.hold(found)
 
     names = cfg.member_names
     seen: dict[str, str] = {}
