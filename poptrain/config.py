@@ -1085,6 +1085,33 @@ def _recorded_object_problem(name: str, recorded: str, find: Callable[[], Any]) 
     return None, found
 
 
+def _find_recorded_components(cfg: RunConfig, entries: list[variation.Entry], problems: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """Each component that records an object given from Python (a digest) but holds none: the object
+    imported by its name, of the recorded digest, is held (it travels to the workers as the object:
+    their ``__main__`` is not this one). Those not found are added to ``problems`` and returned
+    (name, digest)."""
+    missing: list[tuple[str, str]] = []
+    reported: set[tuple[str, str]] = set()
+    for path, ref in code_refs(cfg):
+        key, name = ".".join(map(str, path)), getattr(ref, ref.NAME_FIELD)
+        if ref.digest is None or ref.given is not None or ":" not in name or isinstance(ref, CouplingConfig) or (name, ref.digest) in reported:
+            continue
+        reported.add((name, ref.digest))
+        from poptrain.builtins import import_path  # only for a record of objects: it imports torch
+
+        reason, found = _recorded_object_problem(name, ref.digest, lambda: import_path(name))
+        if reason:
+            if any(e.compactable for e in entries):  # positions in the expanded list mean nothing to the user: name the member
+                key = _named_member(key, {str(i): m.name for i, m in enumerate(cfg.members)})
+            problems.append((f"{key}.{ref.NAME_FIELD}", reason))
+            missing.append((name, ref.digest))
+        else:
+            for _, same in code_refs(cfg):
+                if getattr(same, same.NAME_FIELD) == name and same.digest == ref.digest:
+                    same.hold(found)
+    return missing
+
+
 def _cannot_continue(missing: list[tuple[str, str]]) -> tuple[str, str]:
     """The problem that sums up recorded objects (name, digest) that are not here."""
     code = dict.fromkeys(name.rsplit(":", 1)[-1].rsplit(".", 1)[-1] for name, digest in missing if not digest.startswith("pickle:"))
@@ -1123,26 +1150,8 @@ def validate_config(raw: dict, member_overrides: list[str] | tuple[str, ...] = (
             found = [(_named_member(key, made), reason) for key, reason in found]
         raise ConfigError(found + problems) from None
 
-    missing: list[tuple[str, str]] = []  # recorded objects (name, digest) that are not here: the run cannot continue
-    reported: set[tuple[str, str]] = set()
-    for path, ref in code_refs(cfg):
-        key, name = ".".join(map(str, path)), getattr(ref, ref.NAME_FIELD)
-        if ref.digest is None or ref.given is not None or ":" not in name or isinstance(ref, CouplingConfig) or (name, ref.digest) in reported:
-            continue  # couplings: below, before they are resolved
-        reported.add((name, ref.digest))
-        from poptrain.builtins import import_path  # only for a record of objects: it imports torch
-
-        reason, found = _recorded_object_problem(name, ref.digest, lambda: import_path(name))
-        if reason:
-            if any(e.compactable for e in entries):  # positions in the expanded list mean nothing to the user: name the member
-                key = _named_member(key, {str(i): m.name for i, m in enumerate(cfg.members)})
-            problems.append((f"{key}.{ref.NAME_FIELD}", reason))
-            missing.append((name, ref.digest))
-        else:
-            for _, same in code_refs(cfg):  # it travels to the workers as the object: their `__main__` is not this one
-                if getattr(same, same.NAME_FIELD) == name and same.digest == ref.digest:
-                    same.hold(found)
-
+    # Recorded objects (name, digest) that are not here: the run cannot continue (couplings: below, before they are resolved).
+    missing = _find_recorded_components(cfg, entries, problems)
     names = cfg.member_names
     seen: dict[str, str] = {}
     for index, name in enumerate(names):
