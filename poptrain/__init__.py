@@ -26,6 +26,7 @@ _EXPORTS = {
     "PopulationError": "poptrain.population",
     "RunResult": "poptrain.population",
     "run": "poptrain.population",
+    "resume": "poptrain.population",
     "release_warm_members": "poptrain.pool",
 }
 __all__ = sorted(_EXPORTS)

@@ -23,7 +23,7 @@ from poptrain.config import Component, MemberConfig
 
 
 def build_model(spec: Component) -> nn.Module:
-    factory = builtins.resolve(builtins.MODELS, spec.name, "model")
+    factory = builtins.resolve(builtins.MODELS, spec.given_or_name, "model")
     model = factory(**spec.kwargs)
     if not isinstance(model, nn.Module):
         raise TypeError(f"model {spec.name!r} returned {type(model).__name__}, not a torch.nn.Module")
@@ -36,7 +36,7 @@ def build_dataset(spec: Component) -> Dataset:
     a thousand members holds one copy."""
     if spec.name in builtins.DATASETS:
         return _built_in_dataset(spec.name, json.dumps(spec.kwargs, sort_keys=True, default=str))
-    return _checked(spec.name, builtins.resolve(builtins.DATASETS, spec.name, "dataset")(**spec.kwargs))
+    return _checked(spec.name, builtins.resolve(builtins.DATASETS, spec.given_or_name, "dataset")(**spec.kwargs))
 
 
 @functools.lru_cache(maxsize=8)
@@ -58,9 +58,9 @@ def matching(names: list[str], patterns: list[str]) -> list[str]:
 
 def optimizer_class(cfg: MemberConfig) -> type:
     """The member's optimizer class: a built-in by name, or an import path."""
-    name = cfg.optimizer.name
-    if ":" in name:
-        return builtins.import_path(name)
+    name = cfg.optimizer.given_or_name
+    if not isinstance(name, str) or ":" in name:
+        return builtins.obtain(name)
     if name in builtins.OPTIMIZERS:
         return getattr(torch.optim, builtins.OPTIMIZERS[name])
     raise ValueError(f"unknown optimizer {name!r}; built-ins are {sorted(builtins.OPTIMIZERS)}, or an import path")
@@ -147,17 +147,17 @@ def accepts(fn: Callable, kwargs: dict, leading: int = 0) -> str | None:
 
 def resolve_loss(cfg: MemberConfig) -> Callable:
     """The member's task loss ``f(outputs, targets) -> scalar``."""
-    return builtins.resolve(builtins.LOSSES, cfg.loss.name, "loss")
+    return builtins.resolve(builtins.LOSSES, cfg.loss.given_or_name, "loss")
 
 
 def resolve_terms(cfg: MemberConfig) -> dict[str, Callable]:
     """The member's own objective terms by name, each ``f(model, *inputs, outputs, targets, **kwargs)``."""
-    return {t.name: builtins.resolve(builtins.TERMS, t.fn.name, "term") for t in cfg.terms}
+    return {t.name: builtins.resolve(builtins.TERMS, t.fn.given_or_name, "term") for t in cfg.terms}
 
 
 def resolve_grad_transforms(cfg: MemberConfig, param_names: list[str]) -> list[tuple[Any, Callable | None, list[str]]]:
     """(transform config, its function or None, the parameter names it selects) per gradient transform."""
-    return [(t, builtins.import_path(t.fn.name) if t.fn else None, matching(param_names, t.params)) for t in cfg.grad_transforms]
+    return [(t, builtins.obtain(t.fn.given_or_name) if t.fn else None, matching(param_names, t.params)) for t in cfg.grad_transforms]
 
 
 def resolve_metrics(evaluation, loss_fn: Callable | None) -> dict[str, Callable]:
@@ -169,7 +169,7 @@ def resolve_metrics(evaluation, loss_fn: Callable | None) -> dict[str, Callable]
             if loss_fn is not None:
                 out[metric.key] = loss_fn
             continue
-        fn = builtins.resolve(builtins.METRICS, metric.name, "metric")
+        fn = builtins.resolve(builtins.METRICS, metric.given_or_name, "metric")
         out[metric.key] = functools.partial(fn, **metric.kwargs) if metric.kwargs else fn
     return out
 

@@ -43,7 +43,7 @@ def inspect_population(cfg: RunConfig) -> PopulationInfo:
             if spec is None or (field_name == "data" and any(k.startswith(f"{key}.data") for k, _ in problems) and spec is held_out):
                 continue  # no held-out data, or held-out data derived from `data`, whose problem is named already
             try:
-                fn = builtins.resolve(table, spec.name, what)
+                fn = builtins.resolve(table, spec.given_or_name, what)
                 reason = accepts(fn, spec.kwargs, leading)
                 if reason:
                     problems.append((f"{key}.{field_name}", f"{spec.name!r} does not accept these arguments: {reason}"))
@@ -51,7 +51,7 @@ def inspect_population(cfg: RunConfig) -> PopulationInfo:
                 problems.append((f"{key}.{field_name}.name", str(exc)))
         for t_index, term in enumerate(member.terms):
             try:
-                fn = builtins.resolve(builtins.TERMS, term.fn.name, "term")
+                fn = builtins.resolve(builtins.TERMS, term.fn.given_or_name, "term")
                 reason = accepts(fn, term.fn.kwargs, 4)
                 if reason:
                     problems.append((f"{key}.terms.{t_index}.fn", f"{term.fn.name!r} does not accept these arguments: {reason}"))
@@ -60,7 +60,7 @@ def inspect_population(cfg: RunConfig) -> PopulationInfo:
         for g_index, transform in enumerate(member.grad_transforms):
             if transform.fn is not None:
                 try:
-                    if not callable(builtins.import_path(transform.fn.name)):
+                    if not callable(builtins.obtain(transform.fn.given_or_name)):
                         problems.append((f"{key}.grad_transforms.{g_index}.fn.name", f"{transform.fn.name!r} is not callable"))
                 except (ImportError, AttributeError, ValueError) as exc:
                     problems.append((f"{key}.grad_transforms.{g_index}.fn.name", str(exc)))
@@ -106,7 +106,7 @@ def inspect_population(cfg: RunConfig) -> PopulationInfo:
         seed=cfg.seed,
     )
     couplings = build_couplings(cfg.couplings, population)
-    population.models = {m.name: m.model.model_dump(mode="json") for m in cfg.members}
+    population.models = {m.name: m.model.dump_given() for m in cfg.members}
     problems = _describe_predictions(cfg, population, couplings)
     if problems:
         raise ConfigError(problems)
@@ -160,7 +160,7 @@ def _metric_problems(cfg: RunConfig) -> list[tuple[str, str]]:
         if metric.name == "loss":
             continue
         try:
-            reason = accepts(builtins.resolve(builtins.METRICS, metric.name, "metric"), metric.kwargs, 2)
+            reason = accepts(builtins.resolve(builtins.METRICS, metric.given_or_name, "metric"), metric.kwargs, 2)
             if reason:
                 problems.append((f"evaluation.metrics.{index}", f"{metric.name!r} does not accept these arguments: {reason}"))
         except (ImportError, AttributeError, ValueError, TypeError) as exc:
@@ -197,7 +197,7 @@ def _init_problem(path: str, model: torch.nn.Module) -> str | None:
 
 def _build_for_inspection(spec, key: str, problems: list) -> torch.nn.Module | None:
     try:
-        builtins.resolve(builtins.MODELS, spec.name, "model")
+        builtins.resolve(builtins.MODELS, spec.given_or_name, "model")
     except (ImportError, AttributeError, ValueError, TypeError) as exc:
         problems.append((f"{key}.name", str(exc)))
         return None
@@ -260,10 +260,11 @@ def _model_stacking_problem(member: MemberConfig) -> str | None:
     return vmap_problem(models, resolve_loss(member), probe_batch(build_dataset(member.data)))
 
 
-def prepare(config, overrides=(), record: bool = False) -> tuple[RunConfig, PopulationInfo, str]:
+def prepare(config, overrides=(), record: bool = False, given=()) -> tuple[RunConfig, PopulationInfo, str]:
     """Everything that can fail because of user input, before Ray starts: (config, population, tracking URI).
-    ``record``: ``config`` is a run's own saved record (see :func:`poptrain.config.load_config`)."""
-    cfg = load_config(config, overrides, record)
+    ``record`` and ``given``: ``config`` is a run's own saved record, and the Python objects it was
+    started with (see :func:`poptrain.config.load_config`)."""
+    cfg = load_config(config, overrides, record, given)
     try:
         home = anchor_outputs(cfg)  # inside a Ray job: relative outputs go outside its temporary working dir
         population = inspect_population(cfg)

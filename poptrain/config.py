@@ -12,7 +12,6 @@ The field descriptions below are the config reference (``poptrain schema`` print
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import re
@@ -20,13 +19,16 @@ import traceback
 import types
 import typing
 from pathlib import Path
-from typing import Annotated, Any, Literal, Optional, Union
+from typing import Annotated, Any, Callable, ClassVar, Iterator, Literal, Optional, Sequence, Union
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, SerializeAsAny, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, SerializeAsAny, ValidationError, ValidationInfo, field_validator,
+    model_serializer, model_validator,
+)
 
-from poptrain import variation
-from poptrain.registry import resolve_coupling
+from poptrain import objects, variation
+from poptrain.registry import COUPLINGS, resolve_coupling
 from poptrain.variation import Draw
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -41,8 +43,10 @@ def _check_name(value: str) -> str:
 
 # Names of runs, members, terms and couplings: they become folder names and MLflow metric keys.
 Name = Annotated[str, AfterValidator(_check_name)]
-# A built-in name (`mse`) or an import path `package.module:attr` of dotted Python identifiers.
-IMPORT_PATTERN = re.compile(r"^[^\W\d]\w*(\.[^\W\d]\w*)*(:[^\W\d]\w*(\.[^\W\d]\w*)*)?$")
+# A built-in name (`mse`) or an import path `package.module:attr` of dotted Python identifiers; the
+# attribute's parts may be `<locals>` or `<lambda>`, as Python names what a function defines (the
+# recorded name of an object given from Python, which no import finds).
+IMPORT_PATTERN = re.compile(r"^[^\W\d]\w*(\.[^\W\d]\w*)*(:([^\W\d]\w*|<[^\W\d]\w*>)(\.([^\W\d]\w*|<[^\W\d]\w*>))*)?$")
 IMPORT_RULE = "must be a built-in name or an import path `package.module:attr` (dotted Python identifiers)"
 MAX_SEED = 2**32 - 1
 MAX_TIMEOUT_S = 1_000_000.0
@@ -127,14 +131,84 @@ class Strict(BaseModel):
         return value
 
 
-class NamedByString(Strict):
-    """A config object chosen by ``name``, a built-in or an import path; ``key: adam`` is
-    shorthand for ``key: {name: adam}``."""
+class CodeRef(Strict):
+    """A config object that names Python code by a built-in name or an import path, or, from
+    Python, holds the object itself (a class, a function, a dataset): the object travels to Ray's
+    workers inside the config (cloudpickle, by value when defined in ``__main__``), and the record
+    keeps its qualified name and :func:`poptrain.objects.digest`."""
 
-    @model_validator(mode="before")
+    NAME_FIELD: ClassVar[str] = "name"  # the field that names the code
+    SHORTHAND: ClassVar[bool] = False  # ``key: adam`` (or ``key: <object>``) for ``key: {name: adam}``
+
+    digest: Optional[str] = Field(
+        None,
+        repr=False,
+        description="Set by poptrain for an object given from Python: the sha256 of its source (`source:sha256:...`), or of "
+        "its pickle for an instance (`pickle:sha256:...`). `poptrain resume` continues only with an object of this digest.",
+    )
+
+    @model_validator(mode="wrap")
     @classmethod
-    def _from_string(cls, value: Any) -> Any:
-        return {"name": value} if isinstance(value, str) else value
+    def _take_given(cls, value: Any, handler: Callable) -> Any:
+        field = cls.NAME_FIELD
+        if cls.SHORTHAND and (isinstance(value, str) or objects.is_given(value)) and not isinstance(value, BaseModel):
+            value = {field: value}
+        given = value.get(field) if isinstance(value, dict) and objects.is_given(value.get(field)) else None
+        if given is not None:
+            described = objects.describe(given)
+            if described.problem:
+                raise ValueError(described.problem)
+            if value.get("digest") not in (None, described.digest):
+                raise ValueError(f"the object given, `{described.name}`, is not the one recorded: its digest is {described.digest}, "
+                                 f"the record's {value['digest']} (its code or contents changed)")
+            value = {**value, field: described.name, "digest": described.digest}
+            if field == "type" and value.get("name") is None:  # a coupling's label: its registered name, else the class's
+                label = next((n for n, c in COUPLINGS.items() if c is given), getattr(given, "__name__", ""))
+                value["name"] = label if NAME_PATTERN.match(label) else None
+        instance = handler(value)
+        if given is not None:
+            instance.hold(given)
+        return instance
+
+    @model_serializer(mode="wrap")
+    def _record(self, handler: Callable) -> Any:
+        data = handler(self)
+        if isinstance(data, dict):
+            digest = data.pop("digest", None)  # last, and left out when none: records of configs written with names stay as they were
+            if digest is not None:
+                data["digest"] = digest
+        return data
+
+    def dump_given(self) -> dict[str, Any]:
+        """``model_dump(mode="json")`` with the object given in place of the name, if any."""
+        data = self.model_dump(mode="json")
+        if self.given is not None:
+            data[self.NAME_FIELD] = self.given
+        return data
+
+    @property
+    def given(self) -> Any:
+        """The Python object given in place of a name, or None."""
+        return (self.__pydantic_private__ or {}).get("given")
+
+    def hold(self, obj: Any) -> None:
+        """Keep ``obj``, the Python object this names. In pydantic's private storage, but not declared
+        a ``PrivateAttr``: pydantic would then initialise one on every instance (some 15 us each,
+        4,000 times for a thousand members), where only objects given from Python need it."""
+        object.__setattr__(self, "__pydantic_private__", {**(self.__pydantic_private__ or {}), "given": obj})
+
+    @property
+    def given_or_name(self) -> Any:
+        """What to resolve: the object given, else the name (a built-in or an import path)."""
+        given = self.given
+        return given if given is not None else getattr(self, self.NAME_FIELD)
+
+
+class NamedByString(CodeRef):
+    """A config object chosen by ``name``, a built-in or an import path (or, from Python, the
+    object itself); ``key: adam`` is shorthand for ``key: {name: adam}``."""
+
+    SHORTHAND: ClassVar[bool] = True
 
     @field_validator("name", check_fields=False)
     @classmethod
@@ -145,7 +219,7 @@ class NamedByString(Strict):
 class Component(NamedByString):
     """Something built by name: a built-in (``mlp``) or an import path (``package.module:attr``)."""
 
-    name: str = Field(description="Built-in name, or an import path `package.module:attr`.")
+    name: str = Field(description="Built-in name, or an import path `package.module:attr` (from Python: the object itself).")
     kwargs: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments passed to it.")
 
 
@@ -175,7 +249,7 @@ class MetricConfig(Component):
 
     name: str = Field(
         description="`accuracy`, `top_k_accuracy` (kwargs `k`), `mse`, `mae`, `loss` (the member's own task loss), "
-        "or an import path to `f(outputs, targets, **kwargs) -> float`."
+        "or an import path to `f(outputs, targets, **kwargs) -> float` (from Python: the function itself)."
     )
     label: Optional[Name] = Field(None, description="Name in MLflow (`eval/<label>`); default: the built-in's name (`top_<k>_accuracy` for top-k) or the function's.")
     higher_is_better: Optional[bool] = Field(None, description="For ranking by it; default: true for accuracies, false for `loss`, `mse`, `mae`; required for an import path.")
@@ -305,7 +379,7 @@ class ParamGroup(Strict):
 
 
 class OptimizerConfig(NamedByString):
-    name: str = Field("adam", description="`sgd`, `adam`, `adamw`, `rmsprop`, or an import path to an optimizer class.")
+    name: str = Field("adam", description="`sgd`, `adam`, `adamw`, `rmsprop`, or an import path to an optimizer class (from Python: the class itself).")
     lr: float = Field(1e-3, gt=0, le=1e3, description="Default learning rate.")
     kwargs: dict[str, Any] = Field(default_factory=dict, description="Other constructor arguments (momentum, betas, ...).")
     groups: list[ParamGroup] = Field(
@@ -465,15 +539,17 @@ class MemberConfig(Strict):
             return self.eval_data
         if self.data.kwargs.get("split") == "train":  # the whole held-out split, not one shard of it
             kwargs = {k: v for k, v in self.data.kwargs.items() if k not in ("part", "parts")}
-            return EvalDataConfig(name=self.data.name, kwargs={**kwargs, "split": "test"})
+            return EvalDataConfig(name=self.data.given_or_name, kwargs={**kwargs, "split": "test"}, digest=self.data.digest)
         return None
 
 
 
-class CouplingConfig(Strict):
+class CouplingConfig(CodeRef):
     """Fields shared by every coupling; each coupling type adds its own (see the couplings reference)."""
 
-    type: str = Field(description="Registered coupling name (`separation`, ...) or an import path to a Coupling class.")
+    NAME_FIELD: ClassVar[str] = "type"
+
+    type: str = Field(description="Registered coupling name (`separation`, ...) or an import path to a Coupling class (from Python: the class itself).")
     name: Optional[Name] = Field(None, description="Name used in metrics (`coupling/<name>`); default: the type.")
     members: Optional[list[str]] = Field(None, description="Members it reads; default: every member.")
     trains: Optional[list[str]] = Field(None, description="Members whose gradient it enters; default: every member it reads.")
@@ -863,23 +939,28 @@ def _yaml_problem(exc: yaml.YAMLError, text: str) -> tuple[str, str]:
 
 
 def load_config(
-    config: str | os.PathLike | dict | RunConfig, overrides: list[str] | tuple[str, ...] = (), record: bool = False
+    config: str | os.PathLike | dict | RunConfig, overrides: list[str] | tuple[str, ...] = (), record: bool = False,
+    given: Sequence[Any] = (),
 ) -> RunConfig:
     """Read, override and validate a run config; raises :class:`ConfigError` on any problem.
 
     An override may address a member an entry's ``copies``/``vary`` makes (``members.m007.optimizer.lr=0.1``):
     it applies to that member alone, after the entry is expanded. ``record``: ``config`` is
     poptrain's own saved record of a run (``<run dir>/config.yaml``), read without the size bound
-    of a config a user hands in.
+    of a config a user hands in. ``given``: Python objects that take the place of the recorded
+    objects of the same qualified name, which must have the recorded digest (resuming a run
+    started with objects from Python, see :class:`CodeRef`).
     """
     if isinstance(config, RunConfig):
-        raw, source = config.model_dump(mode="json", exclude_unset=False), None
+        raw, source = dump_given(config), None
     elif isinstance(config, dict):
-        raw, source = copy.deepcopy(config), None
+        raw, source = variation.copy_tree(config), None
     else:
         source = str(config)
         raw = read_yaml(source, MAX_RECORD_BYTES if record else MAX_CONFIG_BYTES)
     try:
+        if given:
+            _put_given(raw, given)
         per_member = []
         for text in overrides:
             if _names_a_made_member(raw, text):
@@ -905,6 +986,142 @@ def _names_a_made_member(raw: dict, text: str) -> bool:
     return any(isinstance(m, dict) and isinstance(m.get("name"), str) and path[1].startswith(m["name"]) and (m.get("copies") or m.get("vary")) for m in members)
 
 
+def _put_given(raw: Any, given: Sequence[Any]) -> None:
+    """Put each object of ``given`` in the place of the recorded objects of its qualified name (their
+    digests are compared when the config is validated); raises :class:`ConfigError` for an object that
+    the record does not name."""
+    by_name: dict[str, list[Any]] = {}
+    for obj in given:
+        by_name.setdefault(objects.qualified_name(obj), []).append(obj)
+    recorded = list(_recorded_objects(raw))
+    used: set[int] = set()
+    for node, field in recorded:
+        candidates = by_name.get(node[field], [])
+        # Several objects of one name (two lambdas): the one of the recorded digest, else the first (then named as different).
+        chosen = next((o for o in candidates if objects.digest(o) == node["digest"]), candidates[0] if candidates else None)
+        if chosen is not None:
+            node[field] = chosen
+            used.add(id(chosen))
+    unused = [objects.qualified_name(o) for o in given if id(o) not in used]
+    if unused:
+        names = sorted({node[field] if isinstance(node[field], str) else objects.qualified_name(node[field]) for node, field in recorded})
+        raise ConfigError([("", f"objects {unused} given to resume are not among those the run was started with "
+                             f"({names or 'it was started with none'}): pass the objects of those names")])
+
+
+def _recorded_objects(node: Any) -> Iterator[tuple[dict, str]]:
+    """Each mapping of a raw config that records an object (it has a ``digest``), with the key naming it."""
+    if isinstance(node, dict):
+        if isinstance(node.get("digest"), str):
+            yield node, "type" if "type" in node else "name"
+        for key, value in node.items():
+            if key != "kwargs":  # the user's own arguments
+                yield from _recorded_objects(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from _recorded_objects(value)
+
+
+def code_refs(node: Any, path: tuple = ()) -> Iterator[tuple[tuple, CodeRef]]:
+    """Every :class:`CodeRef` of a validated config (models, data, losses, terms, metrics, optimizers,
+    couplings), with its path (field names and list indices)."""
+    if isinstance(node, CodeRef):
+        yield path, node
+    if isinstance(node, BaseModel):
+        for name in _code_fields(type(node)):  # not every field: a thousand members' numbers are many
+            yield from code_refs(getattr(node, name), (*path, name))
+    elif isinstance(node, (list, tuple)):
+        for index, value in enumerate(node):
+            yield from code_refs(value, (*path, index))
+    elif isinstance(node, dict):
+        for name, value in node.items():
+            if isinstance(value, (BaseModel, list, dict)):
+                yield from code_refs(value, (*path, name))
+
+
+_CODE_FIELDS: dict[type, tuple[str, ...]] = {}
+
+
+def _code_fields(model: type[BaseModel]) -> tuple[str, ...]:
+    """The fields of ``model`` whose type can hold a :class:`CodeRef`."""
+    if model not in _CODE_FIELDS:
+        _CODE_FIELDS[model] = ()  # while it is being worked out (a model that holds itself)
+        _CODE_FIELDS[model] = tuple(name for name, info in model.model_fields.items() if _holds_code(info.annotation))
+    return _CODE_FIELDS[model]
+
+
+def _holds_code(annotation: Any) -> bool:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return issubclass(annotation, CodeRef) or bool(_code_fields(annotation))
+    return any(_holds_code(arg) for arg in typing.get_args(annotation))
+
+
+def dump_given(cfg: RunConfig) -> dict[str, Any]:
+    """``cfg.model_dump(mode="json")`` with each object given from Python in the place of its name:
+    raw config data that validates to the same config, objects included."""
+    raw = cfg.model_dump(mode="json")
+    for path, ref in code_refs(cfg):
+        if ref.given is not None:
+            variation.get_dotted(raw, [str(p) for p in path])[ref.NAME_FIELD] = ref.given
+    return raw
+
+
+def _recorded_object_problem(name: str, recorded: str, find: Callable[[], Any]) -> tuple[str | None, Any]:
+    """(why the recorded object ``name`` of digest ``recorded`` is not here, the object found): the
+    object is imported by its name and must have the recorded digest."""
+    if recorded.startswith("pickle:"):
+        return (f"the run was started with an instance of `{name}` given from Python (a dataset, ...), which no import finds again: "
+                "only the same object, given again, can take its place"), None
+    try:
+        found = find()
+    except Exception as exc:  # noqa: BLE001 - whatever importing it raises, it is not here
+        where = (", defined in a notebook or a script's `__main__`" if name.startswith("__main__:")
+                 else ", defined inside a function" if "<" in name else "")
+        return f"the run was started with the Python object `{name}`{where}, which cannot be imported here ({exc})", None
+    found_digest = objects.digest(found)
+    if found_digest != recorded:
+        return (f"`{name}` imports, but it is not the object the run was started with: its digest is {found_digest}, the record's "
+                f"{recorded} (its code changed)"), None
+    return None, found
+
+
+def _find_recorded_components(cfg: RunConfig, entries: list[variation.Entry], problems: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """Each component that records an object given from Python (a digest) but holds none: the object
+    imported by its name, of the recorded digest, is held (it travels to the workers as the object:
+    their ``__main__`` is not this one). Those not found are added to ``problems`` and returned
+    (name, digest)."""
+    missing: list[tuple[str, str]] = []
+    reported: set[tuple[str, str]] = set()
+    for path, ref in code_refs(cfg):
+        key, name = ".".join(map(str, path)), getattr(ref, ref.NAME_FIELD)
+        if ref.digest is None or ref.given is not None or ":" not in name or isinstance(ref, CouplingConfig) or (name, ref.digest) in reported:
+            continue
+        reported.add((name, ref.digest))
+        from poptrain.builtins import import_path  # only for a record of objects: it imports torch
+
+        reason, found = _recorded_object_problem(name, ref.digest, lambda: import_path(name))
+        if reason:
+            if any(e.compactable for e in entries):  # positions in the expanded list mean nothing to the user: name the member
+                key = _named_member(key, {str(i): m.name for i, m in enumerate(cfg.members)})
+            problems.append((f"{key}.{ref.NAME_FIELD}", reason))
+            missing.append((name, ref.digest))
+        else:
+            for _, same in code_refs(cfg):
+                if getattr(same, same.NAME_FIELD) == name and same.digest == ref.digest:
+                    same.hold(found)
+    return missing
+
+
+def _cannot_continue(missing: list[tuple[str, str]]) -> tuple[str, str]:
+    """The problem that sums up recorded objects (name, digest) that are not here."""
+    code = dict.fromkeys(name.rsplit(":", 1)[-1].rsplit(".", 1)[-1] for name, digest in missing if not digest.startswith("pickle:"))
+    instances = dict.fromkeys(name.rsplit(":", 1)[-1] for name, digest in missing if digest.startswith("pickle:"))
+    also = f", with the same {' and '.join(instances)} it was given in the list" if instances else ""
+    return ("", f"this run cannot continue with what is here: it was started from Python with objects that are not importable by "
+                f"their recorded names, or not the same. Continue it from Python, passing the same objects: "
+                f"`poptrain.resume(<its folder>, objects=[{', '.join(code)}])`{also}")
+
+
 def validate_config(raw: dict, member_overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
     """Validate the schema, each coupling's own fields, and every cross-reference between names.
     ``member_overrides`` apply to members made by ``copies``/``vary``, once they are made."""
@@ -918,6 +1135,8 @@ def validate_config(raw: dict, member_overrides: list[str] | tuple[str, ...] = (
         apply_override(raw, text)
     raw_couplings = raw.pop("couplings", None)
     raw_couplings = [] if raw_couplings is None else raw_couplings
+    if isinstance(raw_couplings, list):  # from Python, a coupling class alone stands for `{type: <the class>}`
+        raw_couplings = [{"type": item} if isinstance(item, type) else item for item in raw_couplings]
     problems: list[tuple[str, str]] = []
     if not isinstance(raw_couplings, list) or not all(isinstance(c, dict) for c in raw_couplings):
         problems.append(("couplings", "must be a list of mappings, each with a `type`"))
@@ -931,6 +1150,8 @@ def validate_config(raw: dict, member_overrides: list[str] | tuple[str, ...] = (
             found = [(_named_member(key, made), reason) for key, reason in found]
         raise ConfigError(found + problems) from None
 
+    # Recorded objects (name, digest) that are not here: the run cannot continue (couplings: below, before they are resolved).
+    missing = _find_recorded_components(cfg, entries, problems)
     names = cfg.member_names
     seen: dict[str, str] = {}
     for index, name in enumerate(names):
@@ -951,12 +1172,20 @@ def validate_config(raw: dict, member_overrides: list[str] | tuple[str, ...] = (
     labels: set[str] = set()
     for index, item in enumerate(raw_couplings):
         key = f"couplings.{index}"
-        if not isinstance(item.get("type"), str):
-            problems.append((f"{key}.type", "required: the coupling's registered name or import path"))
+        given = isinstance(item.get("type"), type)  # from Python: the coupling class itself
+        if not given and not isinstance(item.get("type"), str):
+            problems.append((f"{key}.type", "required: the coupling's registered name or import path (from Python: the coupling class)"))
             continue
-        if not IMPORT_PATTERN.match(item["type"]):
+        if not given and not IMPORT_PATTERN.match(item["type"]):
             problems.append((f"{key}.type", f"{item['type']!r} {IMPORT_RULE}"))
             continue
+        if not given and isinstance(item.get("digest"), str):  # a recorded object: the same one must be here
+            reason, found = _recorded_object_problem(item["type"], item["digest"], lambda: resolve_coupling(item["type"]))
+            if reason:
+                problems.append((f"{key}.type", reason))
+                missing.append((item["type"], item["digest"]))
+                continue
+            item = {**item, "type": found}
         try:
             cls = resolve_coupling(item["type"])
         except (ImportError, AttributeError, ValueError, TypeError) as exc:
@@ -1010,6 +1239,8 @@ def validate_config(raw: dict, member_overrides: list[str] | tuple[str, ...] = (
         for t_index, term in enumerate(member.terms):
             if term.name in ("loss", "objective") or term_names.count(term.name) > 1:
                 problems.append((f"members.{index}.terms.{t_index}.name", f"term name {term.name!r} is reserved or duplicated"))
+    if missing:
+        problems.append(_cannot_continue(missing))
     if problems:
         raise ConfigError(problems)
     # Keep the typed coupling objects (one-to-one with the YAML) without re-validating the whole run.

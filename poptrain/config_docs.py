@@ -41,7 +41,8 @@ def _default(info: FieldInfo) -> str:
 
 def _table(model: type[BaseModel], prefix: str, skip: set[str] = frozenset()) -> list[str]:
     rows = [f"| `{prefix}` key | type | default | meaning |", "| --- | --- | --- | --- |"]
-    for name, info in model.model_fields.items():
+    # What a CodeRef adds (``digest``) after the fields a reader looks for first.
+    for name, info in sorted(model.model_fields.items(), key=lambda item: item[0] in schema.CodeRef.model_fields):
         if name in skip:
             continue
         description = (info.description or "").replace("|", "\\|")

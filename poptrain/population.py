@@ -228,7 +228,9 @@ def run(config, overrides=(), progress: ProgressFn | None = None, poll_s: float 
     """Train a population; returns its MLflow run ids, output folder and each member's final metrics.
 
     ``config`` is a YAML path, a dict or a :class:`RunConfig`; ``overrides`` are ``KEY=VALUE``
-    strings. Raises :class:`ConfigError` (nothing started) or :class:`PopulationError`.
+    strings. Raises :class:`ConfigError` (nothing started) or :class:`PopulationError`. In a dict,
+    wherever a config takes an import path it also takes the object itself (a model class, a
+    dataset or a function returning one, a loss, a coupling class, ...): see :mod:`poptrain.objects`.
 
     When Ray was already initialized (this call does not start it), the run's processes outlive a
     run that ends well by up to ``keep_warm_s`` seconds, with their Ray resources, and the next
@@ -244,19 +246,21 @@ def run(config, overrides=(), progress: ProgressFn | None = None, poll_s: float 
     return PopulationRun(cfg, population, uri, run_dir, None, keep_warm_s).execute(progress, poll_s)
 
 
-def resume(run_dir, progress: ProgressFn | None = None, poll_s: float = 0.5, keep_warm_s: float = KEEP_WARM_S) -> RunResult:
+def resume(run_dir, progress: ProgressFn | None = None, poll_s: float = 0.5, keep_warm_s: float = KEEP_WARM_S, objects=()) -> RunResult:
     """Continue an interrupted run from its latest complete checkpoint, into the same MLflow runs.
 
     Steps already logged are not logged again; on CPU the final weights are bitwise those of an
     uninterrupted run. Raises :class:`ConfigError` when ``run_dir`` is not a run that can resume.
-    ``keep_warm_s`` as for :func:`run`.
+    ``keep_warm_s`` as for :func:`run`. ``objects``: for a run started with Python objects in place
+    of import paths, the same objects (matched by qualified name, refused unless their digest is the
+    recorded one); objects importable by their recorded names need not be given.
     """
     run_dir = Path(run_dir).resolve()
     try:
         record = read_run_record(run_dir)
     except CheckpointError as exc:
         raise ConfigError([("", str(exc))]) from None
-    cfg, population, _ = prepare(run_dir / "config.yaml", record=True)
+    cfg, population, _ = prepare(run_dir / "config.yaml", record=True, given=objects)
     uri = record["tracking_uri"]
     ids = RunIds(record["experiment_id"], record["parent"], dict(record["members"]))
     step = latest_complete_step(run_dir, cfg.member_names)
@@ -724,7 +728,7 @@ def _log_artifacts(cfg: RunConfig, tracking: Tracking, members: dict[str, Any], 
         examples: list = []
         attempt("the models (their example inputs could not be read)", lambda: examples.extend(_get_all([host.example_inputs.remote(name) for name, host in members.items()], members)))
         for name, example in zip(members, examples):
-            spec = cfg.member(name).model.model_dump(mode="json")
+            spec = cfg.member(name).model  # the object itself when one was given from Python
             evaluated = {k: v for k, v in final.get(name, {}).items() if k.startswith("eval/")}  # linked to the logged model
             attempt(f"member {name}'s model", lambda: tracking.log_model(name, str(weights[name]), spec, example, cfg.steps - 1, metrics=evaluated))
     if cfg.tracking.plots:

@@ -35,7 +35,9 @@ def register(name: str) -> Callable[[C], C]:
     def decorate(cls: C) -> C:
         if name in BUILTIN_COUPLINGS and BUILTIN_COUPLINGS[name] != f"{cls.__module__}:{cls.__qualname__}":
             raise ValueError(f"{name!r} is a built-in coupling ({BUILTIN_COUPLINGS[name]}): register {cls.__qualname__} under another name")
-        if name in COUPLINGS and COUPLINGS[name] is not cls:
+        old = COUPLINGS.get(name)
+        redefined = old is not None and (old.__module__, old.__qualname__) == (cls.__module__, cls.__qualname__)  # a notebook cell run again
+        if old is not None and old is not cls and not redefined:
             raise ValueError(f"a coupling named {name!r} is already registered ({COUPLINGS[name].__qualname__})")
         COUPLINGS[name] = cls
         return cls
@@ -50,12 +52,15 @@ def registered() -> dict[str, type]:
     return dict(COUPLINGS)
 
 
-def resolve_coupling(type_name: str) -> type:
+def resolve_coupling(type_name: str | type) -> type:
     """The coupling class for a config's ``type``: a registered name or an import path
-    ``package.module:Class``. Raises ``ValueError`` listing the valid names on a miss."""
+    ``package.module:Class`` (or the class itself, given from Python). Raises ``ValueError``
+    listing the valid names on a miss."""
     from poptrain.builtins import import_path
 
-    if ":" in type_name:
+    if isinstance(type_name, type):
+        cls = type_name
+    elif ":" in type_name:
         cls = import_path(type_name)
     elif type_name in COUPLINGS:
         return COUPLINGS[type_name]
@@ -67,5 +72,5 @@ def resolve_coupling(type_name: str) -> type:
             "or give an import path `package.module:Class`"
         )
     if not (isinstance(cls, type) and issubclass(cls, CouplingClass)):
-        raise TypeError(f"{type_name!r} is not a subclass of poptrain.couplings.Coupling")
+        raise TypeError(f"{getattr(type_name, '__qualname__', type_name)!r} is not a subclass of poptrain.couplings.Coupling")
     return cls

@@ -476,7 +476,7 @@ class Tracking:
         return [str(p) for p in paths]
 
     def log_model(
-        self, member: str, state_dict_path: str, model_spec: dict, example, step: int, metrics: dict[str, float] | None = None
+        self, member: str, state_dict_path: str, model_spec, example, step: int, metrics: dict[str, float] | None = None
     ) -> str:
         """Log a member's final model (``mlflow.pytorch``) into its run, with its held-out metrics
         on the LoggedModel, so that the experiment's models rank by them (the UI's Models tab,

@@ -34,6 +34,8 @@ from typing import Annotated, Any, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from poptrain.objects import is_given
+
 MAX_MEMBERS_PER_ENTRY = 100_000
 NOT_VARIED = ("name", "copies", "vary")  # what makes an entry an entry
 
@@ -172,7 +174,7 @@ def _expand_entry(entry: dict, where: str, seed: int, member_model: type[BaseMod
     base = {k: v for k, v in entry.items() if k not in ("copies", "vary")}
     out = []
     for j, name in enumerate(member_names(entry["name"], count)):
-        member = copy.deepcopy(base)
+        member = copy_tree(base)
         member["name"] = name
         point = dict(zip(grid, points[j % len(points)]))
         for key, how in vary.items():
@@ -182,7 +184,7 @@ def _expand_entry(entry: dict, where: str, seed: int, member_model: type[BaseMod
                 value = how[j]
             else:
                 value = how.draw(random.Random(f"poptrain-vary-{seed}-{entry['name']}-{key}-{j}"))
-            set_dotted(member, key.split("."), copy.deepcopy(value), member_model)
+            set_dotted(member, key.split("."), copy_tree(value), member_model)
         out.append(member)
     return out, []
 
@@ -229,7 +231,7 @@ def set_dotted(node: dict, parts: list[str], value: Any, model: Any = None) -> N
             node = node[int(part)]
             continue
         child = node.get(part)
-        if isinstance(child, str):
+        if isinstance(child, str) or is_given(child):  # `model: mlp` or, from Python, `model: <the class>`
             child = node[part] = {"name": child}
         elif not isinstance(child, (dict, list)):
             child = node[part] = {}
@@ -238,6 +240,17 @@ def set_dotted(node: dict, parts: list[str], value: Any, model: Any = None) -> N
         node[int(parts[-1])] = value
     else:
         node[parts[-1]] = value
+
+
+def copy_tree(node: Any) -> Any:
+    """A copy of the mappings and lists of raw config data; every other value shared, not copied: a
+    Python object given in place of a name (a dataset, a class) stays the very object, once for a
+    thousand members."""
+    if isinstance(node, dict):
+        return {key: copy_tree(value) for key, value in node.items()}
+    if isinstance(node, list):
+        return [copy_tree(value) for value in node]
+    return node
 
 
 def get_dotted(node: Any, parts: list[str]) -> Any:

@@ -269,3 +269,24 @@ def test_a_batch_goes_to_the_gpu_without_waiting_for_the_work_queued_there():
     total_s = time.perf_counter() - started
     assert queued_s < 0.25 * total_s, f"the copy waited for the queued work: {queued_s:.3f} s of {total_s:.3f} s"
     assert all(t.device.type == "cuda" and torch.equal(t.cpu(), b) for t, b in zip(on_gpu, batch))
+
+
+def test_a_function_over_a_gpu_tensor_is_refused_before_anything_starts(tmp_path):
+    """A lambda closing over a CUDA tensor pickles, but only a process holding that device could
+    unpickle it: the config refuses it (README, *From a notebook*)."""
+    script = (
+        "import torch\n"
+        "from poptrain.config import ConfigError, load_config\n"
+        "from tests.conftest import make_config, prelu_member\n"
+        "offset = torch.ones(1, device='cuda')\n"
+        "member = prelu_member('m1', loss=lambda outputs, targets: ((outputs - targets - offset) ** 2).mean())\n"
+        f"config = make_config({str(tmp_path)!r}, 'sqlite:///unused.db', 'gpu', members=[member, prelu_member('m2')])\n"
+        "try:\n"
+        "    load_config(config)\n"
+        "except ConfigError as exc:\n"
+        "    print(exc.render())\n"
+    )
+    env = {**conftest.GPU_ENV, "PYTHONPATH": str(REPO)}
+    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "members.0.loss: `__main__:<lambda>` holds a tensor on cuda:0" in done.stdout, done.stdout

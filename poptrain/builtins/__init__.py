@@ -1,11 +1,13 @@
 """Built-in models, datasets, losses, objective terms and evaluation metrics, referenced by name from configs.
 
-Anything a config names can instead be an import path ``package.module:attr``; both are
-resolved by :func:`resolve`, which raises ``ValueError`` with the valid names on a miss.
+Anything a config names can instead be an import path ``package.module:attr``, or, from Python,
+the object itself; all are resolved by :func:`resolve`, which raises ``ValueError`` with the
+valid names on a miss.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
 from typing import Any, Callable
 
@@ -36,8 +38,21 @@ def import_path(path: str) -> Any:
     return obj
 
 
-def resolve(table: dict[str, Any], name: str, what: str) -> Any:
-    """A built-in by name, or an object by import path."""
+def obtain(target: Any) -> Any:
+    """The object an import path names, or ``target`` itself when it is an object given from Python."""
+    return import_path(target) if isinstance(target, str) else target
+
+
+def resolve(table: dict[str, Any], name: Any, what: str) -> Any:
+    """A built-in by name, an object by import path, or the object given (a config's
+    ``CodeRef.given_or_name``). A dataset given itself, rather than a function returning one, comes as
+    a function of no arguments returning it."""
+    if not isinstance(name, str):
+        if what == "dataset" and not callable(name) and hasattr(name, "__getitem__") and hasattr(name, "__len__"):
+            return functools.partial(_itself, name)
+        if not callable(name):
+            raise TypeError(f"{type(name).__qualname__} object {name!r:.60} is not callable, so it cannot be used as a {what}")
+        return name
     if ":" in name:
         obj = import_path(name)
         if not callable(obj):
@@ -46,3 +61,7 @@ def resolve(table: dict[str, Any], name: str, what: str) -> Any:
     if name not in table:
         raise ValueError(f"unknown {what} {name!r}; built-ins are {sorted(table)}, or give an import path `package.module:attr`")
     return table[name]
+
+
+def _itself(dataset: Any) -> Any:
+    return dataset

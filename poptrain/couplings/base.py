@@ -253,4 +253,4 @@ class Coupling(CouplingClass, ABC):
 
 
 def build_couplings(configs: list[CouplingConfig], population: PopulationInfo) -> list[Coupling]:
-    return [resolve_coupling(c.type)(c, population) for c in configs]
+    return [resolve_coupling(c.given_or_name)(c, population) for c in configs]

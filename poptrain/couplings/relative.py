@@ -56,9 +56,9 @@ class Relative(Coupling):
         super().__init__(config, population)
         self._fn = None
         if config.fn is not None:
-            from poptrain.builtins import import_path
+            from poptrain.builtins import obtain
 
-            self._fn = import_path(config.fn.name)
+            self._fn = obtain(config.fn.given_or_name)
 
     @classmethod
     def default_members(cls, config: RelativeConfig, population) -> list[str]:
@@ -89,10 +89,10 @@ class Relative(Coupling):
             if name not in read and name in names:
                 problems.append(("trains", f"member {name!r} is trained but its loss is not read by this coupling"))
         if config.fn is not None:
-            from poptrain.builtins import import_path
+            from poptrain.builtins import obtain
 
             try:
-                import_path(config.fn.name)
+                obtain(config.fn.given_or_name)
             except (ImportError, AttributeError, ValueError) as exc:
                 problems.append(("fn.name", str(exc)))
         return problems
