@@ -10,8 +10,9 @@ members; memory is the resident memory of the host processes, sampled while they
   per core) against the same members one per host (one process each).
 * ``packed_throughput``: ``packing_large`` members packed against the torch.func yardstick in this
   process: the same modules stacked (``stack_module_state``), ``vmap(grad)`` of their loss, one
-  ``Adam(foreach=True)`` over the stacked tensors, 2 torch threads; once with the separation over
-  all pairs added every 10 steps (the coupled row, issue 22's target) and once with no coupling.
+  ``Adam(foreach=True)`` over the stacked tensors, 2 torch threads; once with poptrain's separation
+  term (each member's slope live against the others' exchanged every 10 steps, at every step: the
+  coupled row, issue 22's target) and once with no coupling.
 * ``packing_memory``: (RSS of the hosts with ``packing_large`` members - with 2) / (the difference
   in members), minus each member's parameters, gradients and Adam state.
 * ``startup_at_scale``: from the API call to every member's first step, ``packing_large`` members
@@ -118,10 +119,11 @@ def torch_func_yardstick(
     """The same modules stacked with torch.func, one ``vmap(grad)`` and one ``Adam(foreach=True)``
     per step, on ``device`` (the data there too): member-steps/s.
 
-    ``separation`` (``param``, ``margin``, ``weight``, ``every``): on every ``every``-th step (step
-    0 included) the loss also has ``weight * sum over all pairs i < j of relu(margin - |a_i - a_j|)``
-    of the stacked ``param`` (L1 over its elements), its gradient added to the members' own. Without
-    it, no coupling. ``data``: ``synthetic_regression``'s arguments (default ``n=1024, in_features=20``);
+    ``separation`` (``param``, ``margin``, ``weight``, ``every``): what poptrain computes for a member
+    whose peers' slopes come from an exchange every ``every`` steps: at every step, each member i's
+    loss also has ``weight * sum over j != i of relu(margin - |a_i - s_j|)`` (L1 over ``param``'s
+    elements), its own slope ``a_i`` live and the others' ``s_j`` as of the last ``every``-th step
+    (step 0 included), the gradient with respect to ``a_i`` added to its own. Without it, no coupling. ``data``: ``synthetic_regression``'s arguments (default ``n=1024, in_features=20``);
     ``model``: the MLP's (default seed 000's). Builds modules and data with poptrain's built-in
     functions only (no config, no pydantic): a process that runs just this imports torch and them."""
     import torch
@@ -147,12 +149,18 @@ def torch_func_yardstick(
         optimizer = torch.optim.Adam(list(params.values()), lr=lr, foreach=True)
         if separation:
             key, margin, weight, every = separation["param"], separation["margin"], separation["weight"], separation["every"]
-            first, second = torch.triu_indices(members, members, offset=1, device=device)  # every pair i < j
+            # Every (member, other member) row: member i's slope live against j's exchanged one.
+            rows = torch.arange(members, device=device).repeat_interleave(members - 1)
+            others = torch.arange(members, device=device).repeat(members, 1)[~torch.eye(members, dtype=torch.bool, device=device)]
+            exchanged = {}
 
-            def separation_gradient() -> torch.Tensor:
-                slopes = params[key].detach().reshape(members, -1).requires_grad_()
-                penalty = weight * torch.relu(margin - (slopes[first] - slopes[second]).abs().sum(-1)).sum()
-                return torch.autograd.grad(penalty, slopes)[0].reshape(params[key].shape)
+            def separation_gradient(step: int) -> torch.Tensor:
+                slopes = params[key].detach().reshape(members, -1)
+                if step % every == 0:
+                    exchanged["slopes"] = slopes.clone()
+                live = slopes.clone().requires_grad_()
+                penalty = weight * torch.relu(margin - (live[rows] - exchanged["slopes"][others]).abs().sum(-1)).sum()
+                return torch.autograd.grad(penalty, live)[0].reshape(params[key].shape)
 
         started, coupled_steps = None, 0
         for step in range(warmup + steps):
@@ -161,8 +169,8 @@ def torch_func_yardstick(
                 started = time.perf_counter()
             i = (step * batch) % (len(x) - batch)
             grads = gradients(params, buffers, x[i : i + batch], y[i : i + batch])
-            if separation and step % every == 0:
-                grads[key] = grads[key] + separation_gradient()
+            if separation:
+                grads[key] = grads[key] + separation_gradient(step)
                 coupled_steps += step >= warmup
             for name, value in params.items():
                 value.grad = grads[name]
@@ -241,10 +249,10 @@ def packed_vs_processes(ctx: Context) -> list[dict[str, Any]]:
 
 
 def packed_throughput(ctx: Context) -> list[dict[str, Any]]:
-    """Two rows: against the torch.func loop with the same separation every 10 steps (target 1.0),
-    and against the loop with no coupling (target 0.8). poptrain adds each member's separation term
-    at every step (peers' slopes from the last exchange, every 10 steps); the loop adds the joint
-    term on every 10th step only: the same coupling every 10 steps, not the same amount of work."""
+    """Two rows: against the torch.func loop with the same separation exchanged every 10 steps
+    (target 1.0): both sides add each member's term at every step, its slope live against the
+    others' from the last exchange, so both do the same work (:func:`torch_func_yardstick`); and
+    against the loop with no coupling (target 0.8)."""
     runs = _runs(ctx)
     packed, coupled, uncoupled = runs["large_packed"], runs["yardstick_coupled"], runs["yardstick"]
     n = packed["members"]
