@@ -15,6 +15,7 @@ BUILTIN_COUPLINGS = {
     "relative": "poptrain.couplings.relative:Relative",
     "average": "poptrain.couplings.averaging:Average",
     "gossip": "poptrain.couplings.averaging:Gossip",
+    "wash": "poptrain.couplings.averaging:Wash",
     "share": "poptrain.couplings.sharing:Share",
     "mutual": "poptrain.couplings.mutual:Mutual",
 }

@@ -254,3 +254,35 @@ def gossip_training(models, batches, steps, lr, seed, every=1, stale=False):
             previous = current
         _joint_step(models, optimizer, next(batches))
     return models
+
+
+def wash_training(models, batches, steps, lr, seed, fraction, every=1, stale=False):
+    """WASH (Fournier et al., 2024, arXiv 2405.17517) in one process: the models train side by side
+    as in :func:`papa_training`; before every ``every``-th step, for each parameter in turn, each
+    position is chosen with probability ``fraction`` and the values the models hold there are
+    permuted among them: model ``i`` takes the value of the model ranked ``i``-th by a uniform draw
+    per model and position. Draws from ``torch.Generator().manual_seed(random.Random(
+    f"poptrain-wash-{seed}-{step}").getrandbits(63))``: per parameter, ``torch.rand(numel)`` (the
+    chosen positions, those below ``fraction``), then ``torch.rand(models, chosen)`` (the ranks).
+    Nothing happens after the last step.
+
+    ``stale``: the chosen positions take the values of the previous round instead."""
+    optimizer = torch.optim.Adam(itertools.chain(*(m.parameters() for m in models)), lr=lr)
+    previous = None
+    for step in range(steps):
+        if step % every == 0:
+            generator = torch.Generator().manual_seed(random.Random(f"poptrain-wash-{seed}-{step}").getrandbits(63))
+            current = _snapshot(models)
+            source = previous if stale and previous is not None else current
+            with torch.no_grad():
+                for i, params in enumerate(zip(*(m.parameters() for m in models))):
+                    chosen = (torch.rand(params[0].numel(), generator=generator) < fraction).nonzero().flatten().tolist()
+                    draws = torch.rand(len(models), len(chosen), generator=generator)
+                    for column, position in enumerate(chosen):
+                        ranked = sorted(range(len(models)), key=lambda model: float(draws[model, column]))
+                        for model, p in enumerate(params):
+                            p.view(-1)[position] = source[ranked[model]][i].view(-1)[position]
+            previous = current
+        _joint_step(models, optimizer, next(batches))
+    return models
+

@@ -320,9 +320,13 @@ def test_papa_pulls_each_member_a_fraction_rate_of_the_way_to_the_mean(base_conf
         ({"type": "average", "members": ["m1"], "into": "m2", "rate": 0.5}, "couplings.0", "`rate` pulls members towards their mean, and `into` leaves them"),
         ({"type": "gossip", "members": ["m1"]}, "couplings.0.members", "needs at least two members"),
         ({"type": "gossip", "every": 0}, "couplings.0.every", "greater than or equal to 1"),
+        ({"type": "wash"}, "couplings.0.fraction", "required key is missing"),
+        ({"type": "wash", "fraction": 0.0}, "couplings.0.fraction", "must be in (0, 1], got 0.0"),
+        ({"type": "wash", "fraction": 1.5}, "couplings.0.fraction", "probability that a position is shuffled"),
+        ({"type": "wash", "fraction": 0.1, "members": ["m1"]}, "couplings.0.members", "needs at least two members"),
     ],
 )
-def test_papa_and_gossip_config_errors_name_the_key(base_config, coupling, key, words):
+def test_averaging_family_config_errors_name_the_key(base_config, coupling, key, words):
     from poptrain.config import ConfigError
 
     with pytest.raises(ConfigError) as info:
@@ -330,8 +334,8 @@ def test_papa_and_gossip_config_errors_name_the_key(base_config, coupling, key, 
     assert any(k == key and words in msg for k, msg in info.value.problems), info.value.problems
 
 
-@pytest.mark.parametrize("coupling", [{"type": "gossip"}, {"type": "average", "rate": 0.5}])
-def test_papa_and_gossip_refuse_async_exchange_with_the_reason(base_config, coupling):
+@pytest.mark.parametrize("coupling", [{"type": "gossip"}, {"type": "average", "rate": 0.5}, {"type": "wash", "fraction": 0.1}])
+def test_the_averaging_family_refuses_async_exchange_with_the_reason(base_config, coupling):
     from poptrain.config import ConfigError
 
     with pytest.raises(ConfigError) as info:
@@ -379,3 +383,18 @@ def test_the_coordinator_gives_gossip_the_round_and_each_pair_gets_its_mean(base
     assert len(seen) > 1
     metrics = evaluator.coupling_metrics("param", 5)
     assert metrics["coupling/gossip/divergence/m3"] == pytest.approx(4.0 - 7.0 / 3), "distance to the population's mean, before the round"
+
+
+def test_wash_permutes_the_values_of_the_drawn_positions_among_members_and_leaves_the_others():
+    from poptrain.couplings.averaging import round_generator, wash_shuffle
+
+    columns = torch.randn(5, 40, 50)  # five members' values of one parameter, side by side
+    shuffled = wash_shuffle(columns, 0.2, round_generator("wash", 7, 3))
+    assert torch.equal(shuffled, wash_shuffle(columns, 0.2, round_generator("wash", 7, 3))), "the seed and the step decide"
+    assert not torch.equal(shuffled, wash_shuffle(columns, 0.2, round_generator("wash", 7, 4))), "a new draw each round"
+    moved = (shuffled != columns).any(dim=0)
+    assert 0.15 < float(moved.float().mean()) < 0.22, "about a fifth of the positions (less the draws that leave them in place)"
+    assert torch.equal(shuffled.sort(dim=0).values, columns.sort(dim=0).values), "each position's values are those the members held: only permuted"
+    assert torch.equal(shuffled[:, ~moved], columns[:, ~moved])
+    assert torch.equal(wash_shuffle(columns, 1.0, round_generator("wash", 7, 3)).sort(dim=0).values, columns.sort(dim=0).values)
+

@@ -1,12 +1,13 @@
 """Parameter averaging (seed 002): a target model gets the mean of others, or members are averaged;
-members pulled part of the way to their mean (PAPA); members averaged in random pairs (gossip)."""
+members pulled part of the way to their mean (PAPA); members averaged in random pairs (gossip);
+values swapped among members position by position (WASH)."""
 
 from __future__ import annotations
 
 import os
 import random
 from concurrent.futures import ThreadPoolExecutor
-from typing import Mapping, Optional
+from typing import ClassVar, Mapping, Optional
 
 import torch
 from pydantic import Field, field_validator, model_validator
@@ -138,16 +139,65 @@ class Average(Coupling):
         return check_same_parameters(self.population, self.members + ([self.config.into] if self.config.into else []), self.names, self.config.params)
 
 
-class GossipConfig(CouplingConfig):
-    """Gossip averaging, NoLoCo's random pairs (arXiv 2506.10911) on the parameters: each round, members averaged in pairs, no all-reduce."""
+class MembersRoundConfig(CouplingConfig):
+    """What every round over the members' own parameters (gossip, WASH) is configured with."""
 
-    params: list[str] = Field(default_factory=lambda: ["*"], description="Parameter name patterns averaged (fnmatch); default: all.")
-    every: int = Field(1, ge=1, description="A gossip round every k exchanges.")
+    params: list[str] = Field(default_factory=lambda: ["*"], description="Parameter name patterns the rounds rewrite (fnmatch); default: all.")
     include_frozen: bool = Field(False, description="Also overwrite members' frozen parameters.")
 
 
+class MembersRound(Coupling):
+    """A round over the members' own parameters at parameter exchanges: ``names``, the parameters
+    matching ``params`` (every member has them, with the same shapes), are read from every member,
+    and :meth:`rewrite_at` gives members new values of ``written`` (each member's trainable ones,
+    unless ``include_frozen``). Logs ``divergence/<m>``, each member's distance to the members'
+    mean before the round. A subclass says when (:meth:`rewrites`) and what (:meth:`rewrite_at`)."""
+
+    Config = MembersRoundConfig
+    config: MembersRoundConfig
+
+    adds_term = False
+    rewrites_values = True
+    needs_two: ClassVar[str] = "it rewrites members' values from their peers'"  # why it needs two members, for the check
+
+    def __init__(self, config: MembersRoundConfig, population):
+        super().__init__(config, population)
+        first = self.members[0] if self.members else None
+        self.names = population.params_matching(first, config.params) if first in population.param_shapes else []
+        self.written = {m: [n for n in self.names if config.include_frozen or population.trainable.get(m, {}).get(n, True)] for m in self.members}
+
+    def reads(self) -> list[Quantity]:
+        return [Quantity(m, "param", n) for m in self.members for n in self.names]
+
+    def written_quantities(self) -> tuple[Quantity, ...]:
+        return tuple(Quantity(m, "param", n) for m in self.members for n in self.written[m])
+
+    def columns(self, q: Mapping[Quantity, torch.Tensor], name: str) -> torch.Tensor:
+        """The members' values of parameter ``name`` side by side: ``(members, *shape)``, a new tensor."""
+        return torch.stack([q[Quantity(m, "param", name)] for m in self.members])
+
+    def metrics(self, q: Mapping[Quantity, torch.Tensor]) -> dict[str, float]:
+        """``divergence/<m>``: each member's Euclidean distance to the members' mean, before the round."""
+        return divergences(q, self.members, self.names, None)
+
+    @classmethod
+    def check_config(cls, config: MembersRoundConfig, run) -> list[tuple[str, str]]:
+        if len(config.members or run.member_names) < 2:
+            return [("members", f"{cls.needs_two}: it needs at least two members")]
+        return []
+
+    def check_population(self) -> list[tuple[str, str]]:
+        return check_same_parameters(self.population, self.members, self.names, self.config.params)
+
+
+class GossipConfig(MembersRoundConfig):
+    """Gossip averaging, NoLoCo's random pairs (arXiv 2506.10911) on the parameters: each round, members averaged in pairs, no all-reduce."""
+
+    every: int = Field(1, ge=1, description="A gossip round every k exchanges.")
+
+
 @register("gossip")
-class Gossip(Coupling):
+class Gossip(MembersRound):
     """At every ``every``-th parameter exchange, ``members`` are paired at random and each pair's
     parameters are replaced by the pair's mean ``(p_a + p_b) / 2``; with an odd number of members
     the one left over keeps its own. The round's pairs are :func:`gossip_pairs` of the run's seed
@@ -160,21 +210,10 @@ class Gossip(Coupling):
 
     Config = GossipConfig
     config: GossipConfig
-
-    adds_term = False
-    rewrites_values = True
-
-    def __init__(self, config: GossipConfig, population):
-        super().__init__(config, population)
-        first = self.members[0] if self.members else None
-        self.names = population.params_matching(first, config.params) if first in population.param_shapes else []
-        self.written = {m: [n for n in self.names if config.include_frozen or population.trainable.get(m, {}).get(n, True)] for m in self.members}
-
-    def reads(self) -> list[Quantity]:
-        return [Quantity(m, "param", n) for m in self.members for n in self.names]
+    needs_two = "gossip averages members in pairs"
 
     def rewrites(self) -> list[Rewrite]:
-        return [Rewrite("param", tuple(Quantity(m, "param", n) for m in self.members for n in self.written[m]), every=self.config.every)]
+        return [Rewrite("param", self.written_quantities(), every=self.config.every)]
 
     def rewrite_at(self, kind, step, q, out):
         new = {}
@@ -184,18 +223,75 @@ class Gossip(Coupling):
                 new.update({Quantity(m, "param", name): mean for m in (a, b) if name in self.written[m]})
         return new
 
-    def metrics(self, q: Mapping[Quantity, torch.Tensor]) -> dict[str, float]:
-        """``divergence/<m>``: each member's Euclidean distance to the population's mean, before the round."""
-        return divergences(q, self.members, self.names, None)
 
+class WashConfig(MembersRoundConfig):
+    """WASH (arXiv 2405.17517): members swap a random fraction of their weights, position by position."""
+
+    fraction: float = Field(
+        description="The share of positions shuffled each round: each position of the chosen parameters is drawn "
+        "independently with this probability, and its values across the members are permuted at random; 0 < fraction <= 1. "
+        "The paper shuffles a small share (its layer-aware variant shuffles early layers more: list a `wash` coupling per "
+        "group of layers, each with its own `fraction`).",
+    )
+    every: int = Field(1, ge=1, description="A shuffle every k exchanges.")
+
+    @field_validator("fraction")
     @classmethod
-    def check_config(cls, config: GossipConfig, run) -> list[tuple[str, str]]:
-        if len(config.members or run.member_names) < 2:
-            return [("members", "gossip averages members in pairs: it needs at least two members")]
-        return []
+    def _fraction(cls, fraction: float) -> float:
+        if not 0 < fraction <= 1:
+            raise ValueError(f"`fraction` is the probability that a position is shuffled: it must be in (0, 1], got {fraction}")
+        return fraction
 
-    def check_population(self) -> list[tuple[str, str]]:
-        return check_same_parameters(self.population, self.members, self.names, self.config.params)
+
+@register("wash")
+class Wash(MembersRound):
+    """At every ``every``-th parameter exchange, each position of each chosen parameter is drawn
+    with probability ``fraction``, and the values the ``members`` hold there are permuted among
+    them at random (:func:`wash_shuffle`, from the run's seed and the exchange's step, so a run and
+    its resume shuffle the same). Every value stays in the population: the members' mean is left
+    exactly where it was. Nothing happens after the last step.
+
+    Exact with ``exchange.every: 1``: the shuffle moves the values the members send at that very
+    exchange. Each member keeps its own optimizer state. Logs ``divergence/<m>``, each member's
+    distance to the population's mean before the round."""
+
+    Config = WashConfig
+    config: WashConfig
+    needs_two = "WASH shuffles values among members"
+
+    def rewrites(self) -> list[Rewrite]:
+        return [Rewrite("param", self.written_quantities(), every=self.config.every)]
+
+    def rewrite_at(self, kind, step, q, out):
+        generator = round_generator("wash", self.population.seed, step)
+        new = {}
+        for name in self.names:
+            shuffled = wash_shuffle(self.columns(q, name), self.config.fraction, generator)
+            new.update({Quantity(m, "param", name): shuffled[i] for i, m in enumerate(self.members) if name in self.written[m]})
+        return new
+
+
+def round_generator(method: str, seed: int, step: int) -> torch.Generator:
+    """The generator a coupling draws its round at ``step`` from: seeded with
+    ``random.Random(f"poptrain-{method}-{seed}-{step}").getrandbits(63)``, so any process (a
+    resumed run, a restarted coordinator) draws the same."""
+    return torch.Generator().manual_seed(random.Random(f"poptrain-{method}-{seed}-{step}").getrandbits(63))
+
+
+def wash_shuffle(columns: torch.Tensor, fraction: float, generator: torch.Generator) -> torch.Tensor:
+    """One WASH round of one parameter: ``columns`` ``(members, *shape)``, the members' values side
+    by side. Draws ``chosen = torch.rand(numel) < fraction`` (the positions shuffled), then
+    ``torch.rand(members, chosen.sum())`` whose column-wise ``argsort`` is each chosen position's
+    permutation (uniform: the order of independent uniform draws); the result's member ``i`` holds,
+    at chosen position ``j``, the value member ``order[i, j]`` held there. Tensor ops over the member
+    dimension throughout; a new tensor, ``columns`` untouched."""
+    members = columns.shape[0]
+    flat = columns.reshape(members, -1)
+    chosen = (torch.rand(flat.shape[1], generator=generator) < fraction).nonzero().squeeze(1)
+    order = torch.rand(members, chosen.numel(), generator=generator).argsort(dim=0, stable=True)
+    shuffled = flat.clone()
+    shuffled[:, chosen] = flat[:, chosen].gather(0, order)
+    return shuffled.view(columns.shape)
 
 
 def gossip_pairs(members: list[str], seed: int, step: int) -> list[tuple[str, str]]:
