@@ -16,6 +16,7 @@ BUILTIN_COUPLINGS = {
     "average": "poptrain.couplings.averaging:Average",
     "gossip": "poptrain.couplings.averaging:Gossip",
     "wash": "poptrain.couplings.averaging:Wash",
+    "diloco": "poptrain.couplings.averaging:Diloco",
     "share": "poptrain.couplings.sharing:Share",
     "mutual": "poptrain.couplings.mutual:Mutual",
 }

@@ -286,3 +286,34 @@ def wash_training(models, batches, steps, lr, seed, fraction, every=1, stale=Fal
         _joint_step(models, optimizer, next(batches))
     return models
 
+
+def diloco_training(models, batches, steps, lr, every, outer_lr, outer_momentum, stale=False):
+    """DiLoCo (Douillard et al., 2023, arXiv 2311.08105) in one process: the global weights start as
+    the first model's and every model starts from them; the models train side by side as in
+    :func:`papa_training` (the inner steps; one Adam, whose state carries across rounds); before
+    every ``every``-th step and after the last one, the mean over models of ``global - model`` is
+    the outer gradient of ``torch.optim.SGD(momentum=outer_momentum, nesterov=True)`` over the
+    global weights, and every model restarts from the new global weights.
+
+    ``stale``: the outer gradient from the models' values at the previous round instead."""
+    optimizer = torch.optim.Adam(itertools.chain(*(m.parameters() for m in models)), lr=lr)
+    global_params = _snapshot(models)[0]
+    outer = torch.optim.SGD(global_params, lr=outer_lr, momentum=outer_momentum, nesterov=True)
+    previous = None
+    for step in range(steps + 1):
+        if step % every == 0 or step == steps:
+            current = _snapshot(models)
+            source = previous if stale and previous is not None else current
+            if step > 0:
+                for i, g in enumerate(global_params):
+                    g.grad = sum(g - values[i] for values in source) / len(models)
+                outer.step()
+            with torch.no_grad():
+                for model in models:
+                    for p, g in zip(model.parameters(), global_params):
+                        p.copy_(g)
+            previous = current
+        if step == steps:
+            break
+        _joint_step(models, optimizer, next(batches))
+    return models

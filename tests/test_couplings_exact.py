@@ -13,6 +13,7 @@ import poptrain
 from poptrain.builtins.data import constant, digits
 from poptrain.builtins.models import MLP, EncoderClassifier, LSTMClassifier
 from tests.reference import (
+    diloco_training,
     gossip_training,
     papa_training,
     seed001_training,
@@ -246,7 +247,7 @@ def test_codistillation_uses_peers_weights_refreshed_every_k_exchanges_on_each_m
         assert_weights_equal(result, name, module)
 
 
-# -- averaging beyond the mean (issue 26): PAPA, gossip, WASH ----------------------------------------
+# -- averaging beyond the mean (issue 26): PAPA, gossip, WASH, DiLoCo -------------------------
 
 
 def _members_on_thirds_of_the_digits(tmp_path, seed, count=3):
@@ -323,3 +324,19 @@ def test_wash_shuffles_the_seeds_positions_of_the_same_round_bitwise_as_the_sing
     history = MlflowClient(result.tracking_uri).get_metric_history(result.run_id, "coupling/wash/divergence/m1")
     assert len(history) == STEPS + 1 and all(m.value > 0 for m in history)
 
+
+def test_diloco_takes_nesterov_outer_steps_on_the_mean_delta_of_the_same_round_bitwise_as_the_single_process_reference(ray_session, base_config, tmp_path):
+    """`diloco` with H = 4: the members start from the first one's weights and take 4 inner Adam
+    steps each; then the mean of (global - member) over the values sent at that very exchange is
+    the outer gradient of SGD with Nesterov momentum (lr 0.7, momentum 0.9) on the global weights,
+    which every member restarts from; once more after the last step. Bitwise the single-process reference's (which
+    uses torch.optim.SGD), and not the reference's fed the previous round's values."""
+    models, members, streams = _members_on_thirds_of_the_digits(tmp_path, 9)
+    starts = [copy.deepcopy(m) for m in models]
+    couplings = [{"type": "diloco", "every": 4}]
+    result = poptrain.run(base_config(members=members, couplings=couplings, steps=STEPS, exchange={"every": 1, "mode": "sync"}, placement={"members_per_host": 1}))
+    fresh = diloco_training(models, streams(), STEPS, lr=0.01, every=4, outer_lr=0.7, outer_momentum=0.9)
+    stale = diloco_training([copy.deepcopy(m) for m in starts], streams(), STEPS, lr=0.01, every=4, outer_lr=0.7, outer_momentum=0.9, stale=True)
+    _matches_fresh_not_stale(result, fresh, stale)
+    final = [torch.load(result.output_dir / "members" / m / "model.pt", weights_only=True) for m in ("m1", "m2", "m3")]
+    assert all(torch.equal(final[0][k], other[k]) for other in final[1:] for k in final[0]), "every member ends at the global weights"

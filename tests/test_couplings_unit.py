@@ -324,6 +324,10 @@ def test_papa_pulls_each_member_a_fraction_rate_of_the_way_to_the_mean(base_conf
         ({"type": "wash", "fraction": 0.0}, "couplings.0.fraction", "must be in (0, 1], got 0.0"),
         ({"type": "wash", "fraction": 1.5}, "couplings.0.fraction", "probability that a position is shuffled"),
         ({"type": "wash", "fraction": 0.1, "members": ["m1"]}, "couplings.0.members", "needs at least two members"),
+        ({"type": "diloco"}, "couplings.0.every", "required key is missing"),
+        ({"type": "diloco", "every": 5, "outer_momentum": 1.0}, "couplings.0.outer_momentum", "less than 1"),
+        ({"type": "diloco", "every": 5, "outer_lr": 0}, "couplings.0.outer_lr", "greater than 0"),
+        ({"type": "diloco", "every": 5, "members": ["m2"]}, "couplings.0.members", "needs at least two members"),
     ],
 )
 def test_averaging_family_config_errors_name_the_key(base_config, coupling, key, words):
@@ -334,7 +338,7 @@ def test_averaging_family_config_errors_name_the_key(base_config, coupling, key,
     assert any(k == key and words in msg for k, msg in info.value.problems), info.value.problems
 
 
-@pytest.mark.parametrize("coupling", [{"type": "gossip"}, {"type": "average", "rate": 0.5}, {"type": "wash", "fraction": 0.1}])
+@pytest.mark.parametrize("coupling", [{"type": "gossip"}, {"type": "average", "rate": 0.5}, {"type": "wash", "fraction": 0.1}, {"type": "diloco", "every": 5}])
 def test_the_averaging_family_refuses_async_exchange_with_the_reason(base_config, coupling):
     from poptrain.config import ConfigError
 
@@ -398,3 +402,39 @@ def test_wash_permutes_the_values_of_the_drawn_positions_among_members_and_leave
     assert torch.equal(shuffled[:, ~moved], columns[:, ~moved])
     assert torch.equal(wash_shuffle(columns, 1.0, round_generator("wash", 7, 3)).sort(dim=0).values, columns.sort(dim=0).values)
 
+
+def test_the_coordinator_saves_dilocos_state_for_each_checkpoint_and_a_resumed_one_starts_from_it(base_config, tmp_path):
+    """DiLoCo's global weights and outer momentum, saved by the coordinator after the last parameter
+    round before each checkpoint step (no Ray); a new coordinator for the same run folder, once every
+    member has a checkpoint at step 4, holds them bitwise as they were before step 4, and answers
+    the next round as the first coordinator does."""
+    import numpy as np
+
+    from poptrain.checkpoint import COUPLING_STATE, save_checkpoint, steps_of
+    from poptrain.coordinator import Coordinator
+
+    members = [prelu_member("m1"), prelu_member("m2"), prelu_member("m3")]
+    cfg = load_config(base_config(members=members, couplings=[{"type": "diloco", "every": 2, "params": ["activation.*"]}], steps=10, checkpoint={"every": 2}))
+    population = inspect_population(cfg)
+    first = Coordinator(cfg, population, str(tmp_path))
+    (diloco,) = first.evaluator.couplings
+    names = ["m1", "m2", "m3"]
+
+    def round_at(coordinator, step):
+        values = {Quantity(m, "param", "activation.weight"): np.array([0.25 * (i + 1) + 0.1 * step * i], dtype=np.float32) for i, m in enumerate(names)}
+        return coordinator.exchange("param", step, names, values)
+
+    for step in range(4):
+        round_at(first, step)
+    assert steps_of(tmp_path, COUPLING_STATE) == [2, 4], "one state per checkpoint step, written ahead of the members' checkpoints"
+    assert diloco.momentum, "an outer step taken (at step 2): the momentum is state"
+    before = {part: {k: v.clone() for k, v in tensors.items()} for part, tensors in diloco.state_dict().items()}
+    for name in names:
+        save_checkpoint({}, tmp_path, name, 4, 2)
+    resumed = Coordinator(cfg, population, str(tmp_path))
+    (restored,) = resumed.evaluator.couplings
+    for part, tensors in before.items():
+        assert tensors.keys() == restored.state_dict()[part].keys()
+        assert all(torch.equal(v, restored.state_dict()[part][k]) for k, v in tensors.items()), part
+    ours, theirs = round_at(first, 4), round_at(resumed, 4)
+    assert ours.replace.keys() == theirs.replace.keys() and all(np.array_equal(ours.replace[q], theirs.replace[q]) for q in ours.replace)

@@ -1,6 +1,7 @@
 """Parameter averaging (seed 002): a target model gets the mean of others, or members are averaged;
 members pulled part of the way to their mean (PAPA); members averaged in random pairs (gossip);
-values swapped among members position by position (WASH)."""
+values swapped among members position by position (WASH); an outer optimizer
+stepping global weights on the members' mean update (DiLoCo)."""
 
 from __future__ import annotations
 
@@ -140,7 +141,7 @@ class Average(Coupling):
 
 
 class MembersRoundConfig(CouplingConfig):
-    """What every round over the members' own parameters (gossip, WASH) is configured with."""
+    """What every round over the members' own parameters (gossip, WASH, DiLoCo) is configured with."""
 
     params: list[str] = Field(default_factory=lambda: ["*"], description="Parameter name patterns the rounds rewrite (fnmatch); default: all.")
     include_frozen: bool = Field(False, description="Also overwrite members' frozen parameters.")
@@ -269,6 +270,82 @@ class Wash(MembersRound):
             shuffled = wash_shuffle(self.columns(q, name), self.config.fraction, generator)
             new.update({Quantity(m, "param", name): shuffled[i] for i, m in enumerate(self.members) if name in self.written[m]})
         return new
+
+
+class DilocoConfig(MembersRoundConfig):
+    """DiLoCo (arXiv 2311.08105): inner steps on each member's own optimizer, then an outer Nesterov step on the mean of their deltas."""
+
+    every: int = Field(ge=1, description="H: an outer step every k exchanges (with `exchange.every: 1`, every H inner steps), and one after the last step.")
+    outer_lr: float = Field(0.7, gt=0, description="The outer optimizer's learning rate (the paper's 0.7).")
+    outer_momentum: float = Field(0.9, ge=0, lt=1, description="The outer optimizer's momentum (the paper's 0.9); 0: plain outer SGD.")
+    nesterov: bool = Field(True, description="Nesterov momentum, as the paper's outer optimizer; `false`: heavy-ball momentum.")
+
+
+@register("diloco")
+class Diloco(MembersRound):
+    """DiLoCo's outer loop on the coordinator. At the first parameter exchange the global weights
+    ``g`` are the first member's (of ``members``), and every member starts from them, as DiLoCo's
+    replicas start from one model. Then at every ``every``-th parameter exchange (and at the one
+    after the last step) the mean over members of ``g - p_i``, the outer gradient, takes one step of SGD with (Nesterov) momentum on ``g``,
+    written as ``torch.optim.SGD`` computes it::
+
+        buf <- outer_grad (first outer step), else outer_momentum * buf + outer_grad
+        g   <- g - outer_lr * (outer_grad + outer_momentum * buf)   (nesterov; else g - outer_lr * buf)
+
+    and every member restarts from the new ``g``, keeping its own (inner) optimizer state. The run
+    ends after that last outer step, every member at ``g``.
+
+    ``g`` and ``buf`` are state held here (:meth:`state_dict`): a member restarted from its checkpoint
+    is replayed the rounds it missed, and a resumed run restores them from beside the checkpoint it
+    continues from. Exact with ``exchange.every: 1``. Logs ``divergence/<m>``, each member's distance
+    to the members' mean before the round."""
+
+    Config = DilocoConfig
+    config: DilocoConfig
+    needs_two = "DiLoCo averages the members' updates"
+
+    def __init__(self, config: DilocoConfig, population):
+        super().__init__(config, population)
+        self.global_params: dict[str, torch.Tensor] = {}  # empty until the first round
+        self.momentum: dict[str, torch.Tensor] = {}  # the outer optimizer's buffers, from its first step on
+
+    def rewrites(self) -> list[Rewrite]:
+        return [Rewrite("param", self.written_quantities(), every=self.config.every, last=True)]
+
+    def rewrite(self, kind, q, out):
+        new = {}
+        for name in self.names:
+            columns = self.columns(q, name)
+            if name not in self.global_params:
+                self.global_params[name] = columns[0].clone()  # one model that every member starts from
+            else:
+                outer_grad = (self.global_params[name] - columns).sum(dim=0).div_(len(self.members))
+                self.global_params[name] = self._outer_step(name, outer_grad)
+            new.update({Quantity(m, "param", name): self.global_params[name] for m in self.members if name in self.written[m]})
+        return new
+
+    def _outer_step(self, name: str, outer_grad: torch.Tensor) -> torch.Tensor:
+        """``torch.optim.SGD``'s step (momentum, no dampening, optionally Nesterov), operation for
+        operation. Out of place: the previous global weights may still be on their way to members."""
+        momentum = self.config.outer_momentum
+        update = outer_grad
+        if momentum:
+            buf = self.momentum.get(name)
+            if buf is None:
+                buf = self.momentum[name] = outer_grad.clone()
+            else:
+                buf.mul_(momentum).add_(outer_grad)
+            update = outer_grad.add(buf, alpha=momentum) if self.config.nesterov else buf
+        return self.global_params[name].add(update, alpha=-self.config.outer_lr)
+
+    def state_dict(self) -> dict:
+        return {"global": dict(self.global_params), "momentum": dict(self.momentum)}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        unknown = [n for part in ("global", "momentum") for n in state[part] if n not in self.names]
+        if unknown:
+            raise ValueError(f"coupling {self.name!r}: the saved state has parameters {unknown} this run's coupling does not keep (its params: {self.names})")
+        self.global_params, self.momentum = dict(state["global"]), dict(state["momentum"])
 
 
 def round_generator(method: str, seed: int, step: int) -> torch.Generator:
