@@ -141,7 +141,7 @@ class CouplingEvaluator:
                 value = coupling.value(self.latest)
                 if value is not None:
                     metrics[f"coupling/{coupling.name}"] = float(value)
-                for key, extra in coupling.metrics(self.latest).items():
+                for key, extra in coupling.metrics_at(step, self.latest).items():
                     metrics[f"coupling/{coupling.name}/{key}"] = float(extra)
         return metrics
 

@@ -288,6 +288,14 @@ def test_papa_pulls_members_towards_the_mean_of_the_same_round_bitwise_as_the_si
     initial = [torch.cat([p.detach().reshape(-1) for p in m.parameters()]) for m in starts]
     expected = float((initial[0] - sum(initial) / 3).norm())
     assert history[0] == pytest.approx(expected, rel=1e-4), "measured before the first pull"
+    client = MlflowClient(result.tracking_uri)
+    spread = {
+        (when, stat): {m.step: m.value for m in client.get_metric_history(result.run_id, f"coupling/papa/distance/{when}/{stat}")}
+        for when in ("before", "after") for stat in ("min", "median", "max")
+    }
+    assert sorted(spread["after", "max"]) == list(range(STEPS + 1)), "after every round"
+    for stat in ("min", "median", "max"):  # each member a quarter of the way to the mean, which stays: 3/4 of its distance
+        assert all(spread["after", stat][s] == pytest.approx(0.75 * spread["before", stat][s], rel=1e-4) for s in range(STEPS + 1)), stat
 
 
 def test_gossip_averages_the_seeds_random_pairs_of_the_same_round_bitwise_as_the_single_process_reference(ray_session, base_config, tmp_path):
@@ -340,3 +348,6 @@ def test_diloco_takes_nesterov_outer_steps_on_the_mean_delta_of_the_same_round_b
     _matches_fresh_not_stale(result, fresh, stale)
     final = [torch.load(result.output_dir / "members" / m / "model.pt", weights_only=True) for m in ("m1", "m2", "m3")]
     assert all(torch.equal(final[0][k], other[k]) for other in final[1:] for k in final[0]), "every member ends at the global weights"
+    after = {m.step: m.value for m in MlflowClient(result.tracking_uri).get_metric_history(result.run_id, "coupling/diloco/distance/after/max")}
+    assert sorted(after) == list(range(0, STEPS + 1, 4)), "after each outer round, and only then"
+    assert all(v < 1e-5 for v in after.values()), "every member at the global weights (their mean's rounding apart)"

@@ -387,6 +387,11 @@ def test_the_coordinator_gives_gossip_the_round_and_each_pair_gets_its_mean(base
     assert len(seen) > 1
     metrics = evaluator.coupling_metrics("param", 5)
     assert metrics["coupling/gossip/divergence/m3"] == pytest.approx(4.0 - 7.0 / 3), "distance to the population's mean, before the round"
+    before = sorted(abs(v - 7.0 / 3) for v in start.values())
+    assert [metrics[f"coupling/gossip/distance/before/{s}"] for s in ("min", "median", "max")] == pytest.approx(before)
+    after = dict(start, **dict.fromkeys((a, b), (start[a] + start[b]) / 2))  # round 5's pair took its mean
+    spread = sorted(abs(v - sum(after.values()) / 3) for v in after.values())
+    assert [metrics[f"coupling/gossip/distance/after/{s}"] for s in ("min", "median", "max")] == pytest.approx(spread), "after the round"
 
 
 def test_wash_permutes_the_values_of_the_drawn_positions_among_members_and_leaves_the_others():

@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import os
 import random
+import statistics
+from abc import abstractmethod
+from collections import ChainMap
 from concurrent.futures import ThreadPoolExecutor
 from typing import ClassVar, Mapping, Optional
 
@@ -79,6 +82,7 @@ class Average(Coupling):
         super().__init__(config, population)
         first = self.members[0] if self.members else None
         self.names = population.params_matching(first, config.params) if first in population.param_shapes else []
+        self.last_round: tuple[int, Mapping[Quantity, torch.Tensor]] | None = None  # (step, new values) of the latest round
 
     @classmethod
     def default_members(cls, config: AverageConfig, population) -> list[str]:
@@ -104,6 +108,12 @@ class Average(Coupling):
     def _values(self, q: Mapping[Quantity, torch.Tensor], name: str) -> list[torch.Tensor]:
         return [q[Quantity(m, "param", name)] for m in self.members]
 
+    def rewrite_at(self, kind, step, q, out):
+        new = self.rewrite(kind, q, out)
+        if self.config.into is None:  # the members themselves moved: their distances after the round are logged
+            self.last_round = (step, new)
+        return new
+
     def rewrite(self, kind, q, out):
         into, rate = self.config.into, self.config.rate
         targets = {w.key: t for w, t in out.items() if w.member == into} if into else {}
@@ -117,6 +127,10 @@ class Average(Coupling):
         more pass over the members' parameters (the mean is recomputed chunk by chunk in cache,
         bitwise as :meth:`rewrite` computes it, so the pass reads each value once)."""
         return divergences(q, self.members, self.names, self.config.weights)
+
+    def metrics_at(self, step: int, q: Mapping[Quantity, torch.Tensor]) -> dict[str, float]:
+        """:meth:`metrics`, and :func:`round_distances` (members averaged back into themselves only)."""
+        return round_distances(self, step, q, self.config.weights)
 
     @classmethod
     def check_config(cls, config: AverageConfig, run) -> list[tuple[str, str]]:
@@ -150,9 +164,10 @@ class MembersRoundConfig(CouplingConfig):
 class MembersRound(Coupling):
     """A round over the members' own parameters at parameter exchanges: ``names``, the parameters
     matching ``params`` (every member has them, with the same shapes), are read from every member,
-    and :meth:`rewrite_at` gives members new values of ``written`` (each member's trainable ones,
+    and :meth:`round_values` gives members new values of ``written`` (each member's trainable ones,
     unless ``include_frozen``). Logs ``divergence/<m>``, each member's distance to the members'
-    mean before the round. A subclass says when (:meth:`rewrites`) and what (:meth:`rewrite_at`)."""
+    mean before the round, and :func:`round_distances`. A subclass says when (:meth:`rewrites`)
+    and what (:meth:`round_values`)."""
 
     Config = MembersRoundConfig
     config: MembersRoundConfig
@@ -166,9 +181,28 @@ class MembersRound(Coupling):
         first = self.members[0] if self.members else None
         self.names = population.params_matching(first, config.params) if first in population.param_shapes else []
         self.written = {m: [n for n in self.names if config.include_frozen or population.trainable.get(m, {}).get(n, True)] for m in self.members}
+        self.last_round: tuple[int, Mapping[Quantity, torch.Tensor]] | None = None  # (step, new values) of the latest round
 
     def reads(self) -> list[Quantity]:
         return [Quantity(m, "param", n) for m in self.members for n in self.names]
+
+    @abstractmethod
+    def round_values(self, step: int, q: Mapping[Quantity, torch.Tensor]) -> dict[Quantity, torch.Tensor]:
+        """The new values of the round at ``step`` (of the quantities in :meth:`written_quantities`;
+        one left out keeps its value), from the members' values ``q``, which must not be written."""
+
+    def rewrite_at(self, kind, step, q, out):
+        new = self.round_values(step, q)
+        self.last_round = (step, new)
+        return new
+
+    def metrics(self, q: Mapping[Quantity, torch.Tensor]) -> dict[str, float]:
+        """``divergence/<m>``: each member's Euclidean distance to the members' mean, before the round."""
+        return divergences(q, self.members, self.names, None)
+
+    def metrics_at(self, step: int, q: Mapping[Quantity, torch.Tensor]) -> dict[str, float]:
+        """:meth:`metrics` and :func:`round_distances`."""
+        return round_distances(self, step, q, None)
 
     def written_quantities(self) -> tuple[Quantity, ...]:
         return tuple(Quantity(m, "param", n) for m in self.members for n in self.written[m])
@@ -176,10 +210,6 @@ class MembersRound(Coupling):
     def columns(self, q: Mapping[Quantity, torch.Tensor], name: str) -> torch.Tensor:
         """The members' values of parameter ``name`` side by side: ``(members, *shape)``, a new tensor."""
         return torch.stack([q[Quantity(m, "param", name)] for m in self.members])
-
-    def metrics(self, q: Mapping[Quantity, torch.Tensor]) -> dict[str, float]:
-        """``divergence/<m>``: each member's Euclidean distance to the members' mean, before the round."""
-        return divergences(q, self.members, self.names, None)
 
     @classmethod
     def check_config(cls, config: MembersRoundConfig, run) -> list[tuple[str, str]]:
@@ -216,7 +246,7 @@ class Gossip(MembersRound):
     def rewrites(self) -> list[Rewrite]:
         return [Rewrite("param", self.written_quantities(), every=self.config.every)]
 
-    def rewrite_at(self, kind, step, q, out):
+    def round_values(self, step, q):
         new = {}
         for a, b in gossip_pairs(self.members, self.population.seed, step):
             for name in self.names:
@@ -263,7 +293,7 @@ class Wash(MembersRound):
     def rewrites(self) -> list[Rewrite]:
         return [Rewrite("param", self.written_quantities(), every=self.config.every)]
 
-    def rewrite_at(self, kind, step, q, out):
+    def round_values(self, step, q):
         generator = round_generator("wash", self.population.seed, step)
         new = {}
         for name in self.names:
@@ -312,7 +342,7 @@ class Diloco(MembersRound):
     def rewrites(self) -> list[Rewrite]:
         return [Rewrite("param", self.written_quantities(), every=self.config.every, last=True)]
 
-    def rewrite(self, kind, q, out):
+    def round_values(self, step, q):
         new = {}
         for name in self.names:
             columns = self.columns(q, name)
@@ -383,6 +413,25 @@ def gossip_pairs(members: list[str], seed: int, step: int) -> list[tuple[str, st
 def pulled(value: torch.Tensor, mean: torch.Tensor, rate: float) -> torch.Tensor:
     """PAPA's pull of one member's value: ``(1 - rate) * value + rate * mean``, as written."""
     return (1 - rate) * value + rate * mean
+
+
+def round_distances(coupling, step: int, q: Mapping[Quantity, torch.Tensor], weights: list[float] | None) -> dict[str, float]:
+    """The averaging family's metrics at ``step``: ``divergence/<m>``, each member's Euclidean
+    distance to the members' (weighted) mean before the round, their ``distance/before/min``,
+    ``median`` and ``max``, and, when the coupling's round at ``step`` moved the members
+    (``coupling.last_round``), the same three of their distances to their mean after it
+    (``distance/after/...``). The round's values are let go once reported."""
+    before = divergences(q, coupling.members, coupling.names, weights)
+    out = {**before, **_spread("distance/before", list(before.values()))}
+    if coupling.last_round is not None and coupling.last_round[0] == step:
+        after = divergences(ChainMap(coupling.last_round[1], q), coupling.members, coupling.names, weights)
+        out.update(_spread("distance/after", list(after.values())))
+        coupling.last_round = None
+    return out
+
+
+def _spread(prefix: str, values: list[float]) -> dict[str, float]:
+    return {f"{prefix}/min": min(values), f"{prefix}/median": statistics.median(values), f"{prefix}/max": max(values)}
 
 
 def divergences(q: Mapping[Quantity, torch.Tensor], members: list[str], names: list[str], weights: list[float] | None) -> dict[str, float]:

@@ -186,6 +186,13 @@ class Coupling(CouplingClass, ABC):
         computed by the coordinator on the whole population."""
         return {}
 
+    def metrics_at(self, step: int, q: Mapping[Quantity, torch.Tensor]) -> dict[str, float]:
+        """What the coordinator calls: :meth:`metrics` after the round of ``step`` (the values ``q``
+        are those the members sent to it). By default the metrics do not depend on the round; a
+        coupling that reports what its rewrite of that round did (the averaging family's distances
+        after it) overrides this instead of :meth:`metrics`."""
+        return self.metrics(q)
+
     def metrics_for(self, member: str, q: Mapping[Quantity, torch.Tensor]) -> dict[str, float]:
         """Extra values ``member`` logs on its own run under ``coupling/<name>/...``, from what it
         sees (its own quantities and its peers' from the last exchange), on logged steps."""
