@@ -6,6 +6,7 @@ Layout under the run folder::
     run.json                            the MLflow run ids (resume continues into the same runs)
     checkpoints/<member>/step-000000100.pt       a member's full state at the start of step 100
     checkpoints/<member>/step-000000100.sha256   its checksum, written after it (absent: incomplete)
+    checkpoints/_couplings/step-000000100.pt     the couplings' state for step 100 (and its .sha256)
     members/<member>/model.pt           final weights (a plain state_dict)
 
 A checkpoint at step ``s`` is *complete* when every member has a valid file for ``s``. Files are
@@ -181,9 +182,33 @@ def latest_complete_step(run_dir: Path, members: list[str]) -> int | None:
     return max(common) if common else None
 
 
+# The couplings' state (Coupling.state_dict) is checkpointed as if by a member of this name, which
+# no member can have (member names start with a letter or a digit).
+COUPLING_STATE = "_couplings"
+
+
+def save_coupling_state(run_dir: Path, step: int, states: dict[str, dict], keep: int) -> None:
+    """The couplings' ``states`` (coupling name -> its state_dict) as they are before ``step``."""
+    save_checkpoint(states, run_dir, COUPLING_STATE, step, keep)
+
+
+def load_coupling_state(run_dir: Path, step: int, names: list[str]) -> dict[str, dict]:
+    """The couplings' state saved for ``step``; raises :class:`CheckpointError` when it is missing,
+    damaged, or lacks one of the couplings ``names`` (those that keep state)."""
+    path = checkpoint_path(run_dir, COUPLING_STATE, step)
+    if step not in steps_of(run_dir, COUPLING_STATE):
+        raise CheckpointError(f"the run cannot resume from step {step}: couplings {names} keep state between rounds, and none was saved for that step ({path})")
+    states = load_checkpoint(path)
+    missing = [n for n in names if n not in states]
+    if missing:
+        raise CheckpointError(f"the run cannot resume from step {step}: {path} holds no state for couplings {missing}")
+    return states
+
+
 def discard_after(run_dir: Path, members: list[str], step: int | None) -> None:
-    """Remove every checkpoint newer than ``step`` (all of them for None): a run (re)starts from ``step``."""
-    for member in members:
+    """Remove every checkpoint newer than ``step`` (all of them for None), the couplings' state
+    included: a run (re)starts from ``step``."""
+    for member in [*members, COUPLING_STATE]:
         for found in steps_of(run_dir, member):
             if step is None or found > step:
                 remove_checkpoint(run_dir, member, found)

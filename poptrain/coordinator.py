@@ -19,8 +19,8 @@ answers with the peers' newest, waiting only while one is more than ``max_stalen
 Everything here is plain Python, and each concern is a small object a unit test drives without
 Ray: :class:`CouplingEvaluator` (the population's values, rewrites, coupling metrics),
 :class:`Barrier` (sync rounds), :class:`StandIns` (``failure.while_restarting: continue``),
-:class:`ReplayHistory` (rounds a restarted member replays), :class:`AsyncBoard` and
-:class:`MetricRecorder`. :class:`Coordinator` puts them together under one lock.
+:class:`ReplayHistory` (rounds a restarted member replays), :class:`AsyncBoard`,
+:class:`MetricRecorder` and :class:`CouplingStates` (couplings' state beside the checkpoints). :class:`Coordinator` puts them together under one lock.
 :class:`CoordinatorActor` is the thin Ray actor around it: threads, the wire, the channel.
 """
 
@@ -141,7 +141,7 @@ class CouplingEvaluator:
                 value = coupling.value(self.latest)
                 if value is not None:
                     metrics[f"coupling/{coupling.name}"] = float(value)
-                for key, extra in coupling.metrics(self.latest).items():
+                for key, extra in coupling.metrics_at(step, self.latest).items():
                     metrics[f"coupling/{coupling.name}/{key}"] = float(extra)
         return metrics
 
@@ -454,6 +454,36 @@ class MetricRecorder:
             save_atomic(self.outbox.unwritten(), coordinator_metrics_path(self.run_dir))
 
 
+class CouplingStates:
+    """The state couplings keep between rounds (:meth:`Coupling.state_dict`: DiLoCo's global weights
+    and outer momentum), saved beside the members' checkpoints. After the last parameter round
+    before a checkpoint step c the couplings' state is saved for c: that round completes before the
+    last member can write its checkpoint at c (it exchanges there first), so a complete checkpoint
+    always has its couplings' state. A resumed run's coordinator starts from the state saved for the
+    step it continues from (:func:`poptrain.population.resume` refuses a run that lacks it)."""
+
+    def __init__(self, run: RunConfig, couplings: list, run_dir: str | None):
+        from poptrain.checkpoint import latest_complete_step, load_coupling_state
+
+        self.keeping = [c for c in couplings if c.state_dict() is not None]
+        self.run_dir = run_dir if run.checkpoint.every and self.keeping else None
+        self.run = run
+        resumed_from = latest_complete_step(run_dir, run.member_names) if self.run_dir else None
+        if resumed_from:
+            states = load_coupling_state(run_dir, resumed_from, [c.name for c in self.keeping])
+            for coupling in self.keeping:
+                coupling.load_state_dict(states[coupling.name])
+
+    def after_param_round(self, step: int) -> None:
+        if self.run_dir is None:
+            return
+        from poptrain.checkpoint import save_coupling_state
+
+        every, last = self.run.checkpoint.every, min(step + self.run.exchange.every, self.run.steps - 1)
+        for checkpoint_step in range((step // every + 1) * every, last + 1, every):  # the next param round is after it
+            save_coupling_state(self.run_dir, checkpoint_step, {c.name: c.state_dict() for c in self.keeping}, self.run.checkpoint.keep + 1)
+
+
 class Coordinator:
     """The coordinator's logic: thread-safe, without Ray. ``pack`` turns a :class:`Reply` into
     what callers receive (the actor packs it for the wire; in one process it can stay as it is)."""
@@ -467,6 +497,7 @@ class Coordinator:
         self.history = ReplayHistory(2 * run.checkpoint.every + run.exchange.every if run.checkpoint.every else 0)
         self.board = AsyncBoard(self.plan.participants, run.exchange.max_staleness, run.exchange.every)
         self.recorder = MetricRecorder(run, run_dir)
+        self.states = CouplingStates(run, self.evaluator.couplings, run_dir)
         self.evaluations = EvalBoard(run)
         self.pbt = PBTRounds(run, run_dir)
         self.timeout_s = run.exchange.timeout_s
@@ -530,6 +561,8 @@ class Coordinator:
         if values is None:
             return False
         reply, written = self.evaluator.complete_round(kind, step, values)
+        if kind == "param":
+            self.states.after_param_round(step)
         packed = self.pack(reply)
         replay = packed
         if self.history.steps and written:

@@ -21,9 +21,9 @@ import torch
 
 from poptrain import mapped_memory, pool
 from poptrain.checks import prepare
-from poptrain.checkpoint import CheckpointError, discard_after, latest_complete_step, read_run_record, save_atomic, write_run_record
+from poptrain.checkpoint import CheckpointError, discard_after, latest_complete_step, load_coupling_state, read_run_record, save_atomic, write_run_record
 from poptrain.config import HOME_ENV, ConfigError, RunConfig, dump_config, job_artifact_root, job_home, ray_job
-from poptrain.couplings import PopulationInfo
+from poptrain.couplings import PopulationInfo, build_couplings
 from poptrain.tracking import RunIds, Tracking, TrackingUnavailable
 
 ProgressFn = Callable[[dict[str, Any]], None]
@@ -264,6 +264,12 @@ def resume(run_dir, progress: ProgressFn | None = None, poll_s: float = 0.5, kee
     uri = record["tracking_uri"]
     ids = RunIds(record["experiment_id"], record["parent"], dict(record["members"]))
     step = latest_complete_step(run_dir, cfg.member_names)
+    keeping = [c.name for c in build_couplings(cfg.couplings, population) if c.state_dict() is not None]
+    if step is not None and keeping:  # checked here, before anything starts; the coordinator loads it
+        try:
+            load_coupling_state(run_dir, step, keeping)
+        except CheckpointError as exc:
+            raise ConfigError([("", str(exc))]) from None
     discard_after(run_dir, cfg.member_names, step)  # newer, incomplete checkpoints would disagree with the peers
     return PopulationRun(cfg, population, uri, run_dir, ids, keep_warm_s).execute(progress, poll_s)
 

@@ -15,6 +15,8 @@ BUILTIN_COUPLINGS = {
     "relative": "poptrain.couplings.relative:Relative",
     "average": "poptrain.couplings.averaging:Average",
     "gossip": "poptrain.couplings.averaging:Gossip",
+    "wash": "poptrain.couplings.averaging:Wash",
+    "diloco": "poptrain.couplings.averaging:Diloco",
     "share": "poptrain.couplings.sharing:Share",
     "mutual": "poptrain.couplings.mutual:Mutual",
 }

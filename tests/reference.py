@@ -254,3 +254,66 @@ def gossip_training(models, batches, steps, lr, seed, every=1, stale=False):
             previous = current
         _joint_step(models, optimizer, next(batches))
     return models
+
+
+def wash_training(models, batches, steps, lr, seed, fraction, every=1, stale=False):
+    """WASH (Fournier et al., 2024, arXiv 2405.17517) in one process: the models train side by side
+    as in :func:`papa_training`; before every ``every``-th step, for each parameter in turn, each
+    position is chosen with probability ``fraction`` and the values the models hold there are
+    permuted among them: model ``i`` takes the value of the model ranked ``i``-th by a uniform draw
+    per model and position. Draws from ``torch.Generator().manual_seed(random.Random(
+    f"poptrain-wash-{seed}-{step}").getrandbits(63))``: per parameter, ``torch.rand(numel)`` (the
+    chosen positions, those below ``fraction``), then ``torch.rand(models, chosen)`` (the ranks).
+    Nothing happens after the last step.
+
+    ``stale``: the chosen positions take the values of the previous round instead."""
+    optimizer = torch.optim.Adam(itertools.chain(*(m.parameters() for m in models)), lr=lr)
+    previous = None
+    for step in range(steps):
+        if step % every == 0:
+            generator = torch.Generator().manual_seed(random.Random(f"poptrain-wash-{seed}-{step}").getrandbits(63))
+            current = _snapshot(models)
+            source = previous if stale and previous is not None else current
+            with torch.no_grad():
+                for i, params in enumerate(zip(*(m.parameters() for m in models))):
+                    chosen = (torch.rand(params[0].numel(), generator=generator) < fraction).nonzero().flatten().tolist()
+                    draws = torch.rand(len(models), len(chosen), generator=generator)
+                    for column, position in enumerate(chosen):
+                        ranked = sorted(range(len(models)), key=lambda model: float(draws[model, column]))
+                        for model, p in enumerate(params):
+                            p.view(-1)[position] = source[ranked[model]][i].view(-1)[position]
+            previous = current
+        _joint_step(models, optimizer, next(batches))
+    return models
+
+
+def diloco_training(models, batches, steps, lr, every, outer_lr, outer_momentum, stale=False):
+    """DiLoCo (Douillard et al., 2023, arXiv 2311.08105) in one process: the global weights start as
+    the first model's and every model starts from them; the models train side by side as in
+    :func:`papa_training` (the inner steps; one Adam, whose state carries across rounds); before
+    every ``every``-th step and after the last one, the mean over models of ``global - model`` is
+    the outer gradient of ``torch.optim.SGD(momentum=outer_momentum, nesterov=True)`` over the
+    global weights, and every model restarts from the new global weights.
+
+    ``stale``: the outer gradient from the models' values at the previous round instead."""
+    optimizer = torch.optim.Adam(itertools.chain(*(m.parameters() for m in models)), lr=lr)
+    global_params = _snapshot(models)[0]
+    outer = torch.optim.SGD(global_params, lr=outer_lr, momentum=outer_momentum, nesterov=True)
+    previous = None
+    for step in range(steps + 1):
+        if step % every == 0 or step == steps:
+            current = _snapshot(models)
+            source = previous if stale and previous is not None else current
+            if step > 0:
+                for i, g in enumerate(global_params):
+                    g.grad = sum(g - values[i] for values in source) / len(models)
+                outer.step()
+            with torch.no_grad():
+                for model in models:
+                    for p, g in zip(model.parameters(), global_params):
+                        p.copy_(g)
+            previous = current
+        if step == steps:
+            break
+        _joint_step(models, optimizer, next(batches))
+    return models

@@ -13,6 +13,7 @@ import poptrain
 from poptrain.builtins.data import constant, digits
 from poptrain.builtins.models import MLP, EncoderClassifier, LSTMClassifier
 from tests.reference import (
+    diloco_training,
     gossip_training,
     papa_training,
     seed001_training,
@@ -21,6 +22,7 @@ from tests.reference import (
     sequential_batches,
     shared_lstm_training,
     squared_loss_gap_joint_training,
+    wash_training,
 )
 
 STEPS = 20
@@ -245,18 +247,18 @@ def test_codistillation_uses_peers_weights_refreshed_every_k_exchanges_on_each_m
         assert_weights_equal(result, name, module)
 
 
-# -- averaging beyond the mean (issue 26): PAPA and gossip ----------------------------------------
+# -- averaging beyond the mean (issue 26): PAPA, gossip, WASH, DiLoCo -------------------------
 
 
-def _three_members_on_thirds_of_the_digits(tmp_path, seed):
-    """Three classifiers with different initial weights, each training on its own third of the
-    digits in order, one member per process (bitwise: no stacking)."""
+def _members_on_thirds_of_the_digits(tmp_path, seed, count=3):
+    """``count`` classifiers with different initial weights, each training on its own
+    third of the digits in order, one member per process (bitwise: no stacking)."""
     torch.manual_seed(seed)
-    models = [EncoderClassifier(64, 10, num_nodes=16) for _ in range(3)]
+    models = [EncoderClassifier(64, 10, num_nodes=16) for _ in range(count)]
     inits = [save_init(m, tmp_path / f"m{i}.pt") for i, m in enumerate(models)]
     data = lambda i: {"name": "digits", "kwargs": {"view": "full", "limit": 256, "part": i, "parts": 3}, "batch_size": 32, "shuffle": False}  # noqa: E731
-    members = [digits_member(f"m{i + 1}", "full", 64, inits[i], data=data(i)) for i in range(3)]
-    streams = lambda: zip(*(sequential_batches(digits(view="full", limit=256, part=i, parts=3), 32) for i in range(3)))  # noqa: E731
+    members = [digits_member(f"m{i + 1}", "full", 64, inits[i], data=data(i)) for i in range(count)]
+    streams = lambda: zip(*(sequential_batches(digits(view="full", limit=256, part=i, parts=3), 32) for i in range(count)))  # noqa: E731
     return models, members, streams
 
 
@@ -274,7 +276,7 @@ def test_papa_pulls_members_towards_the_mean_of_the_same_round_bitwise_as_the_si
     the final weights are the single-process reference's bit for bit, and not those of the
     reference fed the previous round's mean. The parent run logs each member's distance to the
     mean before the pull."""
-    models, members, streams = _three_members_on_thirds_of_the_digits(tmp_path, 6)
+    models, members, streams = _members_on_thirds_of_the_digits(tmp_path, 6)
     starts = [copy.deepcopy(m) for m in models]
     couplings = [{"type": "average", "name": "papa", "rate": 0.25}]
     result = poptrain.run(base_config(members=members, couplings=couplings, steps=STEPS, exchange={"every": 1, "mode": "sync"}, placement={"members_per_host": 1}))
@@ -286,6 +288,14 @@ def test_papa_pulls_members_towards_the_mean_of_the_same_round_bitwise_as_the_si
     initial = [torch.cat([p.detach().reshape(-1) for p in m.parameters()]) for m in starts]
     expected = float((initial[0] - sum(initial) / 3).norm())
     assert history[0] == pytest.approx(expected, rel=1e-4), "measured before the first pull"
+    client = MlflowClient(result.tracking_uri)
+    spread = {
+        (when, stat): {m.step: m.value for m in client.get_metric_history(result.run_id, f"coupling/papa/distance/{when}/{stat}")}
+        for when in ("before", "after") for stat in ("min", "median", "max")
+    }
+    assert sorted(spread["after", "max"]) == list(range(STEPS + 1)), "after every round"
+    for stat in ("min", "median", "max"):  # each member a quarter of the way to the mean, which stays: 3/4 of its distance
+        assert all(spread["after", stat][s] == pytest.approx(0.75 * spread["before", stat][s], rel=1e-4) for s in range(STEPS + 1)), stat
 
 
 def test_gossip_averages_the_seeds_random_pairs_of_the_same_round_bitwise_as_the_single_process_reference(ray_session, base_config, tmp_path):
@@ -293,7 +303,7 @@ def test_gossip_averages_the_seeds_random_pairs_of_the_same_round_bitwise_as_the
     and the step is replaced by its mean and the odd one out keeps its weights; the final weights
     are the single-process reference's bit for bit, and not those of the reference whose pairs
     average the previous round's values."""
-    models, members, streams = _three_members_on_thirds_of_the_digits(tmp_path, 7)
+    models, members, streams = _members_on_thirds_of_the_digits(tmp_path, 7)
     starts = [copy.deepcopy(m) for m in models]
     result = poptrain.run(base_config(
         seed=11, members=members, couplings=[{"type": "gossip"}], steps=STEPS, exchange={"every": 1, "mode": "sync"}, placement={"members_per_host": 1}
@@ -303,3 +313,41 @@ def test_gossip_averages_the_seeds_random_pairs_of_the_same_round_bitwise_as_the
     _matches_fresh_not_stale(result, fresh, stale)
     history = MlflowClient(result.tracking_uri).get_metric_history(result.run_id, "coupling/gossip/divergence/m2")
     assert len(history) == STEPS + 1 and all(m.value > 0 for m in history)
+
+
+def test_wash_shuffles_the_seeds_positions_of_the_same_round_bitwise_as_the_single_process_reference(ray_session, base_config, tmp_path):
+    """`wash` with `fraction: 0.1` at every exchange: each round, positions drawn from the run's seed
+    and the step (a tenth of them) take values permuted among the three members, those sent at
+    that very exchange; the final weights are the single-process reference's bit for bit (the
+    reference permutes position by position in a Python loop), and not those of the reference
+    whose shuffled positions take the previous round's values."""
+    models, members, streams = _members_on_thirds_of_the_digits(tmp_path, 8)
+    starts = [copy.deepcopy(m) for m in models]
+    result = poptrain.run(base_config(
+        seed=5, members=members, couplings=[{"type": "wash", "fraction": 0.1}], steps=STEPS, exchange={"every": 1, "mode": "sync"}, placement={"members_per_host": 1}
+    ))
+    fresh = wash_training(models, streams(), STEPS, lr=0.01, seed=5, fraction=0.1)
+    stale = wash_training([copy.deepcopy(m) for m in starts], streams(), STEPS, lr=0.01, seed=5, fraction=0.1, stale=True)
+    _matches_fresh_not_stale(result, fresh, stale)
+    history = MlflowClient(result.tracking_uri).get_metric_history(result.run_id, "coupling/wash/divergence/m1")
+    assert len(history) == STEPS + 1 and all(m.value > 0 for m in history)
+
+
+def test_diloco_takes_nesterov_outer_steps_on_the_mean_delta_of_the_same_round_bitwise_as_the_single_process_reference(ray_session, base_config, tmp_path):
+    """`diloco` with H = 4: the members start from the first one's weights and take 4 inner Adam
+    steps each; then the mean of (global - member) over the values sent at that very exchange is
+    the outer gradient of SGD with Nesterov momentum (lr 0.7, momentum 0.9) on the global weights,
+    which every member restarts from; once more after the last step. Bitwise the single-process reference's (which
+    uses torch.optim.SGD), and not the reference's fed the previous round's values."""
+    models, members, streams = _members_on_thirds_of_the_digits(tmp_path, 9)
+    starts = [copy.deepcopy(m) for m in models]
+    couplings = [{"type": "diloco", "every": 4}]
+    result = poptrain.run(base_config(members=members, couplings=couplings, steps=STEPS, exchange={"every": 1, "mode": "sync"}, placement={"members_per_host": 1}))
+    fresh = diloco_training(models, streams(), STEPS, lr=0.01, every=4, outer_lr=0.7, outer_momentum=0.9)
+    stale = diloco_training([copy.deepcopy(m) for m in starts], streams(), STEPS, lr=0.01, every=4, outer_lr=0.7, outer_momentum=0.9, stale=True)
+    _matches_fresh_not_stale(result, fresh, stale)
+    final = [torch.load(result.output_dir / "members" / m / "model.pt", weights_only=True) for m in ("m1", "m2", "m3")]
+    assert all(torch.equal(final[0][k], other[k]) for other in final[1:] for k in final[0]), "every member ends at the global weights"
+    after = {m.step: m.value for m in MlflowClient(result.tracking_uri).get_metric_history(result.run_id, "coupling/diloco/distance/after/max")}
+    assert sorted(after) == list(range(0, STEPS + 1, 4)), "after each outer round, and only then"
+    assert all(v < 1e-5 for v in after.values()), "every member at the global weights (their mean's rounding apart)"

@@ -320,9 +320,17 @@ def test_papa_pulls_each_member_a_fraction_rate_of_the_way_to_the_mean(base_conf
         ({"type": "average", "members": ["m1"], "into": "m2", "rate": 0.5}, "couplings.0", "`rate` pulls members towards their mean, and `into` leaves them"),
         ({"type": "gossip", "members": ["m1"]}, "couplings.0.members", "needs at least two members"),
         ({"type": "gossip", "every": 0}, "couplings.0.every", "greater than or equal to 1"),
+        ({"type": "wash"}, "couplings.0.fraction", "required key is missing"),
+        ({"type": "wash", "fraction": 0.0}, "couplings.0.fraction", "must be in (0, 1], got 0.0"),
+        ({"type": "wash", "fraction": 1.5}, "couplings.0.fraction", "probability that a position is shuffled"),
+        ({"type": "wash", "fraction": 0.1, "members": ["m1"]}, "couplings.0.members", "needs at least two members"),
+        ({"type": "diloco"}, "couplings.0.every", "required key is missing"),
+        ({"type": "diloco", "every": 5, "outer_momentum": 1.0}, "couplings.0.outer_momentum", "less than 1"),
+        ({"type": "diloco", "every": 5, "outer_lr": 0}, "couplings.0.outer_lr", "greater than 0"),
+        ({"type": "diloco", "every": 5, "members": ["m2"]}, "couplings.0.members", "needs at least two members"),
     ],
 )
-def test_papa_and_gossip_config_errors_name_the_key(base_config, coupling, key, words):
+def test_averaging_family_config_errors_name_the_key(base_config, coupling, key, words):
     from poptrain.config import ConfigError
 
     with pytest.raises(ConfigError) as info:
@@ -330,8 +338,8 @@ def test_papa_and_gossip_config_errors_name_the_key(base_config, coupling, key, 
     assert any(k == key and words in msg for k, msg in info.value.problems), info.value.problems
 
 
-@pytest.mark.parametrize("coupling", [{"type": "gossip"}, {"type": "average", "rate": 0.5}])
-def test_papa_and_gossip_refuse_async_exchange_with_the_reason(base_config, coupling):
+@pytest.mark.parametrize("coupling", [{"type": "gossip"}, {"type": "average", "rate": 0.5}, {"type": "wash", "fraction": 0.1}, {"type": "diloco", "every": 5}])
+def test_the_averaging_family_refuses_async_exchange_with_the_reason(base_config, coupling):
     from poptrain.config import ConfigError
 
     with pytest.raises(ConfigError) as info:
@@ -379,3 +387,59 @@ def test_the_coordinator_gives_gossip_the_round_and_each_pair_gets_its_mean(base
     assert len(seen) > 1
     metrics = evaluator.coupling_metrics("param", 5)
     assert metrics["coupling/gossip/divergence/m3"] == pytest.approx(4.0 - 7.0 / 3), "distance to the population's mean, before the round"
+    before = sorted(abs(v - 7.0 / 3) for v in start.values())
+    assert [metrics[f"coupling/gossip/distance/before/{s}"] for s in ("min", "median", "max")] == pytest.approx(before)
+    after = dict(start, **dict.fromkeys((a, b), (start[a] + start[b]) / 2))  # round 5's pair took its mean
+    spread = sorted(abs(v - sum(after.values()) / 3) for v in after.values())
+    assert [metrics[f"coupling/gossip/distance/after/{s}"] for s in ("min", "median", "max")] == pytest.approx(spread), "after the round"
+
+
+def test_wash_permutes_the_values_of_the_drawn_positions_among_members_and_leaves_the_others():
+    from poptrain.couplings.averaging import round_generator, wash_shuffle
+
+    columns = torch.randn(5, 40, 50)  # five members' values of one parameter, side by side
+    shuffled = wash_shuffle(columns, 0.2, round_generator("wash", 7, 3))
+    assert torch.equal(shuffled, wash_shuffle(columns, 0.2, round_generator("wash", 7, 3))), "the seed and the step decide"
+    assert not torch.equal(shuffled, wash_shuffle(columns, 0.2, round_generator("wash", 7, 4))), "a new draw each round"
+    moved = (shuffled != columns).any(dim=0)
+    assert 0.15 < float(moved.float().mean()) < 0.22, "about a fifth of the positions (less the draws that leave them in place)"
+    assert torch.equal(shuffled.sort(dim=0).values, columns.sort(dim=0).values), "each position's values are those the members held: only permuted"
+    assert torch.equal(shuffled[:, ~moved], columns[:, ~moved])
+    assert torch.equal(wash_shuffle(columns, 1.0, round_generator("wash", 7, 3)).sort(dim=0).values, columns.sort(dim=0).values)
+
+
+def test_the_coordinator_saves_dilocos_state_for_each_checkpoint_and_a_resumed_one_starts_from_it(base_config, tmp_path):
+    """DiLoCo's global weights and outer momentum, saved by the coordinator after the last parameter
+    round before each checkpoint step (no Ray); a new coordinator for the same run folder, once every
+    member has a checkpoint at step 4, holds them bitwise as they were before step 4, and answers
+    the next round as the first coordinator does."""
+    import numpy as np
+
+    from poptrain.checkpoint import COUPLING_STATE, save_checkpoint, steps_of
+    from poptrain.coordinator import Coordinator
+
+    members = [prelu_member("m1"), prelu_member("m2"), prelu_member("m3")]
+    cfg = load_config(base_config(members=members, couplings=[{"type": "diloco", "every": 2, "params": ["activation.*"]}], steps=10, checkpoint={"every": 2}))
+    population = inspect_population(cfg)
+    first = Coordinator(cfg, population, str(tmp_path))
+    (diloco,) = first.evaluator.couplings
+    names = ["m1", "m2", "m3"]
+
+    def round_at(coordinator, step):
+        values = {Quantity(m, "param", "activation.weight"): np.array([0.25 * (i + 1) + 0.1 * step * i], dtype=np.float32) for i, m in enumerate(names)}
+        return coordinator.exchange("param", step, names, values)
+
+    for step in range(4):
+        round_at(first, step)
+    assert steps_of(tmp_path, COUPLING_STATE) == [2, 4], "one state per checkpoint step, written ahead of the members' checkpoints"
+    assert diloco.momentum, "an outer step taken (at step 2): the momentum is state"
+    before = {part: {k: v.clone() for k, v in tensors.items()} for part, tensors in diloco.state_dict().items()}
+    for name in names:
+        save_checkpoint({}, tmp_path, name, 4, 2)
+    resumed = Coordinator(cfg, population, str(tmp_path))
+    (restored,) = resumed.evaluator.couplings
+    for part, tensors in before.items():
+        assert tensors.keys() == restored.state_dict()[part].keys()
+        assert all(torch.equal(v, restored.state_dict()[part][k]) for k, v in tensors.items()), part
+    ours, theirs = round_at(first, 4), round_at(resumed, 4)
+    assert ours.replace.keys() == theirs.replace.keys() and all(np.array_equal(ours.replace[q], theirs.replace[q]) for q in ours.replace)

@@ -203,6 +203,44 @@ def test_a_killed_driver_resumes_into_the_same_runs_bitwise_equal_to_an_uninterr
     assert_bitwise_equal(run_dir, uninterrupted.output_dir)
 
 
+def test_diloco_global_weights_and_outer_momentum_survive_a_member_kill_and_a_resume_bitwise(ray_session, base_config, tmp_path, tracking_uri):
+    """DiLoCo (H = 5) keeps its global weights and outer momentum on the coordinator. A member killed
+    mid-run is replayed the outer rounds it missed, and the run ends bitwise at the single-process
+    reference; taken back to its last checkpoint (as if the driver had died there) and resumed with
+    `poptrain resume`, it restores that state from beside the checkpoint and ends there again.
+    Without the saved state the resume is refused, naming the file."""
+    from poptrain.checkpoint import COUPLING_STATE, latest_complete_step, member_dir
+    from poptrain.config import ConfigError
+    from poptrain.population import resume
+    from tests.reference import diloco_training
+    from tests.test_couplings_exact import _members_on_thirds_of_the_digits, assert_weights_equal
+
+    steps = 240  # the kill window (steps 40 to steps - 100) spans several progress polls even when the host is fast
+    models, members, streams = _members_on_thirds_of_the_digits(tmp_path, 10, count=2)
+    config = base_config(
+        name="diloco", members=members, couplings=[{"type": "diloco", "every": 5}], steps=steps,
+        checkpoint={"every": CHECKPOINT_EVERY}, exchange={"every": 1, "mode": "sync"}, placement={"members_per_host": 1},
+    )
+    result, _ = run_killing_m2_once(config, steps)
+    reference = diloco_training(models, streams(), steps, lr=0.01, every=5, outer_lr=0.7, outer_momentum=0.9)
+    for name, module in zip(("m1", "m2"), reference):
+        assert_weights_equal(result, name, module, atol=0)
+
+    run_dir, names = result.output_dir, ["m1", "m2"]
+    resumed_from = latest_complete_step(run_dir, names)
+    assert resumed_from == steps - CHECKPOINT_EVERY, "resumes after many outer steps: a momentum that matters"
+    for name in names:
+        (run_dir / "members" / name / "model.pt").unlink()
+    state = member_dir(run_dir, COUPLING_STATE)
+    state.rename(run_dir / "moved")
+    with pytest.raises(ConfigError, match=rf"cannot resume from step {resumed_from}: couplings \['diloco'\] keep state between rounds"):
+        resume(run_dir)
+    (run_dir / "moved").rename(state)
+    resume(run_dir)
+    for name, module in zip(("m1", "m2"), reference):
+        assert_weights_equal(result, name, module, atol=0)
+
+
 def test_with_nonfinite_rollback_a_member_goes_back_to_its_checkpoint_and_no_peer_sees_a_nan(ray_session, base_config, tracking_uri):
     # m1's data has one NaN sample: unshuffled, 8 batches an epoch, it spoils steps 1 and 9.
     data = {"name": "tests.helpers:poisoned_data", "kwargs": {"bad_index": 40}, "batch_size": 32, "shuffle": False}

@@ -10,6 +10,8 @@
   (:class:`Rewrite`) — and :meth:`Coupling.rewrite` — the new values, computed by the
   coordinator when the schedule says so (:meth:`Coupling.rewrite_at` where they depend on the
   round: gossip's pairs).
+* :meth:`Coupling.state_dict` / :meth:`Coupling.load_state_dict`, for a coupling that keeps state
+  between rounds (DiLoCo's global weights and outer momentum): checkpointed by the coordinator.
 
 Where the value is computed, and why the gradient is exact: every member evaluates the
 couplings that train it with its *own* quantities live (attached to its autograd graph) and
@@ -202,6 +204,13 @@ class Coupling(CouplingClass, ABC):
         computed by the coordinator on the whole population."""
         return {}
 
+    def metrics_at(self, step: int, q: Mapping[Quantity, torch.Tensor]) -> dict[str, float]:
+        """What the coordinator calls: :meth:`metrics` after the round of ``step`` (the values ``q``
+        are those the members sent to it). By default the metrics do not depend on the round; a
+        coupling that reports what its rewrite of that round did (the averaging family's distances
+        after it) overrides this instead of :meth:`metrics`."""
+        return self.metrics(q)
+
     def metrics_for(self, member: str, q: Mapping[Quantity, torch.Tensor]) -> dict[str, float]:
         """Extra values ``member`` logs on its own run under ``coupling/<name>/...``, from what it
         sees (its own quantities and its peers' from the last exchange), on logged steps."""
@@ -232,6 +241,21 @@ class Coupling(CouplingClass, ABC):
         from the run's seed and ``step``, so a run and its resume decide the same) overrides this
         instead of :meth:`rewrite`."""
         return self.rewrite(kind, q, out)
+
+    # -- state kept between rounds -------------------------------------------------------------
+
+    def state_dict(self) -> dict | None:
+        """What the coupling keeps between rounds (tensors and plain data, loadable with
+        ``weights_only=True``), or None (the default): it keeps nothing. The coordinator saves a
+        coupling's state beside the members' checkpoints, as it is before the checkpoint's step, and
+        a resumed run hands it back to :meth:`load_state_dict` before its first round; a resumed run
+        with no state saved for a coupling that keeps some is refused. (A member restarted from its
+        checkpoint needs nothing: the coordinator, which holds the state, replays the rounds it missed.)"""
+        return None
+
+    def load_state_dict(self, state: Mapping) -> None:
+        """Take back what :meth:`state_dict` returned (in a resumed run, before its first round)."""
+        raise NotImplementedError(f"{type(self).__name__} returns a state from state_dict() but cannot load it back: implement load_state_dict")
 
     # -- checks, before anything starts ------------------------------------------------------
 
