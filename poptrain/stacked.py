@@ -313,6 +313,9 @@ class StackedGroup:
         exchanging = step % self.every == 0
         inputs, targets = self._batches()
         pending = (yield from self._send_all("param")) if exchanging and self.rounds["param"] else None
+        if not members[0].defer_param_replies:  # a round rewrites their parameters: the step computes on the new ones, as apart
+            yield from self._receive_all(pending)
+            pending = None
         weights = torch.tensor([m.term_weights["loss"] for m in members], dtype=self.params[self.keys[0]].dtype, device=self.device)
         batch_dim = None if self.shared_batches else 0
         grads, (objectives, (losses, outputs)) = self._vmap(self._grad, in_dims=(0, batch_dim, batch_dim, 0))(self.params, inputs, targets, weights)

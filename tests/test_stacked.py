@@ -113,6 +113,24 @@ def test_between_exchanges_stacked_members_see_each_other_as_of_the_last_exchang
     assert [m["coupling/separation"] for m in metrics_b[-1][0]] == pytest.approx([m["coupling/separation"] for m in metrics_a[-1]], rel=1e-5)
 
 
+@pytest.mark.parametrize("coupling", [{"type": "gossip"}, {"type": "average", "rate": 0.5}], ids=["gossip", "papa"])
+def test_stacked_members_whose_parameters_a_round_rewrites_step_on_the_new_ones_as_apart(coupling):
+    """An averaging round rewrites members' parameters at the exchange before their forward pass:
+    a stacked group waits for it as each member alone does, instead of computing the step on the
+    parameters it had sent (0.04 off after 60 steps of gossip)."""
+    members = population(OPTIMIZERS["adam, own lr and weight decay"])
+    rewritten = dict(steps=12, exchange={"every": 2, "shared_memory": False}, couplings=[coupling])
+    alone, link_a = host(members, **rewritten)
+    train(alone, link_a, 12)
+    stacked, link_b = host(members, **rewritten)
+    units = form_groups(stacked)
+    assert isinstance(units[0], StackedGroup), [t.stacking_problem for t in stacked]
+    train(units, link_b, 12)
+    for a, b in zip(alone, stacked):
+        for key in a.params:
+            torch.testing.assert_close(b.params[key], a.params[key], **CLOSE, msg=f"{a.name}.{key}")
+
+
 SEED_MODULE = {"name": "tests.reference:SeedModule", "kwargs": {"in_features": 20, "out_features": 1}}  # seed 000's Module as the user wrote it
 
 
