@@ -144,11 +144,12 @@ class MemberHost:
         # metrics not yet written included.
         restored = common_checkpoint(run_dir, names)
         self.members = []
+        unpacked: dict = {}  # peers' values unpacked once for all the members whose checkpoints hold the same
         for trainer in trainers:
             hosted = Hosted(trainer, MetricsOutbox())
             if restored is not None:
                 state = load_checkpoint(checkpoint_path(run_dir, trainer.name, restored))
-                trainer.load_state_dict(state)
+                trainer.load_state_dict(state, unpacked)
                 hosted.outbox = MetricsOutbox(state.get("metrics", []))
                 hosted.evaluated, hosted.last_step_metrics = dict(state.get("evaluated", {})), dict(state.get("last_step_metrics", {}))
                 hosted.restored_from = restored

@@ -13,6 +13,7 @@ One step, :meth:`MemberTrainer.train_step`:
 from __future__ import annotations
 
 import copy
+import hashlib
 import time
 import warnings
 from typing import Any, Callable, Mapping
@@ -523,13 +524,22 @@ class MemberTrainer:
             "lineage": [list(event) for event in self.lineage],
         }
 
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+    def load_state_dict(self, state: Mapping[str, Any], unpacked: dict | None = None) -> None:
+        """Continue from ``state`` (a :meth:`state_dict`). ``unpacked``: peers' values already
+        unpacked by other members restored on this host (by :func:`packed_digest`), shared instead
+        of unpacked again: a thousand members' checkpoints of one step hold the same peers."""
         self.model.load_state_dict(state["model"])
         if self.optimizer is not None:
             self.optimizer.load_state_dict(state["optimizer"])
         self.batches.load_state_dict(state["batches"])
         self.balancer.load_state_dict(state["balancer"])
-        self.peers = PeerValues({parse_quantity(k): v.to(self.device) for k, v in unpack_tensors(state["peers"]).items()})
+        digest = packed_digest(state["peers"]) if unpacked is not None else None
+        key = None if digest is None else (digest, str(self.device))
+        if key is None or key not in unpacked:
+            values = {parse_quantity(k): v.to(self.device) for k, v in unpack_tensors(state["peers"]).items()}
+            if key is not None:
+                unpacked[key] = values
+        self.peers = PeerValues(unpacked[key] if key is not None else values)
         self.last_sent = {parse_quantity(k): v.numpy() for k, v in state["last_sent"].items()}
         self.checked_gradient_paths = bool(state["checked_gradient_paths"])
         self.randomness.load_state_dict(state["rng"])
@@ -594,28 +604,51 @@ class PeerValues(dict):
 
 
 def pack_tensors(tensors: Mapping[str, torch.Tensor]) -> dict[str, Any]:
-    """``tensors`` as one flat CPU tensor per dtype, with their keys and shapes: a member of a
-    thousand holds a thousand peers' values, and a checkpoint of a thousand small tensors takes
-    hundreds of times longer to write than one of a few (a storage record each)."""
-    keys, shapes, dtypes, flat = [], [], [], {}
+    """``tensors`` as one flat CPU tensor per dtype, with their keys, dtypes (each one string, a
+    line per tensor) and shapes (``ranks`` and ``dims``, two integer tensors): a member of a
+    thousand holds a thousand peers' values, and a checkpoint of a thousand small tensors, or of
+    thousands of small lists, takes hundreds of times longer to write and to load (with
+    ``weights_only=True``) than one of a few objects."""
+    keys, ranks, dims, dtypes, flat = [], [], [], [], {}
     for key, tensor in tensors.items():
         tensor = tensor.detach().cpu()
         keys.append(key)
-        shapes.append(list(tensor.shape))
+        ranks.append(tensor.dim())
+        dims.extend(tensor.shape)
         dtypes.append(str(tensor.dtype).removeprefix("torch."))
         flat.setdefault(dtypes[-1], []).append(tensor.reshape(-1))
-    return {"keys": keys, "shapes": shapes, "dtypes": dtypes, "values": {d: torch.cat(parts) for d, parts in flat.items()}}
+    return {"keys": "\n".join(keys), "dtypes": "\n".join(dtypes), "ranks": torch.tensor(ranks, dtype=torch.int64),
+            "dims": torch.tensor(dims, dtype=torch.int64), "values": {d: torch.cat(parts) for d, parts in flat.items()}}
 
 
 def unpack_tensors(packed: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-    """What :func:`pack_tensors` packed (each tensor a copy of its own)."""
-    out, offsets = {}, dict.fromkeys(packed["values"], 0)
-    for key, shape, dtype in zip(packed["keys"], packed["shapes"], packed["dtypes"]):
-        count = int(np.prod(shape, dtype=np.int64))
-        start = offsets[dtype]
-        out[key] = packed["values"][dtype][start : start + count].reshape(shape).clone()
-        offsets[dtype] = start + count
-    return out
+    """What :func:`pack_tensors` packed (the tensors of one dtype are views of one copy of their
+    flat tensor), or what it packed before (a list per field) for older checkpoints."""
+    if isinstance(packed["keys"], str):
+        keys = packed["keys"].split("\n") if packed["keys"] else []
+        dtypes = packed["dtypes"].split("\n") if packed["dtypes"] else []
+        dims, shapes = packed["dims"].tolist(), []
+        for rank in packed["ranks"].tolist():
+            shapes.append(dims[:rank])
+            dims = dims[rank:]
+    else:
+        keys, shapes, dtypes = packed["keys"], packed["shapes"], packed["dtypes"]
+    counts: dict[str, list[int]] = {d: [] for d in packed["values"]}
+    for shape, dtype in zip(shapes, dtypes):
+        counts[dtype].append(int(np.prod(shape, dtype=np.int64)))
+    parts = {d: iter(torch.split(packed["values"][d].clone(), counts[d])) for d in counts}
+    return {key: next(parts[dtype]).reshape(shape) for key, shape, dtype in zip(keys, shapes, dtypes)}
+
+
+def packed_digest(packed: Mapping[str, Any]) -> str | None:
+    """A digest of what :func:`pack_tensors` packed (None for the older format): members of a
+    stacked group restored from one checkpoint step hold the same peers, unpacked once for all."""
+    if not isinstance(packed["keys"], str):
+        return None
+    digest = hashlib.sha256("\0".join([packed["keys"], packed["dtypes"]]).encode())
+    for tensor in (packed["ranks"], packed["dims"], *(packed["values"][d] for d in sorted(packed["values"]))):
+        digest.update(tensor.contiguous().view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
 
 
 def quantity_key(q: Quantity) -> str:
