@@ -29,7 +29,30 @@ def pytest_configure(config):
     os.environ["CUDA_VISIBLE_DEVICES"] = ""
 
 
+# Tests whose work is a process of its own that mostly waits (its own Ray, fresh processes): started
+# as the session starts when selected, run beside the rest of the suite, and checked by the test
+# (nodeid -> "module:function" returning the handle the test takes from STARTED).
+EARLY = {"tests/test_benchmarks_smoke.py::test_smoke_pass_writes_every_figure_with_a_numeric_ratio": "tests.test_benchmarks_smoke:start_smoke_pass"}
+STARTED: dict[str, object] = {}
+
+
+def pytest_collection_finish(session):
+    import importlib
+
+    for item in session.items:
+        if item.nodeid in EARLY and not session.config.option.collectonly:
+            module, function = EARLY[item.nodeid].split(":")
+            STARTED[item.nodeid] = getattr(importlib.import_module(module), function)()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    for proc, _ in STARTED.values():  # started for a test that never ran (-x, an interrupt): ended with the session
+        if proc.poll() is None:
+            proc.kill()
+
+
 def pytest_collection_modifyitems(config, items):
+    items.sort(key=lambda item: item.nodeid in EARLY)  # last: their work runs meanwhile (stable: the rest keep their order)
     skip = pytest.mark.skip(reason="needs a CUDA device: torch.cuda.is_available() is false on this machine")
     for item in items:
         if "gpu" in item.keywords and not CUDA:

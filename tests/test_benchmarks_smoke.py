@@ -20,13 +20,16 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 
 from benchmarks import FIGURES, NEEDS_BENCH_EXTRA
-from tests.conftest import REPO
+from tests.conftest import REPO, STARTED
 
 
 def imports(module: str, env: dict[str, str]) -> bool:
@@ -34,15 +37,35 @@ def imports(module: str, env: dict[str, str]) -> bool:
     return subprocess.run([sys.executable, "-c", f"import {module}"], cwd=REPO, env=env, capture_output=True, timeout=120).returncode == 0
 
 
-@pytest.mark.slow
-def test_smoke_pass_writes_every_figure_with_a_numeric_ratio(tmp_path):
+def smoke_env() -> dict[str, str]:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
     env.pop("RAY_ADDRESS", None)
-    proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks", "--smoke", "--out", str(tmp_path)],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
-    )
-    assert proc.returncode == 0, f"stdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}"
+    return env
+
+
+def start_smoke_pass() -> tuple[subprocess.Popen, Path]:
+    """``python -m benchmarks --smoke`` in a process of its own (its own Ray), writing into a new
+    folder: (the process, the folder). tests/conftest.py starts it as the session starts when this
+    test is selected, so its minute of mostly waiting (its Ray, its fresh processes) runs beside
+    the rest of the suite instead of after it."""
+    out = Path(tempfile.mkdtemp(prefix="poptrain-smoke-"))
+    log = open(out / "smoke.log", "w+")  # noqa: SIM115 - read back by the test
+    proc = subprocess.Popen([sys.executable, "-m", "benchmarks", "--smoke", "--out", str(out / "results")], cwd=REPO, env=smoke_env(),
+                            stdout=log, stderr=subprocess.STDOUT, text=True)
+    return proc, out
+
+
+@pytest.mark.slow
+def test_smoke_pass_writes_every_figure_with_a_numeric_ratio(request):
+    proc, out = STARTED.pop(request.node.nodeid, None) or start_smoke_pass()
+    try:
+        returncode = proc.wait(timeout=600)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    stdout = (out / "smoke.log").read_text()
+    tmp_path = out / "results"
+    assert returncode == 0, f"output:\n{stdout[-8000:]}"
 
     written = sorted(p.name for p in tmp_path.glob("*.json"))
     assert "latest-smoke.json" in written and len(written) == 2, written
@@ -54,7 +77,7 @@ def test_smoke_pass_writes_every_figure_with_a_numeric_ratio(tmp_path):
     assert not [r for r in rows if r.get("error")], [r["note"] for r in rows if r.get("error")]
     for figure in FIGURES:
         measured = [r for r in rows if r["figure"] == figure and r["available"]]
-        if not measured and figure in NEEDS_BENCH_EXTRA and not imports(NEEDS_BENCH_EXTRA[figure], env):
+        if not measured and figure in NEEDS_BENCH_EXTRA and not imports(NEEDS_BENCH_EXTRA[figure], smoke_env()):
             own = [r for r in rows if r["figure"] == figure]
             assert own and all("pip install -e .[bench]" in r["note"] for r in own), own
             continue
@@ -68,6 +91,7 @@ def test_smoke_pass_writes_every_figure_with_a_numeric_ratio(tmp_path):
             assert r["note"].startswith("not available"), r
 
     # The table is printed, one line per row.
-    assert "poptrain benchmarks (smoke" in proc.stdout
+    assert "poptrain benchmarks (smoke" in stdout
     for figure in FIGURES:
-        assert figure in proc.stdout
+        assert figure in stdout
+    shutil.rmtree(out, ignore_errors=True)
