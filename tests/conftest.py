@@ -32,7 +32,10 @@ def pytest_configure(config):
 # Tests whose work is a process of its own that mostly waits (its own Ray, fresh processes): started
 # as the session starts when selected, run beside the rest of the suite, and checked by the test
 # (nodeid -> "module:function" returning the handle the test takes from STARTED).
-EARLY = {"tests/test_benchmarks_smoke.py::test_smoke_pass_writes_every_figure_with_a_numeric_ratio": "tests.test_benchmarks_smoke:start_smoke_pass"}
+EARLY = {
+    "tests/test_benchmarks_smoke.py::test_smoke_pass_writes_every_figure_with_a_numeric_ratio": "tests.test_benchmarks_smoke:start_smoke_pass",
+    "tests/test_variation.py::test_a_thousand_members_resume_after_their_driver_is_killed_with_every_history_whole": "tests.test_variation:start_killed_and_resumed",
+}
 STARTED: dict[str, object] = {}
 
 
@@ -46,9 +49,9 @@ def pytest_collection_finish(session):
 
 
 def pytest_sessionfinish(session, exitstatus):
-    for proc, _ in STARTED.values():  # started for a test that never ran (-x, an interrupt): ended with the session
-        if proc.poll() is None:
-            proc.kill()
+    for work in STARTED.values():  # started for a test that never ran (-x, an interrupt): a process ends with the session
+        if isinstance(work, tuple) and work[0].poll() is None:  # (a thread's run ends on its own, its processes with it)
+            work[0].kill()
 
 
 def pytest_collection_modifyitems(config, items):
