@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -35,8 +36,45 @@ def pytest_configure(config):
 EARLY = {
     "tests/test_benchmarks_smoke.py::test_smoke_pass_writes_every_figure_with_a_numeric_ratio": "tests.test_benchmarks_smoke:start_smoke_pass",
     "tests/test_variation.py::test_a_thousand_members_resume_after_their_driver_is_killed_with_every_history_whole": "tests.test_variation:start_killed_and_resumed",
+    "tests/test_failures.py::test_a_killed_driver_resumes_into_the_same_runs_bitwise_equal_to_an_uninterrupted_run": "tests.test_failures:start_killed_driver",
+    "tests/test_pbt.py::test_perturbed_hyperparameters_and_the_lineage_survive_a_driver_resume_bitwise": "tests.test_pbt:start_killed_driver",
 }
 STARTED: dict[str, object] = {}
+
+
+class InBackground(threading.Thread):
+    """``work(folder, uri)`` on a thread of its own, with a new folder and an sqlite store of its
+    own in it (never the session's: no contention for its file): for work made of processes of
+    their own (a driver killed, then resumed) that an EARLY test checks. :meth:`result` waits for
+    it and returns what it returned, or raises what it raised."""
+
+    def __init__(self, work, prefix: str):
+        super().__init__(daemon=True)
+        import tempfile
+
+        self.work = work
+        self.folder = Path(tempfile.mkdtemp(prefix=prefix))
+        self.uri = f"sqlite:///{self.folder / 'mlflow.db'}"
+        self.value, self.error = None, None
+        self.start()
+
+    def run(self) -> None:
+        try:
+            self.value = self.work(self.folder, self.uri)
+        except BaseException as exc:  # raised by result()
+            self.error = exc
+
+    def result(self, timeout_s: float = 900):
+        self.join(timeout_s)
+        assert not self.is_alive(), f"the work started in the background did not end within {timeout_s:g} s"
+        if self.error is not None:
+            raise self.error
+        return self.value
+
+
+def started(request, start):
+    """What ``start()`` started for this test as the session started (EARLY), or starts now."""
+    return STARTED.pop(request.node.nodeid, None) or start()
 
 
 def pytest_collection_finish(session):

@@ -18,7 +18,7 @@ from mlflow.tracking import MlflowClient
 
 import poptrain
 from poptrain.checkpoint import CheckpointError, latest_complete_step, load_checkpoint, save_checkpoint, steps_of
-from tests.conftest import REPO, assert_bitwise_equal, make_config, prelu_member, weights
+from tests.conftest import REPO, InBackground, assert_bitwise_equal, make_config, prelu_member, started, weights
 from tests.mlflow_server import TcpRelay
 
 
@@ -189,10 +189,23 @@ def resume_in_a_process(run_dir, folder):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
 
 
-def test_a_killed_driver_resumes_into_the_same_runs_bitwise_equal_to_an_uninterrupted_run(ray_session, base_config, tmp_path, tracking_uri, uninterrupted):
+def killed_driver(folder, uri):
+    """The uninterrupted run's config as a real `poptrain run` SIGKILLed with its Ray after step
+    50's checkpoint, then `poptrain resume`, each a process of its own: its run folder."""
+    config = make_config(folder / "runs", uri, "resumed", steps=STEPS, checkpoint={"every": CHECKPOINT_EVERY}, name="resumable")
+    run_dir, _ = run_killing_the_driver(config, folder, 50)
+    resume_in_a_process(run_dir, folder)
+    return run_dir
+
+
+def start_killed_driver():
+    return InBackground(killed_driver, "poptrain-killed-driver-")
+
+
+def test_a_killed_driver_resumes_into_the_same_runs_bitwise_equal_to_an_uninterrupted_run(request, uninterrupted):
     steps = STEPS
-    run_dir, _ = run_killing_the_driver(base_config(steps=steps, checkpoint={"every": CHECKPOINT_EVERY}, name="resumable"), tmp_path, 50)
-    resume_in_a_process(run_dir, tmp_path)
+    work = started(request, start_killed_driver)  # its processes started with the session, beside the suite
+    run_dir, tracking_uri = work.result(), work.uri
 
     record = yaml.safe_load((run_dir / "run.json").read_text())
     for member, run_id in record["members"].items():

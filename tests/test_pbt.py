@@ -16,7 +16,7 @@ from mlflow.tracking import MlflowClient
 import poptrain
 from poptrain.config import Perturbation
 from poptrain.pbt import explore, exploit_plan, transferable
-from tests.conftest import assert_bitwise_equal, make_config, prelu_member
+from tests.conftest import InBackground, assert_bitwise_equal, make_config, prelu_member, started
 from tests.in_process import InProcessPopulation
 
 LR = {"optimizer.lr": {"factors": [0.5, 2.0]}}
@@ -227,45 +227,59 @@ def test_perturbed_hyperparameters_survive_a_member_restart_bitwise(ray_session,
     assert json.loads((restarted.output_dir / "pbt_events.json").read_text()) == events
 
 
-def test_perturbed_hyperparameters_and_the_lineage_survive_a_driver_resume_bitwise(ray_session, tmp_path, tracking_uri, pbt_uninterrupted):
-    """Issue 17, item 5, the driver's half (#62173): a real `poptrain run` SIGKILLed with its Ray
-    after an exploit and a checkpoint that follows it (its folder then taken back to checkpoint
-    40, as if it had died right after round 40), then `poptrain resume`, ends as the uninterrupted
-    run: the same weights bitwise, every member's schedule (hp/*) and metrics at every step
-    exactly once, and every exploit of the run on the parent and the members' runs, those decided
-    before the resumed checkpoint included, none twice."""
+def killed_driver(folder, uri):
+    """The uninterrupted PBT run's config as a real `poptrain run` SIGKILLed with its Ray after step
+    50's checkpoint, its folder then taken back to checkpoint 40, then `poptrain resume`, each a
+    process of its own: (its run folder, each member's lineage in checkpoint 40)."""
     from poptrain.checkpoint import checkpoint_path, discard_after, latest_complete_step, load_checkpoint
     from tests.test_failures import resume_in_a_process, run_killing_the_driver
 
-    clean = pbt_uninterrupted
-    clean_events = json.loads((clean.output_dir / "pbt_events.json").read_text())
-    assert [e["step"] for e in clean_events[:2]] == [20, 40], "rounds 20 and 40 exploit"
-    config = restartable(tmp_path, tracking_uri, "resumed")
+    config = restartable(folder / "runs", uri, "resumed")
     config["checkpoint"]["keep"] = 10  # checkpoint 40 is still there below (it changes nothing else)
-    run_dir, _ = run_killing_the_driver(config, tmp_path, 50)
+    run_dir, _ = run_killing_the_driver(config, folder, 50)
     # As if the driver died right after round 40 was decided, before any later checkpoint was
     # complete: the run resumes from checkpoint 40 (written before round 40, after round 20), so it
     # must bring back round 20's exploit and decide round 40 again, exactly once.
     discard_after(run_dir, list(MEMBERS), 40)
     assert latest_complete_step(run_dir, list(MEMBERS)) == 40
     lineage = {m: load_checkpoint(checkpoint_path(run_dir, m, 40))["lineage"] for m in MEMBERS}
-    assert lineage[clean_events[0]["receiver"]] == [[20, clean_events[0]["donor"]]], f"a post-exploit state: {lineage}"
-    resume_in_a_process(run_dir, tmp_path)
+    resume_in_a_process(run_dir, folder)
+    return run_dir, lineage
+
+
+def start_killed_driver():
+    return InBackground(killed_driver, "poptrain-pbt-killed-driver-")
+
+
+def test_perturbed_hyperparameters_and_the_lineage_survive_a_driver_resume_bitwise(request, tmp_path, tracking_uri, pbt_uninterrupted):
+    """Issue 17, item 5, the driver's half (#62173): a real `poptrain run` SIGKILLed with its Ray
+    after an exploit and a checkpoint that follows it (its folder then taken back to checkpoint
+    40, as if it had died right after round 40), then `poptrain resume`, ends as the uninterrupted
+    run: the same weights bitwise, every member's schedule (hp/*) and metrics at every step
+    exactly once, and every exploit of the run on the parent and the members' runs, those decided
+    before the resumed checkpoint included, none twice."""
+    from poptrain.checkpoint import checkpoint_path, load_checkpoint
+
+    work = started(request, start_killed_driver)  # its processes started with the session, beside the suite
+    (run_dir, lineage), clean = work.result(), pbt_uninterrupted
+    clean_events = json.loads((clean.output_dir / "pbt_events.json").read_text())
+    assert [e["step"] for e in clean_events[:2]] == [20, 40], "rounds 20 and 40 exploit"
+    assert lineage[clean_events[0]["receiver"]] == [[20, clean_events[0]["donor"]]], f"checkpoint 40 holds a post-exploit state: {lineage}"
 
     record = json.loads((run_dir / "run.json").read_text())
-    client = MlflowClient(tracking_uri)
+    client, clean_client = MlflowClient(work.uri), MlflowClient(tracking_uri)
     assert client.get_run(record["parent"]).info.status == "FINISHED"
     assert_bitwise_equal(run_dir, clean.output_dir, members=MEMBERS)
-    tags = lambda run_id: {k: v for k, v in client.get_run(run_id).data.tags.items() if k.startswith(("poptrain.pbt.", "poptrain.lineage", "poptrain.weights_from"))}  # noqa: E731
+    tags = lambda client, run_id: {k: v for k, v in client.get_run(run_id).data.tags.items() if k.startswith(("poptrain.pbt.", "poptrain.lineage", "poptrain.weights_from"))}  # noqa: E731
     for name in MEMBERS:
         ours, theirs = record["members"][name], clean.member_run_ids[name]
-        keys = set(client.get_run(theirs).data.metrics)
+        keys = set(clean_client.get_run(theirs).data.metrics)
         assert {"loss", "eval/accuracy", "hp/optimizer.lr", "hp/optimizer.kwargs.weight_decay"} <= keys
         assert set(client.get_run(ours).data.metrics) == keys, name
         for key in sorted(keys):
             history = sorted((m.step, m.value) for m in client.get_metric_history(ours, key))
             assert len({s for s, _ in history}) == len(history), f"{name}: {key} has a step twice"
-            assert history == sorted((m.step, m.value) for m in client.get_metric_history(theirs, key)), f"{name}: {key} differs from the uninterrupted run's"
+            assert history == sorted((m.step, m.value) for m in clean_client.get_metric_history(theirs, key)), f"{name}: {key} differs from the uninterrupted run's"
             if key.startswith("hp/"):
                 assert [s for s, _ in history] == list(range(RESTARTABLE_STEPS)), f"{name}: its schedule at every step exactly once"
         newest = RESTARTABLE_STEPS - 10  # the newest checkpoint, after the last round (190)
@@ -278,7 +292,7 @@ def test_perturbed_hyperparameters_and_the_lineage_survive_a_driver_resume_bitwi
     logged = json.loads(Path(client.download_artifacts(record["parent"], "pbt_events.json", str(tmp_path))).read_text())
     assert logged == clean_events, "the parent run's artifact too"
     for name in MEMBERS:
-        assert tags(record["members"][name]) == tags(clean.member_run_ids[name]), f"{name}: its exploits and lineage"
+        assert tags(client, record["members"][name]) == tags(clean_client, clean.member_run_ids[name]), f"{name}: its exploits and lineage"
     for key in parent.metrics:
         steps = [m.step for m in client.get_metric_history(record["parent"], key)]
         assert len(steps) == len(set(steps)), f"parent: {key} has a step twice"

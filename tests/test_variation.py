@@ -6,9 +6,6 @@ thousand members resume after their driver is killed."""
 from __future__ import annotations
 
 import copy
-import tempfile
-import threading
-from pathlib import Path
 
 import pytest
 import torch
@@ -18,7 +15,7 @@ from mlflow.tracking import MlflowClient
 import poptrain
 from poptrain.cli import main
 from poptrain.config import MAX_CONFIG_BYTES, ConfigError, dump_config, load_config
-from tests.conftest import PBT_YAML_OVERRIDES, REPO, STARTED, make_config, prelu_member, weights
+from tests.conftest import PBT_YAML_OVERRIDES, REPO, InBackground, make_config, prelu_member, started, weights
 
 THOUSAND = REPO / "configs" / "thousand.yaml"
 
@@ -171,42 +168,29 @@ def test_pbt_yaml_with_vary_ends_bitwise_as_the_written_out_file(ray_session, tm
 # -- a thousand members resume ---------------------------------------------------------------
 
 
-class KilledAndResumed(threading.Thread):
-    """configs/thousand.yaml, all 1,000 members, as a real `poptrain run` SIGKILLed with its Ray after
-    its first checkpoint, then `poptrain resume`, both as processes of their own with their own Ray
-    and their own sqlite store: started by tests/conftest.py as the session starts (EARLY), so
-    its minute and a half runs beside the rest of the suite; the test checks what it left."""
-
-    def __init__(self):
-        super().__init__(daemon=True)
-        self.folder = Path(tempfile.mkdtemp(prefix="poptrain-thousand-"))
-        self.uri = f"sqlite:///{self.folder / 'mlflow.db'}"
-        self.error: BaseException | None = None
-
-    def run(self) -> None:
-        from tests.test_failures import resume_in_a_process, run_killing_the_driver
-
-        try:
-            config = yaml.safe_load(THOUSAND.read_text())
-            # Killed after the checkpoint at step 20, resumed from it for 20 more: logged steps (every 10)
-            # on both sides of the kill. A thousand members' start-up, metrics and checkpoints cost tens
-            # of seconds, each; their steps are cheap.
-            config.update(steps=THOUSAND_STEPS, output_dir=str(self.folder / "runs"), checkpoint={"every": THOUSAND_KILL_AFTER},
-                          evaluation={"every": THOUSAND_KILL_AFTER, "metrics": ["mse"]})
-            config["tracking"] = {**config["tracking"], "uri": self.uri, "experiment": "thousand-resumed", "plots": False}
-            self.run_dir, self.killed_at = run_killing_the_driver(copy.deepcopy(config), self.folder, THOUSAND_KILL_AFTER)
-            resume_in_a_process(self.run_dir, self.folder)
-        except BaseException as exc:  # raised by the test
-            self.error = exc
-
-
 THOUSAND_STEPS, THOUSAND_KILL_AFTER = 40, 20
 
 
-def start_killed_and_resumed() -> KilledAndResumed:
-    work = KilledAndResumed()
-    work.start()
-    return work
+def killed_and_resumed(folder, uri):
+    """configs/thousand.yaml, all 1,000 members, as a real `poptrain run` SIGKILLed with its Ray after
+    its first checkpoint, then `poptrain resume`, each a process of its own: (run folder, the
+    checkpoint's step it resumed from)."""
+    from tests.test_failures import resume_in_a_process, run_killing_the_driver
+
+    config = yaml.safe_load(THOUSAND.read_text())
+    # Killed after the checkpoint at step 20, resumed from it for 20 more: logged steps (every 10)
+    # on both sides of the kill. A thousand members' start-up, metrics and checkpoints cost tens
+    # of seconds, each; their steps are cheap.
+    config.update(steps=THOUSAND_STEPS, output_dir=str(folder / "runs"), checkpoint={"every": THOUSAND_KILL_AFTER},
+                  evaluation={"every": THOUSAND_KILL_AFTER, "metrics": ["mse"]})
+    config["tracking"] = {**config["tracking"], "uri": uri, "experiment": "thousand-resumed", "plots": False}
+    run_dir, killed_at = run_killing_the_driver(copy.deepcopy(config), folder, THOUSAND_KILL_AFTER)
+    resume_in_a_process(run_dir, folder)
+    return run_dir, killed_at
+
+
+def start_killed_and_resumed() -> InBackground:
+    return InBackground(killed_and_resumed, "poptrain-thousand-")
 
 
 def test_a_thousand_members_resume_after_their_driver_is_killed_with_every_history_whole(request):
@@ -217,13 +201,9 @@ def test_a_thousand_members_resume_after_their_driver_is_killed_with_every_histo
     held-out data at the end, and the parent run has the population's ranking and best member."""
     import math
 
-    work = STARTED.pop(request.node.nodeid, None) or start_killed_and_resumed()
-    work.join(timeout=900)
-    assert not work.is_alive(), "the killed and resumed run did not end within 15 minutes"
-    if work.error is not None:
-        raise work.error
-    run_dir, steps, every, tracking_uri = work.run_dir, THOUSAND_STEPS, THOUSAND_KILL_AFTER, work.uri
-    assert work.killed_at == every, "resumed from the first checkpoint, before the run's end"
+    work = started(request, start_killed_and_resumed)  # its run started with the session, beside the suite
+    (run_dir, killed_at), steps, every, tracking_uri = work.result(), THOUSAND_STEPS, THOUSAND_KILL_AFTER, work.uri
+    assert killed_at == every, "resumed from the first checkpoint, before the run's end"
     assert (run_dir / "config.yaml").stat().st_size < 8 * 1024
     record = yaml.safe_load((run_dir / "run.json").read_text())
     assert len(record["members"]) == 1000
