@@ -55,7 +55,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for the JSON results (default: benchmarks/results)")
     parser.add_argument("--keep", action="store_true", help="keep the scratch folder (runs, MLflow store) and print its path")
     parser.add_argument("--gpu", action="store_true", help="instead of the figures, the GPU check (benchmarks/gpu.py): gpu tests, the quick start "
-                        "on the GPU, warm handover memory, 100 and 1,000 stacked members vs a torch.func loop")
+                        "on the GPU, warm handover memory, 2 members sharing the GPU vs one process, 100 and 1,000 stacked "
+                        "members vs a torch.func loop, host-device synchronisations per stacked step")
     parser.add_argument("--dry-run", action="store_true", help="with --gpu: the same check on the CPU at tiny sizes (no GPU needed)")
     args = parser.parse_args(argv)
     if args.dry_run and not args.gpu:
@@ -105,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         from benchmarks.gpu import check
 
         return check(args.out, args.dry_run)
-    from benchmarks.common import SIZES, Context, as_dict, machine, now_utc, start_ray
+    from benchmarks.common import SIZES, Context, as_dict, crashed, machine, now_utc, start_ray
 
     mode = "smoke" if args.smoke else "full" if args.full else "default"
     sizes = SIZES[mode]
@@ -129,10 +130,7 @@ def main(argv: list[str] | None = None) -> int:
             except Exception as exc:  # a broken benchmark is reported, and the others still run
                 failed = True
                 traceback.print_exc()
-                rows = [{
-                    "figure": name, "row": "(crashed)", "available": False, "value": None, "unit": "", "baseline": None, "ratio": None,
-                    "target": None, "pass": None, "note": f"{type(exc).__name__}: {exc}", "error": traceback.format_exc(), "details": {},
-                }]
+                rows = [crashed(name, exc)]
             for r in rows:
                 r.setdefault("details", {})["benchmark_seconds"] = time.perf_counter() - t0
             report["rows"].extend(rows)

@@ -146,6 +146,16 @@ def unavailable(figure: str, name: str, target: tuple[str, float] | None, reason
     return row(figure, name, value=None, unit="", ratio=None, target=target, available=False, note=f"not available: {reason}")
 
 
+def crashed(figure: str, exc: BaseException) -> dict[str, Any]:
+    """The row of a figure whose benchmark raised ``exc`` (called where it is caught): the error and
+    its traceback, so that the other figures of the run are still reported."""
+    import traceback
+
+    out = row(figure, "(crashed)", value=None, unit="", ratio=None, target=None, available=False, note=f"{type(exc).__name__}: {exc}")
+    out["error"] = traceback.format_exc()
+    return out
+
+
 # --------------------------------------------------------------------------------------------
 # The machine
 

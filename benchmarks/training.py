@@ -51,12 +51,15 @@ def population_cpus() -> int:
     return 2  # two members, ``resources.num_cpus: 1`` each
 
 
-def run_population(ctx: Context, key: str, repeat: int) -> dict[str, Any]:
-    """One timed ``poptrain.run``; its rates (from MLflow) and its members' memory."""
+def run_population(ctx: Context, key: str, repeat: int, placement: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One timed ``poptrain.run`` (``placement``: the config's, else the default); its rates (from
+    MLflow) and its members' memory."""
     import poptrain
 
     settings = RUN_SETTINGS[key]
     config = population_config(f"bench-{key}-r{repeat}", ctx.sizes, ctx.workdir, ctx.uri, **settings)
+    if placement is not None:
+        config["placement"] = placement
     sampler, cpu = MemorySampler(), CpuSampler()
     api_call = time.time()
     started = time.perf_counter()
@@ -87,35 +90,41 @@ def run_population(ctx: Context, key: str, repeat: int) -> dict[str, Any]:
     }
 
 
-def single_process(ctx: Context, repeat: int, threads: int) -> dict[str, Any]:
+def single_process(ctx: Context, repeat: int, threads: int, device: str = "cpu") -> dict[str, Any]:
     """The seeds' way: both models in this process, one Adam over ``itertools.chain``, one backward of
-    the joint objective; the same data pipeline (poptrain's seeded batches) and models as the members."""
+    the joint objective; the same data pipeline (poptrain's seeded batches, moved to ``device`` as a
+    member moves them) and models as the members. On ``cuda`` the clock starts and stops once the
+    work queued on the GPU is done (its steps are asynchronous)."""
     import torch
     import torch.nn.functional as F
 
+    from poptrain.batches import BatchStream, to_device
     from poptrain.builtins.data import synthetic_classification
     from poptrain.builtins.models import MLP
-    from poptrain.batches import BatchStream
 
     sizes = ctx.sizes
+    on = torch.device(device)
+    sync = (lambda: torch.cuda.synchronize(on)) if on.type == "cuda" else (lambda: None)
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         torch.manual_seed(0)
-        model1, model2 = MLP(**sizes.mlp_kwargs), MLP(**sizes.mlp_kwargs)
+        model1, model2 = MLP(**sizes.mlp_kwargs).to(on), MLP(**sizes.mlp_kwargs).to(on)
         batches = BatchStream(synthetic_classification(n=sizes.samples, in_features=sizes.in_features, num_classes=sizes.classes), sizes.batch, True, 0)
         optimizer = torch.optim.Adam(itertools.chain(model1.parameters(), model2.parameters()), lr=1e-3)
         start = None
         for step in range(sizes.warmup + sizes.single_steps):
             if step == sizes.warmup:
+                sync()
                 start = time.perf_counter()
-            inputs, targets = batches.next()
+            inputs, targets = to_device(batches.next(), on)
             optimizer.zero_grad()
             loss1 = F.cross_entropy(model1(inputs), targets)
             loss2 = F.cross_entropy(model2(inputs), targets)
             total = loss1 + loss2 + F.relu(2.0 - torch.abs(model1.activation.weight - model2.activation.weight).sum())
             total.backward()
             optimizer.step()
+        sync()
         seconds = time.perf_counter() - start
     finally:
         torch.set_num_threads(previous)
@@ -127,6 +136,7 @@ def single_process(ctx: Context, repeat: int, threads: int) -> dict[str, Any]:
         "samples_per_s": 2 * sizes.batch * rate,  # both models see one batch per step
         "step_ms": 1000 / rate,
         "threads": threads,
+        "device": device,
         "timed_steps": sizes.single_steps,
     }
 

@@ -30,10 +30,17 @@ def test_the_gpu_check_dry_run_exercises_every_step_on_the_cpu_and_says_it_found
     report = json.loads((tmp_path / "latest-gpu-dry-run.json").read_text())
     assert report["gpu_found"] is False and not [r for r in report["rows"] if r.get("error")]
     rows = {r["figure"]: r for r in report["rows"]}
-    assert set(rows) == {"gpu_tests", "quick_start", "warm_handover", "stacked_vs_torch_func"}
+    assert set(rows) == {"gpu_tests", "quick_start", "warm_handover", "two_members_vs_single_process", "stacked_vs_torch_func", "stacked_syncs_per_step"}
     assert set(rows["quick_start"]["details"]["devices"].values()) == {"cpu"} and rows["quick_start"]["value"] == 2, "each member's device read back"
     assert rows["stacked_vs_torch_func"]["ratio"] > 0 and rows["stacked_vs_torch_func"]["baseline"]["value"] > 0
-    for figure in ("stacked_vs_torch_func", "quick_start"):
+    assert rows["stacked_vs_torch_func"]["target"] == {"op": ">=", "value": 1.0}
+    two = rows["two_members_vs_single_process"]
+    assert two["ratio"] > 0 and two["baseline"]["value"] > 0 and two["details"]["devices"] == ["cpu"] and two["details"]["single_process"]["device"] == "cpu"
+    # No CUDA synchronisation on a CPU to count: said so, after the stacked steps ran under the profiler.
+    syncs = rows["stacked_syncs_per_step"]
+    assert not syncs["available"] and "no CUDA synchronisation on the CPU" in syncs["note"] and syncs["target"] == {"op": "<=", "value": 1.0}
+    assert syncs["details"]["steps"] == list(range(10, 20)) and min(syncs["details"]["cpu_ops_per_step"]) > 0, "every profiled step seen"
+    for figure in rows:
         assert figure in done.out, "the table"
 
     without = benchmarks("--gpu", tmp_path=tmp_path / "real")
