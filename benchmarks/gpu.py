@@ -275,9 +275,10 @@ def two_members_rows(ctx: Context, sizes: GpuSizes, device: str, dry_run: bool) 
     from benchmarks.training import population_cpus, run_population, single_process
 
     pair = Context(sizes=sizes.two_members, workdir=ctx.workdir, uri=ctx.uri)
-    # On the GPU `auto` puts both on one host (one per GPU), stacked; on the CPU it would give each
-    # a process of its own: the dry run asks for the GPU's placement (and starts one process, not two).
-    population = run_population(pair, "sync1", 0, placement={"members_per_host": 2 if dry_run else "auto"})
+    # On the GPU `auto` puts both on one host (one per GPU), stacked; on the CPU each gets a process
+    # of its own, which the dry run takes over from the quick start's warm processes (poptrain.pool:
+    # the same two hosts) instead of starting new ones; the stacked rows exercise stacking.
+    population = run_population(pair, "sync1", 0, placement={"members_per_host": "auto"})
     single = single_process(pair, 0, population_cpus(), device="cuda:0" if device == "cuda" else "cpu")
     devices = sorted({str(p["device"]) for p in population["placement"].values()})
     hosts = len({p["pid"] for p in population["placement"].values()})
