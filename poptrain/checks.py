@@ -14,7 +14,7 @@ import os
 import torch
 from torch.utils.data import TensorDataset
 
-from poptrain import builtins, pbt
+from poptrain import builtins, pbt, population_average
 from poptrain.batches import collate
 from poptrain.build import accepts, apply_frozen, build_dataset, build_model, check_optimizer, matching
 from poptrain.config import ConfigError, MemberConfig, RunConfig, anchor_outputs, job_storage_problems, load_config, output_problems
@@ -114,6 +114,9 @@ def inspect_population(cfg: RunConfig) -> PopulationInfo:
         problems.extend((f"couplings.{index}.{k}" if k else f"couplings.{index}", msg) for k, msg in coupling.check_population())
         if coupling.rewrites() and not coupling.rewrites_values:  # else the async check would let it through
             problems.append((f"couplings.{index}.type", f"{type(coupling).__name__} rewrites values at exchanges but does not declare `rewrites_values = True`"))
+    if cfg.evaluation.population_average is True:  # asked for: refused where the mean is no model (`auto` turns it off)
+        averaged = population_average.averaged_members(cfg, couplings)
+        problems.extend(("evaluation.population_average", msg) for msg in population_average.problems(cfg, averaged))
     if problems:
         raise ConfigError(problems)
     return population

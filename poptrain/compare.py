@@ -5,7 +5,8 @@ column per member, one row per param that differs between members (every param w
 ``--all``), then the final values of the key metrics (held-out ``eval/*`` first, then ``loss``,
 ``objective``, ``term/*``, ``coupling/*``). With ``--all``, where each member ran too (its
 ``poptrain.placement.*`` tags, as rows ``placement.<key>``). Under it, the population's own
-values from the parent run: the ensemble's ``ensemble/*``, the best member's ``best/*`` and the
+values from the parent run: the ensemble's ``ensemble/*``, the average model's
+``population_average/*``, the best member's ``best/*`` and the
 spread ``eval/<label>/min|median|max``; the best member (tag ``poptrain.best_member``) is marked.
 """
 
@@ -22,7 +23,7 @@ INCIDENTAL = ("member", "placement.")
 PLACEMENT_TAG = "poptrain.placement."
 KEY_METRICS = ("loss", "objective")
 KEY_METRIC_PREFIXES = ("eval/", "term/", "coupling/")
-POPULATION_PREFIXES = ("ensemble/", "best/")  # the parent's own values, with eval/<label>/<statistic>
+POPULATION_PREFIXES = ("ensemble/", "population_average/", "best/")  # the parent's own values, with eval/<label>/<statistic>
 BEST_MEMBER_TAG = "poptrain.best_member"
 BEST_BY_TAG = "poptrain.best_by"  # the metric it is best by, e.g. eval/accuracy
 

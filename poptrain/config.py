@@ -284,6 +284,15 @@ class EvaluationConfig(Strict):
         description="Also evaluate the ensemble of members whose held-out samples are the same (same targets in the same order): "
         "the mean of their predicted probabilities (classification) or outputs, logged as `ensemble/<label>` on the parent run.",
     )
+    population_average: Union[bool, Literal["auto"]] = Field(
+        "auto",
+        description="Also evaluate the population's average model at the end: the mean of the final weights of the members the "
+        "first averaging coupling (`average`, `gossip`, `wash`, `diloco`) averages, or of every member when the run has none, "
+        "built from the first of them's `model` and evaluated on its held-out data with its loss; logged as "
+        "`population_average/<label>` on the parent run and saved as `population_average.pt` in the run's folder. `auto`: "
+        "on where an averaging coupling's members have one `model` (the same name and kwargs) and the first has held-out data; "
+        "`true` refuses a run where they do not.",
+    )
 
     @model_validator(mode="after")
     def _known_ranking(self):

@@ -96,6 +96,12 @@ class MemberTrainer:
 
         self.training_couplings = [c for c in self.couplings if name in c.trains]
         self.plan = ExchangePlan.for_run(run, population, self.couplings) if plan is None else plan
+        # The rounds that rewrite this member's parameters (averaging, ...): what each moved them by is
+        # logged at logged steps (received/distance), measured against a copy of them as sent.
+        self.param_rounds = [(r, {q.key for q in r.quantities if q.member == name}) for c in self.couplings for r in c.rewrites()
+                             if r.kind == "param" and any(q.member == name for q in r.quantities)]
+        self.before_round: tuple[int, dict[str, torch.Tensor]] | None = None  # (step, its rewritten parameters as sent)
+        self.received: dict[str, torch.Tensor] = {}  # received/distance of this step's round, read with its metrics
         self.link: Link | None = None
         # A member whose parameters no coupling replaces computes while the parameter round completes.
         self.defer_param_replies = not any(q.kind == "param" for q in self.plan.replaced[name])
@@ -286,6 +292,7 @@ class MemberTrainer:
             metrics.update({f"hp/{k}": v for k, v in self.hyperparameters.get().items()})
         metrics.update(self.coupling_extras)
         self.coupling_extras = {}
+        metrics.update(self._received_metrics())
         every = self.run.tracking.layer_norms_every
         if every and (self.step - 1) % every == 0:
             metrics.update(self.layer_norms())
@@ -314,7 +321,7 @@ class MemberTrainer:
             yield from self._send("grad")
         self._forget_predictions()
         self.step += 1
-        return {"loss": float(terms["loss"])}
+        return {"loss": float(terms["loss"]), **self._received_metrics()}
 
     def finish_program(self) -> StepProgram:
         """After the last step: one more parameter exchange when a coupling replaces parameters, so
@@ -420,6 +427,8 @@ class MemberTrainer:
             if self.keeps_last_sent:
                 self.last_sent[q] = array
             mine[q] = array
+        if kind == "param" and self.param_rounds:
+            self._keep_before_round()
         sent = time.perf_counter()
         pending = yield Send(kind, self.step, mine)
         self.timings["serialize_ms"] += 1000 * (sent - started)
@@ -458,6 +467,33 @@ class MemberTrainer:
         for q in reply.replace:
             if q.member == self.name:
                 self._replace(q, reply.tensor(q, self.device, replaced=True))
+        if self.before_round is not None and self.before_round[0] == step:  # the round's reply: its parameters are the new ones
+            self._measure_round()
+
+    def _keep_before_round(self) -> None:
+        """At a logged step (not the round after the last step) where a round rewrites this member's
+        parameters, keep a copy of those it rewrites, as sent: :meth:`_measure_round` compares them
+        with what the round left, whether the reply carried the new values or the coordinator
+        wrote them into memory it maps. A copy on logged steps only."""
+        if self.step >= self.run.steps or not logs_step(self.run, self.step):
+            return
+        index = self.step // self.every
+        names = set().union(*(names for rewrite, names in self.param_rounds if rewrite.due(index, False)))
+        if names:
+            self.before_round = (self.step, {n: self.params[n].detach().clone() for n in self.params if n in names})
+
+    def _measure_round(self) -> None:
+        """``received/distance``: the Euclidean distance (over every parameter the round's couplings
+        rewrite) between this member's parameters before and after the round; 0 where the round left
+        it as it was (gossip's odd member out). Kept as a tensor, read with the step's metrics."""
+        _, before = self.before_round
+        self.before_round = None
+        norms = [torch.linalg.vector_norm(self.params[n].detach() - value, dtype=torch.float64) for n, value in before.items()]
+        self.received = {"received/distance": torch.linalg.vector_norm(torch.stack(norms))}
+
+    def _received_metrics(self) -> dict[str, float]:
+        received, self.received = self.received, {}
+        return {key: float(value) for key, value in received.items()}
 
     def _replace(self, q: Quantity, value: torch.Tensor) -> None:
         param = self.params[q.key]

@@ -12,7 +12,8 @@
   members, each line carries a band of ``margin/2`` on each side: a pair is apart when their
   bands do not overlap.
 * ``eval.png``: held-out evaluation, one chart per metric: each member's ``eval/<label>``, and from
-  the parent run the ensemble's ``ensemble/<label>`` and the best member's ``best/eval/<label>``.
+  the parent run the ensemble's ``ensemble/<label>``, the best member's ``best/eval/<label>`` and
+  the population's average model's ``population_average/<label>`` (one point, at the end).
 
 A chart with nothing to draw is skipped. Figures are drawn on matplotlib's Agg canvas directly,
 without pyplot: no display, no global backend switched in the caller's process.
@@ -208,7 +209,8 @@ def _eval_labels(parent, members: dict) -> list[str]:
 
 
 def _plot_evaluation(client, parent, members: dict, out_dir: Path, written: list[Path]) -> None:
-    """``eval.png``: per metric, each member's held-out curve, the ensemble's and the best member's."""
+    """``eval.png``: per metric, each member's held-out curve, the ensemble's and the best member's,
+    and the population's average model at the end."""
     labels = _eval_labels(parent, members)
     if not labels:
         return
@@ -220,6 +222,8 @@ def _plot_evaluation(client, parent, members: dict, out_dir: Path, written: list
                 ax.plot(*_history(client, run.info.run_id, f"eval/{label}"), marker="o", markersize=3, label=name + (" (best)" if name == best_member else ""))
         if f"ensemble/{label}" in parent.data.metrics:
             ax.plot(*_history(client, parent.info.run_id, f"ensemble/{label}"), "k--", marker="s", markersize=4, linewidth=2, label="ensemble")
+        if f"population_average/{label}" in parent.data.metrics:  # the mean model, evaluated once at the end
+            ax.plot(*_history(client, parent.info.run_id, f"population_average/{label}"), "r*", markersize=12, label="population average")
         if f"best/eval/{label}" in parent.data.metrics:
             ax.plot(*_history(client, parent.info.run_id, f"best/eval/{label}"), color="grey", linestyle=":", marker="^", markersize=4, linewidth=2, label="best member")
         ax.set(title=f"held-out {label}", xlabel="step", ylabel=label)

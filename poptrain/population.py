@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 import torch
 
-from poptrain import mapped_memory, pool
+from poptrain import mapped_memory, pool, population_average
 from poptrain.checks import prepare
 from poptrain.checkpoint import CheckpointError, discard_after, latest_complete_step, load_coupling_state, read_run_record, save_atomic, write_run_record
 from poptrain.config import HOME_ENV, ConfigError, RunConfig, dump_config, job_artifact_root, job_home, ray_job
@@ -51,6 +51,7 @@ class RunResult:
     seconds: float = 0.0
     restarts: dict[str, int] = field(default_factory=dict)  # member -> times its process was restarted
     best_member: str | None = None  # by `evaluation.rank_by` at the last evaluation; None without held-out data
+    population_average: dict[str, float] = field(default_factory=dict)  # population_average/<label>: the mean model's held-out metrics
 
 
 # --------------------------------------------------------------------------------------------
@@ -519,6 +520,7 @@ class PopulationRun:
 
         cfg, run_dir = self.cfg, self.run_dir
         weights = _save_final_weights(self.members, run_dir)  # before anything that can fail
+        averaged = self._evaluate_population_average(weights)
         if cfg.pbt is not None:
             self.tracking.log_pbt(ray.get(self.coordinator.pbt_events.remote()), run_dir, cfg.steps, plot=cfg.tracking.plots)
         best = ray.get(self.coordinator.best_member.remote())
@@ -537,7 +539,29 @@ class PopulationRun:
             seconds=time.monotonic() - self.started,
             restarts={k: v for k, v in self.restarts.items() if v},
             best_member=None if best is None else best[0],
+            population_average=averaged,
         )
+
+    def _evaluate_population_average(self, weights: dict[str, Path]) -> dict[str, float]:
+        """The population's average model (:mod:`poptrain.population_average`) saved and evaluated,
+        its metrics logged on the parent run at the final evaluation's step, where
+        ``evaluation.population_average`` asks for it; {} otherwise. The members' weights are saved
+        already: a failure here is a warning (with its traceback), and the run still finishes."""
+        import traceback
+
+        members = population_average.averaged_members(self.cfg, build_couplings(self.cfg.couplings, self.population))
+        if not members:
+            return {}
+        try:
+            metrics = population_average.save_and_evaluate(self.cfg, members, weights, self.run_dir)
+        except Exception as exc:  # noqa: BLE001 - the user's model or data in the driver: say so, finish the run
+            print(f"poptrain: warning: the population's average model could not be saved or evaluated ({type(exc).__name__}: {exc}); "
+                  f"the members' final weights are saved under {self.run_dir / 'members'}", file=sys.stderr, flush=True)
+            traceback.print_exception(exc, file=sys.stderr)
+            return {}
+        now = int(time.time() * 1000)
+        self.tracking.log_population([(key, value, self.cfg.steps, now) for key, value in metrics.items()])
+        return metrics
 
     def teardown(self) -> None:
         """End the MLflow runs with the run's status (after one last take of what members logged,

@@ -21,6 +21,8 @@ RUN_ELSEWHERE = {"thousand.yaml"}
 # pbt.yaml's run is the session's `pbt_yaml_run` (tests/conftest.py), 12 steps ranked every 4,
 # which tests/test_variation.py compares with the written-out file.
 SHARED = {"pbt.yaml": "pbt_yaml_run"}
+# Configs whose members an averaging coupling (average, gossip, wash, diloco) averages.
+AVERAGING = {"averaging.yaml", "diloco.yaml", "gossip.yaml", "papa.yaml", "wash.yaml"}
 
 
 @pytest.mark.parametrize("config", [c for c in CONFIGS if c not in RUN_ELSEWHERE])
@@ -41,6 +43,9 @@ def test_shipped_config_runs(ray_session, config, tmp_path, tracking_uri, experi
 
     parent = MlflowClient(tracking_uri).get_run(result.run_id)
     assert {f"{ranking}/median", f"best/{ranking}"} <= set(parent.data.metrics) and parent.data.tags["poptrain.best_member"] == result.best_member
+    # `evaluation.population_average: auto`: the averaging family's configs evaluate their average model, no other does.
+    averaged = f"population_average/{cfg.evaluation.ranking.key}" in parent.data.metrics
+    assert averaged == (config in AVERAGING) == (result.output_dir / "population_average.pt").is_file(), config
 
 
 @pytest.mark.parametrize("config", sorted(p.name for p in (REPO / "configs").glob("*.yaml")))

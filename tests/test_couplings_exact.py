@@ -27,6 +27,7 @@ from tests.reference import (
 
 STEPS = 20
 ATOL = 1e-5
+EVAL_BATCH = 128  # held-out samples per forward pass, in the run and in the reference alike
 
 
 def save_init(model, path):
@@ -275,11 +276,16 @@ def test_papa_pulls_members_towards_the_mean_of_the_same_round_bitwise_as_the_si
     to the mean of the values all three sent at that very exchange, then steps on its own batch;
     the final weights are the single-process reference's bit for bit, and not those of the
     reference fed the previous round's mean. The parent run logs each member's distance to the
-    mean before the pull."""
+    mean before the pull; each member logs what the pull moved it by (a quarter of that distance),
+    though the coordinator pulls it in place; and the population's average model is the mean of
+    the saved final weights, evaluated on the held-out digits."""
     models, members, streams = _members_on_thirds_of_the_digits(tmp_path, 6)
+    for member in members:  # held out for the population's average model (evaluation changes no training)
+        member["eval_data"] = {"name": "digits", "kwargs": {"view": "full", "split": "test"}, "batch_size": EVAL_BATCH}
     starts = [copy.deepcopy(m) for m in models]
     couplings = [{"type": "average", "name": "papa", "rate": 0.25}]
-    result = poptrain.run(base_config(members=members, couplings=couplings, steps=STEPS, exchange={"every": 1, "mode": "sync"}, placement={"members_per_host": 1}))
+    result = poptrain.run(base_config(members=members, couplings=couplings, steps=STEPS, exchange={"every": 1, "mode": "sync"}, placement={"members_per_host": 1},
+                                      evaluation={"metrics": ["accuracy", "loss"]}))
     fresh = papa_training(models, streams(), STEPS, lr=0.01, rate=0.25)
     stale = papa_training([copy.deepcopy(m) for m in starts], streams(), STEPS, lr=0.01, rate=0.25, stale=True)
     _matches_fresh_not_stale(result, fresh, stale)
@@ -296,6 +302,31 @@ def test_papa_pulls_members_towards_the_mean_of_the_same_round_bitwise_as_the_si
     assert sorted(spread["after", "max"]) == list(range(STEPS + 1)), "after every round"
     for stat in ("min", "median", "max"):  # each member a quarter of the way to the mean, which stays: 3/4 of its distance
         assert all(spread["after", stat][s] == pytest.approx(0.75 * spread["before", stat][s], rel=1e-4) for s in range(STEPS + 1)), stat
+    assert result.placement["m1"]["shared_params"] > 0, "the coordinator pulls m1 in memory it maps: m1 never receives its new values"
+    for name in ("m1", "m2", "m3"):  # what each received: a quarter of its distance to the mean, at every round it logged
+        received = {m.step: m.value for m in client.get_metric_history(result.member_run_ids[name], "received/distance")}
+        divergence = {m.step: m.value for m in client.get_metric_history(result.run_id, f"coupling/papa/divergence/{name}")}
+        assert sorted(received) == list(range(STEPS)), "every logged step; not the round after the last"
+        assert all(received[s] == pytest.approx(0.25 * divergence[s], rel=1e-4) for s in received), name
+    _population_average_is_the_mean_of_the_saved_members_evaluated(result, ("m1", "m2", "m3"), EncoderClassifier(64, 10, num_nodes=16))
+
+
+def _population_average_is_the_mean_of_the_saved_members_evaluated(result, names, model):
+    """The run's `population_average/<metric>` is, float for float, the mean of the members' saved
+    final weights, written out, loaded into ``model`` and evaluated on the held-out digits."""
+    states = [torch.load(result.output_dir / "members" / n / "model.pt", weights_only=True) for n in names]
+    mean = {key: sum(state[key] for state in states) / len(states) for key in states[0]}
+    saved = torch.load(result.output_dir / "population_average.pt", weights_only=True)
+    assert saved.keys() == mean.keys() and all(torch.equal(saved[k], mean[k]) for k in mean)
+    model.load_state_dict(mean)
+    model.eval()
+    inputs, targets = digits(view="full", split="test").tensors
+    with torch.no_grad():
+        outputs = torch.cat([model(inputs[i : i + EVAL_BATCH]) for i in range(0, len(inputs), EVAL_BATCH)])
+    expected = {"accuracy": float((outputs.argmax(dim=1) == targets).float().mean()), "loss": float(torch.nn.functional.cross_entropy(outputs, targets)), "members": float(len(names))}
+    parent = MlflowClient(result.tracking_uri).get_run(result.run_id).data.metrics
+    assert {k: parent[f"population_average/{k}"] for k in expected} == expected
+    assert result.population_average == {f"population_average/{k}": v for k, v in expected.items()}
 
 
 def test_gossip_averages_the_seeds_random_pairs_of_the_same_round_bitwise_as_the_single_process_reference(ray_session, base_config, tmp_path):

@@ -109,6 +109,46 @@ def test_a_ranking_metric_of_unknown_direction_is_refused(base_config):
         load_config(evaluated(base_config, evaluation={"metrics": ["tests.helpers:squared_loss_gap"]}))
 
 
+PAPA = [{"type": "average", "rate": 0.5}]
+
+
+def averaged_members(base_config, setting, couplings, dropouts=(0.2, 0.2), first_data=None) -> list[str] | None:
+    """Whose final weights make the population's average model, as `poptrain check` and the driver decide it."""
+    from poptrain import population_average
+    from poptrain.checks import inspect_population
+    from poptrain.couplings import build_couplings
+
+    members = [digits_member(f"m{i + 1}", "full", 64) for i in range(2)]
+    for member, dropout in zip(members, dropouts):
+        member["model"]["kwargs"]["dropout"] = dropout
+    if first_data is not None:
+        members[0]["data"] = first_data
+    cfg = load_config(base_config(members=members, couplings=couplings, evaluation={"population_average": setting}))
+    return population_average.averaged_members(cfg, build_couplings(cfg.couplings, inspect_population(cfg)))
+
+
+@pytest.mark.parametrize(
+    "setting, couplings, dropouts, expected",
+    [
+        ("auto", PAPA, (0.2, 0.2), ["m1", "m2"]),  # averaged members of one model
+        ("auto", [], (0.2, 0.2), None),  # nothing averages them
+        ("auto", PAPA, (0.2, 0.3), None),  # the same shapes, but not one model: its mean is no model
+        (False, PAPA, (0.2, 0.2), None),
+        (True, [], (0.2, 0.2), ["m1", "m2"]),  # asked for: every member
+    ],
+)
+def test_the_population_average_is_of_the_averaged_members_of_one_model_unless_asked_otherwise(base_config, setting, couplings, dropouts, expected):
+    assert averaged_members(base_config, setting, couplings, dropouts) == expected
+
+
+def test_a_population_average_asked_for_where_the_mean_is_no_model_is_refused_before_anything_starts(base_config):
+    with pytest.raises(ConfigError, match=r"evaluation\.population_average.*not of one architecture"):
+        averaged_members(base_config, True, PAPA, (0.2, 0.3))
+    no_held_out = {"name": "digits", "kwargs": {"view": "full"}, "batch_size": 32}  # all the digits: nothing held out
+    with pytest.raises(ConfigError, match=r"evaluation\.population_average.*'m1', whose held-out data the average is evaluated on, has none"):
+        averaged_members(base_config, True, PAPA, first_data=no_held_out)
+
+
 @pytest.fixture(scope="module")
 def evaluated_run(ray_session, tmp_path_factory, tracking_uri):
     """One real run of seed 003's three views, evaluated every 5 steps, with logged models."""

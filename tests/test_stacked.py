@@ -121,14 +121,21 @@ def test_stacked_members_whose_parameters_a_round_rewrites_step_on_the_new_ones_
     members = population(OPTIMIZERS["adam, own lr and weight decay"])
     rewritten = dict(steps=12, exchange={"every": 2, "shared_memory": False}, couplings=[coupling])
     alone, link_a = host(members, **rewritten)
-    train(alone, link_a, 12)
+    metrics_a = train(alone, link_a, 12)
     stacked, link_b = host(members, **rewritten)
     units = form_groups(stacked)
     assert isinstance(units[0], StackedGroup), [t.stacking_problem for t in stacked]
-    train(units, link_b, 12)
+    metrics_b = train(units, link_b, 12)
     for a, b in zip(alone, stacked):
         for key in a.params:
             torch.testing.assert_close(b.params[key], a.params[key], **CLOSE, msg=f"{a.name}.{key}")
+    # What each member received at a round, on its own metrics, stacked as apart: at every round (even steps) and only then.
+    received_a = [[m.get("received/distance") for m in step] for step in metrics_a]
+    received_b = [[m.get("received/distance") for m in step[0]] for step in metrics_b]
+    assert all((value is not None) == (step % 2 == 0) for step, row in enumerate(received_b) for value in row), received_b
+    assert all(value > 0 for row in received_b[::2] for value in row), "four members: every one paired, or pulled, every round"
+    for row_a, row_b in zip(received_a[::2], received_b[::2]):
+        assert row_b == pytest.approx(row_a, rel=1e-4)
 
 
 SEED_MODULE = {"name": "tests.reference:SeedModule", "kwargs": {"in_features": 20, "out_features": 1}}  # seed 000's Module as the user wrote it

@@ -77,6 +77,7 @@ class Average(Coupling):
 
     adds_term = False  # acts by replacing values, not through a gradient
     rewrites_values = True
+    averages_members = True
 
     def __init__(self, config: AverageConfig, population):
         super().__init__(config, population)
@@ -174,6 +175,7 @@ class MembersRound(Coupling):
 
     adds_term = False
     rewrites_values = True
+    averages_members = True
     needs_two: ClassVar[str] = "it rewrites members' values from their peers'"  # why it needs two members, for the check
 
     def __init__(self, config: MembersRoundConfig, population):

@@ -143,6 +143,9 @@ class Coupling(CouplingClass, ABC):
     # then takes all their coupling gradients from one backward of value (poptrain.stacked).
     # False where each member's term is an objective of its own (mutual learning).
     term_is_joint: ClassVar[bool] = True
+    # True where its rounds average its members' parameters (the averaging family): the mean of
+    # their final weights is then the population's average model (`evaluation.population_average`).
+    averages_members: ClassVar[bool] = False
 
     def __init__(self, config: CouplingConfig, population: PopulationInfo):
         self.config = config
