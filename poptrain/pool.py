@@ -64,9 +64,11 @@ def fits(kept: tuple, wanted: tuple, one_node: bool) -> bool:
     the same shape; or, when all their bundles sit on one node (``one_node``), the same session,
     strategy and number of hosts, each host with the same resources but CPUs, and the same CPUs
     in all (to the rounding of shares). Ray's CPU shares are accounting, not isolation: on one node
-    the run reserves what it needs either way, and each host takes its torch threads from the
-    run's own share (``MemberHost.rebind``). Runs of 2, 3 or 5 members on a 2-core machine then
-    share their processes (bundles of 1 + 1, 1.33 + 0.66, 1.2 + 0.8 CPUs)."""
+    the run reserves what it needs either way. The run then takes the warm group's bundles as its
+    own: what a host restarted in one asks for (a share the bundle does not hold would never be
+    placed), and the CPUs each host sets its torch threads from (``MemberHost.rebind``). Runs of
+    2, 3 or 5 members on a 2-core machine then share their processes (bundles of 1 + 1,
+    1.33 + 0.66, 1.2 + 0.8 CPUs)."""
     if kept == wanted:
         return True
     if not one_node or kept[:3] != wanted[:3] or len(kept[3]) != len(wanted[3]):

@@ -374,7 +374,10 @@ class PopulationRun:
         warm = _healthy(pool.take(self.shape)) if self.keep_warm else None
         self.group = warm.group if warm is not None else place_population(self.cfg, self.bundles, strategy)
         if warm is not None:
-            self.shape = warm.key  # its placement group's, which it keeps (pool.fits)
+            # Its placement group's bundles, which it keeps (pool.fits): what a host restarted in one
+            # asks for, and the CPUs each host sets its torch threads from.
+            self.shape = warm.key
+            self.bundles = [dict(bundle) for bundle in warm.key[3]]
             self.run_tag = warm.run_tag  # the warm coordinator's name; this run's mapped-memory files are new ones under it
         return warm
 

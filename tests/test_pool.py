@@ -65,14 +65,19 @@ def test_a_run_of_the_same_shape_takes_over_the_warm_processes_and_ends_as_in_ne
 
 def test_on_one_node_a_run_splitting_the_same_cpus_otherwise_takes_over_the_warm_processes(ray_session, base_config, tracking_uri):
     """Two members on 2 cores hold 1 + 1 CPUs; three hold 1.33 + 0.67 on the same two hosts. On one
-    node only the total is reserved, so the three take the two's processes and end as in new ones."""
-    three = dict(steps=6, members=[prelu_member("m1"), prelu_member("m2"), prelu_member("m3")])
+    node only the total is reserved, so the three take the two's processes and end as in new ones,
+    a host killed mid-run included: its new process asks for what the warm bundle holds (asking
+    for the three's 1.33 CPUs it was never placed)."""
+    from tests.test_failures import run_killing_m2_once
+
+    three = dict(steps=120, checkpoint={"every": 20}, members=[prelu_member("m1"), prelu_member("m2"), prelu_member("m3")])
     first = poptrain.run(base_config(name="first", steps=4))
-    warm = poptrain.run(base_config(name="warm", **three))
-    assert pids(warm) == pids(first), "the two members' processes took the three on"
+    first_pids = pids(first)
+    warm, _ = run_killing_m2_once(base_config(name="warm", **three), 120, restarted=("m1", "m2"), from_step=20, until_step=80)
+    assert pids(warm) & first_pids and pids(warm) != first_pids, "the two members' processes took the three on, one of them restarted"
     assert sorted(info["members_on_host"] for info in {i["pid"]: i for i in warm.placement.values()}.values()) == [1, 2]
     fresh = poptrain.run(base_config(name="fresh", **three), keep_warm_s=0)
-    assert not pids(fresh) & pids(first), "new processes"
+    assert not pids(fresh) & first_pids, "new processes"
     assert losses(tracking_uri, warm) == losses(tracking_uri, fresh)
     assert_bitwise_equal(warm.output_dir, fresh.output_dir, members=("m1", "m2", "m3"))
 
