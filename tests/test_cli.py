@@ -8,7 +8,7 @@ import sys
 
 import yaml
 
-from tests.conftest import REPO
+from tests.conftest import REPO, InBackground, started
 
 
 def poptrain(*args, cwd, env=None, timeout=300):
@@ -49,16 +49,27 @@ def test_check_prints_the_resolved_config_and_the_driver_never_loads_the_compile
     assert "| torch._dynamo" not in prepared.stderr and "torch.optim" in prepared.stderr
 
 
-def test_run_trains_the_seed_000_config_from_the_command_line(tmp_path):
+def seed_000_from_the_command_line(folder, uri):
+    """`poptrain run configs/prelu_separation.yaml` as a user types it in ``folder`` (its default
+    sqlite store there), m1 with two weight-0 terms of the user's own: the finished process."""
     # Import paths in a config find modules in the folder `poptrain run` is started from and on the
     # user's PYTHONPATH, in the members' processes too: m1 evaluates and logs two weight-0 terms.
     zero = "def zero(model, inputs, outputs, targets):\n    return 0 * outputs.sum()\n"
-    (tmp_path / "here_terms.py").write_text(zero)
-    (tmp_path / "lib").mkdir()
-    (tmp_path / "lib" / "lib_terms.py").write_text(zero)
+    (folder / "here_terms.py").write_text(zero)
+    (folder / "lib").mkdir()
+    (folder / "lib" / "lib_terms.py").write_text(zero)
     user_terms = "members.m1.terms=[{name: here, fn: {name: 'here_terms:zero'}, weight: 0}, {name: lib, fn: {name: 'lib_terms:zero'}, weight: 0}]"
-    pythonpath = os.pathsep.join([str(REPO), str(tmp_path / "lib")])
-    done = poptrain("run", str(REPO / "configs" / "prelu_separation.yaml"), "steps=300", user_terms, cwd=tmp_path, env={"PYTHONPATH": pythonpath})
+    pythonpath = os.pathsep.join([str(REPO), str(folder / "lib")])
+    return poptrain("run", str(REPO / "configs" / "prelu_separation.yaml"), "steps=300", user_terms, cwd=folder, env={"PYTHONPATH": pythonpath})
+
+
+def start_seed_000_from_the_command_line():
+    return InBackground(seed_000_from_the_command_line, "poptrain-cli-")
+
+
+def test_run_trains_the_seed_000_config_from_the_command_line(request):
+    work = started(request, start_seed_000_from_the_command_line)  # its process (its own Ray) started with the session
+    done, tmp_path = work.result(), work.folder
     assert done.returncode == 0, done.stderr[-3000:]
     assert "starting" in done.stdout and "finished" in done.stdout
     assert (tmp_path / "mlflow.db").is_file()
