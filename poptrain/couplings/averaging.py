@@ -167,8 +167,9 @@ class MembersRound(Coupling):
     matching ``params`` (every member has them, with the same shapes), are read from every member,
     and :meth:`round_values` gives members new values of ``written`` (each member's trainable ones,
     unless ``include_frozen``). Logs ``divergence/<m>``, each member's distance to the members'
-    mean before the round, and :func:`round_distances`. A subclass says when (:meth:`rewrites`)
-    and what (:meth:`round_values`)."""
+    mean before the round, and :func:`round_distances`. A round comes at every ``every``-th
+    parameter exchange of its config (and after the last step where ``round_after_last``); a
+    subclass says what (:meth:`round_values`)."""
 
     Config = MembersRoundConfig
     config: MembersRoundConfig
@@ -177,6 +178,7 @@ class MembersRound(Coupling):
     rewrites_values = True
     averages_members = True
     needs_two: ClassVar[str] = "it rewrites members' values from their peers'"  # why it needs two members, for the check
+    round_after_last: ClassVar[bool] = False  # a round at the exchange after the last step too
 
     def __init__(self, config: MembersRoundConfig, population):
         super().__init__(config, population)
@@ -187,6 +189,9 @@ class MembersRound(Coupling):
 
     def reads(self) -> list[Quantity]:
         return [Quantity(m, "param", n) for m in self.members for n in self.names]
+
+    def rewrites(self) -> list[Rewrite]:
+        return [Rewrite("param", self.written_quantities(), every=self.config.every, last=self.round_after_last)]
 
     @abstractmethod
     def round_values(self, step: int, q: Mapping[Quantity, torch.Tensor]) -> dict[Quantity, torch.Tensor]:
@@ -245,9 +250,6 @@ class Gossip(MembersRound):
     config: GossipConfig
     needs_two = "gossip averages members in pairs"
 
-    def rewrites(self) -> list[Rewrite]:
-        return [Rewrite("param", self.written_quantities(), every=self.config.every)]
-
     def round_values(self, step, q):
         new = {}
         for a, b in gossip_pairs(self.members, self.population.seed, step):
@@ -292,9 +294,6 @@ class Wash(MembersRound):
     config: WashConfig
     needs_two = "WASH shuffles values among members"
 
-    def rewrites(self) -> list[Rewrite]:
-        return [Rewrite("param", self.written_quantities(), every=self.config.every)]
-
     def round_values(self, step, q):
         generator = round_generator("wash", self.population.seed, step)
         new = {}
@@ -335,14 +334,12 @@ class Diloco(MembersRound):
     Config = DilocoConfig
     config: DilocoConfig
     needs_two = "DiLoCo averages the members' updates"
+    round_after_last = True  # the members end at the global weights of a last outer step
 
     def __init__(self, config: DilocoConfig, population):
         super().__init__(config, population)
         self.global_params: dict[str, torch.Tensor] = {}  # empty until the first round
         self.momentum: dict[str, torch.Tensor] = {}  # the outer optimizer's buffers, from its first step on
-
-    def rewrites(self) -> list[Rewrite]:
-        return [Rewrite("param", self.written_quantities(), every=self.config.every, last=True)]
 
     def round_values(self, step, q):
         new = {}
