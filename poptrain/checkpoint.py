@@ -117,6 +117,7 @@ def save_checkpoints(states: Iterable[tuple[str, dict]], run_dir: Path, step: in
     but each member's ``keep`` newest. Member -> its checkpoint's path."""
     paths: dict[str, Path] = {}
     batch: list[tuple[bytes, Path]] = []
+    batch_bytes = 0
 
     def write() -> None:
         save_atomic_many(batch)
@@ -128,8 +129,10 @@ def save_checkpoints(states: Iterable[tuple[str, dict]], run_dir: Path, step: in
         torch.save(state, buffer)
         paths[member] = checkpoint_path(run_dir, member, step)
         batch.append((buffer.getvalue(), paths[member]))
-        if sum(len(payload) for payload, _ in batch) >= CHECKPOINT_BATCH_BYTES:
+        batch_bytes += len(batch[-1][0])
+        if batch_bytes >= CHECKPOINT_BATCH_BYTES:
             write()
+            batch_bytes = 0
     if batch:
         write()
     for member in paths:

@@ -460,12 +460,12 @@ class StackedGroup:
         rows = {k: leaf.unbind(0) for k, leaf in leaves.items()}  # one autograd node for all the rows, not one per member
         live = [{q: rows[q.key][i] for q in own} for i, own in enumerate(self.own_reads)]
         joint = [c for c in first.training_couplings if c.term_is_joint]
-        together = dict(first.peers)
-        for own in live:
-            together.update(own)
         logged, extras = self._logged(first.step), logs_step(first.run, first.step)  # extras: as a member alone has them
         joint_values: dict[str, dict] = {}
-        if exchanged_now and self.joint_at_exchanges:
+        if joint and exchanged_now and self.joint_at_exchanges:
+            together = dict(first.peers)  # everyone's exchanged values, the group's live in their place
+            for own in live:
+                together.update(own)
             for c in joint:  # one backward each: every member's gradient of the value, then times its own weight
                 value = c.value(together)
                 if value is not None and value.requires_grad:
