@@ -46,26 +46,33 @@ STARTED: dict[str, object] = {}
 class InBackground(threading.Thread):
     """``work(folder, uri)`` on a thread of its own, with a new folder and an sqlite store of its
     own in it (never the session's: no contention for its file): for work made of processes of
-    their own (a driver killed, then resumed) that an EARLY test checks. :meth:`result` waits for
-    it and returns what it returned, or raises what it raised."""
+    their own (a driver killed, then resumed) that an EARLY test checks. One at a time, in the
+    order started: each such work starts its own Ray, and several at once beside the suite starved
+    the cluster tests' `ray start` on 2 cores. :meth:`result` waits for it and returns what it
+    returned, or raises what it raised."""
+
+    last: "InBackground | None" = None  # the work started before this one, which runs first
 
     def __init__(self, work, prefix: str):
         super().__init__(daemon=True)
         import tempfile
 
-        self.work = work
+        self.work, self.after = work, InBackground.last
+        InBackground.last = self
         self.folder = Path(tempfile.mkdtemp(prefix=prefix))
         self.uri = f"sqlite:///{self.folder / 'mlflow.db'}"
         self.value, self.error = None, None
         self.start()
 
     def run(self) -> None:
+        if self.after is not None:
+            self.after.join()
         try:
             self.value = self.work(self.folder, self.uri)
         except BaseException as exc:  # raised by result()
             self.error = exc
 
-    def result(self, timeout_s: float = 900):
+    def result(self, timeout_s: float = 1800):
         self.join(timeout_s)
         assert not self.is_alive(), f"the work started in the background did not end within {timeout_s:g} s"
         if self.error is not None:
@@ -88,9 +95,7 @@ def pytest_collection_finish(session):
 
 
 def pytest_sessionfinish(session, exitstatus):
-    for work in STARTED.values():  # started for a test that never ran (-x, an interrupt): a process ends with the session
-        if isinstance(work, tuple) and work[0].poll() is None:  # (a thread's run ends on its own, its processes with it)
-            work[0].kill()
+    # Work started for a test that never ran (-x, an interrupt) ends on its own, its processes with it.
 
 
 def pytest_collection_modifyitems(config, items):

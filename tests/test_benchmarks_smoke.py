@@ -23,13 +23,11 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
-from pathlib import Path
 
 import pytest
 
 from benchmarks import FIGURES, NEEDS_BENCH_EXTRA
-from tests.conftest import REPO, STARTED
+from tests.conftest import REPO, InBackground, started
 
 
 def imports(module: str, env: dict[str, str]) -> bool:
@@ -43,28 +41,25 @@ def smoke_env() -> dict[str, str]:
     return env
 
 
-def start_smoke_pass() -> tuple[subprocess.Popen, Path]:
-    """``python -m benchmarks --smoke`` in a process of its own (its own Ray), writing into a new
-    folder: (the process, the folder). tests/conftest.py starts it as the session starts when this
-    test is selected, so its minute of mostly waiting (its Ray, its fresh processes) runs beside
-    the rest of the suite instead of after it."""
-    out = Path(tempfile.mkdtemp(prefix="poptrain-smoke-"))
-    log = open(out / "smoke.log", "w+")  # noqa: SIM115 - read back by the test
-    proc = subprocess.Popen([sys.executable, "-m", "benchmarks", "--smoke", "--out", str(out / "results")], cwd=REPO, env=smoke_env(),
-                            stdout=log, stderr=subprocess.STDOUT, text=True)
-    return proc, out
+def smoke_pass(folder, uri):
+    """``python -m benchmarks --smoke`` in a process of its own (its own Ray), writing into
+    ``folder``: its exit code and output."""
+    done = subprocess.run([sys.executable, "-m", "benchmarks", "--smoke", "--out", str(folder / "results")], cwd=REPO, env=smoke_env(),
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600)
+    return done.returncode, done.stdout
+
+
+def start_smoke_pass() -> InBackground:
+    """:func:`smoke_pass`, started by tests/conftest.py as the session starts when this test is
+    selected, so its minute of mostly waiting (its Ray, its fresh processes) runs beside the rest
+    of the suite instead of after it."""
+    return InBackground(smoke_pass, "poptrain-smoke-")
 
 
 @pytest.mark.slow
 def test_smoke_pass_writes_every_figure_with_a_numeric_ratio(request):
-    proc, out = STARTED.pop(request.node.nodeid, None) or start_smoke_pass()
-    try:
-        returncode = proc.wait(timeout=600)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    stdout = (out / "smoke.log").read_text()
-    tmp_path = out / "results"
+    work = started(request, start_smoke_pass)
+    (returncode, stdout), tmp_path = work.result(), work.folder / "results"
     assert returncode == 0, f"output:\n{stdout[-8000:]}"
 
     written = sorted(p.name for p in tmp_path.glob("*.json"))
@@ -94,4 +89,4 @@ def test_smoke_pass_writes_every_figure_with_a_numeric_ratio(request):
     assert "poptrain benchmarks (smoke" in stdout
     for figure in FIGURES:
         assert figure in stdout
-    shutil.rmtree(out, ignore_errors=True)
+    shutil.rmtree(work.folder, ignore_errors=True)
