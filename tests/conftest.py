@@ -91,11 +91,8 @@ def pytest_collection_finish(session):
     for item in session.items:
         if item.nodeid in EARLY and not session.config.option.collectonly:
             module, function = EARLY[item.nodeid].split(":")
+            # Work started for a test that never runs (-x, an interrupt) ends on its own, its processes with it.
             STARTED[item.nodeid] = getattr(importlib.import_module(module), function)()
-
-
-def pytest_sessionfinish(session, exitstatus):
-    # Work started for a test that never ran (-x, an interrupt) ends on its own, its processes with it.
 
 
 def pytest_collection_modifyitems(config, items):
