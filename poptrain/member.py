@@ -609,11 +609,23 @@ def _map_tensors(tree: Any, fn: Callable[[Any], Any]) -> Any:
 
 class PeerValues(dict):
     """Quantity -> tensor: the peers' values a member holds from the last exchange, packed for its
-    checkpoint once per change (:meth:`packed`). The members of a stacked group hold one of these
+    checkpoint and stacked into columns once per change (:meth:`packed`, :meth:`column`). The members of a stacked group hold one of these
     together (they read the same peers), so a checkpoint of a thousand of them packs the
     population's values once, not once per member."""
 
     _packed: dict[str, Any] | None = None
+    _columns: dict[tuple, torch.Tensor] | None = None
+
+    def column(self, kind: str, key: str, members: tuple[str, ...]) -> torch.Tensor:
+        """``members``' values of ``(kind, key)`` stacked in their order (what
+        :func:`poptrain.couplings.base.column_of` asks for), made once per exchange: a coupling
+        over a thousand members reads its column at every step between exchanges."""
+        if self._columns is None:
+            self._columns = {}
+        found = self._columns.get((kind, key, members))
+        if found is None:
+            found = self._columns[(kind, key, members)] = torch.stack([self[Quantity(m, kind, key)] for m in members])
+        return found
 
     def packed(self) -> dict[str, Any]:
         """:func:`pack_tensors` of the values, keyed by :func:`quantity_key` (made again only after a change)."""
@@ -623,7 +635,7 @@ class PeerValues(dict):
 
     def _changed(method):  # noqa: N805 - a decorator of this class's mutators
         def mutate(self, *args, **kwargs):
-            self._packed = None
+            self._packed = self._columns = None
             return method(self, *args, **kwargs)
 
         return mutate

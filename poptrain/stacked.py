@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+from collections import ChainMap
 import time
 import warnings
 from typing import Any
@@ -39,7 +40,7 @@ import torch
 from torch import nn
 
 from poptrain.batches import to_device
-from poptrain.couplings.base import Quantity
+from poptrain.couplings.base import Columns, Overlay, Quantity
 from poptrain.lockstep import Send, StepProgram, Wait
 from poptrain.member import logs_step
 
@@ -326,42 +327,90 @@ class StackedGroup:
         couplings = self._coupling_terms(grads, exchanging)
         # What the host needs of the step (every member's loss and objective, whether everything is
         # finite) in one read from the device: on a GPU each read waits for the step to finish.
-        finite = torch.stack([torch.isfinite(losses).all(), *(torch.isfinite(g).all() for g in grads.values())])
-        read = torch.cat([losses.detach().reshape(-1), objectives.detach().reshape(-1), finite.to(losses.dtype)]).tolist()
+        columns = {"loss": losses.detach(), "objective": objectives.detach() + sum(couplings.values())}
+        finite = torch.stack([torch.isfinite(losses).all(), *(torch.isfinite(c).all() for c in couplings.values()),
+                              *(torch.isfinite(g).all() for g in grads.values())])
+        read = torch.cat([*(c.to(torch.float64) for c in columns.values()), finite.to(torch.float64)]).tolist()
         count = len(members)
-        loss_values, objective_values, all_finite = read[:count], read[count: 2 * count], read[2 * count:]
-        if not all_finite[0]:
-            self._guard_losses(losses)
-        if not all(all_finite[1:]):
-            for i, m in enumerate(members):
-                if not all(torch.isfinite(grads[k][i]).all() for k in self.keys):
-                    m._guard(["gradient"])
-        full = self._logged(step)
+        values = {key: read[j * count: (j + 1) * count] for j, key in enumerate(columns)}
+        self._guard_step(losses, couplings, grads, read[len(columns) * count:])
         grad_round = exchanging and self.rounds["grad"]
-        if grad_round or full:  # what reads a member's gradients: its part of the gradient round, its layer norms
+        if grad_round:  # what reads a member's gradients: its part of the gradient round
             for i, m in enumerate(members):
                 for k in self.keys:
                     m.params[k].grad = grads[k][i]
-        if grad_round:
             yield from self._receive_all((yield from self._send_all("grad")))
             for i, m in enumerate(members):  # a coupling that replaced a gradient (as a member's own, out of the stack)
                 for k in self.keys:
                     if m.params[k].grad is not None and m.params[k].grad.data_ptr() != grads[k][i].data_ptr():
                         grads[k][i].copy_(m.params[k].grad)
         self._optimizer_step(grads)
-        out = []
-        for i, m in enumerate(members):
-            m._forget_predictions()
+        if members[0].reads_predictions:
+            for m in members:
+                m._forget_predictions()
+        for m in members:
             m.step += 1
-            coupling_terms = couplings.get(i, {})
-            if full:
-                objective = objectives[i] + sum(coupling_terms.values())
-                metrics = m._metrics({"loss": losses[i]}, {"loss": m.term_weights["loss"]}, coupling_terms, objective, [], exchanging)
-                metrics["loss"] = loss_values[i]
-            else:  # a step nobody logs or ranks by: what a member's last metrics must hold
-                metrics = {"loss": loss_values[i], "objective": objective_values[i] + sum(float(t) for t in coupling_terms.values())}
-            out.append(metrics)
-        return out
+        if not self._logged(step):  # a step nobody logs or ranks by: what a member's last metrics must hold
+            return [{"loss": loss, "objective": objective} for loss, objective in zip(values["loss"], values["objective"])]
+        # Every other metric a member alone logs, as columns read at once (after the update, as alone).
+        logged = {f"coupling/{name}": column for name, column in couplings.items()}
+        norms = members[0].run.tracking.layer_norms_every
+        if norms and step % norms == 0:
+            logged.update(self._layer_norms(grads))
+        if logged:
+            read = torch.stack([c.detach().to(torch.float64) for c in logged.values()]).tolist()
+            values.update(zip(logged, read))
+        return [self._member_metrics(i, m, values, exchanging) for i, m in enumerate(members)]
+
+    def _member_metrics(self, i: int, m, values: dict[str, list[float]], exchanging: bool) -> dict[str, float]:
+        """Member ``m``'s (row ``i``'s) metrics of a logged step, the keys in the order a member alone
+        logs them (:meth:`poptrain.member.MemberTrainer._metrics`): its values from the step's
+        columns, and what is its own (staleness, hyperparameters, its couplings' own metrics, what a
+        round moved it by)."""
+        metrics = {"loss": values["loss"][i], "objective": values["objective"][i]}
+        if m.staleness is not None and exchanging:
+            metrics["exchange/staleness"] = m.staleness
+        metrics.update({key: column[i] for key, column in values.items() if key.startswith("coupling/")})
+        if m.hyperparameters is not None:  # the schedule, as a chart
+            metrics.update({f"hp/{k}": v for k, v in m.hyperparameters.get().items()})
+        metrics.update(m.coupling_extras)
+        m.coupling_extras = {}
+        metrics.update(m._received_metrics())
+        metrics.update({key: column[i] for key, column in values.items() if key.startswith(("weight_norm/", "grad_norm/"))})
+        return metrics
+
+    def _layer_norms(self, grads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Every member's ``weight_norm/<name>`` and ``grad_norm/<name>`` (L2; per parameter or per
+        module, as :meth:`poptrain.member.MemberTrainer.layer_norms`), columns over the member
+        dimension: the squares summed per member in the parameters' dtype, then in float64 across
+        a module's parameters, as a member alone sums them."""
+        by_module = self.members[0].run.tracking.layer_norms_by == "module"
+        count = len(self.members)
+        weights: dict[str, torch.Tensor] = {}
+        gradients: dict[str, torch.Tensor] = {}
+        for k in self.keys:
+            key = k.rsplit(".", 1)[0] if by_module and "." in k else k
+            for sums, tensor in ((weights, self.params[k]), (gradients, grads[k])):
+                squares = tensor.detach().reshape(count, -1).pow(2).sum(1).to(torch.float64)
+                sums[key] = sums[key] + squares if key in sums else squares
+        return {**{f"weight_norm/{k}": v.sqrt() for k, v in weights.items()}, **{f"grad_norm/{k}": v.sqrt() for k, v in gradients.items()}}
+
+    def _guard_step(self, losses: torch.Tensor, couplings: dict[str, torch.Tensor], grads: dict[str, torch.Tensor], flags: list) -> None:
+        """Stop at the first member with a non-finite value (``failure.nonfinite: fail``, as a member
+        alone does: its loss, else its couplings, else its gradient), given the step's finite
+        ``flags`` (loss, each coupling column, each gradient); nothing when all are finite."""
+        if all(flags):
+            return
+        if not flags[0]:
+            self._guard_losses(losses)
+        bad_couplings = [name for name, ok in zip(couplings, flags[1:]) if not ok]
+        for i, m in enumerate(self.members) if bad_couplings else ():
+            bad = [f"coupling {name!r}" for name in bad_couplings if not torch.isfinite(couplings[name][i])]
+            if bad:
+                m._guard(bad)
+        for i, m in enumerate(self.members):
+            if not all(torch.isfinite(grads[k][i]).all() for k in self.keys):
+                m._guard(["gradient"])
 
     def _guard_losses(self, losses: torch.Tensor) -> None:
         """Stop at the first member whose loss is not finite (``failure.nonfinite: fail``, as a
@@ -440,69 +489,67 @@ class StackedGroup:
             m.timings["exchange_wait_ms"] += wait_ms
             m.timings["serialize_ms"] += serialize_ms
 
-    def _coupling_terms(self, grads: dict[str, torch.Tensor], exchanged_now: bool) -> dict[int, dict[str, torch.Tensor]]:
+    def _coupling_terms(self, grads: dict[str, torch.Tensor], exchanged_now: bool) -> dict[str, torch.Tensor]:
         """The coupling terms of the members (trained by the same couplings: :func:`group_key`) at
         this step, each on its own parameters and with its own weight; their gradients are added
-        to the stacked ones. The parameters the couplings read are stacked leaves of their own
-        (member i's quantity is row i), so one backward gives every member's gradient as one
-        stacked tensor. A coupling whose term is joint (``Coupling.term_is_joint``) gives every
-        member's gradient from one backward of its value, times each member's own weight; the
-        others, each member's term on its own quantities. Between exchanges (``exchanged_now``
-        false) a joint term is each member's own live values against everyone else's exchanged
-        ones (:meth:`Coupling.values_against`): a group's members see each other's values as of
-        the last exchange, as they would apart. Member index -> {coupling: term} (the values, as
-        each member logs them: every step for terms of members' own, on logged steps for joint
-        ones)."""
+        to the stacked ones. The parameters the couplings read are stacked leaves of their own,
+        handed to the couplings as :class:`~poptrain.couplings.base.Columns` (member i's quantity is
+        row i), so one backward gives every member's gradient as one stacked tensor. A coupling
+        whose term is joint (``Coupling.term_is_joint``) gives every member's gradient from one
+        backward of its value, times each member's own weight; the others, each member's term on
+        its own quantities. Between exchanges (``exchanged_now`` false) a joint term is each
+        member's own live values against everyone else's exchanged ones
+        (:meth:`Coupling.values_against`): a group's members see each other's values as of the
+        last exchange, as they would apart. Returns coupling name -> every member's weighted term, a
+        column (N,) (detached): every step for terms of members' own, on logged steps for joint ones
+        (as each member logs them)."""
         first = self.members[0]
         if not first.training_couplings:
             return {}
         leaves = {k: self.params[k].detach().requires_grad_() for k in self.coupled_keys}
-        rows = {k: leaf.unbind(0) for k, leaf in leaves.items()}  # one autograd node for all the rows, not one per member
-        live = [{q: rows[q.key][i] for q in own} for i, own in enumerate(self.own_reads)]
+        own = Columns(self.names, {("param", k): leaf for k, leaf in leaves.items()})
         joint = [c for c in first.training_couplings if c.term_is_joint]
         logged, extras = self._logged(first.step), logs_step(first.run, first.step)  # extras: as a member alone has them
-        joint_values: dict[str, dict] = {}
+        out: dict[str, torch.Tensor] = {}
         if joint and exchanged_now and self.joint_at_exchanges:
-            together = dict(first.peers)  # everyone's exchanged values, the group's live in their place
-            for own in live:
-                together.update(own)
+            together = Overlay(own, first.peers)  # everyone's exchanged values, the group's live in their place
             for c in joint:  # one backward each: every member's gradient of the value, then times its own weight
                 value = c.value(together)
                 if value is not None and value.requires_grad:
                     self._add_gradients(grads, leaves, value, self._weights(c.name))
             if logged:  # what each member logs as its own term
                 with torch.no_grad():
-                    joint_values = {c.name: c.values_for(list(self.names), together) for c in joint}
+                    for c in joint:
+                        values = c.values_for(list(self.names), together)
+                        if all(v is not None for v in values.values()):
+                            out[c.name] = self._weights(c.name) * torch.stack([values[m].reshape(()) for m in self.names])
         elif joint:
-            own_live = {q: v for values in live for q, v in values.items()}
             for c in joint:  # one backward each of the members' own terms, each row times its member's weight
-                values = c.values_against(list(self.names), own_live, first.peers)
+                values = c.values_against(list(self.names), own, first.peers)
                 if values is None:
-                    joint_values[c.name] = {}
                     continue
                 if values.requires_grad:
                     self._add_gradients(grads, leaves, values.sum(), self._weights(c.name))
-                joint_values[c.name] = dict(zip(self.names, values.detach())) if logged else {}
-        out: dict[int, dict[str, torch.Tensor]] = {}
-        own_total = []
-        # Member by member only where something is per member: extras and terms to log, terms of its own.
-        for i, m in enumerate(self.members) if extras or logged or self.own_couplings else ():
-            quantities = {**m.peers, **live[i]}
-            if extras:
-                with torch.no_grad():
+                if logged:
+                    out[c.name] = self._weights(c.name) * values.detach()
+        if extras:  # each member's couplings' own metrics, from what it sees, as a member alone has them
+            with torch.no_grad():
+                for m in self.members:
+                    quantities = ChainMap(own.member(m.name), m.peers)
                     m.coupling_extras = {f"coupling/{c.name}/{k}": float(v) for c in m.training_couplings for k, v in c.metrics_for(m.name, quantities).items()}
-            own_terms = {c.name: c.term(m.name, quantities) for c in m.training_couplings if not c.term_is_joint}
-            own_terms = {k: v for k, v in own_terms.items() if v is not None}
-            own_total += [t for t in own_terms.values() if t.requires_grad]
-            values = {c.name: self.couplings[i][c.name].weight * joint_values[c.name][m.name] for c in joint if logged and joint_values[c.name].get(m.name) is not None}
-            out[i] = {k: v.detach() for k, v in {**own_terms, **values}.items()}
-        if own_total:  # each member's own terms, weighted by its own coupling objects
-            self._add_gradients(grads, leaves, sum(own_total))
-        logged_terms = [t.reshape(-1) for terms in out.values() for t in terms.values()]
-        for i, m in enumerate(self.members) if logged_terms and not bool(torch.isfinite(torch.cat(logged_terms)).all()) else ():
-            bad = [f"coupling {k!r}" for k, t in out[i].items() if not torch.isfinite(t).all()]
-            if bad:
-                m._guard(bad)
+        if self.own_couplings:  # terms of members' own (each on its own quantities, weighted by its own coupling objects)
+            own_terms = {c.name: [] for c in first.training_couplings if not c.term_is_joint}
+            for i, m in enumerate(self.members):
+                quantities = ChainMap(own.member(m.name), m.peers)
+                for c in m.training_couplings:
+                    if not c.term_is_joint:
+                        own_terms[c.name].append(c.term(m.name, quantities))
+            total = [t for terms in own_terms.values() for t in terms if t is not None and t.requires_grad]
+            if total:
+                self._add_gradients(grads, leaves, sum(total))
+            for name, terms in own_terms.items():
+                if all(t is not None for t in terms):
+                    out[name] = torch.stack([t.detach().reshape(()) for t in terms])
         return out
 
     def _weights(self, coupling: str) -> torch.Tensor:

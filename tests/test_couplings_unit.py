@@ -293,6 +293,33 @@ def test_separation_gives_every_members_own_term_in_one_pass_as_it_gives_each_al
     assert float(sum(together.values())) == pytest.approx(2 * float(separation.value(values)))
 
 
+def test_a_coupling_reads_a_hosts_members_as_columns_and_gets_each_members_own_term_and_gradient():
+    """A host hands a coupling its members' live values as columns (row i member i's) and everyone's
+    exchanged values beside them (Coupling.values_against): separation's few tensor ops on the
+    columns and the base class's member-by-member form (what a user's coupling inherits) give each
+    member its own term, as value_for on its own live value against its partners' exchanged ones,
+    with the gradient reaching the column's rows."""
+    import torch
+
+    from poptrain.couplings import Columns, Coupling, PopulationInfo, Quantity
+    from poptrain.couplings.separation import Separation, SeparationConfig
+
+    names = [f"m{i}" for i in range(7)]
+    separation = Separation(SeparationConfig(type="separation", param="activation.weight", margin=0.5), PopulationInfo(names, {n: {"activation.weight": (2,)} for n in names}))
+    exchanged = {Quantity(n, "param", "activation.weight"): torch.tensor([0.1 * i * i, -0.05 * i]) for i, n in enumerate(names)}
+    host = names[2:5]
+    live = torch.stack([exchanged[Quantity(n, "param", "activation.weight")] + 0.03 for n in host]).requires_grad_()
+    own = Columns(tuple(host), {("param", "activation.weight"): live})
+    assert own[Quantity("m3", "param", "activation.weight")].tolist() == live[1].tolist() and Quantity("m0", "param", "activation.weight") not in own
+    for values in (separation.values_against(host, own, exchanged), Coupling.values_against(separation, host, own, exchanged)):
+        (gradient,) = torch.autograd.grad(values.sum(), live)
+        for i, name in enumerate(host):
+            mine = live[i].detach().clone().requires_grad_()
+            alone = separation.value_for(name, {**exchanged, Quantity(name, "param", "activation.weight"): mine})
+            torch.testing.assert_close(values[i], alone.detach())
+            torch.testing.assert_close(gradient[i], torch.autograd.grad(alone, mine)[0])
+
+
 # -- averaging beyond the mean: PAPA's pull and gossip's pairs (issue 26) ---------------------------
 
 

@@ -28,9 +28,10 @@ decorating it with ``@register("name")``; or name the class by import path in th
 from __future__ import annotations
 
 import fnmatch
+from collections import ChainMap
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, ClassVar, Literal, Mapping
+from typing import TYPE_CHECKING, ClassVar, Iterator, Literal, Mapping
 
 import torch
 
@@ -66,6 +67,76 @@ class Quantity:
         """The exchange it travels in: ``param``, ``loss`` (losses, terms, predictions), ``grad``, or
         None for a member's ``local`` quantities, which never leave it."""
         return PHASE_OF[self.kind]
+
+
+class Columns(Mapping["Quantity", torch.Tensor]):
+    """Several members' values as columns: for each ``(kind, key)``, one tensor whose row ``i`` is
+    member ``names[i]``'s value (shape ``(len(names), *value shape)``), as a stacked group holds
+    them. :meth:`column` hands a coupling a whole column (a population's values in one op); read as
+    a mapping (``columns[Quantity(m, kind, key)]`` is ``m``'s row, a view), it is what a coupling
+    written member by member reads, so both kinds of coupling take the same object. Rows are
+    views: gradients flow from a row to its column."""
+
+    def __init__(self, names: tuple[str, ...], columns: Mapping[tuple[str, str], torch.Tensor]):
+        self.names = tuple(names)
+        self.columns = dict(columns)
+        self.row = {name: i for i, name in enumerate(self.names)}
+
+    def column(self, kind: str, key: str, members: tuple[str, ...] | None = None) -> torch.Tensor:
+        """The ``(kind, key)`` column, rows in the order of ``members`` (default: :attr:`names`, the
+        column itself, no copy)."""
+        values = self.columns[(kind, key)]
+        if members is None or tuple(members) == self.names:
+            return values
+        return values[torch.tensor([self.row[m] for m in members], device=values.device)]
+
+    def member(self, name: str) -> dict["Quantity", torch.Tensor]:
+        """Member ``name``'s own values, ``{Quantity: row}``."""
+        i = self.row[name]
+        return {Quantity(name, kind, key): values[i] for (kind, key), values in self.columns.items()}
+
+    def __getitem__(self, q: "Quantity") -> torch.Tensor:
+        if q.member not in self.row or (q.kind, q.key) not in self.columns:
+            raise KeyError(q)
+        return self.columns[(q.kind, q.key)][self.row[q.member]]
+
+    def __iter__(self) -> Iterator["Quantity"]:
+        return (Quantity(name, kind, key) for kind, key in self.columns for name in self.names)
+
+    def __len__(self) -> int:
+        return len(self.columns) * len(self.names)
+
+
+class Overlay(ChainMap):
+    """Some members' own live values (:class:`Columns`) over everyone's exchanged ones (a mapping
+    of :class:`Quantity`): what a coupling reads as the population when those members compute at
+    an exchange. :meth:`column` takes the live rows where there are and the exchanged ones
+    elsewhere, differentiable in the live ones."""
+
+    def __init__(self, own: Columns, exchanged: Mapping["Quantity", torch.Tensor]):
+        super().__init__(own, exchanged)
+
+    def column(self, kind: str, key: str, members: tuple[str, ...]) -> torch.Tensor:
+        own, exchanged = self.maps
+        mine = [i for i, m in enumerate(members) if m in own.row]
+        if len(mine) == len(members):
+            return own.column(kind, key, tuple(members))
+        under = column_of(exchanged, kind, key, members)
+        if not mine:
+            return under
+        live = own.column(kind, key, tuple(members[i] for i in mine))
+        return under.to(live.dtype).index_put((torch.tensor(mine, device=under.device),), live)
+
+
+def column_of(values: Mapping["Quantity", torch.Tensor], kind: str, key: str, members: list[str] | tuple[str, ...]) -> torch.Tensor:
+    """``members``' values of ``(kind, key)`` in ``values`` stacked in their order, shape
+    ``(len(members), *value shape)``: by the mapping's own ``column`` where it has one (a
+    :class:`Columns`, or a member's :class:`~poptrain.member.PeerValues`, which keeps it until the
+    next exchange), else stacked here."""
+    column = getattr(values, "column", None)
+    if column is not None:
+        return column(kind, key, tuple(members))
+    return torch.stack([values[Quantity(m, kind, key)] for m in members])
 
 
 @dataclass
@@ -184,19 +255,17 @@ class Coupling(CouplingClass, ABC):
         default one by one. A coupling whose cost grows with the population may do it in one pass."""
         return {m: self.value_for(m, q) for m in members}
 
-    def values_against(self, members: list[str], own: Mapping[Quantity, torch.Tensor], exchanged: Mapping[Quantity, torch.Tensor]) -> torch.Tensor | None:
+    def values_against(self, members: list[str], own: Columns, exchanged: Mapping[Quantity, torch.Tensor]) -> torch.Tensor | None:
         """Each of ``members``' :meth:`value_for` as it computes it alone: on its own quantities in
-        ``own`` (live, in its autograd graph) and everyone else's in ``exchanged`` (their values at
-        the last exchange, the members' own among them), shape (len(members),); None when none has
-        a term. Row i's gradient with respect to member i's quantities is exactly member i's, so a
-        host training them stacked takes all their gradients from one backward of the sum even
-        between exchanges, when ``own`` and ``exchanged`` differ (:mod:`poptrain.stacked`). By
-        default member by member; a coupling over many members does it in a few tensor ops
+        ``own`` (columns, row i member i's, live in the autograd graph) and everyone else's in
+        ``exchanged`` (their values at the last exchange, the members' own among them; a coupling
+        takes a column of them with :func:`column_of`), shape (len(members),); None when none has a
+        term. Row i's gradient with respect to member i's quantities is exactly member i's, so a host
+        training them stacked takes all their gradients from one backward of the sum even between
+        exchanges, when ``own`` and ``exchanged`` differ (:mod:`poptrain.stacked`). By default member
+        by member; a coupling over many members does it in a few tensor ops on the columns
         (separation)."""
-        values = []
-        for m in members:
-            mine = {q: v for q, v in own.items() if q.member == m}
-            values.append(self.value_for(m, {**exchanged, **mine}))
+        values = [self.value_for(m, ChainMap(own.member(m), exchanged)) for m in members]
         if all(v is None for v in values):
             return None
         like = next(v for v in values if v is not None)

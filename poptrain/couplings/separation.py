@@ -11,7 +11,7 @@ import torch
 from pydantic import Field
 
 from poptrain.config import CouplingConfig
-from poptrain.couplings.base import Coupling, Quantity, register
+from poptrain.couplings.base import Columns, Coupling, Quantity, column_of, register
 
 
 class SeparationConfig(CouplingConfig):
@@ -85,12 +85,13 @@ class Separation(Coupling):
         when given): as two (pairs, numel) tensors when they are small (a population of N then
         costs a few tensor ops, not N² of them), else pair by pair, so memory stays at one
         parameter's size whatever the number of pairs."""
-        values = [q[k].reshape(-1) for k in self._quantities]
         first, second = self._pair_index if member is None else self._pair_index_by_member[member]
-        if VECTORIZED_PAIRS <= len(first) and len(first) * values[0].numel() <= VECTORIZED_ELEMENTS:
-            stacked = torch.stack(values)
+        numel = q[self._quantities[0]].numel()
+        if VECTORIZED_PAIRS <= len(first) and len(first) * numel <= VECTORIZED_ELEMENTS:
+            stacked = column_of(q, "param", self.config.param, tuple(self.members)).reshape(len(self.members), -1)
             first, second = self._on_device(member, stacked.device)
             return [(stacked[first], stacked[second])]
+        values = [q[k].reshape(-1) for k in self._quantities]
         return [(values[i], values[j]) for i, j in self._pair_rows(member)]
 
     def _pair_rows(self, member: str | None) -> list[tuple[int, int]]:
@@ -142,18 +143,19 @@ class Separation(Coupling):
         position = {m: i for i, m in enumerate(self.members)}
         return {m: totals[position[m]] if m in position else None for m in members}
 
-    def values_against(self, members: list[str], own: Mapping[Quantity, torch.Tensor], exchanged: Mapping[Quantity, torch.Tensor]) -> torch.Tensor | None:
+    def values_against(self, members: list[str], own: Columns, exchanged: Mapping[Quantity, torch.Tensor]) -> torch.Tensor | None:
         """Each member's pairs, its own parameter live against its partners' exchanged ones: (pairs
-        of all ``members``) penalties in a few tensor ops, summed per member (a thousand members,
-        half a million (member, partner) rows, as cheap as :meth:`value` on all pairs)."""
+        of all ``members``) penalties in a few tensor ops on the columns, summed per member (a
+        thousand members, half a million (member, partner) rows, as cheap as :meth:`value` on all
+        pairs; the partners' column is stacked once per exchange)."""
         mine = [m for m in members if m in self._pair_index_by_member]
         if len(self.members) <= 2 or len(mine) != len(members):
             return super().values_against(members, own, exchanged)
-        live = torch.stack([own[Quantity(m, "param", self.config.param)].reshape(-1) for m in members])
+        live = own.column("param", self.config.param, tuple(members)).reshape(len(members), -1)
         rows, partners = self._rows_and_partners(tuple(members), live.device)
         if len(rows) * live.shape[1] > VECTORIZED_ELEMENTS:  # too large to hold at once: member by member
             return super().values_against(members, own, exchanged)
-        others = torch.stack([exchanged[q].reshape(-1) for q in self._quantities]).to(live.dtype)
+        others = column_of(exchanged, "param", self.config.param, tuple(self.members)).reshape(len(self.members), -1).to(live.dtype)
         per_row = self._penalties(live[rows], others[partners])
         return torch.zeros(len(members), dtype=per_row.dtype, device=per_row.device).index_add(0, rows, per_row)
 
