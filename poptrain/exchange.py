@@ -167,7 +167,7 @@ class Wire:
         out, offset = {}, 0
         for i, (dtype, shape) in zip(indices, layout):
             dtype = np.dtype(dtype)
-            count = int(np.prod(shape, dtype=np.int64))
+            count = math.prod(shape)
             out[self.table[i]] = np.frombuffer(payload, dtype, count, offset).reshape(shape)
             offset += count * dtype.itemsize
         return out

@@ -419,10 +419,7 @@ class MemberTrainer:
             array = numpy_copy(self._own(q, terms, outputs))
             if not np.isfinite(array).all():
                 if not self.keeps_last_sent:
-                    raise TrainingError(
-                        f"member {self.name!r}, step {self.step}: its {q.kind} {q.key!r} is non-finite (NaN or inf) and would be sent to its peers; "
-                        "nothing was sent. Set `failure.nonfinite: skip` to send the last finite value instead and skip such steps."
-                    )
+                    self.refuse_to_send(q)
                 array = self.last_sent.get(q, np.zeros_like(array))  # a step that goes on past a non-finite value: peers keep the last good one
             if self.keeps_last_sent:
                 self.last_sent[q] = array
@@ -448,6 +445,13 @@ class MemberTrainer:
         yield from receive()
         return None
 
+    def refuse_to_send(self, q: Quantity) -> None:
+        """Stop the run: own quantity ``q`` is non-finite and would go to the peers (``failure.nonfinite: fail``)."""
+        raise TrainingError(
+            f"member {self.name!r}, step {self.step}: its {q.kind} {q.key!r} is non-finite (NaN or inf) and would be sent to its peers; "
+            "nothing was sent. Set `failure.nonfinite: skip` to send the last finite value instead and skip such steps."
+        )
+
     def take_reply(self, reply: Reply, step: int, peers: Mapping[Quantity, torch.Tensor] | None = None) -> None:
         """Take in an exchange's reply for ``step``: how old the peers' values are (async), the
         peers' values this member reads, new values of its own quantities. ``peers``: the reply's
@@ -457,9 +461,9 @@ class MemberTrainer:
         peer_steps = [s for member, s in (reply.steps or {}).items() if member != self.name]
         if peer_steps:  # async: how old the peers' values are, in exchanges
             self.staleness = max(0.0, (step - min(peer_steps)) / self.every)
-        if peers is not None:
+        if peers:
             self.peers.update(peers)
-        else:
+        elif peers is None:
             receives = self.plan.receives[self.name]
             for q in reply.values:
                 if q.member != self.name and q in receives:
@@ -626,6 +630,16 @@ class PeerValues(dict):
         if found is None:
             found = self._columns[(kind, key, members)] = torch.stack([self[Quantity(m, kind, key)] for m in members])
         return found
+
+    def take_columns(self, columns: Mapping[tuple[str, str], tuple[tuple[str, ...], torch.Tensor]], values: Mapping[Quantity, torch.Tensor] = {}) -> None:
+        """Take in an exchange's values as columns, ``(kind, key) -> (members, tensor)`` (row i member
+        i's value), and ``values`` one by one: each member's entry becomes a view of its row, and
+        the column is kept as it came (what a coupling asks for in that order costs nothing more)."""
+        rows = dict(values)
+        for (kind, key), (members, column) in columns.items():
+            rows.update(zip((Quantity(m, kind, key) for m in members), column.unbind(0)))
+        self.update(rows)
+        self._columns = {(kind, key, members): column for (kind, key), (members, column) in columns.items()}
 
     def packed(self) -> dict[str, Any]:
         """:func:`pack_tensors` of the values, keyed by :func:`quantity_key` (made again only after a change)."""

@@ -30,9 +30,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from collections import ChainMap
 import time
 import warnings
+from collections import ChainMap
 from typing import Any
 
 import numpy as np
@@ -41,6 +41,7 @@ from torch import nn
 
 from poptrain.batches import to_device
 from poptrain.couplings.base import Columns, Overlay, Quantity
+from poptrain.exchange import numpy_copy, tensor_copy
 from poptrain.lockstep import Send, StepProgram, Wait
 from poptrain.member import logs_step
 
@@ -182,6 +183,7 @@ class StackedGroup:
         self.device, self.every = first.device, first.every
         self.link = first.link  # the host's: a group alone on its host sends through it as one member would
         self.keys = [k for k, _ in first.model.named_parameters()]
+        self.population_order = {name: i for i, name in enumerate(first.population.members)}
         self.skeleton = copy.deepcopy(first.model).to("meta")  # the architecture, holding no memory
         # The stack: member i's parameters are row i; its own Parameters become views of it.
         self.params = {k: torch.stack([m.params[k].detach() for m in members]).contiguous() for k in self.keys}
@@ -209,6 +211,13 @@ class StackedGroup:
         # values are the live ones. Else (between exchanges, async) each member's term is its own
         # live values against everyone else's exchanged ones, as alone (Coupling.values_against).
         self.joint_at_exchanges = first.run.exchange.mode == "sync" and all(first.plan.period.get(q, 1) == 1 for own in self.own_reads for q in own)
+        # What the members send at a parameter exchange, when alike for all of them (the same
+        # parameters, every one due at the same exchanges): sent as one copy of each stacked
+        # parameter, not member by member. {key: (its period in exchanges, each member's Quantity)}.
+        sends = [tuple(q.key for q in first.plan.sends[m.name]["param"]) for m in members]
+        self.param_columns = ({q.key: (first.plan.period[q], [Quantity(m.name, "param", q.key) for m in members]) for q in first.plan.sends[first.name]["param"]}
+                              if len(set(sends)) == 1 and all(first.plan.period[Quantity(m.name, "param", k)] == first.plan.period[Quantity(first.name, "param", k)]
+                                                              for m in members for k in sends[0]) else None)
         self._hyperparameters_read: list | None = None
         self._columns: dict[str, dict[str, Any]] = {}
         self._vmap = vmap
@@ -360,23 +369,25 @@ class StackedGroup:
         if logged:
             read = torch.stack([c.detach().to(torch.float64) for c in logged.values()]).tolist()
             values.update(zip(logged, read))
-        return [self._member_metrics(i, m, values, exchanging) for i, m in enumerate(members)]
+        # The logged columns in a member's order: its couplings' terms, then (after what is its own) layer norms.
+        order = ([k for k in values if k.startswith("coupling/")], [k for k in values if k.startswith(("weight_norm/", "grad_norm/"))])
+        return [self._member_metrics(i, m, values, order, exchanging) for i, m in enumerate(members)]
 
-    def _member_metrics(self, i: int, m, values: dict[str, list[float]], exchanging: bool) -> dict[str, float]:
+    def _member_metrics(self, i: int, m, values: dict[str, list[float]], order: tuple[list[str], list[str]], exchanging: bool) -> dict[str, float]:
         """Member ``m``'s (row ``i``'s) metrics of a logged step, the keys in the order a member alone
         logs them (:meth:`poptrain.member.MemberTrainer._metrics`): its values from the step's
-        columns, and what is its own (staleness, hyperparameters, its couplings' own metrics, what a
+        columns (``order``: the coupling terms' keys, the layer norms'), and what is its own (staleness, hyperparameters, its couplings' own metrics, what a
         round moved it by)."""
         metrics = {"loss": values["loss"][i], "objective": values["objective"][i]}
         if m.staleness is not None and exchanging:
             metrics["exchange/staleness"] = m.staleness
-        metrics.update({key: column[i] for key, column in values.items() if key.startswith("coupling/")})
+        metrics.update({key: values[key][i] for key in order[0]})
         if m.hyperparameters is not None:  # the schedule, as a chart
             metrics.update({f"hp/{k}": v for k, v in m.hyperparameters.get().items()})
         metrics.update(m.coupling_extras)
         m.coupling_extras = {}
         metrics.update(m._received_metrics())
-        metrics.update({key: column[i] for key, column in values.items() if key.startswith(("weight_norm/", "grad_norm/"))})
+        metrics.update({key: values[key][i] for key in order[1]})
         return metrics
 
     def _layer_norms(self, grads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -444,6 +455,8 @@ class StackedGroup:
     def _send_all(self, kind: str, terms=None, outputs=None):
         """Every member's values of ``kind`` in one message; the pending reply, or None when no
         member takes part."""
+        if kind == "param" and self.param_columns is not None:
+            return (yield from self._send_param_columns())
         programs, sends = [], []
         for i, m in enumerate(self.members):
             program = m._send(kind, terms(i) if terms else {}, outputs(i) if outputs else None, defer=True)
@@ -471,6 +484,31 @@ class StackedGroup:
             m.timings["exchange_wait_ms"] = wait + waited_ms / len(self.members)
         return pending
 
+    def _send_param_columns(self):
+        """:meth:`_send_all` of the members' parameters, which they send alike (``param_columns``):
+        one copy of each stacked parameter due at this exchange, its rows the members' values."""
+        first = self.members[0]
+        index = first.step // self.every
+        started = time.perf_counter()
+        values: dict[Quantity, np.ndarray] = {}
+        for key, (period, quantities) in self.param_columns.items():
+            if index % period:  # not due at this exchange
+                continue
+            column = numpy_copy(self.params[key])
+            finite = np.isfinite(column.reshape(len(self.members), -1)).all(axis=1)
+            if not finite.all():  # as a member alone refuses to send it
+                self.members[int(np.argmin(finite))].refuse_to_send(quantities[int(np.argmin(finite))])
+            values.update(zip(quantities, column))
+        for m in self.members if first.param_rounds else ():
+            m._keep_before_round()
+        sent = time.perf_counter()
+        pending = yield Send("param", first.step, values)
+        waited = time.perf_counter()
+        for m in self.members:  # each member its share
+            m.timings["serialize_ms"] += 1000 * (sent - started) / len(self.members)
+            m.timings["exchange_wait_ms"] += 1000 * (waited - sent) / len(self.members)
+        return pending
+
     def _receive_all(self, pending) -> StepProgram:
         """Take in one reply for every member: the peers' values made tensors once for all of them."""
         if pending is None:
@@ -479,7 +517,7 @@ class StackedGroup:
         reply = yield Wait(pending)
         received = time.perf_counter()
         first = self.members[0]
-        first.peers.update({q: reply.tensor(q, self.device) for q in reply.values if q in first.plan.received})  # every member's (_share_peers)
+        first.peers.take_columns(*self._columns_of(reply))  # every member's (_share_peers)
         for m in self.members:
             m.take_reply(reply, m.step, {})
         # Profiled as a member alone books it (tracking.profile), each member its share: the host
@@ -488,6 +526,25 @@ class StackedGroup:
         for m in self.members:
             m.timings["exchange_wait_ms"] += wait_ms
             m.timings["serialize_ms"] += serialize_ms
+
+    def _columns_of(self, reply) -> tuple[dict[tuple[str, str], tuple[tuple[str, ...], torch.Tensor]], dict[Quantity, torch.Tensor]]:
+        """The peers' values in ``reply`` that members read, as columns on the group's device
+        (``(kind, key) -> (members, tensor)``, members in population order): one copy to the device
+        per column, not one per value; values of one family whose shapes differ, one by one."""
+        received, order = self.members[0].plan.received, self.population_order
+        by_family: dict[tuple[str, str], list[Quantity]] = {}
+        for q in reply.values:
+            if q in received:
+                by_family.setdefault((q.kind, q.key), []).append(q)
+        columns, singles = {}, {}
+        for family, quantities in by_family.items():
+            quantities.sort(key=lambda q: order[q.member])
+            arrays = [reply.values[q] for q in quantities]
+            if len({(a.shape, a.dtype) for a in arrays}) == 1:
+                columns[family] = (tuple(q.member for q in quantities), tensor_copy(np.stack(arrays), self.device))
+            else:
+                singles.update({q: reply.tensor(q, self.device) for q in quantities})
+        return columns, singles
 
     def _coupling_terms(self, grads: dict[str, torch.Tensor], exchanged_now: bool) -> dict[str, torch.Tensor]:
         """The coupling terms of the members (trained by the same couplings: :func:`group_key`) at
@@ -517,12 +574,12 @@ class StackedGroup:
                 value = c.value(together)
                 if value is not None and value.requires_grad:
                     self._add_gradients(grads, leaves, value, self._weights(c.name))
-            if logged:  # what each member logs as its own term
+            if logged:  # what each member logs as its own term: at this exchange its live values are the exchanged ones
                 with torch.no_grad():
                     for c in joint:
-                        values = c.values_for(list(self.names), together)
-                        if all(v is not None for v in values.values()):
-                            out[c.name] = self._weights(c.name) * torch.stack([values[m].reshape(()) for m in self.names])
+                        values = c.values_against(list(self.names), own, first.peers)
+                        if values is not None:
+                            out[c.name] = self._weights(c.name) * values
         elif joint:
             for c in joint:  # one backward each of the members' own terms, each row times its member's weight
                 values = c.values_against(list(self.names), own, first.peers)
