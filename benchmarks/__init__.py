@@ -19,6 +19,7 @@ FIGURES = (
     "memory",
     "exchange_latency",
     "averaging_bandwidth",
+    "averaging_methods",
     "packed_vs_processes",
     "packed_throughput",
     "packing_memory",

@@ -48,6 +48,12 @@ class Sizes:
     avg_rounds: int = 40
     avg_warmup: int = 3
     avg_log_every: int = 10  # the figure's run logs (and computes) coupling metrics every k rounds
+    # The averaging family against independent training (issue 26): one run per seed, dataset and method.
+    methods_seeds: tuple[int, ...] = (0, 1, 2)
+    methods_datasets: tuple[str, ...] = ("digits", "regression")
+    methods_members: int = 4
+    methods_steps: int = 1000
+    methods_batch: int = 64
     # Packing (issue 15): seed-000 members, few (one per process vs packed) and many (packed vs torch.func).
     packing_small: int = 16
     packing_large: int = 1000
@@ -89,7 +95,7 @@ SIZES = {
         latency_modes=("sync",), avg_sources=2, avg_params=100_000, avg_rounds=4, avg_warmup=1, avg_log_every=2, startup_steps=2,
         startup_child=False, pbt_members=2, pbt_steps=40, pbt_every=10, pbt_seeds=(0,), pbt_without_checkpoints=False, thresholds=False,
         packing_small=2, packing_large=3, packing_steps=25, packing_warmup=10, pbt_whole_processes=False, e2e_members=20, e2e_steps=20,
-        e2e_loop_before=False,
+        e2e_loop_before=False, methods_seeds=(0,), methods_datasets=("digits",), methods_members=2, methods_steps=10,
     ),
     "default": Sizes(mode="default"),
     "full": Sizes(

@@ -21,6 +21,16 @@ second, the rounds timed like training steps (the target's ``loss`` timestamps i
 ``avg_warmup`` rounds). The baseline, in the same process tree and run, is a single-process
 ``torch`` copy (``dst.copy_(src)``) moving the same number of bytes (half read, half written),
 best of five. Checkpoints are off for this run: see ``details.note``.
+
+The same population without the target, with each method of the averaging family in place of
+``average`` (issue 26: PAPA, WASH, DiLoCo, gossip; ``BANDWIDTH_METHODS``) rewriting the sources
+themselves at every round, gives one more row each, against the same copy baseline. Each takes its
+shipped config's knobs (``benchmarks.averaging_methods.method_knobs``) with a round at every
+exchange (``every: 1``) and ``include_frozen`` (the members are not trained). Its useful traffic
+is 2 x sources x parameters x 4 bytes a round: every member's parameters read once and written
+once, whatever the method computes in between (DiLoCo also keeps the global weights and the outer
+momentum; WASH changes only a ``fraction`` of the positions, but writes each parameter whole).
+``--smoke`` leaves these runs out.
 """
 
 from __future__ import annotations
@@ -33,6 +43,7 @@ from typing import Any
 
 import numpy as np
 
+from benchmarks.averaging_methods import LABELS, method_knobs
 from benchmarks.common import Context, CpuSampler, cpu_seconds, metric_times, quiet_tracking, row, steady_rate, unavailable
 
 
@@ -249,7 +260,10 @@ def _avg_model(params: int) -> tuple[dict[str, Any], int]:
     return {"name": "benchmarks.models:LookupTable", "kwargs": {"rows": side, "dim": side}}, side * side
 
 
-def _avg_config(ctx: Context, model: dict[str, Any], steps: int) -> dict[str, Any]:
+def _avg_config(ctx: Context, model: dict[str, Any], steps: int, coupling: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``avg_sources`` untrained members of ``model`` averaged into a target every step; with
+    ``coupling`` (one of the averaging family), that coupling rewriting the sources themselves
+    instead, and no target (``include_frozen``: the members are not trained, their parameters frozen)."""
     sources = [f"s{i + 1}" for i in range(ctx.sizes.avg_sources)]
     member = lambda name: {  # noqa: E731
         "name": name,
@@ -266,8 +280,9 @@ def _avg_config(ctx: Context, model: dict[str, Any], steps: int) -> dict[str, An
         # Off: the coordinator keeps every round's result for 2 x checkpoint.every + 1 rounds (for
         # replay after a restart), which for 100 MB members pins tens of GB in memory.
         "checkpoint": {"every": 0},
-        "members": [member(name) for name in [*sources, "target"]],
-        "couplings": [{"type": "average", "name": "mean_into_target", "members": sources, "into": "target"}],
+        "members": [member(name) for name in (sources if coupling else [*sources, "target"])],
+        "couplings": [{**coupling, "members": sources, "include_frozen": True} if coupling
+                      else {"type": "average", "name": "mean_into_target", "members": sources, "into": "target"}],
     }
 
 
@@ -306,7 +321,7 @@ def torch_average(sources: int, params: int, repeats: int = 3) -> dict[str, Any]
     return {"gb_per_s": (sources + 1) * params * 4 / best / 1e9, "seconds": best}
 
 
-def coordinator_breakdown(ctx: Context, cfg, population, params: int) -> dict[str, Any]:
+def coordinator_breakdown(ctx: Context, cfg, population, useful: int) -> dict[str, Any]:
     """Where one averaging round's coordinator time goes, timed in this process (no Ray, no
     members): ``CouplingEvaluator.complete_round`` on parameters in mapped memory (poptrain's path on one
     node), with and without the coupling metrics (the divergences), and on copies (the path of a
@@ -330,14 +345,37 @@ def coordinator_breakdown(ctx: Context, cfg, population, params: int) -> dict[st
     arrays = {m: {Quantity(m, "param", n): t.numpy() for n, t in tensors[m].items()} for m in sources}
     copies = CouplingEvaluator(cfg, population)
     _, out["copies_complete_with_metrics_s"] = _time(lambda: (copies.complete_round("param", 0, arrays), copies.coupling_metrics("param", 0)))
-    out["useful_bytes"] = (len(sources) + 1) * params * 4
+    out["useful_bytes"] = useful
     return out
+
+
+def _bandwidth_run(ctx: Context, config: dict[str, Any], log_every: int, timed_member: str, useful: int) -> dict[str, Any]:
+    """One ``poptrain.run`` of an averaging population (:func:`_avg_config`), coupling metrics
+    logged every ``log_every`` rounds: ``useful`` bytes a round over the seconds a round takes
+    (``timed_member``'s logged steps after ``avg_warmup``), in GB/s, and where the cores went."""
+    import poptrain
+
+    sizes = ctx.sizes
+    config["tracking"]["log_every"] = log_every
+    cpu = CpuSampler()
+    started = time.perf_counter()
+    result = poptrain.run(config, progress=cpu, keep_warm_s=0)  # new processes each time, as a `poptrain run` has
+    wall = time.perf_counter() - started
+    rate = steady_rate(metric_times(result.tracking_uri, result.member_run_ids[timed_member]), sizes.avg_warmup)
+    return {
+        "gb_per_s": useful * rate["steps_per_s"] / 1e9, "useful_bytes_per_round": useful, "round_s": 1 / rate["steps_per_s"], "rate": rate,
+        "run_wall_s": wall, "cores_busy": cpu.cores_busy(sizes.avg_warmup, config["steps"]),
+        "shared_params": result.placement[timed_member].get("shared_params"),
+    }
 
 
 def _time(fn, *args):
     start = time.perf_counter()
     value = fn(*args)
     return value, time.perf_counter() - start
+
+
+BANDWIDTH_METHODS = ("papa", "wash", "diloco", "gossip")  # issue 26: the averaging bandwidth of each method
 
 
 def averaging_bandwidth(ctx: Context) -> list[dict[str, Any]]:
@@ -356,20 +394,19 @@ def averaging_bandwidth(ctx: Context) -> list[dict[str, Any]]:
     # member) every 10 rounds, as one would log them for 100 MB members; then every round. Rates
     # come from the logged steps, so from every 10th round in the first run.
     for log_every in (sizes.avg_log_every,) if sizes.mode == "smoke" else (sizes.avg_log_every, 1):
-        config = _avg_config(ctx, model, steps)
-        config["tracking"]["log_every"] = log_every
-        cpu = CpuSampler()
-        started = time.perf_counter()
-        result = poptrain.run(config, progress=cpu, keep_warm_s=0)  # new processes each time, as a `poptrain run` has
-        wall = time.perf_counter() - started
-        rate = steady_rate(metric_times(result.tracking_uri, result.member_run_ids["target"]), sizes.avg_warmup)
-        runs[log_every] = {
-            "gb_per_s": useful * rate["steps_per_s"] / 1e9, "round_s": 1 / rate["steps_per_s"], "rate": rate, "run_wall_s": wall,
-            "cores_busy": cpu.cores_busy(sizes.avg_warmup, steps), "shared_params": result.placement["target"].get("shared_params"),
-        }
+        runs[log_every] = _bandwidth_run(ctx, _avg_config(ctx, model, steps), log_every, "target", useful)
+    # Each method of the averaging family rewriting the sources themselves at every round: each
+    # member's parameters read once and written once, 2 x sources x parameters x 4 bytes a round.
+    methods = {}
+    for method in () if sizes.mode == "smoke" else BANDWIDTH_METHODS:  # smoke: each would be a run of new processes more
+        coupling = {**method_knobs(method)[1], "every": 1}  # its shipped knobs, a round at every exchange
+        useful_here = 2 * sizes.avg_sources * params * 4
+        methods[method] = _bandwidth_run(ctx, _avg_config(ctx, model, steps, coupling), sizes.avg_log_every, "s1", useful_here)
+        cfg = poptrain.load_config(_avg_config(ctx, model, steps, coupling))  # metrics every round: the breakdown times them
+        methods[method].update(coupling=coupling, coordinator_breakdown=coordinator_breakdown(ctx, cfg, inspect_population(cfg), useful_here))
 
     cfg = poptrain.load_config(_avg_config(ctx, model, steps))
-    breakdown = coordinator_breakdown(ctx, cfg, inspect_population(cfg), params)
+    breakdown = coordinator_breakdown(ctx, cfg, inspect_population(cfg), useful)
     after = copy_bandwidth(useful)
     base = max(baseline["gb_per_s"], after["gb_per_s"])
     common = {
@@ -394,4 +431,14 @@ def averaging_bandwidth(ctx: Context) -> list[dict[str, Any]]:
         )
         if 1 in runs
         else unavailable("averaging_bandwidth", f"{title}, divergence logged every round", None, "skipped with --smoke"),
+    ] + [
+        row(
+            "averaging_bandwidth", f"{sizes.avg_sources} members x {params / 1e6:.1f}M float32, {LABELS[method]} into the members every round, "
+            f"divergence logged every {sizes.avg_log_every} rounds",
+            value=run["gb_per_s"], unit="GB/s", ratio=run["gb_per_s"] / base, target=(">=", 0.3), baseline=baseline_row, sizes=sizes,
+            details=run,
+        )
+        if method in methods
+        else unavailable("averaging_bandwidth", f"{LABELS[method]} into the members every round", (">=", 0.3), "skipped with --smoke")
+        for method, run in ((m, methods.get(m)) for m in BANDWIDTH_METHODS)
     ]

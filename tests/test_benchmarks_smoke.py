@@ -3,7 +3,8 @@
 Benchmarks are not tests: no threshold is checked here (``--smoke`` judges nothing). This only
 proves that ``python -m benchmarks`` still works end to end against the current poptrain, and
 that its JSON has every figure. It runs in its own process with its own local Ray: four short
-``poptrain.run`` calls (no coupling, sync coupling, averaging, population-based training), a
+``poptrain.run`` calls (no coupling, sync coupling, averaging, population-based training), six
+tiny ones of the averaging family against independent training (2 members, 10 steps), a
 single-process loop, a few exchange rounds, a small Ray Tune PBT experiment, and one
 ``poptrain run configs/thousand.yaml`` of 20 members x 20 steps in a process of its own (its own
 Ray) against a torch.func process, so one to a few minutes on 2 cores depending on other load
