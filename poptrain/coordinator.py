@@ -608,14 +608,18 @@ class Coordinator:
                 if self._complete_if_ready(kind, step, rnd):
                     self.recorder.record(step, self.evaluator.coupling_metrics(kind, step))
 
-    def report_eval(self, step: int, member: str, metrics: dict[str, float], outputs: np.ndarray | None, targets: np.ndarray | None) -> None:
-        """``member``'s held-out evaluation after ``step`` steps (see :class:`EvalBoard`); ``outputs``
-        and ``targets`` only for the ensemble. The population's maths runs outside the lock that
-        every exchange needs."""
+    def report_evals(self, step: int, reports: list[tuple[str, dict[str, float], np.ndarray | None, np.ndarray | None]]) -> None:
+        """Held-out evaluations after ``step`` steps of one host's members, (member, metrics, outputs,
+        targets) each (see :class:`EvalBoard`); outputs and targets only for the ensemble. The
+        population's maths runs outside the lock that every exchange needs."""
         with self.lock:
-            reports = self.evaluations.arrive(step, member, metrics, outputs, targets)
-        if reports is None:
-            return
+            complete = [self.evaluations.arrive(step, *report) for report in reports]
+        for reports in complete:
+            if reports is not None:
+                self._summarize(step, reports)
+
+    def _summarize(self, step: int, reports) -> None:
+        """The population's summary of ``step``'s evaluations, once every member has reported."""
         summary, best = self.evaluations.summarize(reports)
         with self.lock:
             self.evaluations.note_best(step, best)
@@ -768,8 +772,8 @@ class CoordinatorActor:
     def take_metrics(self, written: bool, resend: bool = False) -> list[Item]:
         return self.coordinator.take_metrics(written, resend)
 
-    def report_eval(self, step: int, member: str, metrics: dict[str, float], outputs: np.ndarray | None, targets: np.ndarray | None) -> None:
-        self.coordinator.report_eval(step, member, metrics, outputs, targets)
+    def report_evals(self, step: int, reports: list) -> None:
+        self.coordinator.report_evals(step, reports)
 
     def abort(self, reason: str) -> None:
         self.coordinator.abort(reason)

@@ -84,7 +84,6 @@ class Hosted:
     restored_from: int | None = None  # the checkpoint's step it was restored from
     evaluated: dict[str, float] = field(default_factory=dict)  # the newest held-out metrics (what population-based training ranks by)
     last_step_metrics: dict[str, float] = field(default_factory=dict)  # the last step's (what a training metric ranks by)
-    reporting: Any = None  # its evaluation report on its way to the coordinator
     checkpoint_ms: float = 0.0  # the last checkpoint's time, reported with the next step's profile
 
     @property
@@ -167,6 +166,7 @@ class MemberHost:
         self.system_metrics = system_metrics
         self.last_system_sample = float("-inf")
         self.logging_ms = 0.0  # the last step's logging time, reported with the next step's profile
+        self.reporting = None  # the last evaluation's report on its way to the coordinator
         self.placement = {
             "node_id": _node_id(),
             "hostname": socket.gethostname(),
@@ -214,8 +214,8 @@ class MemberHost:
                 for group in self.groups:
                     group.release_member_copies()
             if step and run.evaluation.every and step % run.evaluation.every == 0:
-                for m in members:
-                    m.evaluated = self._evaluate(m, step)
+                for m, metrics in zip(members, self._evaluate(step)):
+                    m.evaluated = metrics
             if step and run.pbt is not None and step % run.pbt.every == 0:
                 self._pbt_round(step)
             for m in members:
@@ -236,15 +236,14 @@ class MemberHost:
         self._sync_stacks(into_members=True)  # the members' own optimizers hold their state between calls
         if members[0].trainer.step == run.steps:
             drive([m.trainer for m in members], [m.trainer.finish_program() for m in members], self.link)
-            for m in members:  # after the last exchange: an average's target has its final weights
-                m.last_step_metrics = {**m.last_step_metrics, **self._evaluate(m, run.steps)}
+            for m, metrics in zip(members, self._evaluate(run.steps)):  # after the last exchange: an average's target has its final weights
+                m.last_step_metrics = {**m.last_step_metrics, **metrics}
         # The last pipelined publishes: done before train() returns, so their coupling metrics are
         # in the coordinator's outbox when the driver takes it for the last time.
         self.link.drain()
-        for m in members:
-            if m.reporting is not None:
-                ray.get(m.reporting)
-                m.reporting = None
+        if self.reporting is not None:
+            ray.get(self.reporting)
+            self.reporting = None
         return {m.name: dict(m.last_step_metrics) for m in members}
 
     def _step_units(self) -> list[dict[str, float]]:
@@ -296,22 +295,31 @@ class MemberHost:
                 m.outbox.add([("pbt/adjusted", float(len(decision["adjusted"])), step, now)])
         self._sync_stacks(into_members=False)
 
-    def _evaluate(self, m: Hosted, step: int) -> dict[str, float]:
-        """Evaluate member ``m`` on its held-out data after ``step`` steps (before step ``step``'s own
+    def _evaluate(self, step: int) -> list[dict[str, float]]:
+        """Evaluate every member on its held-out data after ``step`` steps (before step ``step``'s own
         exchanges: an averaging target holds the previous exchange's average; at the end, after the
-        last one): its metrics into its outbox, its outputs to the coordinator (population
-        summaries, the ensemble). The metrics, or {}."""
-        if m.trainer.eval_dataset is None:
-            return {}
-        metrics, outputs, targets = m.trainer.evaluate()
-        m.outbox.add([(key, value, step, int(time.time() * 1000)) for key, value in metrics.items()])
-        if m.reporting is not None:  # at most one report in flight per member
-            ray.get(m.reporting)
-        ensemble = self.run.evaluation.ensemble  # outputs cross only for the ensemble
-        m.reporting = self.coordinator.report_eval.remote(
-            step, m.name, metrics, outputs.numpy() if ensemble else None, targets.numpy() if ensemble else None
-        )
-        return metrics
+        last one): a stacked group's members in one forward pass over the stack where they hold
+        the same held-out data (:meth:`poptrain.stacked.StackedGroup.evaluate`), the others one by
+        one. Each member's metrics go into its outbox, and all of them (outputs too, for the
+        ensemble) to the coordinator in one call, at most one such call in flight. Each member's
+        metrics, in order ({} without held-out data)."""
+        evaluated: dict[str, tuple] = {}
+        for unit in self.units:
+            if isinstance(unit, StackedGroup):
+                evaluated.update(unit.evaluate())
+            elif unit.eval_dataset is not None:
+                evaluated[unit.name] = unit.evaluate()
+        if not evaluated:
+            return [{} for _ in self.members]
+        now, ensemble = int(time.time() * 1000), self.run.evaluation.ensemble  # outputs cross only for the ensemble
+        reports = []
+        for name, (metrics, outputs, targets) in evaluated.items():
+            self.by_name[name].outbox.add([(key, value, step, now) for key, value in metrics.items()])
+            reports.append((name, metrics, outputs.numpy() if ensemble else None, targets.numpy() if ensemble else None))
+        if self.reporting is not None:
+            ray.get(self.reporting)
+        self.reporting = self.coordinator.report_evals.remote(step, reports)
+        return [evaluated[m.name][0] if m.name in evaluated else {} for m in self.members]
 
     def _checkpoint_if_due(self, step: int) -> None:
         """Write the checkpoint at ``step`` of every member due one (not at 0, not the one it was

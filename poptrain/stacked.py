@@ -39,7 +39,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from poptrain.batches import to_device
+from poptrain.batches import in_order, to_device
 from poptrain.couplings.base import Columns, Overlay, Quantity
 from poptrain.exchange import numpy_copy, tensor_copy
 from poptrain.lockstep import Send, StepProgram, Wait
@@ -224,6 +224,7 @@ class StackedGroup:
         self.optimizer = first.config.optimizer.name
         self.state: dict[str, dict[str, torch.Tensor]] = {}
         self.steps = torch.zeros(len(members), dtype=torch.float64, device=self.device)  # each member's optimizer steps, where the update reads them
+        self.shared_eval = _same_held_out(members)  # evaluated in one pass over the stack (evaluate)
         self.from_members()
 
     def _point_at_stack(self, i: int, member) -> None:
@@ -422,6 +423,33 @@ class StackedGroup:
         for i, m in enumerate(self.members):
             if not all(torch.isfinite(grads[k][i]).all() for k in self.keys):
                 m._guard(["gradient"])
+
+    def evaluate(self) -> dict[str, tuple[dict[str, float], torch.Tensor, torch.Tensor]]:
+        """Every member's :meth:`poptrain.member.MemberTrainer.evaluate` (its held-out metrics, its
+        outputs and the targets, on the CPU), by name: one forward pass of the stack per held-out
+        batch where the members hold the same held-out data (``shared_eval``), else member by
+        member; {} without held-out data. Stacked outputs match each member's own to float rounding."""
+        from torch.func import functional_call
+
+        first = self.members[0]
+        if first.eval_dataset is None:
+            return {}
+        if not self.shared_eval:
+            return {m.name: m.evaluate() for m in self.members}
+        outputs, targets = [], []
+        self.skeleton.eval()  # as a member alone evaluates (a stacked model has no dropout or BatchNorm to tell)
+        try:
+            with torch.no_grad():
+                for batch in in_order(first.eval_dataset, first.held_out.batch_size):
+                    *inputs, target = to_device(batch, self.device)
+                    stacked = self._vmap(lambda params: functional_call(self.skeleton, params, tuple(inputs)))(self.params)
+                    outputs.append(stacked.detach().float().cpu())
+                    targets.append(target.cpu())
+        finally:
+            self.skeleton.train()
+        outputs, target = torch.cat(outputs, dim=1), torch.cat(targets)
+        return {m.name: ({f"eval/{key}": float(fn(outputs[i], target)) for key, fn in first.metric_fns.items()}, outputs[i], target)
+                for i, m in enumerate(self.members)}
 
     def _guard_losses(self, losses: torch.Tensor) -> None:
         """Stop at the first member whose loss is not finite (``failure.nonfinite: fail``, as a
@@ -703,6 +731,21 @@ def _same_stream(members: list) -> bool:
         if not (isinstance(b.dataset, TensorDataset) and isinstance(first.dataset, TensorDataset)):
             return False
         if b.dataset is not first.dataset and not all(torch.equal(x, y) for x, y in zip(b.dataset.tensors, first.dataset.tensors)):
+            return False
+    return True
+
+
+def _same_held_out(members: list) -> bool:
+    """Whether every member holds the same held-out data: the same settings over equal tensors."""
+    from torch.utils.data import TensorDataset
+
+    first = members[0]
+    if not isinstance(first.eval_dataset, TensorDataset):
+        return False
+    for m in members[1:]:
+        if m.held_out != first.held_out or not isinstance(m.eval_dataset, TensorDataset):
+            return False
+        if m.eval_dataset is not first.eval_dataset and not all(torch.equal(x, y) for x, y in zip(m.eval_dataset.tensors, first.eval_dataset.tensors)):
             return False
     return True
 

@@ -365,3 +365,24 @@ def test_a_stacked_sgd_member_given_momentum_later_starts_its_momentum_as_alone(
     for a, b in zip(alone, stacked):
         for key in a.params:
             torch.testing.assert_close(b.params[key], a.params[key], **CLOSE, msg=f"{a.name}.{key}")
+
+
+def test_a_stacked_groups_members_are_evaluated_in_one_pass_as_each_alone_to_float_rounding():
+    """A host evaluates a stacked group's members (the same held-out data) in one forward pass of the
+    stack: each member's held-out metrics, outputs and targets are its own, as it computes them alone."""
+    data = {"name": "synthetic_regression", "kwargs": {"n": 256, "in_features": 20, "split": "train"}, "batch_size": 32}
+    members = [prelu_member(f"m{i}", data=data, optimizer={"name": "adam", "lr": 0.01 * (i + 1)}) for i in range(3)]
+    trainers, link = host(members, steps=10, evaluation={"every": 5, "metrics": ["mse", "mae"]})
+    units = form_groups(trainers)
+    assert len(units) == 1 and units[0].shared_eval
+    train(units, link, 4)
+    evaluated = units[0].evaluate()
+    assert list(evaluated) == [t.name for t in trainers]
+    for trainer in trainers:
+        metrics, outputs, targets = evaluated[trainer.name]
+        alone_metrics, alone_outputs, alone_targets = trainer.evaluate()
+        assert metrics.keys() == alone_metrics.keys() == {"eval/mse", "eval/mae"}
+        assert metrics == pytest.approx(alone_metrics, rel=1e-5)
+        torch.testing.assert_close(outputs, alone_outputs, **CLOSE)
+        assert torch.equal(targets, alone_targets)
+    assert len({m["eval/mse"] for m, _, _ in evaluated.values()}) == 3, "each member's own model"
