@@ -30,7 +30,7 @@ def logged_steps(tracking_uri, run_id, key="loss"):
 STEPS, CHECKPOINT_EVERY = 300, 20
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # also read by this module's EARLY test, run last: built once
 def uninterrupted(ray_session, tmp_path_factory, tracking_uri):
     """A run never interrupted, with the settings of the interrupted ones (its RunResult)."""
     config = make_config(tmp_path_factory.mktemp("clean"), tracking_uri, "uninterrupted", name="clean", steps=STEPS, checkpoint={"every": CHECKPOINT_EVERY})

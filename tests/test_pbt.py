@@ -201,7 +201,7 @@ def restartable(output_dir, tracking_uri, name):
     return make_config(output_dir, tracking_uri, f"pbt-{name}", name=name, checkpoint={"every": 10}, **population(steps=RESTARTABLE_STEPS, every=20))
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # also read by this module's EARLY test, run last: built once
 def pbt_uninterrupted(ray_session, tmp_path_factory, tracking_uri):
     """The PBT run never interrupted (its RunResult), with the settings of the interrupted ones."""
     return poptrain.run(restartable(tmp_path_factory.mktemp("pbt-clean"), tracking_uri, "clean"))
