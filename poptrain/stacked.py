@@ -17,8 +17,9 @@ member's state was loaded. Stacked training matches members trained one by one t
 (the same operations, vectorised), not bitwise.
 
 What stacks (:func:`stackable`, checked per member, and :func:`vmap_problem`, tried once per
-group): any model, the user's own included, without buffers or dropout, that torch.func computes
-as the model does (``vmap(grad)`` of its loss runs on a few of its samples and gives each member's
+group): any model, the user's own included, without buffers, that torch.func computes as the
+model does (``nn.Dropout`` included: :class:`RowDropout` takes each member's masks, drawn from its
+own stream before the step) (``vmap(grad)`` of its loss runs on a few of its samples and gives each member's
 own gradient); a built-in loss; Adam, AdamW or SGD with ``betas``/``eps``/``weight_decay``
 (``momentum``/``dampening`` for SGD); no frozen parameters, extra terms, balancing, gradient
 transforms or mapped parameters; ``failure.nonfinite: fail``; couplings that train the member
@@ -53,15 +54,52 @@ PROBE_TOLERANCE = dict(rtol=1e-4, atol=1e-6)  # the same operations, vectorised:
 def model_problem(model: nn.Module) -> str | None:
     """Why ``model`` (any ``nn.Module``, the user's own included) cannot train stacked, as far as its
     structure tells: buffers a step would update in place (BatchNorm's running statistics) and
-    dropout (its masks would be drawn from one stream for every member, not each member's own).
-    Whether torch.func computes it as the model does is tried on data: :func:`vmap_problem`."""
+    dropout other than ``nn.Dropout`` (whose masks a stack draws from each member's own stream:
+    :class:`RowDropout`). Whether torch.func computes it as the model does is tried on data:
+    :func:`vmap_problem`."""
     for name, module in model.named_modules():
-        if isinstance(module, nn.modules.dropout._DropoutNd) and module.p:
-            return f"it has dropout ({name or type(model).__name__}: p={module.p:g}), whose masks a stacked step would draw from one stream for all members instead of each member's own"
+        if isinstance(module, nn.modules.dropout._DropoutNd) and module.p and type(module) is not nn.Dropout:
+            return (f"it has {type(module).__name__} ({name or type(model).__name__}: p={module.p:g}): a stack draws each member's own "
+                    "masks for nn.Dropout only")
+        if type(module) is nn.Dropout and module.p >= 1:
+            return f"its dropout ({name}) has p={module.p:g}: every value dropped"
     buffers = [n for n, _ in model.named_buffers()]
     if buffers:
         return f"its model has buffers ({', '.join(buffers[:3])}{' ...' if len(buffers) > 3 else ''}: BatchNorm's running statistics or the like), which a stacked step would update in place"
     return None
+
+
+class RowDropout(nn.Module):
+    """An ``nn.Dropout`` of a stack's architecture: multiplies its input by ``mask``, a member's row of
+    the masks the stack drew before the step from each member's own random stream, as torch's
+    dropout draws them (``empty_like(x).bernoulli_(1 - p)``, divided by ``1 - p``), handed in by
+    ``functional_call`` as a buffer (vmapped: each member its row). The identity in eval mode.
+    While ``calls`` is a list (:meth:`StackedGroup._dropout_shapes`), it records the shape of each
+    input it gets instead."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+        self.register_buffer("mask", torch.empty(0), persistent=False)
+        self.calls: list | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or not self.p:
+            return x
+        if self.calls is not None:
+            self.calls.append((self, tuple(x.shape)))
+            return x
+        return x * self.mask
+
+
+def _with_row_dropout(model: nn.Module) -> dict[str, RowDropout]:
+    """Replace ``model``'s ``nn.Dropout`` modules (p > 0) by :class:`RowDropout`; them by name."""
+    replaced = {}
+    for name, module in list(model.named_modules()):
+        if type(module) is nn.Dropout and module.p:
+            replaced[name] = RowDropout(module.p)
+            _set_parameter(model, name, replaced[name])
+    return replaced
 
 
 def vmap_problem(models: list[nn.Module], loss_fn, batch: list[torch.Tensor]) -> str | None:
@@ -72,7 +110,22 @@ def vmap_problem(models: list[nn.Module], loss_fn, batch: list[torch.Tensor]) ->
     from torch.func import functional_call, grad, vmap
 
     *inputs, targets = batch
-    skeleton = copy.deepcopy(models[0]).to("meta")
+    # In eval mode (dropout off): a stack draws its dropout masks itself (RowDropout); what is probed
+    # here is whether torch.func computes the rest as the model does.
+    skeleton = copy.deepcopy(models[0]).to("meta").eval()
+    modes = [m.training for m in models]
+    try:
+        return _vmap_problem(models, loss_fn, inputs, targets, skeleton)
+    finally:
+        for model, mode in zip(models, modes):
+            model.train(mode)
+
+
+def _vmap_problem(models, loss_fn, inputs, targets, skeleton) -> str | None:
+    from torch.func import functional_call, grad, vmap
+
+    for model in models:
+        model.eval()
     params = {k: torch.stack([dict(m.named_parameters())[k].detach() for m in models]) for k, _ in models[0].named_parameters()}
     try:
         with warnings.catch_warnings(record=True) as caught:
@@ -90,6 +143,16 @@ def vmap_problem(models: list[nn.Module], loss_fn, batch: list[torch.Tensor]) ->
         for (k, p), g in zip(named.items(), own):
             if not torch.allclose(stacked[k][i], torch.zeros_like(p) if g is None else g, **PROBE_TOLERANCE):
                 return f"its gradient stacked differs from its own ({k}): its forward may keep state between calls"
+    # In training mode, its nn.Dropout standing aside (a stack multiplies by masks drawn outside):
+    # anything else random (functional dropout, RReLU) cannot be drawn from each member's own stream.
+    trained = copy.deepcopy(skeleton).train()
+    for name, module in list(trained.named_modules()):
+        if type(module) is nn.Dropout:
+            _set_parameter(trained, name, nn.Identity())
+    try:
+        vmap(grad(lambda p: loss_fn(functional_call(trained, p, tuple(inputs)), targets)))(params)
+    except Exception as exc:
+        return f"in training mode torch.func cannot stack its model: {type(exc).__name__}: {str(exc).strip().splitlines()[0][:200]}"
     return None
 
 
@@ -185,14 +248,17 @@ class StackedGroup:
         self.keys = [k for k, _ in first.model.named_parameters()]
         self.population_order = {name: i for i, name in enumerate(first.population.members)}
         self.skeleton = copy.deepcopy(first.model).to("meta")  # the architecture, holding no memory
+        self.dropouts = _with_row_dropout(self.skeleton)  # each member's masks from its own stream (RowDropout)
+        self._dropout_calls: dict[tuple, list[tuple[str, float, tuple]]] = {}
+        self._generator = torch.Generator(device=self.device) if self.dropouts else None
         # The stack: member i's parameters are row i; its own Parameters become views of it.
         self.params = {k: torch.stack([m.params[k].detach() for m in members]).contiguous() for k in self.keys}
         for i, m in enumerate(members):
             self._point_at_stack(i, m)
         loss_fn = first.loss_fn
 
-        def objective(params, inputs, targets, weight):
-            outputs = functional_call(self.skeleton, params, tuple(inputs))
+        def objective(params, masks, inputs, targets, weight):
+            outputs = functional_call(self.skeleton, {**params, **masks}, tuple(inputs))
             loss = loss_fn(outputs, targets)
             return weight * loss, (loss, outputs)
 
@@ -329,7 +395,8 @@ class StackedGroup:
             pending = None
         weights = torch.tensor([m.term_weights["loss"] for m in members], dtype=self.params[self.keys[0]].dtype, device=self.device)
         batch_dim = None if self.shared_batches else 0
-        grads, (objectives, (losses, outputs)) = self._vmap(self._grad, in_dims=(0, batch_dim, batch_dim, 0))(self.params, inputs, targets, weights)
+        masks = self._dropout_masks(inputs, batch_dim) if self.dropouts else {}
+        grads, (objectives, (losses, outputs)) = self._vmap(self._grad, in_dims=(0, 0, batch_dim, batch_dim, 0))(self.params, masks, inputs, targets, weights)
         yield from self._receive_all(pending)
         if exchanging and self.rounds["loss"]:  # no non-finite loss goes to the peers
             self._guard_losses(losses)
@@ -511,6 +578,48 @@ class StackedGroup:
         for m, wait in zip(self.members, waits):
             m.timings["exchange_wait_ms"] = wait + waited_ms / len(self.members)
         return pending
+
+    def _dropout_calls_for(self, shapes: tuple) -> list[tuple[str, float, tuple]]:
+        """The dropout calls of one member's forward on inputs of ``shapes`` (without the member
+        dimension), in call order: (buffer name of the mask, p, the input's shape). Found once per
+        shape by running the architecture on meta tensors (no memory, no compute)."""
+        if shapes not in self._dropout_calls:
+            names = {module: name for name, module in self.dropouts.items()}
+            calls: list = []
+            for module in self.dropouts.values():
+                module.calls = calls
+            try:
+                with torch.no_grad():
+                    self.skeleton(*(torch.empty(shape, device="meta") for shape in shapes))
+            finally:
+                for module in self.dropouts.values():
+                    module.calls = None
+            called = [names[module] for module, _ in calls]
+            if len(set(called)) != len(called):  # one mask buffer per module: a module called twice would need two
+                raise RuntimeError(f"dropout module(s) {sorted({n for n in called if called.count(n) > 1})} are called more than once per forward")
+            self._dropout_calls[shapes] = [(f"{names[module]}.mask", module.p, shape) for module, shape in calls]
+        return self._dropout_calls[shapes]
+
+    def _dropout_masks(self, inputs: list[torch.Tensor], batch_dim: int | None) -> dict[str, torch.Tensor]:
+        """Every member's dropout masks of this step, ``{mask buffer: (N, *input shape)}``: member i's
+        drawn from its own stream (its torch generator's state, on its device; what a member alone
+        draws its masks from) as torch's dropout draws them, in the order its forward calls them, so
+        a member's masks do not depend on its group-mates. Its stream moves on as alone."""
+        shapes = tuple(tuple(x.shape[1:]) if batch_dim == 0 else tuple(x.shape) for x in inputs)
+        calls = self._dropout_calls_for(shapes)
+        like = self.params[self.keys[0]]
+        masks = {name: torch.empty((len(self.members), *shape), dtype=like.dtype, device=self.device) for name, _, shape in calls}
+        on_cuda = self.device.type == "cuda"
+        for i, m in enumerate(self.members):
+            state = list(m.randomness.state)
+            self._generator.set_state(state[1] if on_cuda else state[0])
+            for name, p, _ in calls:
+                masks[name][i].bernoulli_(1 - p, generator=self._generator)
+            state[1 if on_cuda else 0] = self._generator.get_state()
+            m.randomness.state = tuple(state)
+        for name, p, _ in calls:
+            masks[name].div_(1 - p)
+        return masks
 
     def _send_param_columns(self):
         """:meth:`_send_all` of the members' parameters, which they send alike (``param_columns``):

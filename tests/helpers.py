@@ -249,6 +249,17 @@ class NormalizedNet(nn.Module):
         return self.output(torch.relu(self.norm(self.input(x))))
 
 
+class FunctionalDropoutNet(nn.Module):
+    """A user model calling dropout as a function: a random op a stack cannot draw from each member's stream."""
+
+    def __init__(self, in_features: int = 20, out_features: int = 1):
+        super().__init__()
+        self.input, self.output = nn.Linear(in_features, 8), nn.Linear(8, out_features)
+
+    def forward(self, x):
+        return self.output(torch.nn.functional.dropout(torch.relu(self.input(x)), 0.2, self.training))
+
+
 class BranchingNet(nn.Module):
     """A user model whose forward branches on its data: vmap cannot trace it."""
 

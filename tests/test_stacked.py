@@ -246,14 +246,13 @@ def test_a_stacked_member_restored_from_its_state_continues_exactly():
 
 
 def test_what_cannot_stack_says_why_and_trains_one_after_another():
-    dropout = {"name": "d", "model": {"name": "encoder_classifier", "kwargs": {"in_features": 64, "num_classes": 10, "dropout": 0.2}},
-               "data": {"name": "digits"}, "loss": "cross_entropy"}
-    trainers, _ = host([prelu_member("m1"), prelu_member("m2", terms=[{"name": "l1", "fn": "param_l2", "weight": 0.01}]), dropout, {**dropout, "name": "e"}],
-                       couplings=[])
+    functional_dropout = {"model": {"name": "tests.helpers:FunctionalDropoutNet"}}
+    trainers, _ = host([prelu_member("m1"), prelu_member("m2", terms=[{"name": "l1", "fn": "param_l2", "weight": 0.01}]),
+                        prelu_member("d", **functional_dropout), prelu_member("e", **functional_dropout)], couplings=[])
     assert stackable(trainers[0]) is None
     assert "extra terms" in stackable(trainers[1])
-    assert "dropout" in stackable(trainers[2])
     assert all(not isinstance(u, StackedGroup) for u in form_groups(trainers)), "no two alike members that stack"
+    assert "in training mode torch.func cannot stack its model" in trainers[2].stacking_problem, "dropout called as a function: not the member's own masks"
 
 
 def test_each_stacked_member_trains_with_its_own_coupling_weight_as_population_based_training_sets_it():
@@ -386,3 +385,22 @@ def test_a_stacked_groups_members_are_evaluated_in_one_pass_as_each_alone_to_flo
         torch.testing.assert_close(outputs, alone_outputs, **CLOSE)
         assert torch.equal(targets, alone_targets)
     assert len({m["eval/mse"] for m, _, _ in evaluated.values()}) == 3, "each member's own model"
+
+
+def test_stacked_dropout_draws_each_members_masks_from_its_own_stream():
+    """A stack draws each member's dropout masks from the member's own random stream, as it draws
+    them alone: a member ends as it does alone (to float rounding), whoever its group-mates are."""
+    classifier = {"model": {"name": "encoder_classifier", "kwargs": {"in_features": 64, "num_classes": 10, "dropout": 0.3}},
+                  "data": {"name": "digits", "batch_size": 32}, "loss": "cross_entropy"}
+    a, b, c = ({"name": name, **classifier, "optimizer": {"name": "adam", "lr": lr}} for name, lr in (("a", 0.01), ("b", 0.02), ("c", 0.005)))
+    ends = []
+    for members in ([a, b], [a, c], [a]):
+        trainers, link = host(members, steps=12, couplings=[])
+        units = form_groups(trainers)
+        assert isinstance(units[0], StackedGroup) == (len(members) > 1), [t.stacking_problem for t in trainers]
+        train(units, link, 12)
+        ends.append(trainers[0])
+    for stacked in ends[:2]:
+        for key, value in ends[2].params.items():
+            torch.testing.assert_close(stacked.params[key], value, **CLOSE, msg=f"a.{key}")
+        assert stacked.randomness.state_dict()["torch"].equal(ends[2].randomness.state_dict()["torch"]), "its stream moved on as alone"
