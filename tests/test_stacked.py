@@ -404,3 +404,28 @@ def test_stacked_dropout_draws_each_members_masks_from_its_own_stream():
         for key, value in ends[2].params.items():
             torch.testing.assert_close(stacked.params[key], value, **CLOSE, msg=f"a.{key}")
         assert stacked.randomness.state_dict()["torch"].equal(ends[2].randomness.state_dict()["torch"]), "its stream moved on as alone"
+
+
+def test_a_stacked_groups_exchange_copies_each_stacked_parameter_once_each_way():
+    """At a parameter exchange a stacked group sends each stacked parameter as one copy off its
+    device (every member's value a row of it), and takes the reply in as one tensor per quantity
+    family, the peers' values rows of it (on a GPU: one device-to-host and one host-to-device copy
+    per family, not one per member and quantity); the couplings read that column as it came."""
+    coupled = dict(steps=4, exchange={"every": 1}, couplings=[{"type": "separation", "param": "activation.weight", "margin": 2.0}])
+    trainers, link = host(population([{"name": "adam", "lr": 0.01}] * 4), **coupled)
+    (group,) = form_groups(trainers)
+    program = group.step_program()
+    send = next(program)
+    assert send.kind == "param" and len(send.values) == 4
+    assert len({id(array.base) for array in send.values.values()}) == 1, "the members' slopes: rows of one copy"
+    op = program.send(link.send(send.kind, send.step, group.names, send.values))
+    while True:
+        try:
+            op = program.send(op.pending())
+        except StopIteration:
+            break
+    peers = trainers[0].peers
+    assert all(t.peers is peers for t in trainers) and len(peers) == 4
+    assert len({t.untyped_storage().data_ptr() for t in peers.values()}) == 1, "the reply's slopes: rows of one tensor"
+    column = peers.column("param", "activation.weight", tuple(group.names))
+    assert column.untyped_storage().data_ptr() == next(iter(peers.values())).untyped_storage().data_ptr(), "the column as it came"
