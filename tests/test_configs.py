@@ -74,7 +74,7 @@ def test_separation_still_converges_when_exchanging_every_10_steps(ray_session, 
     )
     alphas = [torch.load(result.output_dir / "members" / m / "model.pt", weights_only=True)["activation.weight"] for m in ("m1", "m2")]
     assert float((alphas[0] - alphas[1]).abs().sum()) >= 2.0
-    assert all(m["loss"] < 0.1 for m in result.metrics.values())
+    assert set(result.metrics) == {"m1", "m2"} and all(m["loss"] < 0.1 for m in result.metrics.values())
 
 
 def test_shared_module_copies_end_identical_when_averaged_every_3_steps(ray_session, tmp_path, tracking_uri, experiment):

@@ -101,7 +101,8 @@ def test_with_continue_a_dead_member_s_last_values_stand_in_for_it(coordinator):
     reply = waiting()
     assert float(reply.values[Quantity("m2", "param", SLOPE)][0]) == 0.75, "m2's most recent values stand in"
     # m2 comes back from its checkpoint and replays behind m1 without making it wait.
-    assert logic.exchange("param", 0, ("m2",), slope("m2", 0.75)).values
+    replay = logic.exchange("param", 0, ("m2",), slope("m2", 0.75))
+    assert float(replay.values[Quantity("m1", "param", SLOPE)][0]) == 0.25, "the step-0 round's reply, m1's value of that step"
 
 
 def test_an_older_async_publish_never_replaces_a_newer_one():

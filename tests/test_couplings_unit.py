@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -186,8 +188,9 @@ def test_the_readme_example_coupling_works_as_written(base_config):
         exec(compile(code, "README.md", "exec"), namespace)
         _, _, (repel,) = couplings_for(base_config, [{"type": "repel", "param": "activation.weight"}])
         own = torch.tensor([0.5], requires_grad=True)
-        repel.value({Quantity("m1", "param", "activation.weight"): own, Quantity("m2", "param", "activation.weight"): torch.tensor([0.5])}).backward()
-        assert own.grad is not None
+        repel.value({Quantity("m1", "param", "activation.weight"): own, Quantity("m2", "param", "activation.weight"): torch.tensor([0.2])}).backward()
+        # d/da exp(-(a - b)^2) = -2 (a - b) exp(-(a - b)^2): pushed apart (at equal values it is exactly 0)
+        assert float(own.grad) == pytest.approx(-2 * 0.3 * math.exp(-0.09), rel=1e-6)
     finally:
         COUPLINGS.pop("repel", None)
 
