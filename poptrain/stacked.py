@@ -705,19 +705,16 @@ class StackedGroup:
         joint = [c for c in first.training_couplings if c.term_is_joint]
         logged, extras = self._logged(first.step), logs_step(first.run, first.step)  # extras: as a member alone has them
         out: dict[str, torch.Tensor] = {}
-        if joint and exchanged_now and self.joint_at_exchanges:
+        if joint and exchanged_now and self.joint_at_exchanges and not logged:
             together = Overlay(own, first.peers)  # everyone's exchanged values, the group's live in their place
             for c in joint:  # one backward each: every member's gradient of the value, then times its own weight
                 value = c.value(together)
                 if value is not None and value.requires_grad:
                     self._add_gradients(grads, leaves, value, self._weights(c.name))
-            if logged:  # what each member logs as its own term: at this exchange its live values are the exchanged ones
-                with torch.no_grad():
-                    for c in joint:
-                        values = c.values_against(list(self.names), own, first.peers)
-                        if values is not None:
-                            out[c.name] = self._weights(c.name) * values
         elif joint:
+            # Each member's own term (logged on logged steps): at an exchange that just sent every
+            # value they read, its live values are the exchanged ones, and the rows' gradients are
+            # the joint value's; one pass then gives the gradients and what each member logs.
             for c in joint:  # one backward each of the members' own terms, each row times its member's weight
                 values = c.values_against(list(self.names), own, first.peers)
                 if values is None:
