@@ -35,6 +35,7 @@ momentum; WASH changes only a ``fraction`` of the positions, but writes each par
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import statistics
@@ -337,7 +338,8 @@ def coordinator_breakdown(ctx: Context, cfg, population, useful: int) -> dict[st
     out: dict[str, Any] = {"threads": torch.get_num_threads()}
     quiet = cfg.model_copy(update={"tracking": cfg.tracking.model_copy(update={"log_every": 10**9})})
     for label, run in (("with_metrics", cfg), ("without_metrics", quiet)):
-        logic = CouplingEvaluator(run, population)
+        # The couplings learn from the population when metrics are logged (a round takes the distances before it then).
+        logic = CouplingEvaluator(run, dataclasses.replace(population, log_every=run.tracking.log_every))
         for member, views in tensors.items():
             logic.attach(member, views)
         logic.complete_round("param", 0, {m: {} for m in cfg.member_names})  # warm

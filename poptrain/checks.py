@@ -104,6 +104,7 @@ def inspect_population(cfg: RunConfig) -> PopulationInfo:
         terms={m.name: ["loss", *[t.name for t in m.terms]] for m in cfg.members},
         exchange_every=cfg.exchange.every,
         seed=cfg.seed,
+        log_every=cfg.tracking.log_every,
     )
     couplings = build_couplings(cfg.couplings, population)
     population.models = {m.name: m.model.dump_given() for m in cfg.members}

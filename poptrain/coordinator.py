@@ -54,6 +54,12 @@ class CouplingEvaluator:
         self.couplings = build_couplings(run.couplings, population)
         self.plan = ExchangePlan.for_run(run, population, self.couplings)
         self.rewrites = [(c, r) for c in self.couplings for r in c.rewrites()]
+        # The couplings reading or rewriting each quantity: a rewrite computes in place only into
+        # memory no other coupling reads or writes (they would see the round half applied).
+        self.touched_by: dict[Quantity, set[str]] = {}
+        for c in self.couplings:
+            for q in [*c.reads(), *(q for r in c.rewrites() for q in r.quantities)]:
+                self.touched_by.setdefault(q, set()).add(c.name)
         self.latest: dict[Quantity, torch.Tensor] = {}  # the most recent value of every exchanged quantity
         # Each coupling is evaluated for logging at the last phase whose values it reads.
         self.evaluated_at = {c.name: PHASES[max((PHASES.index(q.phase) for q in c.reads() if q.phase is not None), default=0)] for c in self.couplings}
@@ -94,14 +100,15 @@ class CouplingEvaluator:
         for coupling, rewrite in self.rewrites:
             if rewrite.kind != kind or not rewrite.due(index, final):
                 continue
-            out = {q: self.mapped[q] for q in rewrite.quantities if q in self.mapped} if rewrite.in_place else {}
+            out = {q: self.mapped[q] for q in rewrite.quantities if q in self.mapped and self.touched_by[q] == {coupling.name}} if rewrite.in_place else {}
             for q, tensor in coupling.rewrite_at(kind, step, self.latest, out).items():
                 if q in self.mapped:
                     into_mapped[q] = tensor
                 else:
                     replace[q] = as_numpy(tensor)
         # Metrics of couplings reading mapped parameters: now, before these are overwritten below
-        # (averaging back into the members) or changed by the members once released.
+        # (rewrites not computed in place) or changed by the members once released. A rewrite
+        # computed in place took what its own metrics need of the values before it wrote them.
         early = self.coupling_metrics(kind, step, early=True) if self.reads_mapped else {}
         if early:
             self.early_metrics[(kind, step)] = early

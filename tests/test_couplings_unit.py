@@ -473,3 +473,63 @@ def test_the_coordinator_saves_dilocos_state_for_each_checkpoint_and_a_resumed_o
         assert all(torch.equal(v, restored.state_dict()[part][k]) for k, v in tensors.items()), part
     ours, theirs = round_at(first, 4), round_at(resumed, 4)
     assert ours.replace.keys() == theirs.replace.keys() and all(np.array_equal(ours.replace[q], theirs.replace[q]) for q in ours.replace)
+
+
+@pytest.mark.parametrize(
+    "coupling",
+    [{"type": "average"}, {"type": "average", "rate": 0.25}, {"type": "gossip"}, {"type": "wash", "fraction": 0.3}, {"type": "diloco", "every": 2}],
+    ids=["average", "papa", "gossip", "wash", "diloco"],
+)
+def test_a_round_written_in_place_into_mapped_members_matches_one_sent_as_copies_bitwise_with_the_same_distances(base_config, coupling):
+    """The coordinator's rounds (no Ray) on four members whose parameters it maps, written straight
+    into that memory, against the same rounds on members that send copies and receive new values:
+    the same values bit for bit, round after round (a step of 'training' in between), and the same
+    distances before and after each round, though the in-place round overwrote the values the
+    distances before it are of. Nothing of a mapped member is sent back."""
+    members = [prelu_member(f"m{i}") for i in range(1, 5)]
+    cfg = load_config(base_config(members=members, couplings=[{**coupling, "name": "c"}], seed=2, steps=8))
+    population = inspect_population(cfg)
+    mapped, copies = CouplingEvaluator(cfg, population), CouplingEvaluator(cfg, population)
+    generator = torch.Generator().manual_seed(0)
+    memory = {m: {n: torch.randn(shape, generator=generator) for n, shape in population.param_shapes[m].items()} for m in cfg.member_names}
+    sent = {m: {n: t.clone() for n, t in params.items()} for m, params in memory.items()}
+    for member, views in memory.items():
+        mapped.attach(member, views)
+    for step in range(5):
+        reply, written = mapped.complete_round("param", step, {m: {} for m in memory})
+        assert not reply.replace and all(t is memory[q.member][q.key] for q, t in written.items()), "written in place, nothing sent"
+        arrays = {m: {Quantity(m, "param", n): t.numpy() for n, t in params.items()} for m, params in sent.items()}
+        reply, _ = copies.complete_round("param", step, arrays)
+        for q, value in reply.replace.items():
+            sent[q.member][q.key] = torch.from_numpy(value).clone()
+        assert all(torch.equal(memory[m][n], sent[m][n]) for m in memory for n in memory[m]), step
+        in_place, as_copies = mapped.coupling_metrics("param", step), copies.coupling_metrics("param", step)
+        assert in_place == as_copies and "coupling/c/distance/before/max" in in_place, step
+        assert ("coupling/c/distance/after/max" in in_place) == bool(written), step
+        for m in memory:  # a training step: the same change to both
+            for n in memory[m]:
+                change = torch.randn(memory[m][n].shape, generator=generator)
+                memory[m][n].add_(change)
+                sent[m][n] = sent[m][n] + change
+
+
+def test_a_round_is_not_written_in_place_into_parameters_another_coupling_reads_in_the_same_round(base_config):
+    """DiLoCo's first round (every member set to the first one's weights) on four mapped members and
+    `average` of the same members into a target, in one round: the target gets the mean of the
+    values the members sent, not of those DiLoCo wrote (DiLoCo's round goes through new values,
+    applied after every coupling has read)."""
+    members = [prelu_member(f"m{i}") for i in range(1, 5)] + [prelu_member("t", trainable=False)]
+    sources = ["m1", "m2", "m3", "m4"]
+    couplings = [{"type": "diloco", "every": 1, "members": sources}, {"type": "average", "name": "into", "members": sources, "into": "t"}]
+    cfg = load_config(base_config(members=members, couplings=couplings))
+    population = inspect_population(cfg)
+    evaluator = CouplingEvaluator(cfg, population)
+    generator = torch.Generator().manual_seed(0)
+    memory = {m: {n: torch.randn(shape, generator=generator) for n, shape in population.param_shapes[m].items()} for m in cfg.member_names}
+    sent = {m: {n: t.clone() for n, t in params.items()} for m, params in memory.items()}
+    for member, views in memory.items():
+        evaluator.attach(member, views)
+    evaluator.complete_round("param", 0, {m: {} for m in memory})
+    for name, value in memory["t"].items():
+        assert torch.equal(value, sum(sent[m][name] for m in sources) / 4), name
+        assert all(torch.equal(memory[m][name], sent["m1"][name]) for m in sources), "and DiLoCo started every member from m1"

@@ -11,7 +11,9 @@ import statistics
 from abc import abstractmethod
 from collections import ChainMap
 from concurrent.futures import ThreadPoolExecutor
-from typing import ClassVar, Mapping, Optional
+from dataclasses import dataclass
+from functools import partial
+from typing import Callable, ClassVar, Mapping, Optional
 
 import torch
 from pydantic import Field, field_validator, model_validator
@@ -69,7 +71,10 @@ class Average(Coupling):
       a fraction ``a`` of the way to the mean (which the pull leaves where it is). Exact with
       ``exchange.every: 1``: the mean of the values the members send at that very exchange.
 
-    Adds no term to any objective; logs each member's distance to the mean (``divergence/<m>``).
+    Where the coordinator maps the written parameters (members on its node), the new values are
+    computed straight into them, in one chunked pass per parameter that also takes the members'
+    distances before the round. Adds no term to any objective; logs each member's distance to the
+    mean (``divergence/<m>``).
     """
 
     Config = AverageConfig
@@ -83,7 +88,7 @@ class Average(Coupling):
         super().__init__(config, population)
         first = self.members[0] if self.members else None
         self.names = population.params_matching(first, config.params) if first in population.param_shapes else []
-        self.last_round: tuple[int, Mapping[Quantity, torch.Tensor]] | None = None  # (step, new values) of the latest round
+        self.last_round: RoundDone | None = None  # the latest round that moved the members
 
     @classmethod
     def default_members(cls, config: AverageConfig, population) -> list[str]:
@@ -93,8 +98,8 @@ class Average(Coupling):
         return [Quantity(m, "param", n) for m in self.members for n in self.names]
 
     def rewrites(self) -> list[Rewrite]:
-        # Into a target: computed straight into its parameters when the coordinator maps them.
-        return [Rewrite("param", tuple(self._written()), every=self.config.every, last=True, in_place=self.config.into is not None)]
+        # Computed straight into the written parameters (the target's, or the members' own) where the coordinator maps them.
+        return [Rewrite("param", tuple(self._written()), every=self.config.every, last=True, in_place=True)]
 
     def _written(self) -> list[Quantity]:
         receivers = [self.config.into] if self.config.into else self.members
@@ -110,18 +115,63 @@ class Average(Coupling):
         return [q[Quantity(m, "param", name)] for m in self.members]
 
     def rewrite_at(self, kind, step, q, out):
-        new = self.rewrite(kind, q, out)
-        if self.config.into is None:  # the members themselves moved: their distances after the round are logged
-            self.last_round = (step, new)
+        if self.config.into is not None:
+            return self.rewrite(kind, q, out)
+        # The members themselves move: their distances before the round come from the round's own
+        # pass (``out`` may be their memory, which the metrics would read after), those after it are logged.
+        new, before = self._into_members(q, out, distances=logged(self.population, step))
+        self.last_round = RoundDone(step, new, before)
         return new
 
     def rewrite(self, kind, q, out):
-        into, rate = self.config.into, self.config.rate
-        targets = {w.key: t for w, t in out.items() if w.member == into} if into else {}
+        if self.config.into is None:
+            return self._into_members(q, out, distances=False)[0]
+        targets = {w.key: t for w, t in out.items() if w.member == self.config.into}
         means = {n: average_pass(self._values(q, n), self.config.weights, targets.get(n), distances=False)[0] for n in self.names}
-        if rate == 1.0:
-            return {w: means[w.key] for w in self._written()}
-        return {w: pulled(q[w], means[w.key], rate) for w in self._written()}
+        return {w: means[w.key] for w in self._written()}
+
+    def _into_members(self, q, out, distances: bool) -> tuple[dict[Quantity, torch.Tensor], dict[str, float] | None]:
+        """The mean, or PAPA's pull, written back into the members: one chunked pass per parameter
+        (:func:`average_pass`) that computes the chunk's mean, the members' distances to it (with
+        ``distances``) and then each written member's new chunk, into ``out`` where given (the
+        members' mapped memory, which may be ``q``'s own: each chunk is read whole before it is
+        written) and into new tensors elsewhere (one mean shared by those with ``rate: 1``).
+        PAPA's pull is computed as written, ``(1 - rate) * p + rate * mean`` (bitwise), of the mean
+        as :func:`average_pass` computes it."""
+        rate, written = self.config.rate, self._written()
+        new: dict[Quantity, torch.Tensor] = {}
+        squares = [0.0] * len(self.members)
+        for name in self.names:
+            values = self._values(q, name)
+            mine = [w for w in written if w.key == name]
+            unmapped = [w for w in mine if w not in out]
+            if rate == 1.0:
+                # The mean is kept in a new tensor only for members without mapped memory.
+                mean = torch.empty(values[0].shape, dtype=values[0].dtype) if unmapped else None
+                dests = [out[w].view(-1) for w in mine if w in out]
+                new.update({w: mean for w in unmapped})
+
+                def then(start, stop, mean_part, scratch, dests=dests):
+                    for d in dests:
+                        d[start:stop].copy_(mean_part)
+
+                _, found = average_pass(values, self.config.weights, mean, keep=mean is not None, distances=distances, then=then)
+            else:
+                fresh = {w: torch.empty(values[0].shape, dtype=values[0].dtype) for w in unmapped}
+                pairs = [(q[w].reshape(-1), (out[w] if w in out else fresh[w]).view(-1)) for w in mine]
+                new.update(fresh)
+
+                def then(start, stop, mean_part, scratch, pairs=pairs):
+                    toward = torch.mul(mean_part, rate, out=scratch[0][: stop - start])  # rate * mean, once for every member
+                    for source, dest in pairs:
+                        part = torch.mul(source[start:stop], 1 - rate, out=dest[start:stop])
+                        part.add_(toward)
+
+                _, found = average_pass(values, self.config.weights, keep=False, distances=distances, then=then)
+            new.update({w: out[w] for w in mine if w in out})
+            if distances:
+                squares = [a + b for a, b in zip(squares, found)]
+        return new, (_as_divergences(self.members, squares) if distances else None)
 
     def metrics(self, q: Mapping[Quantity, torch.Tensor]) -> dict[str, float]:
         """``divergence/<m>``: each member's Euclidean distance to the mean, before averaging, in one
@@ -166,8 +216,9 @@ class MembersRound(Coupling):
     """A round over the members' own parameters at parameter exchanges: ``names``, the parameters
     matching ``params`` (every member has them, with the same shapes), are read from every member,
     and :meth:`round_values` gives members new values of ``written`` (each member's trainable ones,
-    unless ``include_frozen``). Logs ``divergence/<m>``, each member's distance to the members'
-    mean before the round, and :func:`round_distances`. A round comes at every ``every``-th
+    unless ``include_frozen``), written in place into the members' memory where the coordinator
+    maps it. Logs ``divergence/<m>``, each member's distance to the members' mean before the round
+    (taken by the round before it writes, on logged steps), and :func:`round_distances`. A round comes at every ``every``-th
     parameter exchange of its config (and after the last step where ``round_after_last``); a
     subclass says what (:meth:`round_values`)."""
 
@@ -185,22 +236,26 @@ class MembersRound(Coupling):
         first = self.members[0] if self.members else None
         self.names = population.params_matching(first, config.params) if first in population.param_shapes else []
         self.written = {m: [n for n in self.names if config.include_frozen or population.trainable.get(m, {}).get(n, True)] for m in self.members}
-        self.last_round: tuple[int, Mapping[Quantity, torch.Tensor]] | None = None  # (step, new values) of the latest round
+        self.last_round: RoundDone | None = None  # the latest round that moved the members
 
     def reads(self) -> list[Quantity]:
         return [Quantity(m, "param", n) for m in self.members for n in self.names]
 
     def rewrites(self) -> list[Rewrite]:
-        return [Rewrite("param", self.written_quantities(), every=self.config.every, last=self.round_after_last)]
+        return [Rewrite("param", self.written_quantities(), every=self.config.every, last=self.round_after_last, in_place=True)]
 
     @abstractmethod
-    def round_values(self, step: int, q: Mapping[Quantity, torch.Tensor]) -> dict[Quantity, torch.Tensor]:
+    def round_values(self, step: int, q: Mapping[Quantity, torch.Tensor], out: Mapping[Quantity, torch.Tensor], distances: bool) -> tuple[dict[Quantity, torch.Tensor], dict[str, float] | None]:
         """The new values of the round at ``step`` (of the quantities in :meth:`written_quantities`;
-        one left out keeps its value), from the members' values ``q``, which must not be written."""
+        one left out keeps its value), from the members' values ``q``, which must not be written
+        except through ``out``: the tensors of the written quantities in memory the coordinator
+        maps (possibly ``q``'s own), which the round writes in place and returns; the others get
+        new tensors. With ``distances``, also :func:`divergences` of ``q`` as they were before the
+        round (taken before anything is written), else None."""
 
     def rewrite_at(self, kind, step, q, out):
-        new = self.round_values(step, q)
-        self.last_round = (step, new)
+        new, before = self.round_values(step, q, out, logged(self.population, step))
+        self.last_round = RoundDone(step, new, before)
         return new
 
     def metrics(self, q: Mapping[Quantity, torch.Tensor]) -> dict[str, float]:
@@ -213,10 +268,6 @@ class MembersRound(Coupling):
 
     def written_quantities(self) -> tuple[Quantity, ...]:
         return tuple(Quantity(m, "param", n) for m in self.members for n in self.written[m])
-
-    def columns(self, q: Mapping[Quantity, torch.Tensor], name: str) -> torch.Tensor:
-        """The members' values of parameter ``name`` side by side: ``(members, *shape)``, a new tensor."""
-        return torch.stack([q[Quantity(m, "param", name)] for m in self.members])
 
     @classmethod
     def check_config(cls, config: MembersRoundConfig, run) -> list[tuple[str, str]]:
@@ -250,13 +301,40 @@ class Gossip(MembersRound):
     config: GossipConfig
     needs_two = "gossip averages members in pairs"
 
-    def round_values(self, step, q):
+    def round_values(self, step, q, out, distances):
+        before = divergences(q, self.members, self.names, None) if distances else None  # the pairs write over q's mapped values
         new = {}
         for a, b in gossip_pairs(self.members, self.population.seed, step):
             for name in self.names:
-                mean = average_pass([q[Quantity(a, "param", name)], q[Quantity(b, "param", name)]], None, distances=False)[0]
-                new.update({Quantity(m, "param", name): mean for m in (a, b) if name in self.written[m]})
-        return new
+                pair = [Quantity(m, "param", name) for m in (a, b) if name in self.written[m]]
+                if not pair:
+                    continue
+                # The pair's mean goes straight into the mapped members' memory; members without
+                # mapped memory share one new tensor.
+                unmapped = [w for w in pair if w not in out]
+                shared = torch.empty(q[pair[0]].shape, dtype=q[pair[0]].dtype) if unmapped else None
+                new.update({w: out[w] if w in out else shared for w in pair})
+                dests = [out[w].view(-1) for w in pair if w in out] + ([shared.view(-1)] if unmapped else [])
+                sources = [q[Quantity(m, "param", name)].reshape(-1) for m in (a, b)]
+                in_chunks(sources[0].numel(), lambda: partial(_pair_mean_chunk, sources, dests))
+        return new, before
+
+
+def _start_chunk(source: torch.Tensor, target: torch.Tensor, dests: list[torch.Tensor], start: int, stop: int, mean_part, scratch) -> None:
+    """DiLoCo's first round, one chunk: the global weights are the first member's, and every member's too."""
+    first = target[start:stop].copy_(source[start:stop])
+    for dest in dests:
+        dest[start:stop].copy_(first)
+
+
+def _pair_mean_chunk(sources: list[torch.Tensor], dests: list[torch.Tensor], start: int, stop: int) -> None:
+    """``(a + b) / 2`` of one chunk, as :func:`_mean_of` computes it, into the first of ``dests`` (which
+    may be ``a``'s or ``b``'s own memory: elementwise), copied into the others."""
+    first = dests[0][start:stop]
+    torch.add(sources[0][start:stop], sources[1][start:stop], out=first)
+    first.div_(2)
+    for dest in dests[1:]:
+        dest[start:stop].copy_(first)
 
 
 class WashConfig(MembersRoundConfig):
@@ -294,13 +372,24 @@ class Wash(MembersRound):
     config: WashConfig
     needs_two = "WASH shuffles values among members"
 
-    def round_values(self, step, q):
+    def round_values(self, step, q, out, distances):
+        before = divergences(q, self.members, self.names, None) if distances else None  # the shuffle writes over q's mapped values
         generator = round_generator("wash", self.population.seed, step)
         new = {}
         for name in self.names:
-            shuffled = wash_shuffle(self.columns(q, name), self.config.fraction, generator)
-            new.update({Quantity(m, "param", name): shuffled[i] for i, m in enumerate(self.members) if name in self.written[m]})
-        return new
+            flats = [q[Quantity(m, "param", name)].reshape(-1) for m in self.members]
+            chosen, order = wash_draw(flats[0].numel(), len(flats), self.config.fraction, generator)
+            # Only the chosen positions move: gathered from every member first (out may be q's own
+            # memory), then put back permuted, in place where mapped and into a copy elsewhere.
+            shuffled = torch.stack([f[chosen] for f in flats]).gather(0, order)
+            for i, member in enumerate(self.members):
+                if name not in self.written[member]:
+                    continue
+                w = Quantity(member, "param", name)
+                dest = out[w] if w in out else q[w].clone(memory_format=torch.contiguous_format)
+                dest.view(-1)[chosen] = shuffled[i]
+                new[w] = dest
+        return new, before
 
 
 class DilocoConfig(MembersRoundConfig):
@@ -340,32 +429,68 @@ class Diloco(MembersRound):
         super().__init__(config, population)
         self.global_params: dict[str, torch.Tensor] = {}  # empty until the first round
         self.momentum: dict[str, torch.Tensor] = {}  # the outer optimizer's buffers, from its first step on
+        self.handed_out: set[str] = set()  # parameters whose global weights a reply took by reference: not written again
 
-    def round_values(self, step, q):
-        new = {}
+    def round_values(self, step, q, out, distances):
+        new, squares = {}, [0.0] * len(self.members)
         for name in self.names:
-            columns = self.columns(q, name)
-            if name not in self.global_params:
-                self.global_params[name] = columns[0].clone()  # one model that every member starts from
-            else:
-                outer_grad = (self.global_params[name] - columns).sum(dim=0).div_(len(self.members))
-                self.global_params[name] = self._outer_step(name, outer_grad)
-            new.update({Quantity(m, "param", name): self.global_params[name] for m in self.members if name in self.written[m]})
-        return new
-
-    def _outer_step(self, name: str, outer_grad: torch.Tensor) -> torch.Tensor:
-        """``torch.optim.SGD``'s step (momentum, no dampening, optionally Nesterov), operation for
-        operation. Out of place: the previous global weights may still be on their way to members."""
-        momentum = self.config.outer_momentum
-        update = outer_grad
-        if momentum:
+            values = [q[Quantity(m, "param", name)] for m in self.members]
+            written = [Quantity(m, "param", name) for m in self.members if name in self.written[m]]
+            first = name not in self.global_params
+            g = self.global_params.get(name)
+            # The new global weights: in place, unless the old ones were handed to a member without
+            # mapped memory (the reply may still hold them); then a new tensor, kept from then on.
+            if first or name in self.handed_out:
+                self.global_params[name] = torch.empty(values[0].shape, dtype=values[0].dtype)
+            target = self.global_params[name]
             buf = self.momentum.get(name)
-            if buf is None:
-                buf = self.momentum[name] = outer_grad.clone()
+            started = buf is not None
+            if not first and self.config.outer_momentum and not started:
+                buf = torch.empty(values[0].shape, dtype=values[0].dtype)  # takes the first outer gradient
+            # Members restart from the new global weights: written in the same pass into mapped memory (a
+            # member whose memory already holds them, the first one at the first round, is left alone).
+            dests = [out[w].view(-1) for w in written if w in out and not (first and out[w].data_ptr() == values[0].data_ptr())]
+            flats = [v.reshape(-1) for v in values]
+            if first:  # one model that every member starts from
+                then = partial(_start_chunk, flats[0], target.view(-1), dests)
             else:
-                buf.mul_(momentum).add_(outer_grad)
-            update = outer_grad.add(buf, alpha=momentum) if self.config.nesterov else buf
-        return self.global_params[name].add(update, alpha=-self.config.outer_lr)
+                then = partial(self._outer_chunk, flats, g.view(-1), None if buf is None else buf.view(-1), target.view(-1), dests, started)
+            _, found = average_pass(values, None, keep=False, distances=distances, then=then, then_mean=False)
+            if buf is not None:
+                self.momentum[name] = buf
+            new.update({w: out[w] if w in out else target for w in written})
+            if any(w not in out for w in written):
+                self.handed_out.add(name)
+            else:
+                self.handed_out.discard(name)
+            if distances:
+                squares = [a + b for a, b in zip(squares, found)]
+        return new, (_as_divergences(self.members, squares) if distances else None)
+
+    def _outer_chunk(self, flats, g, buf, target, dests, started, start, stop, mean_part, scratch) -> None:
+        """One chunk of the outer step, ``torch.optim.SGD``'s (momentum, no dampening, optionally
+        Nesterov) operation for operation: the outer gradient ``sum_i (g - p_i) / n`` summed in the
+        members' order (a Python ``sum``'s), the momentum buffer (``started``: it has had its first
+        step), then ``g - outer_lr * update`` into ``target`` (``g`` itself, or a new tensor) and
+        every member's ``dests``. Every read of the chunk comes before its writes."""
+        momentum, width = self.config.outer_momentum, stop - start
+        grad, spare = scratch[0][:width], scratch[1][:width]
+        part = g[start:stop]
+        torch.sub(part, flats[0][start:stop], out=grad)
+        for flat in flats[1:]:
+            grad.add_(torch.sub(part, flat[start:stop], out=spare))
+        grad.div_(len(flats))
+        update = grad
+        if momentum:
+            moment = buf[start:stop]
+            if started:
+                moment.mul_(momentum).add_(grad)
+            else:
+                moment.copy_(grad)
+            update = torch.add(grad, moment, alpha=momentum, out=spare) if self.config.nesterov else moment
+        new = torch.add(part, update, alpha=-self.config.outer_lr, out=target[start:stop])
+        for dest in dests:
+            dest[start:stop].copy_(new)
 
     def state_dict(self) -> dict:
         return {"global": dict(self.global_params), "momentum": dict(self.momentum)}
@@ -375,6 +500,7 @@ class Diloco(MembersRound):
         if unknown:
             raise ValueError(f"coupling {self.name!r}: the saved state has parameters {unknown} this run's coupling does not keep (its params: {self.names})")
         self.global_params, self.momentum = dict(state["global"]), dict(state["momentum"])
+        self.handed_out = set()
 
 
 def round_generator(method: str, seed: int, step: int) -> torch.Generator:
@@ -393,11 +519,30 @@ def wash_shuffle(columns: torch.Tensor, fraction: float, generator: torch.Genera
     dimension throughout; a new tensor, ``columns`` untouched."""
     members = columns.shape[0]
     flat = columns.reshape(members, -1)
-    chosen = (torch.rand(flat.shape[1], generator=generator) < fraction).nonzero().squeeze(1)
-    order = torch.rand(members, chosen.numel(), generator=generator).argsort(dim=0, stable=True)
+    chosen, order = wash_draw(flat.shape[1], members, fraction, generator)
     shuffled = flat.clone()
     shuffled[:, chosen] = flat[:, chosen].gather(0, order)
     return shuffled.view(columns.shape)
+
+
+def wash_draw(numel: int, members: int, fraction: float, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`wash_shuffle`'s draws for a parameter of ``numel`` positions: the chosen positions
+    (``(k,)``, ascending) and each one's permutation (``(members, k)``: row ``i`` is the member whose
+    value member ``i`` takes). The positions below ``fraction`` are found chunk by chunk among
+    threads (:func:`in_chunks`) and put together in order: ``(draws < fraction).nonzero()``."""
+    draws = torch.rand(numel, generator=generator)
+    found: list[torch.Tensor] = [torch.empty(0, dtype=torch.long)] * -(-numel // CHUNK)
+
+    def worker() -> Callable[[int, int], None]:
+        def call(start: int, stop: int) -> None:
+            found[start // CHUNK] = (draws[start:stop] < fraction).nonzero().squeeze(1).add_(start)
+
+        return call
+
+    in_chunks(numel, worker)
+    chosen = torch.cat(found) if found else torch.empty(0, dtype=torch.long)
+    order = torch.rand(members, chosen.numel(), generator=generator).argsort(dim=0, stable=True)
+    return chosen, order
 
 
 def gossip_pairs(members: list[str], seed: int, step: int) -> list[tuple[str, str]]:
@@ -409,21 +554,35 @@ def gossip_pairs(members: list[str], seed: int, step: int) -> list[tuple[str, st
     return list(zip(order[0::2], order[1::2]))
 
 
-def pulled(value: torch.Tensor, mean: torch.Tensor, rate: float) -> torch.Tensor:
-    """PAPA's pull of one member's value: ``(1 - rate) * value + rate * mean``, as written."""
-    return (1 - rate) * value + rate * mean
+@dataclass(frozen=True)
+class RoundDone:
+    """A round that moved the members, kept until its metrics are reported: its ``step``, the ``new``
+    values (the members' mapped memory where written in place) and ``before``, the members'
+    :func:`divergences` taken before anything was written (None on a step not logged)."""
+
+    step: int
+    new: Mapping[Quantity, torch.Tensor]
+    before: dict[str, float] | None
+
+
+def logged(population, step: int) -> bool:
+    """Whether the coordinator logs the couplings' metrics of ``step`` (every ``tracking.log_every``-th)."""
+    return step % population.log_every == 0
 
 
 def round_distances(coupling, step: int, q: Mapping[Quantity, torch.Tensor], weights: list[float] | None) -> dict[str, float]:
     """The averaging family's metrics at ``step``: ``divergence/<m>``, each member's Euclidean
     distance to the members' (weighted) mean before the round, their ``distance/before/min``,
     ``median`` and ``max``, and, when the coupling's round at ``step`` moved the members
-    (``coupling.last_round``), the same three of their distances to their mean after it
-    (``distance/after/...``). The round's values are let go once reported."""
-    before = divergences(q, coupling.members, coupling.names, weights)
+    (``coupling.last_round``, a :class:`RoundDone`), the same three of their distances to their mean
+    after it (``distance/after/...``). The distances before a round come from the round itself
+    when it took them (``q`` may hold its results by then: it wrote into the members' memory). The
+    round's values are let go once reported."""
+    done = coupling.last_round if coupling.last_round is not None and coupling.last_round.step == step else None
+    before = done.before if done is not None and done.before is not None else divergences(q, coupling.members, coupling.names, weights)
     out = {**before, **_spread("distance/before", list(before.values()))}
-    if coupling.last_round is not None and coupling.last_round[0] == step:
-        after = divergences(ChainMap(coupling.last_round[1], q), coupling.members, coupling.names, weights)
+    if done is not None:
+        after = divergences(ChainMap(done.new, q), coupling.members, coupling.names, weights)
         out.update(_spread("distance/after", list(after.values())))
         coupling.last_round = None
     return out
@@ -439,58 +598,34 @@ def divergences(q: Mapping[Quantity, torch.Tensor], members: list[str], names: l
     for name in names:
         _, distances = average_pass([q[Quantity(m, "param", name)] for m in members], weights, keep=False)
         squares = [a + b for a, b in zip(squares, distances)]
+    return _as_divergences(members, squares)
+
+
+def _as_divergences(members: list[str], squares: list[float]) -> dict[str, float]:
+    """``divergence/<m>`` from each member's squared distance summed over the parameters in order."""
     return {f"divergence/{m}": square**0.5 for m, square in zip(members, squares)}
 
 
 PASS_THREADS = 8  # the most threads one averaging pass uses (the node's cores, when fewer)
+CHUNK = 1 << 17  # elements: a pass works on one cache-sized chunk of every value at a time
 _pool: ThreadPoolExecutor | None = None
 
 
-def average_pass(
-    values: list[torch.Tensor],
-    weights: list[float] | None,
-    out: torch.Tensor | None = None,
-    keep: bool = True,
-    distances: bool = True,
-    chunk: int = 1 << 17,
-) -> tuple[torch.Tensor | None, list[float] | None]:
-    """``(v_1 + ... + v_n) / n`` (seed 002's ``(p1 + p2) / 2``), or ``w_1 v_1 + ... + w_n v_n``,
-    into ``out`` (same shape and dtype) or a new tensor (none without ``keep``), and, with
-    ``distances``, each ``v_i``'s squared Euclidean distance to it.
-
-    One pass, a cache-sized chunk at a time: each value is read from memory once and the mean
-    written once; the distances come from the chunk while it is in cache. Element by element the
-    mean takes the same operations in the same order as the plain expression, so it is bitwise
-    the same. Large tensors are split among threads that take the next chunk when done (torch
-    releases the GIL inside operations), so one thread's preemption does not stall the others:
-    with torch's own fixed split of each operation, a 100 MB average ran twice as slow in a Ray
-    actor as in a quiet process."""
-    flats = [v.reshape(-1) for v in values]
-    numel, dtype = flats[0].numel(), flats[0].dtype
-    if keep and out is None:
-        out = torch.empty(values[0].shape, dtype=dtype)
-    target = out.view(-1) if keep else None
+def in_chunks(numel: int, worker: Callable[[], Callable[[int, int], None]], chunk: int = CHUNK) -> None:
+    """Run a pass over ``range(numel)`` a chunk at a time: each thread makes its own
+    ``worker()`` (its scratch buffers) and calls it with ``(start, stop)`` for the next chunk not
+    yet taken, until none is left. Large tensors are split among threads that take the next chunk
+    when done (torch releases the GIL inside operations), so one thread's preemption does not
+    stall the others: with torch's own fixed split of each operation, a 100 MB average ran twice as
+    slow in a Ray actor as in a quiet process. Chunks are disjoint: a worker may write its chunk
+    of a tensor that other chunks read."""
     count = -(-numel // chunk)
-    # Sums of squares in at least float32: in float16 a chunk's overflows (131072 gaps of 1 make inf).
-    accumulate = torch.promote_types(dtype, torch.float32)
-    dots = torch.empty(len(values), count, dtype=accumulate) if distances else None
     chunks = iter(range(count))  # shared by the threads; next() on it is atomic under the GIL
 
     def work() -> None:
-        difference = torch.empty(min(chunk, numel), dtype=dtype) if distances else None
-        widened = torch.empty(min(chunk, numel), dtype=accumulate) if distances and accumulate != dtype else None
-        scratch = None if keep else torch.empty(min(chunk, numel), dtype=dtype)  # the mean's chunk, when not kept
+        call = worker()
         for index in chunks:
-            start = index * chunk
-            parts = [f[start : start + chunk] for f in flats]
-            part = target[start : start + chunk] if keep else scratch[: parts[0].numel()]
-            _mean_of(parts, weights, part)
-            if distances:
-                gap = difference[: part.numel()]
-                for i, p in enumerate(parts):
-                    torch.sub(p, part, out=gap)
-                    wide = gap if widened is None else widened[: gap.numel()].copy_(gap)
-                    torch.dot(wide, wide, out=dots[i, index])
+            call(index * chunk, min(numel, (index + 1) * chunk))
 
     threads = min(count, PASS_THREADS, len(os.sched_getaffinity(0)))
     if threads > 1:
@@ -501,6 +636,67 @@ def average_pass(
             future.result()
     else:
         work()
+
+
+def average_pass(
+    values: list[torch.Tensor],
+    weights: list[float] | None,
+    out: torch.Tensor | None = None,
+    keep: bool = True,
+    distances: bool = True,
+    chunk: int = CHUNK,
+    then: Callable[[int, int, torch.Tensor, torch.Tensor], None] | None = None,
+    then_mean: bool = True,
+) -> tuple[torch.Tensor | None, list[float] | None]:
+    """``(v_1 + ... + v_n) / n`` (seed 002's ``(p1 + p2) / 2``), or ``w_1 v_1 + ... + w_n v_n``,
+    into ``out`` (same shape and dtype) or a new tensor (none without ``keep``), and, with
+    ``distances``, each ``v_i``'s squared Euclidean distance to it.
+
+    One pass, a cache-sized chunk at a time (:func:`in_chunks`): each value is read from memory
+    once and the mean written once; the distances come from the chunk while it is in cache. Element
+    by element the mean takes the same operations in the same order as the plain expression, so it
+    is bitwise the same. ``then(start, stop, mean, scratch)``, when given, is called for each chunk
+    after its mean and distances, with the chunk's mean and two scratch rows of the chunk's size
+    (``(2, chunk)``, the thread's own), while the chunk is still in cache: a round that rewrites
+    the values from their mean writes them there, in place (they have been read). Without
+    ``then_mean`` (a ``then`` that needs no mean), neither ``keep`` nor ``distances``, no mean is
+    computed and ``then`` gets None for it."""
+    flats = [v.reshape(-1) for v in values]
+    numel, dtype = flats[0].numel(), flats[0].dtype
+    if keep and out is None:
+        out = torch.empty(values[0].shape, dtype=dtype)
+    target = out.view(-1) if keep else None
+    count = -(-numel // chunk)
+    # Sums of squares in at least float32: in float16 a chunk's overflows (131072 gaps of 1 make inf).
+    accumulate = torch.promote_types(dtype, torch.float32)
+    dots = torch.empty(len(values), count, dtype=accumulate) if distances else None
+    mean = keep or distances or (then is not None and then_mean)
+    width = min(chunk, numel)
+
+    def worker() -> Callable[[int, int], None]:
+        difference = torch.empty(width, dtype=dtype) if distances else None
+        widened = torch.empty(width, dtype=accumulate) if distances and accumulate != dtype else None
+        scratch = None if keep or not mean else torch.empty(width, dtype=dtype)  # the mean's chunk, when not kept
+        rows = torch.empty(2, width, dtype=dtype) if then is not None else None
+
+        def call(start: int, stop: int) -> None:
+            part = None
+            if mean:
+                parts = [f[start:stop] for f in flats]
+                part = target[start:stop] if keep else scratch[: stop - start]
+                _mean_of(parts, weights, part)
+            if distances:
+                gap = difference[: stop - start]
+                for i, p in enumerate(parts):
+                    torch.sub(p, part, out=gap)
+                    wide = gap if widened is None else widened[: gap.numel()].copy_(gap)
+                    torch.dot(wide, wide, out=dots[i, start // chunk])
+            if then is not None:
+                then(start, stop, part, rows)
+
+        return call
+
+    in_chunks(numel, worker, chunk)
     squares = dots.to(torch.float64).sum(dim=1).tolist() if distances else None
     return out if keep else None, squares
 

@@ -155,6 +155,7 @@ class PopulationInfo:
     samples: dict[str, dict] = field(default_factory=dict)
     models: dict[str, dict] = field(default_factory=dict)  # member -> its model's config (name, kwargs)
     seed: int = 0  # the run's seed: what a coupling draws at random is drawn from it (and the round)
+    log_every: int = 1  # the coordinator logs the couplings' metrics of every log_every-th step (tracking.log_every)
 
     def params_matching(self, member: str, patterns: list[str]) -> list[str]:
         return [n for n in self.param_shapes[member] if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
@@ -301,9 +302,12 @@ class Coupling(CouplingClass, ABC):
         """New values for the quantities of the :class:`Rewrite` of ``kind`` that is due, computed
         once by the coordinator on the whole population ``q`` (values in ``q`` must not be written).
         ``out``, for a rewrite declared ``in_place``: ``{Quantity: tensor}`` of the members' own
-        parameters that live in memory mapped by the coordinator; the coupling may compute their
-        new values straight into them and return those same tensors (anything else returned is
-        copied in). Empty otherwise. A quantity left out of the result keeps its value."""
+        parameters that live in memory mapped by the coordinator and that no other coupling reads
+        or rewrites; the coupling may compute their new values straight into them and return those
+        same tensors (anything else returned is copied in). Empty otherwise. ``out`` may be the very
+        memory of ``q``'s values (the members' mapped parameters are both): read what the rewrite
+        needs of a region before writing it, and take what the metrics need of the values before
+        the round (:meth:`metrics_at` comes after). A quantity left out of the result keeps its value."""
         return {}
 
     def rewrite_at(self, kind: Kind, step: int, q: Mapping[Quantity, torch.Tensor], out: Mapping[Quantity, torch.Tensor]) -> dict[Quantity, torch.Tensor]:
