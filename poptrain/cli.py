@@ -238,7 +238,9 @@ class LiveDisplay:
 
 def _recorded(result):
     """``(parent run, {member: run})`` as MLflow holds them at the end, for the held-out and
-    population values; None when the store cannot be read (the summary then shows less)."""
+    population values; None when the store cannot be read (the summary then shows less). The
+    members' runs are read only when the result lacks a member's held-out values (a thousand
+    runs take seconds to read back): ``{}`` then stands for them."""
     from mlflow.tracking import MlflowClient
 
     from poptrain.compare import population_runs
@@ -246,7 +248,11 @@ def _recorded(result):
 
     try:
         check_tracking_reachable(result.tracking_uri)  # MLflow's HTTP client would retry for minutes
-        return population_runs(MlflowClient(result.tracking_uri), result.run_id)
+        client = MlflowClient(result.tracking_uri)
+        evaluated = [name for name, values in result.metrics.items() if any(k.startswith("eval/") for k in values)]
+        if evaluated and len(evaluated) == len(result.metrics):  # the end's held-out values are in the result
+            return client.get_run(result.run_id), {}
+        return population_runs(client, result.run_id)
     except Exception:  # a summary never fails a finished run
         return None
 

@@ -403,8 +403,11 @@ class StackedGroup:
             yield from self._receive_all((yield from self._send_all("loss", lambda i: {"loss": losses[i]}, lambda i: outputs[i])))
         couplings = self._coupling_terms(grads, exchanging)
         # What the host needs of the step (every member's loss and objective, whether everything is
-        # finite) in one read from the device: on a GPU each read waits for the step to finish.
-        columns = {"loss": losses.detach(), "objective": objectives.detach() + sum(couplings.values())}
+        # finite, on a logged step its coupling terms) in one read from the device: on a GPU each
+        # read waits for the step to finish.
+        logged = self._logged(step)
+        columns = {"loss": losses.detach(), "objective": objectives.detach() + sum(couplings.values()),
+                   **({f"coupling/{name}": column for name, column in couplings.items()} if logged else {})}
         finite = torch.stack([torch.isfinite(losses).all(), *(torch.isfinite(c).all() for c in couplings.values()),
                               *(torch.isfinite(g).all() for g in grads.values())])
         read = torch.cat([*(c.to(torch.float64) for c in columns.values()), finite.to(torch.float64)]).tolist()
@@ -427,16 +430,12 @@ class StackedGroup:
                 m._forget_predictions()
         for m in members:
             m.step += 1
-        if not self._logged(step):  # a step nobody logs or ranks by: what a member's last metrics must hold
+        if not logged:  # a step nobody logs or ranks by: what a member's last metrics must hold
             return [{"loss": loss, "objective": objective} for loss, objective in zip(values["loss"], values["objective"])]
-        # Every other metric a member alone logs, as columns read at once (after the update, as alone).
-        logged = {f"coupling/{name}": column for name, column in couplings.items()}
         norms = members[0].run.tracking.layer_norms_every
-        if norms and step % norms == 0:
-            logged.update(self._layer_norms(grads))
-        if logged:
-            read = torch.stack([c.detach().to(torch.float64) for c in logged.values()]).tolist()
-            values.update(zip(logged, read))
+        if norms and step % norms == 0:  # after the update, as alone: one more read, on the steps they are due
+            norm_columns = self._layer_norms(grads)
+            values.update(zip(norm_columns, torch.stack(list(norm_columns.values())).tolist()))
         # The logged columns in a member's order: its couplings' terms, then (after what is its own) layer norms.
         order = ([k for k in values if k.startswith("coupling/")], [k for k in values if k.startswith(("weight_norm/", "grad_norm/"))])
         return [self._member_metrics(i, m, values, order, exchanging) for i, m in enumerate(members)]
