@@ -39,6 +39,11 @@ EARLY = {
     "tests/test_failures.py::test_a_killed_driver_resumes_into_the_same_runs_bitwise_equal_to_an_uninterrupted_run": "tests.test_failures:start_killed_driver",
     "tests/test_pbt.py::test_perturbed_hyperparameters_and_the_lineage_survive_a_driver_resume_bitwise": "tests.test_pbt:start_killed_driver",
     "tests/test_cli.py::test_run_trains_the_seed_000_config_from_the_command_line": "tests.test_cli:start_seed_000_from_the_command_line",
+    # A two-node cluster of its own and the jobs submitted to it, once for all these tests (tests.test_cluster:cluster_work).
+    **{f"tests/test_cluster.py::{test}": "tests.test_cluster:start_cluster_work" for test in (
+        "test_population_submitted_with_ray_job_submit_runs_on_both_nodes", "test_the_readme_command_keeps_its_outputs_where_the_log_says",
+        "test_a_multi_node_run_with_a_local_sqlite_store_warns", "test_a_failing_job_has_a_failed_status",
+        "test_the_cluster_refuses_a_client_without_its_token", "test_the_cluster_script_stops_its_own_processes_and_a_second_stop_finds_none")},
 }
 STARTED: dict[str, object] = {}
 

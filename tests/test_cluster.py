@@ -2,9 +2,11 @@
 and a population submitted with `ray job submit` to a real two-node Ray cluster with token
 authentication runs across both nodes.
 
-The integration tests start their own cluster with cluster/local_cluster.sh (free ports, a state
-folder of their own, token auth on), separate from the in-process Ray of tests/conftest.py, and
-stop it (its processes only, never `ray stop --force`) even when a test fails.
+The integration tests check one work started in the background as the session starts
+(:func:`cluster_work`, tests/conftest.py EARLY): their own cluster started with
+cluster/local_cluster.sh (free ports, a state folder of their own, token auth on), separate from
+the in-process Ray of tests/conftest.py, the jobs submitted to it, and the cluster stopped (its
+processes only, never `ray stop --force`) whatever happened.
 """
 
 from __future__ import annotations
@@ -290,17 +292,41 @@ def processes_of(state: Path) -> list[str]:
     return found
 
 
-@pytest.fixture(scope="module")
-def local_cluster():
-    """A head and a worker raylet on 127.0.0.1 (1 CPU, node_a / node_b each), token auth on,
-    started by cluster/local_cluster.sh and torn down, its processes only, whatever happens."""
+@dataclass
+class Job:
+    done: subprocess.CompletedProcess
+    seconds: float
+    folder: Path
+    tracking_uri: str
+
+
+@dataclass
+class ClusterWork:
+    """What the cluster's integration work saw (:func:`cluster_work`): the tests check it."""
+
+    skipped: str | None = None  # why the work could not run here
+    cluster: LocalCluster | None = None
+    spread_job: Job | None = None
+    nodes: dict | None = None  # node id -> total resources while the jobs ran (Ray's state API)
+    readme_job: subprocess.CompletedProcess | None = None
+    failing: tuple | None = None  # (submission id, its `ray job submit`, the API's status code and answer about it)
+    token_checks: dict[str, int] | None = None  # HTTP status of /api/jobs/ with the token, a wrong one, none
+    stopped: tuple | None = None  # (the stop, processes left after it, a second stop)
+
+
+def cluster_work(folder: Path, uri: str) -> ClusterWork:
+    """A head and a worker raylet on 127.0.0.1 (1 CPU, node_a / node_b each), token auth on, started
+    by cluster/local_cluster.sh; the jobs the tests check submitted to it one after another; then
+    the cluster stopped, its processes only, whatever happened. Run beside the suite from its
+    start (tests/conftest.py EARLY): it mostly waits for its own processes."""
     if not sys.platform.startswith("linux") or not shutil.which("setsid"):
-        pytest.skip("the local cluster script needs Linux (setsid, /proc)")
+        return ClusterWork(skipped="the local cluster script needs Linux (setsid, /proc)")
     # Short: Ray puts Unix sockets under it (107-byte path limit).
     state = Path(tempfile.mkdtemp(prefix="ptc-", dir="/tmp"))
     token = secrets.token_hex(32)
-    home = state / "home"  # not the default ~/poptrain-jobs: the tests keep to their own folders
+    home = folder / "home"  # not the default ~/poptrain-jobs: the tests keep to their own folders
     env = {**base_env(), "POPTRAIN_CLUSTER_DIR": str(state), "RAY_AUTH_TOKEN": token, "WORKERS": "1", "CPUS_PER_NODE": "1", "POPTRAIN_HOME": str(home)}
+    work = ClusterWork()
     started = time.monotonic()
     try:
         done = subprocess.run(["bash", str(SCRIPT), "start"], env=env, capture_output=True, text=True, timeout=180)
@@ -312,15 +338,42 @@ def local_cluster():
         assert client["RAY_AUTH_MODE"] == "token" and client["RAY_AUTH_TOKEN"] == token
         assert client["RAY_API_SERVER_ADDRESS"].startswith("http://127.0.0.1:")
         assert client["RAY_API_SERVER_ADDRESS"] in done.stdout, "start prints the address for `ray job submit`"
-        yield LocalCluster(state, client, token, time.monotonic() - started, home)
+        work.cluster = cluster = LocalCluster(state, client, token, time.monotonic() - started, home)
+        work.spread_job = submit_spread_job(cluster, folder / "spread_job")
+        work.nodes = cluster_nodes(cluster)
+        work.readme_job = submit_readme_job(cluster)
+        work.failing = submit_failing_job(cluster)
+        work.token_checks = {"token": api(cluster, "/api/jobs/")[0], "wrong token": api(cluster, "/api/jobs/", token=secrets.token_hex(32))[0],
+                             "no token": unauthenticated_status(cluster)}
+        return work
     finally:
         stop = subprocess.run(["bash", str(SCRIPT), "stop"], env=env, capture_output=True, text=True, timeout=60)
         left = processes_of(state)
         again = subprocess.run(["bash", str(SCRIPT), "stop"], env=env, capture_output=True, text=True, timeout=60)
         shutil.rmtree(state, ignore_errors=True)
-        assert stop.returncode == 0, f"local_cluster.sh stop failed:\n{stop.stdout}\n{stop.stderr}"
-        assert not left, f"processes left after stop: {left}"
-        assert again.returncode == 0 and "no process" in again.stdout, "a second stop finds nothing to stop"
+        work.stopped = (stop, left, again)
+
+
+CLUSTER_WORK: list = []  # the one background work every integration test of the cluster checks
+
+
+def start_cluster_work():
+    from tests.conftest import InBackground
+
+    if not CLUSTER_WORK:
+        CLUSTER_WORK.append(InBackground(cluster_work, "poptrain-cluster-"))
+    return CLUSTER_WORK[0]
+
+
+@pytest.fixture
+def cluster_run(request) -> ClusterWork:
+    """The cluster's work, started with the session (or now), once it has ended: skipped where it cannot run."""
+    from tests.conftest import started
+
+    work = started(request, start_cluster_work).result()
+    if work.skipped:
+        pytest.skip(work.skipped)
+    return work
 
 
 def api(cluster: LocalCluster, path: str, token: str | None = None) -> tuple[int, dict]:
@@ -334,6 +387,15 @@ def api(cluster: LocalCluster, path: str, token: str | None = None) -> tuple[int
         return exc.code, {}
 
 
+def unauthenticated_status(cluster: LocalCluster) -> int:
+    """The HTTP status of /api/jobs/ asked without any token."""
+    try:
+        with urllib.request.urlopen(urllib.request.Request(cluster.env["RAY_API_SERVER_ADDRESS"] + "/api/jobs/"), timeout=30) as response:
+            return response.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
 def cluster_nodes(cluster: LocalCluster) -> dict[str, dict[str, float]]:
     """node id -> total resources, of the cluster's alive nodes (Ray's state API)."""
     code, body = api(cluster, "/api/v0/nodes")
@@ -341,21 +403,12 @@ def cluster_nodes(cluster: LocalCluster) -> dict[str, dict[str, float]]:
     return {n["node_id"]: n["resources_total"] for n in body["data"]["result"]["result"] if n["state"] == "ALIVE"}
 
 
-@dataclass
-class Job:
-    done: subprocess.CompletedProcess
-    seconds: float
-    folder: Path
-    tracking_uri: str
-
-
-@pytest.fixture(scope="module")
-def spread_job(local_cluster, tmp_path_factory):
+def submit_spread_job(cluster: LocalCluster, folder: Path) -> Job:
     """A shipped config submitted the README's way: 2 members, a few steps, SPREAD, MLflow in an
     sqlite file given by absolute path, outputs in a temporary folder. Both members read their
     data through an import path of the uploaded working dir (tests.helpers), so it must reach
     both nodes."""
-    folder = tmp_path_factory.mktemp("spread_job")
+    folder.mkdir(parents=True)
     uri = f"sqlite:///{folder / 'mlflow.db'}"  # four slashes: an absolute path
     started = time.monotonic()
     done = ray_cli(
@@ -371,18 +424,39 @@ def spread_job(local_cluster, tmp_path_factory):
         f"output_dir={folder / 'runs'}",
         "members.m1.data.name=tests.helpers:tiny_data",
         "members.m2.data.name=tests.helpers:tiny_data",
-        env=local_cluster.env,
+        env=cluster.env,
         timeout=300,
     )
-    seconds = time.monotonic() - started
-    print(f"\ncluster start {local_cluster.start_s:.1f} s; job submit to finish {seconds:.1f} s")
-    return Job(done, seconds, folder, uri)
+    return Job(done, time.monotonic() - started, folder, uri)
+
+
+def submit_readme_job(cluster: LocalCluster) -> subprocess.CompletedProcess:
+    """The READMEs' headline command exactly as written: the shipped config, its default relative
+    `output_dir` and the default MLflow store (issue 14: a second node unpacking the job's working
+    dir again deleted the driver's outputs there, and the finished run failed with a traceback)."""
+    words = shlex.split(README_COMMAND)
+    assert words[:2] == ["ray", "job"]
+    return ray_cli(*words[1:], env=cluster.env, timeout=400)
+
+
+def submit_failing_job(cluster: LocalCluster) -> tuple:
+    """The shipped config with a key that does not exist, which poptrain refuses (exit code 2):
+    (submission id, its `ray job submit`, the API's status code and answer about the job)."""
+    submission = f"poptrain-invalid-{secrets.token_hex(4)}"
+    done = ray_cli(
+        "job", "submit", "--submission-id", submission, "--working-dir", ".", "--",
+        "poptrain", "run", SHIPPED_CONFIG, "no_such_key=1",
+        env=cluster.env,
+        timeout=180,
+    )
+    return (submission, done, *api(cluster, f"/api/jobs/{submission}"))
 
 
 @pytest.mark.slow
-def test_population_submitted_with_ray_job_submit_runs_on_both_nodes(local_cluster, spread_job):
+def test_population_submitted_with_ray_job_submit_runs_on_both_nodes(cluster_run):
     from mlflow.tracking import MlflowClient
 
+    spread_job = cluster_run.spread_job
     done = spread_job.done
     log = done.stdout + done.stderr
     assert done.returncode == 0, f"ray job submit exited {done.returncode}:\n{log[-6000:]}"
@@ -415,7 +489,7 @@ def test_population_submitted_with_ray_job_submit_runs_on_both_nodes(local_clust
     assert parents[0].data.params["placement.strategy"] == "SPREAD"
 
     # One member per node: each on one of the cluster's two nodes, node_a's and node_b's.
-    nodes = cluster_nodes(local_cluster)
+    nodes = cluster_run.nodes
     assert len(nodes) == 2
     placed = {name: run.data.tags["poptrain.placement.node_id"] for name, run in members.items()}
     assert len(set(placed.values())) == 2, f"both members on one node: {placed}"
@@ -428,26 +502,14 @@ def test_population_submitted_with_ray_job_submit_runs_on_both_nodes(local_clust
         assert (spread_job.folder / "runs" / "prelu_separation" / "members" / name / "model.pt").is_file()
 
 
-@pytest.fixture(scope="module")
-def readme_job(local_cluster):
-    """The READMEs' headline command exactly as written: the shipped config, its default relative
-    `output_dir` and the default MLflow store (issue 14: a second node unpacking the job's working
-    dir again deleted the driver's outputs there, and the finished run failed with a traceback)."""
-    for doc in (REPO / "README.md", CLUSTER / "README.md"):
-        assert README_COMMAND in doc.read_text(), f"{doc.name} gives the command this test runs"
-    words = shlex.split(README_COMMAND)
-    assert words[:2] == ["ray", "job"]
-    started = time.monotonic()
-    done = ray_cli(*words[1:], env=local_cluster.env, timeout=400)
-    print(f"\nREADME job submit to finish {time.monotonic() - started:.1f} s")
-    return done
-
-
 @pytest.mark.slow
-def test_the_readme_command_keeps_its_outputs_where_the_log_says(local_cluster, readme_job):
+def test_the_readme_command_keeps_its_outputs_where_the_log_says(cluster_run):
     import torch
     from mlflow.tracking import MlflowClient
 
+    for doc in (REPO / "README.md", CLUSTER / "README.md"):
+        assert README_COMMAND in doc.read_text(), f"{doc.name} gives the command this test ran"
+    readme_job = cluster_run.readme_job
     log = readme_job.stdout + readme_job.stderr
     assert readme_job.returncode == 0, f"ray job submit exited {readme_job.returncode}:\n{log[-6000:]}"
     assert re.search(r"Job '[^']+' succeeded", log)
@@ -455,7 +517,7 @@ def test_the_readme_command_keeps_its_outputs_where_the_log_says(local_cluster, 
     said = re.search(r"poptrain: inside Ray job \S+: outputs go to (\S+), MLflow tracking to (\S+) \(", log)
     assert said, log[-6000:]
     run_dir, uri = Path(said[1]), said[2]
-    home = local_cluster.home.resolve()
+    home = cluster_run.cluster.home.resolve()
     assert run_dir == home / "runs" / "prelu_separation", "a relative output_dir resolves against $POPTRAIN_HOME"
     assert uri == f"sqlite:///{home / 'mlflow.db'}", "so does the default MLflow store"
     assert f"outputs in {run_dir}" in log
@@ -475,38 +537,37 @@ def test_the_readme_command_keeps_its_outputs_where_the_log_says(local_cluster, 
 
 
 @pytest.mark.slow
-def test_a_multi_node_run_with_a_local_sqlite_store_warns(spread_job):
+def test_a_multi_node_run_with_a_local_sqlite_store_warns(cluster_run):
     """The embedded sqlite store only makes sense on one machine: a run on a multi-node cluster
     with a local sqlite URI must say so in its log (and still run)."""
-    log = spread_job.done.stdout + spread_job.done.stderr
-    assert spread_job.done.returncode == 0
+    done = cluster_run.spread_job.done
+    log = done.stdout + done.stderr
+    assert done.returncode == 0
     assert re.search(r"(?i)warn.*sqlite", log), "no warning about a local sqlite tracking store on a multi-node cluster"
 
 
 @pytest.mark.slow
-def test_a_failing_job_has_a_failed_status(local_cluster):
-    submission = f"poptrain-invalid-{secrets.token_hex(4)}"
-    done = ray_cli(
-        "job", "submit", "--submission-id", submission, "--working-dir", ".", "--",
-        "poptrain", "run", SHIPPED_CONFIG, "no_such_key=1",
-        env=local_cluster.env,
-        timeout=180,
-    )
+def test_a_failing_job_has_a_failed_status(cluster_run):
+    submission, done, code, job = cluster_run.failing
     log = done.stdout + done.stderr
     assert done.returncode == 1, f"ray job submit exited {done.returncode}:\n{log[-4000:]}"
     assert "no_such_key: unknown key" in log, "poptrain's own message is in the job log"
     assert re.search(rf"Job '{submission}' failed", log)
-    code, job = api(local_cluster, f"/api/jobs/{submission}")
     assert code == 200, code
     assert job["status"] == "FAILED"
     assert "exit code 2" in job["message"], "the job's status carries poptrain's exit code (2: invalid input)"
 
 
 @pytest.mark.slow
-def test_the_cluster_refuses_a_client_without_its_token(local_cluster):
-    assert api(local_cluster, "/api/jobs/")[0] == 200
-    assert api(local_cluster, "/api/jobs/", token=secrets.token_hex(32))[0] in (401, 403)
-    request = urllib.request.Request(local_cluster.env["RAY_API_SERVER_ADDRESS"] + "/api/jobs/")  # no token at all
-    with pytest.raises(urllib.error.HTTPError) as refused:
-        urllib.request.urlopen(request, timeout=30)
-    assert refused.value.code in (401, 403)
+def test_the_cluster_refuses_a_client_without_its_token(cluster_run):
+    checks = cluster_run.token_checks
+    assert checks["token"] == 200
+    assert checks["wrong token"] in (401, 403) and checks["no token"] in (401, 403), checks
+
+
+@pytest.mark.slow
+def test_the_cluster_script_stops_its_own_processes_and_a_second_stop_finds_none(cluster_run):
+    stop, left, again = cluster_run.stopped
+    assert stop.returncode == 0, f"local_cluster.sh stop failed:\n{stop.stdout}\n{stop.stderr}"
+    assert not left, f"processes left after stop: {left}"
+    assert again.returncode == 0 and "no process" in again.stdout, "a second stop finds nothing to stop"
