@@ -110,6 +110,23 @@ def test_stacked_members_on_a_gpu_end_as_members_trained_one_by_one_to_float_rou
             torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5, msg=f"{name}.{key}")
 
 
+def test_stacked_dropout_members_on_a_gpu_draw_their_masks_from_their_own_cuda_streams(tmp_path):
+    """On a GPU a stack draws each member's dropout masks from the member's own CUDA generator
+    state: stacked, each ends as it does trained one by one on the GPU, to float rounding."""
+    classifier = {"model": {"name": "encoder_classifier", "kwargs": {"in_features": 64, "num_classes": 10, "dropout": 0.3}},
+                  "data": {"name": "digits", "batch_size": 32}, "loss": "cross_entropy"}
+    members = [{"name": f"d{i}", **classifier, "optimizer": {"name": "adam", "lr": 0.005 * (i + 1)}} for i in range(3)]
+    base = {"steps": 30, "members": members, "couplings": []}
+    stacked_dir, stacked = run_on_gpu(tmp_path / "stacked", {**base, "name": "gpu-dropout-stacked", "placement": {"members_per_host": 3}})
+    alone_dir, _ = run_on_gpu(tmp_path / "alone", {**base, "name": "gpu-dropout-alone", "placement": {"members_per_host": 3, "stacked": False}})
+    for name in stacked:
+        assert stacked[name]["tags"]["poptrain.placement.device"].startswith("cuda")
+        assert stacked[name]["tags"]["poptrain.placement.stacked_with"] == "3"
+        a, b = weights(stacked_dir, name), weights(alone_dir, name)
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5, msg=f"{name}.{key}")
+
+
 def test_packed_members_on_one_gpu_end_bitwise_as_each_alone_on_it(tmp_path):
     """Two members carried by one process on one GPU, one after another (not stacked), against each
     in its own process on the same GPU: the same kernels on the same shapes. Bitwise is the claim
