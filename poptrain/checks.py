@@ -237,8 +237,8 @@ def stacking_problems(cfg: RunConfig, population: PopulationInfo) -> dict[str, s
         reason = "`placement.stacked` is false" if not cfg.placement.stacked else config_problem(member, cfg)
         if reason is None and any(q.kind != "param" for q in plan.reads_for_terms[member.name] if q.member == member.name):
             reason = "a coupling training it reads its losses or predictions"
-        if reason is None and plan.coordinator_only[member.name] and cfg.exchange.shared_memory:
-            reason = "the coordinator keeps its averaged or shared parameters in memory it maps (on a CPU node; `exchange.shared_memory: false` lets it stack)"
+        if reason is None and plan.coordinator_only[member.name] and cfg.exchange.shared_memory is True:
+            reason = "the coordinator keeps its averaged or shared parameters in memory it maps (on a CPU node; `exchange.shared_memory: auto` lets it stack)"
         if reason is None:
             key = json.dumps([member.model.model_dump(mode="json"), member.loss.model_dump(mode="json"), member.data.model_dump(mode="json")], sort_keys=True, default=str)
             if key not in tried:

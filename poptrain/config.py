@@ -579,11 +579,12 @@ class ExchangeConfig(Strict):
     )
     max_staleness: int = Field(1, ge=0, le=1_000_000, description="`async` only: how many exchanges old a peer's values may be.")
     timeout_s: float = Field(300.0, gt=0, le=MAX_TIMEOUT_S, description="How long a member waits at the barrier for its peers before the run fails naming the missing ones; a member waits for the coordinator's reply at most this plus a margin (5 s and a quarter of it) before the run fails naming the call.")
-    shared_memory: bool = Field(
-        True,
+    shared_memory: Union[bool, Literal["auto"]] = Field(
+        "auto",
         description="A member training on the CPU of the coordinator's node keeps the parameters only the coordinator reads or "
         "writes (averaged, shared) in `/dev/shm`, mapped by both: they are averaged in place instead of copied. "
-        "`false`: always exchange copies.",
+        "`auto`: so for every member that does not train stacked (members stacked on a host exchange copies: "
+        "the stack holds their parameters); `true`: every such member (it then trains alone); `false`: always exchange copies.",
     )
 
 

@@ -101,7 +101,7 @@ class ExchangePlan:
         mapped only at a sync barrier, the one moment the coordinator may read them."""
         if couplings is None:
             couplings = build_couplings(run.couplings, population)
-        return cls(couplings, population, mapped_params=run.exchange.shared_memory and run.exchange.mode == "sync")
+        return cls(couplings, population, mapped_params=run.exchange.shared_memory is not False and run.exchange.mode == "sync")
 
 
 def as_numpy(tensor: torch.Tensor) -> np.ndarray:

@@ -135,8 +135,15 @@ class MemberHost:
         self.link = open_link(run, trainers[0].plan, client)  # one for every member it carries
         for trainer in trainers:
             trainer.connect(self.link)
+        # What a step drives: members alone, or stacked in groups of one architecture (poptrain.stacked).
+        # Under `exchange.shared_memory: auto` the groups are formed first, and their members
+        # exchange copies (the stack holds their parameters); under `true` mapped members train alone.
+        stacking = run.placement.stacked and len(trainers) > 1
+        units = form_groups(trainers) if stacking and run.exchange.shared_memory == "auto" else None
+        stacked = {id(m) for unit in units or [] if isinstance(unit, StackedGroup) for m in unit.members}
+        for trainer in trainers:
             mappable = trainer.plan.coordinator_only[trainer.name]
-            if mappable and device == "cpu":
+            if mappable and device == "cpu" and id(trainer) not in stacked:
                 self._map_parameters(trainer, coordinator, mappable, coordinator_name.rsplit("-", 1)[-1])
         # A fresh run starts with no checkpoint; a resumed run, or the new process the driver starts
         # for a host whose process died, continues from the newest checkpoint all its members have,
@@ -156,9 +163,10 @@ class MemberHost:
                     trainer.set_rollback_point(restored, state)
             self.members.append(hosted)
         self.by_name = {m.name: m for m in self.members}
-        # What a step drives: members alone, or stacked in groups of one architecture (poptrain.stacked).
-        self.units = form_groups(trainers) if run.placement.stacked and len(trainers) > 1 else list(trainers)
+        self.units = units if units is not None else form_groups(trainers) if stacking else list(trainers)
         self.groups = [u for u in self.units if isinstance(u, StackedGroup)]
+        if units is not None and restored is not None:  # formed before the restore: its members' loaded states into the stacks
+            self._sync_stacks(into_members=False)
         # When profiling on GPUs, the step's clock waits for the work queued there when it starts and
         # stops: a GPU runs ahead of the Python that queues its work, and the update queued after a
         # step's last read would be counted in the next step.

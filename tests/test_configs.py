@@ -46,6 +46,12 @@ def test_shipped_config_runs(ray_session, config, tmp_path, tracking_uri, experi
     # `evaluation.population_average: auto`: the averaging family's configs evaluate their average model, no other does.
     averaged = f"population_average/{cfg.evaluation.ranking.key}" in parent.data.metrics
     assert averaged == (config in AVERAGING) == (result.output_dir / "population_average.pt").is_file(), config
+    # `exchange.shared_memory: auto`: averaged members that stack on a host exchange copies (the stack
+    # holds their parameters); a member alone keeps its averaged parameters in the mapped memory.
+    for name, placement in result.placement.items() if config == "papa.yaml" else ():
+        assert (placement["stacked_with"] > 1) == (placement["shared_params"] == 0), (name, placement)
+    if config == "papa.yaml":
+        assert any(p["stacked_with"] > 1 for p in result.placement.values()) and any(p["shared_params"] > 0 for p in result.placement.values()), result.placement
 
 
 @pytest.mark.parametrize("config", sorted(p.name for p in (REPO / "configs").glob("*.yaml")))
