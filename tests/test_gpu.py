@@ -97,17 +97,23 @@ def test_each_member_trains_on_the_gpu_ray_assigned_it(tmp_path):
         assert all(torch.isfinite(t).all() for t in weights(run_dir, name).values())
 
 
+def assert_stacked_on_the_gpu_as_one_by_one(tmp_path: Path, name: str, base: dict) -> None:
+    """``base``'s members, all on one host, stacked and then one by one on the GPU: each stacked
+    member on CUDA, stacked with all the others, ends as it does one by one, to float rounding."""
+    count = len(base["members"])
+    stacked_dir, stacked = run_on_gpu(tmp_path / "stacked", {**base, "name": f"{name}-stacked", "placement": {"members_per_host": count}})
+    alone_dir, _ = run_on_gpu(tmp_path / "alone", {**base, "name": f"{name}-alone", "placement": {"members_per_host": count, "stacked": False}})
+    for member in stacked:
+        assert stacked[member]["tags"]["poptrain.placement.device"].startswith("cuda")
+        assert stacked[member]["tags"]["poptrain.placement.stacked_with"] == str(count)
+        a, b = weights(stacked_dir, member), weights(alone_dir, member)
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5, msg=f"{member}.{key}")
+
+
 def test_stacked_members_on_a_gpu_end_as_members_trained_one_by_one_to_float_rounding(tmp_path):
     members = [prelu_member(f"m{i}", optimizer={"name": "adam", "lr": 0.01 * (i + 1)}) for i in range(4)]
-    base = {"steps": 40, "members": members, "couplings": [SEPARATION]}
-    stacked_dir, stacked = run_on_gpu(tmp_path / "stacked", {**base, "name": "gpu-stacked", "placement": {"members_per_host": 4}})
-    alone_dir, _ = run_on_gpu(tmp_path / "alone", {**base, "name": "gpu-alone", "placement": {"members_per_host": 4, "stacked": False}})
-    for name in stacked:
-        assert stacked[name]["tags"]["poptrain.placement.device"].startswith("cuda")
-        assert stacked[name]["tags"]["poptrain.placement.stacked_with"] == "4"
-        a, b = weights(stacked_dir, name), weights(alone_dir, name)
-        for key in a:
-            torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5, msg=f"{name}.{key}")
+    assert_stacked_on_the_gpu_as_one_by_one(tmp_path, "gpu", {"steps": 40, "members": members, "couplings": [SEPARATION]})
 
 
 def test_stacked_dropout_members_on_a_gpu_draw_their_masks_from_their_own_cuda_streams(tmp_path):
@@ -116,15 +122,7 @@ def test_stacked_dropout_members_on_a_gpu_draw_their_masks_from_their_own_cuda_s
     classifier = {"model": {"name": "encoder_classifier", "kwargs": {"in_features": 64, "num_classes": 10, "dropout": 0.3}},
                   "data": {"name": "digits", "batch_size": 32}, "loss": "cross_entropy"}
     members = [{"name": f"d{i}", **classifier, "optimizer": {"name": "adam", "lr": 0.005 * (i + 1)}} for i in range(3)]
-    base = {"steps": 30, "members": members, "couplings": []}
-    stacked_dir, stacked = run_on_gpu(tmp_path / "stacked", {**base, "name": "gpu-dropout-stacked", "placement": {"members_per_host": 3}})
-    alone_dir, _ = run_on_gpu(tmp_path / "alone", {**base, "name": "gpu-dropout-alone", "placement": {"members_per_host": 3, "stacked": False}})
-    for name in stacked:
-        assert stacked[name]["tags"]["poptrain.placement.device"].startswith("cuda")
-        assert stacked[name]["tags"]["poptrain.placement.stacked_with"] == "3"
-        a, b = weights(stacked_dir, name), weights(alone_dir, name)
-        for key in a:
-            torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5, msg=f"{name}.{key}")
+    assert_stacked_on_the_gpu_as_one_by_one(tmp_path, "gpu-dropout", {"steps": 30, "members": members, "couplings": []})
 
 
 def test_packed_members_on_one_gpu_end_bitwise_as_each_alone_on_it(tmp_path):
