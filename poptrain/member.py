@@ -452,18 +452,14 @@ class MemberTrainer:
             "nothing was sent. Set `failure.nonfinite: skip` to send the last finite value instead and skip such steps."
         )
 
-    def take_reply(self, reply: Reply, step: int, peers: Mapping[Quantity, torch.Tensor] | None = None) -> None:
+    def take_reply(self, reply: Reply, step: int, take_peers: bool = True) -> None:
         """Take in an exchange's reply for ``step``: how old the peers' values are (async), the
-        peers' values this member reads, new values of its own quantities. ``peers``: the reply's
-        values as tensors, made once for every member of a stacked group (it may hold values this
-        member does not read, its own included: its own live ones always take their place); empty
-        where the group took them into the :class:`PeerValues` its members share already."""
+        peers' values this member reads (``take_peers`` false: a stacked group took them into the
+        :class:`PeerValues` its members share already), new values of its own quantities."""
         peer_steps = [s for member, s in (reply.steps or {}).items() if member != self.name]
         if peer_steps:  # async: how old the peers' values are, in exchanges
             self.staleness = max(0.0, (step - min(peer_steps)) / self.every)
-        if peers:
-            self.peers.update(peers)
-        elif peers is None:
+        if take_peers:
             receives = self.plan.receives[self.name]
             for q in reply.values:
                 if q.member != self.name and q in receives:

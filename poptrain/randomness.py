@@ -67,6 +67,18 @@ class MemberRandomness:
             _set_process_state(outside, self.device)
 
     @contextmanager
+    def torch_stream(self, generator: torch.Generator) -> Iterator[torch.Generator]:
+        """``generator`` (on the member's device) holding the member's own torch stream of that device
+        inside the block (what its dropout draws from alone); the member's stream goes on from where
+        the block left it. The process's generators are left alone."""
+        index = 1 if self.device.type == "cuda" else 0
+        generator.set_state(self.state[index])
+        yield generator
+        state = list(self.state)
+        state[index] = generator.get_state()
+        self.state = tuple(state)
+
+    @contextmanager
     def borrowed(self) -> Iterator[None]:
         """As :meth:`active`, but what is drawn inside is not kept: the member's streams go on
         afterwards as if the block had not run (evaluation must not change training)."""

@@ -18,9 +18,9 @@ member's state was loaded. Stacked training matches members trained one by one t
 
 What stacks (:func:`stackable`, checked per member, and :func:`vmap_problem`, tried once per
 group): any model, the user's own included, without buffers, that torch.func computes as the
-model does (``nn.Dropout`` included: :class:`RowDropout` takes each member's masks, drawn from its
-own stream before the step) (``vmap(grad)`` of its loss runs on a few of its samples and gives each member's
-own gradient); a built-in loss; Adam, AdamW or SGD with ``betas``/``eps``/``weight_decay``
+model does (``vmap(grad)`` of its loss runs on a few of its samples and gives each member's own
+gradient), ``nn.Dropout`` included (:class:`RowDropout` takes each member's masks, drawn from its
+own stream before the step); a built-in loss; Adam, AdamW or SGD with ``betas``/``eps``/``weight_decay``
 (``momentum``/``dampening`` for SGD); no frozen parameters, extra terms, balancing, gradient
 transforms or mapped parameters; ``failure.nonfinite: fail``; couplings that train the member
 read only its parameters. Members that do not stack train one after another
@@ -74,8 +74,8 @@ class RowDropout(nn.Module):
     the masks the stack drew before the step from each member's own random stream, as torch's
     dropout draws them (``empty_like(x).bernoulli_(1 - p)``, divided by ``1 - p``), handed in by
     ``functional_call`` as a buffer (vmapped: each member its row). The identity in eval mode.
-    While ``calls`` is a list (:meth:`StackedGroup._dropout_shapes`), it records the shape of each
-    input it gets instead."""
+    While ``calls`` is a list (:meth:`StackedGroup._dropout_calls_for`, :func:`vmap_problem`), it
+    records itself and the shape of each input it gets instead, and passes the input on."""
 
     def __init__(self, p: float):
         super().__init__()
@@ -107,8 +107,6 @@ def vmap_problem(models: list[nn.Module], loss_fn, batch: list[torch.Tensor]) ->
     ([inputs..., targets]), or None: ``vmap(grad)`` of the loss over their stacked parameters must
     run (no data-dependent control flow, no random op) and give each model's own gradient, to
     float rounding. Nothing of the models changes."""
-    from torch.func import functional_call, grad, vmap
-
     *inputs, targets = batch
     # In eval mode (dropout off): a stack draws its dropout masks itself (RowDropout); what is probed
     # here is whether torch.func computes the rest as the model does.
@@ -143,16 +141,20 @@ def _vmap_problem(models, loss_fn, inputs, targets, skeleton) -> str | None:
         for (k, p), g in zip(named.items(), own):
             if not torch.allclose(stacked[k][i], torch.zeros_like(p) if g is None else g, **PROBE_TOLERANCE):
                 return f"its gradient stacked differs from its own ({k}): its forward may keep state between calls"
-    # In training mode, its nn.Dropout standing aside (a stack multiplies by masks drawn outside):
-    # anything else random (functional dropout, RReLU) cannot be drawn from each member's own stream.
+    # In training mode, its nn.Dropout standing aside and counted (a stack multiplies by masks drawn
+    # outside, one per module): anything else random (functional dropout, RReLU) cannot be drawn
+    # from each member's own stream.
     trained = copy.deepcopy(skeleton).train()
-    for name, module in list(trained.named_modules()):
-        if type(module) is nn.Dropout:
-            _set_parameter(trained, name, nn.Identity())
+    calls: list = []
+    for module in _with_row_dropout(trained).values():
+        module.calls = calls
     try:
         vmap(grad(lambda p: loss_fn(functional_call(trained, p, tuple(inputs)), targets)))(params)
     except Exception as exc:
         return f"in training mode torch.func cannot stack its model: {type(exc).__name__}: {str(exc).strip().splitlines()[0][:200]}"
+    called = [module for module, _ in calls]
+    if len(set(called)) != len(called):
+        return "a dropout module of its model is called more than once per forward (a stack draws one mask per module and step)"
     return None
 
 
@@ -280,10 +282,9 @@ class StackedGroup:
         # What the members send at a parameter exchange, when alike for all of them (the same
         # parameters, every one due at the same exchanges): sent as one copy of each stacked
         # parameter, not member by member. {key: (its period in exchanges, each member's Quantity)}.
-        sends = [tuple(q.key for q in first.plan.sends[m.name]["param"]) for m in members]
-        self.param_columns = ({q.key: (first.plan.period[q], [Quantity(m.name, "param", q.key) for m in members]) for q in first.plan.sends[first.name]["param"]}
-                              if len(set(sends)) == 1 and all(first.plan.period[Quantity(m.name, "param", k)] == first.plan.period[Quantity(first.name, "param", k)]
-                                                              for m in members for k in sends[0]) else None)
+        sends = {tuple((q.key, first.plan.period[q]) for q in first.plan.sends[m.name]["param"]) for m in members}
+        self.param_columns = ({key: (period, [Quantity(m.name, "param", key) for m in members]) for key, period in next(iter(sends))}
+                              if len(sends) == 1 else None)
         self._hyperparameters_read: list | None = None
         self._columns: dict[str, dict[str, Any]] = {}
         self._vmap = vmap
@@ -443,8 +444,8 @@ class StackedGroup:
     def _member_metrics(self, i: int, m, values: dict[str, list[float]], order: tuple[list[str], list[str]], exchanging: bool) -> dict[str, float]:
         """Member ``m``'s (row ``i``'s) metrics of a logged step, the keys in the order a member alone
         logs them (:meth:`poptrain.member.MemberTrainer._metrics`): its values from the step's
-        columns (``order``: the coupling terms' keys, the layer norms'), and what is its own (staleness, hyperparameters, its couplings' own metrics, what a
-        round moved it by)."""
+        columns (``order``: the coupling terms' keys, the layer norms'), and what is its own
+        (staleness, hyperparameters, its couplings' own metrics, what a round moved it by)."""
         metrics = {"loss": values["loss"][i], "objective": values["objective"][i]}
         if m.staleness is not None and exchanging:
             metrics["exchange/staleness"] = m.staleness
@@ -503,7 +504,7 @@ class StackedGroup:
         if not self.shared_eval:
             return {m.name: m.evaluate() for m in self.members}
         outputs, targets = [], []
-        self.skeleton.eval()  # as a member alone evaluates (a stacked model has no dropout or BatchNorm to tell)
+        self.skeleton.eval()  # as a member alone evaluates: its dropout (RowDropout) off
         try:
             with torch.no_grad():
                 for batch in in_order(first.eval_dataset, first.held_out.batch_size):
@@ -594,7 +595,7 @@ class StackedGroup:
                 for module in self.dropouts.values():
                     module.calls = None
             called = [names[module] for module, _ in calls]
-            if len(set(called)) != len(called):  # one mask buffer per module: a module called twice would need two
+            if len(set(called)) != len(called):  # refused by vmap_problem: one mask buffer per module
                 raise RuntimeError(f"dropout module(s) {sorted({n for n in called if called.count(n) > 1})} are called more than once per forward")
             self._dropout_calls[shapes] = [(f"{names[module]}.mask", module.p, shape) for module, shape in calls]
         return self._dropout_calls[shapes]
@@ -608,14 +609,10 @@ class StackedGroup:
         calls = self._dropout_calls_for(shapes)
         like = self.params[self.keys[0]]
         masks = {name: torch.empty((len(self.members), *shape), dtype=like.dtype, device=self.device) for name, _, shape in calls}
-        on_cuda = self.device.type == "cuda"
         for i, m in enumerate(self.members):
-            state = list(m.randomness.state)
-            self._generator.set_state(state[1] if on_cuda else state[0])
-            for name, p, _ in calls:
-                masks[name][i].bernoulli_(1 - p, generator=self._generator)
-            state[1 if on_cuda else 0] = self._generator.get_state()
-            m.randomness.state = tuple(state)
+            with m.randomness.torch_stream(self._generator) as stream:
+                for name, p, _ in calls:
+                    masks[name][i].bernoulli_(1 - p, generator=stream)
         for name, p, _ in calls:
             masks[name].div_(1 - p)
         return masks
@@ -633,7 +630,8 @@ class StackedGroup:
             column = numpy_copy(self.params[key])
             finite = np.isfinite(column.reshape(len(self.members), -1)).all(axis=1)
             if not finite.all():  # as a member alone refuses to send it
-                self.members[int(np.argmin(finite))].refuse_to_send(quantities[int(np.argmin(finite))])
+                bad = int(np.argmin(finite))
+                self.members[bad].refuse_to_send(quantities[bad])
             values.update(zip(quantities, column))
         for m in self.members if first.param_rounds else ():
             m._keep_before_round()
@@ -655,7 +653,7 @@ class StackedGroup:
         first = self.members[0]
         first.peers.take_columns(*self._columns_of(reply))  # every member's (_share_peers)
         for m in self.members:
-            m.take_reply(reply, m.step, {})
+            m.take_reply(reply, m.step, take_peers=False)
         # Profiled as a member alone books it (tracking.profile), each member its share: the host
         # books the rest of a member's share of the step as compute.
         wait_ms, serialize_ms = 1000 * (received - waited) / len(self.members), 1000 * (time.perf_counter() - received) / len(self.members)

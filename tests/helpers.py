@@ -260,6 +260,17 @@ class FunctionalDropoutNet(nn.Module):
         return self.output(torch.nn.functional.dropout(torch.relu(self.input(x)), 0.2, self.training))
 
 
+class TwiceDroppedNet(nn.Module):
+    """A user model calling one nn.Dropout twice per forward: one mask per module and step cannot do."""
+
+    def __init__(self, in_features: int = 20, out_features: int = 1):
+        super().__init__()
+        self.input, self.drop, self.output = nn.Linear(in_features, 8), nn.Dropout(0.2), nn.Linear(8, out_features)
+
+    def forward(self, x):
+        return self.output(self.drop(torch.relu(self.drop(self.input(x)))))
+
+
 class BranchingNet(nn.Module):
     """A user model whose forward branches on its data: vmap cannot trace it."""
 

@@ -246,13 +246,15 @@ def test_a_stacked_member_restored_from_its_state_continues_exactly():
 
 
 def test_what_cannot_stack_says_why_and_trains_one_after_another():
-    functional_dropout = {"model": {"name": "tests.helpers:FunctionalDropoutNet"}}
+    functional_dropout, twice = {"model": {"name": "tests.helpers:FunctionalDropoutNet"}}, {"model": {"name": "tests.helpers:TwiceDroppedNet"}}
     trainers, _ = host([prelu_member("m1"), prelu_member("m2", terms=[{"name": "l1", "fn": "param_l2", "weight": 0.01}]),
-                        prelu_member("d", **functional_dropout), prelu_member("e", **functional_dropout)], couplings=[])
+                        prelu_member("d", **functional_dropout), prelu_member("e", **functional_dropout),
+                        prelu_member("t", **twice), prelu_member("u", **twice)], couplings=[])
     assert stackable(trainers[0]) is None
     assert "extra terms" in stackable(trainers[1])
     assert all(not isinstance(u, StackedGroup) for u in form_groups(trainers)), "no two alike members that stack"
     assert "in training mode torch.func cannot stack its model" in trainers[2].stacking_problem, "dropout called as a function: not the member's own masks"
+    assert "called more than once per forward" in trainers[4].stacking_problem
 
 
 def test_each_stacked_member_trains_with_its_own_coupling_weight_as_population_based_training_sets_it():
