@@ -158,7 +158,7 @@ class MemberTrainer:
         if not self.config.trainable:
             return (yield from self._untrained_step(exchanging, inputs, targets))
         self.model.train()
-        peers_params = (yield from self._send("param", defer=self.defer_param_replies)) if exchanging else None
+        peers_params = (yield from self._send_params()) if exchanging else None
         outputs = self.model(*inputs)
         terms = self._own_terms(inputs, outputs, targets)
         weights = self.balancer.effective_weights(self.term_weights, terms)
@@ -310,7 +310,7 @@ class MemberTrainer:
         self.model.eval()
         # A member whose parameters no coupling replaces (an averaging source) computes while the
         # round completes; a target waits for its new parameters first.
-        peers_params = (yield from self._send("param", defer=self.defer_param_replies)) if exchanging else None
+        peers_params = (yield from self._send_params()) if exchanging else None
         with torch.no_grad():
             outputs = self.model(*inputs)
             terms = {"loss": self.loss_fn(outputs, targets)}
@@ -401,6 +401,14 @@ class MemberTrainer:
         grad = self.params[q.key].grad
         return grad if grad is not None else torch.zeros_like(self.params[q.key])
 
+    def _send_params(self) -> StepProgram:
+        """:meth:`_send` of this member's parameters at an exchange, keeping those a round will rewrite
+        first where the step is logged (``received/distance``); the reply deferred unless a round
+        rewrites them (the step then computes on the new ones)."""
+        if self.param_rounds:
+            self._keep_before_round()
+        return (yield from self._send("param", defer=self.defer_param_replies))
+
     def _send(self, kind: str, terms: Mapping[str, torch.Tensor] = {}, outputs: torch.Tensor | None = None, defer: bool = False) -> StepProgram:
         """Send this member's values of exchange ``kind`` (a phase: ``param``, ``loss`` with its
         predictions, ``grad``) and take in the reply: peers' values it reads, new values of its own
@@ -424,8 +432,6 @@ class MemberTrainer:
             if self.keeps_last_sent:
                 self.last_sent[q] = array
             mine[q] = array
-        if kind == "param" and self.param_rounds:
-            self._keep_before_round()
         sent = time.perf_counter()
         pending = yield Send(kind, self.step, mine)
         self.timings["serialize_ms"] += 1000 * (sent - started)
@@ -452,23 +458,25 @@ class MemberTrainer:
             "nothing was sent. Set `failure.nonfinite: skip` to send the last finite value instead and skip such steps."
         )
 
-    def take_reply(self, reply: Reply, step: int, take_peers: bool = True) -> None:
+    def take_reply(self, reply: Reply, step: int) -> None:
         """Take in an exchange's reply for ``step``: how old the peers' values are (async), the
-        peers' values this member reads (``take_peers`` false: a stacked group took them into the
-        :class:`PeerValues` its members share already), new values of its own quantities."""
-        peer_steps = [s for member, s in (reply.steps or {}).items() if member != self.name]
-        if peer_steps:  # async: how old the peers' values are, in exchanges
-            self.staleness = max(0.0, (step - min(peer_steps)) / self.every)
-        if take_peers:
-            receives = self.plan.receives[self.name]
-            for q in reply.values:
-                if q.member != self.name and q in receives:
-                    self.peers[q] = reply.tensor(q, self.device)
+        peers' values this member reads, new values of its own quantities."""
+        self.note_peer_steps(reply.steps, step)
+        receives = self.plan.receives[self.name]
+        for q in reply.values:
+            if q.member != self.name and q in receives:
+                self.peers[q] = reply.tensor(q, self.device)
         for q in reply.replace:
             if q.member == self.name:
-                self._replace(q, reply.tensor(q, self.device, replaced=True))
+                self.take_new_value(q, reply.tensor(q, self.device, replaced=True))
         if self.before_round is not None and self.before_round[0] == step:  # the round's reply: its parameters are the new ones
             self._measure_round()
+
+    def note_peer_steps(self, steps: dict[str, int] | None, step: int) -> None:
+        """Async: how old the peers' values of an exchange at ``step`` are, in exchanges (``exchange/staleness``)."""
+        peer_steps = [s for member, s in (steps or {}).items() if member != self.name]
+        if peer_steps:
+            self.staleness = max(0.0, (step - min(peer_steps)) / self.every)
 
     def _keep_before_round(self) -> None:
         """At a logged step (not the round after the last step) where a round rewrites this member's
@@ -495,7 +503,8 @@ class MemberTrainer:
         received, self.received = self.received, {}
         return {key: float(value) for key, value in received.items()}
 
-    def _replace(self, q: Quantity, value: torch.Tensor) -> None:
+    def take_new_value(self, q: Quantity, value: torch.Tensor) -> None:
+        """A round's new value of own quantity ``q`` (a parameter, or a gradient), written in place."""
         param = self.params[q.key]
         if q.kind == "param":
             with torch.no_grad():

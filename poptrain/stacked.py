@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 import time
 import warnings
 from collections import ChainMap
@@ -285,6 +286,14 @@ class StackedGroup:
         sends = {tuple((q.key, first.plan.period[q]) for q in first.plan.sends[m.name]["param"]) for m in members}
         self.param_columns = ({key: (period, [Quantity(m.name, "param", key) for m in members]) for key, period in next(iter(sends))}
                               if len(sends) == 1 else None)
+        # The rounds that rewrite members' parameters (averaging, ...): what each moved its members
+        # by is measured as columns at logged steps (received/distance, :meth:`_keep_before_round`).
+        self.row = {name: i for i, name in enumerate(self.names)}
+        self.rewritten = any(m.param_rounds for m in members)
+        self._round_rows: dict[tuple[int, bool], dict[tuple[str, ...], list[int]]] = {}
+        self.before_round: tuple[int, dict[str, torch.Tensor], dict[tuple[str, ...], list[int]]] | None = None
+        self.received: torch.Tensor | None = None  # the last round's received/distance, a column (N,), NaN where none
+        self.received_rows: set[int] = set()
         self._hyperparameters_read: list | None = None
         self._columns: dict[str, dict[str, Any]] = {}
         self._vmap = vmap
@@ -390,7 +399,10 @@ class StackedGroup:
         step = members[0].step
         exchanging = step % self.every == 0
         inputs, targets = self._batches()
-        pending = (yield from self._send_all("param")) if exchanging and self.rounds["param"] else None
+        pending = None
+        if exchanging and self.rounds["param"]:
+            self._keep_before_round()
+            pending = yield from self._send_all("param")
         if not members[0].defer_param_replies:  # a round rewrites their parameters: the step computes on the new ones, as apart
             yield from self._receive_all(pending)
             pending = None
@@ -408,7 +420,9 @@ class StackedGroup:
         # read waits for the step to finish.
         logged = self._logged(step)
         columns = {"loss": losses.detach(), "objective": objectives.detach() + sum(couplings.values()),
-                   **({f"coupling/{name}": column for name, column in couplings.items()} if logged else {})}
+                   **({f"coupling/{name}": column for name, column in couplings.items()} if logged else {}),
+                   **({"received/distance": self.received} if self.received is not None else {})}
+        self.received = None
         finite = torch.stack([torch.isfinite(losses).all(), *(torch.isfinite(c).all() for c in couplings.values()),
                               *(torch.isfinite(g).all() for g in grads.values())])
         read = torch.cat([*(c.to(torch.float64) for c in columns.values()), finite.to(torch.float64)]).tolist()
@@ -454,7 +468,8 @@ class StackedGroup:
             metrics.update({f"hp/{k}": v for k, v in m.hyperparameters.get().items()})
         metrics.update(m.coupling_extras)
         m.coupling_extras = {}
-        metrics.update(m._received_metrics())
+        if "received/distance" in values and i in self.received_rows:  # a round rewrote it at this step
+            metrics["received/distance"] = values["received/distance"][i]
         metrics.update({key: values[key][i] for key in order[1]})
         return metrics
 
@@ -633,8 +648,6 @@ class StackedGroup:
                 bad = int(np.argmin(finite))
                 self.members[bad].refuse_to_send(quantities[bad])
             values.update(zip(quantities, column))
-        for m in self.members if first.param_rounds else ():
-            m._keep_before_round()
         sent = time.perf_counter()
         pending = yield Send("param", first.step, values)
         waited = time.perf_counter()
@@ -642,6 +655,73 @@ class StackedGroup:
             m.timings["serialize_ms"] += 1000 * (sent - started) / len(self.members)
             m.timings["exchange_wait_ms"] += 1000 * (waited - sent) / len(self.members)
         return pending
+
+    def _keep_before_round(self) -> None:
+        """At a logged step (not the round after the last step) where a round rewrites members'
+        parameters: a copy of the stacked parameters it rewrites, as sent, which
+        :meth:`_measure_round` compares with what the round left (each member as alone:
+        :meth:`poptrain.member.MemberTrainer._keep_before_round`). One copy per stacked parameter."""
+        first = self.members[0]
+        if not self.rewritten or first.step >= first.run.steps or not logs_step(first.run, first.step):
+            return
+        rows = self._rows_rewritten_at(first.step // self.every)
+        if rows:
+            self.before_round = (first.step, {k: self.params[k].clone() for k in set().union(*rows)}, rows)
+
+    def _rows_rewritten_at(self, index: int) -> dict[tuple[str, ...], list[int]]:
+        """Which parameters the rounds due at exchange ``index`` rewrite, and in which rows: {the
+        parameters' names: the rows whose those are}. Worked out once per pattern of due rounds."""
+        periods = {r.every for m in self.members for r, _ in m.param_rounds if r.every}
+        key = (index % math.lcm(*periods) if periods else 0, index == 0)
+        if key not in self._round_rows:
+            rows: dict[tuple[str, ...], list[int]] = {}
+            for i, m in enumerate(self.members):
+                names = set().union(*(names for rewrite, names in m.param_rounds if rewrite.due(index, False)))
+                if names:
+                    rows.setdefault(tuple(k for k in self.keys if k in names), []).append(i)
+            self._round_rows[key] = rows
+        return self._round_rows[key]
+
+    def _take_new_values(self, reply) -> None:
+        """A round's new values of the members' own quantities in ``reply``: each stacked parameter
+        as one column, written into the rows the round rewrote (all of them, or some: gossip's odd
+        member out, an average's target); a replaced gradient into its member's. Then, where the
+        step is logged, what the round moved each member by (:meth:`_measure_round`)."""
+        rewritten: dict[str, list[tuple[int, Quantity]]] = {}
+        for q in reply.replace:
+            row = self.row.get(q.member)
+            if row is None:
+                continue
+            if q.kind == "param":
+                rewritten.setdefault(q.key, []).append((row, q))
+            else:
+                self.members[row].take_new_value(q, reply.tensor(q, self.device, replaced=True))
+        with torch.no_grad():
+            for key, rows in rewritten.items():
+                rows.sort()
+                stack = self.params[key]
+                column = tensor_copy(np.stack([reply.replace[q] for _, q in rows]), self.device).view(len(rows), *stack.shape[1:])
+                if len(rows) == len(self.members):
+                    stack.copy_(column)
+                else:
+                    stack.index_copy_(0, torch.tensor([i for i, _ in rows], device=self.device), column.to(stack.dtype))
+        if self.before_round is not None and self.before_round[0] == self.members[0].step:
+            self._measure_round()
+
+    def _measure_round(self) -> None:
+        """``received/distance`` of every member a round rewrote: the Euclidean distance (over the
+        parameters it rewrote) between its parameters before and after the round, as a column (N,)
+        read with the step's metrics (NaN in the rows it left alone, which log none)."""
+        _, before, rows = self.before_round
+        self.before_round = None
+        count = len(self.members)
+        norms = {k: torch.linalg.vector_norm((self.params[k] - value).reshape(count, -1), dim=1, dtype=torch.float64) for k, value in before.items()}
+        received = torch.full((count,), float("nan"), dtype=torch.float64, device=self.device)
+        for names, members in rows.items():
+            index = torch.tensor(members, device=self.device)
+            received[index] = torch.linalg.vector_norm(torch.stack([norms[k][index] for k in names]), dim=0)
+        self.received = received
+        self.received_rows = {i for members in rows.values() for i in members}
 
     def _receive_all(self, pending) -> StepProgram:
         """Take in one reply for every member: the peers' values made tensors once for all of them."""
@@ -652,8 +732,10 @@ class StackedGroup:
         received = time.perf_counter()
         first = self.members[0]
         first.peers.take_columns(*self._columns_of(reply))  # every member's (_share_peers)
-        for m in self.members:
-            m.take_reply(reply, m.step, take_peers=False)
+        self._take_new_values(reply)
+        if reply.steps:  # async
+            for m in self.members:
+                m.note_peer_steps(reply.steps, m.step)
         # Profiled as a member alone books it (tracking.profile), each member its share: the host
         # books the rest of a member's share of the step as compute.
         wait_ms, serialize_ms = 1000 * (received - waited) / len(self.members), 1000 * (time.perf_counter() - received) / len(self.members)

@@ -113,12 +113,21 @@ def test_between_exchanges_stacked_members_see_each_other_as_of_the_last_exchang
     assert [m["coupling/separation"] for m in metrics_b[-1][0]] == pytest.approx([m["coupling/separation"] for m in metrics_a[-1]], rel=1e-5)
 
 
-@pytest.mark.parametrize("coupling", [{"type": "gossip"}, {"type": "average", "rate": 0.5}], ids=["gossip", "papa"])
-def test_stacked_members_whose_parameters_a_round_rewrites_step_on_the_new_ones_as_apart(coupling):
+ADAM = OPTIMIZERS["adam, own lr and weight decay"]
+# WASH with SGD: its shuffle leaves some of m2's weights with gradients of about 1e-7, where Adam's
+# first step (about lr * g / |g|) turns float rounding of g into a 1.5e-5 difference, alone or stacked.
+SGD = [{"name": "sgd", "lr": 0.02 * (i + 1), "kwargs": {"momentum": 0.5}} for i in range(4)]
+
+
+@pytest.mark.parametrize("coupling, optimizers", [({"type": "gossip"}, ADAM), ({"type": "average", "rate": 0.5}, ADAM), ({"type": "gossip"}, ADAM[:3]),
+                                                  ({"type": "wash", "fraction": 0.2}, SGD), ({"type": "diloco", "every": 1, "outer_lr": 0.7, "outer_momentum": 0.9}, ADAM)],
+                         ids=["gossip", "papa", "gossip, one member left out of each round", "wash", "diloco"])
+def test_stacked_members_whose_parameters_a_round_rewrites_step_on_the_new_ones_as_apart(coupling, optimizers):
     """An averaging round rewrites members' parameters at the exchange before their forward pass:
     a stacked group waits for it as each member alone does, instead of computing the step on the
-    parameters it had sent (0.04 off after 60 steps of gossip)."""
-    members = population(OPTIMIZERS["adam, own lr and weight decay"])
+    parameters it had sent (0.04 off after 60 steps of gossip). The round's new values go into the
+    stack as columns, into the rows it rewrote only (three members in pairs: one is left as it was)."""
+    members, size = population(optimizers), len(optimizers)
     rewritten = dict(steps=12, exchange={"every": 2, "shared_memory": False}, couplings=[coupling])
     alone, link_a = host(members, **rewritten)
     metrics_a = train(alone, link_a, 12)
@@ -133,7 +142,10 @@ def test_stacked_members_whose_parameters_a_round_rewrites_step_on_the_new_ones_
     received_a = [[m.get("received/distance") for m in step] for step in metrics_a]
     received_b = [[m.get("received/distance") for m in step[0]] for step in metrics_b]
     assert all((value is not None) == (step % 2 == 0) for step, row in enumerate(received_b) for value in row), received_b
-    assert all(value > 0 for row in received_b[::2] for value in row), "four members: every one paired, or pulled, every round"
+    moved = [sum(value > 0 for value in row) for row in received_b[::2]]
+    # Every member paired, pulled or restarted from the global weights at every round, but in threes
+    # gossip's odd one out (0), and at DiLoCo's first round the member whose weights start the global ones.
+    assert all(count >= size - 1 for count in moved), moved
     for row_a, row_b in zip(received_a[::2], received_b[::2]):
         assert row_b == pytest.approx(row_a, rel=1e-4)
 
