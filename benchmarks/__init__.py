@@ -20,6 +20,7 @@ FIGURES = (
     "exchange_latency",
     "averaging_bandwidth",
     "averaging_methods",
+    "averaging_at_scale",
     "packed_vs_processes",
     "packed_throughput",
     "packing_memory",

@@ -37,10 +37,10 @@ def _runner(name: str):
         from benchmarks.end_to_end import thousand_end_to_end
 
         return thousand_end_to_end
-    if name == "averaging_methods":
-        from benchmarks.averaging_methods import averaging_methods
+    if name in ("averaging_methods", "averaging_at_scale"):
+        from benchmarks import averaging_methods
 
-        return averaging_methods
+        return getattr(averaging_methods, name)
     if name == "pbt_vs_tune":
         from benchmarks.pbt_tune import pbt_vs_tune
 

@@ -181,3 +181,76 @@ def averaging_methods(ctx: Context) -> list[dict[str, Any]]:
                     details=details,
                 ))
     return rows
+
+
+SCALE_FIGURE = "averaging_at_scale"
+
+
+def scale_config(ctx: Context, method: str) -> dict[str, Any]:
+    """``configs/thousand.yaml`` (seed 000's members, packed and stacked on one host per core) with
+    ``method``'s coupling and exchange period from its shipped config instead of the separation, at
+    ``scale_members`` members and ``scale_steps`` steps; the parent logs each round's distances."""
+    sizes = ctx.sizes
+    config = yaml.safe_load((CONFIGS / "thousand.yaml").read_text())
+    every, coupling = method_knobs(method)
+    (member,) = config["members"]
+    return {
+        **config,
+        "name": f"bench-scale-{method}",
+        "steps": sizes.scale_steps,
+        "output_dir": str(ctx.workdir / "runs"),
+        "exchange": {"every": every},
+        "tracking": {**config["tracking"], **quiet_tracking(ctx.uri, "benchmarks-averaging-at-scale")},
+        "checkpoint": {"every": 0},
+        "evaluation": {"every": 0, "metrics": ["mse"]},
+        "members": [{**member, "copies": sizes.scale_members}],
+        "couplings": [coupling] if coupling else [],
+    }
+
+
+def averaging_at_scale(ctx: Context) -> list[dict[str, Any]]:
+    """Each method at ``scale_members`` stacked members (issue 26, item 4): the steady rate of one
+    member's steps against the same population trained independently (no coupling) in the same
+    benchmark run, how many members each trained stacked with, and the rounds the parent logged."""
+    import poptrain
+    from mlflow.tracking import MlflowClient
+
+    from benchmarks.common import metric_times, steady_rate
+    from poptrain.pool import release_warm_members
+
+    sizes, measured = ctx.sizes, {}
+    try:
+        for method in ("independent", *sizes.scale_methods):
+            config = scale_config(ctx, method)
+            print(f"    {method}: {sizes.scale_members} members x {sizes.scale_steps} steps ...", flush=True)
+            started = time.perf_counter()
+            result = poptrain.run(config, keep_warm_s=0)
+            wall = time.perf_counter() - started
+            client = MlflowClient(tracking_uri=result.tracking_uri)
+            timed = sorted(result.member_run_ids)[0]
+            # The rounds' spread of distances to the mean, before and after each (none without a coupling).
+            spreads = {f"{side}/{stat}": [(m.step, m.value) for m in client.get_metric_history(result.run_id, f"coupling/{method}/distance/{side}/{stat}")]
+                       for side in ("before", "after") for stat in ("min", "median", "max")} if method != "independent" else {}
+            measured[method] = {
+                "wall_s": wall,
+                "rate": steady_rate(metric_times(result.tracking_uri, result.member_run_ids[timed]), sizes.scale_warmup),
+                "stacked_with": sorted({p.get("stacked_with", 1) for p in result.placement.values()}),
+                "hosts": len({p.get("pid") for p in result.placement.values()}),
+                "logged_rounds": len(spreads.get("after/median", [])),
+                "distance_to_mean": spreads,
+                "knobs": {"exchange_every": config["exchange"]["every"], "couplings": config["couplings"]},
+            }
+    finally:
+        release_warm_members()
+    base = measured["independent"]["rate"]["steps_per_s"]
+    rows = []
+    for method in sizes.scale_methods:
+        mine = measured[method]
+        rate = mine["rate"]["steps_per_s"]
+        rows.append(row(
+            SCALE_FIGURE, f"{LABELS[method]} at {sizes.scale_members} members (stacked {mine['stacked_with']}), {sizes.scale_steps} steps: steady member-steps/s",
+            value=rate * sizes.scale_members, unit="member-steps/s", ratio=rate / base, target=None, sizes=sizes,
+            baseline={"name": "the same population trained independently (no coupling), same run", "value": base * sizes.scale_members, "unit": "member-steps/s"},
+            details={**mine, "independent": measured["independent"]},
+        ))
+    return rows

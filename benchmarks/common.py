@@ -77,6 +77,11 @@ class Sizes:
     e2e_steps: int | None = None
     e2e_repeats: int = 1
     e2e_loop_before: bool = True  # a torch.func process before the first poptrain run too (--smoke: only after, to stay short)
+    # Issue 26's methods at scale (averaging_at_scale): configs/thousand.yaml's members with each method's coupling.
+    scale_members: int = 1000
+    scale_steps: int = 100
+    scale_warmup: int = 30
+    scale_methods: tuple[str, ...] = ("papa", "wash", "diloco", "gossip")
     thresholds: bool = True  # smoke: report, never judge
 
     @property
@@ -96,6 +101,7 @@ SIZES = {
         startup_child=False, pbt_members=2, pbt_steps=40, pbt_every=10, pbt_seeds=(0,), pbt_without_checkpoints=False, thresholds=False,
         packing_small=2, packing_large=3, packing_steps=25, packing_warmup=10, pbt_whole_processes=False, e2e_members=20, e2e_steps=20,
         e2e_loop_before=False, methods_seeds=(0,), methods_datasets=("digits",), methods_members=2, methods_steps=10,
+        scale_members=4, scale_steps=30, scale_warmup=10, scale_methods=("papa",),
     ),
     "default": Sizes(mode="default"),
     "full": Sizes(
