@@ -127,15 +127,19 @@ def tensor_copy(array: np.ndarray, device: torch.device) -> torch.Tensor:
 
 
 class Wire:
-    """The flat transport of exchanged values between members and the coordinator.
+    """The flat transport of exchanged values between members and the coordinator, as columns.
 
-    ``pack({Quantity: array})`` gives ``(indices, layout, payload)``: each quantity's index in a
-    table both ends build from the same :class:`ExchangePlan`, each array's dtype and shape, and
-    the bytes: one ``bytes`` object for small payloads, the arrays themselves (read zero-copy from
-    Ray's shared memory) from ``FLAT_BYTES_LIMIT`` on. Shapes and dtypes come back as they were,
-    0-d arrays (losses) included. ``unpack`` gives back read-only arrays that view the payload
-    (no copy). An empty mapping packs to ``()``. Ray pickles such a tuple several times faster
-    than a dict of Quantity -> array, and a round's cost is mostly that per-message overhead.
+    ``pack({Quantity: array})`` gives ``(entries, payload)``: one entry per quantity family
+    (``(kind, key)``) and array layout in the message, ``(family, members, dtype, row shape)``,
+    family and members as indices into tables both ends build from the same :class:`ExchangePlan`,
+    and the payload: each family's rows as one column (member i's value is row i; a host of 1,000
+    members sends its slopes as one array, not 1,000), or, for rows of ``FLAT_BYTES_LIMIT`` and
+    more (averaged parameters), the members' own arrays (read zero-copy from Ray's shared memory:
+    stacking them would be a copy). Small messages travel as one ``bytes`` object. Shapes and dtypes
+    come back as they were, 0-d arrays (losses) included. ``unpack`` gives back read-only arrays
+    that view the payload (no copy), ``unpack_columns`` the columns too. An empty mapping packs to
+    ``()``. Ray pickles a few arrays far faster than a dict of Quantity -> array, or a thousand
+    small arrays, and a round's cost is mostly that per-message overhead.
     """
 
     def __init__(self, plan: ExchangePlan):
@@ -145,39 +149,60 @@ class Wire:
                 table.update(quantities)
         for replaced in plan.replaced.values():
             table.update(replaced)
-        self.table = sorted(table)
-        self.index = {q: i for i, q in enumerate(self.table)}
+        self.table = sorted(table)  # every quantity it may carry
+        self.families = sorted({(q.kind, q.key) for q in table})
+        self.family_index = {f: i for i, f in enumerate(self.families)}
+        self.members = sorted({q.member for q in table})
+        self.member_index = {m: i for i, m in enumerate(self.members)}
 
     def pack(self, values: dict[Quantity, np.ndarray]) -> tuple:
         if not values:
             return ()
-        arrays = [np.require(a, requirements="C") for a in values.values()]  # keeps 0-d arrays 0-d
-        indices = tuple(self.index[q] for q in values)
-        layout = tuple((a.dtype.str, a.shape) for a in arrays)
-        if sum(a.nbytes for a in arrays) >= FLAT_BYTES_LIMIT:
-            return indices, layout, arrays
-        return indices, layout, b"".join(a.tobytes() for a in arrays)
+        groups: dict[tuple, tuple[list[int], list[np.ndarray]]] = {}
+        for q, array in values.items():
+            array = np.require(array, requirements="C")  # keeps 0-d arrays 0-d
+            members, rows = groups.setdefault((self.family_index[(q.kind, q.key)], array.dtype.str, array.shape), ([], []))
+            members.append(self.member_index[q.member])
+            rows.append(array)
+        entries = tuple((family, tuple(members), dtype, shape) for (family, dtype, shape), (members, _) in groups.items())
+        if sum(a.nbytes for _, rows in groups.values() for a in rows) < FLAT_BYTES_LIMIT:
+            return entries, b"".join(a.tobytes() for _, rows in groups.values() for a in rows)
+        parts = [np.stack(rows) if rows[0].nbytes < FLAT_BYTES_LIMIT else tuple(rows) for _, rows in groups.values()]
+        return entries, parts
+
+    def unpack_columns(self, wire: tuple) -> tuple[dict[Quantity, np.ndarray], dict[tuple[str, str], tuple[tuple[str, ...], np.ndarray]]]:
+        """``(values, columns)``: every value (a row view of its column, or its own array), and the
+        columns (``(kind, key) -> (members, array)``, row i member i's, members in the order sent)."""
+        if not wire:
+            return {}, {}
+        entries, payload = wire
+        values, columns, offset = {}, {}, 0
+        for index, (family, members, dtype, shape) in enumerate(entries):
+            kind, key = self.families[family]
+            names = tuple(self.members[m] for m in members)
+            if isinstance(payload, bytes):
+                dtype = np.dtype(dtype)
+                count = len(members) * math.prod(shape)
+                part = np.frombuffer(payload, dtype, count, offset).reshape(len(members), *shape)
+                offset += count * dtype.itemsize
+            else:
+                part = payload[index]
+            if isinstance(part, np.ndarray):
+                # A family sent in rows of several shapes or dtypes has no one column.
+                columns[(kind, key)] = None if (kind, key) in columns else (names, part)
+            values.update((Quantity(name, kind, key), part[i, ...] if isinstance(part, np.ndarray) else part[i]) for i, name in enumerate(names))
+        return values, {family: column for family, column in columns.items() if column is not None}
 
     def unpack(self, wire: tuple) -> dict[Quantity, np.ndarray]:
-        if not wire:
-            return {}
-        indices, layout, payload = wire
-        if not isinstance(payload, bytes):
-            return {self.table[i]: a for i, a in zip(indices, payload)}
-        out, offset = {}, 0
-        for i, (dtype, shape) in zip(indices, layout):
-            dtype = np.dtype(dtype)
-            count = math.prod(shape)
-            out[self.table[i]] = np.frombuffer(payload, dtype, count, offset).reshape(shape)
-            offset += count * dtype.itemsize
-        return out
+        return self.unpack_columns(wire)[0]
 
     def pack_reply(self, reply: "Reply") -> tuple:
         return self.pack(reply.values), self.pack(reply.replace), reply.steps
 
     def unpack_reply(self, wire: tuple) -> "Reply":
         values, replace, steps = wire
-        return Reply(self.unpack(values), self.unpack(replace), steps)
+        values, columns = self.unpack_columns(values)
+        return Reply(values, self.unpack(replace), steps, columns=columns)
 
 
 @dataclass
@@ -187,6 +212,8 @@ class Reply:
     values: dict[Quantity, np.ndarray]  # peers' values that this member reads
     replace: dict[Quantity, np.ndarray] = field(default_factory=dict)  # new values of members' own quantities
     steps: dict[str, int] | None = None  # async: the step each peer's values are from
+    # The values as the wire carried them: (kind, key) -> (members, column), row i member i's value.
+    columns: dict[tuple[str, str], tuple[tuple[str, ...], np.ndarray]] = field(default_factory=dict, repr=False, compare=False)
     tensors: dict[tuple[Quantity, str, bool], torch.Tensor] = field(default_factory=dict, repr=False, compare=False)
 
     def tensor(self, q: Quantity, device: torch.device, replaced: bool = False) -> torch.Tensor:
@@ -292,7 +319,7 @@ def by_reference(packed: tuple) -> Any:
     Ray's object store once: every member then gets the same reference (wrapped in a list so Ray
     does not resolve it on return) and reads the NumPy buffers zero-copy from shared memory."""
     # Flat `bytes` parts are under FLAT_BYTES_LIMIT each: only array parts are worth sharing.
-    size = sum(a.nbytes for part in packed[:2] if part and not isinstance(part[2], bytes) for a in part[2])
+    size = sum(a.nbytes if isinstance(a, np.ndarray) else sum(row.nbytes for row in a) for part in packed[:2] if part and not isinstance(part[1], bytes) for a in part[1])
     if size < BY_REFERENCE_BYTES:
         return packed
     import ray

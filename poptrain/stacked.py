@@ -7,8 +7,10 @@ current weights, and what writes into a member in place (a restored checkpoint, 
 exploit) writes into the stack. One step of the group is one ``vmap(grad_and_value(...))`` of
 the members' own objectives (``loss_weight * loss``) over the stack, then the coupling terms of
 members that have one (each on its own parameters, with autograd, every step), then one
-vectorised optimizer update with every member's own hyperparameters, read from its own torch
-optimizer's ``param_groups`` at every step (population-based training changes them there).
+vectorised optimizer update with every member's own hyperparameters, held as columns over the
+member dimension and read again from the members' own torch optimizers, coupling objects and
+term weights only when the host hands the stack their state (after population-based training
+changed them, or a restore).
 
 A member's optimizer state lives in the stack while it trains and in its own torch optimizer
 (torch's own state format) whenever anything outside the step needs it: :meth:`StackedGroup.to_members`
@@ -294,8 +296,6 @@ class StackedGroup:
         self.before_round: tuple[int, dict[str, torch.Tensor], dict[tuple[str, ...], list[int]]] | None = None
         self.received: torch.Tensor | None = None  # the last round's received/distance, a column (N,), NaN where none
         self.received_rows: set[int] = set()
-        self._hyperparameters_read: list | None = None
-        self._columns: dict[str, dict[str, Any]] = {}
         self._vmap = vmap
         self.optimizer = first.config.optimizer.name
         self.state: dict[str, dict[str, torch.Tensor]] = {}
@@ -330,7 +330,6 @@ class StackedGroup:
                     self.params[k][i].copy_(m.params[k].detach())
                 self._point_at_stack(i, m)
         # Which of its optimizer's param_groups holds each parameter (a loaded optimizer has new group dicts).
-        self._hyperparameters_read = None  # a loaded optimizer has new groups: read them anew
         self.group_index = [{k: next(g for g, group in enumerate(m.optimizer.param_groups) if any(p is m.params[k] for p in group["params"]))
                              for k in self.keys} for m in self.members]
         names = ("exp_avg", "exp_avg_sq") if self.optimizer in ("adam", "adamw") else ("momentum_buffer",)
@@ -350,6 +349,7 @@ class StackedGroup:
             self.steps[i] = max(steps) if steps else 0.0
         self.shared_batches = _same_stream(self.members)
         self._share_peers()
+        self._read_hyperparameters()
 
     def _share_peers(self) -> None:
         """Give every member one :class:`~poptrain.member.PeerValues`, the union of theirs (they read
@@ -406,7 +406,7 @@ class StackedGroup:
         if not members[0].defer_param_replies:  # a round rewrites their parameters: the step computes on the new ones, as apart
             yield from self._receive_all(pending)
             pending = None
-        weights = torch.tensor([m.term_weights["loss"] for m in members], dtype=self.params[self.keys[0]].dtype, device=self.device)
+        weights = self.loss_weights
         batch_dim = None if self.shared_batches else 0
         masks = self._dropout_masks(inputs, batch_dim) if self.dropouts else {}
         grads, (objectives, (losses, outputs)) = self._vmap(self._grad, in_dims=(0, 0, batch_dim, batch_dim, 0))(self.params, masks, inputs, targets, weights)
@@ -755,6 +755,11 @@ class StackedGroup:
         columns, singles = {}, {}
         for family, quantities in by_family.items():
             quantities.sort(key=lambda q: order[q.member])
+            names, column = reply.columns.get(family, ((), None))
+            if len(names) == len(quantities) and set(names) == {q.member for q in quantities}:  # as the wire carried it: one copy to the device, in population order
+                rows = np.argsort([order[name] for name in names], kind="stable")
+                columns[family] = (tuple(names[i] for i in rows), tensor_copy(column if (rows == np.arange(len(rows))).all() else column[rows], self.device))
+                continue
             arrays = [reply.values[q] for q in quantities]
             if len({(a.shape, a.dtype) for a in arrays}) == 1:
                 columns[family] = (tuple(q.member for q in quantities), tensor_copy(np.stack(arrays), self.device))
@@ -807,26 +812,26 @@ class StackedGroup:
                 for m in self.members:
                     quantities = ChainMap(own.member(m.name), m.peers)
                     m.coupling_extras = {f"coupling/{c.name}/{k}": float(v) for c in m.training_couplings for k, v in c.metrics_for(m.name, quantities).items()}
-        if self.own_couplings:  # terms of members' own (each on its own quantities, weighted by its own coupling objects)
-            own_terms = {c.name: [] for c in first.training_couplings if not c.term_is_joint}
-            for i, m in enumerate(self.members):
-                quantities = ChainMap(own.member(m.name), m.peers)
-                for c in m.training_couplings:
-                    if not c.term_is_joint:
-                        own_terms[c.name].append(c.term(m.name, quantities))
-            total = [t for terms in own_terms.values() for t in terms if t is not None and t.requires_grad]
-            if total:
-                self._add_gradients(grads, leaves, sum(total))
-            for name, terms in own_terms.items():
-                if all(t is not None for t in terms):
-                    out[name] = torch.stack([t.detach().reshape(()) for t in terms])
+        # Terms of members' own (mutual learning): each member's on its own live quantities against
+        # everyone else's exchanged ones, so row i's gradient reaches member i only, in one call
+        # for all of them (Coupling.values_against), each times its own weight.
+        total = []
+        for c in first.training_couplings if self.own_couplings else ():
+            if c.term_is_joint:
+                continue
+            values = c.values_against(list(self.names), own, first.peers)
+            if values is not None:
+                weighted = self._weights(c.name) * values
+                if weighted.requires_grad:
+                    total.append(weighted.sum())
+                out[c.name] = weighted.detach()
+        if total:
+            self._add_gradients(grads, leaves, sum(total))
         return out
 
     def _weights(self, coupling: str) -> torch.Tensor:
-        """Every member's own weight of ``coupling``, a column over the member dimension: population-based
-        training sets them member by member, in coupling objects of each member's own (read at every step)."""
-        like = self.params[self.keys[0]]
-        return torch.tensor([own[coupling].weight for own in self.couplings], dtype=like.dtype, device=like.device)
+        """Every member's own weight of ``coupling``, a column over the member dimension (:meth:`_read_hyperparameters`)."""
+        return self.coupling_weights[coupling]
 
     def _add_gradients(self, grads: dict[str, torch.Tensor], leaves: dict[str, torch.Tensor], value: torch.Tensor, weights: torch.Tensor | None = None) -> None:
         """The gradient of ``value`` with respect to the stacked ``leaves``, added to ``grads``, each
@@ -836,34 +841,34 @@ class StackedGroup:
             if grad is not None:
                 grads[k] += grad if weights is None else grad * weights.view(-1, *([1] * (grad.dim() - 1)))
 
-    def _hyperparameter_columns(self) -> dict[str, dict[str, torch.Tensor]]:
-        """Every member's own hyperparameters of each parameter, as columns over the member dimension
-        (shaped to broadcast over the stack): read from each member's own optimizer's param_groups at
-        every step (population-based training changes them there), once per member and group, and
-        made tensors again only when one changed."""
+    def _read_hyperparameters(self) -> None:
+        """Every member's own hyperparameters as columns over the member dimension, on the group's
+        device: each parameter's optimizer options (shaped to broadcast over the stack), each
+        coupling's weight and the loss's weight. Read from the members' own optimizers, coupling
+        objects and term weights, where population-based training, a restore or a user sets them,
+        whenever the host hands the stack back its members' state (:meth:`from_members`: after a
+        PBT round or a restore), and kept as the stack's own between: a step reads no member."""
+        like = self.params[self.keys[0]]
+        column = lambda values, shape=(-1,): torch.tensor(values, dtype=like.dtype, device=like.device).view(shape)  # noqa: E731
         read = [[(g.get("lr", 0.0), g.get("weight_decay", 0.0), g.get("betas", (0.9, 0.999)), g.get("eps", 1e-8), g.get("momentum", 0.0))
                  for g in m.optimizer.param_groups] for m in self.members]
-        if read != self._hyperparameters_read:
-            self._hyperparameters_read = read
-            like = self.params[self.keys[0]]
-            columns = {}
-            for k in self.keys:
-                rows = [values[index[k]] for values, index in zip(read, self.group_index)]
-                shape = (-1, *([1] * (self.params[k].dim() - 1)))
-                column = lambda values: torch.tensor(values, dtype=like.dtype, device=like.device).view(shape)  # noqa: E731
-                lr, wd, betas, eps, momentum = zip(*rows)  # as read above
-                columns[k] = {"lr": column(lr), "weight_decay": column(wd), "eps": column(eps), "momentum": column(momentum),
-                              "beta1": column([b[0] for b in betas]), "beta2": column([b[1] for b in betas])}
-                columns[k]["any_weight_decay"], columns[k]["any_momentum"] = any(wd), any(momentum)  # from the values read, not the device
-            self._columns = columns
-        return self._columns
+        self.hyperparameters = {}
+        for k in self.keys:
+            rows = [values[index[k]] for values, index in zip(read, self.group_index)]
+            shape = (-1, *([1] * (self.params[k].dim() - 1)))
+            lr, wd, betas, eps, momentum = zip(*rows)
+            self.hyperparameters[k] = {"lr": column(lr, shape), "weight_decay": column(wd, shape), "eps": column(eps, shape), "momentum": column(momentum, shape),
+                                       "beta1": column([b[0] for b in betas], shape), "beta2": column([b[1] for b in betas], shape),
+                                       "any_weight_decay": any(wd), "any_momentum": any(momentum)}  # from the values read, not the device
+        self.coupling_weights = {name: column([own[name].weight for own in self.couplings]) for name in self.couplings[0]}
+        self.loss_weights = column([m.term_weights["loss"] for m in self.members])
 
     @torch.no_grad()
     def _optimizer_step(self, grads: dict[str, torch.Tensor]) -> None:
         """torch's single-tensor Adam, AdamW or SGD (``torch.optim``'s formulas), with every
         member's own hyperparameters."""
         self.steps += 1
-        columns = self._hyperparameter_columns()
+        columns = self.hyperparameters
         for k in self.keys:
             param, grad, hp = self.params[k], grads[k], columns[k]
             lr, wd = hp["lr"], hp["weight_decay"]

@@ -9,6 +9,9 @@ import random
 
 import torch
 
+from poptrain.config import CouplingConfig
+from poptrain.couplings import Coupling, Quantity
+
 
 class SeedModule(torch.nn.Module):
     """Seed 000's ``Module`` (with its ``self.inputs`` typo fixed)."""
@@ -317,3 +320,26 @@ def diloco_training(models, batches, steps, lr, every, outer_lr, outer_momentum,
             break
         _joint_step(models, optimizer, next(batches))
     return models
+
+
+class TowardPeersMeanConfig(CouplingConfig):
+    param: str
+
+
+class TowardPeersMean(Coupling):
+    """A user's coupling whose members each have a term of their own (``term_is_joint = False``):
+    member m adds the squared distance from its ``param`` to its peers' mean, the peers' values held
+    fixed (each learns towards the others; none is pushed by another's term)."""
+
+    Config = TowardPeersMeanConfig
+    term_is_joint = False
+
+    def reads(self) -> list[Quantity]:
+        return [Quantity(m, "param", self.config.param) for m in self.members]
+
+    def value_for(self, member: str, q):
+        peers = torch.stack([q[Quantity(m, "param", self.config.param)].detach() for m in self.members if m != member]).mean(0)
+        return (q[Quantity(member, "param", self.config.param)] - peers).pow(2).sum()
+
+    def value(self, q):
+        return sum(self.value_for(m, q) for m in self.members)

@@ -56,8 +56,34 @@ def test_values_cross_with_their_shapes_and_dtypes():
     assert {q: (a.shape, a.dtype, a.tolist()) for q, a in back.items()} == {q: (a.shape, a.dtype, a.tolist()) for q, a in small.items()}
     large = {big: np.ones((300, 300), np.float32)}
     packed = wire.pack(large)
-    assert isinstance(packed[2], list), "as arrays, which Ray passes out of band"
+    assert isinstance(packed[1], list), "as arrays, which Ray passes out of band"
     assert wire.unpack(packed)[big].shape == (300, 300) and wire.pack({}) == () and wire.unpack(()) == {}
+
+
+def test_a_family_of_many_members_values_crosses_as_one_column():
+    """A host's 1,000 members' slopes are one array on the wire, not 1,000: row i member i's, each
+    member's value read back as it was sent; a family sent in two shapes offers no one column."""
+    import numpy as np
+
+    from poptrain.couplings import Quantity
+
+    names = [f"m{i}" for i in range(1000)]
+
+    class Plan:
+        sends = {m: {"loss": [Quantity(m, "loss", "loss")], "param": [Quantity(m, "param", "slope")]} for m in names}
+        replaced = {m: set() for m in names}
+
+    wire = Wire(Plan())
+    slopes = {Quantity(m, "param", "slope"): np.full(40, i, np.float32) for i, m in enumerate(reversed(names))}
+    losses = {Quantity(m, "loss", "loss"): np.array(i / 2, np.float32) for i, m in enumerate(names)}
+    packed = wire.pack({**slopes, **losses})
+    assert isinstance(packed[1], list) and [a.shape for a in packed[1]] == [(1000, 40), (1000,)], "one column per family"
+    values, columns = wire.unpack_columns(packed)
+    assert {q: (a.shape, a.tolist()) for q, a in values.items()} == {q: (a.shape, a.tolist()) for q, a in {**slopes, **losses}.items()}
+    members, column = columns[("param", "slope")]
+    assert members == tuple(reversed(names)) and column[0].tolist() == [0.0] * 40, "rows in the order sent"
+    mixed = wire.unpack_columns(wire.pack({Quantity("m0", "param", "slope"): np.zeros(40, np.float32), Quantity("m1", "param", "slope"): np.zeros(3, np.float32)}))
+    assert ("param", "slope") not in mixed[1] and mixed[0][Quantity("m1", "param", "slope")].shape == (3,)
 
 
 def test_it_listens_only_on_the_address_it_is_given(served):

@@ -61,6 +61,14 @@ def train(units, link, steps: int) -> list:
     return out
 
 
+def after_pbt_round(units) -> None:
+    """What a host does once population-based training (or a restore) changed its members: hand the
+    stacks their members' state again (MemberHost._sync_stacks), hyperparameters included."""
+    for unit in units:
+        if isinstance(unit, StackedGroup):
+            unit.from_members()
+
+
 def population(optimizers: list[dict]) -> list[dict]:
     return [prelu_member(f"m{i}", optimizer=opt) for i, opt in enumerate(optimizers)]
 
@@ -117,6 +125,26 @@ ADAM = OPTIMIZERS["adam, own lr and weight decay"]
 # WASH with SGD: its shuffle leaves some of m2's weights with gradients of about 1e-7, where Adam's
 # first step (about lr * g / |g|) turns float rounding of g into a 1.5e-5 difference, alone or stacked.
 SGD = [{"name": "sgd", "lr": 0.02 * (i + 1), "kwargs": {"momentum": 0.5}} for i in range(4)]
+
+
+def test_stacked_members_with_terms_of_their_own_each_learn_towards_their_peers_as_apart():
+    """A user's coupling whose members each have a term of their own (``term_is_joint = False``,
+    by import path): in a stack, one call gives every member's term, row i reaching member i only,
+    each times its own weight, as each alone computes it; between exchanges against the peers'
+    values of the last one."""
+    coupled = dict(steps=12, exchange={"every": 2}, couplings=[{"type": "tests.reference:TowardPeersMean", "param": "activation.weight", "weight": 0.5}])
+    alone, link_a = host(population(ADAM), **coupled)
+    metrics_a = train(alone, link_a, 12)
+    stacked, link_b = host(population(ADAM), **coupled)
+    units = form_groups(stacked)
+    assert len(units) == 1 and isinstance(units[0], StackedGroup), [t.stacking_problem for t in stacked]
+    metrics_b = train(units, link_b, 12)
+    for a, b in zip(alone, stacked):
+        for key in a.params:
+            torch.testing.assert_close(b.params[key], a.params[key], **CLOSE, msg=f"{a.name}.{key}")
+    name = next(k for k in metrics_a[-1][0] if k.startswith("coupling/"))
+    terms_a, terms_b = [m[name] for m in metrics_a[-1]], [m[name] for m in metrics_b[-1][0]]
+    assert terms_b == pytest.approx(terms_a, rel=1e-5) and len(set(terms_a)) == len(terms_a), "each member's own term"
 
 
 @pytest.mark.parametrize("coupling, optimizers", [({"type": "gossip"}, ADAM), ({"type": "average", "rate": 0.5}, ADAM), ({"type": "gossip"}, ADAM[:3]),
@@ -221,6 +249,7 @@ def test_each_stacked_member_uses_its_own_changed_learning_rate_from_the_next_st
     for trainers, drive in ((alone, alone), (stacked, units)):
         train(drive, link_a if trainers is alone else link_b, 10)
         trainers[1].optimizer.param_groups[0]["lr"] = 0.05  # as population-based training's explore does
+        after_pbt_round(drive)
         train(drive, link_a if trainers is alone else link_b, 10)
     for a, b in zip(alone, stacked):
         for key in a.params:
@@ -285,6 +314,7 @@ def test_each_stacked_member_trains_with_its_own_coupling_weight_as_population_b
         train(drive, link, 5)
         for trainer, weight in zip(trainers, (0.5, 1.0, 4.0)):  # as an explore step sets them
             trainer.hyperparameters.set({"couplings.separation.weight": weight})
+        after_pbt_round(drive)
         return train(drive, link, 10)[-1]
 
     metrics_a = weights_changed_after_5_steps(alone, alone, link_a)
@@ -374,6 +404,7 @@ def test_a_stacked_sgd_member_given_momentum_later_starts_its_momentum_as_alone(
     for trainers, drive, link in ((alone, alone, link_a), (stacked, units, link_b)):
         train(drive, link, 5)
         trainers[0].optimizer.param_groups[0]["momentum"] = 0.9  # as an explore step of optimizer.kwargs.momentum does
+        after_pbt_round(drive)
         train(drive, link, 5)
     for a, b in zip(alone, stacked):
         for key in a.params:
