@@ -16,6 +16,7 @@ from poptrain.config import load_config
 from poptrain.coordinator import AsyncBoard, Coordinator
 from poptrain.couplings import Quantity
 from poptrain.exchange import ExchangePlan, ExchangeTimeout
+from tests.conftest import digits_member
 from tests.in_process import InProcessPopulation
 
 SLOPE = "activation.weight"
@@ -135,12 +136,7 @@ def test_a_member_keeps_what_it_sent_only_where_a_non_finite_step_can_go_on(base
 def test_a_member_s_results_do_not_depend_on_other_randomness_in_its_process(base_config):
     """Initialisation, dropout and data draw from the member's own streams: a process that draws
     random numbers between the member's steps (as a packed peer would) changes nothing."""
-    member = {
-        "name": "m1",
-        "model": {"name": "encoder_classifier", "kwargs": {"in_features": 64, "num_classes": 10, "num_nodes": 16, "dropout": 0.3}},
-        "data": {"name": "digits", "kwargs": {"limit": 128}, "batch_size": 16},
-        "loss": "cross_entropy",
-    }
+    member = digits_member("m1", model_kwargs={"dropout": 0.3}, data_kwargs={"limit": 128}, batch_size=16)
     config = base_config(members=[member], couplings=[])
 
     def trained(disturb: bool) -> dict[str, torch.Tensor]:

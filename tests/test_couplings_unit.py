@@ -12,7 +12,7 @@ from poptrain.coordinator import CouplingEvaluator
 from poptrain.exchange import ExchangePlan
 from poptrain.couplings import Quantity, build_couplings
 from poptrain.checks import inspect_population
-from tests.conftest import prelu_member
+from tests.conftest import digits_member, prelu_member
 
 
 def couplings_for(base_config, couplings, members=None):
@@ -207,15 +207,11 @@ def test_the_averaging_divergence_does_not_overflow_in_low_precision(dtype):
 
 
 def digits_members(second_batch=32, second_classes=10):
-    def member(name, batch, classes):
-        return {
-            "name": name,
-            "model": {"name": "encoder_classifier", "kwargs": {"in_features": 64, "num_classes": classes, "num_nodes": 8}},
-            "data": {"name": "digits", "kwargs": {"limit": 64}, "batch_size": batch},
-            "loss": "cross_entropy",
-        }
-
-    return [member("m1", 32, 10), member("m2", second_batch, second_classes)]
+    """Two small digits classifiers on the first 64 images; the second's batch size and classes as given."""
+    return [
+        digits_member("m1", model_kwargs={"num_nodes": 8}, data_kwargs={"limit": 64}),
+        digits_member("m2", model_kwargs={"num_nodes": 8, "num_classes": second_classes}, data_kwargs={"limit": 64}, batch_size=second_batch),
+    ]
 
 
 def test_mutual_learning_pulls_each_member_towards_its_peers_fixed_predictions(base_config):
