@@ -299,6 +299,10 @@ def pbt_population(steps: int, every: int, **changes) -> dict:
     return settings
 
 
+# The LSTM encoder's parameters in poptrain.builtins' lstm_classifier (one layer): what a `share` of "lstm.*" shares.
+LSTM_PARAMS = ["lstm.weight_ih_l0", "lstm.weight_hh_l0", "lstm.bias_ih_l0", "lstm.bias_hh_l0"]
+
+
 def save_init(model, path: Path) -> str:
     """``model``'s state_dict saved at ``path``, for a member's ``init``: that path, as a string."""
     import torch

@@ -127,10 +127,19 @@ def test_in_async_mode_parameters_only_the_coordinator_reads_still_travel(base_c
 
 
 def test_a_member_keeps_what_it_sent_only_where_a_non_finite_step_can_go_on(base_config):
+    """Under `skip` a member keeps the values it sent last (its peers get them again after a
+    non-finite step), in its checkpoint too; under `fail` the run stops instead: nothing kept."""
+    from poptrain.member import quantity_key
+
     for policy, kept in (("fail", False), ("skip", True)):
         population = InProcessPopulation(base_config(failure={"nonfinite": policy}))
         population.train(2)
-        assert bool(population.trainers["m1"].state_dict()["last_sent"]) is kept, policy
+        last_sent = population.trainers["m1"].state_dict()["last_sent"]
+        (sent,) = [values for member, _, step, values in population.sent if member == "m1" and step == 1]
+        expected = {quantity_key(q): a for q, a in sent.items()} if kept else {}
+        assert last_sent.keys() == expected.keys(), policy
+        for key, array in expected.items():
+            assert np.array_equal(last_sent[key].numpy(), array), f"{policy}: {key} is what m1 sent at step 1"
 
 
 def test_a_member_s_results_do_not_depend_on_other_randomness_in_its_process(base_config):
@@ -151,7 +160,10 @@ def test_a_member_s_results_do_not_depend_on_other_randomness_in_its_process(bas
         return trainer.weights()
 
     quiet, disturbed = trained(False), trained(True)
-    assert all(torch.equal(quiet[k], disturbed[k]) for k in quiet)
+    assert quiet.keys() == disturbed.keys() and "head.weight" in quiet
+    for key in quiet:
+        assert torch.equal(quiet[key], disturbed[key]), key
     before = torch.get_rng_state()
     InProcessPopulation(config).trainers["m1"].train_step()
     assert torch.equal(torch.get_rng_state(), before), "a member's step leaves the process's own stream alone"
+

@@ -24,7 +24,7 @@ from tests.reference import (
     squared_loss_gap_joint_training,
     wash_training,
 )
-from tests.conftest import assert_weights_equal, digits_member, members_on_thirds_of_the_digits, save_init
+from tests.conftest import LSTM_PARAMS, assert_weights_equal, digits_member, members_on_thirds_of_the_digits, save_init
 
 STEPS = 20
 EVAL_BATCH = 128  # held-out samples per forward pass, in the run and in the reference alike
@@ -151,7 +151,9 @@ def test_shared_module_matches_one_module_used_by_both_models_and_stays_bitwise_
     for name, module in zip(("m1", "m2"), reference):
         assert_weights_equal(result, name, module)
     a, b = (torch.load(result.output_dir / "members" / n / "model.pt", weights_only=True) for n in ("m1", "m2"))
-    assert all(torch.equal(a[k], b[k]) for k in a if k.startswith("lstm.")), "shared parameters bitwise identical"
+    assert [k for k in a if k.startswith("lstm.")] == LSTM_PARAMS
+    for key in LSTM_PARAMS:
+        assert torch.equal(a[key], b[key]), f"{key}: shared parameters bitwise identical"
     assert not torch.equal(a["linear.weight"], b["linear.weight"]), "heads are each member's own"
 
 
