@@ -1,6 +1,7 @@
 """The coordinator's logic in plain Python (poptrain.coordinator), driven without Ray, in
 milliseconds: the barrier, stand-ins for members that died, replay for restarted members, the
-async board, and what a member keeps of its own."""
+async board, what a member keeps of its own, and the parts on their own: stand-ins, the replay
+history and population-based training's rounds."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from poptrain.config import load_config
 from poptrain.coordinator import AsyncBoard, Coordinator, PBTRounds, ReplayHistory, Round, StandIns
 from poptrain.couplings import Quantity
 from poptrain.exchange import ExchangePlan, ExchangeTimeout
-from tests.conftest import digits_member
+from tests.conftest import digits_member, pbt_population
 from tests.in_process import InProcessPopulation
 
 SLOPE = "activation.weight"
@@ -251,8 +252,6 @@ def test_without_checkpoints_the_replay_history_keeps_nothing():
 
 def pbt_rounds(base_config, run_dir=None, **changes) -> PBTRounds:
     """PBT's rounds of tests.conftest's four-member population (exploit the bottom quarter, every 2 steps)."""
-    from tests.conftest import pbt_population
-
     return PBTRounds(load_config(base_config(**pbt_population(steps=20, every=2, **changes))), run_dir)
 
 
