@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import os
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -230,6 +232,16 @@ def base_config(tmp_path: Path, tracking_uri: str, experiment: str):
     return lambda **changes: make_config(tmp_path / "runs", tracking_uri, experiment, **changes)
 
 
+@pytest.fixture
+def in_process_host(base_config):
+    """Factory ``(members, client=InProcessClient, **changes) -> (trainers, link)``: a
+    :func:`make_config` config with these members (and ``changes``) as one host in this process
+    (:func:`tests.in_process.one_host`; no Ray)."""
+    from tests.in_process import InProcessClient, one_host
+
+    return lambda members, client=InProcessClient, **changes: one_host(base_config(members=members, **changes), client)
+
+
 def prelu_member(name: str, **changes) -> dict:
     """Seed 000's member: Linear(20, 40) -> PReLU -> Linear(40, 1) on a synthetic regression."""
     member = {
@@ -241,6 +253,216 @@ def prelu_member(name: str, **changes) -> dict:
     }
     member.update(copy.deepcopy(changes))
     return member
+
+
+# Digits per image in each view of poptrain.builtins.data.digits ("rows" is a sequence: not for the MLP).
+DIGIT_FEATURES = {"full": 64, "downsampled": 16, "crop": 36, "left": 32, "right": 32}
+
+
+def digits_member(name: str, view: str = "full", *, model_kwargs: dict | None = None, data_kwargs: dict | None = None,
+                  batch_size: int = 32, shuffle: bool = True, lr: float = 0.01, **changes) -> dict:
+    """A classifier of scikit-learn's bundled 8x8 digits (no download): the built-in
+    ``encoder_classifier`` (16 nodes, 10 classes) on one ``view`` of the images, 32 a batch, Adam at
+    ``lr`` on cross-entropy. ``model_kwargs`` and ``data_kwargs`` add to (or override) the model's
+    and the dataset's kwargs (``split``, ``limit``, ``part``/``parts``); ``changes`` replace whole
+    entries of the member (``init``, ``optimizer``, ``resources``, ...)."""
+    member = {
+        "name": name,
+        "model": {"name": "encoder_classifier", "kwargs": {"in_features": DIGIT_FEATURES[view], "num_classes": 10, "num_nodes": 16, **(model_kwargs or {})}},
+        "data": {"name": "digits", "kwargs": {"view": view, **(data_kwargs or {})}, "batch_size": batch_size, "shuffle": shuffle},
+        "loss": "cross_entropy",
+        "optimizer": {"name": "adam", "lr": lr},
+    }
+    member.update(copy.deepcopy(changes))
+    return member
+
+
+PBT_LR = {"optimizer.lr": {"factors": [0.5, 2.0]}}  # halve or double the learning rate
+
+
+def pbt_population(steps: int, every: int, **changes) -> dict:
+    """Settings (for :func:`make_config`) of four digits classifiers from lr 1e-4 to 3e-2, evaluated
+    on held-out accuracy and exploited/explored (lr, weight decay) every ``every`` steps, no coupling."""
+    members = [
+        digits_member(f"m{i + 1}", model_kwargs={"depth": 1}, data_kwargs={"split": "train", "limit": 256},
+                      optimizer={"name": "adam", "lr": lr, "kwargs": {"weight_decay": 0.0001}})
+        for i, lr in enumerate((0.0001, 0.003, 0.01, 0.03))
+    ]
+    settings = {
+        "steps": steps,
+        "members": members,
+        "couplings": [],
+        "evaluation": {"every": every, "metrics": ["accuracy"]},
+        "pbt": {"every": every, "quantile": 0.25, "hyperparameters": {**PBT_LR, "optimizer.kwargs.weight_decay": {"values": [0.0, 0.001]}}},
+    }
+    settings.update(changes)
+    return settings
+
+
+# The LSTM encoder's parameters in poptrain.builtins' lstm_classifier (one layer): what a `share` of "lstm.*" shares.
+LSTM_PARAMS = ["lstm.weight_ih_l0", "lstm.weight_hh_l0", "lstm.bias_ih_l0", "lstm.bias_hh_l0"]
+
+
+def save_init(model, path: Path) -> str:
+    """``model``'s state_dict saved at ``path``, for a member's ``init``: that path, as a string."""
+    import torch
+
+    torch.save(model.state_dict(), path)
+    return str(path)
+
+
+def assert_weights_equal(result, name: str, reference_module, atol: float = 1e-5) -> None:
+    """Member ``name``'s final weights in a run's output folder are within ``atol`` of a reference
+    module's (``atol=0``: bitwise)."""
+    import torch
+
+    trained = weights(result.output_dir, name)
+    for key, expected in reference_module.state_dict().items():
+        torch.testing.assert_close(trained[key], expected, rtol=0, atol=atol, msg=f"{name}.{key}")
+
+
+def members_on_thirds_of_the_digits(tmp_path: Path, seed: int, count: int = 3):
+    """``count`` digits classifiers with different initial weights (seeded by ``seed``), each
+    training on its own third of the first 256 digits in order. Returns (the initial modules, the
+    members' configs, a function giving the members' batch streams as a reference reads them)."""
+    import torch
+
+    from poptrain.builtins.data import digits
+    from poptrain.builtins.models import EncoderClassifier
+    from tests.reference import sequential_batches
+
+    torch.manual_seed(seed)
+    models = [EncoderClassifier(64, 10, num_nodes=16) for _ in range(count)]
+    inits = [save_init(m, tmp_path / f"m{i}.pt") for i, m in enumerate(models)]
+    members = [digits_member(f"m{i + 1}", data_kwargs={"limit": 256, "part": i, "parts": 3}, shuffle=False, init=inits[i]) for i in range(count)]
+    streams = lambda: zip(*(sequential_batches(digits(view="full", limit=256, part=i, parts=3), 32) for i in range(count)))  # noqa: E731
+    return models, members, streams
+
+
+SEED000_LR, SEED000_BATCH = 0.01, 32  # seed 000's Adam learning rate and batch size
+
+
+def seed000_initial_modules(folder: Path, alphas=(0.25, 0.25)):
+    """Two seed-000 modules (fixed seed) whose PReLU slopes start at ``alphas`` (equal by default:
+    the separation term is active every step), saved in ``folder``: (the modules, their paths)."""
+    import torch
+
+    from tests.reference import SeedModule
+
+    torch.manual_seed(1234)
+    modules = [SeedModule(20, 1), SeedModule(20, 1)]
+    paths = []
+    for index, (module, alpha) in enumerate(zip(modules, alphas)):
+        with torch.no_grad():
+            module.activation.weight.fill_(alpha)
+        paths.append(save_init(module, folder / f"init{index}.pt"))
+    return modules, paths
+
+
+def poptrain_command(*args, cwd, env=None, timeout=300):
+    """``python -m poptrain ARGS`` as a user runs it in ``cwd`` (no MLFLOW_TRACKING_URI from this
+    environment): the finished process, its output captured."""
+    environment = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
+    environment.pop("MLFLOW_TRACKING_URI", None)
+    return subprocess.run([sys.executable, "-m", "poptrain", *args], cwd=cwd, env=environment, capture_output=True, text=True, timeout=timeout)
+
+
+# -- runs with faults: a member or a driver killed mid-run (tests/test_failures.py and others) ----
+
+# A run long enough that a member killed between steps 40 and STEPS - 100 is killed mid-run, and
+# the uninterrupted twin its result is compared with.
+KILLED_STEPS, KILLED_CHECKPOINT_EVERY = 300, 20
+
+
+def logged_steps(tracking_uri: str, run_id: str, key: str = "loss") -> list[int]:
+    """The steps at which an MLflow run logged ``key``, sorted (repeats kept: a step logged twice shows twice)."""
+    from mlflow.tracking import MlflowClient
+
+    return sorted(m.step for m in MlflowClient(tracking_uri).get_metric_history(run_id, key))
+
+
+def run_killing_m2_once(config, steps, restarted=("m2",), from_step=40, until_step=None):
+    """Run ``config``, SIGKILLing m2's process once between step ``from_step`` and ``until_step``
+    (``steps - 100`` unless given). Returns (result, {pid, step, time} of the kill).
+    ``restarted``: the members that process carries."""
+    import signal
+    import time
+
+    import poptrain
+
+    killed = {}
+    until_step = steps - 100 if until_step is None else until_step
+
+    def kill_m2_once(snapshot):
+        step = snapshot["members"].get("m2", {}).get("step", 0)
+        if not killed and from_step <= step < until_step:
+            killed["pid"], killed["step"], killed["time_ms"] = snapshot["placement"]["m2"]["pid"], step, time.time() * 1000
+            os.kill(killed["pid"], signal.SIGKILL)
+
+    result = poptrain.run(config, progress=kill_m2_once, poll_s=0.1)
+    assert killed, "the member was killed mid-run"
+    assert result.restarts == dict.fromkeys(restarted, 1)
+    assert result.placement["m2"]["pid"] != killed["pid"], "a new process took over"
+    return result, killed
+
+
+def driver_env() -> dict:
+    """This environment for a `poptrain` process of its own: the repository importable, no Ray to join."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env.pop("RAY_ADDRESS", None)
+    return env
+
+
+def run_killing_the_driver(config, folder, after_step):
+    """Start ``config`` (a dict) as a real ``poptrain run`` process in ``folder`` and SIGKILL it with
+    the Ray it started once the latest complete checkpoint is at ``after_step`` or later. Returns
+    (its run folder, that checkpoint's step, from which it resumes)."""
+    import signal
+    import time
+
+    import psutil
+    import yaml
+
+    import poptrain
+    from poptrain.checkpoint import latest_complete_step
+
+    path = folder / f"{config['name']}.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))  # as written: the order of pbt.hyperparameters is the order explore draws in
+    run_dir = Path(config["output_dir"]) / config["name"]
+    members = poptrain.load_config(config).member_names  # entries with `copies` make several
+    # Its own session and process group: the driver and the Ray it started, which the kill takes at
+    # once, like losing the machine.
+    driver = subprocess.Popen([sys.executable, "-m", "poptrain", "run", str(path)], cwd=folder, env=driver_env(), start_new_session=True,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    processes = []
+    try:
+        deadline = time.monotonic() + 240
+        while (latest_complete_step(run_dir, members) or 0) < after_step:
+            assert driver.poll() is None, "the run ended before it could be interrupted"
+            assert time.monotonic() < deadline, "no checkpoint appeared"
+            time.sleep(0.2)
+    finally:
+        # Ray's workers (the members, the coordinator) have process groups of their own: killed by
+        # the group alone, they would train on, and write checkpoints, for seconds after the driver.
+        processes = psutil.Process(driver.pid).children(recursive=True)
+        os.killpg(driver.pid, signal.SIGKILL)
+        for process in processes:
+            try:
+                process.kill()
+            except psutil.NoSuchProcess:
+                pass
+        driver.wait()
+    _, alive = psutil.wait_procs(processes, timeout=30)
+    assert not alive, f"processes of the killed run still alive: {alive}"
+    step = latest_complete_step(run_dir, members)
+    assert step < config["steps"], "the driver was killed mid-run"
+    return run_dir, step
+
+
+def resume_in_a_process(run_dir, folder):
+    """``poptrain resume run_dir`` as a real process in ``folder``; it must succeed."""
+    resumed = subprocess.run([sys.executable, "-m", "poptrain", "resume", str(run_dir)], cwd=folder, env=driver_env(), capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
 
 
 @pytest.fixture

@@ -1,10 +1,15 @@
-"""A population stepped in this process, one thread per member, through the real coordinator
+"""Populations stepped in this process through the real coordinator
 (:class:`poptrain.coordinator.Coordinator`: its barrier, its rewrites) and the real links and
 wire (:mod:`poptrain.exchange`), without Ray's start-up: for behaviour that does not depend on
-processes (guards, policies). Members step at the same time on threads, so what a member draws at
-random during a step is not its own here (poptrain.randomness): keep such tests to members that
-draw nothing in their steps, or step a single member. Everything exchanged is recorded, so a test
-can check what a peer could ever have seen."""
+processes (guards, policies, stacking). Two shapes:
+
+- :class:`InProcessPopulation`: one thread and one link per member, as one member per host.
+  Members step at the same time on threads, so what a member draws at random during a step is
+  not its own here (poptrain.randomness): keep such tests to members that draw nothing in their
+  steps, or step a single member. Everything exchanged is recorded, so a test can check what a
+  peer could ever have seen.
+- :func:`one_host`: every member on one link, stepped together on this thread as a host steps
+  its members (:func:`train_host`, poptrain.lockstep), stacked where the test forms groups."""
 
 from __future__ import annotations
 
@@ -14,10 +19,43 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from poptrain.checks import inspect_population
-from poptrain.config import load_config
-from poptrain.coordinator import InProcessClient, calls_in_flight, in_process_coordinator
-from poptrain.exchange import open_link
+from poptrain.config import RunConfig, load_config
+from poptrain.coordinator import Coordinator, InProcessClient, calls_in_flight, in_process_coordinator
+from poptrain.exchange import Link, open_link
+from poptrain.lockstep import step_together
 from poptrain.member import MemberTrainer
+
+
+def _set_up(config: dict) -> tuple[RunConfig, Coordinator, object, dict[str, MemberTrainer]]:
+    """``config`` validated, its in-process coordinator and wire, and a trainer per member (not connected)."""
+    cfg = load_config(config)
+    population = inspect_population(cfg)
+    coordinator, wire = in_process_coordinator(cfg, population)
+    return cfg, coordinator, wire, {name: MemberTrainer(cfg, name, population) for name in cfg.member_names}
+
+
+def one_host(config: dict, client: type[InProcessClient] = InProcessClient) -> tuple[list[MemberTrainer], Link]:
+    """Every member of ``config`` as one host's: their trainers, in member order, connected on one
+    link (through ``client``) to an in-process coordinator."""
+    cfg, coordinator, wire, trainers = _set_up(config)
+    link = open_link(cfg, coordinator.plan, client(coordinator, wire, 4))
+    for trainer in trainers.values():
+        trainer.connect(link)
+    return list(trainers.values()), link
+
+
+def train_host(units, link: Link, steps: int) -> list:
+    """Step one host's ``units`` (trainers, or stacked groups of them) together ``steps`` times,
+    then hand every stack's state back to its members; each step's metrics by unit."""
+    from poptrain.stacked import StackedGroup
+
+    out = []
+    for _ in range(steps):
+        out.append(step_together(units, [u.step_program() for u in units], link))
+    for unit in units:
+        if isinstance(unit, StackedGroup):
+            unit.to_members()
+    return out
 
 
 class RecordingClient(InProcessClient):
@@ -38,11 +76,8 @@ class RecordingClient(InProcessClient):
 class InProcessPopulation:
     def __init__(self, config: dict, timeout_s: float = 30.0):
         config = {**config, "exchange": {"timeout_s": timeout_s, **config.get("exchange", {})}}
-        self.cfg = load_config(config)
-        population = inspect_population(self.cfg)
-        self.coordinator, wire = in_process_coordinator(self.cfg, population)
+        self.cfg, self.coordinator, wire, self.trainers = _set_up(config)
         self.client = RecordingClient(self, self.coordinator, wire, calls_in_flight(len(self.cfg.members)))
-        self.trainers = {name: MemberTrainer(self.cfg, name, population) for name in self.cfg.member_names}
         for name, trainer in self.trainers.items():
             trainer.connect(open_link(self.cfg, trainer.plan, self.client))
         self.metrics: dict[str, list[dict[str, float]]] = {name: [] for name in self.trainers}

@@ -9,12 +9,7 @@ import sys
 import yaml
 
 from tests.conftest import REPO, InBackground, started
-
-
-def poptrain(*args, cwd, env=None, timeout=300):
-    environment = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
-    environment.pop("MLFLOW_TRACKING_URI", None)
-    return subprocess.run([sys.executable, "-m", "poptrain", *args], cwd=cwd, env=environment, capture_output=True, text=True, timeout=timeout)
+from tests.conftest import poptrain_command as poptrain
 
 
 def test_invalid_config_exits_2_with_one_message_and_starts_nothing(tmp_path):

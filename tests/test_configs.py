@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import poptrain
-from tests.conftest import REPO
+from tests.conftest import LSTM_PARAMS, REPO
 
 # prelu_separation.yaml runs in full through the CLI (test_cli.py) and with every=10 below;
 # shared_module.yaml with every=3 below.
@@ -89,7 +89,9 @@ def test_shared_module_copies_end_identical_when_averaged_every_3_steps(ray_sess
         overrides=["steps=10", "exchange.every=3", f"output_dir={tmp_path}", f"tracking.uri={tracking_uri}", f"tracking.experiment={experiment}", *QUIET],
     )
     a, b = (torch.load(result.output_dir / "members" / n / "model.pt", weights_only=True) for n in ("m1", "m2"))
-    assert all(torch.equal(a[k], b[k]) for k in a if k.startswith("lstm."))
+    assert [k for k in a if k.startswith("lstm.")] == LSTM_PARAMS
+    for key in LSTM_PARAMS:
+        assert torch.equal(a[key], b[key]), key
 
 
 def test_async_exchange_converges_and_never_uses_values_older_than_max_staleness(ray_session, tmp_path, tracking_uri, experiment):

@@ -24,34 +24,15 @@ from tests.reference import (
     squared_loss_gap_joint_training,
     wash_training,
 )
+from tests.conftest import LSTM_PARAMS, assert_weights_equal, digits_member, members_on_thirds_of_the_digits, save_init
 
 STEPS = 20
-ATOL = 1e-5
 EVAL_BATCH = 128  # held-out samples per forward pass, in the run and in the reference alike
 
 
-def save_init(model, path):
-    torch.save(model.state_dict(), path)
-    return str(path)
-
-
-def assert_weights_equal(result, name, reference_module, atol=ATOL):
-    trained = torch.load(result.output_dir / "members" / name / "model.pt", weights_only=True)
-    for key, expected in reference_module.state_dict().items():
-        torch.testing.assert_close(trained[key], expected, rtol=0, atol=atol, msg=f"{name}.{key}")
-
-
-def digits_member(name, view, in_features, init, **changes):
-    member = {
-        "name": name,
-        "model": {"name": "encoder_classifier", "kwargs": {"in_features": in_features, "num_classes": 10, "num_nodes": 16}},
-        "data": {"name": "digits", "kwargs": {"view": view, "limit": 256}, "batch_size": 32, "shuffle": False},
-        "loss": "cross_entropy",
-        "optimizer": {"name": "adam", "lr": 0.01},
-        "init": init,
-    }
-    member.update(changes)
-    return member
+def seed_member(name, view, init, **changes):
+    """A digits classifier as the seeds' references train it: the first 256 digits in order, from ``init``."""
+    return digits_member(name, view, data_kwargs={"limit": 256}, shuffle=False, init=init, **changes)
 
 
 def _seed003(ray_session, base_config, tmp_path, routed):
@@ -61,9 +42,9 @@ def _seed003(ray_session, base_config, tmp_path, routed):
     inits = [save_init(m, tmp_path / f"m{i}.pt") for i, m in enumerate(models)]
     weight = 1.0 if routed else 0.0
     members = [
-        digits_member("m1", "full", 64, inits[0]),
-        digits_member("m2", "downsampled", 16, inits[1], loss_weight=weight),
-        digits_member("m3", "crop", 36, inits[2], loss_weight=weight),
+        seed_member("m1", "full", inits[0]),
+        seed_member("m2", "downsampled", inits[1], loss_weight=weight),
+        seed_member("m3", "crop", inits[2], loss_weight=weight),
     ]
     trains = {"trains": ["m1"]} if routed else {}
     couplings = [
@@ -93,7 +74,7 @@ def test_non_linear_relative_loss_uses_the_peers_current_loss_and_matches_the_jo
     views = [("full", 64), ("downsampled", 16)]
     models = [EncoderClassifier(f, 10, num_nodes=16) for _, f in views]
     inits = [save_init(m, tmp_path / f"m{i}.pt") for i, m in enumerate(models)]
-    members = [digits_member(f"m{i + 1}", view, features, inits[i]) for i, (view, features) in enumerate(views)]
+    members = [seed_member(f"m{i + 1}", view, inits[i]) for i, (view, _) in enumerate(views)]
     couplings = [{"type": "relative", "name": "gap", "fn": {"name": "tests.helpers:squared_loss_gap"}}]
     result = poptrain.run(base_config(members=members, couplings=couplings, steps=STEPS, exchange={"every": 1, "mode": "sync"}))
     streams = [sequential_batches(digits(view=v, limit=256), 32) for v, _ in views]
@@ -127,9 +108,9 @@ def test_average_into_a_target_is_exactly_the_seed_002_mean(ray_session, base_co
     models = [EncoderClassifier(64, 10, num_nodes=16) for _ in range(2)]
     inits = [save_init(m, tmp_path / f"m{i}.pt") for i, m in enumerate(models)]
     members = [
-        digits_member("m1", "full", 64, inits[0]),
-        digits_member("m2", "full", 64, inits[1], optimizer={"name": "adam", "lr": 0.003}),
-        digits_member("m3", "full", 64, None, trainable=False),
+        seed_member("m1", "full", inits[0]),
+        seed_member("m2", "full", inits[1], optimizer={"name": "adam", "lr": 0.003}),
+        seed_member("m3", "full", None, trainable=False),
     ]
     couplings = [{"type": "average", "members": ["m1", "m2"], "into": "m3"}]
     result = poptrain.run(base_config(members=members, couplings=couplings, steps=STEPS, exchange={"shared_memory": shared_memory}))
@@ -170,7 +151,9 @@ def test_shared_module_matches_one_module_used_by_both_models_and_stays_bitwise_
     for name, module in zip(("m1", "m2"), reference):
         assert_weights_equal(result, name, module)
     a, b = (torch.load(result.output_dir / "members" / n / "model.pt", weights_only=True) for n in ("m1", "m2"))
-    assert all(torch.equal(a[k], b[k]) for k in a if k.startswith("lstm.")), "shared parameters bitwise identical"
+    assert [k for k in a if k.startswith("lstm.")] == LSTM_PARAMS
+    for key in LSTM_PARAMS:
+        assert torch.equal(a[key], b[key]), f"{key}: shared parameters bitwise identical"
     assert not torch.equal(a["linear.weight"], b["linear.weight"]), "heads are each member's own"
 
 
@@ -181,7 +164,7 @@ def test_averaging_back_into_members_in_shared_memory_matches_copies_bitwise_and
     torch.manual_seed(5)
     init = save_init(EncoderClassifier(64, 10, num_nodes=16), tmp_path / "init.pt")
     members = [
-        digits_member(f"m{i + 1}", "full", 64, init, data={"name": "digits", "kwargs": {"view": "full", "limit": 256, "part": i, "parts": 2}, "batch_size": 32})
+        digits_member(f"m{i + 1}", data_kwargs={"limit": 256, "part": i, "parts": 2}, init=init)
         for i in range(2)
     ]
     couplings = [{"type": "average", "name": "local_sgd", "every": 3}]
@@ -215,7 +198,7 @@ def test_mutual_learning_matches_the_single_process_dml_objective(ray_session, b
     views = [("full", 64), ("downsampled", 16), ("crop", 36)]
     models = [EncoderClassifier(f, 10, num_nodes=16) for _, f in views]
     inits = [save_init(m, tmp_path / f"m{i}.pt") for i, m in enumerate(models)]
-    members = [digits_member(f"m{i + 1}", view, features, inits[i]) for i, (view, features) in enumerate(views)]
+    members = [seed_member(f"m{i + 1}", view, inits[i]) for i, (view, _) in enumerate(views)]
     couplings = [{"type": "mutual", "weight": 0.7, "temperature": 2.0}]
     result = poptrain.run(base_config(members=members, couplings=couplings, steps=STEPS, exchange={"every": 1, "mode": "sync"}))
     streams = [sequential_batches(digits(view=v, limit=256), 32) for v, _ in views]
@@ -239,7 +222,7 @@ def test_codistillation_uses_peers_weights_refreshed_every_k_exchanges_on_each_m
     models = [EncoderClassifier(64, 10, num_nodes=16) for _ in range(2)]
     inits = [save_init(m, tmp_path / f"m{i}.pt") for i, m in enumerate(models)]
     shards = [{"view": "full", "part": i, "parts": 2, "limit": 128} for i in range(2)]
-    members = [digits_member(f"m{i + 1}", "full", 64, inits[i], data={"name": "digits", "kwargs": shards[i], "batch_size": 32, "shuffle": False}) for i in range(2)]
+    members = [digits_member(f"m{i + 1}", data_kwargs=shards[i], shuffle=False, init=inits[i]) for i in range(2)]
     couplings = [{"type": "mutual", "mode": "codistillation", "refresh_every": 3, "weight": 0.5, "temperature": 2.0}]
     result = poptrain.run(base_config(members=members, couplings=couplings, steps=STEPS, exchange={"every": 1, "mode": "sync"}))
     streams = [sequential_batches(digits(**shard), 32) for shard in shards]
@@ -249,18 +232,6 @@ def test_codistillation_uses_peers_weights_refreshed_every_k_exchanges_on_each_m
 
 
 # -- averaging beyond the mean (issue 26): PAPA, gossip, WASH, DiLoCo -------------------------
-
-
-def _members_on_thirds_of_the_digits(tmp_path, seed, count=3):
-    """``count`` classifiers with different initial weights, each training on its own
-    third of the digits in order, one member per process (bitwise: no stacking)."""
-    torch.manual_seed(seed)
-    models = [EncoderClassifier(64, 10, num_nodes=16) for _ in range(count)]
-    inits = [save_init(m, tmp_path / f"m{i}.pt") for i, m in enumerate(models)]
-    data = lambda i: {"name": "digits", "kwargs": {"view": "full", "limit": 256, "part": i, "parts": 3}, "batch_size": 32, "shuffle": False}  # noqa: E731
-    members = [digits_member(f"m{i + 1}", "full", 64, inits[i], data=data(i)) for i in range(count)]
-    streams = lambda: zip(*(sequential_batches(digits(view="full", limit=256, part=i, parts=3), 32) for i in range(count)))  # noqa: E731
-    return models, members, streams
 
 
 def _matches_fresh_not_stale(result, fresh, stale):
@@ -279,7 +250,7 @@ def test_papa_pulls_members_towards_the_mean_of_the_same_round_bitwise_as_the_si
     mean before the pull; each member logs what the pull moved it by (a quarter of that distance),
     though the coordinator pulls it in place; and the population's average model is the mean of
     the saved final weights, evaluated on the held-out digits."""
-    models, members, streams = _members_on_thirds_of_the_digits(tmp_path, 6)
+    models, members, streams = members_on_thirds_of_the_digits(tmp_path, 6)
     for member in members:  # held out for the population's average model (evaluation changes no training)
         member["eval_data"] = {"name": "digits", "kwargs": {"view": "full", "split": "test"}, "batch_size": EVAL_BATCH}
     starts = [copy.deepcopy(m) for m in models]
@@ -334,7 +305,7 @@ def test_gossip_averages_the_seeds_random_pairs_of_the_same_round_bitwise_as_the
     and the step is replaced by its mean and the odd one out keeps its weights; the final weights
     are the single-process reference's bit for bit, and not those of the reference whose pairs
     average the previous round's values."""
-    models, members, streams = _members_on_thirds_of_the_digits(tmp_path, 7)
+    models, members, streams = members_on_thirds_of_the_digits(tmp_path, 7)
     starts = [copy.deepcopy(m) for m in models]
     result = poptrain.run(base_config(
         seed=11, members=members, couplings=[{"type": "gossip"}], steps=STEPS, exchange={"every": 1, "mode": "sync"}, placement={"members_per_host": 1}
@@ -352,7 +323,7 @@ def test_wash_shuffles_the_seeds_positions_of_the_same_round_bitwise_as_the_sing
     that very exchange; the final weights are the single-process reference's bit for bit (the
     reference permutes position by position in a Python loop), and not those of the reference
     whose shuffled positions take the previous round's values."""
-    models, members, streams = _members_on_thirds_of_the_digits(tmp_path, 8)
+    models, members, streams = members_on_thirds_of_the_digits(tmp_path, 8)
     starts = [copy.deepcopy(m) for m in models]
     result = poptrain.run(base_config(
         seed=5, members=members, couplings=[{"type": "wash", "fraction": 0.1}], steps=STEPS, exchange={"every": 1, "mode": "sync"}, placement={"members_per_host": 1}
@@ -370,7 +341,7 @@ def test_diloco_takes_nesterov_outer_steps_on_the_mean_delta_of_the_same_round_b
     the outer gradient of SGD with Nesterov momentum (lr 0.7, momentum 0.9) on the global weights,
     which every member restarts from; once more after the last step. Bitwise the single-process reference's (which
     uses torch.optim.SGD), and not the reference's fed the previous round's values."""
-    models, members, streams = _members_on_thirds_of_the_digits(tmp_path, 9)
+    models, members, streams = members_on_thirds_of_the_digits(tmp_path, 9)
     starts = [copy.deepcopy(m) for m in models]
     couplings = [{"type": "diloco", "every": 4}]
     result = poptrain.run(base_config(members=members, couplings=couplings, steps=STEPS, exchange={"every": 1, "mode": "sync"}, placement={"members_per_host": 1}))

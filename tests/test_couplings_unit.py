@@ -12,7 +12,7 @@ from poptrain.coordinator import CouplingEvaluator
 from poptrain.exchange import ExchangePlan
 from poptrain.couplings import Quantity, build_couplings
 from poptrain.checks import inspect_population
-from tests.conftest import prelu_member
+from tests.conftest import digits_member, prelu_member
 
 
 def couplings_for(base_config, couplings, members=None):
@@ -207,15 +207,11 @@ def test_the_averaging_divergence_does_not_overflow_in_low_precision(dtype):
 
 
 def digits_members(second_batch=32, second_classes=10):
-    def member(name, batch, classes):
-        return {
-            "name": name,
-            "model": {"name": "encoder_classifier", "kwargs": {"in_features": 64, "num_classes": classes, "num_nodes": 8}},
-            "data": {"name": "digits", "kwargs": {"limit": 64}, "batch_size": batch},
-            "loss": "cross_entropy",
-        }
-
-    return [member("m1", 32, 10), member("m2", second_batch, second_classes)]
+    """Two small digits classifiers on the first 64 images; the second's batch size and classes as given."""
+    return [
+        digits_member("m1", model_kwargs={"num_nodes": 8}, data_kwargs={"limit": 64}),
+        digits_member("m2", model_kwargs={"num_nodes": 8, "num_classes": second_classes}, data_kwargs={"limit": 64}, batch_size=second_batch),
+    ]
 
 
 def test_mutual_learning_pulls_each_member_towards_its_peers_fixed_predictions(base_config):
@@ -223,11 +219,13 @@ def test_mutual_learning_pulls_each_member_towards_its_peers_fixed_predictions(b
     own = torch.tensor([[2.0, 0.0, -1.0]], requires_grad=True)
     peer = torch.tensor([[0.0, 1.0, 0.0]])
     q = {Quantity("m1", "pred", "outputs"): own, Quantity("m2", "pred", "outputs"): peer}
-    expected = 4.0 * torch.nn.functional.kl_div(torch.log_softmax(own / 2, -1), torch.softmax(peer / 2, -1), reduction="batchmean")
+    reference = own.detach().clone().requires_grad_()
+    expected = 4.0 * torch.nn.functional.kl_div(torch.log_softmax(reference / 2, -1), torch.softmax(peer / 2, -1), reduction="batchmean")
     term = mutual.term("m1", q)
     assert torch.allclose(term, expected)
     term.backward()
-    assert own.grad is not None and float(own.grad.abs().sum()) > 0
+    expected.backward()
+    assert float(reference.grad.abs().sum()) > 0 and torch.allclose(own.grad, reference.grad), "pulled along the reference's gradient"
     assert torch.allclose(mutual.value(q), mutual.value_for("m1", q) + mutual.value_for("m2", q)), "the parent logs the sum"
     assert mutual.metrics(q)["agreement"] == 0.0
 
@@ -335,7 +333,8 @@ def test_papa_pulls_each_member_a_fraction_rate_of_the_way_to_the_mean(base_conf
     out = papa.rewrite_at("param", 0, q, {})
     assert {m: float(out[Quantity(m, "param", "activation.weight")]) for m in ("m1", "m2", "m3")} == {"m1": 1.75, "m2": 3.25, "m3": 7.0}
     assert float(sum(out.values())) / 3 == pytest.approx(4.0), "the pull leaves the mean where it is"
-    assert all(float(v) == 4.0 for v in plain.rewrite_at("param", 0, q, {}).values()), "rate 1 (the default) is the mean itself"
+    plain_out = plain.rewrite_at("param", 0, q, {})
+    assert {q.member: float(v) for q, v in plain_out.items()} == {"m1": 4.0, "m2": 4.0, "m3": 4.0}, "rate 1 (the default) is the mean itself"
     assert papa.metrics(q)["divergence/m3"] == pytest.approx(4.0), "distance to the mean before the pull"
     (rewrite,) = papa.rewrites()
     assert rewrite.due(0, final=False) and rewrite.due(5, final=True), "scheduled as plain averaging: every `every` exchanges and after the last step"

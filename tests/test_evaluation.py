@@ -16,26 +16,20 @@ from poptrain.builtins.metrics import accuracy, mae, mse, top_k_accuracy
 from poptrain.config import ConfigError, load_config
 from poptrain.coordinator import EvalBoard
 from poptrain.models_logging import using_tracking_uri
+from tests.conftest import digits_member
 from tests.in_process import InProcessPopulation
 
 STEPS, EVERY = 12, 5
 
 
-def digits_member(name: str, view: str, features: int, **changes) -> dict:
-    member = {
-        "name": name,
-        "model": {"name": "encoder_classifier", "kwargs": {"in_features": features, "num_classes": 10, "num_nodes": 16, "dropout": 0.2}},
-        "data": {"name": "digits", "kwargs": {"view": view, "split": "train"}, "batch_size": 32},
-        "loss": "cross_entropy",
-        "optimizer": {"name": "adam", "lr": 0.01},
-    }
-    member.update(changes)
-    return member
+def held_out_member(name: str, view: str = "full") -> dict:
+    """A digits classifier with dropout (its steps draw at random) trained on the training split: the held-out images are its own to evaluate on."""
+    return digits_member(name, view, model_kwargs={"dropout": 0.2}, data_kwargs={"split": "train"})
 
 
 def evaluated(base_config, **changes) -> dict:
     """Seed 003's three views of the digits, evaluated on the held-out images."""
-    members = [digits_member("m1", "full", 64), digits_member("m2", "downsampled", 16), digits_member("m3", "crop", 36)]
+    members = [held_out_member("m1"), held_out_member("m2", "downsampled"), held_out_member("m3", "crop")]
     settings = {"members": members, "couplings": [], "evaluation": {"every": EVERY, "metrics": ["accuracy", "loss", {"name": "top_k_accuracy", "kwargs": {"k": 3}}]}}
     settings.update(changes)
     return base_config(**settings)
@@ -118,7 +112,7 @@ def averaged_members(base_config, setting, couplings, dropouts=(0.2, 0.2), first
     from poptrain.checks import inspect_population
     from poptrain.couplings import build_couplings
 
-    members = [digits_member(f"m{i + 1}", "full", 64) for i in range(2)]
+    members = [held_out_member(f"m{i + 1}") for i in range(2)]
     for member, dropout in zip(members, dropouts):
         member["model"]["kwargs"]["dropout"] = dropout
     if first_data is not None:

@@ -7,10 +7,8 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
-import psutil
 import pytest
 import torch
 import yaml
@@ -18,16 +16,28 @@ from mlflow.tracking import MlflowClient
 
 import poptrain
 from poptrain.checkpoint import CheckpointError, latest_complete_step, load_checkpoint, save_checkpoint, steps_of
-from tests.conftest import REPO, InBackground, assert_bitwise_equal, make_config, prelu_member, started, weights
+from tests.conftest import (
+    KILLED_CHECKPOINT_EVERY,
+    KILLED_STEPS,
+    REPO,
+    InBackground,
+    assert_bitwise_equal,
+    assert_weights_equal,
+    logged_steps,
+    make_config,
+    members_on_thirds_of_the_digits,
+    prelu_member,
+    resume_in_a_process,
+    run_killing_m2_once,
+    run_killing_the_driver,
+    started,
+    weights,
+)
 from tests.mlflow_server import TcpRelay
 
 
-def logged_steps(tracking_uri, run_id, key="loss"):
-    return sorted(m.step for m in MlflowClient(tracking_uri).get_metric_history(run_id, key))
-
-
 # The interrupted runs below and their uninterrupted twin.
-STEPS, CHECKPOINT_EVERY = 300, 20
+STEPS, CHECKPOINT_EVERY = KILLED_STEPS, KILLED_CHECKPOINT_EVERY
 
 
 @pytest.fixture(scope="session")  # also read by this module's EARLY test, run last: built once
@@ -35,26 +45,6 @@ def uninterrupted(ray_session, tmp_path_factory, tracking_uri):
     """A run never interrupted, with the settings of the interrupted ones (its RunResult)."""
     config = make_config(tmp_path_factory.mktemp("clean"), tracking_uri, "uninterrupted", name="clean", steps=STEPS, checkpoint={"every": CHECKPOINT_EVERY})
     return poptrain.run(config)
-
-
-def run_killing_m2_once(config, steps, restarted=("m2",), from_step=40, until_step=None):
-    """Run ``config``, SIGKILLing m2's process once between step ``from_step`` and ``until_step``
-    (``steps - 100`` unless given). Returns (result, {pid, step, time} of the kill).
-    ``restarted``: the members that process carries."""
-    killed = {}
-    until_step = steps - 100 if until_step is None else until_step
-
-    def kill_m2_once(snapshot):
-        step = snapshot["members"].get("m2", {}).get("step", 0)
-        if not killed and from_step <= step < until_step:
-            killed["pid"], killed["step"], killed["time_ms"] = snapshot["placement"]["m2"]["pid"], step, time.time() * 1000
-            os.kill(killed["pid"], signal.SIGKILL)
-
-    result = poptrain.run(config, progress=kill_m2_once, poll_s=0.1)
-    assert killed, "the member was killed mid-run"
-    assert result.restarts == dict.fromkeys(restarted, 1)
-    assert result.placement["m2"]["pid"] != killed["pid"], "a new process took over"
-    return result, killed
 
 
 def steps_of_m1_while_m2_was_down(tracking_uri, result, killed):
@@ -140,55 +130,6 @@ def test_a_member_that_keeps_dying_fails_the_run_naming_it_and_the_checkpoint(ra
     assert steps == list(range(len(steps))) and len(steps) >= 40
 
 
-def driver_env() -> dict:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    env.pop("RAY_ADDRESS", None)
-    return env
-
-
-def run_killing_the_driver(config, folder, after_step):
-    """Start ``config`` (a dict) as a real ``poptrain run`` process in ``folder`` and SIGKILL it with
-    the Ray it started once the latest complete checkpoint is at ``after_step`` or later. Returns
-    (its run folder, that checkpoint's step, from which it resumes)."""
-    path = folder / f"{config['name']}.yaml"
-    path.write_text(yaml.safe_dump(config, sort_keys=False))  # as written: the order of pbt.hyperparameters is the order explore draws in
-    run_dir = Path(config["output_dir"]) / config["name"]
-    members = poptrain.load_config(config).member_names  # entries with `copies` make several
-    # Its own session and process group: the driver and the Ray it started, which the kill takes at
-    # once, like losing the machine.
-    driver = subprocess.Popen([sys.executable, "-m", "poptrain", "run", str(path)], cwd=folder, env=driver_env(), start_new_session=True,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    processes = []
-    try:
-        deadline = time.monotonic() + 240
-        while (latest_complete_step(run_dir, members) or 0) < after_step:
-            assert driver.poll() is None, "the run ended before it could be interrupted"
-            assert time.monotonic() < deadline, "no checkpoint appeared"
-            time.sleep(0.2)
-    finally:
-        # Ray's workers (the members, the coordinator) have process groups of their own: killed by
-        # the group alone, they would train on, and write checkpoints, for seconds after the driver.
-        processes = psutil.Process(driver.pid).children(recursive=True)
-        os.killpg(driver.pid, signal.SIGKILL)
-        for process in processes:
-            try:
-                process.kill()
-            except psutil.NoSuchProcess:
-                pass
-        driver.wait()
-    _, alive = psutil.wait_procs(processes, timeout=30)
-    assert not alive, f"processes of the killed run still alive: {alive}"
-    step = latest_complete_step(run_dir, members)
-    assert step < config["steps"], "the driver was killed mid-run"
-    return run_dir, step
-
-
-def resume_in_a_process(run_dir, folder):
-    """``poptrain resume run_dir`` as a real process in ``folder``; it must succeed."""
-    resumed = subprocess.run([sys.executable, "-m", "poptrain", "resume", str(run_dir)], cwd=folder, env=driver_env(), capture_output=True, text=True, timeout=300)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-
-
 def killed_driver(folder, uri):
     """The uninterrupted run's config as a real `poptrain run` SIGKILLed with its Ray after step
     50's checkpoint, then `poptrain resume`, each a process of its own: its run folder."""
@@ -226,10 +167,9 @@ def test_diloco_global_weights_and_outer_momentum_survive_a_member_kill_and_a_re
     from poptrain.config import ConfigError
     from poptrain.population import resume
     from tests.reference import diloco_training
-    from tests.test_couplings_exact import _members_on_thirds_of_the_digits, assert_weights_equal
 
     steps = 240  # the kill window (steps 40 to steps - 100) spans several progress polls even when the host is fast
-    models, members, streams = _members_on_thirds_of_the_digits(tmp_path, 10, count=2)
+    models, members, streams = members_on_thirds_of_the_digits(tmp_path, 10, count=2)
     config = base_config(
         name="diloco", members=members, couplings=[{"type": "diloco", "every": 5}], steps=steps,
         checkpoint={"every": CHECKPOINT_EVERY}, exchange={"every": 1, "mode": "sync"}, placement={"members_per_host": 1},

@@ -13,9 +13,8 @@ from poptrain.checks import prepare
 from poptrain.config import ConfigError
 from poptrain.couplings import Coupling, Quantity, coupling_function, resolve_coupling
 from tests import helpers
-from tests.conftest import REPO, prelu_member, weights
+from tests.conftest import REPO, SEED000_BATCH, SEED000_LR, poptrain_command, prelu_member, seed000_initial_modules, weights
 from tests.reference import seed000_joint_training, sequential_batches
-from tests.test_exactness import BATCH, LR, _initial_modules
 
 SLOPE = "activation.weight"
 
@@ -188,13 +187,11 @@ def test_members_other_than_those_it_reads_are_refused(base_config):
 
 
 def test_poptrain_check_exits_2_naming_the_coupling(tmp_path):
-    from tests.test_cli import poptrain as command
-
     config = yaml.safe_load((REPO / "configs" / "prelu_separation.yaml").read_text())
     config["couplings"] = [{"type": "tests.helpers:gap_per_element", "name": "elementwise"}]
     path = tmp_path / "elementwise.yaml"
     path.write_text(yaml.safe_dump(config))
-    done = command("check", str(path), cwd=tmp_path)
+    done = poptrain_command("check", str(path), cwd=tmp_path)
     assert done.returncode == 2, done.stderr[-2000:]
     assert "couplings.0: coupling 'elementwise'" in done.stderr and "not a scalar" in done.stderr and "Traceback" not in done.stderr
 
@@ -207,16 +204,16 @@ def test_seed_000_penalty_as_a_one_line_function_matches_the_single_process_refe
     receive the config), one member per process, `exchange.every: 1`: every final weight is the
     single-process seed 000 reference's, bit for bit."""
     steps = 25
-    modules, paths = _initial_modules(tmp_path)
-    data = {"name": "synthetic_regression", "kwargs": {"n": 256, "in_features": 20}, "batch_size": BATCH, "shuffle": False}
+    modules, paths = seed000_initial_modules(tmp_path)
+    data = {"name": "synthetic_regression", "kwargs": {"n": 256, "in_features": 20}, "batch_size": SEED000_BATCH, "shuffle": False}
     result = poptrain.run(base_config(
         steps=steps,
         exchange={"every": 1, "mode": "sync"},
         placement={"members_per_host": 1},
-        members=[prelu_member(f"m{i + 1}", init=paths[i], data=data, optimizer={"name": "adam", "lr": LR}) for i in range(2)],
+        members=[prelu_member(f"m{i + 1}", init=paths[i], data=data, optimizer={"name": "adam", "lr": SEED000_LR}) for i in range(2)],
         couplings=[{"type": "slope_gap"}],
     ))
-    reference = seed000_joint_training(*modules, sequential_batches(synthetic_regression(n=256, in_features=20), BATCH), steps, LR)
+    reference = seed000_joint_training(*modules, sequential_batches(synthetic_regression(n=256, in_features=20), SEED000_BATCH), steps, SEED000_LR)
     for name, module in zip(("m1", "m2"), reference):
         trained = weights(result.output_dir, name)
         for key, expected in module.state_dict().items():

@@ -32,7 +32,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from tests import conftest
-from tests.conftest import REPO, assert_bitwise_equal, prelu_member
+from tests.conftest import KILLED_CHECKPOINT_EVERY, KILLED_STEPS, REPO, assert_bitwise_equal, digits_member, logged_steps, pbt_population, prelu_member, weights
 
 pytestmark = pytest.mark.gpu
 
@@ -80,10 +80,6 @@ def drive_on_gpu(tmp_path: Path, script: str, given: dict) -> object:
     return json.loads(found_path.read_text())
 
 
-def weights(run_dir: Path, member: str) -> dict[str, torch.Tensor]:
-    return torch.load(run_dir / "members" / member / "model.pt", weights_only=True)
-
-
 def test_each_member_trains_on_the_gpu_ray_assigned_it(tmp_path):
     # Profiled: the step's clock waits for the GPU's queued work (MemberHost.timed_gpus).
     run_dir, members = run_on_gpu(tmp_path, {
@@ -119,9 +115,7 @@ def test_stacked_members_on_a_gpu_end_as_members_trained_one_by_one_to_float_rou
 def test_stacked_dropout_members_on_a_gpu_draw_their_masks_from_their_own_cuda_streams(tmp_path):
     """On a GPU a stack draws each member's dropout masks from the member's own CUDA generator
     state: stacked, each ends as it does trained one by one on the GPU, to float rounding."""
-    classifier = {"model": {"name": "encoder_classifier", "kwargs": {"in_features": 64, "num_classes": 10, "dropout": 0.3}},
-                  "data": {"name": "digits", "batch_size": 32}, "loss": "cross_entropy"}
-    members = [{"name": f"d{i}", **classifier, "optimizer": {"name": "adam", "lr": 0.005 * (i + 1)}} for i in range(3)]
+    members = [digits_member(f"d{i}", model_kwargs={"num_nodes": 64, "dropout": 0.3}, lr=0.005 * (i + 1)) for i in range(3)]
     assert_stacked_on_the_gpu_as_one_by_one(tmp_path, "gpu-dropout", {"steps": 30, "members": members, "couplings": []})
 
 
@@ -142,9 +136,7 @@ def test_packed_members_on_one_gpu_end_bitwise_as_each_alone_on_it(tmp_path):
 
 
 def test_population_based_training_copies_a_donor_between_gpu_members(tmp_path):
-    from tests.test_pbt import population
-
-    config = {"name": "gpu-pbt", **population(steps=40, every=10)}
+    config = {"name": "gpu-pbt", **pbt_population(steps=40, every=10)}
     _, members = run_on_gpu(tmp_path, config)
     assert all(m["tags"]["poptrain.placement.device"].startswith("cuda") for m in members.values())
     assert any("pbt/exploited" in m["metrics"] for m in members.values()), "at least one exploit happened"
@@ -177,7 +169,7 @@ import ray, yaml
 
 import poptrain
 from poptrain.population import ensure_ray
-from tests.test_failures import run_killing_m2_once
+from tests.conftest import run_killing_m2_once
 
 config = yaml.safe_load(Path(sys.argv[1]).read_text())
 ensure_ray()  # one Ray for both runs: the killed run takes over the clean one's processes, as on the CPU
@@ -194,18 +186,16 @@ def test_a_killed_member_on_a_gpu_restarts_from_its_checkpoint_and_ends_bitwise_
     mid-run; a new process restores its checkpoint (model, optimizer, its CUDA random state) on
     the GPU and replays while m1 waits. Every step logged once, and final weights bitwise equal
     to the same run uninterrupted (see the module's docstring for why bitwise is the claim)."""
-    from tests.test_failures import CHECKPOINT_EVERY, STEPS, logged_steps
-
     # At least 8 ms a step (8 samples of 1 ms), so the kill lands mid-run however fast the GPU is.
     paced = {"name": "tests.helpers:slow_data", "kwargs": {"delay_s": 0.001}, "batch_size": 8}
     members = [prelu_member(m, resources={"num_gpus": 0.5}, data=paced) for m in ("m1", "m2")]
-    config = gpu_config(tmp_path, {"name": "gpu-restarted", "steps": STEPS, "checkpoint": {"every": CHECKPOINT_EVERY}, "placement": {"members_per_host": 1},
+    config = gpu_config(tmp_path, {"name": "gpu-restarted", "steps": KILLED_STEPS, "checkpoint": {"every": KILLED_CHECKPOINT_EVERY}, "placement": {"members_per_host": 1},
                                    "members": members, "couplings": [SEPARATION]})
     found = drive_on_gpu(tmp_path, RESTARTED, config)
     assert all(d.startswith("cuda") for d in found["devices"].values()), found["devices"]
     uri = config["tracking"]["uri"]
     for member, run_id in found["runs"].items():
-        assert logged_steps(uri, run_id) == list(range(STEPS)), f"{member}: every step exactly once"
+        assert logged_steps(uri, run_id) == list(range(KILLED_STEPS)), f"{member}: every step exactly once"
     assert MlflowClient(uri).get_run(found["runs"]["m2"]).data.tags["poptrain.restarts"] == "1"
     assert_bitwise_equal(Path(found["killed"]), Path(found["clean"]))
 

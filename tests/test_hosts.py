@@ -11,31 +11,21 @@ import poptrain
 from poptrain.config import ConfigError, load_config
 from poptrain.host import member_devices
 from poptrain.population import PlacementError, host_resources, plan_hosts
-from tests.conftest import assert_bitwise_equal, make_config, prelu_member, weights
-from tests.test_failures import logged_steps, run_killing_m2_once
+from tests.conftest import assert_bitwise_equal, digits_member, logged_steps, make_config, prelu_member, run_killing_m2_once, weights
 
 STEPS, CHECKPOINT_EVERY = 240, 40
 MEMBERS = ("m1", "m2", "m3")
 
 
-def digits_member(name: str) -> dict:
-    """A classifier with dropout: what it draws at random in its steps is its own."""
-    return {
-        "name": name,
-        "model": {"name": "encoder_classifier", "kwargs": {"in_features": 64, "num_classes": 10, "num_nodes": 32, "depth": 1, "dropout": 0.3}},
-        "data": {"name": "digits", "kwargs": {"view": "full", "split": "train"}, "batch_size": 32},
-        "loss": "cross_entropy",
-        "optimizer": {"name": "adam", "lr": 0.003},
-    }
-
-
 def population(output_dir, tracking_uri, experiment, per_host, placement=None, **changes) -> dict:
     """Seed 000's two members kept apart by a separation coupling, and a third of another
-    architecture, held-out evaluation on, ``per_host`` members per host. Half a CPU each, so one
-    torch thread wherever they are (how many threads compute a matrix product changes its float
+    architecture (a digits classifier with dropout: what it draws at random in its steps is its
+    own), held-out evaluation on, ``per_host`` members per host. Half a CPU each, so one torch
+    thread wherever they are (how many threads compute a matrix product changes its float
     rounding)."""
     other_data = {"name": "synthetic_regression", "kwargs": {"n": 256, "in_features": 20}, "batch_size": 32, "seed": 7}
-    members = [prelu_member("m1"), prelu_member("m2", data=other_data), digits_member("m3")]
+    classifier = digits_member("m3", model_kwargs={"num_nodes": 32, "depth": 1, "dropout": 0.3}, data_kwargs={"split": "train"}, lr=0.003)
+    members = [prelu_member("m1"), prelu_member("m2", data=other_data), classifier]
     return make_config(
         output_dir, tracking_uri, experiment, name=f"hosts-{per_host}", steps=STEPS,
         members=[{**m, "resources": {"num_cpus": 0.5}} for m in members],

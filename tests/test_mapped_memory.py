@@ -42,7 +42,7 @@ def test_moving_parameters_into_shared_memory_keeps_their_values_and_the_model_t
 def test_the_coordinator_sees_the_members_updates_and_the_member_sees_the_coordinators_writes(model_in_mapped_memory):
     model, _, layout, _ = model_in_mapped_memory
     views = mapped_memory.attach(layout, "node-a")
-    assert views is not None
+    assert set(views) == {"0.weight", "1.weight"}, "a view of each mapped parameter"
     assert not os.path.exists(layout.path), "attached: the name is gone, the mappings stay"
     with torch.no_grad():
         model[0].weight.add_(1.0)

@@ -19,6 +19,21 @@ def poisoned(**changes):
     return prelu_member("m1", data=data, **changes)
 
 
+def sent_by(population: InProcessPopulation, member: str) -> list[tuple[str, int]]:
+    """(kind, step) of every exchange ``member`` sent values at, in order; every value it sent is
+    asserted finite (what a peer could ever have seen of it)."""
+    calls = []
+    for name, kind, step, values in population.sent:
+        if name == member:
+            assert values and all(np.isfinite(a).all() for a in values.values()), f"{member} sent a non-finite value at {kind} {step}"
+            calls.append((kind, step))
+    return calls
+
+
+def params_at(*steps: int) -> list[tuple[str, int]]:
+    return [("param", step) for step in steps]
+
+
 def test_a_member_alone_reads_its_device_once_a_step(base_config, device_reads):
     """On a GPU every read of a tensor's value waits for the work queued there: a step that neither
     exchanges nor logs reads whether its terms, couplings and gradients are finite, and its
@@ -48,7 +63,8 @@ def test_a_nan_loss_fails_naming_member_step_and_term_before_anything_is_sent(ba
     population = InProcessPopulation(base_config(members=[poisoned(), prelu_member("m2")]))
     with pytest.raises(TrainingError, match=r"member 'm1', step 1: non-finite term 'loss'"):
         population.train(3)
-    assert all(np.isfinite(a).all() for *_, values in population.sent for a in values.values())
+    # Its slope is sent at the start of each step, before the forward pass: step 1's is still finite.
+    assert sent_by(population, "m1") == params_at(0, 1), "its slopes at steps 0 and 1, nothing after the failure"
 
 
 def test_a_finite_loss_with_a_non_finite_gradient_is_caught_before_the_optimizer_step(base_config):
@@ -59,7 +75,7 @@ def test_a_finite_loss_with_a_non_finite_gradient_is_caught_before_the_optimizer
     population.train(2)
     assert [m.get("skipped") for m in population.metrics["m1"]] == [1.0, 1.0]
     assert all(torch.equal(before[k], v) for k, v in population.trainers["m1"].model.state_dict().items())
-    assert all(np.isfinite(a).all() for *_, values in population.sent for a in values.values())
+    assert sent_by(population, "m1") == params_at(0, 1), "its slope at both steps, finite"
 
 
 def test_with_nonfinite_skip_the_poisoned_step_changes_nothing_and_no_peer_sees_a_nan(base_config):
@@ -72,7 +88,7 @@ def test_with_nonfinite_skip_the_poisoned_step_changes_nothing_and_no_peer_sees_
     assert all(torch.equal(before[k], after[k]) for k in before), "a skipped step updates nothing"
     population.train(3)
     assert [i for i, m in enumerate(population.metrics["m1"]) if m.get("skipped")] == [1]
-    assert all(np.isfinite(a).all() for *_, values in population.sent for a in values.values())
+    assert sent_by(population, "m1") == params_at(*range(5)), "every step's slope, the skipped step's included, finite"
     assert all(torch.isfinite(t).all() for t in population.trainers["m1"].model.state_dict().values())
 
 
@@ -94,7 +110,7 @@ def test_with_nonfinite_rollback_a_poisoned_step_restores_the_last_good_state(ba
     assert all(torch.equal(good[k], v) for k, v in m1.model.state_dict().items())
     population.train(3)
     assert not any(torch.equal(good[k], v) for k, v in m1.model.state_dict().items() if k != "activation.weight"), "training went on"
-    assert all(np.isfinite(a).all() for *_, values in population.sent for a in values.values())
+    assert sent_by(population, "m1") == params_at(*range(13)), "every step's slope, the rolled-back steps' included, finite"
 
 
 def test_rollback_is_refused_with_a_coupling_that_keeps_copies_identical(base_config):
@@ -116,4 +132,5 @@ def test_with_nonfinite_fail_a_non_finite_value_is_never_sent_to_a_peer(base_con
     population = InProcessPopulation(base_config(members=[prelu_member("m1", init=str(tmp_path / "nan.pt")), prelu_member("m2")]))
     with pytest.raises(TrainingError, match=r"member 'm1', step 0: its param 'activation.weight' is non-finite"):
         population.train(1)
-    assert all(np.isfinite(a).all() for *_, values in population.sent for a in values.values())
+    assert sent_by(population, "m1") == [], "m1 sent nothing"
+    assert sent_by(population, "m2") in ([], params_at(0)), "m2 its own finite slope at most"

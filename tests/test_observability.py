@@ -3,11 +3,9 @@ the member comparison, and logged models that load back and predict like the sav
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import mlflow.pytorch
-import pytest
 import torch
 from mlflow.entities import LoggedModelStatus
 from mlflow.tracking import MlflowClient

@@ -16,36 +16,22 @@ from mlflow.tracking import MlflowClient
 import poptrain
 from poptrain.config import Perturbation
 from poptrain.pbt import explore, exploit_plan, transferable
-from tests.conftest import InBackground, assert_bitwise_equal, make_config, prelu_member, started
+from tests.conftest import (
+    PBT_LR,
+    InBackground,
+    assert_bitwise_equal,
+    make_config,
+    pbt_population,
+    prelu_member,
+    resume_in_a_process,
+    run_killing_m2_once,
+    run_killing_the_driver,
+    started,
+)
 from tests.in_process import InProcessPopulation
 
-LR = {"optimizer.lr": {"factors": [0.5, 2.0]}}
-
-
-def digits_member(name: str, lr: float) -> dict:
-    return {
-        "name": name,
-        "model": {"name": "encoder_classifier", "kwargs": {"in_features": 64, "num_classes": 10, "num_nodes": 16, "depth": 1}},
-        "data": {"name": "digits", "kwargs": {"split": "train", "limit": 256}, "batch_size": 32},
-        "loss": "cross_entropy",
-        "optimizer": {"name": "adam", "lr": lr, "kwargs": {"weight_decay": 0.0001}},
-    }
-
-
-def population(steps: int, every: int, **changes) -> dict:
-    settings = {
-        "steps": steps,
-        "members": [digits_member(f"m{i + 1}", lr) for i, lr in enumerate((0.0001, 0.003, 0.01, 0.03))],
-        "couplings": [],
-        "evaluation": {"every": every, "metrics": ["accuracy"]},
-        "pbt": {"every": every, "quantile": 0.25, "hyperparameters": {**LR, "optimizer.kwargs.weight_decay": {"values": [0.0, 0.001]}}},
-    }
-    settings.update(changes)
-    return settings
-
-
 def test_an_exploit_copies_the_donor_bitwise_and_gives_the_receiver_its_new_hyperparameters(base_config):
-    pop = InProcessPopulation(base_config(**population(steps=4, every=2)))
+    pop = InProcessPopulation(base_config(**pbt_population(steps=4, every=2)))
     pop.train(3)
     donor, receiver = pop.trainers["m3"], pop.trainers["m1"]
     receiver.exploit("m3", transferable(donor.state_dict()), {"optimizer.lr": 0.02, "optimizer.kwargs.weight_decay": 0.0})
@@ -62,7 +48,7 @@ def test_a_rollback_after_an_exploit_restores_the_donors_copy_not_the_receivers_
     """`failure.nonfinite: rollback`: a bad step after an exploit goes back to what the receiver
     became there (its donor's weights, optimizer state and its new hyperparameters), not to its
     own state from before it (the initial one here: no checkpoint yet)."""
-    pop = InProcessPopulation(base_config(**population(steps=8, every=2), failure={"nonfinite": "rollback"}))
+    pop = InProcessPopulation(base_config(**pbt_population(steps=8, every=2), failure={"nonfinite": "rollback"}))
     pop.train(3)
     donor, receiver = pop.trainers["m3"], pop.trainers["m1"]
     copied = copy.deepcopy(transferable(donor.state_dict()))  # as it travels in a run (the donor trains on)
@@ -101,7 +87,7 @@ def test_members_that_cannot_copy_each_other_are_refused_before_anything_starts(
     from poptrain.checks import prepare
     from poptrain.config import ConfigError
 
-    settings = population(steps=4, every=2)
+    settings = pbt_population(steps=4, every=2)
     settings["members"][1]["model"]["kwargs"]["num_nodes"] = 8
     with pytest.raises(ConfigError, match=r"pbt.members: members 'm1' and 'm2' have different parameters"):
         prepare(base_config(**settings))
@@ -148,7 +134,7 @@ def test_a_round_records_what_explore_adjusted_in_the_exploit(base_config):
     from poptrain.config import load_config
     from poptrain.coordinator import PBTRounds
 
-    settings = population(steps=8, every=4, pbt={"every": 4, "quantile": 0.25, "metric": "loss", "hyperparameters": {"optimizer.lr": {"factors": [2.0], "max": 0.04}}})
+    settings = pbt_population(steps=8, every=4, pbt={"every": 4, "quantile": 0.25, "metric": "loss", "hyperparameters": {"optimizer.lr": {"factors": [2.0], "max": 0.04}}})
     rounds = PBTRounds(load_config(base_config(**settings)))
     for name, loss, lr in (("m1", 3.0, 0.0001), ("m2", 2.0, 0.003), ("m3", 1.0, 0.03), ("m4", 1.5, 0.01)):
         rounds.arrive(4, name, loss, {"optimizer.lr": lr}, state=[name])
@@ -160,7 +146,7 @@ def test_a_round_records_what_explore_adjusted_in_the_exploit(base_config):
 
 @pytest.fixture(scope="module")
 def pbt_run(ray_session, tmp_path_factory, tracking_uri):
-    config = make_config(tmp_path_factory.mktemp("pbt"), tracking_uri, "pbt", name="pbt", **population(steps=16, every=5))
+    config = make_config(tmp_path_factory.mktemp("pbt"), tracking_uri, "pbt", name="pbt", **pbt_population(steps=16, every=5))
     config["tracking"]["plots"] = True  # the lineage plot
     return poptrain.run(config)
 
@@ -198,7 +184,7 @@ MEMBERS = ("m1", "m2", "m3", "m4")
 
 
 def restartable(output_dir, tracking_uri, name):
-    return make_config(output_dir, tracking_uri, f"pbt-{name}", name=name, checkpoint={"every": 10}, **population(steps=RESTARTABLE_STEPS, every=20))
+    return make_config(output_dir, tracking_uri, f"pbt-{name}", name=name, checkpoint={"every": 10}, **pbt_population(steps=RESTARTABLE_STEPS, every=20))
 
 
 @pytest.fixture(scope="session")  # also read by this module's EARLY test, run last: built once
@@ -210,7 +196,6 @@ def pbt_uninterrupted(ray_session, tmp_path_factory, tracking_uri):
 def test_perturbed_hyperparameters_survive_a_member_restart_bitwise(ray_session, tmp_path, tracking_uri, pbt_uninterrupted):
     """A member killed after the first exploits is restarted from its checkpoint and replays the
     rounds it missed: the run ends bitwise as the uninterrupted one, schedule included (#62173)."""
-    from tests.test_failures import run_killing_m2_once
 
     clean = pbt_uninterrupted
     events = json.loads((clean.output_dir / "pbt_events.json").read_text())
@@ -232,7 +217,6 @@ def killed_driver(folder, uri):
     50's checkpoint, its folder then taken back to checkpoint 40, then `poptrain resume`, each a
     process of its own: (its run folder, each member's lineage in checkpoint 40)."""
     from poptrain.checkpoint import checkpoint_path, discard_after, latest_complete_step, load_checkpoint
-    from tests.test_failures import resume_in_a_process, run_killing_the_driver
 
     config = restartable(folder / "runs", uri, "resumed")
     config["checkpoint"]["keep"] = 10  # checkpoint 40 is still there below (it changes nothing else)
@@ -305,7 +289,7 @@ def test_couplings_see_a_receivers_new_weights_from_the_next_exchange_on(ray_ses
     config = make_config(
         tmp_path, tracking_uri, "pbt-separation", name="pbt-separation", steps=30,
         members=[prelu_member(f"m{i + 1}", optimizer={"name": "adam", "lr": 0.01 * (i + 1)}) for i in range(3)],
-        pbt={"every": 20, "metric": "loss", "quantile": 0.34, "hyperparameters": LR},
+        pbt={"every": 20, "metric": "loss", "quantile": 0.34, "hyperparameters": PBT_LR},
     )
     result = poptrain.run(config)
     (event,) = json.loads((result.output_dir / "pbt_events.json").read_text())

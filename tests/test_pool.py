@@ -9,7 +9,7 @@ import psutil
 from mlflow.tracking import MlflowClient
 
 import poptrain
-from tests.conftest import assert_bitwise_equal, prelu_member
+from tests.conftest import assert_bitwise_equal, prelu_member, run_killing_m2_once
 
 
 def pids(result) -> set[int]:
@@ -68,7 +68,6 @@ def test_on_one_node_a_run_splitting_the_same_cpus_otherwise_takes_over_the_warm
     node only the total is reserved, so the three take the two's processes and end as in new ones,
     a host killed mid-run included: its new process asks for what the warm bundle holds (asking
     for the three's 1.33 CPUs it was never placed)."""
-    from tests.test_failures import run_killing_m2_once
 
     three = dict(steps=120, checkpoint={"every": 20}, members=[prelu_member("m1"), prelu_member("m2"), prelu_member("m3")])
     first = poptrain.run(base_config(name="first", steps=4))
@@ -123,7 +122,7 @@ def test_warm_processes_dropped_say_why(ray_session, base_config, capsys, monkey
     assert cpus_free_within(ray_session, 30)
 
 
-def test_a_parked_process_keeps_nothing_of_its_last_run_stacked_members_included():
+def test_a_parked_process_keeps_nothing_of_its_last_run_stacked_members_included(in_process_host):
     """What ``MemberHost._start`` leaves a host holding (its trainers on one link, two of them in a
     stacked group), built in this process without Ray: once parked, no trainer, model, optimizer
     or stack of that run is still alive, so the next run is not built beside it."""
@@ -133,16 +132,16 @@ def test_a_parked_process_keeps_nothing_of_its_last_run_stacked_members_included
     from poptrain.host import Hosted, MemberHost
     from poptrain.outbox import MetricsOutbox
     from poptrain.stacked import StackedGroup, form_groups
-    from tests.test_stacked import host, train
+    from tests.in_process import train_host
 
-    trainers, link = host([prelu_member("m1"), prelu_member("m2"), prelu_member("m3", model={"name": "mlp", "kwargs": {"in_features": 20, "out_features": 1, "hidden": 8, "activation": "prelu"}})])
+    trainers, link = in_process_host([prelu_member("m1"), prelu_member("m2"), prelu_member("m3", model={"name": "mlp", "kwargs": {"in_features": 20, "out_features": 1, "hidden": 8, "activation": "prelu"}})])
     warm = MemberHost.__new__(MemberHost)  # the actor's state, not the actor: no Ray here
     warm.link, warm.coordinator, warm.run = link, None, trainers[0].run
     warm.members = [Hosted(t, MetricsOutbox()) for t in trainers]
     warm.by_name = {m.name: m for m in warm.members}
     warm.units = form_groups(trainers)
     warm.groups = [u for u in warm.units if isinstance(u, StackedGroup)]
-    train(warm.units, link, 2)  # optimizer state in the stack and in the members' optimizers
+    train_host(warm.units, link, 2)  # optimizer state in the stack and in the members' optimizers
     assert len(warm.groups) == 1, "m1 and m2 stack, m3 trains alone"
     held = [weakref.ref(x) for t in trainers for x in (t, t.model, t.optimizer)] + [weakref.ref(g) for g in warm.groups]
     held += [weakref.ref(warm.groups[0].state[k]["exp_avg"]) for k in warm.groups[0].keys]

@@ -147,7 +147,7 @@ def test_a_straggler_fails_the_barrier_with_its_name_instead_of_hanging(ray_sess
 )
 def test_num_gpus_auto_gives_each_member_a_gpu_or_a_share_that_packs_onto_whole_gpus(tmp_path, cluster_gpus, asked, expected):
     members = [prelu_member(f"m{i}", resources={"num_gpus": asked.get(f"m{i}", "auto")}) for i in range(3)]
-    cfg = poptrain.load_config(make_config(tmp_path, "sqlite:///unused.db", "unused", members=members))
+    cfg = poptrain.load_config(make_config(tmp_path, f"sqlite:///{tmp_path}/unused.db", "unused", members=members))
     bundles = member_resources(cfg, {"CPU": 16.0, "GPU": float(cluster_gpus)})
     assert [b.get("GPU", 0) for b in bundles] == expected
     assert all(b["CPU"] == 1.0 for b in bundles)

@@ -9,28 +9,13 @@ import pytest
 import torch
 import yaml
 
-from poptrain.checks import inspect_population
-from poptrain.config import load_config
-from poptrain.coordinator import InProcessClient, in_process_coordinator
-from poptrain.exchange import open_link
+from poptrain.coordinator import InProcessClient
 from poptrain.lockstep import step_together
-from poptrain.member import MemberTrainer
 from poptrain.stacked import StackedGroup, form_groups, stackable
-from tests.conftest import make_config, prelu_member
+from tests.conftest import digits_member, make_config, prelu_member
+from tests.in_process import train_host
 
 CLOSE = dict(rtol=1e-5, atol=1e-6)  # float rounding: the same operations, vectorised
-
-
-def host(members: list[dict], client=InProcessClient, **changes) -> tuple[list[MemberTrainer], object]:
-    """One host's trainers on one link to an in-process coordinator (no Ray)."""
-    cfg = load_config(make_config("/tmp/poptrain-stacked", "sqlite:////tmp/poptrain-stacked.db", "stacked", members=members, **changes))
-    population = inspect_population(cfg)
-    coordinator, wire = in_process_coordinator(cfg, population)
-    link = open_link(cfg, coordinator.plan, client(coordinator, wire, 4))
-    trainers = [MemberTrainer(cfg, name, population) for name in cfg.member_names]
-    for trainer in trainers:
-        trainer.connect(link)
-    return trainers, link
 
 
 class ReplyTimingClient(InProcessClient):
@@ -51,16 +36,6 @@ class ReplyTimingClient(InProcessClient):
         return wait
 
 
-def train(units, link, steps: int) -> list:
-    out = []
-    for _ in range(steps):
-        out.append(step_together(units, [u.step_program() for u in units], link))
-    for unit in units:
-        if isinstance(unit, StackedGroup):
-            unit.to_members()
-    return out
-
-
 def after_pbt_round(units) -> None:
     """What a host does once population-based training (or a restore) changed its members: hand the
     stacks their members' state again (MemberHost._sync_stacks), hyperparameters included."""
@@ -69,7 +44,7 @@ def after_pbt_round(units) -> None:
             unit.from_members()
 
 
-def population(optimizers: list[dict]) -> list[dict]:
+def prelu_members(optimizers: list[dict]) -> list[dict]:
     return [prelu_member(f"m{i}", optimizer=opt) for i, opt in enumerate(optimizers)]
 
 
@@ -81,14 +56,14 @@ OPTIMIZERS = {
 
 
 @pytest.mark.parametrize("optimizers", list(OPTIMIZERS.values()), ids=list(OPTIMIZERS))
-def test_a_stacked_group_ends_as_its_members_trained_one_by_one(optimizers):
+def test_a_stacked_group_ends_as_its_members_trained_one_by_one(optimizers, in_process_host):
     coupled = dict(steps=30, exchange={"every": 1}, couplings=[{"type": "separation", "param": "activation.weight", "margin": 2.0}])
-    alone, link_a = host(population(optimizers), **coupled)
-    metrics_a = train(alone, link_a, 30)
-    stacked, link_b = host(population(optimizers), **coupled)
+    alone, link_a = in_process_host(prelu_members(optimizers), **coupled)
+    metrics_a = train_host(alone, link_a, 30)
+    stacked, link_b = in_process_host(prelu_members(optimizers), **coupled)
     units = form_groups(stacked)
     assert len(units) == 1 and isinstance(units[0], StackedGroup), "one stack for members of one architecture"
-    metrics_b = train(units, link_b, 30)
+    metrics_b = train_host(units, link_b, 30)
     for a, b in zip(alone, stacked):
         for key in a.params:
             torch.testing.assert_close(b.params[key], a.params[key], **CLOSE, msg=f"{a.name}.{key}")
@@ -103,18 +78,18 @@ def test_a_stacked_group_ends_as_its_members_trained_one_by_one(optimizers):
 
 
 @pytest.mark.parametrize("members", [2, 4], ids=["two members", "four: each member's pairs in tensor ops"])
-def test_between_exchanges_stacked_members_see_each_other_as_of_the_last_exchange_as_apart(members):
+def test_between_exchanges_stacked_members_see_each_other_as_of_the_last_exchange_as_apart(members, in_process_host):
     """exchange.every 3: on the steps between exchanges a member's separation is its own live slope
     against its peers' slopes of the last exchange, its group-mates' included. Seeing a group-mate's
     live slope instead (one backward of the joint term over the stack) ends 0.17 away."""
     optimizers = OPTIMIZERS["adam, own lr and weight decay"][:members]
     coupled = dict(steps=30, exchange={"every": 3}, couplings=[{"type": "separation", "param": "activation.weight", "margin": 2.0}])
-    alone, link_a = host(population(optimizers), **coupled)
-    metrics_a = train(alone, link_a, 30)
-    stacked, link_b = host(population(optimizers), **coupled)
+    alone, link_a = in_process_host(prelu_members(optimizers), **coupled)
+    metrics_a = train_host(alone, link_a, 30)
+    stacked, link_b = in_process_host(prelu_members(optimizers), **coupled)
     units = form_groups(stacked)
     assert isinstance(units[0], StackedGroup)
-    metrics_b = train(units, link_b, 30)
+    metrics_b = train_host(units, link_b, 30)
     for a, b in zip(alone, stacked):
         for key in a.params:
             torch.testing.assert_close(b.params[key], a.params[key], **CLOSE, msg=f"{a.name}.{key}")
@@ -127,18 +102,18 @@ ADAM = OPTIMIZERS["adam, own lr and weight decay"]
 SGD = [{"name": "sgd", "lr": 0.02 * (i + 1), "kwargs": {"momentum": 0.5}} for i in range(4)]
 
 
-def test_stacked_members_with_terms_of_their_own_each_learn_towards_their_peers_as_apart():
+def test_stacked_members_with_terms_of_their_own_each_learn_towards_their_peers_as_apart(in_process_host):
     """A user's coupling whose members each have a term of their own (``term_is_joint = False``,
     by import path): in a stack, one call gives every member's term, row i reaching member i only,
     each times its own weight, as each alone computes it; between exchanges against the peers'
     values of the last one."""
     coupled = dict(steps=12, exchange={"every": 2}, couplings=[{"type": "tests.reference:TowardPeersMean", "param": "activation.weight", "weight": 0.5}])
-    alone, link_a = host(population(ADAM), **coupled)
-    metrics_a = train(alone, link_a, 12)
-    stacked, link_b = host(population(ADAM), **coupled)
+    alone, link_a = in_process_host(prelu_members(ADAM), **coupled)
+    metrics_a = train_host(alone, link_a, 12)
+    stacked, link_b = in_process_host(prelu_members(ADAM), **coupled)
     units = form_groups(stacked)
     assert len(units) == 1 and isinstance(units[0], StackedGroup), [t.stacking_problem for t in stacked]
-    metrics_b = train(units, link_b, 12)
+    metrics_b = train_host(units, link_b, 12)
     for a, b in zip(alone, stacked):
         for key in a.params:
             torch.testing.assert_close(b.params[key], a.params[key], **CLOSE, msg=f"{a.name}.{key}")
@@ -150,19 +125,19 @@ def test_stacked_members_with_terms_of_their_own_each_learn_towards_their_peers_
 @pytest.mark.parametrize("coupling, optimizers", [({"type": "gossip"}, ADAM), ({"type": "average", "rate": 0.5}, ADAM), ({"type": "gossip"}, ADAM[:3]),
                                                   ({"type": "wash", "fraction": 0.2}, SGD), ({"type": "diloco", "every": 1, "outer_lr": 0.7, "outer_momentum": 0.9}, ADAM)],
                          ids=["gossip", "papa", "gossip, one member left out of each round", "wash", "diloco"])
-def test_stacked_members_whose_parameters_a_round_rewrites_step_on_the_new_ones_as_apart(coupling, optimizers):
+def test_stacked_members_whose_parameters_a_round_rewrites_step_on_the_new_ones_as_apart(coupling, optimizers, in_process_host):
     """An averaging round rewrites members' parameters at the exchange before their forward pass:
     a stacked group waits for it as each member alone does, instead of computing the step on the
     parameters it had sent (0.04 off after 60 steps of gossip). The round's new values go into the
     stack as columns, into the rows it rewrote only (three members in pairs: one is left as it was)."""
-    members, size = population(optimizers), len(optimizers)
+    members, size = prelu_members(optimizers), len(optimizers)
     rewritten = dict(steps=12, exchange={"every": 2, "shared_memory": False}, couplings=[coupling])
-    alone, link_a = host(members, **rewritten)
-    metrics_a = train(alone, link_a, 12)
-    stacked, link_b = host(members, **rewritten)
+    alone, link_a = in_process_host(members, **rewritten)
+    metrics_a = train_host(alone, link_a, 12)
+    stacked, link_b = in_process_host(members, **rewritten)
     units = form_groups(stacked)
     assert isinstance(units[0], StackedGroup), [t.stacking_problem for t in stacked]
-    metrics_b = train(units, link_b, 12)
+    metrics_b = train_host(units, link_b, 12)
     for a, b in zip(alone, stacked):
         for key in a.params:
             torch.testing.assert_close(b.params[key], a.params[key], **CLOSE, msg=f"{a.name}.{key}")
@@ -181,15 +156,15 @@ def test_stacked_members_whose_parameters_a_round_rewrites_step_on_the_new_ones_
 SEED_MODULE = {"name": "tests.reference:SeedModule", "kwargs": {"in_features": 20, "out_features": 1}}  # seed 000's Module as the user wrote it
 
 
-def test_a_users_own_model_by_import_path_stacks_and_ends_as_trained_one_by_one():
+def test_a_users_own_model_by_import_path_stacks_and_ends_as_trained_one_by_one(in_process_host):
     members = [prelu_member(f"m{i}", model=SEED_MODULE, optimizer={"name": "adam", "lr": 0.01 * (i + 1)}) for i in range(3)]
     coupled = dict(steps=20, exchange={"every": 1}, couplings=[{"type": "separation", "param": "activation.weight", "margin": 2.0}])
-    alone, link_a = host(members, **coupled)
-    train(alone, link_a, 20)
-    stacked, link_b = host(members, **coupled)
+    alone, link_a = in_process_host(members, **coupled)
+    train_host(alone, link_a, 20)
+    stacked, link_b = in_process_host(members, **coupled)
     units = form_groups(stacked)
     assert len(units) == 1 and isinstance(units[0], StackedGroup), [t.stacking_problem for t in stacked]
-    train(units, link_b, 20)
+    train_host(units, link_b, 20)
     for a, b in zip(alone, stacked):
         for key in a.params:
             torch.testing.assert_close(b.params[key], a.params[key], **CLOSE, msg=f"{a.name}.{key}")
@@ -208,8 +183,8 @@ LSTM = {"model": {"name": "lstm_classifier", "kwargs": {"input_size": 8, "hidden
     ],
     ids=["batchnorm", "data-dependent branch", "lstm"],
 )
-def test_a_model_torch_func_cannot_stack_as_it_computes_alone_trains_alone_and_says_why(member, reason):
-    trainers, _ = host([prelu_member(f"m{i}", **member) for i in range(2)], couplings=[])
+def test_a_model_torch_func_cannot_stack_as_it_computes_alone_trains_alone_and_says_why(member, reason, in_process_host):
+    trainers, _ = in_process_host([prelu_member(f"m{i}", **member) for i in range(2)], couplings=[])
     units = form_groups(trainers)
     assert units == trainers, "each trains alone"
     assert all(reason in t.stacking_problem for t in trainers), [t.stacking_problem for t in trainers]
@@ -227,68 +202,68 @@ def test_check_says_which_members_stack_and_why_the_others_train_alone(capsys, t
     assert "# stacking: 3 of 5 members train stacked" in out and "# trains alone: n0, n1: its model has buffers" in out
 
 
-def test_a_stacked_step_reads_its_device_once(device_reads):
+def test_a_stacked_step_reads_its_device_once(device_reads, in_process_host):
     """On a GPU every read of a tensor's value waits for the step to finish: a stacked step that
     neither exchanges nor logs reads back once (every member's loss and objective, and whether all
     is finite), counted here on the CPU, where the same code runs."""
     coupled = dict(steps=30, exchange={"every": 10}, tracking={"log_every": 10, "plots": False, "log_models": False},
                    couplings=[{"type": "separation", "param": "activation.weight", "margin": 2.0}])
-    trainers, link = host(population(OPTIMIZERS["sgd with momentum"]), **coupled)
+    trainers, link = in_process_host(prelu_members(OPTIMIZERS["sgd with momentum"]), **coupled)
     units = form_groups(trainers)
-    train(units, link, 2)  # an exchanging, logged step, then one that is neither
+    train_host(units, link, 2)  # an exchanging, logged step, then one that is neither
     reads = device_reads()
     step_together(units, [u.step_program() for u in units], link)
     assert reads == ["tolist"]
 
 
-def test_each_stacked_member_uses_its_own_changed_learning_rate_from_the_next_step_on():
-    members = population([{"name": "adam", "lr": 0.01}] * 3)
-    alone, link_a = host(members, steps=20)
-    stacked, link_b = host(members, steps=20)
+def test_each_stacked_member_uses_its_own_changed_learning_rate_from_the_next_step_on(in_process_host):
+    members = prelu_members([{"name": "adam", "lr": 0.01}] * 3)
+    alone, link_a = in_process_host(members, steps=20)
+    stacked, link_b = in_process_host(members, steps=20)
     units = form_groups(stacked)
     for trainers, drive in ((alone, alone), (stacked, units)):
-        train(drive, link_a if trainers is alone else link_b, 10)
+        train_host(drive, link_a if trainers is alone else link_b, 10)
         trainers[1].optimizer.param_groups[0]["lr"] = 0.05  # as population-based training's explore does
         after_pbt_round(drive)
-        train(drive, link_a if trainers is alone else link_b, 10)
+        train_host(drive, link_a if trainers is alone else link_b, 10)
     for a, b in zip(alone, stacked):
         for key in a.params:
             torch.testing.assert_close(b.params[key], a.params[key], **CLOSE)
     assert not torch.equal(stacked[1].params["input.weight"], stacked[0].params["input.weight"])
 
 
-def test_a_stack_holds_its_optimizer_state_alone_once_a_checkpoint_has_read_the_members_copies():
+def test_a_stack_holds_its_optimizer_state_alone_once_a_checkpoint_has_read_the_members_copies(in_process_host):
     coupled = dict(steps=20, exchange={"every": 1}, couplings=[{"type": "separation", "param": "activation.weight", "margin": 2.0}])
     optimizers = OPTIMIZERS["adam, own lr and weight decay"]
-    alone, link_a = host(population(optimizers), **coupled)
-    train(alone, link_a, 10)
-    stacked, link_b = host(population(optimizers), **coupled)
+    alone, link_a = in_process_host(prelu_members(optimizers), **coupled)
+    train_host(alone, link_a, 10)
+    stacked, link_b = in_process_host(prelu_members(optimizers), **coupled)
     units = form_groups(stacked)
-    train(units, link_b, 5)  # ends with to_members, as a host before a checkpoint
+    train_host(units, link_b, 5)  # ends with to_members, as a host before a checkpoint
     units[0].release_member_copies()
     assert all(not m.optimizer.state for m in stacked), "no second copy of the moments"
-    train(units, link_b, 5)
+    train_host(units, link_b, 5)
     for a, b in zip(alone, stacked):
         for key in a.params:
             torch.testing.assert_close(b.params[key], a.params[key], **CLOSE, msg=f"{a.name}.{key}")
 
 
-def test_a_stacked_member_restored_from_its_state_continues_exactly():
-    members = population([{"name": "adam", "lr": 0.01 * (i + 1)} for i in range(3)])
-    stacked, link = host(members, steps=20)
+def test_a_stacked_member_restored_from_its_state_continues_exactly(in_process_host):
+    members = prelu_members([{"name": "adam", "lr": 0.01 * (i + 1)} for i in range(3)])
+    stacked, link = in_process_host(members, steps=20)
     units = form_groups(stacked)
-    train(units, link, 10)
+    train_host(units, link, 10)
     saved = stacked[2].state_dict()
-    train(units, link, 5)
+    train_host(units, link, 5)
     stacked[2].load_state_dict(saved)  # as a restart or an exploit loads a state into a member
     units[0].from_members()
     assert torch.equal(stacked[2].params["input.weight"], saved["model"]["input.weight"]), "loaded into the stack"
     assert units[0].steps.tolist() == [15.0, 15.0, 10.0]
 
 
-def test_what_cannot_stack_says_why_and_trains_one_after_another():
+def test_what_cannot_stack_says_why_and_trains_one_after_another(in_process_host):
     functional_dropout, twice = {"model": {"name": "tests.helpers:FunctionalDropoutNet"}}, {"model": {"name": "tests.helpers:TwiceDroppedNet"}}
-    trainers, _ = host([prelu_member("m1"), prelu_member("m2", terms=[{"name": "l1", "fn": "param_l2", "weight": 0.01}]),
+    trainers, _ = in_process_host([prelu_member("m1"), prelu_member("m2", terms=[{"name": "l1", "fn": "param_l2", "weight": 0.01}]),
                         prelu_member("d", **functional_dropout), prelu_member("e", **functional_dropout),
                         prelu_member("t", **twice), prelu_member("u", **twice)], couplings=[])
     assert stackable(trainers[0]) is None
@@ -298,24 +273,24 @@ def test_what_cannot_stack_says_why_and_trains_one_after_another():
     assert "called more than once per forward" in trainers[4].stacking_problem
 
 
-def test_each_stacked_member_trains_with_its_own_coupling_weight_as_population_based_training_sets_it():
+def test_each_stacked_member_trains_with_its_own_coupling_weight_as_population_based_training_sets_it(in_process_host):
     """Population-based training perturbs `couplings.<name>.weight` member by member (each member
     then has coupling objects of its own): a stacked member's coupling term and its gradient take
     its own weight, not the first member's."""
     coupled = dict(steps=20, exchange={"every": 1}, couplings=[{"type": "separation", "param": "activation.weight", "margin": 2.0}],
                    pbt={"every": 1000, "metric": "loss", "hyperparameters": {"couplings.separation.weight": {"factors": [0.8, 1.2]}}})
-    members = population([{"name": "adam", "lr": 0.01}] * 3)
-    alone, link_a = host(members, **coupled)
-    stacked, link_b = host(members, **coupled)
+    members = prelu_members([{"name": "adam", "lr": 0.01}] * 3)
+    alone, link_a = in_process_host(members, **coupled)
+    stacked, link_b = in_process_host(members, **coupled)
     units = form_groups(stacked)
     assert len(units) == 1 and isinstance(units[0], StackedGroup)
 
     def weights_changed_after_5_steps(trainers, drive, link) -> list:
-        train(drive, link, 5)
+        train_host(drive, link, 5)
         for trainer, weight in zip(trainers, (0.5, 1.0, 4.0)):  # as an explore step sets them
             trainer.hyperparameters.set({"couplings.separation.weight": weight})
         after_pbt_round(drive)
-        return train(drive, link, 10)[-1]
+        return train_host(drive, link, 10)[-1]
 
     metrics_a = weights_changed_after_5_steps(alone, alone, link_a)
     metrics_b = weights_changed_after_5_steps(stacked, units, link_b)[0]
@@ -326,20 +301,20 @@ def test_each_stacked_member_trains_with_its_own_coupling_weight_as_population_b
     assert [m["objective"] for m in metrics_b] == pytest.approx([m["objective"] for m in metrics_a], rel=1e-5)
 
 
-def test_a_stacked_member_logs_the_same_metrics_on_the_same_steps_as_the_member_alone():
+def test_a_stacked_member_logs_the_same_metrics_on_the_same_steps_as_the_member_alone(in_process_host):
     """The host logs a member's metrics every `tracking.log_every`-th step and at the last step: on
     each of those a stacked member's metrics are the member's alone (its couplings' own metrics,
     layer norms and terms included)."""
     steps, log_every = 8, 3
     run = dict(steps=steps, exchange={"every": 1}, tracking={"log_every": log_every, "layer_norms_every": 2, "plots": False, "log_models": False},
                couplings=[{"type": "tests.helpers:SeparationWithOwnMetrics", "name": "separation", "param": "activation.weight", "margin": 2.0}])
-    members = population([{"name": "adam", "lr": 0.01 * (i + 1)} for i in range(3)])
-    alone, link_a = host(members, **run)
-    stacked, link_b = host(members, **run)
+    members = prelu_members([{"name": "adam", "lr": 0.01 * (i + 1)} for i in range(3)])
+    alone, link_a = in_process_host(members, **run)
+    stacked, link_b = in_process_host(members, **run)
     units = form_groups(stacked)
     assert len(units) == 1 and isinstance(units[0], StackedGroup)
-    metrics_a = train(alone, link_a, steps)
-    metrics_b = [by_unit[0] for by_unit in train(units, link_b, steps)]
+    metrics_a = train_host(alone, link_a, steps)
+    metrics_b = [by_unit[0] for by_unit in train_host(units, link_b, steps)]
     logged = [s for s in range(steps) if s % log_every == 0 or s + 1 == steps]
     assert logged == [0, 3, 6, 7]
     for s in logged:
@@ -348,78 +323,78 @@ def test_a_stacked_member_logs_the_same_metrics_on_the_same_steps_as_the_member_
             assert b == pytest.approx(a, rel=1e-5, abs=1e-6), f"step {s}"
 
 
-def test_a_stacked_members_wait_for_the_coordinator_is_profiled_as_exchange_wait_not_compute():
+def test_a_stacked_members_wait_for_the_coordinator_is_profiled_as_exchange_wait_not_compute(in_process_host):
     """`tracking.profile`: while a stacked group blocks on the coordinator's reply (here a coordinator
     slow to complete one round), its members' `profile/exchange_wait_ms` hold that wait, each its
     share (the host books the rest of a member's share of the step as compute)."""
     slow = [{"type": "tests.helpers:SeparationThatHangsTheCoordinator", "name": "separation", "param": "activation.weight", "margin": 2.0,
              "hang_at_exchange": 1, "hang_s": 0.2}]
-    stacked, link = host(population([{"name": "adam", "lr": 0.01}] * 3), client=ReplyTimingClient, steps=3, couplings=slow)
+    stacked, link = in_process_host(prelu_members([{"name": "adam", "lr": 0.01}] * 3), client=ReplyTimingClient, steps=3, couplings=slow)
     units = form_groups(stacked)
     assert len(units) == 1 and isinstance(units[0], StackedGroup)
-    train(units, link, 1)
+    train_host(units, link, 1)
     for m in stacked:  # as the host does before every step
         m.timings = dict.fromkeys(m.timings, 0.0)
     link.client.waited_ms = 0.0
-    train(units, link, 1)  # the round the coordinator is slow to complete
+    train_host(units, link, 1)  # the round the coordinator is slow to complete
     assert link.client.waited_ms > 0
     assert sum(m.timings["exchange_wait_ms"] for m in stacked) >= link.client.waited_ms, "the whole wait, shared among the members"
 
 
-def test_members_with_different_batch_sizes_stack_apart_and_end_as_trained_one_by_one():
+def test_members_with_different_batch_sizes_stack_apart_and_end_as_trained_one_by_one(in_process_host):
     """A stacked step draws one batch of every member as one tensor: members whose batches differ
     in size train in stacks of their own."""
     def members():
         return [prelu_member(f"m{i}", data={"name": "synthetic_regression", "kwargs": {"n": 256, "in_features": 20}, "batch_size": size})
                 for i, size in enumerate((32, 16, 32, 16))]
 
-    alone, link_a = host(members(), steps=6, couplings=[])
-    stacked, link_b = host(members(), steps=6, couplings=[])
+    alone, link_a = in_process_host(members(), steps=6, couplings=[])
+    stacked, link_b = in_process_host(members(), steps=6, couplings=[])
     units = form_groups(stacked)
     assert [u.names for u in units] == [("m0", "m2"), ("m1", "m3")]
-    train(alone, link_a, 6)
-    train(units, link_b, 6)
+    train_host(alone, link_a, 6)
+    train_host(units, link_b, 6)
     for a, b in zip(alone, stacked):
         for key in a.params:
             torch.testing.assert_close(b.params[key], a.params[key], **CLOSE, msg=f"{a.name}.{key}")
 
 
-def test_an_optimizer_group_option_the_stacked_update_lacks_keeps_its_member_out_of_stacks():
+def test_an_optimizer_group_option_the_stacked_update_lacks_keeps_its_member_out_of_stacks(in_process_host):
     """The stacked update implements Adam's, AdamW's and SGD's plain options only: a parameter group
     asking for another (amsgrad, nesterov) would silently train without it in a stack."""
     amsgrad = {"name": "adam", "lr": 0.01, "groups": [{"params": ["input.*"], "kwargs": {"amsgrad": True}}]}
     nesterov = {"name": "sgd", "lr": 0.01, "kwargs": {"momentum": 0.9}, "groups": [{"params": ["output.*"], "kwargs": {"nesterov": True}}]}
-    trainers, _ = host(population([amsgrad, amsgrad, nesterov, nesterov]), couplings=[])
+    trainers, _ = in_process_host(prelu_members([amsgrad, amsgrad, nesterov, nesterov]), couplings=[])
     assert all("not stackable" in stackable(t) for t in trainers)
     assert all(not isinstance(u, StackedGroup) for u in form_groups(trainers))
 
 
-def test_a_stacked_sgd_member_given_momentum_later_starts_its_momentum_as_alone():
+def test_a_stacked_sgd_member_given_momentum_later_starts_its_momentum_as_alone(in_process_host):
     """SGD keeps no momentum for a member trained without it: when population-based training gives
     it momentum, its first momentum step starts from its gradient, in a stack as alone."""
-    members = population([{"name": "sgd", "lr": 0.02, "kwargs": {"momentum": m}} for m in (0.0, 0.5, 0.9)])
-    alone, link_a = host(members, steps=10, couplings=[])
-    stacked, link_b = host(members, steps=10, couplings=[])
+    members = prelu_members([{"name": "sgd", "lr": 0.02, "kwargs": {"momentum": m}} for m in (0.0, 0.5, 0.9)])
+    alone, link_a = in_process_host(members, steps=10, couplings=[])
+    stacked, link_b = in_process_host(members, steps=10, couplings=[])
     units = form_groups(stacked)
     for trainers, drive, link in ((alone, alone, link_a), (stacked, units, link_b)):
-        train(drive, link, 5)
+        train_host(drive, link, 5)
         trainers[0].optimizer.param_groups[0]["momentum"] = 0.9  # as an explore step of optimizer.kwargs.momentum does
         after_pbt_round(drive)
-        train(drive, link, 5)
+        train_host(drive, link, 5)
     for a, b in zip(alone, stacked):
         for key in a.params:
             torch.testing.assert_close(b.params[key], a.params[key], **CLOSE, msg=f"{a.name}.{key}")
 
 
-def test_a_stacked_groups_members_are_evaluated_in_one_pass_as_each_alone_to_float_rounding():
+def test_a_stacked_groups_members_are_evaluated_in_one_pass_as_each_alone_to_float_rounding(in_process_host):
     """A host evaluates a stacked group's members (the same held-out data) in one forward pass of the
     stack: each member's held-out metrics, outputs and targets are its own, as it computes them alone."""
     data = {"name": "synthetic_regression", "kwargs": {"n": 256, "in_features": 20, "split": "train"}, "batch_size": 32}
     members = [prelu_member(f"m{i}", data=data, optimizer={"name": "adam", "lr": 0.01 * (i + 1)}) for i in range(3)]
-    trainers, link = host(members, steps=10, evaluation={"every": 5, "metrics": ["mse", "mae"]})
+    trainers, link = in_process_host(members, steps=10, evaluation={"every": 5, "metrics": ["mse", "mae"]})
     units = form_groups(trainers)
     assert len(units) == 1 and units[0].shared_eval
-    train(units, link, 4)
+    train_host(units, link, 4)
     evaluated = units[0].evaluate()
     assert list(evaluated) == [t.name for t in trainers]
     for trainer in trainers:
@@ -432,18 +407,16 @@ def test_a_stacked_groups_members_are_evaluated_in_one_pass_as_each_alone_to_flo
     assert len({m["eval/mse"] for m, _, _ in evaluated.values()}) == 3, "each member's own model"
 
 
-def test_stacked_dropout_draws_each_members_masks_from_its_own_stream():
+def test_stacked_dropout_draws_each_members_masks_from_its_own_stream(in_process_host):
     """A stack draws each member's dropout masks from the member's own random stream, as it draws
     them alone: a member ends as it does alone (to float rounding), whoever its group-mates are."""
-    classifier = {"model": {"name": "encoder_classifier", "kwargs": {"in_features": 64, "num_classes": 10, "dropout": 0.3}},
-                  "data": {"name": "digits", "batch_size": 32}, "loss": "cross_entropy"}
-    a, b, c = ({"name": name, **classifier, "optimizer": {"name": "adam", "lr": lr}} for name, lr in (("a", 0.01), ("b", 0.02), ("c", 0.005)))
+    a, b, c = (digits_member(name, model_kwargs={"num_nodes": 64, "dropout": 0.3}, lr=lr) for name, lr in (("a", 0.01), ("b", 0.02), ("c", 0.005)))
     ends = []
     for members in ([a, b], [a, c], [a]):
-        trainers, link = host(members, steps=12, couplings=[])
+        trainers, link = in_process_host(members, steps=12, couplings=[])
         units = form_groups(trainers)
         assert isinstance(units[0], StackedGroup) == (len(members) > 1), [t.stacking_problem for t in trainers]
-        train(units, link, 12)
+        train_host(units, link, 12)
         ends.append(trainers[0])
     for stacked in ends[:2]:
         for key, value in ends[2].params.items():
@@ -451,13 +424,13 @@ def test_stacked_dropout_draws_each_members_masks_from_its_own_stream():
         assert stacked.randomness.state_dict()["torch"].equal(ends[2].randomness.state_dict()["torch"]), "its stream moved on as alone"
 
 
-def test_a_stacked_groups_exchange_copies_each_stacked_parameter_once_each_way():
+def test_a_stacked_groups_exchange_copies_each_stacked_parameter_once_each_way(in_process_host):
     """At a parameter exchange a stacked group sends each stacked parameter as one copy off its
     device (every member's value a row of it), and takes the reply in as one tensor per quantity
     family, the peers' values rows of it (on a GPU: one device-to-host and one host-to-device copy
     per family, not one per member and quantity); the couplings read that column as it came."""
     coupled = dict(steps=4, exchange={"every": 1}, couplings=[{"type": "separation", "param": "activation.weight", "margin": 2.0}])
-    trainers, link = host(population([{"name": "adam", "lr": 0.01}] * 4), **coupled)
+    trainers, link = in_process_host(prelu_members([{"name": "adam", "lr": 0.01}] * 4), **coupled)
     (group,) = form_groups(trainers)
     program = group.step_program()
     send = next(program)

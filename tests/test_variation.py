@@ -15,7 +15,16 @@ from mlflow.tracking import MlflowClient
 import poptrain
 from poptrain.cli import main
 from poptrain.config import MAX_CONFIG_BYTES, ConfigError, dump_config, load_config
-from tests.conftest import PBT_YAML_OVERRIDES, REPO, InBackground, make_config, prelu_member, started, weights
+from tests.conftest import (
+    PBT_YAML_OVERRIDES,
+    REPO,
+    InBackground,
+    prelu_member,
+    resume_in_a_process,
+    run_killing_the_driver,
+    started,
+    weights,
+)
 
 THOUSAND = REPO / "configs" / "thousand.yaml"
 
@@ -175,7 +184,6 @@ def killed_and_resumed(folder, uri):
     """configs/thousand.yaml, all 1,000 members, as a real `poptrain run` SIGKILLed with its Ray after
     its first checkpoint, then `poptrain resume`, each a process of its own: (run folder, the
     checkpoint's step it resumed from)."""
-    from tests.test_failures import resume_in_a_process, run_killing_the_driver
 
     config = yaml.safe_load(THOUSAND.read_text())
     # Killed after the checkpoint at step 20, resumed from it for 20 more: logged steps (every 10)
