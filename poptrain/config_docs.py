@@ -1,6 +1,7 @@
 """The config reference, generated from the schema's own field descriptions (``poptrain schema``).
 
-The README's "Config reference" section is this output; a test keeps the two in sync.
+The documentation's config reference page (``docs/config-reference.md``) is this output between its
+markers; a test keeps the two in sync.
 """
 
 from __future__ import annotations
@@ -91,7 +92,7 @@ def sections() -> list[tuple[str, type[BaseModel], set[str]]]:
 def config_reference() -> str:
     out = []
     for title, model, skip in sections():
-        out.append(f"#### {title}\n")
+        out.append(f"## {title}\n")
         doc = (model.__doc__ or "").strip().splitlines()
         if doc and not doc[0].startswith("!!!") and model.__doc__ != BaseModel.__doc__:
             out.append(doc[0] + "\n")
@@ -103,18 +104,22 @@ def config_reference() -> str:
 START, END = "<!-- config-reference:start -->", "<!-- config-reference:end -->"
 
 
-def readme_with_reference(readme: str) -> str:
-    """``readme`` with the text between the reference markers replaced by :func:`config_reference`."""
-    head, rest = readme.split(START, 1)
+PAGE = "docs/config-reference.md"  # relative to the repository's root
+
+
+def page_with_reference(page: str) -> str:
+    """``page`` (a Markdown text holding the two reference markers) with the text between them
+    replaced by :func:`config_reference`."""
+    head, rest = page.split(START, 1)
     _, tail = rest.split(END, 1)
     return f"{head}{START}\n{config_reference()}{END}{tail}"
 
 
-if __name__ == "__main__":  # python -m poptrain.config_docs README.md  (rewrites the README's reference)
+if __name__ == "__main__":  # python -m poptrain.config_docs [PAGE]  (rewrites the page's reference, from the repository's root)
     import sys
 
-    path = sys.argv[1] if len(sys.argv) > 1 else "README.md"
+    path = sys.argv[1] if len(sys.argv) > 1 else PAGE
     with open(path, encoding="utf-8") as stream:
         text = stream.read()
     with open(path, "w", encoding="utf-8") as stream:
-        stream.write(readme_with_reference(text))
+        stream.write(page_with_reference(text))

@@ -40,7 +40,19 @@ class PlacementError(PopulationError):
 
 @dataclass
 class RunResult:
-    """What :func:`run` returns."""
+    """What :func:`run` (and :func:`resume`) returns, once the run has ended well.
+
+    * ``run_id``: the MLflow parent run (the population); ``member_run_ids``: member name -> its nested run.
+    * ``output_dir``: ``<output_dir>/<name>/`` (config, members' ``model.pt``, checkpoints, plots);
+      ``tracking_uri``: the MLflow store written to.
+    * ``metrics``: member -> its last step's metrics (``loss``, ``objective``, ``coupling/...``, ...).
+    * ``placement``: member -> where it ran (node, device, pid, ...); ``restarts``: member -> how many
+      times its process was restarted.
+    * ``seconds``: the run's wall time in seconds, from its set-up (after the config checks) to its end.
+    * ``best_member``: the best member by ``evaluation.rank_by`` at the last evaluation (None without
+      held-out data); ``population_average``: ``population_average/<metric>`` -> the held-out metrics
+      of the mean of the members' final weights (empty when it was not evaluated).
+    """
 
     run_id: str  # the MLflow parent run
     member_run_ids: dict[str, str]

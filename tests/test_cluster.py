@@ -46,7 +46,7 @@ RAY_VERSION = importlib.metadata.version("ray")
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
 IMAGE = re.compile(r"^rayproject/ray:(?P<ray>\d+\.\d+\.\d+)-py(?P<major>\d)(?P<minor>\d+)(?:-(?P<variant>cpu|gpu|cu\d+))?$")
 SHIPPED_CONFIG = "configs/prelu_separation.yaml"
-# The headline command of README.md's Clusters section and of cluster/README.md, run as written.
+# The headline command of the documentation's Clusters page and of cluster/README.md, run as written.
 README_COMMAND = f"ray job submit --working-dir . -- poptrain run {SHIPPED_CONFIG}"
 
 
@@ -507,7 +507,7 @@ def test_the_readme_command_keeps_its_outputs_where_the_log_says(cluster_run):
     import torch
     from mlflow.tracking import MlflowClient
 
-    for doc in (REPO / "README.md", CLUSTER / "README.md"):
+    for doc in (REPO / "README.md", REPO / "docs" / "clusters.md", CLUSTER / "README.md"):
         assert README_COMMAND in doc.read_text(), f"{doc.name} gives the command this test ran"
     readme_job = cluster_run.readme_job
     log = readme_job.stdout + readme_job.stderr

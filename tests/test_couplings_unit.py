@@ -181,11 +181,11 @@ def test_the_readme_example_coupling_works_as_written(base_config):
     from poptrain.couplings import COUPLINGS
     from tests.conftest import REPO
 
-    readme = (REPO / "README.md").read_text(encoding="utf-8")
-    code = re.search(r"### Writing a coupling.*?```python\n(.*?)```", readme, re.S).group(1)
+    page = (REPO / "docs" / "writing-a-coupling.md").read_text(encoding="utf-8")
+    code = re.search(r"# Writing a coupling.*?```python\n(.*?)```", page, re.S).group(1)
     namespace: dict = {}
     try:
-        exec(compile(code, "README.md", "exec"), namespace)
+        exec(compile(code, "docs/writing-a-coupling.md", "exec"), namespace)
         _, _, (repel,) = couplings_for(base_config, [{"type": "repel", "param": "activation.weight"}])
         own = torch.tensor([0.5], requires_grad=True)
         repel.value({Quantity("m1", "param", "activation.weight"): own, Quantity("m2", "param", "activation.weight"): torch.tensor([0.2])}).backward()

@@ -111,13 +111,13 @@ def test_the_readme_example_function_works_as_written():
 
     from poptrain.couplings import COUPLINGS
 
-    readme = (REPO / "README.md").read_text(encoding="utf-8")
-    code = re.search(r"### Writing a coupling.*?```python\n.*?```.*?```python\n(.*?)```", readme, re.S).group(1)
+    page = (REPO / "docs" / "writing-a-coupling.md").read_text(encoding="utf-8")
+    code = re.search(r"## A function as a coupling.*?```python\n(.*?)```", page, re.S).group(1)
     assert "@coupling_function(" in code
     ours = COUPLINGS.pop("slope_gap")  # tests.helpers registers the same name
     try:
         namespace: dict = {}
-        exec(compile(code, "README.md", "exec"), namespace)
+        exec(compile(code, "docs/writing-a-coupling.md", "exec"), namespace)
         example = COUPLINGS["slope_gap"]
         assert example is namespace["slope_gap"] and example.declared_reads == ours.declared_reads
         a, b = torch.tensor([0.25]), torch.tensor([1.0])

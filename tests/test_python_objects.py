@@ -1,4 +1,4 @@
-"""Populations from Python objects: the README's notebook example (seed 000 with no YAML and no
+"""Populations from Python objects: the documentation's notebook example (docs/python.md) (seed 000 with no YAML and no
 package) runs on a real Ray into a real MLflow store and matches the single-process reference; the
 record names each object with a digest; `poptrain resume` says whether such a run can continue;
 what cannot travel to Ray's workers is refused before anything starts."""
@@ -38,9 +38,9 @@ def notebook_cell(code: str, cell: int = 1) -> dict:
 
 
 def readme_example() -> str:
-    """The README's notebook example up to its `poptrain.run` call."""
-    readme = (REPO / "README.md").read_text(encoding="utf-8")
-    code = re.search(r"## From a notebook.*?```python\n(.*?)```", readme, re.S).group(1)
+    """The documentation's notebook example (docs/python.md) up to its `poptrain.run` call."""
+    page = (REPO / "docs" / "python.md").read_text(encoding="utf-8")
+    code = re.search(r"## From a notebook.*?```python\n(.*?)```", page, re.S).group(1)
     assert code.count("\n") <= 40, "about twenty lines, no YAML"
     return code[: code.index("result = poptrain.run(population)")]
 
