@@ -14,11 +14,6 @@ from tests.reference import seed000_joint_training, sequential_batches
 STEPS, LR, BATCH = 25, SEED000_LR, SEED000_BATCH
 
 
-# tests/test_python_objects.py (another branch's file) still imports it from here; it goes when that
-# file imports tests.conftest's seed000_initial_modules.
-_initial_modules = seed000_initial_modules
-
-
 # One member per host (a process each); both on one host, one after another; both on one host, stacked.
 PLACEMENTS = {"one per host": {"members_per_host": 1}, "packed": {"members_per_host": 2, "stacked": False}, "stacked": {"members_per_host": 2}}
 

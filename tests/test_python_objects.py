@@ -18,10 +18,8 @@ from poptrain import objects
 from poptrain.checks import prepare
 from poptrain.config import ConfigError
 from poptrain.couplings import COUPLINGS
-from tests.conftest import REPO, weights
+from tests.conftest import REPO, SEED000_BATCH, SEED000_LR, poptrain_command, seed000_initial_modules, weights
 from tests.reference import seed000_joint_training, sequential_batches
-from tests.test_cli import poptrain as poptrain_command
-from tests.test_exactness import BATCH, LR, _initial_modules
 
 STEPS = 25
 
@@ -58,15 +56,15 @@ def notebook_run(ray_session, notebook, tmp_path_factory, tracking_uri):
     initial weights, data in order, one member per process. m1 gets its data from the notebook's
     function, m2 the dataset itself."""
     folder = tmp_path_factory.mktemp("notebook")
-    modules, paths = _initial_modules(folder)
+    modules, paths = seed000_initial_modules(folder)
     population = notebook["population"]
     dataset = notebook["regression"]()
     for member, init, data in zip(population["members"], paths, (notebook["regression"], dataset)):
-        member.update(init=init, data={"name": data, "batch_size": BATCH, "shuffle": False})
+        member.update(init=init, data={"name": data, "batch_size": SEED000_BATCH, "shuffle": False})
     population.update(steps=STEPS, output_dir=str(folder / "runs"), placement={"members_per_host": 1},
                       tracking={"uri": tracking_uri, "experiment": "notebook", "plots": False, "log_models": False})
     result = poptrain.run(population)
-    reference = seed000_joint_training(*modules, sequential_batches(dataset, BATCH), STEPS, LR)
+    reference = seed000_joint_training(*modules, sequential_batches(dataset, SEED000_BATCH), STEPS, SEED000_LR)
     return result, {name: module.state_dict() for name, module in zip(("m1", "m2"), reference)}, dataset
 
 
