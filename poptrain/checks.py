@@ -112,7 +112,8 @@ def inspect_population(cfg: RunConfig) -> PopulationInfo:
     if problems:
         raise ConfigError(problems)
     for index, coupling in enumerate(couplings):
-        problems.extend((f"couplings.{index}.{k}" if k else f"couplings.{index}", msg) for k, msg in coupling.check_population())
+        own = [(f"couplings.{index}.{k}" if k else f"couplings.{index}", msg) for k, msg in coupling.check_population()]
+        problems.extend(own or _unknown_quantities(index, coupling, population))
         if coupling.rewrites() and not coupling.rewrites_values:  # else the async check would let it through
             problems.append((f"couplings.{index}.type", f"{type(coupling).__name__} rewrites values at exchanges but does not declare `rewrites_values = True`"))
     if cfg.evaluation.population_average is True:  # asked for: refused where the mean is no model (`auto` turns it off)
@@ -121,6 +122,23 @@ def inspect_population(cfg: RunConfig) -> PopulationInfo:
     if problems:
         raise ConfigError(problems)
     return population
+
+
+def _unknown_quantities(index: int, coupling, population: PopulationInfo) -> list[tuple[str, str]]:
+    """The members and parameters that ``coupling`` reads or rewrites but the population lacks
+    (a mistyped ``param`` in a coupling that checks nothing itself, a user's by import path
+    included): named here, before anything starts, not as a KeyError in the coordinator."""
+    problems, seen = [], set()
+    for q in [*coupling.reads(), *(q for r in coupling.rewrites() for q in r.quantities)]:
+        if (q.member, q.kind, q.key) in seen:
+            continue
+        seen.add((q.member, q.kind, q.key))
+        if q.member not in population.param_shapes:
+            problems.append((f"couplings.{index}", f"coupling {coupling.name!r} reads member {q.member!r}, which the population does not have; its members are {population.members}"))
+        elif q.kind == "param" and q.key not in population.param_shapes[q.member]:
+            problems.append((f"couplings.{index}", f"coupling {coupling.name!r} reads parameter {q.key!r} of member {q.member!r}, which has no such parameter; "
+                             f"its parameters are {list(population.param_shapes[q.member])}"))
+    return problems
 
 
 def _describe_predictions(cfg: RunConfig, population: PopulationInfo, couplings) -> list[tuple[str, str]]:

@@ -87,6 +87,15 @@ def test_coupling_on_a_parameter_a_member_lacks_is_refused(base_config):
     assert any(k == "couplings.0.param" and "has no parameter 'activation.slope'" in msg for k, msg in found), found
 
 
+def test_a_users_coupling_reading_a_parameter_a_member_lacks_is_refused_naming_coupling_and_parameter(base_config):
+    """A coupling by import path that checks nothing itself: its reads are checked against the
+    members' real parameters, before anything starts (not a KeyError in the coordinator)."""
+    config = base_config(couplings=[{"type": "tests.reference:TowardPeersMean", "name": "pull", "param": "activation.slope"}])
+    found = problems(config)
+    assert ("couplings.0", "coupling 'pull' reads parameter 'activation.slope' of member 'm1', which has no such parameter; "
+            "its parameters are ['input.weight', 'input.bias', 'activation.weight', 'output.weight', 'output.bias']") in found, found
+
+
 def test_separation_needs_equal_shapes(base_config):
     other = prelu_member("m2", model={"name": "tests.helpers:TinyNet"})
     found = problems(base_config(members=[prelu_member("m1"), other], couplings=[{"type": "separation", "param": "head.weight"}]))
