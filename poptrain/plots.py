@@ -5,7 +5,7 @@
   ``weight/*``, or ``loss_weight`` for the loss, plus its already weighted ``coupling/*`` and its
   ``objective``);
 * ``couplings.png``: each coupling's value ``coupling/<name>`` over steps, with its extras (e.g.
-  pairwise distances) and, for separation couplings, the margin;
+  pairwise distances) and the margin a coupling declares (``Coupling.plotted_margin``: separation's);
 * ``coupled_<coupling>.png``: the coupled parameters ``coupling/<name>/<member>/<param>``, one
   line per member. For a separation coupling of two members, a band of width ``margin`` around
   their midpoint: they are apart once both lines are outside it (seed 000's alphas). With more
@@ -66,10 +66,14 @@ def _coupling_settings(params: dict[str, str]) -> dict[str, dict[str, str]]:
 
 
 def _margin(setting: dict[str, str]) -> float | None:
-    """A hinge separation coupling's margin (the minimum distance it asks for), else None."""
-    if setting.get("type") == "separation" and setting.get("variant", "hinge") == "hinge" and "margin" in setting:
-        return float(setting["margin"])
-    return None
+    """The band a coupling declares for its figures (``Coupling.plotted_margin``), else None; None
+    too where its class cannot be found now (a user's coupling by import path, not importable here)."""
+    from poptrain.registry import resolve_coupling
+
+    try:
+        return resolve_coupling(setting.get("type", "")).plotted_margin(setting)
+    except (ImportError, ValueError, TypeError, AttributeError):
+        return None
 
 
 MEMBERS_PLOTTED_ONE_BY_ONE = 8  # beyond, the population's spread instead of a line and a figure per member

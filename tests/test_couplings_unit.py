@@ -532,3 +532,14 @@ def test_a_round_is_not_written_in_place_into_parameters_another_coupling_reads_
     for name, value in memory["t"].items():
         assert torch.equal(value, sum(sent[m][name] for m in sources) / 4), name
         assert all(torch.equal(memory[m][name], sent["m1"][name]) for m in sources), "and DiLoCo started every member from m1"
+
+
+def test_the_figures_draw_the_margin_a_coupling_declares_and_none_for_the_others():
+    """plots.py names no coupling: it draws the band a coupling's class declares
+    (``Coupling.plotted_margin``, from the settings as the parent run's params hold them)."""
+    from poptrain.plots import _margin
+
+    assert _margin({"type": "separation", "margin": "2.0", "param": "activation.weight"}) == 2.0
+    assert _margin({"type": "separation", "variant": "repulsion", "margin": "2.0"}) is None, "the repulsion variant has no margin"
+    assert _margin({"type": "average", "rate": "0.1"}) is None
+    assert _margin({"type": "no.such.module:Coupling", "margin": "1"}) is None, "a coupling not importable where the figures are drawn"

@@ -333,6 +333,15 @@ class Coupling(CouplingClass, ABC):
         """Take back what :meth:`state_dict` returned (in a resumed run, before its first round)."""
         raise NotImplementedError(f"{type(self).__name__} returns a state from state_dict() but cannot load it back: implement load_state_dict")
 
+    # -- what the end-of-run figures draw ------------------------------------------------------
+
+    @classmethod
+    def plotted_margin(cls, setting: Mapping[str, str]) -> float | None:
+        """The distance the coupling asks its members' coupled parameters to keep, drawn as a band
+        on its figures (``couplings.png``, ``coupled_<name>.png``), from its settings as the
+        parent run's params hold them (strings); None (the default): no band."""
+        return None
+
     # -- checks, before anything starts ------------------------------------------------------
 
     @classmethod

@@ -49,6 +49,11 @@ class Separation(Coupling):
     Config = SeparationConfig
     config: SeparationConfig
 
+    @classmethod
+    def plotted_margin(cls, setting: Mapping[str, str]) -> float | None:
+        """The hinge's margin (the repulsion variant has none)."""
+        return float(setting["margin"]) if setting.get("variant", "hinge") == "hinge" and "margin" in setting else None
+
     def _pairs(self) -> list[tuple[str, str]]:
         return [tuple(p) for p in self.config.pairs] if self.config.pairs else list(itertools.combinations(self.members, 2))
 
