@@ -10,7 +10,7 @@ import torch
 from poptrain.config import load_config
 from poptrain.coordinator import CouplingEvaluator
 from poptrain.exchange import ExchangePlan
-from poptrain.couplings import Quantity, build_couplings
+from poptrain.couplings import Coupling, Quantity, build_couplings
 from poptrain.checks import inspect_population
 from tests.conftest import digits_member, prelu_member
 
@@ -543,3 +543,30 @@ def test_the_figures_draw_the_margin_a_coupling_declares_and_none_for_the_others
     assert _margin({"type": "separation", "variant": "repulsion", "margin": "2.0"}) is None, "the repulsion variant has no margin"
     assert _margin({"type": "average", "rate": "0.1"}) is None
     assert _margin({"type": "no.such.module:Coupling", "margin": "1"}) is None, "a coupling not importable where the figures are drawn"
+
+
+def test_a_coupling_that_overrides_value_for_must_declare_whether_its_term_is_joint(base_config, tmp_path, monkeypatch):
+    """term_is_joint must agree with value_for, which nothing can check by running it: a class
+    overriding value_for without declaring it is refused where it is defined, and a config naming
+    it by import path gets the reason under its `type` (exit 2, nothing started)."""
+    from poptrain.config import ConfigError, validate_config
+
+    with pytest.raises(TypeError, match="overrides value_for but does not declare term_is_joint"):
+
+        class Undeclared(Coupling):
+            def reads(self):
+                return []
+
+            def value_for(self, member, q):
+                return None
+
+    (tmp_path / "undeclared_coupling.py").write_text(
+        "from poptrain.couplings import Coupling\n\n"
+        "class Pull(Coupling):\n"
+        "    def reads(self):\n        return []\n\n"
+        "    def value_for(self, member, q):\n        return None\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ConfigError) as refused:
+        validate_config(base_config(couplings=[{"type": "undeclared_coupling:Pull"}]))
+    assert any(key == "couplings.0.type" and "does not declare term_is_joint" in reason for key, reason in refused.value.problems), refused.value.problems

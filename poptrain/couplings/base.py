@@ -219,6 +219,17 @@ class Coupling(CouplingClass, ABC):
     # their final weights is then the population's average model (`evaluation.population_average`).
     averages_members: ClassVar[bool] = False
 
+    def __init_subclass__(cls, **kwargs):
+        # term_is_joint must agree with value_for, which no one can check by running it: a class
+        # that overrides value_for declares which it is, or it is refused where it is defined.
+        super().__init_subclass__(**kwargs)
+        if "value_for" in vars(cls) and not any("term_is_joint" in vars(k) for k in cls.__mro__ if k is not Coupling and issubclass(k, Coupling)):
+            raise TypeError(
+                f"{cls.__qualname__} overrides value_for but does not declare term_is_joint: set `term_is_joint = True` where "
+                "value_for's gradient for a member's own quantities is value's (a cheaper form of the joint term), or `False` where "
+                "each member's term is an objective of its own (mutual learning); a host training members stacked relies on it"
+            )
+
     def __init__(self, config: CouplingConfig, population: PopulationInfo):
         self.config = config
         self.population = population

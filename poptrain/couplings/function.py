@@ -86,6 +86,7 @@ class FunctionCoupling(Coupling):
 
     Config = FunctionCouplingConfig
     config: FunctionCouplingConfig
+    term_is_joint = True  # value_for is value, or None on a step without the predictions it reads
     fn: ClassVar[Callable[..., Any]]
     declared_reads: ClassVar[dict[str, Read]] = {}
 

@@ -48,6 +48,7 @@ class Separation(Coupling):
 
     Config = SeparationConfig
     config: SeparationConfig
+    term_is_joint = True  # value_for is the joint term restricted to the pairs a member is in: the same gradient for its own slope
 
     @classmethod
     def plotted_margin(cls, setting: Mapping[str, str]) -> float | None:
