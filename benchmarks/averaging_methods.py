@@ -189,7 +189,8 @@ SCALE_FIGURE = "averaging_at_scale"
 def scale_config(ctx: Context, method: str) -> dict[str, Any]:
     """``configs/thousand.yaml`` (seed 000's members, packed and stacked on one host per core) with
     ``method``'s coupling and exchange period from its shipped config instead of the separation, at
-    ``scale_members`` members and ``scale_steps`` steps; the parent logs each round's distances."""
+    ``scale_members`` members and ``scale_steps`` steps, each member its own sample order; the
+    parent logs each round's distances."""
     sizes = ctx.sizes
     config = yaml.safe_load((CONFIGS / "thousand.yaml").read_text())
     every, coupling = method_knobs(method)
@@ -203,7 +204,9 @@ def scale_config(ctx: Context, method: str) -> dict[str, Any]:
         "tracking": {**config["tracking"], **quiet_tracking(ctx.uri, "benchmarks-averaging-at-scale")},
         "checkpoint": {"every": 0},
         "evaluation": {"every": 0, "metrics": ["mse"]},
-        "members": [{**member, "copies": sizes.scale_members}],
+        # Each member its own sample order, as averaging_methods: with one shared stream the members
+        # of a method that restarts them from one model (DiLoCo) stay identical, and there is nothing to average.
+        "members": [{**member, "copies": sizes.scale_members, "vary": {"data.seed": list(range(sizes.scale_members))}}],
         "couplings": [coupling] if coupling else [],
     }
 
