@@ -115,8 +115,9 @@ def method_config(ctx: Context, dataset: str, method: str, seed: int) -> dict[st
 
 def measure(ctx: Context, dataset: str, method: str, seed: int) -> dict[str, Any]:
     """One run: the best member's, the averaged model's and the ensemble's held-out metric."""
-    import poptrain
     from mlflow.tracking import MlflowClient
+
+    import poptrain
 
     metric = DATASETS[dataset]["metric"]
     started = time.perf_counter()
@@ -212,9 +213,9 @@ def averaging_at_scale(ctx: Context) -> list[dict[str, Any]]:
     """Each method at ``scale_members`` stacked members (issue 26, item 4): the steady rate of one
     member's steps against the same population trained independently (no coupling) in the same
     benchmark run, how many members each trained stacked with, and the rounds the parent logged."""
-    import poptrain
     from mlflow.tracking import MlflowClient
 
+    import poptrain
     from benchmarks.common import metric_times, steady_rate
     from poptrain.pool import release_warm_members
 

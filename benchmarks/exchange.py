@@ -47,7 +47,6 @@ import numpy as np
 from benchmarks.averaging_methods import LABELS, method_knobs
 from benchmarks.common import Context, CpuSampler, cpu_seconds, metric_times, quiet_tracking, row, steady_rate, unavailable
 
-
 # --------------------------------------------------------------------------------------------
 # Actors (plain classes, made remote where used, so importing this module needs no Ray)
 
@@ -141,10 +140,10 @@ def exchange_latency(ctx: Context) -> list[dict[str, Any]]:
     import ray
 
     import poptrain
-    from poptrain.coordinator import CoordinatorActor, start_coordinator
-    from poptrain.exchange import ExchangePlan, Wire
-    from poptrain.couplings import build_couplings
     from poptrain.checks import inspect_population
+    from poptrain.coordinator import CoordinatorActor, start_coordinator
+    from poptrain.couplings import build_couplings
+    from poptrain.exchange import ExchangePlan, Wire
 
     sizes = ctx.sizes
     most = max(sizes.latency_members)

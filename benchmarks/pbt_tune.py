@@ -300,7 +300,7 @@ class CpuDuring:
         while not self._stop.wait(self.interval_s):
             self.last.update(self._sample())
 
-    def __enter__(self) -> "CpuDuring":
+    def __enter__(self) -> CpuDuring:
         self.first = self._sample()
         self.last = dict(self.first)
         self._thread.start()
@@ -343,8 +343,9 @@ def run_poptrain(ctx: Context, seed: int, checkpoint_every: int | None = None) -
     """One ``poptrain.run`` of the task: its best member's final held-out accuracy, wall time, the
     exploits (from the parent run's ``poptrain.pbt.exploits`` tag and ``pbt/exploited`` metrics),
     the checkpoint files it wrote, and the CPU its processes used."""
-    import poptrain
     from mlflow.tracking import MlflowClient
+
+    import poptrain
 
     label = f"pbt-s{seed}" + ("" if checkpoint_every is None else f"-ckpt{checkpoint_every}")
     config = task_config(ctx, seed, f"bench-{label}", checkpoint_every)
@@ -391,10 +392,11 @@ def run_tune(ctx: Context, seed: int, reuse_actors: bool = TUNE_REUSE_ACTORS, la
     """One ``Tuner.fit`` of the task on the running Ray: the best trial's last held-out accuracy,
     wall time, exploits, the steps trained in all, trial errors and the restore failures Tune logged.
     ``label``: the experiment's folder under the scratch folder's ``tune/`` (default ``pbt-s<seed>``)."""
-    import poptrain
     from ray import tune
     from ray.tune.schedulers import PopulationBasedTraining
     from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    import poptrain
 
     config = task_config(ctx, seed, f"bench-tune-s{seed}")
     run = poptrain.load_config(config)

@@ -3,7 +3,7 @@ process) and its held-out data in order."""
 
 from __future__ import annotations
 
-from typing import Iterator, Mapping
+from collections.abc import Iterator, Mapping
 
 import torch
 from torch.utils.data import Dataset, TensorDataset, default_collate

@@ -12,7 +12,8 @@ import functools
 import hashlib
 import inspect
 import json
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn

@@ -36,9 +36,10 @@ import struct
 import threading
 import time
 import warnings
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from multiprocessing.connection import AuthenticationError, Connection, Listener, answer_challenge, deliver_challenge
-from typing import Any, Callable
+from typing import Any
 
 from poptrain.exchange import ExchangeTimeout
 

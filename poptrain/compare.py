@@ -15,7 +15,6 @@ from __future__ import annotations
 import math
 from typing import Any
 
-
 # Params that differ between members for reasons other than their config (where they ran: runs
 # logged before placement became tags), and the member's own name (already the column header):
 # shown only with ``all_params``.

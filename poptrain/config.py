@@ -18,13 +18,23 @@ import re
 import traceback
 import types
 import typing
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Annotated, Any, Callable, ClassVar, Iterator, Literal, Optional, Sequence, Union
+from typing import Annotated, Any, ClassVar, Literal, Union
 
 import yaml
 from pydantic import (
-    AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, SerializeAsAny, ValidationError, ValidationInfo, field_validator,
-    model_serializer, model_validator,
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    SerializeAsAny,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_serializer,
+    model_validator,
 )
 
 from poptrain import objects, variation
@@ -67,7 +77,7 @@ class Reason(str):
     traceback: str = ""
 
     @classmethod
-    def of(cls, text: str, exc: BaseException, skip: int = 1) -> "Reason":
+    def of(cls, text: str, exc: BaseException, skip: int = 1) -> Reason:
         """``text``, with ``exc``'s traceback less its first ``skip`` frames (poptrain's own call)."""
         tb = exc.__traceback__
         for _ in range(skip):
@@ -140,7 +150,7 @@ class CodeRef(Strict):
     NAME_FIELD: ClassVar[str] = "name"  # the field that names the code
     SHORTHAND: ClassVar[bool] = False  # ``key: adam`` (or ``key: <object>``) for ``key: {name: adam}``
 
-    digest: Optional[str] = Field(
+    digest: str | None = Field(
         None,
         repr=False,
         description="Set by poptrain for an object given from Python: the sha256 of its source (`source:sha256:...`), or of "
@@ -228,7 +238,7 @@ class DataConfig(Component):
 
     batch_size: int = Field(32, gt=0, le=1_000_000, description="Samples per step.")
     shuffle: bool = Field(True, description="Reshuffle every epoch (seeded); false keeps dataset order.")
-    seed: Optional[int] = Field(
+    seed: int | None = Field(
         None,
         ge=0,
         le=MAX_SEED,
@@ -251,8 +261,8 @@ class MetricConfig(Component):
         description="`accuracy`, `top_k_accuracy` (kwargs `k`), `mse`, `mae`, `loss` (the member's own task loss), "
         "or an import path to `f(outputs, targets, **kwargs) -> float` (from Python: the function itself)."
     )
-    label: Optional[Name] = Field(None, description="Name in MLflow (`eval/<label>`); default: the built-in's name (`top_<k>_accuracy` for top-k) or the function's.")
-    higher_is_better: Optional[bool] = Field(None, description="For ranking by it; default: true for accuracies, false for `loss`, `mse`, `mae`; required for an import path.")
+    label: Name | None = Field(None, description="Name in MLflow (`eval/<label>`); default: the built-in's name (`top_<k>_accuracy` for top-k) or the function's.")
+    higher_is_better: bool | None = Field(None, description="For ranking by it; default: true for accuracies, false for `loss`, `mse`, `mae`; required for an import path.")
 
     @property
     def higher(self) -> bool | None:
@@ -278,13 +288,13 @@ class EvaluationConfig(Strict):
         default_factory=lambda: [MetricConfig(name="loss")],
         description="What to compute on the held-out data, each logged as `eval/<label>` on the member's run.",
     )
-    rank_by: Optional[str] = Field(None, description="The metric (its label) by which members are ranked: the population's best member; default: the first metric.")
+    rank_by: str | None = Field(None, description="The metric (its label) by which members are ranked: the population's best member; default: the first metric.")
     ensemble: bool = Field(
         True,
         description="Also evaluate the ensemble of members whose held-out samples are the same (same targets in the same order): "
         "the mean of their predicted probabilities (classification) or outputs, logged as `ensemble/<label>` on the parent run.",
     )
-    population_average: Union[bool, Literal["auto"]] = Field(
+    population_average: bool | Literal["auto"] = Field(
         "auto",
         description="Also evaluate the population's average model at the end: the mean of the final weights of the members the "
         "first averaging coupling (`average`, `gossip`, `wash`, `diloco`) averages, or of every member when the run has none, "
@@ -316,13 +326,13 @@ class EvaluationConfig(Strict):
 class Perturbation(Strict):
     """How population-based training explores one hyperparameter of a member that copied another."""
 
-    factors: Optional[list[float]] = Field(None, min_length=1, description="Multiply the donor's value by one of these, at random (e.g. `[0.8, 1.2]`).")
-    values: Optional[list[float]] = Field(None, min_length=1, description="Or pick one of these values.")
-    range: Optional[tuple[float, float]] = Field(None, description="Or draw from [low, high] (log-uniformly with `log: true`).")
+    factors: list[float] | None = Field(None, min_length=1, description="Multiply the donor's value by one of these, at random (e.g. `[0.8, 1.2]`).")
+    values: list[float] | None = Field(None, min_length=1, description="Or pick one of these values.")
+    range: tuple[float, float] | None = Field(None, description="Or draw from [low, high] (log-uniformly with `log: true`).")
     log: bool = Field(False, description="`range` drawn log-uniformly (both ends must be positive).")
     resample_probability: float = Field(0.0, ge=0, le=1, description="With `factors`: the probability of drawing from `values` or `range` instead.")
-    min: Optional[float] = Field(None, description="Explore never goes below this: a perturbed value under it becomes it (logged on the receiver's run).")
-    max: Optional[float] = Field(None, description="Explore never goes above this: a perturbed value over it becomes it (logged on the receiver's run).")
+    min: float | None = Field(None, description="Explore never goes below this: a perturbed value under it becomes it (logged on the receiver's run).")
+    max: float | None = Field(None, description="Explore never goes above this: a perturbed value over it becomes it (logged on the receiver's run).")
 
     @model_validator(mode="after")
     def _one_way(self):
@@ -355,10 +365,10 @@ class PBTConfig(Strict):
     perturbs the donor's hyperparameters (explore)."""
 
     every: int = Field(gt=0, le=100_000_000, description="Rank and exploit every k steps (not at step 0).")
-    metric: Optional[str] = Field(None, description="What members are ranked by: `eval/<label>` or a training metric (`loss`, ...); default: `eval/<evaluation.rank_by>`.")
-    mode: Optional[Literal["max", "min"]] = Field(None, description="Higher (`max`) or lower is better; default: from the metric.")
+    metric: str | None = Field(None, description="What members are ranked by: `eval/<label>` or a training metric (`loss`, ...); default: `eval/<evaluation.rank_by>`.")
+    mode: Literal["max", "min"] | None = Field(None, description="Higher (`max`) or lower is better; default: from the metric.")
     quantile: float = Field(0.25, gt=0, le=0.5, description="Fraction of members that copy (bottom) and that are copied (top); at least one each.")
-    members: Optional[list[str]] = Field(None, description="Members in the schedule; default: all.")
+    members: list[str] | None = Field(None, description="Members in the schedule; default: all.")
     hyperparameters: dict[str, Perturbation] = Field(
         default_factory=dict,
         description="What explore perturbs, by key: `optimizer.lr`, `optimizer.kwargs.<name>` (weight_decay, ...), `optimizer.groups.<i>.lr`, "
@@ -378,7 +388,7 @@ class ParamGroup(Strict):
     """An optimizer parameter group selected by name patterns (fnmatch, e.g. `lstm.*`)."""
 
     params: list[str] = Field(min_length=1, description="Parameter name patterns (fnmatch) selecting this group.")
-    lr: Optional[float] = Field(None, gt=0, description="Learning rate of this group; default: the optimizer's.")
+    lr: float | None = Field(None, gt=0, description="Learning rate of this group; default: the optimizer's.")
     kwargs: dict[str, Any] = Field(default_factory=dict, description="Other per-group options (weight_decay, ...).")
 
     @field_validator("params", mode="before")
@@ -430,9 +440,9 @@ class GradTransform(Strict):
     """Scale, clip or replace the gradient of parameters selected by pattern, before the optimizer step."""
 
     params: list[str] = Field(min_length=1, description="Parameter name patterns (fnmatch).")
-    scale: Optional[float] = Field(None, description="Multiply the gradient by this factor.")
-    clip_norm: Optional[float] = Field(None, gt=0, description="Clip the gradient's L2 norm (per parameter) to this.")
-    fn: Optional[Component] = Field(None, description="Import path to `f(name, param, grad, **kwargs) -> grad`.")
+    scale: float | None = Field(None, description="Multiply the gradient by this factor.")
+    clip_norm: float | None = Field(None, gt=0, description="Clip the gradient's L2 norm (per parameter) to this.")
+    fn: Component | None = Field(None, description="Import path to `f(name, param, grad, **kwargs) -> grad`.")
 
     @field_validator("params", mode="before")
     @classmethod
@@ -440,19 +450,19 @@ class GradTransform(Strict):
         return [value] if isinstance(value, str) else value
 
     @model_validator(mode="after")
-    def _does_something(self) -> "GradTransform":
+    def _does_something(self) -> GradTransform:
         if self.scale is None and self.clip_norm is None and self.fn is None:
             raise ValueError("this transform does nothing: give `scale`, `clip_norm` or `fn`")
         return self
 
 
 class Resources(Strict):
-    num_cpus: Union[float, Literal["auto"]] = Field(
+    num_cpus: float | Literal["auto"] = Field(
         "auto",
         description="CPUs reserved for the member; `auto`: one each, or an equal share when the "
         "cluster has fewer CPUs than members. Torch intra-op threads follow it.",
     )
-    num_gpus: Union[float, Literal["auto"]] = Field(
+    num_gpus: float | Literal["auto"] = Field(
         "auto",
         description="GPUs for the member: a fraction of one GPU (at most 1) or a whole number. `auto`: 1 each when "
         "the cluster has a GPU per member, else members share GPUs (1/k each, k = members per GPU: 3 members on 1 GPU "
@@ -512,7 +522,7 @@ class MemberConfig(Strict):
         "named `<name>` plus a zero-padded index (`copies: 1000` with `name: m`: `m000` ... `m999`). Each is a member of its own in every way "
         "(its own MLflow run, checkpoints, outputs; overrides address it by name); the saved `config.yaml` keeps the entry compact.",
     )
-    vary: dict[str, Union[list[Any], Draw]] = Field(
+    vary: dict[str, list[Any] | Draw] = Field(
         default_factory=dict,
         description="What differs between the entry's members, by dotted member key (`optimizer.lr`, `model.kwargs.hidden`, ...): "
         "a list gives member j its j-th value (lists are zipped; their length is `copies`, or sets it); `{grid: [...]}` keys multiply "
@@ -522,7 +532,7 @@ class MemberConfig(Strict):
     )
     model: Component = Field(description="Built-in model (`mlp`, `encoder_classifier`, `lstm_classifier`) or import path to an `nn.Module` class.")
     data: DataConfig = Field(description="Built-in dataset (`digits`, `synthetic_regression`, ...) or import path to a function returning a Dataset.")
-    eval_data: Optional[EvalDataConfig] = Field(
+    eval_data: EvalDataConfig | None = Field(
         None,
         description="Held-out data the member is evaluated on (see `evaluation`); default: when `data` says `split: train`, "
         "the same dataset with `split: test` (all of it: without `part`/`parts`); else the member is not evaluated.",
@@ -534,7 +544,7 @@ class MemberConfig(Strict):
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     frozen: list[str] = Field(default_factory=list, description="Parameter name patterns that are never trained.")
     grad_transforms: list[GradTransform] = Field(default_factory=list, description="Per-parameter gradient transforms.")
-    init: Optional[str] = Field(None, description="Path to a state_dict (.pt) to start from instead of a seeded initialization.")
+    init: str | None = Field(None, description="Path to a state_dict (.pt) to start from instead of a seeded initialization.")
     trainable: bool = Field(
         True,
         description="false: never trained (e.g. the target of an `average` coupling); it still evaluates its "
@@ -559,9 +569,9 @@ class CouplingConfig(CodeRef):
     NAME_FIELD: ClassVar[str] = "type"
 
     type: str = Field(description="Registered coupling name (`separation`, ...) or an import path to a Coupling class (from Python: the class itself).")
-    name: Optional[Name] = Field(None, description="Name used in metrics (`coupling/<name>`); default: the type.")
-    members: Optional[list[str]] = Field(None, description="Members it reads; default: every member.")
-    trains: Optional[list[str]] = Field(None, description="Members whose gradient it enters; default: every member it reads.")
+    name: Name | None = Field(None, description="Name used in metrics (`coupling/<name>`); default: the type.")
+    members: list[str] | None = Field(None, description="Members it reads; default: every member.")
+    trains: list[str] | None = Field(None, description="Members whose gradient it enters; default: every member it reads.")
     weight: float = Field(1.0, description="Coefficient of the term in the objective of each member it trains.")
 
 
@@ -579,7 +589,7 @@ class ExchangeConfig(Strict):
     )
     max_staleness: int = Field(1, ge=0, le=1_000_000, description="`async` only: how many exchanges old a peer's values may be.")
     timeout_s: float = Field(300.0, gt=0, le=MAX_TIMEOUT_S, description="How long a member waits at the barrier for its peers before the run fails naming the missing ones; a member waits for the coordinator's reply at most this plus a margin (5 s and a quarter of it) before the run fails naming the call.")
-    shared_memory: Union[bool, Literal["auto"]] = Field(
+    shared_memory: bool | Literal["auto"] = Field(
         "auto",
         description="A member training on the CPU of the coordinator's node keeps the parameters only the coordinator reads or "
         "writes (averaged, shared) in `/dev/shm`, mapped by both: they are averaged in place instead of copied. "
@@ -589,7 +599,7 @@ class ExchangeConfig(Strict):
 
 
 class TrackingConfig(Strict):
-    uri: Optional[str] = Field(None, description="MLflow tracking URI; default: $MLFLOW_TRACKING_URI, else `sqlite:///mlflow.db` in the working directory (inside a Ray job, in `$POPTRAIN_HOME`, as for `output_dir`).")
+    uri: str | None = Field(None, description="MLflow tracking URI; default: $MLFLOW_TRACKING_URI, else `sqlite:///mlflow.db` in the working directory (inside a Ray job, in `$POPTRAIN_HOME`, as for `output_dir`).")
     experiment: str = Field("poptrain", min_length=1, max_length=500, description="MLflow experiment name.")
     log_every: int = Field(1, ge=1, description="Log member metrics every k steps.")
     layer_norms_every: int = Field(
@@ -603,13 +613,13 @@ class TrackingConfig(Strict):
     )
     log_models: bool = Field(True, description="Log each member's final model with `mlflow.pytorch` into its run (loads back with `mlflow.pytorch.load_model`).")
     plots: bool = Field(True, description="Write PNG figures (losses, terms, couplings, coupled parameters) to `<run dir>/plots/` and the parent run at the end.")
-    system_metrics: Union[bool, Literal["auto"]] = Field(
+    system_metrics: bool | Literal["auto"] = Field(
         "auto", description="Record each member's CPU, memory and GPU memory as `system/...` metrics every 10 s; `auto`: on when running on a multi-node cluster."
     )
 
 
 class CheckpointConfig(Strict):
-    every: Optional[int] = Field(
+    every: int | None = Field(
         None, ge=0, le=100_000_000,
         description="Save every member's full state (model, optimizer, RNG, data position, step) every k steps, "
         "atomically and checksummed; 0: never (then a member that dies fails the run). A multiple of `exchange.every`; "
@@ -641,7 +651,7 @@ class PlacementConfig(Strict):
         "auto", description="Ray placement-group strategy for the members' bundles; `auto`: SPREAD on a multi-node cluster, else PACK."
     )
     timeout_s: float = Field(30.0, gt=0, le=MAX_TIMEOUT_S, description="How long to wait for the cluster to fit the whole population.")
-    members_per_host: Union[int, Literal["auto"]] = Field(
+    members_per_host: int | Literal["auto"] = Field(
         "auto",
         description="How many members one host (a Ray actor process) carries, in config order. `auto`: one each when "
         "every member gets a GPU of its own; members that share GPUs under `num_gpus: auto` go to one host per GPU (one "
@@ -687,7 +697,7 @@ class RunConfig(Strict):
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     failure: FailureConfig = Field(default_factory=FailureConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
-    pbt: Optional[PBTConfig] = Field(None, description="Population-based training in memory (see `pbt`); default: none.")
+    pbt: PBTConfig | None = Field(None, description="Population-based training in memory (see `pbt`); default: none.")
     members: list[MemberConfig] = Field(description="The population.")
     couplings: list[SerializeAsAny[CouplingConfig]] = Field(default_factory=list, description="Cross-member terms.")
     gradient_path_check: Literal["error", "warn", "off"] = Field(

@@ -5,6 +5,7 @@ The README's "Config reference" section is this output; a test keeps the two in 
 
 from __future__ import annotations
 
+import types
 import typing
 from typing import Any
 
@@ -20,7 +21,7 @@ def _type_name(annotation: Any) -> str:
     if origin is None:
         return getattr(annotation, "__name__", str(annotation)).replace("NoneType", "null")
     args = [a for a in typing.get_args(annotation)]
-    if origin is typing.Union or str(origin) == "types.UnionType":
+    if origin is typing.Union or origin is types.UnionType:
         return " or ".join(_type_name(a) for a in args)
     if origin is typing.Literal:
         return " or ".join(f"`{a}`" for a in args)

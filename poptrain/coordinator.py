@@ -30,9 +30,10 @@ import json
 import threading
 import time
 import warnings
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -404,7 +405,7 @@ class PBTRounds:
         return True
 
     def _decide(self, step: int, arrived) -> None:
-        from poptrain.pbt import explore, exploit_plan, round_rng, value_problem
+        from poptrain.pbt import exploit_plan, explore, round_rng, value_problem
 
         rng = round_rng(self.run, step)
         scores = {m: arrived[m][0] for m in self.members}

@@ -22,8 +22,9 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -96,7 +97,7 @@ class ExchangePlan:
         self.takes_part: dict[str, frozenset[str]] = {k: frozenset(v) for k, v in self.participants.items()}  # looked up per member and step
 
     @classmethod
-    def for_run(cls, run, population: PopulationInfo, couplings: list[Coupling] | None = None) -> "ExchangePlan":
+    def for_run(cls, run, population: PopulationInfo, couplings: list[Coupling] | None = None) -> ExchangePlan:
         """The plan of a run (``couplings``: its built couplings, else built here). Parameters may be
         mapped only at a sync barrier, the one moment the coordinator may read them."""
         if couplings is None:
@@ -172,10 +173,10 @@ class Wire:
             offset += count * dtype.itemsize
         return out
 
-    def pack_reply(self, reply: "Reply") -> tuple:
+    def pack_reply(self, reply: Reply) -> tuple:
         return self.pack(reply.values), self.pack(reply.replace), reply.steps
 
-    def unpack_reply(self, wire: tuple) -> "Reply":
+    def unpack_reply(self, wire: tuple) -> Reply:
         values, replace, steps = wire
         return Reply(self.unpack(values), self.unpack(replace), steps)
 

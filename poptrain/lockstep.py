@@ -14,8 +14,9 @@ host carries it or next to whom.
 
 from __future__ import annotations
 
+from collections.abc import Generator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Generator, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
@@ -50,7 +51,7 @@ class Programmed(Protocol):
     of members): the names of the members it stands for, its random streams and link."""
 
     names: tuple[str, ...]
-    randomness: "MemberRandomness"
+    randomness: MemberRandomness
     link: Link | None
 
 

@@ -14,10 +14,11 @@ from __future__ import annotations
 import inspect
 import math
 import random
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from poptrain.build import optimizer_class, probe_torch_optimizer
-from poptrain.config import MemberConfig, Perturbation, PBTConfig, RunConfig
+from poptrain.config import MemberConfig, PBTConfig, Perturbation, RunConfig
 
 GROUP_KEY = "poptrain_group"  # in each optimizer param group: the config group it came from (-1: the default)
 

@@ -12,16 +12,17 @@ import os
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
 from poptrain import mapped_memory, pool, population_average
-from poptrain.checks import prepare
 from poptrain.checkpoint import CheckpointError, discard_after, latest_complete_step, load_coupling_state, read_run_record, save_atomic, write_run_record
+from poptrain.checks import prepare
 from poptrain.config import HOME_ENV, ConfigError, RunConfig, dump_config, job_artifact_root, job_home, ray_job
 from poptrain.couplings import PopulationInfo, build_couplings
 from poptrain.tracking import RunIds, Tracking, TrackingUnavailable

@@ -10,8 +10,8 @@ gradients, on the whole held-out set, ``batch_size`` at a time, with the evaluat
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import torch
 

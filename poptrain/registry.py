@@ -8,7 +8,8 @@ as a user's coupling named by import path is.
 
 from __future__ import annotations
 
-from typing import Callable, TypeVar
+from collections.abc import Callable
+from typing import TypeVar
 
 BUILTIN_COUPLINGS = {
     "separation": "poptrain.couplings.separation:Separation",

@@ -28,9 +28,10 @@ import copy
 import itertools
 import math
 import random
+import types
 import typing
 from dataclasses import dataclass, field
-from typing import Annotated, Any, Optional, Union
+from typing import Annotated, Any, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -45,14 +46,14 @@ class Draw(BaseModel):
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    grid: Optional[list[Any]] = Field(None, min_length=1, description="Every one of these values, for every combination of the entry's other `grid` keys: the entry has `copies` times the product of their lengths members.")
-    choice: Optional[list[Any]] = Field(None, min_length=1, description="One of these per member, drawn at random.")
-    uniform: Optional[tuple[float, float]] = Field(None, description="Drawn uniformly from [low, high].")
-    loguniform: Optional[tuple[float, float]] = Field(None, description="Drawn log-uniformly from [low, high], 0 < low.")
-    randint: Optional[tuple[int, int]] = Field(None, description="A whole number drawn uniformly from low to high, high excluded (as Ray Tune's `randint`).")
+    grid: list[Any] | None = Field(None, min_length=1, description="Every one of these values, for every combination of the entry's other `grid` keys: the entry has `copies` times the product of their lengths members.")
+    choice: list[Any] | None = Field(None, min_length=1, description="One of these per member, drawn at random.")
+    uniform: tuple[float, float] | None = Field(None, description="Drawn uniformly from [low, high].")
+    loguniform: tuple[float, float] | None = Field(None, description="Drawn log-uniformly from [low, high], 0 < low.")
+    randint: tuple[int, int] | None = Field(None, description="A whole number drawn uniformly from low to high, high excluded (as Ray Tune's `randint`).")
 
     @model_validator(mode="after")
-    def _exactly_one(self) -> "Draw":
+    def _exactly_one(self) -> Draw:
         given = [k for k in type(self).model_fields if getattr(self, k) is not None]
         if len(given) != 1:
             raise ValueError(f"give exactly one of {list(type(self).model_fields)}, or a plain list of values (got {given or 'none'})")
@@ -81,7 +82,7 @@ class Draw(BaseModel):
         return rng.randrange(*low_high)  # randint
 
 
-def _read_vary(raw: Any, where: str) -> tuple[dict[str, Union[list, Draw]], list[tuple[str, str]]]:
+def _read_vary(raw: Any, where: str) -> tuple[dict[str, list | Draw], list[tuple[str, str]]]:
     """``vary`` as written: each key a non-empty list or one :class:`Draw`."""
     if raw is None:
         return {}, []
@@ -217,7 +218,7 @@ def _unwrap(annotation: Any) -> Any:
     while True:
         args = [a for a in typing.get_args(annotation) if a is not type(None)]
         origin = typing.get_origin(annotation)
-        if (origin is Union or str(origin) == "types.UnionType") and len(args) == 1 or origin is Annotated:
+        if (origin is Union or origin is types.UnionType) and len(args) == 1 or origin is Annotated:
             annotation = args[0]
         else:
             return annotation

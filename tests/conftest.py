@@ -56,7 +56,7 @@ class InBackground(threading.Thread):
     the cluster tests' `ray start` on 2 cores. :meth:`result` waits for it and returns what it
     returned, or raises what it raised."""
 
-    last: "InBackground | None" = None  # the work started before this one, which runs first
+    last: InBackground | None = None  # the work started before this one, which runs first
 
     def __init__(self, work, prefix: str):
         super().__init__(daemon=True)

@@ -7,8 +7,8 @@ from pydantic import Field
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from poptrain.couplings.separation import Separation, SeparationConfig
 from poptrain.couplings import Quantity, Rewrite, coupling_function
+from poptrain.couplings.separation import Separation, SeparationConfig
 
 
 class TinyNet(nn.Module):

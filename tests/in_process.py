@@ -23,7 +23,7 @@ from poptrain.member import MemberTrainer
 class RecordingClient(InProcessClient):
     """An in-process client that keeps a copy of every value a member sends."""
 
-    def __init__(self, population: "InProcessPopulation", *args):
+    def __init__(self, population: InProcessPopulation, *args):
         super().__init__(*args)
         self.population = population
 

@@ -7,11 +7,11 @@ import math
 import pytest
 import torch
 
+from poptrain.checks import inspect_population
 from poptrain.config import load_config
 from poptrain.coordinator import CouplingEvaluator
-from poptrain.exchange import ExchangePlan
 from poptrain.couplings import Quantity, build_couplings
-from poptrain.checks import inspect_population
+from poptrain.exchange import ExchangePlan
 from tests.conftest import prelu_member
 
 
@@ -149,8 +149,8 @@ def test_coordinator_logs_couplings_on_the_whole_population(base_config):
     ],
 )
 def test_coupling_config_errors_name_the_key(base_config, coupling, key, words):
-    from poptrain.config import ConfigError
     from poptrain.checks import prepare
+    from poptrain.config import ConfigError
 
     with pytest.raises(ConfigError) as info:
         prepare(base_config(couplings=[coupling]))
@@ -158,8 +158,8 @@ def test_coupling_config_errors_name_the_key(base_config, coupling, key, words):
 
 
 def test_share_refuses_members_with_different_optimizers(base_config):
-    from poptrain.config import ConfigError
     from poptrain.checks import prepare
+    from poptrain.config import ConfigError
 
     members = [prelu_member("m1"), prelu_member("m2", optimizer={"name": "sgd", "lr": 0.1})]
     with pytest.raises(ConfigError, match="identical `optimizer` settings"):
@@ -167,8 +167,8 @@ def test_share_refuses_members_with_different_optimizers(base_config):
 
 
 def test_average_shape_mismatch_names_both_members_and_the_parameter(base_config):
-    from poptrain.config import ConfigError
     from poptrain.checks import prepare
+    from poptrain.config import ConfigError
 
     wide = prelu_member("m2", model={"name": "mlp", "kwargs": {"in_features": 20, "out_features": 1, "hidden": 41, "activation": "prelu"}})
     with pytest.raises(ConfigError, match=r"parameter 'input.weight' has shape \[40, 20\] in member 'm1' but \[41, 20\] in member 'm2'"):

@@ -106,7 +106,7 @@ def test_async_exchange_with_packed_members_sends_one_message_per_host_and_logs_
     assert staleness and max(staleness) <= 1.0
 
 
-def config_with(members: int, per_host="auto", **resources) -> "poptrain.config.RunConfig":
+def config_with(members: int, per_host="auto", **resources) -> poptrain.config.RunConfig:
     member = prelu_member("x", resources=resources) if resources else prelu_member("x")
     return load_config({"name": "p", "steps": 1, "placement": {"members_per_host": per_host},
                         "members": [{**member, "name": f"m{i}"} for i in range(members)]})

@@ -15,7 +15,7 @@ from mlflow.tracking import MlflowClient
 
 import poptrain
 from poptrain.config import Perturbation
-from poptrain.pbt import explore, exploit_plan, transferable
+from poptrain.pbt import exploit_plan, explore, transferable
 from tests.conftest import InBackground, assert_bitwise_equal, make_config, prelu_member, started
 from tests.in_process import InProcessPopulation
 

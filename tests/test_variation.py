@@ -15,7 +15,7 @@ from mlflow.tracking import MlflowClient
 import poptrain
 from poptrain.cli import main
 from poptrain.config import MAX_CONFIG_BYTES, ConfigError, dump_config, load_config
-from tests.conftest import PBT_YAML_OVERRIDES, REPO, InBackground, make_config, prelu_member, started, weights
+from tests.conftest import PBT_YAML_OVERRIDES, REPO, InBackground, prelu_member, started, weights
 
 THOUSAND = REPO / "configs" / "thousand.yaml"
 
@@ -229,3 +229,10 @@ def test_a_config_without_members_still_says_the_key_is_missing():
     with pytest.raises(ConfigError) as caught:
         load_config({"name": "v", "steps": 2})
     assert caught.value.problems == [("members", "required key is missing")]
+
+
+def test_a_key_inside_an_optional_part_of_a_member_can_be_varied():
+    # `eval_data` is `EvalDataConfig | None`: the check of a varied key looks through the None.
+    config = varied(**{"eval_data.batch_size": [16, 32]})
+    config["members"][0]["eval_data"] = dict(config["members"][0]["data"])
+    assert [m.eval_data.batch_size for m in load_config(config).members] == [16, 32]

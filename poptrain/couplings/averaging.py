@@ -10,10 +10,11 @@ import random
 import statistics
 from abc import abstractmethod
 from collections import ChainMap
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
-from typing import Callable, ClassVar, Mapping, Optional
+from typing import ClassVar
 
 import torch
 from pydantic import Field, field_validator, model_validator
@@ -24,13 +25,13 @@ from poptrain.couplings.base import Coupling, Quantity, Rewrite, register
 
 class AverageConfig(CouplingConfig):
     params: list[str] = Field(default_factory=lambda: ["*"], description="Parameter name patterns averaged (fnmatch); default: all.")
-    into: Optional[str] = Field(
+    into: str | None = Field(
         None,
         description="Target member (with `trainable: false`) that receives the average of `members`: seed 002's "
         "\"model 3 gets the mean of models 1 and 2\". Default: average back into the members themselves "
         "(local SGD / federated averaging).",
     )
-    weights: Optional[list[float]] = Field(None, description="One weight per member of `members`, summing to 1; default: the plain mean.")
+    weights: list[float] | None = Field(None, description="One weight per member of `members`, summing to 1; default: the plain mean.")
     every: int = Field(1, ge=1, description="Average every k exchanges (and always after the last step).")
     include_frozen: bool = Field(False, description="Also overwrite members' frozen parameters when averaging back into them.")
     rate: float = Field(

@@ -28,10 +28,11 @@ decorating it with ``@register("name")``; or name the class by import path in th
 from __future__ import annotations
 
 import fnmatch
-from collections import ChainMap
 from abc import ABC, abstractmethod
+from collections import ChainMap
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, ClassVar, Iterator, Literal, Mapping
+from typing import TYPE_CHECKING, ClassVar, Literal
 
 import torch
 
@@ -90,17 +91,17 @@ class Columns(Mapping["Quantity", torch.Tensor]):
             return values
         return values[torch.tensor([self.row[m] for m in members], device=values.device)]
 
-    def member(self, name: str) -> dict["Quantity", torch.Tensor]:
+    def member(self, name: str) -> dict[Quantity, torch.Tensor]:
         """Member ``name``'s own values, ``{Quantity: row}``."""
         i = self.row[name]
         return {Quantity(name, kind, key): values[i] for (kind, key), values in self.columns.items()}
 
-    def __getitem__(self, q: "Quantity") -> torch.Tensor:
+    def __getitem__(self, q: Quantity) -> torch.Tensor:
         if q.member not in self.row or (q.kind, q.key) not in self.columns:
             raise KeyError(q)
         return self.columns[(q.kind, q.key)][self.row[q.member]]
 
-    def __iter__(self) -> Iterator["Quantity"]:
+    def __iter__(self) -> Iterator[Quantity]:
         return (Quantity(name, kind, key) for kind, key in self.columns for name in self.names)
 
     def __len__(self) -> int:
@@ -113,7 +114,7 @@ class Overlay(ChainMap):
     an exchange. :meth:`column` takes the live rows where there are and the exchanged ones
     elsewhere, differentiable in the live ones."""
 
-    def __init__(self, own: Columns, exchanged: Mapping["Quantity", torch.Tensor]):
+    def __init__(self, own: Columns, exchanged: Mapping[Quantity, torch.Tensor]):
         super().__init__(own, exchanged)
 
     def column(self, kind: str, key: str, members: tuple[str, ...]) -> torch.Tensor:
@@ -128,7 +129,7 @@ class Overlay(ChainMap):
         return under.to(live.dtype).index_put((torch.tensor(mine, device=under.device),), live)
 
 
-def column_of(values: Mapping["Quantity", torch.Tensor], kind: str, key: str, members: list[str] | tuple[str, ...]) -> torch.Tensor:
+def column_of(values: Mapping[Quantity, torch.Tensor], kind: str, key: str, members: list[str] | tuple[str, ...]) -> torch.Tensor:
     """``members``' values of ``(kind, key)`` in ``values`` stacked in their order, shape
     ``(len(members), *value shape)``: by the mapping's own ``column`` where it has one (a
     :class:`Columns`, or a member's :class:`~poptrain.member.PeerValues`, which keeps it until the
@@ -336,7 +337,7 @@ class Coupling(CouplingClass, ABC):
     # -- checks, before anything starts ------------------------------------------------------
 
     @classmethod
-    def check_config(cls, config: CouplingConfig, run: "RunConfig") -> list[tuple[str, str]]:
+    def check_config(cls, config: CouplingConfig, run: RunConfig) -> list[tuple[str, str]]:
         """Problems visible from the config alone, as (key relative to the coupling, reason)."""
         return []
 

@@ -26,7 +26,8 @@ from __future__ import annotations
 import inspect
 import math
 import re
-from typing import Any, Callable, ClassVar, Literal, Mapping, Optional
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar, Literal
 
 import torch
 from pydantic import Field, ValidationError, model_validator
@@ -45,15 +46,15 @@ class Read(Strict):
     """One quantity a function coupling reads, passed to the function as the argument of its name."""
 
     member: str = Field(description="Member whose quantity it is.")
-    param: Optional[str] = Field(None, description="A parameter's name, e.g. `activation.weight` (read before the forward pass).")
-    loss: Optional[str] = Field(None, description="`loss` (the member's task loss) or the name of one of its `terms` (read after the forward pass).")
-    pred: Optional[Literal["outputs"]] = Field(
+    param: str | None = Field(None, description="A parameter's name, e.g. `activation.weight` (read before the forward pass).")
+    loss: str | None = Field(None, description="`loss` (the member's task loss) or the name of one of its `terms` (read after the forward pass).")
+    pred: Literal["outputs"] | None = Field(
         None, description="`outputs`: the member's predictions on the step's batch, (batch, *outputs), read after the forward pass; members "
         "whose predictions one coupling reads must see the same samples in the same order (checked), and `exchange.mode` must be `sync`.",
     )
 
     @model_validator(mode="after")
-    def _one_quantity(self) -> "Read":
+    def _one_quantity(self) -> Read:
         if sum(x is not None for x in (self.param, self.loss, self.pred)) != 1:
             raise ValueError(f"give exactly one of `param` (a parameter's name), `loss` (`loss` or a term's name) or `pred: outputs` for member {self.member!r}")
         return self

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Mapping, Optional
+from collections.abc import Mapping
 
 import torch
 from pydantic import Field, model_validator
@@ -25,7 +25,7 @@ class RelativeConfig(CouplingConfig):
         description="Linear combination `sum(coef * L[member])`; seed 003's `w2*(L1 - L2)` is "
         "`[{member: m1, coef: w2}, {member: m2, coef: -w2}]`.",
     )
-    fn: Optional[Component] = Field(
+    fn: Component | None = Field(
         None,
         description="Instead of `terms`: import path to `f(losses: dict[member, Tensor], **kwargs) -> scalar` "
         "over the task losses of `members`, for non-linear combinations such as `(L1 - L2)**2`.",

@@ -5,7 +5,8 @@ from __future__ import annotations
 import functools
 import itertools
 import operator
-from typing import Literal, Mapping, Optional
+from collections.abc import Mapping
+from typing import Literal
 
 import torch
 from pydantic import Field
@@ -18,7 +19,7 @@ class SeparationConfig(CouplingConfig):
     param: str = Field(description="Name of the parameter kept apart, e.g. `activation.weight` (the PReLU slope).")
     margin: float = Field(2.0, ge=0, description="Hinge margin: the penalty is `relu(margin - distance)` per pair.")
     norm: Literal["l1", "l2"] = Field("l1", description="Distance: `l1` = `|a - b|.sum()` (the seed's), `l2` = Euclidean.")
-    pairs: Optional[list[tuple[str, str]]] = Field(None, description="Pairs of members; default: all pairs of `members`.")
+    pairs: list[tuple[str, str]] | None = Field(None, description="Pairs of members; default: all pairs of `members`.")
     variant: Literal["hinge", "repulsion"] = Field(
         "hinge",
         description="`repulsion`: the seed's threshold-free variant `(|a|+|b|).sum() + (1/|a|+1/|b|).sum() - |a-b|.sum()` "
