@@ -98,9 +98,9 @@ def table(rows: list[dict[str, Any]]) -> str:
                 verdict,
             ]
         )
-    widths = [max(len(str(x)) for x in col) for col in zip(header, *lines)]
-    out = [" | ".join(h.ljust(w) for h, w in zip(header, widths)), "-+-".join("-" * w for w in widths)]
-    out += [" | ".join(str(x).ljust(w) for x, w in zip(line, widths)) for line in lines]
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *lines, strict=True)]
+    out = [" | ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)), "-+-".join("-" * w for w in widths)]
+    out += [" | ".join(str(x).ljust(w) for x, w in zip(line, widths, strict=True)) for line in lines]
     return "\n".join(out)
 
 

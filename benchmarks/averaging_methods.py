@@ -175,12 +175,23 @@ def averaging_methods(ctx: Context) -> list[dict[str, Any]]:
                 }
                 if method != "average":
                     details["minus_plain_average_per_seed"] = {s: values[s] - plain[s][model] for s in values}
-                rows.append(row(
-                    FIGURE, f"{dataset}: {LABELS[method]}, {label}, held-out {metric} ({'higher' if higher else 'lower'} is better)",
-                    value=measured["mean"], unit=metric, ratio=measured["mean"] / baseline["mean"], target=None, sizes=sizes,
-                    baseline={"name": f"independent training, same members, steps and optimizer, no coupling: {label}", "value": baseline["mean"], "unit": metric},
-                    details=details,
-                ))
+                rows.append(
+                    row(
+                        FIGURE,
+                        f"{dataset}: {LABELS[method]}, {label}, held-out {metric} ({'higher' if higher else 'lower'} is better)",
+                        value=measured["mean"],
+                        unit=metric,
+                        ratio=measured["mean"] / baseline["mean"],
+                        target=None,
+                        sizes=sizes,
+                        baseline={
+                            "name": f"independent training, same members, steps and optimizer, no coupling: {label}",
+                            "value": baseline["mean"],
+                            "unit": metric,
+                        },
+                        details=details,
+                    )
+                )
     return rows
 
 
@@ -248,10 +259,21 @@ def averaging_at_scale(ctx: Context) -> list[dict[str, Any]]:
     for method in sizes.scale_methods:
         mine = measured[method]
         rate = mine["rate"]["steps_per_s"]
-        rows.append(row(
-            SCALE_FIGURE, f"{LABELS[method]} at {sizes.scale_members} members (stacked {mine['stacked_with']}), {sizes.scale_steps} steps: steady member-steps/s",
-            value=rate * sizes.scale_members, unit="member-steps/s", ratio=rate / base, target=None, sizes=sizes,
-            baseline={"name": "the same population trained independently (no coupling), same run", "value": base * sizes.scale_members, "unit": "member-steps/s"},
-            details={**mine, "independent": measured["independent"]},
-        ))
+        rows.append(
+            row(
+                SCALE_FIGURE,
+                f"{LABELS[method]} at {sizes.scale_members} members (stacked {mine['stacked_with']}), {sizes.scale_steps} steps: steady member-steps/s",
+                value=rate * sizes.scale_members,
+                unit="member-steps/s",
+                ratio=rate / base,
+                target=None,
+                sizes=sizes,
+                baseline={
+                    "name": "the same population trained independently (no coupling), same run",
+                    "value": base * sizes.scale_members,
+                    "unit": "member-steps/s",
+                },
+                details={**mine, "independent": measured["independent"]},
+            )
+        )
     return rows

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import datetime
+import itertools
 import os
 import platform
 import socket
@@ -90,7 +91,7 @@ class Sizes:
 
     def params_per_member(self) -> int:
         widths = [self.in_features, *self.hidden, self.classes]
-        return sum(a * b + b for a, b in zip(widths[:-1], widths[1:])) + len(self.hidden)
+        return sum(a * b + b for a, b in zip(widths[:-1], widths[1:], strict=True)) + len(self.hidden)
 
 
 SIZES = {
@@ -401,7 +402,7 @@ def steady_rate(points: list[tuple[int, float]], warmup: int) -> dict[str, Any]:
         raise RuntimeError(f"too few logged steps after warm-up ({len(kept)} of {len(points)}); raise `steps`")
     (s0, t0), (s1, t1) = kept[0], kept[-1]
     span = max(t1 - t0, 1e-3)
-    gaps = [(b[1] - a[1]) / max(b[0] - a[0], 1) for a, b in zip(kept, kept[1:])]
+    gaps = [(b[1] - a[1]) / max(b[0] - a[0], 1) for a, b in itertools.pairwise(kept)]
     gaps.sort()
     return {
         "steps_per_s": (s1 - s0) / span,

@@ -36,6 +36,7 @@ momentum; WASH changes only a ``fraction`` of the positions, but writes each par
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import os
 import statistics
@@ -115,7 +116,7 @@ class Caller:
             wire.unpack_reply(result)
             ends.append(time.perf_counter())
         client.close()
-        return {"times": [b - a for a, b in zip(ends[warmup:], ends[warmup + 1 :])], "cpu_s": time.process_time() - cpu}
+        return {"times": [b - a for a, b in itertools.pairwise(ends[warmup:])], "cpu_s": time.process_time() - cpu}
 
 
 def _latency_config(ctx: Context, members: int, steps: int, mode: str = "sync") -> dict[str, Any]:
@@ -203,7 +204,11 @@ def exchange_latency(ctx: Context) -> list[dict[str, Any]]:
                 mean_round_ms, mean_ping_ms = 1000 * statistics.fmean(rounds), 1000 * statistics.fmean(pings)
                 target = None if mode == "async" else 2.0 if n <= 2 else 4.0 if n <= 8 else None
                 complete_ms = complete_time_ms(cfg, population, n) if mode == "sync" else None
-                name = f"N = {n} members, one round of scalars" if mode == "sync" else f"N = {n}, async publish (max_staleness {cfg.exchange.max_staleness}), per call"
+                name = (
+                    f"N = {n} members, one round of scalars"
+                    if mode == "sync"
+                    else f"N = {n}, async publish (max_staleness {cfg.exchange.max_staleness}), per call"
+                )
                 rows.append(
                     row(
                         "exchange_latency", name, value=round_ms, unit="ms", ratio=round_ms / ping_ms,

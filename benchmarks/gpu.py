@@ -91,7 +91,9 @@ def gpu_tests() -> dict[str, Any]:
     """Run the gpu-marked tests in a fresh pytest; their outcome counts."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     env.pop("RAY_ADDRESS", None)
-    done = subprocess.run([sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-rA", "tests/test_gpu.py"], cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-rA", "tests/test_gpu.py"], cwd=REPO, env=env, capture_output=True, text=True, timeout=1800
+    )
     summary = done.stdout.strip().splitlines()[-1] if done.stdout.strip() else ""
     counts = {word: int(n) for n, word in (part.split()[:2] for part in summary.strip("= ").split(" in ")[0].split(", ") if part[:1].isdigit())}
     return {"returncode": done.returncode, "summary": summary, "counts": counts, "tail": done.stdout[-4000:]}
@@ -181,7 +183,7 @@ def stacked_step_syncs(ctx: Context, members: int, warmup: int, steps: int, devi
     }
     if not cuda:
         # The step's own thread: the in-process coordinator's threads run ops during the step too.
-        own = [[e.name for e in inside if e.thread == mark.thread] for mark, inside in zip(marks, per_step)]
+        own = [[e.name for e in inside if e.thread == mark.thread] for mark, inside in zip(marks, per_step, strict=True)]
         scalar_reads = [names.count("aten::_local_scalar_dense") for names in own]
         return {**out, "syncs_per_step": None, "cpu_scalar_reads_per_step": scalar_reads,
                 "cpu_ops_per_step": [sum(name.startswith("aten::") for name in names) for names in own],
@@ -195,8 +197,8 @@ def stacked_step_syncs(ctx: Context, members: int, warmup: int, steps: int, devi
         "syncs_per_step": syncs, "sync_calls": dict(calls), "cuda_runtime_calls": runtime_calls,
         "dtoh_copies": sum("DtoH" in e.name for e in events if e.device_type == DeviceType.CUDA),
         "mean": sum(syncs) / len(syncs) if syncs else None, "max": max(syncs, default=None),
-        "mean_exchange_steps": _mean([s for s, x in zip(syncs, exchanging) if x]),
-        "mean_other_steps": _mean([s for s, x in zip(syncs, exchanging) if not x]),
+        "mean_exchange_steps": _mean([s for s, x in zip(syncs, exchanging, strict=True) if x]),
+        "mean_other_steps": _mean([s for s, x in zip(syncs, exchanging, strict=True) if not x]),
         "sync_debug_mode_per_step": debug_mode,
     })
     if not runtime_calls:  # no CUPTI: zero synchronisations would be read as a pass
@@ -260,7 +262,14 @@ def quick_start_rows(ctx: Context, sizes: GpuSizes, device: str) -> list[dict[st
     memory["released"] = gpu_memory_mib()
     took_over = {p["pid"] for p in first.placement.values()} == {p["pid"] for p in second.placement.values()}
     if memory["before"] is None:
-        rows.append(unavailable("warm_handover", "GPU memory parked - before", ("<=", 1.0), f"no nvidia-smi here; the second run {'took over' if took_over else 'did not take over'} the warm processes"))
+        rows.append(
+            unavailable(
+                "warm_handover",
+                "GPU memory parked - before",
+                ("<=", 1.0),
+                f"no nvidia-smi here; the second run {'took over' if took_over else 'did not take over'} the warm processes",
+            )
+        )
     else:
         parked = sum(memory["parked"]) - sum(memory["before"])
         rows.append(row("warm_handover", "GPU memory parked - before", value=parked, unit="MiB", ratio=None, target=None,

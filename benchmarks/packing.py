@@ -123,7 +123,8 @@ def torch_func_yardstick(
     whose peers' slopes come from an exchange every ``every`` steps: at every step, each member i's
     loss also has ``weight * sum over j != i of relu(margin - |a_i - s_j|)`` (L1 over ``param``'s
     elements), its own slope ``a_i`` live and the others' ``s_j`` as of the last ``every``-th step
-    (step 0 included), the gradient with respect to ``a_i`` added to its own. Without it, no coupling. ``data``: ``synthetic_regression``'s arguments (default ``n=1024, in_features=20``);
+    (step 0 included), the gradient with respect to ``a_i`` added to its own. Without it, no coupling.
+    ``data``: ``synthetic_regression``'s arguments (default ``n=1024, in_features=20``);
     ``model``: the MLP's (default seed 000's). Builds modules and data with poptrain's built-in
     functions only (no config, no pydantic): a process that runs just this imports torch and them."""
     import torch

@@ -226,7 +226,9 @@ def bare_baseline(ctx) -> dict[str, Any]:
     env.pop("RAY_ADDRESS", None)
     args = [str(out_path), str(sizes.in_features), json.dumps(list(sizes.hidden)), str(sizes.classes), str(sizes.batch)]
     try:
-        done = subprocess.run([sys.executable, "-m", "benchmarks.startup", "--bare", *args], cwd=ctx.workdir, env=env, capture_output=True, text=True, timeout=300)
+        done = subprocess.run(
+            [sys.executable, "-m", "benchmarks.startup", "--bare", *args], cwd=ctx.workdir, env=env, capture_output=True, text=True, timeout=300
+        )
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)
     if done.returncode != 0:

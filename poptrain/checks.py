@@ -114,7 +114,9 @@ def inspect_population(cfg: RunConfig) -> PopulationInfo:
     for index, coupling in enumerate(couplings):
         problems.extend((f"couplings.{index}.{k}" if k else f"couplings.{index}", msg) for k, msg in coupling.check_population())
         if coupling.rewrites() and not coupling.rewrites_values:  # else the async check would let it through
-            problems.append((f"couplings.{index}.type", f"{type(coupling).__name__} rewrites values at exchanges but does not declare `rewrites_values = True`"))
+            problems.append(
+                (f"couplings.{index}.type", f"{type(coupling).__name__} rewrites values at exchanges but does not declare `rewrites_values = True`")
+            )
     if cfg.evaluation.population_average is True:  # asked for: refused where the mean is no model (`auto` turns it off)
         averaged = population_average.averaged_members(cfg, couplings)
         problems.extend(("evaluation.population_average", msg) for msg in population_average.problems(cfg, averaged))
@@ -132,7 +134,9 @@ def _describe_predictions(cfg: RunConfig, population: PopulationInfo, couplings)
         try:
             population.outputs[name], population.samples[name] = _predictions_of(cfg, cfg.members[index])
         except Exception as exc:  # a model or dataset that fails here would fail in the member too
-            problems.append((f"members.{index}", f"cannot compute member {name!r}'s predictions on its data, which a coupling reads: {type(exc).__name__}: {exc}"))
+            problems.append(
+                (f"members.{index}", f"cannot compute member {name!r}'s predictions on its data, which a coupling reads: {type(exc).__name__}: {exc}")
+            )
     return problems
 
 
@@ -240,7 +244,9 @@ def stacking_problems(cfg: RunConfig, population: PopulationInfo) -> dict[str, s
         if reason is None and plan.coordinator_only[member.name] and cfg.exchange.shared_memory is True:
             reason = "the coordinator keeps its averaged or shared parameters in memory it maps (on a CPU node; `exchange.shared_memory: auto` lets it stack)"
         if reason is None:
-            key = json.dumps([member.model.model_dump(mode="json"), member.loss.model_dump(mode="json"), member.data.model_dump(mode="json")], sort_keys=True, default=str)
+            key = json.dumps(
+                [member.model.model_dump(mode="json"), member.loss.model_dump(mode="json"), member.data.model_dump(mode="json")], sort_keys=True, default=str
+            )
             if key not in tried:
                 tried[key] = _model_stacking_problem(member)
             reason = tried[key]

@@ -19,6 +19,7 @@ import traceback
 import types
 import typing
 from collections.abc import Callable, Iterator, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, Union
 
@@ -261,8 +262,12 @@ class MetricConfig(Component):
         description="`accuracy`, `top_k_accuracy` (kwargs `k`), `mse`, `mae`, `loss` (the member's own task loss), "
         "or an import path to `f(outputs, targets, **kwargs) -> float` (from Python: the function itself)."
     )
-    label: Name | None = Field(None, description="Name in MLflow (`eval/<label>`); default: the built-in's name (`top_<k>_accuracy` for top-k) or the function's.")
-    higher_is_better: bool | None = Field(None, description="For ranking by it; default: true for accuracies, false for `loss`, `mse`, `mae`; required for an import path.")
+    label: Name | None = Field(
+        None, description="Name in MLflow (`eval/<label>`); default: the built-in's name (`top_<k>_accuracy` for top-k) or the function's."
+    )
+    higher_is_better: bool | None = Field(
+        None, description="For ranking by it; default: true for accuracies, false for `loss`, `mse`, `mae`; required for an import path."
+    )
 
     @property
     def higher(self) -> bool | None:
@@ -288,7 +293,9 @@ class EvaluationConfig(Strict):
         default_factory=lambda: [MetricConfig(name="loss")],
         description="What to compute on the held-out data, each logged as `eval/<label>` on the member's run.",
     )
-    rank_by: str | None = Field(None, description="The metric (its label) by which members are ranked: the population's best member; default: the first metric.")
+    rank_by: str | None = Field(
+        None, description="The metric (its label) by which members are ranked: the population's best member; default: the first metric."
+    )
     ensemble: bool = Field(
         True,
         description="Also evaluate the ensemble of members whose held-out samples are the same (same targets in the same order): "
@@ -355,7 +362,9 @@ class Perturbation(Strict):
         return min(max(value, self.min if self.min is not None else value), self.max if self.max is not None else value)
 
 
-HYPERPARAMETER_PATTERN = re.compile(r"^(optimizer\.lr|optimizer\.kwargs\.\w+|optimizer\.groups\.\d+\.lr|loss_weight|terms\.[\w.-]+\.weight|couplings\.[\w.-]+\.weight)$")
+HYPERPARAMETER_PATTERN = re.compile(
+    r"^(optimizer\.lr|optimizer\.kwargs\.\w+|optimizer\.groups\.\d+\.lr|loss_weight|terms\.[\w.-]+\.weight|couplings\.[\w.-]+\.weight)$"
+)
 
 
 class PBTConfig(Strict):
@@ -365,7 +374,9 @@ class PBTConfig(Strict):
     perturbs the donor's hyperparameters (explore)."""
 
     every: int = Field(gt=0, le=100_000_000, description="Rank and exploit every k steps (not at step 0).")
-    metric: str | None = Field(None, description="What members are ranked by: `eval/<label>` or a training metric (`loss`, ...); default: `eval/<evaluation.rank_by>`.")
+    metric: str | None = Field(
+        None, description="What members are ranked by: `eval/<label>` or a training metric (`loss`, ...); default: `eval/<evaluation.rank_by>`."
+    )
     mode: Literal["max", "min"] | None = Field(None, description="Higher (`max`) or lower is better; default: from the metric.")
     quantile: float = Field(0.25, gt=0, le=0.5, description="Fraction of members that copy (bottom) and that are copied (top); at least one each.")
     members: list[str] | None = Field(None, description="Members in the schedule; default: all.")
@@ -380,7 +391,10 @@ class PBTConfig(Strict):
     def _known_keys(cls, value: dict) -> dict:
         unknown = [k for k in value if not HYPERPARAMETER_PATTERN.match(k)]
         if unknown:
-            raise ValueError(f"cannot perturb {unknown}: keys are optimizer.lr, optimizer.kwargs.<name>, optimizer.groups.<i>.lr, loss_weight, terms.<name>.weight, couplings.<name>.weight")
+            raise ValueError(
+                f"cannot perturb {unknown}: keys are optimizer.lr, optimizer.kwargs.<name>, "
+                "optimizer.groups.<i>.lr, loss_weight, terms.<name>.weight, couplings.<name>.weight"
+            )
         return value
 
 
@@ -537,7 +551,9 @@ class MemberConfig(Strict):
         description="Held-out data the member is evaluated on (see `evaluation`); default: when `data` says `split: train`, "
         "the same dataset with `split: test` (all of it: without `part`/`parts`); else the member is not evaluated.",
     )
-    loss: Component = Field(description="Task loss: `mse`, `cross_entropy`, `l1`, `smooth_l1`, `bce_with_logits`, `nll`, or an import path to `f(outputs, targets) -> scalar`.")
+    loss: Component = Field(
+        description="Task loss: `mse`, `cross_entropy`, `l1`, `smooth_l1`, `bce_with_logits`, `nll`, or an import path to `f(outputs, targets) -> scalar`."
+    )
     loss_weight: float = Field(1.0, description="Coefficient of the task loss in the member's own objective (0: the loss only enters through couplings).")
     terms: list[TermConfig] = Field(default_factory=list, description="Extra objective terms (seed 001).")
     balancing: BalancingConfig = Field(default_factory=BalancingConfig)
@@ -588,7 +604,15 @@ class ExchangeConfig(Strict):
         "goes on with its peers' freshest ones, waiting only when a peer is more than `max_staleness` exchanges behind.",
     )
     max_staleness: int = Field(1, ge=0, le=1_000_000, description="`async` only: how many exchanges old a peer's values may be.")
-    timeout_s: float = Field(300.0, gt=0, le=MAX_TIMEOUT_S, description="How long a member waits at the barrier for its peers before the run fails naming the missing ones; a member waits for the coordinator's reply at most this plus a margin (5 s and a quarter of it) before the run fails naming the call.")
+    timeout_s: float = Field(
+        300.0,
+        gt=0,
+        le=MAX_TIMEOUT_S,
+        description=(
+            "How long a member waits at the barrier for its peers before the run fails naming the missing ones; a member waits for "
+            "the coordinator's reply at most this plus a margin (5 s and a quarter of it) before the run fails naming the call."
+        ),
+    )
     shared_memory: bool | Literal["auto"] = Field(
         "auto",
         description="A member training on the CPU of the coordinator's node keeps the parameters only the coordinator reads or "
@@ -599,7 +623,13 @@ class ExchangeConfig(Strict):
 
 
 class TrackingConfig(Strict):
-    uri: str | None = Field(None, description="MLflow tracking URI; default: $MLFLOW_TRACKING_URI, else `sqlite:///mlflow.db` in the working directory (inside a Ray job, in `$POPTRAIN_HOME`, as for `output_dir`).")
+    uri: str | None = Field(
+        None,
+        description=(
+            "MLflow tracking URI; default: $MLFLOW_TRACKING_URI, else `sqlite:///mlflow.db` in "
+            "the working directory (inside a Ray job, in `$POPTRAIN_HOME`, as for `output_dir`)."
+        ),
+    )
     experiment: str = Field("poptrain", min_length=1, max_length=500, description="MLflow experiment name.")
     log_every: int = Field(1, ge=1, description="Log member metrics every k steps.")
     layer_norms_every: int = Field(
@@ -611,10 +641,15 @@ class TrackingConfig(Strict):
         description="Log where each member's step time goes: `profile/compute_ms`, `profile/exchange_wait_ms` (waiting on peers "
         "and the coordinator), `profile/serialize_ms` (tensors to and from flat buffers), `profile/logging_ms`, `profile/checkpoint_ms`.",
     )
-    log_models: bool = Field(True, description="Log each member's final model with `mlflow.pytorch` into its run (loads back with `mlflow.pytorch.load_model`).")
-    plots: bool = Field(True, description="Write PNG figures (losses, terms, couplings, coupled parameters) to `<run dir>/plots/` and the parent run at the end.")
+    log_models: bool = Field(
+        True, description="Log each member's final model with `mlflow.pytorch` into its run (loads back with `mlflow.pytorch.load_model`)."
+    )
+    plots: bool = Field(
+        True, description="Write PNG figures (losses, terms, couplings, coupled parameters) to `<run dir>/plots/` and the parent run at the end."
+    )
     system_metrics: bool | Literal["auto"] = Field(
-        "auto", description="Record each member's CPU, memory and GPU memory as `system/...` metrics every 10 s; `auto`: on when running on a multi-node cluster."
+        "auto",
+        description="Record each member's CPU, memory and GPU memory as `system/...` metrics every 10 s; `auto`: on when running on a multi-node cluster.",
     )
 
 
@@ -893,7 +928,9 @@ def _yaml_structure_problems(root: yaml.Node, max_values: int = MAX_YAML_VALUES)
                 if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
                     ident, line = (key_node.tag, key_node.value), key_node.start_mark.line + 1
                     if ident in lines:
-                        problems.append((dotted(path + [name]), f"is given twice (lines {lines[ident]} and {line}); YAML would silently keep only the last one"))
+                        problems.append(
+                            (dotted(path + [name]), f"is given twice (lines {lines[ident]} and {line}); YAML would silently keep only the last one")
+                        )
                     lines.setdefault(ident, line)
                 children += [(name, key_node), (name, value_node)]
         total = 1
@@ -902,7 +939,9 @@ def _yaml_structure_problems(root: yaml.Node, max_values: int = MAX_YAML_VALUES)
             if total > max_values:
                 while path and isinstance(path[-1], int):  # name the key, not a list position inside it
                     path = path[:-1]
-                raise ConfigError([(dotted(path), f"holds more than {max_values:,} values, counting each use of a YAML alias: far too many for a config (an alias bomb?)")])
+                raise ConfigError(
+                    [(dotted(path), f"holds more than {max_values:,} values, counting each use of a YAML alias: far too many for a config (an alias bomb?)")]
+                )
         open_nodes.discard(id(node))
         sizes[id(node)] = total
         return total
@@ -1119,7 +1158,7 @@ def _find_recorded_components(cfg: RunConfig, entries: list[variation.Entry], pr
         reported.add((name, ref.digest))
         from poptrain.builtins import import_path  # only for a record of objects: it imports torch
 
-        reason, found = _recorded_object_problem(name, ref.digest, lambda: import_path(name))
+        reason, found = _recorded_object_problem(name, ref.digest, partial(import_path, name))
         if reason:
             if any(e.compactable for e in entries):  # positions in the expanded list mean nothing to the user: name the member
                 key = _named_member(key, {str(i): m.name for i, m in enumerate(cfg.members)})
@@ -1186,7 +1225,9 @@ def validate_config(raw: dict, member_overrides: list[str] | tuple[str, ...] = (
     if cfg.checkpoint.every is None:  # the default: about every 100 steps, on an exchange
         cfg.checkpoint.every = -(-100 // cfg.exchange.every) * cfg.exchange.every
     elif cfg.checkpoint.every and cfg.checkpoint.every % cfg.exchange.every:
-        problems.append(("checkpoint.every", f"must be a multiple of exchange.every ({cfg.exchange.every}), so checkpoints fall on exchanges; got {cfg.checkpoint.every}"))
+        problems.append(
+            ("checkpoint.every", f"must be a multiple of exchange.every ({cfg.exchange.every}), so checkpoints fall on exchanges; got {cfg.checkpoint.every}")
+        )
 
     typed: list[CouplingConfig] = []
     labels: set[str] = set()
@@ -1200,7 +1241,7 @@ def validate_config(raw: dict, member_overrides: list[str] | tuple[str, ...] = (
             problems.append((f"{key}.type", f"{item['type']!r} {IMPORT_RULE}"))
             continue
         if not given and isinstance(item.get("digest"), str):  # a recorded object: the same one must be here
-            reason, found = _recorded_object_problem(item["type"], item["digest"], lambda: resolve_coupling(item["type"]))
+            reason, found = _recorded_object_problem(item["type"], item["digest"], partial(resolve_coupling, item["type"]))
             if reason:
                 problems.append((f"{key}.type", reason))
                 missing.append((item["type"], item["digest"]))
@@ -1237,13 +1278,26 @@ def validate_config(raw: dict, member_overrides: list[str] | tuple[str, ...] = (
             problems.append((f"{key}.type", f"{cls.__name__} defines {', '.join(renamed)}, which couplings no longer have: declare "
                              "`rewrites_values = True` and implement `rewrites()` (what, when) and `rewrite(kind, q, out)` (see poptrain.couplings.base)"))
         if cfg.exchange.mode == "async" and cls.rewrites_values:
-            problems.append((f"{key}.type", f"{item['type']!r} replaces members' values at exchanges, which needs every member at the same exchange: use `exchange.mode: sync`"))
+            problems.append(
+                (
+                    f"{key}.type",
+                    f"{item['type']!r} replaces members' values at exchanges, which needs every member at the same exchange: use `exchange.mode: sync`",
+                )
+            )
         if cfg.failure.nonfinite == "rollback" and not cls.allows_rollback:
-            problems.append((f"{key}.type", f"{item['type']!r} keeps members' parameters identical, which restoring one member from its checkpoint would break: use `failure.nonfinite: skip` or `fail`"))
+            problems.append(
+                (
+                    f"{key}.type",
+                    f"{item['type']!r} keeps members' parameters identical, which restoring one "
+                    "member from its checkpoint would break: use `failure.nonfinite: skip` or `fail`",
+                )
+            )
         try:
             problems.extend((f"{key}.{k}" if k else key, msg) for k, msg in cls.check_config(specific, cfg))
         except Exception as exc:  # a user coupling's own check failing: nothing starts, and its traceback is shown
-            problems.append((key, Reason.of(f"{cls.__name__}.check_config raised {type(exc).__name__}: {exc} (a bug in the coupling's code; its traceback follows)", exc)))
+            problems.append(
+                (key, Reason.of(f"{cls.__name__}.check_config raised {type(exc).__name__}: {exc} (a bug in the coupling's code; its traceback follows)", exc))
+            )
         typed.append(specific)
     per = cfg.placement.members_per_host
     if per != "auto":  # hosts known from the config alone; with `auto` shares, the driver checks them (host_resources)
@@ -1252,7 +1306,12 @@ def validate_config(raw: dict, member_overrides: list[str] | tuple[str, ...] = (
             if all(m.resources.num_gpus != "auto" for m in host):
                 reason = host_gpu_problem([float(m.resources.num_gpus) for m in host])
                 if reason:
-                    problems.append(("placement.members_per_host", f"the host of members {', '.join(m.name for m in host[:4])}{' ...' if len(host) > 4 else ''} cannot be placed: {reason}"))
+                    problems.append(
+                        (
+                            "placement.members_per_host",
+                            f"the host of members {', '.join(m.name for m in host[:4])}{' ...' if len(host) > 4 else ''} cannot be placed: {reason}",
+                        )
+                    )
                     break  # one host says it; the others are cut alike
     for index, member in enumerate(cfg.members):
         term_names = [t.name for t in member.terms]

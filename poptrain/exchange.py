@@ -164,9 +164,9 @@ class Wire:
             return {}
         indices, layout, payload = wire
         if not isinstance(payload, bytes):
-            return {self.table[i]: a for i, a in zip(indices, payload)}
+            return {self.table[i]: a for i, a in zip(indices, payload, strict=True)}
         out, offset = {}, 0
-        for i, (dtype, shape) in zip(indices, layout):
+        for i, (dtype, shape) in zip(indices, layout, strict=True):
             dtype = np.dtype(dtype)
             count = math.prod(shape)
             out[self.table[i]] = np.frombuffer(payload, dtype, count, offset).reshape(shape)

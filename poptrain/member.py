@@ -52,7 +52,7 @@ def read_scalars(values: Mapping[Any, torch.Tensor]) -> dict[Any, float]:
         return {}
     device = next(iter(values.values())).device
     read = torch.stack([v.detach().reshape(()).to(device, torch.float64) for v in values.values()]).tolist()
-    return dict(zip(values, read))
+    return dict(zip(values, read, strict=True))
 
 
 class MemberTrainer:
@@ -216,7 +216,9 @@ class MemberTrainer:
         coupling_terms = {k: v for k, v in coupling_terms.items() if v is not None}
         if logs_step(self.run, self.step):
             with torch.no_grad():
-                self.coupling_extras = {f"coupling/{c.name}/{k}": float(v) for c in self.training_couplings for k, v in c.metrics_for(self.name, quantities).items()}
+                self.coupling_extras = {
+                    f"coupling/{c.name}/{k}": float(v) for c in self.training_couplings for k, v in c.metrics_for(self.name, quantities).items()
+                }
         if not self.checked_gradient_paths:
             self._check_gradient_paths(terms, weights, coupling_terms)
         return coupling_terms
@@ -605,7 +607,9 @@ class MemberTrainer:
         self.hyperparameters.set(hyperparameters)
         self.lineage.append([self.step, donor])
         if self.rollback_point is not None:  # a bad step from here on returns to the copy, not to what this member was before it
-            self.set_rollback_point(self.step, {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "balancer": self.balancer.state_dict()})
+            self.set_rollback_point(
+                self.step, {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "balancer": self.balancer.state_dict()}
+            )
 
 
 def _map_tensors(tree: Any, fn: Callable[[Any], Any]) -> Any:
@@ -643,7 +647,7 @@ class PeerValues(dict):
         the column is kept as it came (what a coupling asks for in that order costs nothing more)."""
         rows = dict(values)
         for (kind, key), (members, column) in columns.items():
-            rows.update(zip((Quantity(m, kind, key) for m in members), column.unbind(0)))
+            rows.update(zip((Quantity(m, kind, key) for m in members), column.unbind(0), strict=True))
         self.update(rows)
         self._columns = {(kind, key, members): column for (kind, key), (members, column) in columns.items()}
 
@@ -702,10 +706,10 @@ def unpack_tensors(packed: Mapping[str, Any]) -> dict[str, torch.Tensor]:
     else:
         keys, shapes, dtypes = packed["keys"], packed["shapes"], packed["dtypes"]
     counts: dict[str, list[int]] = {d: [] for d in packed["values"]}
-    for shape, dtype in zip(shapes, dtypes):
+    for shape, dtype in zip(shapes, dtypes, strict=True):
         counts[dtype].append(int(np.prod(shape, dtype=np.int64)))
     parts = {d: iter(torch.split(packed["values"][d].clone(), counts[d])) for d in counts}
-    return {key: next(parts[dtype]).reshape(shape) for key, shape, dtype in zip(keys, shapes, dtypes)}
+    return {key: next(parts[dtype]).reshape(shape) for key, shape, dtype in zip(keys, shapes, dtypes, strict=True)}
 
 
 def packed_digest(packed: Mapping[str, Any]) -> str | None:

@@ -186,10 +186,18 @@ def check(run: RunConfig, shapes: dict[str, dict[str, tuple]]) -> list[tuple[str
     for name in members[1:]:
         if shapes.get(name) != shapes.get(first):
             differ = sorted(set(shapes.get(name, {}).items()) ^ set(shapes.get(first, {}).items()))[:4]
-            problems.append(("pbt.members", f"members {first!r} and {name!r} have different parameters ({differ}): a member can only copy one of the same architecture"))
+            problems.append(
+                ("pbt.members", f"members {first!r} and {name!r} have different parameters ({differ}): a member can only copy one of the same architecture")
+            )
         a, b = run.member(first).optimizer, run.member(name).optimizer
         if a.name != b.name or len(a.groups) != len(b.groups):
-            problems.append(("pbt.members", f"members {first!r} and {name!r} have different optimizers ({a.name}, {len(a.groups)} groups vs {b.name}, {len(b.groups)}): their states cannot be copied"))
+            problems.append(
+                (
+                    "pbt.members",
+                    f"members {first!r} and {name!r} have different optimizers ({a.name}, {len(a.groups)} "
+                    f"groups vs {b.name}, {len(b.groups)}): their states cannot be copied",
+                )
+            )
     for key, how in pbt.hyperparameters.items():
         head, _, rest = key.partition(".")
         where = f"pbt.hyperparameters.{key}"
@@ -202,9 +210,20 @@ def check(run: RunConfig, shapes: dict[str, dict[str, tuple]]) -> list[tuple[str
                 option, options = rest.split(".", 1)[1], optimizer_options(member)
                 numeric = sorted(k for k, v in options.items() if isinstance(v, (int, float)) and not isinstance(v, bool))
                 if option not in options:
-                    found.append((where, f"{member.optimizer.name!r} has no option {option!r}; its options are {sorted(options)} (of which numbers, which explore can perturb: {numeric})"))
+                    found.append(
+                        (
+                            where,
+                            f"{member.optimizer.name!r} has no option {option!r}; its options are "
+                            f"{sorted(options)} (of which numbers, which explore can perturb: {numeric})",
+                        )
+                    )
                 elif option not in numeric:
-                    found.append((where, f"the option {option!r} of {member.optimizer.name!r} is {options[option]!r}, not a number: explore perturbs numbers ({numeric})"))
+                    found.append(
+                        (
+                            where,
+                            f"the option {option!r} of {member.optimizer.name!r} is {options[option]!r}, not a number: explore perturbs numbers ({numeric})",
+                        )
+                    )
             elif head == "terms" and rest.rsplit(".", 1)[0] not in [t.name for t in member.terms]:
                 found.append((where, f"member {name!r} has no term {rest.rsplit('.', 1)[0]!r}"))
             elif head == "couplings" and rest.rsplit(".", 1)[0] not in [c.label for c in run.couplings]:
@@ -214,7 +233,12 @@ def check(run: RunConfig, shapes: dict[str, dict[str, tuple]]) -> list[tuple[str
             # Every value explore can set from a list or a range is one the member's consumer takes (the
             # domains are intervals: a range's ends stand for it); factors are positive (the schema), so
             # a value keeps its sign, and `min`/`max` bound them where the config asks.
-            for field, candidates in (("values", how.values or []), ("range", list(how.range or [])), ("min", [how.min] if how.min is not None else []), ("max", [how.max] if how.max is not None else [])):
+            for field, candidates in (
+                ("values", how.values or []),
+                ("range", list(how.range or [])),
+                ("min", [how.min] if how.min is not None else []),
+                ("max", [how.max] if how.max is not None else []),
+            ):
                 for value in candidates:
                     reason = value_problem(member, key, value)
                     if reason:
@@ -225,7 +249,9 @@ def check(run: RunConfig, shapes: dict[str, dict[str, tuple]]) -> list[tuple[str
     if metric.startswith("eval/") and metric[len("eval/"):] not in [m.key for m in run.evaluation.metrics]:
         problems.append(("pbt.metric", f"{metric!r} is not one of the evaluation metrics {[f'eval/{m.key}' for m in run.evaluation.metrics]}"))
     if (not pbt.metric or metric.startswith("eval/")) and any(run.member(m).held_out_data() is None for m in members):
-        problems.append(("pbt.metric", "members are ranked by a held-out metric, but some have no held-out data: give them `eval_data` or `data.kwargs.split: train`"))
+        problems.append(
+            ("pbt.metric", "members are ranked by a held-out metric, but some have no held-out data: give them `eval_data` or `data.kwargs.split: train`")
+        )
     return problems
 
 

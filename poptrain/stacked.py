@@ -66,7 +66,10 @@ def model_problem(model: nn.Module) -> str | None:
             return f"its dropout ({name}) has p={module.p:g}: every value dropped"
     buffers = [n for n, _ in model.named_buffers()]
     if buffers:
-        return f"its model has buffers ({', '.join(buffers[:3])}{' ...' if len(buffers) > 3 else ''}: BatchNorm's running statistics or the like), which a stacked step would update in place"
+        return (
+            f"its model has buffers ({', '.join(buffers[:3])}{' ...' if len(buffers) > 3 else ''}: BatchNorm's running statistics or the like), "
+            "which a stacked step would update in place"
+        )
     return None
 
 
@@ -116,7 +119,7 @@ def vmap_problem(models: list[nn.Module], loss_fn, batch: list[torch.Tensor]) ->
     try:
         return _vmap_problem(models, loss_fn, inputs, targets, skeleton)
     finally:
-        for model, mode in zip(models, modes):
+        for model, mode in zip(models, modes, strict=True):
             model.train(mode)
 
 
@@ -139,7 +142,7 @@ def _vmap_problem(models, loss_fn, inputs, targets, skeleton) -> str | None:
     for i, model in enumerate(models):
         named = dict(model.named_parameters())
         own = torch.autograd.grad(loss_fn(model(*inputs), targets), list(named.values()), allow_unused=True)
-        for (k, p), g in zip(named.items(), own):
+        for (k, p), g in zip(named.items(), own, strict=True):
             if not torch.allclose(stacked[k][i], torch.zeros_like(p) if g is None else g, **PROBE_TOLERANCE):
                 return f"its gradient stacked differs from its own ({k}): its forward may keep state between calls"
     # In training mode, its nn.Dropout standing aside and counted (a stack multiplies by masks drawn
@@ -221,7 +224,11 @@ def form_groups(trainers: list) -> list:
         if t.stacking_problem is None:
             by_key.setdefault(group_key(t), []).append(t)
     for members in by_key.values():  # tried once per group: the models are alike
-        problem = vmap_problem([m.model for m in members[:2]], members[0].loss_fn, probe_batch(members[0].batches.dataset, members[0].device)) if len(members) >= MIN_MEMBERS else None
+        problem = (
+            vmap_problem([m.model for m in members[:2]], members[0].loss_fn, probe_batch(members[0].batches.dataset, members[0].device))
+            if len(members) >= MIN_MEMBERS
+            else None
+        )
         for m in members:
             m.stacking_problem = problem
     grouped = {id(t): members for members in by_key.values() if len(members) >= MIN_MEMBERS and members[0].stacking_problem is None for t in members}
@@ -446,11 +453,11 @@ class StackedGroup:
         for m in members:
             m.step += 1
         if not logged:  # a step nobody logs or ranks by: what a member's last metrics must hold
-            return [{"loss": loss, "objective": objective} for loss, objective in zip(values["loss"], values["objective"])]
+            return [{"loss": loss, "objective": objective} for loss, objective in zip(values["loss"], values["objective"], strict=True)]
         norms = members[0].run.tracking.layer_norms_every
         if norms and step % norms == 0:  # after the update, as alone: one more read, on the steps they are due
             norm_columns = self._layer_norms(grads)
-            values.update(zip(norm_columns, torch.stack(list(norm_columns.values())).tolist()))
+            values.update(zip(norm_columns, torch.stack(list(norm_columns.values())).tolist(), strict=True))
         # The logged columns in a member's order: its couplings' terms, then (after what is its own) layer norms.
         order = ([k for k in values if k.startswith("coupling/")], [k for k in values if k.startswith(("weight_norm/", "grad_norm/"))])
         return [self._member_metrics(i, m, values, order, exchanging) for i, m in enumerate(members)]
@@ -497,7 +504,7 @@ class StackedGroup:
             return
         if not flags[0]:
             self._guard_losses(losses)
-        bad_couplings = [name for name, ok in zip(couplings, flags[1:]) if not ok]
+        bad_couplings = [name for name, ok in zip(couplings, flags[1:], strict=False) if not ok]  # the gradients' flags follow
         for i, m in enumerate(self.members) if bad_couplings else ():
             bad = [f"coupling {name!r}" for name in bad_couplings if not torch.isfinite(couplings[name][i])]
             if bad:
@@ -524,7 +531,7 @@ class StackedGroup:
             with torch.no_grad():
                 for batch in in_order(first.eval_dataset, first.held_out.batch_size):
                     *inputs, target = to_device(batch, self.device)
-                    stacked = self._vmap(lambda params: functional_call(self.skeleton, params, tuple(inputs)))(self.params)
+                    stacked = self._vmap(lambda params, inputs=tuple(inputs): functional_call(self.skeleton, params, inputs))(self.params)
                     outputs.append(stacked.detach().float().cpu())
                     targets.append(target.cpu())
         finally:
@@ -559,7 +566,9 @@ class StackedGroup:
                 m.batches.epoch, m.batches.offset, m.batches._order = first.epoch, first.offset, first._order
             return inputs, targets
         drawn = [m.batches.next() for m in self.members]
-        stacked = to_device([torch.stack(parts) for parts in zip(*drawn)], self.device)  # stacked first: one copy each to a GPU, not one per member
+        stacked = to_device(
+            [torch.stack(parts) for parts in zip(*drawn, strict=True)], self.device
+        )  # stacked first: one copy each to a GPU, not one per member
         return stacked[:-1], stacked[-1]
 
     def _send_all(self, kind: str, terms=None, outputs=None):
@@ -590,7 +599,7 @@ class StackedGroup:
                 program.send(pending)
         # A member's own clock also ran while the members after it serialized (which they book
         # themselves): the group's wait is booked instead, each member its share.
-        for m, wait in zip(self.members, waits):
+        for m, wait in zip(self.members, waits, strict=True):
             m.timings["exchange_wait_ms"] = wait + waited_ms / len(self.members)
         return pending
 
@@ -647,7 +656,7 @@ class StackedGroup:
             if not finite.all():  # as a member alone refuses to send it
                 bad = int(np.argmin(finite))
                 self.members[bad].refuse_to_send(quantities[bad])
-            values.update(zip(quantities, column))
+            values.update(zip(quantities, column, strict=True))
         sent = time.perf_counter()
         pending = yield Send("param", first.step, values)
         waited = time.perf_counter()
@@ -809,7 +818,7 @@ class StackedGroup:
                     m.coupling_extras = {f"coupling/{c.name}/{k}": float(v) for c in m.training_couplings for k, v in c.metrics_for(m.name, quantities).items()}
         if self.own_couplings:  # terms of members' own (each on its own quantities, weighted by its own coupling objects)
             own_terms = {c.name: [] for c in first.training_couplings if not c.term_is_joint}
-            for i, m in enumerate(self.members):
+            for m in self.members:
                 quantities = ChainMap(own.member(m.name), m.peers)
                 for c in m.training_couplings:
                     if not c.term_is_joint:
@@ -832,7 +841,7 @@ class StackedGroup:
         """The gradient of ``value`` with respect to the stacked ``leaves``, added to ``grads``, each
         member's row times its own weight when ``weights`` are given."""
         keys = list(leaves)
-        for k, grad in zip(keys, torch.autograd.grad(value, [leaves[k] for k in keys], allow_unused=True)):
+        for k, grad in zip(keys, torch.autograd.grad(value, [leaves[k] for k in keys], allow_unused=True), strict=True):
             if grad is not None:
                 grads[k] += grad if weights is None else grad * weights.view(-1, *([1] * (grad.dim() - 1)))
 
@@ -848,10 +857,10 @@ class StackedGroup:
             like = self.params[self.keys[0]]
             columns = {}
             for k in self.keys:
-                rows = [values[index[k]] for values, index in zip(read, self.group_index)]
+                rows = [values[index[k]] for values, index in zip(read, self.group_index, strict=True)]
                 shape = (-1, *([1] * (self.params[k].dim() - 1)))
-                column = lambda values: torch.tensor(values, dtype=like.dtype, device=like.device).view(shape)  # noqa: E731
-                lr, wd, betas, eps, momentum = zip(*rows)  # as read above
+                column = lambda values, shape=shape: torch.tensor(values, dtype=like.dtype, device=like.device).view(shape)  # noqa: E731
+                lr, wd, betas, eps, momentum = zip(*rows, strict=True)  # as read above
                 columns[k] = {"lr": column(lr), "weight_decay": column(wd), "eps": column(eps), "momentum": column(momentum),
                               "beta1": column([b[0] for b in betas]), "beta2": column([b[1] for b in betas])}
                 columns[k]["any_weight_decay"], columns[k]["any_momentum"] = any(wd), any(momentum)  # from the values read, not the device
@@ -915,7 +924,7 @@ def _same_stream(members: list) -> bool:
             return False
         if not (isinstance(b.dataset, TensorDataset) and isinstance(first.dataset, TensorDataset)):
             return False
-        if b.dataset is not first.dataset and not all(torch.equal(x, y) for x, y in zip(b.dataset.tensors, first.dataset.tensors)):
+        if b.dataset is not first.dataset and not all(torch.equal(x, y) for x, y in zip(b.dataset.tensors, first.dataset.tensors, strict=True)):
             return False
     return True
 
@@ -930,7 +939,9 @@ def _same_held_out(members: list) -> bool:
     for m in members[1:]:
         if m.held_out != first.held_out or not isinstance(m.eval_dataset, TensorDataset):
             return False
-        if m.eval_dataset is not first.eval_dataset and not all(torch.equal(x, y) for x, y in zip(m.eval_dataset.tensors, first.eval_dataset.tensors)):
+        if m.eval_dataset is not first.eval_dataset and not all(
+            torch.equal(x, y) for x, y in zip(m.eval_dataset.tensors, first.eval_dataset.tensors, strict=True)
+        ):
             return False
     return True
 

@@ -372,7 +372,11 @@ class Tracking:
             for key, by_member in sorted(values.items()):
                 ordered = sorted(by_member.values())
                 median = ordered[len(ordered) // 2] if len(ordered) % 2 else (ordered[len(ordered) // 2 - 1] + ordered[len(ordered) // 2]) / 2
-                summary += [(f"population/{key}/min", ordered[0], step, now), (f"population/{key}/median", median, step, now), (f"population/{key}/max", ordered[-1], step, now)]
+                summary += [
+                    (f"population/{key}/min", ordered[0], step, now),
+                    (f"population/{key}/median", median, step, now),
+                    (f"population/{key}/max", ordered[-1], step, now),
+                ]
             self.log_population(summary)
 
     def log_population(self, items: list[Item]) -> None:

@@ -46,7 +46,14 @@ class Draw(BaseModel):
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    grid: list[Any] | None = Field(None, min_length=1, description="Every one of these values, for every combination of the entry's other `grid` keys: the entry has `copies` times the product of their lengths members.")
+    grid: list[Any] | None = Field(
+        None,
+        min_length=1,
+        description=(
+            "Every one of these values, for every combination of the entry's other `grid` "
+            "keys: the entry has `copies` times the product of their lengths members."
+        ),
+    )
     choice: list[Any] | None = Field(None, min_length=1, description="One of these per member, drawn at random.")
     uniform: tuple[float, float] | None = Field(None, description="Drawn uniformly from [low, high].")
     loguniform: tuple[float, float] | None = Field(None, description="Drawn log-uniformly from [low, high], 0 < low.")
@@ -177,7 +184,7 @@ def _expand_entry(entry: dict, where: str, seed: int, member_model: type[BaseMod
     for j, name in enumerate(member_names(entry["name"], count)):
         member = copy_tree(base)
         member["name"] = name
-        point = dict(zip(grid, points[j % len(points)]))
+        point = dict(zip(grid, points[j % len(points)], strict=True))
         for key, how in vary.items():
             if key in grid:
                 value = point[key]
@@ -284,7 +291,7 @@ def compact(dumped: list[dict], entries: list[Entry]) -> list[dict]:
 
 def _expanded_alike(record: dict, members: list[dict]) -> bool:
     base = {k: v for k, v in record.items() if k not in ("copies", "vary")}
-    for j, (name, member) in enumerate(zip(member_names(record["name"], record["copies"]), members)):
+    for j, (name, member) in enumerate(zip(member_names(record["name"], record["copies"]), members, strict=True)):
         again = {**copy.deepcopy(base), "name": name, "copies": 1, "vary": {}}
         for key, values in record["vary"].items():
             set_dotted(again, key.split("."), values[j])

@@ -32,18 +32,26 @@ def pytest_configure(config):
 
 # Tests whose work is a process of its own that mostly waits (its own Ray, fresh processes): started
 # as the session starts when selected, run beside the rest of the suite, and checked by the test
-# (nodeid -> "module:function" returning the handle the test takes from STARTED).
+# (nodeid -> "module:function" returning the handle the test takes from STARTED). Node ids are kept
+# whole, one line each, to be found by grep: E501 is waived on them.
 EARLY = {
     "tests/test_benchmarks_smoke.py::test_smoke_pass_writes_every_figure_with_a_numeric_ratio": "tests.test_benchmarks_smoke:start_smoke_pass",
-    "tests/test_variation.py::test_a_thousand_members_resume_after_their_driver_is_killed_with_every_history_whole": "tests.test_variation:start_killed_and_resumed",
+    "tests/test_variation.py::test_a_thousand_members_resume_after_their_driver_is_killed_with_every_history_whole": "tests.test_variation:start_killed_and_resumed",  # noqa: E501
     "tests/test_failures.py::test_a_killed_driver_resumes_into_the_same_runs_bitwise_equal_to_an_uninterrupted_run": "tests.test_failures:start_killed_driver",
     "tests/test_pbt.py::test_perturbed_hyperparameters_and_the_lineage_survive_a_driver_resume_bitwise": "tests.test_pbt:start_killed_driver",
     "tests/test_cli.py::test_run_trains_the_seed_000_config_from_the_command_line": "tests.test_cli:start_seed_000_from_the_command_line",
     # A two-node cluster of its own and the jobs submitted to it, once for all these tests (tests.test_cluster:cluster_work).
-    **{f"tests/test_cluster.py::{test}": "tests.test_cluster:start_cluster_work" for test in (
-        "test_population_submitted_with_ray_job_submit_runs_on_both_nodes", "test_the_readme_command_keeps_its_outputs_where_the_log_says",
-        "test_a_multi_node_run_with_a_local_sqlite_store_warns", "test_a_failing_job_has_a_failed_status",
-        "test_the_cluster_refuses_a_client_without_its_token", "test_the_cluster_script_stops_its_own_processes_and_a_second_stop_finds_none")},
+    **{
+        f"tests/test_cluster.py::{test}": "tests.test_cluster:start_cluster_work"
+        for test in (
+            "test_population_submitted_with_ray_job_submit_runs_on_both_nodes",
+            "test_the_readme_command_keeps_its_outputs_where_the_log_says",
+            "test_a_multi_node_run_with_a_local_sqlite_store_warns",
+            "test_a_failing_job_has_a_failed_status",
+            "test_the_cluster_refuses_a_client_without_its_token",
+            "test_the_cluster_script_stops_its_own_processes_and_a_second_stop_finds_none",
+        )
+    },
 }
 STARTED: dict[str, object] = {}
 
@@ -122,7 +130,9 @@ def assert_bitwise_equal(dir_a, dir_b, members=("m1", "m2")):
     for member in members:
         a, b = weights(dir_a, member), weights(dir_b, member)
         for key in a:
-            assert torch.equal(a[key], b[key]), f"{member}.{key} differs between {dir_a} and {dir_b} (max |a - b| {(a[key].double() - b[key].double()).abs().max():.3g})"
+            assert torch.equal(a[key], b[key]), (
+                f"{member}.{key} differs between {dir_a} and {dir_b} (max |a - b| {(a[key].double() - b[key].double()).abs().max():.3g})"
+            )
 
 
 @pytest.fixture
@@ -137,7 +147,9 @@ def device_reads(monkeypatch):
 
         reads: list[str] = []
         for name in ("tolist", "item", "__bool__", "__float__", "__int__"):
-            def counted(self, *args, _original=getattr(torch.Tensor, name), _name=name, **kwargs):
+            original = getattr(torch.Tensor, name)
+
+            def counted(self, *args, _original=original, _name=name, **kwargs):
                 reads.append(_name)
                 return _original(self, *args, **kwargs)
 

@@ -43,7 +43,7 @@ class InProcessPopulation:
         self.coordinator, wire = in_process_coordinator(self.cfg, population)
         self.client = RecordingClient(self, self.coordinator, wire, calls_in_flight(len(self.cfg.members)))
         self.trainers = {name: MemberTrainer(self.cfg, name, population) for name in self.cfg.member_names}
-        for name, trainer in self.trainers.items():
+        for trainer in self.trainers.values():
             trainer.connect(open_link(self.cfg, trainer.plan, self.client))
         self.metrics: dict[str, list[dict[str, float]]] = {name: [] for name in self.trainers}
         self.sent: list[tuple[str, str, int, dict]] = []  # (member, kind, step, values) of every exchange call

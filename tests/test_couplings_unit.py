@@ -61,7 +61,9 @@ def test_separation_of_many_members_is_the_sum_over_every_pair_computed_either_w
     import poptrain.couplings.separation as separation
 
     names = ["a", "b", "c", "d"]
-    _, _, (coupling,) = couplings_for(base_config, [{"type": "separation", "param": "activation.weight", "margin": 2.5, **settings}], [prelu_member(n) for n in names])
+    _, _, (coupling,) = couplings_for(
+        base_config, [{"type": "separation", "param": "activation.weight", "margin": 2.5, **settings}], [prelu_member(n) for n in names]
+    )
     q = slopes(a=0.3, b=-0.9, c=1.4, d=0.35)
     a = {n: q[Quantity(n, "param", "activation.weight")] for n in names}
     if settings.get("variant") == "repulsion":
@@ -234,7 +236,10 @@ def test_mutual_learning_pulls_each_member_towards_its_peers_fixed_predictions(b
 
 @pytest.mark.parametrize(
     "members, words",
-    [(digits_members(second_batch=16), "do not see the same samples in the same order (batch_size 32 vs 16)"), (digits_members(second_classes=5), "shapes [10] and [5]")],
+    [
+        (digits_members(second_batch=16), "do not see the same samples in the same order (batch_size 32 vs 16)"),
+        (digits_members(second_classes=5), "shapes [10] and [5]"),
+    ],
     ids=["misaligned-batches", "different-outputs"],
 )
 def test_mutual_learning_refuses_members_whose_predictions_cannot_be_compared(base_config, members, words):
@@ -288,7 +293,9 @@ def test_separation_gives_every_members_own_term_in_one_pass_as_it_gives_each_al
     from poptrain.couplings.separation import Separation, SeparationConfig
 
     names = [f"m{i}" for i in range(7)]
-    separation = Separation(SeparationConfig(type="separation", param="activation.weight", margin=0.5), PopulationInfo(names, {n: {"activation.weight": (1,)} for n in names}))
+    separation = Separation(
+        SeparationConfig(type="separation", param="activation.weight", margin=0.5), PopulationInfo(names, {n: {"activation.weight": (1,)} for n in names})
+    )
     values = {Quantity(n, "param", "activation.weight"): torch.tensor([0.1 * i * i]) for i, n in enumerate(names)}
     together = separation.values_for(names, values)
     for name in names:
@@ -308,7 +315,9 @@ def test_a_coupling_reads_a_hosts_members_as_columns_and_gets_each_members_own_t
     from poptrain.couplings.separation import Separation, SeparationConfig
 
     names = [f"m{i}" for i in range(7)]
-    separation = Separation(SeparationConfig(type="separation", param="activation.weight", margin=0.5), PopulationInfo(names, {n: {"activation.weight": (2,)} for n in names}))
+    separation = Separation(
+        SeparationConfig(type="separation", param="activation.weight", margin=0.5), PopulationInfo(names, {n: {"activation.weight": (2,)} for n in names})
+    )
     exchanged = {Quantity(n, "param", "activation.weight"): torch.tensor([0.1 * i * i, -0.05 * i]) for i, n in enumerate(names)}
     host = names[2:5]
     live = torch.stack([exchanged[Quantity(n, "param", "activation.weight")] + 0.03 for n in host]).requires_grad_()
@@ -329,7 +338,9 @@ def test_a_coupling_reads_a_hosts_members_as_columns_and_gets_each_members_own_t
 def test_papa_pulls_each_member_a_fraction_rate_of_the_way_to_the_mean(base_config):
     members = [prelu_member("m1"), prelu_member("m2"), prelu_member("m3")]
     _, _, (papa, plain) = couplings_for(
-        base_config, [{"type": "average", "name": "papa", "params": ["activation.*"], "rate": 0.25}, {"type": "average", "name": "plain", "params": ["activation.*"]}], members
+        base_config,
+        [{"type": "average", "name": "papa", "params": ["activation.*"], "rate": 0.25}, {"type": "average", "name": "plain", "params": ["activation.*"]}],
+        members,
     )
     q = slopes(m1=1.0, m2=3.0, m3=8.0)  # mean 4
     out = papa.rewrite_at("param", 0, q, {})

@@ -36,7 +36,11 @@ def digits_member(name: str, view: str, features: int, **changes) -> dict:
 def evaluated(base_config, **changes) -> dict:
     """Seed 003's three views of the digits, evaluated on the held-out images."""
     members = [digits_member("m1", "full", 64), digits_member("m2", "downsampled", 16), digits_member("m3", "crop", 36)]
-    settings = {"members": members, "couplings": [], "evaluation": {"every": EVERY, "metrics": ["accuracy", "loss", {"name": "top_k_accuracy", "kwargs": {"k": 3}}]}}
+    settings = {
+        "members": members,
+        "couplings": [],
+        "evaluation": {"every": EVERY, "metrics": ["accuracy", "loss", {"name": "top_k_accuracy", "kwargs": {"k": 3}}]},
+    }
     settings.update(changes)
     return base_config(**settings)
 
@@ -119,7 +123,7 @@ def averaged_members(base_config, setting, couplings, dropouts=(0.2, 0.2), first
     from poptrain.couplings import build_couplings
 
     members = [digits_member(f"m{i + 1}", "full", 64) for i in range(2)]
-    for member, dropout in zip(members, dropouts):
+    for member, dropout in zip(members, dropouts, strict=True):
         member["model"]["kwargs"]["dropout"] = dropout
     if first_data is not None:
         members[0]["data"] = first_data

@@ -18,7 +18,7 @@ def _initial_modules(tmp_path, alphas=(0.25, 0.25)):
     torch.manual_seed(1234)
     modules = [SeedModule(20, 1), SeedModule(20, 1)]
     paths = []
-    for index, (module, alpha) in enumerate(zip(modules, alphas)):
+    for index, (module, alpha) in enumerate(zip(modules, alphas, strict=True)):
         with torch.no_grad():
             module.activation.weight.fill_(alpha)  # equal slopes: the separation term is active every step
         path = tmp_path / f"init{index}.pt"
@@ -53,7 +53,7 @@ def test_sync_exchange_matches_single_process_joint_objective(ray_session, base_
     assert result.placement["m1"]["stacked_with"] == (2 if placement.get("stacked", True) and placement["members_per_host"] == 2 else 1)
 
     reference = seed000_joint_training(*modules, sequential_batches(synthetic_regression(n=256, in_features=20), BATCH), STEPS, LR)
-    for name, module in zip(("m1", "m2"), reference):
+    for name, module in zip(("m1", "m2"), reference, strict=True):
         trained = torch.load(result.output_dir / "members" / name / "model.pt", weights_only=True)
         for key, expected in module.state_dict().items():
             atol = 1e-6 if key == "activation.weight" else tolerance(placement)
@@ -85,7 +85,7 @@ def test_separation_crossing_its_margin_matches_single_process_reference(ray_ses
     distances = []
     batches = sequential_batches(synthetic_regression(n=256, in_features=20), BATCH)
     reference = seed000_joint_training(*modules, batches, steps, LR, margin=margin, distances=distances)
-    for name, module in zip(("m1", "m2"), reference):
+    for name, module in zip(("m1", "m2"), reference, strict=True):
         trained = weights(result.output_dir, name)
         for key, expected in module.state_dict().items():
             atol = 1e-6 if key == "activation.weight" else tolerance(placement)

@@ -90,7 +90,10 @@ def test_with_while_restarting_continue_peers_go_on_with_a_dead_members_last_val
 def test_a_killed_member_averaged_in_shared_memory_replays_the_averages_it_missed(ray_session, base_config, tracking_uri):
     """Local SGD in shared memory: the coordinator writes each average into the members' own
     pages, and keeps a copy for the replay of a member restarted from its checkpoint."""
-    members = [prelu_member("m1"), prelu_member("m2", data={"name": "synthetic_regression", "kwargs": {"n": 256, "in_features": 20, "seed": 1}, "batch_size": 32})]
+    members = [
+        prelu_member("m1"),
+        prelu_member("m2", data={"name": "synthetic_regression", "kwargs": {"n": 256, "in_features": 20, "seed": 1}, "batch_size": 32}),
+    ]
     steps = 240  # the kill window (steps 40 to steps - 100) spans several progress polls even when the host is fast
     settings = dict(steps=steps, checkpoint={"every": CHECKPOINT_EVERY}, members=members, couplings=[{"type": "average", "every": 3}])
     clean = poptrain.run(base_config(name="local-sgd-clean", **settings))
@@ -103,7 +106,9 @@ def test_a_killed_member_averaged_in_shared_memory_replays_the_averages_it_misse
 def test_a_replacement_that_dies_while_starting_is_replaced_again_within_max_restarts(ray_session, base_config, tracking_uri, tmp_path):
     marker = tmp_path / "deaths"
     data = {"name": "tests.helpers:dies_while_restarting", "kwargs": {"marker": str(marker), "deaths": 1}, "batch_size": 32}
-    config = base_config(steps=120, checkpoint={"every": CHECKPOINT_EVERY}, failure={"max_restarts": 2}, members=[prelu_member("m1"), prelu_member("m2", data=data)])
+    config = base_config(
+        steps=120, checkpoint={"every": CHECKPOINT_EVERY}, failure={"max_restarts": 2}, members=[prelu_member("m1"), prelu_member("m2", data=data)]
+    )
     killed = {}
 
     def kill_m2_once(snapshot):
@@ -185,7 +190,9 @@ def run_killing_the_driver(config, folder, after_step):
 
 def resume_in_a_process(run_dir, folder):
     """``poptrain resume run_dir`` as a real process in ``folder``; it must succeed."""
-    resumed = subprocess.run([sys.executable, "-m", "poptrain", "resume", str(run_dir)], cwd=folder, env=driver_env(), capture_output=True, text=True, timeout=300)
+    resumed = subprocess.run(
+        [sys.executable, "-m", "poptrain", "resume", str(run_dir)], cwd=folder, env=driver_env(), capture_output=True, text=True, timeout=300
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
 
 
@@ -236,7 +243,7 @@ def test_diloco_global_weights_and_outer_momentum_survive_a_member_kill_and_a_re
     )
     result, _ = run_killing_m2_once(config, steps)
     reference = diloco_training(models, streams(), steps, lr=0.01, every=5, outer_lr=0.7, outer_momentum=0.9)
-    for name, module in zip(("m1", "m2"), reference):
+    for name, module in zip(("m1", "m2"), reference, strict=True):
         assert_weights_equal(result, name, module, atol=0)
 
     run_dir, names = result.output_dir, ["m1", "m2"]
@@ -250,7 +257,7 @@ def test_diloco_global_weights_and_outer_momentum_survive_a_member_kill_and_a_re
         resume(run_dir)
     (run_dir / "moved").rename(state)
     resume(run_dir)
-    for name, module in zip(("m1", "m2"), reference):
+    for name, module in zip(("m1", "m2"), reference, strict=True):
         assert_weights_equal(result, name, module, atol=0)
 
 

@@ -154,7 +154,10 @@ def test_a_read_of_an_unknown_member_lists_the_members(base_config):
 
 def test_a_read_of_a_loss_or_term_a_member_lacks_lists_its_terms(base_config):
     message = refusal(base_config, {"type": "loss_gap", "reads": {"l2": {"member": "m2", "loss": "smoothness"}}})
-    assert "couplings.0.reads.l2: coupling 'loss_gap' reads 'smoothness' of member 'm2', which has no such loss or term; its losses and terms are ['loss']" in message
+    assert (
+        "couplings.0.reads.l2: coupling 'loss_gap' reads 'smoothness' of member 'm2', which has no such loss or term; its losses and terms are ['loss']"
+        in message
+    )
 
 
 def test_a_function_returning_a_non_tensor_is_refused(base_config):
@@ -182,7 +185,10 @@ def test_reads_the_function_cannot_take_are_refused(base_config):
 def test_members_other_than_those_it_reads_are_refused(base_config):
     members = [prelu_member("m1"), prelu_member("m2"), prelu_member("m3")]
     message = refusal(base_config, {"type": "slope_gap", "members": ["m1", "m3"]}, members)
-    assert "couplings.0.members: coupling 'slope_gap' reads members ['m1', 'm2'], so its `members` must be those: missing ['m2']; reads nothing of ['m3']" in message
+    assert (
+        "couplings.0.members: coupling 'slope_gap' reads members ['m1', 'm2'], so its `members` must be those: missing ['m2']; reads nothing of ['m3']"
+        in message
+    )
     message = refusal(base_config, {"type": "slope_gap", "trains": ["m3"]}, members)
     assert "couplings.0.trains: coupling 'slope_gap' trains member 'm3' but reads nothing of it" in message
 
@@ -217,7 +223,7 @@ def test_seed_000_penalty_as_a_one_line_function_matches_the_single_process_refe
         couplings=[{"type": "slope_gap"}],
     ))
     reference = seed000_joint_training(*modules, sequential_batches(synthetic_regression(n=256, in_features=20), BATCH), steps, LR)
-    for name, module in zip(("m1", "m2"), reference):
+    for name, module in zip(("m1", "m2"), reference, strict=True):
         trained = weights(result.output_dir, name)
         for key, expected in module.state_dict().items():
             assert torch.equal(trained[key], expected), f"{name}.{key}: {(trained[key] - expected).abs().max()}"

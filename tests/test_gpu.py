@@ -66,7 +66,9 @@ def run_on_gpu(tmp_path: Path, config: dict) -> tuple[Path, dict[str, dict]]:
     finished(subprocess.run([sys.executable, "-m", "poptrain", "run", str(path)], cwd=tmp_path, env=gpu_env(), capture_output=True, text=True, timeout=600))
     client = MlflowClient(config["tracking"]["uri"])
     runs = client.search_runs([client.get_experiment_by_name(config["tracking"]["experiment"]).experiment_id])
-    members = {r.data.tags["poptrain.member"]: {"tags": r.data.tags, "metrics": set(r.data.metrics)} for r in runs if r.data.tags.get("poptrain.role") == "member"}
+    members = {
+        r.data.tags["poptrain.member"]: {"tags": r.data.tags, "metrics": set(r.data.metrics)} for r in runs if r.data.tags.get("poptrain.role") == "member"
+    }
     return tmp_path / "runs" / config["name"], members
 
 
@@ -76,7 +78,11 @@ def drive_on_gpu(tmp_path: Path, script: str, given: dict) -> object:
     where Ray's workers print too). Those findings."""
     given_path, found_path = tmp_path / "given.yaml", tmp_path / "found.json"
     given_path.write_text(yaml.safe_dump(given))
-    finished(subprocess.run([sys.executable, "-c", script, str(given_path), str(found_path)], cwd=tmp_path, env=gpu_env(), capture_output=True, text=True, timeout=600))
+    finished(
+        subprocess.run(
+            [sys.executable, "-c", script, str(given_path), str(found_path)], cwd=tmp_path, env=gpu_env(), capture_output=True, text=True, timeout=600
+        )
+    )
     return json.loads(found_path.read_text())
 
 
@@ -253,14 +259,21 @@ def test_a_warm_process_gives_its_gpu_memory_back_while_it_waits_and_builds_no_r
     wide = {"in_features": 2048, "out_features": 1, "hidden": 16384, "activation": "prelu"}
     member_bytes = 4 * sum(p.numel() for p in MLP(**wide).parameters())  # one big member's parameters, float32
     small = [prelu_member(m) for m in ("m1", "m2")]
-    big = [prelu_member(m, model={"name": "mlp", "kwargs": wide}, data={"name": "synthetic_regression", "kwargs": {"n": 256, "in_features": 2048}, "batch_size": 32},
-                        optimizer={"name": "adam", "lr": 1e-4}) for m in ("m1", "m2")]
+    big = [
+        prelu_member(
+            m,
+            model={"name": "mlp", "kwargs": wide},
+            data={"name": "synthetic_regression", "kwargs": {"n": 256, "in_features": 2048}, "batch_size": 32},
+            optimizer={"name": "adam", "lr": 1e-4},
+        )
+        for m in ("m1", "m2")
+    ]
     runs = [gpu_config(tmp_path, {"name": name, "steps": 10, "members": members, "couplings": [SEPARATION]})
             for name, members in (("gpu-warm-small", small), ("gpu-warm-big", big), ("gpu-warm-big-again", big))]
     looks = drive_on_gpu(tmp_path, WARM, {"runs": runs})
     assert looks[0]["pids"] == looks[1]["pids"] == looks[2]["pids"], "the later runs took the warm processes over"
     assert all(d.startswith("cuda") for look in looks for d in look["devices"]), [look["devices"] for look in looks]
-    for after_small, after_big, after_again in zip(*(look["memory"] for look in looks)):
+    for after_small, after_big, after_again in zip(*(look["memory"] for look in looks), strict=True):
         assert after_big["peak"] >= 2 * member_bytes, "the big run's members were on this GPU"
         assert after_big["allocated"] - after_small["allocated"] < member_bytes / 2, "nothing of the big run is still allocated"
         assert after_big["reserved"] - after_small["reserved"] < member_bytes / 2, "its cached blocks were given back"
@@ -283,7 +296,7 @@ def test_a_batch_goes_to_the_gpu_without_waiting_for_the_work_queued_there():
     torch.cuda.synchronize()
     total_s = time.perf_counter() - started
     assert queued_s < 0.25 * total_s, f"the copy waited for the queued work: {queued_s:.3f} s of {total_s:.3f} s"
-    assert all(t.device.type == "cuda" and torch.equal(t.cpu(), b) for t, b in zip(on_gpu, batch))
+    assert all(t.device.type == "cuda" and torch.equal(t.cpu(), b) for t, b in zip(on_gpu, batch, strict=True))
 
 
 def test_a_function_over_a_gpu_tensor_is_refused_before_anything_starts(tmp_path):

@@ -133,7 +133,9 @@ def test_a_packed_host_holds_its_members_resources_summed_and_auto_members_share
 
 
 def test_a_gpu_share_above_one_gpu_must_be_a_whole_number_of_gpus():
-    with pytest.raises(ConfigError, match=r"members\.0\.resources\.num_gpus: a GPU share must be a fraction of one GPU \(at most 1\) or a whole number of GPUs, got 1\.5"):
+    with pytest.raises(
+        ConfigError, match=r"members\.0\.resources\.num_gpus: a GPU share must be a fraction of one GPU \(at most 1\) or a whole number of GPUs, got 1\.5"
+    ):
         config_with(1, num_gpus=1.5)
     assert config_with(1, num_gpus=2).members[0].resources.num_gpus == 2
 
@@ -149,7 +151,9 @@ def test_members_of_a_host_holding_several_gpus_train_on_distinct_gpus():
 
 def test_gpu_shares_a_host_cannot_place_or_use_are_refused_before_anything_starts():
     # Four members at 0.3 on one host ask Ray for 1.2 GPUs, which it cannot place.
-    with pytest.raises(ConfigError, match=r"placement\.members_per_host: the host of members m0, m1, m2, m3 cannot be placed: its 4 members' GPU shares sum to 1\.2"):
+    with pytest.raises(
+        ConfigError, match=r"placement\.members_per_host: the host of members m0, m1, m2, m3 cannot be placed: its 4 members' GPU shares sum to 1\.2"
+    ):
         config_with(4, per_host=4, num_gpus=0.3)
     # 2 GPUs for five members at 0.4: cuda:0 would carry three of them.
     with pytest.raises(ConfigError, match=r"cuda:0 would carry 1\.2 GPUs' worth"):

@@ -28,7 +28,13 @@ ACCURACY = {"m1": 0.70, "m2": 0.90, "m3": 0.80}  # each member's final held-out 
 def datasets_of(name: str) -> list[dict]:
     """A member's datasets as the driver describes them: its training view and the shared held-out split."""
     return [
-        {"name": f"digits-{name}", "digest": f"train{name}", "context": "train", "source": "poptrain.builtins:digits", "profile": {"rows": 1437, "split": "train"}},
+        {
+            "name": f"digits-{name}",
+            "digest": f"train{name}",
+            "context": "train",
+            "source": "poptrain.builtins:digits",
+            "profile": {"rows": 1437, "split": "train"},
+        },
         {"name": "digits-test", "digest": "d1g1t5te", "context": "eval", "source": "poptrain.builtins:digits", "profile": {"rows": 360, "split": "test"}},
     ]
 

@@ -61,13 +61,13 @@ def notebook_run(ray_session, notebook, tmp_path_factory, tracking_uri):
     modules, paths = _initial_modules(folder)
     population = notebook["population"]
     dataset = notebook["regression"]()
-    for member, init, data in zip(population["members"], paths, (notebook["regression"], dataset)):
+    for member, init, data in zip(population["members"], paths, (notebook["regression"], dataset), strict=True):
         member.update(init=init, data={"name": data, "batch_size": BATCH, "shuffle": False})
     population.update(steps=STEPS, output_dir=str(folder / "runs"), placement={"members_per_host": 1},
                       tracking={"uri": tracking_uri, "experiment": "notebook", "plots": False, "log_models": False})
     result = poptrain.run(population)
     reference = seed000_joint_training(*modules, sequential_batches(dataset, BATCH), STEPS, LR)
-    return result, {name: module.state_dict() for name, module in zip(("m1", "m2"), reference)}, dataset
+    return result, {name: module.state_dict() for name, module in zip(("m1", "m2"), reference, strict=True)}, dataset
 
 
 def assert_reference_weights(output_dir, reference):
@@ -179,8 +179,11 @@ def refusal(base_config, **member) -> str:
 def test_an_object_holding_an_open_file_is_refused_with_what_to_do(base_config, tmp_path):
     with open(tmp_path / "log.txt", "w") as log:
         message = refusal(base_config, loss=lambda outputs, targets: print(file=log) or torch.nn.functional.mse_loss(outputs, targets))
-    assert "members.0.loss: `tests.test_python_objects:test_an_object_holding_an_open_file_is_refused_with_what_to_do.<locals>.<lambda>` " \
-           "cannot be sent to Ray's workers: pickling it (cloudpickle, as Ray does) fails with PicklingError: Cannot pickle files that are not opened for reading" in message
+    assert (
+        "members.0.loss: `tests.test_python_objects:test_an_object_holding_an_open_file_is_refused_with_what_to_do.<locals>.<lambda>` "
+        "cannot be sent to Ray's workers: pickling it (cloudpickle, as Ray does) fails with PicklingError: Cannot pickle files that are not opened for reading"
+        in message
+    )
     assert "create it inside the function" in message
 
 

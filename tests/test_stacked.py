@@ -81,7 +81,7 @@ def test_a_stacked_group_ends_as_its_members_trained_one_by_one(optimizers):
     units = form_groups(stacked)
     assert len(units) == 1 and isinstance(units[0], StackedGroup), "one stack for members of one architecture"
     metrics_b = train(units, link_b, 30)
-    for a, b in zip(alone, stacked):
+    for a, b in zip(alone, stacked, strict=True):
         for key in a.params:
             torch.testing.assert_close(b.params[key], a.params[key], **CLOSE, msg=f"{a.name}.{key}")
         state_a, state_b = a.optimizer.state_dict(), b.optimizer.state_dict()
@@ -107,7 +107,7 @@ def test_between_exchanges_stacked_members_see_each_other_as_of_the_last_exchang
     units = form_groups(stacked)
     assert isinstance(units[0], StackedGroup)
     metrics_b = train(units, link_b, 30)
-    for a, b in zip(alone, stacked):
+    for a, b in zip(alone, stacked, strict=True):
         for key in a.params:
             torch.testing.assert_close(b.params[key], a.params[key], **CLOSE, msg=f"{a.name}.{key}")
     assert [m["coupling/separation"] for m in metrics_b[-1][0]] == pytest.approx([m["coupling/separation"] for m in metrics_a[-1]], rel=1e-5)
@@ -119,9 +119,17 @@ ADAM = OPTIMIZERS["adam, own lr and weight decay"]
 SGD = [{"name": "sgd", "lr": 0.02 * (i + 1), "kwargs": {"momentum": 0.5}} for i in range(4)]
 
 
-@pytest.mark.parametrize("coupling, optimizers", [({"type": "gossip"}, ADAM), ({"type": "average", "rate": 0.5}, ADAM), ({"type": "gossip"}, ADAM[:3]),
-                                                  ({"type": "wash", "fraction": 0.2}, SGD), ({"type": "diloco", "every": 1, "outer_lr": 0.7, "outer_momentum": 0.9}, ADAM)],
-                         ids=["gossip", "papa", "gossip, one member left out of each round", "wash", "diloco"])
+@pytest.mark.parametrize(
+    "coupling, optimizers",
+    [
+        ({"type": "gossip"}, ADAM),
+        ({"type": "average", "rate": 0.5}, ADAM),
+        ({"type": "gossip"}, ADAM[:3]),
+        ({"type": "wash", "fraction": 0.2}, SGD),
+        ({"type": "diloco", "every": 1, "outer_lr": 0.7, "outer_momentum": 0.9}, ADAM),
+    ],
+    ids=["gossip", "papa", "gossip, one member left out of each round", "wash", "diloco"],
+)
 def test_stacked_members_whose_parameters_a_round_rewrites_step_on_the_new_ones_as_apart(coupling, optimizers):
     """An averaging round rewrites members' parameters at the exchange before their forward pass:
     a stacked group waits for it as each member alone does, instead of computing the step on the
@@ -135,7 +143,7 @@ def test_stacked_members_whose_parameters_a_round_rewrites_step_on_the_new_ones_
     units = form_groups(stacked)
     assert isinstance(units[0], StackedGroup), [t.stacking_problem for t in stacked]
     metrics_b = train(units, link_b, 12)
-    for a, b in zip(alone, stacked):
+    for a, b in zip(alone, stacked, strict=True):
         for key in a.params:
             torch.testing.assert_close(b.params[key], a.params[key], **CLOSE, msg=f"{a.name}.{key}")
     # What each member received at a round, on its own metrics, stacked as apart: at every round (even steps) and only then.
@@ -146,7 +154,7 @@ def test_stacked_members_whose_parameters_a_round_rewrites_step_on_the_new_ones_
     # Every member paired, pulled or restarted from the global weights at every round, but in threes
     # gossip's odd one out (0), and at DiLoCo's first round the member whose weights start the global ones.
     assert all(count >= size - 1 for count in moved), moved
-    for row_a, row_b in zip(received_a[::2], received_b[::2]):
+    for row_a, row_b in zip(received_a[::2], received_b[::2], strict=True):
         assert row_b == pytest.approx(row_a, rel=1e-4)
 
 
@@ -162,7 +170,7 @@ def test_a_users_own_model_by_import_path_stacks_and_ends_as_trained_one_by_one(
     units = form_groups(stacked)
     assert len(units) == 1 and isinstance(units[0], StackedGroup), [t.stacking_problem for t in stacked]
     train(units, link_b, 20)
-    for a, b in zip(alone, stacked):
+    for a, b in zip(alone, stacked, strict=True):
         for key in a.params:
             torch.testing.assert_close(b.params[key], a.params[key], **CLOSE, msg=f"{a.name}.{key}")
 
@@ -222,7 +230,7 @@ def test_each_stacked_member_uses_its_own_changed_learning_rate_from_the_next_st
         train(drive, link_a if trainers is alone else link_b, 10)
         trainers[1].optimizer.param_groups[0]["lr"] = 0.05  # as population-based training's explore does
         train(drive, link_a if trainers is alone else link_b, 10)
-    for a, b in zip(alone, stacked):
+    for a, b in zip(alone, stacked, strict=True):
         for key in a.params:
             torch.testing.assert_close(b.params[key], a.params[key], **CLOSE)
     assert not torch.equal(stacked[1].params["input.weight"], stacked[0].params["input.weight"])
@@ -239,7 +247,7 @@ def test_a_stack_holds_its_optimizer_state_alone_once_a_checkpoint_has_read_the_
     units[0].release_member_copies()
     assert all(not m.optimizer.state for m in stacked), "no second copy of the moments"
     train(units, link_b, 5)
-    for a, b in zip(alone, stacked):
+    for a, b in zip(alone, stacked, strict=True):
         for key in a.params:
             torch.testing.assert_close(b.params[key], a.params[key], **CLOSE, msg=f"{a.name}.{key}")
 
@@ -283,13 +291,13 @@ def test_each_stacked_member_trains_with_its_own_coupling_weight_as_population_b
 
     def weights_changed_after_5_steps(trainers, drive, link) -> list:
         train(drive, link, 5)
-        for trainer, weight in zip(trainers, (0.5, 1.0, 4.0)):  # as an explore step sets them
+        for trainer, weight in zip(trainers, (0.5, 1.0, 4.0), strict=True):  # as an explore step sets them
             trainer.hyperparameters.set({"couplings.separation.weight": weight})
         return train(drive, link, 10)[-1]
 
     metrics_a = weights_changed_after_5_steps(alone, alone, link_a)
     metrics_b = weights_changed_after_5_steps(stacked, units, link_b)[0]
-    for a, b in zip(alone, stacked):
+    for a, b in zip(alone, stacked, strict=True):
         for key in a.params:
             torch.testing.assert_close(b.params[key], a.params[key], **CLOSE, msg=f"{a.name}.{key}")
     assert [m["coupling/separation"] for m in metrics_b] == pytest.approx([m["coupling/separation"] for m in metrics_a], rel=1e-5)
@@ -313,7 +321,7 @@ def test_a_stacked_member_logs_the_same_metrics_on_the_same_steps_as_the_member_
     logged = [s for s in range(steps) if s % log_every == 0 or s + 1 == steps]
     assert logged == [0, 3, 6, 7]
     for s in logged:
-        for a, b in zip(metrics_a[s], metrics_b[s]):
+        for a, b in zip(metrics_a[s], metrics_b[s], strict=True):
             assert "coupling/separation/own_sum" in a
             assert b == pytest.approx(a, rel=1e-5, abs=1e-6), f"step {s}"
 
@@ -349,7 +357,7 @@ def test_members_with_different_batch_sizes_stack_apart_and_end_as_trained_one_b
     assert [u.names for u in units] == [("m0", "m2"), ("m1", "m3")]
     train(alone, link_a, 6)
     train(units, link_b, 6)
-    for a, b in zip(alone, stacked):
+    for a, b in zip(alone, stacked, strict=True):
         for key in a.params:
             torch.testing.assert_close(b.params[key], a.params[key], **CLOSE, msg=f"{a.name}.{key}")
 
@@ -375,7 +383,7 @@ def test_a_stacked_sgd_member_given_momentum_later_starts_its_momentum_as_alone(
         train(drive, link, 5)
         trainers[0].optimizer.param_groups[0]["momentum"] = 0.9  # as an explore step of optimizer.kwargs.momentum does
         train(drive, link, 5)
-    for a, b in zip(alone, stacked):
+    for a, b in zip(alone, stacked, strict=True):
         for key in a.params:
             torch.testing.assert_close(b.params[key], a.params[key], **CLOSE, msg=f"{a.name}.{key}")
 

@@ -215,7 +215,10 @@ def test_a_thousand_members_resume_after_their_driver_is_killed_with_every_histo
         assert len(history) == len(set(history)) and set(range(0, steps, 10)) <= set(history), f"{member}: every logged step exactly once, across the kill"
 
     ranking = f"eval/{load_config(THOUSAND).evaluation.ranking.key}"
-    members = {r.data.tags["poptrain.member"]: r for r in client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{record['parent']}'", max_results=1000)}
+    members = {
+        r.data.tags["poptrain.member"]: r
+        for r in client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{record['parent']}'", max_results=1000)
+    }
     assert {m: r.info.run_id for m, r in members.items()} == record["members"]
     for member, run in members.items():
         assert math.isfinite(run.data.metrics["loss"]), member

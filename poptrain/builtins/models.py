@@ -40,7 +40,7 @@ class MLP(nn.Module):
             raise ValueError(f"hidden widths must be positive, got {hidden!r}")
         self.input = nn.Linear(in_features, widths[0])
         self.activation = make_activation(activation)
-        self.hidden = nn.ModuleList(nn.Linear(a, b) for a, b in zip(widths[:-1], widths[1:]))
+        self.hidden = nn.ModuleList(nn.Linear(a, b) for a, b in zip(widths[:-1], widths[1:], strict=True))
         self.hidden_activations = nn.ModuleList(make_activation(activation) for _ in widths[1:])
         self.output = nn.Linear(widths[-1], out_features)
 
@@ -50,7 +50,7 @@ class MLP(nn.Module):
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         x = self.activation(self.input(inputs))
-        for layer, act in zip(self.hidden, self.hidden_activations):
+        for layer, act in zip(self.hidden, self.hidden_activations, strict=True):
             x = act(layer(x))
         return self.output(x)
 

@@ -171,7 +171,7 @@ class Average(Coupling):
                 _, found = average_pass(values, self.config.weights, keep=False, distances=distances, then=then)
             new.update({w: out[w] for w in mine if w in out})
             if distances:
-                squares = [a + b for a, b in zip(squares, found)]
+                squares = [a + b for a, b in zip(squares, found, strict=True)]
         return new, (_as_divergences(self.members, squares) if distances else None)
 
     def metrics(self, q: Mapping[Quantity, torch.Tensor]) -> dict[str, float]:
@@ -246,7 +246,9 @@ class MembersRound(Coupling):
         return [Rewrite("param", self.written_quantities(), every=self.config.every, last=self.round_after_last, in_place=True)]
 
     @abstractmethod
-    def round_values(self, step: int, q: Mapping[Quantity, torch.Tensor], out: Mapping[Quantity, torch.Tensor], distances: bool) -> tuple[dict[Quantity, torch.Tensor], dict[str, float] | None]:
+    def round_values(
+        self, step: int, q: Mapping[Quantity, torch.Tensor], out: Mapping[Quantity, torch.Tensor], distances: bool
+    ) -> tuple[dict[Quantity, torch.Tensor], dict[str, float] | None]:
         """The new values of the round at ``step`` (of the quantities in :meth:`written_quantities`;
         one left out keeps its value), from the members' values ``q``, which must not be written
         except through ``out``: the tensors of the written quantities in memory the coordinator
@@ -317,7 +319,7 @@ class Gossip(MembersRound):
                 new.update({w: out[w] if w in out else shared for w in pair})
                 dests = [out[w].view(-1) for w in pair if w in out] + ([shared.view(-1)] if unmapped else [])
                 sources = [q[Quantity(m, "param", name)].reshape(-1) for m in (a, b)]
-                in_chunks(sources[0].numel(), lambda: partial(_pair_mean_chunk, sources, dests))
+                in_chunks(sources[0].numel(), lambda sources=sources, dests=dests: partial(_pair_mean_chunk, sources, dests))
         return new, before
 
 
@@ -465,7 +467,7 @@ class Diloco(MembersRound):
             else:
                 self.handed_out.discard(name)
             if distances:
-                squares = [a + b for a, b in zip(squares, found)]
+                squares = [a + b for a, b in zip(squares, found, strict=True)]
         return new, (_as_divergences(self.members, squares) if distances else None)
 
     def _outer_chunk(self, flats, g, buf, target, dests, started, start, stop, mean_part, scratch) -> None:
@@ -552,7 +554,7 @@ def gossip_pairs(members: list[str], seed: int, step: int) -> list[tuple[str, st
     out when their number is odd). Depends on nothing else, so any process decides the same."""
     order = list(members)
     random.Random(f"poptrain-gossip-{seed}-{step}").shuffle(order)
-    return list(zip(order[0::2], order[1::2]))
+    return list(zip(order[0::2], order[1::2], strict=False))  # an odd number: the last one sits out
 
 
 @dataclass(frozen=True)
@@ -598,13 +600,13 @@ def divergences(q: Mapping[Quantity, torch.Tensor], members: list[str], names: l
     squares = [0.0] * len(members)
     for name in names:
         _, distances = average_pass([q[Quantity(m, "param", name)] for m in members], weights, keep=False)
-        squares = [a + b for a, b in zip(squares, distances)]
+        squares = [a + b for a, b in zip(squares, distances, strict=True)]
     return _as_divergences(members, squares)
 
 
 def _as_divergences(members: list[str], squares: list[float]) -> dict[str, float]:
     """``divergence/<m>`` from each member's squared distance summed over the parameters in order."""
-    return {f"divergence/{m}": square**0.5 for m, square in zip(members, squares)}
+    return {f"divergence/{m}": square**0.5 for m, square in zip(members, squares, strict=True)}
 
 
 PASS_THREADS = 8  # the most threads one averaging pass uses (the node's cores, when fewer)
@@ -713,7 +715,7 @@ def _mean_of(parts: list[torch.Tensor], weights: list[float] | None, out: torch.
         out.div_(len(parts))
     else:
         torch.mul(parts[0], weights[0], out=out)
-        for weight, p in zip(weights[1:], parts[1:]):
+        for weight, p in zip(weights[1:], parts[1:], strict=True):
             out.add_(p, alpha=weight)
 
 
@@ -731,6 +733,10 @@ def check_same_parameters(population, members: list[str], names: list[str], patt
                 problems.append(("params", f"member {first!r} has parameter {name!r} but member {member!r} does not"))
             elif shapes[name] != population.param_shapes[first][name]:
                 problems.append(
-                    ("params", f"parameter {name!r} has shape {list(population.param_shapes[first][name])} in member {first!r} but {list(shapes[name])} in member {member!r}")
+                    (
+                        "params",
+                        f"parameter {name!r} has shape {list(population.param_shapes[first][name])} "
+                        f"in member {first!r} but {list(shapes[name])} in member {member!r}",
+                    )
                 )
     return problems

@@ -56,7 +56,9 @@ class Read(Strict):
     @model_validator(mode="after")
     def _one_quantity(self) -> Read:
         if sum(x is not None for x in (self.param, self.loss, self.pred)) != 1:
-            raise ValueError(f"give exactly one of `param` (a parameter's name), `loss` (`loss` or a term's name) or `pred: outputs` for member {self.member!r}")
+            raise ValueError(
+                f"give exactly one of `param` (a parameter's name), `loss` (`loss` or a term's name) or `pred: outputs` for member {self.member!r}"
+            )
         return self
 
     @property
@@ -150,8 +152,13 @@ class FunctionCoupling(Coupling):
             missing = [m for m in read_members if m not in config.members]
             unread = [m for m in config.members if m not in read_members]
             if missing or unread:
-                problems.append(("members", f"coupling {label!r} reads members {read_members}, so its `members` must be those: "
-                                 f"{f'missing {missing}' if missing else ''}{'; ' if missing and unread else ''}{f'reads nothing of {unread}' if unread else ''}"))
+                problems.append(
+                    (
+                        "members",
+                        f"coupling {label!r} reads members {read_members}, so its `members` must be those: "
+                        f"{f'missing {missing}' if missing else ''}{'; ' if missing and unread else ''}{f'reads nothing of {unread}' if unread else ''}",
+                    )
+                )
         elif config.trains is not None:
             for member in config.trains:
                 if member in names and member not in read_members:

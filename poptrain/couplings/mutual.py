@@ -44,8 +44,12 @@ class MutualConfig(CouplingConfig):
     )
     refresh_every: int = Field(1, ge=1, description="`codistillation`: peers' weights are sent every this many exchanges (and used, stale, in between).")
     temperature: float = Field(1.0, gt=0, description="Softmax temperature T; the term is scaled by T^2 so its gradients keep their size.")
-    target: Literal["each", "ensemble"] = Field("each", description="`each`: the mean over peers of the divergence to each; `ensemble`: the divergence to the peers' mean prediction.")
-    divergence: Literal["kl", "mse"] = Field("kl", description="`kl` between predicted class distributions (classification), `mse` between outputs (regression).")
+    target: Literal["each", "ensemble"] = Field(
+        "each", description="`each`: the mean over peers of the divergence to each; `ensemble`: the divergence to the peers' mean prediction."
+    )
+    divergence: Literal["kl", "mse"] = Field(
+        "kl", description="`kl` between predicted class distributions (classification), `mse` between outputs (regression)."
+    )
 
 
 @register("mutual")
@@ -175,5 +179,10 @@ class Mutual(Coupling):
             if unaligned:
                 problems.append(("members", unaligned))
         if self.config.divergence == "kl" and self.population.outputs[first] and self.population.outputs[first][-1] < 2:
-            problems.append(("divergence", f"`kl` compares class distributions, but members predict {list(self.population.outputs[first])} per sample: use `divergence: mse`"))
+            problems.append(
+                (
+                    "divergence",
+                    f"`kl` compares class distributions, but members predict {list(self.population.outputs[first])} per sample: use `divergence: mse`",
+                )
+            )
         return problems

@@ -101,7 +101,7 @@ class Separation(Coupling):
         cache = self.__dict__.setdefault("_rows", {})
         if member not in cache:
             first, second = self._pair_index if member is None else self._pair_index_by_member[member]
-            cache[member] = list(zip(first.tolist(), second.tolist()))
+            cache[member] = list(zip(first.tolist(), second.tolist(), strict=True))
         return cache[member]
 
     def _on_device(self, member: str | None, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -192,7 +192,7 @@ class Separation(Coupling):
         if len(distances) > PAIRS_LOGGED_ONE_BY_ONE:
             return {"distance/min": float(distances.min()), "distance/median": float(distances.median()), "distance/max": float(distances.max()),
                     "pairs_within_margin": float((distances < self.config.margin).sum())}
-        out = {f"distance/{a}-{b}": d for (a, b), d in zip(self._pairs(), distances.tolist())}
+        out = {f"distance/{a}-{b}": d for (a, b), d in zip(self._pairs(), distances.tolist(), strict=True)}
         for member in self.members if len(self.members) <= MEMBERS_LOGGED_ONE_BY_ONE else ():
             value = q[Quantity(member, "param", self.config.param)]
             if value.numel() == 1:
@@ -219,7 +219,9 @@ class Separation(Coupling):
             shape = self.population.param_shapes[member].get(self.config.param)
             if shape is None:
                 names = list(self.population.param_shapes[member])
-                problems.append(("param", f"member {member!r} has no parameter {self.config.param!r}; its parameters are {names[:12]}{' ...' if len(names) > 12 else ''}"))
+                problems.append(
+                    ("param", f"member {member!r} has no parameter {self.config.param!r}; its parameters are {names[:12]}{' ...' if len(names) > 12 else ''}")
+                )
             else:
                 shapes[member] = shape
         if len(set(shapes.values())) > 1:
