@@ -118,8 +118,8 @@ def inspect_population(cfg: RunConfig) -> PopulationInfo:
                 (f"couplings.{index}.type", f"{type(coupling).__name__} rewrites values at exchanges but does not declare `rewrites_values = True`")
             )
     if cfg.evaluation.population_average is True:  # asked for: refused where the mean is no model (`auto` turns it off)
-        averaged = population_average.averaged_members(cfg, couplings)
-        problems.extend(("evaluation.population_average", msg) for msg in population_average.problems(cfg, averaged))
+        averaged = population_average.averaged_members(cfg, couplings)  # never None when asked for
+        problems.extend(("evaluation.population_average", msg) for msg in population_average.problems(cfg, averaged or []))
     if problems:
         raise ConfigError(problems)
     return population

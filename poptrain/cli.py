@@ -291,6 +291,8 @@ def _ranking(result) -> tuple[str, bool]:
 
     try:
         ranking = load_config(result.output_dir / "config.yaml", record=True).evaluation.ranking
+        if ranking is None:  # no held-out metrics
+            return "loss", False
         return f"eval/{ranking.key}", bool(ranking.higher)
     except Exception:  # a summary never fails a finished run
         return "loss", False

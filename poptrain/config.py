@@ -318,8 +318,9 @@ class EvaluationConfig(Strict):
             raise ValueError(f"metric labels must be distinct, got {labels}: give one a `label`")
         if self.rank_by is not None and self.rank_by not in labels:
             raise ValueError(f"rank_by {self.rank_by!r} is not one of the metrics {labels}")
-        if self.metrics and self.ranking.higher is None:
-            raise ValueError(f"members are ranked by {self.ranking.name!r}: say whether higher is better with its `higher_is_better`")
+        ranking = self.ranking  # None without metrics
+        if ranking is not None and ranking.higher is None:
+            raise ValueError(f"members are ranked by {ranking.name!r}: say whether higher is better with its `higher_is_better`")
         return self
 
     @property
@@ -979,7 +980,8 @@ def read_yaml(path: str | os.PathLike, max_bytes: int = MAX_CONFIG_BYTES) -> dic
     if raw is None:
         raise ConfigError([("top level", "the file is empty: a config is a mapping of keys (name, steps, members, ...)")], source)
     if not isinstance(raw, dict):
-        found = {list: "a list", str: "a string"}.get(type(raw), f"a {type(raw).__name__}")
+        kinds: dict[type, str] = {list: "a list", str: "a string"}
+        found = kinds.get(type(raw), f"a {type(raw).__name__}")
         raise ConfigError([("top level", f"must be a mapping of keys (name, steps, members, ...), not {found}")], source)
     return raw
 
@@ -1196,7 +1198,7 @@ def validate_config(raw: dict, member_overrides: list[str] | tuple[str, ...] = (
     raw_couplings = [] if raw_couplings is None else raw_couplings
     if isinstance(raw_couplings, list):  # from Python, a coupling class alone stands for `{type: <the class>}`
         raw_couplings = [{"type": item} if isinstance(item, type) else item for item in raw_couplings]
-    problems: list[tuple[str, str]] = []
+    problems = []
     if not isinstance(raw_couplings, list) or not all(isinstance(c, dict) for c in raw_couplings):
         problems.append(("couplings", "must be a list of mappings, each with a `type`"))
         raw_couplings = []
@@ -1371,8 +1373,9 @@ def ray_job() -> dict[str, Any] | None:
     except ValueError:
         data = {}
     data = data if isinstance(data, dict) else {}
-    runtime_env = data.get("runtime_env") if isinstance(data.get("runtime_env"), dict) else {}
-    metadata = data.get("metadata") if isinstance(data.get("metadata"), dict) else {}
+    runtime_env, metadata = data.get("runtime_env"), data.get("metadata")
+    runtime_env = runtime_env if isinstance(runtime_env, dict) else {}
+    metadata = metadata if isinstance(metadata, dict) else {}
     return {"submission_id": metadata.get("job_submission_id"), "working_dir": runtime_env.get("working_dir")}
 
 

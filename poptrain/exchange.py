@@ -63,19 +63,21 @@ class ExchangePlan:
             reads = coupling.reads()
             for member in coupling.trains:
                 self.reads_for_terms[member].update(q for q in reads if q.phase is not None or q.member == member)
-            reads = [q for q in reads if q.phase is not None]  # local quantities stay with their member
-            for q in reads:
-                if q not in self.sends[q.member][q.phase]:
-                    self.sends[q.member][q.phase].append(q)
-                takes_part[q.phase].add(q.member)
+            exchanged = [(q, q.phase) for q in reads if q.phase is not None]  # local quantities stay with their member
+            for q, phase in exchanged:
+                if q not in self.sends[q.member][phase]:
+                    self.sends[q.member][phase].append(q)
+                takes_part[phase].add(q.member)
                 self.period[q] = math.gcd(self.period.get(q, 0), coupling.read_every())
             for member in coupling.trains:
-                for q in reads:
+                for q, phase in exchanged:
                     if q.member != member:
                         self.receives[member].add(q)
-                        takes_part[q.phase].add(member)
+                        takes_part[phase].add(member)
             for rewrite in coupling.rewrites():
                 for q in rewrite.quantities:
+                    if q.phase is None:  # it would otherwise fail below as a KeyError, far from its cause
+                        raise ValueError(f"coupling {coupling.name!r} rewrites {q}, a member's local quantity, which never leaves the member")
                     self.replaced[q.member].add(q)
                     takes_part[q.phase].add(q.member)
         for sends in self.sends.values():

@@ -18,15 +18,21 @@ from collections.abc import Callable
 from typing import Any
 
 from poptrain.build import optimizer_class, probe_torch_optimizer
-from poptrain.config import MemberConfig, PBTConfig, Perturbation, RunConfig
+from poptrain.config import MemberConfig, Perturbation, RunConfig
 
 GROUP_KEY = "poptrain_group"  # in each optimizer param group: the config group it came from (-1: the default)
 
 
 def ranking(run: RunConfig) -> tuple[str, bool]:
     """The metric members are ranked by and whether higher is better."""
-    pbt = run.pbt
-    metric = pbt.metric or f"eval/{run.evaluation.ranking.key}"
+    pbt, ranked_by = run.pbt, run.evaluation.ranking
+    if pbt is None:
+        raise ValueError("the run has no `pbt` section to rank members for")
+    metric = pbt.metric
+    if metric is None:
+        if ranked_by is None:
+            raise ValueError("pbt.metric: none given, and the run evaluates no metric to rank members by")
+        metric = f"eval/{ranked_by.key}"
     if pbt.mode is not None:
         return metric, pbt.mode == "max"
     if metric.startswith("eval/"):
@@ -145,7 +151,7 @@ def optimizer_options(member: MemberConfig) -> dict[str, Any]:
     """The options of ``member``'s optimizer class (its constructor's keyword arguments but ``lr``,
     which is ``optimizer.lr``), with the values the member's optimizer takes: its config's, else
     the constructor's defaults."""
-    parameters = inspect.signature(optimizer_class(member).__init__).parameters
+    parameters = inspect.signature(optimizer_class(member).__init__).parameters  # type: ignore[misc]  # the class's own, not an instance's
     options = {n: p.default for n, p in parameters.items() if n not in ("self", "params", "lr") and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
     return {**options, **member.optimizer.kwargs}
 
@@ -154,9 +160,10 @@ def exploit_plan(scores: dict[str, float | None], order: list[str], quantile: fl
     """``{receiver: donor}``: each of the bottom ``quantile`` (at least one) copies a member of the top
     ``quantile`` chosen at random. Nobody is exploited while a score is missing (the ranking metric
     does not exist yet) or not finite; ties are broken by member order."""
-    if len(scores) < 2 or any(v is None or not math.isfinite(v) for v in scores.values()):
+    known = {m: v for m, v in scores.items() if v is not None and math.isfinite(v)}
+    if len(scores) < 2 or len(known) < len(scores):
         return {}
-    ranked = sorted(order, key=lambda m: (-scores[m] if higher else scores[m], order.index(m)))
+    ranked = sorted(order, key=lambda m: (-known[m] if higher else known[m], order.index(m)))
     n = max(1, int(len(ranked) * quantile))
     top, bottom = ranked[:n], ranked[-n:]
     return {receiver: rng.choice(top) for receiver in bottom if receiver not in top}
@@ -174,7 +181,9 @@ def round_rng(run: RunConfig, step: int) -> random.Random:
 def check(run: RunConfig, shapes: dict[str, dict[str, tuple]]) -> list[tuple[str, str]]:
     """Members in the schedule must be alike where copying requires it: the same parameter names and
     shapes and the same optimizer (class and groups); each perturbed key must exist."""
-    pbt: PBTConfig = run.pbt
+    pbt = run.pbt
+    if pbt is None:
+        return []
     members = pbt_members(run)
     problems: list[tuple[str, str]] = []
     unknown = [m for m in members if m not in run.member_names]

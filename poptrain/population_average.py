@@ -91,8 +91,11 @@ def evaluate(cfg: RunConfig, member: str, state: dict[str, torch.Tensor]) -> dic
     random streams as they were."""
     config = cfg.member(member)
     held_out = config.held_out_data()
+    if held_out is None:  # problems() refuses such a run before it starts
+        raise ValueError(f"member {member!r} has no held-out data to evaluate the population's average model on")
     metric_fns = resolve_metrics(cfg.evaluation, resolve_loss(config))
-    outputs, targets = [], []
+    outputs: list[torch.Tensor] = []
+    targets: list[torch.Tensor] = []
     with torch.random.fork_rng(devices=[]), torch.no_grad():
         torch.manual_seed(cfg.seed)
         model = build_model(config.model)
@@ -101,8 +104,8 @@ def evaluate(cfg: RunConfig, member: str, state: dict[str, torch.Tensor]) -> dic
         for *inputs, target in in_order(build_dataset(held_out), held_out.batch_size):
             outputs.append(model(*inputs).detach().float().cpu())
             targets.append(target.cpu())
-    outputs, targets = torch.cat(outputs), torch.cat(targets)
-    return {key: float(fn(outputs, targets)) for key, fn in metric_fns.items()}
+    predicted, expected = torch.cat(outputs), torch.cat(targets)
+    return {key: float(fn(predicted, expected)) for key, fn in metric_fns.items()}
 
 
 def save_and_evaluate(cfg: RunConfig, members: list[str], weights: dict[str, Path], run_dir: Path) -> dict[str, float]:

@@ -350,9 +350,9 @@ class Tracking:
                 state["loss"] = value
             self.step_values[step][key][member] = value
             self.newest_step[member] = max(step, self.newest_step.get(member, -1))
-        state = self.progress_state.get(member)
-        if state is not None:
-            state["time"] = time.time()
+        progress = self.progress_state.get(member)
+        if progress is not None:
+            progress["time"] = time.time()
         self._summarise()
 
     def _summarise(self) -> None:

@@ -81,7 +81,7 @@ class Draw(BaseModel):
     def draw(self, rng: random.Random) -> Any:
         low_high = getattr(self, self.kind)
         if self.kind == "choice":
-            return rng.choice(self.choice)
+            return rng.choice(low_high)
         if self.kind == "uniform":
             return rng.uniform(*low_high)
         if self.kind == "loguniform":
@@ -95,7 +95,8 @@ def _read_vary(raw: Any, where: str) -> tuple[dict[str, list | Draw], list[tuple
         return {}, []
     if not isinstance(raw, dict) or not all(isinstance(k, str) for k in raw):
         return {}, [(where, "must be a mapping of member keys (`optimizer.lr`, ...) to a list of values or a draw")]
-    out, problems = {}, []
+    out: dict[str, list | Draw] = {}
+    problems: list[tuple[str, str]] = []
     for key, how in raw.items():
         if isinstance(how, list) and how:
             out[key] = how
@@ -160,7 +161,7 @@ def _expand_entry(entry: dict, where: str, seed: int, member_model: type[BaseMod
     problems = [(f"{where}.vary.{key}", reason) for key in vary if (reason := settable(member_model, key))]
     if problems:
         return [], problems
-    grid = {k: v.grid for k, v in vary.items() if isinstance(v, Draw) and v.kind == "grid"}
+    grid = {k: v.grid for k, v in vary.items() if isinstance(v, Draw) and v.grid is not None}  # its kind: the one field given
     lists = {k: v for k, v in vary.items() if isinstance(v, list)}
     copies = entry.get("copies")
     points = list(itertools.product(*grid.values())) if grid else [()]
@@ -231,7 +232,7 @@ def _unwrap(annotation: Any) -> Any:
             return annotation
 
 
-def set_dotted(node: dict, parts: list[str], value: Any, model: Any = None) -> None:
+def set_dotted(node: dict | list, parts: list[str], value: Any, model: Any = None) -> None:
     """Set ``node[parts[0]][parts[1]]...`` to ``value``, creating mappings on the way; a component
     written as a string (``model: mlp``) becomes ``{name: mlp}`` first."""
     for part in parts[:-1]:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -46,7 +46,7 @@ class MLP(nn.Module):
 
     def get_weight(self) -> torch.Tensor:
         """The first activation's parameter (seed 000's accessor)."""
-        return self.activation.weight
+        return self.activation.weight  # type: ignore[return-value]  # torch types a submodule's attributes as Tensor | Module
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         x = self.activation(self.input(inputs))
@@ -96,4 +96,4 @@ class LSTMClassifier(nn.Module):
         return self.linear(outputs[:, -1])
 
 
-MODELS = {"mlp": MLP, "encoder_classifier": EncoderClassifier, "lstm_classifier": LSTMClassifier}
+MODELS: dict[str, Callable[..., nn.Module]] = {"mlp": MLP, "encoder_classifier": EncoderClassifier, "lstm_classifier": LSTMClassifier}

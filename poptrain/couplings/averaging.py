@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar, TypeVar
 
 import torch
 from pydantic import Field, field_validator, model_validator
@@ -60,7 +60,7 @@ class AverageConfig(CouplingConfig):
 
 
 @register("average")
-class Average(Coupling):
+class Average(Coupling[AverageConfig]):
     """Replaces parameters by the (weighted) mean over ``members``, at parameter exchanges.
 
     * ``into: target``: the target's parameters become the mean of the members' after every
@@ -211,9 +211,14 @@ class MembersRoundConfig(CouplingConfig):
 
     params: list[str] = Field(default_factory=lambda: ["*"], description="Parameter name patterns the rounds rewrite (fnmatch); default: all.")
     include_frozen: bool = Field(False, description="Also overwrite members' frozen parameters.")
+    if TYPE_CHECKING:  # each round's own config defines it, with its own default and description
+        every: int
 
 
-class MembersRound(Coupling):
+RoundConfigT = TypeVar("RoundConfigT", bound=MembersRoundConfig)
+
+
+class MembersRound(Coupling[RoundConfigT]):
     """A round over the members' own parameters at parameter exchanges: ``names``, the parameters
     matching ``params`` (every member has them, with the same shapes), are read from every member,
     and :meth:`round_values` gives members new values of ``written`` (each member's trainable ones,
@@ -223,8 +228,7 @@ class MembersRound(Coupling):
     parameter exchange of its config (and after the last step where ``round_after_last``); a
     subclass says what (:meth:`round_values`)."""
 
-    Config = MembersRoundConfig
-    config: MembersRoundConfig
+    Config: ClassVar[type[CouplingConfig]] = MembersRoundConfig
 
     adds_term = False
     rewrites_values = True
@@ -232,7 +236,7 @@ class MembersRound(Coupling):
     needs_two: ClassVar[str] = "it rewrites members' values from their peers'"  # why it needs two members, for the check
     round_after_last: ClassVar[bool] = False  # a round at the exchange after the last step too
 
-    def __init__(self, config: MembersRoundConfig, population):
+    def __init__(self, config: RoundConfigT, population):
         super().__init__(config, population)
         first = self.members[0] if self.members else None
         self.names = population.params_matching(first, config.params) if first in population.param_shapes else []
@@ -273,7 +277,7 @@ class MembersRound(Coupling):
         return tuple(Quantity(m, "param", n) for m in self.members for n in self.written[m])
 
     @classmethod
-    def check_config(cls, config: MembersRoundConfig, run) -> list[tuple[str, str]]:
+    def check_config(cls, config: RoundConfigT, run) -> list[tuple[str, str]]:
         if len(config.members or run.member_names) < 2:
             return [("members", f"{cls.needs_two}: it needs at least two members")]
         return []
@@ -289,7 +293,7 @@ class GossipConfig(MembersRoundConfig):
 
 
 @register("gossip")
-class Gossip(MembersRound):
+class Gossip(MembersRound[GossipConfig]):
     """At every ``every``-th parameter exchange, ``members`` are paired at random and each pair's
     parameters are replaced by the pair's mean ``(p_a + p_b) / 2``; with an odd number of members
     the one left over keeps its own. The round's pairs are :func:`gossip_pairs` of the run's seed
@@ -360,7 +364,7 @@ class WashConfig(MembersRoundConfig):
 
 
 @register("wash")
-class Wash(MembersRound):
+class Wash(MembersRound[WashConfig]):
     """At every ``every``-th parameter exchange, each position of each chosen parameter is drawn
     with probability ``fraction``, and the values the ``members`` hold there are permuted among
     them at random (:func:`wash_shuffle`, from the run's seed and the exchange's step, so a run and
@@ -405,7 +409,7 @@ class DilocoConfig(MembersRoundConfig):
 
 
 @register("diloco")
-class Diloco(MembersRound):
+class Diloco(MembersRound[DilocoConfig]):
     """DiLoCo's outer loop on the coordinator. At the first parameter exchange the global weights
     ``g`` are the first member's (of ``members``), and every member starts from them, as DiLoCo's
     replicas start from one model. Then at every ``every``-th parameter exchange (and at the one

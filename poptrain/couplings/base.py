@@ -32,7 +32,7 @@ from abc import ABC, abstractmethod
 from collections import ChainMap
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, ClassVar, Literal
+from typing import TYPE_CHECKING, ClassVar, Generic, Literal, TypeVar
 
 import torch
 
@@ -78,12 +78,12 @@ class Columns(Mapping["Quantity", torch.Tensor]):
     written member by member reads, so both kinds of coupling take the same object. Rows are
     views: gradients flow from a row to its column."""
 
-    def __init__(self, names: tuple[str, ...], columns: Mapping[tuple[str, str], torch.Tensor]):
+    def __init__(self, names: tuple[str, ...], columns: Mapping[tuple[Kind, str], torch.Tensor]):
         self.names = tuple(names)
         self.columns = dict(columns)
         self.row = {name: i for i, name in enumerate(self.names)}
 
-    def column(self, kind: str, key: str, members: tuple[str, ...] | None = None) -> torch.Tensor:
+    def column(self, kind: Kind, key: str, members: tuple[str, ...] | None = None) -> torch.Tensor:
         """The ``(kind, key)`` column, rows in the order of ``members`` (default: :attr:`names`, the
         column itself, no copy)."""
         values = self.columns[(kind, key)]
@@ -115,10 +115,12 @@ class Overlay(ChainMap):
     elsewhere, differentiable in the live ones."""
 
     def __init__(self, own: Columns, exchanged: Mapping[Quantity, torch.Tensor]):
-        super().__init__(own, exchanged)
+        # ChainMap only reads its maps here; typeshed types them as mutable, which these are not.
+        super().__init__(own, exchanged)  # type: ignore[arg-type]
+        self.own, self.exchanged = own, exchanged
 
-    def column(self, kind: str, key: str, members: tuple[str, ...]) -> torch.Tensor:
-        own, exchanged = self.maps
+    def column(self, kind: Kind, key: str, members: tuple[str, ...]) -> torch.Tensor:
+        own, exchanged = self.own, self.exchanged
         mine = [i for i, m in enumerate(members) if m in own.row]
         if len(mine) == len(members):
             return own.column(kind, key, tuple(members))
@@ -129,7 +131,7 @@ class Overlay(ChainMap):
         return under.to(live.dtype).index_put((torch.tensor(mine, device=under.device),), live)
 
 
-def column_of(values: Mapping[Quantity, torch.Tensor], kind: str, key: str, members: list[str] | tuple[str, ...]) -> torch.Tensor:
+def column_of(values: Mapping[Quantity, torch.Tensor], kind: Kind, key: str, members: list[str] | tuple[str, ...]) -> torch.Tensor:
     """``members``' values of ``(kind, key)`` in ``values`` stacked in their order, shape
     ``(len(members), *value shape)``: by the mapping's own ``column`` where it has one (a
     :class:`Columns`, or a member's :class:`~poptrain.member.PeerValues`, which keeps it until the
@@ -196,13 +198,19 @@ class Rewrite:
         return bool(self.every and exchange_index % self.every == 0) or (self.first and exchange_index == 0)
 
 
-class Coupling(CouplingClass, ABC):
+ConfigT = TypeVar("ConfigT", bound=CouplingConfig)
+
+
+class Coupling(CouplingClass, ABC, Generic[ConfigT]):
     """Base of every coupling. A *term* coupling implements :meth:`reads` and :meth:`value` and is
     done; a coupling that changes members' values at exchanges sets ``adds_term = False`` and
     ``rewrites_values = True``, and implements :meth:`rewrites` (what and when) and
-    :meth:`rewrite` (the new values). Either may extend :attr:`Config` with its own fields."""
+    :meth:`rewrite` (the new values). Either may extend :attr:`Config` with its own fields, and
+    then names it as the type parameter (``class Mine(Coupling[MyConfig])``), so that a type
+    checker reads ``self.config`` and the classmethods' ``config`` as a ``MyConfig``."""
 
     Config: ClassVar[type[CouplingConfig]] = CouplingConfig
+    config: ConfigT
     # Declared, not inferred: whether it adds a term to the objectives of the members it trains
     # (else `trains` is empty whatever the config says), and whether it rewrites values at
     # exchanges (which needs every member at the same exchange: `exchange.mode: sync`).
@@ -220,7 +228,7 @@ class Coupling(CouplingClass, ABC):
     # their final weights is then the population's average model (`evaluation.population_average`).
     averages_members: ClassVar[bool] = False
 
-    def __init__(self, config: CouplingConfig, population: PopulationInfo):
+    def __init__(self, config: ConfigT, population: PopulationInfo):
         self.config = config
         self.population = population
         self.name = config.label
@@ -229,7 +237,7 @@ class Coupling(CouplingClass, ABC):
         self.trains: list[str] = list(config.trains if config.trains is not None else self.members) if self.adds_term else []
 
     @classmethod
-    def default_members(cls, config: CouplingConfig, population: PopulationInfo) -> list[str]:
+    def default_members(cls, config: ConfigT, population: PopulationInfo) -> list[str]:
         """The members it reads when the config lists none: every member."""
         return list(population.members)
 
@@ -267,7 +275,8 @@ class Coupling(CouplingClass, ABC):
         exchanges, when ``own`` and ``exchanged`` differ (:mod:`poptrain.stacked`). By default member
         by member; a coupling over many members does it in a few tensor ops on the columns
         (separation)."""
-        values = [self.value_for(m, ChainMap(own.member(m), exchanged)) for m in members]
+        # ChainMap only reads its maps here; typeshed types them as mutable.
+        values = [self.value_for(m, ChainMap(own.member(m), exchanged)) for m in members]  # type: ignore[arg-type]
         if all(v is None for v in values):
             return None
         like = next(v for v in values if v is not None)
@@ -337,7 +346,7 @@ class Coupling(CouplingClass, ABC):
     # -- checks, before anything starts ------------------------------------------------------
 
     @classmethod
-    def check_config(cls, config: CouplingConfig, run: RunConfig) -> list[tuple[str, str]]:
+    def check_config(cls, config: ConfigT, run: RunConfig) -> list[tuple[str, str]]:
         """Problems visible from the config alone, as (key relative to the coupling, reason)."""
         return []
 

@@ -65,7 +65,7 @@ class Read(Strict):
     def quantity(self) -> Quantity:
         if self.param is not None:
             return Quantity(self.member, "param", self.param)
-        return Quantity(self.member, "loss", self.loss) if self.loss is not None else Quantity(self.member, "pred", self.pred)
+        return Quantity(self.member, "loss", self.loss) if self.loss is not None else Quantity(self.member, "pred", "outputs")  # pred: the one value it takes
 
     def __str__(self) -> str:
         if self.param is not None:
@@ -83,7 +83,7 @@ class FunctionCouplingConfig(CouplingConfig):
     )
 
 
-class FunctionCoupling(Coupling):
+class FunctionCoupling(Coupling[FunctionCouplingConfig]):
     """A coupling whose value is ``fn(**{name: quantity})`` (see the module). Made by
     :func:`coupling_function`, one subclass per function."""
 

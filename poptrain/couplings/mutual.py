@@ -53,7 +53,7 @@ class MutualConfig(CouplingConfig):
 
 
 @register("mutual")
-class Mutual(Coupling):
+class Mutual(Coupling[MutualConfig]):
     """Each trained member towards its peers' predictions on the same samples (see the module)."""
 
     Config = MutualConfig

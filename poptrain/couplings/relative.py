@@ -39,7 +39,7 @@ class RelativeConfig(CouplingConfig):
 
 
 @register("relative")
-class Relative(Coupling):
+class Relative(Coupling[RelativeConfig]):
     """``weight * (sum(coef_i * L_i))`` or ``weight * fn(losses)``, read after the forward pass.
 
     Trains every member it reads unless ``trains`` says otherwise. Taken literally, seed 003's

@@ -38,7 +38,7 @@ MEMBERS_LOGGED_ONE_BY_ONE = 16
 
 
 @register("separation")
-class Separation(Coupling):
+class Separation(Coupling[SeparationConfig]):
     """``weight * sum over pairs of relu(margin - distance(p_a, p_b))`` for one named parameter.
 
     Exactly seed 000's ``relu(2 - torch.abs(alpha1 - alpha2).sum())`` for two members, margin 2, L1.
@@ -51,7 +51,7 @@ class Separation(Coupling):
     config: SeparationConfig
 
     def _pairs(self) -> list[tuple[str, str]]:
-        return [tuple(p) for p in self.config.pairs] if self.config.pairs else list(itertools.combinations(self.members, 2))
+        return [(a, b) for a, b in self.config.pairs] if self.config.pairs else list(itertools.combinations(self.members, 2))
 
     def reads(self) -> list[Quantity]:
         return [Quantity(m, "param", self.config.param) for m in self.members]
@@ -60,7 +60,8 @@ class Separation(Coupling):
     def _pair_index(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Row indices into the stacked members of each pair's first and second member."""
         position = {m: i for i, m in enumerate(self.members)}
-        return tuple(torch.tensor([position[pair[k]] for pair in self._pairs()]) for k in (0, 1))
+        pairs = self._pairs()
+        return torch.tensor([position[a] for a, _ in pairs]), torch.tensor([position[b] for _, b in pairs])
 
     def _distance(self, diff: torch.Tensor) -> torch.Tensor:
         """Along the last dimension of ``diff``: one pair (numel,) or several (pairs, numel)."""
