@@ -40,6 +40,7 @@ EARLY = {
     "tests/test_failures.py::test_a_killed_driver_resumes_into_the_same_runs_bitwise_equal_to_an_uninterrupted_run": "tests.test_failures:start_killed_driver",
     "tests/test_pbt.py::test_perturbed_hyperparameters_and_the_lineage_survive_a_driver_resume_bitwise": "tests.test_pbt:start_killed_driver",
     "tests/test_cli.py::test_run_trains_the_seed_000_config_from_the_command_line": "tests.test_cli:start_seed_000_from_the_command_line",
+    "tests/test_code_quality.py::test_mypy_finds_nothing_in_the_package": "tests.test_code_quality:start_mypy",
     # A two-node cluster of its own and the jobs submitted to it, once for all these tests (tests.test_cluster:cluster_work).
     **{
         f"tests/test_cluster.py::{test}": "tests.test_cluster:start_cluster_work"
