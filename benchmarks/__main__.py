@@ -58,9 +58,13 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--only", choices=FIGURES, action="append", metavar="NAME", help=f"run only this figure (repeatable): {', '.join(FIGURES)}")
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for the JSON results (default: benchmarks/results)")
     parser.add_argument("--keep", action="store_true", help="keep the scratch folder (runs, MLflow store) and print its path")
-    parser.add_argument("--gpu", action="store_true", help="instead of the figures, the GPU check (benchmarks/gpu.py): gpu tests, the quick start "
-                        "on the GPU, warm handover memory, 2 members sharing the GPU vs one process, 100 and 1,000 stacked "
-                        "members vs a torch.func loop, host-device synchronisations per stacked step")
+    parser.add_argument(
+        "--gpu",
+        action="store_true",
+        help="instead of the figures, the GPU check (benchmarks/gpu.py): gpu tests, the quick start "
+        "on the GPU, warm handover memory, 2 members sharing the GPU vs one process, 100 and 1,000 stacked "
+        "members vs a torch.func loop, host-device synchronisations per stacked step",
+    )
     parser.add_argument("--dry-run", action="store_true", help="with --gpu: the same check on the CPU at tiny sizes (no GPU needed)")
     args = parser.parse_args(argv)
     if args.dry_run and not args.gpu:
@@ -98,9 +102,9 @@ def table(rows: list[dict[str, Any]]) -> str:
                 verdict,
             ]
         )
-    widths = [max(len(str(x)) for x in col) for col in zip(header, *lines)]
-    out = [" | ".join(h.ljust(w) for h, w in zip(header, widths)), "-+-".join("-" * w for w in widths)]
-    out += [" | ".join(str(x).ljust(w) for x, w in zip(line, widths)) for line in lines]
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *lines, strict=True)]
+    out = [" | ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)), "-+-".join("-" * w for w in widths)]
+    out += [" | ".join(str(x).ljust(w) for x, w in zip(line, widths, strict=True)) for line in lines]
     return "\n".join(out)
 
 

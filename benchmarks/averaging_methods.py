@@ -115,8 +115,9 @@ def method_config(ctx: Context, dataset: str, method: str, seed: int) -> dict[st
 
 def measure(ctx: Context, dataset: str, method: str, seed: int) -> dict[str, Any]:
     """One run: the best member's, the averaged model's and the ensemble's held-out metric."""
-    import poptrain
     from mlflow.tracking import MlflowClient
+
+    import poptrain
 
     metric = DATASETS[dataset]["metric"]
     started = time.perf_counter()
@@ -149,8 +150,14 @@ def averaging_methods(ctx: Context) -> list[dict[str, Any]]:
                     results.setdefault((dataset, method), {})[seed] = measure(ctx, dataset, method, seed)
     finally:
         release_warm_members()  # the next figure starts from no parked processes
-    budget = {"members": sizes.methods_members, "steps": sizes.methods_steps, "batch": sizes.methods_batch, "optimizer": "adam, lr 1e-3",
-              "seeds": list(sizes.methods_seeds), "placement": "one host, stacked"}
+    budget = {
+        "members": sizes.methods_members,
+        "steps": sizes.methods_steps,
+        "batch": sizes.methods_batch,
+        "optimizer": "adam, lr 1e-3",
+        "seeds": list(sizes.methods_seeds),
+        "placement": "one host, stacked",
+    }
     rows = []
     for dataset in sizes.methods_datasets:
         metric, higher = DATASETS[dataset]["metric"], DATASETS[dataset]["higher_is_better"]
@@ -165,21 +172,38 @@ def averaging_methods(ctx: Context) -> list[dict[str, Any]]:
                 base = {s: r[model] for s, r in independent.items()}
                 measured, baseline = spread(list(values.values())), spread(list(base.values()))
                 details = {
-                    "per_seed": values, "spread": measured, "independent_per_seed": base, "independent_spread": baseline,
+                    "per_seed": values,
+                    "spread": measured,
+                    "independent_per_seed": base,
+                    "independent_spread": baseline,
                     "minus_independent_per_seed": {s: values[s] - base[s] for s in values},
-                    "higher_is_better": higher, "knobs": {"exchange_every": every, "coupling": coupling}, "budget": budget,
-                    "members_per_seed": {s: r["members"] for s, r in runs.items()}, "best_member_per_seed": {s: r["best_member"] for s, r in runs.items()},
+                    "higher_is_better": higher,
+                    "knobs": {"exchange_every": every, "coupling": coupling},
+                    "budget": budget,
+                    "members_per_seed": {s: r["members"] for s, r in runs.items()},
+                    "best_member_per_seed": {s: r["best_member"] for s, r in runs.items()},
                     "independent_members_per_seed": {s: r["members"] for s, r in independent.items()},
                     "run_wall_s": {s: r["wall_s"] for s, r in runs.items()},
                 }
                 if method != "average":
                     details["minus_plain_average_per_seed"] = {s: values[s] - plain[s][model] for s in values}
-                rows.append(row(
-                    FIGURE, f"{dataset}: {LABELS[method]}, {label}, held-out {metric} ({'higher' if higher else 'lower'} is better)",
-                    value=measured["mean"], unit=metric, ratio=measured["mean"] / baseline["mean"], target=None, sizes=sizes,
-                    baseline={"name": f"independent training, same members, steps and optimizer, no coupling: {label}", "value": baseline["mean"], "unit": metric},
-                    details=details,
-                ))
+                rows.append(
+                    row(
+                        FIGURE,
+                        f"{dataset}: {LABELS[method]}, {label}, held-out {metric} ({'higher' if higher else 'lower'} is better)",
+                        value=measured["mean"],
+                        unit=metric,
+                        ratio=measured["mean"] / baseline["mean"],
+                        target=None,
+                        sizes=sizes,
+                        baseline={
+                            "name": f"independent training, same members, steps and optimizer, no coupling: {label}",
+                            "value": baseline["mean"],
+                            "unit": metric,
+                        },
+                        details=details,
+                    )
+                )
     return rows
 
 
@@ -215,9 +239,9 @@ def averaging_at_scale(ctx: Context) -> list[dict[str, Any]]:
     """Each method at ``scale_members`` stacked members (issue 26, item 4): the steady rate of one
     member's steps against the same population trained independently (no coupling) in the same
     benchmark run, how many members each trained stacked with, and the rounds the parent logged."""
-    import poptrain
     from mlflow.tracking import MlflowClient
 
+    import poptrain
     from benchmarks.common import metric_times, steady_rate
     from poptrain.pool import release_warm_members
 
@@ -233,8 +257,15 @@ def averaging_at_scale(ctx: Context) -> list[dict[str, Any]]:
             client = MlflowClient(tracking_uri=result.tracking_uri)
             timed = sorted(result.member_run_ids)[0]
             # The rounds' spread of distances to the mean, before and after each (none without a coupling).
-            spreads = {f"{side}/{stat}": [(m.step, m.value) for m in client.get_metric_history(result.run_id, f"coupling/{method}/distance/{side}/{stat}")]
-                       for side in ("before", "after") for stat in ("min", "median", "max")} if method != "independent" else {}
+            spreads = (
+                {
+                    f"{side}/{stat}": [(m.step, m.value) for m in client.get_metric_history(result.run_id, f"coupling/{method}/distance/{side}/{stat}")]
+                    for side in ("before", "after")
+                    for stat in ("min", "median", "max")
+                }
+                if method != "independent"
+                else {}
+            )
             measured[method if run <= len(sizes.scale_methods) else "independent after"] = {
                 "wall_s": wall,
                 "rate": steady_rate(metric_times(result.tracking_uri, result.member_run_ids[timed]), sizes.scale_warmup),
@@ -252,11 +283,26 @@ def averaging_at_scale(ctx: Context) -> list[dict[str, Any]]:
     for method in sizes.scale_methods:
         mine = measured[method]
         rate = mine["rate"]["steps_per_s"]
-        rows.append(row(
-            SCALE_FIGURE, f"{LABELS[method]} at {sizes.scale_members} members (stacked {mine['stacked_with']}), {sizes.scale_steps} steps: steady member-steps/s",
-            value=rate * sizes.scale_members, unit="member-steps/s", ratio=rate / base, target=None, sizes=sizes,
-            baseline={"name": "the same population trained independently (no coupling), before and after the methods, mean", "value": base * sizes.scale_members, "unit": "member-steps/s"},
-            details={**mine, "independent": measured["independent"], "independent_after": measured["independent after"],
-                     "independent_member_steps_per_s": [r * sizes.scale_members for r in independent]},
-        ))
+        rows.append(
+            row(
+                SCALE_FIGURE,
+                f"{LABELS[method]} at {sizes.scale_members} members (stacked {mine['stacked_with']}), {sizes.scale_steps} steps: steady member-steps/s",
+                value=rate * sizes.scale_members,
+                unit="member-steps/s",
+                ratio=rate / base,
+                target=None,
+                sizes=sizes,
+                baseline={
+                    "name": "the same population trained independently (no coupling), before and after the methods, mean",
+                    "value": base * sizes.scale_members,
+                    "unit": "member-steps/s",
+                },
+                details={
+                    **mine,
+                    "independent": measured["independent"],
+                    "independent_after": measured["independent after"],
+                    "independent_member_steps_per_s": [r * sizes.scale_members for r in independent],
+                },
+            )
+        )
     return rows

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import datetime
+import itertools
 import os
 import platform
 import socket
@@ -90,24 +91,71 @@ class Sizes:
 
     def params_per_member(self) -> int:
         widths = [self.in_features, *self.hidden, self.classes]
-        return sum(a * b + b for a, b in zip(widths[:-1], widths[1:])) + len(self.hidden)
+        return sum(a * b + b for a, b in zip(widths[:-1], widths[1:], strict=True)) + len(self.hidden)
 
 
 SIZES = {
     "smoke": Sizes(
-        mode="smoke", in_features=32, hidden=(64,), classes=4, samples=512, batch=32, steps=30, warmup=5, repeats=1,
-        runs=("none", "sync1", "single"), single_steps=20, latency_members=(2,), latency_rounds=30, latency_warmup=5,
-        latency_modes=("sync",), avg_sources=2, avg_params=100_000, avg_rounds=4, avg_warmup=1, avg_log_every=2, startup_steps=2,
-        startup_child=False, pbt_members=2, pbt_steps=40, pbt_every=10, pbt_seeds=(0,), pbt_without_checkpoints=False, thresholds=False,
-        packing_small=2, packing_large=3, packing_steps=25, packing_warmup=10, pbt_whole_processes=False, e2e_members=20, e2e_steps=20,
-        e2e_loop_before=False, methods_seeds=(0,), methods_datasets=("digits",), methods_members=2, methods_steps=10,
-        scale_members=4, scale_steps=30, scale_warmup=10, scale_methods=("papa",),
+        mode="smoke",
+        in_features=32,
+        hidden=(64,),
+        classes=4,
+        samples=512,
+        batch=32,
+        steps=30,
+        warmup=5,
+        repeats=1,
+        runs=("none", "sync1", "single"),
+        single_steps=20,
+        latency_members=(2,),
+        latency_rounds=30,
+        latency_warmup=5,
+        latency_modes=("sync",),
+        avg_sources=2,
+        avg_params=100_000,
+        avg_rounds=4,
+        avg_warmup=1,
+        avg_log_every=2,
+        startup_steps=2,
+        startup_child=False,
+        pbt_members=2,
+        pbt_steps=40,
+        pbt_every=10,
+        pbt_seeds=(0,),
+        pbt_without_checkpoints=False,
+        thresholds=False,
+        packing_small=2,
+        packing_large=3,
+        packing_steps=25,
+        packing_warmup=10,
+        pbt_whole_processes=False,
+        e2e_members=20,
+        e2e_steps=20,
+        e2e_loop_before=False,
+        methods_seeds=(0,),
+        methods_datasets=("digits",),
+        methods_members=2,
+        methods_steps=10,
+        scale_members=4,
+        scale_steps=30,
+        scale_warmup=10,
+        scale_methods=("papa",),
     ),
     "default": Sizes(mode="default"),
     "full": Sizes(
-        mode="full", steps=1500, warmup=100, repeats=3, repeated=("none", "sync1", "single", "sync10", "async1", "async10"),
-        single_steps=800, latency_members=(2, 8, 16), latency_rounds=2000,
-        latency_warmup=100, avg_rounds=100, avg_warmup=3, pbt_tune_without_actor_reuse=True, e2e_repeats=3,
+        mode="full",
+        steps=1500,
+        warmup=100,
+        repeats=3,
+        repeated=("none", "sync1", "single", "sync10", "async1", "async10"),
+        single_steps=800,
+        latency_members=(2, 8, 16),
+        latency_rounds=2000,
+        latency_warmup=100,
+        avg_rounds=100,
+        avg_warmup=3,
+        pbt_tune_without_actor_reuse=True,
+        e2e_repeats=3,
     ),
 }
 
@@ -330,8 +378,7 @@ def fresh_process_env(ray_tmp: str) -> dict[str, str]:
     checkout first on ``PYTHONPATH``, no ``RAY_ADDRESS``, a Ray temp folder of its own (a bare
     ``ray.init()`` would otherwise join a cluster ``ray start`` recorded in /tmp/ray), no GPU (the
     figures are CPU figures)."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])), RAY_TMPDIR=ray_tmp,
-               CUDA_VISIBLE_DEVICES="")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])), RAY_TMPDIR=ray_tmp, CUDA_VISIBLE_DEVICES="")
     env.pop("RAY_ADDRESS", None)
     return env
 
@@ -401,7 +448,7 @@ def steady_rate(points: list[tuple[int, float]], warmup: int) -> dict[str, Any]:
         raise RuntimeError(f"too few logged steps after warm-up ({len(kept)} of {len(points)}); raise `steps`")
     (s0, t0), (s1, t1) = kept[0], kept[-1]
     span = max(t1 - t0, 1e-3)
-    gaps = [(b[1] - a[1]) / max(b[0] - a[0], 1) for a, b in zip(kept, kept[1:])]
+    gaps = [(b[1] - a[1]) / max(b[0] - a[0], 1) for a, b in itertools.pairwise(kept)]
     gaps.sort()
     return {
         "steps_per_s": (s1 - s0) / span,

@@ -52,8 +52,12 @@ def task(ctx: Context) -> dict[str, Any]:
         "data": entry["data"]["kwargs"],
         "batch": int(entry["data"]["batch_size"]),
         "lr": float(entry["optimizer"]["lr"]),
-        "separation": {"param": coupling["param"], "margin": float(coupling["margin"]), "weight": float(coupling.get("weight", 1.0)),
-                       "every": int(config["exchange"]["every"])},
+        "separation": {
+            "param": coupling["param"],
+            "margin": float(coupling["margin"]),
+            "weight": float(coupling.get("weight", 1.0)),
+            "every": int(config["exchange"]["every"]),
+        },
     }
 
 
@@ -86,16 +90,24 @@ def poptrain_process(ctx: Context, work: dict[str, Any], index: int) -> dict[str
 
         _, members = population_runs(MlflowClient(tracking_uri=ctx.uri), run_id)
         evaluated = sum(1 for r in members.values() if any(k.startswith("eval/") for k in r.data.metrics))
-    return {"command": " ".join(["python", *argv[1:]]), "summary_s": timed["marker_s"], "exit_s": timed["exit_s"], "run_id": run_id,
-            "members_with_checkpoints": checkpointed, "members_with_held_out_metrics": evaluated, "log": timed["log"]}
+    return {
+        "command": " ".join(["python", *argv[1:]]),
+        "summary_s": timed["marker_s"],
+        "exit_s": timed["exit_s"],
+        "run_id": run_id,
+        "members_with_checkpoints": checkpointed,
+        "members_with_held_out_metrics": evaluated,
+        "log": timed["log"],
+    }
 
 
 def torch_func_process(ctx: Context, work: dict[str, Any], index: int) -> dict[str, Any]:
     """One ``python -m benchmarks.end_to_end --torch-func TASK OUT``: its whole process's wall time."""
     task_path, out_path = ctx.workdir / "thousand-task.json", ctx.workdir / f"torch-func-{index}.json"
     task_path.write_text(json.dumps(work))
-    timed = timed_process([sys.executable, "-m", "benchmarks.end_to_end", "--torch-func", str(task_path), str(out_path)],
-                          ctx.workdir / f"torch-func-{index}.log")
+    timed = timed_process(
+        [sys.executable, "-m", "benchmarks.end_to_end", "--torch-func", str(task_path), str(out_path)], ctx.workdir / f"torch-func-{index}.log"
+    )
     inside = json.loads(out_path.read_text())
     return {"exit_s": timed["exit_s"], **inside}
 
@@ -106,8 +118,9 @@ def child(task_path: str, out_path: str) -> None:
     from benchmarks.packing import torch_func_yardstick
 
     work = json.loads(Path(task_path).read_text())
-    loop = torch_func_yardstick(work["members"], work["steps"], 0, separation=work["separation"], data=work["data"], model=work["model"],
-                                lr=work["lr"], batch=work["batch"])
+    loop = torch_func_yardstick(
+        work["members"], work["steps"], 0, separation=work["separation"], data=work["data"], model=work["model"], lr=work["lr"], batch=work["batch"]
+    )
     Path(out_path).write_text(json.dumps({"loop": loop, "process_s": time.time() - _PROCESS_START}))
 
 
@@ -126,14 +139,30 @@ def thousand_end_to_end(ctx: Context) -> list[dict[str, Any]]:
         runs.append(poptrain_process(ctx, work, i))
         loops.append(torch_func_process(ctx, work, i + 1))
     ours, theirs = min(r["summary_s"] for r in runs), min(r["exit_s"] for r in loops)
-    return [row(
-        FIGURE, f"`poptrain run configs/thousand.yaml`, {work['members']} members x {work['steps']} steps, command to summary",
-        value=ours, unit="s", ratio=ours / theirs, target=("<=", TARGET), sizes=ctx.sizes,
-        baseline={"value": theirs, "unit": "s", "what": "a Python process: import torch, build the same modules, the same steps with torch.func "
-                  f"and the separation every {work['separation']['every']} steps"},
-        details={"task": work, "poptrain": runs, "torch_func": loops, "poptrain_summary_s_spread": _spread([r["summary_s"] for r in runs]),
-                 "torch_func_s_spread": _spread([r["exit_s"] for r in loops])},
-    )]
+    return [
+        row(
+            FIGURE,
+            f"`poptrain run configs/thousand.yaml`, {work['members']} members x {work['steps']} steps, command to summary",
+            value=ours,
+            unit="s",
+            ratio=ours / theirs,
+            target=("<=", TARGET),
+            sizes=ctx.sizes,
+            baseline={
+                "value": theirs,
+                "unit": "s",
+                "what": "a Python process: import torch, build the same modules, the same steps with torch.func "
+                f"and the separation every {work['separation']['every']} steps",
+            },
+            details={
+                "task": work,
+                "poptrain": runs,
+                "torch_func": loops,
+                "poptrain_summary_s_spread": _spread([r["summary_s"] for r in runs]),
+                "torch_func_s_spread": _spread([r["exit_s"] for r in loops]),
+            },
+        )
+    ]
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ momentum; WASH changes only a ``fraction`` of the positions, but writes each par
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import os
 import statistics
@@ -46,7 +47,6 @@ import numpy as np
 
 from benchmarks.averaging_methods import LABELS, method_knobs
 from benchmarks.common import Context, CpuSampler, cpu_seconds, metric_times, quiet_tracking, row, steady_rate, unavailable
-
 
 # --------------------------------------------------------------------------------------------
 # Actors (plain classes, made remote where used, so importing this module needs no Ray)
@@ -116,7 +116,7 @@ class Caller:
             wire.unpack_reply(result)
             ends.append(time.perf_counter())
         client.close()
-        return {"times": [b - a for a, b in zip(ends[warmup:], ends[warmup + 1 :])], "cpu_s": time.process_time() - cpu}
+        return {"times": [b - a for a, b in itertools.pairwise(ends[warmup:])], "cpu_s": time.process_time() - cpu}
 
 
 def _latency_config(ctx: Context, members: int, steps: int, mode: str = "sync") -> dict[str, Any]:
@@ -141,10 +141,10 @@ def exchange_latency(ctx: Context) -> list[dict[str, Any]]:
     import ray
 
     import poptrain
-    from poptrain.coordinator import CoordinatorActor, start_coordinator
-    from poptrain.exchange import ExchangePlan, Wire
-    from poptrain.couplings import build_couplings
     from poptrain.checks import inspect_population
+    from poptrain.coordinator import CoordinatorActor, start_coordinator
+    from poptrain.couplings import build_couplings
+    from poptrain.exchange import ExchangePlan, Wire
 
     sizes = ctx.sizes
     most = max(sizes.latency_members)
@@ -204,18 +204,33 @@ def exchange_latency(ctx: Context) -> list[dict[str, Any]]:
                 mean_round_ms, mean_ping_ms = 1000 * statistics.fmean(rounds), 1000 * statistics.fmean(pings)
                 target = None if mode == "async" else 2.0 if n <= 2 else 4.0 if n <= 8 else None
                 complete_ms = complete_time_ms(cfg, population, n) if mode == "sync" else None
-                name = f"N = {n} members, one round of scalars" if mode == "sync" else f"N = {n}, async publish (max_staleness {cfg.exchange.max_staleness}), per call"
+                name = (
+                    f"N = {n} members, one round of scalars"
+                    if mode == "sync"
+                    else f"N = {n}, async publish (max_staleness {cfg.exchange.max_staleness}), per call"
+                )
                 rows.append(
                     row(
-                        "exchange_latency", name, value=round_ms, unit="ms", ratio=round_ms / ping_ms,
+                        "exchange_latency",
+                        name,
+                        value=round_ms,
+                        unit="ms",
+                        ratio=round_ms / ping_ms,
                         target=("<=", target) if target else None,
                         baseline={"name": "one plain Ray actor method round trip (median)", "value": ping_ms, "unit": "ms"},
                         sizes=sizes,
                         details={
-                            "mode": mode, "coordinator_method": method,
-                            "round_ms_median": round_ms, "round_ms_mean": mean_round_ms, "round_ms_p90": 1000 * _quantile(rounds, 0.9),
-                            "ping_ms_median": ping_ms, "ping_ms_mean": mean_ping_ms, "ratio_of_means": mean_round_ms / mean_ping_ms,
-                            "rounds_timed": len(rounds), "pings_timed": len(pings), "callers": n,
+                            "mode": mode,
+                            "coordinator_method": method,
+                            "round_ms_median": round_ms,
+                            "round_ms_mean": mean_round_ms,
+                            "round_ms_p90": 1000 * _quantile(rounds, 0.9),
+                            "ping_ms_median": ping_ms,
+                            "ping_ms_mean": mean_ping_ms,
+                            "ratio_of_means": mean_round_ms / mean_ping_ms,
+                            "rounds_timed": len(rounds),
+                            "pings_timed": len(pings),
+                            "callers": n,
                             "coordinator_complete_ms_in_process": complete_ms,
                             "cpu": cpu,
                             "caller_actors_ready_s": actors_ready_s,
@@ -282,8 +297,11 @@ def _avg_config(ctx: Context, model: dict[str, Any], steps: int, coupling: dict[
         # replay after a restart), which for 100 MB members pins tens of GB in memory.
         "checkpoint": {"every": 0},
         "members": [member(name) for name in (sources if coupling else [*sources, "target"])],
-        "couplings": [{**coupling, "members": sources, "include_frozen": True} if coupling
-                      else {"type": "average", "name": "mean_into_target", "members": sources, "into": "target"}],
+        "couplings": [
+            {**coupling, "members": sources, "include_frozen": True}
+            if coupling
+            else {"type": "average", "name": "mean_into_target", "members": sources, "into": "target"}
+        ],
     }
 
 
@@ -365,8 +383,12 @@ def _bandwidth_run(ctx: Context, config: dict[str, Any], log_every: int, timed_m
     wall = time.perf_counter() - started
     rate = steady_rate(metric_times(result.tracking_uri, result.member_run_ids[timed_member]), sizes.avg_warmup)
     return {
-        "gb_per_s": useful * rate["steps_per_s"] / 1e9, "useful_bytes_per_round": useful, "round_s": 1 / rate["steps_per_s"], "rate": rate,
-        "run_wall_s": wall, "cores_busy": cpu.cores_busy(sizes.avg_warmup, config["steps"]),
+        "gb_per_s": useful * rate["steps_per_s"] / 1e9,
+        "useful_bytes_per_round": useful,
+        "round_s": 1 / rate["steps_per_s"],
+        "rate": rate,
+        "run_wall_s": wall,
+        "cores_busy": cpu.cores_busy(sizes.avg_warmup, config["steps"]),
         "shared_params": result.placement[timed_member].get("shared_params"),
     }
 
@@ -412,32 +434,53 @@ def averaging_bandwidth(ctx: Context) -> list[dict[str, Any]]:
     after = copy_bandwidth(useful)
     base = max(baseline["gb_per_s"], after["gb_per_s"])
     common = {
-        "useful_bytes_per_round": useful, "params_per_member": params, "copy_before": baseline, "copy_after": after,
-        "single_process_torch_average": reference, "coordinator_breakdown": breakdown,
-        "note": "checkpoint.every: 0 for this run (see the README: the coordinator's replay history would keep "
-        "2 x checkpoint.every + 1 copies of the target)",
+        "useful_bytes_per_round": useful,
+        "params_per_member": params,
+        "copy_before": baseline,
+        "copy_after": after,
+        "single_process_torch_average": reference,
+        "coordinator_breakdown": breakdown,
+        "note": "checkpoint.every: 0 for this run (see the README: the coordinator's replay history would keep 2 x checkpoint.every + 1 copies of the target)",
     }
     baseline_row = {"name": "single-process torch copy of the same bytes (best of 5, before and after)", "value": base, "unit": "GB/s"}
     title = f"{sizes.avg_sources} members x {params / 1e6:.1f}M float32 averaged into a target"
     sparse = runs[sizes.avg_log_every]
     return [
         row(
-            "averaging_bandwidth", f"{title}, divergence logged every {sizes.avg_log_every} rounds",
-            value=sparse["gb_per_s"], unit="GB/s", ratio=sparse["gb_per_s"] / base, target=(">=", 0.3), baseline=baseline_row, sizes=sizes,
+            "averaging_bandwidth",
+            f"{title}, divergence logged every {sizes.avg_log_every} rounds",
+            value=sparse["gb_per_s"],
+            unit="GB/s",
+            ratio=sparse["gb_per_s"] / base,
+            target=(">=", 0.3),
+            baseline=baseline_row,
+            sizes=sizes,
             details={**sparse, **common, "ratio_vs_torch_average": sparse["gb_per_s"] / reference["gb_per_s"]},
         ),
         row(
-            "averaging_bandwidth", f"{title}, divergence logged every round",
-            value=runs[1]["gb_per_s"], unit="GB/s", ratio=runs[1]["gb_per_s"] / base, target=None, baseline=baseline_row, sizes=sizes,
+            "averaging_bandwidth",
+            f"{title}, divergence logged every round",
+            value=runs[1]["gb_per_s"],
+            unit="GB/s",
+            ratio=runs[1]["gb_per_s"] / base,
+            target=None,
+            baseline=baseline_row,
+            sizes=sizes,
             details={**runs[1], "ratio_vs_torch_average": runs[1]["gb_per_s"] / reference["gb_per_s"]},
         )
         if 1 in runs
         else unavailable("averaging_bandwidth", f"{title}, divergence logged every round", None, "skipped with --smoke"),
     ] + [
         row(
-            "averaging_bandwidth", f"{sizes.avg_sources} members x {params / 1e6:.1f}M float32, {LABELS[method]} into the members every round, "
+            "averaging_bandwidth",
+            f"{sizes.avg_sources} members x {params / 1e6:.1f}M float32, {LABELS[method]} into the members every round, "
             f"divergence logged every {sizes.avg_log_every} rounds",
-            value=run["gb_per_s"], unit="GB/s", ratio=run["gb_per_s"] / base, target=(">=", 0.3), baseline=baseline_row, sizes=sizes,
+            value=run["gb_per_s"],
+            unit="GB/s",
+            ratio=run["gb_per_s"] / base,
+            target=(">=", 0.3),
+            baseline=baseline_row,
+            sizes=sizes,
             details=run,
         )
         if method in methods

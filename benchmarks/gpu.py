@@ -69,10 +69,28 @@ class GpuSizes:
 # The CPU figure's two members at default sizes (MLP 512 -> 1024 -> 512 -> 10, batch 256), more steps:
 # a GPU step takes milliseconds, and the rate comes from logged step times (ms resolution).
 TWO_MEMBERS_GPU = dataclasses.replace(SIZES["default"], mode="gpu", steps=600, warmup=100, single_steps=500, repeats=1)
-GPU = GpuSizes(quick_start_steps=300, stacked_members=(100, 1000), stacked_steps=120, stacked_warmup=40, run_tests=True,
-               two_members=TWO_MEMBERS_GPU, sync_members=100, sync_warmup=10, sync_steps=20)
-DRY_RUN = GpuSizes(quick_start_steps=4, stacked_members=(4,), stacked_steps=12, stacked_warmup=2, run_tests=False,
-                   two_members=SIZES["smoke"], sync_members=4, sync_warmup=10, sync_steps=10)
+GPU = GpuSizes(
+    quick_start_steps=300,
+    stacked_members=(100, 1000),
+    stacked_steps=120,
+    stacked_warmup=40,
+    run_tests=True,
+    two_members=TWO_MEMBERS_GPU,
+    sync_members=100,
+    sync_warmup=10,
+    sync_steps=20,
+)
+DRY_RUN = GpuSizes(
+    quick_start_steps=4,
+    stacked_members=(4,),
+    stacked_steps=12,
+    stacked_warmup=2,
+    run_tests=False,
+    two_members=SIZES["smoke"],
+    sync_members=4,
+    sync_warmup=10,
+    sync_steps=10,
+)
 # CUDA runtime calls that block the host until the GPU is done. A read from the device (``.item()``,
 # ``.tolist()``, ``.cpu()``) is a cudaMemcpyAsync and then one cudaStreamSynchronize: one wait.
 SYNC_CALLS = frozenset({"cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy"})
@@ -91,7 +109,9 @@ def gpu_tests() -> dict[str, Any]:
     """Run the gpu-marked tests in a fresh pytest; their outcome counts."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     env.pop("RAY_ADDRESS", None)
-    done = subprocess.run([sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-rA", "tests/test_gpu.py"], cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-rA", "tests/test_gpu.py"], cwd=REPO, env=env, capture_output=True, text=True, timeout=1800
+    )
     summary = done.stdout.strip().splitlines()[-1] if done.stdout.strip() else ""
     counts = {word: int(n) for n, word in (part.split()[:2] for part in summary.strip("= ").split(" in ")[0].split(", ") if part[:1].isdigit())}
     return {"returncode": done.returncode, "summary": summary, "counts": counts, "tail": done.stdout[-4000:]}
@@ -101,8 +121,14 @@ def quick_start(ctx: Context, steps: int, keep_warm_s: float) -> Any:
     """``configs/prelu_separation.yaml`` into this check's scratch folder and MLflow store."""
     import poptrain
 
-    overrides = [f"steps={steps}", f"output_dir={ctx.workdir / 'runs'}", f"tracking.uri={ctx.uri}", "tracking.experiment=gpu-check",
-                 "tracking.plots=false", "tracking.log_models=false"]
+    overrides = [
+        f"steps={steps}",
+        f"output_dir={ctx.workdir / 'runs'}",
+        f"tracking.uri={ctx.uri}",
+        "tracking.experiment=gpu-check",
+        "tracking.plots=false",
+        "tracking.log_models=false",
+    ]
     return poptrain.run(str(QUICK_START), overrides, keep_warm_s=keep_warm_s)
 
 
@@ -174,31 +200,44 @@ def stacked_step_syncs(ctx: Context, members: int, warmup: int, steps: int, devi
         return [e for e in events if mark.time_range.start <= e.time_range.start < mark.time_range.end]
 
     per_step = [during(mark) for mark in marks]
-    numbers = [int(mark.name[len(STEP_MARK):]) for mark in marks]
+    numbers = [int(mark.name[len(STEP_MARK) :]) for mark in marks]
     out: dict[str, Any] = {
-        "members": members, "device": device, "warmup_steps": warmup, "steps": numbers, "exchange_every": group.every,
+        "members": members,
+        "device": device,
+        "warmup_steps": warmup,
+        "steps": numbers,
+        "exchange_every": group.every,
         "profiled_events": len(events),
     }
     if not cuda:
         # The step's own thread: the in-process coordinator's threads run ops during the step too.
-        own = [[e.name for e in inside if e.thread == mark.thread] for mark, inside in zip(marks, per_step)]
+        own = [[e.name for e in inside if e.thread == mark.thread] for mark, inside in zip(marks, per_step, strict=True)]
         scalar_reads = [names.count("aten::_local_scalar_dense") for names in own]
-        return {**out, "syncs_per_step": None, "cpu_scalar_reads_per_step": scalar_reads,
-                "cpu_ops_per_step": [sum(name.startswith("aten::") for name in names) for names in own],
-                "why_not": f"no CUDA synchronisation on the CPU: {len(marks)} stacked steps of {members} members ran under the profiler, "
-                           f"{max(scalar_reads, default=0)} scalar reads a step at most (each a wait on a GPU)"}
+        return {
+            **out,
+            "syncs_per_step": None,
+            "cpu_scalar_reads_per_step": scalar_reads,
+            "cpu_ops_per_step": [sum(name.startswith("aten::") for name in names) for names in own],
+            "why_not": f"no CUDA synchronisation on the CPU: {len(marks)} stacked steps of {members} members ran under the profiler, "
+            f"{max(scalar_reads, default=0)} scalar reads a step at most (each a wait on a GPU)",
+        }
     runtime_calls = sum(e.name.startswith("cuda") for inside in per_step for e in inside)
     syncs = [sum(e.name in SYNC_CALLS for e in inside) for inside in per_step]
     calls = Counter(e.name for inside in per_step for e in inside if e.name in SYNC_CALLS)
     exchanging = [n % group.every == 0 for n in numbers]
-    out.update({
-        "syncs_per_step": syncs, "sync_calls": dict(calls), "cuda_runtime_calls": runtime_calls,
-        "dtoh_copies": sum("DtoH" in e.name for e in events if e.device_type == DeviceType.CUDA),
-        "mean": sum(syncs) / len(syncs) if syncs else None, "max": max(syncs, default=None),
-        "mean_exchange_steps": _mean([s for s, x in zip(syncs, exchanging) if x]),
-        "mean_other_steps": _mean([s for s, x in zip(syncs, exchanging) if not x]),
-        "sync_debug_mode_per_step": debug_mode,
-    })
+    out.update(
+        {
+            "syncs_per_step": syncs,
+            "sync_calls": dict(calls),
+            "cuda_runtime_calls": runtime_calls,
+            "dtoh_copies": sum("DtoH" in e.name for e in events if e.device_type == DeviceType.CUDA),
+            "mean": sum(syncs) / len(syncs) if syncs else None,
+            "max": max(syncs, default=None),
+            "mean_exchange_steps": _mean([s for s, x in zip(syncs, exchanging, strict=True) if x]),
+            "mean_other_steps": _mean([s for s, x in zip(syncs, exchanging, strict=True) if not x]),
+            "sync_debug_mode_per_step": debug_mode,
+        }
+    )
     if not runtime_calls:  # no CUPTI: zero synchronisations would be read as a pass
         out.update(syncs_per_step=None, why_not="the profiler recorded no CUDA runtime call during the steps (CUPTI missing?)")
     return out
@@ -235,8 +274,17 @@ def tests_rows(sizes: GpuSizes) -> list[dict[str, Any]]:
         return [unavailable("gpu_tests", "gpu-marked tests passed / run", (">=", 1.0), "dry run: the gpu tests skip without CUDA")]
     tests = gpu_tests()
     ran = sum(tests["counts"].values())
-    return [row("gpu_tests", "gpu-marked tests passed / run", value=tests["counts"].get("passed", 0), unit="tests",
-                ratio=(tests["counts"].get("passed", 0) / ran) if ran else None, target=(">=", 1.0), details=tests)]
+    return [
+        row(
+            "gpu_tests",
+            "gpu-marked tests passed / run",
+            value=tests["counts"].get("passed", 0),
+            unit="tests",
+            ratio=(tests["counts"].get("passed", 0) / ran) if ran else None,
+            target=(">=", 1.0),
+            details=tests,
+        )
+    ]
 
 
 def quick_start_rows(ctx: Context, sizes: GpuSizes, device: str) -> list[dict[str, Any]]:
@@ -251,8 +299,17 @@ def quick_start_rows(ctx: Context, sizes: GpuSizes, device: str) -> list[dict[st
         memory["parked"] = gpu_memory_mib()  # its processes wait, parked, for the next run
         devices = {name: info.get("device") for name, info in first.placement.items()}
         on_device = sum(1 for d in devices.values() if str(d).startswith(device))
-        rows.append(row("quick_start", f"members on {device} (read back)", value=on_device, unit="members", ratio=on_device / len(devices), target=(">=", 1.0),
-                        details={"devices": devices, "placement": first.placement, "seconds": first.seconds, "metrics": first.metrics}))
+        rows.append(
+            row(
+                "quick_start",
+                f"members on {device} (read back)",
+                value=on_device,
+                unit="members",
+                ratio=on_device / len(devices),
+                target=(">=", 1.0),
+                details={"devices": devices, "placement": first.placement, "seconds": first.seconds, "metrics": first.metrics},
+            )
+        )
         second = quick_start(ctx, sizes.quick_start_steps, keep_warm_s=120)  # takes the parked processes over
         memory["after_handover"] = gpu_memory_mib()
     finally:
@@ -260,11 +317,27 @@ def quick_start_rows(ctx: Context, sizes: GpuSizes, device: str) -> list[dict[st
     memory["released"] = gpu_memory_mib()
     took_over = {p["pid"] for p in first.placement.values()} == {p["pid"] for p in second.placement.values()}
     if memory["before"] is None:
-        rows.append(unavailable("warm_handover", "GPU memory parked - before", ("<=", 1.0), f"no nvidia-smi here; the second run {'took over' if took_over else 'did not take over'} the warm processes"))
+        rows.append(
+            unavailable(
+                "warm_handover",
+                "GPU memory parked - before",
+                ("<=", 1.0),
+                f"no nvidia-smi here; the second run {'took over' if took_over else 'did not take over'} the warm processes",
+            )
+        )
     else:
         parked = sum(memory["parked"]) - sum(memory["before"])
-        rows.append(row("warm_handover", "GPU memory parked - before", value=parked, unit="MiB", ratio=None, target=None,
-                        details={"memory_mib": memory, "took_over_warm_processes": took_over}))
+        rows.append(
+            row(
+                "warm_handover",
+                "GPU memory parked - before",
+                value=parked,
+                unit="MiB",
+                ratio=None,
+                target=None,
+                details={"memory_mib": memory, "took_over_warm_processes": took_over},
+            )
+        )
     return rows
 
 
@@ -282,11 +355,24 @@ def two_members_rows(ctx: Context, sizes: GpuSizes, device: str, dry_run: bool) 
     single = single_process(pair, 0, population_cpus(), device="cuda:0" if device == "cuda" else "cpu")
     devices = sorted({str(p["device"]) for p in population["placement"].values()})
     hosts = len({p["pid"] for p in population["placement"].values()})
-    baseline = {"name": f"one process on {single['device']}, both models, one Adam over itertools.chain, the joint loss with the separation penalty",
-                "value": single["samples_per_s"], "unit": "samples/s"}
-    return [row("two_members_vs_single_process", f"2 members sharing {'/'.join(devices)} on {hosts} host(s), exchange every step, vs one process",
-                value=population["samples_per_s"], unit="samples/s", ratio=population["samples_per_s"] / single["samples_per_s"], target=None,
-                baseline=baseline, sizes=sizes.two_members, details={"population": population, "single_process": single, "devices": devices, "hosts": hosts})]
+    baseline = {
+        "name": f"one process on {single['device']}, both models, one Adam over itertools.chain, the joint loss with the separation penalty",
+        "value": single["samples_per_s"],
+        "unit": "samples/s",
+    }
+    return [
+        row(
+            "two_members_vs_single_process",
+            f"2 members sharing {'/'.join(devices)} on {hosts} host(s), exchange every step, vs one process",
+            value=population["samples_per_s"],
+            unit="samples/s",
+            ratio=population["samples_per_s"] / single["samples_per_s"],
+            target=None,
+            baseline=baseline,
+            sizes=sizes.two_members,
+            details={"population": population, "single_process": single, "devices": devices, "hosts": hosts},
+        )
+    ]
 
 
 def stacked_rows(ctx: Context, sizes: GpuSizes, device: str, dry_run: bool) -> list[dict[str, Any]]:
@@ -297,9 +383,19 @@ def stacked_rows(ctx: Context, sizes: GpuSizes, device: str, dry_run: bool) -> l
         measured = timed_population(ctx, f"gpu-stacked-{members}", members)
         loop = torch_func_yardstick(members, sizes.stacked_steps - sizes.stacked_warmup, sizes.stacked_warmup, device=device)
         value, base = measured["member_steps_per_s"], loop["member_steps_per_s"]
-        rows.append(row("stacked_vs_torch_func", f"{members} members stacked on {measured['hosts']} host(s) vs a torch.func loop on {device}", value=value,
-                        unit="member-steps/s", ratio=value / base, target=(">=", 1.0), baseline={"value": base, "unit": "member-steps/s"},
-                        sizes=None if not dry_run else dataclasses.replace(ctx.sizes, thresholds=False), details={"stacked": measured, "torch_func": loop}))
+        rows.append(
+            row(
+                "stacked_vs_torch_func",
+                f"{members} members stacked on {measured['hosts']} host(s) vs a torch.func loop on {device}",
+                value=value,
+                unit="member-steps/s",
+                ratio=value / base,
+                target=(">=", 1.0),
+                baseline={"value": base, "unit": "member-steps/s"},
+                sizes=None if not dry_run else dataclasses.replace(ctx.sizes, thresholds=False),
+                details={"stacked": measured, "torch_func": loop},
+            )
+        )
     return rows
 
 
@@ -307,12 +403,33 @@ def sync_rows(ctx: Context, sizes: GpuSizes, device: str, dry_run: bool) -> list
     counted = stacked_step_syncs(ctx, sizes.sync_members, sizes.sync_warmup, sizes.sync_steps, "cuda:0" if device == "cuda" else "cpu")
     name = f"host-device synchronisations per stacked step, {sizes.sync_members} members on {device}"
     if counted["syncs_per_step"] is None:
-        return [row("stacked_syncs_per_step", name, value=None, unit="syncs/step", ratio=None, target=("<=", 1.0), available=False,
-                    note=f"not available: {counted['why_not']}", details=counted)]
+        return [
+            row(
+                "stacked_syncs_per_step",
+                name,
+                value=None,
+                unit="syncs/step",
+                ratio=None,
+                target=("<=", 1.0),
+                available=False,
+                note=f"not available: {counted['why_not']}",
+                details=counted,
+            )
+        ]
     mean = counted["mean"]
-    return [row("stacked_syncs_per_step", name, value=mean, unit="syncs/step", ratio=mean, target=("<=", 1.0),
-                baseline={"name": "issue 22, item 6: one read from the device a step at most", "value": 1.0, "unit": "syncs/step"},
-                sizes=None if not dry_run else dataclasses.replace(ctx.sizes, thresholds=False), details=counted)]
+    return [
+        row(
+            "stacked_syncs_per_step",
+            name,
+            value=mean,
+            unit="syncs/step",
+            ratio=mean,
+            target=("<=", 1.0),
+            baseline={"name": "issue 22, item 6: one read from the device a step at most", "value": 1.0, "unit": "syncs/step"},
+            sizes=None if not dry_run else dataclasses.replace(ctx.sizes, thresholds=False),
+            details=counted,
+        )
+    ]
 
 
 def check(out: Path, dry_run: bool) -> int:
@@ -324,8 +441,11 @@ def check(out: Path, dry_run: bool) -> int:
         return 2
     sizes = DRY_RUN if dry_run else GPU
     device = "cuda" if found and not dry_run else "cpu"
-    print(f"poptrain GPU check ({'dry run on the CPU' if dry_run else 'on ' + torch.cuda.get_device_name(0)}): "
-          f"{'found no GPU' if not found else f'found {torch.cuda.device_count()} GPU(s)'}", flush=True)
+    print(
+        f"poptrain GPU check ({'dry run on the CPU' if dry_run else 'on ' + torch.cuda.get_device_name(0)}): "
+        f"{'found no GPU' if not found else f'found {torch.cuda.device_count()} GPU(s)'}",
+        flush=True,
+    )
     workdir = Path(tempfile.mkdtemp(prefix="poptrain-gpu-check-"))
     packing_sizes = dataclasses.replace(SIZES["smoke"], packing_steps=sizes.stacked_steps, packing_warmup=sizes.stacked_warmup)
     ctx = Context(sizes=packing_sizes, workdir=workdir, uri=f"sqlite:///{workdir / 'mlflow.db'}")

@@ -123,7 +123,8 @@ def torch_func_yardstick(
     whose peers' slopes come from an exchange every ``every`` steps: at every step, each member i's
     loss also has ``weight * sum over j != i of relu(margin - |a_i - s_j|)`` (L1 over ``param``'s
     elements), its own slope ``a_i`` live and the others' ``s_j`` as of the last ``every``-th step
-    (step 0 included), the gradient with respect to ``a_i`` added to its own. Without it, no coupling. ``data``: ``synthetic_regression``'s arguments (default ``n=1024, in_features=20``);
+    (step 0 included), the gradient with respect to ``a_i`` added to its own. Without it, no coupling.
+    ``data``: ``synthetic_regression``'s arguments (default ``n=1024, in_features=20``);
     ``model``: the MLP's (default seed 000's). Builds modules and data with poptrain's built-in
     functions only (no config, no pydantic): a process that runs just this imports torch and them."""
     import torch
@@ -179,8 +180,15 @@ def torch_func_yardstick(
         seconds = time.perf_counter() - started
     finally:
         torch.set_num_threads(before)
-    return {"member_steps_per_s": members * steps / seconds, "step_ms": 1000 * seconds / steps, "threads": threads, "device": device,
-            "separation": separation, "coupled_steps_timed": coupled_steps, "steps_timed": steps}
+    return {
+        "member_steps_per_s": members * steps / seconds,
+        "step_ms": 1000 * seconds / steps,
+        "threads": threads,
+        "device": device,
+        "separation": separation,
+        "coupled_steps_timed": coupled_steps,
+        "steps_timed": steps,
+    }
 
 
 def yardsticks(ctx: Context, rounds: int, coupled_first: bool) -> list[dict[str, Any]]:
@@ -190,9 +198,10 @@ def yardsticks(ctx: Context, rounds: int, coupled_first: bool) -> list[dict[str,
     separation = {**thousand_separation(), "every": EXCHANGE_EVERY}
     out = []
     for _ in range(rounds):
-        for coupled in ((True, False) if coupled_first else (False, True)):
-            result = torch_func_yardstick(sizes.packing_large, sizes.packing_steps - sizes.packing_warmup, sizes.packing_warmup,
-                                          separation=separation if coupled else None)
+        for coupled in (True, False) if coupled_first else (False, True):
+            result = torch_func_yardstick(
+                sizes.packing_large, sizes.packing_steps - sizes.packing_warmup, sizes.packing_warmup, separation=separation if coupled else None
+            )
             out.append({"coupled": coupled, **result})
     return out
 
@@ -220,8 +229,10 @@ def _runs(ctx: Context) -> dict[str, Any]:
     small, large = ctx.sizes.packing_small, ctx.sizes.packing_large
     # `auto` packs only beyond one member per core: a population that small is packed onto one host.
     packed = "auto" if small > (os.cpu_count() or 1) else small
-    runs = {"small_packed": timed_population(ctx, "pack-small", small, per_host=packed),
-            "small_processes": timed_population(ctx, "pack-small-alone", small, per_host=1)}
+    runs = {
+        "small_packed": timed_population(ctx, "pack-small", small, per_host=packed),
+        "small_processes": timed_population(ctx, "pack-small-alone", small, per_host=1),
+    }
     # --smoke: its 2 members one per host are the 2-member run (each run costs starting its processes).
     runs["two"] = runs["small_processes"] if small == 2 else timed_population(ctx, "pack-two", 2)
     # The yardsticks bracket the large run (coupled, uncoupled | run | uncoupled, coupled); the best of each counts.
@@ -237,15 +248,33 @@ def _runs(ctx: Context) -> dict[str, Any]:
 def _rate_row(ctx: Context, figure: str, name: str, measured: dict, baseline: dict, target: float, details: dict) -> dict[str, Any]:
     """A figure whose value and baseline are member-steps/s."""
     value, base = measured["member_steps_per_s"], baseline["member_steps_per_s"]
-    return row(figure, name, value=value, unit="member-steps/s", ratio=value / base, target=(">=", target),
-               baseline={"value": base, "unit": "member-steps/s"}, sizes=ctx.sizes, details=details)
+    return row(
+        figure,
+        name,
+        value=value,
+        unit="member-steps/s",
+        ratio=value / base,
+        target=(">=", target),
+        baseline={"value": base, "unit": "member-steps/s"},
+        sizes=ctx.sizes,
+        details=details,
+    )
 
 
 def packed_vs_processes(ctx: Context) -> list[dict[str, Any]]:
     runs = _runs(ctx)
     packed, alone = runs["small_packed"], runs["small_processes"]
-    return [_rate_row(ctx, "packed_vs_processes", f"{packed['members']} members on {packed['hosts']} hosts vs one process each", packed, alone, 5.0,
-                      {"packed": packed, "one_per_process": alone})]
+    return [
+        _rate_row(
+            ctx,
+            "packed_vs_processes",
+            f"{packed['members']} members on {packed['hosts']} hosts vs one process each",
+            packed,
+            alone,
+            5.0,
+            {"packed": packed, "one_per_process": alone},
+        )
+    ]
 
 
 def packed_throughput(ctx: Context) -> list[dict[str, Any]]:
@@ -257,10 +286,24 @@ def packed_throughput(ctx: Context) -> list[dict[str, Any]]:
     packed, coupled, uncoupled = runs["large_packed"], runs["yardstick_coupled"], runs["yardstick"]
     n = packed["members"]
     return [
-        _rate_row(ctx, "packed_throughput", f"{n} members packed vs torch.func, both with separation every 10 steps", packed, coupled, 1.0,
-                  {"packed": packed, "torch_func": coupled, "torch_func_uncoupled": uncoupled}),
-        _rate_row(ctx, "packed_throughput", f"{n} members packed, separation every 10 vs torch.func uncoupled", packed, uncoupled, 0.8,
-                  {"packed": packed, "torch_func": uncoupled}),
+        _rate_row(
+            ctx,
+            "packed_throughput",
+            f"{n} members packed vs torch.func, both with separation every 10 steps",
+            packed,
+            coupled,
+            1.0,
+            {"packed": packed, "torch_func": coupled, "torch_func_uncoupled": uncoupled},
+        ),
+        _rate_row(
+            ctx,
+            "packed_throughput",
+            f"{n} members packed, separation every 10 vs torch.func uncoupled",
+            packed,
+            uncoupled,
+            0.8,
+            {"packed": packed, "torch_func": uncoupled},
+        ),
     ]
 
 
@@ -272,13 +315,34 @@ def packing_memory(ctx: Context) -> list[dict[str, Any]]:
     if not ctx.sizes.thresholds and extra <= 0:  # --smoke: one extra member is within the processes' noise
         extra, name = large["hosts_rss_mib"] / large["members"], f"RSS per member, {large['members']} members"
         note = "--smoke: too few members for the difference to rise above the noise; the larger run's RSS per member instead"
-    return [row("packing_memory", name, value=extra, unit="MiB", ratio=extra / 2.0, target=("<=", 1.0), sizes=ctx.sizes, note=note,
-                details={"large": large, "two": two, "member_state_mib": _member_state_mib(), "limit_mib": 2.0})]
+    return [
+        row(
+            "packing_memory",
+            name,
+            value=extra,
+            unit="MiB",
+            ratio=extra / 2.0,
+            target=("<=", 1.0),
+            sizes=ctx.sizes,
+            note=note,
+            details={"large": large, "two": two, "member_state_mib": _member_state_mib(), "limit_mib": 2.0},
+        )
+    ]
 
 
 def startup_at_scale(ctx: Context) -> list[dict[str, Any]]:
     runs = _runs(ctx)
     large, two = runs["large_packed"], runs["two"]
-    return [row("startup_at_scale", f"to the first step, {large['members']} members vs 2", value=large["first_step_s"], unit="s",
-                ratio=large["first_step_s"] / two["first_step_s"], target=("<=", 2.0), baseline={"value": two["first_step_s"], "unit": "s"},
-                sizes=ctx.sizes, details={"large": large, "two": two})]
+    return [
+        row(
+            "startup_at_scale",
+            f"to the first step, {large['members']} members vs 2",
+            value=large["first_step_s"],
+            unit="s",
+            ratio=large["first_step_s"] / two["first_step_s"],
+            target=("<=", 2.0),
+            baseline={"value": two["first_step_s"], "unit": "s"},
+            sizes=ctx.sizes,
+            details={"large": large, "two": two},
+        )
+    ]

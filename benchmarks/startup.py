@@ -149,9 +149,16 @@ def collect(ctx, handle: dict[str, Any]) -> list[dict[str, Any]]:
     details["bare_stack"] = bare
     return [
         row(
-            "startup", "poptrain.run of 2 members until the first step completes", value=seconds, unit="s", ratio=seconds / bare["seconds"],
-            target=("<=", 1.25), baseline={"name": "a bare Ray and 2 bare actors importing torch, one Adam step", "value": bare["seconds"], "unit": "s"},
-            sizes=sizes, details=details, note=note,
+            "startup",
+            "poptrain.run of 2 members until the first step completes",
+            value=seconds,
+            unit="s",
+            ratio=seconds / bare["seconds"],
+            target=("<=", 1.25),
+            baseline={"name": "a bare Ray and 2 bare actors importing torch, one Adam step", "value": bare["seconds"], "unit": "s"},
+            sizes=sizes,
+            details=details,
+            note=note,
         )
     ]
 
@@ -172,8 +179,14 @@ def reused(ctx) -> list[dict[str, Any]]:
     seconds = run["first_step_s"]
     return [
         row(
-            "startup", "poptrain.run of 2 members until the first step completes", value=seconds, unit="s", ratio=seconds / LIMIT_S,
-            target=("<=", 1.0), baseline={"name": "the issue's limit", "value": LIMIT_S, "unit": "s"}, sizes=ctx.sizes,
+            "startup",
+            "poptrain.run of 2 members until the first step completes",
+            value=seconds,
+            unit="s",
+            ratio=seconds / LIMIT_S,
+            target=("<=", 1.0),
+            baseline={"name": "the issue's limit", "value": LIMIT_S, "unit": "s"},
+            sizes=ctx.sizes,
             details={"from_api_call_s": seconds, "ray_init_s": 0.0, "child_process": False},
             note=f"--{ctx.sizes.mode}: taken from a timed run with Ray already up, not from a fresh process",
         )
@@ -226,7 +239,9 @@ def bare_baseline(ctx) -> dict[str, Any]:
     env.pop("RAY_ADDRESS", None)
     args = [str(out_path), str(sizes.in_features), json.dumps(list(sizes.hidden)), str(sizes.classes), str(sizes.batch)]
     try:
-        done = subprocess.run([sys.executable, "-m", "benchmarks.startup", "--bare", *args], cwd=ctx.workdir, env=env, capture_output=True, text=True, timeout=300)
+        done = subprocess.run(
+            [sys.executable, "-m", "benchmarks.startup", "--bare", *args], cwd=ctx.workdir, env=env, capture_output=True, text=True, timeout=300
+        )
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)
     if done.returncode != 0:

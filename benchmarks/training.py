@@ -204,10 +204,17 @@ def coupling_overhead(ctx: Context) -> list[dict[str, Any]]:
         best = runs[key]["best"]
         rows.append(
             row(
-                "coupling_overhead", name, value=best["steps_per_s"], unit="steps/s", ratio=best["steps_per_s"] / base["steps_per_s"],
-                target=(">=", target), baseline=baseline, sizes=ctx.sizes,
+                "coupling_overhead",
+                name,
+                value=best["steps_per_s"],
+                unit="steps/s",
+                ratio=best["steps_per_s"] / base["steps_per_s"],
+                target=(">=", target),
+                baseline=baseline,
+                sizes=ctx.sizes,
                 details={
-                    "measured": _summary(best), "baseline": _summary(base),
+                    "measured": _summary(best),
+                    "baseline": _summary(base),
                     "all_runs_steps_per_s": {k: [r["steps_per_s"] for r in runs[k]["all"]] for k in (key, "none")},
                 },
             )
@@ -237,10 +244,17 @@ def vs_single_process(ctx: Context) -> list[dict[str, Any]]:
         best = runs[key]["best"]
         rows.append(
             row(
-                "vs_single_process", name, value=best["samples_per_s"], unit="samples/s", ratio=best["samples_per_s"] / base["samples_per_s"],
-                target=bound, baseline=baseline, sizes=ctx.sizes,
+                "vs_single_process",
+                name,
+                value=best["samples_per_s"],
+                unit="samples/s",
+                ratio=best["samples_per_s"] / base["samples_per_s"],
+                target=bound,
+                baseline=baseline,
+                sizes=ctx.sizes,
                 details={
-                    "measured": _summary(best), "baseline": _summary(base),
+                    "measured": _summary(best),
+                    "baseline": _summary(base),
                     "all_runs_samples_per_s": {k: [r["samples_per_s"] for r in runs[k]["all"]] for k in (key, "single")},
                 },
             )
@@ -250,7 +264,9 @@ def vs_single_process(ctx: Context) -> list[dict[str, Any]]:
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     rows.append(
         unavailable(
-            "vs_single_process", "on N GPUs (goal >= 0.9 N)", None,
+            "vs_single_process",
+            "on N GPUs (goal >= 0.9 N)",
+            None,
             "this machine has no GPU" if not gpus else f"{gpus} GPU(s) here, but this suite times CPU populations only",
         )
     )
@@ -280,10 +296,19 @@ def memory(ctx: Context) -> list[dict[str, Any]]:
         limit, baseline = 350.0, {"name": "the issue's old limit (--smoke starts no fresh process)", "value": 350.0, "unit": "MiB"}
     return [
         row(
-            "memory", "resident memory per member actor (peak RSS)", value=rss, unit="MiB", ratio=rss / limit, target=("<=", 1.0),
-            baseline=baseline, sizes=ctx.sizes,
+            "memory",
+            "resident memory per member actor (peak RSS)",
+            value=rss,
+            unit="MiB",
+            ratio=rss / limit,
+            target=("<=", 1.0),
+            baseline=baseline,
+            sizes=ctx.sizes,
             details={
-                "peak_uss_mib": uss, "peak_pss_mib": pss, "per_run_peaks": per_run, "limit_mib": limit,
+                "peak_uss_mib": uss,
+                "peak_pss_mib": pss,
+                "per_run_peaks": per_run,
+                "limit_mib": limit,
                 "params_per_member": ctx.sizes.params_per_member(),
                 "how": "psutil (or /proc) on each member's pid from the progress callback's placement: RSS every 0.5 s, USS/PSS every 4 s",
                 "psutil": _has_psutil(),
@@ -298,4 +323,3 @@ def _has_psutil() -> bool:
         return True
     except ImportError:
         return False
-

@@ -37,8 +37,14 @@ DEFAULT = ["configs/pbt.yaml", "steps=200"]
 # A headless Chromium without its background traffic (updates, sync, QUIC); each shot also gets a
 # new profile (`--user-data-dir`), so it shows what a fresh browser shows.
 CHROMIUM_FLAGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
     "--hide-scrollbars",
 ]
 
@@ -72,9 +78,17 @@ async def _shoot(chromium: str, url: str, out: Path, size: str, ready: str, time
     port = free_port()
     with tempfile.TemporaryDirectory(prefix="poptrain-chromium-") as profile:
         browser = subprocess.Popen(
-            [chromium, *CHROMIUM_FLAGS, f"--window-size={size}", f"--user-data-dir={profile}",
-             "--remote-debugging-address=127.0.0.1", f"--remote-debugging-port={port}", "about:blank"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            [
+                chromium,
+                *CHROMIUM_FLAGS,
+                f"--window-size={size}",
+                f"--user-data-dir={profile}",
+                "--remote-debugging-address=127.0.0.1",
+                f"--remote-debugging-port={port}",
+                "about:blank",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         try:
             wait_for(f"http://127.0.0.1:{port}/json/version", timeout_s=60)
@@ -125,9 +139,9 @@ def main(argv: list[str]) -> int:
         return 2
     config, *overrides = argv or DEFAULT
 
-    import poptrain
     from mlflow.tracking import MlflowClient
 
+    import poptrain
     from poptrain.compare import ui_link
 
     IMAGES.mkdir(parents=True, exist_ok=True)
@@ -140,25 +154,37 @@ def main(argv: list[str]) -> int:
         server = f"http://127.0.0.1:{port}"
         ui = subprocess.Popen(
             [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", store, "--host", "127.0.0.1", "--port", str(port)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         try:
             wait_for(f"{server}/health")
-            screenshot(chromium, f"{server}/#/experiments/{experiment}", IMAGES / "mlflow-fresh-browser.png",
-                       ready="document.body.innerText.includes('Traces')")
+            screenshot(
+                chromium, f"{server}/#/experiments/{experiment}", IMAGES / "mlflow-fresh-browser.png", ready="document.body.innerText.includes('Traces')"
+            )
             # The link poptrain prints, on the run page's metric charts.
             parent = ui_link(server, experiment, result.run_id).replace("?", "/model-metrics?", 1)
-            screenshot(chromium, parent, IMAGES / "mlflow-population-charts.png", size="1600,1400",
-                       ready="document.querySelectorAll('.modebar-container').length >= 7")
+            screenshot(
+                chromium, parent, IMAGES / "mlflow-population-charts.png", size="1600,1400", ready="document.querySelectorAll('.modebar-container').length >= 7"
+            )
             # The table nests members under the population, folded: filtered to members, they are the
             # rows, best held-out accuracy first.
             members = urllib.parse.urlencode(
-                {"searchFilter": "tags.`poptrain.role` = 'member'", "orderByKey": "metrics.`eval/accuracy`", "orderByAsc": "false",
-                 "workflowType": "machine_learning"},
+                {
+                    "searchFilter": "tags.`poptrain.role` = 'member'",
+                    "orderByKey": "metrics.`eval/accuracy`",
+                    "orderByAsc": "false",
+                    "workflowType": "machine_learning",
+                },
                 quote_via=urllib.parse.quote,
             )
-            screenshot(chromium, f"{server}/#/experiments/{experiment}/runs?{members}", IMAGES / "mlflow-members.png", size="1600,900",
-                       ready="document.body.innerText.includes('matching runs')")
+            screenshot(
+                chromium,
+                f"{server}/#/experiments/{experiment}/runs?{members}",
+                IMAGES / "mlflow-members.png",
+                size="1600,900",
+                ready="document.body.innerText.includes('matching runs')",
+            )
         finally:
             ui.terminate()
             ui.wait(timeout=30)

@@ -3,10 +3,21 @@ process) and its held-out data in order."""
 
 from __future__ import annotations
 
-from typing import Iterator, Mapping
+from collections.abc import Iterator, Mapping
+from typing import Any, Protocol
 
 import torch
-from torch.utils.data import Dataset, TensorDataset, default_collate
+from torch.utils.data import TensorDataset, default_collate
+
+
+class SizedDataset(Protocol):
+    """A map-style dataset with a length, as a member's data must be (:func:`poptrain.build.build_dataset`
+    checks it): ``dataset[i]`` is sample ``i`` (its inputs, then its target), ``len(dataset)`` their
+    number. torch's ``Dataset`` declares no ``__len__``."""
+
+    def __getitem__(self, index: int) -> Any: ...
+
+    def __len__(self) -> int: ...
 
 
 class BatchStream:
@@ -15,7 +26,7 @@ class BatchStream:
     An incomplete last batch of an epoch is dropped; a batch larger than the dataset is clamped.
     """
 
-    def __init__(self, dataset: Dataset, batch_size: int, shuffle: bool, seed: int):
+    def __init__(self, dataset: SizedDataset, batch_size: int, shuffle: bool, seed: int):
         self.dataset, self.shuffle, self.seed = dataset, shuffle, seed
         self.size = len(dataset)
         self.batch_size = min(batch_size, self.size)
@@ -43,7 +54,7 @@ class BatchStream:
         self._order = self._permutation(self.epoch)
 
 
-def in_order(dataset: Dataset, batch_size: int) -> Iterator[list[torch.Tensor]]:
+def in_order(dataset: SizedDataset, batch_size: int) -> Iterator[list[torch.Tensor]]:
     """Every sample of ``dataset`` once, in order, ``batch_size`` at a time (the last batch may be smaller)."""
     for start in range(0, len(dataset), batch_size):
         yield collate(dataset, torch.arange(start, min(start + batch_size, len(dataset))))
@@ -60,7 +71,7 @@ def to_device(batch: list[torch.Tensor], device: torch.device) -> list[torch.Ten
     return [(t.pin_memory() if t.device.type == "cpu" else t).to(device, non_blocking=True) for t in batch]
 
 
-def collate(dataset: Dataset, index: torch.Tensor) -> list[torch.Tensor]:
+def collate(dataset: SizedDataset, index: torch.Tensor) -> list[torch.Tensor]:
     """The samples ``index`` of ``dataset`` as one batch: [inputs..., targets]."""
     if isinstance(dataset, TensorDataset):
         return [t[index] for t in dataset.tensors]

@@ -12,13 +12,15 @@ import functools
 import hashlib
 import inspect
 import json
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import Dataset, TensorDataset
+from torch.utils.data import TensorDataset
 
 from poptrain import builtins
+from poptrain.batches import SizedDataset
 from poptrain.config import Component, MemberConfig
 
 
@@ -30,7 +32,7 @@ def build_model(spec: Component) -> nn.Module:
     return model
 
 
-def build_dataset(spec: Component) -> Dataset:
+def build_dataset(spec: Component) -> SizedDataset:
     """The dataset ``spec`` names. A built-in one (fixed by its arguments, seeded, read-only to
     the members) is built once per process for every member that names it alike: a host carrying
     a thousand members holds one copy."""
@@ -40,11 +42,11 @@ def build_dataset(spec: Component) -> Dataset:
 
 
 @functools.lru_cache(maxsize=8)
-def _built_in_dataset(name: str, kwargs_json: str) -> Dataset:
+def _built_in_dataset(name: str, kwargs_json: str) -> SizedDataset:
     return _checked(name, builtins.DATASETS[name](**json.loads(kwargs_json)))
 
 
-def _checked(name: str, dataset: Any) -> Dataset:
+def _checked(name: str, dataset: Any) -> SizedDataset:
     if not (hasattr(dataset, "__getitem__") and hasattr(dataset, "__len__")):
         raise TypeError(f"data {name!r} returned {type(dataset).__name__}, not a map-style torch Dataset")
     if len(dataset) == 0:
@@ -145,6 +147,7 @@ def accepts(fn: Callable, kwargs: dict, leading: int = 0) -> str | None:
         return None
     return None
 
+
 def resolve_loss(cfg: MemberConfig) -> Callable:
     """The member's task loss ``f(outputs, targets) -> scalar``."""
     return builtins.resolve(builtins.LOSSES, cfg.loss.given_or_name, "loss")
@@ -174,7 +177,7 @@ def resolve_metrics(evaluation, loss_fn: Callable | None) -> dict[str, Callable]
     return out
 
 
-def describe_dataset(spec: Component, dataset: Dataset, context: str) -> dict[str, Any]:
+def describe_dataset(spec: Component, dataset: SizedDataset, context: str) -> dict[str, Any]:
     """What MLflow shows of a member's dataset: name, digest (of its tensors when it is a
     TensorDataset, else of its config), ``context`` (``train`` or ``eval``), source and profile
     (rows, and the split, view, part and limit it was asked for)."""
@@ -185,6 +188,6 @@ def describe_dataset(spec: Component, dataset: Dataset, context: str) -> dict[st
             digest.update(tensor.contiguous().numpy().tobytes())
     else:
         digest.update(json.dumps({"name": spec.name, "kwargs": spec.kwargs}, sort_keys=True, default=str).encode())
-    profile = {"rows": len(dataset), **{k: spec.kwargs[k] for k in ("split", "view", "part", "parts", "limit") if k in spec.kwargs}}
+    profile: dict[str, Any] = {"rows": len(dataset), **{k: spec.kwargs[k] for k in ("split", "view", "part", "parts", "limit") if k in spec.kwargs}}
     source = spec.name if ":" in spec.name else f"poptrain.builtins.data:{spec.name}"
     return {"name": spec.name.rsplit(":", 1)[-1], "digest": digest.hexdigest()[:16], "context": context, "source": source, "profile": profile}

@@ -36,9 +36,11 @@ import struct
 import threading
 import time
 import warnings
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from multiprocessing.connection import AuthenticationError, Connection, Listener, answer_challenge, deliver_challenge
-from typing import Any, Callable
+from multiprocessing import AuthenticationError
+from multiprocessing.connection import Connection, Listener, answer_challenge, deliver_challenge
+from typing import Any
 
 from poptrain.exchange import ExchangeTimeout
 
@@ -209,13 +211,15 @@ class CoordinatorClient:
 
     def _reply(self, request_id: int, method: str, args: tuple) -> Any:
         deadline = None if self.bound_s is None else time.monotonic() + self.bound_s
+        conn = self.conn
+        assert conn is not None, "a reply over the direct connection follows a request sent over it"
         while request_id not in self.replies:  # replies come in the order requests complete
             # Replies to this member's other requests may arrive meanwhile: the bound is on this
             # wait as a whole, not on each message.
-            if deadline is not None and not self.conn.poll(max(0.0, deadline - time.monotonic())):
+            if deadline is not None and not conn.poll(max(0.0, deadline - time.monotonic())):
                 raise self._timeout(method, args, "over the direct connection")
             try:
-                got, ok, value = self.conn.recv()
+                got, ok, value = conn.recv()
             except (EOFError, OSError) as exc:
                 raise ConnectionError(f"lost the connection to the coordinator ({type(exc).__name__}: {exc}); its process may have died") from None
             self.replies[got] = (ok, value)

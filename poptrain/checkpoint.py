@@ -22,8 +22,9 @@ import json
 import os
 import re
 import tempfile
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 
@@ -63,7 +64,7 @@ def save_atomic(data: bytes | str | Any, path: Path) -> None:
         os.close(dir_fd)
 
 
-def save_atomic_many(items: list[tuple[bytes | str, Path]]) -> None:
+def save_atomic_many(items: Sequence[tuple[bytes | str, Path]]) -> None:
     """:func:`save_atomic` of every (data, path) in ``items``, made durable together: all written to
     temporary files, one sync, all renamed, one more sync. A host writing a thousand members'
     checkpoints then waits for the disk twice instead of four thousand times (a file and its

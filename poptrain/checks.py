@@ -70,17 +70,24 @@ def inspect_population(cfg: RunConfig) -> PopulationInfo:
             continue
         size = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
         if size > member.resources.max_model_gib * 2**30:
-            problems.append((f"{key}.model", f"{member.model.name!r} with kwargs {member.model.kwargs} would take {_gib(size)} "
-                             f"of parameters and buffers, more than `resources.max_model_gib` ({member.resources.max_model_gib:g} GiB)"))
+            problems.append(
+                (
+                    f"{key}.model",
+                    f"{member.model.name!r} with kwargs {member.model.kwargs} would take {_gib(size)} "
+                    f"of parameters and buffers, more than `resources.max_model_gib` ({member.resources.max_model_gib:g} GiB)",
+                )
+            )
         if member.init is not None and os.path.isfile(member.init):
             reason = _init_problem(member.init, model)
             if reason:
                 problems.append((f"{key}.init", reason))
         names = [n for n, _ in model.named_parameters()]
         shown = f"{names[:12]}{' ...' if len(names) > 12 else ''}"
-        for p_key, patterns in [(f"{key}.frozen", member.frozen)] + [
-            (f"{key}.optimizer.groups.{i}.params", g.params) for i, g in enumerate(member.optimizer.groups)
-        ] + [(f"{key}.grad_transforms.{i}.params", t.params) for i, t in enumerate(member.grad_transforms)]:
+        for p_key, patterns in (
+            [(f"{key}.frozen", member.frozen)]
+            + [(f"{key}.optimizer.groups.{i}.params", g.params) for i, g in enumerate(member.optimizer.groups)]
+            + [(f"{key}.grad_transforms.{i}.params", t.params) for i, t in enumerate(member.grad_transforms)]
+        ):
             for pattern in patterns:
                 if not matching(names, [pattern]):
                     problems.append((p_key, f"pattern {pattern!r} matches no parameter of member {member.name!r}; its parameters are {shown}"))
@@ -115,10 +122,12 @@ def inspect_population(cfg: RunConfig) -> PopulationInfo:
         own = [(f"couplings.{index}.{k}" if k else f"couplings.{index}", msg) for k, msg in coupling.check_population()]
         problems.extend(own or _unknown_quantities(index, coupling, population))
         if coupling.rewrites() and not coupling.rewrites_values:  # else the async check would let it through
-            problems.append((f"couplings.{index}.type", f"{type(coupling).__name__} rewrites values at exchanges but does not declare `rewrites_values = True`"))
+            problems.append(
+                (f"couplings.{index}.type", f"{type(coupling).__name__} rewrites values at exchanges but does not declare `rewrites_values = True`")
+            )
     if cfg.evaluation.population_average is True:  # asked for: refused where the mean is no model (`auto` turns it off)
-        averaged = population_average.averaged_members(cfg, couplings)
-        problems.extend(("evaluation.population_average", msg) for msg in population_average.problems(cfg, averaged))
+        averaged = population_average.averaged_members(cfg, couplings)  # never None when asked for
+        problems.extend(("evaluation.population_average", msg) for msg in population_average.problems(cfg, averaged or []))
     if problems:
         raise ConfigError(problems)
     return population
@@ -134,10 +143,20 @@ def _unknown_quantities(index: int, coupling, population: PopulationInfo) -> lis
             continue
         seen.add((q.member, q.kind, q.key))
         if q.member not in population.param_shapes:
-            problems.append((f"couplings.{index}", f"coupling {coupling.name!r} reads member {q.member!r}, which the population does not have; its members are {population.members}"))
+            problems.append(
+                (
+                    f"couplings.{index}",
+                    f"coupling {coupling.name!r} reads member {q.member!r}, which the population does not have; its members are {population.members}",
+                )
+            )
         elif q.kind == "param" and q.key not in population.param_shapes[q.member]:
-            problems.append((f"couplings.{index}", f"coupling {coupling.name!r} reads parameter {q.key!r} of member {q.member!r}, which has no such parameter; "
-                             f"its parameters are {list(population.param_shapes[q.member])}"))
+            problems.append(
+                (
+                    f"couplings.{index}",
+                    f"coupling {coupling.name!r} reads parameter {q.key!r} of member {q.member!r}, which has no such parameter; "
+                    f"its parameters are {list(population.param_shapes[q.member])}",
+                )
+            )
     return problems
 
 
@@ -150,7 +169,9 @@ def _describe_predictions(cfg: RunConfig, population: PopulationInfo, couplings)
         try:
             population.outputs[name], population.samples[name] = _predictions_of(cfg, cfg.members[index])
         except Exception as exc:  # a model or dataset that fails here would fail in the member too
-            problems.append((f"members.{index}", f"cannot compute member {name!r}'s predictions on its data, which a coupling reads: {type(exc).__name__}: {exc}"))
+            problems.append(
+                (f"members.{index}", f"cannot compute member {name!r}'s predictions on its data, which a coupling reads: {type(exc).__name__}: {exc}")
+            )
     return problems
 
 
@@ -258,7 +279,9 @@ def stacking_problems(cfg: RunConfig, population: PopulationInfo) -> dict[str, s
         if reason is None and plan.coordinator_only[member.name] and cfg.exchange.shared_memory is True:
             reason = "the coordinator keeps its averaged or shared parameters in memory it maps (on a CPU node; `exchange.shared_memory: auto` lets it stack)"
         if reason is None:
-            key = json.dumps([member.model.model_dump(mode="json"), member.loss.model_dump(mode="json"), member.data.model_dump(mode="json")], sort_keys=True, default=str)
+            key = json.dumps(
+                [member.model.model_dump(mode="json"), member.loss.model_dump(mode="json"), member.data.model_dump(mode="json")], sort_keys=True, default=str
+            )
             if key not in tried:
                 tried[key] = _model_stacking_problem(member)
             reason = tried[key]

@@ -158,8 +158,12 @@ def display_rows(snapshot: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
 
     states = list(members.values())
     etas = [s["eta_s"] for s in states if s["eta_s"] is not None]
-    middle = {"step": median(s["step"] for s in states), "loss": median(s["loss"] for s in states),
-              "steps_per_s": median(s["steps_per_s"] for s in states), "eta_s": max(etas) if etas else None}
+    middle = {
+        "step": median(s["step"] for s in states),
+        "loss": median(s["loss"] for s in states),
+        "steps_per_s": median(s["steps_per_s"] for s in states),
+        "eta_s": max(etas) if etas else None,
+    }
     rows = [(f"median of {len(members)}", middle)]
     with_loss = [n for n, s in members.items() if s["loss"] is not None]
     if with_loss:
@@ -291,6 +295,8 @@ def _ranking(result) -> tuple[str, bool]:
 
     try:
         ranking = load_config(result.output_dir / "config.yaml", record=True).evaluation.ranking
+        if ranking is None:  # no held-out metrics
+            return "loss", False
         return f"eval/{ranking.key}", bool(ranking.higher)
     except Exception:  # a summary never fails a finished run
         return "loss", False
@@ -311,7 +317,7 @@ def _summary_table(result, metrics: dict[str, dict[str, float]], keys: list[str]
             key, higher = "loss", False
         known = [n for n in shown if metrics[n].get(key) is not None]
         ranked = sorted(known, key=lambda n: metrics[n][key], reverse=higher) + [n for n in shown if n not in known]
-        shown = [*ranked[: SUMMARY_ROWS // 2], None, *ranked[-(SUMMARY_ROWS // 2 - 1):]]
+        shown = [*ranked[: SUMMARY_ROWS // 2], None, *ranked[-(SUMMARY_ROWS // 2 - 1) :]]
     for name in shown:
         if name is None:
             table.add_row(f"… {len(metrics) - SUMMARY_ROWS + 1} more", *["" for _ in keys], "")
@@ -320,7 +326,6 @@ def _summary_table(result, metrics: dict[str, dict[str, float]], keys: list[str]
         label = f"{name} (best)" if name == best else name
         table.add_row(label, *[_fmt(values.get(k)) for k in keys], str(result.placement.get(name, {}).get("device", "")))
     return table
-
 
 
 def _default_uri() -> str:

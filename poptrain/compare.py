@@ -15,7 +15,6 @@ from __future__ import annotations
 import math
 from typing import Any
 
-
 # Params that differ between members for reasons other than their config (where they ran: runs
 # logged before placement became tags), and the member's own name (already the column header):
 # shown only with ``all_params``.
@@ -47,14 +46,11 @@ def population_runs(client, parent_run_id: str):
     role = tags.get("poptrain.role")
     if role == "member":
         raise NotAPopulation(
-            f"run {parent_run_id} is member {tags.get('poptrain.member')!r} of a population; "
-            f"pass its population's run id {tags.get('mlflow.parentRunId')}"
+            f"run {parent_run_id} is member {tags.get('poptrain.member')!r} of a population; pass its population's run id {tags.get('mlflow.parentRunId')}"
         )
     if role != "population":
         raise NotAPopulation(f"run {parent_run_id} ({parent.info.run_name!r}) is not a poptrain population (no tag poptrain.role=population)")
-    children = client.search_runs(
-        [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'", max_results=10000
-    )
+    children = client.search_runs([parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'", max_results=10000)
     members = {run.data.tags.get("poptrain.member", run.info.run_name): run for run in children}
     order = [m for m in tags.get("poptrain.members", "").split(",") if m in members]
     return parent, {name: members[name] for name in order + sorted(set(members) - set(order))}

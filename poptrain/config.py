@@ -18,13 +18,24 @@ import re
 import traceback
 import types
 import typing
+from collections.abc import Callable, Iterator, Sequence
+from functools import partial
 from pathlib import Path
-from typing import Annotated, Any, Callable, ClassVar, Iterator, Literal, Optional, Sequence, Union
+from typing import Annotated, Any, ClassVar, Literal, Union
 
 import yaml
 from pydantic import (
-    AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, SerializeAsAny, ValidationError, ValidationInfo, field_validator,
-    model_serializer, model_validator,
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    SerializeAsAny,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_serializer,
+    model_validator,
 )
 
 from poptrain import objects, variation
@@ -67,7 +78,7 @@ class Reason(str):
     traceback: str = ""
 
     @classmethod
-    def of(cls, text: str, exc: BaseException, skip: int = 1) -> "Reason":
+    def of(cls, text: str, exc: BaseException, skip: int = 1) -> Reason:
         """``text``, with ``exc``'s traceback less its first ``skip`` frames (poptrain's own call)."""
         tb = exc.__traceback__
         for _ in range(skip):
@@ -140,7 +151,7 @@ class CodeRef(Strict):
     NAME_FIELD: ClassVar[str] = "name"  # the field that names the code
     SHORTHAND: ClassVar[bool] = False  # ``key: adam`` (or ``key: <object>``) for ``key: {name: adam}``
 
-    digest: Optional[str] = Field(
+    digest: str | None = Field(
         None,
         repr=False,
         description="Set by poptrain for an object given from Python: the sha256 of its source (`source:sha256:...`), or of "
@@ -159,8 +170,10 @@ class CodeRef(Strict):
             if described.problem:
                 raise ValueError(described.problem)
             if value.get("digest") not in (None, described.digest):
-                raise ValueError(f"the object given, `{described.name}`, is not the one recorded: its digest is {described.digest}, "
-                                 f"the record's {value['digest']} (its code or contents changed)")
+                raise ValueError(
+                    f"the object given, `{described.name}`, is not the one recorded: its digest is {described.digest}, "
+                    f"the record's {value['digest']} (its code or contents changed)"
+                )
             value = {**value, field: described.name, "digest": described.digest}
             if field == "type" and value.get("name") is None:  # a coupling's label: its registered name, else the class's
                 label = next((n for n, c in COUPLINGS.items() if c is given), getattr(given, "__name__", ""))
@@ -228,7 +241,7 @@ class DataConfig(Component):
 
     batch_size: int = Field(32, gt=0, le=1_000_000, description="Samples per step.")
     shuffle: bool = Field(True, description="Reshuffle every epoch (seeded); false keeps dataset order.")
-    seed: Optional[int] = Field(
+    seed: int | None = Field(
         None,
         ge=0,
         le=MAX_SEED,
@@ -251,8 +264,12 @@ class MetricConfig(Component):
         description="`accuracy`, `top_k_accuracy` (kwargs `k`), `mse`, `mae`, `loss` (the member's own task loss), "
         "or an import path to `f(outputs, targets, **kwargs) -> float` (from Python: the function itself)."
     )
-    label: Optional[Name] = Field(None, description="Name in MLflow (`eval/<label>`); default: the built-in's name (`top_<k>_accuracy` for top-k) or the function's.")
-    higher_is_better: Optional[bool] = Field(None, description="For ranking by it; default: true for accuracies, false for `loss`, `mse`, `mae`; required for an import path.")
+    label: Name | None = Field(
+        None, description="Name in MLflow (`eval/<label>`); default: the built-in's name (`top_<k>_accuracy` for top-k) or the function's."
+    )
+    higher_is_better: bool | None = Field(
+        None, description="For ranking by it; default: true for accuracies, false for `loss`, `mse`, `mae`; required for an import path."
+    )
 
     @property
     def higher(self) -> bool | None:
@@ -278,13 +295,15 @@ class EvaluationConfig(Strict):
         default_factory=lambda: [MetricConfig(name="loss")],
         description="What to compute on the held-out data, each logged as `eval/<label>` on the member's run.",
     )
-    rank_by: Optional[str] = Field(None, description="The metric (its label) by which members are ranked: the population's best member; default: the first metric.")
+    rank_by: str | None = Field(
+        None, description="The metric (its label) by which members are ranked: the population's best member; default: the first metric."
+    )
     ensemble: bool = Field(
         True,
         description="Also evaluate the ensemble of members whose held-out samples are the same (same targets in the same order): "
         "the mean of their predicted probabilities (classification) or outputs, logged as `ensemble/<label>` on the parent run.",
     )
-    population_average: Union[bool, Literal["auto"]] = Field(
+    population_average: bool | Literal["auto"] = Field(
         "auto",
         description="Also evaluate the population's average model at the end: the mean of the final weights of the members the "
         "first averaging coupling (`average`, `gossip`, `wash`, `diloco`) averages, or of every member when the run has none, "
@@ -301,8 +320,9 @@ class EvaluationConfig(Strict):
             raise ValueError(f"metric labels must be distinct, got {labels}: give one a `label`")
         if self.rank_by is not None and self.rank_by not in labels:
             raise ValueError(f"rank_by {self.rank_by!r} is not one of the metrics {labels}")
-        if self.metrics and self.ranking.higher is None:
-            raise ValueError(f"members are ranked by {self.ranking.name!r}: say whether higher is better with its `higher_is_better`")
+        ranking = self.ranking  # None without metrics
+        if ranking is not None and ranking.higher is None:
+            raise ValueError(f"members are ranked by {ranking.name!r}: say whether higher is better with its `higher_is_better`")
         return self
 
     @property
@@ -316,13 +336,13 @@ class EvaluationConfig(Strict):
 class Perturbation(Strict):
     """How population-based training explores one hyperparameter of a member that copied another."""
 
-    factors: Optional[list[float]] = Field(None, min_length=1, description="Multiply the donor's value by one of these, at random (e.g. `[0.8, 1.2]`).")
-    values: Optional[list[float]] = Field(None, min_length=1, description="Or pick one of these values.")
-    range: Optional[tuple[float, float]] = Field(None, description="Or draw from [low, high] (log-uniformly with `log: true`).")
+    factors: list[float] | None = Field(None, min_length=1, description="Multiply the donor's value by one of these, at random (e.g. `[0.8, 1.2]`).")
+    values: list[float] | None = Field(None, min_length=1, description="Or pick one of these values.")
+    range: tuple[float, float] | None = Field(None, description="Or draw from [low, high] (log-uniformly with `log: true`).")
     log: bool = Field(False, description="`range` drawn log-uniformly (both ends must be positive).")
     resample_probability: float = Field(0.0, ge=0, le=1, description="With `factors`: the probability of drawing from `values` or `range` instead.")
-    min: Optional[float] = Field(None, description="Explore never goes below this: a perturbed value under it becomes it (logged on the receiver's run).")
-    max: Optional[float] = Field(None, description="Explore never goes above this: a perturbed value over it becomes it (logged on the receiver's run).")
+    min: float | None = Field(None, description="Explore never goes below this: a perturbed value under it becomes it (logged on the receiver's run).")
+    max: float | None = Field(None, description="Explore never goes above this: a perturbed value over it becomes it (logged on the receiver's run).")
 
     @model_validator(mode="after")
     def _one_way(self):
@@ -345,7 +365,9 @@ class Perturbation(Strict):
         return min(max(value, self.min if self.min is not None else value), self.max if self.max is not None else value)
 
 
-HYPERPARAMETER_PATTERN = re.compile(r"^(optimizer\.lr|optimizer\.kwargs\.\w+|optimizer\.groups\.\d+\.lr|loss_weight|terms\.[\w.-]+\.weight|couplings\.[\w.-]+\.weight)$")
+HYPERPARAMETER_PATTERN = re.compile(
+    r"^(optimizer\.lr|optimizer\.kwargs\.\w+|optimizer\.groups\.\d+\.lr|loss_weight|terms\.[\w.-]+\.weight|couplings\.[\w.-]+\.weight)$"
+)
 
 
 class PBTConfig(Strict):
@@ -355,10 +377,12 @@ class PBTConfig(Strict):
     perturbs the donor's hyperparameters (explore)."""
 
     every: int = Field(gt=0, le=100_000_000, description="Rank and exploit every k steps (not at step 0).")
-    metric: Optional[str] = Field(None, description="What members are ranked by: `eval/<label>` or a training metric (`loss`, ...); default: `eval/<evaluation.rank_by>`.")
-    mode: Optional[Literal["max", "min"]] = Field(None, description="Higher (`max`) or lower is better; default: from the metric.")
+    metric: str | None = Field(
+        None, description="What members are ranked by: `eval/<label>` or a training metric (`loss`, ...); default: `eval/<evaluation.rank_by>`."
+    )
+    mode: Literal["max", "min"] | None = Field(None, description="Higher (`max`) or lower is better; default: from the metric.")
     quantile: float = Field(0.25, gt=0, le=0.5, description="Fraction of members that copy (bottom) and that are copied (top); at least one each.")
-    members: Optional[list[str]] = Field(None, description="Members in the schedule; default: all.")
+    members: list[str] | None = Field(None, description="Members in the schedule; default: all.")
     hyperparameters: dict[str, Perturbation] = Field(
         default_factory=dict,
         description="What explore perturbs, by key: `optimizer.lr`, `optimizer.kwargs.<name>` (weight_decay, ...), `optimizer.groups.<i>.lr`, "
@@ -370,7 +394,10 @@ class PBTConfig(Strict):
     def _known_keys(cls, value: dict) -> dict:
         unknown = [k for k in value if not HYPERPARAMETER_PATTERN.match(k)]
         if unknown:
-            raise ValueError(f"cannot perturb {unknown}: keys are optimizer.lr, optimizer.kwargs.<name>, optimizer.groups.<i>.lr, loss_weight, terms.<name>.weight, couplings.<name>.weight")
+            raise ValueError(
+                f"cannot perturb {unknown}: keys are optimizer.lr, optimizer.kwargs.<name>, "
+                "optimizer.groups.<i>.lr, loss_weight, terms.<name>.weight, couplings.<name>.weight"
+            )
         return value
 
 
@@ -378,7 +405,7 @@ class ParamGroup(Strict):
     """An optimizer parameter group selected by name patterns (fnmatch, e.g. `lstm.*`)."""
 
     params: list[str] = Field(min_length=1, description="Parameter name patterns (fnmatch) selecting this group.")
-    lr: Optional[float] = Field(None, gt=0, description="Learning rate of this group; default: the optimizer's.")
+    lr: float | None = Field(None, gt=0, description="Learning rate of this group; default: the optimizer's.")
     kwargs: dict[str, Any] = Field(default_factory=dict, description="Other per-group options (weight_decay, ...).")
 
     @field_validator("params", mode="before")
@@ -393,8 +420,7 @@ class OptimizerConfig(NamedByString):
     kwargs: dict[str, Any] = Field(default_factory=dict, description="Other constructor arguments (momentum, betas, ...).")
     groups: list[ParamGroup] = Field(
         default_factory=list,
-        description="Per-layer groups; a parameter takes the first group whose pattern matches it, "
-        "the rest form the default group.",
+        description="Per-layer groups; a parameter takes the first group whose pattern matches it, the rest form the default group.",
     )
 
 
@@ -402,12 +428,9 @@ class TermConfig(Strict):
     """An extra term of a member's own objective (seed 001: one term minimized, another maximized)."""
 
     name: Name = Field(description="Name of the term, logged as `term/<name>`.")
-    fn: Component = Field(
-        description="Built-in term (`param_sum`, `param_l2`) or import path to `f(model, inputs, outputs, targets, **kwargs) -> scalar`."
-    )
+    fn: Component = Field(description="Built-in term (`param_sum`, `param_l2`) or import path to `f(model, inputs, outputs, targets, **kwargs) -> scalar`.")
     weight: float = Field(1.0, description="Coefficient; a negative weight maximizes the term.")
     maximize: bool = Field(False, description="Maximize the term (same as negating its weight).")
-
 
     @property
     def signed_weight(self) -> float:
@@ -419,8 +442,7 @@ class BalancingConfig(Strict):
 
     method: Literal["none", "magnitude"] = Field(
         "none",
-        description="`magnitude`: divide each term by a running (EMA) estimate of its absolute value, "
-        "so terms of different scale contribute comparably.",
+        description="`magnitude`: divide each term by a running (EMA) estimate of its absolute value, so terms of different scale contribute comparably.",
     )
     momentum: float = Field(0.9, ge=0.0, lt=1.0, description="EMA momentum of the magnitude estimate.")
     eps: float = Field(1e-8, gt=0, description="Floor of the magnitude estimate.")
@@ -430,9 +452,9 @@ class GradTransform(Strict):
     """Scale, clip or replace the gradient of parameters selected by pattern, before the optimizer step."""
 
     params: list[str] = Field(min_length=1, description="Parameter name patterns (fnmatch).")
-    scale: Optional[float] = Field(None, description="Multiply the gradient by this factor.")
-    clip_norm: Optional[float] = Field(None, gt=0, description="Clip the gradient's L2 norm (per parameter) to this.")
-    fn: Optional[Component] = Field(None, description="Import path to `f(name, param, grad, **kwargs) -> grad`.")
+    scale: float | None = Field(None, description="Multiply the gradient by this factor.")
+    clip_norm: float | None = Field(None, gt=0, description="Clip the gradient's L2 norm (per parameter) to this.")
+    fn: Component | None = Field(None, description="Import path to `f(name, param, grad, **kwargs) -> grad`.")
 
     @field_validator("params", mode="before")
     @classmethod
@@ -440,19 +462,19 @@ class GradTransform(Strict):
         return [value] if isinstance(value, str) else value
 
     @model_validator(mode="after")
-    def _does_something(self) -> "GradTransform":
+    def _does_something(self) -> GradTransform:
         if self.scale is None and self.clip_norm is None and self.fn is None:
             raise ValueError("this transform does nothing: give `scale`, `clip_norm` or `fn`")
         return self
 
 
 class Resources(Strict):
-    num_cpus: Union[float, Literal["auto"]] = Field(
+    num_cpus: float | Literal["auto"] = Field(
         "auto",
         description="CPUs reserved for the member; `auto`: one each, or an equal share when the "
         "cluster has fewer CPUs than members. Torch intra-op threads follow it.",
     )
-    num_gpus: Union[float, Literal["auto"]] = Field(
+    num_gpus: float | Literal["auto"] = Field(
         "auto",
         description="GPUs for the member: a fraction of one GPU (at most 1) or a whole number. `auto`: 1 each when "
         "the cluster has a GPU per member, else members share GPUs (1/k each, k = members per GPU: 3 members on 1 GPU "
@@ -489,16 +511,21 @@ def host_gpu_problem(shares: list[float]) -> str | None:
         return None
     shown = f"its {len(shares)} members' GPU shares sum to {total:g}"
     if abs(total - round(total)) > 1e-4:
-        return (f"{shown}: Ray places a fraction of a GPU only within one GPU, so a host asks for at most 1 GPU or a whole "
-                "number; give its members shares that sum to one of those, or fewer members per host")
+        return (
+            f"{shown}: Ray places a fraction of a GPU only within one GPU, so a host asks for at most 1 GPU or a whole "
+            "number; give its members shares that sum to one of those, or fewer members per host"
+        )
     gpus = round(total)
     loads = [sum(shares[i::gpus]) for i in range(gpus)]
     worst = max(range(gpus), key=loads.__getitem__)
     if loads[worst] > 1 + 1e-4 or any(s > 1 for s in shares):
-        return (f"{shown} on {gpus} GPUs, and its members train on cuda:0, cuda:1, ... in turn (a member on one GPU): "
-                f"cuda:{worst} would carry {loads[worst]:g} GPUs' worth; give every member of the host the same share of at most 1, "
-                "with as many members per host as fill its GPUs evenly")
+        return (
+            f"{shown} on {gpus} GPUs, and its members train on cuda:0, cuda:1, ... in turn (a member on one GPU): "
+            f"cuda:{worst} would carry {loads[worst]:g} GPUs' worth; give every member of the host the same share of at most 1, "
+            "with as many members per host as fill its GPUs evenly"
+        )
     return None
+
 
 class MemberConfig(Strict):
     """One model of the population, carried by a host (a Ray actor of its own, or shared: `placement.members_per_host`)."""
@@ -512,7 +539,7 @@ class MemberConfig(Strict):
         "named `<name>` plus a zero-padded index (`copies: 1000` with `name: m`: `m000` ... `m999`). Each is a member of its own in every way "
         "(its own MLflow run, checkpoints, outputs; overrides address it by name); the saved `config.yaml` keeps the entry compact.",
     )
-    vary: dict[str, Union[list[Any], Draw]] = Field(
+    vary: dict[str, list[Any] | Draw] = Field(
         default_factory=dict,
         description="What differs between the entry's members, by dotted member key (`optimizer.lr`, `model.kwargs.hidden`, ...): "
         "a list gives member j its j-th value (lists are zipped; their length is `copies`, or sets it); `{grid: [...]}` keys multiply "
@@ -522,19 +549,21 @@ class MemberConfig(Strict):
     )
     model: Component = Field(description="Built-in model (`mlp`, `encoder_classifier`, `lstm_classifier`) or import path to an `nn.Module` class.")
     data: DataConfig = Field(description="Built-in dataset (`digits`, `synthetic_regression`, ...) or import path to a function returning a Dataset.")
-    eval_data: Optional[EvalDataConfig] = Field(
+    eval_data: EvalDataConfig | None = Field(
         None,
         description="Held-out data the member is evaluated on (see `evaluation`); default: when `data` says `split: train`, "
         "the same dataset with `split: test` (all of it: without `part`/`parts`); else the member is not evaluated.",
     )
-    loss: Component = Field(description="Task loss: `mse`, `cross_entropy`, `l1`, `smooth_l1`, `bce_with_logits`, `nll`, or an import path to `f(outputs, targets) -> scalar`.")
+    loss: Component = Field(
+        description="Task loss: `mse`, `cross_entropy`, `l1`, `smooth_l1`, `bce_with_logits`, `nll`, or an import path to `f(outputs, targets) -> scalar`."
+    )
     loss_weight: float = Field(1.0, description="Coefficient of the task loss in the member's own objective (0: the loss only enters through couplings).")
     terms: list[TermConfig] = Field(default_factory=list, description="Extra objective terms (seed 001).")
     balancing: BalancingConfig = Field(default_factory=BalancingConfig)
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     frozen: list[str] = Field(default_factory=list, description="Parameter name patterns that are never trained.")
     grad_transforms: list[GradTransform] = Field(default_factory=list, description="Per-parameter gradient transforms.")
-    init: Optional[str] = Field(None, description="Path to a state_dict (.pt) to start from instead of a seeded initialization.")
+    init: str | None = Field(None, description="Path to a state_dict (.pt) to start from instead of a seeded initialization.")
     trainable: bool = Field(
         True,
         description="false: never trained (e.g. the target of an `average` coupling); it still evaluates its "
@@ -552,18 +581,16 @@ class MemberConfig(Strict):
         return None
 
 
-
 class CouplingConfig(CodeRef):
     """Fields shared by every coupling; each coupling type adds its own (see the couplings reference)."""
 
     NAME_FIELD: ClassVar[str] = "type"
 
     type: str = Field(description="Registered coupling name (`separation`, ...) or an import path to a Coupling class (from Python: the class itself).")
-    name: Optional[Name] = Field(None, description="Name used in metrics (`coupling/<name>`); default: the type.")
-    members: Optional[list[str]] = Field(None, description="Members it reads; default: every member.")
-    trains: Optional[list[str]] = Field(None, description="Members whose gradient it enters; default: every member it reads.")
+    name: Name | None = Field(None, description="Name used in metrics (`coupling/<name>`); default: the type.")
+    members: list[str] | None = Field(None, description="Members it reads; default: every member.")
+    trains: list[str] | None = Field(None, description="Members whose gradient it enters; default: every member it reads.")
     weight: float = Field(1.0, description="Coefficient of the term in the objective of each member it trains.")
-
 
     @property
     def label(self) -> str:
@@ -578,8 +605,16 @@ class ExchangeConfig(Strict):
         "goes on with its peers' freshest ones, waiting only when a peer is more than `max_staleness` exchanges behind.",
     )
     max_staleness: int = Field(1, ge=0, le=1_000_000, description="`async` only: how many exchanges old a peer's values may be.")
-    timeout_s: float = Field(300.0, gt=0, le=MAX_TIMEOUT_S, description="How long a member waits at the barrier for its peers before the run fails naming the missing ones; a member waits for the coordinator's reply at most this plus a margin (5 s and a quarter of it) before the run fails naming the call.")
-    shared_memory: Union[bool, Literal["auto"]] = Field(
+    timeout_s: float = Field(
+        300.0,
+        gt=0,
+        le=MAX_TIMEOUT_S,
+        description=(
+            "How long a member waits at the barrier for its peers before the run fails naming the missing ones; a member waits for "
+            "the coordinator's reply at most this plus a margin (5 s and a quarter of it) before the run fails naming the call."
+        ),
+    )
+    shared_memory: bool | Literal["auto"] = Field(
         "auto",
         description="A member training on the CPU of the coordinator's node keeps the parameters only the coordinator reads or "
         "writes (averaged, shared) in `/dev/shm`, mapped by both: they are averaged in place instead of copied. "
@@ -589,7 +624,13 @@ class ExchangeConfig(Strict):
 
 
 class TrackingConfig(Strict):
-    uri: Optional[str] = Field(None, description="MLflow tracking URI; default: $MLFLOW_TRACKING_URI, else `sqlite:///mlflow.db` in the working directory (inside a Ray job, in `$POPTRAIN_HOME`, as for `output_dir`).")
+    uri: str | None = Field(
+        None,
+        description=(
+            "MLflow tracking URI; default: $MLFLOW_TRACKING_URI, else `sqlite:///mlflow.db` in "
+            "the working directory (inside a Ray job, in `$POPTRAIN_HOME`, as for `output_dir`)."
+        ),
+    )
     experiment: str = Field("poptrain", min_length=1, max_length=500, description="MLflow experiment name.")
     log_every: int = Field(1, ge=1, description="Log member metrics every k steps.")
     layer_norms_every: int = Field(
@@ -601,16 +642,23 @@ class TrackingConfig(Strict):
         description="Log where each member's step time goes: `profile/compute_ms`, `profile/exchange_wait_ms` (waiting on peers "
         "and the coordinator), `profile/serialize_ms` (tensors to and from flat buffers), `profile/logging_ms`, `profile/checkpoint_ms`.",
     )
-    log_models: bool = Field(True, description="Log each member's final model with `mlflow.pytorch` into its run (loads back with `mlflow.pytorch.load_model`).")
-    plots: bool = Field(True, description="Write PNG figures (losses, terms, couplings, coupled parameters) to `<run dir>/plots/` and the parent run at the end.")
-    system_metrics: Union[bool, Literal["auto"]] = Field(
-        "auto", description="Record each member's CPU, memory and GPU memory as `system/...` metrics every 10 s; `auto`: on when running on a multi-node cluster."
+    log_models: bool = Field(
+        True, description="Log each member's final model with `mlflow.pytorch` into its run (loads back with `mlflow.pytorch.load_model`)."
+    )
+    plots: bool = Field(
+        True, description="Write PNG figures (losses, terms, couplings, coupled parameters) to `<run dir>/plots/` and the parent run at the end."
+    )
+    system_metrics: bool | Literal["auto"] = Field(
+        "auto",
+        description="Record each member's CPU, memory and GPU memory as `system/...` metrics every 10 s; `auto`: on when running on a multi-node cluster.",
     )
 
 
 class CheckpointConfig(Strict):
-    every: Optional[int] = Field(
-        None, ge=0, le=100_000_000,
+    every: int | None = Field(
+        None,
+        ge=0,
+        le=100_000_000,
         description="Save every member's full state (model, optimizer, RNG, data position, step) every k steps, "
         "atomically and checksummed; 0: never (then a member that dies fails the run). A multiple of `exchange.every`; "
         "default: 100 rounded up to one.",
@@ -641,7 +689,7 @@ class PlacementConfig(Strict):
         "auto", description="Ray placement-group strategy for the members' bundles; `auto`: SPREAD on a multi-node cluster, else PACK."
     )
     timeout_s: float = Field(30.0, gt=0, le=MAX_TIMEOUT_S, description="How long to wait for the cluster to fit the whole population.")
-    members_per_host: Union[int, Literal["auto"]] = Field(
+    members_per_host: int | Literal["auto"] = Field(
         "auto",
         description="How many members one host (a Ray actor process) carries, in config order. `auto`: one each when "
         "every member gets a GPU of its own; members that share GPUs under `num_gpus: auto` go to one host per GPU (one "
@@ -687,7 +735,7 @@ class RunConfig(Strict):
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     failure: FailureConfig = Field(default_factory=FailureConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
-    pbt: Optional[PBTConfig] = Field(None, description="Population-based training in memory (see `pbt`); default: none.")
+    pbt: PBTConfig | None = Field(None, description="Population-based training in memory (see `pbt`); default: none.")
     members: list[MemberConfig] = Field(description="The population.")
     couplings: list[SerializeAsAny[CouplingConfig]] = Field(default_factory=list, description="Cross-member terms.")
     gradient_path_check: Literal["error", "warn", "off"] = Field(
@@ -695,7 +743,6 @@ class RunConfig(Strict):
         description="At the first step, a weighted term or coupling with no gradient path to a trainable "
         "parameter of a member it trains stops the run (`error`), warns (`warn`), or is ignored (`off`).",
     )
-
 
     @field_validator("output_dir")
     @classmethod
@@ -883,7 +930,9 @@ def _yaml_structure_problems(root: yaml.Node, max_values: int = MAX_YAML_VALUES)
                 if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
                     ident, line = (key_node.tag, key_node.value), key_node.start_mark.line + 1
                     if ident in lines:
-                        problems.append((dotted(path + [name]), f"is given twice (lines {lines[ident]} and {line}); YAML would silently keep only the last one"))
+                        problems.append(
+                            (dotted(path + [name]), f"is given twice (lines {lines[ident]} and {line}); YAML would silently keep only the last one")
+                        )
                     lines.setdefault(ident, line)
                 children += [(name, key_node), (name, value_node)]
         total = 1
@@ -892,7 +941,9 @@ def _yaml_structure_problems(root: yaml.Node, max_values: int = MAX_YAML_VALUES)
             if total > max_values:
                 while path and isinstance(path[-1], int):  # name the key, not a list position inside it
                     path = path[:-1]
-                raise ConfigError([(dotted(path), f"holds more than {max_values:,} values, counting each use of a YAML alias: far too many for a config (an alias bomb?)")])
+                raise ConfigError(
+                    [(dotted(path), f"holds more than {max_values:,} values, counting each use of a YAML alias: far too many for a config (an alias bomb?)")]
+                )
         open_nodes.discard(id(node))
         sizes[id(node)] = total
         return total
@@ -930,7 +981,8 @@ def read_yaml(path: str | os.PathLike, max_bytes: int = MAX_CONFIG_BYTES) -> dic
     if raw is None:
         raise ConfigError([("top level", "the file is empty: a config is a mapping of keys (name, steps, members, ...)")], source)
     if not isinstance(raw, dict):
-        found = {list: "a list", str: "a string"}.get(type(raw), f"a {type(raw).__name__}")
+        kinds: dict[type, str] = {list: "a list", str: "a string"}
+        found = kinds.get(type(raw), f"a {type(raw).__name__}")
         raise ConfigError([("top level", f"must be a mapping of keys (name, steps, members, ...), not {found}")], source)
     return raw
 
@@ -949,7 +1001,9 @@ def _yaml_problem(exc: yaml.YAMLError, text: str) -> tuple[str, str]:
 
 
 def load_config(
-    config: str | os.PathLike | dict | RunConfig, overrides: list[str] | tuple[str, ...] = (), record: bool = False,
+    config: str | os.PathLike | dict | RunConfig,
+    overrides: list[str] | tuple[str, ...] = (),
+    record: bool = False,
     given: Sequence[Any] = (),
 ) -> RunConfig:
     """Read, override and validate a run config; raises :class:`ConfigError` on any problem.
@@ -1015,8 +1069,15 @@ def _put_given(raw: Any, given: Sequence[Any]) -> None:
     unused = [objects.qualified_name(o) for o in given if id(o) not in used]
     if unused:
         names = sorted({node[field] if isinstance(node[field], str) else objects.qualified_name(node[field]) for node, field in recorded})
-        raise ConfigError([("", f"objects {unused} given to resume are not among those the run was started with "
-                             f"({names or 'it was started with none'}): pass the objects of those names")])
+        raise ConfigError(
+            [
+                (
+                    "",
+                    f"objects {unused} given to resume are not among those the run was started with "
+                    f"({names or 'it was started with none'}): pass the objects of those names",
+                )
+            ]
+        )
 
 
 def _recorded_objects(node: Any) -> Iterator[tuple[dict, str]]:
@@ -1080,18 +1141,20 @@ def _recorded_object_problem(name: str, recorded: str, find: Callable[[], Any]) 
     """(why the recorded object ``name`` of digest ``recorded`` is not here, the object found): the
     object is imported by its name and must have the recorded digest."""
     if recorded.startswith("pickle:"):
-        return (f"the run was started with an instance of `{name}` given from Python (a dataset, ...), which no import finds again: "
-                "only the same object, given again, can take its place"), None
+        return (
+            f"the run was started with an instance of `{name}` given from Python (a dataset, ...), which no import finds again: "
+            "only the same object, given again, can take its place"
+        ), None
     try:
         found = find()
     except Exception as exc:  # noqa: BLE001 - whatever importing it raises, it is not here
-        where = (", defined in a notebook or a script's `__main__`" if name.startswith("__main__:")
-                 else ", defined inside a function" if "<" in name else "")
+        where = ", defined in a notebook or a script's `__main__`" if name.startswith("__main__:") else ", defined inside a function" if "<" in name else ""
         return f"the run was started with the Python object `{name}`{where}, which cannot be imported here ({exc})", None
     found_digest = objects.digest(found)
     if found_digest != recorded:
-        return (f"`{name}` imports, but it is not the object the run was started with: its digest is {found_digest}, the record's "
-                f"{recorded} (its code changed)"), None
+        return (
+            f"`{name}` imports, but it is not the object the run was started with: its digest is {found_digest}, the record's {recorded} (its code changed)"
+        ), None
     return None, found
 
 
@@ -1109,7 +1172,7 @@ def _find_recorded_components(cfg: RunConfig, entries: list[variation.Entry], pr
         reported.add((name, ref.digest))
         from poptrain.builtins import import_path  # only for a record of objects: it imports torch
 
-        reason, found = _recorded_object_problem(name, ref.digest, lambda: import_path(name))
+        reason, found = _recorded_object_problem(name, ref.digest, partial(import_path, name))
         if reason:
             if any(e.compactable for e in entries):  # positions in the expanded list mean nothing to the user: name the member
                 key = _named_member(key, {str(i): m.name for i, m in enumerate(cfg.members)})
@@ -1127,9 +1190,12 @@ def _cannot_continue(missing: list[tuple[str, str]]) -> tuple[str, str]:
     code = dict.fromkeys(name.rsplit(":", 1)[-1].rsplit(".", 1)[-1] for name, digest in missing if not digest.startswith("pickle:"))
     instances = dict.fromkeys(name.rsplit(":", 1)[-1] for name, digest in missing if digest.startswith("pickle:"))
     also = f", with the same {' and '.join(instances)} it was given in the list" if instances else ""
-    return ("", f"this run cannot continue with what is here: it was started from Python with objects that are not importable by "
-                f"their recorded names, or not the same. Continue it from Python, passing the same objects: "
-                f"`poptrain.resume(<its folder>, objects=[{', '.join(code)}])`{also}")
+    return (
+        "",
+        f"this run cannot continue with what is here: it was started from Python with objects that are not importable by "
+        f"their recorded names, or not the same. Continue it from Python, passing the same objects: "
+        f"`poptrain.resume(<its folder>, objects=[{', '.join(code)}])`{also}",
+    )
 
 
 def validate_config(raw: dict, member_overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
@@ -1147,7 +1213,7 @@ def validate_config(raw: dict, member_overrides: list[str] | tuple[str, ...] = (
     raw_couplings = [] if raw_couplings is None else raw_couplings
     if isinstance(raw_couplings, list):  # from Python, a coupling class alone stands for `{type: <the class>}`
         raw_couplings = [{"type": item} if isinstance(item, type) else item for item in raw_couplings]
-    problems: list[tuple[str, str]] = []
+    problems = []
     if not isinstance(raw_couplings, list) or not all(isinstance(c, dict) for c in raw_couplings):
         problems.append(("couplings", "must be a list of mappings, each with a `type`"))
         raw_couplings = []
@@ -1168,15 +1234,22 @@ def validate_config(raw: dict, member_overrides: list[str] | tuple[str, ...] = (
         if name in seen.values():
             problems.append((f"members.{index}.name", f"duplicate member name {name!r}"))
         elif name.lower() in seen:
-            problems.append((f"members.{index}.name", f"member names {seen[name.lower()]!r} and {name!r} differ only in case: "
-                             "their outputs (`members/<name>/`) would share a folder on case-insensitive file systems"))
+            problems.append(
+                (
+                    f"members.{index}.name",
+                    f"member names {seen[name.lower()]!r} and {name!r} differ only in case: "
+                    "their outputs (`members/<name>/`) would share a folder on case-insensitive file systems",
+                )
+            )
         seen.setdefault(name.lower(), name)
     if not names:
         problems.append(("members", "the population is empty: list at least one member"))
     if cfg.checkpoint.every is None:  # the default: about every 100 steps, on an exchange
         cfg.checkpoint.every = -(-100 // cfg.exchange.every) * cfg.exchange.every
     elif cfg.checkpoint.every and cfg.checkpoint.every % cfg.exchange.every:
-        problems.append(("checkpoint.every", f"must be a multiple of exchange.every ({cfg.exchange.every}), so checkpoints fall on exchanges; got {cfg.checkpoint.every}"))
+        problems.append(
+            ("checkpoint.every", f"must be a multiple of exchange.every ({cfg.exchange.every}), so checkpoints fall on exchanges; got {cfg.checkpoint.every}")
+        )
 
     typed: list[CouplingConfig] = []
     labels: set[str] = set()
@@ -1190,7 +1263,7 @@ def validate_config(raw: dict, member_overrides: list[str] | tuple[str, ...] = (
             problems.append((f"{key}.type", f"{item['type']!r} {IMPORT_RULE}"))
             continue
         if not given and isinstance(item.get("digest"), str):  # a recorded object: the same one must be here
-            reason, found = _recorded_object_problem(item["type"], item["digest"], lambda: resolve_coupling(item["type"]))
+            reason, found = _recorded_object_problem(item["type"], item["digest"], partial(resolve_coupling, item["type"]))
             if reason:
                 problems.append((f"{key}.type", reason))
                 missing.append((item["type"], item["digest"]))
@@ -1224,16 +1297,34 @@ def validate_config(raw: dict, member_overrides: list[str] | tuple[str, ...] = (
         labels.add(specific.label)
         renamed = [old for old in ("exchange_transform", "transforms", "writes") if hasattr(cls, old)]
         if renamed:  # written for the interface before `rewrites`: it would be silently ignored
-            problems.append((f"{key}.type", f"{cls.__name__} defines {', '.join(renamed)}, which couplings no longer have: declare "
-                             "`rewrites_values = True` and implement `rewrites()` (what, when) and `rewrite(kind, q, out)` (see poptrain.couplings.base)"))
+            problems.append(
+                (
+                    f"{key}.type",
+                    f"{cls.__name__} defines {', '.join(renamed)}, which couplings no longer have: declare "
+                    "`rewrites_values = True` and implement `rewrites()` (what, when) and `rewrite(kind, q, out)` (see poptrain.couplings.base)",
+                )
+            )
         if cfg.exchange.mode == "async" and cls.rewrites_values:
-            problems.append((f"{key}.type", f"{item['type']!r} replaces members' values at exchanges, which needs every member at the same exchange: use `exchange.mode: sync`"))
+            problems.append(
+                (
+                    f"{key}.type",
+                    f"{item['type']!r} replaces members' values at exchanges, which needs every member at the same exchange: use `exchange.mode: sync`",
+                )
+            )
         if cfg.failure.nonfinite == "rollback" and not cls.allows_rollback:
-            problems.append((f"{key}.type", f"{item['type']!r} keeps members' parameters identical, which restoring one member from its checkpoint would break: use `failure.nonfinite: skip` or `fail`"))
+            problems.append(
+                (
+                    f"{key}.type",
+                    f"{item['type']!r} keeps members' parameters identical, which restoring one "
+                    "member from its checkpoint would break: use `failure.nonfinite: skip` or `fail`",
+                )
+            )
         try:
             problems.extend((f"{key}.{k}" if k else key, msg) for k, msg in cls.check_config(specific, cfg))
         except Exception as exc:  # a user coupling's own check failing: nothing starts, and its traceback is shown
-            problems.append((key, Reason.of(f"{cls.__name__}.check_config raised {type(exc).__name__}: {exc} (a bug in the coupling's code; its traceback follows)", exc)))
+            problems.append(
+                (key, Reason.of(f"{cls.__name__}.check_config raised {type(exc).__name__}: {exc} (a bug in the coupling's code; its traceback follows)", exc))
+            )
         typed.append(specific)
     per = cfg.placement.members_per_host
     if per != "auto":  # hosts known from the config alone; with `auto` shares, the driver checks them (host_resources)
@@ -1242,7 +1333,12 @@ def validate_config(raw: dict, member_overrides: list[str] | tuple[str, ...] = (
             if all(m.resources.num_gpus != "auto" for m in host):
                 reason = host_gpu_problem([float(m.resources.num_gpus) for m in host])
                 if reason:
-                    problems.append(("placement.members_per_host", f"the host of members {', '.join(m.name for m in host[:4])}{' ...' if len(host) > 4 else ''} cannot be placed: {reason}"))
+                    problems.append(
+                        (
+                            "placement.members_per_host",
+                            f"the host of members {', '.join(m.name for m in host[:4])}{' ...' if len(host) > 4 else ''} cannot be placed: {reason}",
+                        )
+                    )
                     break  # one host says it; the others are cut alike
     for index, member in enumerate(cfg.members):
         term_names = [t.name for t in member.terms]
@@ -1302,8 +1398,9 @@ def ray_job() -> dict[str, Any] | None:
     except ValueError:
         data = {}
     data = data if isinstance(data, dict) else {}
-    runtime_env = data.get("runtime_env") if isinstance(data.get("runtime_env"), dict) else {}
-    metadata = data.get("metadata") if isinstance(data.get("metadata"), dict) else {}
+    runtime_env, metadata = data.get("runtime_env"), data.get("metadata")
+    runtime_env = runtime_env if isinstance(runtime_env, dict) else {}
+    metadata = metadata if isinstance(metadata, dict) else {}
     return {"submission_id": metadata.get("job_submission_id"), "working_dir": runtime_env.get("working_dir")}
 
 
@@ -1353,9 +1450,14 @@ def job_storage_problems(cfg: RunConfig, tracking_uri: str) -> list[tuple[str, s
     problems = []
     for key, path in (("output_dir", cfg.run_dir), ("tracking.uri", local)):
         if path is not None and Path(path).resolve().is_relative_to(scratch):
-            problems.append((key, f"{path} is inside the Ray job's working directory {scratch}, a temporary copy that Ray deletes: "
-                             f"give a relative path (inside a job it resolves against ${HOME_ENV}, default {DEFAULT_JOB_HOME}) "
-                             "or an absolute path outside it"))
+            problems.append(
+                (
+                    key,
+                    f"{path} is inside the Ray job's working directory {scratch}, a temporary copy that Ray deletes: "
+                    f"give a relative path (inside a job it resolves against ${HOME_ENV}, default {DEFAULT_JOB_HOME}) "
+                    "or an absolute path outside it",
+                )
+            )
     return problems
 
 

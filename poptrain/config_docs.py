@@ -6,7 +6,9 @@ markers; a test keeps the two in sync.
 
 from __future__ import annotations
 
+import types
 import typing
+from collections.abc import Set as AbstractSet
 from typing import Any
 
 from pydantic import BaseModel
@@ -21,7 +23,7 @@ def _type_name(annotation: Any) -> str:
     if origin is None:
         return getattr(annotation, "__name__", str(annotation)).replace("NoneType", "null")
     args = [a for a in typing.get_args(annotation)]
-    if origin is typing.Union or str(origin) == "types.UnionType":
+    if origin is typing.Union or origin is types.UnionType:
         return " or ".join(_type_name(a) for a in args)
     if origin is typing.Literal:
         return " or ".join(f"`{a}`" for a in args)
@@ -33,14 +35,14 @@ def _type_name(annotation: Any) -> str:
 
 def _default(info: FieldInfo) -> str:
     if info.default_factory is not None:
-        value = info.default_factory()
+        value = info.get_default(call_default_factory=True)
         return f"`{value}`" if not isinstance(value, BaseModel) else "(see below)"
     if info.default is PydanticUndefined:
         return "**required**"
     return f"`{info.default}`"
 
 
-def _table(model: type[BaseModel], prefix: str, skip: set[str] = frozenset()) -> list[str]:
+def _table(model: type[BaseModel], prefix: str, skip: AbstractSet[str] = frozenset()) -> list[str]:
     rows = [f"| `{prefix}` key | type | default | meaning |", "| --- | --- | --- | --- |"]
     # What a CodeRef adds (``digest``) after the fields a reader looks for first.
     for name, info in sorted(model.model_fields.items(), key=lambda item: item[0] in schema.CodeRef.model_fields):
@@ -56,7 +58,7 @@ def sections() -> list[tuple[str, type[BaseModel], set[str]]]:
     from poptrain.couplings.function import FunctionCouplingConfig, Read
     from poptrain.registry import BUILTIN_COUPLINGS, resolve_coupling
 
-    out = [
+    out: list[tuple[str, type[BaseModel], set[str]]] = [
         ("top level", schema.RunConfig, set()),
         ("exchange", schema.ExchangeConfig, set()),
         ("tracking", schema.TrackingConfig, set()),

@@ -30,9 +30,11 @@ import json
 import threading
 import time
 import warnings
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from functools import partial
+from typing import Any
 
 import numpy as np
 import torch
@@ -404,7 +406,7 @@ class PBTRounds:
         return True
 
     def _decide(self, step: int, arrived) -> None:
-        from poptrain.pbt import explore, exploit_plan, round_rng, value_problem
+        from poptrain.pbt import exploit_plan, explore, round_rng, value_problem
 
         rng = round_rng(self.run, step)
         scores = {m: arrived[m][0] for m in self.members}
@@ -413,9 +415,17 @@ class PBTRounds:
         self.states[step] = {m: arrived[m][2] for m in set(plan.values())}
         for receiver, donor in sorted(plan.items(), key=lambda kv: self.members.index(kv[0])):
             member = self.run.member(receiver)
-            new, adjusted = explore(arrived[donor][1], self.run.pbt.hyperparameters, rng, lambda key, value: value_problem(member, key, value))
-            event = {"step": step, "receiver": receiver, "donor": donor, "metric": self.metric, "receiver_score": scores[receiver],
-                     "donor_score": scores[donor], "old_hyperparameters": arrived[receiver][1], "new_hyperparameters": new}
+            new, adjusted = explore(arrived[donor][1], self.run.pbt.hyperparameters, rng, partial(value_problem, member))
+            event = {
+                "step": step,
+                "receiver": receiver,
+                "donor": donor,
+                "metric": self.metric,
+                "receiver_score": scores[receiver],
+                "donor_score": scores[donor],
+                "old_hyperparameters": arrived[receiver][1],
+                "new_hyperparameters": new,
+            }
             if adjusted:  # on the receiver's run with the exploit (a tag) and as pbt/adjusted
                 event["adjusted"] = adjusted
             self.decided[step][receiver] = {**event, "state": self.states[step][donor]}
@@ -644,7 +654,10 @@ class Coordinator:
             if not decided:
                 if not self.lock.wait_for(lambda: step in self.pbt.decided or self.aborted, self.timeout_s):
                     missing = [m for m in self.pbt.members if m not in self.pbt.arrived.get(step, {})]
-                    raise ExchangeTimeout(f"population-based training at step {step}: {_naming([a[0] for a in arrivals])} waited {self.timeout_s:g} s for {missing} (exchange.timeout_s)")
+                    raise ExchangeTimeout(
+                        f"population-based training at step {step}: {_naming([a[0] for a in arrivals])} "
+                        f"waited {self.timeout_s:g} s for {missing} (exchange.timeout_s)"
+                    )
                 self._raise_if_aborted()
             return [self.pbt.decision(step, arrival[0]) for arrival in arrivals]
 

@@ -22,8 +22,9 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -62,19 +63,21 @@ class ExchangePlan:
             reads = coupling.reads()
             for member in coupling.trains:
                 self.reads_for_terms[member].update(q for q in reads if q.phase is not None or q.member == member)
-            reads = [q for q in reads if q.phase is not None]  # local quantities stay with their member
-            for q in reads:
-                if q not in self.sends[q.member][q.phase]:
-                    self.sends[q.member][q.phase].append(q)
-                takes_part[q.phase].add(q.member)
+            exchanged = [(q, q.phase) for q in reads if q.phase is not None]  # local quantities stay with their member
+            for q, phase in exchanged:
+                if q not in self.sends[q.member][phase]:
+                    self.sends[q.member][phase].append(q)
+                takes_part[phase].add(q.member)
                 self.period[q] = math.gcd(self.period.get(q, 0), coupling.read_every())
             for member in coupling.trains:
-                for q in reads:
+                for q, phase in exchanged:
                     if q.member != member:
                         self.receives[member].add(q)
-                        takes_part[q.phase].add(member)
+                        takes_part[phase].add(member)
             for rewrite in coupling.rewrites():
                 for q in rewrite.quantities:
+                    if q.phase is None:  # it would otherwise fail below as a KeyError, far from its cause
+                        raise ValueError(f"coupling {coupling.name!r} rewrites {q}, a member's local quantity, which never leaves the member")
                     self.replaced[q.member].add(q)
                     takes_part[q.phase].add(q.member)
         for sends in self.sends.values():
@@ -96,7 +99,7 @@ class ExchangePlan:
         self.takes_part: dict[str, frozenset[str]] = {k: frozenset(v) for k, v in self.participants.items()}  # looked up per member and step
 
     @classmethod
-    def for_run(cls, run, population: PopulationInfo, couplings: list[Coupling] | None = None) -> "ExchangePlan":
+    def for_run(cls, run, population: PopulationInfo, couplings: list[Coupling] | None = None) -> ExchangePlan:
         """The plan of a run (``couplings``: its built couplings, else built here). Parameters may be
         mapped only at a sync barrier, the one moment the coordinator may read them."""
         if couplings is None:
@@ -176,7 +179,9 @@ class Wire:
         if not wire:
             return {}, {}
         entries, payload = wire
-        values, columns, offset = {}, {}, 0
+        values: dict[Quantity, np.ndarray] = {}
+        columns: dict[tuple[str, str], tuple[tuple[str, ...], np.ndarray] | None] = {}
+        offset = 0
         for index, (family, members, dtype, shape) in enumerate(entries):
             kind, key = self.families[family]
             names = tuple(self.members[m] for m in members)
@@ -196,10 +201,10 @@ class Wire:
     def unpack(self, wire: tuple) -> dict[Quantity, np.ndarray]:
         return self.unpack_columns(wire)[0]
 
-    def pack_reply(self, reply: "Reply") -> tuple:
+    def pack_reply(self, reply: Reply) -> tuple:
         return self.pack(reply.values), self.pack(reply.replace), reply.steps
 
-    def unpack_reply(self, wire: tuple) -> "Reply":
+    def unpack_reply(self, wire: tuple) -> Reply:
         values, replace, steps = wire
         values, columns = self.unpack_columns(values)
         return Reply(values, self.unpack(replace), steps, columns=columns)
@@ -319,7 +324,12 @@ def by_reference(packed: tuple) -> Any:
     Ray's object store once: every member then gets the same reference (wrapped in a list so Ray
     does not resolve it on return) and reads the NumPy buffers zero-copy from shared memory."""
     # Flat `bytes` parts are under FLAT_BYTES_LIMIT each: only array parts are worth sharing.
-    size = sum(a.nbytes if isinstance(a, np.ndarray) else sum(row.nbytes for row in a) for part in packed[:2] if part and not isinstance(part[1], bytes) for a in part[1])
+    size = sum(
+        a.nbytes if isinstance(a, np.ndarray) else sum(row.nbytes for row in a)
+        for part in packed[:2]
+        if part and not isinstance(part[1], bytes)
+        for a in part[1]
+    )
     if size < BY_REFERENCE_BYTES:
         return packed
     import ray

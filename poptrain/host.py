@@ -94,10 +94,14 @@ class Hosted:
 class MemberHost:
     """Ray actor carrying one or more members: see the module's docstring."""
 
-    def __init__(self, run: RunConfig, names: list[str], population: PopulationInfo, coordinator_name: str, num_cpus: float, run_dir: str, system_metrics: bool = False):
+    def __init__(
+        self, run: RunConfig, names: list[str], population: PopulationInfo, coordinator_name: str, num_cpus: float, run_dir: str, system_metrics: bool = False
+    ):
         self._start(run, names, population, coordinator_name, num_cpus, run_dir, system_metrics)
 
-    def rebind(self, run: RunConfig, names: list[str], population: PopulationInfo, coordinator_name: str, num_cpus: float, run_dir: str, system_metrics: bool = False) -> dict[str, Any]:
+    def rebind(
+        self, run: RunConfig, names: list[str], population: PopulationInfo, coordinator_name: str, num_cpus: float, run_dir: str, system_metrics: bool = False
+    ) -> dict[str, Any]:
         """Carry members ``names`` of another run in this process (a warm process, see
         :mod:`poptrain.pool`): everything the last run's members held is let go and built anew
         from the arguments, exactly as a new process would build it. Returns :meth:`info`."""
@@ -119,7 +123,9 @@ class MemberHost:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
-    def _start(self, run: RunConfig, names: list[str], population: PopulationInfo, coordinator_name: str, num_cpus: float, run_dir: str, system_metrics: bool) -> None:
+    def _start(
+        self, run: RunConfig, names: list[str], population: PopulationInfo, coordinator_name: str, num_cpus: float, run_dir: str, system_metrics: bool
+    ) -> None:
         device, gpu_ids = placement_device()
         torch.set_num_threads(max(1, int(num_cpus)))
         self.run, self.run_dir = run, run_dir
@@ -129,7 +135,9 @@ class MemberHost:
         plan = ExchangePlan.for_run(run, population, couplings)
         own_couplings = run.pbt is not None and any(key.startswith("couplings.") for key in run.pbt.hyperparameters)
         devices = member_devices(len(names), device, min(len(gpu_ids), torch.cuda.device_count()) if device == "cuda" else 0)
-        trainers = [MemberTrainer(run, name, population, on, couplings=None if own_couplings else couplings, plan=plan) for name, on in zip(names, devices)]
+        trainers = [
+            MemberTrainer(run, name, population, on, couplings=None if own_couplings else couplings, plan=plan) for name, on in zip(names, devices, strict=True)
+        ]
         self.coordinator = coordinator = ray.get_actor(coordinator_name)
         client = CoordinatorClient(coordinator, ray.get(coordinator.channel.remote()), run.exchange.timeout_s)
         self.link = open_link(run, trainers[0].plan, client)  # one for every member it carries
@@ -222,7 +230,7 @@ class MemberHost:
                 for group in self.groups:
                     group.release_member_copies()
             if step and run.evaluation.every and step % run.evaluation.every == 0:
-                for m, metrics in zip(members, self._evaluate(step)):
+                for m, metrics in zip(members, self._evaluate(step), strict=True):
                     m.evaluated = metrics
             if step and run.pbt is not None and step % run.pbt.every == 0:
                 self._pbt_round(step)
@@ -233,7 +241,7 @@ class MemberHost:
             stepped = self._step_units()
             self._wait_for_gpus()
             step_ms = 1000 * (time.perf_counter() - started) / len(members)  # a member's share of the host's step
-            for m, metrics in zip(members, stepped):
+            for m, metrics in zip(members, stepped, strict=True):
                 if run.tracking.profile:
                     metrics.update({f"profile/{k}": v for k, v in m.trainer.timings.items()})
                     metrics["profile/compute_ms"] = step_ms - sum(m.trainer.timings.values())
@@ -244,7 +252,7 @@ class MemberHost:
         self._sync_stacks(into_members=True)  # the members' own optimizers hold their state between calls
         if members[0].trainer.step == run.steps:
             drive([m.trainer for m in members], [m.trainer.finish_program() for m in members], self.link)
-            for m, metrics in zip(members, self._evaluate(run.steps)):  # after the last exchange: an average's target has its final weights
+            for m, metrics in zip(members, self._evaluate(run.steps), strict=True):  # after the last exchange: an average's target has its final weights
                 m.last_step_metrics = {**m.last_step_metrics, **metrics}
         # The last pipelined publishes: done before train() returns, so their coupling metrics are
         # in the coordinator's outbox when the driver takes it for the last time.
@@ -259,8 +267,8 @@ class MemberHost:
         each member's metrics, in order."""
         results = drive(self.units, [u.step_program() for u in self.units], self.link)
         by_name = {}
-        for unit, result in zip(self.units, results):
-            by_name.update(zip(unit.names, result if isinstance(unit, StackedGroup) else [result]))
+        for unit, result in zip(self.units, results, strict=True):
+            by_name.update(zip(unit.names, result if isinstance(unit, StackedGroup) else [result], strict=True))
         return [by_name[m.name] for m in self.members]
 
     def _wait_for_gpus(self) -> None:
@@ -292,13 +300,19 @@ class MemberHost:
             state = [ray.put(transferable(m.trainer.state_dict()))]  # in a list: Ray hands the reference on, unresolved
             arrivals.append((m.name, score, m.trainer.hyperparameters.get(), state))
         names = self.run.member_names
-        for m, decision in zip(scheduled, ray.get(self.coordinator.pbt_round.remote(step, arrivals))):
+        for m, decision in zip(scheduled, ray.get(self.coordinator.pbt_round.remote(step, arrivals)), strict=True):
             if decision is None:
                 continue
             m.trainer.exploit(decision["donor"], ray.get(decision["state"][0]), decision["new_hyperparameters"])
             now = int(time.time() * 1000)
-            m.outbox.add([("pbt/exploited", 1.0, step, now), ("pbt/donor_index", float(names.index(decision["donor"])), step, now),
-                          ("pbt/score", float(decision["receiver_score"]), step, now), ("pbt/donor_score", float(decision["donor_score"]), step, now)])
+            m.outbox.add(
+                [
+                    ("pbt/exploited", 1.0, step, now),
+                    ("pbt/donor_index", float(names.index(decision["donor"])), step, now),
+                    ("pbt/score", float(decision["receiver_score"]), step, now),
+                    ("pbt/donor_score", float(decision["donor_score"]), step, now),
+                ]
+            )
             if decision.get("adjusted"):  # explore's draw was bounded or refused (what and why: the exploit's tag)
                 m.outbox.add([("pbt/adjusted", float(len(decision["adjusted"])), step, now)])
         self._sync_stacks(into_members=False)

@@ -14,8 +14,9 @@ host carries it or next to whom.
 
 from __future__ import annotations
 
+from collections.abc import Generator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Generator, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
@@ -50,7 +51,7 @@ class Programmed(Protocol):
     of members): the names of the members it stands for, its random streams and link."""
 
     names: tuple[str, ...]
-    randomness: "MemberRandomness"
+    randomness: MemberRandomness
     link: Link | None
 
 
@@ -61,6 +62,7 @@ def run_alone(program: StepProgram, member: Programmed) -> Any:
             op = next(program)
             while True:
                 if isinstance(op, Send):
+                    assert member.link is not None, "a member run alone exchanges over its own link"
                     op = program.send(member.link.send(op.kind, op.step, member.names, op.values))
                 else:
                     op = program.send(op.pending())
@@ -80,7 +82,8 @@ class _Batch:
     """One message for the members of a host that sent the same phase: its reply, read once."""
 
     def __init__(self, pending: Pending):
-        self.pending, self.reply = pending, None
+        self.pending = pending
+        self.reply: Reply | None = None
 
     def get(self) -> Reply:
         if self.reply is None:

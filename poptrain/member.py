@@ -16,7 +16,8 @@ import copy
 import hashlib
 import time
 import warnings
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -51,7 +52,7 @@ def read_scalars(values: Mapping[Any, torch.Tensor]) -> dict[Any, float]:
         return {}
     device = next(iter(values.values())).device
     read = torch.stack([v.detach().reshape(()).to(device, torch.float64) for v in values.values()]).tolist()
-    return dict(zip(values, read))
+    return dict(zip(values, read, strict=True))
 
 
 class MemberTrainer:
@@ -61,8 +62,15 @@ class MemberTrainer:
     :meth:`train_step` runs one step and returns its metrics.
     """
 
-    def __init__(self, run: RunConfig, name: str, population: PopulationInfo, device: str | torch.device = "cpu",
-                 couplings: list | None = None, plan: ExchangePlan | None = None):
+    def __init__(
+        self,
+        run: RunConfig,
+        name: str,
+        population: PopulationInfo,
+        device: str | torch.device = "cpu",
+        couplings: list | None = None,
+        plan: ExchangePlan | None = None,
+    ):
         """``couplings`` and ``plan``: built once for every member a host carries (a plan is O(N²)
         in a population of N), else built here."""
         self.run, self.name, self.population = run, name, population
@@ -98,8 +106,12 @@ class MemberTrainer:
         self.plan = ExchangePlan.for_run(run, population, self.couplings) if plan is None else plan
         # The rounds that rewrite this member's parameters (averaging, ...): what each moved them by is
         # logged at logged steps (received/distance), measured against a copy of them as sent.
-        self.param_rounds = [(r, {q.key for q in r.quantities if q.member == name}) for c in self.couplings for r in c.rewrites()
-                             if r.kind == "param" and any(q.member == name for q in r.quantities)]
+        self.param_rounds = [
+            (r, {q.key for q in r.quantities if q.member == name})
+            for c in self.couplings
+            for r in c.rewrites()
+            if r.kind == "param" and any(q.member == name for q in r.quantities)
+        ]
         self.before_round: tuple[int, dict[str, torch.Tensor]] | None = None  # (step, its rewritten parameters as sent)
         self.received: dict[str, torch.Tensor] = {}  # received/distance of this step's round, read with its metrics
         self.link: Link | None = None
@@ -215,7 +227,9 @@ class MemberTrainer:
         coupling_terms = {k: v for k, v in coupling_terms.items() if v is not None}
         if logs_step(self.run, self.step):
             with torch.no_grad():
-                self.coupling_extras = {f"coupling/{c.name}/{k}": float(v) for c in self.training_couplings for k, v in c.metrics_for(self.name, quantities).items()}
+                self.coupling_extras = {
+                    f"coupling/{c.name}/{k}": float(v) for c in self.training_couplings for k, v in c.metrics_for(self.name, quantities).items()
+                }
         if not self.checked_gradient_paths:
             self._check_gradient_paths(terms, weights, coupling_terms)
         return coupling_terms
@@ -604,7 +618,9 @@ class MemberTrainer:
         self.hyperparameters.set(hyperparameters)
         self.lineage.append([self.step, donor])
         if self.rollback_point is not None:  # a bad step from here on returns to the copy, not to what this member was before it
-            self.set_rollback_point(self.step, {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "balancer": self.balancer.state_dict()})
+            self.set_rollback_point(
+                self.step, {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "balancer": self.balancer.state_dict()}
+            )
 
 
 def _map_tensors(tree: Any, fn: Callable[[Any], Any]) -> Any:
@@ -642,7 +658,7 @@ class PeerValues(dict):
         the column is kept as it came (what a coupling asks for in that order costs nothing more)."""
         rows = dict(values)
         for (kind, key), (members, column) in columns.items():
-            rows.update(zip((Quantity(m, kind, key) for m in members), column.unbind(0)))
+            rows.update(zip((Quantity(m, kind, key) for m in members), column.unbind(0), strict=True))
         self.update(rows)
         self._columns = {(kind, key, members): column for (kind, key), (members, column) in columns.items()}
 
@@ -684,8 +700,13 @@ def pack_tensors(tensors: Mapping[str, torch.Tensor]) -> dict[str, Any]:
         dims.extend(tensor.shape)
         dtypes.append(str(tensor.dtype).removeprefix("torch."))
         flat.setdefault(dtypes[-1], []).append(tensor.reshape(-1))
-    return {"keys": "\n".join(keys), "dtypes": "\n".join(dtypes), "ranks": torch.tensor(ranks, dtype=torch.int64),
-            "dims": torch.tensor(dims, dtype=torch.int64), "values": {d: torch.cat(parts) for d, parts in flat.items()}}
+    return {
+        "keys": "\n".join(keys),
+        "dtypes": "\n".join(dtypes),
+        "ranks": torch.tensor(ranks, dtype=torch.int64),
+        "dims": torch.tensor(dims, dtype=torch.int64),
+        "values": {d: torch.cat(parts) for d, parts in flat.items()},
+    }
 
 
 def unpack_tensors(packed: Mapping[str, Any]) -> dict[str, torch.Tensor]:
@@ -701,10 +722,10 @@ def unpack_tensors(packed: Mapping[str, Any]) -> dict[str, torch.Tensor]:
     else:
         keys, shapes, dtypes = packed["keys"], packed["shapes"], packed["dtypes"]
     counts: dict[str, list[int]] = {d: [] for d in packed["values"]}
-    for shape, dtype in zip(shapes, dtypes):
+    for shape, dtype in zip(shapes, dtypes, strict=True):
         counts[dtype].append(int(np.prod(shape, dtype=np.int64)))
     parts = {d: iter(torch.split(packed["values"][d].clone(), counts[d])) for d in counts}
-    return {key: next(parts[dtype]).reshape(shape) for key, shape, dtype in zip(keys, shapes, dtypes)}
+    return {key: next(parts[dtype]).reshape(shape) for key, shape, dtype in zip(keys, shapes, dtypes, strict=True)}
 
 
 def packed_digest(packed: Mapping[str, Any]) -> str | None:

@@ -64,7 +64,7 @@ def using_tracking_uri(uri: str):
     try:
         yield
     finally:
-        mlflow.set_tracking_uri(previous)
+        mlflow.set_tracking_uri(previous)  # type: ignore[arg-type]  # None unsets it, which mlflow's annotation omits
         if env is None:
             os.environ.pop("MLFLOW_TRACKING_URI", None)
         else:
@@ -117,7 +117,9 @@ def log_member_model(
     if input_example is None:  # a model of several inputs: logged without an example or a signature
         example = signature = None
     else:
-        example = input_example.detach().cpu() if isinstance(input_example, torch.Tensor) else torch.as_tensor(np.array(input_example))  # a copy: arrays from Ray are read-only
+        example = (
+            input_example.detach().cpu() if isinstance(input_example, torch.Tensor) else torch.as_tensor(np.array(input_example))
+        )  # a copy: arrays from Ray are read-only
         with torch.no_grad():
             output = model(example)
         signature = infer_signature(example.numpy(), output.numpy() if isinstance(output, torch.Tensor) else None)

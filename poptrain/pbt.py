@@ -14,23 +14,30 @@ from __future__ import annotations
 import inspect
 import math
 import random
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from poptrain.build import optimizer_class, probe_torch_optimizer
-from poptrain.config import MemberConfig, Perturbation, PBTConfig, RunConfig
+from poptrain.config import MemberConfig, Perturbation, RunConfig
 
 GROUP_KEY = "poptrain_group"  # in each optimizer param group: the config group it came from (-1: the default)
 
 
 def ranking(run: RunConfig) -> tuple[str, bool]:
     """The metric members are ranked by and whether higher is better."""
-    pbt = run.pbt
-    metric = pbt.metric or f"eval/{run.evaluation.ranking.key}"
+    pbt, ranked_by = run.pbt, run.evaluation.ranking
+    if pbt is None:
+        raise ValueError("the run has no `pbt` section to rank members for")
+    metric = pbt.metric
+    if metric is None:
+        if ranked_by is None:
+            raise ValueError("pbt.metric: none given, and the run evaluates no metric to rank members by")
+        metric = f"eval/{ranked_by.key}"
     if pbt.mode is not None:
         return metric, pbt.mode == "max"
     if metric.startswith("eval/"):
         labelled = {m.key: m for m in run.evaluation.metrics}
-        return metric, bool(labelled[metric[len("eval/"):]].higher)
+        return metric, bool(labelled[metric[len("eval/") :]].higher)
     return metric, False  # a training metric: a loss, lower is better
 
 
@@ -144,7 +151,7 @@ def optimizer_options(member: MemberConfig) -> dict[str, Any]:
     """The options of ``member``'s optimizer class (its constructor's keyword arguments but ``lr``,
     which is ``optimizer.lr``), with the values the member's optimizer takes: its config's, else
     the constructor's defaults."""
-    parameters = inspect.signature(optimizer_class(member).__init__).parameters
+    parameters = inspect.signature(optimizer_class(member).__init__).parameters  # type: ignore[misc]  # the class's own, not an instance's
     options = {n: p.default for n, p in parameters.items() if n not in ("self", "params", "lr") and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
     return {**options, **member.optimizer.kwargs}
 
@@ -153,9 +160,10 @@ def exploit_plan(scores: dict[str, float | None], order: list[str], quantile: fl
     """``{receiver: donor}``: each of the bottom ``quantile`` (at least one) copies a member of the top
     ``quantile`` chosen at random. Nobody is exploited while a score is missing (the ranking metric
     does not exist yet) or not finite; ties are broken by member order."""
-    if len(scores) < 2 or any(v is None or not math.isfinite(v) for v in scores.values()):
+    known = {m: v for m, v in scores.items() if v is not None and math.isfinite(v)}
+    if len(scores) < 2 or len(known) < len(scores):
         return {}
-    ranked = sorted(order, key=lambda m: (-scores[m] if higher else scores[m], order.index(m)))
+    ranked = sorted(order, key=lambda m: (-known[m] if higher else known[m], order.index(m)))
     n = max(1, int(len(ranked) * quantile))
     top, bottom = ranked[:n], ranked[-n:]
     return {receiver: rng.choice(top) for receiver in bottom if receiver not in top}
@@ -173,7 +181,9 @@ def round_rng(run: RunConfig, step: int) -> random.Random:
 def check(run: RunConfig, shapes: dict[str, dict[str, tuple]]) -> list[tuple[str, str]]:
     """Members in the schedule must be alike where copying requires it: the same parameter names and
     shapes and the same optimizer (class and groups); each perturbed key must exist."""
-    pbt: PBTConfig = run.pbt
+    pbt = run.pbt
+    if pbt is None:
+        return []
     members = pbt_members(run)
     problems: list[tuple[str, str]] = []
     unknown = [m for m in members if m not in run.member_names]
@@ -185,10 +195,18 @@ def check(run: RunConfig, shapes: dict[str, dict[str, tuple]]) -> list[tuple[str
     for name in members[1:]:
         if shapes.get(name) != shapes.get(first):
             differ = sorted(set(shapes.get(name, {}).items()) ^ set(shapes.get(first, {}).items()))[:4]
-            problems.append(("pbt.members", f"members {first!r} and {name!r} have different parameters ({differ}): a member can only copy one of the same architecture"))
+            problems.append(
+                ("pbt.members", f"members {first!r} and {name!r} have different parameters ({differ}): a member can only copy one of the same architecture")
+            )
         a, b = run.member(first).optimizer, run.member(name).optimizer
         if a.name != b.name or len(a.groups) != len(b.groups):
-            problems.append(("pbt.members", f"members {first!r} and {name!r} have different optimizers ({a.name}, {len(a.groups)} groups vs {b.name}, {len(b.groups)}): their states cannot be copied"))
+            problems.append(
+                (
+                    "pbt.members",
+                    f"members {first!r} and {name!r} have different optimizers ({a.name}, {len(a.groups)} "
+                    f"groups vs {b.name}, {len(b.groups)}): their states cannot be copied",
+                )
+            )
     for key, how in pbt.hyperparameters.items():
         head, _, rest = key.partition(".")
         where = f"pbt.hyperparameters.{key}"
@@ -201,9 +219,20 @@ def check(run: RunConfig, shapes: dict[str, dict[str, tuple]]) -> list[tuple[str
                 option, options = rest.split(".", 1)[1], optimizer_options(member)
                 numeric = sorted(k for k, v in options.items() if isinstance(v, (int, float)) and not isinstance(v, bool))
                 if option not in options:
-                    found.append((where, f"{member.optimizer.name!r} has no option {option!r}; its options are {sorted(options)} (of which numbers, which explore can perturb: {numeric})"))
+                    found.append(
+                        (
+                            where,
+                            f"{member.optimizer.name!r} has no option {option!r}; its options are "
+                            f"{sorted(options)} (of which numbers, which explore can perturb: {numeric})",
+                        )
+                    )
                 elif option not in numeric:
-                    found.append((where, f"the option {option!r} of {member.optimizer.name!r} is {options[option]!r}, not a number: explore perturbs numbers ({numeric})"))
+                    found.append(
+                        (
+                            where,
+                            f"the option {option!r} of {member.optimizer.name!r} is {options[option]!r}, not a number: explore perturbs numbers ({numeric})",
+                        )
+                    )
             elif head == "terms" and rest.rsplit(".", 1)[0] not in [t.name for t in member.terms]:
                 found.append((where, f"member {name!r} has no term {rest.rsplit('.', 1)[0]!r}"))
             elif head == "couplings" and rest.rsplit(".", 1)[0] not in [c.label for c in run.couplings]:
@@ -213,7 +242,12 @@ def check(run: RunConfig, shapes: dict[str, dict[str, tuple]]) -> list[tuple[str
             # Every value explore can set from a list or a range is one the member's consumer takes (the
             # domains are intervals: a range's ends stand for it); factors are positive (the schema), so
             # a value keeps its sign, and `min`/`max` bound them where the config asks.
-            for field, candidates in (("values", how.values or []), ("range", list(how.range or [])), ("min", [how.min] if how.min is not None else []), ("max", [how.max] if how.max is not None else [])):
+            for field, candidates in (
+                ("values", how.values or []),
+                ("range", list(how.range or [])),
+                ("min", [how.min] if how.min is not None else []),
+                ("max", [how.max] if how.max is not None else []),
+            ):
                 for value in candidates:
                     reason = value_problem(member, key, value)
                     if reason:
@@ -221,10 +255,12 @@ def check(run: RunConfig, shapes: dict[str, dict[str, tuple]]) -> list[tuple[str
                         break
         problems += found
     metric = pbt.metric or ""
-    if metric.startswith("eval/") and metric[len("eval/"):] not in [m.key for m in run.evaluation.metrics]:
+    if metric.startswith("eval/") and metric[len("eval/") :] not in [m.key for m in run.evaluation.metrics]:
         problems.append(("pbt.metric", f"{metric!r} is not one of the evaluation metrics {[f'eval/{m.key}' for m in run.evaluation.metrics]}"))
     if (not pbt.metric or metric.startswith("eval/")) and any(run.member(m).held_out_data() is None for m in members):
-        problems.append(("pbt.metric", "members are ranked by a held-out metric, but some have no held-out data: give them `eval_data` or `data.kwargs.split: train`"))
+        problems.append(
+            ("pbt.metric", "members are ranked by a held-out metric, but some have no held-out data: give them `eval_data` or `data.kwargs.split: train`")
+        )
     return problems
 
 

@@ -113,13 +113,13 @@ def write_plots(client, parent_run_id: str, out_dir: Path) -> list[Path]:
             left.plot(steps, values, label=key)
             term = "loss" if key == "loss" else key.split("/", 1)[1]
             if f"weight/{term}" in keys:
-                weights = dict(zip(*_history(client, run.info.run_id, f"weight/{term}")))
-                points = [(s, v * weights[s]) for s, v in zip(steps, values) if s in weights]
+                weights = dict(zip(*_history(client, run.info.run_id, f"weight/{term}"), strict=True))
+                points = [(s, v * weights[s]) for s, v in zip(steps, values, strict=True) if s in weights]
             else:
                 constant = float(run.data.params.get("loss_weight", 1.0)) if term == "loss" else 1.0
-                points = [(s, v * constant) for s, v in zip(steps, values)]
+                points = [(s, v * constant) for s, v in zip(steps, values, strict=True)]
             if points:
-                right.plot(*zip(*points), label=f"weighted {key}")
+                right.plot(*zip(*points, strict=True), label=f"weighted {key}")
         for key in sorted(k for k in keys if k.startswith("coupling/")):
             right.plot(*_history(client, run.info.run_id, key), label=f"{key} (weighted)")
         if "objective" in keys:
@@ -136,7 +136,7 @@ def write_plots(client, parent_run_id: str, out_dir: Path) -> list[Path]:
     couplings = sorted(k.split("/", 1)[1] for k in metrics if k.count("/") == 1 and k.startswith("coupling/"))
     if couplings:
         fig, axes = _figure(len(couplings), 1, (8, 3.5 * len(couplings)))
-        for ax, coupling in zip(axes[:, 0], couplings):
+        for ax, coupling in zip(axes[:, 0], couplings, strict=True):
             ax.plot(*_history(client, parent.info.run_id, f"coupling/{coupling}"), linewidth=2, label=f"coupling/{coupling}")
             for key in sorted(metrics):
                 extra = key[len(f"coupling/{coupling}/") :]
@@ -161,17 +161,24 @@ def write_plots(client, parent_run_id: str, out_dir: Path) -> list[Path]:
         setting = settings.get(coupling, {})
         margin = _margin(setting)
         fig, axes = _figure(len(series), 1, (8, 4 * len(series)))
-        for ax, (param, by_member) in zip(axes[:, 0], series.items()):
+        for ax, (param, by_member) in zip(axes[:, 0], series.items(), strict=True):
             for member, (steps, values) in by_member.items():
                 (line,) = ax.plot(steps, values, label=member)
                 if margin is not None and len(by_member) > 2:  # a band per member: pairs apart when bands do not overlap
                     ax.fill_between(steps, [v - margin / 2 for v in values], [v + margin / 2 for v in values], color=line.get_color(), alpha=0.12)
             if margin is not None and len(by_member) == 2:  # one band around the midpoint: apart once both lines leave it
                 (s1, v1), (s2, v2) = by_member.values()
-                other = dict(zip(s2, v2))
+                other = dict(zip(s2, v2, strict=True))
                 steps = [s for s in s1 if s in other]
-                middle = [(a + other[s]) / 2 for s, a in zip(s1, v1) if s in other]
-                ax.fill_between(steps, [m - margin / 2 for m in middle], [m + margin / 2 for m in middle], color="grey", alpha=0.2, label=f"margin {margin:g} around the midpoint")
+                middle = [(a + other[s]) / 2 for s, a in zip(s1, v1, strict=True) if s in other]
+                ax.fill_between(
+                    steps,
+                    [m - margin / 2 for m in middle],
+                    [m + margin / 2 for m in middle],
+                    color="grey",
+                    alpha=0.2,
+                    label=f"margin {margin:g} around the midpoint",
+                )
             elif margin is not None:
                 ax.plot([], [], color="grey", linewidth=6, alpha=0.3, label=f"bands: each ± margin/2 ({margin / 2:g})")
             ax.set(title=f"coupling {coupling}: {param} per member", xlabel="step", ylabel=param)
@@ -192,8 +199,8 @@ def _plot_population(client, parent, out_dir: Path, written: list[Path], size: i
     if not summarised:
         return
     fig, axes = _figure(len(summarised), 1, (8, 3.2 * len(summarised)))
-    for ax, key in zip(axes[:, 0], summarised):
-        low, mid, high = (dict(zip(*_history(client, parent.info.run_id, f"{key}/{s}"))) for s in ("min", "median", "max"))
+    for ax, key in zip(axes[:, 0], summarised, strict=True):
+        low, mid, high = (dict(zip(*_history(client, parent.info.run_id, f"{key}/{s}"), strict=True)) for s in ("min", "median", "max"))
         steps = sorted(set(low) & set(mid) & set(high))
         ax.fill_between(steps, [low[s] for s in steps], [high[s] for s in steps], alpha=0.25, label="min to max")
         ax.plot(steps, [mid[s] for s in steps], linewidth=2, label="median")
@@ -220,7 +227,7 @@ def _plot_evaluation(client, parent, members: dict, out_dir: Path, written: list
         return
     fig, axes = _figure(len(labels), 1, (8, 3.5 * len(labels)))
     best_member = parent.data.tags.get("poptrain.best_member")
-    for ax, label in zip(axes[:, 0], labels):
+    for ax, label in zip(axes[:, 0], labels, strict=True):
         for name, run in members.items():
             if f"eval/{label}" in run.data.metrics:
                 ax.plot(*_history(client, run.info.run_id, f"eval/{label}"), marker="o", markersize=3, label=name + (" (best)" if name == best_member else ""))
@@ -229,7 +236,15 @@ def _plot_evaluation(client, parent, members: dict, out_dir: Path, written: list
         if f"population_average/{label}" in parent.data.metrics:  # the mean model, evaluated once at the end
             ax.plot(*_history(client, parent.info.run_id, f"population_average/{label}"), "r*", markersize=12, label="population average")
         if f"best/eval/{label}" in parent.data.metrics:
-            ax.plot(*_history(client, parent.info.run_id, f"best/eval/{label}"), color="grey", linestyle=":", marker="^", markersize=4, linewidth=2, label="best member")
+            ax.plot(
+                *_history(client, parent.info.run_id, f"best/eval/{label}"),
+                color="grey",
+                linestyle=":",
+                marker="^",
+                markersize=4,
+                linewidth=2,
+                label="best member",
+            )
         ax.set(title=f"held-out {label}", xlabel="step", ylabel=label)
         ax.legend(fontsize="small")
     _save(fig, out_dir / "eval.png", written)
@@ -247,8 +262,12 @@ def write_lineage_plot(events: list[dict], members: list[str], steps: int, out_d
     origin = {m: m for m in members}
     for event in sorted(events, key=lambda e: e["step"]):
         origin[event["receiver"]] = origin[event["donor"]]
-        ax.annotate("", xy=(event["step"], row[event["receiver"]]), xytext=(event["step"], row[event["donor"]]),
-                    arrowprops={"arrowstyle": "->", "color": "tab:blue", "alpha": 0.7})
+        ax.annotate(
+            "",
+            xy=(event["step"], row[event["receiver"]]),
+            xytext=(event["step"], row[event["donor"]]),
+            arrowprops={"arrowstyle": "->", "color": "tab:blue", "alpha": 0.7},
+        )
     ax.set_yticks(range(len(members)), [f"{m}  (weights of {origin[m]})" if origin[m] != m else m for m in members])
     ax.set_xlim(0, steps)
     ax.set_xlabel("step")

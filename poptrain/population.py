@@ -12,16 +12,17 @@ import os
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
 from poptrain import mapped_memory, pool, population_average
-from poptrain.checks import prepare
 from poptrain.checkpoint import CheckpointError, discard_after, latest_complete_step, load_coupling_state, read_run_record, save_atomic, write_run_record
+from poptrain.checks import prepare
 from poptrain.config import HOME_ENV, ConfigError, RunConfig, dump_config, job_artifact_root, job_home, ray_job
 from poptrain.couplings import PopulationInfo, build_couplings
 from poptrain.tracking import RunIds, Tracking, TrackingUnavailable
@@ -142,7 +143,7 @@ def plan_hosts(cfg: RunConfig, cluster: dict[str, float]) -> list[list[str]]:
     per = cfg.placement.members_per_host
     if per == "auto":
         bundles = member_resources(cfg, cluster)
-        auto = [m.name for m, b in zip(cfg.members, bundles) if m.resources.num_gpus == "auto" and 0 < b.get("GPU", 0.0) < 1]
+        auto = [m.name for m, b in zip(cfg.members, bundles, strict=True) if m.resources.num_gpus == "auto" and 0 < b.get("GPU", 0.0) < 1]
         if auto:
             # A process per member at 1/k of a GPU each is k CUDA contexts (hundreds of MiB each) on
             # one GPU and k small computations taking turns on it; one process per GPU stacks them.
@@ -182,7 +183,7 @@ def host_resources(cfg: RunConfig, hosts: list[list[str]], cluster: dict[str, fl
     asked = sum(float(m.resources.num_gpus) for m in cfg.members if m.resources.num_gpus != "auto")
     auto_host_gpus = auto_gpus(sum(all_auto), cluster.get("GPU", 0.0) - asked)  # as if those hosts were members
     bundles = []
-    for names, automatic in zip(hosts, all_auto):
+    for names, automatic in zip(hosts, all_auto, strict=True):
         cpus = sum(auto_share if cfg.member(n).resources.num_cpus == "auto" else members[index[n]]["CPU"] for n in names)
         bundle = {"CPU": max(0.01, math.floor(100 * cpus + 1e-6) / 100)}
         if automatic:
@@ -357,7 +358,9 @@ class PopulationRun:
         self.members = {name: self.host_actors[self.host_of[name]] for name in self.cfg.member_names}
         self._open_runs()
         _get_all(starting, self._host_names(), who="")
-        self.placement = dict(zip(self.members, _get_all([host.member_placement.remote(name) for name, host in self.members.items()], self.members)))
+        self.placement = dict(
+            zip(self.members, _get_all([host.member_placement.remote(name) for name, host in self.members.items()], self.members), strict=True)
+        )
         self.collector = _MetricsCollector(self.tracking, self.host_actors, self.coordinator)
 
     def _describe_members(self) -> None:
@@ -367,7 +370,7 @@ class PopulationRun:
         for name, info in self.placement.items():
             self.tracking.log_placement(name, info)
         # Again on a resume (MLflow keeps one input per name and digest): the logged models' metrics name the eval data.
-        for name, datasets in zip(self.members, _get_all([host.datasets.remote(name) for name, host in self.members.items()], self.members)):
+        for name, datasets in zip(self.members, _get_all([host.datasets.remote(name) for name, host in self.members.items()], self.members), strict=True):
             self.tracking.log_datasets(name, datasets)
 
     def _place(self, nodes: int) -> pool.WarmMembers | None:
@@ -411,7 +414,9 @@ class PopulationRun:
         else:
             # On the driver's node, next to the writer of its metrics.
             here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
-            self.coordinator = start_coordinator(self.cfg, self.population, str(self.run_dir), hosts=len(self.hosts), scheduling_strategy=here, name=self.coordinator_name)
+            self.coordinator = start_coordinator(
+                self.cfg, self.population, str(self.run_dir), hosts=len(self.hosts), scheduling_strategy=here, name=self.coordinator_name
+            )
         self.actors.append(self.coordinator)
 
     def _open_runs(self) -> None:
@@ -570,8 +575,12 @@ class PopulationRun:
         try:
             metrics = population_average.save_and_evaluate(self.cfg, members, weights, self.run_dir)
         except Exception as exc:  # noqa: BLE001 - the user's model or data in the driver: say so, finish the run
-            print(f"poptrain: warning: the population's average model could not be saved or evaluated ({type(exc).__name__}: {exc}); "
-                  f"the members' final weights are saved under {self.run_dir / 'members'}", file=sys.stderr, flush=True)
+            print(
+                f"poptrain: warning: the population's average model could not be saved or evaluated ({type(exc).__name__}: {exc}); "
+                f"the members' final weights are saved under {self.run_dir / 'members'}",
+                file=sys.stderr,
+                flush=True,
+            )
             traceback.print_exception(exc, file=sys.stderr)
             return {}
         now = int(time.time() * 1000)
@@ -743,14 +752,19 @@ def _save_final_weights(members: dict[str, Any], run_dir: Path) -> dict[str, Pat
                 save_atomic(state, rescue)
             except OSError:
                 raise PopulationError(f"member {name}'s final weights could not be saved to {path} ({type(exc).__name__}: {exc})") from None
-            print(f"poptrain: warning: member {name}'s final weights could not be saved to {path} ({type(exc).__name__}: {exc}); "
-                  f"they are in {rescue}", file=sys.stderr, flush=True)
+            print(
+                f"poptrain: warning: member {name}'s final weights could not be saved to {path} ({type(exc).__name__}: {exc}); they are in {rescue}",
+                file=sys.stderr,
+                flush=True,
+            )
             path = rescue
         saved[name] = path
     return saved
 
 
-def _log_artifacts(cfg: RunConfig, tracking: Tracking, members: dict[str, Any], run_dir: Path, weights: dict[str, Path], final: dict[str, dict[str, float]]) -> None:
+def _log_artifacts(
+    cfg: RunConfig, tracking: Tracking, members: dict[str, Any], run_dir: Path, weights: dict[str, Path], final: dict[str, dict[str, float]]
+) -> None:
     """The run's artifacts in MLflow: its config, the models (``tracking.log_models``), the plots
     (``tracking.plots``). The weights are saved already: what fails to log is named in a warning,
     with where the weights are, and the run still finishes (an unexpected error shows its traceback)."""
@@ -763,19 +777,30 @@ def _log_artifacts(cfg: RunConfig, tracking: Tracking, members: dict[str, Any], 
             log()
         except Exception as exc:
             where = ", ".join(f"{name}: {path}" for name, path in weights.items())
-            print(f"poptrain: warning: could not log {what} to MLflow ({type(exc).__name__}: {str(exc).strip()[:500]}); "
-                  f"the final weights are saved ({where})", file=sys.stderr, flush=True)
+            print(
+                f"poptrain: warning: could not log {what} to MLflow ({type(exc).__name__}: {str(exc).strip()[:500]}); the final weights are saved ({where})",
+                file=sys.stderr,
+                flush=True,
+            )
             if not isinstance(exc, (TrackingUnavailable, MlflowException, OSError, PopulationError)):
                 traceback.print_exception(exc, file=sys.stderr)
 
     attempt(f"the config ({run_dir / 'config.yaml'})", lambda: tracking.log_artifact(None, str(run_dir / "config.yaml")))
     if cfg.tracking.log_models:
         examples: list = []
-        attempt("the models (their example inputs could not be read)", lambda: examples.extend(_get_all([host.example_inputs.remote(name) for name, host in members.items()], members)))
-        for name, example in zip(members, examples):
+        attempt(
+            "the models (their example inputs could not be read)",
+            lambda: examples.extend(_get_all([host.example_inputs.remote(name) for name, host in members.items()], members)),
+        )
+        for name, example in zip(members, examples, strict=False):  # none when they could not be read
             spec = cfg.member(name).model  # the object itself when one was given from Python
             evaluated = {k: v for k, v in final.get(name, {}).items() if k.startswith("eval/")}  # linked to the logged model
-            attempt(f"member {name}'s model", lambda: tracking.log_model(name, str(weights[name]), spec, example, cfg.steps - 1, metrics=evaluated))
+            attempt(
+                f"member {name}'s model",
+                lambda name=name, spec=spec, example=example, evaluated=evaluated: tracking.log_model(
+                    name, str(weights[name]), spec, example, cfg.steps - 1, metrics=evaluated
+                ),
+            )
     if cfg.tracking.plots:
         attempt(f"the plots (under {run_dir / 'plots'})", lambda: tracking.log_plots(str(run_dir / "plots")))
 
@@ -826,7 +851,9 @@ def _gave_up(cfg: RunConfig, run_dir: Path, who: str, restarted: int, exc: Excep
         if not cfg.checkpoint.every
         else f"after {restarted} restart(s) (failure.max_restarts: {cfg.failure.max_restarts})"
     )
-    resume = f"the latest complete checkpoint is step {step}: continue with `poptrain resume {run_dir}`" if step is not None else "no complete checkpoint exists yet"
+    resume = (
+        f"the latest complete checkpoint is step {step}: continue with `poptrain resume {run_dir}`" if step is not None else "no complete checkpoint exists yet"
+    )
     return f"{who} {describe_failure(exc)}; {how}; {resume}"
 
 
@@ -837,7 +864,7 @@ def _get_all(refs: list, names, who: str = "member") -> list:
     import ray
 
     out = []
-    for ref, name in zip(refs, names):
+    for ref, name in zip(refs, names, strict=True):
         try:
             out.append(ray.get(ref))
         except (ray.exceptions.RayTaskError, ray.exceptions.RayActorError) as exc:

@@ -10,8 +10,8 @@ gradients, on the whole held-out set, ``batch_size`` at a time, with the evaluat
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import torch
 
@@ -49,12 +49,16 @@ def problems(cfg: RunConfig, members: list[str]) -> list[str]:
     other = [m for m in members[1:] if _model_key(cfg.member(m)) != model]
     if other:
         differing = cfg.member(other[0]).model
-        out.append(f"the averaged members {members} are not of one architecture: {members[0]!r} is {first.model.name!r} with kwargs "
-                   f"{first.model.kwargs}, {other[0]!r} {differing.name!r} with kwargs {differing.kwargs}; the mean of their weights is no "
-                   "model. Set `evaluation.population_average: false`, or average members of one `model`")
+        out.append(
+            f"the averaged members {members} are not of one architecture: {members[0]!r} is {first.model.name!r} with kwargs "
+            f"{first.model.kwargs}, {other[0]!r} {differing.name!r} with kwargs {differing.kwargs}; the mean of their weights is no "
+            "model. Set `evaluation.population_average: false`, or average members of one `model`"
+        )
     if first.held_out_data() is None:
-        out.append(f"member {members[0]!r}, whose held-out data the average is evaluated on, has none: give it `eval_data` "
-                   "(or `data` with `split: train`), or set `evaluation.population_average: false`")
+        out.append(
+            f"member {members[0]!r}, whose held-out data the average is evaluated on, has none: give it `eval_data` "
+            "(or `data` with `split: train`), or set `evaluation.population_average: false`"
+        )
     return out
 
 
@@ -91,8 +95,11 @@ def evaluate(cfg: RunConfig, member: str, state: dict[str, torch.Tensor]) -> dic
     random streams as they were."""
     config = cfg.member(member)
     held_out = config.held_out_data()
+    if held_out is None:  # problems() refuses such a run before it starts
+        raise ValueError(f"member {member!r} has no held-out data to evaluate the population's average model on")
     metric_fns = resolve_metrics(cfg.evaluation, resolve_loss(config))
-    outputs, targets = [], []
+    outputs: list[torch.Tensor] = []
+    targets: list[torch.Tensor] = []
     with torch.random.fork_rng(devices=[]), torch.no_grad():
         torch.manual_seed(cfg.seed)
         model = build_model(config.model)
@@ -101,8 +108,8 @@ def evaluate(cfg: RunConfig, member: str, state: dict[str, torch.Tensor]) -> dic
         for *inputs, target in in_order(build_dataset(held_out), held_out.batch_size):
             outputs.append(model(*inputs).detach().float().cpu())
             targets.append(target.cpu())
-    outputs, targets = torch.cat(outputs), torch.cat(targets)
-    return {key: float(fn(outputs, targets)) for key, fn in metric_fns.items()}
+    predicted, expected = torch.cat(outputs), torch.cat(targets)
+    return {key: float(fn(predicted, expected)) for key, fn in metric_fns.items()}
 
 
 def save_and_evaluate(cfg: RunConfig, members: list[str], weights: dict[str, Path], run_dir: Path) -> dict[str, float]:

@@ -8,7 +8,11 @@ as a user's coupling named by import path is.
 
 from __future__ import annotations
 
-from typing import Callable, TypeVar
+from collections.abc import Callable
+from typing import TYPE_CHECKING, TypeVar, cast
+
+if TYPE_CHECKING:
+    from poptrain.couplings.base import Coupling
 
 BUILTIN_COUPLINGS = {
     "separation": "poptrain.couplings.separation:Separation",
@@ -27,8 +31,8 @@ class CouplingClass:
     that a name can be checked to be a coupling without importing the couplings."""
 
 
-C = TypeVar("C", bound=type)
-COUPLINGS: dict[str, type] = {}
+C = TypeVar("C", bound=type[CouplingClass])
+COUPLINGS: dict[str, type[CouplingClass]] = {}
 
 
 def register(name: str) -> Callable[[C], C]:
@@ -47,14 +51,14 @@ def register(name: str) -> Callable[[C], C]:
     return decorate
 
 
-def registered() -> dict[str, type]:
+def registered() -> dict[str, type[Coupling]]:
     """Every coupling available by name: the built-ins and those registered so far."""
     for name in BUILTIN_COUPLINGS:
         resolve_coupling(name)
-    return dict(COUPLINGS)
+    return cast("dict[str, type[Coupling]]", dict(COUPLINGS))
 
 
-def resolve_coupling(type_name: str | type) -> type:
+def resolve_coupling(type_name: str | type) -> type[Coupling]:
     """The coupling class for a config's ``type``: a registered name or an import path
     ``package.module:Class`` (or the class itself, given from Python). Raises ``ValueError``
     listing the valid names on a miss."""
@@ -65,14 +69,13 @@ def resolve_coupling(type_name: str | type) -> type:
     elif ":" in type_name:
         cls = import_path(type_name)
     elif type_name in COUPLINGS:
-        return COUPLINGS[type_name]
+        return cast("type[Coupling]", COUPLINGS[type_name])  # CouplingClass is Coupling's root: see register
     elif type_name in BUILTIN_COUPLINGS:
         cls = import_path(BUILTIN_COUPLINGS[type_name])  # registers itself on import
     else:
         raise ValueError(
-            f"unknown coupling type {type_name!r}; registered: {sorted({*BUILTIN_COUPLINGS, *COUPLINGS})}, "
-            "or give an import path `package.module:Class`"
+            f"unknown coupling type {type_name!r}; registered: {sorted({*BUILTIN_COUPLINGS, *COUPLINGS})}, or give an import path `package.module:Class`"
         )
     if not (isinstance(cls, type) and issubclass(cls, CouplingClass)):
         raise TypeError(f"{getattr(type_name, '__qualname__', type_name)!r} is not a subclass of poptrain.couplings.Coupling")
-    return cls
+    return cast("type[Coupling]", cls)  # CouplingClass exists only as Coupling's root, checked without importing the couplings

@@ -62,13 +62,15 @@ def model_problem(model: nn.Module) -> str | None:
     :func:`vmap_problem`."""
     for name, module in model.named_modules():
         if isinstance(module, nn.modules.dropout._DropoutNd) and module.p and type(module) is not nn.Dropout:
-            return (f"it has {type(module).__name__} ({name or type(model).__name__}: p={module.p:g}): a stack draws each member's own "
-                    "masks for nn.Dropout only")
+            return f"it has {type(module).__name__} ({name or type(model).__name__}: p={module.p:g}): a stack draws each member's own masks for nn.Dropout only"
         if type(module) is nn.Dropout and module.p >= 1:
             return f"its dropout ({name}) has p={module.p:g}: every value dropped"
     buffers = [n for n, _ in model.named_buffers()]
     if buffers:
-        return f"its model has buffers ({', '.join(buffers[:3])}{' ...' if len(buffers) > 3 else ''}: BatchNorm's running statistics or the like), which a stacked step would update in place"
+        return (
+            f"its model has buffers ({', '.join(buffers[:3])}{' ...' if len(buffers) > 3 else ''}: BatchNorm's running statistics or the like), "
+            "which a stacked step would update in place"
+        )
     return None
 
 
@@ -118,7 +120,7 @@ def vmap_problem(models: list[nn.Module], loss_fn, batch: list[torch.Tensor]) ->
     try:
         return _vmap_problem(models, loss_fn, inputs, targets, skeleton)
     finally:
-        for model, mode in zip(models, modes):
+        for model, mode in zip(models, modes, strict=True):
             model.train(mode)
 
 
@@ -141,7 +143,7 @@ def _vmap_problem(models, loss_fn, inputs, targets, skeleton) -> str | None:
     for i, model in enumerate(models):
         named = dict(model.named_parameters())
         own = torch.autograd.grad(loss_fn(model(*inputs), targets), list(named.values()), allow_unused=True)
-        for (k, p), g in zip(named.items(), own):
+        for (k, p), g in zip(named.items(), own, strict=True):
             if not torch.allclose(stacked[k][i], torch.zeros_like(p) if g is None else g, **PROBE_TOLERANCE):
                 return f"its gradient stacked differs from its own ({k}): its forward may keep state between calls"
     # In training mode, its nn.Dropout standing aside and counted (a stack multiplies by masks drawn
@@ -210,8 +212,17 @@ def group_key(trainer) -> tuple:
     same couplings, whose weights may differ: each member's own applies to it)."""
     cfg, plan, name = trainer.config, trainer.plan, trainer.name
     roles = tuple(name in plan.takes_part[k] for k in sorted(plan.takes_part))
-    return (repr(cfg.model.model_dump(mode="json")), cfg.loss.name, cfg.optimizer.name, str(trainer.device), trainer.batches.batch_size, roles,
-            tuple(sorted(c.name for c in trainer.training_couplings)), trainer.defer_param_replies, trainer.every)
+    return (
+        repr(cfg.model.model_dump(mode="json")),
+        cfg.loss.name,
+        cfg.optimizer.name,
+        str(trainer.device),
+        trainer.batches.batch_size,
+        roles,
+        tuple(sorted(c.name for c in trainer.training_couplings)),
+        trainer.defer_param_replies,
+        trainer.every,
+    )
 
 
 def form_groups(trainers: list) -> list:
@@ -223,7 +234,11 @@ def form_groups(trainers: list) -> list:
         if t.stacking_problem is None:
             by_key.setdefault(group_key(t), []).append(t)
     for members in by_key.values():  # tried once per group: the models are alike
-        problem = vmap_problem([m.model for m in members[:2]], members[0].loss_fn, probe_batch(members[0].batches.dataset, members[0].device)) if len(members) >= MIN_MEMBERS else None
+        problem = (
+            vmap_problem([m.model for m in members[:2]], members[0].loss_fn, probe_batch(members[0].batches.dataset, members[0].device))
+            if len(members) >= MIN_MEMBERS
+            else None
+        )
         for m in members:
             m.stacking_problem = problem
     grouped = {id(t): members for members in by_key.values() if len(members) >= MIN_MEMBERS and members[0].stacking_problem is None for t in members}
@@ -286,8 +301,9 @@ class StackedGroup:
         # parameters, every one due at the same exchanges): sent as one copy of each stacked
         # parameter, not member by member. {key: (its period in exchanges, each member's Quantity)}.
         sends = {tuple((q.key, first.plan.period[q]) for q in first.plan.sends[m.name]["param"]) for m in members}
-        self.param_columns = ({key: (period, [Quantity(m.name, "param", key) for m in members]) for key, period in next(iter(sends))}
-                              if len(sends) == 1 else None)
+        self.param_columns = (
+            {key: (period, [Quantity(m.name, "param", key) for m in members]) for key, period in next(iter(sends))} if len(sends) == 1 else None
+        )
         # The rounds that rewrite members' parameters (averaging, ...): what each moved its members
         # by is measured as columns at logged steps (received/distance, :meth:`_keep_before_round`).
         self.row = {name: i for i, name in enumerate(self.names)}
@@ -330,8 +346,10 @@ class StackedGroup:
                     self.params[k][i].copy_(m.params[k].detach())
                 self._point_at_stack(i, m)
         # Which of its optimizer's param_groups holds each parameter (a loaded optimizer has new group dicts).
-        self.group_index = [{k: next(g for g, group in enumerate(m.optimizer.param_groups) if any(p is m.params[k] for p in group["params"]))
-                             for k in self.keys} for m in self.members]
+        self.group_index = [
+            {k: next(g for g, group in enumerate(m.optimizer.param_groups) if any(p is m.params[k] for p in group["params"])) for k in self.keys}
+            for m in self.members
+        ]
         names = ("exp_avg", "exp_avg_sq") if self.optimizer in ("adam", "adamw") else ("momentum_buffer",)
         self.state = {k: {n: torch.zeros_like(self.params[k]) for n in names} for k in self.keys}
         # Whether each member holds SGD's momentum buffer of each parameter: torch keeps none while its momentum is 0.
@@ -419,16 +437,20 @@ class StackedGroup:
         # finite, on a logged step its coupling terms) in one read from the device: on a GPU each
         # read waits for the step to finish.
         logged = self._logged(step)
-        columns = {"loss": losses.detach(), "objective": objectives.detach() + sum(couplings.values()),
-                   **({f"coupling/{name}": column for name, column in couplings.items()} if logged else {}),
-                   **({"received/distance": self.received} if self.received is not None else {})}
+        columns = {
+            "loss": losses.detach(),
+            "objective": objectives.detach() + sum(couplings.values()),
+            **({f"coupling/{name}": column for name, column in couplings.items()} if logged else {}),
+            **({"received/distance": self.received} if self.received is not None else {}),
+        }
         self.received = None
-        finite = torch.stack([torch.isfinite(losses).all(), *(torch.isfinite(c).all() for c in couplings.values()),
-                              *(torch.isfinite(g).all() for g in grads.values())])
+        finite = torch.stack(
+            [torch.isfinite(losses).all(), *(torch.isfinite(c).all() for c in couplings.values()), *(torch.isfinite(g).all() for g in grads.values())]
+        )
         read = torch.cat([*(c.to(torch.float64) for c in columns.values()), finite.to(torch.float64)]).tolist()
         count = len(members)
-        values = {key: read[j * count: (j + 1) * count] for j, key in enumerate(columns)}
-        self._guard_step(losses, couplings, grads, read[len(columns) * count:])
+        values = {key: read[j * count : (j + 1) * count] for j, key in enumerate(columns)}
+        self._guard_step(losses, couplings, grads, read[len(columns) * count :])
         grad_round = exchanging and self.rounds["grad"]
         if grad_round:  # what reads a member's gradients: its part of the gradient round
             for i, m in enumerate(members):
@@ -446,11 +468,11 @@ class StackedGroup:
         for m in members:
             m.step += 1
         if not logged:  # a step nobody logs or ranks by: what a member's last metrics must hold
-            return [{"loss": loss, "objective": objective} for loss, objective in zip(values["loss"], values["objective"])]
+            return [{"loss": loss, "objective": objective} for loss, objective in zip(values["loss"], values["objective"], strict=True)]
         norms = members[0].run.tracking.layer_norms_every
         if norms and step % norms == 0:  # after the update, as alone: one more read, on the steps they are due
             norm_columns = self._layer_norms(grads)
-            values.update(zip(norm_columns, torch.stack(list(norm_columns.values())).tolist()))
+            values.update(zip(norm_columns, torch.stack(list(norm_columns.values())).tolist(), strict=True))
         # The logged columns in a member's order: its couplings' terms, then (after what is its own) layer norms.
         order = ([k for k in values if k.startswith("coupling/")], [k for k in values if k.startswith(("weight_norm/", "grad_norm/"))])
         return [self._member_metrics(i, m, values, order, exchanging) for i, m in enumerate(members)]
@@ -497,7 +519,7 @@ class StackedGroup:
             return
         if not flags[0]:
             self._guard_losses(losses)
-        bad_couplings = [name for name, ok in zip(couplings, flags[1:]) if not ok]
+        bad_couplings = [name for name, ok in zip(couplings, flags[1:], strict=False) if not ok]  # the gradients' flags follow
         for i, m in enumerate(self.members) if bad_couplings else ():
             bad = [f"coupling {name!r}" for name in bad_couplings if not torch.isfinite(couplings[name][i])]
             if bad:
@@ -524,14 +546,16 @@ class StackedGroup:
             with torch.no_grad():
                 for batch in in_order(first.eval_dataset, first.held_out.batch_size):
                     *inputs, target = to_device(batch, self.device)
-                    stacked = self._vmap(lambda params: functional_call(self.skeleton, params, tuple(inputs)))(self.params)
+                    stacked = self._vmap(lambda params, inputs=tuple(inputs): functional_call(self.skeleton, params, inputs))(self.params)
                     outputs.append(stacked.detach().float().cpu())
                     targets.append(target.cpu())
         finally:
             self.skeleton.train()
         outputs, target = torch.cat(outputs, dim=1), torch.cat(targets)
-        return {m.name: ({f"eval/{key}": float(fn(outputs[i], target)) for key, fn in first.metric_fns.items()}, outputs[i], target)
-                for i, m in enumerate(self.members)}
+        return {
+            m.name: ({f"eval/{key}": float(fn(outputs[i], target)) for key, fn in first.metric_fns.items()}, outputs[i], target)
+            for i, m in enumerate(self.members)
+        }
 
     def _guard_losses(self, losses: torch.Tensor) -> None:
         """Stop at the first member whose loss is not finite (``failure.nonfinite: fail``, as a
@@ -559,7 +583,9 @@ class StackedGroup:
                 m.batches.epoch, m.batches.offset, m.batches._order = first.epoch, first.offset, first._order
             return inputs, targets
         drawn = [m.batches.next() for m in self.members]
-        stacked = to_device([torch.stack(parts) for parts in zip(*drawn)], self.device)  # stacked first: one copy each to a GPU, not one per member
+        stacked = to_device(
+            [torch.stack(parts) for parts in zip(*drawn, strict=True)], self.device
+        )  # stacked first: one copy each to a GPU, not one per member
         return stacked[:-1], stacked[-1]
 
     def _send_all(self, kind: str, terms=None, outputs=None):
@@ -590,7 +616,7 @@ class StackedGroup:
                 program.send(pending)
         # A member's own clock also ran while the members after it serialized (which they book
         # themselves): the group's wait is booked instead, each member its share.
-        for m, wait in zip(self.members, waits):
+        for m, wait in zip(self.members, waits, strict=True):
             m.timings["exchange_wait_ms"] = wait + waited_ms / len(self.members)
         return pending
 
@@ -647,7 +673,7 @@ class StackedGroup:
             if not finite.all():  # as a member alone refuses to send it
                 bad = int(np.argmin(finite))
                 self.members[bad].refuse_to_send(quantities[bad])
-            values.update(zip(quantities, column))
+            values.update(zip(quantities, column, strict=True))
         sent = time.perf_counter()
         pending = yield Send("param", first.step, values)
         waited = time.perf_counter()
@@ -756,7 +782,9 @@ class StackedGroup:
         for family, quantities in by_family.items():
             quantities.sort(key=lambda q: order[q.member])
             names, column = reply.columns.get(family, ((), None))
-            if len(names) == len(quantities) and set(names) == {q.member for q in quantities}:  # as the wire carried it: one copy to the device, in population order
+            if len(names) == len(quantities) and set(names) == {
+                q.member for q in quantities
+            }:  # as the wire carried it: one copy to the device, in population order
                 rows = np.argsort([order[name] for name in names], kind="stable")
                 columns[family] = (tuple(names[i] for i in rows), tensor_copy(column if (rows == np.arange(len(rows))).all() else column[rows], self.device))
                 continue
@@ -837,7 +865,7 @@ class StackedGroup:
         """The gradient of ``value`` with respect to the stacked ``leaves``, added to ``grads``, each
         member's row times its own weight when ``weights`` are given."""
         keys = list(leaves)
-        for k, grad in zip(keys, torch.autograd.grad(value, [leaves[k] for k in keys], allow_unused=True)):
+        for k, grad in zip(keys, torch.autograd.grad(value, [leaves[k] for k in keys], allow_unused=True), strict=True):
             if grad is not None:
                 grads[k] += grad if weights is None else grad * weights.view(-1, *([1] * (grad.dim() - 1)))
 
@@ -850,16 +878,28 @@ class StackedGroup:
         PBT round or a restore), and kept as the stack's own between: a step reads no member."""
         like = self.params[self.keys[0]]
         column = lambda values, shape=(-1,): torch.tensor(values, dtype=like.dtype, device=like.device).view(shape)  # noqa: E731
-        read = [[(g.get("lr", 0.0), g.get("weight_decay", 0.0), g.get("betas", (0.9, 0.999)), g.get("eps", 1e-8), g.get("momentum", 0.0))
-                 for g in m.optimizer.param_groups] for m in self.members]
-        self.hyperparameters = {}
+        read = [
+            [
+                (g.get("lr", 0.0), g.get("weight_decay", 0.0), g.get("betas", (0.9, 0.999)), g.get("eps", 1e-8), g.get("momentum", 0.0))
+                for g in m.optimizer.param_groups
+            ]
+            for m in self.members
+        ]
+        self.hyperparameters: dict[str, dict[str, Any]] = {}  # parameter -> option -> column (or, any_*, a bool)
         for k in self.keys:
-            rows = [values[index[k]] for values, index in zip(read, self.group_index)]
+            rows = [values[index[k]] for values, index in zip(read, self.group_index, strict=True)]
             shape = (-1, *([1] * (self.params[k].dim() - 1)))
-            lr, wd, betas, eps, momentum = zip(*rows)
-            self.hyperparameters[k] = {"lr": column(lr, shape), "weight_decay": column(wd, shape), "eps": column(eps, shape), "momentum": column(momentum, shape),
-                                       "beta1": column([b[0] for b in betas], shape), "beta2": column([b[1] for b in betas], shape),
-                                       "any_weight_decay": any(wd), "any_momentum": any(momentum)}  # from the values read, not the device
+            lr, wd, betas, eps, momentum = zip(*rows, strict=True)
+            self.hyperparameters[k] = {
+                "lr": column(lr, shape),
+                "weight_decay": column(wd, shape),
+                "eps": column(eps, shape),
+                "momentum": column(momentum, shape),
+                "beta1": column([b[0] for b in betas], shape),
+                "beta2": column([b[1] for b in betas], shape),
+                "any_weight_decay": any(wd),
+                "any_momentum": any(momentum),
+            }  # from the values read, not the device
         self.coupling_weights = {name: column([own[name].weight for own in self.couplings]) for name in self.couplings[0]}
         self.loss_weights = column([m.term_weights["loss"] for m in self.members])
 
@@ -920,7 +960,7 @@ def _same_stream(members: list) -> bool:
             return False
         if not (isinstance(b.dataset, TensorDataset) and isinstance(first.dataset, TensorDataset)):
             return False
-        if b.dataset is not first.dataset and not all(torch.equal(x, y) for x, y in zip(b.dataset.tensors, first.dataset.tensors)):
+        if b.dataset is not first.dataset and not all(torch.equal(x, y) for x, y in zip(b.dataset.tensors, first.dataset.tensors, strict=True)):
             return False
     return True
 
@@ -935,7 +975,9 @@ def _same_held_out(members: list) -> bool:
     for m in members[1:]:
         if m.held_out != first.held_out or not isinstance(m.eval_dataset, TensorDataset):
             return False
-        if m.eval_dataset is not first.eval_dataset and not all(torch.equal(x, y) for x, y in zip(m.eval_dataset.tensors, first.eval_dataset.tensors)):
+        if m.eval_dataset is not first.eval_dataset and not all(
+            torch.equal(x, y) for x, y in zip(m.eval_dataset.tensors, first.eval_dataset.tensors, strict=True)
+        ):
             return False
     return True
 

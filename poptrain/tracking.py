@@ -53,7 +53,6 @@ MAX_DIGEST_LENGTH = 36  # MLflow's datasets table
 EVAL_PREFIX = "eval/"
 
 
-
 def write_interval(pass_cpu_s: float) -> float:
     """Seconds from one metric write pass to the next, given the CPU seconds the last one took:
     ``WRITE_EVERY_S``, stretched so that writing takes at most ``WRITER_CPU_SHARE`` of one core
@@ -319,8 +318,11 @@ class Tracking:
         runs = {self.ids.parent: self._retry(lambda: self.client.get_run(self.ids.parent))}
         token = None
         while True:
-            page = self._retry(lambda token=token: self.client.search_runs(
-                [self.ids.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{self.ids.parent}'", max_results=1000, page_token=token))
+            page = self._retry(
+                lambda token=token: self.client.search_runs(
+                    [self.ids.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{self.ids.parent}'", max_results=1000, page_token=token
+                )
+            )
             runs.update((run.info.run_id, run) for run in page)
             token = page.token
             if not token:
@@ -350,9 +352,9 @@ class Tracking:
                 state["loss"] = value
             self.step_values[step][key][member] = value
             self.newest_step[member] = max(step, self.newest_step.get(member, -1))
-        state = self.progress_state.get(member)
-        if state is not None:
-            state["time"] = time.time()
+        progress = self.progress_state.get(member)
+        if progress is not None:
+            progress["time"] = time.time()
         self._summarise()
 
     def _summarise(self) -> None:
@@ -372,7 +374,11 @@ class Tracking:
             for key, by_member in sorted(values.items()):
                 ordered = sorted(by_member.values())
                 median = ordered[len(ordered) // 2] if len(ordered) % 2 else (ordered[len(ordered) // 2 - 1] + ordered[len(ordered) // 2]) / 2
-                summary += [(f"population/{key}/min", ordered[0], step, now), (f"population/{key}/median", median, step, now), (f"population/{key}/max", ordered[-1], step, now)]
+                summary += [
+                    (f"population/{key}/min", ordered[0], step, now),
+                    (f"population/{key}/median", median, step, now),
+                    (f"population/{key}/max", ordered[-1], step, now),
+                ]
             self.log_population(summary)
 
     def log_population(self, items: list[Item]) -> None:
@@ -476,9 +482,7 @@ class Tracking:
             self.log_artifact(None, str(path), "plots")
         return [str(p) for p in paths]
 
-    def log_model(
-        self, member: str, state_dict_path: str, model_spec, example, step: int, metrics: dict[str, float] | None = None
-    ) -> str:
+    def log_model(self, member: str, state_dict_path: str, model_spec, example, step: int, metrics: dict[str, float] | None = None) -> str:
         """Log a member's final model (``mlflow.pytorch``) into its run, with its held-out metrics
         on the LoggedModel, so that the experiment's models rank by them (the UI's Models tab,
         ``mlflow.search_logged_models(order_by=[{"field_name": "metrics.eval/accuracy", ...}])``).
@@ -568,4 +572,3 @@ class Tracking:
                 self._log_params(self._run_id(member), self.unlogged_params.pop(member))
             for run_id in [*self.ids.members.values(), self.ids.parent]:
                 self._retry(lambda run_id=run_id: self.client.set_terminated(run_id, status))
-

@@ -28,9 +28,10 @@ import copy
 import itertools
 import math
 import random
+import types
 import typing
 from dataclasses import dataclass, field
-from typing import Annotated, Any, Optional, Union
+from typing import Annotated, Any, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -45,14 +46,21 @@ class Draw(BaseModel):
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    grid: Optional[list[Any]] = Field(None, min_length=1, description="Every one of these values, for every combination of the entry's other `grid` keys: the entry has `copies` times the product of their lengths members.")
-    choice: Optional[list[Any]] = Field(None, min_length=1, description="One of these per member, drawn at random.")
-    uniform: Optional[tuple[float, float]] = Field(None, description="Drawn uniformly from [low, high].")
-    loguniform: Optional[tuple[float, float]] = Field(None, description="Drawn log-uniformly from [low, high], 0 < low.")
-    randint: Optional[tuple[int, int]] = Field(None, description="A whole number drawn uniformly from low to high, high excluded (as Ray Tune's `randint`).")
+    grid: list[Any] | None = Field(
+        None,
+        min_length=1,
+        description=(
+            "Every one of these values, for every combination of the entry's other `grid` "
+            "keys: the entry has `copies` times the product of their lengths members."
+        ),
+    )
+    choice: list[Any] | None = Field(None, min_length=1, description="One of these per member, drawn at random.")
+    uniform: tuple[float, float] | None = Field(None, description="Drawn uniformly from [low, high].")
+    loguniform: tuple[float, float] | None = Field(None, description="Drawn log-uniformly from [low, high], 0 < low.")
+    randint: tuple[int, int] | None = Field(None, description="A whole number drawn uniformly from low to high, high excluded (as Ray Tune's `randint`).")
 
     @model_validator(mode="after")
-    def _exactly_one(self) -> "Draw":
+    def _exactly_one(self) -> Draw:
         given = [k for k in type(self).model_fields if getattr(self, k) is not None]
         if len(given) != 1:
             raise ValueError(f"give exactly one of {list(type(self).model_fields)}, or a plain list of values (got {given or 'none'})")
@@ -73,7 +81,7 @@ class Draw(BaseModel):
     def draw(self, rng: random.Random) -> Any:
         low_high = getattr(self, self.kind)
         if self.kind == "choice":
-            return rng.choice(self.choice)
+            return rng.choice(low_high)
         if self.kind == "uniform":
             return rng.uniform(*low_high)
         if self.kind == "loguniform":
@@ -81,13 +89,14 @@ class Draw(BaseModel):
         return rng.randrange(*low_high)  # randint
 
 
-def _read_vary(raw: Any, where: str) -> tuple[dict[str, Union[list, Draw]], list[tuple[str, str]]]:
+def _read_vary(raw: Any, where: str) -> tuple[dict[str, list | Draw], list[tuple[str, str]]]:
     """``vary`` as written: each key a non-empty list or one :class:`Draw`."""
     if raw is None:
         return {}, []
     if not isinstance(raw, dict) or not all(isinstance(k, str) for k in raw):
         return {}, [(where, "must be a mapping of member keys (`optimizer.lr`, ...) to a list of values or a draw")]
-    out, problems = {}, []
+    out: dict[str, list | Draw] = {}
+    problems: list[tuple[str, str]] = []
     for key, how in raw.items():
         if isinstance(how, list) and how:
             out[key] = how
@@ -97,8 +106,14 @@ def _read_vary(raw: Any, where: str) -> tuple[dict[str, Union[list, Draw]], list
             except ValidationError as exc:
                 problems += [(".".join([where, key, *map(str, e["loc"])]), e["msg"].removeprefix("Value error, ")) for e in exc.errors()]
         else:
-            problems.append((f"{where}.{key}", "is empty: give at least one value" if how == [] else
-                             f"must be a list of values (one per member) or one of {{{', '.join(Draw.model_fields)}}}: [...], not {how!r}"))
+            problems.append(
+                (
+                    f"{where}.{key}",
+                    "is empty: give at least one value"
+                    if how == []
+                    else f"must be a list of values (one per member) or one of {{{', '.join(Draw.model_fields)}}}: [...], not {how!r}",
+                )
+            )
     return out, problems
 
 
@@ -152,7 +167,7 @@ def _expand_entry(entry: dict, where: str, seed: int, member_model: type[BaseMod
     problems = [(f"{where}.vary.{key}", reason) for key in vary if (reason := settable(member_model, key))]
     if problems:
         return [], problems
-    grid = {k: v.grid for k, v in vary.items() if isinstance(v, Draw) and v.kind == "grid"}
+    grid = {k: v.grid for k, v in vary.items() if isinstance(v, Draw) and v.grid is not None}  # its kind: the one field given
     lists = {k: v for k, v in vary.items() if isinstance(v, list)}
     copies = entry.get("copies")
     points = list(itertools.product(*grid.values())) if grid else [()]
@@ -162,12 +177,16 @@ def _expand_entry(entry: dict, where: str, seed: int, member_model: type[BaseMod
         count = copies if copies is not None else len(next(iter(lists.values())))
     if not grid and copies is None and len({len(v) for v in lists.values()}) > 1:
         lengths = ", ".join(f"{k}: {len(v)}" for k, v in lists.items())
-        return [], [(f"{where}.vary", f"lists of unequal lengths ({lengths}): lists are zipped member by member, so give them equal "
-                     "lengths, or use `{grid: [...]}` for their product")]
+        return [], [
+            (
+                f"{where}.vary",
+                f"lists of unequal lengths ({lengths}): lists are zipped member by member, so give them equal "
+                "lengths, or use `{grid: [...]}` for their product",
+            )
+        ]
     wrong = {k: len(v) for k, v in lists.items() if len(v) != count}
     if wrong:
-        why = (f"the entry has {count} members ({copies or 1} copies x {len(points)} grid points)" if grid
-               else f"`copies` is {copies}")
+        why = f"the entry has {count} members ({copies or 1} copies x {len(points)} grid points)" if grid else f"`copies` is {copies}"
         return [], [(f"{where}.vary.{k}", f"has {n} values, but {why}") for k, n in wrong.items()]
     if count > MAX_MEMBERS_PER_ENTRY:
         return [], [(f"{where}.vary", f"makes {count:,} members, more than {MAX_MEMBERS_PER_ENTRY:,}")]
@@ -176,7 +195,7 @@ def _expand_entry(entry: dict, where: str, seed: int, member_model: type[BaseMod
     for j, name in enumerate(member_names(entry["name"], count)):
         member = copy_tree(base)
         member["name"] = name
-        point = dict(zip(grid, points[j % len(points)]))
+        point = dict(zip(grid, points[j % len(points)], strict=True))
         for key, how in vary.items():
             if key in grid:
                 value = point[key]
@@ -201,7 +220,7 @@ def settable(model: Any, key: str) -> str | None:
         if isinstance(annotation, type) and issubclass(annotation, BaseModel):
             if part not in annotation.model_fields:
                 known = ", ".join(annotation.model_fields)
-                return f"unknown key {'.'.join(parts[:depth + 1])!r}: {'a member' if depth == 0 else '.'.join(parts[:depth])} has {known}"
+                return f"unknown key {'.'.join(parts[: depth + 1])!r}: {'a member' if depth == 0 else '.'.join(parts[:depth])} has {known}"
             annotation = annotation.model_fields[part].annotation
         elif origin is dict or annotation is Any:
             return None  # free-form (kwargs): the consumer checks it
@@ -217,13 +236,13 @@ def _unwrap(annotation: Any) -> Any:
     while True:
         args = [a for a in typing.get_args(annotation) if a is not type(None)]
         origin = typing.get_origin(annotation)
-        if (origin is Union or str(origin) == "types.UnionType") and len(args) == 1 or origin is Annotated:
+        if (origin is Union or origin is types.UnionType) and len(args) == 1 or origin is Annotated:
             annotation = args[0]
         else:
             return annotation
 
 
-def set_dotted(node: dict, parts: list[str], value: Any, model: Any = None) -> None:
+def set_dotted(node: dict | list, parts: list[str], value: Any, model: Any = None) -> None:
     """Set ``node[parts[0]][parts[1]]...`` to ``value``, creating mappings on the way; a component
     written as a string (``model: mlp``) becomes ``{name: mlp}`` first."""
     for part in parts[:-1]:
@@ -267,7 +286,7 @@ def compact(dumped: list[dict], entries: list[Entry]) -> list[dict]:
     out: list[dict] = []
     position = 0
     for entry in entries:
-        members = dumped[position: position + len(entry.names)]
+        members = dumped[position : position + len(entry.names)]
         position += len(entry.names)
         if not entry.compactable:
             out += members
@@ -283,7 +302,7 @@ def compact(dumped: list[dict], entries: list[Entry]) -> list[dict]:
 
 def _expanded_alike(record: dict, members: list[dict]) -> bool:
     base = {k: v for k, v in record.items() if k not in ("copies", "vary")}
-    for j, (name, member) in enumerate(zip(member_names(record["name"], record["copies"]), members)):
+    for j, (name, member) in enumerate(zip(member_names(record["name"], record["copies"]), members, strict=True)):
         again = {**copy.deepcopy(base), "name": name, "copies": 1, "vary": {}}
         for key, values in record["vary"].items():
             set_dotted(again, key.split("."), values[j])

@@ -34,18 +34,27 @@ def pytest_configure(config):
 
 # Tests whose work is a process of its own that mostly waits (its own Ray, fresh processes): started
 # as the session starts when selected, run beside the rest of the suite, and checked by the test
-# (nodeid -> "module:function" returning the handle the test takes from STARTED).
+# (nodeid -> "module:function" returning the handle the test takes from STARTED). Node ids are kept
+# whole, one line each, to be found by grep: E501 is waived on them.
 EARLY = {
     "tests/test_benchmarks_smoke.py::test_smoke_pass_writes_every_figure_with_a_numeric_ratio": "tests.test_benchmarks_smoke:start_smoke_pass",
-    "tests/test_variation.py::test_a_thousand_members_resume_after_their_driver_is_killed_with_every_history_whole": "tests.test_variation:start_killed_and_resumed",
+    "tests/test_variation.py::test_a_thousand_members_resume_after_their_driver_is_killed_with_every_history_whole": "tests.test_variation:start_killed_and_resumed",  # noqa: E501
     "tests/test_failures.py::test_a_killed_driver_resumes_into_the_same_runs_bitwise_equal_to_an_uninterrupted_run": "tests.test_failures:start_killed_driver",
     "tests/test_pbt.py::test_perturbed_hyperparameters_and_the_lineage_survive_a_driver_resume_bitwise": "tests.test_pbt:start_killed_driver",
     "tests/test_cli.py::test_run_trains_the_seed_000_config_from_the_command_line": "tests.test_cli:start_seed_000_from_the_command_line",
+    "tests/test_code_quality.py::test_mypy_finds_nothing_in_the_package": "tests.test_code_quality:start_mypy",
     # A two-node cluster of its own and the jobs submitted to it, once for all these tests (tests.test_cluster:cluster_work).
-    **{f"tests/test_cluster.py::{test}": "tests.test_cluster:start_cluster_work" for test in (
-        "test_population_submitted_with_ray_job_submit_runs_on_both_nodes", "test_the_readme_command_keeps_its_outputs_where_the_log_says",
-        "test_a_multi_node_run_with_a_local_sqlite_store_warns", "test_a_failing_job_has_a_failed_status",
-        "test_the_cluster_refuses_a_client_without_its_token", "test_the_cluster_script_stops_its_own_processes_and_a_second_stop_finds_none")},
+    **{
+        f"tests/test_cluster.py::{test}": "tests.test_cluster:start_cluster_work"
+        for test in (
+            "test_population_submitted_with_ray_job_submit_runs_on_both_nodes",
+            "test_the_readme_command_keeps_its_outputs_where_the_log_says",
+            "test_a_multi_node_run_with_a_local_sqlite_store_warns",
+            "test_a_failing_job_has_a_failed_status",
+            "test_the_cluster_refuses_a_client_without_its_token",
+            "test_the_cluster_script_stops_its_own_processes_and_a_second_stop_finds_none",
+        )
+    },
 }
 STARTED: dict[str, object] = {}
 
@@ -58,7 +67,7 @@ class InBackground(threading.Thread):
     the cluster tests' `ray start` on 2 cores. :meth:`result` waits for it and returns what it
     returned, or raises what it raised."""
 
-    last: "InBackground | None" = None  # the work started before this one, which runs first
+    last: InBackground | None = None  # the work started before this one, which runs first
 
     def __init__(self, work, prefix: str):
         super().__init__(daemon=True)
@@ -124,7 +133,9 @@ def assert_bitwise_equal(dir_a, dir_b, members=("m1", "m2")):
     for member in members:
         a, b = weights(dir_a, member), weights(dir_b, member)
         for key in a:
-            assert torch.equal(a[key], b[key]), f"{member}.{key} differs between {dir_a} and {dir_b} (max |a - b| {(a[key].double() - b[key].double()).abs().max():.3g})"
+            assert torch.equal(a[key], b[key]), (
+                f"{member}.{key} differs between {dir_a} and {dir_b} (max |a - b| {(a[key].double() - b[key].double()).abs().max():.3g})"
+            )
 
 
 @pytest.fixture
@@ -139,7 +150,9 @@ def device_reads(monkeypatch):
 
         reads: list[str] = []
         for name in ("tolist", "item", "__bool__", "__float__", "__int__"):
-            def counted(self, *args, _original=getattr(torch.Tensor, name), _name=name, **kwargs):
+            original = getattr(torch.Tensor, name)
+
+            def counted(self, *args, _original=original, _name=name, **kwargs):
                 reads.append(_name)
                 return _original(self, *args, **kwargs)
 
@@ -259,8 +272,17 @@ def prelu_member(name: str, **changes) -> dict:
 DIGIT_FEATURES = {"full": 64, "downsampled": 16, "crop": 36, "left": 32, "right": 32}
 
 
-def digits_member(name: str, view: str = "full", *, model_kwargs: dict | None = None, data_kwargs: dict | None = None,
-                  batch_size: int = 32, shuffle: bool = True, lr: float = 0.01, **changes) -> dict:
+def digits_member(
+    name: str,
+    view: str = "full",
+    *,
+    model_kwargs: dict | None = None,
+    data_kwargs: dict | None = None,
+    batch_size: int = 32,
+    shuffle: bool = True,
+    lr: float = 0.01,
+    **changes,
+) -> dict:
     """A classifier of scikit-learn's bundled 8x8 digits (no download): the built-in
     ``encoder_classifier`` (16 nodes, 10 classes) on one ``view`` of the images, 32 a batch, Adam at
     ``lr`` on cross-entropy. ``model_kwargs`` and ``data_kwargs`` add to (or override) the model's
@@ -284,8 +306,12 @@ def pbt_population(steps: int, every: int, **changes) -> dict:
     """Settings (for :func:`make_config`) of four digits classifiers from lr 1e-4 to 3e-2, evaluated
     on held-out accuracy and exploited/explored (lr, weight decay) every ``every`` steps, no coupling."""
     members = [
-        digits_member(f"m{i + 1}", model_kwargs={"depth": 1}, data_kwargs={"split": "train", "limit": 256},
-                      optimizer={"name": "adam", "lr": lr, "kwargs": {"weight_decay": 0.0001}})
+        digits_member(
+            f"m{i + 1}",
+            model_kwargs={"depth": 1},
+            data_kwargs={"split": "train", "limit": 256},
+            optimizer={"name": "adam", "lr": lr, "kwargs": {"weight_decay": 0.0001}},
+        )
         for i, lr in enumerate((0.0001, 0.003, 0.01, 0.03))
     ]
     settings = {
@@ -335,7 +361,7 @@ def members_on_thirds_of_the_digits(tmp_path: Path, seed: int, count: int = 3):
     models = [EncoderClassifier(64, 10, num_nodes=16) for _ in range(count)]
     inits = [save_init(m, tmp_path / f"m{i}.pt") for i, m in enumerate(models)]
     members = [digits_member(f"m{i + 1}", data_kwargs={"limit": 256, "part": i, "parts": 3}, shuffle=False, init=inits[i]) for i in range(count)]
-    streams = lambda: zip(*(sequential_batches(digits(view="full", limit=256, part=i, parts=3), 32) for i in range(count)))  # noqa: E731
+    streams = lambda: zip(*(sequential_batches(digits(view="full", limit=256, part=i, parts=3), 32) for i in range(count)), strict=True)  # noqa: E731
     return models, members, streams
 
 
@@ -352,7 +378,7 @@ def seed000_initial_modules(folder: Path, alphas=(0.25, 0.25)):
     torch.manual_seed(1234)
     modules = [SeedModule(20, 1), SeedModule(20, 1)]
     paths = []
-    for index, (module, alpha) in enumerate(zip(modules, alphas)):
+    for index, (module, alpha) in enumerate(zip(modules, alphas, strict=True)):
         with torch.no_grad():
             module.activation.weight.fill_(alpha)
         paths.append(save_init(module, folder / f"init{index}.pt"))
@@ -432,8 +458,14 @@ def run_killing_the_driver(config, folder, after_step):
     members = poptrain.load_config(config).member_names  # entries with `copies` make several
     # Its own session and process group: the driver and the Ray it started, which the kill takes at
     # once, like losing the machine.
-    driver = subprocess.Popen([sys.executable, "-m", "poptrain", "run", str(path)], cwd=folder, env=driver_env(), start_new_session=True,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "poptrain", "run", str(path)],
+        cwd=folder,
+        env=driver_env(),
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     processes = []
     try:
         deadline = time.monotonic() + 240
@@ -461,7 +493,9 @@ def run_killing_the_driver(config, folder, after_step):
 
 def resume_in_a_process(run_dir, folder):
     """``poptrain resume run_dir`` as a real process in ``folder``; it must succeed."""
-    resumed = subprocess.run([sys.executable, "-m", "poptrain", "resume", str(run_dir)], cwd=folder, env=driver_env(), capture_output=True, text=True, timeout=300)
+    resumed = subprocess.run(
+        [sys.executable, "-m", "poptrain", "resume", str(run_dir)], cwd=folder, env=driver_env(), capture_output=True, text=True, timeout=300
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
 
 

@@ -7,8 +7,8 @@ from pydantic import Field
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from poptrain.couplings.separation import Separation, SeparationConfig
 from poptrain.couplings import Quantity, Rewrite, coupling_function
+from poptrain.couplings.separation import Separation, SeparationConfig
 
 
 class TinyNet(nn.Module):
@@ -129,7 +129,6 @@ class TwoInputNet(nn.Module):
         return self.a(a) + self.b(b)
 
 
-
 class HangingSeparationConfig(SeparationConfig):
     hang_at_exchange: int = Field(3, ge=0)
     hang_s: float = Field(120.0, gt=0)
@@ -154,7 +153,6 @@ class SeparationThatHangsTheCoordinator(Separation):
         if self.rewrites_done - 1 == self.config.hang_at_exchange:
             time.sleep(self.config.hang_s)
         return {}
-
 
 
 class SeparationWithOwnMetrics(Separation):
@@ -229,7 +227,6 @@ def gap_per_element(a, b):
 def gap_that_raises(a, b):
     """Subtracts parameters of shapes (40, 20) and (1, 40): broadcasting fails."""
     return torch.relu(2 - torch.abs(a - b).sum())
-
 
 
 @coupling_function("prediction_gap", reads={"p1": {"member": "m1", "pred": "outputs"}, "p2": {"member": "m2", "pred": "outputs"}})

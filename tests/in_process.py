@@ -61,7 +61,7 @@ def train_host(units, link: Link, steps: int) -> list:
 class RecordingClient(InProcessClient):
     """An in-process client that keeps a copy of every value a member sends."""
 
-    def __init__(self, population: "InProcessPopulation", *args):
+    def __init__(self, population: InProcessPopulation, *args):
         super().__init__(*args)
         self.population = population
 
@@ -78,7 +78,7 @@ class InProcessPopulation:
         config = {**config, "exchange": {"timeout_s": timeout_s, **config.get("exchange", {})}}
         self.cfg, self.coordinator, wire, self.trainers = _set_up(config)
         self.client = RecordingClient(self, self.coordinator, wire, calls_in_flight(len(self.cfg.members)))
-        for name, trainer in self.trainers.items():
+        for trainer in self.trainers.values():
             trainer.connect(open_link(self.cfg, trainer.plan, self.client))
         self.metrics: dict[str, list[dict[str, float]]] = {name: [] for name in self.trainers}
         self.sent: list[tuple[str, str, int, dict]] = []  # (member, kind, step, values) of every exchange call

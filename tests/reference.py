@@ -151,8 +151,8 @@ def mutual_learning_training(models, batches, steps, lr, weight=1.0, temperature
     for _ in range(steps):
         batch = next(batches)
         optimizer.zero_grad()
-        outputs = [model(x) for model, (x, _) in zip(models, batch)]
-        total = sum(torch.nn.functional.cross_entropy(o, y) for o, (_, y) in zip(outputs, batch))
+        outputs = [model(x) for model, (x, _) in zip(models, batch, strict=True)]
+        total = sum(torch.nn.functional.cross_entropy(o, y) for o, (_, y) in zip(outputs, batch, strict=True))
         for i, own in enumerate(outputs):
             peers = [torch.softmax(o.detach() / t, dim=-1) for j, o in enumerate(outputs) if j != i]
             kls = [torch.nn.functional.kl_div(torch.log_softmax(own / t, dim=-1), p, reduction="batchmean") for p in peers]
@@ -174,9 +174,9 @@ def codistillation_training(models, batches, steps, lr, weight=1.0, temperature=
             copies = [copy.deepcopy(m).eval() for m in models]
         batch = next(batches)
         optimizer.zero_grad()
-        outputs = [model(x) for model, (x, _) in zip(models, batch)]
-        total = sum(torch.nn.functional.cross_entropy(o, y) for o, (_, y) in zip(outputs, batch))
-        for i, (own, (x, _)) in enumerate(zip(outputs, batch)):
+        outputs = [model(x) for model, (x, _) in zip(models, batch, strict=True)]
+        total = sum(torch.nn.functional.cross_entropy(o, y) for o, (_, y) in zip(outputs, batch, strict=True))
+        for i, (own, (x, _)) in enumerate(zip(outputs, batch, strict=True)):
             with torch.no_grad():
                 peers = [torch.softmax(c(x) / t, dim=-1) for j, c in enumerate(copies) if j != i]
             kls = [torch.nn.functional.kl_div(torch.log_softmax(own / t, dim=-1), p, reduction="batchmean") for p in peers]
@@ -213,7 +213,7 @@ def papa_training(models, batches, steps, lr, rate, every=1, stale=False):
             current = _snapshot(models)
             source = previous if stale and previous is not None else current
             with torch.no_grad():
-                for i, params in enumerate(zip(*(m.parameters() for m in models))):
+                for i, params in enumerate(zip(*(m.parameters() for m in models), strict=True)):
                     mean = _mean([values[i] for values in source])
                     for p in params:
                         p.copy_((1 - rate) * p + rate * mean)
@@ -227,7 +227,7 @@ def papa_training(models, batches, steps, lr, rate, every=1, stale=False):
 def _joint_step(models, optimizer, batch):
     """One step of the models side by side: the sum of their own cross-entropies, one backward, one Adam step."""
     optimizer.zero_grad()
-    total = sum(torch.nn.functional.cross_entropy(m(x), y) for m, (x, y) in zip(models, batch))
+    total = sum(torch.nn.functional.cross_entropy(m(x), y) for m, (x, y) in zip(models, batch, strict=True))
     total.backward()
     optimizer.step()
 
@@ -249,8 +249,8 @@ def gossip_training(models, batches, steps, lr, seed, every=1, stale=False):
             current = _snapshot(models)
             source = previous if stale and previous is not None else current
             with torch.no_grad():
-                for a, b in zip(order[0::2], order[1::2]):
-                    for i, (pa, pb) in enumerate(zip(models[a].parameters(), models[b].parameters())):
+                for a, b in zip(order[0::2], order[1::2], strict=False):  # an odd number: the last one sits out
+                    for i, (pa, pb) in enumerate(zip(models[a].parameters(), models[b].parameters(), strict=True)):
                         mean = (source[a][i] + source[b][i]) / 2
                         pa.copy_(mean)
                         pb.copy_(mean)
@@ -278,7 +278,7 @@ def wash_training(models, batches, steps, lr, seed, fraction, every=1, stale=Fal
             current = _snapshot(models)
             source = previous if stale and previous is not None else current
             with torch.no_grad():
-                for i, params in enumerate(zip(*(m.parameters() for m in models))):
+                for i, params in enumerate(zip(*(m.parameters() for m in models), strict=True)):
                     chosen = (torch.rand(params[0].numel(), generator=generator) < fraction).nonzero().flatten().tolist()
                     draws = torch.rand(len(models), len(chosen), generator=generator)
                     for column, position in enumerate(chosen):
@@ -313,7 +313,7 @@ def diloco_training(models, batches, steps, lr, every, outer_lr, outer_momentum,
                 outer.step()
             with torch.no_grad():
                 for model in models:
-                    for p, g in zip(model.parameters(), global_params):
+                    for p, g in zip(model.parameters(), global_params, strict=True):
                         p.copy_(g)
             previous = current
         if step == steps:

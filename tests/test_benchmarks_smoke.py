@@ -45,8 +45,15 @@ def smoke_env() -> dict[str, str]:
 def smoke_pass(folder, uri):
     """``python -m benchmarks --smoke`` in a process of its own (its own Ray), writing into
     ``folder``: its exit code and output."""
-    done = subprocess.run([sys.executable, "-m", "benchmarks", "--smoke", "--out", str(folder / "results")], cwd=REPO, env=smoke_env(),
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600)
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "--smoke", "--out", str(folder / "results")],
+        cwd=REPO,
+        env=smoke_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=600,
+    )
     return done.returncode, done.stdout
 
 

@@ -82,7 +82,9 @@ def test_a_family_of_many_members_values_crosses_as_one_column():
     assert {q: (a.shape, a.tolist()) for q, a in values.items()} == {q: (a.shape, a.tolist()) for q, a in {**slopes, **losses}.items()}
     members, column = columns[("param", "slope")]
     assert members == tuple(reversed(names)) and column[0].tolist() == [0.0] * 40, "rows in the order sent"
-    mixed = wire.unpack_columns(wire.pack({Quantity("m0", "param", "slope"): np.zeros(40, np.float32), Quantity("m1", "param", "slope"): np.zeros(3, np.float32)}))
+    mixed = wire.unpack_columns(
+        wire.pack({Quantity("m0", "param", "slope"): np.zeros(40, np.float32), Quantity("m1", "param", "slope"): np.zeros(3, np.float32)})
+    )
     assert ("param", "slope") not in mixed[1] and mixed[0][Quantity("m1", "param", "slope")].shape == (3,)
 
 

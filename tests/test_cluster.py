@@ -154,10 +154,7 @@ def kuberay_cluster_checks(spec: dict, where: str) -> None:
     head = spec["headGroupSpec"]["template"]["spec"]["containers"][0]
     check_image(head["image"])
     assert {p["containerPort"] for p in head.get("ports", [])} >= {6379, 8265}
-    gpu_groups = [
-        g for g in spec["workerGroupSpecs"]
-        if int(g["template"]["spec"]["containers"][0]["resources"]["limits"].get("nvidia.com/gpu", 0)) >= 1
-    ]
+    gpu_groups = [g for g in spec["workerGroupSpecs"] if int(g["template"]["spec"]["containers"][0]["resources"]["limits"].get("nvidia.com/gpu", 0)) >= 1]
     assert gpu_groups, f"{where}: a GPU worker group"
     for group in spec["workerGroupSpecs"]:
         assert {"groupName", "replicas", "minReplicas", "maxReplicas", "rayStartParams", "template"} <= set(group), group.get("groupName")
@@ -173,9 +170,7 @@ def test_kuberay_raycluster_manifest():
     # The containers install poptrain's dependencies (pyproject's, ray aside) before KubeRay's ray start.
     assert cluster["metadata"]["annotations"]["ray.io/overwrite-container-cmd"] == "true"
     spec = cluster["spec"]
-    containers = [spec["headGroupSpec"]["template"]["spec"]["containers"][0]] + [
-        g["template"]["spec"]["containers"][0] for g in spec["workerGroupSpecs"]
-    ]
+    containers = [spec["headGroupSpec"]["template"]["spec"]["containers"][0]] + [g["template"]["spec"]["containers"][0] for g in spec["workerGroupSpecs"]]
     for container in containers:
         command = " ".join(container["args"])
         assert "$KUBERAY_GEN_RAY_START_CMD" in command
@@ -183,8 +178,8 @@ def test_kuberay_raycluster_manifest():
 
 
 def test_kuberay_rayjob_manifest_runs_a_shipped_config():
-    from poptrain.config import load_config
     from poptrain.checks import inspect_population
+    from poptrain.config import load_config
 
     docs = load_docs("kuberay-rayjob.yaml")
     (job,) = [d for d in docs if d.get("kind") == "RayJob"]
@@ -271,9 +266,7 @@ def base_env() -> dict[str, str]:
 
 
 def ray_cli(*args: str, env: dict, timeout: float, cwd: Path = REPO) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "ray.scripts.scripts", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
-    )
+    return subprocess.run([sys.executable, "-m", "ray.scripts.scripts", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def processes_of(state: Path) -> list[str]:
@@ -343,8 +336,11 @@ def cluster_work(folder: Path, uri: str) -> ClusterWork:
         work.nodes = cluster_nodes(cluster)
         work.readme_job = submit_readme_job(cluster)
         work.failing = submit_failing_job(cluster)
-        work.token_checks = {"token": api(cluster, "/api/jobs/")[0], "wrong token": api(cluster, "/api/jobs/", token=secrets.token_hex(32))[0],
-                             "no token": unauthenticated_status(cluster)}
+        work.token_checks = {
+            "token": api(cluster, "/api/jobs/")[0],
+            "wrong token": api(cluster, "/api/jobs/", token=secrets.token_hex(32))[0],
+            "no token": unauthenticated_status(cluster),
+        }
         return work
     finally:
         stop = subprocess.run(["bash", str(SCRIPT), "stop"], env=env, capture_output=True, text=True, timeout=60)
@@ -412,12 +408,18 @@ def submit_spread_job(cluster: LocalCluster, folder: Path) -> Job:
     uri = f"sqlite:///{folder / 'mlflow.db'}"  # four slashes: an absolute path
     started = time.monotonic()
     done = ray_cli(
-        "job", "submit",
-        "--submission-id", f"poptrain-spread-{secrets.token_hex(4)}",
-        "--working-dir", ".",
-        "--runtime-env-json", json.dumps({"excludes": ["runs/", "mlruns/", "*.db", ".benchmarks/"]}),
+        "job",
+        "submit",
+        "--submission-id",
+        f"poptrain-spread-{secrets.token_hex(4)}",
+        "--working-dir",
+        ".",
+        "--runtime-env-json",
+        json.dumps({"excludes": ["runs/", "mlruns/", "*.db", ".benchmarks/"]}),
         "--",
-        "poptrain", "run", SHIPPED_CONFIG,
+        "poptrain",
+        "run",
+        SHIPPED_CONFIG,
         "steps=8",
         "placement.strategy=SPREAD",
         f"tracking.uri={uri}",
@@ -444,8 +446,17 @@ def submit_failing_job(cluster: LocalCluster) -> tuple:
     (submission id, its `ray job submit`, the API's status code and answer about the job)."""
     submission = f"poptrain-invalid-{secrets.token_hex(4)}"
     done = ray_cli(
-        "job", "submit", "--submission-id", submission, "--working-dir", ".", "--",
-        "poptrain", "run", SHIPPED_CONFIG, "no_such_key=1",
+        "job",
+        "submit",
+        "--submission-id",
+        submission,
+        "--working-dir",
+        ".",
+        "--",
+        "poptrain",
+        "run",
+        SHIPPED_CONFIG,
+        "no_such_key=1",
         env=cluster.env,
         timeout=180,
     )

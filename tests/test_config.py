@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from poptrain.config import ConfigError, dump_config, load_config
 from poptrain.checks import inspect_population, prepare
+from poptrain.config import ConfigError, dump_config, load_config
 from tests.conftest import prelu_member
 
 
@@ -92,8 +92,11 @@ def test_a_users_coupling_reading_a_parameter_a_member_lacks_is_refused_naming_c
     members' real parameters, before anything starts (not a KeyError in the coordinator)."""
     config = base_config(couplings=[{"type": "tests.reference:TowardPeersMean", "name": "pull", "param": "activation.slope"}])
     found = problems(config)
-    assert ("couplings.0", "coupling 'pull' reads parameter 'activation.slope' of member 'm1', which has no such parameter; "
-            "its parameters are ['input.weight', 'input.bias', 'activation.weight', 'output.weight', 'output.bias']") in found, found
+    assert (
+        "couplings.0",
+        "coupling 'pull' reads parameter 'activation.slope' of member 'm1', which has no such parameter; "
+        "its parameters are ['input.weight', 'input.bias', 'activation.weight', 'output.weight', 'output.bias']",
+    ) in found, found
 
 
 def test_separation_needs_equal_shapes(base_config):
@@ -157,8 +160,10 @@ def test_inside_a_ray_job_relative_outputs_and_the_default_store_resolve_against
     monkeypatch.chdir(job_dir)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.setenv("POPTRAIN_HOME", str(home))
-    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps(
-        {"runtime_env": {"working_dir": "gcs://_ray_pkg_0123.zip"}, "metadata": {"job_submission_id": "raysubmit_1"}}))
+    monkeypatch.setenv(
+        "RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps({"runtime_env": {"working_dir": "gcs://_ray_pkg_0123.zip"}, "metadata": {"job_submission_id": "raysubmit_1"}})
+    )
+
     def config(output_dir, **tracking):
         return {**base_config(tracking={"experiment": "e", **tracking}), "output_dir": str(output_dir)}
 

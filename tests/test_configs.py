@@ -51,7 +51,9 @@ def test_shipped_config_runs(ray_session, config, tmp_path, tracking_uri, experi
     for name, placement in result.placement.items() if config == "papa.yaml" else ():
         assert (placement["stacked_with"] > 1) == (placement["shared_params"] == 0), (name, placement)
     if config == "papa.yaml":
-        assert any(p["stacked_with"] > 1 for p in result.placement.values()) and any(p["shared_params"] > 0 for p in result.placement.values()), result.placement
+        assert any(p["stacked_with"] > 1 for p in result.placement.values()) and any(p["shared_params"] > 0 for p in result.placement.values()), (
+            result.placement
+        )
 
 
 @pytest.mark.parametrize("config", sorted(p.name for p in (REPO / "configs").glob("*.yaml")))
@@ -99,7 +101,14 @@ def test_async_exchange_converges_and_never_uses_values_older_than_max_staleness
 
     result = poptrain.run(
         REPO / "configs" / "prelu_separation.yaml",
-        overrides=["exchange.mode=async", "exchange.max_staleness=2", f"output_dir={tmp_path}", f"tracking.uri={tracking_uri}", f"tracking.experiment={experiment}", *QUIET],
+        overrides=[
+            "exchange.mode=async",
+            "exchange.max_staleness=2",
+            f"output_dir={tmp_path}",
+            f"tracking.uri={tracking_uri}",
+            f"tracking.experiment={experiment}",
+            *QUIET,
+        ],
     )
     alphas = [torch.load(result.output_dir / "members" / m / "model.pt", weights_only=True)["activation.weight"] for m in ("m1", "m2")]
     assert float((alphas[0] - alphas[1]).abs().sum()) >= 2.0

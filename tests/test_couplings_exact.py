@@ -12,6 +12,7 @@ from mlflow.tracking import MlflowClient
 import poptrain
 from poptrain.builtins.data import constant, digits
 from poptrain.builtins.models import MLP, EncoderClassifier, LSTMClassifier
+from tests.conftest import LSTM_PARAMS, assert_weights_equal, digits_member, members_on_thirds_of_the_digits, save_init
 from tests.reference import (
     diloco_training,
     gossip_training,
@@ -24,7 +25,6 @@ from tests.reference import (
     squared_loss_gap_joint_training,
     wash_training,
 )
-from tests.conftest import LSTM_PARAMS, assert_weights_equal, digits_member, members_on_thirds_of_the_digits, save_init
 
 STEPS = 20
 EVAL_BATCH = 128  # held-out samples per forward pass, in the run and in the reference alike
@@ -53,8 +53,8 @@ def _seed003(ray_session, base_config, tmp_path, routed):
     ]
     result = poptrain.run(base_config(members=members, couplings=couplings, steps=STEPS))
     streams = [sequential_batches(digits(view=v, limit=256), 32) for v, _ in views]  # same samples, three views
-    reference = seed003_joint_training(models, zip(*streams), STEPS, lr=0.01, routed=routed)
-    for name, module in zip(("m1", "m2", "m3"), reference):
+    reference = seed003_joint_training(models, zip(*streams, strict=True), STEPS, lr=0.01, routed=routed)
+    for name, module in zip(("m1", "m2", "m3"), reference, strict=True):
         assert_weights_equal(result, name, module)
 
 
@@ -78,8 +78,8 @@ def test_non_linear_relative_loss_uses_the_peers_current_loss_and_matches_the_jo
     couplings = [{"type": "relative", "name": "gap", "fn": {"name": "tests.helpers:squared_loss_gap"}}]
     result = poptrain.run(base_config(members=members, couplings=couplings, steps=STEPS, exchange={"every": 1, "mode": "sync"}))
     streams = [sequential_batches(digits(view=v, limit=256), 32) for v, _ in views]
-    reference = squared_loss_gap_joint_training(*models, zip(*streams), STEPS, lr=0.01)
-    for name, module in zip(("m1", "m2"), reference):
+    reference = squared_loss_gap_joint_training(*models, zip(*streams, strict=True), STEPS, lr=0.01)
+    for name, module in zip(("m1", "m2"), reference, strict=True):
         assert_weights_equal(result, name, module)
 
 
@@ -118,13 +118,13 @@ def test_average_into_a_target_is_exactly_the_seed_002_mean(ray_session, base_co
     count = len(list(models[0].parameters())) if shared_memory else 0
     assert {n: p["shared_params"] for n, p in result.placement.items()} == dict.fromkeys(("m1", "m2", "m3"), count)
     # m1 and m2 are not coupled to each other: each is plain training on its own.
-    for model, lr in zip(models, (0.01, 0.003)):
+    for model, lr in zip(models, (0.01, 0.003), strict=True):
         optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-        for _, (x, y) in zip(range(STEPS), sequential_batches(digits(view="full", limit=256), 32)):
+        for _, (x, y) in zip(range(STEPS), sequential_batches(digits(view="full", limit=256), 32), strict=False):  # the first STEPS of an endless stream
             optimizer.zero_grad()
             torch.nn.functional.cross_entropy(model(x), y).backward()
             optimizer.step()
-    for name, module in zip(("m1", "m2"), models):
+    for name, module in zip(("m1", "m2"), models, strict=True):
         assert_weights_equal(result, name, module)
     assert_weights_equal(result, "m3", seed002_average(*models, EncoderClassifier(64, 10, num_nodes=16)))
 
@@ -147,8 +147,8 @@ def test_shared_module_matches_one_module_used_by_both_models_and_stays_bitwise_
     ]
     result = poptrain.run(base_config(members=members, couplings=[{"type": "share", "params": ["lstm.*"]}], steps=STEPS))
     streams = [sequential_batches(digits(view="rows", limit=256, part=i, parts=2), 32) for i in range(2)]
-    reference = shared_lstm_training(model1, model2, zip(*streams), STEPS, lr=0.01)
-    for name, module in zip(("m1", "m2"), reference):
+    reference = shared_lstm_training(model1, model2, zip(*streams, strict=True), STEPS, lr=0.01)
+    for name, module in zip(("m1", "m2"), reference, strict=True):
         assert_weights_equal(result, name, module)
     a, b = (torch.load(result.output_dir / "members" / n / "model.pt", weights_only=True) for n in ("m1", "m2"))
     assert [k for k in a if k.startswith("lstm.")] == LSTM_PARAMS
@@ -163,10 +163,7 @@ def test_averaging_back_into_members_in_shared_memory_matches_copies_bitwise_and
     measuring how far apart they were."""
     torch.manual_seed(5)
     init = save_init(EncoderClassifier(64, 10, num_nodes=16), tmp_path / "init.pt")
-    members = [
-        digits_member(f"m{i + 1}", data_kwargs={"limit": 256, "part": i, "parts": 2}, init=init)
-        for i in range(2)
-    ]
+    members = [digits_member(f"m{i + 1}", data_kwargs={"limit": 256, "part": i, "parts": 2}, init=init) for i in range(2)]
     couplings = [{"type": "average", "name": "local_sgd", "every": 3}]
     results = {
         shared: poptrain.run(base_config(name=f"fedavg-{shared}", members=members, couplings=couplings, steps=STEPS, exchange={"shared_memory": shared}))
@@ -202,8 +199,8 @@ def test_mutual_learning_matches_the_single_process_dml_objective(ray_session, b
     couplings = [{"type": "mutual", "weight": 0.7, "temperature": 2.0}]
     result = poptrain.run(base_config(members=members, couplings=couplings, steps=STEPS, exchange={"every": 1, "mode": "sync"}))
     streams = [sequential_batches(digits(view=v, limit=256), 32) for v, _ in views]
-    reference = mutual_learning_training(models, zip(*streams), STEPS, lr=0.01, weight=0.7, temperature=2.0)
-    for name, module in zip(("m1", "m2", "m3"), reference):
+    reference = mutual_learning_training(models, zip(*streams, strict=True), STEPS, lr=0.01, weight=0.7, temperature=2.0)
+    for name, module in zip(("m1", "m2", "m3"), reference, strict=True):
         assert_weights_equal(result, name, module)
     client = MlflowClient(result.tracking_uri)
     parent = client.get_run(result.run_id).data.metrics
@@ -226,8 +223,8 @@ def test_codistillation_uses_peers_weights_refreshed_every_k_exchanges_on_each_m
     couplings = [{"type": "mutual", "mode": "codistillation", "refresh_every": 3, "weight": 0.5, "temperature": 2.0}]
     result = poptrain.run(base_config(members=members, couplings=couplings, steps=STEPS, exchange={"every": 1, "mode": "sync"}))
     streams = [sequential_batches(digits(**shard), 32) for shard in shards]
-    reference = codistillation_training(models, zip(*streams), STEPS, lr=0.01, weight=0.5, temperature=2.0, refresh=3)
-    for name, module in zip(("m1", "m2"), reference):
+    reference = codistillation_training(models, zip(*streams, strict=True), STEPS, lr=0.01, weight=0.5, temperature=2.0, refresh=3)
+    for name, module in zip(("m1", "m2"), reference, strict=True):
         assert_weights_equal(result, name, module)
 
 
@@ -235,9 +232,9 @@ def test_codistillation_uses_peers_weights_refreshed_every_k_exchanges_on_each_m
 
 
 def _matches_fresh_not_stale(result, fresh, stale):
-    for name, module in zip(("m1", "m2", "m3"), fresh):
+    for name, module in zip(("m1", "m2", "m3"), fresh, strict=True):
         assert_weights_equal(result, name, module, atol=0)
-    for name, module in zip(("m1", "m2", "m3"), stale):  # what a coordinator one round late would have given
+    for name, module in zip(("m1", "m2", "m3"), stale, strict=True):  # what a coordinator one round late would have given
         with pytest.raises(AssertionError):
             assert_weights_equal(result, name, module, atol=1e-3)
 
@@ -255,8 +252,16 @@ def test_papa_pulls_members_towards_the_mean_of_the_same_round_bitwise_as_the_si
         member["eval_data"] = {"name": "digits", "kwargs": {"view": "full", "split": "test"}, "batch_size": EVAL_BATCH}
     starts = [copy.deepcopy(m) for m in models]
     couplings = [{"type": "average", "name": "papa", "rate": 0.25}]
-    result = poptrain.run(base_config(members=members, couplings=couplings, steps=STEPS, exchange={"every": 1, "mode": "sync"}, placement={"members_per_host": 1},
-                                      evaluation={"metrics": ["accuracy", "loss"]}))
+    result = poptrain.run(
+        base_config(
+            members=members,
+            couplings=couplings,
+            steps=STEPS,
+            exchange={"every": 1, "mode": "sync"},
+            placement={"members_per_host": 1},
+            evaluation={"metrics": ["accuracy", "loss"]},
+        )
+    )
     fresh = papa_training(models, streams(), STEPS, lr=0.01, rate=0.25)
     stale = papa_training([copy.deepcopy(m) for m in starts], streams(), STEPS, lr=0.01, rate=0.25, stale=True)
     _matches_fresh_not_stale(result, fresh, stale)
@@ -268,7 +273,8 @@ def test_papa_pulls_members_towards_the_mean_of_the_same_round_bitwise_as_the_si
     client = MlflowClient(result.tracking_uri)
     spread = {
         (when, stat): {m.step: m.value for m in client.get_metric_history(result.run_id, f"coupling/papa/distance/{when}/{stat}")}
-        for when in ("before", "after") for stat in ("min", "median", "max")
+        for when in ("before", "after")
+        for stat in ("min", "median", "max")
     }
     assert sorted(spread["after", "max"]) == list(range(STEPS + 1)), "after every round"
     for stat in ("min", "median", "max"):  # each member a quarter of the way to the mean, which stays: 3/4 of its distance
@@ -294,7 +300,11 @@ def _population_average_is_the_mean_of_the_saved_members_evaluated(result, names
     inputs, targets = digits(view="full", split="test").tensors
     with torch.no_grad():
         outputs = torch.cat([model(inputs[i : i + EVAL_BATCH]) for i in range(0, len(inputs), EVAL_BATCH)])
-    expected = {"accuracy": float((outputs.argmax(dim=1) == targets).float().mean()), "loss": float(torch.nn.functional.cross_entropy(outputs, targets)), "members": float(len(names))}
+    expected = {
+        "accuracy": float((outputs.argmax(dim=1) == targets).float().mean()),
+        "loss": float(torch.nn.functional.cross_entropy(outputs, targets)),
+        "members": float(len(names)),
+    }
     parent = MlflowClient(result.tracking_uri).get_run(result.run_id).data.metrics
     assert {k: parent[f"population_average/{k}"] for k in expected} == expected
     assert result.population_average == {f"population_average/{k}": v for k, v in expected.items()}
@@ -307,9 +317,11 @@ def test_gossip_averages_the_seeds_random_pairs_of_the_same_round_bitwise_as_the
     average the previous round's values."""
     models, members, streams = members_on_thirds_of_the_digits(tmp_path, 7)
     starts = [copy.deepcopy(m) for m in models]
-    result = poptrain.run(base_config(
-        seed=11, members=members, couplings=[{"type": "gossip"}], steps=STEPS, exchange={"every": 1, "mode": "sync"}, placement={"members_per_host": 1}
-    ))
+    result = poptrain.run(
+        base_config(
+            seed=11, members=members, couplings=[{"type": "gossip"}], steps=STEPS, exchange={"every": 1, "mode": "sync"}, placement={"members_per_host": 1}
+        )
+    )
     fresh = gossip_training(models, streams(), STEPS, lr=0.01, seed=11)
     stale = gossip_training([copy.deepcopy(m) for m in starts], streams(), STEPS, lr=0.01, seed=11, stale=True)
     _matches_fresh_not_stale(result, fresh, stale)
@@ -325,9 +337,16 @@ def test_wash_shuffles_the_seeds_positions_of_the_same_round_bitwise_as_the_sing
     whose shuffled positions take the previous round's values."""
     models, members, streams = members_on_thirds_of_the_digits(tmp_path, 8)
     starts = [copy.deepcopy(m) for m in models]
-    result = poptrain.run(base_config(
-        seed=5, members=members, couplings=[{"type": "wash", "fraction": 0.1}], steps=STEPS, exchange={"every": 1, "mode": "sync"}, placement={"members_per_host": 1}
-    ))
+    result = poptrain.run(
+        base_config(
+            seed=5,
+            members=members,
+            couplings=[{"type": "wash", "fraction": 0.1}],
+            steps=STEPS,
+            exchange={"every": 1, "mode": "sync"},
+            placement={"members_per_host": 1},
+        )
+    )
     fresh = wash_training(models, streams(), STEPS, lr=0.01, seed=5, fraction=0.1)
     stale = wash_training([copy.deepcopy(m) for m in starts], streams(), STEPS, lr=0.01, seed=5, fraction=0.1, stale=True)
     _matches_fresh_not_stale(result, fresh, stale)
@@ -344,7 +363,9 @@ def test_diloco_takes_nesterov_outer_steps_on_the_mean_delta_of_the_same_round_b
     models, members, streams = members_on_thirds_of_the_digits(tmp_path, 9)
     starts = [copy.deepcopy(m) for m in models]
     couplings = [{"type": "diloco", "every": 4}]
-    result = poptrain.run(base_config(members=members, couplings=couplings, steps=STEPS, exchange={"every": 1, "mode": "sync"}, placement={"members_per_host": 1}))
+    result = poptrain.run(
+        base_config(members=members, couplings=couplings, steps=STEPS, exchange={"every": 1, "mode": "sync"}, placement={"members_per_host": 1})
+    )
     fresh = diloco_training(models, streams(), STEPS, lr=0.01, every=4, outer_lr=0.7, outer_momentum=0.9)
     stale = diloco_training([copy.deepcopy(m) for m in starts], streams(), STEPS, lr=0.01, every=4, outer_lr=0.7, outer_momentum=0.9, stale=True)
     _matches_fresh_not_stale(result, fresh, stale)

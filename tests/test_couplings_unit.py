@@ -7,11 +7,11 @@ import math
 import pytest
 import torch
 
+from poptrain.checks import inspect_population
 from poptrain.config import load_config
 from poptrain.coordinator import CouplingEvaluator
-from poptrain.exchange import ExchangePlan
 from poptrain.couplings import Coupling, Quantity, build_couplings
-from poptrain.checks import inspect_population
+from poptrain.exchange import ExchangePlan
 from tests.conftest import digits_member, prelu_member
 
 
@@ -61,7 +61,9 @@ def test_separation_of_many_members_is_the_sum_over_every_pair_computed_either_w
     import poptrain.couplings.separation as separation
 
     names = ["a", "b", "c", "d"]
-    _, _, (coupling,) = couplings_for(base_config, [{"type": "separation", "param": "activation.weight", "margin": 2.5, **settings}], [prelu_member(n) for n in names])
+    _, _, (coupling,) = couplings_for(
+        base_config, [{"type": "separation", "param": "activation.weight", "margin": 2.5, **settings}], [prelu_member(n) for n in names]
+    )
     q = slopes(a=0.3, b=-0.9, c=1.4, d=0.35)
     a = {n: q[Quantity(n, "param", "activation.weight")] for n in names}
     if settings.get("variant") == "repulsion":
@@ -149,8 +151,8 @@ def test_coordinator_logs_couplings_on_the_whole_population(base_config):
     ],
 )
 def test_coupling_config_errors_name_the_key(base_config, coupling, key, words):
-    from poptrain.config import ConfigError
     from poptrain.checks import prepare
+    from poptrain.config import ConfigError
 
     with pytest.raises(ConfigError) as info:
         prepare(base_config(couplings=[coupling]))
@@ -158,8 +160,8 @@ def test_coupling_config_errors_name_the_key(base_config, coupling, key, words):
 
 
 def test_share_refuses_members_with_different_optimizers(base_config):
-    from poptrain.config import ConfigError
     from poptrain.checks import prepare
+    from poptrain.config import ConfigError
 
     members = [prelu_member("m1"), prelu_member("m2", optimizer={"name": "sgd", "lr": 0.1})]
     with pytest.raises(ConfigError, match="identical `optimizer` settings"):
@@ -167,8 +169,8 @@ def test_share_refuses_members_with_different_optimizers(base_config):
 
 
 def test_average_shape_mismatch_names_both_members_and_the_parameter(base_config):
-    from poptrain.config import ConfigError
     from poptrain.checks import prepare
+    from poptrain.config import ConfigError
 
     wide = prelu_member("m2", model={"name": "mlp", "kwargs": {"in_features": 20, "out_features": 1, "hidden": 41, "activation": "prelu"}})
     with pytest.raises(ConfigError, match=r"parameter 'input.weight' has shape \[40, 20\] in member 'm1' but \[41, 20\] in member 'm2'"):
@@ -232,7 +234,10 @@ def test_mutual_learning_pulls_each_member_towards_its_peers_fixed_predictions(b
 
 @pytest.mark.parametrize(
     "members, words",
-    [(digits_members(second_batch=16), "do not see the same samples in the same order (batch_size 32 vs 16)"), (digits_members(second_classes=5), "shapes [10] and [5]")],
+    [
+        (digits_members(second_batch=16), "do not see the same samples in the same order (batch_size 32 vs 16)"),
+        (digits_members(second_classes=5), "shapes [10] and [5]"),
+    ],
     ids=["misaligned-batches", "different-outputs"],
 )
 def test_mutual_learning_refuses_members_whose_predictions_cannot_be_compared(base_config, members, words):
@@ -286,7 +291,9 @@ def test_separation_gives_every_members_own_term_in_one_pass_as_it_gives_each_al
     from poptrain.couplings.separation import Separation, SeparationConfig
 
     names = [f"m{i}" for i in range(7)]
-    separation = Separation(SeparationConfig(type="separation", param="activation.weight", margin=0.5), PopulationInfo(names, {n: {"activation.weight": (1,)} for n in names}))
+    separation = Separation(
+        SeparationConfig(type="separation", param="activation.weight", margin=0.5), PopulationInfo(names, {n: {"activation.weight": (1,)} for n in names})
+    )
     values = {Quantity(n, "param", "activation.weight"): torch.tensor([0.1 * i * i]) for i, n in enumerate(names)}
     together = separation.values_for(names, values)
     for name in names:
@@ -306,7 +313,9 @@ def test_a_coupling_reads_a_hosts_members_as_columns_and_gets_each_members_own_t
     from poptrain.couplings.separation import Separation, SeparationConfig
 
     names = [f"m{i}" for i in range(7)]
-    separation = Separation(SeparationConfig(type="separation", param="activation.weight", margin=0.5), PopulationInfo(names, {n: {"activation.weight": (2,)} for n in names}))
+    separation = Separation(
+        SeparationConfig(type="separation", param="activation.weight", margin=0.5), PopulationInfo(names, {n: {"activation.weight": (2,)} for n in names})
+    )
     exchanged = {Quantity(n, "param", "activation.weight"): torch.tensor([0.1 * i * i, -0.05 * i]) for i, n in enumerate(names)}
     host = names[2:5]
     live = torch.stack([exchanged[Quantity(n, "param", "activation.weight")] + 0.03 for n in host]).requires_grad_()
@@ -327,7 +336,9 @@ def test_a_coupling_reads_a_hosts_members_as_columns_and_gets_each_members_own_t
 def test_papa_pulls_each_member_a_fraction_rate_of_the_way_to_the_mean(base_config):
     members = [prelu_member("m1"), prelu_member("m2"), prelu_member("m3")]
     _, _, (papa, plain) = couplings_for(
-        base_config, [{"type": "average", "name": "papa", "params": ["activation.*"], "rate": 0.25}, {"type": "average", "name": "plain", "params": ["activation.*"]}], members
+        base_config,
+        [{"type": "average", "name": "papa", "params": ["activation.*"], "rate": 0.25}, {"type": "average", "name": "plain", "params": ["activation.*"]}],
+        members,
     )
     q = slopes(m1=1.0, m2=3.0, m3=8.0)  # mean 4
     out = papa.rewrite_at("param", 0, q, {})

@@ -30,7 +30,11 @@ def held_out_member(name: str, view: str = "full") -> dict:
 def evaluated(base_config, **changes) -> dict:
     """Seed 003's three views of the digits, evaluated on the held-out images."""
     members = [held_out_member("m1"), held_out_member("m2", "downsampled"), held_out_member("m3", "crop")]
-    settings = {"members": members, "couplings": [], "evaluation": {"every": EVERY, "metrics": ["accuracy", "loss", {"name": "top_k_accuracy", "kwargs": {"k": 3}}]}}
+    settings = {
+        "members": members,
+        "couplings": [],
+        "evaluation": {"every": EVERY, "metrics": ["accuracy", "loss", {"name": "top_k_accuracy", "kwargs": {"k": 3}}]},
+    }
     settings.update(changes)
     return base_config(**settings)
 
@@ -113,7 +117,7 @@ def averaged_members(base_config, setting, couplings, dropouts=(0.2, 0.2), first
     from poptrain.couplings import build_couplings
 
     members = [held_out_member(f"m{i + 1}") for i in range(2)]
-    for member, dropout in zip(members, dropouts):
+    for member, dropout in zip(members, dropouts, strict=True):
         member["model"]["kwargs"]["dropout"] = dropout
     if first_data is not None:
         members[0]["data"] = first_data
@@ -191,4 +195,3 @@ def test_the_mlflow_view_opens_on_training_runs_with_hyperparameters_datasets_an
     ranked = [m.tags["poptrain.member"] for m in ours]
     finals = {name: evaluated_run.metrics[name]["eval/accuracy"] for name in evaluated_run.member_run_ids}
     assert ranked[0] == evaluated_run.best_member and sorted(finals, key=finals.get, reverse=True) == ranked
-

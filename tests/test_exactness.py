@@ -40,7 +40,7 @@ def test_sync_exchange_matches_single_process_joint_objective(ray_session, base_
     assert result.placement["m1"]["stacked_with"] == (2 if placement.get("stacked", True) and placement["members_per_host"] == 2 else 1)
 
     reference = seed000_joint_training(*modules, sequential_batches(synthetic_regression(n=256, in_features=20), BATCH), STEPS, LR)
-    for name, module in zip(("m1", "m2"), reference):
+    for name, module in zip(("m1", "m2"), reference, strict=True):
         trained = torch.load(result.output_dir / "members" / name / "model.pt", weights_only=True)
         for key, expected in module.state_dict().items():
             atol = 1e-6 if key == "activation.weight" else tolerance(placement)
@@ -72,7 +72,7 @@ def test_separation_crossing_its_margin_matches_single_process_reference(ray_ses
     distances = []
     batches = sequential_batches(synthetic_regression(n=256, in_features=20), BATCH)
     reference = seed000_joint_training(*modules, batches, steps, LR, margin=margin, distances=distances)
-    for name, module in zip(("m1", "m2"), reference):
+    for name, module in zip(("m1", "m2"), reference, strict=True):
         trained = weights(result.output_dir, name)
         for key, expected in module.state_dict().items():
             atol = 1e-6 if key == "activation.weight" else tolerance(placement)

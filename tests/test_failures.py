@@ -35,7 +35,6 @@ from tests.conftest import (
 )
 from tests.mlflow_server import TcpRelay
 
-
 # The interrupted runs below and their uninterrupted twin.
 STEPS, CHECKPOINT_EVERY = KILLED_STEPS, KILLED_CHECKPOINT_EVERY
 
@@ -80,7 +79,10 @@ def test_with_while_restarting_continue_peers_go_on_with_a_dead_members_last_val
 def test_a_killed_member_averaged_in_shared_memory_replays_the_averages_it_missed(ray_session, base_config, tracking_uri):
     """Local SGD in shared memory: the coordinator writes each average into the members' own
     pages, and keeps a copy for the replay of a member restarted from its checkpoint."""
-    members = [prelu_member("m1"), prelu_member("m2", data={"name": "synthetic_regression", "kwargs": {"n": 256, "in_features": 20, "seed": 1}, "batch_size": 32})]
+    members = [
+        prelu_member("m1"),
+        prelu_member("m2", data={"name": "synthetic_regression", "kwargs": {"n": 256, "in_features": 20, "seed": 1}, "batch_size": 32}),
+    ]
     steps = 240  # the kill window (steps 40 to steps - 100) spans several progress polls even when the host is fast
     settings = dict(steps=steps, checkpoint={"every": CHECKPOINT_EVERY}, members=members, couplings=[{"type": "average", "every": 3}])
     clean = poptrain.run(base_config(name="local-sgd-clean", **settings))
@@ -93,7 +95,9 @@ def test_a_killed_member_averaged_in_shared_memory_replays_the_averages_it_misse
 def test_a_replacement_that_dies_while_starting_is_replaced_again_within_max_restarts(ray_session, base_config, tracking_uri, tmp_path):
     marker = tmp_path / "deaths"
     data = {"name": "tests.helpers:dies_while_restarting", "kwargs": {"marker": str(marker), "deaths": 1}, "batch_size": 32}
-    config = base_config(steps=120, checkpoint={"every": CHECKPOINT_EVERY}, failure={"max_restarts": 2}, members=[prelu_member("m1"), prelu_member("m2", data=data)])
+    config = base_config(
+        steps=120, checkpoint={"every": CHECKPOINT_EVERY}, failure={"max_restarts": 2}, members=[prelu_member("m1"), prelu_member("m2", data=data)]
+    )
     killed = {}
 
     def kill_m2_once(snapshot):
@@ -171,12 +175,17 @@ def test_diloco_global_weights_and_outer_momentum_survive_a_member_kill_and_a_re
     steps = 240  # the kill window (steps 40 to steps - 100) spans several progress polls even when the host is fast
     models, members, streams = members_on_thirds_of_the_digits(tmp_path, 10, count=2)
     config = base_config(
-        name="diloco", members=members, couplings=[{"type": "diloco", "every": 5}], steps=steps,
-        checkpoint={"every": CHECKPOINT_EVERY}, exchange={"every": 1, "mode": "sync"}, placement={"members_per_host": 1},
+        name="diloco",
+        members=members,
+        couplings=[{"type": "diloco", "every": 5}],
+        steps=steps,
+        checkpoint={"every": CHECKPOINT_EVERY},
+        exchange={"every": 1, "mode": "sync"},
+        placement={"members_per_host": 1},
     )
     result, _ = run_killing_m2_once(config, steps)
     reference = diloco_training(models, streams(), steps, lr=0.01, every=5, outer_lr=0.7, outer_momentum=0.9)
-    for name, module in zip(("m1", "m2"), reference):
+    for name, module in zip(("m1", "m2"), reference, strict=True):
         assert_weights_equal(result, name, module, atol=0)
 
     run_dir, names = result.output_dir, ["m1", "m2"]
@@ -190,7 +199,7 @@ def test_diloco_global_weights_and_outer_momentum_survive_a_member_kill_and_a_re
         resume(run_dir)
     (run_dir / "moved").rename(state)
     resume(run_dir)
-    for name, module in zip(("m1", "m2"), reference):
+    for name, module in zip(("m1", "m2"), reference, strict=True):
         assert_weights_equal(result, name, module, atol=0)
 
 

@@ -44,8 +44,7 @@ def test_the_one_line_function_has_the_built_in_separations_value_and_gradient(b
     """On the same quantities, seed 000's penalty as a function and `separation` agree bitwise."""
     from poptrain.couplings import build_couplings
 
-    cfg, population, _ = prepare(base_config(couplings=[
-        {"type": "slope_gap"}, {"type": "separation", "param": SLOPE, "margin": 2.0}]))
+    cfg, population, _ = prepare(base_config(couplings=[{"type": "slope_gap"}, {"type": "separation", "param": SLOPE, "margin": 2.0}]))
     function, separation = build_couplings(cfg.couplings, population)
     assert function.members == function.trains == ["m1", "m2"] and function.weight == 1.0
     assert function.reads() == separation.reads()
@@ -63,11 +62,16 @@ def test_reads_in_the_config_let_one_function_serve_several_pairs(base_config):
     from poptrain.couplings import build_couplings
 
     members = [prelu_member("m1"), prelu_member("m2"), prelu_member("m3")]
-    cfg, population, _ = prepare(base_config(members=members, couplings=[
-        {"type": "pair_gap", "name": "gap12", "reads": slopes("m1", "m2")},
-        {"type": "pair_gap", "name": "gap23", "reads": slopes("m2", "m3"), "trains": ["m3"], "weight": 0.5},
-        {"type": "slope_gap", "name": "gap13", "reads": {"b": {"member": "m3", "param": SLOPE}}},  # a replaces nothing: m1's slope
-    ]))
+    cfg, population, _ = prepare(
+        base_config(
+            members=members,
+            couplings=[
+                {"type": "pair_gap", "name": "gap12", "reads": slopes("m1", "m2")},
+                {"type": "pair_gap", "name": "gap23", "reads": slopes("m2", "m3"), "trains": ["m3"], "weight": 0.5},
+                {"type": "slope_gap", "name": "gap13", "reads": {"b": {"member": "m3", "param": SLOPE}}},  # a replaces nothing: m1's slope
+            ],
+        )
+    )
     gap12, gap23, gap13 = build_couplings(cfg.couplings, population)
     assert (gap12.members, gap12.trains) == (["m1", "m2"], ["m1", "m2"])
     assert (gap23.members, gap23.trains, gap23.weight) == (["m2", "m3"], ["m3"], 0.5)
@@ -97,8 +101,10 @@ def test_a_function_reading_predictions_gets_those_of_the_same_batch_only(base_c
 def test_predictions_of_members_with_different_batches_are_refused(base_config):
     members = [prelu_member("m1"), prelu_member("m2", data={"name": "synthetic_regression", "kwargs": {"n": 256, "in_features": 20}, "batch_size": 16})]
     message = refusal(base_config, {"type": "prediction_gap"}, members)
-    assert "couplings.0.reads: coupling 'prediction_gap' reads their predictions, but members 'm1' and 'm2' do not see the same samples in the same order " \
-           "(batch_size 32 vs 16)" in message
+    assert (
+        "couplings.0.reads: coupling 'prediction_gap' reads their predictions, but members 'm1' and 'm2' do not see the same samples in the same order "
+        "(batch_size 32 vs 16)" in message
+    )
 
 
 def test_predictions_in_async_mode_are_refused(base_config):
@@ -147,13 +153,18 @@ def test_a_read_of_a_parameter_a_member_lacks_names_the_member_and_its_parameter
 
 def test_a_read_of_an_unknown_member_lists_the_members(base_config):
     message = refusal(base_config, {"type": "pair_gap", "name": "gap", "reads": slopes("m1", "m3")})
-    assert "couplings.0.reads.b.member: coupling 'gap' reads parameter 'activation.weight' of member 'm3' under 'b', but there is no member 'm3'; " \
-           "members are ['m1', 'm2']" in message
+    assert (
+        "couplings.0.reads.b.member: coupling 'gap' reads parameter 'activation.weight' of member 'm3' under 'b', but there is no member 'm3'; "
+        "members are ['m1', 'm2']" in message
+    )
 
 
 def test_a_read_of_a_loss_or_term_a_member_lacks_lists_its_terms(base_config):
     message = refusal(base_config, {"type": "loss_gap", "reads": {"l2": {"member": "m2", "loss": "smoothness"}}})
-    assert "couplings.0.reads.l2: coupling 'loss_gap' reads 'smoothness' of member 'm2', which has no such loss or term; its losses and terms are ['loss']" in message
+    assert (
+        "couplings.0.reads.l2: coupling 'loss_gap' reads 'smoothness' of member 'm2', which has no such loss or term; its losses and terms are ['loss']"
+        in message
+    )
 
 
 def test_a_function_returning_a_non_tensor_is_refused(base_config):
@@ -181,7 +192,10 @@ def test_reads_the_function_cannot_take_are_refused(base_config):
 def test_members_other_than_those_it_reads_are_refused(base_config):
     members = [prelu_member("m1"), prelu_member("m2"), prelu_member("m3")]
     message = refusal(base_config, {"type": "slope_gap", "members": ["m1", "m3"]}, members)
-    assert "couplings.0.members: coupling 'slope_gap' reads members ['m1', 'm2'], so its `members` must be those: missing ['m2']; reads nothing of ['m3']" in message
+    assert (
+        "couplings.0.members: coupling 'slope_gap' reads members ['m1', 'm2'], so its `members` must be those: missing ['m2']; reads nothing of ['m3']"
+        in message
+    )
     message = refusal(base_config, {"type": "slope_gap", "trains": ["m3"]}, members)
     assert "couplings.0.trains: coupling 'slope_gap' trains member 'm3' but reads nothing of it" in message
 
@@ -206,15 +220,17 @@ def test_seed_000_penalty_as_a_one_line_function_matches_the_single_process_refe
     steps = 25
     modules, paths = seed000_initial_modules(tmp_path)
     data = {"name": "synthetic_regression", "kwargs": {"n": 256, "in_features": 20}, "batch_size": SEED000_BATCH, "shuffle": False}
-    result = poptrain.run(base_config(
-        steps=steps,
-        exchange={"every": 1, "mode": "sync"},
-        placement={"members_per_host": 1},
-        members=[prelu_member(f"m{i + 1}", init=paths[i], data=data, optimizer={"name": "adam", "lr": SEED000_LR}) for i in range(2)],
-        couplings=[{"type": "slope_gap"}],
-    ))
+    result = poptrain.run(
+        base_config(
+            steps=steps,
+            exchange={"every": 1, "mode": "sync"},
+            placement={"members_per_host": 1},
+            members=[prelu_member(f"m{i + 1}", init=paths[i], data=data, optimizer={"name": "adam", "lr": SEED000_LR}) for i in range(2)],
+            couplings=[{"type": "slope_gap"}],
+        )
+    )
     reference = seed000_joint_training(*modules, sequential_batches(synthetic_regression(n=256, in_features=20), SEED000_BATCH), steps, SEED000_LR)
-    for name, module in zip(("m1", "m2"), reference):
+    for name, module in zip(("m1", "m2"), reference, strict=True):
         trained = weights(result.output_dir, name)
         for key, expected in module.state_dict().items():
             assert torch.equal(trained[key], expected), f"{name}.{key}: {(trained[key] - expected).abs().max()}"

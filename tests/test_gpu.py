@@ -66,7 +66,9 @@ def run_on_gpu(tmp_path: Path, config: dict) -> tuple[Path, dict[str, dict]]:
     finished(subprocess.run([sys.executable, "-m", "poptrain", "run", str(path)], cwd=tmp_path, env=gpu_env(), capture_output=True, text=True, timeout=600))
     client = MlflowClient(config["tracking"]["uri"])
     runs = client.search_runs([client.get_experiment_by_name(config["tracking"]["experiment"]).experiment_id])
-    members = {r.data.tags["poptrain.member"]: {"tags": r.data.tags, "metrics": set(r.data.metrics)} for r in runs if r.data.tags.get("poptrain.role") == "member"}
+    members = {
+        r.data.tags["poptrain.member"]: {"tags": r.data.tags, "metrics": set(r.data.metrics)} for r in runs if r.data.tags.get("poptrain.role") == "member"
+    }
     return tmp_path / "runs" / config["name"], members
 
 
@@ -76,15 +78,26 @@ def drive_on_gpu(tmp_path: Path, script: str, given: dict) -> object:
     where Ray's workers print too). Those findings."""
     given_path, found_path = tmp_path / "given.yaml", tmp_path / "found.json"
     given_path.write_text(yaml.safe_dump(given))
-    finished(subprocess.run([sys.executable, "-c", script, str(given_path), str(found_path)], cwd=tmp_path, env=gpu_env(), capture_output=True, text=True, timeout=600))
+    finished(
+        subprocess.run(
+            [sys.executable, "-c", script, str(given_path), str(found_path)], cwd=tmp_path, env=gpu_env(), capture_output=True, text=True, timeout=600
+        )
+    )
     return json.loads(found_path.read_text())
 
 
 def test_each_member_trains_on_the_gpu_ray_assigned_it(tmp_path):
     # Profiled: the step's clock waits for the GPU's queued work (MemberHost.timed_gpus).
-    run_dir, members = run_on_gpu(tmp_path, {
-        "name": "gpu-devices", "steps": 30, "members": [prelu_member("m1"), prelu_member("m2")], "couplings": [SEPARATION], "tracking": {"profile": True},
-    })
+    run_dir, members = run_on_gpu(
+        tmp_path,
+        {
+            "name": "gpu-devices",
+            "steps": 30,
+            "members": [prelu_member("m1"), prelu_member("m2")],
+            "couplings": [SEPARATION],
+            "tracking": {"profile": True},
+        },
+    )
     for name in ("m1", "m2"):
         tags = members[name]["tags"]
         assert tags["poptrain.placement.device"].startswith("cuda"), tags
@@ -126,8 +139,15 @@ def test_packed_members_on_one_gpu_end_bitwise_as_each_alone_on_it(tmp_path):
     deterministic on CUDA, only computes logged values)."""
     base = {"steps": 30, "members": [prelu_member("m1"), prelu_member("m2")], "couplings": [SEPARATION]}
     packed_dir, packed = run_on_gpu(tmp_path / "packed", {**base, "name": "gpu-packed", "placement": {"members_per_host": 2, "stacked": False}})
-    alone_dir, alone = run_on_gpu(tmp_path / "alone", {**base, "name": "gpu-alone", "placement": {"members_per_host": 1}, "members": [
-        prelu_member("m1", resources={"num_gpus": 0.5}), prelu_member("m2", resources={"num_gpus": 0.5})]})
+    alone_dir, alone = run_on_gpu(
+        tmp_path / "alone",
+        {
+            **base,
+            "name": "gpu-alone",
+            "placement": {"members_per_host": 1},
+            "members": [prelu_member("m1", resources={"num_gpus": 0.5}), prelu_member("m2", resources={"num_gpus": 0.5})],
+        },
+    )
     assert packed["m1"]["tags"]["poptrain.placement.pid"] == packed["m2"]["tags"]["poptrain.placement.pid"], "one process"
     assert alone["m1"]["tags"]["poptrain.placement.pid"] != alone["m2"]["tags"]["poptrain.placement.pid"], "a process each"
     for name in ("m1", "m2"):
@@ -189,8 +209,17 @@ def test_a_killed_member_on_a_gpu_restarts_from_its_checkpoint_and_ends_bitwise_
     # At least 8 ms a step (8 samples of 1 ms), so the kill lands mid-run however fast the GPU is.
     paced = {"name": "tests.helpers:slow_data", "kwargs": {"delay_s": 0.001}, "batch_size": 8}
     members = [prelu_member(m, resources={"num_gpus": 0.5}, data=paced) for m in ("m1", "m2")]
-    config = gpu_config(tmp_path, {"name": "gpu-restarted", "steps": KILLED_STEPS, "checkpoint": {"every": KILLED_CHECKPOINT_EVERY}, "placement": {"members_per_host": 1},
-                                   "members": members, "couplings": [SEPARATION]})
+    config = gpu_config(
+        tmp_path,
+        {
+            "name": "gpu-restarted",
+            "steps": KILLED_STEPS,
+            "checkpoint": {"every": KILLED_CHECKPOINT_EVERY},
+            "placement": {"members_per_host": 1},
+            "members": members,
+            "couplings": [SEPARATION],
+        },
+    )
     found = drive_on_gpu(tmp_path, RESTARTED, config)
     assert all(d.startswith("cuda") for d in found["devices"].values()), found["devices"]
     uri = config["tracking"]["uri"]
@@ -243,14 +272,23 @@ def test_a_warm_process_gives_its_gpu_memory_back_while_it_waits_and_builds_no_r
     wide = {"in_features": 2048, "out_features": 1, "hidden": 16384, "activation": "prelu"}
     member_bytes = 4 * sum(p.numel() for p in MLP(**wide).parameters())  # one big member's parameters, float32
     small = [prelu_member(m) for m in ("m1", "m2")]
-    big = [prelu_member(m, model={"name": "mlp", "kwargs": wide}, data={"name": "synthetic_regression", "kwargs": {"n": 256, "in_features": 2048}, "batch_size": 32},
-                        optimizer={"name": "adam", "lr": 1e-4}) for m in ("m1", "m2")]
-    runs = [gpu_config(tmp_path, {"name": name, "steps": 10, "members": members, "couplings": [SEPARATION]})
-            for name, members in (("gpu-warm-small", small), ("gpu-warm-big", big), ("gpu-warm-big-again", big))]
+    big = [
+        prelu_member(
+            m,
+            model={"name": "mlp", "kwargs": wide},
+            data={"name": "synthetic_regression", "kwargs": {"n": 256, "in_features": 2048}, "batch_size": 32},
+            optimizer={"name": "adam", "lr": 1e-4},
+        )
+        for m in ("m1", "m2")
+    ]
+    runs = [
+        gpu_config(tmp_path, {"name": name, "steps": 10, "members": members, "couplings": [SEPARATION]})
+        for name, members in (("gpu-warm-small", small), ("gpu-warm-big", big), ("gpu-warm-big-again", big))
+    ]
     looks = drive_on_gpu(tmp_path, WARM, {"runs": runs})
     assert looks[0]["pids"] == looks[1]["pids"] == looks[2]["pids"], "the later runs took the warm processes over"
     assert all(d.startswith("cuda") for look in looks for d in look["devices"]), [look["devices"] for look in looks]
-    for after_small, after_big, after_again in zip(*(look["memory"] for look in looks)):
+    for after_small, after_big, after_again in zip(*(look["memory"] for look in looks), strict=True):
         assert after_big["peak"] >= 2 * member_bytes, "the big run's members were on this GPU"
         assert after_big["allocated"] - after_small["allocated"] < member_bytes / 2, "nothing of the big run is still allocated"
         assert after_big["reserved"] - after_small["reserved"] < member_bytes / 2, "its cached blocks were given back"
@@ -273,7 +311,7 @@ def test_a_batch_goes_to_the_gpu_without_waiting_for_the_work_queued_there():
     torch.cuda.synchronize()
     total_s = time.perf_counter() - started
     assert queued_s < 0.25 * total_s, f"the copy waited for the queued work: {queued_s:.3f} s of {total_s:.3f} s"
-    assert all(t.device.type == "cuda" and torch.equal(t.cpu(), b) for t, b in zip(on_gpu, batch))
+    assert all(t.device.type == "cuda" and torch.equal(t.cpu(), b) for t, b in zip(on_gpu, batch, strict=True))
 
 
 def test_a_function_over_a_gpu_tensor_is_refused_before_anything_starts(tmp_path):

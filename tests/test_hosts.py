@@ -27,10 +27,17 @@ def population(output_dir, tracking_uri, experiment, per_host, placement=None, *
     classifier = digits_member("m3", model_kwargs={"num_nodes": 32, "depth": 1, "dropout": 0.3}, data_kwargs={"split": "train"}, lr=0.003)
     members = [prelu_member("m1"), prelu_member("m2", data=other_data), classifier]
     return make_config(
-        output_dir, tracking_uri, experiment, name=f"hosts-{per_host}", steps=STEPS,
+        output_dir,
+        tracking_uri,
+        experiment,
+        name=f"hosts-{per_host}",
+        steps=STEPS,
         members=[{**m, "resources": {"num_cpus": 0.5}} for m in members],
         couplings=[{"type": "separation", "param": "activation.weight", "margin": 2.0, "members": ["m1", "m2"]}],
-        checkpoint={"every": CHECKPOINT_EVERY}, evaluation={"every": 80}, placement=placement or {"members_per_host": per_host}, **changes,
+        checkpoint={"every": CHECKPOINT_EVERY},
+        evaluation={"every": 80},
+        placement=placement or {"members_per_host": per_host},
+        **changes,
     )
 
 
@@ -96,10 +103,9 @@ def test_async_exchange_with_packed_members_sends_one_message_per_host_and_logs_
     assert staleness and max(staleness) <= 1.0
 
 
-def config_with(members: int, per_host="auto", **resources) -> "poptrain.config.RunConfig":
+def config_with(members: int, per_host="auto", **resources) -> poptrain.config.RunConfig:
     member = prelu_member("x", resources=resources) if resources else prelu_member("x")
-    return load_config({"name": "p", "steps": 1, "placement": {"members_per_host": per_host},
-                        "members": [{**member, "name": f"m{i}"} for i in range(members)]})
+    return load_config({"name": "p", "steps": 1, "placement": {"members_per_host": per_host}, "members": [{**member, "name": f"m{i}"} for i in range(members)]})
 
 
 def test_auto_packing_keeps_one_member_per_host_while_there_are_cores_and_packs_beyond():
@@ -123,7 +129,9 @@ def test_a_packed_host_holds_its_members_resources_summed_and_auto_members_share
 
 
 def test_a_gpu_share_above_one_gpu_must_be_a_whole_number_of_gpus():
-    with pytest.raises(ConfigError, match=r"members\.0\.resources\.num_gpus: a GPU share must be a fraction of one GPU \(at most 1\) or a whole number of GPUs, got 1\.5"):
+    with pytest.raises(
+        ConfigError, match=r"members\.0\.resources\.num_gpus: a GPU share must be a fraction of one GPU \(at most 1\) or a whole number of GPUs, got 1\.5"
+    ):
         config_with(1, num_gpus=1.5)
     assert config_with(1, num_gpus=2).members[0].resources.num_gpus == 2
 
@@ -139,7 +147,9 @@ def test_members_of_a_host_holding_several_gpus_train_on_distinct_gpus():
 
 def test_gpu_shares_a_host_cannot_place_or_use_are_refused_before_anything_starts():
     # Four members at 0.3 on one host ask Ray for 1.2 GPUs, which it cannot place.
-    with pytest.raises(ConfigError, match=r"placement\.members_per_host: the host of members m0, m1, m2, m3 cannot be placed: its 4 members' GPU shares sum to 1\.2"):
+    with pytest.raises(
+        ConfigError, match=r"placement\.members_per_host: the host of members m0, m1, m2, m3 cannot be placed: its 4 members' GPU shares sum to 1\.2"
+    ):
         config_with(4, per_host=4, num_gpus=0.3)
     # 2 GPUs for five members at 0.4: cuda:0 would carry three of them.
     with pytest.raises(ConfigError, match=r"cuda:0 would carry 1\.2 GPUs' worth"):

@@ -28,7 +28,13 @@ ACCURACY = {"m1": 0.70, "m2": 0.90, "m3": 0.80}  # each member's final held-out 
 def datasets_of(name: str) -> list[dict]:
     """A member's datasets as the driver describes them: its training view and the shared held-out split."""
     return [
-        {"name": f"digits-{name}", "digest": f"train{name}", "context": "train", "source": "poptrain.builtins:digits", "profile": {"rows": 1437, "split": "train"}},
+        {
+            "name": f"digits-{name}",
+            "digest": f"train{name}",
+            "context": "train",
+            "source": "poptrain.builtins:digits",
+            "profile": {"rows": 1437, "split": "train"},
+        },
         {"name": "digits-test", "digest": "d1g1t5te", "context": "eval", "source": "poptrain.builtins:digits", "profile": {"rows": 360, "split": "test"}},
     ]
 
@@ -162,8 +168,13 @@ def test_compare_and_the_final_summary_show_held_out_metrics_the_best_member_and
 
     ids = tracking.ids
     result = SimpleNamespace(  # what poptrain.run returns, as far as the summary reads it
-        run_id=ids.parent, member_run_ids=ids.members, tracking_uri=tracking_uri, output_dir="runs/pop", seconds=1.0,
-        metrics={name: {"loss": 0.1, "objective": 0.1} for name in ACCURACY}, placement={name: {"device": "cpu"} for name in ACCURACY},
+        run_id=ids.parent,
+        member_run_ids=ids.members,
+        tracking_uri=tracking_uri,
+        output_dir="runs/pop",
+        seconds=1.0,
+        metrics={name: {"loss": 0.1, "objective": 0.1} for name in ACCURACY},
+        placement={name: {"device": "cpu"} for name in ACCURACY},
     )
     print_summary(result)
     summary = capsys.readouterr().out

@@ -12,10 +12,10 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 import poptrain
+from poptrain.build import build_model
 from poptrain.cli import compare_main
 from poptrain.compare import compare_table
 from poptrain.config import Component
-from poptrain.build import build_model
 from poptrain.models_logging import log_member_model, using_tracking_uri
 from poptrain.plots import write_plots
 from tests.conftest import prelu_member

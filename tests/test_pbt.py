@@ -15,7 +15,7 @@ from mlflow.tracking import MlflowClient
 
 import poptrain
 from poptrain.config import Perturbation
-from poptrain.pbt import explore, exploit_plan, transferable
+from poptrain.pbt import exploit_plan, explore, transferable
 from tests.conftest import (
     PBT_LR,
     InBackground,
@@ -30,12 +30,13 @@ from tests.conftest import (
 )
 from tests.in_process import InProcessPopulation
 
+
 def test_an_exploit_copies_the_donor_bitwise_and_gives_the_receiver_its_new_hyperparameters(base_config):
     pop = InProcessPopulation(base_config(**pbt_population(steps=4, every=2)))
     pop.train(3)
     donor, receiver = pop.trainers["m3"], pop.trainers["m1"]
     receiver.exploit("m3", transferable(donor.state_dict()), {"optimizer.lr": 0.02, "optimizer.kwargs.weight_decay": 0.0})
-    assert all(torch.equal(a, b) for a, b in zip(receiver.weights().values(), donor.weights().values()))
+    assert all(torch.equal(a, b) for a, b in zip(receiver.weights().values(), donor.weights().values(), strict=True))
     theirs, mine = donor.optimizer.state_dict()["state"], receiver.optimizer.state_dict()["state"]
     assert all(torch.equal(theirs[i][k], mine[i][k]) for i in theirs for k in theirs[i]), "moments and step counts copied"
     assert receiver.batches.state_dict() == donor.batches.state_dict(), "and its data position"
@@ -67,7 +68,12 @@ def test_nobody_is_exploited_before_every_member_has_a_score_and_the_bottom_copi
     order = ["a", "b", "c", "d"]
     assert exploit_plan({"a": 0.9, "b": None, "c": 0.1, "d": 0.5}, order, 0.25, True, random.Random(0)) == {}
     assert exploit_plan({"a": 0.9, "b": 0.2, "c": 0.1, "d": 0.5}, order, 0.25, True, random.Random(0)) == {"c": "a"}
-    assert exploit_plan({"a": 0.9, "b": 0.2, "c": 0.1, "d": 0.5}, order, 0.5, False, random.Random(0)) in ({"a": "b", "d": "c"}, {"a": "c", "d": "b"}, {"a": "b", "d": "b"}, {"a": "c", "d": "c"})
+    assert exploit_plan({"a": 0.9, "b": 0.2, "c": 0.1, "d": 0.5}, order, 0.5, False, random.Random(0)) in (
+        {"a": "b", "d": "c"},
+        {"a": "c", "d": "b"},
+        {"a": "b", "d": "b"},
+        {"a": "c", "d": "c"},
+    )
     new, _ = explore({"optimizer.lr": 0.01, "loss_weight": 1.0}, {"optimizer.lr": Perturbation(factors=[0.8, 1.2])}, random.Random(1))
     assert new["optimizer.lr"] in (pytest.approx(0.008), pytest.approx(0.012)) and new["loss_weight"] == 1.0
     ranged, _ = explore({"optimizer.lr": 0.01}, {"optimizer.lr": Perturbation(range=(1e-4, 1e-2), log=True)}, random.Random(2))
@@ -122,10 +128,17 @@ def test_explore_cannot_leave_a_hyperparameters_valid_domain_refused_before_anyt
 
 def test_a_draw_outside_min_max_is_bounded_and_one_the_optimizer_refuses_keeps_the_donors_value():
     space = {"optimizer.lr": Perturbation(factors=[2.0], max=0.05), "optimizer.kwargs.weight_decay": Perturbation(factors=[2.0])}
-    new, adjusted = explore({"optimizer.lr": 0.04, "optimizer.kwargs.weight_decay": 0.01}, space, random.Random(0), lambda key, value: "too big" if value > 0.015 and "decay" in key else None)
+    new, adjusted = explore(
+        {"optimizer.lr": 0.04, "optimizer.kwargs.weight_decay": 0.01},
+        space,
+        random.Random(0),
+        lambda key, value: "too big" if value > 0.015 and "decay" in key else None,
+    )
     assert new == {"optimizer.lr": 0.05, "optimizer.kwargs.weight_decay": 0.01}
-    assert adjusted == {"optimizer.lr": {"drawn": 0.08, "set": 0.05, "reason": "outside [None, 0.05]"},
-                        "optimizer.kwargs.weight_decay": {"drawn": 0.02, "set": 0.01, "reason": "refused: too big; the donor's value is kept"}}
+    assert adjusted == {
+        "optimizer.lr": {"drawn": 0.08, "set": 0.05, "reason": "outside [None, 0.05]"},
+        "optimizer.kwargs.weight_decay": {"drawn": 0.02, "set": 0.01, "reason": "refused: too big; the donor's value is kept"},
+    }
 
 
 def test_a_round_records_what_explore_adjusted_in_the_exploit(base_config):
@@ -134,7 +147,9 @@ def test_a_round_records_what_explore_adjusted_in_the_exploit(base_config):
     from poptrain.config import load_config
     from poptrain.coordinator import PBTRounds
 
-    settings = pbt_population(steps=8, every=4, pbt={"every": 4, "quantile": 0.25, "metric": "loss", "hyperparameters": {"optimizer.lr": {"factors": [2.0], "max": 0.04}}})
+    settings = pbt_population(
+        steps=8, every=4, pbt={"every": 4, "quantile": 0.25, "metric": "loss", "hyperparameters": {"optimizer.lr": {"factors": [2.0], "max": 0.04}}}
+    )
     rounds = PBTRounds(load_config(base_config(**settings)))
     for name, loss, lr in (("m1", 3.0, 0.0001), ("m2", 2.0, 0.003), ("m3", 1.0, 0.03), ("m4", 1.5, 0.01)):
         rounds.arrive(4, name, loss, {"optimizer.lr": lr}, state=[name])
@@ -202,7 +217,9 @@ def test_perturbed_hyperparameters_survive_a_member_restart_bitwise(ray_session,
     # Killed at step 60 or later, m2 restarts from a checkpoint (its newest, 50 or later) written
     # after an exploit of its own: it holds perturbed hyperparameters, which must come back.
     assert any(e["receiver"] == "m2" and e["step"] <= 40 for e in events), events
-    restarted, _ = run_killing_m2_once(restartable(tmp_path, tracking_uri, "killed"), RESTARTABLE_STEPS, restarted=("m1", "m2"), from_step=60, until_step=KILL_UNTIL)  # four members on two cores: two hosts
+    restarted, _ = run_killing_m2_once(
+        restartable(tmp_path, tracking_uri, "killed"), RESTARTABLE_STEPS, restarted=("m1", "m2"), from_step=60, until_step=KILL_UNTIL
+    )  # four members on two cores: two hosts
     assert_bitwise_equal(restarted.output_dir, clean.output_dir, members=MEMBERS)
     client = MlflowClient(tracking_uri)
     for name in MEMBERS:
@@ -254,7 +271,9 @@ def test_perturbed_hyperparameters_and_the_lineage_survive_a_driver_resume_bitwi
     client, clean_client = MlflowClient(work.uri), MlflowClient(tracking_uri)
     assert client.get_run(record["parent"]).info.status == "FINISHED"
     assert_bitwise_equal(run_dir, clean.output_dir, members=MEMBERS)
-    tags = lambda client, run_id: {k: v for k, v in client.get_run(run_id).data.tags.items() if k.startswith(("poptrain.pbt.", "poptrain.lineage", "poptrain.weights_from"))}  # noqa: E731
+    tags = lambda client, run_id: {  # noqa: E731
+        k: v for k, v in client.get_run(run_id).data.tags.items() if k.startswith(("poptrain.pbt.", "poptrain.lineage", "poptrain.weights_from"))
+    }
     for name in MEMBERS:
         ours, theirs = record["members"][name], clean.member_run_ids[name]
         keys = set(clean_client.get_run(theirs).data.metrics)
@@ -263,11 +282,16 @@ def test_perturbed_hyperparameters_and_the_lineage_survive_a_driver_resume_bitwi
         for key in sorted(keys):
             history = sorted((m.step, m.value) for m in client.get_metric_history(ours, key))
             assert len({s for s, _ in history}) == len(history), f"{name}: {key} has a step twice"
-            assert history == sorted((m.step, m.value) for m in clean_client.get_metric_history(theirs, key)), f"{name}: {key} differs from the uninterrupted run's"
+            assert history == sorted((m.step, m.value) for m in clean_client.get_metric_history(theirs, key)), (
+                f"{name}: {key} differs from the uninterrupted run's"
+            )
             if key.startswith("hp/"):
                 assert [s for s, _ in history] == list(range(RESTARTABLE_STEPS)), f"{name}: its schedule at every step exactly once"
         newest = RESTARTABLE_STEPS - 10  # the newest checkpoint, after the last round (190)
-        assert load_checkpoint(checkpoint_path(run_dir, name, newest))["hyperparameters"] == load_checkpoint(checkpoint_path(clean.output_dir, name, newest))["hyperparameters"], name
+        assert (
+            load_checkpoint(checkpoint_path(run_dir, name, newest))["hyperparameters"]
+            == load_checkpoint(checkpoint_path(clean.output_dir, name, newest))["hyperparameters"]
+        ), name
     events = json.loads((run_dir / "pbt_events.json").read_text())
     assert [(e["step"], e["receiver"]) for e in events] == sorted({(e["step"], e["receiver"]) for e in events}), "no exploit twice"
     assert events == clean_events, "every exploit, those before the resumed checkpoint included"
@@ -287,7 +311,11 @@ def test_couplings_see_a_receivers_new_weights_from_the_next_exchange_on(ray_ses
     slope as its donor's (distance 0), one step earlier as its own; exactness between exploits is
     the coupling's own (tests/test_exactness.py)."""
     config = make_config(
-        tmp_path, tracking_uri, "pbt-separation", name="pbt-separation", steps=30,
+        tmp_path,
+        tracking_uri,
+        "pbt-separation",
+        name="pbt-separation",
+        steps=30,
         members=[prelu_member(f"m{i + 1}", optimizer={"name": "adam", "lr": 0.01 * (i + 1)}) for i in range(3)],
         pbt={"every": 20, "metric": "loss", "quantile": 0.34, "hyperparameters": PBT_LR},
     )

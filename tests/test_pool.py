@@ -134,7 +134,13 @@ def test_a_parked_process_keeps_nothing_of_its_last_run_stacked_members_included
     from poptrain.stacked import StackedGroup, form_groups
     from tests.in_process import train_host
 
-    trainers, link = in_process_host([prelu_member("m1"), prelu_member("m2"), prelu_member("m3", model={"name": "mlp", "kwargs": {"in_features": 20, "out_features": 1, "hidden": 8, "activation": "prelu"}})])
+    trainers, link = in_process_host(
+        [
+            prelu_member("m1"),
+            prelu_member("m2"),
+            prelu_member("m3", model={"name": "mlp", "kwargs": {"in_features": 20, "out_features": 1, "hidden": 8, "activation": "prelu"}}),
+        ]
+    )
     warm = MemberHost.__new__(MemberHost)  # the actor's state, not the actor: no Ray here
     warm.link, warm.coordinator, warm.run = link, None, trainers[0].run
     warm.members = [Hosted(t, MetricsOutbox()) for t in trainers]

@@ -59,13 +59,17 @@ def notebook_run(ray_session, notebook, tmp_path_factory, tracking_uri):
     modules, paths = seed000_initial_modules(folder)
     population = notebook["population"]
     dataset = notebook["regression"]()
-    for member, init, data in zip(population["members"], paths, (notebook["regression"], dataset)):
+    for member, init, data in zip(population["members"], paths, (notebook["regression"], dataset), strict=True):
         member.update(init=init, data={"name": data, "batch_size": SEED000_BATCH, "shuffle": False})
-    population.update(steps=STEPS, output_dir=str(folder / "runs"), placement={"members_per_host": 1},
-                      tracking={"uri": tracking_uri, "experiment": "notebook", "plots": False, "log_models": False})
+    population.update(
+        steps=STEPS,
+        output_dir=str(folder / "runs"),
+        placement={"members_per_host": 1},
+        tracking={"uri": tracking_uri, "experiment": "notebook", "plots": False, "log_models": False},
+    )
     result = poptrain.run(population)
     reference = seed000_joint_training(*modules, sequential_batches(dataset, SEED000_BATCH), STEPS, SEED000_LR)
-    return result, {name: module.state_dict() for name, module in zip(("m1", "m2"), reference)}, dataset
+    return result, {name: module.state_dict() for name, module in zip(("m1", "m2"), reference, strict=True)}, dataset
 
 
 def assert_reference_weights(output_dir, reference):
@@ -106,8 +110,10 @@ def test_resume_from_the_command_line_says_the_run_cannot_continue(notebook_run,
     done = poptrain_command("resume", str(result.output_dir), cwd=tmp_path)
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-3000:]
     message = " ".join(done.stderr.split())
-    assert ("members.0.model.name: the run was started with the Python object `__main__:Module`, defined in a notebook or a script's "
-            "`__main__`, which cannot be imported here") in message
+    assert (
+        "members.0.model.name: the run was started with the Python object `__main__:Module`, defined in a notebook or a script's "
+        "`__main__`, which cannot be imported here"
+    ) in message
     assert "members.1.data.name: the run was started with an instance of `torch.utils.data.dataset:TensorDataset`" in message
     assert "couplings.0.type: the run was started with the Python object `__main__:slopes_apart`" in message
     assert "members.0.loss" not in message, "torch's mse_loss imports by its name, with its digest"
@@ -148,11 +154,20 @@ def test_every_place_that_takes_an_import_path_takes_the_object(base_config):
     from tests import helpers
 
     dataset = helpers.tiny_data()
-    member = {"name": "m", "copies": 50, "model": helpers.TinyNet, "data": dataset, "loss": LOSSES["mse"], "optimizer": {"name": torch.optim.SGD, "lr": 0.1},
-              "terms": [{"name": "l2", "fn": TERMS["param_l2"], "weight": 0.01}], "grad_transforms": [{"params": ["head.*"], "fn": helpers.halve_gradient}]}
+    member = {
+        "name": "m",
+        "copies": 50,
+        "model": helpers.TinyNet,
+        "data": dataset,
+        "loss": LOSSES["mse"],
+        "optimizer": {"name": torch.optim.SGD, "lr": 0.1},
+        "terms": [{"name": "l2", "fn": TERMS["param_l2"], "weight": 0.01}],
+        "grad_transforms": [{"params": ["head.*"], "fn": helpers.halve_gradient}],
+    }
     metric = {"name": METRICS["mae"], "higher_is_better": False}
-    cfg, _, _ = prepare(base_config(members=[member], evaluation={"metrics": [metric]},
-                                    couplings=[{"type": Separation, "param": "body.weight", "margin": 1.0}]))
+    cfg, _, _ = prepare(
+        base_config(members=[member], evaluation={"metrics": [metric]}, couplings=[{"type": Separation, "param": "body.weight", "margin": 1.0}])
+    )
     first = cfg.members[0]
     assert first.model.given is helpers.TinyNet and first.model.name == "tests.helpers:TinyNet"
     shared = {id(m.data.given) for m in cfg.members}  # (base_config copied the dataset once)
@@ -177,8 +192,11 @@ def refusal(base_config, **member) -> str:
 def test_an_object_holding_an_open_file_is_refused_with_what_to_do(base_config, tmp_path):
     with open(tmp_path / "log.txt", "w") as log:
         message = refusal(base_config, loss=lambda outputs, targets: print(file=log) or torch.nn.functional.mse_loss(outputs, targets))
-    assert "members.0.loss: `tests.test_python_objects:test_an_object_holding_an_open_file_is_refused_with_what_to_do.<locals>.<lambda>` " \
-           "cannot be sent to Ray's workers: pickling it (cloudpickle, as Ray does) fails with PicklingError: Cannot pickle files that are not opened for reading" in message
+    assert (
+        "members.0.loss: `tests.test_python_objects:test_an_object_holding_an_open_file_is_refused_with_what_to_do.<locals>.<lambda>` "
+        "cannot be sent to Ray's workers: pickling it (cloudpickle, as Ray does) fails with PicklingError: Cannot pickle files that are not opened for reading"
+        in message
+    )
     assert "create it inside the function" in message
 
 

@@ -64,7 +64,7 @@ def test_a_stacked_group_ends_as_its_members_trained_one_by_one(optimizers, in_p
     units = form_groups(stacked)
     assert len(units) == 1 and isinstance(units[0], StackedGroup), "one stack for members of one architecture"
     metrics_b = train_host(units, link_b, 30)
-    for a, b in zip(alone, stacked):
+    for a, b in zip(alone, stacked, strict=True):
         for key in a.params:
             torch.testing.assert_close(b.params[key], a.params[key], **CLOSE, msg=f"{a.name}.{key}")
         state_a, state_b = a.optimizer.state_dict(), b.optimizer.state_dict()
@@ -90,7 +90,7 @@ def test_between_exchanges_stacked_members_see_each_other_as_of_the_last_exchang
     units = form_groups(stacked)
     assert isinstance(units[0], StackedGroup)
     metrics_b = train_host(units, link_b, 30)
-    for a, b in zip(alone, stacked):
+    for a, b in zip(alone, stacked, strict=True):
         for key in a.params:
             torch.testing.assert_close(b.params[key], a.params[key], **CLOSE, msg=f"{a.name}.{key}")
     assert [m["coupling/separation"] for m in metrics_b[-1][0]] == pytest.approx([m["coupling/separation"] for m in metrics_a[-1]], rel=1e-5)
@@ -114,7 +114,7 @@ def test_stacked_members_with_terms_of_their_own_each_learn_towards_their_peers_
     units = form_groups(stacked)
     assert len(units) == 1 and isinstance(units[0], StackedGroup), [t.stacking_problem for t in stacked]
     metrics_b = train_host(units, link_b, 12)
-    for a, b in zip(alone, stacked):
+    for a, b in zip(alone, stacked, strict=True):
         for key in a.params:
             torch.testing.assert_close(b.params[key], a.params[key], **CLOSE, msg=f"{a.name}.{key}")
     name = next(k for k in metrics_a[-1][0] if k.startswith("coupling/"))
@@ -122,9 +122,17 @@ def test_stacked_members_with_terms_of_their_own_each_learn_towards_their_peers_
     assert terms_b == pytest.approx(terms_a, rel=1e-5) and len(set(terms_a)) == len(terms_a), "each member's own term"
 
 
-@pytest.mark.parametrize("coupling, optimizers", [({"type": "gossip"}, ADAM), ({"type": "average", "rate": 0.5}, ADAM), ({"type": "gossip"}, ADAM[:3]),
-                                                  ({"type": "wash", "fraction": 0.2}, SGD), ({"type": "diloco", "every": 1, "outer_lr": 0.7, "outer_momentum": 0.9}, ADAM)],
-                         ids=["gossip", "papa", "gossip, one member left out of each round", "wash", "diloco"])
+@pytest.mark.parametrize(
+    "coupling, optimizers",
+    [
+        ({"type": "gossip"}, ADAM),
+        ({"type": "average", "rate": 0.5}, ADAM),
+        ({"type": "gossip"}, ADAM[:3]),
+        ({"type": "wash", "fraction": 0.2}, SGD),
+        ({"type": "diloco", "every": 1, "outer_lr": 0.7, "outer_momentum": 0.9}, ADAM),
+    ],
+    ids=["gossip", "papa", "gossip, one member left out of each round", "wash", "diloco"],
+)
 def test_stacked_members_whose_parameters_a_round_rewrites_step_on_the_new_ones_as_apart(coupling, optimizers, in_process_host):
     """An averaging round rewrites members' parameters at the exchange before their forward pass:
     a stacked group waits for it as each member alone does, instead of computing the step on the
@@ -138,7 +146,7 @@ def test_stacked_members_whose_parameters_a_round_rewrites_step_on_the_new_ones_
     units = form_groups(stacked)
     assert isinstance(units[0], StackedGroup), [t.stacking_problem for t in stacked]
     metrics_b = train_host(units, link_b, 12)
-    for a, b in zip(alone, stacked):
+    for a, b in zip(alone, stacked, strict=True):
         for key in a.params:
             torch.testing.assert_close(b.params[key], a.params[key], **CLOSE, msg=f"{a.name}.{key}")
     # What each member received at a round, on its own metrics, stacked as apart: at every round (even steps) and only then.
@@ -149,7 +157,7 @@ def test_stacked_members_whose_parameters_a_round_rewrites_step_on_the_new_ones_
     # Every member paired, pulled or restarted from the global weights at every round, but in threes
     # gossip's odd one out (0), and at DiLoCo's first round the member whose weights start the global ones.
     assert all(count >= size - 1 for count in moved), moved
-    for row_a, row_b in zip(received_a[::2], received_b[::2]):
+    for row_a, row_b in zip(received_a[::2], received_b[::2], strict=True):
         assert row_b == pytest.approx(row_a, rel=1e-4)
 
 
@@ -165,13 +173,16 @@ def test_a_users_own_model_by_import_path_stacks_and_ends_as_trained_one_by_one(
     units = form_groups(stacked)
     assert len(units) == 1 and isinstance(units[0], StackedGroup), [t.stacking_problem for t in stacked]
     train_host(units, link_b, 20)
-    for a, b in zip(alone, stacked):
+    for a, b in zip(alone, stacked, strict=True):
         for key in a.params:
             torch.testing.assert_close(b.params[key], a.params[key], **CLOSE, msg=f"{a.name}.{key}")
 
 
-LSTM = {"model": {"name": "lstm_classifier", "kwargs": {"input_size": 8, "hidden_size": 4, "num_classes": 10}},
-        "data": {"name": "digits", "kwargs": {"view": "rows"}}, "loss": "cross_entropy"}
+LSTM = {
+    "model": {"name": "lstm_classifier", "kwargs": {"input_size": 8, "hidden_size": 4, "num_classes": 10}},
+    "data": {"name": "digits", "kwargs": {"view": "rows"}},
+    "loss": "cross_entropy",
+}
 
 
 @pytest.mark.parametrize(
@@ -193,8 +204,14 @@ def test_a_model_torch_func_cannot_stack_as_it_computes_alone_trains_alone_and_s
 def test_check_says_which_members_stack_and_why_the_others_train_alone(capsys, tmp_path):
     from poptrain.cli import main
 
-    config = make_config(tmp_path, f"sqlite:///{tmp_path}/m.db", "check", members=[prelu_member(f"s{i}", model=SEED_MODULE) for i in range(3)] + [
-        prelu_member(f"n{i}", model={"name": "tests.helpers:NormalizedNet"}) for i in range(2)], couplings=[])
+    config = make_config(
+        tmp_path,
+        f"sqlite:///{tmp_path}/m.db",
+        "check",
+        members=[prelu_member(f"s{i}", model=SEED_MODULE) for i in range(3)]
+        + [prelu_member(f"n{i}", model={"name": "tests.helpers:NormalizedNet"}) for i in range(2)],
+        couplings=[],
+    )
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(config))
     assert main(["check", str(path)]) == 0
@@ -206,8 +223,12 @@ def test_a_stacked_step_reads_its_device_once(device_reads, in_process_host):
     """On a GPU every read of a tensor's value waits for the step to finish: a stacked step that
     neither exchanges nor logs reads back once (every member's loss and objective, and whether all
     is finite), counted here on the CPU, where the same code runs."""
-    coupled = dict(steps=30, exchange={"every": 10}, tracking={"log_every": 10, "plots": False, "log_models": False},
-                   couplings=[{"type": "separation", "param": "activation.weight", "margin": 2.0}])
+    coupled = dict(
+        steps=30,
+        exchange={"every": 10},
+        tracking={"log_every": 10, "plots": False, "log_models": False},
+        couplings=[{"type": "separation", "param": "activation.weight", "margin": 2.0}],
+    )
     trainers, link = in_process_host(prelu_members(OPTIMIZERS["sgd with momentum"]), **coupled)
     units = form_groups(trainers)
     train_host(units, link, 2)  # an exchanging, logged step, then one that is neither
@@ -226,7 +247,7 @@ def test_each_stacked_member_uses_its_own_changed_learning_rate_from_the_next_st
         trainers[1].optimizer.param_groups[0]["lr"] = 0.05  # as population-based training's explore does
         after_pbt_round(drive)
         train_host(drive, link_a if trainers is alone else link_b, 10)
-    for a, b in zip(alone, stacked):
+    for a, b in zip(alone, stacked, strict=True):
         for key in a.params:
             torch.testing.assert_close(b.params[key], a.params[key], **CLOSE)
     assert not torch.equal(stacked[1].params["input.weight"], stacked[0].params["input.weight"])
@@ -243,7 +264,7 @@ def test_a_stack_holds_its_optimizer_state_alone_once_a_checkpoint_has_read_the_
     units[0].release_member_copies()
     assert all(not m.optimizer.state for m in stacked), "no second copy of the moments"
     train_host(units, link_b, 5)
-    for a, b in zip(alone, stacked):
+    for a, b in zip(alone, stacked, strict=True):
         for key in a.params:
             torch.testing.assert_close(b.params[key], a.params[key], **CLOSE, msg=f"{a.name}.{key}")
 
@@ -263,9 +284,17 @@ def test_a_stacked_member_restored_from_its_state_continues_exactly(in_process_h
 
 def test_what_cannot_stack_says_why_and_trains_one_after_another(in_process_host):
     functional_dropout, twice = {"model": {"name": "tests.helpers:FunctionalDropoutNet"}}, {"model": {"name": "tests.helpers:TwiceDroppedNet"}}
-    trainers, _ = in_process_host([prelu_member("m1"), prelu_member("m2", terms=[{"name": "l1", "fn": "param_l2", "weight": 0.01}]),
-                        prelu_member("d", **functional_dropout), prelu_member("e", **functional_dropout),
-                        prelu_member("t", **twice), prelu_member("u", **twice)], couplings=[])
+    trainers, _ = in_process_host(
+        [
+            prelu_member("m1"),
+            prelu_member("m2", terms=[{"name": "l1", "fn": "param_l2", "weight": 0.01}]),
+            prelu_member("d", **functional_dropout),
+            prelu_member("e", **functional_dropout),
+            prelu_member("t", **twice),
+            prelu_member("u", **twice),
+        ],
+        couplings=[],
+    )
     assert stackable(trainers[0]) is None
     assert "extra terms" in stackable(trainers[1])
     assert all(not isinstance(u, StackedGroup) for u in form_groups(trainers)), "no two alike members that stack"
@@ -277,8 +306,12 @@ def test_each_stacked_member_trains_with_its_own_coupling_weight_as_population_b
     """Population-based training perturbs `couplings.<name>.weight` member by member (each member
     then has coupling objects of its own): a stacked member's coupling term and its gradient take
     its own weight, not the first member's."""
-    coupled = dict(steps=20, exchange={"every": 1}, couplings=[{"type": "separation", "param": "activation.weight", "margin": 2.0}],
-                   pbt={"every": 1000, "metric": "loss", "hyperparameters": {"couplings.separation.weight": {"factors": [0.8, 1.2]}}})
+    coupled = dict(
+        steps=20,
+        exchange={"every": 1},
+        couplings=[{"type": "separation", "param": "activation.weight", "margin": 2.0}],
+        pbt={"every": 1000, "metric": "loss", "hyperparameters": {"couplings.separation.weight": {"factors": [0.8, 1.2]}}},
+    )
     members = prelu_members([{"name": "adam", "lr": 0.01}] * 3)
     alone, link_a = in_process_host(members, **coupled)
     stacked, link_b = in_process_host(members, **coupled)
@@ -287,14 +320,14 @@ def test_each_stacked_member_trains_with_its_own_coupling_weight_as_population_b
 
     def weights_changed_after_5_steps(trainers, drive, link) -> list:
         train_host(drive, link, 5)
-        for trainer, weight in zip(trainers, (0.5, 1.0, 4.0)):  # as an explore step sets them
+        for trainer, weight in zip(trainers, (0.5, 1.0, 4.0), strict=True):  # as an explore step sets them
             trainer.hyperparameters.set({"couplings.separation.weight": weight})
         after_pbt_round(drive)
         return train_host(drive, link, 10)[-1]
 
     metrics_a = weights_changed_after_5_steps(alone, alone, link_a)
     metrics_b = weights_changed_after_5_steps(stacked, units, link_b)[0]
-    for a, b in zip(alone, stacked):
+    for a, b in zip(alone, stacked, strict=True):
         for key in a.params:
             torch.testing.assert_close(b.params[key], a.params[key], **CLOSE, msg=f"{a.name}.{key}")
     assert [m["coupling/separation"] for m in metrics_b] == pytest.approx([m["coupling/separation"] for m in metrics_a], rel=1e-5)
@@ -306,8 +339,12 @@ def test_a_stacked_member_logs_the_same_metrics_on_the_same_steps_as_the_member_
     each of those a stacked member's metrics are the member's alone (its couplings' own metrics,
     layer norms and terms included)."""
     steps, log_every = 8, 3
-    run = dict(steps=steps, exchange={"every": 1}, tracking={"log_every": log_every, "layer_norms_every": 2, "plots": False, "log_models": False},
-               couplings=[{"type": "tests.helpers:SeparationWithOwnMetrics", "name": "separation", "param": "activation.weight", "margin": 2.0}])
+    run = dict(
+        steps=steps,
+        exchange={"every": 1},
+        tracking={"log_every": log_every, "layer_norms_every": 2, "plots": False, "log_models": False},
+        couplings=[{"type": "tests.helpers:SeparationWithOwnMetrics", "name": "separation", "param": "activation.weight", "margin": 2.0}],
+    )
     members = prelu_members([{"name": "adam", "lr": 0.01 * (i + 1)} for i in range(3)])
     alone, link_a = in_process_host(members, **run)
     stacked, link_b = in_process_host(members, **run)
@@ -318,7 +355,7 @@ def test_a_stacked_member_logs_the_same_metrics_on_the_same_steps_as_the_member_
     logged = [s for s in range(steps) if s % log_every == 0 or s + 1 == steps]
     assert logged == [0, 3, 6, 7]
     for s in logged:
-        for a, b in zip(metrics_a[s], metrics_b[s]):
+        for a, b in zip(metrics_a[s], metrics_b[s], strict=True):
             assert "coupling/separation/own_sum" in a
             assert b == pytest.approx(a, rel=1e-5, abs=1e-6), f"step {s}"
 
@@ -327,8 +364,16 @@ def test_a_stacked_members_wait_for_the_coordinator_is_profiled_as_exchange_wait
     """`tracking.profile`: while a stacked group blocks on the coordinator's reply (here a coordinator
     slow to complete one round), its members' `profile/exchange_wait_ms` hold that wait, each its
     share (the host books the rest of a member's share of the step as compute)."""
-    slow = [{"type": "tests.helpers:SeparationThatHangsTheCoordinator", "name": "separation", "param": "activation.weight", "margin": 2.0,
-             "hang_at_exchange": 1, "hang_s": 0.2}]
+    slow = [
+        {
+            "type": "tests.helpers:SeparationThatHangsTheCoordinator",
+            "name": "separation",
+            "param": "activation.weight",
+            "margin": 2.0,
+            "hang_at_exchange": 1,
+            "hang_s": 0.2,
+        }
+    ]
     stacked, link = in_process_host(prelu_members([{"name": "adam", "lr": 0.01}] * 3), client=ReplyTimingClient, steps=3, couplings=slow)
     units = form_groups(stacked)
     assert len(units) == 1 and isinstance(units[0], StackedGroup)
@@ -344,9 +389,12 @@ def test_a_stacked_members_wait_for_the_coordinator_is_profiled_as_exchange_wait
 def test_members_with_different_batch_sizes_stack_apart_and_end_as_trained_one_by_one(in_process_host):
     """A stacked step draws one batch of every member as one tensor: members whose batches differ
     in size train in stacks of their own."""
+
     def members():
-        return [prelu_member(f"m{i}", data={"name": "synthetic_regression", "kwargs": {"n": 256, "in_features": 20}, "batch_size": size})
-                for i, size in enumerate((32, 16, 32, 16))]
+        return [
+            prelu_member(f"m{i}", data={"name": "synthetic_regression", "kwargs": {"n": 256, "in_features": 20}, "batch_size": size})
+            for i, size in enumerate((32, 16, 32, 16))
+        ]
 
     alone, link_a = in_process_host(members(), steps=6, couplings=[])
     stacked, link_b = in_process_host(members(), steps=6, couplings=[])
@@ -354,7 +402,7 @@ def test_members_with_different_batch_sizes_stack_apart_and_end_as_trained_one_b
     assert [u.names for u in units] == [("m0", "m2"), ("m1", "m3")]
     train_host(alone, link_a, 6)
     train_host(units, link_b, 6)
-    for a, b in zip(alone, stacked):
+    for a, b in zip(alone, stacked, strict=True):
         for key in a.params:
             torch.testing.assert_close(b.params[key], a.params[key], **CLOSE, msg=f"{a.name}.{key}")
 
@@ -381,7 +429,7 @@ def test_a_stacked_sgd_member_given_momentum_later_starts_its_momentum_as_alone(
         trainers[0].optimizer.param_groups[0]["momentum"] = 0.9  # as an explore step of optimizer.kwargs.momentum does
         after_pbt_round(drive)
         train_host(drive, link, 5)
-    for a, b in zip(alone, stacked):
+    for a, b in zip(alone, stacked, strict=True):
         for key in a.params:
             torch.testing.assert_close(b.params[key], a.params[key], **CLOSE, msg=f"{a.name}.{key}")
 

@@ -66,10 +66,13 @@ def test_a_run_whose_coordinator_is_stuck_fails_naming_the_member_and_the_wait(r
     coupling = {"type": "tests.helpers:SeparationThatHangsTheCoordinator", "param": "activation.weight", "margin": 2.0, "hang_at_exchange": 3}
     config = base_config(steps=30, exchange={"timeout_s": timeout_s}, couplings=[coupling])
     started = time.monotonic()
-    with at_most(150), pytest.raises(
-        poptrain.PopulationError,
-        match=rf"member m[12] failed: ReplyTimeout: exchange of 'param' at step 3: member 'm[12]' waited {reply_bound(timeout_s):g} s "
-        r"for the coordinator's reply \(over the direct connection\) and the coordinator did not answer",
+    with (
+        at_most(150),
+        pytest.raises(
+            poptrain.PopulationError,
+            match=rf"member m[12] failed: ReplyTimeout: exchange of 'param' at step 3: member 'm[12]' waited {reply_bound(timeout_s):g} s "
+            r"for the coordinator's reply \(over the direct connection\) and the coordinator did not answer",
+        ),
     ):
         poptrain.run(config)
     assert time.monotonic() - started < 120, "the coordinator's thread hangs for 120 s: the run did not wait for it"

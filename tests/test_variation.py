@@ -111,7 +111,11 @@ def test_bad_variation_is_refused_before_anything_starts_naming_the_key(tmp_path
 
 def test_check_lists_every_member_with_its_drawn_values(tmp_path, capsys):
     path = tmp_path / "v.yaml"
-    path.write_text(yaml.safe_dump({**varied(3, **{"optimizer.lr": {"uniform": [0.01, 0.1]}}), "output_dir": str(tmp_path), "tracking": {"uri": f"sqlite:///{tmp_path}/m.db"}}))
+    path.write_text(
+        yaml.safe_dump(
+            {**varied(3, **{"optimizer.lr": {"uniform": [0.01, 0.1]}}), "output_dir": str(tmp_path), "tracking": {"uri": f"sqlite:///{tmp_path}/m.db"}}
+        )
+    )
     assert main(["check", str(path)]) == 0
     printed = capsys.readouterr().out
     for member in load_config(path).members:
@@ -189,8 +193,12 @@ def killed_and_resumed(folder, uri):
     # Killed after the checkpoint at step 20, resumed from it for 20 more: logged steps (every 10)
     # on both sides of the kill. A thousand members' start-up, metrics and checkpoints cost tens
     # of seconds, each; their steps are cheap.
-    config.update(steps=THOUSAND_STEPS, output_dir=str(folder / "runs"), checkpoint={"every": THOUSAND_KILL_AFTER},
-                  evaluation={"every": THOUSAND_KILL_AFTER, "metrics": ["mse"]})
+    config.update(
+        steps=THOUSAND_STEPS,
+        output_dir=str(folder / "runs"),
+        checkpoint={"every": THOUSAND_KILL_AFTER},
+        evaluation={"every": THOUSAND_KILL_AFTER, "metrics": ["mse"]},
+    )
     config["tracking"] = {**config["tracking"], "uri": uri, "experiment": "thousand-resumed", "plots": False}
     run_dir, killed_at = run_killing_the_driver(copy.deepcopy(config), folder, THOUSAND_KILL_AFTER)
     resume_in_a_process(run_dir, folder)
@@ -223,7 +231,10 @@ def test_a_thousand_members_resume_after_their_driver_is_killed_with_every_histo
         assert len(history) == len(set(history)) and set(range(0, steps, 10)) <= set(history), f"{member}: every logged step exactly once, across the kill"
 
     ranking = f"eval/{load_config(THOUSAND).evaluation.ranking.key}"
-    members = {r.data.tags["poptrain.member"]: r for r in client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{record['parent']}'", max_results=1000)}
+    members = {
+        r.data.tags["poptrain.member"]: r
+        for r in client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{record['parent']}'", max_results=1000)
+    }
     assert {m: r.info.run_id for m, r in members.items()} == record["members"]
     for member, run in members.items():
         assert math.isfinite(run.data.metrics["loss"]), member
@@ -237,3 +248,10 @@ def test_a_config_without_members_still_says_the_key_is_missing():
     with pytest.raises(ConfigError) as caught:
         load_config({"name": "v", "steps": 2})
     assert caught.value.problems == [("members", "required key is missing")]
+
+
+def test_a_key_inside_an_optional_part_of_a_member_can_be_varied():
+    # `eval_data` is `EvalDataConfig | None`: the check of a varied key looks through the None.
+    config = varied(**{"eval_data.batch_size": [16, 32]})
+    config["members"][0]["eval_data"] = dict(config["members"][0]["data"])
+    assert [m.eval_data.batch_size for m in load_config(config).members] == [16, 32]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import gzip
 import importlib.util
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -131,7 +132,7 @@ def constant(n: int = 3, in_features: int = 1, target: float = 5.0, seed: int = 
     return TensorDataset(x, torch.full((n, 1), float(target)))
 
 
-DATASETS = {
+DATASETS: dict[str, Callable[..., TensorDataset]] = {
     "digits": digits,
     "synthetic_regression": synthetic_regression,
     "synthetic_classification": synthetic_classification,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -40,17 +40,17 @@ class MLP(nn.Module):
             raise ValueError(f"hidden widths must be positive, got {hidden!r}")
         self.input = nn.Linear(in_features, widths[0])
         self.activation = make_activation(activation)
-        self.hidden = nn.ModuleList(nn.Linear(a, b) for a, b in zip(widths[:-1], widths[1:]))
+        self.hidden = nn.ModuleList(nn.Linear(a, b) for a, b in zip(widths[:-1], widths[1:], strict=True))
         self.hidden_activations = nn.ModuleList(make_activation(activation) for _ in widths[1:])
         self.output = nn.Linear(widths[-1], out_features)
 
     def get_weight(self) -> torch.Tensor:
         """The first activation's parameter (seed 000's accessor)."""
-        return self.activation.weight
+        return self.activation.weight  # type: ignore[return-value]  # torch types a submodule's attributes as Tensor | Module
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         x = self.activation(self.input(inputs))
-        for layer, act in zip(self.hidden, self.hidden_activations):
+        for layer, act in zip(self.hidden, self.hidden_activations, strict=True):
             x = act(layer(x))
         return self.output(x)
 
@@ -96,4 +96,4 @@ class LSTMClassifier(nn.Module):
         return self.linear(outputs[:, -1])
 
 
-MODELS = {"mlp": MLP, "encoder_classifier": EncoderClassifier, "lstm_classifier": LSTMClassifier}
+MODELS: dict[str, Callable[..., nn.Module]] = {"mlp": MLP, "encoder_classifier": EncoderClassifier, "lstm_classifier": LSTMClassifier}

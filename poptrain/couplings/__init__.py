@@ -5,6 +5,17 @@ from poptrain.couplings.function import FunctionCoupling, coupling_function
 from poptrain.registry import COUPLINGS, register, registered, resolve_coupling
 
 __all__ = [
-    "COUPLINGS", "Columns", "Coupling", "FunctionCoupling", "PopulationInfo", "Quantity", "Rewrite", "build_couplings", "column_of", "coupling_function", "register",
-    "registered", "resolve_coupling",
+    "COUPLINGS",
+    "Columns",
+    "Coupling",
+    "FunctionCoupling",
+    "PopulationInfo",
+    "Quantity",
+    "Rewrite",
+    "build_couplings",
+    "column_of",
+    "coupling_function",
+    "register",
+    "registered",
+    "resolve_coupling",
 ]

@@ -10,10 +10,11 @@ import random
 import statistics
 from abc import abstractmethod
 from collections import ChainMap
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
-from typing import Callable, ClassVar, Mapping, Optional
+from typing import TYPE_CHECKING, ClassVar, TypeVar
 
 import torch
 from pydantic import Field, field_validator, model_validator
@@ -24,13 +25,13 @@ from poptrain.couplings.base import Coupling, Quantity, Rewrite, register
 
 class AverageConfig(CouplingConfig):
     params: list[str] = Field(default_factory=lambda: ["*"], description="Parameter name patterns averaged (fnmatch); default: all.")
-    into: Optional[str] = Field(
+    into: str | None = Field(
         None,
         description="Target member (with `trainable: false`) that receives the average of `members`: seed 002's "
-        "\"model 3 gets the mean of models 1 and 2\". Default: average back into the members themselves "
+        '"model 3 gets the mean of models 1 and 2". Default: average back into the members themselves '
         "(local SGD / federated averaging).",
     )
-    weights: Optional[list[float]] = Field(None, description="One weight per member of `members`, summing to 1; default: the plain mean.")
+    weights: list[float] | None = Field(None, description="One weight per member of `members`, summing to 1; default: the plain mean.")
     every: int = Field(1, ge=1, description="Average every k exchanges (and always after the last step).")
     include_frozen: bool = Field(False, description="Also overwrite members' frozen parameters when averaging back into them.")
     rate: float = Field(
@@ -53,13 +54,14 @@ class AverageConfig(CouplingConfig):
             if any(w < 0 for w in self.weights) or abs(sum(self.weights) - 1.0) > 1e-6:
                 raise ValueError(f"`weights` must be non-negative and sum to 1, got {self.weights}")
         if self.into is not None and self.rate != 1.0:
-            raise ValueError(f"`rate` pulls members towards their mean, and `into` leaves them as they are: "
-                             f"give one or the other (into {self.into!r}, rate {self.rate})")
+            raise ValueError(
+                f"`rate` pulls members towards their mean, and `into` leaves them as they are: give one or the other (into {self.into!r}, rate {self.rate})"
+            )
         return self
 
 
 @register("average")
-class Average(Coupling):
+class Average(Coupling[AverageConfig]):
     """Replaces parameters by the (weighted) mean over ``members``, at parameter exchanges.
 
     * ``into: target``: the target's parameters become the mean of the members' after every
@@ -170,7 +172,7 @@ class Average(Coupling):
                 _, found = average_pass(values, self.config.weights, keep=False, distances=distances, then=then)
             new.update({w: out[w] for w in mine if w in out})
             if distances:
-                squares = [a + b for a, b in zip(squares, found)]
+                squares = [a + b for a, b in zip(squares, found, strict=True)]
         return new, (_as_divergences(self.members, squares) if distances else None)
 
     def metrics(self, q: Mapping[Quantity, torch.Tensor]) -> dict[str, float]:
@@ -210,9 +212,14 @@ class MembersRoundConfig(CouplingConfig):
 
     params: list[str] = Field(default_factory=lambda: ["*"], description="Parameter name patterns the rounds rewrite (fnmatch); default: all.")
     include_frozen: bool = Field(False, description="Also overwrite members' frozen parameters.")
+    if TYPE_CHECKING:  # each round's own config defines it, with its own default and description
+        every: int
 
 
-class MembersRound(Coupling):
+RoundConfigT = TypeVar("RoundConfigT", bound=MembersRoundConfig)
+
+
+class MembersRound(Coupling[RoundConfigT]):
     """A round over the members' own parameters at parameter exchanges: ``names``, the parameters
     matching ``params`` (every member has them, with the same shapes), are read from every member,
     and :meth:`round_values` gives members new values of ``written`` (each member's trainable ones,
@@ -222,8 +229,7 @@ class MembersRound(Coupling):
     parameter exchange of its config (and after the last step where ``round_after_last``); a
     subclass says what (:meth:`round_values`)."""
 
-    Config = MembersRoundConfig
-    config: MembersRoundConfig
+    Config: ClassVar[type[CouplingConfig]] = MembersRoundConfig
 
     adds_term = False
     rewrites_values = True
@@ -231,7 +237,7 @@ class MembersRound(Coupling):
     needs_two: ClassVar[str] = "it rewrites members' values from their peers'"  # why it needs two members, for the check
     round_after_last: ClassVar[bool] = False  # a round at the exchange after the last step too
 
-    def __init__(self, config: MembersRoundConfig, population):
+    def __init__(self, config: RoundConfigT, population):
         super().__init__(config, population)
         first = self.members[0] if self.members else None
         self.names = population.params_matching(first, config.params) if first in population.param_shapes else []
@@ -245,7 +251,9 @@ class MembersRound(Coupling):
         return [Rewrite("param", self.written_quantities(), every=self.config.every, last=self.round_after_last, in_place=True)]
 
     @abstractmethod
-    def round_values(self, step: int, q: Mapping[Quantity, torch.Tensor], out: Mapping[Quantity, torch.Tensor], distances: bool) -> tuple[dict[Quantity, torch.Tensor], dict[str, float] | None]:
+    def round_values(
+        self, step: int, q: Mapping[Quantity, torch.Tensor], out: Mapping[Quantity, torch.Tensor], distances: bool
+    ) -> tuple[dict[Quantity, torch.Tensor], dict[str, float] | None]:
         """The new values of the round at ``step`` (of the quantities in :meth:`written_quantities`;
         one left out keeps its value), from the members' values ``q``, which must not be written
         except through ``out``: the tensors of the written quantities in memory the coordinator
@@ -270,7 +278,7 @@ class MembersRound(Coupling):
         return tuple(Quantity(m, "param", n) for m in self.members for n in self.written[m])
 
     @classmethod
-    def check_config(cls, config: MembersRoundConfig, run) -> list[tuple[str, str]]:
+    def check_config(cls, config: RoundConfigT, run) -> list[tuple[str, str]]:
         if len(config.members or run.member_names) < 2:
             return [("members", f"{cls.needs_two}: it needs at least two members")]
         return []
@@ -286,7 +294,7 @@ class GossipConfig(MembersRoundConfig):
 
 
 @register("gossip")
-class Gossip(MembersRound):
+class Gossip(MembersRound[GossipConfig]):
     """At every ``every``-th parameter exchange, ``members`` are paired at random and each pair's
     parameters are replaced by the pair's mean ``(p_a + p_b) / 2``; with an odd number of members
     the one left over keeps its own. The round's pairs are :func:`gossip_pairs` of the run's seed
@@ -316,7 +324,7 @@ class Gossip(MembersRound):
                 new.update({w: out[w] if w in out else shared for w in pair})
                 dests = [out[w].view(-1) for w in pair if w in out] + ([shared.view(-1)] if unmapped else [])
                 sources = [q[Quantity(m, "param", name)].reshape(-1) for m in (a, b)]
-                in_chunks(sources[0].numel(), lambda: partial(_pair_mean_chunk, sources, dests))
+                in_chunks(sources[0].numel(), lambda sources=sources, dests=dests: partial(_pair_mean_chunk, sources, dests))
         return new, before
 
 
@@ -357,7 +365,7 @@ class WashConfig(MembersRoundConfig):
 
 
 @register("wash")
-class Wash(MembersRound):
+class Wash(MembersRound[WashConfig]):
     """At every ``every``-th parameter exchange, each position of each chosen parameter is drawn
     with probability ``fraction``, and the values the ``members`` hold there are permuted among
     them at random (:func:`wash_shuffle`, from the run's seed and the exchange's step, so a run and
@@ -402,7 +410,7 @@ class DilocoConfig(MembersRoundConfig):
 
 
 @register("diloco")
-class Diloco(MembersRound):
+class Diloco(MembersRound[DilocoConfig]):
     """DiLoCo's outer loop on the coordinator. At the first parameter exchange the global weights
     ``g`` are the first member's (of ``members``), and every member starts from them, as DiLoCo's
     replicas start from one model. Then at every ``every``-th parameter exchange (and at the one
@@ -464,7 +472,7 @@ class Diloco(MembersRound):
             else:
                 self.handed_out.discard(name)
             if distances:
-                squares = [a + b for a, b in zip(squares, found)]
+                squares = [a + b for a, b in zip(squares, found, strict=True)]
         return new, (_as_divergences(self.members, squares) if distances else None)
 
     def _outer_chunk(self, flats, g, buf, target, dests, started, start, stop, mean_part, scratch) -> None:
@@ -551,7 +559,7 @@ def gossip_pairs(members: list[str], seed: int, step: int) -> list[tuple[str, st
     out when their number is odd). Depends on nothing else, so any process decides the same."""
     order = list(members)
     random.Random(f"poptrain-gossip-{seed}-{step}").shuffle(order)
-    return list(zip(order[0::2], order[1::2]))
+    return list(zip(order[0::2], order[1::2], strict=False))  # an odd number: the last one sits out
 
 
 @dataclass(frozen=True)
@@ -597,13 +605,13 @@ def divergences(q: Mapping[Quantity, torch.Tensor], members: list[str], names: l
     squares = [0.0] * len(members)
     for name in names:
         _, distances = average_pass([q[Quantity(m, "param", name)] for m in members], weights, keep=False)
-        squares = [a + b for a, b in zip(squares, distances)]
+        squares = [a + b for a, b in zip(squares, distances, strict=True)]
     return _as_divergences(members, squares)
 
 
 def _as_divergences(members: list[str], squares: list[float]) -> dict[str, float]:
     """``divergence/<m>`` from each member's squared distance summed over the parameters in order."""
-    return {f"divergence/{m}": square**0.5 for m, square in zip(members, squares)}
+    return {f"divergence/{m}": square**0.5 for m, square in zip(members, squares, strict=True)}
 
 
 PASS_THREADS = 8  # the most threads one averaging pass uses (the node's cores, when fewer)
@@ -712,7 +720,7 @@ def _mean_of(parts: list[torch.Tensor], weights: list[float] | None, out: torch.
         out.div_(len(parts))
     else:
         torch.mul(parts[0], weights[0], out=out)
-        for weight, p in zip(weights[1:], parts[1:]):
+        for weight, p in zip(weights[1:], parts[1:], strict=True):
             out.add_(p, alpha=weight)
 
 
@@ -730,6 +738,10 @@ def check_same_parameters(population, members: list[str], names: list[str], patt
                 problems.append(("params", f"member {first!r} has parameter {name!r} but member {member!r} does not"))
             elif shapes[name] != population.param_shapes[first][name]:
                 problems.append(
-                    ("params", f"parameter {name!r} has shape {list(population.param_shapes[first][name])} in member {first!r} but {list(shapes[name])} in member {member!r}")
+                    (
+                        "params",
+                        f"parameter {name!r} has shape {list(population.param_shapes[first][name])} "
+                        f"in member {first!r} but {list(shapes[name])} in member {member!r}",
+                    )
                 )
     return problems

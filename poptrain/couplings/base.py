@@ -28,10 +28,11 @@ decorating it with ``@register("name")``; or name the class by import path in th
 from __future__ import annotations
 
 import fnmatch
-from collections import ChainMap
 from abc import ABC, abstractmethod
+from collections import ChainMap
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, ClassVar, Iterator, Literal, Mapping
+from typing import TYPE_CHECKING, ClassVar, Generic, Literal, TypeVar
 
 import torch
 
@@ -77,12 +78,12 @@ class Columns(Mapping["Quantity", torch.Tensor]):
     written member by member reads, so both kinds of coupling take the same object. Rows are
     views: gradients flow from a row to its column."""
 
-    def __init__(self, names: tuple[str, ...], columns: Mapping[tuple[str, str], torch.Tensor]):
+    def __init__(self, names: tuple[str, ...], columns: Mapping[tuple[Kind, str], torch.Tensor]):
         self.names = tuple(names)
         self.columns = dict(columns)
         self.row = {name: i for i, name in enumerate(self.names)}
 
-    def column(self, kind: str, key: str, members: tuple[str, ...] | None = None) -> torch.Tensor:
+    def column(self, kind: Kind, key: str, members: tuple[str, ...] | None = None) -> torch.Tensor:
         """The ``(kind, key)`` column, rows in the order of ``members`` (default: :attr:`names`, the
         column itself, no copy)."""
         values = self.columns[(kind, key)]
@@ -90,17 +91,17 @@ class Columns(Mapping["Quantity", torch.Tensor]):
             return values
         return values[torch.tensor([self.row[m] for m in members], device=values.device)]
 
-    def member(self, name: str) -> dict["Quantity", torch.Tensor]:
+    def member(self, name: str) -> dict[Quantity, torch.Tensor]:
         """Member ``name``'s own values, ``{Quantity: row}``."""
         i = self.row[name]
         return {Quantity(name, kind, key): values[i] for (kind, key), values in self.columns.items()}
 
-    def __getitem__(self, q: "Quantity") -> torch.Tensor:
+    def __getitem__(self, q: Quantity) -> torch.Tensor:
         if q.member not in self.row or (q.kind, q.key) not in self.columns:
             raise KeyError(q)
         return self.columns[(q.kind, q.key)][self.row[q.member]]
 
-    def __iter__(self) -> Iterator["Quantity"]:
+    def __iter__(self) -> Iterator[Quantity]:
         return (Quantity(name, kind, key) for kind, key in self.columns for name in self.names)
 
     def __len__(self) -> int:
@@ -113,11 +114,13 @@ class Overlay(ChainMap):
     an exchange. :meth:`column` takes the live rows where there are and the exchanged ones
     elsewhere, differentiable in the live ones."""
 
-    def __init__(self, own: Columns, exchanged: Mapping["Quantity", torch.Tensor]):
-        super().__init__(own, exchanged)
+    def __init__(self, own: Columns, exchanged: Mapping[Quantity, torch.Tensor]):
+        # ChainMap only reads its maps here; typeshed types them as mutable, which these are not.
+        super().__init__(own, exchanged)  # type: ignore[arg-type]
+        self.own, self.exchanged = own, exchanged
 
-    def column(self, kind: str, key: str, members: tuple[str, ...]) -> torch.Tensor:
-        own, exchanged = self.maps
+    def column(self, kind: Kind, key: str, members: tuple[str, ...]) -> torch.Tensor:
+        own, exchanged = self.own, self.exchanged
         mine = [i for i, m in enumerate(members) if m in own.row]
         if len(mine) == len(members):
             return own.column(kind, key, tuple(members))
@@ -128,7 +131,7 @@ class Overlay(ChainMap):
         return under.to(live.dtype).index_put((torch.tensor(mine, device=under.device),), live)
 
 
-def column_of(values: Mapping["Quantity", torch.Tensor], kind: str, key: str, members: list[str] | tuple[str, ...]) -> torch.Tensor:
+def column_of(values: Mapping[Quantity, torch.Tensor], kind: Kind, key: str, members: list[str] | tuple[str, ...]) -> torch.Tensor:
     """``members``' values of ``(kind, key)`` in ``values`` stacked in their order, shape
     ``(len(members), *value shape)``: by the mapping's own ``column`` where it has one (a
     :class:`Columns`, or a member's :class:`~poptrain.member.PeerValues`, which keeps it until the
@@ -168,8 +171,10 @@ class PopulationInfo:
         if not differ:
             return None
         shown = ", ".join(f"{k} {mine[k]!r} vs {theirs[k]!r}" for k in differ if k != "targets") + (", different targets" if "targets" in differ else "")
-        return (f"members {first!r} and {second!r} do not see the same samples in the same order ({shown}): "
-                "give them the same data (views of the same samples qualify), batch size, shuffle and data seed")
+        return (
+            f"members {first!r} and {second!r} do not see the same samples in the same order ({shown}): "
+            "give them the same data (views of the same samples qualify), batch size, shuffle and data seed"
+        )
 
 
 @dataclass(frozen=True)
@@ -195,13 +200,19 @@ class Rewrite:
         return bool(self.every and exchange_index % self.every == 0) or (self.first and exchange_index == 0)
 
 
-class Coupling(CouplingClass, ABC):
+ConfigT = TypeVar("ConfigT", bound=CouplingConfig)
+
+
+class Coupling(CouplingClass, ABC, Generic[ConfigT]):
     """Base of every coupling. A *term* coupling implements :meth:`reads` and :meth:`value` and is
     done; a coupling that changes members' values at exchanges sets ``adds_term = False`` and
     ``rewrites_values = True``, and implements :meth:`rewrites` (what and when) and
-    :meth:`rewrite` (the new values). Either may extend :attr:`Config` with its own fields."""
+    :meth:`rewrite` (the new values). Either may extend :attr:`Config` with its own fields, and
+    then names it as the type parameter (``class Mine(Coupling[MyConfig])``), so that a type
+    checker reads ``self.config`` and the classmethods' ``config`` as a ``MyConfig``."""
 
     Config: ClassVar[type[CouplingConfig]] = CouplingConfig
+    config: ConfigT
     # Declared, not inferred: whether it adds a term to the objectives of the members it trains
     # (else `trains` is empty whatever the config says), and whether it rewrites values at
     # exchanges (which needs every member at the same exchange: `exchange.mode: sync`).
@@ -230,7 +241,7 @@ class Coupling(CouplingClass, ABC):
                 "each member's term is an objective of its own (mutual learning); a host training members stacked relies on it"
             )
 
-    def __init__(self, config: CouplingConfig, population: PopulationInfo):
+    def __init__(self, config: ConfigT, population: PopulationInfo):
         self.config = config
         self.population = population
         self.name = config.label
@@ -239,7 +250,7 @@ class Coupling(CouplingClass, ABC):
         self.trains: list[str] = list(config.trains if config.trains is not None else self.members) if self.adds_term else []
 
     @classmethod
-    def default_members(cls, config: CouplingConfig, population: PopulationInfo) -> list[str]:
+    def default_members(cls, config: ConfigT, population: PopulationInfo) -> list[str]:
         """The members it reads when the config lists none: every member."""
         return list(population.members)
 
@@ -277,7 +288,8 @@ class Coupling(CouplingClass, ABC):
         exchanges, when ``own`` and ``exchanged`` differ (:mod:`poptrain.stacked`). By default member
         by member; a coupling over many members does it in a few tensor ops on the columns
         (separation)."""
-        values = [self.value_for(m, ChainMap(own.member(m), exchanged)) for m in members]
+        # ChainMap only reads its maps here; typeshed types them as mutable.
+        values = [self.value_for(m, ChainMap(own.member(m), exchanged)) for m in members]  # type: ignore[arg-type]
         if all(v is None for v in values):
             return None
         like = next(v for v in values if v is not None)
@@ -356,7 +368,7 @@ class Coupling(CouplingClass, ABC):
     # -- checks, before anything starts ------------------------------------------------------
 
     @classmethod
-    def check_config(cls, config: CouplingConfig, run: "RunConfig") -> list[tuple[str, str]]:
+    def check_config(cls, config: ConfigT, run: RunConfig) -> list[tuple[str, str]]:
         """Problems visible from the config alone, as (key relative to the coupling, reason)."""
         return []
 

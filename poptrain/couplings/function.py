@@ -26,7 +26,8 @@ from __future__ import annotations
 import inspect
 import math
 import re
-from typing import Any, Callable, ClassVar, Literal, Mapping, Optional
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar, Literal
 
 import torch
 from pydantic import Field, ValidationError, model_validator
@@ -45,24 +46,27 @@ class Read(Strict):
     """One quantity a function coupling reads, passed to the function as the argument of its name."""
 
     member: str = Field(description="Member whose quantity it is.")
-    param: Optional[str] = Field(None, description="A parameter's name, e.g. `activation.weight` (read before the forward pass).")
-    loss: Optional[str] = Field(None, description="`loss` (the member's task loss) or the name of one of its `terms` (read after the forward pass).")
-    pred: Optional[Literal["outputs"]] = Field(
-        None, description="`outputs`: the member's predictions on the step's batch, (batch, *outputs), read after the forward pass; members "
+    param: str | None = Field(None, description="A parameter's name, e.g. `activation.weight` (read before the forward pass).")
+    loss: str | None = Field(None, description="`loss` (the member's task loss) or the name of one of its `terms` (read after the forward pass).")
+    pred: Literal["outputs"] | None = Field(
+        None,
+        description="`outputs`: the member's predictions on the step's batch, (batch, *outputs), read after the forward pass; members "
         "whose predictions one coupling reads must see the same samples in the same order (checked), and `exchange.mode` must be `sync`.",
     )
 
     @model_validator(mode="after")
-    def _one_quantity(self) -> "Read":
+    def _one_quantity(self) -> Read:
         if sum(x is not None for x in (self.param, self.loss, self.pred)) != 1:
-            raise ValueError(f"give exactly one of `param` (a parameter's name), `loss` (`loss` or a term's name) or `pred: outputs` for member {self.member!r}")
+            raise ValueError(
+                f"give exactly one of `param` (a parameter's name), `loss` (`loss` or a term's name) or `pred: outputs` for member {self.member!r}"
+            )
         return self
 
     @property
     def quantity(self) -> Quantity:
         if self.param is not None:
             return Quantity(self.member, "param", self.param)
-        return Quantity(self.member, "loss", self.loss) if self.loss is not None else Quantity(self.member, "pred", self.pred)
+        return Quantity(self.member, "loss", self.loss) if self.loss is not None else Quantity(self.member, "pred", "outputs")  # pred: the one value it takes
 
     def __str__(self) -> str:
         if self.param is not None:
@@ -80,7 +84,7 @@ class FunctionCouplingConfig(CouplingConfig):
     )
 
 
-class FunctionCoupling(Coupling):
+class FunctionCoupling(Coupling[FunctionCouplingConfig]):
     """A coupling whose value is ``fn(**{name: quantity})`` (see the module). Made by
     :func:`coupling_function`, one subclass per function."""
 
@@ -128,15 +132,24 @@ class FunctionCoupling(Coupling):
         label, names = config.label, run.member_names
         reads = cls.reads_of(config)
         if not reads:
-            return [("reads", f"coupling {label!r} ({_described(cls.fn)}) reads nothing: give `reads: {{<argument>: {{member: ..., param: ...}}}}` "
-                     "here or in its decorator")]
+            return [
+                (
+                    "reads",
+                    f"coupling {label!r} ({_described(cls.fn)}) reads nothing: give `reads: {{<argument>: {{member: ..., param: ...}}}}` "
+                    "here or in its decorator",
+                )
+            ]
         problems = []
         for argument, read in reads.items():
             if not NAME.match(argument):
                 problems.append((f"reads.{argument}", f"coupling {label!r}: {argument!r} is not a Python argument name"))
             if read.member not in names:
-                problems.append((f"reads.{argument}.member", f"coupling {label!r} reads {read} under {argument!r}, but there is no member "
-                                 f"{read.member!r}; members are {names}"))
+                problems.append(
+                    (
+                        f"reads.{argument}.member",
+                        f"coupling {label!r} reads {read} under {argument!r}, but there is no member {read.member!r}; members are {names}",
+                    )
+                )
         try:
             inspect.signature(cls.fn).bind(**dict.fromkeys(reads))
         except TypeError as exc:
@@ -150,8 +163,13 @@ class FunctionCoupling(Coupling):
             missing = [m for m in read_members if m not in config.members]
             unread = [m for m in config.members if m not in read_members]
             if missing or unread:
-                problems.append(("members", f"coupling {label!r} reads members {read_members}, so its `members` must be those: "
-                                 f"{f'missing {missing}' if missing else ''}{'; ' if missing and unread else ''}{f'reads nothing of {unread}' if unread else ''}"))
+                problems.append(
+                    (
+                        "members",
+                        f"coupling {label!r} reads members {read_members}, so its `members` must be those: "
+                        f"{f'missing {missing}' if missing else ''}{'; ' if missing and unread else ''}{f'reads nothing of {unread}' if unread else ''}",
+                    )
+                )
         elif config.trains is not None:
             for member in config.trains:
                 if member in names and member not in read_members:
@@ -167,15 +185,25 @@ class FunctionCoupling(Coupling):
                 shapes = self.population.param_shapes[read.member]
                 if read.param not in shapes:
                     names = list(shapes)
-                    problems.append((f"reads.{argument}", f"coupling {self.name!r} reads parameter {read.param!r} of member {read.member!r}, which has no "
-                                     f"such parameter; its parameters are {names[:12]}{' ...' if len(names) > 12 else ''}"))
+                    problems.append(
+                        (
+                            f"reads.{argument}",
+                            f"coupling {self.name!r} reads parameter {read.param!r} of member {read.member!r}, which has no "
+                            f"such parameter; its parameters are {names[:12]}{' ...' if len(names) > 12 else ''}",
+                        )
+                    )
                     continue
                 trial[argument] = shapes[read.param]
             elif read.loss is not None:
                 terms = self.population.terms.get(read.member, ["loss"])
                 if read.loss not in terms:
-                    problems.append((f"reads.{argument}", f"coupling {self.name!r} reads {read.loss!r} of member {read.member!r}, which has no such "
-                                     f"loss or term; its losses and terms are {terms}"))
+                    problems.append(
+                        (
+                            f"reads.{argument}",
+                            f"coupling {self.name!r} reads {read.loss!r} of member {read.member!r}, which has no such "
+                            f"loss or term; its losses and terms are {terms}",
+                        )
+                    )
                     continue
                 trial[argument] = ()
             else:
@@ -196,8 +224,16 @@ class FunctionCoupling(Coupling):
             if device == "meta" and (isinstance(exc, NotImplementedError) or "meta" in str(exc)):
                 return []  # it reads its arguments' values, which meta tensors lack: not evaluated here
             shown = ", ".join(f"{n}={list(s)}" for n, s in shapes.items())
-            return [("", Reason.of(f"coupling {self.name!r}: {_described(type(self).fn)} raised {type(exc).__name__}: {exc} when called on zeros "
-                                   f"of its reads' shapes ({shown}); its traceback follows", exc))]
+            return [
+                (
+                    "",
+                    Reason.of(
+                        f"coupling {self.name!r}: {_described(type(self).fn)} raised {type(exc).__name__}: {exc} when called on zeros "
+                        f"of its reads' shapes ({shown}); its traceback follows",
+                        exc,
+                    ),
+                )
+            ]
         wrong = self._wrong_result(result)
         return [("", f"coupling {self.name!r}: {wrong}")] if wrong else []
 
@@ -207,8 +243,10 @@ class FunctionCoupling(Coupling):
         what = _described(cls.fn)
         if not isinstance(result, torch.Tensor):
             shown = repr(result)
-            return (f"{what} returns {type(result).__name__} {shown[:60]}{'...' if len(shown) > 60 else ''}, not a tensor: return a 0-dim "
-                    "tensor computed from its arguments, so that the coupling has a gradient")
+            return (
+                f"{what} returns {type(result).__name__} {shown[:60]}{'...' if len(shown) > 60 else ''}, not a tensor: return a 0-dim "
+                "tensor computed from its arguments, so that the coupling has a gradient"
+            )
         if result.dim() != 0:
             return f"{what} returns a tensor of shape {list(result.shape)}, not a scalar: a coupling's value is a 0-dim tensor (reduce it, e.g. with `.sum()`)"
         if not result.is_floating_point():
@@ -249,12 +287,23 @@ def coupling_function(name: str, reads: Mapping[str, Mapping | Quantity] | None 
         # A Config class of its own, reachable as `<module>.<function name>.Config`: a process that
         # receives a run's config (Ray's workers) unpickles it by that reference, which imports the
         # function's module and so registers the name there too.
-        config = type(f"{fn.__name__}Config", (FunctionCouplingConfig,), {"__module__": module, "__qualname__": f"{qualname}.Config",
-                                                                          "__doc__": FunctionCouplingConfig.__doc__})
-        cls = type(fn.__name__, (FunctionCoupling,), {
-            "__module__": module, "__qualname__": qualname, "__doc__": fn.__doc__,
-            "Config": config, "fn": staticmethod(fn), "declared_reads": declared,
-        })
+        config = type(
+            f"{fn.__name__}Config",
+            (FunctionCouplingConfig,),
+            {"__module__": module, "__qualname__": f"{qualname}.Config", "__doc__": FunctionCouplingConfig.__doc__},
+        )
+        cls = type(
+            fn.__name__,
+            (FunctionCoupling,),
+            {
+                "__module__": module,
+                "__qualname__": qualname,
+                "__doc__": fn.__doc__,
+                "Config": config,
+                "fn": staticmethod(fn),
+                "declared_reads": declared,
+            },
+        )
         return register(name)(cls)
 
     return decorate

@@ -22,7 +22,8 @@ Two modes:
 
 from __future__ import annotations
 
-from typing import Literal, Mapping
+from collections.abc import Mapping
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -43,12 +44,16 @@ class MutualConfig(CouplingConfig):
     )
     refresh_every: int = Field(1, ge=1, description="`codistillation`: peers' weights are sent every this many exchanges (and used, stale, in between).")
     temperature: float = Field(1.0, gt=0, description="Softmax temperature T; the term is scaled by T^2 so its gradients keep their size.")
-    target: Literal["each", "ensemble"] = Field("each", description="`each`: the mean over peers of the divergence to each; `ensemble`: the divergence to the peers' mean prediction.")
-    divergence: Literal["kl", "mse"] = Field("kl", description="`kl` between predicted class distributions (classification), `mse` between outputs (regression).")
+    target: Literal["each", "ensemble"] = Field(
+        "each", description="`each`: the mean over peers of the divergence to each; `ensemble`: the divergence to the peers' mean prediction."
+    )
+    divergence: Literal["kl", "mse"] = Field(
+        "kl", description="`kl` between predicted class distributions (classification), `mse` between outputs (regression)."
+    )
 
 
 @register("mutual")
-class Mutual(Coupling):
+class Mutual(Coupling[MutualConfig]):
     """Each trained member towards its peers' predictions on the same samples (see the module)."""
 
     Config = MutualConfig
@@ -152,8 +157,13 @@ class Mutual(Coupling):
         problems = [("members", "mutual learning needs at least two members")] if len(members) < 2 else []
         if config.mode == "predictions" and run.exchange.mode == "async":
             # Peers' newest predictions would be for other batches than the member's own.
-            problems.append(("mode", "predictions compare members on the same batch, which needs `exchange.mode: sync`; "
-                             "`mode: codistillation` learns from peers' (stale) weights in async mode"))
+            problems.append(
+                (
+                    "mode",
+                    "predictions compare members on the same batch, which needs `exchange.mode: sync`; "
+                    "`mode: codistillation` learns from peers' (stale) weights in async mode",
+                )
+            )
         return problems
 
     def check_population(self) -> list[tuple[str, str]]:
@@ -162,17 +172,32 @@ class Mutual(Coupling):
         first = self.members[0]
         for member in self.members[1:]:
             if self.population.outputs[member] != self.population.outputs[first]:
-                problems.append(("members", f"members {first!r} and {member!r} predict outputs of shapes {list(self.population.outputs[first])} and "
-                                 f"{list(self.population.outputs[member])} per sample: mutual learning compares predictions, which must have one shape"))
+                problems.append(
+                    (
+                        "members",
+                        f"members {first!r} and {member!r} predict outputs of shapes {list(self.population.outputs[first])} and "
+                        f"{list(self.population.outputs[member])} per sample: mutual learning compares predictions, which must have one shape",
+                    )
+                )
             mine, theirs = self.population.samples[first], self.population.samples[member]
             if self.config.mode == "codistillation":  # each member's own batch goes through its peers' models
                 if mine["inputs"] != theirs["inputs"]:
-                    problems.append(("members", f"members {first!r} and {member!r} take inputs of shapes {mine['inputs']} and {theirs['inputs']} per sample: "
-                                     "in codistillation each member runs its peers' models on its own batch"))
+                    problems.append(
+                        (
+                            "members",
+                            f"members {first!r} and {member!r} take inputs of shapes {mine['inputs']} and {theirs['inputs']} per sample: "
+                            "in codistillation each member runs its peers' models on its own batch",
+                        )
+                    )
                 continue
             unaligned = self.population.unaligned_batches(first, member)
             if unaligned:
                 problems.append(("members", unaligned))
         if self.config.divergence == "kl" and self.population.outputs[first] and self.population.outputs[first][-1] < 2:
-            problems.append(("divergence", f"`kl` compares class distributions, but members predict {list(self.population.outputs[first])} per sample: use `divergence: mse`"))
+            problems.append(
+                (
+                    "divergence",
+                    f"`kl` compares class distributions, but members predict {list(self.population.outputs[first])} per sample: use `divergence: mse`",
+                )
+            )
         return problems

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Mapping, Optional
+from collections.abc import Mapping
 
 import torch
 from pydantic import Field, model_validator
@@ -22,10 +22,9 @@ class LossRef(Strict):
 class RelativeConfig(CouplingConfig):
     terms: list[LossRef] = Field(
         default_factory=list,
-        description="Linear combination `sum(coef * L[member])`; seed 003's `w2*(L1 - L2)` is "
-        "`[{member: m1, coef: w2}, {member: m2, coef: -w2}]`.",
+        description="Linear combination `sum(coef * L[member])`; seed 003's `w2*(L1 - L2)` is `[{member: m1, coef: w2}, {member: m2, coef: -w2}]`.",
     )
-    fn: Optional[Component] = Field(
+    fn: Component | None = Field(
         None,
         description="Instead of `terms`: import path to `f(losses: dict[member, Tensor], **kwargs) -> scalar` "
         "over the task losses of `members`, for non-linear combinations such as `(L1 - L2)**2`.",
@@ -39,7 +38,7 @@ class RelativeConfig(CouplingConfig):
 
 
 @register("relative")
-class Relative(Coupling):
+class Relative(Coupling[RelativeConfig]):
     """``weight * (sum(coef_i * L_i))`` or ``weight * fn(losses)``, read after the forward pass.
 
     Trains every member it reads unless ``trains`` says otherwise. Taken literally, seed 003's

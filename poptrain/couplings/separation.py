@@ -5,7 +5,8 @@ from __future__ import annotations
 import functools
 import itertools
 import operator
-from typing import Literal, Mapping, Optional
+from collections.abc import Mapping
+from typing import Literal
 
 import torch
 from pydantic import Field
@@ -18,7 +19,7 @@ class SeparationConfig(CouplingConfig):
     param: str = Field(description="Name of the parameter kept apart, e.g. `activation.weight` (the PReLU slope).")
     margin: float = Field(2.0, ge=0, description="Hinge margin: the penalty is `relu(margin - distance)` per pair.")
     norm: Literal["l1", "l2"] = Field("l1", description="Distance: `l1` = `|a - b|.sum()` (the seed's), `l2` = Euclidean.")
-    pairs: Optional[list[tuple[str, str]]] = Field(None, description="Pairs of members; default: all pairs of `members`.")
+    pairs: list[tuple[str, str]] | None = Field(None, description="Pairs of members; default: all pairs of `members`.")
     variant: Literal["hinge", "repulsion"] = Field(
         "hinge",
         description="`repulsion`: the seed's threshold-free variant `(|a|+|b|).sum() + (1/|a|+1/|b|).sum() - |a-b|.sum()` "
@@ -37,7 +38,7 @@ MEMBERS_LOGGED_ONE_BY_ONE = 16
 
 
 @register("separation")
-class Separation(Coupling):
+class Separation(Coupling[SeparationConfig]):
     """``weight * sum over pairs of relu(margin - distance(p_a, p_b))`` for one named parameter.
 
     Exactly seed 000's ``relu(2 - torch.abs(alpha1 - alpha2).sum())`` for two members, margin 2, L1.
@@ -56,7 +57,7 @@ class Separation(Coupling):
         return float(setting["margin"]) if setting.get("variant", "hinge") == "hinge" and "margin" in setting else None
 
     def _pairs(self) -> list[tuple[str, str]]:
-        return [tuple(p) for p in self.config.pairs] if self.config.pairs else list(itertools.combinations(self.members, 2))
+        return [(a, b) for a, b in self.config.pairs] if self.config.pairs else list(itertools.combinations(self.members, 2))
 
     def reads(self) -> list[Quantity]:
         return [Quantity(m, "param", self.config.param) for m in self.members]
@@ -65,7 +66,8 @@ class Separation(Coupling):
     def _pair_index(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Row indices into the stacked members of each pair's first and second member."""
         position = {m: i for i, m in enumerate(self.members)}
-        return tuple(torch.tensor([position[pair[k]] for pair in self._pairs()]) for k in (0, 1))
+        pairs = self._pairs()
+        return torch.tensor([position[a] for a, _ in pairs]), torch.tensor([position[b] for _, b in pairs])
 
     def _distance(self, diff: torch.Tensor) -> torch.Tensor:
         """Along the last dimension of ``diff``: one pair (numel,) or several (pairs, numel)."""
@@ -106,7 +108,7 @@ class Separation(Coupling):
         cache = self.__dict__.setdefault("_rows", {})
         if member not in cache:
             first, second = self._pair_index if member is None else self._pair_index_by_member[member]
-            cache[member] = list(zip(first.tolist(), second.tolist()))
+            cache[member] = list(zip(first.tolist(), second.tolist(), strict=True))
         return cache[member]
 
     def _on_device(self, member: str | None, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -195,9 +197,13 @@ class Separation(Coupling):
     def metrics(self, q: Mapping[Quantity, torch.Tensor]) -> dict[str, float]:
         distances = self._distances(q)
         if len(distances) > PAIRS_LOGGED_ONE_BY_ONE:
-            return {"distance/min": float(distances.min()), "distance/median": float(distances.median()), "distance/max": float(distances.max()),
-                    "pairs_within_margin": float((distances < self.config.margin).sum())}
-        out = {f"distance/{a}-{b}": d for (a, b), d in zip(self._pairs(), distances.tolist())}
+            return {
+                "distance/min": float(distances.min()),
+                "distance/median": float(distances.median()),
+                "distance/max": float(distances.max()),
+                "pairs_within_margin": float((distances < self.config.margin).sum()),
+            }
+        out = {f"distance/{a}-{b}": d for (a, b), d in zip(self._pairs(), distances.tolist(), strict=True)}
         for member in self.members if len(self.members) <= MEMBERS_LOGGED_ONE_BY_ONE else ():
             value = q[Quantity(member, "param", self.config.param)]
             if value.numel() == 1:
@@ -224,7 +230,9 @@ class Separation(Coupling):
             shape = self.population.param_shapes[member].get(self.config.param)
             if shape is None:
                 names = list(self.population.param_shapes[member])
-                problems.append(("param", f"member {member!r} has no parameter {self.config.param!r}; its parameters are {names[:12]}{' ...' if len(names) > 12 else ''}"))
+                problems.append(
+                    ("param", f"member {member!r} has no parameter {self.config.param!r}; its parameters are {names[:12]}{' ...' if len(names) > 12 else ''}")
+                )
             else:
                 shapes[member] = shape
         if len(set(shapes.values())) > 1:

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import torch
 from pydantic import Field
 
 from poptrain.config import CouplingConfig
 from poptrain.couplings.averaging import check_same_parameters
-from poptrain.couplings.base import Coupling, Quantity, Rewrite, register
+from poptrain.couplings.base import Coupling, Kind, Quantity, Rewrite, register
 
 
 class ShareConfig(CouplingConfig):
@@ -17,7 +17,7 @@ class ShareConfig(CouplingConfig):
 
 
 @register("share")
-class Share(Coupling):
+class Share(Coupling[ShareConfig]):
     """One module, held by several members, trained on the sum of their losses.
 
     Mechanism: at the first exchange every member's copy is set to the members' mean (so they
@@ -42,7 +42,7 @@ class Share(Coupling):
         self.names = population.params_matching(first, config.params) if first in population.param_shapes else []
         self.every_step = population.exchange_every == 1
 
-    def _quantities(self, kind: str) -> tuple[Quantity, ...]:
+    def _quantities(self, kind: Kind) -> tuple[Quantity, ...]:
         return tuple(Quantity(m, kind, n) for m in self.members for n in self.names)
 
     def reads(self) -> list[Quantity]:
