@@ -317,6 +317,21 @@ class PopulationRun:
         self.placement: dict[str, dict[str, Any]] = {}
         self.restarts = {name: 0 for name in cfg.member_names}
         self.final: dict[str, dict[str, float]] = {}
+        # Set by start(), in this order: whether processes are kept warm after the run (Ray outlives
+        # it), the hosts' placement (_place), the coordinator (_start_coordinator), the MLflow runs
+        # (_open_runs) and whether hosts sample system metrics.
+        self.keep_warm = False
+        self.host_of: dict[str, int] = {}  # member -> the index of the host carrying it
+        self.bundles: list[dict[str, float]] = []  # each host's placement bundle
+        self.shape: tuple | None = None  # the placement's key in the pool of warm processes
+        self.coordinator: Any = None  # its Ray actor handle
+        self.ids: RunIds | None = None
+        self.system_metrics = False
+
+    @property
+    def coordinator_name(self) -> str:
+        """The coordinator actor's name: this run's tag, or the warm run's it took over (:meth:`_place`)."""
+        return f"poptrain-coordinator-{self.run_tag}"
 
     def execute(self, progress: ProgressFn | None, poll_s: float) -> RunResult:
         try:
@@ -342,7 +357,7 @@ class PopulationRun:
         # A Ray that ends with the run takes its processes with it: nothing to keep warm then.
         self.keep_warm = self.keep_warm_s > 0 and not self.started_ray
         nodes = sum(1 for node in ray.nodes() if node.get("Alive"))
-        warm = self._place(nodes)
+        warm = self._place(nodes, self.keep_warm)
         self._start_coordinator(warm)
         self.system_metrics = nodes > 1 if self.cfg.tracking.system_metrics == "auto" else self.cfg.tracking.system_metrics
         _warn_about_storage(self.cfg, self.run_dir, self.uri, nodes)
@@ -373,9 +388,9 @@ class PopulationRun:
         for name, datasets in zip(self.members, _get_all([host.datasets.remote(name) for name, host in self.members.items()], self.members), strict=True):
             self.tracking.log_datasets(name, datasets)
 
-    def _place(self, nodes: int) -> pool.WarmMembers | None:
+    def _place(self, nodes: int, keep_warm: bool) -> pool.WarmMembers | None:
         """The hosts (:func:`plan_hosts`), one placement bundle each, in a placement group of its own
-        or a warm run's of the same shape; the warm processes taken over, if any."""
+        or (``keep_warm``) a warm run's of the same shape; the warm processes taken over, if any."""
         import ray
 
         cluster = ray.cluster_resources()
@@ -384,9 +399,9 @@ class PopulationRun:
         self.bundles = host_resources(self.cfg, self.hosts, cluster)
         strategy = placement_strategy(self.cfg, nodes)
         self.shape = pool.shape_key(self.bundles, strategy)
-        if not self.keep_warm:
+        if not keep_warm:
             pool.release_warm_members()  # new processes for this run, and no warm ones holding its resources
-        warm = _healthy(pool.take(self.shape)) if self.keep_warm else None
+        warm = _healthy(pool.take(self.shape)) if keep_warm else None
         self.group = warm.group if warm is not None else place_population(self.cfg, self.bundles, strategy)
         if warm is not None:
             # Its placement group's bundles, which it keeps (pool.fits): what a host restarted in one
@@ -402,8 +417,7 @@ class PopulationRun:
 
         from poptrain.coordinator import start_coordinator
 
-        # Members look the coordinator up by name, which stays the same for a warm one (poptrain.pool).
-        self.coordinator_name = f"poptrain-coordinator-{self.run_tag}"
+        # Members look the coordinator up by name (coordinator_name), which stays the same for a warm one (poptrain.pool).
         if warm is not None:
             self.coordinator = warm.coordinator
             # Before the members look it up: a threaded actor would serve their calls beside this one.
