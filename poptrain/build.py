@@ -21,7 +21,7 @@ from torch.utils.data import TensorDataset
 
 from poptrain import builtins
 from poptrain.batches import SizedDataset
-from poptrain.config import Component, MemberConfig
+from poptrain.config.schema import Component, MemberConfig
 
 
 def build_model(spec: Component) -> nn.Module:

@@ -17,7 +17,10 @@ from torch.utils.data import TensorDataset
 from poptrain import builtins, pbt, population_average
 from poptrain.batches import collate
 from poptrain.build import accepts, apply_frozen, build_dataset, build_model, check_optimizer, matching
-from poptrain.config import ConfigError, MemberConfig, RunConfig, anchor_outputs, job_storage_problems, load_config, output_problems
+from poptrain.config.errors import ConfigError
+from poptrain.config.load import load_config
+from poptrain.config.outputs import anchor_outputs, job_storage_problems, output_problems
+from poptrain.config.schema import MemberConfig, RunConfig
 from poptrain.couplings import PopulationInfo, build_couplings
 from poptrain.tracking import TrackingUnavailable, check_tracking_reachable, resolve_tracking_uri
 

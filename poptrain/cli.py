@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
 
         print(config_reference())
         return EXIT_OK
-    from poptrain.config import ConfigError
+    from poptrain.config.errors import ConfigError
 
     try:
         if args.command == "check":
@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _check(args) -> int:
-    from poptrain.config import dump_config
+    from poptrain.config.records import dump_config
     from poptrain.population import prepare
 
     cfg, population, uri = prepare(args.config, args.overrides)
@@ -291,7 +291,7 @@ SUMMARY_ROWS = 8  # members in the final table; a larger population shows its be
 def _ranking(result) -> tuple[str, bool]:
     """What the final table ranks a large population by: the run's `evaluation.rank_by` (from its
     resolved config) and whether higher is better; the training loss, lower first, without one."""
-    from poptrain.config import load_config
+    from poptrain.config.load import load_config
 
     try:
         ranking = load_config(result.output_dir / "config.yaml", record=True).evaluation.ranking

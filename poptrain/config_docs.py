@@ -15,7 +15,7 @@ from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 
-from poptrain import config as schema
+from poptrain.config import schema
 
 
 def _type_name(annotation: Any) -> str:
@@ -123,5 +123,6 @@ if __name__ == "__main__":  # python -m poptrain.config_docs [PAGE]  (rewrites t
     path = sys.argv[1] if len(sys.argv) > 1 else PAGE
     with open(path, encoding="utf-8") as stream:
         text = stream.read()
+    text = page_with_reference(text)  # computed before the file is opened for writing: a failure leaves it as it was
     with open(path, "w", encoding="utf-8") as stream:
-        stream.write(page_with_reference(text))
+        stream.write(text)

@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from poptrain.config import RunConfig
+from poptrain.config.schema import RunConfig
 from poptrain.couplings import PopulationInfo, Quantity, build_couplings
 from poptrain.couplings.base import PHASES
 from poptrain.exchange import BY_REFERENCE_BYTES, ExchangePlan, ExchangeTimeout, Reply, Wire, as_numpy, by_reference

@@ -31,7 +31,7 @@ from poptrain import mapped_memory
 from poptrain.build import describe_dataset
 from poptrain.channel import CoordinatorClient
 from poptrain.checkpoint import checkpoint_path, load_checkpoint, save_checkpoints, steps_of
-from poptrain.config import RunConfig
+from poptrain.config.schema import RunConfig
 from poptrain.couplings import PopulationInfo, Quantity, build_couplings
 from poptrain.exchange import ExchangePlan, numpy_copy, open_link
 from poptrain.lockstep import drive

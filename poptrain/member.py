@@ -25,7 +25,7 @@ import torch
 from poptrain.balancing import TermBalancer
 from poptrain.batches import BatchStream, in_order, to_device
 from poptrain.build import apply_frozen, build_dataset, build_model, build_optimizer, resolve_grad_transforms, resolve_loss, resolve_metrics, resolve_terms
-from poptrain.config import RunConfig
+from poptrain.config.schema import RunConfig
 from poptrain.couplings import PopulationInfo, Quantity, build_couplings
 from poptrain.exchange import ExchangePlan, Link, Reply, numpy_copy
 from poptrain.lockstep import Send, StepProgram, Wait, run_alone

@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from poptrain.config import Component
+from poptrain.config.schema import Component
 
 log = logging.getLogger(__name__)
 

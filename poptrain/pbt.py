@@ -18,7 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 from poptrain.build import optimizer_class, probe_torch_optimizer
-from poptrain.config import MemberConfig, Perturbation, RunConfig
+from poptrain.config.schema import MemberConfig, Perturbation, RunConfig
 
 GROUP_KEY = "poptrain_group"  # in each optimizer param group: the config group it came from (-1: the default)
 

@@ -23,7 +23,10 @@ import torch
 from poptrain import mapped_memory, pool, population_average
 from poptrain.checkpoint import CheckpointError, discard_after, latest_complete_step, load_coupling_state, read_run_record, save_atomic, write_run_record
 from poptrain.checks import prepare
-from poptrain.config import HOME_ENV, ConfigError, RunConfig, dump_config, job_artifact_root, job_home, ray_job
+from poptrain.config.errors import ConfigError
+from poptrain.config.outputs import HOME_ENV, job_artifact_root, job_home, ray_job
+from poptrain.config.records import dump_config
+from poptrain.config.schema import RunConfig
 from poptrain.couplings import PopulationInfo, build_couplings
 from poptrain.tracking import RunIds, Tracking, TrackingUnavailable
 
@@ -172,7 +175,7 @@ def host_resources(cfg: RunConfig, hosts: list[list[str]], cluster: dict[str, fl
     were one member (a whole GPU per host when hosts match the GPUs free for them). Raises
     :class:`PlacementError`, before anything is placed, for a host whose GPU shares Ray cannot
     place or whose GPUs its members cannot use evenly (:func:`poptrain.config.host_gpu_problem`)."""
-    from poptrain.config import host_gpu_problem
+    from poptrain.config.schema import host_gpu_problem
 
     members = member_resources(cfg, cluster)
     if all(len(h) == 1 for h in hosts):

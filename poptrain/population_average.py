@@ -18,7 +18,7 @@ import torch
 from poptrain.batches import in_order
 from poptrain.build import build_dataset, build_model, resolve_loss, resolve_metrics
 from poptrain.checkpoint import save_atomic
-from poptrain.config import RunConfig
+from poptrain.config.schema import RunConfig
 
 PREFIX = "population_average/"
 

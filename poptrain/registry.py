@@ -9,10 +9,7 @@ as a user's coupling named by import path is.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, TypeVar, cast
-
-if TYPE_CHECKING:
-    from poptrain.couplings.base import Coupling
+from typing import Any, ClassVar, TypeVar
 
 BUILTIN_COUPLINGS = {
     "separation": "poptrain.couplings.separation:Separation",
@@ -28,7 +25,21 @@ BUILTIN_COUPLINGS = {
 
 class CouplingClass:
     """The root of every coupling class (:class:`poptrain.couplings.Coupling` derives from it), so
-    that a name can be checked to be a coupling without importing the couplings."""
+    that a name can be checked to be a coupling without importing the couplings, and what the
+    config layer reads of a coupling class before any is built (declared here, given their values
+    and documented by ``Coupling``)."""
+
+    Config: ClassVar[type[Any]]
+    rewrites_values: ClassVar[bool]
+    allows_rollback: ClassVar[bool]
+
+    @classmethod
+    def check_config(cls, config: Any, run: Any) -> list[tuple[str, str]]:
+        raise NotImplementedError
+
+    @classmethod
+    def plotted_margin(cls, setting: Any) -> float | None:
+        raise NotImplementedError
 
 
 C = TypeVar("C", bound=type[CouplingClass])
@@ -51,14 +62,14 @@ def register(name: str) -> Callable[[C], C]:
     return decorate
 
 
-def registered() -> dict[str, type[Coupling]]:
+def registered() -> dict[str, type[CouplingClass]]:
     """Every coupling available by name: the built-ins and those registered so far."""
     for name in BUILTIN_COUPLINGS:
         resolve_coupling(name)
-    return cast("dict[str, type[Coupling]]", dict(COUPLINGS))
+    return dict(COUPLINGS)
 
 
-def resolve_coupling(type_name: str | type) -> type[Coupling]:
+def resolve_coupling(type_name: str | type) -> type[CouplingClass]:
     """The coupling class for a config's ``type``: a registered name or an import path
     ``package.module:Class`` (or the class itself, given from Python). Raises ``ValueError``
     listing the valid names on a miss."""
@@ -69,7 +80,7 @@ def resolve_coupling(type_name: str | type) -> type[Coupling]:
     elif ":" in type_name:
         cls = import_path(type_name)
     elif type_name in COUPLINGS:
-        return cast("type[Coupling]", COUPLINGS[type_name])  # CouplingClass is Coupling's root: see register
+        return COUPLINGS[type_name]
     elif type_name in BUILTIN_COUPLINGS:
         cls = import_path(BUILTIN_COUPLINGS[type_name])  # registers itself on import
     else:
@@ -78,4 +89,4 @@ def resolve_coupling(type_name: str | type) -> type[Coupling]:
         )
     if not (isinstance(cls, type) and issubclass(cls, CouplingClass)):
         raise TypeError(f"{getattr(type_name, '__qualname__', type_name)!r} is not a subclass of poptrain.couplings.Coupling")
-    return cast("type[Coupling]", cls)  # CouplingClass exists only as Coupling's root, checked without importing the couplings
+    return cls

@@ -27,7 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from poptrain.config import RunConfig, flatten
+from poptrain.config.records import flatten
+from poptrain.config.schema import RunConfig
 from poptrain.outbox import Item
 
 DEFAULT_TRACKING_DB = "mlflow.db"

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, ClassVar, TypeVar
 import torch
 from pydantic import Field, field_validator, model_validator
 
-from poptrain.config import CouplingConfig
+from poptrain.config.schema import CouplingConfig
 from poptrain.couplings.base import Coupling, Quantity, Rewrite, register
 
 

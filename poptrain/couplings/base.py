@@ -32,15 +32,15 @@ from abc import ABC, abstractmethod
 from collections import ChainMap
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, ClassVar, Generic, Literal, TypeVar
+from typing import TYPE_CHECKING, ClassVar, Generic, Literal, TypeVar, cast
 
 import torch
 
-from poptrain.config import CouplingConfig
+from poptrain.config.schema import CouplingConfig
 from poptrain.registry import COUPLINGS, CouplingClass, register, resolve_coupling  # noqa: F401  (re-exported)
 
 if TYPE_CHECKING:
-    from poptrain.config import RunConfig
+    from poptrain.config.schema import RunConfig
 
 Kind = Literal["param", "loss", "pred", "grad", "local"]
 # When a quantity is known within a step, which is when it can be exchanged (the exchange's phase):
@@ -385,4 +385,11 @@ class Coupling(CouplingClass, ABC, Generic[ConfigT]):
 
 
 def build_couplings(configs: list[CouplingConfig], population: PopulationInfo) -> list[Coupling]:
-    return [resolve_coupling(c.given_or_name)(c, population) for c in configs]
+    return [coupling_class(c.given_or_name)(c, population) for c in configs]
+
+
+def coupling_class(type_name: str | type) -> type[Coupling]:
+    """:func:`poptrain.registry.resolve_coupling`, typed as the couplings know it: every class it
+    returns derives from :class:`Coupling` (its root ``CouplingClass`` exists so that the registry
+    and the config need not import the couplings)."""
+    return cast("type[Coupling]", resolve_coupling(type_name))

@@ -32,7 +32,8 @@ from typing import Any, ClassVar, Literal
 import torch
 from pydantic import Field, ValidationError, model_validator
 
-from poptrain.config import CouplingConfig, Reason, Strict
+from poptrain.config.errors import Reason
+from poptrain.config.schema import CouplingConfig, Strict
 from poptrain.couplings.base import Coupling, Quantity, register
 
 # Up to this many elements in all, the trial call gets real zeros (64 MiB of float32); above, it

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from poptrain.config import CouplingConfig
+from poptrain.config.schema import CouplingConfig
 from poptrain.couplings.base import Coupling, Quantity, register
 
 OUTPUTS = "outputs"  # the key of a member's prediction quantity
@@ -88,7 +88,7 @@ class Mutual(Coupling[MutualConfig]):
 
         if peer not in self._peer_models:
             from poptrain.build import build_model
-            from poptrain.config import Component
+            from poptrain.config.schema import Component
 
             with torch.random.fork_rng(devices=[]):  # its initial weights are never used: draw nothing from the member's stream
                 self._peer_models[peer] = build_model(Component(**self.population.models[peer])).eval()

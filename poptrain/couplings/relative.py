@@ -7,7 +7,7 @@ from collections.abc import Mapping
 import torch
 from pydantic import Field, model_validator
 
-from poptrain.config import Component, CouplingConfig, Strict
+from poptrain.config.schema import Component, CouplingConfig, Strict
 from poptrain.couplings.base import Coupling, Quantity, register
 
 

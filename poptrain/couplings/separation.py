@@ -11,7 +11,7 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from poptrain.config import CouplingConfig
+from poptrain.config.schema import CouplingConfig
 from poptrain.couplings.base import Columns, Coupling, Quantity, column_of, register
 
 

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 import torch
 from pydantic import Field
 
-from poptrain.config import CouplingConfig
+from poptrain.config.schema import CouplingConfig
 from poptrain.couplings.averaging import check_same_parameters
 from poptrain.couplings.base import Coupling, Kind, Quantity, Rewrite, register
 
