@@ -23,8 +23,9 @@ MLflow 3 facts this module relies on (mlflow 3.17, checked here):
   inputs.size()[1] == 5"), and the first export in a process imports ``torch._dynamo`` (3 to 4 s).
   poptrain logs with ``pickle`` by default: ``load_model`` gives back the member's own
   ``nn.Module`` (``model.activation.weight`` and all), for any input shape; loading needs the
-  model's class importable (poptrain's built-ins, or the user's module on the path), and MLflow
-  warns that unpickling runs code. ``serialization_format="pt2"`` is available; a model
+  model's class importable (poptrain's built-ins, or the user's module on the path). MLflow warns
+  at every pickled model that unpickling runs code; poptrain says it once per process in its own
+  log, with why it pickles, and drops MLflow's repeats (:func:`_pickle_said`). ``serialization_format="pt2"`` is available; a model
   ``torch.export`` cannot trace then falls back to ``pickle``.
 * Without ``pip_requirements`` MLflow infers them by loading the model in a subprocess: 5 to 20 s
   per model here. They are given explicitly instead; one small model then logs in 0.2 to 0.3 s
@@ -36,7 +37,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +47,37 @@ import torch
 from poptrain.config.schema import Component
 
 log = logging.getLogger(__name__)
+PICKLE_WARNING = "Saving pytorch model by Pickle"  # how MLflow's warning at every pickled model starts
+
+
+class _SaidOnce(logging.Filter):
+    """Drops MLflow's pickle warning, repeated at every member's model, after poptrain has said once
+    in its own log why the format is used here and what loading one trusts (:func:`_pickle_said`)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(PICKLE_WARNING)
+
+
+_said: list[bool] = []
+
+
+@contextmanager
+def _pickle_said():
+    """Around a pickled model's save: MLflow's warning replaced by one line of poptrain's, once per process."""
+    if not _said:
+        _said.append(True)
+        log.warning(
+            "poptrain logs members' models with pickle so that mlflow.pytorch.load_model gives back each member's own nn.Module, "
+            "for any input shape; loading one runs code, as any pickle does: load only the models of runs you trust (a member's "
+            "model.pt beside its checkpoints is a state dict, loaded with weights_only=True). MLflow's warning to that effect is "
+            "not repeated for every member."
+        )
+    logger, quiet = logging.getLogger("mlflow.pytorch"), _SaidOnce()
+    logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        logger.removeFilter(quiet)
 
 
 @contextmanager
@@ -138,7 +170,7 @@ def log_member_model(
             },
         )
         try:
-            with using_tracking_uri(uri):
+            with using_tracking_uri(uri), _pickle_said() if fmt == "pickle" else nullcontext():
                 info = mlflow.pytorch.log_model(
                     model,
                     name=name,

@@ -6,6 +6,7 @@ the best member. Driven through :class:`Tracking` directly against a real sqlite
 from __future__ import annotations
 
 import json
+import logging
 import time
 from types import SimpleNamespace
 
@@ -15,6 +16,7 @@ import torch
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
+from poptrain import models_logging
 from poptrain.build import build_model
 from poptrain.cli import compare_main, print_summary
 from poptrain.compare import compare_table
@@ -141,6 +143,26 @@ def test_the_population_models_rank_best_first_by_held_out_accuracy(population, 
     for name in ACCURACY:
         history = tracking.client.get_metric_history(tracking.ids.members[name], "eval/accuracy")
         assert sorted(m.step for m in history) == [5, 10], "each evaluation once"
+
+
+def test_pickled_models_are_explained_once_in_poptrains_log_not_warned_about_at_every_member(population, tmp_path, monkeypatch):
+    """MLflow warns at every pickled model that unpickling runs code: poptrain says once, in its own
+    log, why it pickles and what loading one trusts, and MLflow's warning is not repeated per member."""
+    tracking, cfg = population
+    monkeypatch.setattr(models_logging, "_said", [])  # as in a fresh process
+    seen: list[tuple[str, str]] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: seen.append((record.name, record.getMessage()))  # type: ignore[method-assign]
+    loggers = [logging.getLogger("mlflow.pytorch"), logging.getLogger(models_logging.__name__)]
+    for logger in loggers:
+        logger.addHandler(handler)
+    try:
+        log_models(tracking, cfg, tmp_path, lambda name: None)  # three members
+    finally:
+        for logger in loggers:
+            logger.removeHandler(handler)
+    about_pickle = [name for name, message in seen if "pickle" in message.lower()]
+    assert about_pickle == [models_logging.__name__], seen
 
 
 def test_plots_show_held_out_curves_with_the_ensemble_and_the_best_member(population, tmp_path):
