@@ -175,13 +175,6 @@ def _buggy_lookup(param: str):
     return {"weight": []}[param]  # KeyError for any other parameter name
 
 
-class OldStyleAverage(Separation):
-    """A coupling written for the interface before `rewrites`: its exchange_transform would be ignored."""
-
-    def exchange_transform(self, kind, q, exchange_index, final):
-        return {}
-
-
 class UndeclaredRewrite(Separation):
     """Rewrites values at exchanges without declaring `rewrites_values` (the async check relies on it)."""
 

@@ -268,11 +268,19 @@ def test_codistillation_runs_peers_models_without_drawing_from_the_members_rando
     assert torch.equal(torch.get_rng_state(), before), "building the peer's model draws nothing (resume stays bitwise)"
 
 
-def test_a_coupling_written_for_the_old_interface_is_refused_naming_what_changed(base_config):
+def test_a_coupling_written_for_the_old_interface_is_refused_naming_what_changed(base_config, tmp_path, monkeypatch):
+    """Its exchange_transform would be ignored: the class is refused where it is defined, and a config
+    naming it gets the reason under its `type`."""
     from poptrain.config import ConfigError
 
-    with pytest.raises(ConfigError, match=r"defines exchange_transform, which couplings no longer have"):
-        load_config(base_config(couplings=[{"type": "tests.helpers:OldStyleAverage", "param": "activation.weight"}]))
+    (tmp_path / "old_style_coupling.py").write_text(
+        "from poptrain.couplings.separation import Separation\n\n"
+        "class OldStyleAverage(Separation):\n"
+        "    def exchange_transform(self, kind, q, exchange_index, final):\n        return {}\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ConfigError, match=r"couplings.0.type.*defines exchange_transform, which couplings no longer have"):
+        load_config(base_config(couplings=[{"type": "old_style_coupling:OldStyleAverage", "param": "activation.weight"}]))
 
 
 def test_a_coupling_that_rewrites_values_must_say_so(base_config):

@@ -76,20 +76,42 @@ def test_with_while_restarting_continue_peers_go_on_with_a_dead_members_last_val
     assert sorted(m.step for m in couplings) == list(range(STEPS)), "every round completed once"
 
 
-def test_a_killed_member_averaged_in_shared_memory_replays_the_averages_it_missed(ray_session, base_config, tracking_uri):
-    """Local SGD in shared memory: the coordinator writes each average into the members' own
-    pages, and keeps a copy for the replay of a member restarted from its checkpoint."""
+# The averaging family at once, each rewriting parameters of its own (one coupling per quantity: in place).
+AVERAGING_FAMILY = [
+    {"type": "average", "every": 3, "params": ["input.bias"]},  # local SGD
+    {"type": "average", "name": "papa", "rate": 0.5, "params": ["input.weight"]},
+    {"type": "wash", "fraction": 0.2, "params": ["output.*"]},
+    {"type": "gossip", "params": ["activation.weight"]},
+]
+
+
+def test_killed_members_of_the_averaging_family_replay_the_rounds_they_missed_and_a_resume_ends_the_same(ray_session, base_config, tracking_uri):
+    """Local SGD, PAPA, WASH and gossip in shared memory: the coordinator writes each round into the
+    members' own pages, and keeps a copy for the replay of a member restarted from its checkpoint;
+    the run ends bitwise as an uninterrupted one. Taken back to its last checkpoint (as if the
+    driver had died there) and resumed, it ends there again: the rounds depend on the run's seed and
+    the step only. (DiLoCo, which keeps state between rounds, has a test of its own below.)"""
+    from poptrain.checkpoint import latest_complete_step
+    from poptrain.population import resume
+
     members = [
         prelu_member("m1"),
         prelu_member("m2", data={"name": "synthetic_regression", "kwargs": {"n": 256, "in_features": 20, "seed": 1}, "batch_size": 32}),
     ]
     steps = 240  # the kill window (steps 40 to steps - 100) spans several progress polls even when the host is fast
-    settings = dict(steps=steps, checkpoint={"every": CHECKPOINT_EVERY}, members=members, couplings=[{"type": "average", "every": 3}])
-    clean = poptrain.run(base_config(name="local-sgd-clean", **settings))
-    result, _ = run_killing_m2_once(base_config(name="local-sgd", **settings), steps)
+    settings = dict(steps=steps, checkpoint={"every": CHECKPOINT_EVERY}, members=members, couplings=AVERAGING_FAMILY)
+    clean = poptrain.run(base_config(name="averaging-clean", **settings))
+    result, _ = run_killing_m2_once(base_config(name="averaging", **settings), steps)
     assert result.placement["m2"]["shared_params"] > 0, "the restarted member shares its parameters again"
     assert logged_steps(tracking_uri, result.member_run_ids["m2"]) == list(range(steps))
     assert_bitwise_equal(result.output_dir, clean.output_dir)
+
+    run_dir = result.output_dir
+    assert latest_complete_step(run_dir, ["m1", "m2"]) == steps - CHECKPOINT_EVERY
+    for name in ("m1", "m2"):
+        (run_dir / "members" / name / "model.pt").unlink()
+    resume(run_dir)
+    assert_bitwise_equal(run_dir, clean.output_dir)
 
 
 def test_a_replacement_that_dies_while_starting_is_replaced_again_within_max_restarts(ray_session, base_config, tracking_uri, tmp_path):

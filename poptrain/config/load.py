@@ -319,15 +319,6 @@ def validate_config(raw: dict, member_overrides: list[str] | tuple[str, ...] = (
         if specific.label in labels:
             problems.append((f"{key}.name", f"duplicate coupling name {specific.label!r}: give each coupling a distinct `name`"))
         labels.add(specific.label)
-        renamed = [old for old in ("exchange_transform", "transforms", "writes") if hasattr(cls, old)]
-        if renamed:  # written for the interface before `rewrites`: it would be silently ignored
-            problems.append(
-                (
-                    f"{key}.type",
-                    f"{cls.__name__} defines {', '.join(renamed)}, which couplings no longer have: declare "
-                    "`rewrites_values = True` and implement `rewrites()` (what, when) and `rewrite(kind, q, out)` (see poptrain.couplings.base)",
-                )
-            )
         if cfg.exchange.mode == "async" and cls.rewrites_values:
             problems.append(
                 (

@@ -231,9 +231,16 @@ class Coupling(CouplingClass, ABC, Generic[ConfigT]):
     averages_members: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs):
-        # term_is_joint must agree with value_for, which no one can check by running it: a class
-        # that overrides value_for declares which it is, or it is refused where it is defined.
+        # Checked where a coupling class is defined, not guessed later: a method of the interface
+        # before `rewrites`, which nothing would call; and term_is_joint, which must agree with
+        # value_for and which no one can check by running it.
         super().__init_subclass__(**kwargs)
+        renamed = [old for old in ("exchange_transform", "transforms", "writes") if old in vars(cls)]
+        if renamed:  # written for the interface before `rewrites`: it would be silently ignored
+            raise TypeError(
+                f"{cls.__qualname__} defines {', '.join(renamed)}, which couplings no longer have: declare `rewrites_values = True` "
+                "and implement `rewrites()` (what, when) and `rewrite(kind, q, out)` (see poptrain.couplings.base)"
+            )
         if "value_for" in vars(cls) and not any("term_is_joint" in vars(k) for k in cls.__mro__ if k is not Coupling and issubclass(k, Coupling)):
             raise TypeError(
                 f"{cls.__qualname__} overrides value_for but does not declare term_is_joint: set `term_is_joint = True` where "
