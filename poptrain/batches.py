@@ -46,6 +46,11 @@ class BatchStream:
         self.offset += self.batch_size
         return collate(self.dataset, index)
 
+    def follow(self, other: BatchStream) -> None:
+        """Stand at ``other``'s position (epoch, offset and its order), without drawing: a stacked
+        group's members on one shared stream take their batch from the first one."""
+        self.epoch, self.offset, self._order = other.epoch, other.offset, other._order
+
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self.epoch, "offset": self.offset}
 

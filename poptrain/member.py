@@ -180,7 +180,7 @@ class MemberTrainer:
         if peers_params is not None:
             yield from peers_params()
         if exchanging and self.checks_terms_before_sending:  # a read more: no non-finite term may go out
-            self._guard(self._nonfinite_terms(read_scalars(self._finite_flags(terms)), terms))
+            self.refuse_nonfinite(self._nonfinite_terms(read_scalars(self._finite_flags(terms)), terms))
         if exchanging:
             yield from self._send("loss", terms, outputs)
         coupling_terms = self._coupling_terms(terms, weights, outputs, inputs)
@@ -194,7 +194,7 @@ class MemberTrainer:
         if not nonfinite:
             self._transform_gradients()
             self.optimizer.step()
-        self._forget_predictions()
+        self.forget_predictions()
         self.step += 1
         return self._metrics(terms, weights, coupling_terms, objective, nonfinite, exchanging, read)
 
@@ -276,11 +276,11 @@ class MemberTrainer:
         coupling is finite) and the values read."""
         read = read_scalars({**self._finite_flags(terms, coupling_terms, grads_finite), **self._metric_values(terms, coupling_terms, objective)})
         nonfinite = self._nonfinite_terms(read, terms)
-        self._guard(nonfinite)
+        self.refuse_nonfinite(nonfinite)
         nonfinite += [f"coupling {n!r}" for n in coupling_terms if not read[("finite", "coupling", n)]]
         if not nonfinite and grads_finite is not None and not read[("finite", "gradient")]:
             nonfinite.append("gradient")
-        self._guard(nonfinite)
+        self.refuse_nonfinite(nonfinite)
         return nonfinite, read
 
     def _metrics(self, terms, weights, coupling_terms, objective, nonfinite, exchanging, read: Mapping[tuple, float] | None = None) -> dict[str, float]:
@@ -312,7 +312,7 @@ class MemberTrainer:
             metrics.update(self.layer_norms())
         return metrics
 
-    def _forget_predictions(self) -> None:
+    def forget_predictions(self) -> None:
         """Peers' predictions are of this step's batch: the next step's batch is another."""
         if not self.reads_predictions:
             return
@@ -333,7 +333,7 @@ class MemberTrainer:
         if exchanging:
             yield from self._send("loss", terms, outputs)
             yield from self._send("grad")
-        self._forget_predictions()
+        self.forget_predictions()
         self.step += 1
         return {"loss": float(terms["loss"]), **self._received_metrics()}
 
@@ -395,7 +395,7 @@ class MemberTrainer:
 
     # -- exchange ------------------------------------------------------------------------------
 
-    def _guard(self, nonfinite: list[str]) -> None:
+    def refuse_nonfinite(self, nonfinite: list[str]) -> None:
         """Non-finite values: stop (``failure.nonfinite: fail``) or let the caller skip the step."""
         if nonfinite and self.run.failure.nonfinite == "fail":
             raise TrainingError(

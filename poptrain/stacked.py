@@ -464,7 +464,7 @@ class StackedGroup:
         self._optimizer_step(grads)
         if members[0].reads_predictions:
             for m in members:
-                m._forget_predictions()
+                m.forget_predictions()
         for m in members:
             m.step += 1
         if not logged:  # a step nobody logs or ranks by: what a member's last metrics must hold
@@ -523,10 +523,10 @@ class StackedGroup:
         for i, m in enumerate(self.members) if bad_couplings else ():
             bad = [f"coupling {name!r}" for name in bad_couplings if not torch.isfinite(couplings[name][i])]
             if bad:
-                m._guard(bad)
+                m.refuse_nonfinite(bad)
         for i, m in enumerate(self.members):
             if not all(torch.isfinite(grads[k][i]).all() for k in self.keys):
-                m._guard(["gradient"])
+                m.refuse_nonfinite(["gradient"])
 
     def evaluate(self) -> dict[str, tuple[dict[str, float], torch.Tensor, torch.Tensor]]:
         """Every member's :meth:`poptrain.member.MemberTrainer.evaluate` (its held-out metrics, its
@@ -562,7 +562,7 @@ class StackedGroup:
         member alone does); nothing when all are."""
         bad = (~torch.isfinite(losses.detach())).nonzero()
         if len(bad):
-            self.members[int(bad[0])]._guard(["term 'loss'"])
+            self.members[int(bad[0])].refuse_nonfinite(["term 'loss'"])
 
     def _logged(self, step: int) -> bool:
         """Whether step ``step``'s metrics are logged (:func:`poptrain.member.logs_step`, the rule a
@@ -580,7 +580,7 @@ class StackedGroup:
             first = self.members[0].batches
             *inputs, targets = to_device(first.next(), self.device)
             for m in self.members[1:]:  # the same stream: the same position, without drawing again
-                m.batches.epoch, m.batches.offset, m.batches._order = first.epoch, first.offset, first._order
+                m.batches.follow(first)
             return inputs, targets
         drawn = [m.batches.next() for m in self.members]
         stacked = to_device(
