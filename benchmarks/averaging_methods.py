@@ -248,7 +248,7 @@ def averaging_at_scale(ctx: Context) -> list[dict[str, Any]]:
     sizes, measured = ctx.sizes, {}
     try:
         # Independent training before and after the methods: the machine's drift shows as their spread.
-        for run, method in enumerate(("independent", *sizes.scale_methods, "independent")):
+        for run, method in enumerate(("independent", *sizes.scale_methods, *(("independent",) if sizes.scale_bracket else ()))):
             config = scale_config(ctx, method)
             print(f"    {method}: {sizes.scale_members} members x {sizes.scale_steps} steps ...", flush=True)
             started = time.perf_counter()
@@ -277,7 +277,7 @@ def averaging_at_scale(ctx: Context) -> list[dict[str, Any]]:
             }
     finally:
         release_warm_members()
-    independent = [measured[k]["rate"]["steps_per_s"] for k in ("independent", "independent after")]
+    independent = [measured[k]["rate"]["steps_per_s"] for k in ("independent", "independent after") if k in measured]
     base = statistics.fmean(independent)
     rows = []
     for method in sizes.scale_methods:
@@ -300,7 +300,7 @@ def averaging_at_scale(ctx: Context) -> list[dict[str, Any]]:
                 details={
                     **mine,
                     "independent": measured["independent"],
-                    "independent_after": measured["independent after"],
+                    "independent_after": measured.get("independent after"),
                     "independent_member_steps_per_s": [r * sizes.scale_members for r in independent],
                 },
             )

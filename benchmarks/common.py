@@ -83,6 +83,7 @@ class Sizes:
     scale_steps: int = 100
     scale_warmup: int = 30
     scale_methods: tuple[str, ...] = ("papa", "wash", "diloco", "gossip")
+    scale_bracket: bool = True  # independent training after the methods too (smoke: before only)
     thresholds: bool = True  # smoke: report, never judge
 
     @property
@@ -140,6 +141,7 @@ SIZES = {
         scale_steps=30,
         scale_warmup=10,
         scale_methods=("papa",),
+        scale_bracket=False,
     ),
     "default": Sizes(mode="default"),
     "full": Sizes(
