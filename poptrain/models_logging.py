@@ -96,7 +96,7 @@ def using_tracking_uri(uri: str):
     try:
         yield
     finally:
-        mlflow.set_tracking_uri(previous)  # type: ignore[arg-type]  # None unsets it, which mlflow's annotation omits
+        mlflow.set_tracking_uri(previous)  # None unsets it
         if env is None:
             os.environ.pop("MLFLOW_TRACKING_URI", None)
         else:

@@ -29,8 +29,8 @@ def test_ruff_format_would_change_nothing():
 
 
 class Mypy:
-    """mypy on the package in a process of its own, with a cache of its own (cold: about 25 s of
-    CPU on 2 cores, most of it reading torch's, Ray's and MLflow's types)."""
+    """mypy on the package in a process of its own, with a cache of its own (cold: about 13 s of
+    CPU, most of it reading torch's types; Ray's and MLflow's are skipped, see pyproject.toml)."""
 
     def __init__(self):
         self.folder = Path(tempfile.mkdtemp(prefix="poptrain-mypy-"))
