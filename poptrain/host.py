@@ -251,7 +251,7 @@ class MemberHost:
             self._log(step, members)
         self._sync_stacks(into_members=True)  # the members' own optimizers hold their state between calls
         if members[0].trainer.step == run.steps:
-            drive([m.trainer for m in members], [m.trainer.finish_program() for m in members], self.link)
+            drive([m.trainer for m in members], [m.trainer.finish_program() for m in members])
             for m, metrics in zip(members, self._evaluate(run.steps), strict=True):  # after the last exchange: an average's target has its final weights
                 m.last_step_metrics = {**m.last_step_metrics, **metrics}
         # The last pipelined publishes: done before train() returns, so their coupling metrics are
@@ -265,7 +265,7 @@ class MemberHost:
     def _step_units(self) -> list[dict[str, float]]:
         """One step of every unit (member or stacked group), in lockstep when there are several;
         each member's metrics, in order."""
-        results = drive(self.units, [u.step_program() for u in self.units], self.link)
+        results = drive(self.units, [u.step_program() for u in self.units])
         by_name = {}
         for unit, result in zip(self.units, results, strict=True):
             by_name.update(zip(unit.names, result if isinstance(unit, StackedGroup) else [result], strict=True))

@@ -70,11 +70,14 @@ def run_alone(program: StepProgram, member: Programmed) -> Any:
             return done.value
 
 
-def drive(units: list[Programmed], programs: list[StepProgram], link: Link) -> list[Any]:
+def drive(units: list[Programmed], programs: list[StepProgram]) -> list[Any]:
     """Run ``programs`` (one per unit, in order) to their ends: a lone unit through its own link
-    (:func:`run_alone`), several in lockstep through ``link`` (:func:`step_together`). What each returns."""
+    (:func:`run_alone`), several in lockstep through the link they share, their host's
+    (:func:`step_together`). What each returns."""
     if len(units) == 1:
         return [run_alone(programs[0], units[0])]
+    link = units[0].link
+    assert link is not None and all(u.link is link for u in units), "the units of one host share its link"
     return step_together(units, programs, link)
 
 
