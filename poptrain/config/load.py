@@ -268,9 +268,7 @@ def validate_config(raw: dict, member_overrides: list[str] | tuple[str, ...] = (
         seen.setdefault(name.lower(), name)
     if not names:
         problems.append(("members", "the population is empty: list at least one member"))
-    if cfg.checkpoint.every is None:  # the default: about every 100 steps, on an exchange
-        cfg.checkpoint.every = -(-100 // cfg.exchange.every) * cfg.exchange.every
-    elif cfg.checkpoint.every and cfg.checkpoint.every % cfg.exchange.every:
+    if cfg.checkpoint.every and cfg.checkpoint.every % cfg.exchange.every:
         problems.append(
             ("checkpoint.every", f"must be a multiple of exchange.every ({cfg.exchange.every}), so checkpoints fall on exchanges; got {cfg.checkpoint.every}")
         )
@@ -364,8 +362,10 @@ def validate_config(raw: dict, member_overrides: list[str] | tuple[str, ...] = (
         problems.append(_cannot_continue(missing))
     if problems:
         raise ConfigError(problems)
-    # Keep the typed coupling objects (one-to-one with the YAML) without re-validating the whole run.
-    object.__setattr__(cfg, "couplings", typed)
+    # The run validated with its couplings as their own config classes (one-to-one with the YAML);
+    # its other fields are the validated objects themselves (kept as they are, with the objects
+    # they hold: _find_recorded_components).
+    cfg = RunConfig.model_validate({**dict(cfg), "couplings": typed})
     cfg._entries = entries
     return cfg
 

@@ -694,6 +694,13 @@ class RunConfig(Strict):
             raise ValueError("must not contain a NUL character")
         return value
 
+    @model_validator(mode="after")
+    def _default_checkpoint_every(self) -> RunConfig:
+        """``checkpoint.every`` left out: about every 100 steps, on an exchange."""
+        if self.checkpoint.every is None:
+            self.checkpoint.every = -(-100 // self.exchange.every) * self.exchange.every
+        return self
+
     @property
     def member_names(self) -> list[str]:
         return [m.name for m in self.members]
