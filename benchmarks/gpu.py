@@ -176,7 +176,7 @@ def stacked_step_syncs(ctx: Context, members: int, warmup: int, steps: int, devi
         group = units[0]
 
         def step() -> None:
-            drive(units, [group.step_program()], link)
+            drive(units, [group.step_program()])
 
         for _ in range(warmup):
             step()
