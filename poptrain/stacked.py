@@ -37,6 +37,7 @@ import math
 import time
 import warnings
 from collections import ChainMap
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -297,13 +298,11 @@ class StackedGroup:
         # values are the live ones. Else (between exchanges, async) each member's term is its own
         # live values against everyone else's exchanged ones, as alone (Coupling.values_against).
         self.joint_at_exchanges = first.run.exchange.mode == "sync" and all(first.plan.period.get(q, 1) == 1 for own in self.own_reads for q in own)
-        # What the members send at a parameter exchange, when alike for all of them (the same
-        # parameters, every one due at the same exchanges): sent as one copy of each stacked
-        # parameter, not member by member. {key: (its period in exchanges, each member's Quantity)}.
-        sends = {tuple((q.key, first.plan.period[q]) for q in first.plan.sends[m.name]["param"]) for m in members}
-        self.param_columns = (
-            {key: (period, [Quantity(m.name, "param", key) for m in members]) for key, period in next(iter(sends))} if len(sends) == 1 else None
-        )
+        # What the members send in each exchange phase, when alike for all of them (the same
+        # quantities, each due at the same exchanges): sent as one copy of each stacked value, not
+        # member by member. {phase: {(kind, key): (its period in exchanges, each member's Quantity)}},
+        # None for a phase where they differ (each member's own values are then sent one by one).
+        self.send_columns = {phase: self._alike_sends(phase) for phase in first.plan.sends[first.name]}
         # The rounds that rewrite members' parameters (averaging, ...): what each moved its members
         # by is measured as columns at logged steps (received/distance, :meth:`_keep_before_round`).
         self.row = {name: i for i, name in enumerate(self.names)}
@@ -420,7 +419,7 @@ class StackedGroup:
         pending = None
         if exchanging and self.rounds["param"]:
             self._keep_before_round()
-            pending = yield from self._send_all("param")
+            pending = yield from self._send_values("param", lambda kind, key: self.params[key])
         if not members[0].defer_param_replies:  # a round rewrites their parameters: the step computes on the new ones, as apart
             yield from self._receive_all(pending)
             pending = None
@@ -431,7 +430,7 @@ class StackedGroup:
         yield from self._receive_all(pending)
         if exchanging and self.rounds["loss"]:  # no non-finite loss goes to the peers
             self._guard_losses(losses)
-            yield from self._receive_all((yield from self._send_all("loss", lambda i: {"loss": losses[i]}, lambda i: outputs[i])))
+            yield from self._receive_all((yield from self._send_values("loss", lambda kind, key: losses if kind == "loss" else outputs)))
         couplings = self._coupling_terms(grads, exchanging)
         # What the host needs of the step (every member's loss and objective, whether everything is
         # finite, on a logged step its coupling terms) in one read from the device: on a GPU each
@@ -456,7 +455,7 @@ class StackedGroup:
             for i, m in enumerate(members):
                 for k in self.keys:
                     m.params[k].grad = grads[k][i]
-            yield from self._receive_all((yield from self._send_all("grad")))
+            yield from self._receive_all((yield from self._send_values("grad", lambda kind, key: grads[key])))
             for i, m in enumerate(members):  # a coupling that replaced a gradient (as a member's own, out of the stack)
                 for k in self.keys:
                     if m.params[k].grad is not None and m.params[k].grad.data_ptr() != grads[k][i].data_ptr():
@@ -588,38 +587,6 @@ class StackedGroup:
         )  # stacked first: one copy each to a GPU, not one per member
         return stacked[:-1], stacked[-1]
 
-    def _send_all(self, kind: str, terms=None, outputs=None):
-        """Every member's values of ``kind`` in one message; the pending reply, or None when no
-        member takes part."""
-        if kind == "param" and self.param_columns is not None:
-            return (yield from self._send_param_columns())
-        programs, sends = [], []
-        for i, m in enumerate(self.members):
-            program = m._send(kind, terms(i) if terms else {}, outputs(i) if outputs else None, defer=True)
-            try:
-                op = next(program)
-            except StopIteration:
-                continue
-            programs.append(program)
-            sends.append(op)
-        if not sends:
-            return None
-        values: dict[Quantity, np.ndarray] = {}
-        for op in sends:
-            values.update(op.values)
-        waits = [m.timings["exchange_wait_ms"] for m in self.members]
-        started = time.perf_counter()
-        pending = yield Send(kind, sends[0].step, values)
-        waited_ms = 1000 * (time.perf_counter() - started)
-        for program in programs:  # each member's bookkeeping of what it sent; the reply is taken in below, once
-            with contextlib.suppress(StopIteration):
-                program.send(pending)
-        # A member's own clock also ran while the members after it serialized (which they book
-        # themselves): the group's wait is booked instead, each member its share.
-        for m, wait in zip(self.members, waits, strict=True):
-            m.timings["exchange_wait_ms"] = wait + waited_ms / len(self.members)
-        return pending
-
     def _dropout_calls_for(self, shapes: tuple) -> list[tuple[str, float, tuple]]:
         """The dropout calls of one member's forward on inputs of ``shapes`` (without the member
         dimension), in call order: (buffer name of the mask, p, the input's shape). Found once per
@@ -658,28 +625,51 @@ class StackedGroup:
             masks[name].div_(1 - p)
         return masks
 
-    def _send_param_columns(self):
-        """:meth:`_send_all` of the members' parameters, which they send alike (``param_columns``):
-        one copy of each stacked parameter due at this exchange, its rows the members' values."""
-        first = self.members[0]
-        index = first.step // self.every
+    def _alike_sends(self, phase: str) -> dict[tuple[str, str], tuple[int, list[Quantity]]] | None:
+        """What every member sends in ``phase`` when it is alike for all of them (:attr:`send_columns`), else None."""
+        plan = self.members[0].plan
+        sends = {tuple((q.kind, q.key, plan.period[q]) for q in plan.sends[m.name][phase]) for m in self.members}
+        if len(sends) != 1:
+            return None
+        return {(kind, key): (period, [Quantity(m.name, kind, key) for m in self.members]) for kind, key, period in next(iter(sends))}
+
+    def _send_values(self, phase: str, column: Callable[[str, str], torch.Tensor]) -> StepProgram:
+        """Every member's values of exchange ``phase`` in one message (:class:`~poptrain.lockstep.Send`),
+        from the stack's own columns (``column(kind, key)``: every member's value of that quantity,
+        row i member i's): one copy of each column due at this exchange where the members send alike,
+        its rows their values, else each member's own rows one by one. A non-finite value is refused
+        as a member alone refuses it (``failure.nonfinite: fail``, which stacking requires). Each
+        member books its share of the time as serialization and exchange wait. Returns the pending reply."""
+        first, count = self.members[0], len(self.members)
+        plan, index = first.plan, first.step // self.every
         started = time.perf_counter()
         values: dict[Quantity, np.ndarray] = {}
-        for key, (period, quantities) in self.param_columns.items():
-            if index % period:  # not due at this exchange
-                continue
-            column = numpy_copy(self.params[key])
-            finite = np.isfinite(column.reshape(len(self.members), -1)).all(axis=1)
-            if not finite.all():  # as a member alone refuses to send it
-                bad = int(np.argmin(finite))
-                self.members[bad].refuse_to_send(quantities[bad])
-            values.update(zip(quantities, column, strict=True))
+        alike = self.send_columns[phase]
+        if alike is not None:
+            for (kind, key), (period, quantities) in alike.items():
+                if index % period:  # not due at this exchange
+                    continue
+                rows = numpy_copy(column(kind, key))
+                finite = np.isfinite(rows.reshape(count, -1)).all(axis=1)
+                if not finite.all():
+                    bad = int(np.argmin(finite))
+                    self.members[bad].refuse_to_send(quantities[bad])
+                values.update((q, rows[i, ...]) for i, q in enumerate(quantities))  # [i, ...]: a loss stays a 0-d array
+        else:
+            for i, m in enumerate(self.members):
+                for q in plan.sends[m.name][phase]:
+                    if index % plan.period[q]:
+                        continue
+                    array = numpy_copy(column(q.kind, q.key)[i])
+                    if not np.isfinite(array).all():
+                        m.refuse_to_send(q)
+                    values[q] = array
         sent = time.perf_counter()
-        pending = yield Send("param", first.step, values)
+        pending = yield Send(phase, first.step, values)
         waited = time.perf_counter()
         for m in self.members:  # each member its share
-            m.timings["serialize_ms"] += 1000 * (sent - started) / len(self.members)
-            m.timings["exchange_wait_ms"] += 1000 * (waited - sent) / len(self.members)
+            m.timings["serialize_ms"] += 1000 * (sent - started) / count
+            m.timings["exchange_wait_ms"] += 1000 * (waited - sent) / count
         return pending
 
     def _keep_before_round(self) -> None:

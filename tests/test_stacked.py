@@ -96,6 +96,26 @@ def test_between_exchanges_stacked_members_see_each_other_as_of_the_last_exchang
     assert [m["coupling/separation"] for m in metrics_b[-1][0]] == pytest.approx([m["coupling/separation"] for m in metrics_a[-1]], rel=1e-5)
 
 
+def test_stacked_members_send_the_losses_another_members_coupling_reads_as_one_column(in_process_host):
+    """m0 learns from the other three's losses (seed 003's relative losses, routed into m0); m1 to
+    m3, trained by nothing coupled, stack and send their losses in the loss round as one column,
+    each row its member's loss (each with a coefficient of its own, so rows sent to the wrong member
+    show in m0's term): m0 ends as it does with them trained one by one, every step exact in sync mode."""
+    terms = [{"member": "m0", "coef": 1.0}, *({"member": f"m{i}", "coef": coef} for i, coef in ((1, -0.1), (2, -0.3), (3, -0.6)))]
+    coupled = dict(steps=10, exchange={"every": 1}, couplings=[{"type": "relative", "terms": terms, "trains": ["m0"]}])
+    alone, link_a = in_process_host(prelu_members(OPTIMIZERS["adam, own lr and weight decay"]), **coupled)
+    metrics_a = train_host(alone, link_a, 10)
+    stacked, link_b = in_process_host(prelu_members(OPTIMIZERS["adam, own lr and weight decay"]), **coupled)
+    units = form_groups(stacked)
+    groups = [u for u in units if isinstance(u, StackedGroup)]
+    assert [g.names for g in groups] == [("m1", "m2", "m3")], [t.stacking_problem for t in stacked]
+    metrics_b = train_host(units, link_b, 10)
+    for a, b in zip(alone, stacked, strict=True):
+        for key in a.params:
+            torch.testing.assert_close(b.params[key], a.params[key], **CLOSE, msg=f"{a.name}.{key}")
+    assert metrics_b[-1][0]["coupling/relative"] == pytest.approx(metrics_a[-1][0]["coupling/relative"], rel=1e-5)
+
+
 ADAM = OPTIMIZERS["adam, own lr and weight decay"]
 # WASH with SGD: its shuffle leaves some of m2's weights with gradients of about 1e-7, where Adam's
 # first step (about lr * g / |g|) turns float rounding of g into a 1.5e-5 difference, alone or stacked.
