@@ -252,7 +252,9 @@ def averaging_at_scale(ctx: Context) -> list[dict[str, Any]]:
             config = scale_config(ctx, method)
             print(f"    {method}: {sizes.scale_members} members x {sizes.scale_steps} steps ...", flush=True)
             started = time.perf_counter()
-            result = poptrain.run(config, keep_warm_s=0)
+            # Fresh processes for each run (its wall time a user's), but for --smoke, which only
+            # keeps the figure from rotting: it takes over the warm ones of the run before.
+            result = poptrain.run(config, **({} if sizes.mode == "smoke" else {"keep_warm_s": 0}))
             wall = time.perf_counter() - started
             client = MlflowClient(tracking_uri=result.tracking_uri)
             timed = sorted(result.member_run_ids)[0]
