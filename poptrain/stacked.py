@@ -307,6 +307,9 @@ class StackedGroup:
         # by is measured as columns at logged steps (received/distance, :meth:`_keep_before_round`).
         self.row = {name: i for i, name in enumerate(self.names)}
         self.rewritten = any(m.param_rounds for m in members)
+        # Which rounds are due repeats with this period in exchanges (the rewrites' own periods'
+        # least common multiple), apart from the first exchange: _rows_rewritten_at's cache key.
+        self.round_period = math.lcm(*{r.every for m in members for r, _ in m.param_rounds if r.every} or {1})
         self._round_rows: dict[tuple[int, bool], dict[tuple[str, ...], list[int]]] = {}
         self.before_round: tuple[int, dict[str, torch.Tensor], dict[tuple[str, ...], list[int]]] | None = None
         self.received: torch.Tensor | None = None  # the last round's received/distance, a column (N,), NaN where none
@@ -687,8 +690,7 @@ class StackedGroup:
     def _rows_rewritten_at(self, index: int) -> dict[tuple[str, ...], list[int]]:
         """Which parameters the rounds due at exchange ``index`` rewrite, and in which rows: {the
         parameters' names: the rows whose those are}. Worked out once per pattern of due rounds."""
-        periods = {r.every for m in self.members for r, _ in m.param_rounds if r.every}
-        key = (index % math.lcm(*periods) if periods else 0, index == 0)
+        key = (index % self.round_period, index == 0)
         if key not in self._round_rows:
             rows: dict[tuple[str, ...], list[int]] = {}
             for i, m in enumerate(self.members):
