@@ -152,14 +152,8 @@ def _unknown_quantities(index: int, coupling, population: PopulationInfo) -> lis
                     f"coupling {coupling.name!r} reads member {q.member!r}, which the population does not have; its members are {population.members}",
                 )
             )
-        elif q.kind == "param" and q.key not in population.param_shapes[q.member]:
-            problems.append(
-                (
-                    f"couplings.{index}",
-                    f"coupling {coupling.name!r} reads parameter {q.key!r} of member {q.member!r}, which has no such parameter; "
-                    f"its parameters are {list(population.param_shapes[q.member])}",
-                )
-            )
+        elif q.kind == "param" and (lacking := population.lacks_param(coupling.name, q.member, q.key)):
+            problems.append((f"couplings.{index}", lacking))
     return problems
 
 

@@ -160,6 +160,18 @@ class PopulationInfo:
     seed: int = 0  # the run's seed: what a coupling draws at random is drawn from it (and the round)
     log_every: int = 1  # the coordinator logs the couplings' metrics of every log_every-th step (tracking.log_every)
 
+    def lacks_param(self, reader: str, member: str, param: str) -> str | None:
+        """Why coupling ``reader`` cannot read parameter ``param`` of ``member`` (it has no such
+        parameter: the message names its first parameters), else None."""
+        shapes = self.param_shapes[member]
+        if param in shapes:
+            return None
+        names = list(shapes)
+        return (
+            f"coupling {reader!r} reads parameter {param!r} of member {member!r}, which has no such parameter; "
+            f"its parameters are {names[:12]}{' ...' if len(names) > 12 else ''}"
+        )
+
     def params_matching(self, member: str, patterns: list[str]) -> list[str]:
         return [n for n in self.param_shapes[member] if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
 

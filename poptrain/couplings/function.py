@@ -183,18 +183,11 @@ class FunctionCoupling(Coupling[FunctionCouplingConfig]):
         problems, trial = [], {}
         for argument, read in self.reads_of(self.config).items():
             if read.param is not None:
-                shapes = self.population.param_shapes[read.member]
-                if read.param not in shapes:
-                    names = list(shapes)
-                    problems.append(
-                        (
-                            f"reads.{argument}",
-                            f"coupling {self.name!r} reads parameter {read.param!r} of member {read.member!r}, which has no "
-                            f"such parameter; its parameters are {names[:12]}{' ...' if len(names) > 12 else ''}",
-                        )
-                    )
+                lacking = self.population.lacks_param(self.name, read.member, read.param)
+                if lacking:
+                    problems.append((f"reads.{argument}", lacking))
                     continue
-                trial[argument] = shapes[read.param]
+                trial[argument] = self.population.param_shapes[read.member][read.param]
             elif read.loss is not None:
                 terms = self.population.terms.get(read.member, ["loss"])
                 if read.loss not in terms:
