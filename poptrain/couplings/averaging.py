@@ -385,11 +385,9 @@ class Wash(MembersRound[WashConfig]):
         generator = round_generator("wash", self.population.seed, step)
         new = {}
         for name in self.names:
-            flats = [q[Quantity(m, "param", name)].reshape(-1) for m in self.members]
-            chosen, order = wash_draw(flats[0].numel(), len(flats), self.config.fraction, generator)
             # Only the chosen positions move: gathered from every member first (out may be q's own
             # memory), then put back permuted, in place where mapped and into a copy elsewhere.
-            shuffled = torch.stack([f[chosen] for f in flats]).gather(0, order)
+            chosen, shuffled = wash_moves([q[Quantity(m, "param", name)].reshape(-1) for m in self.members], self.config.fraction, generator)
             for i, member in enumerate(self.members):
                 if name not in self.written[member]:
                     continue
@@ -525,12 +523,20 @@ def wash_shuffle(columns: torch.Tensor, fraction: float, generator: torch.Genera
     permutation (uniform: the order of independent uniform draws); the result's member ``i`` holds,
     at chosen position ``j``, the value member ``order[i, j]`` held there. Tensor ops over the member
     dimension throughout; a new tensor, ``columns`` untouched."""
-    members = columns.shape[0]
-    flat = columns.reshape(members, -1)
-    chosen, order = wash_draw(flat.shape[1], members, fraction, generator)
+    flat = columns.reshape(columns.shape[0], -1)
+    chosen, moved = wash_moves(list(flat), fraction, generator)
     shuffled = flat.clone()
-    shuffled[:, chosen] = flat[:, chosen].gather(0, order)
+    shuffled[:, chosen] = moved
     return shuffled.view(columns.shape)
+
+
+def wash_moves(flats: list[torch.Tensor], fraction: float, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """The members' flat values of one parameter (``flats``, one each) after a WASH round, at the
+    positions it moves only: the chosen positions ``(k,)`` and ``(members, k)``, row ``i`` the
+    values member ``i`` takes there (:func:`wash_draw`'s permutation of what they held). Read from
+    ``flats`` before anything is written: a round may write them back in place."""
+    chosen, order = wash_draw(flats[0].numel(), len(flats), fraction, generator)
+    return chosen, torch.stack([f[chosen] for f in flats]).gather(0, order)
 
 
 def wash_draw(numel: int, members: int, fraction: float, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
