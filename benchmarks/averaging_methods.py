@@ -139,7 +139,7 @@ def spread(values: list[float]) -> dict[str, float]:
 
 
 def averaging_methods(ctx: Context) -> list[dict[str, Any]]:
-    from poptrain.pool import release_warm_members
+    from poptrain.driver.pool import release_warm_members
 
     sizes = ctx.sizes
     results: dict[tuple[str, str], dict[int, dict[str, Any]]] = {}
@@ -243,7 +243,7 @@ def averaging_at_scale(ctx: Context) -> list[dict[str, Any]]:
 
     import poptrain
     from benchmarks.common import metric_times, steady_rate
-    from poptrain.pool import release_warm_members
+    from poptrain.driver.pool import release_warm_members
 
     sizes, measured = ctx.sizes, {}
     try:

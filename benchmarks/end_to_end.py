@@ -86,7 +86,7 @@ def poptrain_process(ctx: Context, work: dict[str, Any], index: int) -> dict[str
     if run_id:
         from mlflow.tracking import MlflowClient
 
-        from poptrain.compare import population_runs
+        from poptrain.tracking.compare import population_runs
 
         _, members = population_runs(MlflowClient(tracking_uri=ctx.uri), run_id)
         evaluated = sum(1 for r in members.values() if any(k.startswith("eval/") for k in r.data.metrics))

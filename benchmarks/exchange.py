@@ -1,6 +1,6 @@
 """The exchange path: latency of one round of scalars, and the bandwidth of averaging large models.
 
-**Exchange latency** drives poptrain's own :class:`poptrain.coordinator.CoordinatorActor` (built
+**Exchange latency** drives poptrain's own :class:`poptrain.coordinator.coordinator.CoordinatorActor` (built
 from a real config: N small PReLU members and seed 000's separation coupling, so every round
 carries one scalar per member and the coordinator evaluates and logs the coupling as in a run)
 with N tiny caller actors. Each caller does what a member's ``_exchange`` does, back to back:
@@ -96,11 +96,11 @@ class Caller:
         """``warmup + rounds`` parameter rounds back to back: the times between consecutive round ends,
         and this process's CPU seconds over the timed rounds. ``method``: ``exchange`` (sync barrier)
         or ``publish`` (async mode). Values are packed and results unpacked with ``wire`` (the
-        population's :class:`poptrain.coordinator.Wire`), as a member does."""
+        population's :class:`poptrain.coordinator.coordinator.Wire`), as a member does."""
         import ray
 
-        from poptrain.channel import CoordinatorClient
         from poptrain.couplings import Quantity
+        from poptrain.exchange.channel import CoordinatorClient
 
         client = CoordinatorClient(coordinator, ray.get(coordinator.channel.remote()))  # as a member reaches it
         quantity = Quantity(name, "param", key)
@@ -141,10 +141,10 @@ def exchange_latency(ctx: Context) -> list[dict[str, Any]]:
     import ray
 
     import poptrain
-    from poptrain.checks import inspect_population
-    from poptrain.coordinator import CoordinatorActor, start_coordinator
+    from poptrain.coordinator.coordinator import CoordinatorActor, start_coordinator
     from poptrain.couplings import build_couplings
-    from poptrain.exchange import ExchangePlan, Wire
+    from poptrain.driver.checks import inspect_population
+    from poptrain.exchange.wire import ExchangePlan, Wire
 
     sizes = ctx.sizes
     most = max(sizes.latency_members)
@@ -247,7 +247,7 @@ def complete_time_ms(cfg, population, members: int, repeats: int = 200) -> float
     """Median time of the coordinator's own work for one round of scalars (``CouplingEvaluator``'s
     ``complete_round`` and ``coupling_metrics``: merge, coupling value and metrics), in this process:
     the part of a round that is not transport."""
-    from poptrain.coordinator import CouplingEvaluator
+    from poptrain.coordinator.coordinator import CouplingEvaluator
     from poptrain.couplings import Quantity
 
     logic = CouplingEvaluator(cfg, population)
@@ -347,7 +347,7 @@ def coordinator_breakdown(ctx: Context, cfg, population, useful: int) -> dict[st
     member on a GPU or another node, whose sends and replies also cross Ray's object store)."""
     import torch
 
-    from poptrain.coordinator import CouplingEvaluator
+    from poptrain.coordinator.coordinator import CouplingEvaluator
     from poptrain.couplings import Quantity
 
     sources = [m for m in cfg.member_names if m != "target"]
@@ -404,7 +404,7 @@ BANDWIDTH_METHODS = ("papa", "wash", "diloco", "gossip")  # issue 26: the averag
 
 def averaging_bandwidth(ctx: Context) -> list[dict[str, Any]]:
     import poptrain
-    from poptrain.checks import inspect_population
+    from poptrain.driver.checks import inspect_population
 
     sizes = ctx.sizes
     model, params = _avg_model(sizes.avg_params)

@@ -22,7 +22,7 @@ and it writes one JSON (``<out>/<UTC time>-gpu.json`` and ``<out>/latest-gpu.jso
   the same modules on that GPU (``benchmarks.packing.torch_func_yardstick``), member-steps/s,
   target >= 1.0.
 * ``stacked_syncs_per_step``: host-device synchronisations per step of 100 seed-000 members stacked
-  in one :class:`~poptrain.stacked.StackedGroup` on the GPU, counted with the torch profiler
+  in one :class:`~poptrain.training.stacked.StackedGroup` on the GPU, counted with the torch profiler
   (:func:`stacked_step_syncs`), target <= 1 (issue 22, item 6).
 
 ``--dry-run`` runs the same code on the CPU at tiny sizes (2 and 4 members, a few steps, no
@@ -135,7 +135,7 @@ def quick_start(ctx: Context, steps: int, keep_warm_s: float) -> Any:
 def stacked_step_syncs(ctx: Context, members: int, warmup: int, steps: int, device: str) -> dict[str, Any]:
     """Host-device synchronisations in each step of ``members`` seed-000 members
     (:func:`benchmarks.packing.population`: separation over all pairs, exchanged every 10 steps)
-    stacked in one :class:`~poptrain.stacked.StackedGroup` on ``device``, driven in this process as a
+    stacked in one :class:`~poptrain.training.stacked.StackedGroup` on ``device``, driven in this process as a
     host drives it (the real coordinator, link and wire, in process: no Ray): ``warmup`` steps, then
     ``steps`` under the torch profiler, each step in a ``record_function`` of its own.
 
@@ -151,13 +151,13 @@ def stacked_step_syncs(ctx: Context, members: int, warmup: int, steps: int, devi
     from torch.profiler import ProfilerActivity, profile, record_function
 
     from benchmarks.packing import population
-    from poptrain.checks import inspect_population
     from poptrain.config import load_config
-    from poptrain.coordinator import InProcessClient, calls_in_flight, in_process_coordinator
-    from poptrain.exchange import open_link
-    from poptrain.lockstep import drive
-    from poptrain.member import MemberTrainer
-    from poptrain.stacked import StackedGroup, form_groups
+    from poptrain.coordinator.coordinator import InProcessClient, calls_in_flight, in_process_coordinator
+    from poptrain.driver.checks import inspect_population
+    from poptrain.exchange.wire import open_link
+    from poptrain.training.lockstep import drive
+    from poptrain.training.member import MemberTrainer
+    from poptrain.training.stacked import StackedGroup, form_groups
 
     on = torch.device(device)
     cuda = on.type == "cuda"
@@ -349,7 +349,7 @@ def two_members_rows(ctx: Context, sizes: GpuSizes, device: str, dry_run: bool) 
 
     pair = Context(sizes=sizes.two_members, workdir=ctx.workdir, uri=ctx.uri)
     # On the GPU `auto` puts both on one host (one per GPU), stacked; on the CPU each gets a process
-    # of its own, which the dry run takes over from the quick start's warm processes (poptrain.pool:
+    # of its own, which the dry run takes over from the quick start's warm processes (poptrain.driver.pool:
     # the same two hosts) instead of starting new ones; the stacked rows exercise stacking.
     population = run_population(pair, "sync1", 0, placement={"members_per_host": "auto"})
     single = single_process(pair, 0, population_cpus(), device="cuda:0" if device == "cuda" else "cpu")

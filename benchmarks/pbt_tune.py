@@ -17,8 +17,8 @@ batch 64), each starting from its own (lr, weight decay) pair, ranked by held-ou
 
 Both sides build the very same modules from the config with poptrain's own builders: each Tune
 trial ``i`` initialises its model from poptrain member ``i``'s seed
-(:func:`poptrain.randomness.member_seed`), reads the same training samples in the same order
-(:class:`poptrain.batches.BatchStream`, seeded by the run seed, its position carried in the
+(:func:`poptrain.training.randomness.member_seed`), reads the same training samples in the same order
+(:class:`poptrain.components.batches.BatchStream`, seeded by the run seed, its position carried in the
 checkpoint as poptrain's exploit carries it) and is evaluated on the same held-out split
 (``digits`` with ``split: test``) with the same ``accuracy``. Explore is the config's: lr times 0.8
 or 1.2; weight decay times 0.8 or 1.2, or with probability 0.25 one of the config's values.
@@ -160,11 +160,11 @@ def tune_trial(config: dict[str, Any], task: dict[str, Any]) -> None:
     import torch
     from ray import tune
 
-    from poptrain.batches import BatchStream, in_order
-    from poptrain.build import build_dataset, build_model
     from poptrain.builtins.metrics import accuracy
+    from poptrain.components.batches import BatchStream, in_order
+    from poptrain.components.build import build_dataset, build_model
     from poptrain.config import load_config
-    from poptrain.randomness import MemberRandomness, member_seed
+    from poptrain.training.randomness import MemberRandomness, member_seed
 
     run = load_config(task["config"])
     index = int(config["member_index"])
@@ -643,7 +643,7 @@ def tune_process(ctx: Context, seed: int) -> dict[str, Any]:
 
 def tune_process_child(args_path: str, out_path: str) -> None:
     """The Tune side's whole process: import Tune, ``ray.init`` with the arguments poptrain's own
-    local Ray gets (``poptrain.population.ensure_ray``: no dashboard, every core), :func:`run_tune`,
+    local Ray gets (``poptrain.driver.population.ensure_ray``: no dashboard, every core), :func:`run_tune`,
     ``ray.shutdown``; writes its result and how long ``ray.init`` took. (This module imports Ray
     Tune when it loads, as a Tune script does first.)"""
     import ray

@@ -63,7 +63,7 @@ def run_population(ctx: Context, key: str, repeat: int, placement: dict[str, Any
     sampler, cpu = MemorySampler(), CpuSampler()
     api_call = time.time()
     started = time.perf_counter()
-    # New processes for every run (no poptrain.pool reuse), as a `poptrain run` has: memory and start-up are a new process's.
+    # New processes for every run (no poptrain.driver.pool reuse), as a `poptrain run` has: memory and start-up are a new process's.
     result = poptrain.run(config, progress=Samplers(sampler, cpu), keep_warm_s=0)
     wall = time.perf_counter() - started
     members, first_steps = {}, []
@@ -98,9 +98,9 @@ def single_process(ctx: Context, repeat: int, threads: int, device: str = "cpu")
     import torch
     import torch.nn.functional as F
 
-    from poptrain.batches import BatchStream, to_device
     from poptrain.builtins.data import synthetic_classification
     from poptrain.builtins.models import MLP
+    from poptrain.components.batches import BatchStream, to_device
 
     sizes = ctx.sizes
     on = torch.device(device)

@@ -142,7 +142,7 @@ def main(argv: list[str]) -> int:
     from mlflow.tracking import MlflowClient
 
     import poptrain
-    from poptrain.compare import ui_link
+    from poptrain.tracking.compare import ui_link
 
     IMAGES.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="poptrain-screenshots-") as folder:

@@ -23,11 +23,11 @@ _EXPORTS = {
     "Quantity": "poptrain.couplings",
     "register": "poptrain.couplings",
     "coupling_function": "poptrain.couplings",
-    "PopulationError": "poptrain.population",
-    "RunResult": "poptrain.population",
-    "run": "poptrain.population",
-    "resume": "poptrain.population",
-    "release_warm_members": "poptrain.pool",
+    "PopulationError": "poptrain.driver.population",
+    "RunResult": "poptrain.driver.population",
+    "run": "poptrain.driver.population",
+    "resume": "poptrain.driver.population",
+    "release_warm_members": "poptrain.driver.pool",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _check(args) -> int:
     from poptrain.config.records import dump_config
-    from poptrain.population import prepare
+    from poptrain.driver.population import prepare
 
     cfg, population, uri = prepare(args.config, args.overrides)
     print(dump_config(cfg), end="")
@@ -86,7 +86,7 @@ def _names(members: list[str], shown: int = 8) -> str:
 
 def _print_stacking(cfg, population) -> None:
     """Which members can train as one stacked computation with alike members of their host, and why the others train alone."""
-    from poptrain.checks import stacking_problems
+    from poptrain.driver.checks import stacking_problems
 
     problems = stacking_problems(cfg, population)
     alone: dict[str, list[str]] = {}
@@ -107,7 +107,7 @@ def _numel(shape) -> int:
 
 
 def _run(args) -> int:
-    from poptrain.population import prepare, resume, run
+    from poptrain.driver.population import prepare, resume, run
 
     if args.command == "resume":
         name = args.run_dir
@@ -120,7 +120,7 @@ def _run(args) -> int:
 
 
 def _train_with_display(name: str, start) -> int:
-    from poptrain.population import PopulationError
+    from poptrain.driver.population import PopulationError
 
     display = LiveDisplay(name) if sys.stdout.isatty() else PlainDisplay(name)
     try:
@@ -247,8 +247,8 @@ def _recorded(result):
     runs take seconds to read back): ``{}`` then stands for them."""
     from mlflow.tracking import MlflowClient
 
-    from poptrain.compare import population_runs
-    from poptrain.tracking import check_tracking_reachable
+    from poptrain.tracking.compare import population_runs
+    from poptrain.tracking.runs import check_tracking_reachable
 
     try:
         check_tracking_reachable(result.tracking_uri)  # MLflow's HTTP client would retry for minutes
@@ -266,7 +266,7 @@ def print_summary(result) -> None:
     objective, terms and couplings, and device; then the population's ensemble and best values."""
     from rich.console import Console
 
-    from poptrain.compare import BEST_MEMBER_TAG, is_key_metric, metric_order, render_population, ui_link
+    from poptrain.tracking.compare import BEST_MEMBER_TAG, is_key_metric, metric_order, render_population, ui_link
 
     recorded = _recorded(result)
     metrics = {name: dict(values) for name, values in result.metrics.items()}
@@ -345,8 +345,8 @@ def compare_main(argv: list[str] | None = None) -> int:
 
     from mlflow.tracking import MlflowClient
 
-    from poptrain.compare import BEST_MEMBER_TAG, NotAPopulation, members_table, population_runs, render, render_population, ui_link
-    from poptrain.tracking import TrackingUnavailable, check_tracking_reachable
+    from poptrain.tracking.compare import BEST_MEMBER_TAG, NotAPopulation, members_table, population_runs, render, render_population, ui_link
+    from poptrain.tracking.runs import TrackingUnavailable, check_tracking_reachable
 
     uri = args.tracking_uri or _default_uri()
     if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///") :]).is_file():

@@ -55,8 +55,8 @@ def _table(model: type[BaseModel], prefix: str, skip: AbstractSet[str] = frozens
 
 def sections() -> list[tuple[str, type[BaseModel], set[str]]]:
     """(title, model, fields documented elsewhere) for every part of the schema, in reading order."""
+    from poptrain.config.registry import BUILTIN_COUPLINGS, resolve_coupling
     from poptrain.couplings.function import FunctionCouplingConfig, Read
-    from poptrain.registry import BUILTIN_COUPLINGS, resolve_coupling
 
     out: list[tuple[str, type[BaseModel], set[str]]] = [
         ("top level", schema.RunConfig, set()),

@@ -450,7 +450,7 @@ def run_killing_the_driver(config, folder, after_step):
     import yaml
 
     import poptrain
-    from poptrain.checkpoint import latest_complete_step
+    from poptrain.storage.checkpoint import latest_complete_step
 
     path = folder / f"{config['name']}.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))  # as written: the order of pbt.hyperparameters is the order explore draws in

@@ -138,7 +138,7 @@ class SeparationThatHangsTheCoordinator(Separation):
     """Separation whose coordinator-side ``rewrite`` blocks for ``hang_s`` at parameter exchange
     ``hang_at_exchange``: a stuck coordinator exchange thread. The coordinator runs it while
     completing the round, under its lock, before any member's reply is sent. It rewrites nothing,
-    so the values stay small and travel over the direct connection (poptrain.channel)."""
+    so the values stay small and travel over the direct connection (poptrain.exchange.channel)."""
 
     Config = HangingSeparationConfig
     rewrites_values = True

@@ -1,15 +1,15 @@
 """Populations stepped in this process through the real coordinator
-(:class:`poptrain.coordinator.Coordinator`: its barrier, its rewrites) and the real links and
-wire (:mod:`poptrain.exchange`), without Ray's start-up: for behaviour that does not depend on
+(:class:`poptrain.coordinator.coordinator.Coordinator`: its barrier, its rewrites) and the real links and
+wire (:mod:`poptrain.exchange.wire`), without Ray's start-up: for behaviour that does not depend on
 processes (guards, policies, stacking). Two shapes:
 
 - :class:`InProcessPopulation`: one thread and one link per member, as one member per host.
   Members step at the same time on threads, so what a member draws at random during a step is
-  not its own here (poptrain.randomness): keep such tests to members that draw nothing in their
+  not its own here (poptrain.training.randomness): keep such tests to members that draw nothing in their
   steps, or step a single member. Everything exchanged is recorded, so a test can check what a
   peer could ever have seen.
 - :func:`one_host`: every member on one link, stepped together on this thread as a host steps
-  its members (:func:`train_host`, poptrain.lockstep), stacked where the test forms groups."""
+  its members (:func:`train_host`, poptrain.training.lockstep), stacked where the test forms groups."""
 
 from __future__ import annotations
 
@@ -18,12 +18,12 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from poptrain.checks import inspect_population
 from poptrain.config import RunConfig, load_config
-from poptrain.coordinator import Coordinator, InProcessClient, calls_in_flight, in_process_coordinator
-from poptrain.exchange import Link, open_link
-from poptrain.lockstep import step_together
-from poptrain.member import MemberTrainer
+from poptrain.coordinator.coordinator import Coordinator, InProcessClient, calls_in_flight, in_process_coordinator
+from poptrain.driver.checks import inspect_population
+from poptrain.exchange.wire import Link, open_link
+from poptrain.training.lockstep import step_together
+from poptrain.training.member import MemberTrainer
 
 
 def _set_up(config: dict) -> tuple[RunConfig, Coordinator, object, dict[str, MemberTrainer]]:
@@ -47,7 +47,7 @@ def one_host(config: dict, client: type[InProcessClient] = InProcessClient) -> t
 def train_host(units, link: Link, steps: int) -> list:
     """Step one host's ``units`` (trainers, or stacked groups of them) together ``steps`` times,
     then hand every stack's state back to its members; each step's metrics by unit."""
-    from poptrain.stacked import StackedGroup
+    from poptrain.training.stacked import StackedGroup
 
     out = []
     for _ in range(steps):

@@ -1,4 +1,4 @@
-"""The direct connection between members and the coordinator (poptrain.channel), without Ray:
+"""The direct connection between members and the coordinator (poptrain.exchange.channel), without Ray:
 only a holder of the run's key is served, it listens where it is told, replies find their
 request, a coordinator's error reaches the member as itself, and a coordinator that never
 answers is a timeout, not a hang."""
@@ -12,8 +12,8 @@ from multiprocessing.connection import AuthenticationError, Client
 
 import pytest
 
-from poptrain.channel import ChannelServer, CoordinatorClient, ReplyTimeout, reply_bound
-from poptrain.exchange import ExchangeTimeout, Wire
+from poptrain.exchange.channel import ChannelServer, CoordinatorClient, ReplyTimeout, reply_bound
+from poptrain.exchange.wire import ExchangeTimeout, Wire
 
 
 @pytest.fixture
@@ -138,7 +138,7 @@ def test_a_lost_coordinator_is_an_error_not_a_hang(served):
 
 
 def test_a_client_that_never_answers_the_challenge_is_dropped(served, monkeypatch):
-    import poptrain.channel as channel
+    import poptrain.exchange.channel as channel
 
     server, _, _ = served
     monkeypatch.setattr(channel, "HANDSHAKE_TIMEOUT_S", 0.3)
@@ -161,7 +161,7 @@ def test_a_member_that_cannot_reach_the_connection_warns_and_uses_ray_calls():
 @pytest.fixture
 def no_margin(monkeypatch):
     """A client's reply bound is its ``timeout_s`` exactly (no margin), so these tests wait fractions of a second."""
-    import poptrain.channel as channel
+    import poptrain.exchange.channel as channel
 
     monkeypatch.setattr(channel, "REPLY_MARGIN_S", 0.0)
     monkeypatch.setattr(channel, "REPLY_MARGIN_FRACTION", 0.0)

@@ -36,7 +36,7 @@ def test_check_prints_the_resolved_config_and_the_driver_never_loads_the_compile
     # imports torch._dynamo (seconds of CPU and 70 MiB in the driver), which the checks do not need.
     # (`poptrain check` itself also tries torch.func on each architecture, which imports it.)
     # PYTHONPROFILEIMPORTTIME lists every module the process imports on stderr.
-    script = f"from poptrain.checks import prepare; prepare({str(REPO / 'configs' / 'prelu_separation.yaml')!r}, ['steps=5'])"
+    script = f"from poptrain.driver.checks import prepare; prepare({str(REPO / 'configs' / 'prelu_separation.yaml')!r}, ['steps=5'])"
     environment = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONPROFILEIMPORTTIME": "1"}
     environment.pop("MLFLOW_TRACKING_URI", None)
     prepared = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=environment, capture_output=True, text=True, timeout=300)
@@ -92,7 +92,7 @@ def test_unknown_command_line_option_exits_2(tmp_path):
 
 def test_the_final_table_of_a_large_population_shows_its_best_and_worst_members_not_every_one(tmp_path):
     from poptrain.cli import SUMMARY_ROWS, _summary_table
-    from poptrain.population import RunResult
+    from poptrain.driver.population import RunResult
 
     metrics = {f"m{i:02d}": {"loss": float((i * 7) % 20)} for i in range(20)}  # m00's loss 0, m17's 19
     result = RunResult("run", {}, tmp_path, "sqlite://", metrics=metrics, seconds=1.0)  # no config.yaml there: ranked by loss
@@ -108,7 +108,7 @@ def test_the_final_table_of_a_large_population_ranks_by_the_runs_held_out_metric
     training loss, which the table fell back to while the ranking could not be read)."""
     from poptrain.cli import SUMMARY_ROWS, _summary_table
     from poptrain.config import dump_config, load_config
-    from poptrain.population import RunResult
+    from poptrain.driver.population import RunResult
 
     (tmp_path / "config.yaml").write_text(dump_config(load_config(REPO / "configs" / "thousand.yaml")))
     metrics = {f"m{i:03d}": {"loss": float(i), "eval/mse": float(1000 - i)} for i in range(1000)}  # lowest loss, highest MSE: m000

@@ -178,8 +178,8 @@ def test_kuberay_raycluster_manifest():
 
 
 def test_kuberay_rayjob_manifest_runs_a_shipped_config():
-    from poptrain.checks import inspect_population
     from poptrain.config import load_config
+    from poptrain.driver.checks import inspect_population
 
     docs = load_docs("kuberay-rayjob.yaml")
     (job,) = [d for d in docs if d.get("kind") == "RayJob"]

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from poptrain.checks import inspect_population, prepare
 from poptrain.config import ConfigError, dump_config, load_config
+from poptrain.driver.checks import inspect_population, prepare
 from tests.conftest import prelu_member
 
 

@@ -1,4 +1,4 @@
-"""The coordinator's logic in plain Python (poptrain.coordinator), driven without Ray, in
+"""The coordinator's logic in plain Python (poptrain.coordinator.coordinator), driven without Ray, in
 milliseconds: the barrier, stand-ins for members that died, replay for restarted members, the
 async board, what a member keeps of its own, and the parts on their own: stand-ins, the replay
 history and population-based training's rounds."""
@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 import torch
 
-from poptrain.checks import inspect_population
 from poptrain.config import load_config
-from poptrain.coordinator import AsyncBoard, Coordinator, PBTRounds, ReplayHistory, Round, StandIns
+from poptrain.coordinator.coordinator import AsyncBoard, Coordinator, PBTRounds, ReplayHistory, Round, StandIns
 from poptrain.couplings import Quantity
-from poptrain.exchange import ExchangePlan, ExchangeTimeout
+from poptrain.driver.checks import inspect_population
+from poptrain.exchange.wire import ExchangePlan, ExchangeTimeout
 from tests.conftest import digits_member, pbt_population
 from tests.in_process import InProcessPopulation
 
@@ -130,7 +130,7 @@ def test_in_async_mode_parameters_only_the_coordinator_reads_still_travel(base_c
 def test_a_member_keeps_what_it_sent_only_where_a_non_finite_step_can_go_on(base_config):
     """Under `skip` a member keeps the values it sent last (its peers get them again after a
     non-finite step), in its checkpoint too; under `fail` the run stops instead: nothing kept."""
-    from poptrain.member import quantity_key
+    from poptrain.training.member import quantity_key
 
     for policy, kept in (("fail", False), ("skip", True)):
         population = InProcessPopulation(base_config(failure={"nonfinite": policy}))
@@ -328,7 +328,7 @@ def test_donor_states_stay_referenced_for_the_rounds_a_restarted_member_may_repl
 def test_pbt_decisions_are_written_beside_the_checkpoints_and_a_resumed_run_keeps_those_before_its_own(base_config, tmp_path):
     import json
 
-    from poptrain.checkpoint import pbt_events_path, save_checkpoints
+    from poptrain.storage.checkpoint import pbt_events_path, save_checkpoints
 
     rounds = pbt_rounds(base_config, run_dir=str(tmp_path), checkpoint={"every": 4})
     for step in (2, 4, 6):

@@ -7,11 +7,11 @@ import math
 import pytest
 import torch
 
-from poptrain.checks import inspect_population
 from poptrain.config import load_config
-from poptrain.coordinator import CouplingEvaluator
+from poptrain.coordinator.coordinator import CouplingEvaluator
 from poptrain.couplings import Coupling, Quantity, build_couplings
-from poptrain.exchange import ExchangePlan
+from poptrain.driver.checks import inspect_population
+from poptrain.exchange.wire import ExchangePlan
 from tests.conftest import digits_member, prelu_member
 
 
@@ -151,8 +151,8 @@ def test_coordinator_logs_couplings_on_the_whole_population(base_config):
     ],
 )
 def test_coupling_config_errors_name_the_key(base_config, coupling, key, words):
-    from poptrain.checks import prepare
     from poptrain.config import ConfigError
+    from poptrain.driver.checks import prepare
 
     with pytest.raises(ConfigError) as info:
         prepare(base_config(couplings=[coupling]))
@@ -160,8 +160,8 @@ def test_coupling_config_errors_name_the_key(base_config, coupling, key, words):
 
 
 def test_share_refuses_members_with_different_optimizers(base_config):
-    from poptrain.checks import prepare
     from poptrain.config import ConfigError
+    from poptrain.driver.checks import prepare
 
     members = [prelu_member("m1"), prelu_member("m2", optimizer={"name": "sgd", "lr": 0.1})]
     with pytest.raises(ConfigError, match="identical `optimizer` settings"):
@@ -169,8 +169,8 @@ def test_share_refuses_members_with_different_optimizers(base_config):
 
 
 def test_average_shape_mismatch_names_both_members_and_the_parameter(base_config):
-    from poptrain.checks import prepare
     from poptrain.config import ConfigError
+    from poptrain.driver.checks import prepare
 
     wide = prelu_member("m2", model={"name": "mlp", "kwargs": {"in_features": 20, "out_features": 1, "hidden": 41, "activation": "prelu"}})
     with pytest.raises(ConfigError, match=r"parameter 'input.weight' has shape \[40, 20\] in member 'm1' but \[41, 20\] in member 'm2'"):
@@ -241,8 +241,8 @@ def test_mutual_learning_pulls_each_member_towards_its_peers_fixed_predictions(b
     ids=["misaligned-batches", "different-outputs"],
 )
 def test_mutual_learning_refuses_members_whose_predictions_cannot_be_compared(base_config, members, words):
-    from poptrain.checks import prepare
     from poptrain.config import ConfigError
+    from poptrain.driver.checks import prepare
 
     with pytest.raises(ConfigError) as info:
         prepare(base_config(members=members, couplings=[{"type": "mutual"}]))
@@ -284,8 +284,8 @@ def test_a_coupling_written_for_the_old_interface_is_refused_naming_what_changed
 
 
 def test_a_coupling_that_rewrites_values_must_say_so(base_config):
-    from poptrain.checks import prepare
     from poptrain.config import ConfigError
+    from poptrain.driver.checks import prepare
 
     with pytest.raises(ConfigError, match=r"does not declare `rewrites_values = True`"):
         prepare(base_config(couplings=[{"type": "tests.helpers:UndeclaredRewrite", "param": "activation.weight"}]))
@@ -463,8 +463,8 @@ def test_the_coordinator_saves_dilocos_state_for_each_checkpoint_and_a_resumed_o
     the next round as the first coordinator does."""
     import numpy as np
 
-    from poptrain.checkpoint import COUPLING_STATE, save_checkpoint, steps_of
-    from poptrain.coordinator import Coordinator
+    from poptrain.coordinator.coordinator import Coordinator
+    from poptrain.storage.checkpoint import COUPLING_STATE, save_checkpoint, steps_of
 
     members = [prelu_member("m1"), prelu_member("m2"), prelu_member("m3")]
     cfg = load_config(base_config(members=members, couplings=[{"type": "diloco", "every": 2, "params": ["activation.*"]}], steps=10, checkpoint={"every": 2}))
@@ -556,7 +556,7 @@ def test_a_round_is_not_written_in_place_into_parameters_another_coupling_reads_
 def test_the_figures_draw_the_margin_a_coupling_declares_and_none_for_the_others():
     """plots.py names no coupling: it draws the band a coupling's class declares
     (``Coupling.plotted_margin``, from the settings as the parent run's params hold them)."""
-    from poptrain.plots import _margin
+    from poptrain.tracking.plots import _margin
 
     assert _margin({"type": "separation", "margin": "2.0", "param": "activation.weight"}) == 2.0
     assert _margin({"type": "separation", "variant": "repulsion", "margin": "2.0"}) is None, "the repulsion variant has no margin"

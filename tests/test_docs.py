@@ -75,5 +75,5 @@ def test_the_site_builds_strictly(tmp_path):
     clusters = (tmp_path / "site" / "clusters" / "index.html").read_text(encoding="utf-8")
     assert "Turn token authentication on" in clusters, "cluster/README.md is included, not copied"
     api = (tmp_path / "site" / "api" / "index.html").read_text(encoding="utf-8")
-    assert 'id="poptrain.population.RunResult"' in api and 'id="poptrain.couplings.base.Coupling.reads"' in api
+    assert 'id="poptrain.driver.population.RunResult"' in api and 'id="poptrain.couplings.base.Coupling.reads"' in api
     assert ":class:<code>" not in api and ":meth:<code>" not in api, "the docstrings' Sphinx roles are not shown as written"

@@ -14,8 +14,8 @@ import poptrain
 from poptrain.builtins.data import digits, synthetic_regression
 from poptrain.builtins.metrics import accuracy, mae, mse, top_k_accuracy
 from poptrain.config import ConfigError, load_config
-from poptrain.coordinator import EvalBoard
-from poptrain.models_logging import using_tracking_uri
+from poptrain.coordinator.coordinator import EvalBoard
+from poptrain.tracking.models import using_tracking_uri
 from tests.conftest import digits_member
 from tests.in_process import InProcessPopulation
 
@@ -112,9 +112,9 @@ PAPA = [{"type": "average", "rate": 0.5}]
 
 def averaged_members(base_config, setting, couplings, dropouts=(0.2, 0.2), first_data=None) -> list[str] | None:
     """Whose final weights make the population's average model, as `poptrain check` and the driver decide it."""
-    from poptrain import population_average
-    from poptrain.checks import inspect_population
     from poptrain.couplings import build_couplings
+    from poptrain.driver.checks import inspect_population
+    from poptrain.evaluation import population_average
 
     members = [held_out_member(f"m{i + 1}") for i in range(2)]
     for member, dropout in zip(members, dropouts, strict=True):

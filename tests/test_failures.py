@@ -15,7 +15,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 import poptrain
-from poptrain.checkpoint import CheckpointError, latest_complete_step, load_checkpoint, save_checkpoint, steps_of
+from poptrain.storage.checkpoint import CheckpointError, latest_complete_step, load_checkpoint, save_checkpoint, steps_of
 from tests.conftest import (
     KILLED_CHECKPOINT_EVERY,
     KILLED_STEPS,
@@ -59,7 +59,7 @@ def test_a_killed_member_is_restarted_from_its_checkpoint_and_the_run_ends_as_if
     assert logged_steps(tracking_uri, result.member_run_ids["m2"]) == list(range(STEPS)), "no step missing, none twice"
     assert MlflowClient(tracking_uri).get_run(result.member_run_ids["m2"]).data.tags["poptrain.restarts"] == "1"
     assert len(steps_of_m1_while_m2_was_down(tracking_uri, result, killed)) <= 3, "its peer waited for it"
-    # It ran in the uninterrupted run's warm processes (poptrain.pool), and m2's new process still
+    # It ran in the uninterrupted run's warm processes (poptrain.driver.pool), and m2's new process still
     # restored this run's checkpoint, not the run its process was first started for.
     assert result.placement["m1"]["pid"] == uninterrupted.placement["m1"]["pid"]
     assert_bitwise_equal(result.output_dir, uninterrupted.output_dir)
@@ -91,8 +91,8 @@ def test_killed_members_of_the_averaging_family_replay_the_rounds_they_missed_an
     the run ends bitwise as an uninterrupted one. Taken back to its last checkpoint (as if the
     driver had died there) and resumed, it ends there again: the rounds depend on the run's seed and
     the step only. (DiLoCo, which keeps state between rounds, has a test of its own below.)"""
-    from poptrain.checkpoint import latest_complete_step
-    from poptrain.population import resume
+    from poptrain.driver.population import resume
+    from poptrain.storage.checkpoint import latest_complete_step
 
     members = [
         prelu_member("m1"),
@@ -189,9 +189,9 @@ def test_diloco_global_weights_and_outer_momentum_survive_a_member_kill_and_a_re
     reference; taken back to its last checkpoint (as if the driver had died there) and resumed with
     `poptrain resume`, it restores that state from beside the checkpoint and ends there again.
     Without the saved state the resume is refused, naming the file."""
-    from poptrain.checkpoint import COUPLING_STATE, latest_complete_step, member_dir
     from poptrain.config import ConfigError
-    from poptrain.population import resume
+    from poptrain.driver.population import resume
+    from poptrain.storage.checkpoint import COUPLING_STATE, latest_complete_step, member_dir
     from tests.reference import diloco_training
 
     steps = 240  # the kill window (steps 40 to steps - 100) spans several progress polls even when the host is fast
@@ -300,7 +300,7 @@ def test_a_checkpoint_that_smuggles_objects_is_refused_even_with_a_matching_chec
 
 WRITER = """
 import os, sys, torch
-from poptrain import checkpoint
+from poptrain.storage import checkpoint
 real_fsync = os.fsync
 def fsync_then_stall(fd):
     real_fsync(fd)

@@ -9,9 +9,9 @@ import yaml
 
 import poptrain
 from poptrain.builtins.data import synthetic_regression
-from poptrain.checks import prepare
 from poptrain.config import ConfigError
 from poptrain.couplings import Coupling, Quantity, coupling_function, resolve_coupling
+from poptrain.driver.checks import prepare
 from tests import helpers
 from tests.conftest import REPO, SEED000_BATCH, SEED000_LR, poptrain_command, prelu_member, seed000_initial_modules, weights
 from tests.reference import seed000_joint_training, sequential_batches

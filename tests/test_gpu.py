@@ -165,7 +165,7 @@ def test_population_based_training_copies_a_donor_between_gpu_members(tmp_path):
 def test_a_donors_state_leaves_its_gpu_before_it_travels_to_the_receiver():
     """What population-based training puts in Ray's object store holds only CPU tensors (a CUDA
     tensor there would need the donor's GPU to be unpickled); the receiver loads it onto its own."""
-    from poptrain.pbt import transferable
+    from poptrain.pbt.policy import transferable
 
     param = torch.nn.Parameter(torch.ones(3, device="cuda"))
     optimizer = torch.optim.Adam([param], lr=0.1)
@@ -188,7 +188,7 @@ from pathlib import Path
 import ray, yaml
 
 import poptrain
-from poptrain.population import ensure_ray
+from poptrain.driver.population import ensure_ray
 from tests.conftest import run_killing_m2_once
 
 config = yaml.safe_load(Path(sys.argv[1]).read_text())
@@ -236,8 +236,8 @@ from pathlib import Path
 import ray, yaml
 
 import poptrain
-from poptrain import pool
-from poptrain.population import ensure_ray
+from poptrain.driver import pool
+from poptrain.driver.population import ensure_ray
 
 
 def gpu_memory(host):
@@ -262,7 +262,7 @@ ray.shutdown()
 
 
 def test_a_warm_process_gives_its_gpu_memory_back_while_it_waits_and_builds_no_run_beside_the_last(tmp_path):
-    """poptrain.pool's handover on the GPU: a small run, then a run of members of 134 MB of
+    """poptrain.driver.pool's handover on the GPU: a small run, then a run of members of 134 MB of
     parameters each, then that run again, in the same warm processes. Parked after the big run, a
     process holds on its GPU (allocated, and cached by torch's allocator) what it held parked after
     the small one (its CUDA libraries' workspaces), not the big run's models and optimizer state;
@@ -296,10 +296,10 @@ def test_a_warm_process_gives_its_gpu_memory_back_while_it_waits_and_builds_no_r
 
 
 def test_a_batch_goes_to_the_gpu_without_waiting_for_the_work_queued_there():
-    """A member's batch is copied through pinned memory (poptrain.batches.to_device): the copy is
+    """A member's batch is copied through pinned memory (poptrain.components.batches.to_device): the copy is
     queued behind the GPU's work and the host goes on queueing the step. From ordinary (pageable)
     memory a copy may first wait for everything queued: a host-device synchronisation per step."""
-    from poptrain.batches import to_device
+    from poptrain.components.batches import to_device
 
     batch, device = [torch.randn(32, 20), torch.randn(32, 1)], torch.device("cuda")
     to_device(batch, device)  # the first pinned block and CUDA's start-up, not timed

@@ -60,13 +60,13 @@ def test_the_corpus_is_large_and_every_case_says_what_it_expects():
 def test_malformed_config_is_refused_before_anything_starts(path, in_tmp_cwd, monkeypatch, capsys):
     import ray
 
-    import poptrain.population
+    import poptrain.driver.population
     from poptrain.cli import main
 
     def accepted(*args, **kwargs):  # a malformed config that gets this far would start Ray and train
         pytest.fail(f"{path.name} was accepted: poptrain would start training")
 
-    monkeypatch.setattr(poptrain.population, "run", accepted)
+    monkeypatch.setattr(poptrain.driver.population, "run", accepted)
     ray_before = ray.is_initialized()
     started = time.monotonic()
     code = main(["run", str(path)])

@@ -1,4 +1,4 @@
-"""Parameters in shared memory (poptrain.mapped_memory): the member and the coordinator see one
+"""Parameters in shared memory (poptrain.exchange.mapped_memory): the member and the coordinator see one
 copy; the model, its optimizer and its state dict work as before; nothing is left in /dev/shm."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ import os
 import pytest
 import torch
 
-from poptrain import mapped_memory
 from poptrain.couplings.averaging import average_pass
+from poptrain.exchange import mapped_memory
 
 pytestmark = pytest.mark.skipif(not os.path.isdir(mapped_memory.SHM_DIR), reason="no /dev/shm")
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from poptrain.member import TrainingError
+from poptrain.training.member import TrainingError
 from tests.conftest import prelu_member
 from tests.in_process import InProcessPopulation
 

@@ -16,12 +16,12 @@ import torch
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from poptrain import models_logging
-from poptrain.build import build_model
 from poptrain.cli import compare_main, print_summary
-from poptrain.compare import compare_table
+from poptrain.components.build import build_model
 from poptrain.config import Component, load_config
-from poptrain.tracking import Tracking
+from poptrain.tracking import models as models_logging
+from poptrain.tracking.compare import compare_table
+from poptrain.tracking.runs import Tracking
 from tests.conftest import make_config, prelu_member
 
 ACCURACY = {"m1": 0.70, "m2": 0.90, "m3": 0.80}  # each member's final held-out accuracy
@@ -223,7 +223,7 @@ def test_the_parent_run_summarises_every_member_metric_once_every_member_has_log
     from mlflow.tracking import MlflowClient
 
     from poptrain.config import load_config
-    from poptrain.tracking import Tracking
+    from poptrain.tracking.runs import Tracking
     from tests.conftest import make_config, prelu_member
 
     cfg = load_config(make_config(tmp_path, tracking_uri, experiment, members=[prelu_member(f"m{i}") for i in range(3)]))

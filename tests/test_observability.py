@@ -12,12 +12,12 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 import poptrain
-from poptrain.build import build_model
 from poptrain.cli import compare_main
-from poptrain.compare import compare_table
+from poptrain.components.build import build_model
 from poptrain.config import Component
-from poptrain.models_logging import log_member_model, using_tracking_uri
-from poptrain.plots import write_plots
+from poptrain.tracking.compare import compare_table
+from poptrain.tracking.models import log_member_model, using_tracking_uri
+from poptrain.tracking.plots import write_plots
 from tests.conftest import prelu_member
 
 PLOTS = {"losses.png", "terms_m1.png", "terms_m2.png", "couplings.png", "coupled_separation.png"}

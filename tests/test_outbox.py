@@ -4,8 +4,8 @@ how often it writes."""
 
 from __future__ import annotations
 
-from poptrain.outbox import MetricsOutbox
-from poptrain.tracking import MAX_WRITE_EVERY_S, WRITE_EVERY_S, WRITER_CPU_SHARE, write_interval
+from poptrain.tracking.outbox import MetricsOutbox
+from poptrain.tracking.runs import MAX_WRITE_EVERY_S, WRITE_EVERY_S, WRITER_CPU_SHARE, write_interval
 
 
 def items(*steps):

@@ -15,7 +15,7 @@ from mlflow.tracking import MlflowClient
 
 import poptrain
 from poptrain.config import Perturbation
-from poptrain.pbt import exploit_plan, explore, transferable
+from poptrain.pbt.policy import exploit_plan, explore, transferable
 from tests.conftest import (
     PBT_LR,
     InBackground,
@@ -90,8 +90,8 @@ def test_explore_draws_the_same_whatever_the_order_the_config_lists_the_hyperpar
 
 
 def test_members_that_cannot_copy_each_other_are_refused_before_anything_starts(base_config):
-    from poptrain.checks import prepare
     from poptrain.config import ConfigError
+    from poptrain.driver.checks import prepare
 
     settings = pbt_population(steps=4, every=2)
     settings["members"][1]["model"]["kwargs"]["num_nodes"] = 8
@@ -145,7 +145,7 @@ def test_a_round_records_what_explore_adjusted_in_the_exploit(base_config):
     """The coordinator's round (plain Python): the receiver gets the donor's lr doubled and bounded,
     and the exploit event (the tag on the receiver's run) says so."""
     from poptrain.config import load_config
-    from poptrain.coordinator import PBTRounds
+    from poptrain.coordinator.coordinator import PBTRounds
 
     settings = pbt_population(
         steps=8, every=4, pbt={"every": 4, "quantile": 0.25, "metric": "loss", "hyperparameters": {"optimizer.lr": {"factors": [2.0], "max": 0.04}}}
@@ -233,7 +233,7 @@ def killed_driver(folder, uri):
     """The uninterrupted PBT run's config as a real `poptrain run` SIGKILLed with its Ray after step
     50's checkpoint, its folder then taken back to checkpoint 40, then `poptrain resume`, each a
     process of its own: (its run folder, each member's lineage in checkpoint 40)."""
-    from poptrain.checkpoint import checkpoint_path, discard_after, latest_complete_step, load_checkpoint
+    from poptrain.storage.checkpoint import checkpoint_path, discard_after, latest_complete_step, load_checkpoint
 
     config = restartable(folder / "runs", uri, "resumed")
     config["checkpoint"]["keep"] = 10  # checkpoint 40 is still there below (it changes nothing else)
@@ -259,7 +259,7 @@ def test_perturbed_hyperparameters_and_the_lineage_survive_a_driver_resume_bitwi
     run: the same weights bitwise, every member's schedule (hp/*) and metrics at every step
     exactly once, and every exploit of the run on the parent and the members' runs, those decided
     before the resumed checkpoint included, none twice."""
-    from poptrain.checkpoint import checkpoint_path, load_checkpoint
+    from poptrain.storage.checkpoint import checkpoint_path, load_checkpoint
 
     work = started(request, start_killed_driver)  # its processes started with the session, beside the suite
     (run_dir, lineage), clean = work.result(), pbt_uninterrupted

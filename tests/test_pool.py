@@ -1,4 +1,4 @@
-"""Warm processes (poptrain.pool): a finished run's processes take on the next run of the same
+"""Warm processes (poptrain.driver.pool): a finished run's processes take on the next run of the same
 shape, which must end exactly as it would in new processes, and they give their resources back."""
 
 from __future__ import annotations
@@ -100,7 +100,7 @@ def test_warm_processes_dropped_say_why(ray_session, base_config, capsys, monkey
     """Issue 14: warm processes that are not kept, or not reused, were dropped silently."""
     import signal
 
-    from poptrain import pool
+    from poptrain.driver import pool
 
     first = poptrain.run(base_config(name="first", steps=4))
     killed = next(iter(pids(first)))
@@ -129,9 +129,9 @@ def test_a_parked_process_keeps_nothing_of_its_last_run_stacked_members_included
     import gc
     import weakref
 
-    from poptrain.host import Hosted, MemberHost
-    from poptrain.outbox import MetricsOutbox
-    from poptrain.stacked import StackedGroup, form_groups
+    from poptrain.tracking.outbox import MetricsOutbox
+    from poptrain.training.host import Hosted, MemberHost
+    from poptrain.training.stacked import StackedGroup, form_groups
     from tests.in_process import train_host
 
     trainers, link = in_process_host(

@@ -14,10 +14,9 @@ import yaml
 from torch.utils.data import TensorDataset
 
 import poptrain
-from poptrain import objects
-from poptrain.checks import prepare
-from poptrain.config import ConfigError
+from poptrain.config import ConfigError, objects
 from poptrain.couplings import COUPLINGS
+from poptrain.driver.checks import prepare
 from tests.conftest import REPO, SEED000_BATCH, SEED000_LR, poptrain_command, seed000_initial_modules, weights
 from tests.reference import seed000_joint_training, sequential_batches
 
@@ -146,10 +145,10 @@ def test_every_place_that_takes_an_import_path_takes_the_object(base_config):
     """A model class, a data function, a loss, a term, a gradient transform, an optimizer class, a
     metric and a coupling class: checked as their import paths are, resolved to the objects, and a
     dataset given once to a 50-member entry is one object, not 50 copies."""
-    from poptrain.build import optimizer_class, resolve_grad_transforms, resolve_loss, resolve_metrics, resolve_terms
     from poptrain.builtins.losses import LOSSES
     from poptrain.builtins.metrics import METRICS
     from poptrain.builtins.terms import TERMS
+    from poptrain.components.build import optimizer_class, resolve_grad_transforms, resolve_loss, resolve_metrics, resolve_terms
     from poptrain.couplings.separation import Separation
     from tests import helpers
 

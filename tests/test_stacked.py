@@ -9,9 +9,9 @@ import pytest
 import torch
 import yaml
 
-from poptrain.coordinator import InProcessClient
-from poptrain.lockstep import step_together
-from poptrain.stacked import StackedGroup, form_groups, stackable
+from poptrain.coordinator.coordinator import InProcessClient
+from poptrain.training.lockstep import step_together
+from poptrain.training.stacked import StackedGroup, form_groups, stackable
 from tests.conftest import digits_member, make_config, prelu_member
 from tests.in_process import train_host
 

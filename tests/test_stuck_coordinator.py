@@ -12,7 +12,7 @@ from contextlib import contextmanager
 import pytest
 
 import poptrain
-from poptrain.channel import CoordinatorClient, ReplyTimeout, reply_bound
+from poptrain.exchange.channel import CoordinatorClient, ReplyTimeout, reply_bound
 
 
 @contextmanager
@@ -35,7 +35,7 @@ def at_most(seconds: int):
 def test_through_ray_calls_a_coordinator_that_never_answers_is_a_timeout(ray_session, monkeypatch):
     import ray
 
-    import poptrain.channel as channel
+    import poptrain.exchange.channel as channel
 
     monkeypatch.setattr(channel, "REPLY_MARGIN_S", 0.0)
     monkeypatch.setattr(channel, "REPLY_MARGIN_FRACTION", 0.0)

@@ -15,13 +15,13 @@ from pydantic import (
     ValidationError,
 )
 
-from poptrain import objects, variation
+from poptrain.config import objects, variation
 from poptrain.config.errors import ConfigError, Reason, _validation_problems
 from poptrain.config.overrides import _list_index, apply_override
 from poptrain.config.records import MAX_RECORD_BYTES, _RecordDumper
+from poptrain.config.registry import resolve_coupling
 from poptrain.config.schema import IMPORT_PATTERN, IMPORT_RULE, CodeRef, CouplingConfig, MemberConfig, RunConfig, host_gpu_problem
 from poptrain.config.yaml_files import MAX_CONFIG_BYTES, read_yaml
-from poptrain.registry import resolve_coupling
 
 
 def load_config(

@@ -23,9 +23,9 @@ from pydantic import (
     model_validator,
 )
 
-from poptrain import objects, variation
-from poptrain.registry import COUPLINGS
-from poptrain.variation import Draw
+from poptrain.config import objects, variation
+from poptrain.config.registry import COUPLINGS
+from poptrain.config.variation import Draw
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 NAME_RULE = "must be 1-64 characters of letters, digits, `_`, `.` or `-`, starting with a letter or digit"
@@ -87,7 +87,7 @@ class CodeRef(Strict):
     """A config object that names Python code by a built-in name or an import path, or, from
     Python, holds the object itself (a class, a function, a dataset): the object travels to Ray's
     workers inside the config (cloudpickle, by value when defined in ``__main__``), and the record
-    keeps its qualified name and :func:`poptrain.objects.digest`."""
+    keeps its qualified name and :func:`poptrain.config.objects.digest`."""
 
     NAME_FIELD: ClassVar[str] = "name"  # the field that names the code
     SHORTHAND: ClassVar[bool] = False  # ``key: adam`` (or ``key: <object>``) for ``key: {name: adam}``
@@ -445,7 +445,7 @@ def host_gpu_problem(shares: list[float]) -> str | None:
     """Why one host cannot carry members with these GPU shares (``resources.num_gpus``, in the
     order it carries them), or None. The host asks Ray for their sum, which above 1 must be a whole
     number (Ray places a fraction of a GPU only within one GPU); a host holding several GPUs trains
-    its members on cuda:0, cuda:1, ... in turn (:func:`poptrain.host.member_devices`), so the
+    its members on cuda:0, cuda:1, ... in turn (:func:`poptrain.training.host.member_devices`), so the
     members each GPU gets must fit in it."""
     total = sum(shares)
     if len(shares) < 2 or total <= 1 + 1e-4:

@@ -1,8 +1,8 @@
 """Cross-member couplings, one family per file, registered by name (see :mod:`poptrain.couplings.base`)."""
 
+from poptrain.config.registry import COUPLINGS, register, registered, resolve_coupling
 from poptrain.couplings.base import Columns, Coupling, PopulationInfo, Quantity, Rewrite, build_couplings, column_of
 from poptrain.couplings.function import FunctionCoupling, coupling_function
-from poptrain.registry import COUPLINGS, register, registered, resolve_coupling
 
 __all__ = [
     "COUPLINGS",

@@ -36,8 +36,8 @@ from typing import TYPE_CHECKING, ClassVar, Generic, Literal, TypeVar, cast
 
 import torch
 
+from poptrain.config.registry import COUPLINGS, CouplingClass, register, resolve_coupling  # noqa: F401  (re-exported)
 from poptrain.config.schema import CouplingConfig
-from poptrain.registry import COUPLINGS, CouplingClass, register, resolve_coupling  # noqa: F401  (re-exported)
 
 if TYPE_CHECKING:
     from poptrain.config.schema import RunConfig
@@ -134,7 +134,7 @@ class Overlay(ChainMap):
 def column_of(values: Mapping[Quantity, torch.Tensor], kind: Kind, key: str, members: list[str] | tuple[str, ...]) -> torch.Tensor:
     """``members``' values of ``(kind, key)`` in ``values`` stacked in their order, shape
     ``(len(members), *value shape)``: by the mapping's own ``column`` where it has one (a
-    :class:`Columns`, or a member's :class:`~poptrain.member.PeerValues`, which keeps it until the
+    :class:`Columns`, or a member's :class:`~poptrain.training.member.PeerValues`, which keeps it until the
     next exchange), else stacked here."""
     column = getattr(values, "column", None)
     if column is not None:
@@ -235,7 +235,7 @@ class Coupling(CouplingClass, ABC, Generic[ConfigT]):
     allows_rollback: ClassVar[bool] = True
     # True where value_for(m, q) has the same gradient with respect to m's own quantities as
     # value(q) (so where value_for is value, its default): a host training several members stacked
-    # then takes all their coupling gradients from one backward of value (poptrain.stacked).
+    # then takes all their coupling gradients from one backward of value (poptrain.training.stacked).
     # False where each member's term is an objective of its own (mutual learning).
     term_is_joint: ClassVar[bool] = True
     # True where its rounds average its members' parameters (the averaging family): the mean of
@@ -304,7 +304,7 @@ class Coupling(CouplingClass, ABC, Generic[ConfigT]):
         takes a column of them with :func:`column_of`), shape (len(members),); None when none has a
         term. Row i's gradient with respect to member i's quantities is exactly member i's, so a host
         training them stacked takes all their gradients from one backward of the sum even between
-        exchanges, when ``own`` and ``exchanged`` differ (:mod:`poptrain.stacked`). By default member
+        exchanges, when ``own`` and ``exchanged`` differ (:mod:`poptrain.training.stacked`). By default member
         by member; a coupling over many members does it in a few tensor ops on the columns
         (separation)."""
         # ChainMap only reads its maps here; typeshed types them as mutable.
@@ -408,7 +408,7 @@ def build_couplings(configs: list[CouplingConfig], population: PopulationInfo) -
 
 
 def coupling_class(type_name: str | type) -> type[Coupling]:
-    """:func:`poptrain.registry.resolve_coupling`, typed as the couplings know it: every class it
+    """:func:`poptrain.config.registry.resolve_coupling`, typed as the couplings know it: every class it
     returns derives from :class:`Coupling` (its root ``CouplingClass`` exists so that the registry
     and the config need not import the couplings)."""
     return cast("type[Coupling]", resolve_coupling(type_name))

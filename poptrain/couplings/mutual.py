@@ -87,7 +87,7 @@ class Mutual(Coupling[MutualConfig]):
         from torch.func import functional_call
 
         if peer not in self._peer_models:
-            from poptrain.build import build_model
+            from poptrain.components.build import build_model
             from poptrain.config.schema import Component
 
             with torch.random.fork_rng(devices=[]):  # its initial weights are never used: draw nothing from the member's stream

@@ -26,7 +26,7 @@ own stream before the step); a built-in loss; Adam, AdamW or SGD with ``betas``/
 (``momentum``/``dampening`` for SGD); no frozen parameters, extra terms, balancing, gradient
 transforms or mapped parameters; ``failure.nonfinite: fail``; couplings that train the member
 read only its parameters. Members that do not stack train one after another
-(:mod:`poptrain.lockstep`); each says why in ``trainer.stacking_problem`` and in ``poptrain check``.
+(:mod:`poptrain.training.lockstep`); each says why in ``trainer.stacking_problem`` and in ``poptrain check``.
 """
 
 from __future__ import annotations
@@ -44,11 +44,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from poptrain.batches import in_order, to_device
+from poptrain.components.batches import in_order, to_device
 from poptrain.couplings.base import Columns, Overlay, Quantity
-from poptrain.exchange import numpy_copy, tensor_copy
-from poptrain.lockstep import Send, StepProgram, Wait
-from poptrain.member import logs_step
+from poptrain.exchange.wire import numpy_copy, tensor_copy
+from poptrain.training.lockstep import Send, StepProgram, Wait
+from poptrain.training.member import logs_step
 
 STACKABLE_OPTIONS = {"adam": {"betas", "eps", "weight_decay"}, "adamw": {"betas", "eps", "weight_decay"}, "sgd": {"momentum", "dampening", "weight_decay"}}
 MIN_MEMBERS = 2  # a group of one trains as the member alone does
@@ -185,7 +185,7 @@ def config_problem(cfg, run) -> str | None:
 
 
 def stackable(trainer) -> str | None:
-    """Why ``trainer`` (a :class:`poptrain.member.MemberTrainer`) cannot train stacked, or None
+    """Why ``trainer`` (a :class:`poptrain.training.member.MemberTrainer`) cannot train stacked, or None
     (whether torch.func computes its model as the model does is tried once per group: :func:`form_groups`)."""
     reason = model_problem(trainer.model) or config_problem(trainer.config, trainer.run)
     if reason:
@@ -202,7 +202,7 @@ def stackable(trainer) -> str | None:
 def probe_batch(dataset, device: torch.device | str = "cpu") -> list[torch.Tensor]:
     """The first few samples of ``dataset`` (what :func:`vmap_problem` tries a model on), on
     ``device``; a member's batch stream does not move."""
-    from poptrain.batches import collate
+    from poptrain.components.batches import collate
 
     return [t.to(device) for t in collate(dataset, torch.arange(min(len(dataset), 4)))]
 
@@ -287,7 +287,7 @@ class StackedGroup:
         # The quantities of its own each member's couplings read (its parameters), computed once.
         self.own_reads = [[q for q in m.plan.reads_for_terms[m.name] if q.member == m.name] for m in members]
         # Each member's couplings by name: its own objects when population-based training changes
-        # their weights member by member (poptrain.host), else the ones all share.
+        # their weights member by member (poptrain.training.host), else the ones all share.
         self.couplings = [{c.name: c for c in m.training_couplings} for m in members]
         # The exchange rounds the group takes part in (all its members alike: group_key).
         self.rounds = {kind: first.name in first.plan.takes_part[kind] for kind in first.plan.takes_part}
@@ -372,11 +372,11 @@ class StackedGroup:
         self._read_hyperparameters()
 
     def _share_peers(self) -> None:
-        """Give every member one :class:`~poptrain.member.PeerValues`, the union of theirs (they read
+        """Give every member one :class:`~poptrain.training.member.PeerValues`, the union of theirs (they read
         the same peers: :func:`group_key`): a reply is taken in once for all of them, and packed
         once for all their checkpoints. Each member's own live values take the place of its own
         entry there whenever it computes (:meth:`_coupling_terms`)."""
-        from poptrain.member import PeerValues
+        from poptrain.training.member import PeerValues
 
         if all(m.peers is self.members[0].peers for m in self.members):
             return
@@ -414,7 +414,7 @@ class StackedGroup:
 
     def step_program(self) -> StepProgram:
         """One step of every member of the group (a program, as
-        :meth:`poptrain.member.MemberTrainer.step_program`); returns their metrics, in order."""
+        :meth:`poptrain.training.member.MemberTrainer.step_program`); returns their metrics, in order."""
         members = self.members
         step = members[0].step
         exchanging = step % self.every == 0
@@ -481,7 +481,7 @@ class StackedGroup:
 
     def _member_metrics(self, i: int, m, values: dict[str, list[float]], order: tuple[list[str], list[str]], exchanging: bool) -> dict[str, float]:
         """Member ``m``'s (row ``i``'s) metrics of a logged step, the keys in the order a member alone
-        logs them (:meth:`poptrain.member.MemberTrainer._metrics`): its values from the step's
+        logs them (:meth:`poptrain.training.member.MemberTrainer._metrics`): its values from the step's
         columns (``order``: the coupling terms' keys, the layer norms'), and what is its own
         (staleness, hyperparameters, its couplings' own metrics, what a round moved it by)."""
         metrics = {"loss": values["loss"][i], "objective": values["objective"][i]}
@@ -499,7 +499,7 @@ class StackedGroup:
 
     def _layer_norms(self, grads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Every member's ``weight_norm/<name>`` and ``grad_norm/<name>`` (L2; per parameter or per
-        module, as :meth:`poptrain.member.MemberTrainer.layer_norms`), columns over the member
+        module, as :meth:`poptrain.training.member.MemberTrainer.layer_norms`), columns over the member
         dimension: the squares summed per member in the parameters' dtype, then in float64 across
         a module's parameters, as a member alone sums them."""
         by_module = self.members[0].run.tracking.layer_norms_by == "module"
@@ -531,7 +531,7 @@ class StackedGroup:
                 m.refuse_nonfinite(["gradient"])
 
     def evaluate(self) -> dict[str, tuple[dict[str, float], torch.Tensor, torch.Tensor]]:
-        """Every member's :meth:`poptrain.member.MemberTrainer.evaluate` (its held-out metrics, its
+        """Every member's :meth:`poptrain.training.member.MemberTrainer.evaluate` (its held-out metrics, its
         outputs and the targets, on the CPU), by name: one forward pass of the stack per held-out
         batch where the members hold the same held-out data (``shared_eval``), else member by
         member; {} without held-out data. Stacked outputs match each member's own to float rounding."""
@@ -567,7 +567,7 @@ class StackedGroup:
             self.members[int(bad[0])].refuse_nonfinite(["term 'loss'"])
 
     def _logged(self, step: int) -> bool:
-        """Whether step ``step``'s metrics are logged (:func:`poptrain.member.logs_step`, the rule a
+        """Whether step ``step``'s metrics are logged (:func:`poptrain.training.member.logs_step`, the rule a
         member alone follows) or ranked by (population-based training ranks by the step before its
         round), or hold layer norms: only then are every member's full metrics worth computing."""
         run = self.members[0].run
@@ -637,7 +637,7 @@ class StackedGroup:
         return {(kind, key): (period, [Quantity(m.name, kind, key) for m in self.members]) for kind, key, period in next(iter(sends))}
 
     def _send_values(self, phase: str, column: Callable[[str, str], torch.Tensor]) -> StepProgram:
-        """Every member's values of exchange ``phase`` in one message (:class:`~poptrain.lockstep.Send`),
+        """Every member's values of exchange ``phase`` in one message (:class:`~poptrain.training.lockstep.Send`),
         from the stack's own columns (``column(kind, key)``: every member's value of that quantity,
         row i member i's): one copy of each column due at this exchange where the members send alike,
         its rows their values, else each member's own rows one by one. A non-finite value is refused
@@ -679,7 +679,7 @@ class StackedGroup:
         """At a logged step (not the round after the last step) where a round rewrites members'
         parameters: a copy of the stacked parameters it rewrites, as sent, which
         :meth:`_measure_round` compares with what the round left (each member as alone:
-        :meth:`poptrain.member.MemberTrainer._keep_before_round`). One copy per stacked parameter."""
+        :meth:`poptrain.training.member.MemberTrainer._keep_before_round`). One copy per stacked parameter."""
         first = self.members[0]
         if not self.rewritten or first.step >= first.run.steps or not logs_step(first.run, first.step):
             return

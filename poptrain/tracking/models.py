@@ -137,7 +137,7 @@ def log_member_model(
     from mlflow.entities import LoggedModelOutput
     from mlflow.models import infer_signature
 
-    from poptrain.build import build_model
+    from poptrain.components.build import build_model
 
     spec = model_spec if isinstance(model_spec, Component) else Component(**model_spec)
     uri = client_or_uri if isinstance(client_or_uri, str) else client_or_uri.tracking_uri

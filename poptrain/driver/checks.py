@@ -1,7 +1,7 @@
 """Checks before anything starts: every name, pattern, path and shape a run's config refers to.
 
 :func:`inspect_population` builds every model on the meta device (no memory) with the same
-builders the members use (:mod:`poptrain.build`), so a config it accepts builds; :func:`prepare`
+builders the members use (:mod:`poptrain.components.build`), so a config it accepts builds; :func:`prepare`
 adds the output folder and the tracking store. Every problem is a :class:`ConfigError` naming
 the file and the dotted key, before Ray starts.
 """
@@ -14,15 +14,17 @@ import os
 import torch
 from torch.utils.data import TensorDataset
 
-from poptrain import builtins, pbt, population_average
-from poptrain.batches import collate
-from poptrain.build import accepts, apply_frozen, build_dataset, build_model, check_optimizer, matching
+from poptrain import builtins
+from poptrain.components.batches import collate
+from poptrain.components.build import accepts, apply_frozen, build_dataset, build_model, check_optimizer, matching
 from poptrain.config.errors import ConfigError
 from poptrain.config.load import load_config
 from poptrain.config.outputs import anchor_outputs, job_storage_problems, output_problems
 from poptrain.config.schema import MemberConfig, RunConfig
 from poptrain.couplings import PopulationInfo, build_couplings
-from poptrain.tracking import TrackingUnavailable, check_tracking_reachable, resolve_tracking_uri
+from poptrain.evaluation import population_average
+from poptrain.pbt import policy as pbt
+from poptrain.tracking.runs import TrackingUnavailable, check_tracking_reachable, resolve_tracking_uri
 
 
 def inspect_population(cfg: RunConfig) -> PopulationInfo:
@@ -260,11 +262,11 @@ def stacking_problems(cfg: RunConfig, population: PopulationInfo) -> dict[str, s
     """Why each member would train alone rather than stacked with alike members of its host, or None
     (it stacks wherever its host carries an alike member): from its config, and from its model,
     built for real twice per architecture and tried with torch.func on a few of its samples
-    (:func:`poptrain.stacked.vmap_problem`), and from what the couplings read of it."""
+    (:func:`poptrain.training.stacked.vmap_problem`), and from what the couplings read of it."""
     import json
 
-    from poptrain.exchange import ExchangePlan
-    from poptrain.stacked import config_problem
+    from poptrain.exchange.wire import ExchangePlan
+    from poptrain.training.stacked import config_problem
 
     plan = ExchangePlan.for_run(cfg, population, build_couplings(cfg.couplings, population))
     tried: dict[str, str | None] = {}
@@ -287,8 +289,8 @@ def stacking_problems(cfg: RunConfig, population: PopulationInfo) -> dict[str, s
 
 
 def _model_stacking_problem(member: MemberConfig) -> str | None:
-    from poptrain.build import resolve_loss
-    from poptrain.stacked import model_problem, probe_batch, vmap_problem
+    from poptrain.components.build import resolve_loss
+    from poptrain.training.stacked import model_problem, probe_batch, vmap_problem
 
     with torch.random.fork_rng():  # the driver's own streams stay as they were
         torch.manual_seed(0)

@@ -1,6 +1,6 @@
 """Metrics held where they are produced (a member, the coordinator) until the driver has written them.
 
-The driver's :class:`poptrain.tracking.Tracking` empties every outbox into MLflow; an outbox
+The driver's :class:`poptrain.tracking.runs.Tracking` empties every outbox into MLflow; an outbox
 drops what it handed out only once tracking says it is written, so nothing is lost, and a
 member's checkpoint holds :meth:`MetricsOutbox.unwritten` so a restart sends it again.
 """

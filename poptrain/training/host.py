@@ -1,12 +1,12 @@
 """The Ray actor that carries members in a run: :class:`MemberHost`, a *host*.
 
 A host carries one member or several (``placement.members_per_host``; see
-:func:`poptrain.population.plan_hosts`). It builds each member's
-:class:`poptrain.member.MemberTrainer` on the device Ray assigned the host, links the host to
-the coordinator once (:func:`poptrain.exchange.open_link` over a direct connection or Ray calls),
+:func:`poptrain.driver.population.plan_hosts`). It builds each member's
+:class:`poptrain.training.member.MemberTrainer` on the device Ray assigned the host, links the host to
+the coordinator once (:func:`poptrain.exchange.wire.open_link` over a direct connection or Ray calls),
 maps members' coordinator-only parameters into memory the coordinator maps when both are on one
 CPU node, restores the newest checkpoint all its members have when there is one, and then trains
-its members in lockstep (:mod:`poptrain.lockstep`: one message per exchange for all of them):
+its members in lockstep (:mod:`poptrain.training.lockstep`: one message per exchange for all of them):
 checkpoints at their steps, each member's metrics into its own outbox, which the driver empties
 (``take_metrics``, called while ``train`` runs: the actor has two threads). A member stays a
 member in all a user sees: its own checkpoint files, random streams, MLflow run and ``model.pt``.
@@ -27,17 +27,17 @@ import ray
 import torch
 from torch.utils.data import default_collate
 
-from poptrain import mapped_memory
-from poptrain.build import describe_dataset
-from poptrain.channel import CoordinatorClient
-from poptrain.checkpoint import checkpoint_path, load_checkpoint, save_checkpoints, steps_of
+from poptrain.components.build import describe_dataset
 from poptrain.config.schema import RunConfig
 from poptrain.couplings import PopulationInfo, Quantity, build_couplings
-from poptrain.exchange import ExchangePlan, numpy_copy, open_link
-from poptrain.lockstep import drive
-from poptrain.member import MemberTrainer, logs_step
-from poptrain.outbox import Item, MetricsOutbox
-from poptrain.stacked import StackedGroup, form_groups
+from poptrain.exchange import mapped_memory
+from poptrain.exchange.channel import CoordinatorClient
+from poptrain.exchange.wire import ExchangePlan, numpy_copy, open_link
+from poptrain.storage.checkpoint import checkpoint_path, load_checkpoint, save_checkpoints, steps_of
+from poptrain.tracking.outbox import Item, MetricsOutbox
+from poptrain.training.lockstep import drive
+from poptrain.training.member import MemberTrainer, logs_step
+from poptrain.training.stacked import StackedGroup, form_groups
 
 SYSTEM_METRICS_EVERY_S = 10.0
 
@@ -103,7 +103,7 @@ class MemberHost:
         self, run: RunConfig, names: list[str], population: PopulationInfo, coordinator_name: str, num_cpus: float, run_dir: str, system_metrics: bool = False
     ) -> dict[str, Any]:
         """Carry members ``names`` of another run in this process (a warm process, see
-        :mod:`poptrain.pool`): everything the last run's members held is let go and built anew
+        :mod:`poptrain.driver.pool`): everything the last run's members held is let go and built anew
         from the arguments, exactly as a new process would build it. Returns :meth:`info`."""
         self.park()
         self._start(run, names, population, coordinator_name, num_cpus, run_dir, system_metrics)
@@ -143,7 +143,7 @@ class MemberHost:
         self.link = open_link(run, trainers[0].plan, client)  # one for every member it carries
         for trainer in trainers:
             trainer.connect(self.link)
-        # What a step drives: members alone, or stacked in groups of one architecture (poptrain.stacked).
+        # What a step drives: members alone, or stacked in groups of one architecture (poptrain.training.stacked).
         # Under `exchange.shared_memory: auto` the groups are formed first, and their members
         # exchange copies (the stack holds their parameters); under `true` mapped members train alone.
         stacking = run.placement.stacked and len(trainers) > 1
@@ -195,7 +195,7 @@ class MemberHost:
 
     def _map_parameters(self, trainer: MemberTrainer, coordinator, names: list[str], run_tag: str) -> None:
         """Keep ``names`` in memory the coordinator maps when it is on this node (see
-        :mod:`poptrain.mapped_memory`); else, or without room in ``/dev/shm``, send copies."""
+        :mod:`poptrain.exchange.mapped_memory`); else, or without room in ``/dev/shm``, send copies."""
         name = trainer.name
         layout = mapped_memory.map_parameters(trainer.params, names, f"{run_tag}-{name}", _node_id())
         if layout is None:
@@ -287,7 +287,7 @@ class MemberHost:
         (its newest held-out metric, or its last step's training metric) and a reference to its
         state, in one call for all of them (the round needs everyone); copy the donors the round
         decides in memory, and log the exploits."""
-        from poptrain.pbt import ranking, transferable
+        from poptrain.pbt.policy import ranking, transferable
 
         metric, _ = ranking(self.run)
         scheduled = [m for m in self.members if m.trainer.hyperparameters is not None]
@@ -321,7 +321,7 @@ class MemberHost:
         """Evaluate every member on its held-out data after ``step`` steps (before step ``step``'s own
         exchanges: an averaging target holds the previous exchange's average; at the end, after the
         last one): a stacked group's members in one forward pass over the stack where they hold
-        the same held-out data (:meth:`poptrain.stacked.StackedGroup.evaluate`), the others one by
+        the same held-out data (:meth:`poptrain.training.stacked.StackedGroup.evaluate`), the others one by
         one. Each member's metrics go into its outbox, and all of them (outputs too, for the
         ensemble) to the coordinator in one call, at most one such call in flight. Each member's
         metrics, in order ({} without held-out data)."""
@@ -403,7 +403,7 @@ class MemberHost:
         return {m.name: m.outbox.take(written, resend) for m in self.members}
 
     def datasets(self, name: str) -> list[dict[str, Any]]:
-        """Member ``name``'s training and held-out data, as :func:`poptrain.build.describe_dataset` describes them."""
+        """Member ``name``'s training and held-out data, as :func:`poptrain.components.build.describe_dataset` describes them."""
         trainer = self.by_name[name].trainer
         out = [describe_dataset(trainer.config.data, trainer.batches.dataset, "train")]
         if trainer.eval_dataset is not None:

@@ -1,7 +1,7 @@
 """Building a member's parts from its config: model, data, loss, terms, optimizer, frozen patterns.
 
 One place, used alike by the member (for real) and by the driver's checks
-(:mod:`poptrain.checks`, on the meta device, before anything starts), so what the check accepts
+(:mod:`poptrain.driver.checks`, on the meta device, before anything starts), so what the check accepts
 is exactly what the member builds.
 """
 
@@ -20,7 +20,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from poptrain import builtins
-from poptrain.batches import SizedDataset
+from poptrain.components.batches import SizedDataset
 from poptrain.config.schema import Component, MemberConfig
 
 

@@ -29,7 +29,7 @@ from typing import Any
 
 from poptrain.config.records import flatten
 from poptrain.config.schema import RunConfig
-from poptrain.outbox import Item
+from poptrain.tracking.outbox import Item
 
 DEFAULT_TRACKING_DB = "mlflow.db"
 MAX_METRICS_PER_BATCH = 1000  # MLflow's limit for log_batch
@@ -216,7 +216,7 @@ class Tracking:
             experiment_id,
             run_name=cfg.name,
             # In the population's order; cut at MLflow's tag length (a very large population's order
-            # then falls back to the members' names, see poptrain.compare.population_runs).
+            # then falls back to the members' names, see poptrain.tracking.compare.population_runs).
             tags={"poptrain.role": "population", "poptrain.members": ",".join(cfg.member_names)[:MAX_TAG_LENGTH]},
         )
         ids = RunIds(experiment_id, parent.info.run_id)
@@ -474,7 +474,7 @@ class Tracking:
 
     def log_plots(self, out_dir: str) -> list[str]:
         """Write the population's PNG figures under ``out_dir`` and log them to the parent run (``plots/``)."""
-        from poptrain.plots import write_plots
+        from poptrain.tracking.plots import write_plots
 
         self.flush()  # the figures read the metric histories back from MLflow
         assert self.ids is not None
@@ -490,7 +490,7 @@ class Tracking:
 
         ``metrics``: ``{key: value}`` to put on the model; None: the run's latest ``eval/*``
         values; ``{}``: none. Returns the model URI (``models:/<id>``)."""
-        from poptrain.models_logging import log_member_model
+        from poptrain.tracking.models import log_member_model
 
         assert self.ids is not None
         info = log_member_model(self.client, self.ids.members[member], state_dict_path, model_spec, example, step=step)
@@ -520,7 +520,7 @@ class Tracking:
         self.set_tags(None, {"poptrain.pbt.exploits": len(events)})
         self.log_artifact(None, str(path))
         if plot:
-            from poptrain.plots import write_lineage_plot
+            from poptrain.tracking.plots import write_lineage_plot
 
             self.log_artifact(None, str(write_lineage_plot(events, list(self.ids.members), steps, out_dir / "plots")), "plots")
 

@@ -17,14 +17,14 @@ standard library) where a round of scalars costs tens of microseconds:
   forward pass), matched by id;
 * a member waits for a reply at most ``exchange.timeout_s`` plus a margin (:func:`reply_bound`),
   either way to the coordinator: the coordinator answers a barrier that waited ``timeout_s`` with
-  its own :class:`~poptrain.exchange.ExchangeTimeout` naming the missing members, so a reply
+  its own :class:`~poptrain.exchange.wire.ExchangeTimeout` naming the missing members, so a reply
   that does not come even then means the coordinator's exchange thread died or is stuck, which
   no dead process shows the driver. The member raises :class:`ReplyTimeout` and the run fails.
 
 It carries only what is small: a population whose exchanged values could be large (parameter
 averaging, shared modules) talks to the coordinator with Ray calls instead, so that arrays travel
 through Ray's object store and are read without a copy. Both ways reach the same
-:class:`poptrain.coordinator.CoordinatorActor` methods.
+:class:`poptrain.coordinator.coordinator.CoordinatorActor` methods.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ from multiprocessing import AuthenticationError
 from multiprocessing.connection import Connection, Listener, answer_challenge, deliver_challenge
 from typing import Any
 
-from poptrain.exchange import ExchangeTimeout
+from poptrain.exchange.wire import ExchangeTimeout
 
 CONNECT_TIMEOUT_S = 10.0
 HANDSHAKE_TIMEOUT_S = 10.0
@@ -139,7 +139,7 @@ class ChannelServer:
                 continue
             try:
                 self.pool.submit(handle, request_id, method, args)
-            except RuntimeError:  # closed: the coordinator has taken on another run (poptrain.pool)
+            except RuntimeError:  # closed: the coordinator has taken on another run (poptrain.driver.pool)
                 conn.close()
                 return
 

@@ -1,7 +1,7 @@
 """Population-based training in memory (``pbt:``): a member's mutable hyperparameters, how explore
 perturbs them, and whom exploit copies.
 
-The coordinator ranks the members every ``pbt.every`` steps (:class:`poptrain.coordinator.PBTRounds`)
+The coordinator ranks the members every ``pbt.every`` steps (:class:`poptrain.coordinator.coordinator.PBTRounds`)
 and decides, with a generator seeded by the run's seed and the step (so a resumed run decides the
 same), which of the bottom ``quantile`` copies which of the top ``quantile`` and with which new
 hyperparameters. The receiver then loads its donor's weights, optimizer state, balancing state and
@@ -17,7 +17,7 @@ import random
 from collections.abc import Callable
 from typing import Any
 
-from poptrain.build import optimizer_class, probe_torch_optimizer
+from poptrain.components.build import optimizer_class, probe_torch_optimizer
 from poptrain.config.schema import MemberConfig, Perturbation, RunConfig
 
 GROUP_KEY = "poptrain_group"  # in each optimizer param group: the config group it came from (-1: the default)
@@ -46,7 +46,7 @@ class Hyperparameters:
     and written into its live optimizer, objective weights and couplings."""
 
     def __init__(self, trainer, keys: list[str]):
-        """``trainer``: the member's :class:`poptrain.member.MemberTrainer`."""
+        """``trainer``: the member's :class:`poptrain.training.member.MemberTrainer`."""
         self.trainer, self.keys = trainer, list(keys)
 
     def _groups(self, key: str) -> list[dict]:

@@ -3,7 +3,7 @@
 PAPA's claim (arXiv 2304.03094) is about this model, not the members nor their ensemble: with
 ``evaluation.population_average`` the driver averages the final weights the members saved
 (``members/<name>/model.pt``), saves the mean as ``population_average.pt`` and evaluates it as a
-member evaluates itself (:meth:`poptrain.member.MemberTrainer.evaluate`): in eval mode, without
+member evaluates itself (:meth:`poptrain.training.member.MemberTrainer.evaluate`): in eval mode, without
 gradients, on the whole held-out set, ``batch_size`` at a time, with the evaluation metrics.
 """
 
@@ -15,10 +15,10 @@ from pathlib import Path
 
 import torch
 
-from poptrain.batches import in_order
-from poptrain.build import build_dataset, build_model, resolve_loss, resolve_metrics
-from poptrain.checkpoint import save_atomic
+from poptrain.components.batches import in_order
+from poptrain.components.build import build_dataset, build_model, resolve_loss, resolve_metrics
 from poptrain.config.schema import RunConfig
+from poptrain.storage.checkpoint import save_atomic
 
 PREFIX = "population_average/"
 

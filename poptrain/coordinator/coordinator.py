@@ -1,11 +1,11 @@
 """The coordinator: the exchange barrier, couplings evaluated on the whole population, averaging.
 
 Every ``exchange.every`` steps each participating member sends its values of a kind (``param``,
-``loss``, ``grad``; see :mod:`poptrain.exchange`). In ``sync`` mode, when the last participant
+``loss``, ``grad``; see :mod:`poptrain.exchange.wire`). In ``sync`` mode, when the last participant
 of a round arrives, :meth:`Coordinator.exchange`
 
 1. merges everyone's values into one population mapping, with the members' parameters that
-   live in memory it maps (:mod:`poptrain.mapped_memory`: never sent),
+   live in memory it maps (:mod:`poptrain.exchange.mapped_memory`: never sent),
 2. computes the rewrites that are due (:class:`poptrain.couplings.Rewrite`: averaged parameters,
    summed shared gradients) and writes those of mapped parameters in place, after evaluating the
    couplings that read mapped parameters (the members change them once released),
@@ -42,8 +42,8 @@ import torch
 from poptrain.config.schema import RunConfig
 from poptrain.couplings import PopulationInfo, Quantity, build_couplings
 from poptrain.couplings.base import PHASES
-from poptrain.exchange import BY_REFERENCE_BYTES, ExchangePlan, ExchangeTimeout, Reply, Wire, as_numpy, by_reference
-from poptrain.outbox import Item, MetricsOutbox
+from poptrain.exchange.wire import BY_REFERENCE_BYTES, ExchangePlan, ExchangeTimeout, Reply, Wire, as_numpy, by_reference
+from poptrain.tracking.outbox import Item, MetricsOutbox
 
 Values = dict[Quantity, np.ndarray]
 
@@ -305,7 +305,7 @@ class EvalBoard:
     their outputs otherwise."""
 
     def __init__(self, run: RunConfig):
-        from poptrain.build import resolve_metrics
+        from poptrain.components.build import resolve_metrics
 
         self.evaluation = run.evaluation
         self.expected = [m.name for m in run.members if m.held_out_data() is not None]
@@ -375,13 +375,13 @@ class EvalBoard:
 class PBTRounds:
     """Population-based training's rounds: at each ``pbt.every``-th step the members in the schedule
     arrive with their score, hyperparameters and a reference to their state; once all have, the
-    round is decided (:func:`poptrain.pbt.exploit_plan`, :func:`poptrain.pbt.explore`) with the
+    round is decided (:func:`poptrain.pbt.exploit_plan`, :func:`poptrain.pbt.policy.explore`) with the
     step's own generator. Decisions are kept: a restarted member replaying a round gets the same one,
     and the donors' states of the rounds it may replay stay referenced here."""
 
     def __init__(self, run: RunConfig, run_dir: str | None = None):
-        from poptrain.checkpoint import latest_complete_step, load_pbt_events
-        from poptrain.pbt import pbt_members, ranking
+        from poptrain.pbt.policy import pbt_members, ranking
+        from poptrain.storage.checkpoint import latest_complete_step, load_pbt_events
 
         self.run, self.members = run, pbt_members(run)
         self.metric, self.higher = ranking(run) if run.pbt is not None else ("", True)
@@ -406,7 +406,7 @@ class PBTRounds:
         return True
 
     def _decide(self, step: int, arrived) -> None:
-        from poptrain.pbt import exploit_plan, explore, round_rng, value_problem
+        from poptrain.pbt.policy import exploit_plan, explore, round_rng, value_problem
 
         rng = round_rng(self.run, step)
         scores = {m: arrived[m][0] for m in self.members}
@@ -433,7 +433,7 @@ class PBTRounds:
         for old in sorted(self.states)[: -self.keep]:
             del self.states[old]
         if self.run_dir is not None:
-            from poptrain.checkpoint import pbt_events_path, save_atomic
+            from poptrain.storage.checkpoint import pbt_events_path, save_atomic
 
             save_atomic(json.dumps(self.events, default=str), pbt_events_path(self.run_dir))
 
@@ -455,7 +455,7 @@ class MetricRecorder:
     coupling metrics of the steps before c, and a resumed run writes them."""
 
     def __init__(self, run: RunConfig, run_dir: str | None):
-        from poptrain.checkpoint import load_coordinator_metrics
+        from poptrain.storage.checkpoint import load_coordinator_metrics
 
         self.every, self.checkpoint_every = run.exchange.every, run.checkpoint.every
         self.run_dir = run_dir if run.checkpoint.every else None
@@ -466,7 +466,7 @@ class MetricRecorder:
         if metrics:
             self.outbox.add([(k, v, step, int(time.time() * 1000)) for k, v in metrics.items()])
         if checkpoint and self.run_dir is not None and (step + self.every) % self.checkpoint_every == 0:
-            from poptrain.checkpoint import coordinator_metrics_path, save_atomic
+            from poptrain.storage.checkpoint import coordinator_metrics_path, save_atomic
 
             save_atomic(self.outbox.unwritten(), coordinator_metrics_path(self.run_dir))
 
@@ -477,10 +477,10 @@ class CouplingStates:
     before a checkpoint step c the couplings' state is saved for c: that round completes before the
     last member can write its checkpoint at c (it exchanges there first), so a complete checkpoint
     always has its couplings' state. A resumed run's coordinator starts from the state saved for the
-    step it continues from (:func:`poptrain.population.resume` refuses a run that lacks it)."""
+    step it continues from (:func:`poptrain.driver.population.resume` refuses a run that lacks it)."""
 
     def __init__(self, run: RunConfig, couplings: list, run_dir: str | None):
-        from poptrain.checkpoint import latest_complete_step, load_coupling_state
+        from poptrain.storage.checkpoint import latest_complete_step, load_coupling_state
 
         self.keeping = [c for c in couplings if c.state_dict() is not None]
         self.run_dir = run_dir if run.checkpoint.every and self.keeping else None
@@ -494,7 +494,7 @@ class CouplingStates:
     def after_param_round(self, step: int) -> None:
         if self.run_dir is None:
             return
-        from poptrain.checkpoint import save_coupling_state
+        from poptrain.storage.checkpoint import save_coupling_state
 
         every, last = self.run.checkpoint.every, min(step + self.run.exchange.every, self.run.steps - 1)
         for checkpoint_step in range((step // every + 1) * every, last + 1, every):  # the next param round is after it
@@ -702,7 +702,7 @@ def in_process_coordinator(run: RunConfig, population: PopulationInfo) -> tuple[
 
 class CoordinatorActor:
     """Threaded Ray actor around :class:`Coordinator`: unpacks members' values from the wire, packs
-    replies (large ones by reference), and listens on a direct connection (:mod:`poptrain.channel`).
+    replies (large ones by reference), and listens on a direct connection (:mod:`poptrain.exchange.channel`).
 
     Every call runs on a thread of its own (``max_concurrency``, see :func:`start_coordinator`)
     and blocks at the barrier on an event, outside the lock that guards the coordinator's state.
@@ -715,7 +715,7 @@ class CoordinatorActor:
 
     def rebind(self, run: RunConfig, population: PopulationInfo, run_dir: str | None = None) -> bool:
         """Coordinate another run of the same shape in this process (a warm process, see
-        :mod:`poptrain.pool`): the last run's state and connection are dropped, everything is built
+        :mod:`poptrain.driver.pool`): the last run's state and connection are dropped, everything is built
         anew as a new process would build it. Called while no member is exchanging."""
         self.park()
         self._start(run, population, run_dir)
@@ -739,10 +739,10 @@ class CoordinatorActor:
         self.wire = Wire(self.coordinator.plan)  # the coordinator's own plan: its couplings are not built twice
         self.node_id = ray.get_runtime_context().get_node_id()
         # Members reach exchange/publish over a direct connection when every value is small
-        # (poptrain.channel); else with Ray calls, whose object store carries large arrays zero-copy.
+        # (poptrain.exchange.channel); else with Ray calls, whose object store carries large arrays zero-copy.
         self.server = None
         if self._values_are_small(population):
-            from poptrain.channel import ChannelServer
+            from poptrain.exchange.channel import ChannelServer
 
             host = ray.util.get_node_ip_address()
             try:
@@ -763,9 +763,9 @@ class CoordinatorActor:
 
     def attach(self, member: str, layout) -> bool:
         """``member`` keeps its coordinator-only parameters in mapped memory (a
-        :class:`poptrain.mapped_memory.MappedLayout`): map it, when on this node. Whether it did;
+        :class:`poptrain.exchange.mapped_memory.MappedLayout`): map it, when on this node. Whether it did;
         if not, the member sends copies."""
-        from poptrain import mapped_memory
+        from poptrain.exchange import mapped_memory
 
         views = mapped_memory.attach(layout, self.node_id)
         if views is None:

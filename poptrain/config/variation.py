@@ -35,7 +35,7 @@ from typing import Annotated, Any, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from poptrain.objects import is_given
+from poptrain.config.objects import is_given
 
 MAX_MEMBERS_PER_ENTRY = 100_000
 NOT_VARIED = ("name", "copies", "vary")  # what makes an entry an entry

@@ -20,18 +20,28 @@ from typing import Any
 
 import torch
 
-from poptrain import mapped_memory, pool, population_average
-from poptrain.checkpoint import CheckpointError, discard_after, latest_complete_step, load_coupling_state, read_run_record, save_atomic, write_run_record
-from poptrain.checks import prepare
 from poptrain.config.errors import ConfigError
 from poptrain.config.outputs import HOME_ENV, job_artifact_root, job_home, ray_job
 from poptrain.config.records import dump_config
 from poptrain.config.schema import RunConfig
 from poptrain.couplings import PopulationInfo, build_couplings
-from poptrain.tracking import RunIds, Tracking, TrackingUnavailable
+from poptrain.driver import pool
+from poptrain.driver.checks import prepare
+from poptrain.evaluation import population_average
+from poptrain.exchange import mapped_memory
+from poptrain.storage.checkpoint import (
+    CheckpointError,
+    discard_after,
+    latest_complete_step,
+    load_coupling_state,
+    read_run_record,
+    save_atomic,
+    write_run_record,
+)
+from poptrain.tracking.runs import RunIds, Tracking, TrackingUnavailable
 
 ProgressFn = Callable[[dict[str, Any]], None]
-KEEP_WARM_S = 30.0  # how long a finished run's member processes wait for the next run (poptrain.pool)
+KEEP_WARM_S = 30.0  # how long a finished run's member processes wait for the next run (poptrain.driver.pool)
 
 
 class PopulationError(RuntimeError):
@@ -247,11 +257,11 @@ def run(config, overrides=(), progress: ProgressFn | None = None, poll_s: float 
     ``config`` is a YAML path, a dict or a :class:`RunConfig`; ``overrides`` are ``KEY=VALUE``
     strings. Raises :class:`ConfigError` (nothing started) or :class:`PopulationError`. In a dict,
     wherever a config takes an import path it also takes the object itself (a model class, a
-    dataset or a function returning one, a loss, a coupling class, ...): see :mod:`poptrain.objects`.
+    dataset or a function returning one, a loss, a coupling class, ...): see :mod:`poptrain.config.objects`.
 
     When Ray was already initialized (this call does not start it), the run's processes outlive a
     run that ends well by up to ``keep_warm_s`` seconds, with their Ray resources, and the next
-    run of the same shape takes them over instead of starting new ones (:mod:`poptrain.pool`).
+    run of the same shape takes them over instead of starting new ones (:mod:`poptrain.driver.pool`).
     ``keep_warm_s=0``: new processes, ended with the run. :func:`poptrain.release_warm_members`
     ends warm processes at once.
     """
@@ -418,9 +428,9 @@ class PopulationRun:
         import ray
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-        from poptrain.coordinator import start_coordinator
+        from poptrain.coordinator.coordinator import start_coordinator
 
-        # Members look the coordinator up by name (coordinator_name), which stays the same for a warm one (poptrain.pool).
+        # Members look the coordinator up by name (coordinator_name), which stays the same for a warm one (poptrain.driver.pool).
         if warm is not None:
             self.coordinator = warm.coordinator
             # Before the members look it up: a threaded actor would serve their calls beside this one.
@@ -462,7 +472,7 @@ class PopulationRun:
         import ray
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-        from poptrain.host import MemberHost
+        from poptrain.training.host import MemberHost
 
         bundle = self.bundles[index]
         actor = (
@@ -472,7 +482,7 @@ class PopulationRun:
                 num_gpus=bundle.get("GPU", 0),
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.group, placement_group_bundle_index=index),
                 # Never restarted by Ray, which would re-create it with the arguments it was first
-                # created with: a warm process (poptrain.pool) would come back as an earlier
+                # created with: a warm process (poptrain.driver.pool) would come back as an earlier
                 # run's member. The driver replaces a dead host itself (restart).
                 max_restarts=0,
                 max_task_retries=0,
@@ -580,7 +590,7 @@ class PopulationRun:
         )
 
     def _evaluate_population_average(self, weights: dict[str, Path]) -> dict[str, float]:
-        """The population's average model (:mod:`poptrain.population_average`) saved and evaluated,
+        """The population's average model (:mod:`poptrain.evaluation.population_average`) saved and evaluated,
         its metrics logged on the parent run at the final evaluation's step, where
         ``evaluation.population_average`` asks for it; {} otherwise. The members' weights are saved
         already: a failure here is a warning (with its traceback), and the run still finishes."""
@@ -674,7 +684,7 @@ def _healthy(warm: pool.WarmMembers | None) -> pool.WarmMembers | None:
 
 
 def _warn_not_warm(what: str, exc: Exception) -> None:
-    """One warning line: why warm processes (poptrain.pool) were dropped."""
+    """One warning line: why warm processes (poptrain.driver.pool) were dropped."""
     import ray
 
     if isinstance(exc, ray.exceptions.GetTimeoutError):

@@ -1,14 +1,14 @@
 """Driving members' steps: one member through its own link, or several members of one host in
 lockstep through the host's one link.
 
-A member's step is a *program* (:meth:`poptrain.member.MemberTrainer.step_program`): a generator
+A member's step is a *program* (:meth:`poptrain.training.member.MemberTrainer.step_program`): a generator
 that yields :class:`Send` (its values of one exchange phase; it is resumed with a pending reply)
-and :class:`Wait` (it is resumed with the :class:`~poptrain.exchange.Reply`), and returns the
+and :class:`Wait` (it is resumed with the :class:`~poptrain.exchange.wire.Reply`), and returns the
 step's metrics. Keeping the exchange out of the member is what lets one process carry many
 members: :func:`step_together` runs each member until it reaches an exchange, sends the values of
 every member of the host that reached the same phase as one message, and hands each its reply.
 Members compute one after another, each inside its own random streams
-(:class:`poptrain.randomness.MemberRandomness`), so a member's results do not depend on which
+(:class:`poptrain.training.randomness.MemberRandomness`), so a member's results do not depend on which
 host carries it or next to whom.
 """
 
@@ -21,10 +21,10 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 
 from poptrain.couplings.base import PHASES, Quantity
-from poptrain.exchange import Link, Pending, Reply
+from poptrain.exchange.wire import Link, Pending, Reply
 
 if TYPE_CHECKING:  # pragma: no cover
-    from poptrain.randomness import MemberRandomness
+    from poptrain.training.randomness import MemberRandomness
 
 
 @dataclass
@@ -47,7 +47,7 @@ StepProgram = Generator[Any, Any, Any]
 
 
 class Programmed(Protocol):
-    """What a driver needs of what it steps (a member, or a :class:`poptrain.stacked.StackedGroup`
+    """What a driver needs of what it steps (a member, or a :class:`poptrain.training.stacked.StackedGroup`
     of members): the names of the members it stands for, its random streams and link."""
 
     names: tuple[str, ...]

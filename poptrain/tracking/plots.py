@@ -28,7 +28,7 @@ from pathlib import Path
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from poptrain.compare import population_runs
+from poptrain.tracking.compare import population_runs
 
 Series = tuple[list[int], list[float]]
 
@@ -68,7 +68,7 @@ def _coupling_settings(params: dict[str, str]) -> dict[str, dict[str, str]]:
 def _margin(setting: dict[str, str]) -> float | None:
     """The band a coupling declares for its figures (``Coupling.plotted_margin``), else None; None
     too where its class cannot be found now (a user's coupling by import path, not importable here)."""
-    from poptrain.registry import resolve_coupling
+    from poptrain.config.registry import resolve_coupling
 
     try:
         return resolve_coupling(setting.get("type", "")).plotted_margin(setting)

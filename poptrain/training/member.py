@@ -1,8 +1,8 @@
 """A member: one model, its optimizer and data, trained step by step, coupled to its peers.
 
 :class:`MemberTrainer` is plain Python (no Ray): it reaches its peers through a
-:class:`poptrain.exchange.Link`, so a test can step it in one process against the real
-coordinator logic, and :class:`poptrain.host.MemberHost`, the Ray actor, carries it in a run.
+:class:`poptrain.exchange.wire.Link`, so a test can step it in one process against the real
+coordinator logic, and :class:`poptrain.training.host.MemberHost`, the Ray actor, carries it in a run.
 
 One step, :meth:`MemberTrainer.train_step`:
   send parameters -> forward -> own terms -> (own backward first) -> receive peers' parameters
@@ -22,15 +22,24 @@ from typing import Any
 import numpy as np
 import torch
 
-from poptrain.balancing import TermBalancer
-from poptrain.batches import BatchStream, in_order, to_device
-from poptrain.build import apply_frozen, build_dataset, build_model, build_optimizer, resolve_grad_transforms, resolve_loss, resolve_metrics, resolve_terms
+from poptrain.components.batches import BatchStream, in_order, to_device
+from poptrain.components.build import (
+    apply_frozen,
+    build_dataset,
+    build_model,
+    build_optimizer,
+    resolve_grad_transforms,
+    resolve_loss,
+    resolve_metrics,
+    resolve_terms,
+)
 from poptrain.config.schema import RunConfig
 from poptrain.couplings import PopulationInfo, Quantity, build_couplings
-from poptrain.exchange import ExchangePlan, Link, Reply, numpy_copy
-from poptrain.lockstep import Send, StepProgram, Wait, run_alone
-from poptrain.pbt import Hyperparameters, pbt_members
-from poptrain.randomness import MemberRandomness, member_seed
+from poptrain.exchange.wire import ExchangePlan, Link, Reply, numpy_copy
+from poptrain.pbt.policy import Hyperparameters, pbt_members
+from poptrain.training.balancing import TermBalancer
+from poptrain.training.lockstep import Send, StepProgram, Wait, run_alone
+from poptrain.training.randomness import MemberRandomness, member_seed
 
 
 class TrainingError(RuntimeError):
@@ -58,7 +67,7 @@ def read_scalars(values: Mapping[Any, torch.Tensor]) -> dict[Any, float]:
 class MemberTrainer:
     """One member's model, optimizer, data, objective and couplings; no Ray inside.
 
-    :meth:`connect` gives it its :class:`~poptrain.exchange.Link` to the coordinator; then
+    :meth:`connect` gives it its :class:`~poptrain.exchange.wire.Link` to the coordinator; then
     :meth:`train_step` runs one step and returns its metrics.
     """
 
@@ -119,11 +128,11 @@ class MemberTrainer:
         self.defer_param_replies = not any(q.kind == "param" for q in self.plan.replaced[name])
         # Then this member's own objective can be back-propagated before its peers' values arrive.
         self.couplings_read_only_own_params = all(q.kind == "param" for q in self.plan.reads_for_terms[name] if q.member == name)
-        self.stacking_problem: str | None = None  # why it trains alone though alike members on its host stack (poptrain.stacked.form_groups)
+        self.stacking_problem: str | None = None  # why it trains alone though alike members on its host stack (poptrain.training.stacked.form_groups)
         self.peers = PeerValues()  # peers' values from the last exchange (one for a stacked group's members)
         self.reads_predictions = any(q.kind == "pred" for q in self.plan.received)
         self.coupling_extras: dict[str, float] = {}  # this step's couplings' own metrics (Coupling.metrics_for)
-        # Own parameters in memory mapped by the coordinator (poptrain.mapped_memory): it reads and
+        # Own parameters in memory mapped by the coordinator (poptrain.exchange.mapped_memory): it reads and
         # writes them in place, so they are neither sent nor received.
         self.mapped: set[Quantity] = set()
         # What it last sent, sent again in place of a non-finite value (when steps with one go on).
@@ -149,7 +158,7 @@ class MemberTrainer:
 
     @property
     def names(self) -> tuple[str, ...]:
-        """The members this trainer stands for when a driver steps it (:mod:`poptrain.lockstep`): itself."""
+        """The members this trainer stands for when a driver steps it (:mod:`poptrain.training.lockstep`): itself."""
         return (self.name,)
 
     # -- the step ------------------------------------------------------------------------------
@@ -157,12 +166,12 @@ class MemberTrainer:
     def train_step(self) -> dict[str, float]:
         """One optimizer step through this member's own link; returns this step's metrics (raw
         terms, effective weights, couplings). A host carrying several members drives
-        :meth:`step_program` instead (:func:`poptrain.lockstep.step_together`)."""
+        :meth:`step_program` instead (:func:`poptrain.training.lockstep.step_together`)."""
         return run_alone(self.step_program(), self)
 
     def step_program(self) -> StepProgram:
-        """One optimizer step as a program that yields its exchanges (:class:`poptrain.lockstep.Send`,
-        then :class:`~poptrain.lockstep.Wait` for the reply) to whoever drives it, and returns the
+        """One optimizer step as a program that yields its exchanges (:class:`poptrain.training.lockstep.Send`,
+        then :class:`~poptrain.training.lockstep.Wait` for the reply) to whoever drives it, and returns the
         step's metrics. The driver resumes it inside :meth:`MemberRandomness.active`, so several
         members' programs can be interleaved at their exchanges in one process."""
         exchanging = self.step % self.every == 0
@@ -609,7 +618,7 @@ class MemberTrainer:
 
     def exploit(self, donor: str, state: Mapping[str, Any], hyperparameters: dict[str, float]) -> None:
         """Become a copy of member ``donor`` (its weights, optimizer state, balancing state and data
-        position, from ``state``: :func:`poptrain.pbt.transferable` of its state) with
+        position, from ``state``: :func:`poptrain.pbt.policy.transferable` of its state) with
         ``hyperparameters``, which the optimizer uses from the next step on."""
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])

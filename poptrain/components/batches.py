@@ -11,7 +11,7 @@ from torch.utils.data import TensorDataset, default_collate
 
 
 class SizedDataset(Protocol):
-    """A map-style dataset with a length, as a member's data must be (:func:`poptrain.build.build_dataset`
+    """A map-style dataset with a length, as a member's data must be (:func:`poptrain.components.build.build_dataset`
     checks it): ``dataset[i]`` is sample ``i`` (its inputs, then its target), ``len(dataset)`` their
     number. torch's ``Dataset`` declares no ``__len__``."""
 

@@ -13,9 +13,9 @@ computing meanwhile.
   ``max_staleness`` exchanges old. Pipelined: the reply to this exchange's publish is used at the
   member's next one, so a member never waits out a round trip.
 
-Both reach the coordinator through a :class:`poptrain.channel.CoordinatorClient` (a direct
+Both reach the coordinator through a :class:`poptrain.exchange.channel.CoordinatorClient` (a direct
 connection for small values, else Ray calls) or, in one process, straight through
-:class:`poptrain.coordinator.Coordinator` (``InProcessClient``): the same barrier either way.
+:class:`poptrain.coordinator.coordinator.Coordinator` (``InProcessClient``): the same barrier either way.
 """
 
 from __future__ import annotations
@@ -86,7 +86,7 @@ class ExchangePlan:
         self.replaces_params = any(r.kind == "param" for c in couplings for r in c.rewrites())
         self.received = set().union(*self.receives.values())  # what any member reads of its peers
         # Parameters only the coordinator reads or writes (averaged, shared): what a member may keep
-        # in memory mapped by the coordinator (poptrain.mapped_memory) instead of sending copies.
+        # in memory mapped by the coordinator (poptrain.exchange.mapped_memory) instead of sending copies.
         # Only at a sync barrier is there a moment when the coordinator may read them (`mapped_params`).
         self.coordinator_only: dict[str, list[str]] = {m: [] for m in members}
         if mapped_params:

@@ -1,0 +1,1 @@
+"""Population-based training in memory: members' hyperparameters, explore and exploit, and the coordinator's rounds."""

@@ -1,0 +1,1 @@
+"""What a run keeps on disk: member checkpoints, coupling state, PBT events, the run record, all written atomically."""
