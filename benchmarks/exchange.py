@@ -1,6 +1,6 @@
 """The exchange path: latency of one round of scalars, and the bandwidth of averaging large models.
 
-**Exchange latency** drives poptrain's own :class:`poptrain.coordinator.coordinator.CoordinatorActor` (built
+**Exchange latency** drives poptrain's own :class:`poptrain.coordinator.actor.CoordinatorActor` (built
 from a real config: N small PReLU members and seed 000's separation coupling, so every round
 carries one scalar per member and the coordinator evaluates and logs the coupling as in a run)
 with N tiny caller actors. Each caller does what a member's ``_exchange`` does, back to back:
@@ -141,7 +141,7 @@ def exchange_latency(ctx: Context) -> list[dict[str, Any]]:
     import ray
 
     import poptrain
-    from poptrain.coordinator.coordinator import CoordinatorActor, start_coordinator
+    from poptrain.coordinator.actor import CoordinatorActor, start_coordinator
     from poptrain.couplings import build_couplings
     from poptrain.driver.checks import inspect_population
     from poptrain.exchange.wire import ExchangePlan, Wire

@@ -152,9 +152,9 @@ def stacked_step_syncs(ctx: Context, members: int, warmup: int, steps: int, devi
 
     from benchmarks.packing import population
     from poptrain.config import load_config
-    from poptrain.coordinator.coordinator import InProcessClient, calls_in_flight, in_process_coordinator
+    from poptrain.coordinator.actor import InProcessClient, calls_in_flight, in_process_coordinator
     from poptrain.driver.checks import inspect_population
-    from poptrain.exchange.wire import open_link
+    from poptrain.exchange.links import open_link
     from poptrain.training.lockstep import drive
     from poptrain.training.member import MemberTrainer
     from poptrain.training.stacked import StackedGroup, form_groups

@@ -643,7 +643,7 @@ def tune_process(ctx: Context, seed: int) -> dict[str, Any]:
 
 def tune_process_child(args_path: str, out_path: str) -> None:
     """The Tune side's whole process: import Tune, ``ray.init`` with the arguments poptrain's own
-    local Ray gets (``poptrain.driver.population.ensure_ray``: no dashboard, every core), :func:`run_tune`,
+    local Ray gets (``poptrain.driver.placement.ensure_ray``: no dashboard, every core), :func:`run_tune`,
     ``ray.shutdown``; writes its result and how long ``ray.init`` took. (This module imports Ray
     Tune when it loads, as a Tune script does first.)"""
     import ray

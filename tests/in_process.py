@@ -19,9 +19,10 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from poptrain.config import RunConfig, load_config
-from poptrain.coordinator.coordinator import Coordinator, InProcessClient, calls_in_flight, in_process_coordinator
+from poptrain.coordinator.actor import InProcessClient, calls_in_flight, in_process_coordinator
+from poptrain.coordinator.coordinator import Coordinator
 from poptrain.driver.checks import inspect_population
-from poptrain.exchange.wire import Link, open_link
+from poptrain.exchange.links import Link, open_link
 from poptrain.training.lockstep import step_together
 from poptrain.training.member import MemberTrainer
 

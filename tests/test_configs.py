@@ -67,7 +67,7 @@ def test_every_shipped_config_evaluates_every_member_on_held_out_data(config):
 
 
 def test_thousand_members_resolve_to_a_thousand_members_on_one_host_per_core():
-    from poptrain.driver.population import host_resources, plan_hosts
+    from poptrain.driver.placement import host_resources, plan_hosts
 
     cfg = poptrain.load_config(REPO / "configs" / "thousand.yaml")
     assert len(cfg.members) == 1000 and cfg.member_names[:2] == ["m000", "m001"] and cfg.member_names[-1] == "m999"

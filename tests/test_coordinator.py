@@ -13,10 +13,12 @@ import pytest
 import torch
 
 from poptrain.config import load_config
-from poptrain.coordinator.coordinator import AsyncBoard, Coordinator, PBTRounds, ReplayHistory, Round, StandIns
+from poptrain.coordinator.barrier import AsyncBoard, ReplayHistory, Round, StandIns
+from poptrain.coordinator.coordinator import Coordinator
 from poptrain.couplings import Quantity
 from poptrain.driver.checks import inspect_population
 from poptrain.exchange.wire import ExchangePlan, ExchangeTimeout
+from poptrain.pbt.rounds import PBTRounds
 from tests.conftest import digits_member, pbt_population
 from tests.in_process import InProcessPopulation
 

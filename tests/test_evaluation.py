@@ -14,7 +14,7 @@ import poptrain
 from poptrain.builtins.data import digits, synthetic_regression
 from poptrain.builtins.metrics import accuracy, mae, mse, top_k_accuracy
 from poptrain.config import ConfigError, load_config
-from poptrain.coordinator.coordinator import EvalBoard
+from poptrain.evaluation.board import EvalBoard
 from poptrain.tracking.models import using_tracking_uri
 from tests.conftest import digits_member
 from tests.in_process import InProcessPopulation

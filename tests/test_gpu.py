@@ -188,7 +188,7 @@ from pathlib import Path
 import ray, yaml
 
 import poptrain
-from poptrain.driver.population import ensure_ray
+from poptrain.driver.placement import ensure_ray
 from tests.conftest import run_killing_m2_once
 
 config = yaml.safe_load(Path(sys.argv[1]).read_text())
@@ -237,7 +237,7 @@ import ray, yaml
 
 import poptrain
 from poptrain.driver import pool
-from poptrain.driver.population import ensure_ray
+from poptrain.driver.placement import ensure_ray
 
 
 def gpu_memory(host):

@@ -9,7 +9,7 @@ from mlflow.tracking import MlflowClient
 
 import poptrain
 from poptrain.config import ConfigError, load_config
-from poptrain.driver.population import PlacementError, host_resources, plan_hosts
+from poptrain.driver.placement import PlacementError, host_resources, plan_hosts
 from poptrain.training.host import member_devices
 from tests.conftest import assert_bitwise_equal, digits_member, logged_steps, make_config, prelu_member, run_killing_m2_once, weights
 

@@ -145,7 +145,7 @@ def test_a_round_records_what_explore_adjusted_in_the_exploit(base_config):
     """The coordinator's round (plain Python): the receiver gets the donor's lr doubled and bounded,
     and the exploit event (the tag on the receiver's run) says so."""
     from poptrain.config import load_config
-    from poptrain.coordinator.coordinator import PBTRounds
+    from poptrain.pbt.rounds import PBTRounds
 
     settings = pbt_population(
         steps=8, every=4, pbt={"every": 4, "quantile": 0.25, "metric": "loss", "hyperparameters": {"optimizer.lr": {"factors": [2.0], "max": 0.04}}}

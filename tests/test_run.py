@@ -7,7 +7,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 import poptrain
-from poptrain.driver.population import member_resources
+from poptrain.driver.placement import member_resources
 from tests.conftest import make_config, prelu_member
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 import yaml
 
-from poptrain.coordinator.coordinator import InProcessClient
+from poptrain.coordinator.actor import InProcessClient
 from poptrain.training.lockstep import step_together
 from poptrain.training.stacked import StackedGroup, form_groups, stackable
 from tests.conftest import digits_member, make_config, prelu_member

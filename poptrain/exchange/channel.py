@@ -24,7 +24,7 @@ standard library) where a round of scalars costs tens of microseconds:
 It carries only what is small: a population whose exchanged values could be large (parameter
 averaging, shared modules) talks to the coordinator with Ray calls instead, so that arrays travel
 through Ray's object store and are read without a copy. Both ways reach the same
-:class:`poptrain.coordinator.coordinator.CoordinatorActor` methods.
+:class:`poptrain.coordinator.actor.CoordinatorActor` methods.
 """
 
 from __future__ import annotations

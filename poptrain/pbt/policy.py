@@ -1,7 +1,7 @@
 """Population-based training in memory (``pbt:``): a member's mutable hyperparameters, how explore
 perturbs them, and whom exploit copies.
 
-The coordinator ranks the members every ``pbt.every`` steps (:class:`poptrain.coordinator.coordinator.PBTRounds`)
+The coordinator ranks the members every ``pbt.every`` steps (:class:`poptrain.pbt.rounds.PBTRounds`)
 and decides, with a generator seeded by the run's seed and the step (so a resumed run decides the
 same), which of the bottom ``quantile`` copies which of the top ``quantile`` and with which new
 hyperparameters. The receiver then loads its donor's weights, optimizer state, balancing state and

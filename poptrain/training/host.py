@@ -1,9 +1,9 @@
 """The Ray actor that carries members in a run: :class:`MemberHost`, a *host*.
 
 A host carries one member or several (``placement.members_per_host``; see
-:func:`poptrain.driver.population.plan_hosts`). It builds each member's
+:func:`poptrain.driver.placement.plan_hosts`). It builds each member's
 :class:`poptrain.training.member.MemberTrainer` on the device Ray assigned the host, links the host to
-the coordinator once (:func:`poptrain.exchange.wire.open_link` over a direct connection or Ray calls),
+the coordinator once (:func:`poptrain.exchange.links.open_link` over a direct connection or Ray calls),
 maps members' coordinator-only parameters into memory the coordinator maps when both are on one
 CPU node, restores the newest checkpoint all its members have when there is one, and then trains
 its members in lockstep (:mod:`poptrain.training.lockstep`: one message per exchange for all of them):
@@ -32,7 +32,8 @@ from poptrain.config.schema import RunConfig
 from poptrain.couplings import PopulationInfo, Quantity, build_couplings
 from poptrain.exchange import mapped_memory
 from poptrain.exchange.channel import CoordinatorClient
-from poptrain.exchange.wire import ExchangePlan, numpy_copy, open_link
+from poptrain.exchange.links import open_link
+from poptrain.exchange.wire import ExchangePlan, numpy_copy
 from poptrain.storage.checkpoint import checkpoint_path, load_checkpoint, save_checkpoints, steps_of
 from poptrain.tracking.outbox import Item, MetricsOutbox
 from poptrain.training.lockstep import drive

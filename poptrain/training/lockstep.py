@@ -21,7 +21,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 
 from poptrain.couplings.base import PHASES, Quantity
-from poptrain.exchange.wire import Link, Pending, Reply
+from poptrain.exchange.links import Link, Pending
+from poptrain.exchange.wire import Reply
 
 if TYPE_CHECKING:  # pragma: no cover
     from poptrain.training.randomness import MemberRandomness

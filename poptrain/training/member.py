@@ -1,7 +1,7 @@
 """A member: one model, its optimizer and data, trained step by step, coupled to its peers.
 
 :class:`MemberTrainer` is plain Python (no Ray): it reaches its peers through a
-:class:`poptrain.exchange.wire.Link`, so a test can step it in one process against the real
+:class:`poptrain.exchange.links.Link`, so a test can step it in one process against the real
 coordinator logic, and :class:`poptrain.training.host.MemberHost`, the Ray actor, carries it in a run.
 
 One step, :meth:`MemberTrainer.train_step`:
@@ -35,7 +35,8 @@ from poptrain.components.build import (
 )
 from poptrain.config.schema import RunConfig
 from poptrain.couplings import PopulationInfo, Quantity, build_couplings
-from poptrain.exchange.wire import ExchangePlan, Link, Reply, numpy_copy
+from poptrain.exchange.links import Link
+from poptrain.exchange.wire import ExchangePlan, Reply, numpy_copy
 from poptrain.pbt.policy import Hyperparameters, pbt_members
 from poptrain.training.balancing import TermBalancer
 from poptrain.training.lockstep import Send, StepProgram, Wait, run_alone
@@ -67,7 +68,7 @@ def read_scalars(values: Mapping[Any, torch.Tensor]) -> dict[Any, float]:
 class MemberTrainer:
     """One member's model, optimizer, data, objective and couplings; no Ray inside.
 
-    :meth:`connect` gives it its :class:`~poptrain.exchange.wire.Link` to the coordinator; then
+    :meth:`connect` gives it its :class:`~poptrain.exchange.links.Link` to the coordinator; then
     :meth:`train_step` runs one step and returns its metrics.
     """
 
