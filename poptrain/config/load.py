@@ -15,7 +15,8 @@ from pydantic import (
     ValidationError,
 )
 
-from poptrain.config import objects, variation
+import poptrain.config.objects as objects
+import poptrain.config.variation as variation
 from poptrain.config.errors import ConfigError, Reason, _validation_problems
 from poptrain.config.overrides import _list_index, apply_override
 from poptrain.config.records import MAX_RECORD_BYTES, _RecordDumper

@@ -7,7 +7,7 @@ from typing import Any
 
 import yaml
 
-from poptrain.config import variation
+import poptrain.config.variation as variation
 from poptrain.config.schema import RunConfig
 
 # poptrain's own record of a run: compact, but members an override changed one by one are listed

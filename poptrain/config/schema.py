@@ -23,7 +23,8 @@ from pydantic import (
     model_validator,
 )
 
-from poptrain.config import objects, variation
+import poptrain.config.objects as objects
+import poptrain.config.variation as variation
 from poptrain.config.registry import COUPLINGS
 from poptrain.config.variation import Draw
 
