@@ -31,6 +31,28 @@ def test_overrides_address_list_items_by_index_or_member_name(base_config):
     assert cfg.steps == 7 and cfg.couplings[0].margin == 3.0
 
 
+def test_the_schema_validates_each_coupling_as_its_own_types_config(base_config):
+    """The run's schema alone (no cross-reference checks) gives each coupling its own type's config
+    class, a registered name or an import path alike, and places each mistake at its key."""
+    from pydantic import ValidationError
+
+    from poptrain.config import RunConfig
+    from poptrain.couplings.separation import SeparationConfig
+    from tests.reference import TowardPeersMeanConfig
+
+    user = {"type": "tests.reference:TowardPeersMean", "param": "activation.weight"}
+    cfg = RunConfig.model_validate(base_config(couplings=[{"type": "separation", "param": "activation.weight", "margin": 3}, user]))
+    assert [type(c) for c in cfg.couplings] == [SeparationConfig, TowardPeersMeanConfig]
+    assert cfg.couplings[0].margin == 3.0 and cfg.model_dump()["couplings"][0]["margin"] == 3.0  # serialized with its own fields
+
+    broken = [{"type": "separation", "param": "activation.weight", "margin": -1}, {"type": "separatoin"}, {**user, "weight": "x"}]
+    with pytest.raises(ValidationError) as caught:
+        RunConfig.model_validate(base_config(couplings=broken))
+    located = {".".join(map(str, e["loc"])): e["msg"] for e in caught.value.errors()}
+    assert set(located) == {"couplings.0.margin", "couplings.1.type", "couplings.2.weight"}, located
+    assert "unknown coupling type 'separatoin'" in located["couplings.1.type"]
+
+
 @pytest.mark.parametrize(
     "change, key, words",
     [

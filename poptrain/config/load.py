@@ -21,7 +21,7 @@ from poptrain.config.errors import ConfigError, Reason, _validation_problems
 from poptrain.config.overrides import _list_index, apply_override
 from poptrain.config.records import MAX_RECORD_BYTES, _RecordDumper
 from poptrain.config.registry import resolve_coupling
-from poptrain.config.schema import IMPORT_PATTERN, IMPORT_RULE, CodeRef, CouplingConfig, MemberConfig, RunConfig, host_gpu_problem
+from poptrain.config.schema import IMPORT_PATTERN, CodeRef, CouplingConfig, MemberConfig, RunConfig, host_gpu_problem
 from poptrain.config.yaml_files import MAX_CONFIG_BYTES, read_yaml
 
 
@@ -234,14 +234,18 @@ def validate_config(raw: dict, member_overrides: list[str] | tuple[str, ...] = (
         raise ConfigError(problems)
     for text in member_overrides:
         apply_override(raw, text)
-    raw_couplings = raw.pop("couplings", None)
-    raw_couplings = [] if raw_couplings is None else raw_couplings
-    if isinstance(raw_couplings, list):  # from Python, a coupling class alone stands for `{type: <the class>}`
-        raw_couplings = [{"type": item} if isinstance(item, type) else item for item in raw_couplings]
     problems = []
-    if not isinstance(raw_couplings, list) or not all(isinstance(c, dict) for c in raw_couplings):
+    # Couplings recording a class given from Python that is not here (said after the members' objects).
+    recorded_problems: list[tuple[str, Any]] = []
+    recorded_missing: list[tuple[str, str]] = []
+    if "couplings" in raw and raw["couplings"] is None:  # `couplings:` left empty in YAML: none
+        raw["couplings"] = []
+    if not isinstance(raw.get("couplings", []), list):
         problems.append(("couplings", "must be a list of mappings, each with a `type`"))
-        raw_couplings = []
+        del raw["couplings"]
+    if isinstance(raw.get("couplings"), list):
+        raw["couplings"] = [_recorded_coupling(item, f"couplings.{i}", recorded_problems, recorded_missing) for i, item in enumerate(raw["couplings"])]
+    not_here = {key.removesuffix(".type") for key, _ in recorded_problems}  # couplings whose recorded class is not here: said once
     try:
         cfg = RunConfig.model_validate(raw)
     except ValidationError as exc:
@@ -249,10 +253,16 @@ def validate_config(raw: dict, member_overrides: list[str] | tuple[str, ...] = (
         if any(e.compactable for e in entries):  # positions in the expanded list mean nothing to the user: name the member
             made = {str(i): m["name"] for i, m in enumerate(raw["members"]) if isinstance(m, dict) and isinstance(m.get("name"), str)}
             found = [(_named_member(key, made), reason) for key, reason in found]
-        raise ConfigError(found + problems) from None
+        found = [(key, reason) for key, reason in found if not any(key == k or key.startswith(k + ".") for k in not_here)]
+        if found or not not_here:
+            raise ConfigError(problems + recorded_problems + found) from None
+        # Only couplings whose recorded class is not here failed: the rest is checked without them,
+        # so every object the run cannot continue without is named at once.
+        cfg = RunConfig.model_validate({**raw, "couplings": []})
 
-    # Recorded objects (name, digest) that are not here: the run cannot continue (couplings: below, before they are resolved).
-    missing = _find_recorded_components(cfg, entries, problems)
+    # Recorded objects (name, digest) that are not here: the run cannot continue.
+    missing = _find_recorded_components(cfg, entries, problems) + recorded_missing
+    problems += recorded_problems
     names = cfg.member_names
     seen: dict[str, str] = {}
     for index, name in enumerate(names):
@@ -274,34 +284,12 @@ def validate_config(raw: dict, member_overrides: list[str] | tuple[str, ...] = (
             ("checkpoint.every", f"must be a multiple of exchange.every ({cfg.exchange.every}), so checkpoints fall on exchanges; got {cfg.checkpoint.every}")
         )
 
-    typed: list[CouplingConfig] = []
     labels: set[str] = set()
-    for index, item in enumerate(raw_couplings):
+    for index, specific in enumerate(cfg.couplings):
         key = f"couplings.{index}"
-        given = isinstance(item.get("type"), type)  # from Python: the coupling class itself
-        if not given and not isinstance(item.get("type"), str):
-            problems.append((f"{key}.type", "required: the coupling's registered name or import path (from Python: the coupling class)"))
+        if key in not_here:
             continue
-        if not given and not IMPORT_PATTERN.match(item["type"]):
-            problems.append((f"{key}.type", f"{item['type']!r} {IMPORT_RULE}"))
-            continue
-        if not given and isinstance(item.get("digest"), str):  # a recorded object: the same one must be here
-            reason, found = _recorded_object_problem(item["type"], item["digest"], partial(resolve_coupling, item["type"]))
-            if reason:
-                problems.append((f"{key}.type", reason))
-                missing.append((item["type"], item["digest"]))
-                continue
-            item = {**item, "type": found}
-        try:
-            cls = resolve_coupling(item["type"])
-        except (ImportError, AttributeError, ValueError, TypeError) as exc:
-            problems.append((f"{key}.type", str(exc)))
-            continue
-        try:
-            specific = cls.Config.model_validate(item)
-        except ValidationError as exc:
-            problems.extend(_validation_problems(exc, key))
-            continue
+        cls = resolve_coupling(specific.given_or_name)
         if specific.members == []:
             problems.append((f"{key}.members", "is empty: list the members it reads, or leave `members` out for every member"))
         for field in ("members", "trains"):
@@ -322,14 +310,14 @@ def validate_config(raw: dict, member_overrides: list[str] | tuple[str, ...] = (
             problems.append(
                 (
                     f"{key}.type",
-                    f"{item['type']!r} replaces members' values at exchanges, which needs every member at the same exchange: use `exchange.mode: sync`",
+                    f"{specific.type!r} replaces members' values at exchanges, which needs every member at the same exchange: use `exchange.mode: sync`",
                 )
             )
         if cfg.failure.nonfinite == "rollback" and not cls.allows_rollback:
             problems.append(
                 (
                     f"{key}.type",
-                    f"{item['type']!r} keeps members' parameters identical, which restoring one "
+                    f"{specific.type!r} keeps members' parameters identical, which restoring one "
                     "member from its checkpoint would break: use `failure.nonfinite: skip` or `fail`",
                 )
             )
@@ -339,7 +327,6 @@ def validate_config(raw: dict, member_overrides: list[str] | tuple[str, ...] = (
             problems.append(
                 (key, Reason.of(f"{cls.__name__}.check_config raised {type(exc).__name__}: {exc} (a bug in the coupling's code; its traceback follows)", exc))
             )
-        typed.append(specific)
     per = cfg.placement.members_per_host
     if per != "auto":  # hosts known from the config alone; with `auto` shares, the driver checks them (host_resources)
         for start in range(0, len(cfg.members), per):
@@ -363,12 +350,21 @@ def validate_config(raw: dict, member_overrides: list[str] | tuple[str, ...] = (
         problems.append(_cannot_continue(missing))
     if problems:
         raise ConfigError(problems)
-    # The run validated with its couplings as their own config classes (one-to-one with the YAML);
-    # its other fields are the validated objects themselves (kept as they are, with the objects
-    # they hold: _find_recorded_components).
-    cfg = RunConfig.model_validate({**dict(cfg), "couplings": typed})
     cfg._entries = entries
     return cfg
+
+
+def _recorded_coupling(item: Any, key: str, problems: list[tuple[str, Any]], missing: list[tuple[str, str]]) -> Any:
+    """A coupling entry that records a class given from Python (a digest): the class imported by its
+    name, of that digest, in its place; else the entry as it is, with its problem noted."""
+    if not (isinstance(item, dict) and isinstance(item.get("type"), str) and isinstance(item.get("digest"), str) and IMPORT_PATTERN.match(item["type"])):
+        return item
+    reason, found = _recorded_object_problem(item["type"], item["digest"], partial(resolve_coupling, item["type"]))
+    if reason:
+        problems.append((f"{key}.type", reason))
+        missing.append((item["type"], item["digest"]))
+        return item
+    return {**item, "type": found}
 
 
 def _named_member(key: str, names: dict[str, str]) -> str:

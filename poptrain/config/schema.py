@@ -17,15 +17,18 @@ from pydantic import (
     Field,
     PrivateAttr,
     SerializeAsAny,
+    ValidationError,
     ValidationInfo,
+    WrapValidator,
     field_validator,
     model_serializer,
     model_validator,
 )
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 import poptrain.config.objects as objects
 import poptrain.config.variation as variation
-from poptrain.config.registry import COUPLINGS
+from poptrain.config.registry import COUPLINGS, resolve_coupling
 from poptrain.config.variation import Draw
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -539,6 +542,39 @@ class CouplingConfig(CodeRef):
         return self.name or self.type
 
 
+def _as_its_own_config(value: Any, handler: Callable) -> CouplingConfig:
+    """A coupling's entry validated as the config class of the coupling its ``type`` names (a
+    registered name, an import path, or the class itself from Python): pydantic's discriminated
+    union, open to couplings known only once a config names them. A problem with ``type`` is
+    reported at ``couplings.<i>.type``, one with a field at ``couplings.<i>.<field>``."""
+    if isinstance(value, type):  # from Python, a coupling class alone stands for `{type: <the class>}`
+        value = {"type": value}
+    if isinstance(value, CouplingConfig):
+        value = value.dump_given()  # re-validated as its own class's config, whatever class it was built as
+    if not isinstance(value, dict):
+        hint = f": write `{{type: {value}}}`" if isinstance(value, str) else ""
+        raise PydanticCustomError("coupling_entry", "must be a mapping with a `type`{hint}", {"hint": hint})
+    kind = value.get("type")
+    if not isinstance(kind, (str, type)):
+        _coupling_type_problem("required: the coupling's registered name or import path (from Python: the coupling class)", kind)
+    if isinstance(kind, str) and not IMPORT_PATTERN.match(kind):
+        _coupling_type_problem(f"{kind!r} {IMPORT_RULE}", kind)
+    try:
+        coupling = resolve_coupling(kind)
+    except (ImportError, AttributeError, ValueError, TypeError) as exc:
+        _coupling_type_problem(str(exc), kind)
+    return coupling.Config.model_validate(value)
+
+
+def _coupling_type_problem(reason: str, kind: Any) -> typing.NoReturn:
+    detail = InitErrorDetails(type=PydanticCustomError("coupling_type", reason), loc=("type",), input=kind)
+    raise ValidationError.from_exception_data("CouplingConfig", [detail])
+
+
+# A run's couplings: each entry its own coupling's config class, serialized with that class's fields.
+Couplings = list[SerializeAsAny[Annotated[CouplingConfig, WrapValidator(_as_its_own_config)]]]
+
+
 class ExchangeConfig(Strict):
     every: int = Field(1, ge=1, le=1_000_000, description="Exchange with the coordinator every k steps; exact coupling gradients when 1.")
     mode: Literal["sync", "async"] = Field(
@@ -679,7 +715,7 @@ class RunConfig(Strict):
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
     pbt: PBTConfig | None = Field(None, description="Population-based training in memory (see `pbt`); default: none.")
     members: list[MemberConfig] = Field(description="The population.")
-    couplings: list[SerializeAsAny[CouplingConfig]] = Field(default_factory=list, description="Cross-member terms.")
+    couplings: Couplings = Field(default_factory=list, description="Cross-member terms, each validated as its own type's config.")
     gradient_path_check: Literal["error", "warn", "off"] = Field(
         "error",
         description="At the first step, a weighted term or coupling with no gradient path to a trainable "

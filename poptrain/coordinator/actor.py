@@ -80,7 +80,8 @@ class CoordinatorActor:
         if self.server is not None:
             self.server.close()
         self.server = None
-        del self.coordinator, self.wire  # a call before the next run's _start fails loudly
+        for run_state in ("coordinator", "wire"):  # a call before the next run's _start fails loudly; parking twice is fine
+            self.__dict__.pop(run_state, None)
         gc.collect()  # unmaps the last run's mapped parameters (their files are gone already)
         return True
 
