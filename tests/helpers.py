@@ -146,7 +146,7 @@ class SeparationThatHangsTheCoordinator(Separation):
     def rewrites(self):
         return [Rewrite("param", ())]  # due at every parameter exchange
 
-    def rewrite(self, kind, q, out):
+    def rewrite(self, kind, step, q, out):
         import time
 
         self.rewrites_done = getattr(self, "rewrites_done", 0) + 1

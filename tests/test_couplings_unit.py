@@ -52,7 +52,7 @@ def test_separation_pairs_restrict_which_members_are_kept_apart(base_config):
     members = [prelu_member("a"), prelu_member("b"), prelu_member("c")]
     _, _, (coupling,) = couplings_for(base_config, [{"type": "separation", "param": "activation.weight", "pairs": [["a", "b"]]}], members)
     assert float(coupling.value(slopes(a=0.0, b=0.5, c=0.0))) == pytest.approx(1.5)  # only a-b counts
-    assert set(coupling.metrics(slopes(a=0.0, b=0.5, c=0.0))) >= {"distance/a-b", "a/activation.weight"}
+    assert set(coupling.metrics(0, slopes(a=0.0, b=0.5, c=0.0))) >= {"distance/a-b", "a/activation.weight"}
 
 
 @pytest.mark.parametrize("settings", [{}, {"norm": "l2"}, {"variant": "repulsion"}])
@@ -125,7 +125,7 @@ def test_average_weights_and_every(base_config):
     (rewrite,) = average.rewrites()
     assert rewrite.kind == "param" and not rewrite.due(1, final=False) and rewrite.due(3, final=False)
     assert rewrite.due(4, final=True), "always after the last step"
-    out = average.rewrite("param", slopes(m1=1.0, m2=3.0), {})
+    out = average.rewrite("param", 0, slopes(m1=1.0, m2=3.0), {})
     assert float(out[Quantity("m1", "param", "activation.weight")]) == pytest.approx(1.5)
 
 
@@ -229,7 +229,7 @@ def test_mutual_learning_pulls_each_member_towards_its_peers_fixed_predictions(b
     expected.backward()
     assert float(reference.grad.abs().sum()) > 0 and torch.allclose(own.grad, reference.grad), "pulled along the reference's gradient"
     assert torch.allclose(mutual.value(q), mutual.value_for("m1", q) + mutual.value_for("m2", q)), "the parent logs the sum"
-    assert mutual.metrics(q)["agreement"] == 0.0
+    assert mutual.metrics(0, q)["agreement"] == 0.0
 
 
 @pytest.mark.parametrize(
@@ -268,19 +268,28 @@ def test_codistillation_runs_peers_models_without_drawing_from_the_members_rando
     assert torch.equal(torch.get_rng_state(), before), "building the peer's model draws nothing (resume stays bitwise)"
 
 
-def test_a_coupling_written_for_the_old_interface_is_refused_naming_what_changed(base_config, tmp_path, monkeypatch):
-    """Its exchange_transform would be ignored: the class is refused where it is defined, and a config
+@pytest.mark.parametrize(
+    "old, signature, instead",
+    [
+        ("exchange_transform", "(self, kind, q, exchange_index, final)", "rewrites_values = True"),
+        ("rewrite_at", "(self, kind, step, q, out)", "`rewrite(kind, step, q, out)` takes the step"),
+        ("metrics_at", "(self, step, q)", "`metrics(step, q)` takes the step"),
+        ("values_for", "(self, members, q)", "values_against(members, own, exchanged)"),
+    ],
+)
+def test_a_coupling_written_for_an_earlier_interface_is_refused_naming_what_replaces_it(base_config, tmp_path, monkeypatch, old, signature, instead):
+    """Its method would never be called: the class is refused where it is defined, and a config
     naming it gets the reason under its `type`."""
     from poptrain.config import ConfigError
 
-    (tmp_path / "old_style_coupling.py").write_text(
-        "from poptrain.couplings.separation import Separation\n\n"
-        "class OldStyleAverage(Separation):\n"
-        "    def exchange_transform(self, kind, q, exchange_index, final):\n        return {}\n"
+    module = f"old_style_{old}"
+    (tmp_path / f"{module}.py").write_text(
+        f"from poptrain.couplings.separation import Separation\n\nclass OldStyle(Separation):\n    def {old}{signature}:\n        return {{}}\n"
     )
     monkeypatch.syspath_prepend(str(tmp_path))
-    with pytest.raises(ConfigError, match=r"couplings.0.type.*defines exchange_transform, which couplings no longer have"):
-        load_config(base_config(couplings=[{"type": "old_style_coupling:OldStyleAverage", "param": "activation.weight"}]))
+    with pytest.raises(ConfigError, match=r"couplings.0.type.*defines methods couplings no longer have") as caught:
+        load_config(base_config(couplings=[{"type": f"{module}:OldStyle", "param": "activation.weight"}]))
+    assert f"{old} (" in str(caught.value) and instead in str(caught.value)
 
 
 def test_a_coupling_that_rewrites_values_must_say_so(base_config):
@@ -289,24 +298,6 @@ def test_a_coupling_that_rewrites_values_must_say_so(base_config):
 
     with pytest.raises(ConfigError, match=r"does not declare `rewrites_values = True`"):
         prepare(base_config(couplings=[{"type": "tests.helpers:UndeclaredRewrite", "param": "activation.weight"}]))
-
-
-def test_separation_gives_every_members_own_term_in_one_pass_as_it_gives_each_alone():
-    """A host stepping hundreds of members asks for all their terms at once (Coupling.values_for)."""
-    import torch
-
-    from poptrain.couplings import PopulationInfo, Quantity
-    from poptrain.couplings.separation import Separation, SeparationConfig
-
-    names = [f"m{i}" for i in range(7)]
-    separation = Separation(
-        SeparationConfig(type="separation", param="activation.weight", margin=0.5), PopulationInfo(names, {n: {"activation.weight": (1,)} for n in names})
-    )
-    values = {Quantity(n, "param", "activation.weight"): torch.tensor([0.1 * i * i]) for i, n in enumerate(names)}
-    together = separation.values_for(names, values)
-    for name in names:
-        torch.testing.assert_close(together[name], separation.value_for(name, values))
-    assert float(sum(together.values())) == pytest.approx(2 * float(separation.value(values)))
 
 
 def test_a_coupling_reads_a_hosts_members_as_columns_and_gets_each_members_own_term_and_gradient():
@@ -349,12 +340,12 @@ def test_papa_pulls_each_member_a_fraction_rate_of_the_way_to_the_mean(base_conf
         members,
     )
     q = slopes(m1=1.0, m2=3.0, m3=8.0)  # mean 4
-    out = papa.rewrite_at("param", 0, q, {})
+    out = papa.rewrite("param", 0, q, {})
     assert {m: float(out[Quantity(m, "param", "activation.weight")]) for m in ("m1", "m2", "m3")} == {"m1": 1.75, "m2": 3.25, "m3": 7.0}
     assert float(sum(out.values())) / 3 == pytest.approx(4.0), "the pull leaves the mean where it is"
-    plain_out = plain.rewrite_at("param", 0, q, {})
+    plain_out = plain.rewrite("param", 0, q, {})
     assert {q.member: float(v) for q, v in plain_out.items()} == {"m1": 4.0, "m2": 4.0, "m3": 4.0}, "rate 1 (the default) is the mean itself"
-    assert papa.metrics(q)["divergence/m3"] == pytest.approx(4.0), "distance to the mean before the pull"
+    assert papa.metrics(0, q)["divergence/m3"] == pytest.approx(4.0), "distance to the mean before the pull"
     (rewrite,) = papa.rewrites()
     assert rewrite.due(0, final=False) and rewrite.due(5, final=True), "scheduled as plain averaging: every `every` exchanges and after the last step"
 

@@ -100,7 +100,7 @@ class CouplingEvaluator:
             if rewrite.kind != kind or not rewrite.due(index, final):
                 continue
             out = {q: self.mapped[q] for q in rewrite.quantities if q in self.mapped and self.touched_by[q] == {coupling.name}} if rewrite.in_place else {}
-            for q, tensor in coupling.rewrite_at(kind, step, self.latest, out).items():
+            for q, tensor in coupling.rewrite(kind, step, self.latest, out).items():
                 if q in self.mapped:
                     into_mapped[q] = tensor
                 else:
@@ -147,7 +147,7 @@ class CouplingEvaluator:
                 value = coupling.value(self.latest)
                 if value is not None:
                     metrics[f"coupling/{coupling.name}"] = float(value)
-                for key, extra in coupling.metrics_at(step, self.latest).items():
+                for key, extra in coupling.metrics(step, self.latest).items():
                     metrics[f"coupling/{coupling.name}/{key}"] = float(extra)
         return metrics
 

@@ -116,21 +116,16 @@ class Average(Coupling[AverageConfig]):
     def _values(self, q: Mapping[Quantity, torch.Tensor], name: str) -> list[torch.Tensor]:
         return [q[Quantity(m, "param", name)] for m in self.members]
 
-    def rewrite_at(self, kind, step, q, out):
+    def rewrite(self, kind, step, q, out):
         if self.config.into is not None:
-            return self.rewrite(kind, q, out)
+            targets = {w.key: t for w, t in out.items() if w.member == self.config.into}
+            means = {n: average_pass(self._values(q, n), self.config.weights, targets.get(n), distances=False)[0] for n in self.names}
+            return {w: means[w.key] for w in self._written()}
         # The members themselves move: their distances before the round come from the round's own
         # pass (``out`` may be their memory, which the metrics would read after), those after it are logged.
         new, before = self._into_members(q, out, distances=logged(self.population, step))
         self.last_round = RoundDone(step, new, before)
         return new
-
-    def rewrite(self, kind, q, out):
-        if self.config.into is None:
-            return self._into_members(q, out, distances=False)[0]
-        targets = {w.key: t for w, t in out.items() if w.member == self.config.into}
-        means = {n: average_pass(self._values(q, n), self.config.weights, targets.get(n), distances=False)[0] for n in self.names}
-        return {w: means[w.key] for w in self._written()}
 
     def _into_members(self, q, out, distances: bool) -> tuple[dict[Quantity, torch.Tensor], dict[str, float] | None]:
         """The mean, or PAPA's pull, written back into the members: one chunked pass per parameter
@@ -175,14 +170,11 @@ class Average(Coupling[AverageConfig]):
                 squares = [a + b for a, b in zip(squares, found, strict=True)]
         return new, (_as_divergences(self.members, squares) if distances else None)
 
-    def metrics(self, q: Mapping[Quantity, torch.Tensor]) -> dict[str, float]:
-        """``divergence/<m>``: each member's Euclidean distance to the mean, before averaging, in one
-        more pass over the members' parameters (the mean is recomputed chunk by chunk in cache,
-        bitwise as :meth:`rewrite` computes it, so the pass reads each value once)."""
-        return divergences(q, self.members, self.names, self.config.weights)
-
-    def metrics_at(self, step: int, q: Mapping[Quantity, torch.Tensor]) -> dict[str, float]:
-        """:meth:`metrics`, and :func:`round_distances` (members averaged back into themselves only)."""
+    def metrics(self, step: int, q: Mapping[Quantity, torch.Tensor]) -> dict[str, float]:
+        """:func:`round_distances`: ``divergence/<m>``, each member's Euclidean distance to the mean
+        before averaging (taken by the round's own pass where it moved the members, else in one more
+        pass, the mean recomputed chunk by chunk bitwise as :meth:`rewrite` computes it), and the
+        spread of the distances before and after the round (members averaged back into themselves)."""
         return round_distances(self, step, q, self.config.weights)
 
     @classmethod
@@ -261,17 +253,14 @@ class MembersRound(Coupling[RoundConfigT]):
         new tensors. With ``distances``, also :func:`divergences` of ``q`` as they were before the
         round (taken before anything is written), else None."""
 
-    def rewrite_at(self, kind, step, q, out):
+    def rewrite(self, kind, step, q, out):
         new, before = self.round_values(step, q, out, logged(self.population, step))
         self.last_round = RoundDone(step, new, before)
         return new
 
-    def metrics(self, q: Mapping[Quantity, torch.Tensor]) -> dict[str, float]:
-        """``divergence/<m>``: each member's Euclidean distance to the members' mean, before the round."""
-        return divergences(q, self.members, self.names, None)
-
-    def metrics_at(self, step: int, q: Mapping[Quantity, torch.Tensor]) -> dict[str, float]:
-        """:meth:`metrics` and :func:`round_distances`."""
+    def metrics(self, step: int, q: Mapping[Quantity, torch.Tensor]) -> dict[str, float]:
+        """:func:`round_distances`: ``divergence/<m>``, each member's Euclidean distance to the
+        members' mean before the round, and the spread of the distances before and after it."""
         return round_distances(self, step, q, None)
 
     def written_quantities(self) -> tuple[Quantity, ...]:

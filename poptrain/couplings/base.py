@@ -8,8 +8,7 @@
 * or, for a coupling that changes values at exchanges (averaging parameters, summing shared
   gradients), :meth:`Coupling.rewrites` — which of members' own quantities it replaces and when
   (:class:`Rewrite`) — and :meth:`Coupling.rewrite` — the new values, computed by the
-  coordinator when the schedule says so (:meth:`Coupling.rewrite_at` where they depend on the
-  round: gossip's pairs).
+  coordinator when the schedule says so.
 * :meth:`Coupling.state_dict` / :meth:`Coupling.load_state_dict`, for a coupling that keeps state
   between rounds (DiLoCo's global weights and outer momentum): checkpointed by the coordinator.
 
@@ -214,6 +213,16 @@ class Rewrite:
 
 ConfigT = TypeVar("ConfigT", bound=CouplingConfig)
 
+# Methods of earlier interfaces, refused where a coupling class defines one, with what replaces it.
+RETIRED = {
+    "exchange_transform": "declare `rewrites_values = True` and implement `rewrites()` (what, when) and `rewrite(kind, step, q, out)`",
+    "transforms": "declare `rewrites_values = True` and implement `rewrites()` and `rewrite(kind, step, q, out)`",
+    "writes": "declare `rewrites_values = True` and implement `rewrites()` and `rewrite(kind, step, q, out)`",
+    "rewrite_at": "`rewrite(kind, step, q, out)` takes the step",
+    "metrics_at": "`metrics(step, q)` takes the step",
+    "values_for": "a host asks `values_against(members, own, exchanged)` for several members' terms at once",
+}
+
 
 class Coupling(CouplingClass, ABC, Generic[ConfigT]):
     """Base of every coupling. A *term* coupling implements :meth:`reads` and :meth:`value` and is
@@ -247,12 +256,9 @@ class Coupling(CouplingClass, ABC, Generic[ConfigT]):
         # before `rewrites`, which nothing would call; and term_is_joint, which must agree with
         # value_for and which no one can check by running it.
         super().__init_subclass__(**kwargs)
-        renamed = [old for old in ("exchange_transform", "transforms", "writes") if old in vars(cls)]
-        if renamed:  # written for the interface before `rewrites`: it would be silently ignored
-            raise TypeError(
-                f"{cls.__qualname__} defines {', '.join(renamed)}, which couplings no longer have: declare `rewrites_values = True` "
-                "and implement `rewrites()` (what, when) and `rewrite(kind, q, out)` (see poptrain.couplings.base)"
-            )
+        renamed = [f"{old} ({instead})" for old, instead in RETIRED.items() if old in vars(cls)]
+        if renamed:  # written for an earlier interface: nothing would call it
+            raise TypeError(f"{cls.__qualname__} defines methods couplings no longer have: {'; '.join(renamed)} (see poptrain.couplings.base)")
         if "value_for" in vars(cls) and not any("term_is_joint" in vars(k) for k in cls.__mro__ if k is not Coupling and issubclass(k, Coupling)):
             raise TypeError(
                 f"{cls.__qualname__} overrides value_for but does not declare term_is_joint: set `term_is_joint = True` where "
@@ -292,11 +298,6 @@ class Coupling(CouplingClass, ABC, Generic[ConfigT]):
         each learns towards its peers) returns that member's here, and their sum from :meth:`value`."""
         return self.value(q)
 
-    def values_for(self, members: list[str], q: Mapping[Quantity, torch.Tensor]) -> dict[str, torch.Tensor | None]:
-        """:meth:`value_for` of each of ``members`` (a host's, on the same quantities) at once; by
-        default one by one. A coupling whose cost grows with the population may do it in one pass."""
-        return {m: self.value_for(m, q) for m in members}
-
     def values_against(self, members: list[str], own: Columns, exchanged: Mapping[Quantity, torch.Tensor]) -> torch.Tensor | None:
         """Each of ``members``' :meth:`value_for` as it computes it alone: on its own quantities in
         ``own`` (columns, row i member i's, live in the autograd graph) and everyone else's in
@@ -314,17 +315,12 @@ class Coupling(CouplingClass, ABC, Generic[ConfigT]):
         like = next(v for v in values if v is not None)
         return torch.stack([torch.zeros((), dtype=like.dtype, device=like.device) if v is None else v.reshape(()) for v in values])
 
-    def metrics(self, q: Mapping[Quantity, torch.Tensor]) -> dict[str, float]:
-        """Extra values to log under ``coupling/<name>/...`` on the parent run (e.g. pairwise distances),
-        computed by the coordinator on the whole population."""
+    def metrics(self, step: int, q: Mapping[Quantity, torch.Tensor]) -> dict[str, float]:
+        """Extra values to log under ``coupling/<name>/...`` on the parent run (e.g. pairwise
+        distances), computed by the coordinator on the whole population ``q`` (the values the members
+        sent at the exchange of ``step``), after that exchange's rewrite if one was due: a coupling
+        that reports what its round did (the averaging family's distances after it) reads ``step``."""
         return {}
-
-    def metrics_at(self, step: int, q: Mapping[Quantity, torch.Tensor]) -> dict[str, float]:
-        """What the coordinator calls: :meth:`metrics` after the round of ``step`` (the values ``q``
-        are those the members sent to it). By default the metrics do not depend on the round; a
-        coupling that reports what its rewrite of that round did (the averaging family's distances
-        after it) overrides this instead of :meth:`metrics`."""
-        return self.metrics(q)
 
     def metrics_for(self, member: str, q: Mapping[Quantity, torch.Tensor]) -> dict[str, float]:
         """Extra values ``member`` logs on its own run under ``coupling/<name>/...``, from what it
@@ -340,25 +336,20 @@ class Coupling(CouplingClass, ABC, Generic[ConfigT]):
         """What this coupling changes at exchanges and when (empty for term couplings)."""
         return []
 
-    def rewrite(self, kind: Kind, q: Mapping[Quantity, torch.Tensor], out: Mapping[Quantity, torch.Tensor]) -> dict[Quantity, torch.Tensor]:
-        """New values for the quantities of the :class:`Rewrite` of ``kind`` that is due, computed
-        once by the coordinator on the whole population ``q`` (values in ``q`` must not be written).
-        ``out``, for a rewrite declared ``in_place``: ``{Quantity: tensor}`` of the members' own
-        parameters that live in memory mapped by the coordinator and that no other coupling reads
-        or rewrites; the coupling may compute their new values straight into them and return those
-        same tensors (anything else returned is copied in). Empty otherwise. ``out`` may be the very
-        memory of ``q``'s values (the members' mapped parameters are both): read what the rewrite
-        needs of a region before writing it, and take what the metrics need of the values before
-        the round (:meth:`metrics_at` comes after). A quantity left out of the result keeps its value."""
+    def rewrite(self, kind: Kind, step: int, q: Mapping[Quantity, torch.Tensor], out: Mapping[Quantity, torch.Tensor]) -> dict[Quantity, torch.Tensor]:
+        """New values for the quantities of the :class:`Rewrite` of ``kind`` due at the exchange of
+        ``step`` (the step about to be taken; ``steps`` for the exchange after the last one),
+        computed once by the coordinator on the whole population ``q`` (values in ``q`` must not be
+        written). Values that depend on the round read ``step`` (gossip draws each round's pairs
+        from the run's seed and ``step``, so a run and its resume decide the same). ``out``, for a
+        rewrite declared ``in_place``: ``{Quantity: tensor}`` of the members' own parameters that
+        live in memory mapped by the coordinator and that no other coupling reads or rewrites; the
+        coupling may compute their new values straight into them and return those same tensors
+        (anything else returned is copied in). Empty otherwise. ``out`` may be the very memory of
+        ``q``'s values (the members' mapped parameters are both): read what the rewrite needs of a
+        region before writing it, and take what the metrics need of the values before the round
+        (:meth:`metrics` comes after). A quantity left out of the result keeps its value."""
         return {}
-
-    def rewrite_at(self, kind: Kind, step: int, q: Mapping[Quantity, torch.Tensor], out: Mapping[Quantity, torch.Tensor]) -> dict[Quantity, torch.Tensor]:
-        """What the coordinator calls: :meth:`rewrite` at the exchange of ``kind`` at ``step`` (the
-        step about to be taken; ``steps`` for the exchange after the last one). By default the
-        values do not depend on the round; a coupling whose values do (gossip draws each round's pairs
-        from the run's seed and ``step``, so a run and its resume decide the same) overrides this
-        instead of :meth:`rewrite`."""
-        return self.rewrite(kind, q, out)
 
     # -- state kept between rounds -------------------------------------------------------------
 

@@ -125,7 +125,7 @@ class Mutual(Coupling[MutualConfig]):
         which needs each member's own batch, the members alone log theirs)."""
         return sum(self.value_for(m, q) for m in self.trains)
 
-    def metrics(self, q: Mapping[Quantity, torch.Tensor]) -> dict[str, float]:
+    def metrics(self, step: int, q: Mapping[Quantity, torch.Tensor]) -> dict[str, float]:
         """Each trained member's divergence (``divergence/<m>``) and, for classification, the fraction
         of samples on which members' predicted classes agree: every pair's mean (``agreement``) and
         each member with the peers' ensemble (``agreement/<m>``)."""

@@ -135,22 +135,6 @@ class Separation(Coupling[SeparationConfig]):
             return None
         return self._penalty(self._pair_values(q, member)) if len(self.members) > 2 else self.value(q)
 
-    def values_for(self, members: list[str], q: Mapping[Quantity, torch.Tensor]) -> dict[str, torch.Tensor | None]:
-        """Every pair's penalty once, summed onto both of its members: a thousand members' terms
-        in a few tensor ops instead of a thousand passes over their pairs."""
-        pair_values = self._pair_values(q)
-        if len(self.members) <= 2 or len(pair_values) != 1:  # two members, or pairs too large to hold at once
-            return super().values_for(members, q)
-        per_pair = self._penalties(*pair_values[0])
-        first, second = self._on_device(None, per_pair.device)
-        # On CUDA index_add accumulates with atomics, in no fixed order: a total's last bits may
-        # change from run to run (torch.use_deterministic_algorithms would fix the order). A
-        # stacked group calls this only for the values it logs (under no_grad); no gradient
-        # comes from it, so trained weights do not depend on it.
-        totals = torch.zeros(len(self.members), dtype=per_pair.dtype, device=per_pair.device).index_add(0, first, per_pair).index_add(0, second, per_pair)
-        position = {m: i for i, m in enumerate(self.members)}
-        return {m: totals[position[m]] if m in position else None for m in members}
-
     def values_against(self, members: list[str], own: Columns, exchanged: Mapping[Quantity, torch.Tensor]) -> torch.Tensor | None:
         """Each member's pairs, its own parameter live against its partners' exchanged ones: (pairs
         of all ``members``) penalties in a few tensor ops on the columns, summed per member (a
@@ -194,7 +178,7 @@ class Separation(Coupling[SeparationConfig]):
         per_pair = [p if p.dim() == 0 else p.sum() for p in per_pair]
         return functools.reduce(operator.add, per_pair) if per_pair else torch.zeros(())
 
-    def metrics(self, q: Mapping[Quantity, torch.Tensor]) -> dict[str, float]:
+    def metrics(self, step: int, q: Mapping[Quantity, torch.Tensor]) -> dict[str, float]:
         distances = self._distances(q)
         if len(distances) > PAIRS_LOGGED_ONE_BY_ONE:
             return {

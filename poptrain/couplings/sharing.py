@@ -53,7 +53,7 @@ class Share(Coupling[ShareConfig]):
             return [Rewrite("param", self._quantities("param"), every=0, first=True, last=True), Rewrite("grad", self._quantities("grad"))]
         return [Rewrite("param", self._quantities("param"), last=True)]
 
-    def rewrite(self, kind, q, out):
+    def rewrite(self, kind, step, q, out):
         if kind == "param":
             combine = lambda values: torch.stack(values).sum(dim=0) / len(values)  # noqa: E731
         else:
@@ -64,7 +64,7 @@ class Share(Coupling[ShareConfig]):
             new.update({Quantity(m, kind, name): combined for m in self.members})
         return new
 
-    def metrics(self, q: Mapping[Quantity, torch.Tensor]) -> dict[str, float]:
+    def metrics(self, step: int, q: Mapping[Quantity, torch.Tensor]) -> dict[str, float]:
         """``max_difference``: the largest difference between copies (0 while they are identical)."""
         worst = 0.0
         for name in self.names:
