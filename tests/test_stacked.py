@@ -302,6 +302,52 @@ def test_a_stacked_member_restored_from_its_state_continues_exactly(in_process_h
     assert units[0].steps.tolist() == [15.0, 15.0, 10.0]
 
 
+def test_stacked_batches_draw_bitwise_what_each_members_own_stream_draws_over_epoch_ends():
+    """A cohort's streams drawn as one (StackedBatches): each member keeps its own seed, shuffle and
+    position (one a few batches ahead), its epoch ending on its own step; every draw is bitwise its
+    own stream's, and written back, each stream goes on as if it had drawn alone."""
+    import copy
+
+    from torch.utils.data import TensorDataset
+
+    from poptrain.components.batches import BatchStream, StackedBatches
+
+    data = TensorDataset(torch.randn(50, 3), torch.randn(50, 1))
+    streams = [BatchStream(data, 8, shuffle=i != 2, seed=7 + i) for i in range(4)]
+    for _ in range(3):
+        streams[1].next()  # a member ahead of the others (an exploit copied a donor's position)
+    alone = copy.deepcopy(streams)
+    together = StackedBatches(streams)
+    for _ in range(20):  # 6 batches an epoch: every member's epoch ends, member 1's on its own steps
+        drawn = together.next()
+        for i, stream in enumerate(alone):
+            for column, own in zip(drawn, stream.next(), strict=True):
+                assert torch.equal(column[i], own)
+    together.to_streams()
+    for stream, reference in zip(streams, alone, strict=True):
+        assert stream.state_dict() == reference.state_dict()
+        assert all(torch.equal(a, b) for a, b in zip(stream.next(), reference.next(), strict=True))
+
+
+def test_stacked_members_each_in_its_own_sample_order_end_as_trained_one_by_one(in_process_host):
+    """Members over one dataset, each shuffled by its own ``data.seed``, train stacked with their
+    batches drawn in one gather, across epoch ends (8 batches an epoch, 30 steps), and end as the
+    same members trained one by one; each one's data position is its own when a checkpoint reads it."""
+    data = lambda i: {"name": "synthetic_regression", "kwargs": {"n": 256, "in_features": 20}, "batch_size": 32, "seed": 10 + i}  # noqa: E731
+    members = [prelu_member(f"m{i}", data=data(i), optimizer={"name": "adam", "lr": 0.01 * (i + 1)}) for i in range(3)]
+    coupled = dict(steps=30, couplings=[{"type": "separation", "param": "activation.weight", "margin": 2.0}])
+    alone, link_a = in_process_host(members, **coupled)
+    train_host(alone, link_a, 30)
+    stacked, link_b = in_process_host(members, **coupled)
+    units = form_groups(stacked)
+    assert isinstance(units[0], StackedGroup) and units[0].stacked_batches is not None, "drawn as one"
+    train_host(units, link_b, 30)
+    for a, b in zip(alone, stacked, strict=True):
+        assert b.batches.state_dict() == a.batches.state_dict()
+        for key in a.params:
+            torch.testing.assert_close(b.params[key], a.params[key], **CLOSE, msg=f"{a.name}.{key}")
+
+
 def test_what_cannot_stack_says_why_and_trains_one_after_another(in_process_host):
     functional_dropout, twice = {"model": {"name": "tests.helpers:FunctionalDropoutNet"}}, {"model": {"name": "tests.helpers:TwiceDroppedNet"}}
     trainers, _ = in_process_host(

@@ -59,6 +59,62 @@ class BatchStream:
         self._order = self._permutation(self.epoch)
 
 
+class StackedBatches:
+    """The batch streams of a cohort's members drawn as one, each member's stream its own (its seed,
+    order and position): member i's epoch order is row i of an (N, size) index tensor and its
+    position in it row i of an offsets column, so one gather per data tensor draws every member's
+    batch, shape (N, batch, ...): bitwise what each member's :class:`BatchStream` would draw, at the
+    cost of one draw instead of N. Per-member Python happens only where a member's epoch ends.
+
+    The members' data must be one tensor dataset (the same tensors or equal ones: see
+    :meth:`fits`), read with the same batch size. Their :class:`BatchStream` objects are
+    written back (:meth:`to_streams`) before anything reads a member's position (a checkpoint, an
+    exploit's donor) and read again (:meth:`from_streams`) after one was loaded."""
+
+    def __init__(self, streams: list[BatchStream]):
+        self.streams = streams
+        first = streams[0]
+        self.tensors, self.size, self.batch_size = first.dataset.tensors, first.size, first.batch_size  # type: ignore[attr-defined]
+        self.steps = torch.arange(self.batch_size)
+        self.from_streams()
+
+    @staticmethod
+    def fits(streams: list[BatchStream]) -> bool:
+        """Whether ``streams`` can be drawn as one: tensor datasets holding equal tensors, and the
+        same batch size."""
+        first = streams[0]
+        if not isinstance(first.dataset, TensorDataset):
+            return False
+        for b in streams[1:]:
+            if b.batch_size != first.batch_size or b.size != first.size or not isinstance(b.dataset, TensorDataset):
+                return False
+            if b.dataset is not first.dataset and not all(torch.equal(x, y) for x, y in zip(b.dataset.tensors, first.dataset.tensors, strict=True)):
+                return False
+        return True
+
+    def from_streams(self) -> None:
+        """Take every member's position (epoch, offset, order) from its own stream."""
+        self.epochs = [b.epoch for b in self.streams]
+        self.offsets = torch.tensor([b.offset for b in self.streams], dtype=torch.long)
+        self.orders = torch.stack([b._order for b in self.streams])
+
+    def to_streams(self) -> None:
+        """Write every member's position back into its own stream (its order a row of the stack's)."""
+        for i, (b, offset) in enumerate(zip(self.streams, self.offsets.tolist(), strict=True)):
+            b.epoch, b.offset, b._order = self.epochs[i], offset, self.orders[i].clone()  # its own: the stack's row moves on
+
+    def next(self) -> list[torch.Tensor]:
+        """Every member's next batch, stacked: [inputs..., targets], each (N, batch, ...)."""
+        ended = (self.offsets > self.size - self.batch_size).nonzero().flatten().tolist()
+        for i in ended:  # a member's epoch ends: its next order, as its own stream would draw it
+            self.epochs[i] += 1
+            self.offsets[i] = 0
+            self.orders[i] = self.streams[i]._permutation(self.epochs[i])
+        index = self.orders.gather(1, self.offsets.unsqueeze(1) + self.steps)
+        self.offsets += self.batch_size
+        return [t[index] for t in self.tensors]
+
+
 def in_order(dataset: SizedDataset, batch_size: int) -> Iterator[list[torch.Tensor]]:
     """Every sample of ``dataset`` once, in order, ``batch_size`` at a time (the last batch may be smaller)."""
     for start in range(0, len(dataset), batch_size):

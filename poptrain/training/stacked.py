@@ -44,7 +44,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from poptrain.components.batches import in_order, to_device
+from poptrain.components.batches import StackedBatches, in_order, to_device
 from poptrain.couplings.base import Columns, Overlay, Quantity
 from poptrain.exchange.wire import numpy_copy, tensor_copy
 from poptrain.training.lockstep import Send, StepProgram, Wait
@@ -319,6 +319,9 @@ class StackedGroup:
         self.state: dict[str, dict[str, torch.Tensor]] = {}
         self.steps = torch.zeros(len(members), dtype=torch.float64, device=self.device)  # each member's optimizer steps, where the update reads them
         self.shared_eval = _same_held_out(members)  # evaluated in one pass over the stack (evaluate)
+        # Members' streams over one dataset, each in its own order, are drawn as one (StackedBatches).
+        self.batches_alike = StackedBatches.fits([m.batches for m in members])
+        self.stacked_batches: StackedBatches | None = None
         self.from_members()
 
     def _point_at_stack(self, i: int, member) -> None:
@@ -368,6 +371,7 @@ class StackedGroup:
                     steps.add(float(own["step"]))
             self.steps[i] = max(steps) if steps else 0.0
         self.shared_batches = _same_stream(self.members)
+        self.stacked_batches = StackedBatches([m.batches for m in self.members]) if self.batches_alike and not self.shared_batches else None
         self._share_peers()
         self._read_hyperparameters()
 
@@ -389,6 +393,8 @@ class StackedGroup:
     def to_members(self) -> None:
         """Write the stack's optimizer state into every member's own optimizer (copies, in torch's
         format), so that its ``state_dict`` is what training it alone would have made."""
+        if self.stacked_batches is not None:  # their data positions, which a checkpoint or an exploit reads
+            self.stacked_batches.to_streams()
         steps = self.steps.tolist()  # one read, not one per member
         has_momentum = {k: v.tolist() for k, v in self.has_momentum.items()}
         for i, m in enumerate(self.members):
@@ -577,13 +583,17 @@ class StackedGroup:
 
     def _batches(self) -> tuple[list[torch.Tensor], torch.Tensor]:
         """This step's batch of every member: ([inputs (N, batch, ...)], targets (N, batch, ...)),
-        or one batch for all when every member's stream draws the same samples."""
+        or one batch for all when every member's stream draws the same samples; members over one
+        dataset in orders of their own are drawn in one gather (:class:`StackedBatches`)."""
         if self.shared_batches:
             first = self.members[0].batches
             *inputs, targets = to_device(first.next(), self.device)
             for m in self.members[1:]:  # the same stream: the same position, without drawing again
                 m.batches.follow(first)
             return inputs, targets
+        if self.stacked_batches is not None:  # every member's own draw in one gather
+            stacked = to_device(self.stacked_batches.next(), self.device)
+            return stacked[:-1], stacked[-1]
         drawn = [m.batches.next() for m in self.members]
         stacked = to_device(
             [torch.stack(parts) for parts in zip(*drawn, strict=True)], self.device
