@@ -235,17 +235,18 @@ class MemberHost:
                     m.evaluated = metrics
             if step and run.pbt is not None and step % run.pbt.every == 0:
                 self._pbt_round(step)
-            for m in members:
-                m.trainer.timings = dict.fromkeys(m.trainer.timings, 0.0)
+            for unit in self.units:
+                unit.timings = dict.fromkeys(unit.timings, 0.0)
             self._wait_for_gpus()
             started = time.perf_counter()
             stepped = self._step_units()
             self._wait_for_gpus()
             step_ms = 1000 * (time.perf_counter() - started) / len(members)  # a member's share of the host's step
+            shares = timing_shares(self.units) if run.tracking.profile else {}
             for m, metrics in zip(members, stepped, strict=True):
                 if run.tracking.profile:
-                    metrics.update({f"profile/{k}": v for k, v in m.trainer.timings.items()})
-                    metrics["profile/compute_ms"] = step_ms - sum(m.trainer.timings.values())
+                    metrics.update({f"profile/{k}": v for k, v in shares[m.name].items()})
+                    metrics["profile/compute_ms"] = step_ms - sum(shares[m.name].values())
                     metrics["profile/logging_ms"], metrics["profile/checkpoint_ms"] = self.logging_ms, m.checkpoint_ms
                     m.checkpoint_ms = 0.0
                 m.last_step_metrics = metrics
@@ -420,6 +421,12 @@ class MemberHost:
         dataset = self.by_name[name].trainer.batches.dataset
         batch = default_collate([dataset[i] for i in range(min(n, len(dataset)))])
         return numpy_copy(batch[0]) if len(batch) == 2 else None
+
+
+def timing_shares(units: list) -> dict[str, dict[str, float]]:
+    """Each member's share of its unit's step timings (``serialize_ms``, ``exchange_wait_ms``): a
+    member alone has its own; a stacked group's are the whole group's, shared evenly."""
+    return {name: {k: v / len(unit.names) for k, v in unit.timings.items()} for unit in units for name in unit.names}
 
 
 def common_checkpoint(run_dir: str, names: list[str]) -> int | None:

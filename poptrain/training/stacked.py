@@ -263,6 +263,7 @@ class StackedGroup:
         self.members = members
         self.names = tuple(m.name for m in members)
         self.randomness = _NoRandomness()  # nothing a stacked step computes draws at random
+        self.timings = {"serialize_ms": 0.0, "exchange_wait_ms": 0.0}  # this step's, the whole group's (the host shares them out)
         first = members[0]
         self.device, self.every = first.device, first.every
         self.link = first.link  # the host's: a group alone on its host sends through it as one member would
@@ -651,8 +652,8 @@ class StackedGroup:
         from the stack's own columns (``column(kind, key)``: every member's value of that quantity,
         row i member i's): one copy of each column due at this exchange where the members send alike,
         its rows their values, else each member's own rows one by one. A non-finite value is refused
-        as a member alone refuses it (``failure.nonfinite: fail``, which stacking requires). Each
-        member books its share of the time as serialization and exchange wait. Returns the pending reply."""
+        as a member alone refuses it (``failure.nonfinite: fail``, which stacking requires). The group
+        books the time as serialization and exchange wait. Returns the pending reply."""
         first, count = self.members[0], len(self.members)
         plan, index = first.plan, first.step // self.every
         started = time.perf_counter()
@@ -679,10 +680,8 @@ class StackedGroup:
                     values[q] = array
         sent = time.perf_counter()
         pending = yield Send(phase, first.step, values)
-        waited = time.perf_counter()
-        for m in self.members:  # each member its share
-            m.timings["serialize_ms"] += 1000 * (sent - started) / count
-            m.timings["exchange_wait_ms"] += 1000 * (waited - sent) / count
+        self.timings["serialize_ms"] += 1000 * (sent - started)
+        self.timings["exchange_wait_ms"] += 1000 * (time.perf_counter() - sent)
         return pending
 
     def _keep_before_round(self) -> None:
@@ -764,12 +763,10 @@ class StackedGroup:
         if reply.steps:  # async
             for m in self.members:
                 m.note_peer_steps(reply.steps, m.step)
-        # Profiled as a member alone books it (tracking.profile), each member its share: the host
-        # books the rest of a member's share of the step as compute.
-        wait_ms, serialize_ms = 1000 * (received - waited) / len(self.members), 1000 * (time.perf_counter() - received) / len(self.members)
-        for m in self.members:
-            m.timings["exchange_wait_ms"] += wait_ms
-            m.timings["serialize_ms"] += serialize_ms
+        # Profiled as a member alone books it (tracking.profile), for the whole group: the host
+        # gives each member its share, and books the rest of a member's share of the step as compute.
+        self.timings["exchange_wait_ms"] += 1000 * (received - waited)
+        self.timings["serialize_ms"] += 1000 * (time.perf_counter() - received)
 
     def _columns_of(self, reply) -> tuple[dict[tuple[str, str], tuple[tuple[str, ...], torch.Tensor]], dict[Quantity, torch.Tensor]]:
         """The peers' values in ``reply`` that members read, as columns on the group's device
