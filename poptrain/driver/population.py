@@ -571,8 +571,7 @@ class _MetricsCollector:
             if name is None:
                 self.tracking.log_population(items)
             else:
-                for member, member_items in items.items():
-                    self.tracking.log_member(member, member_items)
+                self.tracking.log_members(items)
 
     def drain(self) -> None:
         """After training: one last take from everyone, and every reply read."""

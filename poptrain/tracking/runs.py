@@ -339,8 +339,18 @@ class Tracking:
                 self.unlogged_params[name] = member_params(cfg, name)
 
     def log_member(self, member: str, items: list[Item]) -> None:
-        """Buffer a member's metrics (written by a later flush); steps already seen are dropped. Each
-        step every member has logged is summarised on the parent run (:meth:`_summarise`)."""
+        """:meth:`log_members` of one member."""
+        self.log_members({member: items})
+
+    def log_members(self, items_by_member: dict[str, list[Item]]) -> None:
+        """Buffer members' metrics (written by a later flush); steps already seen are dropped. Each
+        step every member has logged is summarised on the parent run (:meth:`_summarise`), once for
+        all of them: what a host hands over at once is summarised at once."""
+        for member, items in items_by_member.items():
+            self._take_member(member, items)
+        self._summarise()
+
+    def _take_member(self, member: str, items: list[Item]) -> None:
         items = self._fresh(self._run_id(member), items)
         self._buffer(self._run_id(member), items)
         for key, value, step, _ in items:
@@ -356,7 +366,6 @@ class Tracking:
         progress = self.progress_state.get(member)
         if progress is not None:
             progress["time"] = time.time()
-        self._summarise()
 
     def _summarise(self) -> None:
         """``population/<key>/min``, ``/median`` and ``/max`` on the parent run for every step that every
