@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import time
 from types import SimpleNamespace
 
@@ -259,3 +260,25 @@ def test_the_terminal_summarises_a_large_population_instead_of_printing_a_line_p
         display.update(snapshot(1000))
     line = capsys.readouterr().out.splitlines()[-1]
     assert "median of 1000 step 510/100" in line and line.count("|") == 4, line
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="a thread's own niceness is Linux's")
+def test_the_drivers_mlflow_writer_shares_the_cpu_with_the_hosts_instead_of_preempting_them(tracking_uri):
+    """Ray starts the members' hosts at niceness 15; the driver's writer thread runs at it too (at
+    the driver's 0 it would take nearly a whole core from them whenever it writes), while the
+    driver's other threads keep theirs."""
+    import os
+    import threading
+
+    from poptrain.tracking.runs import WORKER_NICENESS
+
+    tracking = Tracking(tracking_uri)
+    try:
+        writer = tracking._writer
+        deadline = time.monotonic() + 5
+        while os.getpriority(os.PRIO_PROCESS, writer.native_id) != WORKER_NICENESS and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert os.getpriority(os.PRIO_PROCESS, writer.native_id) == WORKER_NICENESS
+        assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) < WORKER_NICENESS, "the caller's thread keeps its own"
+    finally:
+        tracking.close()

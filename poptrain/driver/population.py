@@ -12,7 +12,7 @@ import sys
 import time
 import uuid
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,7 +38,7 @@ from poptrain.storage.checkpoint import (
     save_atomic,
     write_run_record,
 )
-from poptrain.tracking.runs import RunIds, Tracking, TrackingUnavailable
+from poptrain.tracking.runs import RunIds, Tracking, TrackingUnavailable, as_background_work
 
 ProgressFn = Callable[[dict[str, Any]], None]
 KEEP_WARM_S = 30.0  # how long a finished run's member processes wait for the next run (poptrain.driver.pool)
@@ -151,6 +151,8 @@ class PopulationRun:
         self.placement: dict[str, dict[str, Any]] = {}
         self.restarts = {name: 0 for name in cfg.member_names}
         self.final: dict[str, dict[str, float]] = {}
+        self.describing: Future[None] = Future()  # the members' placement and datasets being written (watch)
+        self.describing.set_result(None)
         # Set by start(), in this order: whether processes are kept warm after the run (Ray outlives
         # it), the hosts' placement (_place), the coordinator (_start_coordinator), the MLflow runs
         # (_open_runs) and whether hosts sample system metrics.
@@ -214,7 +216,10 @@ class PopulationRun:
 
     def _describe_members(self) -> None:
         """Each member's placement and datasets on its MLflow run, written while the members train
-        (a thousand members' worth of requests need not hold their first step back)."""
+        (a thousand members' worth of requests need not hold their first step back), on a thread
+        of its own at the hosts' niceness (:func:`poptrain.tracking.runs.as_background_work`): the
+        driver's polling goes on meanwhile, and the hosts are not preempted by it."""
+        as_background_work()
         # Tags, not params: process facts would crowd the hyperparameters out of MLflow's comparisons.
         for name, info in self.placement.items():
             self.tracking.log_placement(name, info)
@@ -322,7 +327,9 @@ class PopulationRun:
         import ray
 
         running = {host.train.remote(self.cfg.steps): index for index, host in enumerate(self.host_actors)}
-        self._describe_members()
+        describer = ThreadPoolExecutor(1, thread_name_prefix="poptrain-describe")
+        self.describing = describer.submit(self._describe_members)
+        describer.shutdown(wait=False)
         rates = _Rates()
         while running:
             done, _ = ray.wait(list(running), timeout=poll_s)
@@ -342,6 +349,7 @@ class PopulationRun:
                 snapshot["placement"] = self.placement
                 progress(snapshot)
         self.collector.drain()
+        self.describing.result()  # done, and its failure the run's
 
     def restart(self, index: int, exc: Exception):
         """Host ``index``'s process died (killed, out of memory, node lost): a new process takes its
@@ -442,6 +450,7 @@ class PopulationRun:
         import ray
 
         tracking, collector = self.tracking, self.collector
+        wait([self.describing])  # nothing is written to a run after it ended
         if collector is not None and self.status != "FINISHED":
             try:
                 collector.poll(timeout_s=2.0)
