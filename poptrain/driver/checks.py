@@ -273,7 +273,7 @@ def stacking_problems(cfg: RunConfig, population: PopulationInfo) -> dict[str, s
     out: dict[str, str | None] = {}
     for member in cfg.members:
         reason = "`placement.stacked` is false" if not cfg.placement.stacked else config_problem(member, cfg)
-        if reason is None and any(q.kind != "param" for q in plan.reads_for_terms[member.name] if q.member == member.name):
+        if reason is None and any(q.kind != "param" for q in plan.own_reads[member.name]):
             reason = "a coupling training it reads its losses or predictions"
         if reason is None and plan.coordinator_only[member.name] and cfg.exchange.shared_memory is True:
             reason = "the coordinator keeps its averaged or shared parameters in memory it maps (on a CPU node; `exchange.shared_memory: auto` lets it stack)"

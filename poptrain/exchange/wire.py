@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,26 +46,34 @@ class ExchangePlan:
     def __init__(self, couplings: list[Coupling], population: PopulationInfo, mapped_params: bool = True):
         members = population.members
         self.sends: dict[str, dict[str, list[Quantity]]] = {m: {k: [] for k in PHASES} for m in members}
-        self.receives: dict[str, set[Quantity]] = {m: set() for m in members}
-        self.reads_for_terms: dict[str, set[Quantity]] = {m: set() for m in members}
+        # What each member receives of its peers, per coupling (the members it trains, the
+        # quantities it exchanges): worked out per member only when asked (receives), since a
+        # thousand members each receiving a thousand peers' values are a million entries.
+        exchanges: list[tuple[frozenset[str], tuple[Quantity, ...]]] = []
+        # Each member's own quantities that the couplings training it read (live in its terms).
+        self.own_reads: dict[str, set[Quantity]] = {m: set() for m in members}
         self.replaced: dict[str, set[Quantity]] = {m: set() for m in members}
         takes_part: dict[str, set[str]] = {k: set() for k in PHASES}
         self.period: dict[Quantity, int] = {}  # a quantity sent only every k-th exchange: k
         for coupling in couplings:
             reads = coupling.reads()
-            for member in coupling.trains:
-                self.reads_for_terms[member].update(q for q in reads if q.phase is not None or q.member == member)
+            trained = set(coupling.trains)
+            for q in reads:
+                if q.member in trained:
+                    self.own_reads[q.member].add(q)
             exchanged = [(q, q.phase) for q in reads if q.phase is not None]  # local quantities stay with their member
             for q, phase in exchanged:
                 if q not in self.sends[q.member][phase]:
                     self.sends[q.member][phase].append(q)
                 takes_part[phase].add(q.member)
                 self.period[q] = math.gcd(self.period.get(q, 0), coupling.read_every())
-            for member in coupling.trains:
-                for q, phase in exchanged:
-                    if q.member != member:
-                        self.receives[member].add(q)
-                        takes_part[phase].add(member)
+            trains = frozenset(coupling.trains)
+            if trains and exchanged:
+                exchanges.append((trains, tuple(q for q, _ in exchanged)))
+                for phase in {phase for _, phase in exchanged}:
+                    senders = {q.member for q, p in exchanged if p == phase}
+                    # A member it trains takes part in a phase where it receives a peer's value.
+                    takes_part[phase].update(m for m in trains if len(senders) > 1 or m not in senders)
             for rewrite in coupling.rewrites():
                 for q in rewrite.quantities:
                     if q.phase is None:  # it would otherwise fail below as a KeyError, far from its cause
@@ -75,7 +84,9 @@ class ExchangePlan:
             for kind in PHASES:
                 sends[kind].sort()
         self.replaces_params = any(r.kind == "param" for c in couplings for r in c.rewrites())
-        self.received = set().union(*self.receives.values())  # what any member reads of its peers
+        self.receives = Receives(exchanges)
+        # What any member reads of its peers: a value is read by a peer when its coupling trains a member other than its own.
+        self.received = {q for trains, quantities in exchanges for q in quantities if len(trains) > 1 or q.member not in trains}
         # Parameters only the coordinator reads or writes (averaged, shared): what a member may keep
         # in memory mapped by the coordinator (poptrain.exchange.mapped_memory) instead of sending copies.
         # Only at a sync barrier is there a moment when the coordinator may read them (`mapped_params`).
@@ -96,6 +107,27 @@ class ExchangePlan:
         if couplings is None:
             couplings = build_couplings(run.couplings, population)
         return cls(couplings, population, mapped_params=run.exchange.shared_memory is not False and run.exchange.mode == "sync")
+
+
+class Receives(Mapping[str, frozenset[Quantity]]):
+    """Member -> the peers' quantities it receives (those of the couplings that train it, other
+    than its own), worked out for a member when first asked and kept."""
+
+    def __init__(self, exchanges: list[tuple[frozenset[str], tuple[Quantity, ...]]]):
+        self.exchanges = exchanges
+        self.members = frozenset().union(*(trains for trains, _ in exchanges))
+        self.known: dict[str, frozenset[Quantity]] = {}
+
+    def __getitem__(self, member: str) -> frozenset[Quantity]:
+        if member not in self.known:
+            self.known[member] = frozenset(q for trains, quantities in self.exchanges if member in trains for q in quantities if q.member != member)
+        return self.known[member]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(sorted(self.members))
+
+    def __len__(self) -> int:
+        return len(self.members)
 
 
 def as_numpy(tensor: torch.Tensor) -> np.ndarray:

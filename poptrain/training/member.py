@@ -128,7 +128,7 @@ class MemberTrainer:
         # A member whose parameters no coupling replaces computes while the parameter round completes.
         self.defer_param_replies = not any(q.kind == "param" for q in self.plan.replaced[name])
         # Then this member's own objective can be back-propagated before its peers' values arrive.
-        self.couplings_read_only_own_params = all(q.kind == "param" for q in self.plan.reads_for_terms[name] if q.member == name)
+        self.couplings_read_only_own_params = all(q.kind == "param" for q in self.plan.own_reads[name])
         self.stacking_problem: str | None = None  # why it trains alone though alike members on its host stack (poptrain.training.stacked.form_groups)
         self.peers = PeerValues()  # peers' values from the last exchange (one for a stacked group's members)
         self.reads_predictions = any(q.kind == "pred" for q in self.plan.received)
@@ -230,9 +230,8 @@ class MemberTrainer:
         """The weighted terms of the couplings that train this member, on its own quantities live
         (in its autograd graph) and its peers' from the last exchange."""
         quantities = dict(self.peers)
-        for q in self.plan.reads_for_terms[self.name]:
-            if q.member == self.name:
-                quantities[q] = self._own(q, terms, outputs, inputs)
+        for q in self.plan.own_reads[self.name]:
+            quantities[q] = self._own(q, terms, outputs, inputs)
         coupling_terms = {c.name: c.term(self.name, quantities) for c in self.training_couplings}
         coupling_terms = {k: v for k, v in coupling_terms.items() if v is not None}
         if logs_step(self.run, self.step):

@@ -286,7 +286,7 @@ class StackedGroup:
 
         self._grad = grad_and_value(objective, has_aux=True)
         # The quantities of its own each member's couplings read (its parameters), computed once.
-        self.own_reads = [[q for q in m.plan.reads_for_terms[m.name] if q.member == m.name] for m in members]
+        self.own_reads = [sorted(m.plan.own_reads[m.name]) for m in members]
         # Each member's couplings by name: its own objects when population-based training changes
         # their weights member by member (poptrain.training.host), else the ones all share.
         self.couplings = [{c.name: c for c in m.training_couplings} for m in members]
