@@ -20,6 +20,7 @@ import socket
 import time
 import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -32,7 +33,7 @@ from poptrain.config.schema import RunConfig
 from poptrain.couplings import PopulationInfo, Quantity, build_couplings
 from poptrain.exchange import mapped_memory
 from poptrain.exchange.channel import CoordinatorClient
-from poptrain.exchange.links import open_link
+from poptrain.exchange.links import Link, open_link
 from poptrain.exchange.wire import ExchangePlan, numpy_copy
 from poptrain.storage.checkpoint import checkpoint_path, load_checkpoint, save_checkpoints, steps_of
 from poptrain.tracking.outbox import Item, MetricsOutbox
@@ -95,6 +96,16 @@ class Hosted:
 class MemberHost:
     """Ray actor carrying one or more members: see the module's docstring."""
 
+    # The run's, set by _start and let go by park (a warm process between runs holds none of them).
+    run: RunConfig
+    run_dir: Path
+    coordinator: Any  # the coordinator actor's handle
+    link: Link
+    members: list[Hosted]
+    by_name: dict[str, Hosted]
+    units: list
+    groups: list[StackedGroup]
+
     def __init__(
         self, run: RunConfig, names: list[str], population: PopulationInfo, coordinator_name: str, num_cpus: float, run_dir: str, system_metrics: bool = False
     ):
@@ -113,13 +124,15 @@ class MemberHost:
     def park(self) -> None:
         """Let go of the finished run (models, optimizers, data, mapped memory, the GPU's cached
         blocks, the connection to its coordinator) while this warm process waits for the next."""
-        if self.link is not None:
-            self.link.close()
+        link = self.__dict__.pop("link", None)
+        if link is not None:
+            link.close()
         # Every attribute that holds a trainer, a stack or its optimizer state, not only the member
         # list: a stacked group holds its members' trainers and the stacked parameters and moments,
         # and one reference left keeps the whole run (on a GPU, its memory) alive beside the next.
-        self.link, self.members, self.by_name, self.units, self.groups = None, [], {}, [], []
-        self.coordinator, self.run = None, None
+        self.members, self.by_name, self.units, self.groups = [], {}, [], []
+        for run_state in ("coordinator", "run"):  # a call before the next run's _start fails loudly
+            self.__dict__.pop(run_state, None)
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -129,7 +142,7 @@ class MemberHost:
     ) -> None:
         device, gpu_ids = placement_device()
         torch.set_num_threads(max(1, int(num_cpus)))
-        self.run, self.run_dir = run, run_dir
+        self.run, self.run_dir = run, Path(run_dir)
         # One plan and (unless population-based training changes coupling weights member by member)
         # one set of couplings for all the members a host carries: both grow with the population.
         couplings = build_couplings(run.couplings, population)
@@ -141,9 +154,9 @@ class MemberHost:
         ]
         self.coordinator = coordinator = ray.get_actor(coordinator_name)
         client = CoordinatorClient(coordinator, ray.get(coordinator.channel.remote()), run.exchange.timeout_s)
-        self.link = open_link(run, trainers[0].plan, client)  # one for every member it carries
+        self.link = link = open_link(run, trainers[0].plan, client)  # one for every member it carries
         for trainer in trainers:
-            trainer.connect(self.link)
+            trainer.connect(link)
         # What a step drives: members alone, or stacked in groups of one architecture (poptrain.training.stacked).
         # Under `exchange.shared_memory: auto` the groups are formed first, and their members
         # exchange copies (the stack holds their parameters); under `true` mapped members train alone.
@@ -163,7 +176,7 @@ class MemberHost:
         for trainer in trainers:
             hosted = Hosted(trainer, MetricsOutbox())
             if restored is not None:
-                state = load_checkpoint(checkpoint_path(run_dir, trainer.name, restored))
+                state = load_checkpoint(checkpoint_path(self.run_dir, trainer.name, restored))
                 trainer.load_state_dict(state, unpacked)
                 hosted.outbox = MetricsOutbox(state.get("metrics", []))
                 hosted.evaluated, hosted.last_step_metrics = dict(state.get("evaluated", {})), dict(state.get("last_step_metrics", {}))
@@ -268,7 +281,7 @@ class MemberHost:
         """One step of every unit (member or stacked group), in lockstep when there are several;
         each member's metrics, in order."""
         results = drive(self.units, [u.step_program() for u in self.units])
-        by_name = {}
+        by_name: dict[str, dict[str, float]] = {}
         for unit, result in zip(self.units, results, strict=True):
             by_name.update(zip(unit.names, result if isinstance(unit, StackedGroup) else [result], strict=True))
         return [by_name[m.name] for m in self.members]
@@ -292,17 +305,17 @@ class MemberHost:
         from poptrain.pbt.policy import ranking, transferable
 
         metric, _ = ranking(self.run)
-        scheduled = [m for m in self.members if m.trainer.hyperparameters is not None]
+        scheduled = [(m, m.trainer.hyperparameters) for m in self.members if m.trainer.hyperparameters is not None]
         if not scheduled:
             return
         self._sync_stacks(into_members=True)
         arrivals = []
-        for m in scheduled:
+        for m, hyperparameters in scheduled:
             score = (m.evaluated if metric.startswith("eval/") else m.last_step_metrics).get(metric)
             state = [ray.put(transferable(m.trainer.state_dict()))]  # in a list: Ray hands the reference on, unresolved
-            arrivals.append((m.name, score, m.trainer.hyperparameters.get(), state))
+            arrivals.append((m.name, score, hyperparameters.get(), state))
         names = self.run.member_names
-        for m, decision in zip(scheduled, ray.get(self.coordinator.pbt_round.remote(step, arrivals)), strict=True):
+        for (m, _), decision in zip(scheduled, ray.get(self.coordinator.pbt_round.remote(step, arrivals)), strict=True):
             if decision is None:
                 continue
             m.trainer.exploit(decision["donor"], ray.get(decision["state"][0]), decision["new_hyperparameters"])
@@ -408,7 +421,7 @@ class MemberHost:
         """Member ``name``'s training and held-out data, as :func:`poptrain.components.build.describe_dataset` describes them."""
         trainer = self.by_name[name].trainer
         out = [describe_dataset(trainer.config.data, trainer.batches.dataset, "train")]
-        if trainer.eval_dataset is not None:
+        if trainer.held_out is not None and trainer.eval_dataset is not None:
             out.append(describe_dataset(trainer.held_out, trainer.eval_dataset, "eval"))
         return out
 
@@ -429,12 +442,12 @@ def timing_shares(units: list) -> dict[str, dict[str, float]]:
     return {name: {k: v / len(unit.names) for k, v in unit.timings.items()} for unit in units for name in unit.names}
 
 
-def common_checkpoint(run_dir: str, names: list[str]) -> int | None:
+def common_checkpoint(run_dir: str | Path, names: list[str]) -> int | None:
     """The newest checkpoint step every one of ``names`` has (a host restarts all its members from
     the same step), or None."""
     common = None
     for name in names:
-        saved = set(steps_of(run_dir, name))
+        saved = set(steps_of(Path(run_dir), name))
         common = saved if common is None else common & saved
     return max(common) if common else None
 

@@ -51,7 +51,9 @@ class Programmed(Protocol):
     """What a driver needs of what it steps (a member, or a :class:`poptrain.training.stacked.StackedGroup`
     of members): the names of the members it stands for, its random streams and link."""
 
-    names: tuple[str, ...]
+    @property
+    def names(self) -> tuple[str, ...]: ...
+
     randomness: MemberRandomness
     link: Link | None
 

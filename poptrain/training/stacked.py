@@ -86,6 +86,7 @@ class RowDropout(nn.Module):
     def __init__(self, p: float):
         super().__init__()
         self.p = p
+        self.mask: torch.Tensor  # a member's row of the step's masks, handed in by functional_call
         self.register_buffer("mask", torch.empty(0), persistent=False)
         self.calls: list | None = None
 
@@ -145,7 +146,7 @@ def _vmap_problem(models, loss_fn, inputs, targets, skeleton) -> str | None:
         named = dict(model.named_parameters())
         own = torch.autograd.grad(loss_fn(model(*inputs), targets), list(named.values()), allow_unused=True)
         for (k, p), g in zip(named.items(), own, strict=True):
-            if not torch.allclose(stacked[k][i], torch.zeros_like(p) if g is None else g, **PROBE_TOLERANCE):
+            if not torch.allclose(stacked[k][i], torch.zeros_like(p) if g is None else g, rtol=PROBE_TOLERANCE["rtol"], atol=PROBE_TOLERANCE["atol"]):
                 return f"its gradient stacked differs from its own ({k}): its forward may keep state between calls"
     # In training mode, its nn.Dropout standing aside and counted (a stack multiplies by masks drawn
     # outside, one per module): anything else random (functional dropout, RReLU) cannot be drawn
@@ -243,7 +244,8 @@ def form_groups(trainers: list) -> list:
         for m in members:
             m.stacking_problem = problem
     grouped = {id(t): members for members in by_key.values() if len(members) >= MIN_MEMBERS and members[0].stacking_problem is None for t in members}
-    units, placed = [], set()
+    units: list = []
+    placed: set[int] = set()
     for t in trainers:
         if id(t) not in grouped:
             units.append(t)
@@ -403,7 +405,7 @@ class StackedGroup:
             if steps[i] == 0:
                 continue
             for k in self.keys:
-                own = {n: self.state[k][n][i].clone() for n in self.state[k]}
+                own: dict[str, torch.Tensor | None] = {n: self.state[k][n][i].clone() for n in self.state[k]}
                 if self.optimizer in ("adam", "adamw"):
                     own["step"] = torch.tensor(steps[i])
                 elif not has_momentum[k][i]:
@@ -560,9 +562,9 @@ class StackedGroup:
                     targets.append(target.cpu())
         finally:
             self.skeleton.train()
-        outputs, target = torch.cat(outputs, dim=1), torch.cat(targets)
+        stacked_outputs, target = torch.cat(outputs, dim=1), torch.cat(targets)
         return {
-            m.name: ({f"eval/{key}": float(fn(outputs[i], target)) for key, fn in first.metric_fns.items()}, outputs[i], target)
+            m.name: ({f"eval/{key}": float(fn(stacked_outputs[i], target)) for key, fn in first.metric_fns.items()}, stacked_outputs[i], target)
             for i, m in enumerate(self.members)
         }
 
@@ -739,6 +741,8 @@ class StackedGroup:
         """``received/distance`` of every member a round rewrote: the Euclidean distance (over the
         parameters it rewrote) between its parameters before and after the round, as a column (N,)
         read with the step's metrics (NaN in the rows it left alone, which log none)."""
+        if self.before_round is None:  # nothing kept: no round's distance to measure
+            return
         _, before, rows = self.before_round
         self.before_round = None
         count = len(self.members)
@@ -981,7 +985,7 @@ def _same_held_out(members: list) -> bool:
     return True
 
 
-def _set_parameter(model: nn.Module, name: str, param: nn.Parameter) -> None:
+def _set_parameter(model: nn.Module, name: str, param: nn.Parameter | nn.Module) -> None:
     *path, leaf = name.split(".")
     module = model
     for part in path:
