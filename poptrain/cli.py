@@ -310,13 +310,14 @@ def _summary_table(result, metrics: dict[str, dict[str, float]], keys: list[str]
     for key in keys:
         table.add_column(key, justify="right")
     table.add_column("device")
-    shown = list(metrics)
-    if len(shown) > SUMMARY_ROWS:  # the best and the worst, not a thousand rows
+    names = list(metrics)
+    shown: list[str | None] = [*names]  # None: the row standing for those left out
+    if len(names) > SUMMARY_ROWS:  # the best and the worst, not a thousand rows
         key, higher = _ranking(result)
-        if not any(metrics[n].get(key) is not None for n in shown):
+        if not any(metrics[n].get(key) is not None for n in names):
             key, higher = "loss", False
-        known = [n for n in shown if metrics[n].get(key) is not None]
-        ranked = sorted(known, key=lambda n: metrics[n][key], reverse=higher) + [n for n in shown if n not in known]
+        known = [n for n in names if metrics[n].get(key) is not None]
+        ranked = sorted(known, key=lambda n: metrics[n][key], reverse=higher) + [n for n in names if n not in known]
         shown = [*ranked[: SUMMARY_ROWS // 2], None, *ranked[-(SUMMARY_ROWS // 2 - 1) :]]
     for name in shown:
         if name is None:

@@ -30,6 +30,7 @@ import threading
 import time
 import warnings
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -159,12 +160,13 @@ class MetricRecorder:
     checkpoint (it exchanges there first), so a complete checkpoint at step c always has the
     coupling metrics of the steps before c, and a resumed run writes them."""
 
-    def __init__(self, run: RunConfig, run_dir: str | None):
+    def __init__(self, run: RunConfig, run_dir: str | Path | None):
         from poptrain.storage.checkpoint import load_coordinator_metrics
 
-        self.every, self.checkpoint_every = run.exchange.every, run.checkpoint.every
-        self.run_dir = run_dir if run.checkpoint.every else None
-        self.outbox = MetricsOutbox(load_coordinator_metrics(run_dir) if self.run_dir else [])
+        # checkpoint.every is None only before RunConfig's validation fills in its default; 0: checkpoints off.
+        self.every, self.checkpoint_every = run.exchange.every, run.checkpoint.every or 0
+        self.run_dir = Path(run_dir) if run_dir is not None and self.checkpoint_every else None
+        self.outbox = MetricsOutbox(load_coordinator_metrics(self.run_dir) if self.run_dir is not None else [])
 
     def record(self, step: int, metrics: dict[str, float], checkpoint: bool = True) -> None:
         """``checkpoint``: ``step`` is an exchange step, at which the outbox may be due for saving."""
@@ -184,24 +186,27 @@ class CouplingStates:
     always has its couplings' state. A resumed run's coordinator starts from the state saved for the
     step it continues from (:func:`poptrain.driver.population.resume` refuses a run that lacks it)."""
 
-    def __init__(self, run: RunConfig, couplings: list, run_dir: str | None):
+    def __init__(self, run: RunConfig, couplings: list, run_dir: str | Path | None):
         from poptrain.storage.checkpoint import latest_complete_step, load_coupling_state
 
         self.keeping = [c for c in couplings if c.state_dict() is not None]
-        self.run_dir = run_dir if run.checkpoint.every and self.keeping else None
+        # checkpoint.every is None only before RunConfig's validation fills in its default; 0: checkpoints off.
+        self.checkpoint_every = run.checkpoint.every or 0
+        self.run_dir = Path(run_dir) if run_dir is not None and self.checkpoint_every and self.keeping else None
         self.run = run
-        resumed_from = latest_complete_step(run_dir, run.member_names) if self.run_dir else None
-        if resumed_from:
-            states = load_coupling_state(run_dir, resumed_from, [c.name for c in self.keeping])
-            for coupling in self.keeping:
-                coupling.load_state_dict(states[coupling.name])
+        if self.run_dir is not None:
+            resumed_from = latest_complete_step(self.run_dir, run.member_names)
+            if resumed_from:
+                states = load_coupling_state(self.run_dir, resumed_from, [c.name for c in self.keeping])
+                for coupling in self.keeping:
+                    coupling.load_state_dict(states[coupling.name])
 
     def after_param_round(self, step: int) -> None:
         if self.run_dir is None:
             return
         from poptrain.storage.checkpoint import save_coupling_state
 
-        every, last = self.run.checkpoint.every, min(step + self.run.exchange.every, self.run.steps - 1)
+        every, last = self.checkpoint_every, min(step + self.run.exchange.every, self.run.steps - 1)
         for checkpoint_step in range((step // every + 1) * every, last + 1, every):  # the next param round is after it
             save_coupling_state(self.run_dir, checkpoint_step, {c.name: c.state_dict() for c in self.keeping}, self.run.checkpoint.keep + 1)
 
@@ -215,7 +220,7 @@ class Coordinator:
         self.evaluator = CouplingEvaluator(run, population)
         self.plan = self.evaluator.plan
         self.barrier = Barrier(self.plan.participants)
-        self.stand_ins = StandIns(run.failure.while_restarting == "continue", run.checkpoint.every)
+        self.stand_ins = StandIns(run.failure.while_restarting == "continue", run.checkpoint.every or 0)
         self.history = ReplayHistory(2 * run.checkpoint.every + run.exchange.every if run.checkpoint.every else 0)
         self.board = AsyncBoard(self.plan.participants, run.exchange.max_staleness, run.exchange.every)
         self.recorder = MetricRecorder(run, run_dir)

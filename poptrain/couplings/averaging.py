@@ -9,12 +9,11 @@ import os
 import random
 import statistics
 from abc import abstractmethod
-from collections import ChainMap
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
-from typing import TYPE_CHECKING, ClassVar, TypeVar
+from typing import TYPE_CHECKING, ClassVar, Literal, TypeVar, overload
 
 import torch
 from pydantic import Field, field_validator, model_validator
@@ -146,7 +145,8 @@ class Average(Coupling[AverageConfig]):
                 # The mean is kept in a new tensor only for members without mapped memory.
                 mean = torch.empty(values[0].shape, dtype=values[0].dtype) if unmapped else None
                 dests = [out[w].view(-1) for w in mine if w in out]
-                new.update({w: mean for w in unmapped})
+                if mean is not None:
+                    new.update({w: mean for w in unmapped})
 
                 def then(start, stop, mean_part, scratch, dests=dests):
                     for d in dests:
@@ -166,7 +166,7 @@ class Average(Coupling[AverageConfig]):
 
                 _, found = average_pass(values, self.config.weights, keep=False, distances=distances, then=then)
             new.update({w: out[w] for w in mine if w in out})
-            if distances:
+            if found is not None:  # with distances
                 squares = [a + b for a, b in zip(squares, found, strict=True)]
         return new, (_as_divergences(self.members, squares) if distances else None)
 
@@ -311,9 +311,9 @@ class Gossip(MembersRound[GossipConfig]):
                 unmapped = [w for w in pair if w not in out]
                 shared = torch.empty(q[pair[0]].shape, dtype=q[pair[0]].dtype) if unmapped else None
                 new.update({w: out[w] if w in out else shared for w in pair})
-                dests = [out[w].view(-1) for w in pair if w in out] + ([shared.view(-1)] if unmapped else [])
+                dests = [out[w].view(-1) for w in pair if w in out] + ([shared.view(-1)] if shared is not None else [])
                 sources = [q[Quantity(m, "param", name)].reshape(-1) for m in (a, b)]
-                in_chunks(sources[0].numel(), lambda sources=sources, dests=dests: partial(_pair_mean_chunk, sources, dests))
+                in_chunks(sources[0].numel(), partial(partial, _pair_mean_chunk, sources, dests))  # each thread's worker: the pair's chunk function
         return new, before
 
 
@@ -431,8 +431,8 @@ class Diloco(MembersRound[DilocoConfig]):
         for name in self.names:
             values = [q[Quantity(m, "param", name)] for m in self.members]
             written = [Quantity(m, "param", name) for m in self.members if name in self.written[m]]
-            first = name not in self.global_params
-            g = self.global_params.get(name)
+            g = self.global_params.get(name)  # None before the first round
+            first = g is None
             # The new global weights: in place, unless the old ones were handed to a member without
             # mapped memory (the reply may still hold them); then a new tensor, kept from then on.
             if first or name in self.handed_out:
@@ -446,7 +446,7 @@ class Diloco(MembersRound[DilocoConfig]):
             # member whose memory already holds them, the first one at the first round, is left alone).
             dests = [out[w].view(-1) for w in written if w in out and not (first and out[w].data_ptr() == values[0].data_ptr())]
             flats = [v.reshape(-1) for v in values]
-            if first:  # one model that every member starts from
+            if g is None:  # first: one model that every member starts from
                 then = partial(_start_chunk, flats[0], target.view(-1), dests)
             else:
                 then = partial(self._outer_chunk, flats, g.view(-1), None if buf is None else buf.view(-1), target.view(-1), dests, started)
@@ -458,7 +458,7 @@ class Diloco(MembersRound[DilocoConfig]):
                 self.handed_out.add(name)
             else:
                 self.handed_out.discard(name)
-            if distances:
+            if found is not None:  # with distances
                 squares = [a + b for a, b in zip(squares, found, strict=True)]
         return new, (_as_divergences(self.members, squares) if distances else None)
 
@@ -576,7 +576,10 @@ def round_distances(coupling, step: int, q: Mapping[Quantity, torch.Tensor], wei
     before = done.before if done is not None and done.before is not None else divergences(q, coupling.members, coupling.names, weights)
     out = {**before, **_spread("distance/before", list(before.values()))}
     if done is not None:
-        after = divergences(ChainMap(done.new, q), coupling.members, coupling.names, weights)
+        # The parameters the distances read: the round's new values where it wrote them, else q's
+        # (what a ChainMap of the two reads; typeshed wants a ChainMap's maps mutable, and q is not).
+        read = [Quantity(m, "param", n) for m in coupling.members for n in coupling.names]
+        after = divergences({w: done.new[w] if w in done.new else q[w] for w in read}, coupling.members, coupling.names, weights)
         out.update(_spread("distance/after", list(after.values())))
         coupling.last_round = None
     return out
@@ -632,6 +635,20 @@ def in_chunks(numel: int, worker: Callable[[], Callable[[int, int], None]], chun
         work()
 
 
+@overload
+def average_pass(
+    values: list[torch.Tensor],
+    weights: list[float] | None,
+    out: torch.Tensor | None = None,
+    keep: bool = True,
+    distances: Literal[True] = True,
+    chunk: int = CHUNK,
+    then: Callable[[int, int, torch.Tensor | None, torch.Tensor], None] | None = None,
+    then_mean: bool = True,
+) -> tuple[torch.Tensor | None, list[float]]: ...
+
+
+@overload
 def average_pass(
     values: list[torch.Tensor],
     weights: list[float] | None,
@@ -639,7 +656,19 @@ def average_pass(
     keep: bool = True,
     distances: bool = True,
     chunk: int = CHUNK,
-    then: Callable[[int, int, torch.Tensor, torch.Tensor], None] | None = None,
+    then: Callable[[int, int, torch.Tensor | None, torch.Tensor], None] | None = None,
+    then_mean: bool = True,
+) -> tuple[torch.Tensor | None, list[float] | None]: ...
+
+
+def average_pass(
+    values: list[torch.Tensor],
+    weights: list[float] | None,
+    out: torch.Tensor | None = None,
+    keep: bool = True,
+    distances: bool = True,
+    chunk: int = CHUNK,
+    then: Callable[[int, int, torch.Tensor | None, torch.Tensor], None] | None = None,
     then_mean: bool = True,
 ) -> tuple[torch.Tensor | None, list[float] | None]:
     """``(v_1 + ... + v_n) / n`` (seed 002's ``(p1 + p2) / 2``), or ``w_1 v_1 + ... + w_n v_n``,
@@ -657,9 +686,11 @@ def average_pass(
     computed and ``then`` gets None for it."""
     flats = [v.reshape(-1) for v in values]
     numel, dtype = flats[0].numel(), flats[0].dtype
-    if keep and out is None:
-        out = torch.empty(values[0].shape, dtype=dtype)
-    target = out.view(-1) if keep else None
+    target = None  # the kept mean, flat
+    if keep:
+        if out is None:
+            out = torch.empty(values[0].shape, dtype=dtype)
+        target = out.view(-1)
     count = -(-numel // chunk)
     # Sums of squares in at least float32: in float16 a chunk's overflows (131072 gaps of 1 make inf).
     accumulate = torch.promote_types(dtype, torch.float32)
@@ -674,24 +705,27 @@ def average_pass(
         rows = torch.empty(2, width, dtype=dtype) if then is not None else None
 
         def call(start: int, stop: int) -> None:
-            part = None
-            if mean:
+            part = None  # the chunk's mean: kept, or in scratch (none without a mean)
+            if target is not None:
+                part = target[start:stop]
+            elif scratch is not None:
+                part = scratch[: stop - start]
+            if part is not None:
                 parts = [f[start:stop] for f in flats]
-                part = target[start:stop] if keep else scratch[: stop - start]
                 _mean_of(parts, weights, part)
-            if distances:
+            if difference is not None and dots is not None and part is not None:  # distances (which take a mean)
                 gap = difference[: stop - start]
                 for i, p in enumerate(parts):
                     torch.sub(p, part, out=gap)
                     wide = gap if widened is None else widened[: gap.numel()].copy_(gap)
                     torch.dot(wide, wide, out=dots[i, start // chunk])
-            if then is not None:
+            if then is not None and rows is not None:
                 then(start, stop, part, rows)
 
         return call
 
     in_chunks(numel, worker, chunk)
-    squares = dots.to(torch.float64).sum(dim=1).tolist() if distances else None
+    squares = dots.to(torch.float64).sum(dim=1).tolist() if dots is not None else None
     return out if keep else None, squares
 
 

@@ -23,7 +23,7 @@ Two modes:
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Literal
+from typing import Literal, cast
 
 import torch
 import torch.nn.functional as F
@@ -81,9 +81,11 @@ class Mutual(Coupling[MutualConfig]):
         own, inputs = q[Quantity(member, "local", OUTPUTS)], q[Quantity(member, "local", "inputs")]
         return own, [self._peer_outputs(p, q, inputs) for p in self._peers(member)]
 
-    def _peer_outputs(self, peer: str, q: Mapping[Quantity, torch.Tensor], inputs: tuple) -> torch.Tensor:
-        """``peer``'s predictions on ``inputs`` with its last exchanged weights (its own buffers: a
-        BatchNorm's running statistics are its initial ones), in eval mode, without gradients."""
+    def _peer_outputs(self, peer: str, q: Mapping[Quantity, torch.Tensor], inputs: torch.Tensor | tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """``peer``'s predictions on ``inputs`` (the batch's inputs as the model takes them: the tuple of
+        its arguments a member keeps as its ``local`` ``inputs``, or one tensor) with its last exchanged
+        weights (its own buffers: a BatchNorm's running statistics are its initial ones), in eval
+        mode, without gradients."""
         from torch.func import functional_call
 
         if peer not in self._peer_models:
@@ -104,26 +106,33 @@ class Mutual(Coupling[MutualConfig]):
         """From ``own`` outputs [batch, ...] to the peers' (fixed) outputs."""
         if self.config.divergence == "mse":
             targets = [torch.stack(peers).mean(dim=0)] if self.config.target == "ensemble" else peers
-            return sum(F.mse_loss(own, t.detach()) for t in targets) / len(targets)
+            return _tensor_sum([F.mse_loss(own, t.detach()) for t in targets]) / len(targets)
         t = self.config.temperature
         log_own = F.log_softmax(own / t, dim=-1)
         probabilities = [F.softmax(p.detach() / t, dim=-1) for p in peers]
         if self.config.target == "ensemble":
             probabilities = [torch.stack(probabilities).mean(dim=0)]
         kls = [F.kl_div(log_own, p, reduction="batchmean") for p in probabilities]
-        return t * t * sum(kls) / len(kls)
+        return t * t * _tensor_sum(kls) / len(kls)
 
     def value_for(self, member: str, q: Mapping[Quantity, torch.Tensor]) -> torch.Tensor | None:
         """``member``'s term; None on a step whose peers' predictions it does not have (between
         exchanges with ``exchange.every > 1``: predictions are only valid for the batch they were made on)."""
         if self.config.mode == "predictions" and any(Quantity(p, "pred", OUTPUTS) not in q for p in self._peers(member)):
             return None
+        return self._term_of(member, q)
+
+    def _term_of(self, member: str, q: Mapping[Quantity, torch.Tensor]) -> torch.Tensor:
+        """``member``'s term, from the values in ``q`` (its peers' predictions among them)."""
         return self._divergence(*self._predictions(member, q))
 
     def value(self, q: Mapping[Quantity, torch.Tensor]) -> torch.Tensor:
         """The sum of the trained members' terms (what the parent run logs; in codistillation,
-        which needs each member's own batch, the members alone log theirs)."""
-        return sum(self.value_for(m, q) for m in self.trains)
+        which needs each member's own batch, the members alone log theirs); 0 where it trains
+        none (``trains: []``). Evaluated where ``q`` has every value it reads."""
+        if not self.trains:
+            return torch.zeros(())  # the builtin sum of no terms, 0, as a tensor
+        return _tensor_sum([self._term_of(m, q) for m in self.trains])
 
     def metrics(self, step: int, q: Mapping[Quantity, torch.Tensor]) -> dict[str, float]:
         """Each trained member's divergence (``divergence/<m>``) and, for classification, the fraction
@@ -131,7 +140,7 @@ class Mutual(Coupling[MutualConfig]):
         each member with the peers' ensemble (``agreement/<m>``)."""
         if self.config.mode != "predictions":  # needs each member's own batch: the members log their terms
             return {}
-        out = {f"divergence/{m}": float(self.value_for(m, q)) for m in self.trains}
+        out = {f"divergence/{m}": float(self._term_of(m, q)) for m in self.trains}
         if self.config.divergence == "kl":
             outputs = {m: q[Quantity(m, "pred", OUTPUTS)] for m in self.members}
             predicted = {m: o.argmax(dim=-1) for m, o in outputs.items()}
@@ -201,3 +210,10 @@ class Mutual(Coupling[MutualConfig]):
                 )
             )
         return problems
+
+
+def _tensor_sum(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """``sum(tensors)``, the builtin's (``0 + t_1 + t_2 ...``: bitwise what the terms always were),
+    of a list of tensors that is not empty (each caller divides by its length, or has some), so a
+    tensor."""
+    return cast(torch.Tensor, sum(tensors))

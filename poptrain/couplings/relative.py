@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from typing import Any, cast
 
 import torch
 from pydantic import Field, model_validator
@@ -53,11 +54,12 @@ class Relative(Coupling[RelativeConfig]):
 
     def __init__(self, config: RelativeConfig, population):
         super().__init__(config, population)
-        self._fn = None
+        self._fn: Callable[..., torch.Tensor] | None = None
+        self._fn_kwargs: dict[str, Any] = {}
         if config.fn is not None:
             from poptrain.builtins import obtain
 
-            self._fn = obtain(config.fn.given_or_name)
+            self._fn, self._fn_kwargs = obtain(config.fn.given_or_name), config.fn.kwargs
 
     @classmethod
     def default_members(cls, config: RelativeConfig, population) -> list[str]:
@@ -71,8 +73,10 @@ class Relative(Coupling[RelativeConfig]):
 
     def value(self, q: Mapping[Quantity, torch.Tensor]) -> torch.Tensor:
         if self._fn is not None:
-            return self._fn({m: q[Quantity(m, "loss", "loss")] for m in self.members}, **self.config.fn.kwargs)
-        return sum(ref.coef * q[Quantity(ref.member, "loss", ref.term)] for ref in self.config.terms)
+            return self._fn({m: q[Quantity(m, "loss", "loss")] for m in self.members}, **self._fn_kwargs)
+        # A tensor: without `fn` the terms are not empty (RelativeConfig._one_form), and the builtin
+        # sum's start, 0, plus a tensor is one.
+        return cast(torch.Tensor, sum(ref.coef * q[Quantity(ref.member, "loss", ref.term)] for ref in self.config.terms))
 
     @classmethod
     def check_config(cls, config: RelativeConfig, run) -> list[tuple[str, str]]:

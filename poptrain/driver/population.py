@@ -15,7 +15,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -140,8 +140,8 @@ class PopulationRun:
         self.started_ray = False
         self.actors: list = []  # every actor this run started or took over, the coordinator first
         self.group = None
-        self.tracking: Tracking | None = None
-        self.collector: _MetricsCollector | None = None
+        self._tracking: Tracking | None = None  # the MLflow runs, once open (_open_runs): see tracking
+        self._collector: _MetricsCollector | None = None  # set at the end of start(): see collector
         self.status = "FAILED"
         self.run_tag = uuid.uuid4().hex  # names this run's coordinator actor and mapped-memory files
         self.to_keep: pool.WarmMembers | None = None
@@ -163,6 +163,16 @@ class PopulationRun:
         self.coordinator: Any = None  # its Ray actor handle
         self.ids: RunIds | None = None
         self.system_metrics = False
+
+    @property
+    def tracking(self) -> Tracking:
+        """The run's MLflow runs, which start() opens (_open_runs)."""
+        return _set_by_start(self._tracking, "tracking")
+
+    @property
+    def collector(self) -> _MetricsCollector:
+        """What empties the actors' outboxes into tracking, which start() sets up last."""
+        return _set_by_start(self._collector, "collector")
 
     @property
     def coordinator_name(self) -> str:
@@ -212,7 +222,7 @@ class PopulationRun:
         self.placement = dict(
             zip(self.members, _get_all([host.member_placement.remote(name) for name, host in self.members.items()], self.members), strict=True)
         )
-        self.collector = _MetricsCollector(self.tracking, self.host_actors, self.coordinator)
+        self._collector = _MetricsCollector(self.tracking, self.host_actors, self.coordinator)
 
     def _describe_members(self) -> None:
         """Each member's placement and datasets on its MLflow run, written while the members train
@@ -274,15 +284,15 @@ class PopulationRun:
 
     def _open_runs(self) -> None:
         _return_to(self.cwd)
-        self.tracking = self.opening.result()
+        self._tracking = tracking = self.opening.result()
         try:
             if self.resume_ids is None:
-                self.ids = self.tracking.create_runs(self.cfg)
+                self.ids = tracking.create_runs(self.cfg)
                 record = {"tracking_uri": self.uri, "experiment_id": self.ids.experiment_id, "parent": self.ids.parent, "members": self.ids.members}
                 write_run_record(self.run_dir, record)
             else:
                 self.ids = self.resume_ids
-                self.tracking.resume(self.cfg)
+                tracking.resume(self.cfg)
         except TrackingUnavailable as exc:
             raise PopulationError(f"MLflow tracking failed: {exc}") from None
 
@@ -400,14 +410,16 @@ class PopulationRun:
         if cfg.pbt is not None:
             self.tracking.log_pbt(ray.get(self.coordinator.pbt_events.remote()), run_dir, cfg.steps, plot=cfg.tracking.plots)
         best = ray.get(self.coordinator.best_member.remote())
-        if best is not None:
-            self.tracking.set_tags(None, {"poptrain.best_member": best[0], "poptrain.best_by": f"eval/{cfg.evaluation.ranking.key}"})
+        ranking = cfg.evaluation.ranking  # None without metrics, and then no member is best
+        if best is not None and ranking is not None:
+            self.tracking.set_tags(None, {"poptrain.best_member": best[0], "poptrain.best_by": f"eval/{ranking.key}"})
         _log_artifacts(cfg, self.tracking, self.members, run_dir, weights, self.final)
         if self.keep_warm:  # handed to the pool at the very end of teardown, once this run has let go of everything
-            self.to_keep = pool.WarmMembers(self.shape, self.group, list(self.host_actors), self.coordinator, self.run_tag)
+            self.to_keep = pool.WarmMembers(_set_by_start(self.shape, "shape"), self.group, list(self.host_actors), self.coordinator, self.run_tag)
+        ids = _set_by_start(self.ids, "ids")
         return RunResult(
-            run_id=self.ids.parent,
-            member_run_ids=dict(self.ids.members),
+            run_id=ids.parent,
+            member_run_ids=dict(ids.members),
             output_dir=run_dir,
             tracking_uri=self.uri,
             metrics={name: self.final[name] for name in cfg.member_names if name in self.final},  # in config order
@@ -449,7 +461,7 @@ class PopulationRun:
         the placement group, and stop Ray if this run started it."""
         import ray
 
-        tracking, collector = self.tracking, self.collector
+        tracking, collector = self._tracking, self._collector
         wait([self.describing])  # nothing is written to a run after it ended
         if collector is not None and self.status != "FINISHED":
             try:
@@ -465,12 +477,13 @@ class PopulationRun:
             tracking.close()
         else:
             _close_when_open(self.opening)
-        kept = self.to_keep.processes if self.to_keep is not None and self.status == "FINISHED" else []
+        to_keep = self.to_keep if self.status == "FINISHED" else None
+        kept = to_keep.processes if to_keep is not None else []
         for actor in self.actors:
             if not any(actor is k for k in kept):
                 ray.kill(actor, no_restart=True)
         mapped_memory.remove_leftovers(self.run_tag)
-        if kept and not _park(self.to_keep, self.keep_warm_s):
+        if to_keep is not None and kept and not _park(to_keep, self.keep_warm_s):
             kept = []
         if self.group is not None and not kept:
             from ray.util.placement_group import remove_placement_group
@@ -478,6 +491,16 @@ class PopulationRun:
             remove_placement_group(self.group)
         if self.started_ray:
             ray.shutdown()
+
+
+T = TypeVar("T")
+
+
+def _set_by_start(value: T | None, name: str) -> T:
+    """``value``, an attribute of a :class:`PopulationRun` that :meth:`PopulationRun.start` sets."""
+    if value is None:
+        raise RuntimeError(f"PopulationRun.{name} is set by start(), which has not (or not yet) set it")
+    return value
 
 
 def _park(warm: pool.WarmMembers, keep_warm_s: float) -> bool:

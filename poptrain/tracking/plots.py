@@ -62,7 +62,13 @@ def _coupling_settings(params: dict[str, str]) -> dict[str, dict[str, str]]:
         parts = key.split(".", 2)
         if len(parts) == 3 and parts[0] == "couplings":
             by_index[parts[1]][parts[2]] = value
-    return {(s.get("name") if s.get("name") not in (None, "None", "") else s.get("type", i)): s for i, s in by_index.items()}
+    return {_coupling_label(s, i): s for i, s in by_index.items()}
+
+
+def _coupling_label(setting: dict[str, str], index: str) -> str:
+    """A coupling's label: its ``name`` where it has one, else its ``type``, else its index."""
+    name = setting.get("name")
+    return name if name and name != "None" else setting.get("type", index)
 
 
 def _margin(setting: dict[str, str]) -> float | None:
