@@ -272,13 +272,15 @@ def test_the_drivers_mlflow_writer_shares_the_cpu_with_the_hosts_instead_of_pree
 
     from poptrain.tracking.runs import WORKER_NICENESS
 
+    caller = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    expected = max(WORKER_NICENESS, caller)  # a driver already running nicer (a niced test run) stays as nice
     tracking = Tracking(tracking_uri)
     try:
         writer = tracking._writer
         deadline = time.monotonic() + 5
-        while os.getpriority(os.PRIO_PROCESS, writer.native_id) != WORKER_NICENESS and time.monotonic() < deadline:
+        while os.getpriority(os.PRIO_PROCESS, writer.native_id) != expected and time.monotonic() < deadline:
             time.sleep(0.01)
-        assert os.getpriority(os.PRIO_PROCESS, writer.native_id) == WORKER_NICENESS
-        assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) < WORKER_NICENESS, "the caller's thread keeps its own"
+        assert os.getpriority(os.PRIO_PROCESS, writer.native_id) == expected
+        assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == caller, "the caller's thread keeps its own"
     finally:
         tracking.close()
