@@ -17,7 +17,7 @@ import hashlib
 import time
 import warnings
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import numpy as np
 import torch
@@ -35,6 +35,7 @@ from poptrain.components.build import (
 )
 from poptrain.config.schema import RunConfig
 from poptrain.couplings import PopulationInfo, Quantity, build_couplings
+from poptrain.couplings.base import Kind
 from poptrain.exchange.links import Link
 from poptrain.exchange.wire import ExchangePlan, Reply, numpy_copy
 from poptrain.pbt.policy import Hyperparameters, pbt_members
@@ -109,7 +110,7 @@ class MemberTrainer:
         self.couplings = build_couplings(run.couplings, population) if couplings is None else couplings
         # Population-based training: what explore may change, and whose weights this member carries.
         in_pbt = name in pbt_members(run) and self.optimizer is not None
-        self.hyperparameters = Hyperparameters(self, list(run.pbt.hyperparameters)) if in_pbt else None
+        self.hyperparameters = Hyperparameters(self, list(run.pbt.hyperparameters)) if in_pbt and run.pbt is not None else None
         self.lineage: list[list] = []  # [step, donor] of every exploit, oldest first
 
         self.training_couplings = [c for c in self.couplings if name in c.trains]
@@ -179,13 +180,15 @@ class MemberTrainer:
         *inputs, targets = to_device(self.batches.next(), self.device)
         if not self.config.trainable:
             return (yield from self._untrained_step(exchanging, inputs, targets))
+        optimizer = self.optimizer
+        assert optimizer is not None  # built for every trainable member
         self.model.train()
         peers_params = (yield from self._send_params()) if exchanging else None
         outputs = self.model(*inputs)
         terms = self._own_terms(inputs, outputs, targets)
         weights = self.balancer.effective_weights(self.term_weights, terms)
         own_objective = sum(weights[n] * terms[n] for n in terms if weights[n] != 0)
-        self.optimizer.zero_grad(set_to_none=True)
+        optimizer.zero_grad(set_to_none=True)
         own_done = self._backward_own_first(own_objective, peers_params)
         if peers_params is not None:
             yield from peers_params()
@@ -198,12 +201,12 @@ class MemberTrainer:
         grads_finite = self._backward(sum(coupling_terms.values()) if own_done else objective)
         nonfinite, read = self._read_step(terms, coupling_terms, objective, grads_finite)
         if nonfinite:  # skip or rollback: no update, and zero gradients so nothing non-finite is exchanged
-            self.optimizer.zero_grad(set_to_none=True)
+            optimizer.zero_grad(set_to_none=True)
         if exchanging:
             yield from self._send("grad")
         if not nonfinite:
             self._transform_gradients()
-            self.optimizer.step()
+            optimizer.step()
         self.forget_predictions()
         self.step += 1
         return self._metrics(terms, weights, coupling_terms, objective, nonfinite, exchanging, read)
@@ -232,8 +235,8 @@ class MemberTrainer:
         quantities = dict(self.peers)
         for q in self.plan.own_reads[self.name]:
             quantities[q] = self._own(q, terms, outputs, inputs)
-        coupling_terms = {c.name: c.term(self.name, quantities) for c in self.training_couplings}
-        coupling_terms = {k: v for k, v in coupling_terms.items() if v is not None}
+        computed = {c.name: c.term(self.name, quantities) for c in self.training_couplings}
+        coupling_terms = {k: v for k, v in computed.items() if v is not None}
         if logs_step(self.run, self.step):
             with torch.no_grad():
                 self.coupling_extras = {
@@ -257,7 +260,7 @@ class MemberTrainer:
     @staticmethod
     def _finite_flags(terms, coupling_terms=None, grads_finite=None) -> dict[tuple, torch.Tensor]:
         """Whether each term, coupling and (``grads_finite``) the gradients are finite, unread."""
-        flags = {("finite", "term", n): torch.isfinite(t.detach()).all() for n, t in terms.items()}
+        flags: dict[tuple, torch.Tensor] = {("finite", "term", n): torch.isfinite(t.detach()).all() for n, t in terms.items()}
         flags.update({("finite", "coupling", n): torch.isfinite(t.detach()).all() for n, t in (coupling_terms or {}).items()})
         if grads_finite is not None:
             flags[("finite", "gradient")] = grads_finite
@@ -270,7 +273,7 @@ class MemberTrainer:
     @staticmethod
     def _metric_values(terms, coupling_terms, objective) -> dict[tuple, torch.Tensor]:
         """The tensors whose values the step's metrics hold."""
-        values = {("term", n): t for n, t in terms.items()}
+        values: dict[tuple, torch.Tensor] = {("term", n): t for n, t in terms.items()}
         values.update({("coupling", n): t for n, t in coupling_terms.items()})
         if isinstance(objective, torch.Tensor):
             values[("objective",)] = objective
@@ -357,16 +360,19 @@ class MemberTrainer:
         """The evaluation metrics on the member's whole held-out set (``{eval/<label>: value}``), and
         its outputs and targets there ([n, ...], on the CPU). In eval mode, without gradients; what
         it draws at random does not change the member's training streams."""
+        dataset, held_out = self.eval_dataset, self.held_out
+        assert dataset is not None and held_out is not None  # callers evaluate only members with held-out data
         was_training = self.model.training
         self.model.eval()
-        outputs, targets = [], []
+        output_parts: list[torch.Tensor] = []
+        target_parts: list[torch.Tensor] = []
         with torch.no_grad(), self.randomness.borrowed():
-            for batch in in_order(self.eval_dataset, self.held_out.batch_size):
+            for batch in in_order(dataset, held_out.batch_size):
                 *inputs, target = to_device(batch, self.device)
-                outputs.append(self.model(*inputs).detach().float().cpu())
-                targets.append(target.cpu())
+                output_parts.append(self.model(*inputs).detach().float().cpu())
+                target_parts.append(target.cpu())
         self.model.train(was_training)
-        outputs, targets = torch.cat(outputs), torch.cat(targets)
+        outputs, targets = torch.cat(output_parts), torch.cat(target_parts)
         return {f"eval/{key}": float(fn(outputs, targets)) for key, fn in self.metric_fns.items()}, outputs, targets
 
     def set_rollback_point(self, step: int, state: Mapping[str, Any]) -> None:
@@ -380,6 +386,8 @@ class MemberTrainer:
     def _roll_back(self) -> int:
         """Restore the rollback point's model, optimizer and balancing state; the step counter, data
         position and RNGs go on (the bad batch is not met again). Returns the step restored."""
+        # Only a step with a rollback point rolls back, and only a trainable member (with an optimizer) steps.
+        assert self.rollback_point is not None and self.optimizer is not None
         step, state = self.rollback_point
         self.model.load_state_dict(state["model"])
         # A copy: Optimizer.load_state_dict keeps the given CPU tensors, which its steps then update in place.
@@ -420,6 +428,7 @@ class MemberTrainer:
         if q.kind == "pred" or (q.kind == "local" and q.key == "outputs"):
             return outputs
         if q.kind == "local":  # the step's batch inputs, as the model takes them
+            assert inputs is not None  # local quantities are read only by the member's own couplings, which pass them
             return tuple(inputs)
         grad = self.params[q.key].grad
         return grad if grad is not None else torch.zeros_like(self.params[q.key])
@@ -517,6 +526,7 @@ class MemberTrainer:
         """``received/distance``: the Euclidean distance (over every parameter the round's couplings
         rewrite) between this member's parameters before and after the round; 0 where the round left
         it as it was (gossip's odd member out). Kept as a tensor, read with the step's metrics."""
+        assert self.before_round is not None  # called only for the round whose parameters were kept
         _, before = self.before_round
         self.before_round = None
         norms = [torch.linalg.vector_norm(self.params[n].detach() - value, dtype=torch.float64) for n, value in before.items()]
@@ -602,12 +612,13 @@ class MemberTrainer:
         self.batches.load_state_dict(state["batches"])
         self.balancer.load_state_dict(state["balancer"])
         digest = packed_digest(state["peers"]) if unpacked is not None else None
-        key = None if digest is None else (digest, str(self.device))
-        if key is None or key not in unpacked:
+        key = None if digest is None else (digest, str(self.device))  # None wherever unpacked is
+        values = unpacked.get(key) if unpacked is not None and key is not None else None
+        if values is None:
             values = {parse_quantity(k): v.to(self.device) for k, v in unpack_tensors(state["peers"]).items()}
-            if key is not None:
+            if unpacked is not None and key is not None:
                 unpacked[key] = values
-        self.peers = PeerValues(unpacked[key] if key is not None else values)
+        self.peers = PeerValues(values)
         self.last_sent = {parse_quantity(k): v.numpy() for k, v in state["last_sent"].items()}
         self.checked_gradient_paths = bool(state["checked_gradient_paths"])
         self.randomness.load_state_dict(state["rng"])
@@ -620,16 +631,16 @@ class MemberTrainer:
         """Become a copy of member ``donor`` (its weights, optimizer state, balancing state and data
         position, from ``state``: :func:`poptrain.pbt.policy.transferable` of its state) with
         ``hyperparameters``, which the optimizer uses from the next step on."""
+        optimizer, own_hyperparameters = self.optimizer, self.hyperparameters
+        assert optimizer is not None and own_hyperparameters is not None  # only a PBT member, which trains, exploits
         self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        optimizer.load_state_dict(state["optimizer"])
         self.balancer.load_state_dict(state["balancer"])
         self.batches.load_state_dict(state["batches"])
-        self.hyperparameters.set(hyperparameters)
+        own_hyperparameters.set(hyperparameters)
         self.lineage.append([self.step, donor])
         if self.rollback_point is not None:  # a bad step from here on returns to the copy, not to what this member was before it
-            self.set_rollback_point(
-                self.step, {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "balancer": self.balancer.state_dict()}
-            )
+            self.set_rollback_point(self.step, {"model": self.model.state_dict(), "optimizer": optimizer.state_dict(), "balancer": self.balancer.state_dict()})
 
 
 def _map_tensors(tree: Any, fn: Callable[[Any], Any]) -> Any:
@@ -641,7 +652,20 @@ def _map_tensors(tree: Any, fn: Callable[[Any], Any]) -> Any:
     return fn(tree)
 
 
-class PeerValues(dict):
+_Mutator = TypeVar("_Mutator", bound=Callable[..., Any])
+
+
+def _changed(method: _Mutator) -> _Mutator:
+    """A mutator of :class:`PeerValues` that drops what it made of the values (packed, columns) first."""
+
+    def mutate(self: PeerValues, *args: Any, **kwargs: Any) -> Any:
+        self._packed = self._columns = None
+        return method(self, *args, **kwargs)
+
+    return cast(_Mutator, mutate)
+
+
+class PeerValues(dict[Quantity, torch.Tensor]):
     """Quantity -> tensor: the peers' values a member holds from the last exchange, packed for its
     checkpoint and stacked into columns once per change (:meth:`packed`, :meth:`column`). The members of a stacked group hold one of these
     together (they read the same peers), so a checkpoint of a thousand of them packs the
@@ -650,7 +674,7 @@ class PeerValues(dict):
     _packed: dict[str, Any] | None = None
     _columns: dict[tuple, torch.Tensor] | None = None
 
-    def column(self, kind: str, key: str, members: tuple[str, ...]) -> torch.Tensor:
+    def column(self, kind: Kind, key: str, members: tuple[str, ...]) -> torch.Tensor:
         """``members``' values of ``(kind, key)`` stacked in their order (what
         :func:`poptrain.couplings.base.column_of` asks for), made once per exchange: a coupling
         over a thousand members reads its column at every step between exchanges."""
@@ -667,7 +691,8 @@ class PeerValues(dict):
         the column is kept as it came (what a coupling asks for in that order costs nothing more)."""
         rows = dict(values)
         for (kind, key), (members, column) in columns.items():
-            rows.update(zip((Quantity(m, kind, key) for m in members), column.unbind(0), strict=True))
+            # Families of received Quantities (poptrain.training.stacked), so `kind` is a Kind.
+            rows.update(zip((Quantity(m, cast(Kind, kind), key) for m in members), column.unbind(0), strict=True))
         self.update(rows)
         self._columns = {(kind, key, members): column for (kind, key), (members, column) in columns.items()}
 
@@ -677,13 +702,6 @@ class PeerValues(dict):
             self._packed = pack_tensors({quantity_key(q): t for q, t in self.items()})
         return self._packed
 
-    def _changed(method):  # noqa: N805 - a decorator of this class's mutators
-        def mutate(self, *args, **kwargs):
-            self._packed = self._columns = None
-            return method(self, *args, **kwargs)
-
-        return mutate
-
     __setitem__ = _changed(dict.__setitem__)
     __delitem__ = _changed(dict.__delitem__)
     __ior__ = _changed(dict.__ior__)
@@ -692,7 +710,6 @@ class PeerValues(dict):
     popitem = _changed(dict.popitem)
     clear = _changed(dict.clear)
     setdefault = _changed(dict.setdefault)
-    del _changed
 
 
 def pack_tensors(tensors: Mapping[str, torch.Tensor]) -> dict[str, Any]:
@@ -701,7 +718,11 @@ def pack_tensors(tensors: Mapping[str, torch.Tensor]) -> dict[str, Any]:
     thousand holds a thousand peers' values, and a checkpoint of a thousand small tensors, or of
     thousands of small lists, takes hundreds of times longer to write and to load (with
     ``weights_only=True``) than one of a few objects."""
-    keys, ranks, dims, dtypes, flat = [], [], [], [], {}
+    keys: list[str] = []
+    ranks: list[int] = []
+    dims: list[int] = []
+    dtypes: list[str] = []
+    flat: dict[str, list[torch.Tensor]] = {}
     for key, tensor in tensors.items():
         tensor = tensor.detach().cpu()
         keys.append(key)
@@ -754,4 +775,4 @@ def quantity_key(q: Quantity) -> str:
 
 def parse_quantity(key: str) -> Quantity:
     member, kind, name = key.split("/", 2)
-    return Quantity(member, kind, name)
+    return Quantity(member, cast(Kind, kind), name)  # a key quantity_key wrote, from a Quantity's kind
