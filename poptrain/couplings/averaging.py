@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
-from typing import TYPE_CHECKING, ClassVar, Literal, TypeVar, overload
+from typing import TYPE_CHECKING, ClassVar, TypeVar
 
 import torch
 from pydantic import Field, field_validator, model_validator
@@ -594,6 +594,7 @@ def divergences(q: Mapping[Quantity, torch.Tensor], members: list[str], names: l
     squares = [0.0] * len(members)
     for name in names:
         _, distances = average_pass([q[Quantity(m, "param", name)] for m in members], weights, keep=False)
+        assert distances is not None  # computed: `distances` is on by default
         squares = [a + b for a, b in zip(squares, distances, strict=True)]
     return _as_divergences(members, squares)
 
@@ -633,32 +634,6 @@ def in_chunks(numel: int, worker: Callable[[], Callable[[int, int], None]], chun
             future.result()
     else:
         work()
-
-
-@overload
-def average_pass(
-    values: list[torch.Tensor],
-    weights: list[float] | None,
-    out: torch.Tensor | None = None,
-    keep: bool = True,
-    distances: Literal[True] = True,
-    chunk: int = CHUNK,
-    then: Callable[[int, int, torch.Tensor | None, torch.Tensor], None] | None = None,
-    then_mean: bool = True,
-) -> tuple[torch.Tensor | None, list[float]]: ...
-
-
-@overload
-def average_pass(
-    values: list[torch.Tensor],
-    weights: list[float] | None,
-    out: torch.Tensor | None = None,
-    keep: bool = True,
-    distances: bool = True,
-    chunk: int = CHUNK,
-    then: Callable[[int, int, torch.Tensor | None, torch.Tensor], None] | None = None,
-    then_mean: bool = True,
-) -> tuple[torch.Tensor | None, list[float] | None]: ...
 
 
 def average_pass(
