@@ -83,14 +83,7 @@ class StackedBatches:
         """Whether ``streams`` can be drawn as one: tensor datasets holding equal tensors, and the
         same batch size."""
         first = streams[0]
-        if not isinstance(first.dataset, TensorDataset):
-            return False
-        for b in streams[1:]:
-            if b.batch_size != first.batch_size or b.size != first.size or not isinstance(b.dataset, TensorDataset):
-                return False
-            if b.dataset is not first.dataset and not all(torch.equal(x, y) for x, y in zip(b.dataset.tensors, first.dataset.tensors, strict=True)):
-                return False
-        return True
+        return all(b.batch_size == first.batch_size and b.size == first.size and same_tensor_data(b.dataset, first.dataset) for b in streams)
 
     def from_streams(self) -> None:
         """Take every member's position (epoch, offset, order) from its own stream."""
@@ -113,6 +106,14 @@ class StackedBatches:
         index = self.orders.gather(1, self.offsets.unsqueeze(1) + self.steps)
         self.offsets += self.batch_size
         return [t[index] for t in self.tensors]
+
+
+def same_tensor_data(a: Any, b: Any) -> bool:
+    """Whether ``a`` and ``b`` are tensor datasets holding equal tensors (the same object, or equal
+    copies: members whose data a config builds once each)."""
+    if not (isinstance(a, TensorDataset) and isinstance(b, TensorDataset)):
+        return False
+    return a is b or all(torch.equal(x, y) for x, y in zip(a.tensors, b.tensors, strict=True))
 
 
 def in_order(dataset: SizedDataset, batch_size: int) -> Iterator[list[torch.Tensor]]:

@@ -44,7 +44,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from poptrain.components.batches import StackedBatches, in_order, to_device
+from poptrain.components.batches import StackedBatches, in_order, same_tensor_data, to_device
 from poptrain.couplings.base import Columns, Overlay, Quantity
 from poptrain.exchange.wire import numpy_copy, tensor_copy
 from poptrain.training.lockstep import Send, StepProgram, Wait
@@ -373,10 +373,19 @@ class StackedGroup:
                 if "step" in own:
                     steps.add(float(own["step"]))
             self.steps[i] = max(steps) if steps else 0.0
-        self.shared_batches = _same_stream(self.members)
+        self.shared_batches = self._one_order()
         self.stacked_batches = StackedBatches([m.batches for m in self.members]) if self.batches_alike and not self.shared_batches else None
         self._share_peers()
         self._read_hyperparameters()
+
+    def _one_order(self) -> bool:
+        """Whether every member's batches are the same samples in the same order: streams over
+        equal data (:attr:`batches_alike`, found once) at the same settings and position."""
+        first = self.members[0].batches
+        return self.batches_alike and all(
+            (m.batches.shuffle, m.batches.seed, m.batches.epoch, m.batches.offset) == (first.shuffle, first.seed, first.epoch, first.offset)
+            for m in self.members
+        )
 
     def _share_peers(self) -> None:
         """Give every member one :class:`~poptrain.training.member.PeerValues`, the union of theirs (they read
@@ -951,38 +960,10 @@ class _NoRandomness:
         yield
 
 
-def _same_stream(members: list) -> bool:
-    """Whether every member's batches are the same samples in the same order: the same stream
-    settings and position over equal tensors."""
-    from torch.utils.data import TensorDataset
-
-    first = members[0].batches
-    for m in members[1:]:
-        b = m.batches
-        if (b.batch_size, b.shuffle, b.seed, b.epoch, b.offset, b.size) != (first.batch_size, first.shuffle, first.seed, first.epoch, first.offset, first.size):
-            return False
-        if not (isinstance(b.dataset, TensorDataset) and isinstance(first.dataset, TensorDataset)):
-            return False
-        if b.dataset is not first.dataset and not all(torch.equal(x, y) for x, y in zip(b.dataset.tensors, first.dataset.tensors, strict=True)):
-            return False
-    return True
-
-
 def _same_held_out(members: list) -> bool:
     """Whether every member holds the same held-out data: the same settings over equal tensors."""
-    from torch.utils.data import TensorDataset
-
     first = members[0]
-    if not isinstance(first.eval_dataset, TensorDataset):
-        return False
-    for m in members[1:]:
-        if m.held_out != first.held_out or not isinstance(m.eval_dataset, TensorDataset):
-            return False
-        if m.eval_dataset is not first.eval_dataset and not all(
-            torch.equal(x, y) for x, y in zip(m.eval_dataset.tensors, first.eval_dataset.tensors, strict=True)
-        ):
-            return False
-    return True
+    return all(m.held_out == first.held_out and same_tensor_data(m.eval_dataset, first.eval_dataset) for m in members)
 
 
 def _set_parameter(model: nn.Module, name: str, param: nn.Parameter | nn.Module) -> None:
