@@ -231,11 +231,10 @@ class PopulationRun:
         driver's polling goes on meanwhile, and the hosts are not preempted by it."""
         as_background_work()
         # Tags, not params: process facts would crowd the hyperparameters out of MLflow's comparisons.
-        for name, info in self.placement.items():
-            self.tracking.log_placement(name, info)
+        self.tracking.log_placements(self.placement)
         # Again on a resume (MLflow keeps one input per name and digest): the logged models' metrics name the eval data.
-        for name, datasets in zip(self.members, _get_all([host.datasets.remote(name) for name, host in self.members.items()], self.members), strict=True):
-            self.tracking.log_datasets(name, datasets)
+        datasets = _get_all([host.datasets.remote(name) for name, host in self.members.items()], self.members)
+        self.tracking.log_datasets_of(dict(zip(self.members, datasets, strict=True)))
 
     def _place(self, nodes: int, keep_warm: bool) -> pool.WarmMembers | None:
         """The hosts (:func:`plan_hosts`), one placement bundle each, in a placement group of its own

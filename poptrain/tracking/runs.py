@@ -2,8 +2,9 @@
 
 All MLflow writes of a run go through one place, :class:`Tracking`, in the driver process (as
 NVIDIA FLARE's server writes for all clients). Members and the coordinator keep their metrics
-in a :class:`MetricsOutbox`; the driver takes them every poll and writes them with
-``MlflowClient.log_batch``. One writer means no ``database is locked`` with sqlite, no run per
+in a :class:`MetricsOutbox`; the driver takes them every poll and writes every run's at once
+(:mod:`poptrain.tracking.writers`: one transaction on an sqlite store, ``MlflowClient.log_batch``
+per run elsewhere). One writer means no ``database is locked`` with sqlite, no run per
 worker with nothing tying them together, and no extra process (or MLflow import) per run.
 
 Nothing is lost: an outbox drops metrics only once the driver has written everything it took,
@@ -30,18 +31,16 @@ from typing import Any
 from poptrain.config.records import flatten
 from poptrain.config.schema import RunConfig
 from poptrain.tracking.outbox import Item
+from poptrain.tracking.writers import writer_for
 
 DEFAULT_TRACKING_DB = "mlflow.db"
-MAX_METRICS_PER_BATCH = 1000  # MLflow's limit for log_batch
-# Metric writes: at least this long apart, to batch more per call; longer where a write pass cost
-# more CPU than WRITER_CPU_SHARE of it. A log_batch call costs about 13 ms of CPU in MLflow's
-# sqlite store on a small machine, whatever it holds: one call per run every second would take a
-# core from the members at about 75 of them. At most 30 s apart: a thousand members' pass costs
-# about 10 s of CPU, and passes every 10 s took a third of a core from them for the whole run.
+# Metric writes: at least this long apart, to batch more per pass; longer where a write pass cost
+# more CPU than WRITER_CPU_SHARE of it. Through MLflow's client (a server), a log_batch call costs
+# several ms of CPU whatever it holds: one call per run every second would take a core from the
+# members at about 75 of them, and a thousand members' pass some 10 s. At most 30 s apart.
 WRITE_EVERY_S = 1.0
 WRITER_CPU_SHARE = 0.05
 MAX_WRITE_EVERY_S = 30.0
-MAX_PARAMS_PER_BATCH = 100
 MAX_PARAM_LENGTH = 6000
 MAX_TAG_LENGTH = 5000
 # The MLflow UI (3.x) opens an experiment on its GenAI overview unless this experiment tag names
@@ -169,6 +168,11 @@ def run_params(cfg: RunConfig) -> dict[str, str]:
     return params
 
 
+def _as_params(params: dict[str, Any]) -> dict[str, str]:
+    """Params as MLflow keeps them: keys of at most 250 characters, values as strings of at most ``MAX_PARAM_LENGTH``."""
+    return {k[:250]: str(v)[:MAX_PARAM_LENGTH] for k, v in params.items()}
+
+
 def dataset_input(dataset: dict[str, Any]):
     """One of a member's datasets as an MLflow ``DatasetInput``: what the runs table's Dataset column
     shows (``name (digest)`` and its context, ``train`` or ``eval``).
@@ -202,6 +206,7 @@ class Tracking:
         self.artifact_root = artifact_root  # where a new experiment's artifacts go; None: the store's default
         use_write_ahead_log(uri)
         self.client = MlflowClient(tracking_uri=uri)
+        self.writer = writer_for(self.client)  # runs, params, tags, metrics and ends: many runs a request
         self.ids = ids
         # Metrics are written by a thread of their own, so that a slow or unreachable server (MLflow's
         # HTTP client retries for minutes) never stalls the driver's loop; the buffer, guarded by
@@ -233,29 +238,19 @@ class Tracking:
     # -- creating the runs ------------------------------------------------------------------
 
     def create_runs(self, cfg: RunConfig) -> RunIds:
+        """The population's parent run (its params logged) and a nested run per member (their params
+        go with their first tags: :meth:`set_tags_of`)."""
         experiment_id = self._experiment(cfg.tracking.experiment)
-        parent = self.client.create_run(
-            experiment_id,
-            run_name=cfg.name,
-            # In the population's order; cut at MLflow's tag length (a very large population's order
-            # then falls back to the members' names, see poptrain.tracking.compare.population_runs).
-            tags={"poptrain.role": "population", "poptrain.members": ",".join(cfg.member_names)[:MAX_TAG_LENGTH]},
-        )
-        ids = RunIds(experiment_id, parent.info.run_id)
+        # In the population's order; cut at MLflow's tag length (a very large population's order
+        # then falls back to the members' names, see poptrain.tracking.compare.population_runs).
+        parent_tags = {"poptrain.role": "population", "poptrain.members": ",".join(cfg.member_names)[:MAX_TAG_LENGTH]}
+        (parent,) = self._retry(lambda: self.writer.create_runs(experiment_id, [(cfg.name, parent_tags)]))
+        ids = RunIds(experiment_id, parent)
         self._log_params(ids.parent, run_params(cfg))
-        for name in cfg.member_names:
-            child = self.client.create_run(
-                experiment_id,
-                run_name=name,
-                tags={
-                    "mlflow.parentRunId": ids.parent,
-                    "poptrain.role": "member",
-                    "poptrain.member": name,
-                    "poptrain.population": cfg.name,
-                },
-            )
-            ids.members[name] = child.info.run_id
-            self.unlogged_params[name] = member_params(cfg, name)
+        tags = {"mlflow.parentRunId": ids.parent, "poptrain.role": "member", "poptrain.population": cfg.name}
+        runs = [(name, {**tags, "poptrain.member": name}) for name in cfg.member_names]
+        ids.members = dict(zip(cfg.member_names, self._retry(lambda: self.writer.create_runs(experiment_id, runs)), strict=True))
+        self.unlogged_params.update((name, member_params(cfg, name)) for name in cfg.member_names)
         self.ids = ids
         return ids
 
@@ -272,24 +267,21 @@ class Tracking:
             self._retry(lambda: self.client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, TRAINING_KIND))
         return experiment.experiment_id
 
-    def _log_params(self, run_id: str, params: dict[str, str], tags: list | None = None) -> None:
-        """``params`` on run ``run_id`` (write-once), in requests of MLflow's limit; ``tags`` (RunTags)
-        with the first."""
-        from mlflow.entities import Param
-
-        items = [Param(k[:250], str(v)[:MAX_PARAM_LENGTH]) for k, v in sorted(params.items())]
-        for start in range(0, max(1, len(items)), MAX_PARAMS_PER_BATCH):
-            chunk, with_tags = items[start : start + MAX_PARAMS_PER_BATCH], (tags or []) if start == 0 else []
-            if chunk or with_tags:
-                self._retry(lambda chunk=chunk, with_tags=with_tags: self.client.log_batch(run_id, params=chunk, tags=with_tags))
+    def _log_params(self, run_id: str, params: dict[str, str]) -> None:
+        """``params`` on run ``run_id`` (write-once)."""
+        self._retry(lambda: self.writer.log({run_id: _as_params(params)}, {}))
 
     def set_tags(self, member: str | None, tags: dict[str, Any]) -> None:
-        """Set (or overwrite) tags on a member's run (the parent's for None), in one request; a
-        member's params not logged yet (:meth:`create_runs`) go with them."""
-        from mlflow.entities import RunTag
+        """:meth:`set_tags_of` one run: a member's (the parent's for None)."""
+        self.set_tags_of({member: tags})
 
-        items = [RunTag(k, str(v)[:MAX_TAG_LENGTH]) for k, v in sorted(tags.items())]
-        self._log_params(self._run_id(member), self.unlogged_params.pop(member, {}) if member is not None else {}, items)
+    def set_tags_of(self, tags_by_member: dict[str | None, dict[str, Any]]) -> None:
+        """Set (or overwrite) tags on members' runs (the parent's for None), all in one request where
+        the store takes one (:mod:`poptrain.tracking.writers`); a member's params not logged yet
+        (:meth:`create_runs`) go with them."""
+        params = {self._run_id(m): _as_params(self.unlogged_params.pop(m)) for m in tags_by_member if m is not None and m in self.unlogged_params}
+        tags = {self._run_id(m): {k: str(v)[:MAX_TAG_LENGTH] for k, v in t.items()} for m, t in tags_by_member.items()}
+        self._retry(lambda: self.writer.log(params, tags))
 
     def log_placement(self, member: str, info: dict[str, Any]) -> None:
         """Where a member's process runs (pid, node_id, hostname, device, gpu_ids, torch_threads,
@@ -299,18 +291,29 @@ class Tracking:
         (a restarted member's new pid could not be recorded), and the Compare page's parallel
         coordinates plot picks params that differ between runs, where pids would crowd out the
         hyperparameters."""
-        self.set_tags(member, {f"{PLACEMENT_TAG}{k}": v for k, v in info.items()})
+        self.log_placements({member: info})
+
+    def log_placements(self, infos: dict[str, dict[str, Any]]) -> None:
+        """:meth:`log_placement` of many members, in one request where the store takes one."""
+        self.set_tags_of({member: {f"{PLACEMENT_TAG}{k}": v for k, v in info.items()} for member, info in infos.items()})
 
     def log_datasets(self, member: str, datasets: list[dict[str, Any]]) -> None:
         """Record a member's training and held-out datasets as its run's inputs (see
         :func:`dataset_input`): the runs table's Dataset column, and the dataset that the metrics
         :meth:`log_model` puts on the member's model were measured on (its ``eval`` one). MLflow
         keeps one input per name and digest: logging them again (a resume) adds nothing."""
-        inputs = [dataset_input(d) for d in datasets]
-        held = self.logged_inputs.get(self._run_id(member), set())
-        if inputs and not {(i.dataset.name, i.dataset.digest) for i in inputs} <= held:  # a resumed run's are there already
-            self._retry(lambda: self.client.log_inputs(self._run_id(member), datasets=inputs))
-        self.datasets[member] = [dict(d) for d in datasets]
+        self.log_datasets_of({member: datasets})
+
+    def log_datasets_of(self, datasets_by_member: dict[str, list[dict[str, Any]]]) -> None:
+        """:meth:`log_datasets` of many members, in one request where the store takes one."""
+        inputs = {}
+        for member, datasets in datasets_by_member.items():
+            entries = [dataset_input(d) for d in datasets]
+            held = self.logged_inputs.get(self._run_id(member), set())
+            if entries and not {(i.dataset.name, i.dataset.digest) for i in entries} <= held:  # a resumed run's are there already
+                inputs[self._run_id(member)] = entries
+            self.datasets[member] = [dict(d) for d in datasets]
+        self._retry(lambda: self.writer.log_inputs(inputs))
 
     # -- metrics (from members and the coordinator) ---------------------------------------------
 
@@ -436,12 +439,10 @@ class Tracking:
             return not self._writing and not any(self.buffer.values())
 
     def _write_loop(self) -> None:
-        """The writer thread: batches of up to 1,000 metrics per ``log_batch``, a pass over every
-        run each :func:`write_interval` (about every second, less often where writing costs much
-        CPU: a large population); after a failed write, what was not written goes back to the
-        buffer and the next try waits longer (0.5 s doubling to 30 s)."""
-        from mlflow.entities import Metric
-
+        """The writer thread: every run's buffered metrics in one pass (:meth:`RunWriter.log_metrics`)
+        each :func:`write_interval` (about every second, less often where writing costs much CPU: a
+        large population through a server); after a failed write, what was not written goes back
+        to the buffer and the next try waits longer (0.5 s doubling to 30 s)."""
         as_background_work()
         delay = 0.0
         while True:
@@ -452,14 +453,10 @@ class Tracking:
                 pending, self.buffer = self.buffer, defaultdict(list)
                 self._writing, self._flush_requested = True, False
             failed, pass_started = False, time.thread_time()
-            for run_id, items in pending.items():
-                while items and not failed:
-                    chunk = items[:MAX_METRICS_PER_BATCH]
-                    try:
-                        self.client.log_batch(run_id, metrics=[Metric(k, float(v), int(ts), int(step)) for k, v, step, ts in chunk])
-                        del items[: len(chunk)]
-                    except Exception as exc:  # MLflow raises several types for transport and store errors
-                        failed, self.last_error = True, f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
+            try:
+                self.writer.log_metrics(pending)
+            except Exception as exc:  # MLflow raises several types for transport and store errors
+                failed, self.last_error = True, f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
             with self._lock:
                 for run_id, items in pending.items():  # back in front of anything buffered since
                     if items:
@@ -540,12 +537,14 @@ class Tracking:
         origin = {m: m for m in self.ids.members}
         for event in sorted(events, key=lambda e: e["step"]):
             origin[event["receiver"]] = origin[event["donor"]]
+        lineage: dict[str | None, dict[str, Any]] = {}
         for member in self.ids.members:
             own = [e for e in events if e["receiver"] == member]
             tags = {f"poptrain.pbt.exploit.{e['step']}": json.dumps({k: v for k, v in e.items() if k not in ("step", "receiver")}, default=str) for e in own}
             tags["poptrain.lineage"] = " ".join(f"{e['step']}:{e['donor']}" for e in own) or "-"
             tags["poptrain.weights_from"] = origin[member]
-            self.set_tags(member, tags)
+            lineage[member] = tags
+        self.set_tags_of(lineage)
         out_dir.mkdir(parents=True, exist_ok=True)
         path = out_dir / "pbt_events.json"
         path.write_text(json.dumps(events, indent=1, default=str))
@@ -601,7 +600,6 @@ class Tracking:
         finally:
             self.close()
             assert self.ids is not None
-            for member in list(self.unlogged_params):  # members that never started (a failed run): their params all the same
-                self._log_params(self._run_id(member), self.unlogged_params.pop(member))
-            for run_id in [*self.ids.members.values(), self.ids.parent]:
-                self._retry(lambda run_id=run_id: self.client.set_terminated(run_id, status))
+            unlogged, self.unlogged_params = self.unlogged_params, {}  # members that never started (a failed run): their params all the same
+            self._retry(lambda: self.writer.log({self._run_id(m): _as_params(p) for m, p in unlogged.items()}, {}))
+            self._retry(lambda: self.writer.end_runs([*self.ids.members.values(), self.ids.parent], status))
