@@ -15,14 +15,17 @@ from poptrain.tracking.writers import ClientWriter, SqliteWriter, writer_for
 
 # What is compared, table by table; run ids are replaced by the runs' names, times by whether they are set, other ids left out.
 COMPARED = {
-    "runs": "SELECT name, source_type, source_name, entry_point_name, user_id, status, end_time IS NOT NULL, deleted_time, source_version, lifecycle_stage FROM runs",
+    "runs": "SELECT name, source_type, source_name, entry_point_name, user_id, status, end_time IS NOT NULL, deleted_time, source_version, "
+    "lifecycle_stage FROM runs",
     "tags": "SELECT run_uuid, key, value FROM tags",
     "params": "SELECT run_uuid, key, value FROM params",
     "metrics": "SELECT run_uuid, key, value, timestamp, step, is_nan FROM metrics",
     "latest_metrics": "SELECT run_uuid, key, value, timestamp, step, is_nan FROM latest_metrics",
     "datasets": "SELECT name, digest, dataset_source_type, dataset_source, dataset_schema, dataset_profile FROM datasets",
-    "inputs": "SELECT d.name, d.digest, i.source_type, i.destination_type, i.destination_id, i.step FROM inputs i JOIN datasets d ON d.dataset_uuid = i.source_id",
-    "input_tags": "SELECT d.name, i.destination_id, t.name, t.value FROM input_tags t JOIN inputs i ON i.input_uuid = t.input_uuid JOIN datasets d ON d.dataset_uuid = i.source_id",
+    "inputs": "SELECT d.name, d.digest, i.source_type, i.destination_type, i.destination_id, i.step "
+    "FROM inputs i JOIN datasets d ON d.dataset_uuid = i.source_id",
+    "input_tags": "SELECT d.name, i.destination_id, t.name, t.value "
+    "FROM input_tags t JOIN inputs i ON i.input_uuid = t.input_uuid JOIN datasets d ON d.dataset_uuid = i.source_id",
 }
 
 
@@ -43,7 +46,8 @@ def _a_population_written_by(writer, experiment_id: str) -> dict[str, str]:
     train = {"name": "synthetic", "digest": "abc", "context": "train", "source": "poptrain.builtins:synthetic_regression", "profile": {"rows": 10}}
     held_out = {**train, "digest": "def", "context": "eval"}
     writer.log_inputs({m: [dataset_input(train), dataset_input(held_out)] for m in members})
-    writer.log_inputs({members[0]: [dataset_input(train)], members[1]: [dataset_input({**train, "name": "other", "schema": {"x": "float"}})]})  # a resume: m0's again
+    other = {**train, "name": "other", "schema": {"x": "float"}}
+    writer.log_inputs({members[0]: [dataset_input(train)], members[1]: [dataset_input(other)]})  # a resume: m0's again
     passes = [
         {m: [("loss", 1.0 / (i + 1), 0, 1000), ("loss", 0.5 / (i + 1), 10, 1001), ("objective", 2.0, 0, 1000)] for i, m in enumerate(members)},
         {

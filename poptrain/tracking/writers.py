@@ -236,7 +236,9 @@ class SqliteWriter:
                 (row.source_id, row.destination_id)
                 for chunk in _chunks(list(inputs))
                 for row in session.execute(
-                    select(SqlInput.source_id, SqlInput.destination_id).where(SqlInput.source_type == "DATASET", SqlInput.destination_type == "RUN", SqlInput.destination_id.in_(chunk))
+                    select(SqlInput.source_id, SqlInput.destination_id).where(
+                        SqlInput.source_type == "DATASET", SqlInput.destination_type == "RUN", SqlInput.destination_id.in_(chunk)
+                    )
                 )
             }
             input_rows, tag_rows = [], []
@@ -247,7 +249,8 @@ class SqliteWriter:
                         continue
                     held.add((source, run_id))
                     input_uuid = uuid.uuid4().hex
-                    input_rows.append({"input_uuid": input_uuid, "source_type": "DATASET", "source_id": source, "destination_type": "RUN", "destination_id": run_id})
+                    edge = {"source_type": "DATASET", "source_id": source, "destination_type": "RUN", "destination_id": run_id}
+                    input_rows.append({"input_uuid": input_uuid, **edge})
                     tag_rows += [{"input_uuid": input_uuid, "name": tag.key, "value": tag.value} for tag in item.tags]
             for model, rows in ((SqlDataset, new_datasets), (SqlInput, input_rows), (SqlInputTag, tag_rows)):
                 if rows:
