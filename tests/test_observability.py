@@ -119,3 +119,25 @@ def test_a_model_of_several_inputs_is_logged_without_an_example_and_loads_back(t
     a, b = torch.randn(3, 4), torch.randn(3, 4)
     with torch.no_grad():
         torch.testing.assert_close(loaded(a, b), model(a, b))
+
+
+def test_a_large_populations_figures_are_the_same_whether_its_members_are_read_or_named(tmp_path):
+    """Over MEMBERS_PLOTTED_ONE_BY_ONE members, the figures come from the parent run's summaries:
+    the driver names the members instead of reading their runs back, and draws the same figures."""
+    from poptrain.tracking.plots import MEMBERS_PLOTTED_ONE_BY_ONE
+    from poptrain.tracking.writers import writer_for
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    writer = writer_for(client)
+    names = [f"m{i}" for i in range(MEMBERS_PLOTTED_ONE_BY_ONE + 2)]
+    (parent,) = writer.create_runs(client.create_experiment("large"), [("pop", {"poptrain.role": "population", "poptrain.members": ",".join(names)})])
+    member_tags = {"mlflow.parentRunId": parent, "poptrain.role": "member"}
+    writer.create_runs(client.get_run(parent).info.experiment_id, [(n, {**member_tags, "poptrain.member": n}) for n in names])
+    spread = (("min", 1.0), ("median", 2.0), ("max", 3.0))
+    summaries = [(f"population/loss/{s}", v / (1 + step), step, 1000 + step) for step in range(0, 30, 10) for s, v in spread]
+    coupling = [("coupling/separation", 0.1 / (1 + step), step, 1000 + step) for step in range(0, 30, 10)]
+    writer.log_metrics({parent: summaries + coupling})
+
+    read = write_plots(client, parent, tmp_path / "read")
+    named = write_plots(client, parent, tmp_path / "named", member_names=names)
+    assert [p.name for p in read] == [p.name for p in named] and {"population.png", "couplings.png"} <= {p.name for p in named}

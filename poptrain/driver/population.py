@@ -614,30 +614,40 @@ class _MetricsCollector:
 def _save_final_weights(members: dict[str, Any], run_dir: Path) -> dict[str, Path]:
     """Each member's final ``state_dict`` as ``<run_dir>/members/<name>/model.pt``; where that
     cannot be written, in a temporary folder of its own, with a warning naming it. Member -> path."""
-    import tempfile
-
     import ray
 
-    saved = {}
+    hosts: dict[Any, list[str]] = {}  # host actor -> its members
     for name, host in members.items():
-        state = {k: torch.from_numpy(v.copy()) for k, v in ray.get(host.final_weights.remote(name)).items()}
-        path = run_dir / "members" / name / "model.pt"
+        hosts.setdefault(host, []).append(name)
+    # One request per host; read one host's reply at a time, so that the driver holds one host's weights at most.
+    saved = {}
+    for reply in [host.final_weights.remote(names) for host, names in hosts.items()]:
+        for name, arrays in ray.get(reply).items():
+            saved[name] = _save_weights(name, {k: torch.from_numpy(v.copy()) for k, v in arrays.items()}, run_dir)
+    return {name: saved[name] for name in members}  # in the population's order
+
+
+def _save_weights(name: str, state: dict[str, torch.Tensor], run_dir: Path) -> Path:
+    """Member ``name``'s final weights saved as ``<run_dir>/members/<name>/model.pt``, else in a
+    temporary folder of its own (a warning names it): where they are."""
+    import tempfile
+
+    path = run_dir / "members" / name / "model.pt"
+    try:
+        save_atomic(state, path)
+    except OSError as exc:
         try:
-            save_atomic(state, path)
-        except OSError as exc:
-            try:
-                rescue = Path(tempfile.mkdtemp(prefix=f"poptrain-{name}-")) / "model.pt"
-                save_atomic(state, rescue)
-            except OSError:
-                raise PopulationError(f"member {name}'s final weights could not be saved to {path} ({type(exc).__name__}: {exc})") from None
-            print(
-                f"poptrain: warning: member {name}'s final weights could not be saved to {path} ({type(exc).__name__}: {exc}); they are in {rescue}",
-                file=sys.stderr,
-                flush=True,
-            )
-            path = rescue
-        saved[name] = path
-    return saved
+            rescue = Path(tempfile.mkdtemp(prefix=f"poptrain-{name}-")) / "model.pt"
+            save_atomic(state, rescue)
+        except OSError:
+            raise PopulationError(f"member {name}'s final weights could not be saved to {path} ({type(exc).__name__}: {exc})") from None
+        print(
+            f"poptrain: warning: member {name}'s final weights could not be saved to {path} ({type(exc).__name__}: {exc}); they are in {rescue}",
+            file=sys.stderr,
+            flush=True,
+        )
+        return rescue
+    return path
 
 
 def _log_artifacts(

@@ -507,7 +507,7 @@ class Tracking:
 
         self.flush()  # the figures read the metric histories back from MLflow
         assert self.ids is not None
-        paths = write_plots(self.client, self.ids.parent, Path(out_dir))
+        paths = write_plots(self.client, self.ids.parent, Path(out_dir), list(self.ids.members))
         for path in paths:
             self.log_artifact(None, str(path), "plots")
         return [str(p) for p in paths]

@@ -425,9 +425,10 @@ class MemberHost:
             out.append(describe_dataset(trainer.held_out, trainer.eval_dataset, "eval"))
         return out
 
-    def final_weights(self, name: str) -> dict[str, np.ndarray]:
-        """Member ``name``'s state_dict as NumPy arrays, to save as ``model.pt`` (bfloat16 as float32)."""
-        return {k: numpy_copy(v) for k, v in self.by_name[name].trainer.model.state_dict().items()}
+    def final_weights(self, names: list[str]) -> dict[str, dict[str, np.ndarray]]:
+        """Members' state_dicts as NumPy arrays, to save as ``model.pt`` (bfloat16 as float32): one
+        request for all of a host's members, not one round trip each."""
+        return {name: {k: numpy_copy(v) for k, v in self.by_name[name].trainer.model.state_dict().items()} for name in names}
 
     def example_inputs(self, name: str, n: int = 4) -> np.ndarray | None:
         """A few inputs from member ``name``'s data (the logged model's input example); None for multi-input models."""
