@@ -329,6 +329,52 @@ def test_a_coupling_reads_a_hosts_members_as_columns_and_gets_each_members_own_t
             torch.testing.assert_close(gradient[i], torch.autograd.grad(alone, mine)[0])
 
 
+@pytest.mark.parametrize("margin", [0.01, 0.0, 5.0])
+def test_separation_of_scalar_slopes_counts_only_the_near_pairs_and_changes_no_value_or_gradient(margin):
+    """A stack of a thousand PReLU slopes under the hinge: only pairs closer than the margin have a
+    penalty or a gradient, so separation looks only at those (found in the sorted exchanged slopes)
+    and gets, bitwise, the values and gradients of all pairs: exactly 0 is what the others add.
+    Margins: a few near pairs, none, and every pair near. A NaN slope is not hidden (no near pairs
+    for it): it reaches the step's guard as the full sum gives it."""
+    import torch
+
+    from poptrain.couplings import Columns, PopulationInfo, Quantity
+    from poptrain.couplings.separation import Separation, SeparationConfig
+
+    names = [f"m{i}" for i in range(300)]
+    shapes = {n: {"activation.weight": (1,)} for n in names}
+    separation = Separation(SeparationConfig(type="separation", param="activation.weight", margin=margin), PopulationInfo(names, shapes))
+    generator = torch.Generator().manual_seed(0)
+    slopes = 0.25 + 0.2 * torch.rand(len(names), 1, generator=generator)
+    slopes[7] = slopes[8] + margin  # a pair at the margin exactly
+    exchanged = {Quantity(n, "param", "activation.weight"): slopes[i] for i, n in enumerate(names)}
+    host = names[100:250]
+    live = (slopes[100:250] + 0.001 * torch.randn(len(host), 1, generator=generator)).requires_grad_()
+    own = Columns(tuple(host), {("param", "activation.weight"): live})
+
+    def near_and_every(exchanged):
+        """The values and gradients with the near pairs, and with every pair (as before the near pairs)."""
+        results = []
+        for near in (True, False):
+            if not near:
+                separation._near_pairs_suffice = lambda live: False
+            values = separation.values_against(host, own, exchanged)
+            results.append((values, torch.autograd.grad(values.sum(), live)[0]))
+        del separation._near_pairs_suffice
+        return results
+
+    (near, near_gradient), (every, every_gradient) = near_and_every(exchanged)
+    assert torch.equal(near, every) and torch.equal(near_gradient, every_gradient)
+    assert (near > 0).any() == (margin > 0)
+    exchanged[Quantity("m3", "param", "activation.weight")] = torch.tensor([float("inf")])  # no pair near it: no penalty, as with every pair
+    (near, _), (every, _) = near_and_every(exchanged)
+    assert torch.equal(near, every)
+    exchanged[Quantity("m3", "param", "activation.weight")] = torch.tensor([float("nan")])
+    assert torch.isnan(separation.values_against(host, own, exchanged)).all()
+    live.data[5] = float("nan")
+    assert torch.isnan(separation.values_against(host, own, {**exchanged, Quantity("m3", "param", "activation.weight"): slopes[3]})[5])
+
+
 # -- averaging beyond the mean: PAPA's pull and gossip's pairs (issue 26) ---------------------------
 
 

@@ -148,8 +148,39 @@ class Separation(Coupling[SeparationConfig]):
         if len(rows) * live.shape[1] > VECTORIZED_ELEMENTS:  # too large to hold at once: member by member
             return super().values_against(members, own, exchanged)
         others = column_of(exchanged, "param", self.config.param, tuple(self.members)).reshape(len(self.members), -1).to(live.dtype)
+        near = self._near_pairs_suffice(live)
+        if near:
+            rows, partners = self._near_pairs(tuple(members), live, others)
         per_row = self._penalties(live[rows], others[partners])
-        return torch.zeros(len(members), dtype=per_row.dtype, device=per_row.device).index_add(0, rows, per_row)
+        values = torch.zeros(len(members), dtype=per_row.dtype, device=per_row.device).index_add(0, rows, per_row)
+        if near:  # a NaN has no place among the sorted slopes: it reaches the step's guard all the same (0 otherwise, and no gradient)
+            values = values + 0 * (_nan_only(live).flatten() + _nan_only(others).sum())
+        return values
+
+    def _near_pairs_suffice(self, live: torch.Tensor) -> bool:
+        """Whether :meth:`_near_pairs` may stand for all pairs: the hinge on a scalar parameter (seed
+        000's PReLU slope), all pairs, on the CPU (sizing the near pairs reads the device, which
+        on a GPU waits for the step)."""
+        return self.config.variant == "hinge" and self.config.pairs is None and live.shape[1] == 1 and live.device.type == "cpu"
+
+    def _near_pairs(self, members: tuple[str, ...], live: torch.Tensor, others: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`_rows_and_partners` of the pairs closer than the margin only. The hinge of a pair
+        at or beyond its margin is exactly 0, and so is its gradient: leaving those pairs out
+        changes no value and no gradient (in each row the near partners keep the members' order,
+        the order the full sum adds them in), and a thousand members' half a million pairs
+        become the few that are near, found in the sorted exchanged values."""
+        sorted_values, order = others.detach().flatten().sort()
+        mine = live.detach().flatten()
+        window = self.config.margin * (1 + 1e-6)  # wider by rounding: a pair just outside computes to 0 anyway
+        first = torch.searchsorted(sorted_values, mine - window, side="left")
+        counts = (torch.searchsorted(sorted_values, mine + window, side="right") - first).clamp(min=0)
+        rows = torch.repeat_interleave(torch.arange(len(mine)), counts)
+        starts = torch.repeat_interleave(first - (counts.cumsum(0) - counts), counts)
+        partners = order[starts + torch.arange(len(rows))]
+        apart = partners != self._positions(members)[rows]  # not a member against its own exchanged slope
+        rows, partners = rows[apart], partners[apart]
+        by_row = torch.argsort(rows * len(self.members) + partners)
+        return rows[by_row], partners[by_row]
 
     def _rows_and_partners(self, members: tuple[str, ...], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """For every pair each of ``members`` is in: that member's index in ``members`` and its
@@ -165,6 +196,14 @@ class Separation(Coupling[SeparationConfig]):
                 partners.append(torch.where(first == position[m], second, first))
             cache[key] = (torch.cat(rows).to(device), torch.cat(partners).to(device))
         return cache[key]
+
+    def _positions(self, members: tuple[str, ...]) -> torch.Tensor:
+        """Each of ``members``' position in :attr:`members` (made once per group)."""
+        cache = self.__dict__.setdefault("_positions_cache", {})
+        if members not in cache:
+            position = {m: i for i, m in enumerate(self.members)}
+            cache[members] = torch.tensor([position[m] for m in members])
+        return cache[members]
 
     def _penalties(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """The penalty of each pair (a, b): seed 000's relu(margin - |a - b|.sum()), or the repulsion."""
@@ -222,3 +261,8 @@ class Separation(Coupling[SeparationConfig]):
         if len(set(shapes.values())) > 1:
             problems.append(("param", f"{self.config.param!r} has different shapes across members: {shapes}"))
         return problems
+
+
+def _nan_only(values: torch.Tensor) -> torch.Tensor:
+    """``values`` with its infinities as 0 and its NaNs kept: times 0, NaN where a NaN was, else 0."""
+    return torch.nan_to_num(values, nan=float("nan"), posinf=0.0, neginf=0.0)
