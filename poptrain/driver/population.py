@@ -219,9 +219,7 @@ class PopulationRun:
         self.members = {name: self.host_actors[self.host_of[name]] for name in self.cfg.member_names}
         self._open_runs()
         _get_all(starting, self._host_names(), who="")
-        self.placement = dict(
-            zip(self.members, _get_all([host.member_placement.remote(name) for name, host in self.members.items()], self.members), strict=True)
-        )
+        self.placement = _ask_hosts(self.members, "member_placement")
         self._collector = _MetricsCollector(self.tracking, self.host_actors, self.coordinator)
 
     def _describe_members(self) -> None:
@@ -233,8 +231,7 @@ class PopulationRun:
         # Tags, not params: process facts would crowd the hyperparameters out of MLflow's comparisons.
         self.tracking.log_placements(self.placement)
         # Again on a resume (MLflow keeps one input per name and digest): the logged models' metrics name the eval data.
-        datasets = _get_all([host.datasets.remote(name) for name, host in self.members.items()], self.members)
-        self.tracking.log_datasets_of(dict(zip(self.members, datasets, strict=True)))
+        self.tracking.log_datasets_of(_ask_hosts(self.members, "datasets"))
 
     def _place(self, nodes: int, keep_warm: bool) -> pool.WarmMembers | None:
         """The hosts (:func:`plan_hosts`), one placement bundle each, in a placement group of its own
@@ -301,7 +298,7 @@ class PopulationRun:
 
     def _host_names(self) -> list[str]:
         """How each host is named in errors: by its member, or its members."""
-        return [f"member {names[0]}" if len(names) == 1 else f"members {', '.join(names)} (one host)" for names in self.hosts]
+        return [_host_label(names) for names in self.hosts]
 
     def _start_host(self, index: int):
         import ray
@@ -388,10 +385,10 @@ class PopulationRun:
                 restarts += 1
                 if restarts > restartable:
                     raise PopulationError(_gave_up(self.cfg, self.run_dir, label, restarts - 1, again)) from None
+        self.placement.update(ray.get(self.host_actors[index].member_placement.remote(names)))
         for name in names:
             self.members[name] = self.host_actors[index]
             self.restarts[name] = restarts
-            self.placement[name] = ray.get(self.host_actors[index].member_placement.remote(name))
             self.tracking.set_tags(name, {"poptrain.restarts": restarts})
             self.tracking.log_placement(name, self.placement[name])
         return self.host_actors[index]
@@ -616,12 +613,9 @@ def _save_final_weights(members: dict[str, Any], run_dir: Path) -> dict[str, Pat
     cannot be written, in a temporary folder of its own, with a warning naming it. Member -> path."""
     import ray
 
-    hosts: dict[Any, list[str]] = {}  # host actor -> its members
-    for name, host in members.items():
-        hosts.setdefault(host, []).append(name)
     # One request per host; read one host's reply at a time, so that the driver holds one host's weights at most.
     saved = {}
-    for reply in [host.final_weights.remote(names) for host, names in hosts.items()]:
+    for reply in [host.final_weights.remote(names) for host, names in _by_host(members).items()]:
         for name, arrays in ray.get(reply).items():
             saved[name] = _save_weights(name, {k: torch.from_numpy(v.copy()) for k, v in arrays.items()}, run_dir)
     return {name: saved[name] for name in members}  # in the population's order
@@ -678,7 +672,7 @@ def _log_artifacts(
         examples: list = []
         attempt(
             "the models (their example inputs could not be read)",
-            lambda: examples.extend(_get_all([host.example_inputs.remote(name) for name, host in members.items()], members)),
+            lambda: examples.extend(_ask_hosts(members, "example_inputs")[name] for name in members),
         )
         for name, example in zip(members, examples, strict=False):  # none when they could not be read
             spec = cfg.member(name).model  # the object itself when one was given from Python
@@ -743,6 +737,29 @@ def _gave_up(cfg: RunConfig, run_dir: Path, who: str, restarted: int, exc: Excep
         f"the latest complete checkpoint is step {step}: continue with `poptrain resume {run_dir}`" if step is not None else "no complete checkpoint exists yet"
     )
     return f"{who} {describe_failure(exc)}; {how}; {resume}"
+
+
+def _by_host(members: dict[str, Any]) -> dict[Any, list[str]]:
+    """Host actor -> the members it carries (``members``: member -> its host actor), in the population's order."""
+    hosts: dict[Any, list[str]] = {}
+    for name, host in members.items():
+        hosts.setdefault(host, []).append(name)
+    return hosts
+
+
+def _host_label(names: list[str]) -> str:
+    """How a host is named in errors: by its member, or its members."""
+    return f"member {names[0]}" if len(names) == 1 else f"members {', '.join(names)} (one host)"
+
+
+def _ask_hosts(members: dict[str, Any], method: str) -> dict[str, Any]:
+    """Member -> the answer of its host's ``method(names)`` (one request per host, not per member),
+    in the population's order; a failure is a :class:`PopulationError` naming the host's members."""
+    hosts = _by_host(members)
+    answers: dict[str, Any] = {}
+    for by_name in _get_all([getattr(host, method).remote(names) for host, names in hosts.items()], [_host_label(names) for names in hosts.values()], who=""):
+        answers.update(by_name)
+    return {name: answers[name] for name in members}
 
 
 def _get_all(refs: list, names, who: str = "member") -> list:

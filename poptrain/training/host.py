@@ -223,12 +223,16 @@ class MemberHost:
         """Where this host runs (node, pid, device, threads), the same for every member it carries."""
         return dict(self.placement)
 
-    def member_placement(self, name: str) -> dict[str, Any]:
-        """:meth:`info`, with how many of the member's parameters are in memory the coordinator maps
-        and how many members (itself included) it trains stacked with (1: alone)."""
-        stacked = next((len(g.names) for g in self.groups if name in g.names), 1)
-        trainer = self.by_name[name].trainer
-        return {**self.placement, "device": str(trainer.device), "shared_params": len(trainer.mapped), "stacked_with": stacked}
+    def member_placement(self, names: list[str]) -> dict[str, dict[str, Any]]:
+        """For each of members ``names``: :meth:`info`, with how many of its parameters are in memory
+        the coordinator maps and how many members (itself included) it trains stacked with (1: alone).
+        One request for many members, as the other per-member questions below."""
+        stacked = {name: len(g.names) for g in self.groups for name in g.names}
+        out = {}
+        for name in names:
+            trainer = self.by_name[name].trainer
+            out[name] = {**self.placement, "device": str(trainer.device), "shared_params": len(trainer.mapped), "stacked_with": stacked.get(name, 1)}
+        return out
 
     def train(self, until_step: int) -> dict[str, dict[str, float]]:
         """Train every member up to ``until_step``, in lockstep; metrics go to the outboxes. Returns
@@ -417,12 +421,14 @@ class MemberHost:
         MLflow; ``resend``: the last reply was lost, send its items again."""
         return {m.name: m.outbox.take(written, resend) for m in self.members}
 
-    def datasets(self, name: str) -> list[dict[str, Any]]:
-        """Member ``name``'s training and held-out data, as :func:`poptrain.components.build.describe_dataset` describes them."""
-        trainer = self.by_name[name].trainer
-        out = [describe_dataset(trainer.config.data, trainer.batches.dataset, "train")]
-        if trainer.held_out is not None and trainer.eval_dataset is not None:
-            out.append(describe_dataset(trainer.held_out, trainer.eval_dataset, "eval"))
+    def datasets(self, names: list[str]) -> dict[str, list[dict[str, Any]]]:
+        """Each of members ``names``' training and held-out data, as :func:`poptrain.components.build.describe_dataset` describes them."""
+        out = {}
+        for name in names:
+            trainer = self.by_name[name].trainer
+            out[name] = [describe_dataset(trainer.config.data, trainer.batches.dataset, "train")]
+            if trainer.held_out is not None and trainer.eval_dataset is not None:
+                out[name].append(describe_dataset(trainer.held_out, trainer.eval_dataset, "eval"))
         return out
 
     def final_weights(self, names: list[str]) -> dict[str, dict[str, np.ndarray]]:
@@ -430,11 +436,14 @@ class MemberHost:
         request for all of a host's members, not one round trip each."""
         return {name: {k: numpy_copy(v) for k, v in self.by_name[name].trainer.model.state_dict().items()} for name in names}
 
-    def example_inputs(self, name: str, n: int = 4) -> np.ndarray | None:
-        """A few inputs from member ``name``'s data (the logged model's input example); None for multi-input models."""
-        dataset = self.by_name[name].trainer.batches.dataset
-        batch = default_collate([dataset[i] for i in range(min(n, len(dataset)))])
-        return numpy_copy(batch[0]) if len(batch) == 2 else None
+    def example_inputs(self, names: list[str], n: int = 4) -> dict[str, np.ndarray | None]:
+        """A few inputs from each of members ``names``' data (the logged model's input example); None for multi-input models."""
+        out = {}
+        for name in names:
+            dataset = self.by_name[name].trainer.batches.dataset
+            batch = default_collate([dataset[i] for i in range(min(n, len(dataset)))])
+            out[name] = numpy_copy(batch[0]) if len(batch) == 2 else None
+        return out
 
 
 def timing_shares(units: list) -> dict[str, dict[str, float]]:
