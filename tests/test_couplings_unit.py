@@ -334,7 +334,7 @@ def test_separation_of_scalar_slopes_counts_only_the_near_pairs_and_changes_no_v
     """A stack of a thousand PReLU slopes under the hinge: only pairs closer than the margin have a
     penalty or a gradient, so separation looks only at those (found in the sorted exchanged slopes)
     and gets, bitwise, the values and gradients of all pairs: exactly 0 is what the others add.
-    Margins: a few near pairs, none, and every pair near. A NaN slope is not hidden (no near pairs
+    Margins: a few near pairs, none, and every pair near (then computed as every pair). A NaN slope is not hidden (no near pairs
     for it): it reaches the step's guard as the full sum gives it."""
     import torch
 
@@ -366,6 +366,9 @@ def test_separation_of_scalar_slopes_counts_only_the_near_pairs_and_changes_no_v
     (near, near_gradient), (every, every_gradient) = near_and_every(exchanged)
     assert torch.equal(near, every) and torch.equal(near_gradient, every_gradient)
     assert (near > 0).any() == (margin > 0)
+    # Taken where the near pairs are few; where most pairs are near (all members alike), every pair is computed.
+    all_pairs = len(host) * (len(names) - 1)
+    assert (separation._near_pairs(tuple(host), live, slopes, all_pairs) is None) == (margin == 5.0)
     exchanged[Quantity("m3", "param", "activation.weight")] = torch.tensor([float("inf")])  # no pair near it: no penalty, as with every pair
     (near, _), (every, _) = near_and_every(exchanged)
     assert torch.equal(near, every)

@@ -31,6 +31,8 @@ class SeparationConfig(CouplingConfig):
 # by one) up to this many pairs x parameter elements (a few MB of temporaries).
 VECTORIZED_PAIRS = 4
 VECTORIZED_ELEMENTS = 1 << 20
+# A stack's members' near pairs (Separation._near_pairs) stand for all of them up to this share of all pairs.
+NEAR_PAIRS_SHARE = 4
 # Above this many pairs the parent run gets the distances' summary, not one metric per pair (a
 # thousand members have half a million pairs); above this many members, no per-member values.
 PAIRS_LOGGED_ONE_BY_ONE = 28
@@ -148,9 +150,9 @@ class Separation(Coupling[SeparationConfig]):
         if len(rows) * live.shape[1] > VECTORIZED_ELEMENTS:  # too large to hold at once: member by member
             return super().values_against(members, own, exchanged)
         others = column_of(exchanged, "param", self.config.param, tuple(self.members)).reshape(len(self.members), -1).to(live.dtype)
-        near = self._near_pairs_suffice(live)
-        if near:
-            rows, partners = self._near_pairs(tuple(members), live, others)
+        near = self._near_pairs(tuple(members), live, others, len(rows)) if self._near_pairs_suffice(live) else None
+        if near is not None:
+            rows, partners = near
         per_row = self._penalties(live[rows], others[partners])
         values = torch.zeros(len(members), dtype=per_row.dtype, device=per_row.device).index_add(0, rows, per_row)
         if near:  # a NaN has no place among the sorted slopes: it reaches the step's guard all the same (0 otherwise, and no gradient)
@@ -163,17 +165,21 @@ class Separation(Coupling[SeparationConfig]):
         on a GPU waits for the step)."""
         return self.config.variant == "hinge" and self.config.pairs is None and live.shape[1] == 1 and live.device.type == "cpu"
 
-    def _near_pairs(self, members: tuple[str, ...], live: torch.Tensor, others: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """:meth:`_rows_and_partners` of the pairs closer than the margin only. The hinge of a pair
-        at or beyond its margin is exactly 0, and so is its gradient: leaving those pairs out
-        changes no value and no gradient (in each row the near partners keep the members' order,
-        the order the full sum adds them in), and a thousand members' half a million pairs
-        become the few that are near, found in the sorted exchanged values."""
+    def _near_pairs(self, members: tuple[str, ...], live: torch.Tensor, others: torch.Tensor, every: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """:meth:`_rows_and_partners` of the pairs closer than the margin only, or None where they are
+        more than a quarter of ``every`` pair (members that start alike, all near: sorting their
+        pairs would cost more than computing them all). The hinge of a pair at or beyond its margin
+        is exactly 0, and so is its gradient: leaving those pairs out changes no value and no
+        gradient (in each row the near partners keep the members' order, the order the full sum
+        adds them in), and a thousand members' half a million pairs become the few that are near,
+        found in the sorted exchanged values."""
         sorted_values, order = others.detach().flatten().sort()
         mine = live.detach().flatten()
         window = self.config.margin * (1 + 1e-6)  # wider by rounding: a pair just outside computes to 0 anyway
         first = torch.searchsorted(sorted_values, mine - window, side="left")
         counts = (torch.searchsorted(sorted_values, mine + window, side="right") - first).clamp(min=0)
+        if int(counts.sum()) > every // NEAR_PAIRS_SHARE:
+            return None
         rows = torch.repeat_interleave(torch.arange(len(mine)), counts)
         starts = torch.repeat_interleave(first - (counts.cumsum(0) - counts), counts)
         partners = order[starts + torch.arange(len(rows))]
