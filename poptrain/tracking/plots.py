@@ -117,6 +117,8 @@ def write_plots(client, parent_run_id: str, out_dir: Path, member_names: list[st
     # (b) per member: its terms raw, and weighted as they enter its objective
     for name, run in ({} if large else members).items():
         keys = run.data.metrics
+        if not any(k.startswith(("term/", "coupling/", "weight/")) for k in keys) and float(run.data.params.get("loss_weight", 1.0)) == 1.0:
+            continue  # its objective is its loss alone: losses.png has all of it
         raw = {k: _history(client, run.info.run_id, k) for k in sorted(keys) if k == "loss" or k.startswith("term/")}
         if not raw:
             continue
