@@ -263,9 +263,12 @@ class SqliteWriter:
 
         rows: list[dict[str, Any]] = []
         newest: dict[tuple[str, str], dict[str, Any]] = {}  # (run, key) -> the row MLflow keeps as latest
+        validated: set[str] = set()  # MLflow's check of a metric, once per key: the values are floats and steps ints here
         for run_id, items in pending.items():
             for key, value, step, timestamp in items:
-                _validate_metric(key, value, timestamp, step)
+                if key not in validated:
+                    _validate_metric(key, value, timestamp, step)
+                    validated.add(key)
                 is_nan, sanitized = self.store.sanitize_metric_value(float(value))
                 row = {"run_uuid": run_id, "key": key, "value": sanitized, "timestamp": int(timestamp), "step": int(step), "is_nan": is_nan}
                 rows.append(row)
