@@ -171,6 +171,32 @@ def test_a_member_s_results_do_not_depend_on_other_randomness_in_its_process(bas
     assert torch.equal(torch.get_rng_state(), before), "a member's step leaves the process's own stream alone"
 
 
+def test_a_member_s_random_streams_come_back_exactly_from_its_checkpoint_in_either_form():
+    """Python's Mersenne Twister state goes into a checkpoint as one tensor of its 625 words (a
+    checkpoint loads with ``weights_only=True``); a checkpoint written before, with the words as a
+    tuple, loads as well. Either way the member draws on exactly where it was."""
+    import io
+
+    from poptrain.training.randomness import MemberRandomness
+
+    streams = MemberRandomness(1234, torch.device("cpu"))
+    with streams.active():
+        random.random(), np.random.rand(), torch.rand(3)
+    saved = streams.state_dict()
+    buffer = io.BytesIO()
+    torch.save(saved, buffer)
+    as_tensor = torch.load(io.BytesIO(buffer.getvalue()), weights_only=True)
+    as_tuple = {**saved, "python": (saved["python"][0], tuple(saved["python"][1].tolist()), saved["python"][2])}
+    with streams.borrowed():
+        expected = (random.random(), np.random.rand(), torch.rand(3))
+    for state in (as_tensor, as_tuple):
+        restored = MemberRandomness(99, torch.device("cpu"))
+        restored.load_state_dict(state)
+        with restored.active():
+            drawn = (random.random(), np.random.rand(), torch.rand(3))
+        assert drawn[:2] == expected[:2] and torch.equal(drawn[2], expected[2])
+
+
 # -- the coordinator's parts on their own: stand-ins, the replay history, PBT's rounds -----------
 
 

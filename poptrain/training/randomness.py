@@ -98,7 +98,9 @@ class MemberRandomness:
             # The member's own device only: a restart or resume may see another number of GPUs.
             "cuda": [cuda] if cuda is not None else [],
             "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss), "gauss": float(gauss)},
-            "python": python_state,
+            # Mersenne Twister's 625 words as one tensor, not a tuple of 625 ints: pickling those one
+            # by one was most of a small member's checkpoint (a thousand members write a thousand).
+            "python": (python_state[0], torch.tensor(python_state[1], dtype=torch.int64), python_state[2]),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -106,7 +108,8 @@ class MemberRandomness:
         numpy = state["numpy"]
         numpy_state = ("MT19937", numpy["keys"].numpy().astype(np.uint32), numpy["pos"], numpy["has_gauss"], numpy["gauss"])
         python = state["python"]
-        python_state = (python[0], tuple(python[1]), python[2])
+        words = python[1].tolist() if isinstance(python[1], torch.Tensor) else python[1]  # a tuple in checkpoints written before
+        python_state = (python[0], tuple(words), python[2])
         if state["cuda"] and self.device.type == "cuda":
             cuda = state["cuda"][0]
         self.state = (state["torch"], cuda, numpy_state, python_state)
