@@ -23,22 +23,26 @@ from poptrain.coordinator.actor import InProcessClient, calls_in_flight, in_proc
 from poptrain.coordinator.coordinator import Coordinator
 from poptrain.driver.checks import inspect_population
 from poptrain.exchange.links import Link, open_link
+from poptrain.training.host import shared_by_members
 from poptrain.training.lockstep import step_together
 from poptrain.training.member import MemberTrainer
 
 
-def _set_up(config: dict) -> tuple[RunConfig, Coordinator, object, dict[str, MemberTrainer]]:
-    """``config`` validated, its in-process coordinator and wire, and a trainer per member (not connected)."""
+def _set_up(config: dict, one_host: bool = False) -> tuple[RunConfig, Coordinator, object, dict[str, MemberTrainer]]:
+    """``config`` validated, its in-process coordinator and wire, and a trainer per member (not
+    connected). ``one_host``: the members share one plan and one set of couplings, as a host's
+    members do (they step one after another there; members stepped on threads build their own)."""
     cfg = load_config(config)
     population = inspect_population(cfg)
     coordinator, wire = in_process_coordinator(cfg, population)
-    return cfg, coordinator, wire, {name: MemberTrainer(cfg, name, population) for name in cfg.member_names}
+    couplings, plan = shared_by_members(cfg, population) if one_host else (None, None)
+    return cfg, coordinator, wire, {name: MemberTrainer(cfg, name, population, couplings=couplings, plan=plan) for name in cfg.member_names}
 
 
 def one_host(config: dict, client: type[InProcessClient] = InProcessClient) -> tuple[list[MemberTrainer], Link]:
     """Every member of ``config`` as one host's: their trainers, in member order, connected on one
     link (through ``client``) to an in-process coordinator."""
-    cfg, coordinator, wire, trainers = _set_up(config)
+    cfg, coordinator, wire, trainers = _set_up(config, one_host=True)
     link = open_link(cfg, coordinator.plan, client(coordinator, wire, 4))
     for trainer in trainers.values():
         trainer.connect(link)

@@ -143,15 +143,9 @@ class MemberHost:
         device, gpu_ids = placement_device()
         torch.set_num_threads(max(1, int(num_cpus)))
         self.run, self.run_dir = run, Path(run_dir)
-        # One plan and (unless population-based training changes coupling weights member by member)
-        # one set of couplings for all the members a host carries: both grow with the population.
-        couplings = build_couplings(run.couplings, population)
-        plan = ExchangePlan.for_run(run, population, couplings)
-        own_couplings = run.pbt is not None and any(key.startswith("couplings.") for key in run.pbt.hyperparameters)
+        couplings, plan = shared_by_members(run, population)
         devices = member_devices(len(names), device, min(len(gpu_ids), torch.cuda.device_count()) if device == "cuda" else 0)
-        trainers = [
-            MemberTrainer(run, name, population, on, couplings=None if own_couplings else couplings, plan=plan) for name, on in zip(names, devices, strict=True)
-        ]
+        trainers = [MemberTrainer(run, name, population, on, couplings=couplings, plan=plan) for name, on in zip(names, devices, strict=True)]
         self.coordinator = coordinator = ray.get_actor(coordinator_name)
         client = CoordinatorClient(coordinator, ray.get(coordinator.channel.remote()), run.exchange.timeout_s)
         self.link = link = open_link(run, trainers[0].plan, client)  # one for every member it carries
@@ -444,6 +438,15 @@ class MemberHost:
             batch = default_collate([dataset[i] for i in range(min(n, len(dataset)))])
             out[name] = numpy_copy(batch[0]) if len(batch) == 2 else None
         return out
+
+
+def shared_by_members(run: RunConfig, population: PopulationInfo) -> tuple[list | None, ExchangePlan]:
+    """What every member a host carries shares, built once: the exchange plan and the couplings
+    (None where population-based training changes coupling weights member by member: each member
+    then builds its own). Both grow with the population (a plan is O(N²) in N members)."""
+    couplings = build_couplings(run.couplings, population)
+    own_couplings = run.pbt is not None and any(key.startswith("couplings.") for key in run.pbt.hyperparameters)
+    return (None if own_couplings else couplings), ExchangePlan.for_run(run, population, couplings)
 
 
 def timing_shares(units: list) -> dict[str, dict[str, float]]:
