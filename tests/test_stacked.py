@@ -565,3 +565,25 @@ def test_a_stacked_groups_exchange_copies_each_stacked_parameter_once_each_way(i
     assert len({t.untyped_storage().data_ptr() for t in peers.values()}) == 1, "the reply's slopes: rows of one tensor"
     column = peers.column("param", "activation.weight", tuple(group.names))
     assert column.untyped_storage().data_ptr() == next(iter(peers.values())).untyped_storage().data_ptr(), "the column as it came"
+
+
+def test_a_stacked_member_s_non_finite_loss_or_gradient_stops_the_run_naming_it_as_alone(in_process_host):
+    """``failure.nonfinite: fail`` in a stack: the step's one finiteness check over the columns finds
+    a NaN loss (a poisoned batch at step 1) or a NaN gradient behind a finite loss (seed 000's
+    separation in L2 at distance 0: sqrt's gradient at 0), and the member is named as alone."""
+    from poptrain.training.member import TrainingError
+
+    poisoned = {"name": "tests.helpers:poisoned_data", "kwargs": {"bad_index": 40}, "batch_size": 32, "shuffle": False}
+    trainers, link = in_process_host([prelu_member(f"m{i}", data=poisoned) for i in (1, 2, 3)], steps=5)
+    units = form_groups(trainers)
+    assert len(units) == 1 and isinstance(units[0], StackedGroup)
+    train_host(units, link, 1)
+    with pytest.raises(TrainingError, match=r"member 'm1', step 1: non-finite term 'loss'"):
+        train_host(units, link, 1)
+
+    l2 = [{"type": "separation", "param": "activation.weight", "margin": 2.0, "norm": "l2"}]
+    trainers, link = in_process_host([prelu_member(f"m{i}") for i in (1, 2, 3)], steps=5, exchange={"every": 1}, couplings=l2)
+    units = form_groups(trainers)
+    assert len(units) == 1 and isinstance(units[0], StackedGroup)
+    with pytest.raises(TrainingError, match=r"member 'm1', step 0: non-finite .*gradient"):
+        train_host(units, link, 1)

@@ -464,9 +464,7 @@ class StackedGroup:
             **({"received/distance": self.received} if self.received is not None else {}),
         }
         self.received = None
-        finite = torch.stack(
-            [torch.isfinite(losses).all(), *(torch.isfinite(c).all() for c in couplings.values()), *(torch.isfinite(g).all() for g in grads.values())]
-        )
+        finite = torch.stack([_all_finite(losses), *(_all_finite(c) for c in couplings.values()), *(_all_finite(g) for g in grads.values())])
         read = torch.cat([*(c.to(torch.float64) for c in columns.values()), finite.to(torch.float64)]).tolist()
         count = len(members)
         values = {key: read[j * count : (j + 1) * count] for j, key in enumerate(columns)}
@@ -950,6 +948,13 @@ class StackedGroup:
             bias_correction2_sqrt = ((1 - beta2.double() ** step) ** 0.5).to(param.dtype)
             denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
             param.add_(exp_avg / denom * (-lr / bias_correction1))
+
+
+def _all_finite(values: torch.Tensor) -> torch.Tensor:
+    """Whether every element of ``values`` is finite, as a 0-d bool tensor (no read from the device):
+    the largest magnitude is finite exactly then (a NaN anywhere makes ``amax`` NaN), in two passes
+    without the full bool tensor ``isfinite(values).all()`` makes (a fourth of the time at 500 stacked members)."""
+    return torch.isfinite(values.abs().amax()) if values.numel() else torch.ones((), dtype=torch.bool, device=values.device)
 
 
 class _NoRandomness:
