@@ -188,6 +188,29 @@ def tracking_uri(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
+def _empty_store(tmp_path_factory) -> Path:
+    """An sqlite MLflow store with MLflow's tables and nothing in them, made once (its migrations cost a second or two)."""
+    from mlflow.tracking import MlflowClient
+
+    path = tmp_path_factory.mktemp("empty_store") / "mlflow.db"
+    MlflowClient(f"sqlite:///{path}").search_experiments()
+    return path
+
+
+@pytest.fixture
+def new_store(_empty_store, tmp_path):
+    """Factory ``(name) -> sqlite URI``: a store of its own for a test that compares whole stores, a copy of an empty one."""
+    import shutil
+
+    def make(name: str) -> str:
+        path = tmp_path / f"{name}.db"
+        shutil.copyfile(_empty_store, path)
+        return f"sqlite:///{path}"
+
+    return make
+
+
+@pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory):
     """A real MLflow tracking server on 127.0.0.1 (its own sqlite store and artifact folder); its URL."""
     from tests.mlflow_server import MlflowServer

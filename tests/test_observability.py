@@ -121,13 +121,13 @@ def test_a_model_of_several_inputs_is_logged_without_an_example_and_loads_back(t
         torch.testing.assert_close(loaded(a, b), model(a, b))
 
 
-def test_a_large_populations_figures_are_the_same_whether_its_members_are_read_or_named(tmp_path):
+def test_a_large_populations_figures_are_the_same_whether_its_members_are_read_or_named(new_store, tmp_path):
     """Over MEMBERS_PLOTTED_ONE_BY_ONE members, the figures come from the parent run's summaries:
     the driver names the members instead of reading their runs back, and draws the same figures."""
     from poptrain.tracking.plots import MEMBERS_PLOTTED_ONE_BY_ONE
     from poptrain.tracking.writers import writer_for
 
-    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client = MlflowClient(new_store("large"))
     writer = writer_for(client)
     names = [f"m{i}" for i in range(MEMBERS_PLOTTED_ONE_BY_ONE + 2)]
     (parent,) = writer.create_runs(client.create_experiment("large"), [("pop", {"poptrain.role": "population", "poptrain.members": ",".join(names)})])

@@ -29,10 +29,10 @@ COMPARED = {
 }
 
 
-def _store(tmp_path, name: str) -> tuple[MlflowClient, str, str]:
-    path = tmp_path / f"{name}.db"
-    client = MlflowClient(tracking_uri=f"sqlite:///{path}")
-    return client, client.create_experiment("e", artifact_location=str(tmp_path / name)), str(path)
+def _store(new_store, tmp_path, name: str) -> tuple[MlflowClient, str, str]:
+    uri = new_store(name)
+    client = MlflowClient(tracking_uri=uri)
+    return client, client.create_experiment("e", artifact_location=str(tmp_path / name)), uri[len("sqlite:///") :]
 
 
 def _a_population_written_by(writer, experiment_id: str) -> dict[str, str]:
@@ -71,15 +71,15 @@ def _rows(path: str, names: dict[str, str]) -> dict[str, list[tuple]]:
         }
 
 
-def test_sqlite_stores_get_the_bulk_writer_and_servers_the_client(tmp_path, mlflow_server):
-    client, _, _ = _store(tmp_path, "a")
+def test_sqlite_stores_get_the_bulk_writer_and_servers_the_client(new_store, tmp_path, mlflow_server):
+    client, _, _ = _store(new_store, tmp_path, "a")
     assert isinstance(writer_for(client), SqliteWriter), "a silent fall back to run-by-run writes would cost a thousand members' runs most of the driver"
     assert isinstance(writer_for(MlflowClient(tracking_uri=mlflow_server)), ClientWriter)
 
 
-def test_the_bulk_writer_leaves_the_store_as_the_client_does_row_for_row(tmp_path):
-    by_client, experiment_a, path_a = _store(tmp_path, "client")
-    by_bulk, experiment_b, path_b = _store(tmp_path, "bulk")
+def test_the_bulk_writer_leaves_the_store_as_the_client_does_row_for_row(new_store, tmp_path):
+    by_client, experiment_a, path_a = _store(new_store, tmp_path, "client")
+    by_bulk, experiment_b, path_b = _store(new_store, tmp_path, "bulk")
     names_a = _a_population_written_by(ClientWriter(by_client), experiment_a)
     names_b = _a_population_written_by(writer_for(by_bulk), experiment_b)
     rows_a, rows_b = _rows(path_a, names_a), _rows(path_b, names_b)
@@ -99,8 +99,8 @@ def test_the_bulk_writer_leaves_the_store_as_the_client_does_row_for_row(tmp_pat
 
 
 @pytest.mark.parametrize("kind", ["client", "bulk"])
-def test_a_changed_param_and_a_deleted_run_fail_as_mlflow_fails_them_with_nothing_written(tmp_path, kind):
-    client, experiment_id, path = _store(tmp_path, kind)
+def test_a_changed_param_and_a_deleted_run_fail_as_mlflow_fails_them_with_nothing_written(new_store, tmp_path, kind):
+    client, experiment_id, path = _store(new_store, tmp_path, kind)
     writer = ClientWriter(client) if kind == "client" else writer_for(client)
     first, second = writer.create_runs(experiment_id, [("a", {}), ("b", {})])
     writer.log({first: {"lr": "0.1"}}, {})
