@@ -65,9 +65,14 @@ class Separation(Coupling[SeparationConfig]):
         return [Quantity(m, "param", self.config.param) for m in self.members]
 
     @functools.cached_property
+    def _position(self) -> dict[str, int]:
+        """Each member's row in the stacked members (its index in :attr:`members`)."""
+        return {m: i for i, m in enumerate(self.members)}
+
+    @functools.cached_property
     def _pair_index(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Row indices into the stacked members of each pair's first and second member."""
-        position = {m: i for i, m in enumerate(self.members)}
+        position = self._position
         pairs = self._pairs()
         return torch.tensor([position[a] for a, _ in pairs]), torch.tensor([position[b] for _, b in pairs])
 
@@ -78,7 +83,7 @@ class Separation(Coupling[SeparationConfig]):
     @functools.cached_property
     def _pair_index_by_member(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """:attr:`_pair_index` of the pairs each member is in (one pass over the pairs)."""
-        position = {m: i for i, m in enumerate(self.members)}
+        position = self._position
         mine: dict[str, tuple[list[int], list[int]]] = {m: ([], []) for m in self.members}
         for a, b in self._pairs():
             for m in (a, b):
@@ -155,7 +160,7 @@ class Separation(Coupling[SeparationConfig]):
             rows, partners = near
         per_row = self._penalties(live[rows], others[partners])
         values = torch.zeros(len(members), dtype=per_row.dtype, device=per_row.device).index_add(0, rows, per_row)
-        if near:  # a NaN has no place among the sorted slopes: it reaches the step's guard all the same (0 otherwise, and no gradient)
+        if near is not None:  # a NaN has no place among the sorted slopes: it reaches the step's guard all the same (0 otherwise, and no gradient)
             values = values + 0 * (_nan_only(live).flatten() + _nan_only(others).sum())
         return values
 
@@ -194,7 +199,7 @@ class Separation(Coupling[SeparationConfig]):
         cache = self.__dict__.setdefault("_rows_and_partners_cache", {})
         key = (members, str(device))
         if key not in cache:
-            position = {m: i for i, m in enumerate(self.members)}
+            position = self._position
             rows, partners = [], []
             for r, m in enumerate(members):
                 first, second = self._pair_index_by_member[m]
@@ -207,7 +212,7 @@ class Separation(Coupling[SeparationConfig]):
         """Each of ``members``' position in :attr:`members` (made once per group)."""
         cache = self.__dict__.setdefault("_positions_cache", {})
         if members not in cache:
-            position = {m: i for i, m in enumerate(self.members)}
+            position = self._position
             cache[members] = torch.tensor([position[m] for m in members])
         return cache[members]
 

@@ -389,8 +389,8 @@ class PopulationRun:
         for name in names:
             self.members[name] = self.host_actors[index]
             self.restarts[name] = restarts
-            self.tracking.set_tags(name, {"poptrain.restarts": restarts})
-            self.tracking.log_placement(name, self.placement[name])
+        self.tracking.set_tags_of({name: {"poptrain.restarts": restarts} for name in names})
+        self.tracking.log_placements({name: self.placement[name] for name in names})
         return self.host_actors[index]
 
     # -- finish and teardown -------------------------------------------------------------------
@@ -672,7 +672,7 @@ def _log_artifacts(
         examples: list = []
         attempt(
             "the models (their example inputs could not be read)",
-            lambda: examples.extend(_ask_hosts(members, "example_inputs")[name] for name in members),
+            lambda: examples.extend(_ask_hosts(members, "example_inputs").values()),  # in the population's order
         )
         for name, example in zip(members, examples, strict=False):  # none when they could not be read
             spec = cfg.member(name).model  # the object itself when one was given from Python

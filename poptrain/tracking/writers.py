@@ -195,7 +195,7 @@ class SqliteWriter:
                         session.execute(update(SqlRun).where(SqlRun.run_uuid == row["run_uuid"]).values(name=row["value"]))
 
     def log_inputs(self, inputs: dict[str, list[Any]]) -> None:
-        from mlflow.store.tracking.dbmodels.models import SqlDataset, SqlInput, SqlInputTag, SqlRun
+        from mlflow.store.tracking.dbmodels.models import SqlDataset, SqlInput, SqlInputTag
         from mlflow.utils.validation import _validate_dataset_inputs
         from sqlalchemy import insert, select
 
@@ -204,12 +204,7 @@ class SqliteWriter:
         if not any(inputs.values()):
             return
         with self.store.ManagedSessionMaker(read_only=False) as session:
-            self._check_active(session, inputs)
-            experiment_of = {
-                row.run_uuid: row.experiment_id
-                for chunk in _chunks(list(inputs))
-                for row in session.execute(select(SqlRun.run_uuid, SqlRun.experiment_id).where(SqlRun.run_uuid.in_(chunk)))
-            }
+            experiment_of = self._check_active(session, inputs)
             wanted = {(experiment_of[r], d.dataset.name, d.dataset.digest): d.dataset for r, ds in inputs.items() for d in ds}
             dataset_uuid = {
                 (row.experiment_id, row.name, row.digest): row.dataset_uuid
@@ -311,29 +306,33 @@ class SqliteWriter:
         from sqlalchemy import update
 
         status = RunStatus.to_string(RunStatus.from_string(status))  # MLflow's error for a status it does not know
+        now = int(time.time() * 1000)
         with self.store.ManagedSessionMaker(read_only=False) as session:
             self._check_active(session, run_ids)
             for chunk in _chunks(run_ids):
-                session.execute(update(SqlRun).where(SqlRun.run_uuid.in_(chunk)).values(status=status, end_time=int(time.time() * 1000)))
+                session.execute(update(SqlRun).where(SqlRun.run_uuid.in_(chunk)).values(status=status, end_time=now))
 
-    def _check_active(self, session, run_ids: Iterable[str]) -> None:
-        """MLflow's error where a run is not active (deleted) or does not exist: nothing is written then."""
+    def _check_active(self, session, run_ids: Iterable[str]) -> dict[str, str]:
+        """MLflow's error where a run is not active (deleted) or does not exist: nothing is written
+        then. Else each run's experiment id, read with its state."""
         from mlflow.exceptions import MlflowException
         from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, RESOURCE_DOES_NOT_EXIST
         from mlflow.store.tracking.dbmodels.models import SqlRun
         from sqlalchemy import select
 
         wanted = list(dict.fromkeys(run_ids))
-        stages = {
-            row.run_uuid: row.lifecycle_stage
+        found = {
+            row.run_uuid: row
             for chunk in _chunks(wanted)
-            for row in session.execute(select(SqlRun.run_uuid, SqlRun.lifecycle_stage).where(SqlRun.run_uuid.in_(chunk)))
+            for row in session.execute(select(SqlRun.run_uuid, SqlRun.lifecycle_stage, SqlRun.experiment_id).where(SqlRun.run_uuid.in_(chunk)))
         }
         for run_id in wanted:
-            if run_id not in stages:
+            if run_id not in found:
                 raise MlflowException(f"Run with id={run_id} not found", RESOURCE_DOES_NOT_EXIST)
-            if stages[run_id] != "active":
-                raise MlflowException(f"The run {run_id} must be in the 'active' state. Current state is {stages[run_id]}.", INVALID_PARAMETER_VALUE)
+            if found[run_id].lifecycle_stage != "active":
+                stage = found[run_id].lifecycle_stage
+                raise MlflowException(f"The run {run_id} must be in the 'active' state. Current state is {stage}.", INVALID_PARAMETER_VALUE)
+        return {run_id: row.experiment_id for run_id, row in found.items()}
 
 
 def _later(row: dict[str, Any], than: dict[str, Any]) -> bool:
