@@ -55,10 +55,13 @@ def in_thread(fn, *args):
 
     def join():
         thread.join(5)
+        if thread.is_alive():
+            raise TimeoutError(f"{fn.__name__} did not return within 5 s")
         if "error" in out:
             raise out["error"]
         return out["value"]
 
+    join.done = lambda: not thread.is_alive()  # type: ignore[attr-defined]
     return join
 
 
@@ -70,6 +73,68 @@ def test_a_round_is_released_to_everyone_once_the_last_participant_arrives(coord
     assert set(second.values) == {Quantity("m1", "param", SLOPE), Quantity("m2", "param", SLOPE)}
     metrics = {key: value for key, value, *_ in logic.take_metrics(written=True)}
     assert metrics["coupling/separation"] == pytest.approx(1.5)
+
+
+def test_the_member_completing_a_round_gets_its_reply_before_the_rounds_metrics_are_computed(coordinator, monkeypatch):
+    """The parent run's coupling metrics of a round are computed after every member has its reply,
+    the one that completed the round too; the driver's next take has them; a coupling whose
+    metrics fail fails the next round."""
+    logic = coordinator()
+    separation = logic.evaluator.couplings[0]
+    computing, release = threading.Event(), threading.Event()
+    metrics_of = type(separation).metrics
+
+    def slow_metrics(self, step, q):
+        computing.set()
+        assert release.wait(10)
+        return metrics_of(self, step, q)
+
+    monkeypatch.setattr(type(separation), "metrics", slow_metrics)
+    first = in_thread(logic.exchange, "param", 0, ("m1",), slope("m1", 0.25))
+    completing = in_thread(logic.exchange, "param", 0, ("m2",), slope("m2", 0.75))
+    assert completing() is first(), "both replies came while the metrics were still being computed"
+    assert computing.wait(5) and not release.is_set()
+    taken = in_thread(logic.take_metrics, True)
+    release.set()
+    assert {key for key, *_ in taken()} >= {"coupling/separation", "coupling/separation/distance/m1-m2"}
+
+    def failing_metrics(self, step, q):
+        raise RuntimeError("metrics failed")
+
+    monkeypatch.setattr(type(separation), "metrics", failing_metrics)
+    in_thread(logic.exchange, "param", 1, ("m1",), slope("m1", 0.25))
+    logic.exchange("param", 1, ("m2",), slope("m2", 0.75))  # its metrics fail on the recording thread
+    waiting = in_thread(logic.exchange, "param", 2, ("m1",), slope("m1", 0.25))
+    with pytest.raises(RuntimeError, match="metrics failed"):
+        logic.exchange("param", 2, ("m2",), slope("m2", 0.75))
+    waiting()
+
+
+def test_at_the_exchange_before_a_checkpoint_the_rounds_metrics_are_saved_before_the_reply(base_config, tmp_path, monkeypatch):
+    """A complete checkpoint at step c holds the parent run's metrics of the steps before it: at the
+    last exchange before c the completing member's reply waits for them, and they are on disk."""
+    from poptrain.storage.checkpoint import load_coordinator_metrics
+
+    cfg = load_config(base_config(checkpoint={"every": 2}, exchange={"timeout_s": 5}))
+    logic = Coordinator(cfg, inspect_population(cfg), run_dir=str(tmp_path))
+    separation = logic.evaluator.couplings[0]
+    computing, release = threading.Event(), threading.Event()
+    metrics_of = type(separation).metrics
+
+    def slow_metrics(self, step, q):
+        computing.set()
+        assert release.wait(10)
+        return metrics_of(self, step, q)
+
+    monkeypatch.setattr(type(separation), "metrics", slow_metrics)
+    first = in_thread(logic.exchange, "param", 1, ("m1",), slope("m1", 0.25))  # step 1: the last exchange before checkpoint step 2
+    completing = in_thread(logic.exchange, "param", 1, ("m2",), slope("m2", 0.75))
+    assert computing.wait(5)
+    first()
+    assert not completing.done(), "the completing member waits for the metrics to be saved"
+    release.set()
+    completing()
+    assert {(key, step) for key, _, step, _ in load_coordinator_metrics(tmp_path)} >= {("coupling/separation", 1)}
 
 
 def test_a_member_waiting_for_a_peer_that_never_comes_times_out_naming_it(coordinator):

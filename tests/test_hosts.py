@@ -3,6 +3,10 @@ run) whichever host carries it and next to whom, and a host that dies restarts w
 
 from __future__ import annotations
 
+import platform
+import subprocess
+import sys
+
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
@@ -175,3 +179,33 @@ def test_members_sharing_gpus_under_auto_get_one_process_per_gpu_not_one_each():
     hosts = plan_hosts(mixed, {"CPU": 16.0, "GPU": 3.0})
     assert hosts == [["m0"], ["m1", "m2"], ["m3", "m4"]], "a GPU asked for by number keeps its host; the others share the 2 left"
     assert host_resources(mixed, hosts, {"CPU": 16.0, "GPU": 3.0}) == [{"CPU": 3.2, "GPU": 1.0}, {"CPU": 6.4, "GPU": 1.0}, {"CPU": 6.4, "GPU": 1.0}]
+
+
+_MAPPED_BY_A_48_MIB_TENSOR = """
+import ctypes, sys, torch
+from poptrain.training.allocator import keep_freed_memory
+
+class Info(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype = Info
+applied = keep_freed_memory() if sys.argv[1] == "host" else None
+before = libc.mallinfo2().hblkhd
+block = torch.ones(12 << 20)  # 48 MiB: above anything glibc's own threshold reaches (32 MiB)
+print(applied, (libc.mallinfo2().hblkhd - before) >> 20)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc", reason="glibc's allocator only")
+def test_a_hosts_allocator_serves_a_steps_large_temporaries_from_its_heap_where_freed_pages_stay_mapped():
+    """poptrain.training.allocator: in a fresh process as a host sets it, a 48 MiB block comes from
+    the heap (kept mapped when freed, so the next step faults no new pages); by default glibc maps
+    it on its own and unmaps it when it is freed."""
+
+    def mapped_mib(mode: str) -> tuple[str, int]:
+        out = subprocess.run([sys.executable, "-c", _MAPPED_BY_A_48_MIB_TENSOR, mode], capture_output=True, text=True, check=True).stdout.split()
+        return out[0], int(out[1])
+
+    assert mapped_mib("default") == ("None", 48)
+    assert mapped_mib("host") == ("True", 0)

@@ -30,6 +30,7 @@ import threading
 import time
 import warnings
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -168,11 +169,15 @@ class MetricRecorder:
         self.run_dir = Path(run_dir) if run_dir is not None and self.checkpoint_every else None
         self.outbox = MetricsOutbox(load_coordinator_metrics(self.run_dir) if self.run_dir is not None else [])
 
+    def saves_at(self, step: int) -> bool:
+        """Whether the outbox is saved at exchange step ``step`` (the last before a checkpoint step)."""
+        return self.run_dir is not None and (step + self.every) % self.checkpoint_every == 0
+
     def record(self, step: int, metrics: dict[str, float], checkpoint: bool = True) -> None:
         """``checkpoint``: ``step`` is an exchange step, at which the outbox may be due for saving."""
         if metrics:
             self.outbox.add([(k, v, step, int(time.time() * 1000)) for k, v in metrics.items()])
-        if checkpoint and self.run_dir is not None and (step + self.every) % self.checkpoint_every == 0:
+        if checkpoint and self.run_dir is not None and self.saves_at(step):
             from poptrain.storage.checkpoint import coordinator_metrics_path, save_atomic
 
             save_atomic(self.outbox.unwritten(), coordinator_metrics_path(self.run_dir))
@@ -230,6 +235,8 @@ class Coordinator:
         self.timeout_s = run.exchange.timeout_s
         self.aborted: str | None = None  # why the run stopped (see abort)
         self.lock = threading.Condition()  # guards everything above; async publishes wait on it
+        self.recording = ThreadPoolExecutor(1, thread_name_prefix="poptrain-round-metrics")  # see _record_round
+        self.recording_done: Future | None = None  # the latest round's metrics being recorded
 
     def attach(self, member: str, views: dict[str, torch.Tensor]) -> None:
         with self.lock:
@@ -254,8 +261,7 @@ class Coordinator:
                 rnd = self.barrier.arrive(kind, step, member, mine[member])
             completed = self._complete_if_ready(kind, step, rnd)
         if completed:
-            with self.lock:  # the peers are on their way already; this host logs the round
-                self.recorder.record(step, self.evaluator.coupling_metrics(kind, step))
+            self._record_round(kind, step)
         elif not rnd.done.wait(self.timeout_s):
             with self.lock:
                 self._raise_if_aborted()
@@ -267,6 +273,30 @@ class Coordinator:
         if rnd.result is None:  # released by abort(), not by the round's completion
             self._raise_if_aborted()
         return rnd.result
+
+    def _record_round(self, kind: str, step: int) -> None:
+        """Round (kind, step)'s coupling metrics into the parent run's outbox, under the lock, after
+        the round released its members. On a thread of their own (:attr:`recording`), so the host
+        that completed the round has its reply as soon as its peers: all pairs of a thousand
+        members' separation take about 11 ms. One round's at a time, in order: the next round to
+        complete waits for the last one's (and fails with its error). At the exchange before a
+        checkpoint step, before the reply: the metrics saved beside the checkpoints must hold them
+        (:class:`MetricRecorder`)."""
+
+        def record() -> None:
+            with self.lock:
+                self.recorder.record(step, self.evaluator.coupling_metrics(kind, step))
+
+        self.wait_for_recording()  # the last round's first: in order, one at a time, and its error raised here
+        if self.recorder.saves_at(step):
+            record()
+        else:
+            self.recording_done = self.recording.submit(record)
+
+    def wait_for_recording(self) -> None:
+        """Until the rounds' metrics on their way into the outbox are in it (their error raised here)."""
+        if self.recording_done is not None:
+            self.recording_done.result()
 
     def abort(self, reason: str) -> None:
         """The run is stopping (a member failed): every member waiting here, or arriving later,
@@ -383,6 +413,7 @@ class Coordinator:
 
     def take_metrics(self, written: bool, resend: bool = False) -> list[Item]:
         """The coupling and population metrics since the last call (see :class:`MetricsOutbox`)."""
+        self.wait_for_recording()
         with self.lock:
             return self.recorder.outbox.take(written, resend)
 

@@ -37,6 +37,7 @@ from poptrain.exchange.links import Link, open_link
 from poptrain.exchange.wire import ExchangePlan, numpy_copy
 from poptrain.storage.checkpoint import checkpoint_path, load_checkpoint, save_checkpoints, steps_of
 from poptrain.tracking.outbox import Item, MetricsOutbox
+from poptrain.training.allocator import keep_freed_memory
 from poptrain.training.lockstep import drive
 from poptrain.training.member import MemberTrainer, logs_step
 from poptrain.training.stacked import StackedGroup, form_groups
@@ -142,6 +143,7 @@ class MemberHost:
     ) -> None:
         device, gpu_ids = placement_device()
         torch.set_num_threads(max(1, int(num_cpus)))
+        keep_freed_memory()  # a step's temporaries reuse the last step's pages (poptrain.training.allocator)
         self.run, self.run_dir = run, Path(run_dir)
         couplings, plan = shared_by_members(run, population)
         devices = member_devices(len(names), device, min(len(gpu_ids), torch.cuda.device_count()) if device == "cuda" else 0)
