@@ -78,6 +78,35 @@ def test_separation_of_many_members_is_the_sum_over_every_pair_computed_either_w
     assert float(coupling.value(q)) == pytest.approx(expected) and vectorized == pytest.approx(expected)
 
 
+def test_separation_logged_for_a_large_population_summarizes_every_pair_and_follows_changed_values(base_config):
+    """The parent run's separation of 40 members (780 pairs): its value, bitwise the sum a member's
+    term computes, and the distances' min, median (torch's: the lower middle), max and count within
+    the margin over every pair; computed once per round for both, and again for a value changed in
+    place or replaced."""
+    names = [f"m{i}" for i in range(40)]
+    _, _, (coupling,) = couplings_for(base_config, [{"type": "separation", "param": "activation.weight", "margin": 0.3}], [prelu_member(n) for n in names])
+    generator = torch.Generator().manual_seed(0)
+    q = slopes(**{n: float(v) for n, v in zip(names, torch.rand(40, generator=generator), strict=True)})
+
+    def expected():
+        values = [q[Quantity(n, "param", "activation.weight")] for n in names]
+        distances = torch.stack([(values[i] - values[j]).abs().sum() for i in range(40) for j in range(i + 1, 40)])
+        return {
+            "distance/min": float(distances.min()),
+            "distance/median": float(distances.median()),
+            "distance/max": float(distances.max()),
+            "pairs_within_margin": float((distances < 0.3).sum()),
+        }
+
+    summed = coupling.value(q)  # with autograd on, as a member computes its term: every pair on its own
+    with torch.no_grad():
+        assert torch.equal(coupling.value(q), summed) and coupling.metrics(0, q) == expected()
+        q[Quantity("m7", "param", "activation.weight")].add_(0.25)  # in place
+        assert coupling.metrics(0, q) == expected() and torch.equal(coupling.value(q), coupling._penalty(coupling._pair_values(q)))
+        q[Quantity("m3", "param", "activation.weight")] = torch.tensor([float("nan")])  # replaced
+        assert math.isnan(coupling.metrics(0, q)["distance/median"]) and math.isnan(float(coupling.value(q)))
+
+
 def test_a_member_sees_its_own_value_live_and_peers_detached(base_config):
     """The gradient a member gets from a coupling is the joint gradient with respect to its own parameters."""
     _, _, (coupling,) = couplings_for(base_config, [{"type": "separation", "param": "activation.weight"}])
