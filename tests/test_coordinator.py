@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import random
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -78,7 +79,7 @@ def test_a_round_is_released_to_everyone_once_the_last_participant_arrives(coord
 def test_the_member_completing_a_round_gets_its_reply_before_the_rounds_metrics_are_computed(coordinator, monkeypatch):
     """The parent run's coupling metrics of a round are computed after every member has its reply,
     the one that completed the round too; the driver's next take has them; a coupling whose
-    metrics fail fails the next round."""
+    metrics fail fails every member's next exchange."""
     logic = coordinator()
     separation = logic.evaluator.couplings[0]
     computing, release = threading.Event(), threading.Event()
@@ -104,10 +105,28 @@ def test_the_member_completing_a_round_gets_its_reply_before_the_rounds_metrics_
     monkeypatch.setattr(type(separation), "metrics", failing_metrics)
     in_thread(logic.exchange, "param", 1, ("m1",), slope("m1", 0.25))
     logic.exchange("param", 1, ("m2",), slope("m2", 0.75))  # its metrics fail on the recording thread
-    waiting = in_thread(logic.exchange, "param", 2, ("m1",), slope("m1", 0.25))
-    with pytest.raises(RuntimeError, match="metrics failed"):
-        logic.exchange("param", 2, ("m2",), slope("m2", 0.75))
-    waiting()
+    for member, value in (("m1", 0.25), ("m2", 0.75)):
+        with pytest.raises(RuntimeError, match="metrics failed"):
+            logic.exchange("param", 2, (member,), slope(member, value))
+
+
+def test_a_rounds_metrics_are_of_its_own_values_however_soon_the_next_round_comes(coordinator):
+    """The next round completes only once the last round's metrics are recorded: they are computed
+    from that round's values, never the next one's, however late their thread gets to them."""
+    logic = coordinator()
+    release = threading.Event()
+    logic.recording.submit(release.wait, 10)  # the recording thread busy: round 0's metrics wait behind this
+    first = in_thread(logic.exchange, "param", 0, ("m1",), slope("m1", 0.25))
+    logic.exchange("param", 0, ("m2",), slope("m2", 0.75))  # separation 1.5
+    first()
+    early = in_thread(logic.exchange, "param", 1, ("m1",), slope("m1", 0.0))
+    late = in_thread(logic.exchange, "param", 1, ("m2",), slope("m2", 1.75))  # separation 0.25
+    time.sleep(0.2)
+    assert not early.done() and not late.done(), "round 1 waits for round 0's metrics"
+    release.set()
+    early(), late()
+    logged = {(key, step): value for key, value, step, _ in logic.take_metrics(True)}
+    assert logged[("coupling/separation", 0)] == pytest.approx(1.5) and logged[("coupling/separation", 1)] == pytest.approx(0.25)
 
 
 def test_at_the_exchange_before_a_checkpoint_the_rounds_metrics_are_saved_before_the_reply(base_config, tmp_path, monkeypatch):

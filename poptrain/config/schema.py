@@ -698,6 +698,7 @@ class RunConfig(Strict):
     # The member entries as written (``copies``, ``vary``) and the members each resolved to, so
     # the saved record stays as compact as what the user wrote (:func:`dump_config`).
     _entries: list[variation.Entry] = PrivateAttr(default_factory=list)
+    _member_index: tuple[list, dict[str, int]] | None = PrivateAttr(default=None)  # see member_index
 
     name: Name = Field(description="Run name: the MLflow parent run's name and the output folder's.")
     seed: int = Field(0, ge=0, le=MAX_SEED, description="Seed of everything: member initializations, data order, dropout.")
@@ -741,6 +742,14 @@ class RunConfig(Strict):
     @property
     def member_names(self) -> list[str]:
         return [m.name for m in self.members]
+
+    def member_index(self, name: str) -> int:
+        """``name``'s position among the members (what its seed derives from), from a map made once
+        per list of members: each of a thousand members asks for its own."""
+        cached = self._member_index
+        if cached is None or cached[0] is not self.members or len(cached[1]) != len(self.members):
+            cached = self._member_index = (self.members, {m.name: i for i, m in enumerate(self.members)})
+        return cached[1][name]
 
     def _entries_compact(self) -> bool:
         """Whether an entry makes several members or varies them (else the record lists members as they are)."""

@@ -237,6 +237,8 @@ class Coordinator:
         self.lock = threading.Condition()  # guards everything above; async publishes wait on it
         self.recording = ThreadPoolExecutor(1, thread_name_prefix="poptrain-round-metrics")  # see _record_round
         self.recording_done: Future | None = None  # the latest round's metrics being recorded
+        self.recording_pending = False  # whether they are yet to be (guarded by the lock)
+        self.recording_error: BaseException | None = None  # why they failed
 
     def attach(self, member: str, views: dict[str, torch.Tensor]) -> None:
         with self.lock:
@@ -260,9 +262,9 @@ class Coordinator:
                 self.stand_ins.caught_up(member)
                 rnd = self.barrier.arrive(kind, step, member, mine[member])
             completed = self._complete_if_ready(kind, step, rnd)
-        if completed:
-            self._record_round(kind, step)
-        elif not rnd.done.wait(self.timeout_s):
+            if completed:
+                self._record_round(kind, step)
+        if not completed and not rnd.done.wait(self.timeout_s):
             with self.lock:
                 self._raise_if_aborted()
                 if not rnd.done.is_set():  # else it completed while this thread waited for the lock
@@ -275,26 +277,41 @@ class Coordinator:
         return rnd.result
 
     def _record_round(self, kind: str, step: int) -> None:
-        """Round (kind, step)'s coupling metrics into the parent run's outbox, under the lock, after
-        the round released its members. On a thread of their own (:attr:`recording`), so the host
-        that completed the round has its reply as soon as its peers: all pairs of a thousand
-        members' separation take about 11 ms. One round's at a time, in order: the next round to
-        complete waits for the last one's (and fails with its error). At the exchange before a
-        checkpoint step, before the reply: the metrics saved beside the checkpoints must hold them
-        (:class:`MetricRecorder`)."""
+        """Round (kind, step)'s coupling metrics into the parent run's outbox; the caller holds the
+        lock and the round has just released its members. Computed on a thread of their own
+        (:attr:`recording`) once this thread lets the lock go, so the host that completed the round
+        has its reply as soon as its peers: all pairs of a thousand members' separation take about
+        11 ms. Nothing changes what they read meanwhile: the next round completes (and changes the
+        values and the couplings' state) only after them (:meth:`_await_recording`), and fails with
+        their error. At the exchange before a checkpoint step, here, before the reply: the metrics
+        saved beside the checkpoints must hold them (:class:`MetricRecorder`)."""
+        if self.recorder.saves_at(step):
+            self.recorder.record(step, self.evaluator.coupling_metrics(kind, step))
+            return
 
         def record() -> None:
             with self.lock:
-                self.recorder.record(step, self.evaluator.coupling_metrics(kind, step))
+                try:
+                    self.recorder.record(step, self.evaluator.coupling_metrics(kind, step))
+                except BaseException as exc:
+                    self.recording_error = exc
+                    raise
+                finally:
+                    self.recording_pending = False
+                    self.lock.notify_all()
 
-        self.wait_for_recording()  # the last round's first: in order, one at a time, and its error raised here
-        if self.recorder.saves_at(step):
-            record()
-        else:
-            self.recording_done = self.recording.submit(record)
+        self.recording_pending = True
+        self.recording_done = self.recording.submit(record)
+
+    def _await_recording(self) -> None:
+        """With the lock held: until the last round's metrics are recorded (the lock is let go
+        meanwhile); their error, if they failed."""
+        self.lock.wait_for(lambda: not self.recording_pending)
+        if self.recording_error is not None:
+            raise self.recording_error
 
     def wait_for_recording(self) -> None:
-        """Until the rounds' metrics on their way into the outbox are in it (their error raised here)."""
+        """Without the lock: until the rounds' metrics on their way into the outbox are in it."""
         if self.recording_done is not None:
             self.recording_done.result()
 
@@ -314,6 +331,9 @@ class Coordinator:
     def _complete_if_ready(self, kind: str, step: int, rnd: Round) -> bool:
         """Complete ``rnd`` once every participant (or its stand-in) has sent its values; release the
         waiting members. Whether it completed. The caller holds the lock and records the metrics."""
+        self._await_recording()  # the last round's metrics read the values and couplings as that round left them
+        if rnd.done.is_set():  # completed by another thread while this one waited (a stand-in's)
+            return False
         values = self.stand_ins.fill(kind, rnd)
         if values is None:
             return False

@@ -164,7 +164,7 @@ def _describe_predictions(cfg: RunConfig, population: PopulationInfo, couplings)
     batches) a coupling reads; the problems of those that cannot predict."""
     problems = []
     for name in sorted({q.member for c in couplings for q in c.reads() if q.kind in ("pred", "local")}):
-        index = cfg.member_names.index(name)
+        index = cfg.member_index(name)
         try:
             population.outputs[name], population.samples[name] = _predictions_of(cfg, cfg.members[index])
         except Exception as exc:  # a model or dataset that fails here would fail in the member too

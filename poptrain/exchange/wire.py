@@ -87,6 +87,7 @@ class ExchangePlan:
         self.receives = Receives(exchanges)
         # What any member reads of its peers: a value is read by a peer when its coupling trains a member other than its own.
         self.received = {q for trains, quantities in exchanges for q in quantities if len(trains) > 1 or q.member not in trains}
+        self.predictions_received = any(q.kind == "pred" for q in self.received)  # once: each of a thousand members asks
         # Parameters only the coordinator reads or writes (averaged, shared): what a member may keep
         # in memory mapped by the coordinator (poptrain.exchange.mapped_memory) instead of sending copies.
         # Only at a sync barrier is there a moment when the coordinator may read them (`mapped_params`).

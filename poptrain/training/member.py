@@ -88,7 +88,7 @@ class MemberTrainer:
         self.config = run.member(name)
         self.device = torch.device(device)
         self.every = run.exchange.every
-        self.randomness = MemberRandomness(member_seed(run.seed, run.member_names.index(name)), self.device)
+        self.randomness = MemberRandomness(member_seed(run.seed, run.member_index(name)), self.device)
         with self.randomness.active():  # initialisation (and any randomness in building the data) draws from the member's own streams
             self.model = build_model(self.config.model)
             if self.config.init:
@@ -132,7 +132,7 @@ class MemberTrainer:
         self.couplings_read_only_own_params = all(q.kind == "param" for q in self.plan.own_reads[name])
         self.stacking_problem: str | None = None  # why it trains alone though alike members on its host stack (poptrain.training.stacked.form_groups)
         self.peers = PeerValues()  # peers' values from the last exchange (one for a stacked group's members)
-        self.reads_predictions = any(q.kind == "pred" for q in self.plan.received)
+        self.reads_predictions = self.plan.predictions_received
         self.coupling_extras: dict[str, float] = {}  # this step's couplings' own metrics (Coupling.metrics_for)
         # Own parameters in memory mapped by the coordinator (poptrain.exchange.mapped_memory): it reads and
         # writes them in place, so they are neither sent nor received.
