@@ -143,7 +143,6 @@ class MemberHost:
     ) -> None:
         device, gpu_ids = placement_device()
         torch.set_num_threads(max(1, int(num_cpus)))
-        keep_freed_memory()  # a step's temporaries reuse the last step's pages (poptrain.training.allocator)
         self.run, self.run_dir = run, Path(run_dir)
         couplings, plan = shared_by_members(run, population)
         devices = member_devices(len(names), device, min(len(gpu_ids), torch.cuda.device_count()) if device == "cuda" else 0)
@@ -183,6 +182,8 @@ class MemberHost:
         self.by_name = {m.name: m for m in self.members}
         self.units = units if units is not None else form_groups(trainers) if stacking else list(trainers)
         self.groups = [u for u in self.units if isinstance(u, StackedGroup)]
+        if self.groups:  # a stack's step temporaries reuse the last step's pages (poptrain.training.allocator)
+            keep_freed_memory()
         if units is not None and restored is not None:  # formed before the restore: its members' loaded states into the stacks
             self._sync_stacks(into_members=False)
         # When profiling on GPUs, the step's clock waits for the work queued there when it starts and
