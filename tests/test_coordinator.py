@@ -76,21 +76,28 @@ def test_a_round_is_released_to_everyone_once_the_last_participant_arrives(coord
     assert metrics["coupling/separation"] == pytest.approx(1.5)
 
 
+def hold_back_metrics(logic: Coordinator, monkeypatch) -> tuple[threading.Event, threading.Event]:
+    """Make the separation coupling's parent-run metrics wait: (set once they are being computed,
+    to set to let them finish)."""
+    separation = type(logic.evaluator.couplings[0])
+    computing, release = threading.Event(), threading.Event()
+    metrics_of = separation.metrics
+
+    def held_back(self, step, q):
+        computing.set()
+        assert release.wait(10)
+        return metrics_of(self, step, q)
+
+    monkeypatch.setattr(separation, "metrics", held_back)
+    return computing, release
+
+
 def test_the_member_completing_a_round_gets_its_reply_before_the_rounds_metrics_are_computed(coordinator, monkeypatch):
     """The parent run's coupling metrics of a round are computed after every member has its reply,
     the one that completed the round too; the driver's next take has them; a coupling whose
     metrics fail fails every member's next exchange."""
     logic = coordinator()
-    separation = logic.evaluator.couplings[0]
-    computing, release = threading.Event(), threading.Event()
-    metrics_of = type(separation).metrics
-
-    def slow_metrics(self, step, q):
-        computing.set()
-        assert release.wait(10)
-        return metrics_of(self, step, q)
-
-    monkeypatch.setattr(type(separation), "metrics", slow_metrics)
+    computing, release = hold_back_metrics(logic, monkeypatch)
     first = in_thread(logic.exchange, "param", 0, ("m1",), slope("m1", 0.25))
     completing = in_thread(logic.exchange, "param", 0, ("m2",), slope("m2", 0.75))
     assert completing() is first(), "both replies came while the metrics were still being computed"
@@ -102,7 +109,7 @@ def test_the_member_completing_a_round_gets_its_reply_before_the_rounds_metrics_
     def failing_metrics(self, step, q):
         raise RuntimeError("metrics failed")
 
-    monkeypatch.setattr(type(separation), "metrics", failing_metrics)
+    monkeypatch.setattr(type(logic.evaluator.couplings[0]), "metrics", failing_metrics)
     in_thread(logic.exchange, "param", 1, ("m1",), slope("m1", 0.25))
     logic.exchange("param", 1, ("m2",), slope("m2", 0.75))  # its metrics fail on the recording thread
     for member, value in (("m1", 0.25), ("m2", 0.75)):
@@ -136,16 +143,7 @@ def test_at_the_exchange_before_a_checkpoint_the_rounds_metrics_are_saved_before
 
     cfg = load_config(base_config(checkpoint={"every": 2}, exchange={"timeout_s": 5}))
     logic = Coordinator(cfg, inspect_population(cfg), run_dir=str(tmp_path))
-    separation = logic.evaluator.couplings[0]
-    computing, release = threading.Event(), threading.Event()
-    metrics_of = type(separation).metrics
-
-    def slow_metrics(self, step, q):
-        computing.set()
-        assert release.wait(10)
-        return metrics_of(self, step, q)
-
-    monkeypatch.setattr(type(separation), "metrics", slow_metrics)
+    computing, release = hold_back_metrics(logic, monkeypatch)
     first = in_thread(logic.exchange, "param", 1, ("m1",), slope("m1", 0.25))  # step 1: the last exchange before checkpoint step 2
     completing = in_thread(logic.exchange, "param", 1, ("m2",), slope("m2", 0.75))
     assert computing.wait(5)
