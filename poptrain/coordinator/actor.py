@@ -80,6 +80,9 @@ class CoordinatorActor:
         if self.server is not None:
             self.server.close()
         self.server = None
+        coordinator = self.__dict__.get("coordinator")
+        if coordinator is not None:
+            coordinator.close()
         for run_state in ("coordinator", "wire"):  # a call before the next run's _start fails loudly; parking twice is fine
             self.__dict__.pop(run_state, None)
         gc.collect()  # unmaps the last run's mapped parameters (their files are gone already)

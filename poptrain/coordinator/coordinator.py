@@ -30,7 +30,7 @@ import threading
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 
@@ -311,9 +311,14 @@ class Coordinator:
             raise self.recording_error
 
     def wait_for_recording(self) -> None:
-        """Without the lock: until the rounds' metrics on their way into the outbox are in it."""
+        """Without the lock: until the rounds' metrics on their way into the outbox are in it. Their
+        error is not raised here: the members' next exchange raises it, and the run fails there."""
         if self.recording_done is not None:
-            self.recording_done.result()
+            wait([self.recording_done])
+
+    def close(self) -> None:
+        """After the run: the last round's metrics recorded, and the thread that records them ended."""
+        self.recording.shutdown(wait=True)
 
     def abort(self, reason: str) -> None:
         """The run is stopping (a member failed): every member waiting here, or arriving later,
