@@ -698,7 +698,7 @@ class RunConfig(Strict):
     # The member entries as written (``copies``, ``vary``) and the members each resolved to, so
     # the saved record stays as compact as what the user wrote (:func:`dump_config`).
     _entries: list[variation.Entry] = PrivateAttr(default_factory=list)
-    _member_index: tuple[list, dict[str, int]] | None = PrivateAttr(default=None)  # see member_index
+    _member_index: dict[str, int] = PrivateAttr(default_factory=dict)  # see member_index
 
     name: Name = Field(description="Run name: the MLflow parent run's name and the output folder's.")
     seed: int = Field(0, ge=0, le=MAX_SEED, description="Seed of everything: member initializations, data order, dropout.")
@@ -745,11 +745,12 @@ class RunConfig(Strict):
 
     def member_index(self, name: str) -> int:
         """``name``'s position among the members (what its seed derives from), from a map made once
-        per list of members: each of a thousand members asks for its own."""
-        cached = self._member_index
-        if cached is None or cached[0] is not self.members or len(cached[1]) != len(self.members):
-            cached = self._member_index = (self.members, {m.name: i for i, m in enumerate(self.members)})
-        return cached[1][name]
+        and made again only when it no longer points at that member: each of a thousand members asks."""
+        index = self._member_index.get(name)
+        if index is None or index >= len(self.members) or self.members[index].name != name:
+            self._member_index = {m.name: i for i, m in enumerate(self.members)}
+            index = self._member_index[name]
+        return index
 
     def _entries_compact(self) -> bool:
         """Whether an entry makes several members or varies them (else the record lists members as they are)."""
@@ -766,7 +767,7 @@ class RunConfig(Strict):
         return out
 
     def member(self, name: str) -> MemberConfig:
-        return next(m for m in self.members if m.name == name)
+        return self.members[self.member_index(name)]
 
     @property
     def run_dir(self) -> Path:

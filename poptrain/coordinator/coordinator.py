@@ -286,13 +286,13 @@ class Coordinator:
         their error. At the exchange before a checkpoint step, here, before the reply: the metrics
         saved beside the checkpoints must hold them (:class:`MetricRecorder`)."""
         if self.recorder.saves_at(step):
-            self.recorder.record(step, self.evaluator.coupling_metrics(kind, step))
+            self._log_round(kind, step)
             return
 
         def record() -> None:
             with self.lock:
                 try:
-                    self.recorder.record(step, self.evaluator.coupling_metrics(kind, step))
+                    self._log_round(kind, step)
                 except BaseException as exc:
                     self.recording_error = exc
                     raise
@@ -302,6 +302,10 @@ class Coordinator:
 
         self.recording_pending = True
         self.recording_done = self.recording.submit(record)
+
+    def _log_round(self, kind: str, step: int) -> None:
+        """Round (kind, step)'s coupling metrics into the parent run's outbox, now (the caller holds the lock)."""
+        self.recorder.record(step, self.evaluator.coupling_metrics(kind, step))
 
     def _await_recording(self) -> None:
         """With the lock held: until the last round's metrics are recorded (the lock is let go
@@ -377,7 +381,7 @@ class Coordinator:
                 )
             self._raise_if_aborted()
             if self.board.to_log(kind, step):
-                self.recorder.record(step, self.evaluator.coupling_metrics(kind, step))
+                self._log_round(kind, step)
             reply = self.board.peers(kind, members)
         return self.pack(reply)
 
@@ -388,7 +392,7 @@ class Coordinator:
             self.stand_ins.down(member)
             for (kind, step), rnd in list(self.barrier.rounds.items()):
                 if self._complete_if_ready(kind, step, rnd):
-                    self.recorder.record(step, self.evaluator.coupling_metrics(kind, step))
+                    self._log_round(kind, step)
 
     def report_evals(self, step: int, reports: list[tuple[str, dict[str, float], np.ndarray | None, np.ndarray | None]]) -> None:
         """Held-out evaluations after ``step`` steps of one host's members, (member, metrics, outputs,

@@ -102,8 +102,7 @@ class Separation(Coupling[SeparationConfig]):
         costs a few tensor ops, not N² of them), else pair by pair, so memory stays at one
         parameter's size whatever the number of pairs."""
         first, second = self._pair_index if member is None else self._pair_index_by_member[member]
-        numel = q[self._quantities[0]].numel()
-        if VECTORIZED_PAIRS <= len(first) and len(first) * numel <= VECTORIZED_ELEMENTS:
+        if _all_at_once(len(first), q[self._quantities[0]].numel()):
             stacked = column_of(q, "param", self.config.param, tuple(self.members)).reshape(len(self.members), -1)
             first, second = self._on_device(member, stacked.device)
             return [(stacked[first], stacked[second])]
@@ -143,7 +142,7 @@ class Separation(Coupling[SeparationConfig]):
         if torch.is_grad_enabled():
             return None
         values = [q[k] for k in self._quantities]
-        if not VECTORIZED_PAIRS <= len(self._pair_index[0]) or len(self._pair_index[0]) * values[0].numel() > VECTORIZED_ELEMENTS:
+        if not _all_at_once(len(self._pair_index[0]), values[0].numel()):
             return None
         versions = [t._version for t in values]
         kept = self.__dict__.get("_kept_distances")
@@ -294,6 +293,12 @@ class Separation(Coupling[SeparationConfig]):
         if len(set(shapes.values())) > 1:
             problems.append(("param", f"{self.config.param!r} has different shapes across members: {shapes}"))
         return problems
+
+
+def _all_at_once(pairs: int, numel: int) -> bool:
+    """Whether ``pairs`` pairs of a parameter of ``numel`` elements are computed as two (pairs,
+    numel) tensors (:meth:`Separation._pair_values`), not pair by pair."""
+    return VECTORIZED_PAIRS <= pairs and pairs * numel <= VECTORIZED_ELEMENTS
 
 
 def _nan_only(values: torch.Tensor) -> torch.Tensor:
