@@ -46,6 +46,9 @@ from poptrain.exchange.wire import ExchangePlan, ExchangeTimeout, Reply, as_nump
 from poptrain.pbt.rounds import PBTRounds
 from poptrain.tracking.outbox import Item, MetricsOutbox
 
+# The name of the coordinator's thread that records each round's coupling metrics (Coordinator._record_round).
+RECORDING_THREAD = "poptrain-round-metrics"
+
 
 class CouplingEvaluator:
     """The population's latest values, the rewrites couplings make, and the couplings' values for logging."""
@@ -235,7 +238,7 @@ class Coordinator:
         self.timeout_s = run.exchange.timeout_s
         self.aborted: str | None = None  # why the run stopped (see abort)
         self.lock = threading.Condition()  # guards everything above; async publishes wait on it
-        self.recording = ThreadPoolExecutor(1, thread_name_prefix="poptrain-round-metrics")  # see _record_round
+        self.recording = ThreadPoolExecutor(1, thread_name_prefix=RECORDING_THREAD)  # see _record_round
         self.recording_done: Future | None = None  # the latest round's metrics being recorded
         self.recording_pending = False  # whether they are yet to be (guarded by the lock)
         self.recording_error: BaseException | None = None  # why they failed

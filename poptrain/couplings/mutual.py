@@ -134,6 +134,7 @@ class Mutual(Coupling[MutualConfig]):
             return torch.zeros(())  # the builtin sum of no terms, 0, as a tensor
         return _tensor_sum([self._term_of(m, q) for m in self.trains])
 
+    @torch.no_grad()  # read, never trained through
     def metrics(self, step: int, q: Mapping[Quantity, torch.Tensor]) -> dict[str, float]:
         """Each trained member's divergence (``divergence/<m>``) and, for classification, the fraction
         of samples on which members' predicted classes agree: every pair's mean (``agreement``) and
