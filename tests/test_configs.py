@@ -15,7 +15,8 @@ RUN_BELOW = {"prelu_separation.yaml", "shared_module.yaml"}
 QUIET = ["tracking.plots=false", "tracking.log_models=false"]
 CONFIGS = sorted(p.name for p in (REPO / "configs").glob("*.yaml") if p.name not in RUN_BELOW)
 # thousand.yaml runs whole, all 1,000 members, killed and resumed, in tests/test_variation.py
-# (test_a_thousand_members_resume_...), which checks there what this test checks of the others;
+# (test_a_thousand_members_resume_...; with seed 000's own Module by import path, the same network
+# as its built-in mlp), which checks there what this test checks of the others;
 # test_thousand_members_... below checks what the full config resolves to.
 RUN_ELSEWHERE = {"thousand.yaml"}
 # pbt.yaml's run is the session's `pbt_yaml_run` (tests/conftest.py), 12 steps ranked every 4,

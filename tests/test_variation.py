@@ -184,12 +184,18 @@ def test_pbt_yaml_with_vary_ends_bitwise_as_the_written_out_file(ray_session, tm
 THOUSAND_STEPS, THOUSAND_KILL_AFTER = 40, 20
 
 
+# Seed 000's Module as the user wrote it, by import path: the network thousand.yaml builds with the
+# built-in `mlp` (Linear 20 -> 40, PReLU, Linear 40 -> 1), and its slopes' name, activation.weight.
+SEED_MODULE = {"name": "tests.reference:SeedModule", "kwargs": {"in_features": 20, "out_features": 1}}
+
+
 def killed_and_resumed(folder, uri):
-    """configs/thousand.yaml, all 1,000 members, as a real `poptrain run` SIGKILLed with its Ray after
-    its first checkpoint, then `poptrain resume`, each a process of its own: (run folder, the
-    checkpoint's step it resumed from)."""
+    """configs/thousand.yaml, all 1,000 members with seed 000's own Module by import path for their
+    model, as a real `poptrain run` SIGKILLed with its Ray after its first checkpoint, then
+    `poptrain resume`, each a process of its own: (run folder, the checkpoint's step it resumed from)."""
 
     config = yaml.safe_load(THOUSAND.read_text())
+    config["members"][0]["model"] = SEED_MODULE
     # Killed after the checkpoint at step 20, resumed from it for 20 more: logged steps (every 10)
     # on both sides of the kill. A thousand members' start-up, metrics and checkpoints cost tens
     # of seconds, each; their steps are cheap.
@@ -210,11 +216,13 @@ def start_killed_and_resumed() -> InBackground:
 
 
 def test_a_thousand_members_resume_after_their_driver_is_killed_with_every_history_whole(request):
-    """configs/thousand.yaml, all 1,000 members, as a real `poptrain run` SIGKILLed with its Ray
-    after its first checkpoint, then `poptrain resume`: every member's logged steps exactly once
-    across the kill, and the run ends as every shipped config must (tests/test_configs.py, which
-    leaves thousand.yaml to this test): each member trained to a finite loss and was evaluated on
-    held-out data at the end, and the parent run has the population's ranking and best member."""
+    """configs/thousand.yaml, all 1,000 members with seed 000's own Module (a user's model by import
+    path), as a real `poptrain run` SIGKILLed with its Ray after its first checkpoint, then
+    `poptrain resume`: the members trained stacked, 500 to a host (as resumed); every
+    member's logged steps exactly once across the kill; and the run ends as every shipped config
+    must (tests/test_configs.py, which leaves thousand.yaml to this test): each member trained to a
+    finite loss and was evaluated on held-out data at the end, and the parent run has the
+    population's ranking and best member."""
     import math
 
     work = started(request, start_killed_and_resumed)  # its run started with the session, beside the suite
@@ -237,6 +245,7 @@ def test_a_thousand_members_resume_after_their_driver_is_killed_with_every_histo
     }
     assert {m: r.info.run_id for m, r in members.items()} == record["members"]
     for member, run in members.items():
+        assert run.data.tags["poptrain.placement.stacked_with"] == "500", f"{member}: stacked with its host's 499 others"
         assert math.isfinite(run.data.metrics["loss"]), member
         assert ranking in run.data.metrics, f"{member}: evaluated on held-out data at the end"
     assert {f"{ranking}/median", f"best/{ranking}"} <= set(parent.data.metrics)
