@@ -122,10 +122,11 @@ def test_warm_processes_dropped_say_why(ray_session, base_config, capsys, monkey
     assert cpus_free_within(ray_session, 30)
 
 
-def test_a_parked_process_keeps_nothing_of_its_last_run_stacked_members_included(in_process_host):
+def test_a_parked_process_keeps_nothing_of_its_last_run_stacked_members_included(in_process_host, request):
     """What ``MemberHost._start`` leaves a host holding (its trainers on one link, two of them in a
     stacked group), built in this process without Ray: once parked, no trainer, model, optimizer
-    or stack of that run is still alive, so the next run is not built beside it."""
+    or stack of that run is still alive, so the next run is not built beside it (the objects
+    _start froze out of the collector's full passes included)."""
     import gc
     import weakref
 
@@ -148,6 +149,8 @@ def test_a_parked_process_keeps_nothing_of_its_last_run_stacked_members_included
     warm.units = form_groups(trainers)
     warm.groups = [u for u in warm.units if isinstance(u, StackedGroup)]
     train_host(warm.units, link, 2)  # optimizer state in the stack and in the members' optimizers
+    gc.freeze()  # as _start leaves the run's objects: out of the collector's full passes
+    request.addfinalizer(gc.unfreeze)  # this process's, should the test fail before park
     assert len(warm.groups) == 1, "m1 and m2 stack, m3 trains alone"
     held = [weakref.ref(x) for t in trainers for x in (t, t.model, t.optimizer)] + [weakref.ref(g) for g in warm.groups]
     held += [weakref.ref(warm.groups[0].state[k]["exp_avg"]) for k in warm.groups[0].keys]

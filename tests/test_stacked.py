@@ -546,7 +546,8 @@ def test_a_stacked_groups_exchange_copies_each_stacked_parameter_once_each_way(i
     """At a parameter exchange a stacked group sends each stacked parameter as one copy off its
     device (every member's value a row of it), and takes the reply in as one tensor per quantity
     family, the peers' values rows of it (on a GPU: one device-to-host and one host-to-device copy
-    per family, not one per member and quantity); the couplings read that column as it came."""
+    per family, not one per member and quantity), without making the values one by one; the
+    couplings read that column as it came."""
     coupled = dict(steps=4, exchange={"every": 1}, couplings=[{"type": "separation", "param": "activation.weight", "margin": 2.0}])
     trainers, link = in_process_host(prelu_members([{"name": "adam", "lr": 0.01}] * 4), **coupled)
     (group,) = form_groups(trainers)
@@ -555,11 +556,14 @@ def test_a_stacked_groups_exchange_copies_each_stacked_parameter_once_each_way(i
     assert send.kind == "param" and len(send.values) == 4
     assert len({id(array.base) for array in send.values.values()}) == 1, "the members' slopes: rows of one copy"
     op = program.send(link.send(send.kind, send.step, group.names, send.values))
+    replies = []
     while True:
         try:
-            op = program.send(op.pending())
+            replies.append(op.pending())
+            op = program.send(replies[-1])
         except StopIteration:
             break
+    assert [len(r.values) for r in replies] == [4] and replies[0].values.rows is None, "the reply's values never made one by one"
     peers = trainers[0].peers
     assert all(t.peers is peers for t in trainers) and len(peers) == 4
     assert len({t.untyped_storage().data_ptr() for t in peers.values()}) == 1, "the reply's slopes: rows of one tensor"

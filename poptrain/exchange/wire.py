@@ -16,12 +16,12 @@ import math
 import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
 
-from poptrain.couplings.base import PHASES, Coupling, PopulationInfo, Quantity, build_couplings
+from poptrain.couplings.base import PHASES, Coupling, Kind, PopulationInfo, Quantity, build_couplings
 
 # Results at least this large are put in Ray's object store once and read by every member by
 # reference (NumPy buffers zero-copy from shared memory) instead of being sent to each.
@@ -88,6 +88,11 @@ class ExchangePlan:
         # What any member reads of its peers: a value is read by a peer when its coupling trains a member other than its own.
         self.received = {q for trains, quantities in exchanges for q in quantities if len(trains) > 1 or q.member not in trains}
         self.predictions_received = any(q.kind == "pred" for q in self.received)  # once: each of a thousand members asks
+        # The members whose values of each family (kind, key) are read: a reply's column is taken
+        # whole when it holds only those (poptrain.training.stacked), without a look at each value.
+        self.received_by_family: dict[tuple[str, str], frozenset[str]] = {}
+        for q in self.received:
+            self.received_by_family[(q.kind, q.key)] = self.received_by_family.get((q.kind, q.key), frozenset()) | {q.member}
         # Parameters only the coordinator reads or writes (averaged, shared): what a member may keep
         # in memory mapped by the coordinator (poptrain.exchange.mapped_memory) instead of sending copies.
         # Only at a sync barrier is there a moment when the coordinator may read them (`mapped_params`).
@@ -182,7 +187,7 @@ class Wire:
         self.members = sorted({q.member for q in table})
         self.member_index = {m: i for i, m in enumerate(self.members)}
 
-    def pack(self, values: dict[Quantity, np.ndarray]) -> tuple:
+    def pack(self, values: Mapping[Quantity, np.ndarray]) -> tuple:
         if not values:
             return ()
         groups: dict[tuple, tuple[list[int], list[np.ndarray]]] = {}
@@ -197,13 +202,15 @@ class Wire:
         parts = [np.stack(rows) if rows[0].nbytes < FLAT_BYTES_LIMIT else tuple(rows) for _, rows in groups.values()]
         return entries, parts
 
-    def unpack_columns(self, wire: tuple) -> tuple[dict[Quantity, np.ndarray], dict[tuple[str, str], tuple[tuple[str, ...], np.ndarray]]]:
-        """``(values, columns)``: every value (a row view of its column, or its own array), and the
-        columns (``(kind, key) -> (members, array)``, row i member i's, members in the order sent)."""
+    def unpack_columns(self, wire: tuple) -> tuple[Mapping[Quantity, np.ndarray], dict[tuple[str, str], tuple[tuple[str, ...], np.ndarray]]]:
+        """``(values, columns)``: every value (a row view of its column, or its own array; made on
+        first use, :class:`RowViews`), and the columns (``(kind, key) -> (members, array)``, row i
+        member i's, members in the order sent) of the families sent as one array: every value of
+        a family in ``columns`` is in its column."""
         if not wire:
-            return {}, {}
+            return RowViews([]), {}
         entries, payload = wire
-        values: dict[Quantity, np.ndarray] = {}
+        parts: list[tuple[str, str, tuple[str, ...], Any]] = []
         columns: dict[tuple[str, str], tuple[tuple[str, ...], np.ndarray] | None] = {}
         offset = 0
         for index, (family, members, dtype, shape) in enumerate(entries):
@@ -216,14 +223,14 @@ class Wire:
                 offset += count * dtype.itemsize
             else:
                 part = payload[index]
-            if isinstance(part, np.ndarray):
-                # A family sent in rows of several shapes or dtypes has no one column.
-                columns[(kind, key)] = None if (kind, key) in columns else (names, part)
-            values.update((Quantity(name, kind, key), part[i, ...] if isinstance(part, np.ndarray) else part[i]) for i, name in enumerate(names))
-        return values, {family: column for family, column in columns.items() if column is not None}
+            # A family sent in rows of several shapes or dtypes (several entries), or as the rows'
+            # own arrays, has no one column.
+            columns[(kind, key)] = (names, part) if (kind, key) not in columns and isinstance(part, np.ndarray) else None
+            parts.append((kind, key, names, part))
+        return RowViews(parts), {family: column for family, column in columns.items() if column is not None}
 
     def unpack(self, wire: tuple) -> dict[Quantity, np.ndarray]:
-        return self.unpack_columns(wire)[0]
+        return dict(self.unpack_columns(wire)[0])
 
     def pack_reply(self, reply: Reply) -> tuple:
         return self.pack(reply.values), self.pack(reply.replace), reply.steps
@@ -234,11 +241,42 @@ class Wire:
         return Reply(values, self.unpack(replace), steps, columns=columns)
 
 
+class RowViews(Mapping[Quantity, np.ndarray]):
+    """An exchange's values one by one, each member's a row view of its family's array (or its own
+    array), from the ``(kind, key, members, part)`` parts a message unpacks to, made on first use:
+    a host that stacks its members takes the families' columns (:attr:`Reply.columns`), and a
+    thousand members' values are never made one by one there. A message carries each quantity
+    once, so the count is known without them."""
+
+    def __init__(self, parts: list[tuple[str, str, tuple[str, ...], Any]]):
+        self.parts = parts
+        self.count = sum(len(names) for _, _, names, _ in parts)
+        self.rows: dict[Quantity, np.ndarray] | None = None
+
+    def _made(self) -> dict[Quantity, np.ndarray]:
+        if self.rows is None:
+            self.rows = {
+                Quantity(name, cast(Kind, kind), key): part[i, ...] if isinstance(part, np.ndarray) else part[i]
+                for kind, key, names, part in self.parts
+                for i, name in enumerate(names)
+            }
+        return self.rows
+
+    def __getitem__(self, q: Quantity) -> np.ndarray:
+        return self._made()[q]
+
+    def __iter__(self) -> Iterator[Quantity]:
+        return iter(self._made())
+
+    def __len__(self) -> int:
+        return self.count
+
+
 @dataclass
 class Reply:
     """What a member gets back from one exchange."""
 
-    values: dict[Quantity, np.ndarray]  # peers' values that this member reads
+    values: Mapping[Quantity, np.ndarray]  # peers' values that this member reads
     replace: dict[Quantity, np.ndarray] = field(default_factory=dict)  # new values of members' own quantities
     steps: dict[str, int] | None = None  # async: the step each peer's values are from
     # The values as the wire carried them: (kind, key) -> (members, column), row i member i's value.

@@ -782,22 +782,26 @@ class StackedGroup:
     def _columns_of(self, reply) -> tuple[dict[tuple[str, str], tuple[tuple[str, ...], torch.Tensor]], dict[Quantity, torch.Tensor]]:
         """The peers' values in ``reply`` that members read, as columns on the group's device
         (``(kind, key) -> (members, tensor)``, members in population order): one copy to the device
-        per column, not one per value; values of one family whose shapes differ, one by one."""
-        received, order = self.members[0].plan.received, self.population_order
-        by_family: dict[tuple[str, str], list[Quantity]] = {}
-        for q in reply.values:
-            if q in received:
-                by_family.setdefault((q.kind, q.key), []).append(q)
-        columns, singles = {}, {}
-        for family, quantities in by_family.items():
-            quantities.sort(key=lambda q: order[q.member])
-            names, column = reply.columns.get(family, ((), None))
-            if len(names) == len(quantities) and set(names) == {
-                q.member for q in quantities
-            }:  # as the wire carried it: one copy to the device, in population order
+        per column, not one per value. A family whose column holds only values the members read
+        is taken as the wire carried it, without a look at each value; the others (values of one
+        family whose shapes differ, or some of which nobody here reads) value by value."""
+        plan, order = self.members[0].plan, self.population_order
+        columns: dict[tuple[str, str], tuple[tuple[str, ...], torch.Tensor]] = {}
+        singles: dict[Quantity, torch.Tensor] = {}
+        taken = 0
+        for family, (names, column) in reply.columns.items():
+            if plan.received_by_family.get(family, frozenset()).issuperset(names):
                 rows = np.argsort([order[name] for name in names], kind="stable")
                 columns[family] = (tuple(names[i] for i in rows), tensor_copy(column if (rows == np.arange(len(rows))).all() else column[rows], self.device))
-                continue
+                taken += len(names)
+        if taken == len(reply.values):
+            return columns, singles
+        by_family: dict[tuple[str, str], list[Quantity]] = {}
+        for q in reply.values:
+            if q in plan.received and (q.kind, q.key) not in columns:
+                by_family.setdefault((q.kind, q.key), []).append(q)
+        for family, quantities in by_family.items():
+            quantities.sort(key=lambda q: order[q.member])
             arrays = [reply.values[q] for q in quantities]
             if len({(a.shape, a.dtype) for a in arrays}) == 1:
                 columns[family] = (tuple(q.member for q in quantities), tensor_copy(np.stack(arrays), self.device))
