@@ -55,6 +55,14 @@ def test_separation_pairs_restrict_which_members_are_kept_apart(base_config):
     assert set(coupling.metrics(0, slopes(a=0.0, b=0.5, c=0.0))) >= {"distance/a-b", "a/activation.weight"}
 
 
+def test_separation_logs_each_pairs_distance_under_the_pairs_names(base_config):
+    members = [prelu_member("a"), prelu_member("b"), prelu_member("c")]
+    _, _, (coupling,) = couplings_for(base_config, [{"type": "separation", "param": "activation.weight"}], members)
+    with torch.no_grad():  # as the coordinator logs it
+        metrics = coupling.metrics(0, slopes(a=0.0, b=0.5, c=2.0))
+    assert {k: v for k, v in metrics.items() if k.startswith("distance/")} == {"distance/a-b": 0.5, "distance/a-c": 2.0, "distance/b-c": 1.5}
+
+
 @pytest.mark.parametrize("settings", [{}, {"norm": "l2"}, {"variant": "repulsion"}])
 def test_separation_of_many_members_is_the_sum_over_every_pair_computed_either_way(base_config, monkeypatch, settings):
     """All pairs at once for small parameters, pair by pair (bounded memory) for large ones: the same sum."""
@@ -78,19 +86,22 @@ def test_separation_of_many_members_is_the_sum_over_every_pair_computed_either_w
     assert float(coupling.value(q)) == pytest.approx(expected) and vectorized == pytest.approx(expected)
 
 
-def test_separation_logged_for_a_large_population_summarizes_every_pair_and_follows_changed_values(base_config):
+@pytest.mark.parametrize("norm", ["l1", "l2"])
+def test_separation_logged_for_a_large_population_summarizes_every_pair_and_follows_changed_values(base_config, norm):
     """The parent run's separation of 40 members (780 pairs): its value, bitwise the sum a member's
     term computes, and the distances' min, median (torch's: the lower middle), max and count within
     the margin over every pair; computed once per round for both, and again for a value changed in
     place or replaced."""
     names = [f"m{i}" for i in range(40)]
-    _, _, (coupling,) = couplings_for(base_config, [{"type": "separation", "param": "activation.weight", "margin": 0.3}], [prelu_member(n) for n in names])
+    separation = {"type": "separation", "param": "activation.weight", "margin": 0.3, "norm": norm}
+    _, _, (coupling,) = couplings_for(base_config, [separation], [prelu_member(n) for n in names])
     generator = torch.Generator().manual_seed(0)
     q = slopes(**{n: float(v) for n, v in zip(names, torch.rand(40, generator=generator), strict=True)})
 
     def expected():
         values = [q[Quantity(n, "param", "activation.weight")] for n in names]
-        distances = torch.stack([(values[i] - values[j]).abs().sum() for i in range(40) for j in range(i + 1, 40)])
+        distance = (lambda d: d.abs().sum()) if norm == "l1" else (lambda d: d.pow(2).sum().sqrt())  # noqa: E731
+        distances = torch.stack([distance(values[i] - values[j]) for i in range(40) for j in range(i + 1, 40)])
         return {
             "distance/min": float(distances.min()),
             "distance/median": float(distances.median()),
