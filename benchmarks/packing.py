@@ -89,15 +89,22 @@ def timed_population(ctx: Context, name: str, members: int, per_host: int | str 
     memory = HostMemory()
     called = time.time()
     result = poptrain.run(config, progress=memory, keep_warm_s=0)
-    rates, first_steps = [], []
+    rates, first_steps, medians = [], [], []
     for run_id in result.member_run_ids.values():
         points = metric_times(result.tracking_uri, run_id)
-        rates.append(steady_rate(points, ctx.sizes.packing_warmup)["steps_per_s"])
+        steady = steady_rate(points, ctx.sizes.packing_warmup)
+        rates.append(steady["steps_per_s"])
+        medians.append(steady["step_ms_median"])
         first_steps.append(points[0][1])
+    step_ms = statistics.median(medians)
     return {
         "members": members,
         "hosts": len({p["pid"] for p in result.placement.values()}),
         "member_steps_per_s": sum(rates),
+        # The window's rate counts the checkpoint (and layer norms) due in it, as a run pays them;
+        # at the median step's time, the rate of training alone between them.
+        "step_ms_median": step_ms,
+        "member_steps_per_s_at_median_step": members * 1000 / step_ms,
         "first_step_s": max(first_steps) - called,
         "hosts_rss_mib": sum(memory.peak.values()),
         "host_rss_mib": memory.peak,
