@@ -3,8 +3,9 @@
 The population is seed 000's member (Linear 20 -> 40, PReLU, Linear 40 -> 1, batch 64, Adam) with
 ``configs/thousand.yaml``'s separation coupling (PReLU slopes, margin 0.01, weight 0.01) over all
 pairs, exchanging every 10 steps. Rates are member-steps per second, read
-from the step times members log to MLflow (:func:`benchmarks.common.steady_rate`) and summed over
-members; memory is the resident memory of the host processes, sampled while they train.
+from the step times members log to MLflow (:func:`benchmarks.common.steady_rate`, steps 50 to 159:
+the checkpoint at step 100 is in them, as in a run) and summed over members; memory is the
+resident memory of the host processes, sampled while they train.
 
 * ``packed_vs_processes``: ``packing_small`` members packed (``members_per_host: auto``: one host
   per core) against the same members one per host (one process each).
