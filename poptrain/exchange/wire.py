@@ -90,9 +90,10 @@ class ExchangePlan:
         self.predictions_received = any(q.kind == "pred" for q in self.received)  # once: each of a thousand members asks
         # The members whose values of each family (kind, key) are read: a reply's column is taken
         # whole when it holds only those (poptrain.training.stacked), without a look at each value.
-        self.received_by_family: dict[tuple[str, str], frozenset[str]] = {}
+        by_family: dict[tuple[str, str], set[str]] = {}
         for q in self.received:
-            self.received_by_family[(q.kind, q.key)] = self.received_by_family.get((q.kind, q.key), frozenset()) | {q.member}
+            by_family.setdefault((q.kind, q.key), set()).add(q.member)
+        self.received_by_family = {family: frozenset(members) for family, members in by_family.items()}
         # Parameters only the coordinator reads or writes (averaged, shared): what a member may keep
         # in memory mapped by the coordinator (poptrain.exchange.mapped_memory) instead of sending copies.
         # Only at a sync barrier is there a moment when the coordinator may read them (`mapped_params`).
