@@ -284,6 +284,12 @@ def in_process_host(base_config):
     return lambda members, client=InProcessClient, **changes: one_host(base_config(members=members, **changes), client)
 
 
+# Seed 000's Module as the user wrote it (tests.reference.SeedModule), by import path: the network
+# prelu_member builds with the built-in `mlp` (Linear 20 -> 40, PReLU, Linear 40 -> 1), its slopes
+# named activation.weight as there.
+SEED_MODULE = {"name": "tests.reference:SeedModule", "kwargs": {"in_features": 20, "out_features": 1}}
+
+
 def prelu_member(name: str, **changes) -> dict:
     """Seed 000's member: Linear(20, 40) -> PReLU -> Linear(40, 1) on a synthetic regression."""
     member = {

@@ -13,7 +13,7 @@ from poptrain.coordinator.actor import InProcessClient
 from poptrain.training.host import timing_shares
 from poptrain.training.lockstep import step_together
 from poptrain.training.stacked import StackedGroup, form_groups, stackable
-from tests.conftest import digits_member, make_config, prelu_member
+from tests.conftest import SEED_MODULE, digits_member, make_config, prelu_member
 from tests.in_process import train_host
 
 CLOSE = dict(rtol=1e-5, atol=1e-6)  # float rounding: the same operations, vectorised
@@ -180,9 +180,6 @@ def test_stacked_members_whose_parameters_a_round_rewrites_step_on_the_new_ones_
     assert all(count >= size - 1 for count in moved), moved
     for row_a, row_b in zip(received_a[::2], received_b[::2], strict=True):
         assert row_b == pytest.approx(row_a, rel=1e-4)
-
-
-SEED_MODULE = {"name": "tests.reference:SeedModule", "kwargs": {"in_features": 20, "out_features": 1}}  # seed 000's Module as the user wrote it
 
 
 def test_a_users_own_model_by_import_path_stacks_and_ends_as_trained_one_by_one(in_process_host):

@@ -18,6 +18,7 @@ from poptrain.config import MAX_CONFIG_BYTES, ConfigError, dump_config, load_con
 from tests.conftest import (
     PBT_YAML_OVERRIDES,
     REPO,
+    SEED_MODULE,
     InBackground,
     prelu_member,
     resume_in_a_process,
@@ -182,11 +183,6 @@ def test_pbt_yaml_with_vary_ends_bitwise_as_the_written_out_file(ray_session, tm
 
 
 THOUSAND_STEPS, THOUSAND_KILL_AFTER = 40, 20
-
-
-# Seed 000's Module as the user wrote it, by import path: the network thousand.yaml builds with the
-# built-in `mlp` (Linear 20 -> 40, PReLU, Linear 40 -> 1), and its slopes' name, activation.weight.
-SEED_MODULE = {"name": "tests.reference:SeedModule", "kwargs": {"in_features": 20, "out_features": 1}}
 
 
 def killed_and_resumed(folder, uri):
