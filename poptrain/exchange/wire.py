@@ -203,7 +203,7 @@ class Wire:
         parts = [np.stack(rows) if rows[0].nbytes < FLAT_BYTES_LIMIT else tuple(rows) for _, rows in groups.values()]
         return entries, parts
 
-    def unpack_columns(self, wire: tuple) -> tuple[Mapping[Quantity, np.ndarray], dict[tuple[str, str], tuple[tuple[str, ...], np.ndarray]]]:
+    def unpack_columns(self, wire: tuple) -> tuple[RowViews, dict[tuple[str, str], tuple[tuple[str, ...], np.ndarray]]]:
         """``(values, columns)``: every value (a row view of its column, or its own array; made on
         first use, :class:`RowViews`), and the columns (``(kind, key) -> (members, array)``, row i
         member i's, members in the order sent) of the families sent as one array: every value of
@@ -231,7 +231,7 @@ class Wire:
         return RowViews(parts), {family: column for family, column in columns.items() if column is not None}
 
     def unpack(self, wire: tuple) -> dict[Quantity, np.ndarray]:
-        return dict(self.unpack_columns(wire)[0])
+        return self.unpack_columns(wire)[0].as_dict()
 
     def pack_reply(self, reply: Reply) -> tuple:
         return self.pack(reply.values), self.pack(reply.replace), reply.steps
@@ -254,7 +254,8 @@ class RowViews(Mapping[Quantity, np.ndarray]):
         self.count = sum(len(names) for _, _, names, _ in parts)
         self.rows: dict[Quantity, np.ndarray] | None = None
 
-    def _made(self) -> dict[Quantity, np.ndarray]:
+    def as_dict(self) -> dict[Quantity, np.ndarray]:
+        """The values as a dict, made once (not copied again: what the coordinator keeps of a message)."""
         if self.rows is None:
             self.rows = {
                 Quantity(name, cast(Kind, kind), key): part[i, ...] if isinstance(part, np.ndarray) else part[i]
@@ -264,10 +265,10 @@ class RowViews(Mapping[Quantity, np.ndarray]):
         return self.rows
 
     def __getitem__(self, q: Quantity) -> np.ndarray:
-        return self._made()[q]
+        return self.as_dict()[q]
 
     def __iter__(self) -> Iterator[Quantity]:
-        return iter(self._made())
+        return iter(self.as_dict())
 
     def __len__(self) -> int:
         return self.count
